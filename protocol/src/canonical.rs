@@ -1,0 +1,264 @@
+//! Canonical form of a request's path, query and headers (specs/protocol.md, "Canonical
+//! requests").
+//!
+//! The gateway refuses, before policy, anything that could make the scope it checks differ
+//! from what the upstream sees. These are pure checks: the caller supplies the upstream's
+//! header allowlist and the name its credential is injected under.
+
+/// Headers that are never forwarded: credentials, hop-by-hop, and those the gateway sets.
+pub const FORBIDDEN_HEADERS: &[&str] = &[
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "host",
+    "content-length",
+    "idempotency-key",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+];
+
+/// Why a request is not canonical.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CanonicalError {
+    /// The path does not start with `/`, holds a host, `//`, a `.` or `..` segment, a
+    /// backslash, `?`, `#`, or a control or non-ASCII character.
+    #[error("path is not canonical: {0}")]
+    Path(&'static str),
+    /// The path percent-encodes a slash, backslash or dot, or a percent sign (double encoding).
+    #[error("path percent-encodes a separator or a percent sign")]
+    EncodedSeparator,
+    /// A query parameter name appears twice.
+    #[error("duplicate query parameter {0:?}")]
+    DuplicateQuery(String),
+    /// The query uses the name the upstream's credential is injected under.
+    #[error("query parameter {0:?} is reserved for the credential")]
+    ReservedQuery(String),
+    /// A query name or value holds a character outside the allowed set.
+    #[error("query parameter {0:?} is not canonical")]
+    QueryChars(String),
+    /// A header the gateway never forwards (credential, hop-by-hop, set by the gateway).
+    #[error("header {0:?} may not be set by the caller")]
+    ForbiddenHeader(String),
+    /// A header outside the upstream's allowlist.
+    #[error("header {0:?} is not in the upstream's allowlist")]
+    HeaderNotAllowed(String),
+    /// A header name not in lower case token form, or a value with CR, LF or NUL.
+    #[error("header {0:?} is malformed")]
+    HeaderSyntax(String),
+    /// The method is not one of the standard upper-case methods.
+    #[error("method {0:?} is not allowed")]
+    Method(String),
+}
+
+/// Methods a caller may use.
+pub const METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
+
+/// Checks the method.
+pub fn check_method(method: &str) -> Result<(), CanonicalError> {
+    if METHODS.contains(&method) {
+        Ok(())
+    } else {
+        Err(CanonicalError::Method(method.to_string()))
+    }
+}
+
+/// Checks a path.
+pub fn check_path(path: &str) -> Result<(), CanonicalError> {
+    let rest = path
+        .strip_prefix('/')
+        .ok_or(CanonicalError::Path("must start with '/'"))?;
+    if path.len() > 2048 {
+        return Err(CanonicalError::Path("longer than 2048 bytes"));
+    }
+    for b in path.bytes() {
+        match b {
+            b'\\' => return Err(CanonicalError::Path("backslash")),
+            b'?' | b'#' => return Err(CanonicalError::Path("'?' or '#' (the query is separate)")),
+            0..=0x20 | 0x7f..=0xff => {
+                return Err(CanonicalError::Path("control, space or non-ASCII"));
+            }
+            _ => {}
+        }
+    }
+    let lower = path.to_ascii_lowercase();
+    for bad in ["%2f", "%5c", "%2e", "%25", "%00"] {
+        if lower.contains(bad) {
+            return Err(CanonicalError::EncodedSeparator);
+        }
+    }
+    if rest.is_empty() {
+        return Ok(());
+    }
+    for (i, segment) in rest.split('/').enumerate() {
+        match segment {
+            "" if i + 1 == rest.split('/').count() => {} // one trailing slash is fine
+            "" => return Err(CanonicalError::Path("empty segment ('//')")),
+            "." | ".." => return Err(CanonicalError::Path("'.' or '..' segment")),
+            s if i == 0 && s.contains(':') => {
+                return Err(CanonicalError::Path("holds a scheme or host"));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+fn query_char_ok(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~%!$'()*+,;:@/".contains(&b)
+}
+
+/// Checks query parameters: no duplicates, not the credential's name, a safe character set.
+pub fn check_query(
+    query: &[(String, String)],
+    reserved: Option<&str>,
+) -> Result<(), CanonicalError> {
+    let mut seen = std::collections::HashSet::new();
+    for (k, v) in query {
+        if k.is_empty() || !k.bytes().all(query_char_ok) || !v.bytes().all(query_char_ok) {
+            return Err(CanonicalError::QueryChars(k.clone()));
+        }
+        if reserved.is_some_and(|r| r.eq_ignore_ascii_case(k)) {
+            return Err(CanonicalError::ReservedQuery(k.clone()));
+        }
+        if !seen.insert(k.as_str()) {
+            return Err(CanonicalError::DuplicateQuery(k.clone()));
+        }
+    }
+    Ok(())
+}
+
+/// Checks headers: lower-case token names, values without CR/LF/NUL, never a forbidden or the
+/// credential header, only names in `allowed`.
+pub fn check_headers(
+    headers: &[(String, String)],
+    allowed: &[String],
+    credential_header: Option<&str>,
+) -> Result<(), CanonicalError> {
+    let mut seen = std::collections::HashSet::new();
+    for (name, value) in headers {
+        let token = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+        if !token || value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) || !seen.insert(name)
+        {
+            return Err(CanonicalError::HeaderSyntax(name.clone()));
+        }
+        if FORBIDDEN_HEADERS.contains(&name.as_str())
+            || credential_header.is_some_and(|c| c.eq_ignore_ascii_case(name))
+        {
+            return Err(CanonicalError::ForbiddenHeader(name.clone()));
+        }
+        if !allowed.iter().any(|a| a.eq_ignore_ascii_case(name)) {
+            return Err(CanonicalError::HeaderNotAllowed(name.clone()));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths() {
+        for ok in [
+            "/",
+            "/v1/charges",
+            "/v1/charges/ch_1",
+            "/v1/a%20b",
+            "/v1/dir/",
+        ] {
+            assert_eq!(check_path(ok), Ok(()), "{ok}");
+        }
+        for bad in [
+            "v1",
+            "/v1/../admin",
+            "/v1/./x",
+            "/v1//x",
+            "//evil.com/x",
+            "/v1/%2e%2e/admin",
+            "/v1%2fadmin",
+            "/v1%2Fadmin",
+            "/v1/%252f",
+            "/v1\\x",
+            "/v1?x=1",
+            "/v1#f",
+            "/a b",
+            "/v1/\r\nx",
+            "/..",
+            "/http://evil.com",
+            "/v1/caf\u{e9}",
+        ] {
+            assert!(check_path(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn query() {
+        let q = |v: &[(&str, &str)]| {
+            v.iter()
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            check_query(&q(&[("a", "1"), ("b", "2")]), Some("key")),
+            Ok(())
+        );
+        assert!(matches!(
+            check_query(&q(&[("a", "1"), ("a", "2")]), None),
+            Err(CanonicalError::DuplicateQuery(_))
+        ));
+        assert!(matches!(
+            check_query(&q(&[("KEY", "x")]), Some("key")),
+            Err(CanonicalError::ReservedQuery(_))
+        ));
+        assert!(matches!(
+            check_query(&q(&[("a", "x&b=2")]), None),
+            Err(CanonicalError::QueryChars(_))
+        ));
+    }
+
+    #[test]
+    fn headers() {
+        let allowed = vec!["content-type".to_string(), "x-api-version".to_string()];
+        let h = |n: &str, v: &str| vec![(n.to_string(), v.to_string())];
+        assert_eq!(
+            check_headers(&h("content-type", "application/json"), &allowed, None),
+            Ok(())
+        );
+        assert!(matches!(
+            check_headers(&h("authorization", "Bearer x"), &allowed, None),
+            Err(CanonicalError::ForbiddenHeader(_))
+        ));
+        assert!(matches!(
+            check_headers(&h("x-api-version", "1"), &allowed, Some("X-Api-Version")),
+            Err(CanonicalError::ForbiddenHeader(_))
+        ));
+        assert!(matches!(
+            check_headers(&h("x-other", "1"), &allowed, None),
+            Err(CanonicalError::HeaderNotAllowed(_))
+        ));
+        assert!(matches!(
+            check_headers(&h("Content-Type", "a"), &allowed, None),
+            Err(CanonicalError::HeaderSyntax(_))
+        ));
+        assert!(matches!(
+            check_headers(&h("content-type", "a\r\nx-evil: 1"), &allowed, None),
+            Err(CanonicalError::HeaderSyntax(_))
+        ));
+        assert!(matches!(
+            check_headers(&h("transfer-encoding", "chunked"), &allowed, None),
+            Err(CanonicalError::ForbiddenHeader(_))
+        ));
+    }
+}

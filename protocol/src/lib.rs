@@ -1,0 +1,31 @@
+//! didgate's wire protocol, sans-IO: no sockets, no clock, no disk.
+//!
+//! Owns: Ed25519 `did:key` identities ([`did`]), COSE_Sign1 envelopes with per-kind domain
+//! separation ([`envelope`]), the versioned CBOR messages ([`message`]), stream framing
+//! ([`frame`]), and the canonical-request checks the gateway applies before policy
+//! ([`canonical`]). It does not own transport, storage, policy or time: callers pass `now`.
+//! The byte-level specification is `specs/protocol.md`.
+//!
+//! ```
+//! use didgate_protocol::{Identity, message::{self, SignedMessage, Refusal, RefusalCode}};
+//! let gateway = Identity::from_seed(&[7; 32]);
+//! let refusal = Refusal { v: 1, call: None, code: RefusalCode::Policy,
+//!     reason: "no rule allows this".into(), time_ms: 0, entry: None };
+//! let bytes = refusal.sign(&gateway);
+//! let opened = message::open_from::<Refusal>(&bytes, gateway.did()).unwrap();
+//! assert_eq!(opened.message.code, RefusalCode::Policy);
+//! ```
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod canonical;
+pub mod cbor;
+pub mod did;
+pub mod envelope;
+pub mod frame;
+pub mod message;
+
+pub use did::{Did, DidError, Identity};
+
+/// The ALPN protocol id of didgate over QUIC.
+pub const ALPN: &[u8] = b"didgate/1";

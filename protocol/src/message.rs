@@ -1,0 +1,456 @@
+//! The messages of the didgate protocol (specs/protocol.md, "Messages").
+//!
+//! Every message is a versioned CBOR map with text keys. Signed kinds travel inside a
+//! COSE_Sign1 envelope ([`crate::envelope`]); their types here are the decoded payloads.
+//! Decoding is strict: unknown fields, unknown versions and trailing bytes are refused.
+
+use serde::{Deserialize, Serialize};
+
+use crate::cbor::{self, DecodeError, fixed, fixed_opt};
+use crate::did::{Did, Identity};
+use crate::envelope::{self, EnvelopeError, Kind, Verified};
+
+/// The only message version this implementation speaks.
+pub const VERSION: u64 = 1;
+
+/// A 32-byte BLAKE3 digest.
+pub type Digest = [u8; 32];
+
+/// Where a chain stood: its id (hash of its first entry), the seq and hash of an entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChainHead {
+    /// The chain id: the hash of its entry 0.
+    #[serde(with = "fixed")]
+    pub chain: Digest,
+    /// The seq of the entry.
+    pub seq: u64,
+    /// The hash of the entry.
+    #[serde(with = "fixed")]
+    pub hash: Digest,
+}
+
+/// A position in a chain: the seq and hash of one entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EntryRef {
+    /// The entry's seq.
+    pub seq: u64,
+    /// The entry's hash.
+    #[serde(with = "fixed")]
+    pub hash: Digest,
+}
+
+/// A client's call request (signed by the client, [`Kind::Request`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Request {
+    /// Message version, 1.
+    pub v: u64,
+    /// The gateway DID this request is addressed to (a request for one gateway is refused by
+    /// another).
+    pub aud: String,
+    /// The upstream's name in the gateway's configuration.
+    pub upstream: String,
+    /// HTTP method, upper case.
+    pub method: String,
+    /// Absolute path under the upstream's base URL, starting with `/`.
+    pub path: String,
+    /// Query parameters in order, not percent-decoded.
+    pub query: Vec<(String, String)>,
+    /// Headers the caller sets, names in lower case.
+    pub headers: Vec<(String, String)>,
+    /// Length of the request body in bytes.
+    pub body_len: u64,
+    /// BLAKE3 (plain hash) of the request body.
+    #[serde(with = "fixed")]
+    pub body_b3: Digest,
+    /// A fresh random 128-bit nonce.
+    #[serde(with = "fixed")]
+    pub nonce: [u8; 16],
+    /// The client's clock, milliseconds since the Unix epoch.
+    pub time_ms: u64,
+    /// The client's chain head before this request's own entry.
+    pub head: ChainHead,
+}
+
+/// A single-use grant minted by the gateway for one call ([`Kind::Grant`] when signed).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantBody {
+    /// Message version, 1.
+    pub v: u64,
+    /// Random grant id, also sent upstream as `Idempotency-Key`.
+    #[serde(with = "fixed")]
+    pub id: [u8; 16],
+    /// The call ID of the request it answers.
+    #[serde(with = "fixed")]
+    pub call: Digest,
+    /// The subject DID.
+    pub subject: String,
+    /// Exact scope: upstream name.
+    pub upstream: String,
+    /// Exact scope: method.
+    pub method: String,
+    /// Exact scope: path.
+    pub path: String,
+    /// Expiry, milliseconds since the Unix epoch.
+    pub expires_ms: u64,
+}
+
+/// A gateway's receipt for an executed call ([`Kind::Receipt`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Receipt {
+    /// Message version, 1.
+    pub v: u64,
+    /// The call ID.
+    #[serde(with = "fixed")]
+    pub call: Digest,
+    /// The grant consumed by the call.
+    #[serde(with = "fixed")]
+    pub grant: [u8; 16],
+    /// The client DID.
+    pub client: String,
+    /// The upstream's HTTP status.
+    pub status: u16,
+    /// Length of the response body as relayed.
+    pub resp_len: u64,
+    /// BLAKE3 (plain hash) of the response body as relayed.
+    #[serde(with = "fixed")]
+    pub resp_b3: Digest,
+    /// The gateway entry that closed the call ("executed").
+    pub entry: EntryRef,
+    /// Reserved: the gateway's Merkle root at `entry.seq + 1` entries.
+    #[serde(with = "fixed_opt", default)]
+    pub root: Option<Digest>,
+    /// Gateway time, milliseconds since the Unix epoch.
+    pub time_ms: u64,
+}
+
+/// Why the gateway refused a call. The wire name is the snake_case string.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum RefusalCode {
+    /// The frame or envelope is malformed or oversized.
+    Malformed,
+    /// The signature does not verify.
+    BadSignature,
+    /// The TLS peer DID is not the request's signer.
+    PeerMismatch,
+    /// The request is addressed to another gateway.
+    WrongAudience,
+    /// The request time is outside the skew window.
+    ClockSkew,
+    /// The call ID or (DID, nonce) was already seen.
+    Replay,
+    /// The path, query or headers are not canonical or not allowed.
+    NotCanonical,
+    /// The upstream is not configured.
+    UnknownUpstream,
+    /// Policy does not allow the call.
+    Policy,
+    /// The DID is revoked.
+    Revoked,
+    /// The client's chain head contradicts one already seen (a fork).
+    ChainFork,
+    /// The body does not match its signed digest or length, or exceeds the limit.
+    BodyMismatch,
+    /// The audit log could not be written: the gateway fails closed.
+    AuditUnavailable,
+    /// The upstream secret is unavailable (missing, disabled, cannot be decrypted).
+    SecretUnavailable,
+    /// The upstream failed (connection, timeout, bad response) after the grant was consumed.
+    UpstreamFailed,
+    /// Too many requests.
+    RateLimited,
+    /// The gateway is shutting down.
+    ShuttingDown,
+}
+
+impl RefusalCode {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Malformed => "malformed",
+            Self::BadSignature => "bad_signature",
+            Self::PeerMismatch => "peer_mismatch",
+            Self::WrongAudience => "wrong_audience",
+            Self::ClockSkew => "clock_skew",
+            Self::Replay => "replay",
+            Self::NotCanonical => "not_canonical",
+            Self::UnknownUpstream => "unknown_upstream",
+            Self::Policy => "policy",
+            Self::Revoked => "revoked",
+            Self::ChainFork => "chain_fork",
+            Self::BodyMismatch => "body_mismatch",
+            Self::AuditUnavailable => "audit_unavailable",
+            Self::SecretUnavailable => "secret_unavailable",
+            Self::UpstreamFailed => "upstream_failed",
+            Self::RateLimited => "rate_limited",
+            Self::ShuttingDown => "shutting_down",
+        }
+    }
+}
+
+impl std::fmt::Display for RefusalCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A gateway's signed refusal ([`Kind::Refusal`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Refusal {
+    /// Message version, 1.
+    pub v: u64,
+    /// The call ID, when the request's signature verified.
+    #[serde(with = "fixed_opt", default)]
+    pub call: Option<Digest>,
+    /// The reason, typed.
+    pub code: RefusalCode,
+    /// A human-readable explanation (never policy text or secrets).
+    pub reason: String,
+    /// Gateway time, milliseconds since the Unix epoch (lets a client see its skew).
+    pub time_ms: u64,
+    /// The gateway entry recording this refusal, when it has one of its own.
+    pub entry: Option<EntryRef>,
+}
+
+/// The response head, sent unsigned before the body (the receipt binds status and body).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResponseHead {
+    /// Message version, 1.
+    pub v: u64,
+    /// HTTP status.
+    pub status: u16,
+    /// Response headers, names in lower case.
+    pub headers: Vec<(String, String)>,
+}
+
+/// A versioned CBOR message.
+pub trait Message: Serialize + serde::de::DeserializeOwned {
+    /// The message's version field.
+    fn version(&self) -> u64;
+
+    /// Encodes the payload.
+    fn encode(&self) -> Vec<u8> {
+        cbor::to_vec(self)
+    }
+
+    /// Decodes a payload strictly.
+    fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let m: Self = cbor::from_slice(bytes)?;
+        if m.version() != VERSION {
+            return Err(DecodeError::Version(m.version()));
+        }
+        Ok(m)
+    }
+}
+
+/// A message that travels signed, with its envelope kind (domain tag).
+pub trait SignedMessage: Message {
+    /// The envelope kind.
+    const KIND: Kind;
+
+    /// Signs this message.
+    fn sign(&self, identity: &Identity) -> Vec<u8> {
+        envelope::sign(identity, Self::KIND, self.encode())
+    }
+}
+
+macro_rules! message {
+    ($t:ty) => {
+        impl Message for $t {
+            fn version(&self) -> u64 {
+                self.v
+            }
+        }
+    };
+    ($t:ty, $k:expr) => {
+        message!($t);
+        impl SignedMessage for $t {
+            const KIND: Kind = $k;
+        }
+    };
+}
+message!(Request, Kind::Request);
+message!(GrantBody, Kind::Grant);
+message!(Receipt, Kind::Receipt);
+message!(Refusal, Kind::Refusal);
+message!(ResponseHead);
+
+/// Why a signed message was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum OpenError {
+    /// The envelope failed.
+    #[error(transparent)]
+    Envelope(#[from] EnvelopeError),
+    /// The payload failed to decode.
+    #[error(transparent)]
+    Decode(#[from] DecodeError),
+    /// Signed by someone other than the expected DID.
+    #[error("signed by {got}, expected {expected}")]
+    Signer {
+        /// Who signed.
+        got: Did,
+        /// Who should have.
+        expected: Did,
+    },
+}
+
+/// A signed message whose signature verified and whose payload decoded.
+#[derive(Debug, Clone)]
+pub struct Signed<T> {
+    /// The envelope facts (signer, digest).
+    pub envelope: Verified,
+    /// The decoded message.
+    pub message: T,
+    /// The exact bytes received.
+    pub bytes: Vec<u8>,
+}
+
+/// Verifies `bytes` as a signed `T` and decodes it.
+pub fn open<T: SignedMessage>(bytes: &[u8]) -> Result<Signed<T>, OpenError> {
+    let envelope = envelope::verify(bytes, T::KIND)?;
+    let message = T::decode(envelope.payload())?;
+    Ok(Signed {
+        envelope,
+        message,
+        bytes: bytes.to_vec(),
+    })
+}
+
+/// Like [`open`], and also requires the signer to be `expected`.
+pub fn open_from<T: SignedMessage>(bytes: &[u8], expected: &Did) -> Result<Signed<T>, OpenError> {
+    let signed = open::<T>(bytes)?;
+    if signed.envelope.signer() != expected {
+        return Err(OpenError::Signer {
+            got: signed.envelope.signer().clone(),
+            expected: expected.clone(),
+        });
+    }
+    Ok(signed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn sample_request() -> Request {
+        Request {
+            v: 1,
+            aud: Identity::from_seed(&[9; 32]).did().to_string(),
+            upstream: "payments".into(),
+            method: "POST".into(),
+            path: "/v1/charges".into(),
+            query: vec![("expand".into(), "customer".into())],
+            headers: vec![("content-type".into(), "application/json".into())],
+            body_len: 2,
+            body_b3: *blake3::hash(b"{}").as_bytes(),
+            nonce: [7; 16],
+            time_ms: 1_700_000_000_000,
+            head: ChainHead {
+                chain: [1; 32],
+                seq: 0,
+                hash: [1; 32],
+            },
+        }
+    }
+
+    #[test]
+    fn request_round_trip_signed() {
+        let id = Identity::from_seed(&[1; 32]);
+        let req = sample_request();
+        let bytes = req.sign(&id);
+        let signed = open::<Request>(&bytes).expect("opens");
+        assert_eq!(signed.message, req);
+        assert_eq!(signed.envelope.signer(), id.did());
+        assert!(open_from::<Request>(&bytes, Identity::from_seed(&[2; 32]).did()).is_err());
+    }
+
+    #[test]
+    fn every_message_round_trips() {
+        let receipt = Receipt {
+            v: 1,
+            call: [2; 32],
+            grant: [3; 16],
+            client: "did:key:z".into(),
+            status: 200,
+            resp_len: 5,
+            resp_b3: [4; 32],
+            entry: EntryRef {
+                seq: 9,
+                hash: [5; 32],
+            },
+            root: None,
+            time_ms: 1,
+        };
+        assert_eq!(Receipt::decode(&receipt.encode()), Ok(receipt));
+        let refusal = Refusal {
+            v: 1,
+            call: Some([1; 32]),
+            code: RefusalCode::Policy,
+            reason: "no rule".into(),
+            time_ms: 3,
+            entry: None,
+        };
+        assert_eq!(Refusal::decode(&refusal.encode()), Ok(refusal));
+        let head = ResponseHead {
+            v: 1,
+            status: 201,
+            headers: vec![("a".into(), "b".into())],
+        };
+        assert_eq!(ResponseHead::decode(&head.encode()), Ok(head));
+        let grant = GrantBody {
+            v: 1,
+            id: [1; 16],
+            call: [2; 32],
+            subject: "did".into(),
+            upstream: "u".into(),
+            method: "GET".into(),
+            path: "/".into(),
+            expires_ms: 5,
+        };
+        assert_eq!(GrantBody::decode(&grant.encode()), Ok(grant));
+    }
+
+    #[test]
+    fn strict_decoding() {
+        let mut req = sample_request();
+        let mut bytes = req.encode();
+        bytes.push(0);
+        assert_eq!(Request::decode(&bytes), Err(DecodeError::Trailing(1)));
+        req.v = 2;
+        assert_eq!(Request::decode(&req.encode()), Err(DecodeError::Version(2)));
+        // an unknown field
+        let mut map: ciborium::Value =
+            ciborium::from_reader(sample_request().encode().as_slice()).expect("cbor");
+        if let ciborium::Value::Map(m) = &mut map {
+            m.push((
+                ciborium::Value::Text("extra".into()),
+                ciborium::Value::Integer(1.into()),
+            ));
+        }
+        let bytes = cbor::to_vec(&map);
+        assert!(matches!(
+            Request::decode(&bytes),
+            Err(DecodeError::Malformed(_))
+        ));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn decoders_never_panic(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..512)) {
+            let _ = Request::decode(&bytes);
+            let _ = Receipt::decode(&bytes);
+            let _ = Refusal::decode(&bytes);
+            let _ = ResponseHead::decode(&bytes);
+            let _ = open::<Request>(&bytes);
+        }
+    }
+}
