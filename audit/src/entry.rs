@@ -1,0 +1,204 @@
+//! Audit entries and their hashes (specs/audit-log.md, "Entries").
+//!
+//! An entry is a versioned CBOR map; its hash is BLAKE3 in derive-key mode with the context
+//! [`ENTRY_CONTEXT`] over the entry's exact stored bytes. A chain's id is the hash of its
+//! entry 0 (the genesis, which names the owner DID).
+
+use didgate_protocol::cbor::{self, DecodeError, fixed, fixed_opt};
+use didgate_protocol::message::{ChainHead, Digest, EntryRef, VERSION};
+use serde::{Deserialize, Serialize};
+
+/// BLAKE3 derive-key context of entry hashes.
+pub const ENTRY_CONTEXT: &str = "didgate 2026 audit-entry v1";
+
+/// The hash of an entry's stored bytes.
+pub fn entry_hash(bytes: &[u8]) -> Digest {
+    *blake3::Hasher::new_derive_key(ENTRY_CONTEXT)
+        .update(bytes)
+        .finalize()
+        .as_bytes()
+}
+
+/// What an entry records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum EntryKind {
+    /// Entry 0: names the owner DID and role.
+    Genesis,
+    /// Client: a signed request, written and flushed before it is sent.
+    Request,
+    /// Client: the answer to a request (receipt, refusal, or unknown).
+    Result,
+    /// Gateway: a call whose grant was consumed; holds the client's signed request.
+    Executing,
+    /// Gateway: the upstream answered; closes an executing entry.
+    Executed,
+    /// Gateway: the upstream call failed; closes an executing entry.
+    Failed,
+    /// Gateway: written at start-up for an executing entry a crash left open.
+    Abandoned,
+    /// Gateway: one refusal to a principal that policy knows.
+    Refused,
+    /// Gateway: refusals counted over a window (unknown principals, floods).
+    Refusals,
+}
+
+/// The role of a chain's owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Role {
+    /// The gateway's chain.
+    Gateway,
+    /// A client's chain.
+    Client,
+}
+
+/// The outcome a client's result entry records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// A signed receipt is in `signed`.
+    Receipt,
+    /// A signed refusal is in `signed`.
+    Refusal,
+    /// The connection was lost: the outcome is unknown.
+    Unknown,
+}
+
+/// One audit entry. Fields not used by a kind are absent from the encoding.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Entry {
+    /// Entry version, 1.
+    pub v: u64,
+    /// Position in the chain, from 0, contiguous.
+    pub seq: u64,
+    /// Hash of the previous entry; 32 zero bytes for entry 0.
+    #[serde(with = "fixed")]
+    pub prev: Digest,
+    /// Writer's clock, milliseconds since the Unix epoch.
+    pub time_ms: u64,
+    /// What the entry records.
+    pub kind: EntryKind,
+    /// The call ID this entry concerns.
+    #[serde(with = "fixed_opt", default, skip_serializing_if = "Option::is_none")]
+    pub call: Option<Digest>,
+    /// A signed message verbatim: the client's request (request, executing, refused) or the
+    /// gateway's receipt or refusal (result).
+    #[serde(with = "serde_bytes", default, skip_serializing_if = "Option::is_none")]
+    pub signed: Option<Vec<u8>>,
+    /// Link to the counterpart's chain: the client's head a request carried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_head: Option<ChainHead>,
+    /// Link to the counterpart's chain: the gateway entry a receipt or refusal names.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub peer_entry: Option<EntryRef>,
+    /// Genesis: the owner's DID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// Genesis: the owner's role.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<Role>,
+    /// The DID the entry is about (executing, refused: the caller).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    /// Executing: the consumed grant's id.
+    #[serde(with = "fixed_opt", default, skip_serializing_if = "Option::is_none")]
+    pub grant: Option<[u8; 16]>,
+    /// Executed: the upstream status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// Executed: response length relayed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resp_len: Option<u64>,
+    /// Executed: BLAKE3 of the response body relayed.
+    #[serde(with = "fixed_opt", default, skip_serializing_if = "Option::is_none")]
+    pub resp_b3: Option<Digest>,
+    /// Refused, refusals, failed: the refusal code or failure cause.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    /// Refused, failed, abandoned: human-readable detail (never a secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+    /// Refusals: how many refusals the window counted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
+    /// Result: the outcome.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outcome: Option<Outcome>,
+    /// Reserved (later versions): hash of the policy set that decided.
+    #[serde(with = "fixed_opt", default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<Digest>,
+    /// Reserved (later versions): hash of the resolved DID document.
+    #[serde(with = "fixed_opt", default, skip_serializing_if = "Option::is_none")]
+    pub did_doc: Option<Digest>,
+    /// Reserved (later versions): Merkle root of the chain before this entry.
+    #[serde(with = "fixed_opt", default, skip_serializing_if = "Option::is_none")]
+    pub root: Option<Digest>,
+}
+
+impl Entry {
+    /// A new entry of `kind` with every optional field empty; the writer sets seq and prev.
+    pub fn new(kind: EntryKind, time_ms: u64) -> Self {
+        Self {
+            v: VERSION,
+            seq: 0,
+            prev: [0; 32],
+            time_ms,
+            kind,
+            call: None,
+            signed: None,
+            peer_head: None,
+            peer_entry: None,
+            owner: None,
+            role: None,
+            subject: None,
+            grant: None,
+            status: None,
+            resp_len: None,
+            resp_b3: None,
+            code: None,
+            detail: None,
+            count: None,
+            outcome: None,
+            policy: None,
+            did_doc: None,
+            root: None,
+        }
+    }
+
+    /// Encodes the entry.
+    pub fn encode(&self) -> Vec<u8> {
+        cbor::to_vec(self)
+    }
+
+    /// Decodes an entry strictly.
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let e: Self = cbor::from_slice(bytes)?;
+        if e.v != VERSION {
+            return Err(DecodeError::Version(e.v));
+        }
+        Ok(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_hash() {
+        let mut e = Entry::new(EntryKind::Executed, 5);
+        e.seq = 3;
+        e.call = Some([1; 32]);
+        e.status = Some(200);
+        let bytes = e.encode();
+        assert_eq!(Entry::decode(&bytes), Ok(e.clone()));
+        e.status = Some(201);
+        assert_ne!(entry_hash(&bytes), entry_hash(&e.encode()));
+        let mut trailing = bytes.clone();
+        trailing.push(0);
+        assert!(Entry::decode(&trailing).is_err());
+    }
+}

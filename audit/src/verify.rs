@@ -1,0 +1,756 @@
+//! The verifier: a pure function over the records of one or more gateway chains and any
+//! number of client chains (specs/audit-log.md, "Verification").
+//!
+//! It checks each chain (decoding, contiguous seq, previous-hash links, the recorded head,
+//! genesis, every embedded signature, call IDs, closure of executing entries) and every
+//! cross-link between chains, and names each violation with its chain, seq and kind.
+
+use std::collections::{HashMap, HashSet};
+
+use didgate_protocol::Did;
+use didgate_protocol::message::{self, ChainHead, Digest, EntryRef, Receipt, Refusal, Request};
+use serde::Serialize;
+
+use crate::entry::{Entry, EntryKind, Outcome, Role, entry_hash};
+
+/// The records of one chain as read from a store or an export.
+#[derive(Debug, Clone)]
+pub struct ChainRecords {
+    /// A label for reports (a path).
+    pub label: String,
+    /// (key seq, stored bytes) in key order.
+    pub entries: Vec<(u64, Vec<u8>)>,
+    /// The head the store recorded as acknowledged, if any.
+    pub head: Option<EntryRef>,
+}
+
+/// The kind of a violation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum ViolationKind {
+    /// An entry's bytes differ from what its successor (or the recorded head) committed to,
+    /// or do not decode.
+    AlteredEntry,
+    /// A seq is absent.
+    MissingEntry,
+    /// Entries are out of order (key and seq disagree).
+    ReorderedEntries,
+    /// The chain ends before its recorded head.
+    TruncatedChain,
+    /// The chain has no valid genesis, or the owner's role is wrong for its position.
+    BadGenesis,
+    /// An embedded signed message does not verify, or is signed by the wrong party.
+    BadSignature,
+    /// An entry's call ID differs from the digest of the signed message it holds.
+    CallIdMismatch,
+    /// An executing entry is never closed, or a close has no executing entry.
+    UnclosedCall,
+    /// A call is closed twice, or executed twice.
+    DuplicateCall,
+    /// A client request has no result entry.
+    UnansweredRequest,
+    /// A receipt or refusal names a gateway entry that is missing or different.
+    ReceiptMismatch,
+    /// The two sides disagree on a request or response digest, or status.
+    DigestMismatch,
+    /// A gateway entry holds a request the client's chain lacks.
+    RequestNotInClientChain,
+    /// A gateway entry records a client head the client's chain lacks.
+    HeadNotInClientChain,
+    /// Two client heads of one chain fork (same seq, different hash).
+    HeadFork,
+}
+
+/// One violation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Violation {
+    /// The chain's label.
+    pub chain: String,
+    /// The seq concerned, when one entry is.
+    pub seq: Option<u64>,
+    /// What is wrong.
+    pub kind: ViolationKind,
+    /// Details.
+    pub detail: String,
+}
+
+impl std::fmt::Display for Violation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.seq {
+            Some(seq) => write!(
+                f,
+                "{} seq {}: {:?}: {}",
+                self.chain, seq, self.kind, self.detail
+            ),
+            None => write!(f, "{}: {:?}: {}", self.chain, self.kind, self.detail),
+        }
+    }
+}
+
+/// Summary of one chain.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChainSummary {
+    /// Its label.
+    pub label: String,
+    /// Owner DID, from the genesis.
+    pub owner: Option<String>,
+    /// Chain id, hex.
+    pub id: Option<String>,
+    /// Number of entries.
+    pub entries: u64,
+    /// Calls recorded (executing for a gateway, requests for a client).
+    pub calls: u64,
+}
+
+/// The verifier's report.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// Per chain.
+    pub chains: Vec<ChainSummary>,
+    /// Cross-links checked.
+    pub cross_links: u64,
+    /// Every violation found.
+    pub violations: Vec<Violation>,
+}
+
+impl Report {
+    /// True when nothing is violated.
+    pub fn ok(&self) -> bool {
+        self.violations.is_empty()
+    }
+}
+
+/// A decoded, chain-checked entry.
+struct Item {
+    entry: Entry,
+    hash: Digest,
+}
+
+struct Checked {
+    label: String,
+    owner: Option<Did>,
+    id: Option<Digest>,
+    items: Vec<Item>,
+}
+
+impl Checked {
+    fn at(&self, seq: u64) -> Option<&Item> {
+        self.items
+            .get(usize::try_from(seq).ok()?)
+            .filter(|i| i.entry.seq == seq)
+    }
+}
+
+struct Ctx {
+    violations: Vec<Violation>,
+}
+
+impl Ctx {
+    fn flag(
+        &mut self,
+        chain: &str,
+        seq: Option<u64>,
+        kind: ViolationKind,
+        detail: impl Into<String>,
+    ) {
+        self.violations.push(Violation {
+            chain: chain.to_string(),
+            seq,
+            kind,
+            detail: detail.into(),
+        });
+    }
+}
+
+/// Structure of one chain: decoding, order, links, head, genesis.
+fn check_links(rec: &ChainRecords, role: Role, cx: &mut Ctx) -> Checked {
+    let label = &rec.label;
+    let mut items: Vec<Item> = Vec::with_capacity(rec.entries.len());
+    let mut expected = 0u64;
+    for (key, bytes) in &rec.entries {
+        let hash = entry_hash(bytes);
+        let entry = match Entry::decode(bytes) {
+            Ok(e) => e,
+            Err(e) => {
+                cx.flag(
+                    label,
+                    Some(*key),
+                    ViolationKind::AlteredEntry,
+                    format!("does not decode: {e}"),
+                );
+                // keep the position so later links are judged against the stored bytes
+                let mut placeholder = Entry::new(EntryKind::Refusals, 0);
+                placeholder.seq = *key;
+                items.push(Item {
+                    entry: placeholder,
+                    hash,
+                });
+                expected = key.saturating_add(1);
+                continue;
+            }
+        };
+        if entry.seq != *key {
+            cx.flag(
+                label,
+                Some(*key),
+                ViolationKind::ReorderedEntries,
+                format!("stored at {key} but says seq {}", entry.seq),
+            );
+        }
+        if *key > expected {
+            cx.flag(
+                label,
+                Some(expected),
+                ViolationKind::MissingEntry,
+                format!("seq {expected}..{key} absent"),
+            );
+        }
+        if let Some(prev) = items.last() {
+            if entry.prev != prev.hash && prev.entry.seq + 1 == *key {
+                cx.flag(
+                    label,
+                    Some(prev.entry.seq),
+                    ViolationKind::AlteredEntry,
+                    format!("hash differs from what seq {key} links to"),
+                );
+            }
+        } else if *key == 0 && entry.prev != [0; 32] {
+            cx.flag(
+                label,
+                Some(0),
+                ViolationKind::BadGenesis,
+                "entry 0 has a previous hash",
+            );
+        }
+        expected = key.saturating_add(1);
+        items.push(Item { entry, hash });
+    }
+    if let (Some(head), last) = (rec.head, items.last()) {
+        match last {
+            Some(l) if l.entry.seq == head.seq && l.hash != head.hash => cx.flag(
+                label,
+                Some(head.seq),
+                ViolationKind::AlteredEntry,
+                "hash differs from the recorded head",
+            ),
+            Some(l) if l.entry.seq < head.seq => cx.flag(
+                label,
+                Some(l.entry.seq + 1),
+                ViolationKind::TruncatedChain,
+                format!(
+                    "ends at seq {} but the recorded head is seq {}",
+                    l.entry.seq, head.seq
+                ),
+            ),
+            None => cx.flag(
+                label,
+                None,
+                ViolationKind::TruncatedChain,
+                "empty chain with a recorded head",
+            ),
+            _ => {}
+        }
+    }
+    let (owner, id) = match items.first() {
+        Some(g) if g.entry.seq == 0 && g.entry.kind == EntryKind::Genesis => {
+            if g.entry.role != Some(role) {
+                cx.flag(
+                    label,
+                    Some(0),
+                    ViolationKind::BadGenesis,
+                    format!("role is {:?}, expected {role:?}", g.entry.role),
+                );
+            }
+            match g.entry.owner.as_deref().map(Did::parse) {
+                Some(Ok(did)) => (Some(did), Some(g.hash)),
+                _ => {
+                    cx.flag(
+                        label,
+                        Some(0),
+                        ViolationKind::BadGenesis,
+                        "owner is not a did:key",
+                    );
+                    (None, Some(g.hash))
+                }
+            }
+        }
+        _ => {
+            cx.flag(
+                label,
+                Some(0),
+                ViolationKind::BadGenesis,
+                "no genesis entry",
+            );
+            (None, None)
+        }
+    };
+    Checked {
+        label: label.clone(),
+        owner,
+        id,
+        items,
+    }
+}
+
+/// Verifies gateway and client chains and their cross-links.
+pub fn verify(gateways: &[ChainRecords], clients: &[ChainRecords]) -> Report {
+    let mut cx = Ctx {
+        violations: Vec::new(),
+    };
+    let gws: Vec<Checked> = gateways
+        .iter()
+        .map(|r| check_links(r, Role::Gateway, &mut cx))
+        .collect();
+    let cls: Vec<Checked> = clients
+        .iter()
+        .map(|r| check_links(r, Role::Client, &mut cx))
+        .collect();
+    let gateway_dids: HashMap<Did, usize> = gws
+        .iter()
+        .enumerate()
+        .filter_map(|(i, g)| g.owner.clone().map(|d| (d, i)))
+        .collect();
+
+    // Gateway chains: signatures, call IDs, closure; index executing entries by call.
+    let mut executing: HashMap<Digest, (usize, u64, Vec<u8>, Option<ChainHead>)> = HashMap::new();
+    let mut closed: HashMap<Digest, (usize, u64)> = HashMap::new();
+    let mut heads_seen: HashMap<(Digest, u64), (Digest, String, u64)> = HashMap::new();
+    let mut gw_calls = vec![0u64; gws.len()];
+    for (gi, g) in gws.iter().enumerate() {
+        let mut open: HashMap<Digest, u64> = HashMap::new();
+        for item in &g.items {
+            let e = &item.entry;
+            let seq = Some(e.seq);
+            match e.kind {
+                EntryKind::Executing | EntryKind::Refused => {
+                    let Some(bytes) = &e.signed else {
+                        if e.kind == EntryKind::Executing {
+                            cx.flag(
+                                &g.label,
+                                seq,
+                                ViolationKind::BadSignature,
+                                "executing entry without the signed request",
+                            );
+                        }
+                        continue;
+                    };
+                    let req = match message::open::<Request>(bytes) {
+                        Ok(r) => r,
+                        Err(err) => {
+                            cx.flag(
+                                &g.label,
+                                seq,
+                                ViolationKind::BadSignature,
+                                format!("embedded request: {err}"),
+                            );
+                            continue;
+                        }
+                    };
+                    if e.call != Some(req.envelope.digest()) {
+                        cx.flag(
+                            &g.label,
+                            seq,
+                            ViolationKind::CallIdMismatch,
+                            "call ID is not the request's digest",
+                        );
+                    }
+                    if e.subject.as_deref() != Some(req.envelope.signer().as_str()) {
+                        cx.flag(
+                            &g.label,
+                            seq,
+                            ViolationKind::BadSignature,
+                            "subject is not the request's signer",
+                        );
+                    }
+                    if e.peer_head.as_ref() != Some(&req.message.head) {
+                        cx.flag(
+                            &g.label,
+                            seq,
+                            ViolationKind::DigestMismatch,
+                            "recorded client head differs from the signed one",
+                        );
+                    }
+                    let h = req.message.head;
+                    match heads_seen.get(&(h.chain, h.seq)) {
+                        Some((hash, other, oseq)) if *hash != h.hash => cx.flag(
+                            &g.label,
+                            seq,
+                            ViolationKind::HeadFork,
+                            format!("client head seq {} forks from the one recorded at {other} seq {oseq}", h.seq),
+                        ),
+                        _ => {
+                            heads_seen.insert((h.chain, h.seq), (h.hash, g.label.clone(), e.seq));
+                        }
+                    }
+                    if e.kind == EntryKind::Executing {
+                        gw_calls[gi] += 1;
+                        let call = req.envelope.digest();
+                        if executing
+                            .insert(call, (gi, e.seq, bytes.clone(), Some(h)))
+                            .is_some()
+                        {
+                            cx.flag(
+                                &g.label,
+                                seq,
+                                ViolationKind::DuplicateCall,
+                                "call executed twice",
+                            );
+                        }
+                        open.insert(call, e.seq);
+                    }
+                }
+                EntryKind::Executed | EntryKind::Failed | EntryKind::Abandoned => {
+                    let Some(call) = e.call else {
+                        cx.flag(
+                            &g.label,
+                            seq,
+                            ViolationKind::UnclosedCall,
+                            "close without a call ID",
+                        );
+                        continue;
+                    };
+                    if open.remove(&call).is_none() {
+                        let kind = if closed.contains_key(&call) {
+                            ViolationKind::DuplicateCall
+                        } else {
+                            ViolationKind::UnclosedCall
+                        };
+                        cx.flag(&g.label, seq, kind, "closes no open executing entry");
+                    }
+                    closed.insert(call, (gi, e.seq));
+                }
+                _ => {}
+            }
+        }
+        for (_, s) in open {
+            cx.flag(
+                &g.label,
+                Some(s),
+                ViolationKind::UnclosedCall,
+                "executing entry never closed",
+            );
+        }
+    }
+
+    // Client chains.
+    let mut cross_links = 0u64;
+    let mut client_requests: HashMap<Digest, Vec<u8>> = HashMap::new();
+    let mut client_calls = vec![0u64; cls.len()];
+    for (ci, c) in cls.iter().enumerate() {
+        let mut pending: HashMap<Digest, u64> = HashMap::new();
+        for item in &c.items {
+            let e = &item.entry;
+            let seq = Some(e.seq);
+            match e.kind {
+                EntryKind::Request => {
+                    client_calls[ci] += 1;
+                    let Some(bytes) = &e.signed else {
+                        cx.flag(
+                            &c.label,
+                            seq,
+                            ViolationKind::BadSignature,
+                            "request entry without the signed request",
+                        );
+                        continue;
+                    };
+                    let req = match (&c.owner, message::open::<Request>(bytes)) {
+                        (Some(owner), Ok(r)) if r.envelope.signer() == owner => r,
+                        (_, Ok(_)) => {
+                            cx.flag(
+                                &c.label,
+                                seq,
+                                ViolationKind::BadSignature,
+                                "request not signed by the chain's owner",
+                            );
+                            continue;
+                        }
+                        (_, Err(err)) => {
+                            cx.flag(
+                                &c.label,
+                                seq,
+                                ViolationKind::BadSignature,
+                                format!("request: {err}"),
+                            );
+                            continue;
+                        }
+                    };
+                    let call = req.envelope.digest();
+                    if e.call != Some(call) {
+                        cx.flag(
+                            &c.label,
+                            seq,
+                            ViolationKind::CallIdMismatch,
+                            "call ID is not the request's digest",
+                        );
+                    }
+                    if Some(req.message.head.chain) != c.id {
+                        cx.flag(
+                            &c.label,
+                            seq,
+                            ViolationKind::DigestMismatch,
+                            "request names another chain",
+                        );
+                    }
+                    pending.insert(call, e.seq);
+                    client_requests.insert(call, bytes.clone());
+                }
+                EntryKind::Result => {
+                    let Some(call) = e.call else { continue };
+                    if pending.remove(&call).is_none() {
+                        cx.flag(
+                            &c.label,
+                            seq,
+                            ViolationKind::UnansweredRequest,
+                            "result without a request",
+                        );
+                    }
+                    match (e.outcome, &e.signed) {
+                        (Some(Outcome::Receipt), Some(bytes)) => {
+                            cross_links += 1;
+                            check_receipt(c, e, bytes, &gws, &gateway_dids, &executing, &mut cx);
+                        }
+                        (Some(Outcome::Refusal), Some(bytes)) => {
+                            cross_links += 1;
+                            check_refusal(c, e, bytes, &gws, &gateway_dids, &mut cx);
+                        }
+                        (Some(Outcome::Unknown), _) => {}
+                        _ => cx.flag(
+                            &c.label,
+                            seq,
+                            ViolationKind::BadSignature,
+                            "result without its signed answer",
+                        ),
+                    }
+                }
+                _ => {}
+            }
+        }
+        for (_, s) in pending {
+            cx.flag(
+                &c.label,
+                Some(s),
+                ViolationKind::UnansweredRequest,
+                "request without a result entry",
+            );
+        }
+    }
+
+    // Gateway -> client links, for clients whose chains were given.
+    let client_by_id: HashMap<Digest, &Checked> =
+        cls.iter().filter_map(|c| c.id.map(|id| (id, c))).collect();
+    let client_owners: HashSet<&Did> = cls.iter().filter_map(|c| c.owner.as_ref()).collect();
+    let mut exec: Vec<_> = executing.iter().collect();
+    exec.sort_by_key(|(_, (gi, s, _, _))| (*gi, *s));
+    for (call, (gi, seq, bytes, head)) in exec {
+        let g = &gws[*gi];
+        let Some(h) = head else { continue };
+        let Some(client) = client_by_id.get(&h.chain) else {
+            // the client's chain was not given; it is checked only if its owner was
+            if let Ok(r) = message::open::<Request>(bytes) {
+                if client_owners.contains(r.envelope.signer()) {
+                    cx.flag(
+                        &g.label,
+                        Some(*seq),
+                        ViolationKind::HeadNotInClientChain,
+                        "names a chain id the client does not have",
+                    );
+                }
+            }
+            continue;
+        };
+        cross_links += 1;
+        match client_requests.get(call) {
+            Some(b) if b == bytes => {}
+            Some(_) => cx.flag(
+                &g.label,
+                Some(*seq),
+                ViolationKind::DigestMismatch,
+                "request bytes differ from the client's",
+            ),
+            None => cx.flag(
+                &g.label,
+                Some(*seq),
+                ViolationKind::RequestNotInClientChain,
+                format!("{} never recorded this request", client.label),
+            ),
+        }
+        match client.at(h.seq) {
+            Some(it) if it.hash == h.hash => {}
+            _ => cx.flag(
+                &g.label,
+                Some(*seq),
+                ViolationKind::HeadNotInClientChain,
+                format!("{} seq {} differs or is missing", client.label, h.seq),
+            ),
+        }
+    }
+
+    let mut chains = Vec::new();
+    for (g, calls) in gws.iter().zip(gw_calls) {
+        chains.push(summary(g, calls));
+    }
+    for (c, calls) in cls.iter().zip(client_calls) {
+        chains.push(summary(c, calls));
+    }
+    let _ = closed;
+    Report {
+        chains,
+        cross_links,
+        violations: cx.violations,
+    }
+}
+
+fn summary(c: &Checked, calls: u64) -> ChainSummary {
+    ChainSummary {
+        label: c.label.clone(),
+        owner: c.owner.as_ref().map(|d| d.to_string()),
+        id: c.id.map(hex::encode),
+        entries: c.items.len() as u64,
+        calls,
+    }
+}
+
+fn gateway_for<'a>(
+    signer: &Did,
+    gws: &'a [Checked],
+    dids: &HashMap<Did, usize>,
+) -> Option<&'a Checked> {
+    dids.get(signer).map(|i| &gws[*i])
+}
+
+fn check_receipt(
+    c: &Checked,
+    e: &Entry,
+    bytes: &[u8],
+    gws: &[Checked],
+    dids: &HashMap<Did, usize>,
+    executing: &HashMap<Digest, (usize, u64, Vec<u8>, Option<ChainHead>)>,
+    cx: &mut Ctx,
+) {
+    let seq = Some(e.seq);
+    let receipt = match message::open::<Receipt>(bytes) {
+        Ok(r) => r,
+        Err(err) => {
+            return cx.flag(
+                &c.label,
+                seq,
+                ViolationKind::BadSignature,
+                format!("receipt: {err}"),
+            );
+        }
+    };
+    if Some(receipt.message.call) != e.call {
+        cx.flag(
+            &c.label,
+            seq,
+            ViolationKind::CallIdMismatch,
+            "receipt is for another call",
+        );
+    }
+    if e.peer_entry != Some(receipt.message.entry) {
+        cx.flag(
+            &c.label,
+            seq,
+            ViolationKind::DigestMismatch,
+            "recorded gateway entry differs from the receipt's",
+        );
+    }
+    let Some(g) = gateway_for(receipt.envelope.signer(), gws, dids) else {
+        if !gws.is_empty() {
+            cx.flag(
+                &c.label,
+                seq,
+                ViolationKind::BadSignature,
+                "receipt signed by no given gateway",
+            );
+        }
+        return;
+    };
+    let r = &receipt.message;
+    match g.at(r.entry.seq) {
+        Some(it) if it.hash == r.entry.hash => {
+            let ge = &it.entry;
+            if ge.kind != EntryKind::Executed || ge.call != Some(r.call) {
+                cx.flag(
+                    &c.label,
+                    seq,
+                    ViolationKind::ReceiptMismatch,
+                    format!(
+                        "{} seq {} is not this call's executed entry",
+                        g.label, r.entry.seq
+                    ),
+                );
+            } else if ge.status != Some(r.status)
+                || ge.resp_b3 != Some(r.resp_b3)
+                || ge.resp_len != Some(r.resp_len)
+            {
+                cx.flag(
+                    &c.label,
+                    seq,
+                    ViolationKind::DigestMismatch,
+                    "status or response digest differs from the gateway's entry",
+                );
+            }
+        }
+        _ => cx.flag(
+            &c.label,
+            seq,
+            ViolationKind::ReceiptMismatch,
+            format!("{} seq {} is missing or different", g.label, r.entry.seq),
+        ),
+    }
+    if !executing.contains_key(&r.call) {
+        cx.flag(
+            &c.label,
+            seq,
+            ViolationKind::ReceiptMismatch,
+            format!("{} has no executing entry for this call", g.label),
+        );
+    }
+}
+
+fn check_refusal(
+    c: &Checked,
+    e: &Entry,
+    bytes: &[u8],
+    gws: &[Checked],
+    dids: &HashMap<Did, usize>,
+    cx: &mut Ctx,
+) {
+    let seq = Some(e.seq);
+    let refusal = match message::open::<Refusal>(bytes) {
+        Ok(r) => r,
+        Err(err) => {
+            return cx.flag(
+                &c.label,
+                seq,
+                ViolationKind::BadSignature,
+                format!("refusal: {err}"),
+            );
+        }
+    };
+    if refusal.message.call.is_some() && refusal.message.call != e.call {
+        cx.flag(
+            &c.label,
+            seq,
+            ViolationKind::CallIdMismatch,
+            "refusal is for another call",
+        );
+    }
+    let (Some(g), Some(at)) = (
+        gateway_for(refusal.envelope.signer(), gws, dids),
+        refusal.message.entry,
+    ) else {
+        return;
+    };
+    match g.at(at.seq) {
+        Some(it) if it.hash == at.hash && it.entry.call == refusal.message.call => {}
+        _ => cx.flag(
+            &c.label,
+            seq,
+            ViolationKind::ReceiptMismatch,
+            format!("{} seq {} does not record this refusal", g.label, at.seq),
+        ),
+    }
+}
