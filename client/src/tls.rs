@@ -1,0 +1,293 @@
+//! QUIC/TLS configuration with mutual DID authentication (specs/protocol.md, "Transport").
+//!
+//! Shared by the client and the gateway (the gateway links this crate; the client never links
+//! the gateway). Each side presents a self-signed Ed25519 certificate whose key is its DID key.
+//! The gateway accepts any self-signed Ed25519 client certificate and derives the peer DID from
+//! it; the client accepts the gateway only if its certificate key equals the pinned gateway
+//! DID. TLS 1.3 only, ALPN `didgate/1`, Ed25519 the only signature scheme, one crypto
+//! provider (ring). The server keeps no session tickets: a resumed connection would skip the
+//! client certificate verifier.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use didgate_protocol::{ALPN, Did, Identity};
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+
+/// The TLS server name clients use (identity comes from the pinned DID, not the name).
+pub const SERVER_NAME: &str = "didgate";
+const ED25519_OID: &str = "1.3.101.112";
+
+/// Why TLS configuration or a peer certificate failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    /// The certificate does not parse or is not a self-signed Ed25519 certificate.
+    #[error("peer certificate rejected: {0}")]
+    Certificate(&'static str),
+    /// rustls refused the configuration.
+    #[error("TLS configuration: {0}")]
+    Config(String),
+}
+
+/// Installs ring as the process's one rustls crypto provider (for quinn and reqwest alike).
+/// Safe to call more than once.
+pub fn install_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn algorithms() -> WebPkiSupportedAlgorithms {
+    rustls::crypto::ring::default_provider().signature_verification_algorithms
+}
+
+/// A self-signed certificate for `identity` and its private key.
+pub fn self_signed(
+    identity: &Identity,
+) -> Result<(CertificateDer<'static>, PrivateKeyDer<'static>), TlsError> {
+    let pkcs8 = identity.pkcs8_der();
+    let key_der = PrivatePkcs8KeyDer::from(pkcs8.to_vec());
+    let key = rcgen::KeyPair::from_pkcs8_der_and_sign_algo(&key_der, &rcgen::PKCS_ED25519)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut params = rcgen::CertificateParams::new(vec![SERVER_NAME.to_string()])
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, identity.did().as_str());
+    let cert = params
+        .self_signed(&key)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    Ok((cert.der().clone(), PrivateKeyDer::Pkcs8(key_der)))
+}
+
+/// The DID of a self-signed Ed25519 certificate: checks the key type, the signature
+/// algorithm and the self-signature.
+pub fn did_from_cert(der: &[u8]) -> Result<Did, TlsError> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (rest, cert) =
+        X509Certificate::from_der(der).map_err(|_| TlsError::Certificate("not DER X.509"))?;
+    if !rest.is_empty() {
+        return Err(TlsError::Certificate("trailing bytes"));
+    }
+    let spki = cert.public_key();
+    if spki.algorithm.algorithm.to_id_string() != ED25519_OID {
+        return Err(TlsError::Certificate("key is not Ed25519"));
+    }
+    if cert.signature_algorithm.algorithm.to_id_string() != ED25519_OID {
+        return Err(TlsError::Certificate("signature is not Ed25519"));
+    }
+    let key: [u8; 32] = spki
+        .subject_public_key
+        .data
+        .as_ref()
+        .try_into()
+        .map_err(|_| TlsError::Certificate("Ed25519 key is not 32 bytes"))?;
+    let verifying = ed25519_dalek::VerifyingKey::from_bytes(&key)
+        .map_err(|_| TlsError::Certificate("invalid Ed25519 key"))?;
+    let sig: [u8; 64] = cert
+        .signature_value
+        .data
+        .as_ref()
+        .try_into()
+        .map_err(|_| TlsError::Certificate("signature is not 64 bytes"))?;
+    verifying
+        .verify_strict(
+            cert.tbs_certificate.as_ref(),
+            &ed25519_dalek::Signature::from_bytes(&sig),
+        )
+        .map_err(|_| TlsError::Certificate("self-signature does not verify"))?;
+    Ok(Did::from_verifying_key(&verifying))
+}
+
+/// The peer DID of an established quinn connection.
+pub fn peer_did(conn: &quinn::Connection) -> Option<Did> {
+    let identity = conn.peer_identity()?;
+    let certs = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
+    did_from_cert(certs.first()?.as_ref()).ok()
+}
+
+fn verify13(
+    message: &[u8],
+    cert: &CertificateDer<'_>,
+    dss: &DigitallySignedStruct,
+) -> Result<HandshakeSignatureValid, rustls::Error> {
+    if dss.scheme != SignatureScheme::ED25519 {
+        return Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::NoSignatureSchemesInCommon,
+        ));
+    }
+    rustls::crypto::verify_tls13_signature(message, cert, dss, &algorithms())
+}
+
+fn bad_cert(_: TlsError) -> rustls::Error {
+    rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
+}
+
+/// Client side: accepts the server only if its certificate key is the pinned gateway DID.
+#[derive(Debug)]
+struct PinnedGateway {
+    pinned: Did,
+}
+
+impl ServerCertVerifier for PinnedGateway {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let did = did_from_cert(end_entity).map_err(bad_cert)?;
+        if did != self.pinned {
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify13(m, c, d)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        vec![SignatureScheme::ED25519]
+    }
+}
+
+/// Server side: requires a self-signed Ed25519 client certificate.
+#[derive(Debug)]
+struct AnyDidClient;
+
+impl ClientCertVerifier for AnyDidClient {
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        did_from_cert(end_entity).map_err(bad_cert)?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &CertificateDer<'_>,
+        _: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &CertificateDer<'_>,
+        d: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        verify13(m, c, d)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        vec![SignatureScheme::ED25519]
+    }
+}
+
+fn transport() -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.max_concurrent_bidi_streams(256u32.into());
+    t.max_concurrent_uni_streams(0u32.into());
+    t.keep_alive_interval(Some(Duration::from_secs(5)));
+    if let Ok(idle) = Duration::from_secs(30).try_into() {
+        t.max_idle_timeout(Some(idle));
+    }
+    t
+}
+
+/// The gateway's QUIC server configuration.
+pub fn server_config(identity: &Identity) -> Result<quinn::ServerConfig, TlsError> {
+    let (cert, key) = self_signed(identity)?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_client_cert_verifier(Arc::new(AnyDidClient))
+        .with_single_cert(vec![cert], key)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    // No resumption: a resumed connection skips the client certificate verifier.
+    tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    tls.send_tls13_tickets = 0;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    cfg.transport_config(Arc::new(transport()));
+    Ok(cfg)
+}
+
+/// A client's QUIC configuration, pinned to `gateway`.
+pub fn client_config(identity: &Identity, gateway: &Did) -> Result<quinn::ClientConfig, TlsError> {
+    let (cert, key) = self_signed(identity)?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(PinnedGateway {
+            pinned: gateway.clone(),
+        }))
+        .with_client_auth_cert(vec![cert], key)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.resumption = rustls::client::Resumption::disabled();
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    cfg.transport_config(Arc::new(transport()));
+    Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cert_carries_the_did() {
+        let id = Identity::from_seed(&[5; 32]);
+        let (cert, _) = self_signed(&id).expect("cert");
+        assert_eq!(did_from_cert(cert.as_ref()).expect("did"), *id.did());
+        let mut bad = cert.as_ref().to_vec();
+        let n = bad.len();
+        bad[n - 5] ^= 1; // inside the signature
+        assert!(did_from_cert(&bad).is_err());
+        assert!(did_from_cert(b"not a cert").is_err());
+    }
+}
