@@ -1,1 +1,176 @@
-//! placeholder
+//! End-to-end harness: a real gateway (in-process `serve` on 127.0.0.1:0 with its store on
+#![forbid(unsafe_code)]
+//! disk), the real local payments upstream over HTTP on 127.0.0.1, and real clients over QUIC.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use didgate_client::Client;
+use didgate_gateway::config::{Auth, Config, Rule, Settings, Upstream};
+use didgate_gateway::gateway::{self, Gateway};
+use didgate_gateway::upstream_demo::DemoUpstream;
+use didgate_protocol::{Did, Identity};
+
+/// The canary secret: it must never appear anywhere but as ciphertext.
+pub const CANARY: &str = "sk-live-CANARY-7f3a9c1e5b2d4068a1b3c5d7e9f10234";
+
+/// A running gateway with its upstream.
+pub struct Harness {
+    /// Root temp directory.
+    pub dir: tempfile::TempDir,
+    /// The upstream.
+    pub upstream: DemoUpstream,
+    /// The gateway DID.
+    pub gw_did: Did,
+    /// The gateway's UDP address.
+    pub addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// The identities tests use: alice is allowed, bob is known (group readers, GET only).
+pub fn alice() -> Identity {
+    Identity::from_seed(&[0xa1; 32])
+}
+/// Bob.
+pub fn bob() -> Identity {
+    Identity::from_seed(&[0xb0; 32])
+}
+
+impl Harness {
+    /// Starts the upstream and a gateway allowing alice GET/POST on /v1/** and bob GET
+    /// /v1/balance.
+    pub async fn start() -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let upstream = DemoUpstream::start(
+            zeroize::Zeroizing::new(CANARY.to_string()),
+            Some(dir.path().join("upstream.jsonl")),
+        )
+        .await?;
+        let gw_dir = dir.path().join("gateway");
+        let gw_did = didgate_gateway::init(&gw_dir, "127.0.0.1:0".parse()?)?;
+        let config = Config {
+            gateway: Settings {
+                listen: "127.0.0.1:0".parse()?,
+                skew_secs: 30,
+                max_body: 1 << 20,
+                grant_ttl_secs: 10,
+                upstream_timeout_secs: 10,
+                refusal_window_secs: 3600,
+            },
+            upstreams: vec![Upstream {
+                name: "payments".into(),
+                base_url: upstream.base_url(),
+                auth: Auth::Bearer,
+                secret: "payments-key".into(),
+                allowed_hosts: vec!["127.0.0.1".into()],
+                allow_headers: vec!["content-type".into(), "accept".into()],
+            }],
+            groups: [("readers".to_string(), vec![bob().did().to_string()])]
+                .into_iter()
+                .collect(),
+            rules: vec![
+                Rule {
+                    principals: vec![alice().did().to_string()],
+                    upstream: "payments".into(),
+                    methods: vec!["GET".into(), "POST".into()],
+                    paths: vec!["/v1/**".into()],
+                },
+                Rule {
+                    principals: vec!["group:readers".into()],
+                    upstream: "payments".into(),
+                    methods: vec!["GET".into()],
+                    paths: vec!["/v1/balance".into()],
+                },
+            ],
+        };
+        std::fs::write(gw_dir.join("gateway.toml"), toml_string(&config)?)?;
+        didgate_gateway::add_secret(&gw_dir, "payments-key", CANARY)?;
+        let mut h = Self {
+            dir,
+            upstream,
+            gw_did,
+            addr: "127.0.0.1:1".parse()?,
+            stop: None,
+            server: None,
+        };
+        h.serve().await?;
+        Ok(h)
+    }
+
+    /// The gateway's data directory.
+    pub fn gw_dir(&self) -> PathBuf {
+        self.dir.path().join("gateway")
+    }
+
+    /// A client's chain directory.
+    pub fn chain_dir(&self, name: &str) -> PathBuf {
+        self.dir.path().join("clients").join(name)
+    }
+
+    async fn serve(&mut self) -> anyhow::Result<()> {
+        let gw = Arc::new(Gateway::open(&self.gw_dir()).await?);
+        let endpoint = gateway::endpoint(&gw, "127.0.0.1:0".parse()?)?;
+        self.addr = endpoint.local_addr()?;
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        self.stop = Some(tx);
+        self.server = Some(tokio::spawn(gateway::serve(gw, endpoint, async move {
+            let _ = rx.await;
+        })));
+        Ok(())
+    }
+
+    /// Stops the gateway (drains calls, closes its store).
+    pub async fn stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(s) = self.server.take() {
+            let _ = s.await;
+        }
+    }
+
+    /// Stops and starts the gateway again on the same data directory (new port).
+    pub async fn restart(&mut self) -> anyhow::Result<()> {
+        self.stop().await;
+        self.serve().await
+    }
+
+    /// A client for `identity` with its own chain named `name`.
+    pub async fn client(&self, name: &str, identity: Identity) -> anyhow::Result<Client> {
+        Ok(Client::open(
+            identity,
+            &self.chain_dir(name),
+            self.addr,
+            self.gw_did.clone(),
+        )
+        .await?)
+    }
+}
+
+fn toml_string(c: &Config) -> anyhow::Result<String> {
+    Ok(toml::to_string(c)?)
+}
+
+/// Every file under `dir` whose bytes contain `needle`.
+pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
+    let mut hits = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if let Ok(bytes) = std::fs::read(&p) {
+                if bytes.windows(needle.len()).any(|w| w == needle) {
+                    hits.push(p);
+                }
+            }
+        }
+    }
+    hits
+}
