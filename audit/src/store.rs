@@ -49,6 +49,9 @@ pub enum StoreError {
     WrongOwner(String),
 }
 
+/// A key and its value.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
 /// One fjall database with named keyspaces.
 #[derive(Clone)]
 pub struct Store {
@@ -96,7 +99,7 @@ impl Store {
     }
 
     /// All (key, value) pairs of a named keyspace whose key starts with `prefix`.
-    pub fn scan(&self, space: &str, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, StoreError> {
+    pub fn scan(&self, space: &str, prefix: &[u8]) -> Result<Vec<KeyValue>, StoreError> {
         let Some(ks) = self.spaces.get(space) else {
             return Ok(Vec::new());
         };
@@ -238,7 +241,7 @@ pub struct Appended {
 type Reply = tokio::sync::oneshot::Sender<Result<Appended, AppendError>>;
 
 enum Msg {
-    Append(Append, Reply),
+    Append(Box<Append>, Reply),
     Close(mpsc::Sender<()>),
 }
 
@@ -362,7 +365,7 @@ impl Chain {
     pub async fn append(&self, append: Append) -> Result<Appended, AppendError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.tx
-            .send(Msg::Append(append, tx))
+            .send(Msg::Append(Box::new(append), tx))
             .map_err(|_| AppendError::Unavailable("writer stopped".into()))?;
         rx.await
             .map_err(|_| AppendError::Unavailable("writer stopped".into()))?
@@ -399,13 +402,13 @@ impl Writer {
         while closing.is_none() {
             let mut jobs = Vec::new();
             match rx.recv() {
-                Ok(Msg::Append(a, r)) => jobs.push((a, r)),
+                Ok(Msg::Append(a, r)) => jobs.push((*a, r)),
                 Ok(Msg::Close(done)) => closing = Some(done),
                 Err(_) => break,
             }
             while closing.is_none() && jobs.len() < MAX_BATCH {
                 match rx.try_recv() {
-                    Ok(Msg::Append(a, r)) => jobs.push((a, r)),
+                    Ok(Msg::Append(a, r)) => jobs.push((*a, r)),
                     Ok(Msg::Close(done)) => closing = Some(done),
                     Err(_) => break,
                 }
@@ -436,12 +439,9 @@ impl Writer {
         let mut claimed: HashMap<(&'static str, Vec<u8>), Vec<u8>> = HashMap::new();
         let mut outcomes = Vec::with_capacity(jobs.len());
         for (append, reply) in jobs {
-            match self.check(&append.claims, &claimed) {
-                Err(e) => {
-                    outcomes.push((reply, Err(e)));
-                    continue;
-                }
-                Ok(()) => {}
+            if let Err(e) = self.check(&append.claims, &claimed) {
+                outcomes.push((reply, Err(e)));
+                continue;
             }
             for c in append.claims {
                 if let Some(ks) = self.store.spaces.get(c.space) {

@@ -121,6 +121,9 @@ impl Report {
     }
 }
 
+/// Executing entries by call: (gateway index, seq, signed request, client head).
+type Executing = HashMap<Digest, (usize, u64, Vec<u8>, Option<ChainHead>)>;
+
 /// A decoded, chain-checked entry.
 struct Item {
     entry: Entry,
@@ -313,7 +316,7 @@ pub fn verify(gateways: &[ChainRecords], clients: &[ChainRecords]) -> Report {
         .collect();
 
     // Gateway chains: signatures, call IDs, closure; index executing entries by call.
-    let mut executing: HashMap<Digest, (usize, u64, Vec<u8>, Option<ChainHead>)> = HashMap::new();
+    let mut executing: Executing = HashMap::new();
     let mut closed: HashMap<Digest, (usize, u64)> = HashMap::new();
     let mut heads_seen: HashMap<(Digest, u64), (Digest, String, u64)> = HashMap::new();
     let mut gw_calls = vec![0u64; gws.len()];
@@ -547,15 +550,15 @@ pub fn verify(gateways: &[ChainRecords], clients: &[ChainRecords]) -> Report {
         let Some(h) = head else { continue };
         let Some(client) = client_by_id.get(&h.chain) else {
             // the client's chain was not given; it is checked only if its owner was
-            if let Ok(r) = message::open::<Request>(bytes) {
-                if client_owners.contains(r.envelope.signer()) {
-                    cx.flag(
-                        &g.label,
-                        Some(*seq),
-                        ViolationKind::HeadNotInClientChain,
-                        "names a chain id the client does not have",
-                    );
-                }
+            if let Ok(r) = message::open::<Request>(bytes)
+                && client_owners.contains(r.envelope.signer())
+            {
+                cx.flag(
+                    &g.label,
+                    Some(*seq),
+                    ViolationKind::HeadNotInClientChain,
+                    "names a chain id the client does not have",
+                );
             }
             continue;
         };
@@ -625,7 +628,7 @@ fn check_receipt(
     bytes: &[u8],
     gws: &[Checked],
     dids: &HashMap<Did, usize>,
-    executing: &HashMap<Digest, (usize, u64, Vec<u8>, Option<ChainHead>)>,
+    executing: &Executing,
     cx: &mut Ctx,
 ) {
     let seq = Some(e.seq);

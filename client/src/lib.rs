@@ -39,6 +39,9 @@ use didgate_protocol::message::{
 use didgate_protocol::{Did, Identity, envelope};
 use tokio::sync::Mutex;
 
+/// How long a connection attempt may take before the gateway counts as unreachable.
+pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Milliseconds since the Unix epoch by the system clock.
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -200,22 +203,14 @@ impl Client {
         tls::install_provider();
         let cfg =
             tls::client_config(&identity, &gateway).map_err(|e| ClientError::Tls(e.to_string()))?;
-        let bind: SocketAddr = if addr.is_ipv4() {
-            ([127, 0, 0, 1], 0).into()
-        } else {
-            "[::1]:0"
-                .parse()
-                .map_err(|_| ClientError::Tls("bind".into()))?
+        // Bind the unspecified address of the gateway's family (loopback stays loopback).
+        let ip: std::net::IpAddr = match (addr.is_ipv4(), addr.ip().is_loopback()) {
+            (true, true) => std::net::Ipv4Addr::LOCALHOST.into(),
+            (true, false) => std::net::Ipv4Addr::UNSPECIFIED.into(),
+            (false, true) => std::net::Ipv6Addr::LOCALHOST.into(),
+            (false, false) => std::net::Ipv6Addr::UNSPECIFIED.into(),
         };
-        let bind = if addr.ip().is_loopback() {
-            bind
-        } else if addr.is_ipv4() {
-            ([0, 0, 0, 0], 0).into()
-        } else {
-            "[::]:0"
-                .parse()
-                .map_err(|_| ClientError::Tls("bind".into()))?
-        };
+        let bind = SocketAddr::new(ip, 0);
         let mut endpoint =
             quinn::Endpoint::client(bind).map_err(|e| ClientError::Tls(e.to_string()))?;
         endpoint.set_default_client_config(cfg);
@@ -250,17 +245,20 @@ impl Client {
 
     async fn connection(&self) -> Result<quinn::Connection, CallError> {
         let mut guard = self.conn.lock().await;
-        if let Some(c) = guard.as_ref() {
-            if c.close_reason().is_none() {
-                return Ok(c.clone());
-            }
+        if let Some(c) = guard.as_ref()
+            && c.close_reason().is_none()
+        {
+            return Ok(c.clone());
         }
         let connecting = self
             .endpoint
             .connect(self.addr, tls::SERVER_NAME)
             .map_err(|e| CallError::Unreachable(e.to_string()))?;
-        let conn = connecting
+        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
             .await
+            .map_err(|_| {
+                CallError::Unreachable(format!("no handshake within {CONNECT_TIMEOUT:?}"))
+            })?
             .map_err(|e| CallError::Unreachable(e.to_string()))?;
         *guard = Some(conn.clone());
         Ok(conn)

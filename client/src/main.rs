@@ -1,1 +1,443 @@
-fn main() {}
+//! `didgate`: the didgate command-line client, a thin binary over the `didgate_client` library.
+//!
+//! Files live under the home directory (`--home`, env `DIDGATE_HOME`, default
+//! `$HOME/.didgate`):
+//!
+//! - `identity`: the client's private identity (mode 0600, created by `didgate keygen`);
+//! - `chain/`: the client's own audit chain (every call is recorded before it is sent);
+//! - `config.toml`: the pinned gateway, `gateway = "ADDR"` and `gateway_did = "did:key:..."`
+//!   (written by `didgate pin`).
+//!
+//! Commands: `keygen [--seed-hex HEX]`, `whoami`, `pin --gateway ADDR --gateway-did DID` and
+//! `call UPSTREAM METHOD PATH [--data @FILE|-|LITERAL] [--header 'K: V']...`. With `--json`,
+//! results are printed as one JSON object on stdout.
+//!
+//! Exit status:
+//!
+//! - 0: success (for `call`, the upstream answered with an HTTP status below 400);
+//! - 1: the upstream answered with an HTTP status of 400 or more (the body is still printed);
+//! - 2: usage, configuration, identity or local I/O error;
+//! - 3: the gateway refused the call (signed refusal, recorded in the chain);
+//! - 4: any other call failure (gateway unreachable, connection lost, invalid answer).
+
+use std::io::{Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, anyhow, bail};
+use clap::{Parser, Subcommand};
+use didgate_client::identity::{self, IdentityError};
+use didgate_client::{Answer, CallError, CallSpec, Client};
+use didgate_protocol::{Did, Identity};
+use serde::{Deserialize, Serialize};
+use zeroize::Zeroizing;
+
+/// Exit status: the upstream answered with an HTTP status of 400 or more.
+const EXIT_HTTP_ERROR: u8 = 1;
+/// Exit status: usage, configuration, identity or local I/O error.
+const EXIT_USAGE: u8 = 2;
+/// Exit status: the gateway refused the call.
+const EXIT_REFUSED: u8 = 3;
+/// Exit status: any other call failure.
+const EXIT_CALL_FAILED: u8 = 4;
+
+const EXIT_HELP: &str = "\
+Exit status:
+  0  success (for `call`: HTTP status below 400)
+  1  the upstream answered with HTTP status 400 or more (the body is still printed)
+  2  usage, configuration, identity or local I/O error
+  3  the gateway refused the call
+  4  other call failure (gateway unreachable, connection lost, invalid answer)";
+
+#[derive(Parser)]
+#[command(
+    name = "didgate",
+    version,
+    about = "didgate client: sign API calls with your did:key and send them through a gateway",
+    after_help = EXIT_HELP
+)]
+struct Cli {
+    /// Home directory holding `identity`, `chain/` and `config.toml` [default: $HOME/.didgate].
+    #[arg(long, global = true, env = "DIDGATE_HOME", value_name = "DIR")]
+    home: Option<PathBuf>,
+    /// Print results as one JSON object on stdout.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Create this client's identity (never overwrites an existing one) and print its DID.
+    #[command(after_help = EXIT_HELP)]
+    Keygen {
+        /// Derive the identity from this 32-byte seed (64 hex digits) instead of a random one.
+        #[arg(long, value_name = "HEX")]
+        seed_hex: Option<String>,
+    },
+    /// Print this client's DID.
+    #[command(after_help = EXIT_HELP)]
+    Whoami,
+    /// Pin the gateway: write its address and DID to config.toml.
+    #[command(after_help = EXIT_HELP)]
+    Pin {
+        /// The gateway's UDP address, e.g. 127.0.0.1:7443.
+        #[arg(long, value_name = "ADDR")]
+        gateway: String,
+        /// The gateway's DID (did:key:z...).
+        #[arg(long, value_name = "DID")]
+        gateway_did: String,
+    },
+    /// Make one signed call through the gateway; the response body goes to stdout.
+    #[command(after_help = EXIT_HELP)]
+    Call {
+        /// Upstream name as configured on the gateway.
+        upstream: String,
+        /// HTTP method (GET, POST, ...).
+        method: String,
+        /// Path starting with `/`, optionally with `?query`.
+        path: String,
+        /// Request body: `-` reads stdin, `@FILE` reads a file, anything else is sent literally.
+        #[arg(long, short = 'd', value_name = "@FILE|-|LITERAL")]
+        data: Option<String>,
+        /// A request header `Name: value` (repeatable).
+        #[arg(long = "header", short = 'H', value_name = "K: V")]
+        headers: Vec<String>,
+        /// Gateway address (overrides config.toml).
+        #[arg(long, value_name = "ADDR")]
+        gateway: Option<String>,
+        /// Gateway DID (overrides config.toml).
+        #[arg(long, value_name = "DID")]
+        gateway_did: Option<String>,
+    },
+}
+
+/// The pinned gateway in `config.toml`.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Config {
+    /// The gateway's UDP address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    gateway: Option<String>,
+    /// The gateway's DID.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    gateway_did: Option<String>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("didgate: cannot start the async runtime: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("didgate: {e:#}");
+            ExitCode::from(EXIT_USAGE)
+        }
+    }
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("DIDGATE_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Runs one command. An `Err` is a usage, configuration, identity or I/O error (exit 2); call
+/// outcomes choose their own exit status.
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    let home = home_dir(cli.home)?;
+    match cli.command {
+        Command::Keygen { seed_hex } => keygen(&home, seed_hex.as_deref(), cli.json),
+        Command::Whoami => whoami(&home, cli.json),
+        Command::Pin {
+            gateway,
+            gateway_did,
+        } => pin(&home, &gateway, &gateway_did),
+        Command::Call {
+            upstream,
+            method,
+            path,
+            data,
+            headers,
+            gateway,
+            gateway_did,
+        } => {
+            let (addr, did) = resolve_gateway(&home, gateway.as_deref(), gateway_did.as_deref())?;
+            let spec = build_spec(&upstream, &method, &path, data.as_deref(), &headers)?;
+            let identity = load_identity(&home)?;
+            call(&home, identity, addr, did, spec, cli.json).await
+        }
+    }
+}
+
+fn home_dir(flag: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    if let Some(dir) = flag {
+        return Ok(dir);
+    }
+    match std::env::var_os("HOME") {
+        Some(h) if !h.is_empty() => Ok(PathBuf::from(h).join(".didgate")),
+        _ => bail!("HOME is not set; pass --home DIR or set DIDGATE_HOME"),
+    }
+}
+
+fn identity_path(home: &Path) -> PathBuf {
+    home.join("identity")
+}
+
+fn config_path(home: &Path) -> PathBuf {
+    home.join("config.toml")
+}
+
+fn print_did(did: &Did, json: bool) {
+    if json {
+        println!("{}", serde_json::json!({ "did": did.as_str() }));
+    } else {
+        println!("{did}");
+    }
+}
+
+fn keygen(home: &Path, seed_hex: Option<&str>, json: bool) -> anyhow::Result<ExitCode> {
+    let identity = match seed_hex {
+        None => Identity::generate(),
+        Some(text) => {
+            let text = text.trim();
+            if text.len() != 64 {
+                bail!(
+                    "--seed-hex must be exactly 64 hex digits (32 bytes); got {} characters",
+                    text.len()
+                );
+            }
+            let mut seed = Zeroizing::new([0u8; 32]);
+            hex::decode_to_slice(text, seed.as_mut())
+                .map_err(|_| anyhow!("--seed-hex must be exactly 64 hex digits (0-9, a-f)"))?;
+            Identity::from_seed(&seed)
+        }
+    };
+    let path = identity_path(home);
+    identity::create(&path, &identity).map_err(|e| match e {
+        IdentityError::Exists(p) => anyhow!(
+            "identity {p} already exists; refusing to overwrite it (use another --home to create a new one)"
+        ),
+        other => anyhow!(other),
+    })?;
+    print_did(identity.did(), json);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn load_identity(home: &Path) -> anyhow::Result<Identity> {
+    let path = identity_path(home);
+    identity::load(&path).map_err(|e| match e {
+        IdentityError::Read { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            anyhow!(
+                "no identity at {}; run `didgate keygen` first",
+                path.display()
+            )
+        }
+        other => anyhow!(other),
+    })
+}
+
+fn whoami(home: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let identity = load_identity(home)?;
+    print_did(identity.did(), json);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn parse_addr(text: &str, what: &str) -> anyhow::Result<SocketAddr> {
+    text.trim().parse().map_err(|e| {
+        anyhow!("invalid {what} {text:?}: {e} (expected IP:PORT, e.g. 127.0.0.1:7443)")
+    })
+}
+
+fn parse_did(text: &str, what: &str) -> anyhow::Result<Did> {
+    Did::parse(text.trim()).map_err(|e| anyhow!("invalid {what} {text:?}: {e}"))
+}
+
+fn pin(home: &Path, gateway: &str, gateway_did: &str) -> anyhow::Result<ExitCode> {
+    let addr = parse_addr(gateway, "--gateway")?;
+    let did = parse_did(gateway_did, "--gateway-did")?;
+    let config = Config {
+        gateway: Some(addr.to_string()),
+        gateway_did: Some(did.to_string()),
+    };
+    let text = toml::to_string(&config).context("cannot encode config.toml")?;
+    std::fs::create_dir_all(home)
+        .with_context(|| format!("cannot create home directory {}", home.display()))?;
+    let path = config_path(home);
+    std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    eprintln!("pinned gateway {did} at {addr} in {}", path.display());
+    Ok(ExitCode::SUCCESS)
+}
+
+fn read_config(home: &Path) -> anyhow::Result<Option<Config>> {
+    let path = config_path(home);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(anyhow!(e).context(format!("cannot read {}", path.display()))),
+    };
+    let config = toml::from_str(&text).with_context(|| format!("invalid {}", path.display()))?;
+    Ok(Some(config))
+}
+
+/// The gateway address and DID: each from its flag, else from config.toml.
+fn resolve_gateway(
+    home: &Path,
+    gateway: Option<&str>,
+    gateway_did: Option<&str>,
+) -> anyhow::Result<(SocketAddr, Did)> {
+    let config = if gateway.is_some() && gateway_did.is_some() {
+        Config::default()
+    } else {
+        read_config(home)?.unwrap_or_default()
+    };
+    let cfg = config_path(home);
+    let addr = match (gateway, config.gateway.as_deref()) {
+        (Some(flag), _) => parse_addr(flag, "--gateway")?,
+        (None, Some(text)) => parse_addr(text, &format!("gateway in {}", cfg.display()))?,
+        (None, None) => bail!(
+            "no gateway address: pass --gateway ADDR or pin one with `didgate pin` (no `gateway` in {})",
+            cfg.display()
+        ),
+    };
+    let did = match (gateway_did, config.gateway_did.as_deref()) {
+        (Some(flag), _) => parse_did(flag, "--gateway-did")?,
+        (None, Some(text)) => parse_did(text, &format!("gateway_did in {}", cfg.display()))?,
+        (None, None) => bail!(
+            "no gateway DID: pass --gateway-did DID or pin one with `didgate pin` (no `gateway_did` in {})",
+            cfg.display()
+        ),
+    };
+    Ok((addr, did))
+}
+
+fn read_body(data: Option<&str>) -> anyhow::Result<Vec<u8>> {
+    match data {
+        None => Ok(Vec::new()),
+        Some("-") => {
+            let mut body = Vec::new();
+            std::io::stdin()
+                .lock()
+                .read_to_end(&mut body)
+                .context("cannot read the body from stdin")?;
+            Ok(body)
+        }
+        Some(d) => match d.strip_prefix('@') {
+            Some(file) => std::fs::read(file).with_context(|| format!("cannot read {file}")),
+            None => Ok(d.as_bytes().to_vec()),
+        },
+    }
+}
+
+fn parse_header(text: &str) -> anyhow::Result<(String, String)> {
+    let (name, value) = text
+        .split_once(':')
+        .ok_or_else(|| anyhow!("invalid --header {text:?}: expected 'Name: value'"))?;
+    let name = name.trim().to_ascii_lowercase();
+    if name.is_empty() || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        bail!("invalid --header {text:?}: the name is empty or contains spaces");
+    }
+    Ok((name, value.trim().to_string()))
+}
+
+fn build_spec(
+    upstream: &str,
+    method: &str,
+    path: &str,
+    data: Option<&str>,
+    headers: &[String],
+) -> anyhow::Result<CallSpec> {
+    if upstream.is_empty() {
+        bail!("the upstream name is empty");
+    }
+    if method.is_empty() || !method.chars().all(|c| c.is_ascii_alphabetic()) {
+        bail!("invalid method {method:?} (expected e.g. GET or POST)");
+    }
+    if !path.starts_with('/') {
+        bail!("invalid path {path:?}: it must start with '/'");
+    }
+    let mut spec = CallSpec::new(upstream, method, path).body(read_body(data)?);
+    for h in headers {
+        let (name, value) = parse_header(h)?;
+        spec = spec.header(&name, &value);
+    }
+    Ok(spec)
+}
+
+async fn call(
+    home: &Path,
+    identity: Identity,
+    addr: SocketAddr,
+    gateway: Did,
+    spec: CallSpec,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let chain = home.join("chain");
+    let client = Client::open(identity, &chain, addr, gateway)
+        .await
+        .with_context(|| format!("cannot open the client chain {}", chain.display()))?;
+    let result = client.call(spec).await;
+    client.close().await;
+    match result {
+        Ok(answer) => print_answer(&answer, json),
+        Err(CallError::Refused { code, reason, .. }) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "refused": code.as_str(), "reason": reason })
+                );
+            } else {
+                eprintln!("didgate: refused ({}): {reason}", code.as_str());
+            }
+            Ok(ExitCode::from(EXIT_REFUSED))
+        }
+        Err(other) => {
+            eprintln!("didgate: {other}");
+            Ok(ExitCode::from(EXIT_CALL_FAILED))
+        }
+    }
+}
+
+fn print_answer(answer: &Answer, json: bool) -> anyhow::Result<ExitCode> {
+    let call = hex::encode(answer.call);
+    let seq = answer.receipt.entry.seq;
+    let mut out = std::io::stdout().lock();
+    if json {
+        let object = serde_json::json!({
+            "status": answer.status,
+            "call": call,
+            "body": String::from_utf8_lossy(&answer.body),
+            "receipt_entry": seq,
+        });
+        writeln!(out, "{object}").context("cannot write to stdout")?;
+    } else {
+        out.write_all(&answer.body)
+            .context("cannot write the response body to stdout")?;
+    }
+    out.flush().context("cannot write to stdout")?;
+    if !json {
+        eprintln!(
+            "{} (receipt: gateway entry {seq}, call {call})",
+            answer.status
+        );
+    }
+    if answer.status >= 400 {
+        Ok(ExitCode::from(EXIT_HTTP_ERROR))
+    } else {
+        Ok(ExitCode::SUCCESS)
+    }
+}

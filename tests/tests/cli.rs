@@ -1,0 +1,102 @@
+//! The `didgate` CLI as a process against a real gateway and upstream.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use didgate_tests::{CANARY, Harness};
+
+fn bin(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    exe.parent()
+        .and_then(|p| p.parent())
+        .map(|p| p.join(name))
+        .ok_or_else(|| anyhow::anyhow!("no bin dir"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keygen_whoami_call_and_refusal() -> anyhow::Result<()> {
+    let mut h = Harness::start().await?;
+    let home = h.dir.path().join("home");
+    let didgate = bin("didgate")?;
+    let run = |args: &[&str]| {
+        Command::new(&didgate)
+            .arg("--home")
+            .arg(&home)
+            .args(args)
+            .output()
+    };
+    // alice's seed, so policy allows the calls
+    let seed = hex::encode([0xa1u8; 32]);
+    let out = run(&["keygen", "--seed-hex", &seed])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let did = String::from_utf8(out.stdout)?.trim().to_string();
+    assert_eq!(did, didgate_tests::alice().did().to_string());
+    assert_eq!(
+        run(&["keygen"])?.status.code(),
+        Some(2),
+        "keygen never overwrites"
+    );
+    let out = run(&["whoami"])?;
+    assert_eq!(String::from_utf8(out.stdout)?, format!("{did}\n"));
+
+    let addr = h.addr.to_string();
+    let gw = h.gw_did.to_string();
+    let out = run(&["pin", "--gateway", &addr, "--gateway-did", &gw])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(&[
+        "call",
+        "payments",
+        "POST",
+        "/v1/charges",
+        "--data",
+        r#"{"amount":700,"currency":"usd"}"#,
+        "--header",
+        "content-type: application/json",
+    ])?;
+    let body = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{body} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(body.contains(r#""amount":700"#), "{body}");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("200"));
+    assert!(!body.contains(CANARY) && !String::from_utf8_lossy(&out.stderr).contains(CANARY));
+
+    // refused: exit 3 with the gateway's reason
+    let out = run(&["call", "payments", "DELETE", "/v1/charges/ch_1"])?;
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("policy"));
+    // a usage error: exit 2
+    assert_eq!(run(&["call", "payments"])?.status.code(), Some(2));
+
+    h.stop().await;
+    // the developer's own chain verifies against the gateway's
+    let out = Command::new(bin("didgate-audit")?)
+        .arg("verify")
+        .arg("--gateway")
+        .arg(h.gw_dir())
+        .arg("--client")
+        .arg(home.join("chain"))
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert_eq!(h.upstream.seen().len(), 1);
+    Ok(())
+}
