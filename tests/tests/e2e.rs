@@ -358,3 +358,72 @@ fn demo_command_ends_with_both_chains_verified() -> anyhow::Result<()> {
     assert!(dir.path().join("d/upstream/requests.jsonl").exists());
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn executing_entry_left_open_by_a_crash_is_abandoned_at_start() -> anyhow::Result<()> {
+    use didgate_audit::entry::Role;
+    use didgate_audit::store::{Chain, Store};
+    use didgate_protocol::message::{ChainHead, Request, SignedMessage};
+
+    let mut h = Harness::start().await?;
+    h.stop().await;
+    // What a crash between the executing entry and its close leaves: an open executing entry.
+    let gw_identity = didgate_client::identity::load(&h.gw_dir().join("identity"))?;
+    let chain = Chain::open(
+        Store::open(&h.gw_dir().join("store"), didgate_gateway::gateway::SPACES)?,
+        gw_identity.did(),
+        Role::Gateway,
+        0,
+    )?;
+    let req = Request {
+        v: 1,
+        aud: h.gw_did.to_string(),
+        upstream: "payments".into(),
+        method: "GET".into(),
+        path: "/v1/balance".into(),
+        query: vec![],
+        headers: vec![],
+        body_len: 0,
+        body_b3: *blake3::hash(b"").as_bytes(),
+        nonce: [9; 16],
+        time_ms: didgate_client::now_ms(),
+        head: ChainHead {
+            chain: [7; 32],
+            seq: 0,
+            hash: [7; 32],
+        },
+    };
+    let signed = req.sign(&alice());
+    let call = didgate_protocol::envelope::verify(&signed, Request::KIND)?.digest();
+    let mut e = Entry::new(EntryKind::Executing, 1);
+    e.call = Some(call);
+    e.signed = Some(signed);
+    e.subject = Some(alice().did().to_string());
+    e.grant = Some([1; 16]);
+    e.peer_head = Some(req.head);
+    chain.append_entry(e).await?;
+    chain.close();
+    drop(chain);
+    let before = verify::verify(&[load_records(&h.gw_dir())?], &[]);
+    assert!(
+        before
+            .violations
+            .iter()
+            .any(|v| v.kind == ViolationKind::UnclosedCall),
+        "{:?}",
+        before.violations
+    );
+
+    h.restart().await?;
+    h.stop().await;
+    let records = load_records(&h.gw_dir())?;
+    let (_, last) = records
+        .entries
+        .last()
+        .ok_or_else(|| anyhow::anyhow!("empty"))?;
+    let last = Entry::decode(last)?;
+    assert_eq!((last.kind, last.call), (EntryKind::Abandoned, Some(call)));
+    let after = verify::verify(&[records], &[]);
+    assert!(after.ok(), "{:?}", after.violations);
+    Ok(())
+}
