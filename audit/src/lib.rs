@@ -43,7 +43,7 @@ pub fn store_dir(path: &Path) -> PathBuf {
 /// [`store_dir`]). Opens the store, so its owning process must not be running.
 pub fn load_records(path: &Path) -> Result<ChainRecords, StoreError> {
     let dir = store_dir(path);
-    if !dir.join("version").exists() && !dir.is_dir() {
+    if !dir.join("version").is_file() {
         return Err(StoreError::Corrupt {
             seq: 0,
             why: format!("{} is not a store", dir.display()),

@@ -44,6 +44,9 @@ pub enum StoreError {
         /// Why.
         why: String,
     },
+    /// A keyspace that was not named when the store was opened.
+    #[error("unknown keyspace {0}")]
+    UnknownSpace(String),
     /// The chain belongs to another owner than the one opening it.
     #[error("this chain belongs to {0}")]
     WrongOwner(String),
@@ -90,19 +93,20 @@ impl Store {
         self.spaces.get(name)
     }
 
+    fn named(&self, space: &str) -> Result<&Keyspace, StoreError> {
+        self.spaces
+            .get(space)
+            .ok_or_else(|| StoreError::UnknownSpace(space.to_string()))
+    }
+
     /// Reads a key from a named keyspace.
     pub fn get(&self, space: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        match self.spaces.get(space) {
-            Some(ks) => Ok(ks.get(key)?.map(|v| v.to_vec())),
-            None => Ok(None),
-        }
+        Ok(self.named(space)?.get(key)?.map(|v| v.to_vec()))
     }
 
     /// All (key, value) pairs of a named keyspace whose key starts with `prefix`.
     pub fn scan(&self, space: &str, prefix: &[u8]) -> Result<Vec<KeyValue>, StoreError> {
-        let Some(ks) = self.spaces.get(space) else {
-            return Ok(Vec::new());
-        };
+        let ks = self.named(space)?;
         let mut out = Vec::new();
         for guard in ks.prefix(prefix) {
             let (k, v) = guard.into_inner()?;
@@ -120,14 +124,10 @@ impl Store {
     ) -> Result<(), StoreError> {
         let mut batch = self.db.batch();
         for (space, k, v) in puts {
-            if let Some(ks) = self.spaces.get(*space) {
-                batch.insert(ks, k.clone(), v.clone());
-            }
+            batch.insert(self.named(space)?, k.clone(), v.clone());
         }
         for (space, k) in removes {
-            if let Some(ks) = self.spaces.get(*space) {
-                batch.remove(ks, k.clone());
-            }
+            batch.remove(self.named(space)?, k.clone());
         }
         batch.commit()?;
         self.db.persist(PersistMode::SyncAll)?;
@@ -273,13 +273,24 @@ impl Chain {
                     seq: 0,
                     why: e.to_string(),
                 })?;
-                if genesis.owner.as_deref() != Some(owner.as_str()) {
+                if genesis.owner.as_deref() != Some(owner.as_str()) || genesis.role != Some(role) {
                     return Err(StoreError::WrongOwner(genesis.owner.unwrap_or_default()));
                 }
                 let (last, hash) = store.last_entry()?.ok_or(StoreError::Corrupt {
                     seq: 0,
                     why: "vanished".into(),
                 })?;
+                if store.head()?
+                    != Some(EntryRef {
+                        seq: last.seq,
+                        hash,
+                    })
+                {
+                    return Err(StoreError::Corrupt {
+                        seq: last.seq,
+                        why: "the last entry is not the recorded head (altered or appended outside the writer)".into(),
+                    });
+                }
                 (
                     entry_hash(&bytes),
                     EntryRef {

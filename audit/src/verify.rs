@@ -75,15 +75,31 @@ pub struct Violation {
     pub detail: String,
 }
 
+impl ViolationKind {
+    /// The snake_case name, as in the JSON report.
+    pub fn name(self) -> String {
+        serde_json::to_value(self)
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default()
+    }
+}
+
+impl std::fmt::Display for ViolationKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name())
+    }
+}
+
 impl std::fmt::Display for Violation {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.seq {
             Some(seq) => write!(
                 f,
-                "{} seq {}: {:?}: {}",
+                "{} seq {}: {}: {}",
                 self.chain, seq, self.kind, self.detail
             ),
-            None => write!(f, "{}: {:?}: {}", self.chain, self.kind, self.detail),
+            None => write!(f, "{}: {}: {}", self.chain, self.kind, self.detail),
         }
     }
 }
@@ -246,6 +262,15 @@ fn check_links(rec: &ChainRecords, role: Role, cx: &mut Ctx) -> Checked {
                     l.entry.seq, head.seq
                 ),
             ),
+            Some(l) if l.entry.seq > head.seq => cx.flag(
+                label,
+                Some(head.seq + 1),
+                ViolationKind::AlteredEntry,
+                format!(
+                    "entries after the recorded head (seq {}) were never acknowledged",
+                    head.seq
+                ),
+            ),
             None => cx.flag(
                 label,
                 None,
@@ -375,16 +400,23 @@ pub fn verify(gateways: &[ChainRecords], clients: &[ChainRecords]) -> Report {
                         );
                     }
                     let h = req.message.head;
-                    match heads_seen.get(&(h.chain, h.seq)) {
-                        Some((hash, other, oseq)) if *hash != h.hash => cx.flag(
+                    // Only executed calls commit the gateway to a client head: a refusal may be
+                    // the gateway correctly refusing a forking head.
+                    let prior = match e.kind {
+                        EntryKind::Executing => heads_seen.get(&(h.chain, h.seq)).cloned(),
+                        _ => None,
+                    };
+                    match prior {
+                        Some((hash, other, oseq)) if hash != h.hash => cx.flag(
                             &g.label,
                             seq,
                             ViolationKind::HeadFork,
                             format!("client head seq {} forks from the one recorded at {other} seq {oseq}", h.seq),
                         ),
-                        _ => {
+                        _ if e.kind == EntryKind::Executing => {
                             heads_seen.insert((h.chain, h.seq), (h.hash, g.label.clone(), e.seq));
                         }
+                        _ => {}
                     }
                     if e.kind == EntryKind::Executing {
                         gw_calls[gi] += 1;
@@ -439,6 +471,7 @@ pub fn verify(gateways: &[ChainRecords], clients: &[ChainRecords]) -> Report {
     // Client chains.
     let mut cross_links = 0u64;
     let mut client_requests: HashMap<Digest, Vec<u8>> = HashMap::new();
+    let mut auds: HashMap<Digest, String> = HashMap::new();
     let mut client_calls = vec![0u64; cls.len()];
     for (ci, c) in cls.iter().enumerate() {
         let mut pending: HashMap<Digest, u64> = HashMap::new();
@@ -497,6 +530,7 @@ pub fn verify(gateways: &[ChainRecords], clients: &[ChainRecords]) -> Report {
                     }
                     pending.insert(call, e.seq);
                     client_requests.insert(call, bytes.clone());
+                    auds.insert(call, req.message.aud.clone());
                 }
                 EntryKind::Result => {
                     let Some(call) = e.call else { continue };
@@ -511,7 +545,17 @@ pub fn verify(gateways: &[ChainRecords], clients: &[ChainRecords]) -> Report {
                     match (e.outcome, &e.signed) {
                         (Some(Outcome::Receipt), Some(bytes)) => {
                             cross_links += 1;
-                            check_receipt(c, e, bytes, &gws, &gateway_dids, &executing, &mut cx);
+                            let aud = e.call.and_then(|c| auds.get(&c)).map(String::as_str);
+                            check_receipt(
+                                c,
+                                e,
+                                bytes,
+                                aud,
+                                &gws,
+                                &gateway_dids,
+                                &executing,
+                                &mut cx,
+                            );
                         }
                         (Some(Outcome::Refusal), Some(bytes)) => {
                             cross_links += 1;
@@ -596,7 +640,6 @@ pub fn verify(gateways: &[ChainRecords], clients: &[ChainRecords]) -> Report {
     for (c, calls) in cls.iter().zip(client_calls) {
         chains.push(summary(c, calls));
     }
-    let _ = closed;
     Report {
         chains,
         cross_links,
@@ -622,10 +665,12 @@ fn gateway_for<'a>(
     dids.get(signer).map(|i| &gws[*i])
 }
 
+#[allow(clippy::too_many_arguments)] // the verifier's context, passed explicitly
 fn check_receipt(
     c: &Checked,
     e: &Entry,
     bytes: &[u8],
+    aud: Option<&str>,
     gws: &[Checked],
     dids: &HashMap<Did, usize>,
     executing: &Executing,
@@ -649,6 +694,14 @@ fn check_receipt(
             seq,
             ViolationKind::CallIdMismatch,
             "receipt is for another call",
+        );
+    }
+    if aud.is_some_and(|a| a != receipt.envelope.signer().as_str()) {
+        cx.flag(
+            &c.label,
+            seq,
+            ViolationKind::BadSignature,
+            "receipt signed by another gateway than the request addressed",
         );
     }
     if e.peer_entry != Some(receipt.message.entry) {
@@ -745,6 +798,14 @@ fn check_refusal(
         gateway_for(refusal.envelope.signer(), gws, dids),
         refusal.message.entry,
     ) else {
+        if !gws.is_empty() && gateway_for(refusal.envelope.signer(), gws, dids).is_none() {
+            cx.flag(
+                &c.label,
+                seq,
+                ViolationKind::BadSignature,
+                "refusal signed by no given gateway",
+            );
+        }
         return;
     };
     match g.at(at.seq) {

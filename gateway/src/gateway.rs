@@ -34,7 +34,7 @@ use crate::{now_ms, upstream};
 pub const REPLAY: &str = "replay";
 /// Keyspace of consumed grants: grant id -> call ID.
 pub const GRANTS: &str = "grants";
-/// Keyspace of client heads seen: chain id || seq (u64be) -> hash.
+/// Keyspace of client heads seen: signer key (32) || chain id || seq (u64be) -> hash.
 pub const HEADS: &str = "heads";
 /// Keyspace of secrets: name -> [`SecretRecord`].
 pub const SECRETS: &str = "secrets";
@@ -366,6 +366,9 @@ impl Gateway {
         if result.is_err() {
             // keep the counts for the next attempt: nothing counted is lost
             let mut agg = self.aggregate.lock().unwrap_or_else(|p| p.into_inner());
+            if agg.counts.is_empty() || agg.since_ms > taken.since_ms {
+                agg.since_ms = taken.since_ms;
+            }
             for (c, n) in taken.counts {
                 *agg.counts.entry(c).or_default() += n;
             }
@@ -457,7 +460,8 @@ impl Gateway {
         let mut nonce_key = b"n".to_vec();
         nonce_key.extend_from_slice(peer.public_key_bytes());
         nonce_key.extend_from_slice(&req.message.nonce);
-        let mut head_key = head.chain.to_vec();
+        let mut head_key = peer.public_key_bytes().to_vec();
+        head_key.extend_from_slice(&head.chain);
         head_key.extend_from_slice(&head.seq.to_be_bytes());
         let claims = vec![
             Claim {
@@ -566,10 +570,8 @@ impl Gateway {
             .headers()
             .iter()
             .filter(|(k, _)| {
-                !canonical::FORBIDDEN_HEADERS.contains(&k.as_str())
-                    || k.as_str() == "content-length"
+                !canonical::FORBIDDEN_HEADERS.contains(&k.as_str()) && k.as_str() != "set-cookie"
             })
-            .filter(|(k, _)| k.as_str() != "content-length" && k.as_str() != "set-cookie")
             .map(|(k, v)| {
                 (
                     k.as_str().to_string(),
@@ -676,9 +678,23 @@ impl Gateway {
         e.call = Some(call);
         e.code = Some(code.as_str().into());
         e.detail = Some(cause.into());
-        let entry = self.chain.append_entry(e).await.ok().map(|a| a.entry);
-        self.answer_refusal(send, Some(call), code, cause, entry)
-            .await;
+        match self.chain.append_entry(e).await {
+            Ok(a) => {
+                self.answer_refusal(send, Some(call), code, cause, Some(a.entry))
+                    .await
+            }
+            Err(why) => {
+                tracing::error!(%why, "cannot close an executing entry");
+                self.answer_refusal(
+                    send,
+                    Some(call),
+                    RefusalCode::AuditUnavailable,
+                    "the audit log cannot be written",
+                    None,
+                )
+                .await
+            }
+        }
     }
 
     async fn refuse_audited(&self, send: &mut quinn::SendStream, req: &Signed<Request>, r: Refuse) {

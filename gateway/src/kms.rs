@@ -228,7 +228,11 @@ impl SecretRecord {
 
     /// Decodes from the store.
     pub fn decode(bytes: &[u8]) -> Result<Self, KmsError> {
-        cbor::from_slice(bytes).map_err(|_| KmsError::Malformed)
+        let r: Self = cbor::from_slice(bytes).map_err(|_| KmsError::Malformed)?;
+        if r.v != 1 {
+            return Err(KmsError::Malformed);
+        }
+        Ok(r)
     }
 }
 

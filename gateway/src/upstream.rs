@@ -94,7 +94,7 @@ pub async fn send(
     builder = match &upstream.auth {
         Auth::Bearer => builder.header(
             reqwest::header::AUTHORIZATION,
-            sensitive(&format!("Bearer {}", secret.as_str()))?,
+            sensitive(&Zeroizing::new(format!("Bearer {}", secret.as_str())))?,
         ),
         Auth::Basic { user } => builder.basic_auth(user, Some(secret.as_str())),
         Auth::Header { name } => {
@@ -118,8 +118,7 @@ pub async fn send(
 }
 
 fn sensitive(value: &str) -> Result<HeaderValue, UpstreamError> {
-    let v = Zeroizing::new(value.to_string());
-    let mut h = HeaderValue::from_str(&v)
+    let mut h = HeaderValue::from_str(value)
         .map_err(|_| UpstreamError::Build("credential is not a valid header value".into()))?;
     h.set_sensitive(true);
     Ok(h)

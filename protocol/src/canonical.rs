@@ -42,7 +42,8 @@ pub enum CanonicalError {
     /// The query uses the name the upstream's credential is injected under.
     #[error("query parameter {0:?} is reserved for the credential")]
     ReservedQuery(String),
-    /// A query name or value holds a character outside the allowed set.
+    /// A query name is not unreserved characters (no percent-encoding in names), or a value
+    /// holds a character outside the allowed set.
     #[error("query parameter {0:?} is not canonical")]
     QueryChars(String),
     /// A header the gateway never forwards (credential, hop-by-hop, set by the gateway).
@@ -51,7 +52,8 @@ pub enum CanonicalError {
     /// A header outside the upstream's allowlist.
     #[error("header {0:?} is not in the upstream's allowlist")]
     HeaderNotAllowed(String),
-    /// A header name not in lower case token form, or a value with CR, LF or NUL.
+    /// A header name not in lower case token form, a repeated name, or a value with a control
+    /// or non-ASCII character.
     #[error("header {0:?} is malformed")]
     HeaderSyntax(String),
     /// The method is not one of the standard upper-case methods.
@@ -123,7 +125,10 @@ pub fn check_query(
 ) -> Result<(), CanonicalError> {
     let mut seen = std::collections::HashSet::new();
     for (k, v) in query {
-        if k.is_empty() || !k.bytes().all(query_char_ok) || !v.bytes().all(query_char_ok) {
+        let name_ok = !k.is_empty()
+            && k.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-._~[]".contains(&b));
+        if !name_ok || !v.bytes().all(query_char_ok) {
             return Err(CanonicalError::QueryChars(k.clone()));
         }
         if reserved.is_some_and(|r| r.eq_ignore_ascii_case(k)) {
@@ -149,8 +154,10 @@ pub fn check_headers(
             && name
                 .bytes()
                 .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
-        if !token || value.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0) || !seen.insert(name)
-        {
+        let value_ok = value
+            .bytes()
+            .all(|b| b == b'\t' || (0x20..0x7f).contains(&b));
+        if !token || !value_ok || !seen.insert(name) {
             return Err(CanonicalError::HeaderSyntax(name.clone()));
         }
         if FORBIDDEN_HEADERS.contains(&name.as_str())
@@ -226,6 +233,15 @@ mod tests {
             check_query(&q(&[("a", "x&b=2")]), None),
             Err(CanonicalError::QueryChars(_))
         ));
+        // an encoded name cannot dodge the duplicate or credential checks
+        assert!(matches!(
+            check_query(&q(&[("a", "1"), ("%61", "2")]), None),
+            Err(CanonicalError::QueryChars(_))
+        ));
+        assert!(matches!(
+            check_query(&q(&[("%6bey", "x")]), Some("key")),
+            Err(CanonicalError::QueryChars(_))
+        ));
     }
 
     #[test]
@@ -259,6 +275,14 @@ mod tests {
         assert!(matches!(
             check_headers(&h("transfer-encoding", "chunked"), &allowed, None),
             Err(CanonicalError::ForbiddenHeader(_))
+        ));
+        assert!(matches!(
+            check_headers(&h("content-type", "a\u{7f}"), &allowed, None),
+            Err(CanonicalError::HeaderSyntax(_))
+        ));
+        assert!(matches!(
+            check_headers(&h("content-type", "caf\u{e9}"), &allowed, None),
+            Err(CanonicalError::HeaderSyntax(_))
         ));
     }
 }

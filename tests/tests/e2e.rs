@@ -325,7 +325,7 @@ async fn altering_one_entry_in_either_chain_is_named_by_verify() -> anyhow::Resu
         .output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{text}");
-    assert!(text.contains("seq 2: AlteredEntry"), "{text}");
+    assert!(text.contains("seq 2: altered_entry"), "{text}");
     let out = std::process::Command::new(&bin)
         .args(["verify", "--gateway", "/nonexistent/didgate"])
         .output()?;
