@@ -20,6 +20,7 @@
 #![warn(missing_docs)]
 
 pub mod entry;
+pub mod merkle;
 pub mod store;
 pub mod verify;
 
