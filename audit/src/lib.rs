@@ -9,9 +9,9 @@
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! use didgate_audit::{entry::{Entry, EntryKind, Role}, store::{Chain, Store}};
-//! let me = didgate_protocol::Identity::generate();
+//! let me = std::sync::Arc::new(didgate_protocol::Identity::generate());
 //! let store = Store::open(std::path::Path::new("/tmp/chain"), &[])?;
-//! let chain = Chain::open(store, me.did(), Role::Client, 0)?;
+//! let chain = Chain::open(store, me, Role::Client, 0, Default::default())?;
 //! let appended = chain.append_entry(Entry::new(EntryKind::Result, 1)).await?;
 //! println!("entry {} is durable", appended.entry.seq);
 //! # Ok(()) }
@@ -20,6 +20,7 @@
 #![warn(missing_docs)]
 
 pub mod entry;
+pub mod export;
 pub mod merkle;
 pub mod store;
 pub mod verify;
@@ -40,22 +41,40 @@ pub fn store_dir(path: &Path) -> PathBuf {
     }
 }
 
-/// Reads every entry and the recorded head of the chain stored at `path` (see
-/// [`store_dir`]). Opens the store, so its owning process must not be running.
-pub fn load_records(path: &Path) -> Result<ChainRecords, StoreError> {
+/// Why a chain could not be loaded for verification.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LoadError {
+    /// The store failed to open or read.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The export file is unreadable or malformed.
+    #[error(transparent)]
+    Export(#[from] export::ExportError),
+    /// Neither an export file nor a store.
+    #[error("{0} is neither an export file nor a store")]
+    NotFound(String),
+}
+
+/// Reads every entry, checkpoint and the recorded head of a chain: an export file, or the store
+/// at `path` (see [`store_dir`]), which the owning process must not hold open.
+pub fn load_records(path: &Path) -> Result<ChainRecords, LoadError> {
+    let label = path.display().to_string();
+    if path.is_file() {
+        return Ok(export::import(path, &label)?);
+    }
     let dir = store_dir(path);
     if !dir.join("version").is_file() {
-        return Err(StoreError::Corrupt {
-            seq: 0,
-            why: format!("{} is not a store", dir.display()),
-        });
+        return Err(LoadError::NotFound(label));
     }
     let store = Store::open(&dir, &[])?;
     let entries = store.entries().collect::<Result<Vec<_>, _>>()?;
     let head = store.head()?;
+    let checkpoints = store.checkpoints()?;
     Ok(ChainRecords {
-        label: path.display().to_string(),
+        label,
         entries,
         head,
+        checkpoints,
     })
 }

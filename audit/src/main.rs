@@ -17,6 +17,15 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Export one chain (a stopped process's store) as a CBOR sequence file.
+    Export {
+        /// A gateway data directory, client chain directory, or store.
+        #[arg(long)]
+        db: PathBuf,
+        /// The file to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Verify one or more gateway chains against any number of client chains.
     Verify {
         /// A gateway data directory or store (repeatable).
@@ -55,6 +64,19 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> anyhow::Result<bool> {
     match cli.command {
+        Command::Export { db, out } => {
+            let dir = didgate_audit::store_dir(&db);
+            if !dir.join("version").is_file() {
+                anyhow::bail!("{} is not a store", db.display());
+            }
+            let store = didgate_audit::Store::open(&dir, &[])?;
+            let (entries, checkpoints) = didgate_audit::export::export(&store, &out)?;
+            eprintln!(
+                "exported {entries} entries and {checkpoints} checkpoints to {}",
+                out.display()
+            );
+            Ok(true)
+        }
         Command::Verify {
             gateways,
             clients,

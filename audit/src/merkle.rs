@@ -172,6 +172,15 @@ impl SubtreeSource for [Hash] {
 
 /// The MTH of leaves `[start, end)`, from O(log n) complete subtrees when `start` is a
 /// multiple of the range's largest power-of-two part (as every range a proof needs is).
+/// The root of the first `size` leaves, from complete subtrees (O(log n) lookups). The empty
+/// tree's root for size 0.
+pub fn root_at<S: SubtreeSource + ?Sized>(src: &S, size: u64) -> Option<Hash> {
+    if size == 0 {
+        return Some(*blake3::hash(b"").as_bytes());
+    }
+    range_hash(src, 0, size)
+}
+
 fn range_hash<S: SubtreeSource + ?Sized>(src: &S, start: u64, end: u64) -> Option<Hash> {
     let n = end.checked_sub(start)?;
     if n == 0 {

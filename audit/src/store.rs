@@ -14,18 +14,26 @@ use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
-use didgate_protocol::Did;
-use didgate_protocol::message::{ChainHead, Digest, EntryRef};
+use didgate_protocol::message::{ChainHead, Checkpoint, Digest, EntryRef, SignedMessage};
+use didgate_protocol::{Did, Identity};
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
 use crate::entry::{Entry, EntryKind, Role, entry_hash};
+use crate::merkle::{self, Frontier};
 
 /// Keyspace of entries.
 pub const ENTRIES: &str = "entries";
 /// Keyspace of chain metadata (`head` = seq u64be || hash).
 pub const META: &str = "meta";
 const HEAD_KEY: &[u8] = b"head";
+/// `meta` key of the Merkle frontier: u64be size || the peaks (32 bytes each), largest first.
+const FRONTIER_KEY: &[u8] = b"frontier";
+/// Keyspace of Merkle nodes: u8 level || u64be index -> 32-byte hash (level 0: leaf hashes).
+pub const MERKLE: &str = "merkle";
+/// Keyspace of signed checkpoints: u64be size -> COSE_Sign1 checkpoint.
+pub const CHECKPOINTS: &str = "checkpoints";
 /// Largest number of appends one batch takes.
 const MAX_BATCH: usize = 1024;
 
@@ -61,6 +69,8 @@ pub struct Store {
     db: Database,
     entries: Keyspace,
     meta: Keyspace,
+    merkle: Keyspace,
+    checkpoints: Keyspace,
     spaces: Arc<HashMap<&'static str, Keyspace>>,
 }
 
@@ -76,6 +86,8 @@ impl Store {
         let db = Database::builder(path).cache_size(8 * 1024 * 1024).open()?;
         let entries = db.keyspace(ENTRIES, KeyspaceCreateOptions::default)?;
         let meta = db.keyspace(META, KeyspaceCreateOptions::default)?;
+        let merkle = db.keyspace(MERKLE, KeyspaceCreateOptions::default)?;
+        let checkpoints = db.keyspace(CHECKPOINTS, KeyspaceCreateOptions::default)?;
         let mut spaces = HashMap::new();
         for name in extra {
             spaces.insert(*name, db.keyspace(name, KeyspaceCreateOptions::default)?);
@@ -84,6 +96,8 @@ impl Store {
             db,
             entries,
             meta,
+            merkle,
+            checkpoints,
             spaces: Arc::new(spaces),
         })
     }
@@ -236,12 +250,34 @@ pub enum AppendError {
 pub struct Appended {
     /// The entry's seq and hash.
     pub entry: EntryRef,
+    /// The Merkle root of the chain right after this entry (size `entry.seq + 1`).
+    pub root: Digest,
+}
+
+/// When the writer signs checkpoints: after this many entries, or this long after the last
+/// one if entries were added, and always when the chain is closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CheckpointPolicy {
+    /// Entries between checkpoints.
+    pub every_entries: u64,
+    /// Time between checkpoints while entries arrive.
+    pub every: Duration,
+}
+
+impl Default for CheckpointPolicy {
+    fn default() -> Self {
+        Self {
+            every_entries: 4096,
+            every: Duration::from_secs(60),
+        }
+    }
 }
 
 type Reply = tokio::sync::oneshot::Sender<Result<Appended, AppendError>>;
 
 enum Msg {
     Append(Box<Append>, Reply),
+    Checkpoint(mpsc::Sender<Result<(), AppendError>>),
     Close(mpsc::Sender<()>),
 }
 
@@ -263,11 +299,83 @@ impl std::fmt::Debug for Chain {
     }
 }
 
+fn merkle_key(level: u32, index: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = level as u8;
+    k[1..].copy_from_slice(&index.to_be_bytes());
+    k
+}
+
+fn encode_frontier(f: &Frontier) -> Vec<u8> {
+    let mut v = f.size().to_be_bytes().to_vec();
+    for p in f.peaks() {
+        v.extend_from_slice(p);
+    }
+    v
+}
+
+fn decode_frontier(v: &[u8]) -> Option<Frontier> {
+    let size = u64::from_be_bytes(v.get(..8)?.try_into().ok()?);
+    let peaks = v
+        .get(8..)?
+        .chunks(32)
+        .map(|c| c.try_into().ok())
+        .collect::<Option<Vec<Digest>>>()?;
+    Frontier::from_parts(size, peaks)
+}
+
+impl merkle::SubtreeSource for Store {
+    fn subtree(&self, level: u32, index: u64) -> Option<Digest> {
+        let level8 = u8::try_from(level).ok()?;
+        self.merkle
+            .get(merkle_key(u32::from(level8), index))
+            .ok()??
+            .as_ref()
+            .try_into()
+            .ok()
+    }
+}
+
+impl Store {
+    /// Every signed checkpoint stored, in size order.
+    pub fn checkpoints(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut out = Vec::new();
+        for g in self.checkpoints.iter() {
+            out.push(g.value()?.to_vec());
+        }
+        Ok(out)
+    }
+
+    /// The Merkle root over the first `size` entries, if the chain has them.
+    pub fn root_at(&self, size: u64) -> Option<Digest> {
+        merkle::root_at(self, size)
+    }
+
+    /// Inclusion proof of entry `index` in the tree of the first `size` entries.
+    pub fn inclusion_proof(&self, index: u64, size: u64) -> Option<Vec<Digest>> {
+        merkle::inclusion_proof(self, index, size)
+    }
+
+    /// Consistency proof from the tree of `old` entries to the tree of `new` entries.
+    pub fn consistency_proof(&self, old: u64, new: u64) -> Option<Vec<Digest>> {
+        merkle::consistency_proof(self, old, new)
+    }
+}
+
 impl Chain {
-    /// Opens the chain in `store` for `owner`, writing the genesis entry if the chain is new,
-    /// and starts its writer thread.
-    pub fn open(store: Store, owner: &Did, role: Role, now_ms: u64) -> Result<Self, StoreError> {
-        let (id, head) = match store.entry_bytes(0)? {
+    /// Opens the chain in `store` for `signer` (its DID owns the chain; its key signs the
+    /// checkpoints), writing the genesis entry if the chain is new, and starts its writer
+    /// thread.
+    pub fn open(
+        store: Store,
+        signer: Arc<Identity>,
+        role: Role,
+        now_ms: u64,
+        policy: CheckpointPolicy,
+    ) -> Result<Self, StoreError> {
+        let owner = signer.did().clone();
+        let mut batch = store.db.batch();
+        let (id, head, frontier, last_cp) = match store.entry_bytes(0)? {
             Some(bytes) => {
                 let genesis = Entry::decode(&bytes).map_err(|e| StoreError::Corrupt {
                     seq: 0,
@@ -280,24 +388,36 @@ impl Chain {
                     seq: 0,
                     why: "vanished".into(),
                 })?;
-                if store.head()?
-                    != Some(EntryRef {
-                        seq: last.seq,
-                        hash,
-                    })
-                {
+                let head = EntryRef {
+                    seq: last.seq,
+                    hash,
+                };
+                if store.head()? != Some(head) {
                     return Err(StoreError::Corrupt {
                         seq: last.seq,
                         why: "the last entry is not the recorded head (altered or appended outside the writer)".into(),
                     });
                 }
-                (
-                    entry_hash(&bytes),
-                    EntryRef {
-                        seq: last.seq,
-                        hash,
-                    },
-                )
+                let frontier = store
+                    .meta
+                    .get(FRONTIER_KEY)?
+                    .and_then(|v| decode_frontier(&v))
+                    .filter(|f| f.size() == head.seq + 1)
+                    .ok_or(StoreError::Corrupt {
+                        seq: head.seq,
+                        why: "Merkle frontier missing or stale".into(),
+                    })?;
+                let last_cp = store
+                    .checkpoints
+                    .last_key_value()
+                    .map(|g| g.key())
+                    .transpose()?
+                    .map(|k| {
+                        <[u8; 8]>::try_from(k.as_ref())
+                            .map(u64::from_be_bytes)
+                            .unwrap_or(0)
+                    });
+                (entry_hash(&bytes), head, frontier, last_cp.unwrap_or(0))
             }
             None => {
                 let mut genesis = Entry::new(EntryKind::Genesis, now_ms);
@@ -308,19 +428,27 @@ impl Chain {
                     seq: 0,
                     hash: entry_hash(&bytes),
                 };
-                let mut batch = store.db.batch();
+                let mut frontier = Frontier::default();
+                stage_leaf(&store, &mut batch, &mut frontier, &head.hash);
                 batch.insert(&store.entries, 0u64.to_be_bytes(), bytes);
                 batch.insert(&store.meta, HEAD_KEY, encode_ref(&head));
-                batch.commit()?;
-                store.db.persist(PersistMode::SyncAll)?;
-                (head.hash, head)
+                batch.insert(&store.meta, FRONTIER_KEY, encode_frontier(&frontier));
+                (head.hash, head, frontier, 0)
             }
         };
+        batch.commit()?;
+        store.db.persist(PersistMode::SyncAll)?;
         let (tx, rx) = mpsc::channel();
         let failed = Arc::new(AtomicBool::new(false));
         let writer = Writer {
             store: store.clone(),
+            id,
+            signer,
             head,
+            frontier,
+            policy,
+            last_cp,
+            last_cp_at: Instant::now(),
             failed: failed.clone(),
         };
         std::thread::Builder::new()
@@ -334,7 +462,7 @@ impl Chain {
             tx,
             store,
             id,
-            owner: owner.clone(),
+            owner,
             failed,
         })
     }
@@ -382,15 +510,6 @@ impl Chain {
             .map_err(|_| AppendError::Unavailable("writer stopped".into()))?
     }
 
-    /// Stops the writer after the appends queued before this call, and waits for it. Appends
-    /// after this are refused. Dropping every handle of the store then closes the database.
-    pub fn close(&self) {
-        let (tx, rx) = mpsc::channel();
-        if self.tx.send(Msg::Close(tx)).is_ok() {
-            let _ = rx.recv();
-        }
-    }
-
     /// Appends an entry with no claims.
     pub async fn append_entry(&self, entry: Entry) -> Result<Appended, AppendError> {
         self.append(Append {
@@ -399,11 +518,54 @@ impl Chain {
         })
         .await
     }
+
+    /// Signs and stores a checkpoint of the current head now, if entries were added since the
+    /// last one. Blocks until it is durable.
+    pub fn checkpoint(&self) -> Result<(), AppendError> {
+        let (tx, rx) = mpsc::channel();
+        self.tx
+            .send(Msg::Checkpoint(tx))
+            .map_err(|_| AppendError::Unavailable("writer stopped".into()))?;
+        rx.recv()
+            .map_err(|_| AppendError::Unavailable("writer stopped".into()))?
+    }
+
+    /// Writes a final checkpoint, stops the writer after the appends queued before this call,
+    /// and waits for it. Appends after this are refused. Dropping every handle of the store then
+    /// closes the database.
+    pub fn close(&self) {
+        let (tx, rx) = mpsc::channel();
+        if self.tx.send(Msg::Close(tx)).is_ok() {
+            let _ = rx.recv();
+        }
+    }
+}
+
+/// Stages a leaf (level 0) and the subtrees it completes, and pushes it on the frontier.
+fn stage_leaf(
+    store: &Store,
+    batch: &mut fjall::OwnedWriteBatch,
+    frontier: &mut Frontier,
+    entry_hash: &Digest,
+) {
+    let leaf = merkle::leaf_hash(entry_hash);
+    let index = frontier.size();
+    for (level, idx, hash) in merkle::completed_subtrees(index + 1, leaf, frontier) {
+        batch.insert(&store.merkle, merkle_key(level, idx), hash.to_vec());
+    }
+    batch.insert(&store.merkle, merkle_key(0, index), leaf.to_vec());
+    frontier.push(leaf);
 }
 
 struct Writer {
     store: Store,
+    id: Digest,
+    signer: Arc<Identity>,
     head: EntryRef,
+    frontier: Frontier,
+    policy: CheckpointPolicy,
+    last_cp: u64,
+    last_cp_at: Instant,
     failed: Arc<AtomicBool>,
 }
 
@@ -412,20 +574,26 @@ impl Writer {
         let mut closing = None;
         while closing.is_none() {
             let mut jobs = Vec::new();
-            match rx.recv() {
+            let mut forced = Vec::new();
+            match rx.recv_timeout(self.policy.every) {
                 Ok(Msg::Append(a, r)) => jobs.push((*a, r)),
+                Ok(Msg::Checkpoint(done)) => forced.push(done),
                 Ok(Msg::Close(done)) => closing = Some(done),
-                Err(_) => break,
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
             while closing.is_none() && jobs.len() < MAX_BATCH {
                 match rx.try_recv() {
                     Ok(Msg::Append(a, r)) => jobs.push((*a, r)),
+                    Ok(Msg::Checkpoint(done)) => forced.push(done),
                     Ok(Msg::Close(done)) => closing = Some(done),
                     Err(_) => break,
                 }
             }
-            if !jobs.is_empty() {
-                self.commit(jobs);
+            let force = !forced.is_empty() || closing.is_some();
+            let result = self.commit(jobs, force);
+            for done in forced {
+                let _ = done.send(result.clone());
             }
         }
         self.failed.store(true, Ordering::Release);
@@ -436,17 +604,25 @@ impl Writer {
         }
     }
 
-    fn commit(&mut self, jobs: Vec<(Append, Reply)>) {
+    fn checkpoint_due(&self, force: bool) -> bool {
+        let size = self.frontier.size();
+        size > self.last_cp
+            && (force
+                || size - self.last_cp >= self.policy.every_entries
+                || self.last_cp_at.elapsed() >= self.policy.every)
+    }
+
+    fn commit(&mut self, jobs: Vec<(Append, Reply)>, force: bool) -> Result<(), AppendError> {
         if self.failed.load(Ordering::Acquire) {
+            let err = AppendError::Unavailable("store failed; reopen required".into());
             for (_, reply) in jobs {
-                let _ = reply.send(Err(AppendError::Unavailable(
-                    "store failed; reopen required".into(),
-                )));
+                let _ = reply.send(Err(err.clone()));
             }
-            return;
+            return Err(err);
         }
         let mut batch = self.store.db.batch();
         let mut head = self.head;
+        let mut frontier = self.frontier.clone();
         let mut claimed: HashMap<(&'static str, Vec<u8>), Vec<u8>> = HashMap::new();
         let mut outcomes = Vec::with_capacity(jobs.len());
         for (append, reply) in jobs {
@@ -469,26 +645,67 @@ impl Writer {
                 hash: entry_hash(&bytes),
             };
             batch.insert(&self.store.entries, entry.seq.to_be_bytes(), bytes);
-            outcomes.push((reply, Ok(Appended { entry: head })));
+            stage_leaf(&self.store, &mut batch, &mut frontier, &head.hash);
+            outcomes.push((
+                reply,
+                Ok(Appended {
+                    entry: head,
+                    root: frontier.root(),
+                }),
+            ));
         }
-        if head != self.head {
-            batch.insert(&self.store.meta, HEAD_KEY, encode_ref(&head));
+        let grew = head != self.head;
+        let (saved_frontier, saved_head) =
+            (std::mem::replace(&mut self.frontier, frontier), self.head);
+        self.head = head;
+        let checkpoint = self.checkpoint_due(force);
+        if grew || checkpoint {
+            if grew {
+                batch.insert(&self.store.meta, HEAD_KEY, encode_ref(&head));
+                batch.insert(
+                    &self.store.meta,
+                    FRONTIER_KEY,
+                    encode_frontier(&self.frontier),
+                );
+            }
+            if checkpoint {
+                let cp = Checkpoint {
+                    v: didgate_protocol::message::VERSION,
+                    log: self.signer.did().to_string(),
+                    chain: self.id,
+                    size: self.frontier.size(),
+                    head: self.head.hash,
+                    root: self.frontier.root(),
+                    time_ms: now_ms(),
+                };
+                batch.insert(
+                    &self.store.checkpoints,
+                    cp.size.to_be_bytes(),
+                    cp.sign(&self.signer),
+                );
+            }
             let durable = batch
                 .commit()
                 .and_then(|()| self.store.db.persist(PersistMode::SyncAll));
             if let Err(e) = durable {
                 self.failed.store(true, Ordering::Release);
-                let msg = e.to_string();
+                self.frontier = saved_frontier;
+                self.head = saved_head;
+                let err = AppendError::Unavailable(e.to_string());
                 for (reply, _) in outcomes {
-                    let _ = reply.send(Err(AppendError::Unavailable(msg.clone())));
+                    let _ = reply.send(Err(err.clone()));
                 }
-                return;
+                return Err(err);
             }
-            self.head = head;
+            if checkpoint {
+                self.last_cp = self.frontier.size();
+                self.last_cp_at = Instant::now();
+            }
         }
         for (reply, outcome) in outcomes {
             let _ = reply.send(outcome);
         }
+        Ok(())
     }
 
     fn check(
@@ -517,6 +734,13 @@ impl Writer {
     }
 }
 
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -525,9 +749,16 @@ mod tests {
     #[tokio::test]
     async fn appends_link_and_survive_reopen() {
         let dir = tempfile::tempdir().expect("tmp");
-        let owner = Identity::from_seed(&[1; 32]);
+        let owner = Arc::new(Identity::from_seed(&[1; 32]));
         let store = Store::open(dir.path(), &["replay"]).expect("open");
-        let chain = Chain::open(store, owner.did(), Role::Gateway, 1).expect("chain");
+        let chain = Chain::open(
+            store,
+            owner.clone(),
+            Role::Gateway,
+            1,
+            CheckpointPolicy::default(),
+        )
+        .expect("chain");
         let mut handles = Vec::new();
         for i in 0..50u64 {
             let c = chain.clone();

@@ -8,10 +8,13 @@
 use std::collections::{HashMap, HashSet};
 
 use didgate_protocol::Did;
-use didgate_protocol::message::{self, ChainHead, Digest, EntryRef, Receipt, Refusal, Request};
+use didgate_protocol::message::{
+    self, ChainHead, Checkpoint, Digest, EntryRef, Receipt, Refusal, Request,
+};
 use serde::Serialize;
 
 use crate::entry::{Entry, EntryKind, Outcome, Role, entry_hash};
+use crate::merkle;
 
 /// The records of one chain as read from a store or an export.
 #[derive(Debug, Clone)]
@@ -22,6 +25,8 @@ pub struct ChainRecords {
     pub entries: Vec<(u64, Vec<u8>)>,
     /// The head the store recorded as acknowledged, if any.
     pub head: Option<EntryRef>,
+    /// The chain owner's signed checkpoints (COSE_Sign1).
+    pub checkpoints: Vec<Vec<u8>>,
 }
 
 /// The kind of a violation.
@@ -60,6 +65,9 @@ pub enum ViolationKind {
     HeadNotInClientChain,
     /// Two client heads of one chain fork (same seq, different hash).
     HeadFork,
+    /// The same log signed two different roots for one size (checkpoints or receipts): proof of
+    /// equivocation.
+    Fork,
 }
 
 /// One violation.
@@ -151,6 +159,56 @@ struct Checked {
     owner: Option<Did>,
     id: Option<Digest>,
     items: Vec<Item>,
+    tree: Tree,
+}
+
+/// Every complete subtree of a chain's Merkle tree, level by level, so the root at any size is
+/// O(log n) (specs/audit-log.md, "Merkle tree").
+#[derive(Default)]
+struct Tree {
+    levels: Vec<Vec<Digest>>,
+}
+
+impl Tree {
+    fn build(entry_hashes: impl Iterator<Item = Digest>) -> Self {
+        let mut levels = vec![
+            entry_hashes
+                .map(|h| merkle::leaf_hash(&h))
+                .collect::<Vec<_>>(),
+        ];
+        while levels.last().is_some_and(|l| l.len() > 1) {
+            let next = levels
+                .last()
+                .map(|l| {
+                    l.chunks_exact(2)
+                        .map(|p| merkle::node_hash(&p[0], &p[1]))
+                        .collect()
+                })
+                .unwrap_or_default();
+            levels.push(next);
+        }
+        Self { levels }
+    }
+
+    fn size(&self) -> u64 {
+        self.levels.first().map_or(0, |l| l.len() as u64)
+    }
+
+    fn root_at(&self, size: u64) -> Option<Digest> {
+        if size > self.size() {
+            return None;
+        }
+        merkle::root_at(self, size)
+    }
+}
+
+impl merkle::SubtreeSource for Tree {
+    fn subtree(&self, level: u32, index: u64) -> Option<Digest> {
+        self.levels
+            .get(level as usize)?
+            .get(usize::try_from(index).ok()?)
+            .copied()
+    }
 }
 
 impl Checked {
@@ -163,6 +221,7 @@ impl Checked {
 
 struct Ctx {
     violations: Vec<Violation>,
+    roots: Roots,
 }
 
 impl Ctx {
@@ -313,11 +372,116 @@ fn check_links(rec: &ChainRecords, role: Role, cx: &mut Ctx) -> Checked {
             (None, None)
         }
     };
+    let tree = Tree::build(items.iter().map(|i| i.hash));
     Checked {
         label: label.clone(),
         owner,
         id,
         items,
+        tree,
+    }
+}
+
+/// Signed roots seen per (log DID, size): two different ones are proof of equivocation.
+#[derive(Default)]
+struct Roots {
+    seen: HashMap<(String, u64), (Digest, String)>,
+}
+
+impl Roots {
+    fn record(
+        &mut self,
+        log: &str,
+        size: u64,
+        root: Digest,
+        source: String,
+        chain: &str,
+        cx: &mut Ctx,
+    ) {
+        match self.seen.get(&(log.to_string(), size)) {
+            Some((other, where_)) if *other != root => cx.flag(
+                chain,
+                Some(size.saturating_sub(1)),
+                ViolationKind::Fork,
+                format!(
+                    "{log} signed two roots for size {size}: {} in {where_} and {} in {source}",
+                    hex::encode(other),
+                    hex::encode(root)
+                ),
+            ),
+            Some(_) => {}
+            None => {
+                self.seen.insert((log.to_string(), size), (root, source));
+            }
+        }
+    }
+}
+
+/// Checks a chain's signed checkpoints against its entries and records their roots.
+fn check_checkpoints(rec: &ChainRecords, c: &Checked, roots: &mut Roots, cx: &mut Ctx) {
+    for (i, bytes) in rec.checkpoints.iter().enumerate() {
+        let where_ = format!("{} checkpoint {i}", c.label);
+        let cp = match (&c.owner, message::open::<Checkpoint>(bytes)) {
+            (Some(owner), Ok(cp))
+                if cp.envelope.signer() == owner && cp.message.log == owner.as_str() =>
+            {
+                cp.message
+            }
+            (_, Ok(_)) => {
+                cx.flag(
+                    &c.label,
+                    None,
+                    ViolationKind::BadSignature,
+                    format!("{where_} is not signed by the chain's owner"),
+                );
+                continue;
+            }
+            (_, Err(e)) => {
+                cx.flag(
+                    &c.label,
+                    None,
+                    ViolationKind::BadSignature,
+                    format!("{where_}: {e}"),
+                );
+                continue;
+            }
+        };
+        roots.record(&cp.log, cp.size, cp.root, where_.clone(), &c.label, cx);
+        if Some(cp.chain) != c.id {
+            cx.flag(
+                &c.label,
+                None,
+                ViolationKind::BadSignature,
+                format!("{where_} names another chain"),
+            );
+            continue;
+        }
+        let last = cp.size.saturating_sub(1);
+        match (c.at(last), c.tree.root_at(cp.size)) {
+            (Some(item), Some(root)) if cp.size > 0 => {
+                if item.hash != cp.head || root != cp.root {
+                    cx.flag(
+                        &c.label,
+                        Some(last),
+                        ViolationKind::AlteredEntry,
+                        format!(
+                            "the chain's first {} entries differ from what {where_} signed",
+                            cp.size
+                        ),
+                    );
+                }
+            }
+            _ => cx.flag(
+                &c.label,
+                Some(c.tree.size()),
+                ViolationKind::TruncatedChain,
+                format!(
+                    "{where_} covers {} entries but the chain has {}",
+                    cp.size,
+                    c.tree.size()
+                ),
+            ),
+        }
     }
 }
 
@@ -325,6 +489,7 @@ fn check_links(rec: &ChainRecords, role: Role, cx: &mut Ctx) -> Checked {
 pub fn verify(gateways: &[ChainRecords], clients: &[ChainRecords]) -> Report {
     let mut cx = Ctx {
         violations: Vec::new(),
+        roots: Roots::default(),
     };
     let gws: Vec<Checked> = gateways
         .iter()
@@ -334,6 +499,11 @@ pub fn verify(gateways: &[ChainRecords], clients: &[ChainRecords]) -> Report {
         .iter()
         .map(|r| check_links(r, Role::Client, &mut cx))
         .collect();
+    for (rec, c) in gateways.iter().zip(&gws).chain(clients.iter().zip(&cls)) {
+        let mut roots = std::mem::take(&mut cx.roots);
+        check_checkpoints(rec, c, &mut roots, &mut cx);
+        cx.roots = roots;
+    }
     let gateway_dids: HashMap<Did, usize> = gws
         .iter()
         .enumerate()
@@ -763,6 +933,30 @@ fn check_receipt(
             ViolationKind::ReceiptMismatch,
             format!("{} has no executing entry for this call", g.label),
         );
+    }
+    if let Some(root) = r.root {
+        let size = r.entry.seq + 1;
+        let mut roots = std::mem::take(&mut cx.roots);
+        roots.record(
+            receipt.envelope.signer().as_str(),
+            size,
+            root,
+            format!("{} seq {} (receipt)", c.label, e.seq),
+            &c.label,
+            cx,
+        );
+        cx.roots = roots;
+        if g.tree.root_at(size).is_some_and(|have| have != root) {
+            cx.flag(
+                &c.label,
+                seq,
+                ViolationKind::ReceiptMismatch,
+                format!(
+                    "the receipt's root differs from {}'s root at size {size}",
+                    g.label
+                ),
+            );
+        }
     }
 }
 

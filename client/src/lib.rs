@@ -31,7 +31,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
 use didgate_audit::entry::{Entry, EntryKind, Outcome, Role};
-use didgate_audit::store::{Chain, Store, StoreError};
+use didgate_audit::store::{Chain, CheckpointPolicy, Store, StoreError};
 use didgate_protocol::frame::{self, FrameDecoder, FrameType};
 use didgate_protocol::message::{
     self, Message, Receipt, Refusal, RefusalCode, Request, ResponseHead, SignedMessage,
@@ -189,13 +189,20 @@ impl Client {
         gateway: Did,
     ) -> Result<Self, ClientError> {
         let store = Store::open(chain_dir, &[])?;
-        let chain = Chain::open(store, identity.did(), Role::Client, now_ms())?;
+        let identity = Arc::new(identity);
+        let chain = Chain::open(
+            store,
+            identity.clone(),
+            Role::Client,
+            now_ms(),
+            CheckpointPolicy::default(),
+        )?;
         Self::with_chain(identity, chain, addr, gateway)
     }
 
     /// Like [`Client::open`] with an already open chain.
     pub fn with_chain(
-        identity: Identity,
+        identity: Arc<Identity>,
         chain: Chain,
         addr: SocketAddr,
         gateway: Did,
@@ -215,7 +222,7 @@ impl Client {
             quinn::Endpoint::client(bind).map_err(|e| ClientError::Tls(e.to_string()))?;
         endpoint.set_default_client_config(cfg);
         Ok(Self {
-            identity: Arc::new(identity),
+            identity,
             gateway,
             addr,
             endpoint,

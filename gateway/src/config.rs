@@ -87,6 +87,35 @@ pub struct Settings {
     /// Window over which refusals to unknown principals are counted into one entry, seconds.
     #[serde(default = "d_window")]
     pub refusal_window_secs: u64,
+    /// Sign a checkpoint of the gateway's chain at least every this many entries.
+    #[serde(default = "d_cp_entries")]
+    pub checkpoint_every_entries: u64,
+    /// ... and at least every this many seconds while entries are added (and at shutdown).
+    #[serde(default = "d_cp_secs")]
+    pub checkpoint_every_secs: u64,
+}
+
+impl Settings {
+    /// Defaults for everything but the address.
+    pub fn new(listen: SocketAddr) -> Self {
+        Self {
+            listen,
+            skew_secs: d_skew(),
+            max_body: d_body(),
+            grant_ttl_secs: d_grant(),
+            upstream_timeout_secs: d_timeout(),
+            refusal_window_secs: d_window(),
+            checkpoint_every_entries: d_cp_entries(),
+            checkpoint_every_secs: d_cp_secs(),
+        }
+    }
+}
+
+fn d_cp_entries() -> u64 {
+    4096
+}
+fn d_cp_secs() -> u64 {
+    60
 }
 
 fn d_skew() -> u64 {
@@ -224,6 +253,10 @@ grant_ttl_secs = 10
 upstream_timeout_secs = 30
 # Refusals to DIDs that policy does not know are counted into one audit entry per window.
 refusal_window_secs = 10
+# Signed checkpoints of the gateway's audit chain: every N entries, every T seconds while
+# entries arrive, and at shutdown.
+checkpoint_every_entries = 4096
+checkpoint_every_secs = 60
 
 # An upstream API. The secret is stored encrypted with `didgated secret add NAME` (stdin).
 # auth: {{ kind = "bearer" }} | {{ kind = "basic", user = "U" }} | {{ kind = "header", name = "x-api-key" }}

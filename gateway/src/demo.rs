@@ -64,12 +64,8 @@ pub async fn run(root: &Path) -> anyhow::Result<DemoOutcome> {
     let gw_did = crate::init(&gw_dir, "127.0.0.1:0".parse()?)?;
     let config = Config {
         gateway: Settings {
-            listen: "127.0.0.1:0".parse()?,
-            skew_secs: 30,
-            max_body: 1 << 20,
-            grant_ttl_secs: 10,
             upstream_timeout_secs: 10,
-            refusal_window_secs: 10,
+            ..Settings::new("127.0.0.1:0".parse()?)
         },
         upstreams: vec![Upstream {
             name: "payments".into(),

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use didgate_audit::entry::{Entry, EntryKind, Role};
-use didgate_audit::store::{Append, AppendError, Chain, Claim, ClaimRule, Store};
+use didgate_audit::store::{Append, AppendError, Chain, CheckpointPolicy, Claim, ClaimRule, Store};
 use didgate_client::{tls, wire};
 use didgate_protocol::canonical;
 use didgate_protocol::frame::{self, FrameDecoder, FrameType};
@@ -105,7 +105,7 @@ struct Aggregate {
 
 /// A running gateway's state.
 pub struct Gateway {
-    identity: Identity,
+    identity: Arc<Identity>,
     config: Config,
     policy: Policy,
     chain: Chain,
@@ -142,10 +142,14 @@ impl Gateway {
         tls::install_provider();
         let d = DataDir::new(dir);
         let config = Config::load(&d.config())?;
-        let identity = didgate_client::identity::load(&d.identity())?;
+        let identity = Arc::new(didgate_client::identity::load(&d.identity())?);
         let kms = LocalKms::load(&d.master_key())?;
         let store = Store::open(&d.store(), SPACES)?;
-        let chain = Chain::open(store, identity.did(), Role::Gateway, now_ms())?;
+        let policy = CheckpointPolicy {
+            every_entries: config.gateway.checkpoint_every_entries.max(1),
+            every: Duration::from_secs(config.gateway.checkpoint_every_secs.max(1)),
+        };
+        let chain = Chain::open(store, identity.clone(), Role::Gateway, now_ms(), policy)?;
         let http = upstream::http_client(Duration::from_secs(config.gateway.upstream_timeout_secs))
             .map_err(|e| StartError::Transport(e.to_string()))?;
         let policy = Policy::new(&config.rules, &config.groups);
@@ -621,7 +625,7 @@ impl Gateway {
         e.resp_len = Some(len);
         e.resp_b3 = Some(resp_b3);
         let closing = match self.chain.append_entry(e).await {
-            Ok(a) => a.entry,
+            Ok(a) => a,
             Err(e) => {
                 tracing::error!(%e, "cannot close an executing entry");
                 return self
@@ -643,8 +647,8 @@ impl Gateway {
             status,
             resp_len: len,
             resp_b3,
-            entry: closing,
-            root: None,
+            entry: closing.entry,
+            root: Some(closing.root),
             time_ms: now_ms(),
         };
         let _ = wire::write_frame(send, FrameType::Receipt, &receipt.sign(&self.identity)).await;

@@ -219,6 +219,30 @@ pub struct Refusal {
     pub entry: Option<EntryRef>,
 }
 
+/// A chain owner's signed checkpoint ([`Kind::Checkpoint`]): the chain had `size` entries,
+/// the last with hash `head`, and Merkle root `root` (specs/audit-log.md, "Checkpoints").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Checkpoint {
+    /// Message version, 1.
+    pub v: u64,
+    /// The chain owner's DID.
+    pub log: String,
+    /// The chain id (hash of entry 0).
+    #[serde(with = "fixed")]
+    pub chain: Digest,
+    /// Number of entries covered.
+    pub size: u64,
+    /// Hash of entry `size - 1`.
+    #[serde(with = "fixed")]
+    pub head: Digest,
+    /// Merkle root over the first `size` entries.
+    #[serde(with = "fixed")]
+    pub root: Digest,
+    /// Owner's clock, milliseconds since the Unix epoch.
+    pub time_ms: u64,
+}
+
 /// The response head, sent unsigned before the body (the receipt binds status and body).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -281,6 +305,7 @@ message!(Request, Kind::Request);
 message!(GrantBody, Kind::Grant);
 message!(Receipt, Kind::Receipt);
 message!(Refusal, Kind::Refusal);
+message!(Checkpoint, Kind::Checkpoint);
 message!(ResponseHead);
 
 /// Why a signed message was refused.

@@ -52,12 +52,9 @@ impl Harness {
         let gw_did = didgate_gateway::init(&gw_dir, "127.0.0.1:0".parse()?)?;
         let config = Config {
             gateway: Settings {
-                listen: "127.0.0.1:0".parse()?,
-                skew_secs: 30,
-                max_body: 1 << 20,
-                grant_ttl_secs: 10,
                 upstream_timeout_secs: 10,
                 refusal_window_secs: 3600,
+                ..Settings::new("127.0.0.1:0".parse()?)
             },
             upstreams: vec![Upstream {
                 name: "payments".into(),

@@ -371,9 +371,10 @@ async fn executing_entry_left_open_by_a_crash_is_abandoned_at_start() -> anyhow:
     let gw_identity = didgate_client::identity::load(&h.gw_dir().join("identity"))?;
     let chain = Chain::open(
         Store::open(&h.gw_dir().join("store"), didgate_gateway::gateway::SPACES)?,
-        gw_identity.did(),
+        std::sync::Arc::new(gw_identity),
         Role::Gateway,
         0,
+        Default::default(),
     )?;
     let req = Request {
         v: 1,
