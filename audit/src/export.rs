@@ -71,9 +71,16 @@ pub fn export(store: &Store, out: &Path) -> Result<(u64, u64), ExportError> {
         bytes: Some(FORMAT.as_bytes().to_vec()),
         ..Default::default()
     })?;
+    // The head is read first: a running writer may append meanwhile, and the export stops at
+    // what was acknowledged when it began, so it is a consistent prefix.
+    let head = store.head()?;
+    let last = head.map_or(0, |h| h.seq);
     let mut entries = 0u64;
     for item in store.entries() {
         let (seq, bytes) = item?;
+        if head.is_none() || seq > last {
+            break;
+        }
         put(&Item {
             t: "entry".into(),
             seq: Some(seq),
@@ -82,7 +89,7 @@ pub fn export(store: &Store, out: &Path) -> Result<(u64, u64), ExportError> {
         })?;
         entries += 1;
     }
-    let cps = store.checkpoints()?;
+    let cps: Vec<Vec<u8>> = store.checkpoints_upto(last + 1)?;
     for cp in &cps {
         put(&Item {
             t: "checkpoint".into(),
@@ -90,7 +97,7 @@ pub fn export(store: &Store, out: &Path) -> Result<(u64, u64), ExportError> {
             ..Default::default()
         })?;
     }
-    if let Some(head) = store.head()? {
+    if let Some(head) = head {
         put(&Item {
             t: "head".into(),
             seq: Some(head.seq),

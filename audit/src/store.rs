@@ -339,8 +339,13 @@ impl merkle::SubtreeSource for Store {
 impl Store {
     /// Every signed checkpoint stored, in size order.
     pub fn checkpoints(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.checkpoints_upto(u64::MAX)
+    }
+
+    /// The signed checkpoints of sizes up to `max_size`, in size order.
+    pub fn checkpoints_upto(&self, max_size: u64) -> Result<Vec<Vec<u8>>, StoreError> {
         let mut out = Vec::new();
-        for g in self.checkpoints.iter() {
+        for g in self.checkpoints.range(..=max_size.to_be_bytes()) {
             out.push(g.value()?.to_vec());
         }
         Ok(out)

@@ -80,6 +80,13 @@ enum Command {
     /// Print this client's DID.
     #[command(after_help = EXIT_HELP)]
     Whoami,
+    /// Export this client's audit chain as a CBOR sequence file for `didgate-audit`.
+    #[command(after_help = EXIT_HELP)]
+    Export {
+        /// The file to write.
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
     /// Pin the gateway: write its address and DID to config.toml.
     #[command(after_help = EXIT_HELP)]
     Pin {
@@ -163,6 +170,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Keygen { seed_hex } => keygen(&home, seed_hex.as_deref(), cli.json),
         Command::Whoami => whoami(&home, cli.json),
+        Command::Export { out } => export(&home, &out, cli.json),
         Command::Pin {
             gateway,
             gateway_did,
@@ -254,6 +262,35 @@ fn load_identity(home: &Path) -> anyhow::Result<Identity> {
 fn whoami(home: &Path, json: bool) -> anyhow::Result<ExitCode> {
     let identity = load_identity(home)?;
     print_did(identity.did(), json);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn export(home: &Path, out: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let dir = home.join("chain");
+    if !dir.join("version").is_file() {
+        anyhow::bail!(
+            "no chain at {} yet (it is created by the first call)",
+            dir.display()
+        );
+    }
+    let store = didgate_audit::Store::open(&dir, &[]).map_err(|e| {
+        anyhow!(
+            "{}: {e} (is another didgate process using this chain?)",
+            dir.display()
+        )
+    })?;
+    let (entries, checkpoints) = didgate_audit::export::export(&store, out)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"entries": entries, "checkpoints": checkpoints, "out": out.display().to_string()})
+        );
+    } else {
+        eprintln!(
+            "exported {entries} entries and {checkpoints} checkpoints to {}",
+            out.display()
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -20,6 +20,7 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod control;
 pub mod demo;
 pub mod gateway;
 pub mod kms;

@@ -43,6 +43,16 @@ enum Command {
         #[arg(long, env = "DIDGATE_DATA")]
         data: PathBuf,
     },
+    /// Export the gateway's audit chain (through the running daemon, or from the store when no
+    /// daemon runs) as a CBOR sequence file for `didgate-audit`.
+    Export {
+        /// Data directory.
+        #[arg(long, env = "DIDGATE_DATA")]
+        data: PathBuf,
+        /// The file to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Run the whole path on loopback with no configuration, and verify both audit chains.
     Demo {
         /// Keep everything in DIR instead of a temporary directory.
@@ -130,13 +140,50 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Serve { data } => {
             let gw = Arc::new(Gateway::open(&data).await?);
             let endpoint = gateway::endpoint(&gw, gw.config().gateway.listen)?;
+            let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            let control = {
+                let (gw, data) = (gw.clone(), data.clone());
+                tokio::spawn(
+                    async move { didgate_gateway::control::serve(gw, &data, stop_rx).await },
+                )
+            };
             eprintln!(
                 "didgated {} listening on udp {}",
                 gw.did(),
                 endpoint.local_addr()?
             );
             gateway::serve(gw, endpoint, shutdown_signal()).await;
+            let _ = stop_tx.send(true);
+            if let Ok(Err(e)) = control.await {
+                eprintln!("didgated: control socket: {e}");
+            }
             eprintln!("didgated stopped");
+        }
+        Command::Export { data, out } => {
+            let out = std::path::absolute(&out)?;
+            let request = didgate_gateway::control::Request::Export { out: out.clone() };
+            let (entries, checkpoints) = match didgate_gateway::control::call(&data, &request).await
+            {
+                Some(reply) => {
+                    let reply = reply.context("control socket")?;
+                    if !reply.ok {
+                        anyhow::bail!("the daemon refused: {}", reply.error.unwrap_or_default());
+                    }
+                    (reply.entries.unwrap_or(0), reply.checkpoints.unwrap_or(0))
+                }
+                None => {
+                    let dir = gateway::DataDir::new(&data).store();
+                    if !dir.join("version").is_file() {
+                        anyhow::bail!("{} holds no gateway store", data.display());
+                    }
+                    let store = didgate_audit::Store::open(&dir, &[])?;
+                    didgate_audit::export::export(&store, &out)?
+                }
+            };
+            eprintln!(
+                "exported {entries} entries and {checkpoints} checkpoints to {}",
+                out.display()
+            );
         }
         Command::Demo { dir } => {
             let (root, _keep) = match dir {

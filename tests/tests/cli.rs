@@ -98,5 +98,59 @@ async fn keygen_whoami_call_and_refusal() -> anyhow::Result<()> {
         String::from_utf8_lossy(&out.stdout)
     );
     assert_eq!(h.upstream.seen().len(), 1);
+
+    // exports from both binaries verify against each other, without either store
+    let client_export = h.dir.path().join("client.cbor");
+    let gw_export = h.dir.path().join("gateway.cbor");
+    let out = Command::new(&didgate)
+        .arg("--home")
+        .arg(&home)
+        .arg("export")
+        .arg("--out")
+        .arg(&client_export)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(bin("didgated")?)
+        .arg("export")
+        .arg("--data")
+        .arg(h.gw_dir())
+        .arg("--out")
+        .arg(&gw_export)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new(bin("didgate-audit")?)
+        .arg("verify")
+        .arg("--gateway")
+        .arg(&gw_export)
+        .arg("--client")
+        .arg(&client_export)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // a truncated export is a clear error, exit 2
+    let bytes = std::fs::read(&gw_export)?;
+    std::fs::write(&gw_export, &bytes[..bytes.len() / 2])?;
+    let out = Command::new(bin("didgate-audit")?)
+        .arg("verify")
+        .arg("--gateway")
+        .arg(&gw_export)
+        .output()?;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("truncated"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }
