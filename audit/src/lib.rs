@@ -20,6 +20,7 @@
 #![warn(missing_docs)]
 
 pub mod entry;
+pub mod evidence;
 pub mod export;
 pub mod merkle;
 pub mod store;

@@ -1,12 +1,17 @@
 //! `didgate-audit`: verify gateway and client audit chains against each other.
 //!
 //! Exit status: 0 when every check holds, 1 on any violation, 2 on a usage or I/O error.
+//!
+//! `evidence` and `check-evidence` build and check the evidence bundle of one call
+//! (specs/audit-log.md, "Evidence bundles"): exit status 1 when the evidence does not hold,
+//! 2 also for a file that is not an evidence bundle.
 
-use std::path::PathBuf;
+use std::io::Read;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use didgate_audit::{Report, load_records, verify};
+use didgate_audit::{Report, evidence, load_records, verify};
 
 #[derive(Parser)]
 #[command(name = "didgate-audit", version, about = "Verify didgate audit chains")]
@@ -38,6 +43,44 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write the evidence bundle of one call, checkable alone with `check-evidence`.
+    ///
+    /// The bundle holds the client's signed request, the gateway's signed receipt, the
+    /// gateway's closing entry and its inclusion proof under the receipt's Merkle root.
+    /// Exit status 1 if the chains hold no valid evidence for the call.
+    Evidence {
+        /// The client's chain: an export file, a client data directory, or a chain store.
+        #[arg(long)]
+        client: PathBuf,
+        /// The gateway's chain: an export file, a gateway data directory, or its store.
+        #[arg(long)]
+        gateway: PathBuf,
+        /// The call ID: 64 hex digits.
+        #[arg(long, value_parser = parse_call)]
+        call: [u8; 32],
+        /// The bundle file to write.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Check an evidence bundle alone, without either database.
+    ///
+    /// Exit status 0 if it holds, 1 if a check fails, 2 if the file cannot be read or is not
+    /// an evidence bundle.
+    CheckEvidence {
+        /// The bundle file.
+        file: PathBuf,
+        /// Print the verdict as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// A call ID given on the command line: exactly 64 hex digits.
+fn parse_call(s: &str) -> Result<[u8; 32], String> {
+    let bytes = hex::decode(s).map_err(|e| format!("not hex: {e}"))?;
+    bytes
+        .try_into()
+        .map_err(|b: Vec<u8>| format!("{} bytes, a call ID is 32 (64 hex digits)", b.len()))
 }
 
 fn main() -> ExitCode {
@@ -96,6 +139,100 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             }
             Ok(report.ok())
         }
+        Command::Evidence {
+            client,
+            gateway,
+            call,
+            out,
+        } => {
+            let load =
+                |p: &PathBuf| load_records(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()));
+            let (client, gateway) = (load(&client)?, load(&gateway)?);
+            let bundle = match evidence::build(&client, &gateway, call) {
+                Ok(b) => b,
+                Err(e @ evidence::EvidenceError::Store(_)) => return Err(e.into()),
+                Err(e) => {
+                    eprintln!(
+                        "didgate-audit: no evidence for call {}: {e}",
+                        hex::encode(call)
+                    );
+                    return Ok(false);
+                }
+            };
+            let bytes = bundle.encode();
+            std::fs::write(&out, &bytes).map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
+            eprintln!(
+                "wrote evidence for call {} ({} bytes) to {}",
+                hex::encode(call),
+                bytes.len(),
+                out.display()
+            );
+            Ok(true)
+        }
+        Command::CheckEvidence { file, json } => {
+            let mut bytes = Vec::new();
+            std::fs::File::open(&file)
+                .and_then(|f| {
+                    f.take(evidence::MAX_BUNDLE as u64 + 1)
+                        .read_to_end(&mut bytes)
+                })
+                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+            let verdict = match evidence::check(&bytes) {
+                Err(e) if e.is_undecodable() => anyhow::bail!("{}: {e}", file.display()),
+                other => other,
+            };
+            if json {
+                let value = match &verdict {
+                    Ok(v) => serde_json::json!({ "valid": true, "verdict": v }),
+                    Err(e) => serde_json::json!({
+                        "valid": false,
+                        "failed": e.name(),
+                        "detail": e.to_string(),
+                    }),
+                };
+                println!("{}", serde_json::to_string_pretty(&value)?);
+            } else {
+                print!("{}", render_verdict(&file, &verdict));
+            }
+            Ok(verdict.is_ok())
+        }
+    }
+}
+
+/// The human-readable verdict on an evidence bundle.
+fn render_verdict(
+    file: &Path,
+    verdict: &Result<evidence::Verdict, evidence::EvidenceError>,
+) -> String {
+    match verdict {
+        Ok(v) => format!(
+            "evidence {}\n\
+             call     {}\n\
+             client   {}\n\
+             gateway  {}\n\
+             request  {} {} {}\n\
+             executed status {}, {} response bytes, BLAKE3 {}\n\
+             entry    gateway seq {} under Merkle root {} (size {})\n\
+             verdict: OK, the client signed this request and the gateway signed its execution\n",
+            file.display(),
+            hex::encode(v.call),
+            v.client,
+            v.gateway,
+            v.method,
+            v.upstream,
+            v.path,
+            v.status,
+            v.resp_len,
+            hex::encode(v.resp_b3),
+            v.seq,
+            hex::encode(v.root),
+            v.seq.saturating_add(1),
+        ),
+        Err(e) => format!(
+            "evidence {}\nverdict: INVALID, {}: {e}\n",
+            file.display(),
+            e.name()
+        ),
     }
 }
 
