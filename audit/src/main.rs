@@ -125,13 +125,23 @@ fn run(cli: Cli) -> anyhow::Result<bool> {
             clients,
             json,
         } => {
+            let progress = Progress::new();
             let load = |paths: &[PathBuf]| -> anyhow::Result<Vec<_>> {
                 paths
                     .iter()
-                    .map(|p| load_records(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display())))
+                    .map(|p| {
+                        progress.message(format!("loading {}", p.display()));
+                        let r =
+                            load_records(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+                        progress.add(r.entries.len() as u64);
+                        Ok(r)
+                    })
                     .collect()
             };
-            let report = verify::verify(&load(&gateways)?, &load(&clients)?);
+            let (gateways, clients) = (load(&gateways)?, load(&clients)?);
+            progress.message(format!("verifying {} entries", progress.count()));
+            let report = verify::verify(&gateways, &clients);
+            progress.finish();
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -233,6 +243,64 @@ fn render_verdict(
             file.display(),
             e.name()
         ),
+    }
+}
+
+/// A spinner with an entry count on stderr, shown only when stderr is a terminal and the logs
+/// are large enough for the wait to be noticed.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    count: std::cell::Cell<u64>,
+}
+
+impl Progress {
+    /// Entries above which the spinner appears.
+    const LARGE: u64 = 100_000;
+
+    fn new() -> Self {
+        use std::io::IsTerminal;
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::hidden();
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "{spinner} {msg} ({pos} entries, {elapsed})",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            );
+            bar
+        });
+        Self {
+            bar,
+            count: std::cell::Cell::new(0),
+        }
+    }
+
+    fn message(&self, msg: String) {
+        if let Some(bar) = &self.bar {
+            bar.set_message(msg);
+            bar.tick();
+        }
+    }
+
+    fn add(&self, n: u64) {
+        self.count.set(self.count.get() + n);
+        if let Some(bar) = &self.bar {
+            bar.set_position(self.count.get());
+            if self.count.get() >= Self::LARGE && bar.is_hidden() {
+                bar.set_draw_target(indicatif::ProgressDrawTarget::stderr());
+                bar.enable_steady_tick(std::time::Duration::from_millis(120));
+            }
+        }
+    }
+
+    fn count(&self) -> u64 {
+        self.count.get()
+    }
+
+    fn finish(&self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
     }
 }
 
