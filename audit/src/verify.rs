@@ -150,6 +150,8 @@ type Executing = HashMap<Digest, (usize, u64, Vec<u8>, Option<ChainHead>)>;
 
 /// A decoded, chain-checked entry.
 struct Item {
+    /// The key it is stored under.
+    key: u64,
     entry: Entry,
     hash: Digest,
 }
@@ -160,6 +162,11 @@ struct Checked {
     id: Option<Digest>,
     items: Vec<Item>,
     tree: Tree,
+    /// Index in `items` of each seq that sits at its own key.
+    by_seq: HashMap<u64, usize>,
+    /// Entries are missing or out of order: positions in the Merkle tree are unknown, so roots
+    /// are not recomputed (the missing or reordered entries are reported instead).
+    gaps: bool,
 }
 
 /// Every complete subtree of a chain's Merkle tree, level by level, so the root at any size is
@@ -212,10 +219,9 @@ impl merkle::SubtreeSource for Tree {
 }
 
 impl Checked {
+    /// The entry with this seq, if it sits at its own key.
     fn at(&self, seq: u64) -> Option<&Item> {
-        self.items
-            .get(usize::try_from(seq).ok()?)
-            .filter(|i| i.entry.seq == seq)
+        self.by_seq.get(&seq).and_then(|i| self.items.get(*i))
     }
 }
 
@@ -261,6 +267,7 @@ fn check_links(rec: &ChainRecords, role: Role, cx: &mut Ctx) -> Checked {
                 let mut placeholder = Entry::new(EntryKind::Refusals, 0);
                 placeholder.seq = *key;
                 items.push(Item {
+                    key: *key,
                     entry: placeholder,
                     hash,
                 });
@@ -285,7 +292,10 @@ fn check_links(rec: &ChainRecords, role: Role, cx: &mut Ctx) -> Checked {
             );
         }
         if let Some(prev) = items.last() {
-            if entry.prev != prev.hash && prev.entry.seq + 1 == *key {
+            // Judge a link only between two entries that sit at their own, adjacent keys: a
+            // moved entry is reported as reordered, not as its neighbour's alteration.
+            let adjacent = entry.seq == *key && prev.entry.seq == prev.key && prev.key + 1 == *key;
+            if adjacent && entry.prev != prev.hash {
                 cx.flag(
                     label,
                     Some(prev.entry.seq),
@@ -302,7 +312,11 @@ fn check_links(rec: &ChainRecords, role: Role, cx: &mut Ctx) -> Checked {
             );
         }
         expected = key.saturating_add(1);
-        items.push(Item { entry, hash });
+        items.push(Item {
+            key: *key,
+            entry,
+            hash,
+        });
     }
     if let (Some(head), last) = (rec.head, items.last()) {
         match last {
@@ -373,12 +387,22 @@ fn check_links(rec: &ChainRecords, role: Role, cx: &mut Ctx) -> Checked {
         }
     };
     let tree = Tree::build(items.iter().map(|i| i.hash));
+    let mut by_seq = HashMap::with_capacity(items.len());
+    let mut gaps = false;
+    for (i, item) in items.iter().enumerate() {
+        gaps |= item.key != i as u64 || item.entry.seq != item.key;
+        if item.entry.seq == item.key {
+            by_seq.entry(item.key).or_insert(i);
+        }
+    }
     Checked {
         label: label.clone(),
         owner,
         id,
         items,
         tree,
+        by_seq,
+        gaps,
     }
 }
 
@@ -457,30 +481,37 @@ fn check_checkpoints(rec: &ChainRecords, c: &Checked, roots: &mut Roots, cx: &mu
             continue;
         }
         let last = cp.size.saturating_sub(1);
-        match (c.at(last), c.tree.root_at(cp.size)) {
-            (Some(item), Some(root)) if cp.size > 0 => {
-                if item.hash != cp.head || root != cp.root {
-                    cx.flag(
-                        &c.label,
-                        Some(last),
-                        ViolationKind::AlteredEntry,
-                        format!(
-                            "the chain's first {} entries differ from what {where_} signed",
-                            cp.size
-                        ),
-                    );
-                }
-            }
-            _ => cx.flag(
+        // The chain's extent is its highest stored seq, not its number of entries: a missing
+        // entry is reported as missing, not as a truncation.
+        let extent = c
+            .items
+            .iter()
+            .map(|i| i.key.saturating_add(1))
+            .max()
+            .unwrap_or(0);
+        if cp.size > extent {
+            cx.flag(
                 &c.label,
-                Some(c.tree.size()),
+                Some(extent),
                 ViolationKind::TruncatedChain,
                 format!(
-                    "{where_} covers {} entries but the chain has {}",
-                    cp.size,
-                    c.tree.size()
+                    "{where_} covers {} entries but the chain has {extent}",
+                    cp.size
                 ),
-            ),
+            );
+        } else if !c.gaps && cp.size > 0 {
+            let root = c.tree.root_at(cp.size);
+            if c.at(last).is_none_or(|item| item.hash != cp.head) || root != Some(cp.root) {
+                cx.flag(
+                    &c.label,
+                    Some(last),
+                    ViolationKind::AlteredEntry,
+                    format!(
+                        "the chain's first {} entries differ from what {where_} signed",
+                        cp.size
+                    ),
+                );
+            }
         }
     }
 }
@@ -946,7 +977,7 @@ fn check_receipt(
             cx,
         );
         cx.roots = roots;
-        if g.tree.root_at(size).is_some_and(|have| have != root) {
+        if !g.gaps && g.tree.root_at(size).is_some_and(|have| have != root) {
             cx.flag(
                 &c.label,
                 seq,

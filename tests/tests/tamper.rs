@@ -1,0 +1,1009 @@
+//! The tamper matrix: a gateway chain and two client chains generated from real calls (real
+//! gateway, real upstream, real clients over QUIC), then each kind of violation applied to an
+//! in-memory copy of the records, and `verify` asked to name exactly that violation (kind, seq,
+//! chain) and nothing but its documented consequences. The untouched records verify.
+//!
+//! Calls made, in this order (the seqs below are what they normally produce; every test
+//! finds its entries by kind and call instead of relying on them):
+//!
+//! | call | by | what | gateway | client |
+//! | --- | --- | --- | --- | --- |
+//! | A1 | alice | GET /v1/balance | executing 1, executed 2 | request 1, result 2 |
+//! | A2 | alice | POST /v1/charges | executing 3, executed 4 | request 3, result 4 |
+//! | B1 | bob | GET /v1/balance | executing 5, executed 6 | request 1, result 2 |
+//! | B2 | bob | POST /v1/charges (policy) | refused 7 | request 3, result 4 (refusal) |
+//! | A3 | alice | GET /v1/echo-headers | executing 8, executed 9 | request 5, result 6 |
+//! | A4 | alice | GET /v1/balance | executing 10, executed 11 | request 7, result 8 |
+//!
+//! Every receipt carries the gateway's Merkle root at its entry, and every chain has a signed
+//! checkpoint of its full size (written when it was closed). Both therefore commit to every
+//! earlier entry: changing a gateway entry at seq `s` also breaks every receipt whose root
+//! covers `s`, and every checkpoint covering `s`. Those are the consequential violations the
+//! cases below list next to the one they are about.
+
+use std::collections::BTreeSet;
+
+use didgate_audit::entry::{Entry, EntryKind, Outcome, Role, entry_hash};
+use didgate_audit::load_records;
+use didgate_audit::verify::{ChainRecords, Report, ViolationKind, verify};
+use didgate_client::{CallError, CallSpec};
+use didgate_protocol::Identity;
+use didgate_protocol::message::{
+    self, ChainHead, Checkpoint, Digest, EntryRef, Receipt, Refusal, RefusalCode, Request,
+    SignedMessage,
+};
+use didgate_tests::{Harness, alice, bob};
+use tokio::sync::OnceCell;
+
+use ViolationKind::{
+    AlteredEntry, BadGenesis, BadSignature, CallIdMismatch, DigestMismatch, DuplicateCall, Fork,
+    HeadFork, HeadNotInClientChain, MissingEntry, ReceiptMismatch, ReorderedEntries,
+    RequestNotInClientChain, TruncatedChain, UnansweredRequest, UnclosedCall,
+};
+
+const GW: &str = "gateway";
+const ALICE: &str = "alice";
+const BOB: &str = "bob";
+
+// ---------------------------------------------------------------------------------------------
+// The records, generated once from real calls.
+
+/// The three chains, as the verifier reads them.
+#[derive(Clone)]
+struct Chains {
+    gw: ChainRecords,
+    alice: ChainRecords,
+    bob: ChainRecords,
+}
+
+impl Chains {
+    fn verify(&self) -> Report {
+        verify(
+            std::slice::from_ref(&self.gw),
+            &[self.alice.clone(), self.bob.clone()],
+        )
+    }
+}
+
+struct Fixture {
+    chains: Chains,
+    /// The gateway's identity, to sign forged checkpoints and receipts.
+    gw_identity: Identity,
+}
+
+static FIXTURE: OnceCell<Fixture> = OnceCell::const_new();
+
+/// The generated records; the gateway runs once per test binary.
+async fn fixture() -> anyhow::Result<&'static Fixture> {
+    FIXTURE.get_or_try_init(generate).await
+}
+
+async fn generate() -> anyhow::Result<Fixture> {
+    let mut h = Harness::start().await?;
+    let a = h.client(ALICE, alice()).await?;
+    let b = h.client(BOB, bob()).await?;
+    a.call(CallSpec::new("payments", "GET", "/v1/balance"))
+        .await?;
+    a.call(
+        CallSpec::new("payments", "POST", "/v1/charges")
+            .body(br#"{"amount":1,"currency":"usd"}"#.to_vec()),
+    )
+    .await?;
+    b.call(CallSpec::new("payments", "GET", "/v1/balance"))
+        .await?;
+    let refused = b
+        .call(CallSpec::new("payments", "POST", "/v1/charges").body(b"{}".to_vec()))
+        .await;
+    anyhow::ensure!(
+        matches!(
+            refused,
+            Err(CallError::Refused {
+                code: RefusalCode::Policy,
+                ..
+            })
+        ),
+        "bob's charge must be refused by policy: {refused:?}"
+    );
+    a.call(CallSpec::new("payments", "GET", "/v1/echo-headers"))
+        .await?;
+    a.call(CallSpec::new("payments", "GET", "/v1/balance"))
+        .await?;
+    for c in [a, b] {
+        c.close().await;
+    }
+    h.stop().await;
+    let gw_identity = didgate_client::identity::load(&h.gw_dir().join("identity"))?;
+    let load = |path: &std::path::Path, label: &str| -> anyhow::Result<ChainRecords> {
+        let mut r = load_records(path)?;
+        r.label = label.to_string();
+        Ok(r)
+    };
+    let chains = Chains {
+        gw: load(&h.gw_dir(), GW)?,
+        alice: load(&h.chain_dir(ALICE), ALICE)?,
+        bob: load(&h.chain_dir(BOB), BOB)?,
+    };
+    Ok(Fixture {
+        chains,
+        gw_identity,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading records.
+
+fn decode(bytes: &[u8]) -> Entry {
+    Entry::decode(bytes).expect("the generated entries decode")
+}
+
+/// The entry stored at `key`.
+fn entry(rec: &ChainRecords, key: u64) -> Entry {
+    decode(&rec.entries[index(rec, key)].1)
+}
+
+/// The position of `key` in the records.
+fn index(rec: &ChainRecords, key: u64) -> usize {
+    rec.entries
+        .iter()
+        .position(|(k, _)| *k == key)
+        .unwrap_or_else(|| panic!("{} has no key {key}", rec.label))
+}
+
+/// The keys of the entries matching `pred`, in key order.
+fn keys_where(rec: &ChainRecords, pred: impl Fn(&Entry) -> bool) -> Vec<u64> {
+    rec.entries
+        .iter()
+        .filter(|(_, b)| pred(&decode(b)))
+        .map(|(k, _)| *k)
+        .collect()
+}
+
+/// The one key whose entry has `kind` and `call`.
+fn key_of(rec: &ChainRecords, kind: EntryKind, call: Digest) -> u64 {
+    let keys = keys_where(rec, |e| e.kind == kind && e.call == Some(call));
+    assert_eq!(
+        keys.len(),
+        1,
+        "{} {kind:?} entries for the call",
+        keys.len()
+    );
+    keys[0]
+}
+
+/// The chain id: the hash of entry 0.
+fn chain_id(rec: &ChainRecords) -> Digest {
+    entry_hash(&rec.entries[index(rec, 0)].1)
+}
+
+/// One call as a client recorded it.
+#[derive(Debug, Clone, Copy)]
+struct ClientCall {
+    call: Digest,
+    request: u64,
+    result: u64,
+}
+
+/// A client's calls, in the order it made them.
+fn client_calls(rec: &ChainRecords) -> Vec<ClientCall> {
+    keys_where(rec, |e| e.kind == EntryKind::Request)
+        .into_iter()
+        .map(|request| {
+            let call = entry(rec, request).call.expect("a request has a call");
+            ClientCall {
+                call,
+                request,
+                result: key_of(rec, EntryKind::Result, call),
+            }
+        })
+        .collect()
+}
+
+/// The receipts a client holds: (result key, receipt).
+fn receipts(rec: &ChainRecords) -> Vec<(u64, Receipt)> {
+    keys_where(rec, |e| e.outcome == Some(Outcome::Receipt))
+        .into_iter()
+        .map(|k| {
+            let signed = entry(rec, k)
+                .signed
+                .expect("a receipt result holds the receipt");
+            (k, message::open::<Receipt>(&signed).expect("opens").message)
+        })
+        .collect()
+}
+
+/// The refusals a client holds: (result key, refusal).
+fn refusals(rec: &ChainRecords) -> Vec<(u64, Refusal)> {
+    keys_where(rec, |e| e.outcome == Some(Outcome::Refusal))
+        .into_iter()
+        .map(|k| {
+            let signed = entry(rec, k)
+                .signed
+                .expect("a refusal result holds the refusal");
+            (k, message::open::<Refusal>(&signed).expect("opens").message)
+        })
+        .collect()
+}
+
+/// The sizes of a chain's signed checkpoints.
+fn checkpoint_sizes(rec: &ChainRecords) -> Vec<u64> {
+    rec.checkpoints
+        .iter()
+        .map(|b| message::open::<Checkpoint>(b).expect("opens").message.size)
+        .collect()
+}
+
+/// The gateway executing entries whose recorded client head is in chain `id` at a seq matching
+/// `at`.
+fn executing_with_head(gw: &ChainRecords, id: Digest, at: impl Fn(u64) -> bool) -> Vec<u64> {
+    keys_where(gw, |e| {
+        e.kind == EntryKind::Executing
+            && e.peer_head
+                .as_ref()
+                .is_some_and(|h| h.chain == id && at(h.seq))
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tampering with a copy.
+
+/// Rewrites the entry at `key` in place (no re-chaining: its successor's `prev`, the recorded
+/// head and the checkpoints still commit to the old bytes).
+fn alter(rec: &mut ChainRecords, key: u64, f: impl FnOnce(&mut Entry)) {
+    let i = index(rec, key);
+    let mut e = decode(&rec.entries[i].1);
+    f(&mut e);
+    let bytes = e.encode();
+    assert_ne!(bytes, rec.entries[i].1, "the tamper changes the bytes");
+    rec.entries[i].1 = bytes;
+}
+
+/// Removes the entry at `key` (no re-chaining).
+fn remove(rec: &mut ChainRecords, key: u64) {
+    let i = index(rec, key);
+    rec.entries.remove(i);
+}
+
+/// What an owner rewriting its store consistently does from the entry at `key` on: renumbers
+/// the entries contiguously, recomputes every `seq` and `prev` (hence every later hash),
+/// records the new last entry as the head and keeps only the checkpoints that end before it.
+fn rechain_from(rec: &mut ChainRecords, key: u64) {
+    let from = index(rec, key);
+    rechain_at(rec, from);
+}
+
+/// [`rechain_from`] the position `from` (the end of the chain: only the head and checkpoints).
+fn rechain_at(rec: &mut ChainRecords, from: usize) {
+    for i in from..rec.entries.len() {
+        let mut e = decode(&rec.entries[i].1);
+        e.seq = i as u64;
+        e.prev = match i {
+            0 => [0; 32],
+            _ => entry_hash(&rec.entries[i - 1].1),
+        };
+        rec.entries[i] = (i as u64, e.encode());
+    }
+    set_head_to_last(rec);
+    keep_checkpoints_within(rec, from as u64);
+}
+
+/// What an owner that removed entries at the end of its chain does: records the new last
+/// entry as the head and keeps only the checkpoints within the chain.
+fn reseal(rec: &mut ChainRecords) {
+    set_head_to_last(rec);
+    keep_checkpoints_within(rec, rec.entries.len() as u64);
+}
+
+/// Appends `e` as the owner's writer would (seq, prev, head), keeping only the checkpoints
+/// that end before it.
+fn append(rec: &mut ChainRecords, mut e: Entry) -> u64 {
+    let (last_key, last_bytes) = rec.entries.last().expect("a chain has a genesis");
+    e.seq = last_key + 1;
+    e.prev = entry_hash(last_bytes);
+    rec.entries.push((e.seq, e.encode()));
+    set_head_to_last(rec);
+    keep_checkpoints_within(rec, e.seq);
+    e.seq
+}
+
+fn set_head_to_last(rec: &mut ChainRecords) {
+    rec.head = rec.entries.last().map(|(k, b)| EntryRef {
+        seq: *k,
+        hash: entry_hash(b),
+    });
+}
+
+/// Drops the checkpoints covering more than `size` entries.
+fn keep_checkpoints_within(rec: &mut ChainRecords, size: u64) {
+    rec.checkpoints
+        .retain(|b| message::open::<Checkpoint>(b).expect("opens").message.size <= size);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Expectations.
+
+/// A violation as compared: (chain, kind, seq).
+type V = (String, String, Option<u64>);
+
+fn v(chain: &str, kind: ViolationKind, seq: Option<u64>) -> V {
+    (chain.to_string(), kind.name(), seq)
+}
+
+fn show(set: &BTreeSet<V>) -> String {
+    set.iter()
+        .map(|(c, k, s)| match s {
+            Some(s) => format!("  {c} seq {s}: {k}"),
+            None => format!("  {c}: {k}"),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Asserts that every `primary` violation is reported, and that the report holds nothing but
+/// them and the documented `consequences` (compared as sets of (chain, kind, seq)).
+fn assert_violations(report: &Report, primary: &[V], consequences: &[V]) {
+    let actual: BTreeSet<V> = report
+        .violations
+        .iter()
+        .map(|x| (x.chain.clone(), x.kind.name(), x.seq))
+        .collect();
+    let all = report
+        .violations
+        .iter()
+        .map(|x| format!("  {x}"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let missing_primary: BTreeSet<V> = primary
+        .iter()
+        .filter(|p| !actual.contains(*p))
+        .cloned()
+        .collect();
+    assert!(
+        missing_primary.is_empty(),
+        "not reported:\n{}\nreport:\n{all}",
+        show(&missing_primary)
+    );
+    let expected: BTreeSet<V> = primary.iter().chain(consequences).cloned().collect();
+    let unexpected: BTreeSet<V> = actual.difference(&expected).cloned().collect();
+    let absent: BTreeSet<V> = expected.difference(&actual).cloned().collect();
+    assert!(
+        unexpected.is_empty() && absent.is_empty(),
+        "unexpected:\n{}\nexpected but absent:\n{}\nreport:\n{all}",
+        show(&unexpected),
+        show(&absent)
+    );
+}
+
+/// Consequence of changing entry `s` of `rec`: every checkpoint covering `s` no longer matches
+/// the entries, which the verifier reports as altered_entry at the checkpoint's last seq.
+fn checkpoints_covering(rec: &ChainRecords, s: u64) -> Vec<V> {
+    checkpoint_sizes(rec)
+        .into_iter()
+        .filter(|size| *size > s)
+        .map(|size| v(&rec.label, AlteredEntry, Some(size - 1)))
+        .collect()
+}
+
+/// Consequence of changing or removing gateway entry `s`: every receipt (of `clients`) naming
+/// it, or whose Merkle root covers it, is a receipt_mismatch at the client's result seq.
+fn receipts_covering(clients: &[&ChainRecords], s: u64) -> Vec<V> {
+    let mut out = Vec::new();
+    for c in clients {
+        for (k, r) in receipts(c) {
+            if r.entry.seq == s || (r.root.is_some() && r.entry.seq >= s) {
+                out.push(v(&c.label, ReceiptMismatch, Some(k)));
+            }
+        }
+    }
+    out
+}
+
+/// Consequence of removing or moving gateway entry `s` (a gap: roots are not recomputed): every
+/// receipt naming it is a receipt_mismatch at the client's result seq.
+fn receipts_naming(clients: &[&ChainRecords], s: u64) -> Vec<V> {
+    let mut out = Vec::new();
+    for c in clients {
+        for (k, r) in receipts(c) {
+            if r.entry.seq == s {
+                out.push(v(&c.label, ReceiptMismatch, Some(k)));
+            }
+        }
+    }
+    out
+}
+
+/// Consequence of changing or removing gateway entry `s`: every refusal naming it is a
+/// receipt_mismatch at the client's result seq (refusals carry no root).
+fn refusals_naming(clients: &[&ChainRecords], s: u64) -> Vec<V> {
+    let mut out = Vec::new();
+    for c in clients {
+        for (k, r) in refusals(c) {
+            if r.entry.is_some_and(|e| e.seq == s) {
+                out.push(v(&c.label, ReceiptMismatch, Some(k)));
+            }
+        }
+    }
+    out
+}
+
+/// Consequence of changing client entry `s` (or anything from it on): every gateway executing
+/// entry recording a head of that client at `s` (or after) is head_not_in_client_chain.
+fn heads_from(gw: &ChainRecords, client: &ChainRecords, s: u64, onward: bool) -> Vec<V> {
+    executing_with_head(gw, chain_id(client), |h| h == s || (onward && h > s))
+        .into_iter()
+        .map(|k| v(GW, HeadNotInClientChain, Some(k)))
+        .collect()
+}
+
+fn concat(parts: impl IntoIterator<Item = Vec<V>>) -> Vec<V> {
+    parts.into_iter().flatten().collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// The untouched records.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untouched_records_verify() -> anyhow::Result<()> {
+    let f = fixture().await?;
+    let c = &f.chains;
+    let report = c.verify();
+    assert!(report.ok(), "{:#?}", report.violations);
+    // the shape every case relies on
+    assert_eq!(client_calls(&c.alice).len(), 4);
+    assert_eq!(client_calls(&c.bob).len(), 2);
+    assert_eq!(receipts(&c.alice).len(), 4);
+    assert_eq!(receipts(&c.bob).len(), 1);
+    assert_eq!(refusals(&c.bob).len(), 1);
+    assert!(
+        receipts(&c.alice)
+            .iter()
+            .chain(&receipts(&c.bob))
+            .all(|(_, r)| r.root.is_some()),
+        "receipts carry the gateway's root"
+    );
+    assert_eq!(
+        keys_where(&c.gw, |e| e.kind == EntryKind::Executing).len(),
+        5
+    );
+    assert_eq!(keys_where(&c.gw, |e| e.kind == EntryKind::Refused).len(), 1);
+    for rec in [&c.gw, &c.alice, &c.bob] {
+        let len = rec.entries.len() as u64;
+        assert!(
+            checkpoint_sizes(rec).contains(&len),
+            "{} has a checkpoint of its full size",
+            rec.label
+        );
+        assert_eq!(rec.head.map(|h| h.seq), Some(len - 1));
+    }
+    // a copy that went through the helpers unchanged still verifies
+    let mut copy = c.clone();
+    reseal(&mut copy.alice);
+    assert_eq!(copy.alice.entries, c.alice.entries);
+    assert!(copy.verify().ok());
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// altered_entry
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn altered_gateway_entry() -> anyhow::Result<()> {
+    let f = fixture().await?;
+    let mut t = f.chains.clone();
+    // the executed entry of alice's second call (the POST), in the middle of the chain
+    let a2 = client_calls(&t.alice)[1];
+    let s = key_of(&t.gw, EntryKind::Executed, a2.call);
+    alter(&mut t.gw, s, |e| e.time_ms += 1);
+    let report = t.verify();
+    // Consequences: the gateway's checkpoint covering s; alice's receipt for A2 (names s) and
+    // every receipt (alice's and bob's) whose root covers s.
+    assert_violations(
+        &report,
+        &[v(GW, AlteredEntry, Some(s))],
+        &concat([
+            checkpoints_covering(&t.gw, s),
+            receipts_covering(&[&t.alice, &t.bob], s),
+        ]),
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn altered_client_entry() -> anyhow::Result<()> {
+    let f = fixture().await?;
+    let mut t = f.chains.clone();
+    // the request entry of alice's second call, in the middle of her chain
+    let s = client_calls(&t.alice)[1].request;
+    alter(&mut t.alice, s, |e| e.time_ms += 1);
+    let report = t.verify();
+    // Consequences: alice's checkpoint covering s; a gateway executing entry recording alice's
+    // head at s (none: requests carry the head before their own entry, a result).
+    assert_violations(
+        &report,
+        &[v(ALICE, AlteredEntry, Some(s))],
+        &concat([
+            checkpoints_covering(&t.alice, s),
+            heads_from(&t.gw, &t.alice, s, false),
+        ]),
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// missing_entry
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_gateway_entry() -> anyhow::Result<()> {
+    let f = fixture().await?;
+    let mut t = f.chains.clone();
+    // remove the executed entry of alice's second call
+    let a2 = client_calls(&t.alice)[1];
+    let s = key_of(&t.gw, EntryKind::Executed, a2.call);
+    let opened = key_of(&t.gw, EntryKind::Executing, a2.call);
+    remove(&mut t.gw, s);
+    let report = t.verify();
+    // Consequences: A2's executing entry is never closed; alice's receipt for A2 names the
+    // missing entry. With a gap the positions in the Merkle tree are unknown, so checkpoint and
+    // receipt roots are not recomputed (the missing entry is the finding). Bob's refusal names
+    // an intact entry after the gap: not a violation.
+    assert_violations(
+        &report,
+        &[v(GW, MissingEntry, Some(s))],
+        &concat([
+            vec![v(GW, UnclosedCall, Some(opened))],
+            receipts_naming(&[&t.alice, &t.bob], s),
+            refusals_naming(&[&t.alice, &t.bob], s),
+        ]),
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_client_entry() -> anyhow::Result<()> {
+    let f = fixture().await?;
+    let mut t = f.chains.clone();
+    // remove the request entry of alice's second call
+    let a2 = client_calls(&t.alice)[1];
+    let s = a2.request;
+    remove(&mut t.alice, s);
+    let report = t.verify();
+    // Consequences: A2's result has no request (unanswered_request at the result); the gateway
+    // executed a request alice's chain lacks; a head recorded at s (none). Heads recorded after
+    // the gap (A3 at seq 4, A4 at seq 6) are intact entries: not violations. With a gap the
+    // checkpoint's root is not recomputed (the missing entry is the finding).
+    assert_violations(
+        &report,
+        &[v(ALICE, MissingEntry, Some(s))],
+        &concat([
+            vec![
+                v(ALICE, UnansweredRequest, Some(a2.result)),
+                v(
+                    GW,
+                    RequestNotInClientChain,
+                    Some(key_of(&t.gw, EntryKind::Executing, a2.call)),
+                ),
+            ],
+            heads_from(&t.gw, &t.alice, s, false),
+        ]),
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// reordered_entries
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reordered_gateway_entries() -> anyhow::Result<()> {
+    let f = fixture().await?;
+    let mut t = f.chains.clone();
+    // swap the executed entry of alice's second call with the next entry (the executing entry
+    // of bob's first call): the calls stay well formed, only the order is wrong
+    let a2 = client_calls(&t.alice)[1];
+    let k = key_of(&t.gw, EntryKind::Executed, a2.call);
+    assert_eq!(entry(&t.gw, k + 1).kind, EntryKind::Executing);
+    let (i, j) = (index(&t.gw, k), index(&t.gw, k + 1));
+    let (a, b) = (t.gw.entries[i].1.clone(), t.gw.entries[j].1.clone());
+    t.gw.entries[i].1 = b;
+    t.gw.entries[j].1 = a;
+    let report = t.verify();
+    // Consequences: alice's receipt for A2 (its entry is no longer at k). Nothing at k - 1: that
+    // entry is intact. Out of order, positions in the Merkle tree are unknown, so roots are not
+    // recomputed (the reordering is the finding).
+    assert_violations(
+        &report,
+        &[
+            v(GW, ReorderedEntries, Some(k)),
+            v(GW, ReorderedEntries, Some(k + 1)),
+        ],
+        &concat([
+            receipts_naming(&[&t.alice, &t.bob], k),
+            refusals_naming(&[&t.alice, &t.bob], k),
+            refusals_naming(&[&t.alice, &t.bob], k + 1),
+        ]),
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// truncated_chain
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncated_client_chain() -> anyhow::Result<()> {
+    let f = fixture().await?;
+    let mut t = f.chains.clone();
+    // drop alice's last entry (the result of her last call), keeping the recorded head
+    let last = client_calls(&t.alice)[3];
+    assert_eq!(t.alice.head.map(|h| h.seq), Some(last.result));
+    remove(&mut t.alice, last.result);
+    let report = t.verify();
+    // Consequences: the last request is left without a result; alice's full-size checkpoint
+    // covers the dropped entry (truncated_chain at the same seq).
+    assert_violations(
+        &report,
+        &[v(ALICE, TruncatedChain, Some(last.result))],
+        &[v(ALICE, UnansweredRequest, Some(last.request))],
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// fork
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forked_gateway_checkpoint() -> anyhow::Result<()> {
+    let f = fixture().await?;
+    let mut t = f.chains.clone();
+    // the gateway signs a second checkpoint for the size of its last one, with another root
+    let genuine = message::open::<Checkpoint>(t.gw.checkpoints.last().expect("a checkpoint"))?;
+    let mut forged = genuine.message.clone();
+    forged.root = *blake3::hash(b"another history").as_bytes();
+    forged.time_ms += 1;
+    t.gw.checkpoints.push(forged.sign(&f.gw_identity));
+    let size = forged.size;
+    let report = t.verify();
+    // Consequence: the forged checkpoint is also checked against the entries, which it does
+    // not match (altered_entry at its last seq, "the chain's first N entries differ from what
+    // checkpoint 1 signed").
+    assert_violations(
+        &report,
+        &[v(GW, Fork, Some(size - 1))],
+        &[v(GW, AlteredEntry, Some(size - 1))],
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// receipt_mismatch
+
+/// The receipt naming the highest gateway entry: (client label, result key, receipt).
+fn last_receipt(t: &Chains) -> (&'static str, u64, Receipt) {
+    [(ALICE, &t.alice), (BOB, &t.bob)]
+        .into_iter()
+        .flat_map(|(label, c)| receipts(c).into_iter().map(move |(k, r)| (label, k, r)))
+        .max_by_key(|(_, _, r)| r.entry.seq)
+        .expect("receipts")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipt_names_a_missing_gateway_entry() -> anyhow::Result<()> {
+    let f = fixture().await?;
+    let mut t = f.chains.clone();
+    // truncate the gateway chain before the closing entry the last receipt names (the
+    // recorded head and the checkpoints stay)
+    let (client, result, r) = last_receipt(&t);
+    let cut = index(&t.gw, r.entry.seq);
+    t.gw.entries.truncate(cut);
+    let opened = key_of(&t.gw, EntryKind::Executing, r.call);
+    let report = t.verify();
+    // Consequences on the gateway: it ends before its recorded head (and its full-size
+    // checkpoint: truncated_chain at the same seq); the call's executing entry is never
+    // closed.
+    assert_violations(
+        &report,
+        &[v(client, ReceiptMismatch, Some(result))],
+        &[
+            v(GW, TruncatedChain, Some(r.entry.seq)),
+            v(GW, UnclosedCall, Some(opened)),
+        ],
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipt_names_a_different_gateway_entry() -> anyhow::Result<()> {
+    let f = fixture().await?;
+    let mut t = f.chains.clone();
+    // alter the closing entry the last receipt names
+    let (client, result, r) = last_receipt(&t);
+    alter(&mut t.gw, r.entry.seq, |e| e.time_ms += 1);
+    let report = t.verify();
+    // Consequences: the checkpoints covering the entry; other receipts whose root covers it
+    // (none: it is the last receipt).
+    let mut consequences = concat([
+        checkpoints_covering(&t.gw, r.entry.seq),
+        receipts_covering(&[&t.alice, &t.bob], r.entry.seq),
+    ]);
+    consequences.retain(|x| x != &v(client, ReceiptMismatch, Some(result)));
+    assert_violations(
+        &report,
+        &[
+            v(client, ReceiptMismatch, Some(result)),
+            v(GW, AlteredEntry, Some(r.entry.seq)),
+        ],
+        &consequences,
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// head_not_in_client_chain
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_holds_a_head_the_rewritten_client_chain_lacks() -> anyhow::Result<()> {
+    let f = fixture().await?;
+    let mut t = f.chains.clone();
+    // alice rewrites her history from her first request on, consistently (new hashes from
+    // there, new head, no checkpoint covering the rewrite)
+    let s = client_calls(&t.alice)[0].request;
+    alter(&mut t.alice, s, |e| e.time_ms += 1);
+    rechain_from(&mut t.alice, s);
+    let report = t.verify();
+    // Every executing entry recording alice's head at s or later: A2, A3, A4 (A1's head is
+    // the genesis, untouched).
+    let primary = heads_from(&t.gw, &t.alice, s, true);
+    assert_eq!(primary.len(), 3);
+    assert_violations(&report, &primary, &[]);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// head_fork
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_requests_carry_forking_heads_of_one_client_chain() -> anyhow::Result<()> {
+    let f = fixture().await?;
+    let mut t = f.chains.clone();
+    // a second request signed by alice, whose head has the chain id and seq of A2's head but
+    // another hash, executed by a copy of the gateway
+    let a2 = client_calls(&t.alice)[1];
+    let recorded = entry(&t.gw, key_of(&t.gw, EntryKind::Executing, a2.call))
+        .peer_head
+        .expect("executing records the head");
+    let head = ChainHead {
+        hash: *blake3::hash(b"a forked alice chain").as_bytes(),
+        ..recorded
+    };
+    assert_ne!(head.hash, recorded.hash);
+    let time_ms = entry(&t.gw, t.gw.entries.len() as u64 - 1).time_ms + 1;
+    let req = Request {
+        v: 1,
+        aud: f.gw_identity.did().to_string(),
+        upstream: "payments".into(),
+        method: "GET".into(),
+        path: "/v1/balance".into(),
+        query: vec![],
+        headers: vec![],
+        body_len: 0,
+        body_b3: *blake3::hash(b"").as_bytes(),
+        nonce: [0x42; 16],
+        time_ms,
+        head,
+    };
+    let signed = req.sign(&alice());
+    let call = message::open::<Request>(&signed)?.envelope.digest();
+    let mut executing = Entry::new(EntryKind::Executing, time_ms);
+    executing.call = Some(call);
+    executing.signed = Some(signed);
+    executing.subject = Some(alice().did().to_string());
+    executing.grant = Some([0x42; 16]);
+    executing.peer_head = Some(head);
+    let s = append(&mut t.gw, executing);
+    let mut executed = Entry::new(EntryKind::Executed, time_ms + 1);
+    executed.call = Some(call);
+    executed.status = Some(200);
+    executed.resp_len = Some(0);
+    executed.resp_b3 = Some(*blake3::hash(b"").as_bytes());
+    append(&mut t.gw, executed);
+    let report = t.verify();
+    // Consequences at the same entry: alice's chain recorded neither that request nor that
+    // head.
+    assert_violations(
+        &report,
+        &[v(GW, HeadFork, Some(s))],
+        &[
+            v(GW, RequestNotInClientChain, Some(s)),
+            v(GW, HeadNotInClientChain, Some(s)),
+        ],
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// unclosed_call
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn executing_entry_never_closed() -> anyhow::Result<()> {
+    let f = fixture().await?;
+    let mut t = f.chains.clone();
+    // remove the closing entry at the end of the gateway chain; fix the head, drop the
+    // checkpoints covering it
+    let (last_key, last_bytes) = t.gw.entries.last().cloned().expect("entries");
+    let closing = decode(&last_bytes);
+    assert_eq!(closing.kind, EntryKind::Executed);
+    let call = closing.call.expect("a close has a call");
+    let opened = key_of(&t.gw, EntryKind::Executing, call);
+    remove(&mut t.gw, last_key);
+    reseal(&mut t.gw);
+    let report = t.verify();
+    // Consequence: the receipt the client holds for that call names the removed entry.
+    let holder = [(ALICE, &t.alice), (BOB, &t.bob)]
+        .into_iter()
+        .flat_map(|(label, c)| {
+            receipts(c)
+                .into_iter()
+                .filter(|(_, r)| r.call == call)
+                .map(move |(k, _)| v(label, ReceiptMismatch, Some(k)))
+        })
+        .collect::<Vec<_>>();
+    assert_eq!(holder.len(), 1);
+    assert_violations(&report, &[v(GW, UnclosedCall, Some(opened))], &holder);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// digest_mismatch
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipt_and_gateway_entry_disagree_on_the_response_digest() -> anyhow::Result<()> {
+    let f = fixture().await?;
+    // The scenario: the gateway signed a receipt whose response digest differs from the one
+    // its executed entry records, and the client kept it. The receipt still names the right
+    // entry (seq and hash), so the link holds and the digests are compared.
+    //
+    // (Changing `resp_b3` in the gateway's executed entry and re-chaining the gateway instead
+    // changes that entry's hash, so the receipt names an entry that is "missing or
+    // different": the verifier reports receipt_mismatch there and compares no digest; see
+    // the second half.)
+    let mut t = f.chains.clone();
+    let (client, result, r) = last_receipt(&t);
+    assert_eq!(client, ALICE);
+    let mut lie = r.clone();
+    lie.resp_b3 = *blake3::hash(b"another body").as_bytes();
+    let lie = lie.sign(&f.gw_identity);
+    alter(&mut t.alice, result, |e| e.signed = Some(lie));
+    rechain_from(&mut t.alice, result);
+    let report = t.verify();
+    // Consequences: heads recorded at or after the rewritten entry (none: it is the last).
+    assert_violations(
+        &report,
+        &[v(ALICE, DigestMismatch, Some(result))],
+        &heads_from(&t.gw, &t.alice, result, true),
+    );
+
+    // The gateway rewrites the digest in its own entry and re-chains: receipt_mismatch (the
+    // named entry is different), no digest_mismatch.
+    let mut t = f.chains.clone();
+    alter(&mut t.gw, r.entry.seq, |e| {
+        e.resp_b3 = Some(*blake3::hash(b"another body").as_bytes())
+    });
+    rechain_from(&mut t.gw, r.entry.seq);
+    let report = t.verify();
+    assert_violations(&report, &[v(ALICE, ReceiptMismatch, Some(result))], &[]);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// request_not_in_client_chain
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateway_holds_a_request_the_client_never_recorded() -> anyhow::Result<()> {
+    let f = fixture().await?;
+    let mut t = f.chains.clone();
+    // alice removes the request and result entries of her last call and re-chains
+    let last = client_calls(&t.alice)[3];
+    let from = index(&t.alice, last.request);
+    remove(&mut t.alice, last.result);
+    remove(&mut t.alice, last.request);
+    rechain_at(&mut t.alice, from);
+    let report = t.verify();
+    // Consequences: heads recorded at or after the removed entries (none: A4's head is the
+    // entry before its request).
+    assert_violations(
+        &report,
+        &[v(
+            GW,
+            RequestNotInClientChain,
+            Some(key_of(&t.gw, EntryKind::Executing, last.call)),
+        )],
+        &heads_from(&t.gw, &t.alice, last.request, true),
+    );
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The remaining kinds: bad_genesis, bad_signature, call_id_mismatch, duplicate_call,
+// unanswered_request.
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn genesis_with_the_wrong_role() -> anyhow::Result<()> {
+    let f = fixture().await?;
+    let mut gw = f.chains.gw.clone();
+    // the gateway's genesis claims the client role; the chain is re-chained from there (a new
+    // chain id, no checkpoint). Verified alone: every receipt would name rewritten entries.
+    alter(&mut gw, 0, |e| e.role = Some(Role::Client));
+    rechain_from(&mut gw, 0);
+    let report = verify(&[gw], &[]);
+    assert_violations(&report, &[v(GW, BadGenesis, Some(0))], &[]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_by_the_wrong_party() -> anyhow::Result<()> {
+    let f = fixture().await?;
+    // a receipt signed by bob instead of the gateway, kept as alice's last result
+    let mut t = f.chains.clone();
+    let (client, result, r) = last_receipt(&t);
+    assert_eq!(client, ALICE);
+    let forged = r.sign(&bob());
+    alter(&mut t.alice, result, |e| e.signed = Some(forged));
+    rechain_from(&mut t.alice, result);
+    let report = t.verify();
+    assert_violations(&report, &[v(ALICE, BadSignature, Some(result))], &[]);
+
+    // a checkpoint of the gateway's chain signed by alice
+    let mut t = f.chains.clone();
+    let cp = message::open::<Checkpoint>(t.gw.checkpoints.last().expect("a checkpoint"))?;
+    t.gw.checkpoints.push(cp.message.sign(&alice()));
+    let report = t.verify();
+    assert_violations(&report, &[v(GW, BadSignature, None)], &[]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_id_is_not_the_requests_digest() -> anyhow::Result<()> {
+    let f = fixture().await?;
+    let mut t = f.chains.clone();
+    // alice's last request entry names another call ID; re-chained from there
+    let last = client_calls(&t.alice)[3];
+    alter(&mut t.alice, last.request, |e| {
+        e.call = Some(*blake3::hash(b"another call").as_bytes())
+    });
+    rechain_from(&mut t.alice, last.request);
+    let report = t.verify();
+    // Consequences: heads recorded at or after the rewritten entries (none).
+    assert_violations(
+        &report,
+        &[v(ALICE, CallIdMismatch, Some(last.request))],
+        &heads_from(&t.gw, &t.alice, last.request, true),
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_closed_twice() -> anyhow::Result<()> {
+    let f = fixture().await?;
+    let mut t = f.chains.clone();
+    // the gateway appends a second executed entry for alice's first call
+    let a1 = client_calls(&t.alice)[0];
+    let again = entry(&t.gw, key_of(&t.gw, EntryKind::Executed, a1.call));
+    let s = append(&mut t.gw, again);
+    let report = t.verify();
+    assert_violations(&report, &[v(GW, DuplicateCall, Some(s))], &[]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_without_a_result() -> anyhow::Result<()> {
+    let f = fixture().await?;
+    let mut t = f.chains.clone();
+    // alice drops her last result and records the request before it as her head
+    let last = client_calls(&t.alice)[3];
+    remove(&mut t.alice, last.result);
+    reseal(&mut t.alice);
+    let report = t.verify();
+    assert_violations(
+        &report,
+        &[v(ALICE, UnansweredRequest, Some(last.request))],
+        &[],
+    );
+    Ok(())
+}
