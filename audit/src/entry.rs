@@ -42,6 +42,10 @@ pub enum EntryKind {
     Refused,
     /// Gateway: refusals counted over a window (unknown principals, floods).
     Refusals,
+    /// Gateway: a grant issued for the two-step flow (holds the signed request and the grant).
+    Granted,
+    /// Gateway: a DID or a grant revoked by the operator (`subject`, or `grant`; `detail`).
+    Revocation,
 }
 
 /// The role of a chain's owner.
@@ -64,6 +68,9 @@ pub enum Outcome {
     Refusal,
     /// The connection was lost: the outcome is unknown.
     Unknown,
+    /// The gateway issued a signed grant (in `signed`) for later execution; the call's outcome
+    /// comes in a later result entry.
+    Grant,
 }
 
 /// One audit entry. Fields not used by a kind are absent from the encoding.

@@ -219,6 +219,8 @@ pub enum ClaimRule {
     Absent,
     /// The key must not exist or hold the same value (a client chain head).
     AbsentOrEqual,
+    /// No condition: the value is written with the entry (a revocation).
+    Put,
 }
 
 /// One append: an entry (seq, prev filled in by the writer) and the claims that must hold.
@@ -729,6 +731,7 @@ impl Writer {
             let ok = match (c.rule, existing) {
                 (_, None) => true,
                 (ClaimRule::AbsentOrEqual, Some(v)) => v == c.value,
+                (ClaimRule::Put, Some(_)) => true,
                 (ClaimRule::Absent, Some(_)) => false,
             };
             if !ok {

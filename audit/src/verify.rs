@@ -5,13 +5,27 @@
 //! genesis, every embedded signature, call IDs, closure of executing entries) and every
 //! cross-link between chains, and names each violation with its chain, seq and kind.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::{Duration, Instant};
 
+use coset::{CoseSign1, TaggedCborSerializable, iana};
+use curve25519_dalek::constants::ED25519_BASEPOINT_TABLE;
+use curve25519_dalek::edwards::{CompressedEdwardsY, EdwardsBasepointTable};
+use curve25519_dalek::scalar::Scalar;
+use curve25519_dalek::traits::BasepointTable;
 use didgate_protocol::Did;
+use didgate_protocol::cbor::DecodeError;
+use didgate_protocol::envelope::{self, Kind};
 use didgate_protocol::message::{
-    self, ChainHead, Checkpoint, Digest, EntryRef, Receipt, Refusal, Request,
+    self, ChainHead, Checkpoint, Digest, EntryRef, GrantBody, Message, OpenError, Receipt, Refusal,
+    Request, SignedMessage,
 };
+use ed25519_dalek::{Signature, VerifyingKey};
 use serde::Serialize;
+use sha2::{Digest as _, Sha512};
 
 use crate::entry::{Entry, EntryKind, Outcome, Role, entry_hash};
 use crate::merkle;
@@ -146,13 +160,14 @@ impl Report {
 }
 
 /// Executing entries by call: (gateway index, seq, signed request, client head).
-type Executing = HashMap<Digest, (usize, u64, Vec<u8>, Option<ChainHead>)>;
+type Executing<'a> = HashMap<Digest, (usize, u64, &'a [u8], Option<ChainHead>)>;
 
 /// A decoded, chain-checked entry.
 struct Item {
     /// The key it is stored under.
     key: u64,
-    entry: Entry,
+    /// Boxed: entries are large and are moved between the parallel and sequential steps.
+    entry: Box<Entry>,
     hash: Digest,
 }
 
@@ -162,7 +177,8 @@ struct Checked {
     id: Option<Digest>,
     items: Vec<Item>,
     tree: Tree,
-    /// Index in `items` of each seq that sits at its own key.
+    /// Index in `items` of each seq that sits at its own key (filled only when `gaps`: without
+    /// gaps, seq n is `items[n]`).
     by_seq: HashMap<u64, usize>,
     /// Entries are missing or out of order: positions in the Merkle tree are unknown, so roots
     /// are not recomputed (the missing or reordered entries are reported instead).
@@ -177,19 +193,21 @@ struct Tree {
 }
 
 impl Tree {
-    fn build(entry_hashes: impl Iterator<Item = Digest>) -> Self {
-        let mut levels = vec![
-            entry_hashes
-                .map(|h| merkle::leaf_hash(&h))
-                .collect::<Vec<_>>(),
-        ];
+    /// The tree over `leaves` (leaf hashes of the entry hashes, in key order), each level
+    /// hashed on up to `threads` threads.
+    fn build(leaves: Vec<Digest>, threads: usize) -> Self {
+        let mut levels = vec![leaves];
         while levels.last().is_some_and(|l| l.len() > 1) {
             let next = levels
                 .last()
                 .map(|l| {
-                    l.chunks_exact(2)
-                        .map(|p| merkle::node_hash(&p[0], &p[1]))
-                        .collect()
+                    par_run(
+                        l.len() / 2,
+                        threads,
+                        || (),
+                        |_, i| merkle::node_hash(&l[2 * i], &l[2 * i + 1]),
+                    )
+                    .0
                 })
                 .unwrap_or_default();
             levels.push(next);
@@ -221,6 +239,10 @@ impl merkle::SubtreeSource for Tree {
 impl Checked {
     /// The entry with this seq, if it sits at its own key.
     fn at(&self, seq: u64) -> Option<&Item> {
+        if !self.gaps {
+            // every entry sits at its own key and the keys are 0.. in order
+            return self.items.get(usize::try_from(seq).ok()?);
+        }
         self.by_seq.get(&seq).and_then(|i| self.items.get(*i))
     }
 }
@@ -248,13 +270,21 @@ impl Ctx {
 }
 
 /// Structure of one chain: decoding, order, links, head, genesis.
-fn check_links(rec: &ChainRecords, role: Role, cx: &mut Ctx) -> Checked {
+/// `decoded` holds each entry of `rec` hashed and decoded; also returns the Merkle leaves.
+fn check_links(
+    rec: &ChainRecords,
+    decoded: Vec<Decoded>,
+    role: Role,
+    cx: &mut Ctx,
+) -> (Checked, Vec<Digest>) {
     let label = &rec.label;
     let mut items: Vec<Item> = Vec::with_capacity(rec.entries.len());
+    let mut leaves: Vec<Digest> = Vec::with_capacity(rec.entries.len());
     let mut expected = 0u64;
-    for (key, bytes) in &rec.entries {
-        let hash = entry_hash(bytes);
-        let entry = match Entry::decode(bytes) {
+    for ((key, _), d) in rec.entries.iter().zip(decoded) {
+        let hash = d.hash;
+        leaves.push(d.leaf);
+        let entry = match d.entry {
             Ok(e) => e,
             Err(e) => {
                 cx.flag(
@@ -268,7 +298,7 @@ fn check_links(rec: &ChainRecords, role: Role, cx: &mut Ctx) -> Checked {
                 placeholder.seq = *key;
                 items.push(Item {
                     key: *key,
-                    entry: placeholder,
+                    entry: Box::new(placeholder),
                     hash,
                 });
                 expected = key.saturating_add(1);
@@ -386,30 +416,35 @@ fn check_links(rec: &ChainRecords, role: Role, cx: &mut Ctx) -> Checked {
             (None, None)
         }
     };
-    let tree = Tree::build(items.iter().map(|i| i.hash));
-    let mut by_seq = HashMap::with_capacity(items.len());
-    let mut gaps = false;
-    for (i, item) in items.iter().enumerate() {
-        gaps |= item.key != i as u64 || item.entry.seq != item.key;
-        if item.entry.seq == item.key {
-            by_seq.entry(item.key).or_insert(i);
+    let gaps = items
+        .iter()
+        .enumerate()
+        .any(|(i, item)| item.key != i as u64 || item.entry.seq != item.key);
+    let mut by_seq = HashMap::new();
+    if gaps {
+        for (i, item) in items.iter().enumerate() {
+            if item.entry.seq == item.key {
+                by_seq.entry(item.key).or_insert(i);
+            }
         }
     }
-    Checked {
+    let checked = Checked {
         label: label.clone(),
         owner,
         id,
         items,
-        tree,
+        tree: Tree::default(),
         by_seq,
         gaps,
-    }
+    };
+    (checked, leaves)
 }
 
 /// Signed roots seen per (log DID, size): two different ones are proof of equivocation.
 #[derive(Default)]
 struct Roots {
-    seen: HashMap<(String, u64), (Digest, String)>,
+    /// log DID -> size -> (root, where it was signed)
+    seen: HashMap<String, HashMap<u64, (Digest, String)>>,
 }
 
 impl Roots {
@@ -422,7 +457,7 @@ impl Roots {
         chain: &str,
         cx: &mut Ctx,
     ) {
-        match self.seen.get(&(log.to_string(), size)) {
+        match self.seen.get(log).and_then(|sizes| sizes.get(&size)) {
             Some((other, where_)) if *other != root => cx.flag(
                 chain,
                 Some(size.saturating_sub(1)),
@@ -435,17 +470,38 @@ impl Roots {
             ),
             Some(_) => {}
             None => {
-                self.seen.insert((log.to_string(), size), (root, source));
+                match self.seen.get_mut(log) {
+                    Some(sizes) => sizes.insert(size, (root, source)),
+                    None => self
+                        .seen
+                        .entry(log.to_string())
+                        .or_default()
+                        .insert(size, (root, source)),
+                };
             }
         }
     }
 }
 
 /// Checks a chain's signed checkpoints against its entries and records their roots.
-fn check_checkpoints(rec: &ChainRecords, c: &Checked, roots: &mut Roots, cx: &mut Ctx) {
+fn check_checkpoints(
+    rec: &ChainRecords,
+    c: &Checked,
+    sigs: &Sigs<'_>,
+    roots: &mut Roots,
+    cx: &mut Ctx,
+) {
+    // The chain's extent is its highest stored seq, not its number of entries: a missing
+    // entry is reported as missing, not as a truncation.
+    let extent = c
+        .items
+        .iter()
+        .map(|i| i.key.saturating_add(1))
+        .max()
+        .unwrap_or(0);
     for (i, bytes) in rec.checkpoints.iter().enumerate() {
         let where_ = format!("{} checkpoint {i}", c.label);
-        let cp = match (&c.owner, message::open::<Checkpoint>(bytes)) {
+        let cp = match (&c.owner, sigs.open::<Checkpoint>(bytes)) {
             (Some(owner), Ok(cp))
                 if cp.envelope.signer() == owner && cp.message.log == owner.as_str() =>
             {
@@ -481,14 +537,6 @@ fn check_checkpoints(rec: &ChainRecords, c: &Checked, roots: &mut Roots, cx: &mu
             continue;
         }
         let last = cp.size.saturating_sub(1);
-        // The chain's extent is its highest stored seq, not its number of entries: a missing
-        // entry is reported as missing, not as a truncation.
-        let extent = c
-            .items
-            .iter()
-            .map(|i| i.key.saturating_add(1))
-            .max()
-            .unwrap_or(0);
         if cp.size > extent {
             cx.flag(
                 &c.label,
@@ -516,23 +564,135 @@ fn check_checkpoints(rec: &ChainRecords, c: &Checked, roots: &mut Roots, cx: &mu
     }
 }
 
-/// Verifies gateway and client chains and their cross-links.
+/// Verifies gateway and client chains and their cross-links, on every core.
 pub fn verify(gateways: &[ChainRecords], clients: &[ChainRecords]) -> Report {
+    verify_with(gateways, clients, default_threads())
+}
+
+/// Like [`verify`], on up to `threads` threads (at least one). The report is the same for any
+/// number of threads.
+pub fn verify_with(gateways: &[ChainRecords], clients: &[ChainRecords], threads: usize) -> Report {
+    run(gateways, clients, threads).0
+}
+
+/// Like [`verify_with`], also telling where the time went (for benchmarks).
+#[doc(hidden)]
+pub fn verify_phases(
+    gateways: &[ChainRecords],
+    clients: &[ChainRecords],
+    threads: usize,
+) -> (Report, Phases) {
+    run(gateways, clients, threads)
+}
+
+/// The verifier. The parallel steps (hashing and decoding entries, Merkle levels, opening each
+/// distinct signed message once) only precompute what the sequential checks would compute
+/// themselves; the checks and the order of the violations are those of one thread.
+fn run(gateways: &[ChainRecords], clients: &[ChainRecords], threads: usize) -> (Report, Phases) {
+    let threads = threads.max(1);
+    let started = Instant::now();
+    let mut ph = Phases::default();
     let mut cx = Ctx {
         violations: Vec::new(),
         roots: Roots::default(),
     };
-    let gws: Vec<Checked> = gateways
+    let t = Instant::now();
+    let mut decoded = gateways
         .iter()
-        .map(|r| check_links(r, Role::Gateway, &mut cx))
-        .collect();
-    let cls: Vec<Checked> = clients
+        .chain(clients)
+        .map(|r| par_map(&r.entries, threads, |(_, bytes)| decode(bytes)))
+        .collect::<Vec<_>>()
+        .into_iter();
+    ph.decode_hash = t.elapsed();
+    let t = Instant::now();
+    // every chain on its own (in parallel), then their violations in chain order
+    let jobs: Vec<(&ChainRecords, Role, std::sync::Mutex<Vec<Decoded>>)> = gateways
         .iter()
-        .map(|r| check_links(r, Role::Client, &mut cx))
+        .map(|r| (r, Role::Gateway))
+        .chain(clients.iter().map(|r| (r, Role::Client)))
+        .map(|(r, role)| {
+            (
+                r,
+                role,
+                std::sync::Mutex::new(decoded.next().unwrap_or_default()),
+            )
+        })
         .collect();
+    let checked = par_tasks(jobs.len(), threads, |i| {
+        let (rec, role, d) = &jobs[i];
+        let d = d
+            .lock()
+            .map(|mut d| std::mem::take(&mut *d))
+            .unwrap_or_default();
+        let mut own = Ctx {
+            violations: Vec::new(),
+            roots: Roots::default(),
+        };
+        let (c, l) = check_links(rec, d, *role, &mut own);
+        (c, l, own.violations)
+    });
+    let mut leaves = Vec::with_capacity(checked.len());
+    let mut gws: Vec<Checked> = Vec::with_capacity(gateways.len());
+    let mut cls: Vec<Checked> = Vec::with_capacity(clients.len());
+    for (i, (c, l, violations)) in checked.into_iter().enumerate() {
+        cx.violations.extend(violations);
+        leaves.push(l);
+        if i < gateways.len() {
+            gws.push(c);
+        } else {
+            cls.push(c);
+        }
+    }
+    ph.chain_checks = t.elapsed();
+    let t = Instant::now();
+    for (c, l) in gws.iter_mut().chain(cls.iter_mut()).zip(leaves) {
+        c.tree = Tree::build(l, threads);
+    }
+    ph.merkle = t.elapsed();
+    let t = Instant::now();
+    let mut sigs = Sigs::default();
+    let refs = gws
+        .iter()
+        .chain(&cls)
+        .map(|c| c.items.iter().filter(|i| i.entry.signed.is_some()).count())
+        .sum::<usize>()
+        + gateways
+            .iter()
+            .chain(clients)
+            .map(|r| r.checkpoints.len())
+            .sum::<usize>();
+    sigs.by_addr.reserve(refs);
+    sigs.by_content.reserve(refs);
+    sigs.blobs.reserve(refs);
+    for c in gws.iter().chain(&cls) {
+        for item in &c.items {
+            if let Some(bytes) = &item.entry.signed {
+                sigs.add(bytes);
+            }
+        }
+    }
+    for rec in gateways.iter().chain(clients) {
+        for bytes in &rec.checkpoints {
+            sigs.add(bytes);
+        }
+    }
+    ph.dedupe = t.elapsed();
+    let t = Instant::now();
+    sigs.open_all(threads, &mut ph);
+    ph.open = t.elapsed();
+    let t = Instant::now();
+    let dids: HashMap<Did, usize> = gws
+        .iter()
+        .enumerate()
+        .filter_map(|(i, g)| g.owner.clone().map(|d| (d, i)))
+        .collect();
+    sigs.receipt_roots(&gws, &dids, threads);
+    ph.receipt_roots = t.elapsed();
+
+    let t = Instant::now();
     for (rec, c) in gateways.iter().zip(&gws).chain(clients.iter().zip(&cls)) {
         let mut roots = std::mem::take(&mut cx.roots);
-        check_checkpoints(rec, c, &mut roots, &mut cx);
+        check_checkpoints(rec, c, &sigs, &mut roots, &mut cx);
         cx.roots = roots;
     }
     let gateway_dids: HashMap<Did, usize> = gws
@@ -552,7 +712,7 @@ pub fn verify(gateways: &[ChainRecords], clients: &[ChainRecords]) -> Report {
             let e = &item.entry;
             let seq = Some(e.seq);
             match e.kind {
-                EntryKind::Executing | EntryKind::Refused => {
+                EntryKind::Executing | EntryKind::Granted | EntryKind::Refused => {
                     let Some(bytes) = &e.signed else {
                         if e.kind == EntryKind::Executing {
                             cx.flag(
@@ -564,7 +724,7 @@ pub fn verify(gateways: &[ChainRecords], clients: &[ChainRecords]) -> Report {
                         }
                         continue;
                     };
-                    let req = match message::open::<Request>(bytes) {
+                    let req = match sigs.open::<Request>(bytes) {
                         Ok(r) => r,
                         Err(err) => {
                             cx.flag(
@@ -603,9 +763,11 @@ pub fn verify(gateways: &[ChainRecords], clients: &[ChainRecords]) -> Report {
                     let h = req.message.head;
                     // Only executed calls commit the gateway to a client head: a refusal may be
                     // the gateway correctly refusing a forking head.
-                    let prior = match e.kind {
-                        EntryKind::Executing => heads_seen.get(&(h.chain, h.seq)).cloned(),
-                        _ => None,
+                    let commits = matches!(e.kind, EntryKind::Executing | EntryKind::Granted);
+                    let prior = if commits {
+                        heads_seen.get(&(h.chain, h.seq)).cloned()
+                    } else {
+                        None
                     };
                     match prior {
                         Some((hash, other, oseq)) if hash != h.hash => cx.flag(
@@ -614,7 +776,7 @@ pub fn verify(gateways: &[ChainRecords], clients: &[ChainRecords]) -> Report {
                             ViolationKind::HeadFork,
                             format!("client head seq {} forks from the one recorded at {other} seq {oseq}", h.seq),
                         ),
-                        _ if e.kind == EntryKind::Executing => {
+                        _ if commits => {
                             heads_seen.insert((h.chain, h.seq), (h.hash, g.label.clone(), e.seq));
                         }
                         _ => {}
@@ -623,7 +785,7 @@ pub fn verify(gateways: &[ChainRecords], clients: &[ChainRecords]) -> Report {
                         gw_calls[gi] += 1;
                         let call = req.envelope.digest();
                         if executing
-                            .insert(call, (gi, e.seq, bytes.clone(), Some(h)))
+                            .insert(call, (gi, e.seq, bytes.as_slice(), Some(h)))
                             .is_some()
                         {
                             cx.flag(
@@ -671,11 +833,13 @@ pub fn verify(gateways: &[ChainRecords], clients: &[ChainRecords]) -> Report {
 
     // Client chains.
     let mut cross_links = 0u64;
-    let mut client_requests: HashMap<Digest, Vec<u8>> = HashMap::new();
+    let mut client_requests: HashMap<Digest, &[u8]> = HashMap::new();
     let mut auds: HashMap<Digest, String> = HashMap::new();
     let mut client_calls = vec![0u64; cls.len()];
     for (ci, c) in cls.iter().enumerate() {
-        let mut pending: HashMap<Digest, u64> = HashMap::new();
+        let mut pending: HashMap<Digest, (u64, bool)> = HashMap::new();
+        // calls made through a grant whose first answer was recorded
+        let mut presented: HashSet<Digest> = HashSet::new();
         for item in &c.items {
             let e = &item.entry;
             let seq = Some(e.seq);
@@ -691,7 +855,7 @@ pub fn verify(gateways: &[ChainRecords], clients: &[ChainRecords]) -> Report {
                         );
                         continue;
                     };
-                    let req = match (&c.owner, message::open::<Request>(bytes)) {
+                    let req = match (&c.owner, sigs.open::<Request>(bytes)) {
                         (Some(owner), Ok(r)) if r.envelope.signer() == owner => r,
                         (_, Ok(_)) => {
                             cx.flag(
@@ -729,19 +893,50 @@ pub fn verify(gateways: &[ChainRecords], clients: &[ChainRecords]) -> Report {
                             "request names another chain",
                         );
                     }
-                    pending.insert(call, e.seq);
-                    client_requests.insert(call, bytes.clone());
+                    pending.insert(call, (e.seq, false));
+                    client_requests.insert(call, bytes.as_slice());
                     auds.insert(call, req.message.aud.clone());
+                }
+                EntryKind::Result if e.outcome == Some(Outcome::Grant) => {
+                    // A grant answers the request for now; a later result closes the call.
+                    let granted = e.call.and_then(|call| pending.get_mut(&call));
+                    let grant = e.signed.as_deref().map(|b| sigs.open::<GrantBody>(b));
+                    match (granted, grant) {
+                        (Some(p), Some(Ok(g))) if !p.1 && Some(g.message.call) == e.call => {
+                            p.1 = true
+                        }
+                        (None, _) | (Some((_, true)), _) => cx.flag(
+                            &c.label,
+                            seq,
+                            ViolationKind::UnansweredRequest,
+                            "grant without a pending request",
+                        ),
+                        _ => cx.flag(
+                            &c.label,
+                            seq,
+                            ViolationKind::BadSignature,
+                            "grant result without a valid signed grant for this call",
+                        ),
+                    }
                 }
                 EntryKind::Result => {
                     let Some(call) = e.call else { continue };
-                    if pending.remove(&call).is_none() {
-                        cx.flag(
+                    match pending.remove(&call) {
+                        Some((_, granted)) => {
+                            if granted {
+                                presented.insert(call);
+                            }
+                        }
+                        // a grant presented again after its call closed: the refusal it got is
+                        // recorded like any answer
+                        None if presented.contains(&call)
+                            && e.outcome != Some(Outcome::Receipt) => {}
+                        None => cx.flag(
                             &c.label,
                             seq,
                             ViolationKind::UnansweredRequest,
                             "result without a request",
-                        );
+                        ),
                     }
                     match (e.outcome, &e.signed) {
                         (Some(Outcome::Receipt), Some(bytes)) => {
@@ -755,12 +950,13 @@ pub fn verify(gateways: &[ChainRecords], clients: &[ChainRecords]) -> Report {
                                 &gws,
                                 &gateway_dids,
                                 &executing,
+                                &sigs,
                                 &mut cx,
                             );
                         }
                         (Some(Outcome::Refusal), Some(bytes)) => {
                             cross_links += 1;
-                            check_refusal(c, e, bytes, &gws, &gateway_dids, &mut cx);
+                            check_refusal(c, e, bytes, &gws, &gateway_dids, &sigs, &mut cx);
                         }
                         (Some(Outcome::Unknown), _) => {}
                         _ => cx.flag(
@@ -774,7 +970,10 @@ pub fn verify(gateways: &[ChainRecords], clients: &[ChainRecords]) -> Report {
                 _ => {}
             }
         }
-        for (_, s) in pending {
+        for (_, (s, granted)) in pending {
+            if granted {
+                continue; // a grant not (yet) executed: nothing is missing
+            }
             cx.flag(
                 &c.label,
                 Some(s),
@@ -795,7 +994,7 @@ pub fn verify(gateways: &[ChainRecords], clients: &[ChainRecords]) -> Report {
         let Some(h) = head else { continue };
         let Some(client) = client_by_id.get(&h.chain) else {
             // the client's chain was not given; it is checked only if its owner was
-            if let Ok(r) = message::open::<Request>(bytes)
+            if let Ok(r) = sigs.open::<Request>(bytes)
                 && client_owners.contains(r.envelope.signer())
             {
                 cx.flag(
@@ -841,11 +1040,14 @@ pub fn verify(gateways: &[ChainRecords], clients: &[ChainRecords]) -> Report {
     for (c, calls) in cls.iter().zip(client_calls) {
         chains.push(summary(c, calls));
     }
-    Report {
+    ph.cross_links = t.elapsed();
+    ph.total = started.elapsed();
+    let report = Report {
         chains,
         cross_links,
         violations: cx.violations,
-    }
+    };
+    (report, ph)
 }
 
 fn summary(c: &Checked, calls: u64) -> ChainSummary {
@@ -874,11 +1076,12 @@ fn check_receipt(
     aud: Option<&str>,
     gws: &[Checked],
     dids: &HashMap<Did, usize>,
-    executing: &Executing,
+    executing: &Executing<'_>,
+    sigs: &Sigs<'_>,
     cx: &mut Ctx,
 ) {
     let seq = Some(e.seq);
-    let receipt = match message::open::<Receipt>(bytes) {
+    let receipt = match sigs.open::<Receipt>(bytes) {
         Ok(r) => r,
         Err(err) => {
             return cx.flag(
@@ -977,7 +1180,11 @@ fn check_receipt(
             cx,
         );
         cx.roots = roots;
-        if !g.gaps && g.tree.root_at(size).is_some_and(|have| have != root) {
+        let have = match (receipt.root_at, dids.get(receipt.envelope.signer())) {
+            (Some((i, precomputed)), Some(gi)) if i == *gi => precomputed,
+            _ => g.tree.root_at(size),
+        };
+        if !g.gaps && have.is_some_and(|have| have != root) {
             cx.flag(
                 &c.label,
                 seq,
@@ -997,10 +1204,11 @@ fn check_refusal(
     bytes: &[u8],
     gws: &[Checked],
     dids: &HashMap<Did, usize>,
+    sigs: &Sigs<'_>,
     cx: &mut Ctx,
 ) {
     let seq = Some(e.seq);
-    let refusal = match message::open::<Refusal>(bytes) {
+    let refusal = match sigs.open::<Refusal>(bytes) {
         Ok(r) => r,
         Err(err) => {
             return cx.flag(
@@ -1041,5 +1249,1718 @@ fn check_refusal(
             ViolationKind::ReceiptMismatch,
             format!("{} seq {} does not record this refusal", g.label, at.seq),
         ),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Performance machinery. Nothing below decides a violation: it computes, in parallel and once
+// per distinct input, exactly what the checks above would compute themselves (entry hashes and
+// decodings, Merkle levels, opened signed messages), and the checks read it back.
+
+/// Below this many items a parallel map runs on the calling thread.
+const MIN_CHUNK: usize = 64;
+
+/// Maps `0..n` with `f` on up to `threads` scoped threads (dynamic chunks, results in order).
+/// Each thread has its own state from `init`; the states are returned too.
+fn par_run<S: Send, U: Send>(
+    n: usize,
+    threads: usize,
+    init: impl Fn() -> S + Sync,
+    f: impl Fn(&mut S, usize) -> U + Sync,
+) -> (Vec<U>, Vec<S>) {
+    if threads <= 1 || n < 2 * MIN_CHUNK {
+        let mut state = init();
+        let out = (0..n).map(|i| f(&mut state, i)).collect();
+        return (out, vec![state]);
+    }
+    let chunk = (n / (threads * 32)).max(MIN_CHUNK);
+    let chunks = n.div_ceil(chunk);
+    let next = AtomicUsize::new(0);
+    /// Per worker: the chunks it mapped (chunk index, results), and its state.
+    type Done<U, S> = (Vec<(usize, Vec<U>)>, S);
+    let workers: Vec<Done<U, S>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads.min(chunks))
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut state = init();
+                    let mut done = Vec::new();
+                    loop {
+                        let c = next.fetch_add(1, Ordering::Relaxed);
+                        if c >= chunks {
+                            break;
+                        }
+                        let start = c * chunk;
+                        let end = (start + chunk).min(n);
+                        done.push((c, (start..end).map(|i| f(&mut state, i)).collect()));
+                    }
+                    (done, state)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    let mut parts = Vec::with_capacity(chunks);
+    let mut states = Vec::with_capacity(workers.len());
+    for (done, state) in workers {
+        parts.extend(done);
+        states.push(state);
+    }
+    parts.sort_unstable_by_key(|(c, _)| *c);
+    let mut out = Vec::with_capacity(n);
+    for (_, part) in parts {
+        out.extend(part);
+    }
+    (out, states)
+}
+
+/// Runs `f` on each of `0..n` (coarse tasks, one at a time per thread) on up to `threads`
+/// threads; results in order.
+fn par_tasks<U: Send>(n: usize, threads: usize, f: impl Fn(usize) -> U + Sync) -> Vec<U> {
+    if threads <= 1 || n < 2 {
+        return (0..n).map(f).collect();
+    }
+    let next = AtomicUsize::new(0);
+    let mut done: Vec<(usize, U)> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..threads.min(n))
+            .map(|_| {
+                scope.spawn(|| {
+                    let mut mine = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if i >= n {
+                            break;
+                        }
+                        mine.push((i, f(i)));
+                    }
+                    mine
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .collect()
+    });
+    done.sort_unstable_by_key(|(i, _)| *i);
+    done.into_iter().map(|(_, u)| u).collect()
+}
+
+/// Maps `items` in order on up to `threads` threads.
+fn par_map<T: Sync, U: Send>(items: &[T], threads: usize, f: impl Fn(&T) -> U + Sync) -> Vec<U> {
+    par_run(items.len(), threads, || (), |_, i| f(&items[i])).0
+}
+
+/// One stored entry, hashed and decoded (the part of [`check_links`] that needs no order).
+struct Decoded {
+    hash: Digest,
+    leaf: Digest,
+    entry: Result<Box<Entry>, DecodeError>,
+}
+
+fn decode(bytes: &[u8]) -> Decoded {
+    let hash = entry_hash(bytes);
+    Decoded {
+        hash,
+        leaf: merkle::leaf_hash(&hash),
+        entry: decode_entry_fast(bytes)
+            .map_or_else(|| Entry::decode(bytes), Ok)
+            .map(Box::new),
+    }
+}
+
+/// Where the verifier's time went (bench-only; the figures vary from run to run).
+#[doc(hidden)]
+#[derive(Debug, Clone, Default)]
+pub struct Phases {
+    /// Wall: hashing and decoding every entry.
+    pub decode_hash: Duration,
+    /// Wall: order, links, head and genesis of every chain.
+    pub chain_checks: Duration,
+    /// Wall: the Merkle levels of every chain.
+    pub merkle: Duration,
+    /// Wall: finding the distinct signed messages.
+    pub dedupe: Duration,
+    /// Wall: opening every distinct signed message (COSE, payload, Ed25519).
+    pub open: Duration,
+    /// Summed over threads: COSE parsing, header checks, payload decoding, digests.
+    pub open_parse_cpu: Duration,
+    /// Summed over threads: Ed25519 signature checks.
+    pub open_sig_cpu: Duration,
+    /// Summed over threads: messages the fast path did not accept, opened by the protocol
+    /// crate itself for its exact verdict.
+    pub open_exact_cpu: Duration,
+    /// Wall: receipt roots recomputed from the gateway trees.
+    pub receipt_roots: Duration,
+    /// Wall: checkpoints, calls and cross-links (sequential).
+    pub cross_links: Duration,
+    /// Wall: everything.
+    pub total: Duration,
+    /// Distinct signed messages opened (each signature checked once).
+    pub signatures: u64,
+    /// Signed messages referenced by entries and checkpoints (before de-duplication).
+    pub signed_refs: u64,
+}
+
+impl Phases {
+    /// (name, duration) rows in pipeline order.
+    pub fn breakdown(&self) -> Vec<(&'static str, Duration)> {
+        vec![
+            ("decode + hash entries", self.decode_hash),
+            ("chain order, links, head, genesis", self.chain_checks),
+            ("merkle trees", self.merkle),
+            ("find distinct signed messages", self.dedupe),
+            ("open signed messages", self.open),
+            (
+                "  cpu: COSE parse, payload decode, digest",
+                self.open_parse_cpu,
+            ),
+            ("  cpu: Ed25519 checks", self.open_sig_cpu),
+            ("  cpu: exact re-open of rejected ones", self.open_exact_cpu),
+            ("receipt roots", self.receipt_roots),
+            (
+                "checkpoints, calls, cross-links (1 thread)",
+                self.cross_links,
+            ),
+            ("total", self.total),
+        ]
+    }
+}
+
+/// The number of threads [`verify`] uses.
+fn default_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+/// A signed message's payload, by kind.
+enum Payload {
+    Request(Request),
+    Grant(GrantBody),
+    Receipt(Receipt),
+    Refusal(Refusal),
+    Checkpoint(Checkpoint),
+}
+
+/// The signed message kinds the cache holds.
+const KINDS: [Kind; 5] = [
+    Kind::Request,
+    Kind::Grant,
+    Kind::Receipt,
+    Kind::Refusal,
+    Kind::Checkpoint,
+];
+
+/// A message type the cache can hand back.
+trait Cached: SignedMessage + Clone {
+    fn peek(p: &Payload) -> Option<&Self>;
+    fn wrap(self) -> Payload;
+}
+
+macro_rules! cached {
+    ($t:ty, $v:ident) => {
+        impl Cached for $t {
+            fn peek(p: &Payload) -> Option<&Self> {
+                match p {
+                    Payload::$v(m) => Some(m),
+                    _ => None,
+                }
+            }
+            fn wrap(self) -> Payload {
+                Payload::$v(self)
+            }
+        }
+    };
+}
+cached!(Request, Request);
+cached!(GrantBody, Grant);
+cached!(Receipt, Receipt);
+cached!(Refusal, Refusal);
+cached!(Checkpoint, Checkpoint);
+
+/// A signed message opened once: what [`message::open`] returns, minus the bytes.
+struct OpenedMsg {
+    signer: Arc<Did>,
+    digest: Digest,
+    payload: Payload,
+    /// For a receipt with a root: the index of the given gateway that signed it and that
+    /// gateway's root at the receipt's size, precomputed.
+    root_at: Option<(usize, Option<Digest>)>,
+}
+
+/// The envelope facts of an opened message, as [`message::Signed::envelope`] gives them.
+struct EnvelopeView<'s> {
+    signer: Cow<'s, Did>,
+    digest: Digest,
+}
+
+impl EnvelopeView<'_> {
+    fn signer(&self) -> &Did {
+        &self.signer
+    }
+    fn digest(&self) -> Digest {
+        self.digest
+    }
+}
+
+/// An opened message, borrowed from the cache (or owned when it was not cached).
+struct Opened<'s, T: Clone> {
+    envelope: EnvelopeView<'s>,
+    message: Cow<'s, T>,
+    /// See [`OpenedMsg::root_at`].
+    root_at: Option<(usize, Option<Digest>)>,
+}
+
+/// Opens `bytes` as a `T` with the protocol crate, the reference the cache must agree with.
+fn open_exact<T: Cached>(bytes: &[u8]) -> Result<OpenedMsg, OpenError> {
+    let s = message::open::<T>(bytes)?;
+    Ok(OpenedMsg {
+        signer: Arc::new(s.envelope.signer().clone()),
+        digest: s.envelope.digest(),
+        payload: s.message.wrap(),
+        root_at: None,
+    })
+}
+
+fn open_exact_kind(bytes: &[u8], kind: Kind) -> Option<Result<OpenedMsg, OpenError>> {
+    Some(match kind {
+        Kind::Request => open_exact::<Request>(bytes),
+        Kind::Grant => open_exact::<GrantBody>(bytes),
+        Kind::Receipt => open_exact::<Receipt>(bytes),
+        Kind::Refusal => open_exact::<Refusal>(bytes),
+        Kind::Checkpoint => open_exact::<Checkpoint>(bytes),
+        _ => return None,
+    })
+}
+
+/// Every signed message of the chains, opened once per distinct content, in parallel, before
+/// the sequential checks; [`Sigs::open`] is a drop-in for [`message::open`].
+#[derive(Default)]
+struct Sigs<'a> {
+    /// The distinct messages.
+    blobs: Vec<&'a [u8]>,
+    /// A message's length and last 16 bytes (of its signature, when well-formed) -> index in
+    /// `blobs` of the first message with them; the whole message is compared on a match.
+    by_content: HashMap<(usize, &'a [u8]), usize>,
+    /// Address and length of every registered copy -> index in `blobs`. The copies are borrowed
+    /// for `'a`, so an address cannot be reused for other bytes while this lives.
+    by_addr: HashMap<(usize, usize), usize>,
+    /// Per distinct message: its kind (from its content type) and the verdict, when its
+    /// content type names a kind.
+    opened: Vec<Option<(Kind, Result<OpenedMsg, OpenError>)>>,
+    /// Copies registered.
+    refs: u64,
+}
+
+impl<'a> Sigs<'a> {
+    /// Registers a copy of a signed message.
+    fn add(&mut self, bytes: &'a [u8]) {
+        self.refs += 1;
+        let key = (bytes.len(), tail(bytes));
+        let index = match self.by_content.get(&key) {
+            Some(&i) if self.blobs[i] == bytes => i,
+            Some(_) => {
+                // same tail, other content: kept apart, looked up by address only
+                self.blobs.push(bytes);
+                self.blobs.len() - 1
+            }
+            None => {
+                self.blobs.push(bytes);
+                self.by_content.insert(key, self.blobs.len() - 1);
+                self.blobs.len() - 1
+            }
+        };
+        self.by_addr
+            .insert((bytes.as_ptr() as usize, bytes.len()), index);
+    }
+
+    /// Opens every distinct message on `threads` threads.
+    fn open_all(&mut self, threads: usize, ph: &mut Phases) {
+        let keys = Keys::default();
+        let blobs = &self.blobs;
+        let (opened, busy) = par_run(
+            blobs.len(),
+            threads,
+            || (HashMap::new(), Busy::default()),
+            |(local, busy), i| open_blob(blobs[i], &keys, local, busy),
+        );
+        self.opened = opened;
+        ph.signatures = self.opened.iter().filter(|o| o.is_some()).count() as u64;
+        ph.signed_refs = self.refs;
+        for (_, b) in busy {
+            ph.open_parse_cpu += b.parse;
+            ph.open_sig_cpu += b.sig;
+            ph.open_exact_cpu += b.exact;
+        }
+    }
+
+    fn index_of(&self, bytes: &[u8]) -> Option<usize> {
+        if let Some(&i) = self.by_addr.get(&(bytes.as_ptr() as usize, bytes.len())) {
+            return Some(i);
+        }
+        // an unregistered copy (say, a clone): find it by content
+        self.by_content
+            .get(&(bytes.len(), tail(bytes)))
+            .copied()
+            .filter(|&i| self.blobs[i] == bytes)
+    }
+
+    /// Exactly what `message::open::<T>(bytes)` returns, from the cache when it holds the
+    /// message as a `T`.
+    fn open<T: Cached>(&self, bytes: &[u8]) -> Result<Opened<'_, T>, OpenError> {
+        let cached = self
+            .index_of(bytes)
+            .and_then(|i| self.opened.get(i))
+            .and_then(Option::as_ref)
+            .filter(|(kind, _)| *kind == T::KIND);
+        if let Some((_, verdict)) = cached {
+            return match verdict {
+                Ok(o) => match T::peek(&o.payload) {
+                    Some(m) => Ok(Opened {
+                        envelope: EnvelopeView {
+                            signer: Cow::Borrowed(&o.signer),
+                            digest: o.digest,
+                        },
+                        message: Cow::Borrowed(m),
+                        root_at: o.root_at,
+                    }),
+                    None => Self::uncached(bytes),
+                },
+                Err(e) => Err(e.clone()),
+            };
+        }
+        Self::uncached(bytes)
+    }
+
+    fn uncached<'s, T: Cached>(bytes: &[u8]) -> Result<Opened<'s, T>, OpenError> {
+        let s = message::open::<T>(bytes)?;
+        Ok(Opened {
+            envelope: EnvelopeView {
+                signer: Cow::Owned(s.envelope.signer().clone()),
+                digest: s.envelope.digest(),
+            },
+            message: Cow::Owned(s.message),
+            root_at: None,
+        })
+    }
+
+    /// Computes, on `threads` threads, each receipt's gateway root at the receipt's size (what
+    /// [`check_receipt`] compares the receipt's root with).
+    fn receipt_roots(&mut self, gws: &[Checked], dids: &HashMap<Did, usize>, threads: usize) {
+        let jobs: Vec<(usize, usize, u64)> = self
+            .opened
+            .iter()
+            .enumerate()
+            .filter_map(|(i, o)| {
+                let Some((_, Ok(m))) = o else { return None };
+                let Payload::Receipt(r) = &m.payload else {
+                    return None;
+                };
+                r.root?;
+                let gi = *dids.get(&*m.signer)?;
+                let g = gws.get(gi)?;
+                (!g.gaps).then_some((i, gi, r.entry.seq.wrapping_add(1)))
+            })
+            .collect();
+        let roots = par_map(&jobs, threads, |(_, gi, size)| {
+            gws.get(*gi).and_then(|g| g.tree.root_at(*size))
+        });
+        for ((i, gi, _), root) in jobs.into_iter().zip(roots) {
+            if let Some(Some((_, Ok(m)))) = self.opened.get_mut(i) {
+                m.root_at = Some((gi, root));
+            }
+        }
+    }
+}
+
+/// The last 16 bytes of a message (all of it if shorter).
+fn tail(bytes: &[u8]) -> &[u8] {
+    &bytes[bytes.len().saturating_sub(16)..]
+}
+
+/// Time one opening thread spent, by step.
+#[derive(Default)]
+struct Busy {
+    parse: Duration,
+    sig: Duration,
+    exact: Duration,
+}
+
+/// Opens one signed message: the kind its content type names, then the same checks as
+/// `envelope::verify` and `message::open`, with the Ed25519 check done by [`Key::verify`].
+/// Anything the fast path does not accept is opened by the protocol crate for its exact
+/// verdict. `None` when the bytes name no known kind (the checks then open them directly).
+fn open_blob(
+    bytes: &[u8],
+    keys: &Keys,
+    local: &mut HashMap<Vec<u8>, Option<Arc<Key>>>,
+    busy: &mut Busy,
+) -> Option<(Kind, Result<OpenedMsg, OpenError>)> {
+    let t = Instant::now();
+    if let Some(parts) = parse_sign1_fast(bytes) {
+        let fast = fast_parts_plain(&parts, keys, local);
+        busy.parse += t.elapsed();
+        if let Some((key, tbs, opened)) = fast {
+            let t = Instant::now();
+            let ok = key.verify(&tbs, &parts.signature);
+            busy.sig += t.elapsed();
+            if ok {
+                return Some((parts.kind, Ok(opened)));
+            }
+        }
+        let t = Instant::now();
+        let exact = open_exact_kind(bytes, parts.kind);
+        busy.exact += t.elapsed();
+        return exact.map(|r| (parts.kind, r));
+    }
+    let sign1 = (bytes.len() <= envelope::MAX_ENVELOPE)
+        .then(|| CoseSign1::from_tagged_slice(bytes).ok())
+        .flatten();
+    let kind = sign1
+        .as_ref()
+        .and_then(|s| match &s.protected.header.content_type {
+            Some(coset::ContentType::Text(tag)) => KINDS.into_iter().find(|k| k.tag() == tag),
+            _ => None,
+        });
+    let Some((sign1, kind)) = sign1.zip(kind) else {
+        busy.parse += t.elapsed();
+        return None;
+    };
+    let fast = fast_parts(&sign1, kind, keys, local);
+    busy.parse += t.elapsed();
+    if let Some((key, tbs, sig, opened)) = fast {
+        let t = Instant::now();
+        let ok = key.verify(&tbs, &sig);
+        busy.sig += t.elapsed();
+        if ok {
+            return Some((kind, Ok(opened)));
+        }
+    }
+    let t = Instant::now();
+    let exact = open_exact_kind(bytes, kind);
+    busy.exact += t.elapsed();
+    exact.map(|r| (kind, r))
+}
+
+/// A COSE_Sign1 in the one plain layout didgate's signer writes.
+struct Sign1Parts<'b> {
+    /// The protected header bucket, as stored.
+    protected: &'b [u8],
+    kind: Kind,
+    kid: &'b [u8],
+    payload: &'b [u8],
+    signature: [u8; 64],
+}
+
+/// Reads a COSE_Sign1 laid out exactly as `envelope::sign` writes it: tag 18, an array of
+/// four; the protected header a byte string holding a map of alg (1) = EdDSA (-8), content
+/// type (3) = one of the didgate tags, and a non-empty kid (4), in any order, once each; an
+/// empty unprotected map; a byte-string payload; a 64-byte signature; nothing after; every
+/// length in its shortest form. `None` for anything else (then coset reads it).
+///
+/// Everything accepted here coset reads to the same header, payload and signature, and
+/// `envelope::verify`'s header checks pass on it (the tags are non-empty `type/subtype`
+/// strings without surrounding spaces, as coset requires).
+fn parse_sign1_fast(bytes: &[u8]) -> Option<Sign1Parts<'_>> {
+    if bytes.len() > envelope::MAX_ENVELOPE || bytes.get(..2)? != [0xd2, 0x84] {
+        return None;
+    }
+    let mut r = Cbor { b: bytes, i: 2 };
+    let protected = r.bytes()?;
+    if r.b.get(r.i) != Some(&0xa0) {
+        return None;
+    }
+    r.i += 1;
+    let payload = r.bytes()?;
+    let signature: [u8; 64] = r.fixed()?;
+    if r.i != bytes.len() {
+        return None;
+    }
+    let mut h = Cbor { b: protected, i: 0 };
+    if h.head(5)? != 3 {
+        return None;
+    }
+    let (mut alg, mut kind, mut kid) = (false, None, None);
+    for _ in 0..3 {
+        match h.uint()? {
+            1 if !alg && h.b.get(h.i) == Some(&0x27) => {
+                h.i += 1;
+                alg = true;
+            }
+            3 if kind.is_none() => {
+                let tag = h.text()?;
+                kind = Some(KINDS.into_iter().find(|k| k.tag() == tag)?);
+            }
+            4 if kid.is_none() => kid = Some(h.bytes().filter(|k| !k.is_empty())?),
+            _ => return None,
+        }
+    }
+    if h.i != protected.len() || !alg {
+        return None;
+    }
+    Some(Sign1Parts {
+        protected,
+        kind: kind?,
+        kid: kid?,
+        payload,
+        signature,
+    })
+}
+
+/// The COSE Sig_structure for a COSE_Sign1 (RFC 9052 section 4.4), encoded as coset encodes
+/// it: `["Signature1", protected, external_aad, payload]`.
+fn sig_structure(protected: &[u8], aad: &[u8], payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(protected.len() + aad.len() + payload.len() + 32);
+    out.push(0x84);
+    out.push(0x6a);
+    out.extend_from_slice(b"Signature1");
+    for b in [protected, aad, payload] {
+        let len = b.len() as u64;
+        match len {
+            0..=23 => out.push(0x40 | len as u8),
+            24..=0xff => out.extend_from_slice(&[0x58, len as u8]),
+            0x100..=0xffff => {
+                out.push(0x59);
+                out.extend_from_slice(&(len as u16).to_be_bytes());
+            }
+            0x1_0000..=0xffff_ffff => {
+                out.push(0x5a);
+                out.extend_from_slice(&(len as u32).to_be_bytes());
+            }
+            _ => {
+                out.push(0x5b);
+                out.extend_from_slice(&len.to_be_bytes());
+            }
+        }
+        out.extend_from_slice(b);
+    }
+    out
+}
+
+/// [`fast_parts`] for a message [`parse_sign1_fast`] read: the key, the signed bytes and the
+/// opened message; `None` if the kid names no key or the payload does not decode.
+fn fast_parts_plain(
+    parts: &Sign1Parts<'_>,
+    keys: &Keys,
+    local: &mut HashMap<Vec<u8>, Option<Arc<Key>>>,
+) -> Option<(Arc<Key>, Vec<u8>, OpenedMsg)> {
+    let key = match local.get(parts.kid) {
+        Some(k) => k.clone(),
+        None => {
+            let k = keys.get(parts.kid);
+            local.insert(parts.kid.to_vec(), k.clone());
+            k
+        }
+    }?;
+    let payload = decode_payload(parts.kind, parts.payload)?;
+    let tbs = sig_structure(parts.protected, parts.kind.tag().as_bytes(), parts.payload);
+    let opened = OpenedMsg {
+        signer: key.did.clone(),
+        digest: envelope::signed_digest(parts.protected, parts.payload),
+        payload,
+        root_at: None,
+    };
+    Some((key, tbs, opened))
+}
+
+/// Decodes a payload as the message of `kind` (`Message::decode`).
+fn decode_payload(kind: Kind, payload: &[u8]) -> Option<Payload> {
+    Some(match kind {
+        Kind::Request => decode_request_fast(payload)
+            .or_else(|| Request::decode(payload).ok())?
+            .wrap(),
+        Kind::Grant => GrantBody::decode(payload).ok()?.wrap(),
+        Kind::Receipt => decode_receipt_fast(payload)
+            .or_else(|| Receipt::decode(payload).ok())?
+            .wrap(),
+        Kind::Refusal => Refusal::decode(payload).ok()?.wrap(),
+        Kind::Checkpoint => Checkpoint::decode(payload).ok()?.wrap(),
+        _ => return None,
+    })
+}
+
+/// The key, the signed bytes (COSE Sig_structure), the signature and the opened message.
+type FastParts = (Arc<Key>, Vec<u8>, [u8; 64], OpenedMsg);
+
+/// `envelope::verify`'s checks short of the signature, and the payload decoded: the key, the
+/// signed bytes (COSE Sig_structure), the signature and the opened message. `None` when any
+/// check fails.
+fn fast_parts(
+    sign1: &CoseSign1,
+    kind: Kind,
+    keys: &Keys,
+    local: &mut HashMap<Vec<u8>, Option<Arc<Key>>>,
+) -> Option<FastParts> {
+    if !sign1.unprotected.is_empty() {
+        return None;
+    }
+    let header = &sign1.protected.header;
+    if header.alg
+        != Some(coset::RegisteredLabelWithPrivate::Assigned(
+            iana::Algorithm::EdDSA,
+        ))
+    {
+        return None;
+    }
+    if !matches!(&header.content_type, Some(coset::ContentType::Text(t)) if t == kind.tag()) {
+        return None;
+    }
+    if !header.crit.is_empty()
+        || !header.iv.is_empty()
+        || !header.partial_iv.is_empty()
+        || !header.rest.is_empty()
+        || !header.counter_signatures.is_empty()
+    {
+        return None;
+    }
+    let key = match local.get(&header.key_id) {
+        Some(k) => k.clone(),
+        None => {
+            let k = keys.get(&header.key_id);
+            local.insert(header.key_id.clone(), k.clone());
+            k
+        }
+    }?;
+    let payload = sign1.payload.as_deref()?;
+    let sig: [u8; 64] = sign1.signature.as_slice().try_into().ok()?;
+    let tbs = sign1.tbs_data(kind.tag().as_bytes());
+    let protected = sign1.protected.original_data.as_deref().unwrap_or_default();
+    let digest = envelope::signed_digest(protected, payload);
+    let payload = decode_payload(kind, payload)?;
+    let opened = OpenedMsg {
+        signer: key.did.clone(),
+        digest,
+        payload,
+        root_at: None,
+    };
+    Some((key, tbs, sig, opened))
+}
+
+/// Decodes an entry like [`Entry::decode`], faster, for the plain encoding the chain writer
+/// produces; `None` whenever the input is anything else (the caller then uses
+/// [`Entry::decode`], whose verdict and error stand).
+///
+/// Accepted here, and only this: one definite-length map with text keys, each a field of
+/// [`Entry`] at most once; unsigned integers, byte strings and text strings in their shortest
+/// definite form; null for absent options; nested `peer_head` / `peer_entry` maps likewise;
+/// no tags, no trailing bytes; the required fields present and `v` = 1. Every such input is
+/// one that ciborium and serde (what `Entry::decode` uses) accept, decoding to the same value:
+/// they accept these forms (and more, which go to `Entry::decode`), enum names are matched by
+/// serde itself, and unknown or duplicate fields are left to `Entry::decode` to refuse.
+fn decode_entry_fast(bytes: &[u8]) -> Option<Entry> {
+    let mut r = Cbor { b: bytes, i: 0 };
+    let n = r.head(5)?;
+    let mut e = Entry::new(EntryKind::Genesis, 0);
+    let mut seen = 0u32;
+    for _ in 0..n {
+        let key = r.text()?;
+        let bit = match key {
+            "v" => 0,
+            "seq" => 1,
+            "prev" => 2,
+            "time_ms" => 3,
+            "kind" => 4,
+            "call" => 5,
+            "signed" => 6,
+            "peer_head" => 7,
+            "peer_entry" => 8,
+            "owner" => 9,
+            "role" => 10,
+            "subject" => 11,
+            "grant" => 12,
+            "status" => 13,
+            "resp_len" => 14,
+            "resp_b3" => 15,
+            "code" => 16,
+            "detail" => 17,
+            "count" => 18,
+            "outcome" => 19,
+            "policy" => 20,
+            "did_doc" => 21,
+            "root" => 22,
+            _ => return None,
+        };
+        if seen & (1 << bit) != 0 {
+            return None;
+        }
+        seen |= 1 << bit;
+        match bit {
+            0 => e.v = r.uint()?,
+            1 => e.seq = r.uint()?,
+            2 => e.prev = r.fixed()?,
+            3 => e.time_ms = r.uint()?,
+            4 => e.kind = unit_variant(r.text()?)?,
+            5 => e.call = r.opt(Cbor::fixed)?,
+            6 => e.signed = r.opt(|r| r.bytes().map(<[u8]>::to_vec))?,
+            7 => e.peer_head = r.opt(Cbor::chain_head)?,
+            8 => e.peer_entry = r.opt(Cbor::entry_ref)?,
+            9 => e.owner = r.opt(Cbor::string)?,
+            10 => e.role = r.opt(|r| unit_variant(r.text()?))?,
+            11 => e.subject = r.opt(Cbor::string)?,
+            12 => e.grant = r.opt(Cbor::fixed)?,
+            13 => e.status = r.opt(|r| u16::try_from(r.uint()?).ok())?,
+            14 => e.resp_len = r.opt(Cbor::uint)?,
+            15 => e.resp_b3 = r.opt(Cbor::fixed)?,
+            16 => e.code = r.opt(Cbor::string)?,
+            17 => e.detail = r.opt(Cbor::string)?,
+            18 => e.count = r.opt(Cbor::uint)?,
+            19 => e.outcome = r.opt(|r| unit_variant(r.text()?))?,
+            20 => e.policy = r.opt(Cbor::fixed)?,
+            21 => e.did_doc = r.opt(Cbor::fixed)?,
+            _ => e.root = r.opt(Cbor::fixed)?,
+        }
+    }
+    // v, seq, prev, time_ms and kind are required; anything after the map is refused
+    (seen & 0b11111 == 0b11111 && r.i == bytes.len() && e.v == message::VERSION).then_some(e)
+}
+
+/// [`Request::decode`] for the plain encoding, under the rules of [`decode_entry_fast`]
+/// (`query` and `headers` as arrays of two-text arrays); `None` for anything else.
+fn decode_request_fast(bytes: &[u8]) -> Option<Request> {
+    let mut r = Cbor { b: bytes, i: 0 };
+    let (mut v, mut aud, mut upstream, mut method, mut path) = (None, None, None, None, None);
+    let (mut query, mut headers, mut body_len, mut body_b3) = (None, None, None, None);
+    let (mut nonce, mut time_ms, mut head) = (None, None, None);
+    fn once<T>(slot: &mut Option<T>, value: Option<T>) -> Option<()> {
+        if slot.is_some() {
+            return None;
+        }
+        *slot = Some(value?);
+        Some(())
+    }
+    for _ in 0..r.head(5)? {
+        match r.text()? {
+            "v" => once(&mut v, r.uint())?,
+            "aud" => once(&mut aud, r.string())?,
+            "upstream" => once(&mut upstream, r.string())?,
+            "method" => once(&mut method, r.string())?,
+            "path" => once(&mut path, r.string())?,
+            "query" => once(&mut query, r.pairs())?,
+            "headers" => once(&mut headers, r.pairs())?,
+            "body_len" => once(&mut body_len, r.uint())?,
+            "body_b3" => once(&mut body_b3, r.fixed())?,
+            "nonce" => once(&mut nonce, r.fixed())?,
+            "time_ms" => once(&mut time_ms, r.uint())?,
+            "head" => once(&mut head, r.chain_head())?,
+            _ => return None,
+        }
+    }
+    if r.i != bytes.len() || v != Some(message::VERSION) {
+        return None;
+    }
+    Some(Request {
+        v: v?,
+        aud: aud?,
+        upstream: upstream?,
+        method: method?,
+        path: path?,
+        query: query?,
+        headers: headers?,
+        body_len: body_len?,
+        body_b3: body_b3?,
+        nonce: nonce?,
+        time_ms: time_ms?,
+        head: head?,
+    })
+}
+
+/// [`Receipt::decode`] for the plain encoding, under the rules of [`decode_entry_fast`];
+/// `None` for anything else.
+fn decode_receipt_fast(bytes: &[u8]) -> Option<Receipt> {
+    let mut r = Cbor { b: bytes, i: 0 };
+    let (mut v, mut call, mut grant, mut client, mut status) = (None, None, None, None, None);
+    let (mut resp_len, mut resp_b3, mut entry, mut root, mut time_ms) =
+        (None, None, None, None, None);
+    fn once<T>(slot: &mut Option<T>, value: Option<T>) -> Option<()> {
+        if slot.is_some() {
+            return None;
+        }
+        *slot = Some(value?);
+        Some(())
+    }
+    for _ in 0..r.head(5)? {
+        match r.text()? {
+            "v" => once(&mut v, r.uint())?,
+            "call" => once(&mut call, r.fixed())?,
+            "grant" => once(&mut grant, r.fixed())?,
+            "client" => once(&mut client, r.string())?,
+            "status" => once(&mut status, r.uint().and_then(|s| u16::try_from(s).ok()))?,
+            "resp_len" => once(&mut resp_len, r.uint())?,
+            "resp_b3" => once(&mut resp_b3, r.fixed())?,
+            "entry" => once(&mut entry, r.entry_ref())?,
+            "root" => once(&mut root, r.opt(Cbor::fixed))?,
+            "time_ms" => once(&mut time_ms, r.uint())?,
+            _ => return None,
+        }
+    }
+    if r.i != bytes.len() || v != Some(message::VERSION) {
+        return None;
+    }
+    Some(Receipt {
+        v: v?,
+        call: call?,
+        grant: grant?,
+        client: client?,
+        status: status?,
+        resp_len: resp_len?,
+        resp_b3: resp_b3?,
+        entry: entry?,
+        root: root.flatten(),
+        time_ms: time_ms?,
+    })
+}
+
+/// A unit enum variant by its serde name, matched by serde itself.
+fn unit_variant<T: serde::de::DeserializeOwned>(name: &str) -> Option<T> {
+    use serde::de::IntoDeserializer;
+    let d: serde::de::value::StrDeserializer<'_, serde::de::value::Error> =
+        name.into_deserializer();
+    T::deserialize(d).ok()
+}
+
+/// A reader of the plain CBOR subset [`decode_entry_fast`] accepts.
+struct Cbor<'b> {
+    b: &'b [u8],
+    i: usize,
+}
+
+impl<'b> Cbor<'b> {
+    /// A head of major type `major` with its argument in the shortest form; not indefinite.
+    fn head(&mut self, major: u8) -> Option<u64> {
+        let first = *self.b.get(self.i)?;
+        if first >> 5 != major {
+            return None;
+        }
+        let info = first & 0x1f;
+        let (len, min) = match info {
+            0..=23 => {
+                self.i += 1;
+                return Some(u64::from(info));
+            }
+            24 => (1, 24),
+            25 => (2, 0x100),
+            26 => (4, 0x1_0000),
+            27 => (8, 0x1_0000_0000),
+            _ => return None,
+        };
+        let raw = self.b.get(self.i + 1..self.i + 1 + len)?;
+        let value = raw.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b));
+        if value < min {
+            return None;
+        }
+        self.i += 1 + len;
+        Some(value)
+    }
+
+    fn uint(&mut self) -> Option<u64> {
+        self.head(0)
+    }
+
+    fn bytes(&mut self) -> Option<&'b [u8]> {
+        let len = usize::try_from(self.head(2)?).ok()?;
+        let out = self.b.get(self.i..self.i.checked_add(len)?)?;
+        self.i += len;
+        Some(out)
+    }
+
+    fn fixed<const N: usize>(&mut self) -> Option<[u8; N]> {
+        self.bytes()?.try_into().ok()
+    }
+
+    /// A text string of at most 1024 bytes (read by ciborium in one piece).
+    fn text(&mut self) -> Option<&'b str> {
+        let len = usize::try_from(self.head(3)?).ok()?;
+        if len > 1024 {
+            return None;
+        }
+        let out = self.b.get(self.i..self.i + len)?;
+        self.i += len;
+        std::str::from_utf8(out).ok()
+    }
+
+    fn string(&mut self) -> Option<String> {
+        self.text().map(str::to_string)
+    }
+
+    /// Null as `None`, else the value read by `f`; `None` if neither.
+    fn opt<T>(&mut self, f: impl FnOnce(&mut Self) -> Option<T>) -> Option<Option<T>> {
+        if self.b.get(self.i) == Some(&0xf6) {
+            self.i += 1;
+            return Some(None);
+        }
+        f(self).map(Some)
+    }
+
+    /// An array of two-text arrays (serde's `Vec<(String, String)>`).
+    fn pairs(&mut self) -> Option<Vec<(String, String)>> {
+        let n = self.head(4)?;
+        let mut out = Vec::with_capacity(usize::try_from(n).ok()?.min(64));
+        for _ in 0..n {
+            if self.head(4)? != 2 {
+                return None;
+            }
+            out.push((self.string()?, self.string()?));
+        }
+        Some(out)
+    }
+
+    fn chain_head(&mut self) -> Option<ChainHead> {
+        let (mut chain, mut seq, mut hash) = (None, None, None);
+        for _ in 0..self.head(5)? {
+            match self.text()? {
+                "chain" if chain.is_none() => chain = Some(self.fixed()?),
+                "seq" if seq.is_none() => seq = Some(self.uint()?),
+                "hash" if hash.is_none() => hash = Some(self.fixed()?),
+                _ => return None,
+            }
+        }
+        Some(ChainHead {
+            chain: chain?,
+            seq: seq?,
+            hash: hash?,
+        })
+    }
+
+    fn entry_ref(&mut self) -> Option<EntryRef> {
+        let (mut seq, mut hash) = (None, None);
+        for _ in 0..self.head(5)? {
+            match self.text()? {
+                "seq" if seq.is_none() => seq = Some(self.uint()?),
+                "hash" if hash.is_none() => hash = Some(self.fixed()?),
+                _ => return None,
+            }
+        }
+        Some(EntryRef {
+            seq: seq?,
+            hash: hash?,
+        })
+    }
+}
+
+/// Signatures by one key before a fixed-base table is built for it (a table costs about as
+/// much as 30 checks and saves about a third of each later one).
+const TABLE_AFTER: u64 = 64;
+
+/// A signer key (from a COSE `kid`), with what makes its checks cheap.
+struct Key {
+    did: Arc<Did>,
+    vk: VerifyingKey,
+    small_order: bool,
+    uses: AtomicU64,
+    /// Fixed-base table of `-A`, built once the key has signed [`TABLE_AFTER`] messages.
+    table: OnceLock<EdwardsBasepointTable>,
+}
+
+impl Key {
+    fn new(did: Did) -> Self {
+        let vk = did.verifying_key();
+        Self {
+            small_order: vk.is_weak(),
+            vk,
+            did: Arc::new(did),
+            uses: AtomicU64::new(0),
+            table: OnceLock::new(),
+        }
+    }
+
+    /// Exactly `VerifyingKey::verify_strict` (the check `envelope::verify` makes).
+    fn verify(&self, msg: &[u8], sig: &[u8; 64]) -> bool {
+        let table = match self.table.get() {
+            Some(t) => t,
+            None if self.uses.fetch_add(1, Ordering::Relaxed) < TABLE_AFTER => {
+                return self
+                    .vk
+                    .verify_strict(msg, &Signature::from_bytes(sig))
+                    .is_ok();
+            }
+            None => self
+                .table
+                .get_or_init(|| EdwardsBasepointTable::create(&-self.vk.to_edwards())),
+        };
+        self.verify_with_table(table, msg, sig)
+    }
+
+    /// ed25519-dalek 2.x `verify_strict`, step for step: `s` canonical, `R` decompresses, neither
+    /// `R` nor `A` of small order, `k = SHA-512(R || A || M) mod l`, and the encoding of
+    /// `E = [s]B + [k](-A)` equals the signature's `R` bytes. Two differences, neither in the
+    /// verdict:
+    /// - `E` is computed with two fixed-base multiplications (the basepoint's table and this
+    ///   key's) instead of one double-base multiplication: the same group element.
+    /// - "encode(E) == R bytes" is tested as "E == decompress(R bytes) and the R bytes are the
+    ///   canonical encoding of that point", without the inversion an encoding costs. The
+    ///   decompressed point re-encodes to the same bytes unless its y is not reduced (y >= p),
+    ///   or x = 0 with the sign bit set; x = 0 only for the identity and the point of order 2,
+    ///   both of small order and refused above. So only `y < p` is left to check.
+    fn verify_with_table(
+        &self,
+        minus_a: &EdwardsBasepointTable,
+        msg: &[u8],
+        sig: &[u8; 64],
+    ) -> bool {
+        let mut r = [0u8; 32];
+        let mut s = [0u8; 32];
+        r.copy_from_slice(&sig[..32]);
+        s.copy_from_slice(&sig[32..]);
+        let Some(s) = Option::<Scalar>::from(Scalar::from_canonical_bytes(s)) else {
+            return false;
+        };
+        let Some(r_point) = CompressedEdwardsY(r).decompress() else {
+            return false;
+        };
+        if r_point.is_small_order() || self.small_order {
+            return false;
+        }
+        let mut h = Sha512::new();
+        h.update(r);
+        h.update(self.vk.as_bytes());
+        h.update(msg);
+        let k = Scalar::from_hash(h);
+        let expected = ED25519_BASEPOINT_TABLE * &s + minus_a * &k;
+        y_is_reduced(&r) && expected == r_point
+    }
+}
+
+/// Whether the y of a compressed point (its low 255 bits, little-endian) is below
+/// p = 2^255 - 19.
+fn y_is_reduced(r: &[u8; 32]) -> bool {
+    !(r[31] & 0x7f == 0x7f && r[1..31].iter().all(|&b| b == 0xff) && r[0] >= 0xed)
+}
+
+/// Signer keys by COSE `kid`, shared by the opening threads (each also keeps its own map).
+#[derive(Default)]
+struct Keys {
+    map: RwLock<HashMap<Vec<u8>, Option<Arc<Key>>>>,
+}
+
+impl Keys {
+    /// The key a `kid` names, as `envelope::verify` reads it; `None` if it names none.
+    fn get(&self, kid: &[u8]) -> Option<Arc<Key>> {
+        if let Ok(map) = self.map.read()
+            && let Some(k) = map.get(kid)
+        {
+            return k.clone();
+        }
+        let key = std::str::from_utf8(kid)
+            .ok()
+            .and_then(|s| Did::from_key_id(s).ok())
+            .map(|did| Arc::new(Key::new(did)));
+        match self.map.write() {
+            Ok(mut map) => map.entry(kid.to_vec()).or_insert(key).clone(),
+            Err(_) => key,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::merkle::Frontier;
+    use curve25519_dalek::constants::{ED25519_BASEPOINT_POINT, EIGHT_TORSION};
+    use curve25519_dalek::edwards::EdwardsPoint;
+    use didgate_protocol::Identity;
+    use didgate_protocol::message::VERSION;
+    use ed25519_dalek::{Signer, SigningKey};
+
+    /// A chain built in memory the way the store's writer builds it.
+    struct Builder {
+        entries: Vec<(u64, Vec<u8>)>,
+        head: EntryRef,
+        id: Digest,
+        frontier: Frontier,
+        checkpoints: Vec<Vec<u8>>,
+    }
+
+    impl Builder {
+        fn new(owner: &Identity, role: Role) -> Self {
+            let mut g = Entry::new(EntryKind::Genesis, 1);
+            g.owner = Some(owner.did().to_string());
+            g.role = Some(role);
+            let bytes = g.encode();
+            let hash = entry_hash(&bytes);
+            let mut frontier = Frontier::default();
+            frontier.push(merkle::leaf_hash(&hash));
+            Self {
+                entries: vec![(0, bytes)],
+                head: EntryRef { seq: 0, hash },
+                id: hash,
+                frontier,
+                checkpoints: Vec::new(),
+            }
+        }
+
+        fn chain_head(&self) -> ChainHead {
+            ChainHead {
+                chain: self.id,
+                seq: self.head.seq,
+                hash: self.head.hash,
+            }
+        }
+
+        fn push(&mut self, mut e: Entry, owner: &Identity) -> EntryRef {
+            e.seq = self.head.seq + 1;
+            e.prev = self.head.hash;
+            let bytes = e.encode();
+            let hash = entry_hash(&bytes);
+            self.frontier.push(merkle::leaf_hash(&hash));
+            self.entries.push((e.seq, bytes));
+            self.head = EntryRef { seq: e.seq, hash };
+            if self.frontier.size().is_multiple_of(32) {
+                let cp = Checkpoint {
+                    v: VERSION,
+                    log: owner.did().to_string(),
+                    chain: self.id,
+                    size: self.frontier.size(),
+                    head: hash,
+                    root: self.frontier.root(),
+                    time_ms: 2,
+                };
+                self.checkpoints.push(cp.sign(owner));
+            }
+            self.head
+        }
+
+        fn records(self, label: &str) -> ChainRecords {
+            ChainRecords {
+                label: label.into(),
+                entries: self.entries,
+                head: Some(self.head),
+                checkpoints: self.checkpoints,
+            }
+        }
+    }
+
+    /// A gateway and two clients after `calls` calls, written as the gateway and the client
+    /// write them, with a few faults: a receipt signed by a stranger, a call never closed, an
+    /// altered receipt signature (and so a broken link).
+    fn chains(calls: u64) -> (Vec<ChainRecords>, Vec<ChainRecords>) {
+        let gw = Identity::from_seed(&[0x9a; 32]);
+        let stranger = Identity::from_seed(&[0x66; 32]);
+        let ids = [Identity::from_seed(&[1; 32]), Identity::from_seed(&[2; 32])];
+        let mut g = Builder::new(&gw, Role::Gateway);
+        let mut cs = [
+            Builder::new(&ids[0], Role::Client),
+            Builder::new(&ids[1], Role::Client),
+        ];
+        for i in 0..calls {
+            // three calls in four from the first client, so its key signs enough for a table
+            let j = usize::from(i % 4 == 3);
+            let req = Request {
+                v: VERSION,
+                aud: gw.did().to_string(),
+                upstream: "payments".into(),
+                method: "GET".into(),
+                path: format!("/v1/items/{i}"),
+                query: Vec::new(),
+                headers: Vec::new(),
+                body_len: 0,
+                body_b3: *blake3::hash(b"").as_bytes(),
+                nonce: [i as u8; 16],
+                time_ms: 10 + i,
+                head: cs[j].chain_head(),
+            };
+            let bytes = req.sign(&ids[j]);
+            let call = envelope::verify(&bytes, Kind::Request)
+                .expect("own request")
+                .digest();
+            let mut e = Entry::new(EntryKind::Request, 10 + i);
+            e.call = Some(call);
+            e.signed = Some(bytes.clone());
+            cs[j].push(e, &ids[j]);
+            let mut x = Entry::new(EntryKind::Executing, 10 + i);
+            x.call = Some(call);
+            x.signed = Some(bytes);
+            x.subject = Some(ids[j].did().to_string());
+            x.grant = Some([i as u8; 16]);
+            x.peer_head = Some(req.head);
+            g.push(x, &gw);
+            let mut result = Entry::new(EntryKind::Result, 11 + i);
+            result.call = Some(call);
+            if i == 7 {
+                // the gateway stopped before closing the call
+                result.outcome = Some(Outcome::Unknown);
+                result.detail = Some("connection lost".into());
+                cs[j].push(result, &ids[j]);
+                continue;
+            }
+            let mut d = Entry::new(EntryKind::Executed, 11 + i);
+            d.call = Some(call);
+            d.status = Some(200);
+            d.resp_len = Some(2);
+            d.resp_b3 = Some(*blake3::hash(b"{}").as_bytes());
+            let at = g.push(d, &gw);
+            let receipt = Receipt {
+                v: VERSION,
+                call,
+                grant: [i as u8; 16],
+                client: ids[j].did().to_string(),
+                status: 200,
+                resp_len: 2,
+                resp_b3: *blake3::hash(b"{}").as_bytes(),
+                entry: at,
+                root: Some(g.frontier.root()),
+                time_ms: 12 + i,
+            };
+            let signer = if i == 11 { &stranger } else { &gw };
+            let mut signed = receipt.sign(signer);
+            if i == 20 {
+                let last = signed.len() - 1;
+                signed[last] ^= 1;
+            }
+            result.outcome = Some(Outcome::Receipt);
+            result.signed = Some(signed);
+            result.peer_entry = Some(at);
+            cs[j].push(result, &ids[j]);
+        }
+        let [c0, c1] = cs;
+        let mut c0 = c0.records("client-0");
+        if let Some((_, bytes)) = c0.entries.get_mut(40) {
+            // alter a stored entry inside its signed message: it still decodes
+            let at = bytes.len() - 30;
+            bytes[at] ^= 0x20;
+        }
+        (vec![g.records("gateway")], vec![c0, c1.records("client-1")])
+    }
+
+    #[test]
+    fn clean_chains_verify() {
+        let (gws, cls) = chains(6);
+        let report = verify_with(&gws, &cls, 2);
+        assert!(report.ok(), "{:?}", report.violations);
+        assert_eq!(report.cross_links, 12);
+    }
+
+    #[test]
+    fn one_thread_and_two_give_the_same_report() {
+        let (gws, cls) = chains(160);
+        let one = verify_with(&gws, &cls, 1);
+        let two = verify_with(&gws, &cls, 2);
+        let json = |r: &Report| serde_json::to_string(r).expect("json");
+        assert_eq!(json(&one), json(&two));
+        let kinds: HashSet<ViolationKind> = one.violations.iter().map(|v| v.kind).collect();
+        for kind in [
+            ViolationKind::BadSignature,
+            ViolationKind::UnclosedCall,
+            ViolationKind::AlteredEntry,
+        ] {
+            assert!(
+                kinds.contains(&kind),
+                "{kind} missing: {:?}",
+                one.violations
+            );
+        }
+        // the faulty receipt was rejected by the protocol crate's own check
+        let (_, phases) = verify_phases(&gws, &cls, 2);
+        assert!(phases.signatures > 300 && phases.signed_refs > phases.signatures);
+    }
+
+    /// A deterministic pseudo-random source for the decoder tests.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0
+        }
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+        fn digest(&mut self) -> Digest {
+            let mut d = [0u8; 32];
+            for b in &mut d {
+                *b = self.next() as u8;
+            }
+            d
+        }
+        fn text(&mut self) -> String {
+            [
+                "",
+                "a",
+                "ok",
+                "résumé",
+                "interrupted at seq 4",
+                "x/y?z=1",
+                "🙂",
+            ][self.below(7) as usize]
+                .repeat(1 + self.below(3) as usize)
+        }
+        fn int(&mut self) -> u64 {
+            [
+                0,
+                1,
+                23,
+                24,
+                255,
+                256,
+                65535,
+                65536,
+                u64::from(u32::MAX),
+                u64::MAX,
+            ][self.below(10) as usize]
+                .wrapping_add(self.below(2))
+        }
+    }
+
+    fn random_entry(rng: &mut Rng) -> Entry {
+        let kinds = [
+            EntryKind::Genesis,
+            EntryKind::Request,
+            EntryKind::Result,
+            EntryKind::Executing,
+            EntryKind::Executed,
+            EntryKind::Failed,
+            EntryKind::Abandoned,
+            EntryKind::Refused,
+            EntryKind::Refusals,
+        ];
+        let mut e = Entry::new(kinds[rng.below(9) as usize], rng.int());
+        e.seq = rng.int();
+        e.prev = rng.digest();
+        let maybe = |rng: &mut Rng| rng.below(3) == 0;
+        if maybe(rng) {
+            e.call = Some(rng.digest());
+        }
+        if maybe(rng) {
+            e.signed = Some(vec![rng.next() as u8; rng.below(300) as usize]);
+        }
+        if maybe(rng) {
+            e.peer_head = Some(ChainHead {
+                chain: rng.digest(),
+                seq: rng.int(),
+                hash: rng.digest(),
+            });
+        }
+        if maybe(rng) {
+            e.peer_entry = Some(EntryRef {
+                seq: rng.int(),
+                hash: rng.digest(),
+            });
+        }
+        if maybe(rng) {
+            e.owner = Some(rng.text());
+        }
+        if maybe(rng) {
+            e.role = Some([Role::Gateway, Role::Client][rng.below(2) as usize]);
+        }
+        if maybe(rng) {
+            e.subject = Some(rng.text());
+        }
+        if maybe(rng) {
+            e.grant = Some([rng.next() as u8; 16]);
+        }
+        if maybe(rng) {
+            e.status = Some(rng.int() as u16);
+        }
+        if maybe(rng) {
+            e.resp_len = Some(rng.int());
+        }
+        if maybe(rng) {
+            e.resp_b3 = Some(rng.digest());
+        }
+        if maybe(rng) {
+            e.code = Some(rng.text());
+        }
+        if maybe(rng) {
+            e.detail = Some(rng.text());
+        }
+        if maybe(rng) {
+            e.count = Some(rng.int());
+        }
+        if maybe(rng) {
+            e.outcome =
+                Some([Outcome::Receipt, Outcome::Refusal, Outcome::Unknown][rng.below(3) as usize]);
+        }
+        for field in [&mut e.policy, &mut e.did_doc, &mut e.root] {
+            if rng.below(5) == 0 {
+                *field = Some(rng.digest());
+            }
+        }
+        e
+    }
+
+    /// The fast entry decoder gives `Entry::decode`'s value on what the writer encodes, and
+    /// whenever it accepts altered bytes, `Entry::decode` accepts them with the same value.
+    #[test]
+    fn fast_entry_decoder_agrees_with_entry_decode() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut accepted_altered = 0;
+        for _ in 0..3000 {
+            let e = random_entry(&mut rng);
+            let bytes = e.encode();
+            assert_eq!(decode_entry_fast(&bytes), Some(e.clone()));
+            assert_eq!(Entry::decode(&bytes), Ok(e));
+            for _ in 0..20 {
+                let mut altered = bytes.clone();
+                match rng.below(4) {
+                    0 => {
+                        let i = rng.below(altered.len() as u64) as usize;
+                        altered[i] ^= 1 << rng.below(8);
+                    }
+                    1 => {
+                        let i = rng.below(altered.len() as u64) as usize;
+                        altered[i] = rng.next() as u8;
+                    }
+                    2 => altered.truncate(rng.below(altered.len() as u64) as usize),
+                    _ => {
+                        let i = rng.below(altered.len() as u64) as usize;
+                        altered.insert(i, rng.next() as u8);
+                    }
+                }
+                if let Some(fast) = decode_entry_fast(&altered) {
+                    accepted_altered += 1;
+                    assert_eq!(Entry::decode(&altered), Ok(fast), "{altered:02x?}");
+                }
+            }
+        }
+        assert!(accepted_altered > 100, "{accepted_altered}");
+        // forms the writer never produces are left to Entry::decode
+        let e = random_entry(&mut rng);
+        let value: ciborium::Value = ciborium::from_reader(e.encode().as_slice()).expect("cbor");
+        let mut tagged = Vec::new();
+        ciborium::into_writer(&ciborium::Value::Tag(55799, Box::new(value)), &mut tagged)
+            .expect("encode");
+        assert_eq!(decode_entry_fast(&tagged), None);
+        let mut wide_v = e.encode();
+        let at = wide_v
+            .windows(3)
+            .position(|w| w == [0x61, b'v', 0x01])
+            .expect("v");
+        wide_v.splice(at + 2..at + 3, [0x18, 0x01]);
+        assert_eq!(decode_entry_fast(&wide_v), None);
+    }
+
+    /// The fast request and receipt decoders give `Message::decode`'s value on what the signer
+    /// encodes, and whenever they accept altered bytes, `Message::decode` agrees.
+    #[test]
+    fn fast_payload_decoders_agree_with_message_decode() {
+        let mut rng = Rng(0x1234_5678_9abc_def1);
+        let mut accepted_altered = 0;
+        for n in 0..1500u64 {
+            let req = Request {
+                v: VERSION,
+                aud: rng.text(),
+                upstream: rng.text(),
+                method: rng.text(),
+                path: rng.text(),
+                query: (0..rng.below(4))
+                    .map(|_| (rng.text(), rng.text()))
+                    .collect(),
+                headers: (0..rng.below(3))
+                    .map(|_| (rng.text(), rng.text()))
+                    .collect(),
+                body_len: rng.int(),
+                body_b3: rng.digest(),
+                nonce: [rng.next() as u8; 16],
+                time_ms: rng.int(),
+                head: ChainHead {
+                    chain: rng.digest(),
+                    seq: rng.int(),
+                    hash: rng.digest(),
+                },
+            };
+            let receipt = Receipt {
+                v: VERSION,
+                call: rng.digest(),
+                grant: [rng.next() as u8; 16],
+                client: rng.text(),
+                status: rng.int() as u16,
+                resp_len: rng.int(),
+                resp_b3: rng.digest(),
+                entry: EntryRef {
+                    seq: rng.int(),
+                    hash: rng.digest(),
+                },
+                root: (n % 2 == 0).then(|| rng.digest()),
+                time_ms: rng.int(),
+            };
+            let (rb, cb) = (req.encode(), receipt.encode());
+            assert_eq!(decode_request_fast(&rb), Some(req));
+            assert_eq!(decode_receipt_fast(&cb), Some(receipt));
+            for bytes in [rb, cb] {
+                for _ in 0..15 {
+                    let mut altered = bytes.clone();
+                    let i = rng.below(altered.len() as u64) as usize;
+                    match rng.below(3) {
+                        0 => altered[i] ^= 1 << rng.below(8),
+                        1 => altered[i] = rng.next() as u8,
+                        _ => altered.truncate(i),
+                    }
+                    if let Some(fast) = decode_request_fast(&altered) {
+                        accepted_altered += 1;
+                        assert_eq!(Request::decode(&altered), Ok(fast));
+                    }
+                    if let Some(fast) = decode_receipt_fast(&altered) {
+                        accepted_altered += 1;
+                        assert_eq!(Receipt::decode(&altered), Ok(fast));
+                    }
+                }
+            }
+        }
+        assert!(accepted_altered > 100, "{accepted_altered}");
+    }
+
+    /// The plain COSE reader agrees with coset on what didgate signs, on its Sig_structure, and
+    /// on any altered message it still accepts.
+    #[test]
+    fn plain_cose_reader_agrees_with_coset() {
+        let id = Identity::from_seed(&[3; 32]);
+        let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+        let mut accepted_altered = 0;
+        for n in 0..400usize {
+            let kind = KINDS[n % KINDS.len()];
+            let payload: Vec<u8> = (0..(n * 37) % 700).map(|i| (i * 7 + n) as u8).collect();
+            let bytes = envelope::sign(&id, kind, payload);
+            let parts = parse_sign1_fast(&bytes).expect("plain layout");
+            let sign1 = CoseSign1::from_tagged_slice(&bytes).expect("coset");
+            assert_eq!(parts.kind, kind);
+            assert_eq!(
+                Some(parts.protected),
+                sign1.protected.original_data.as_deref()
+            );
+            assert_eq!(parts.kid, sign1.protected.header.key_id.as_slice());
+            assert_eq!(Some(parts.payload), sign1.payload.as_deref());
+            assert_eq!(parts.signature.as_slice(), sign1.signature.as_slice());
+            assert_eq!(
+                sig_structure(parts.protected, kind.tag().as_bytes(), parts.payload),
+                sign1.tbs_data(kind.tag().as_bytes())
+            );
+            for _ in 0..20 {
+                let mut altered = bytes.clone();
+                let i = rng.below(altered.len() as u64) as usize;
+                match rng.below(3) {
+                    0 => altered[i] ^= 1 << rng.below(8),
+                    1 => altered[i] = rng.next() as u8,
+                    _ => altered.truncate(i),
+                }
+                if let Some(p) = parse_sign1_fast(&altered) {
+                    accepted_altered += 1;
+                    let s = CoseSign1::from_tagged_slice(&altered).expect("coset accepts it too");
+                    let h = &s.protected.header;
+                    assert!(s.unprotected.is_empty() && h.crit.is_empty() && h.rest.is_empty());
+                    assert_eq!(
+                        h.alg,
+                        Some(coset::RegisteredLabelWithPrivate::Assigned(
+                            iana::Algorithm::EdDSA
+                        ))
+                    );
+                    assert_eq!(
+                        h.content_type,
+                        Some(coset::ContentType::Text(p.kind.tag().to_string()))
+                    );
+                    assert_eq!(Some(p.protected), s.protected.original_data.as_deref());
+                    assert_eq!(p.kid, h.key_id.as_slice());
+                    assert_eq!(Some(p.payload), s.payload.as_deref());
+                    assert_eq!(p.signature.as_slice(), s.signature.as_slice());
+                }
+            }
+        }
+        assert!(accepted_altered > 100, "{accepted_altered}");
+    }
+
+    /// The order l of the basepoint, little-endian.
+    const L: [u8; 32] = [
+        0xed, 0xd3, 0xf5, 0x5c, 0x1a, 0x63, 0x12, 0x58, 0xd6, 0x9c, 0xf7, 0xa2, 0xde, 0xf9, 0xde,
+        0x14, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x10,
+    ];
+
+    fn challenge(r: &[u8; 32], a: &[u8; 32], msg: &[u8]) -> Scalar {
+        let mut h = Sha512::new();
+        h.update(r);
+        h.update(a);
+        h.update(msg);
+        Scalar::from_hash(h)
+    }
+
+    /// A signature with nonce point `[r]B + t` for the key `a_bytes` (secret scalar `a`).
+    fn craft(a: &Scalar, a_bytes: &[u8; 32], r: &Scalar, t: &EdwardsPoint, msg: &[u8]) -> [u8; 64] {
+        let big_r = ED25519_BASEPOINT_POINT * r + t;
+        let r_bytes = big_r.compress().to_bytes();
+        let s = r + challenge(&r_bytes, a_bytes, msg) * a;
+        let mut sig = [0u8; 64];
+        sig[..32].copy_from_slice(&r_bytes);
+        sig[32..].copy_from_slice(s.as_bytes());
+        sig
+    }
+
+    /// The fixed-base check agrees with ed25519-dalek's `verify_strict` on valid, altered and
+    /// malleated signatures, small-order and torsioned nonce points, non-canonical scalars and
+    /// points, and keys with a torsion component.
+    #[test]
+    fn table_check_is_verify_strict() {
+        let sk = SigningKey::from_bytes(&[7; 32]);
+        let a = sk.to_scalar();
+        let vk = sk.verifying_key();
+        let mut cases: Vec<(VerifyingKey, Vec<u8>, [u8; 64])> = Vec::new();
+        for i in 0..24u8 {
+            let msg = vec![i; 40 + usize::from(i)];
+            let good = sk.sign(&msg).to_bytes();
+            cases.push((vk, msg.clone(), good));
+            let mut flipped = good;
+            flipped[(usize::from(i) * 11) % 64] ^= 1 << (i % 8);
+            cases.push((vk, msg.clone(), flipped));
+            cases.push((vk, [msg.as_slice(), b"x"].concat(), good));
+            // s + l: the same point equation, a non-canonical scalar
+            let mut malleated = good;
+            let mut carry = 0u16;
+            for (k, l) in L.iter().enumerate() {
+                let sum = u16::from(malleated[32 + k]) + u16::from(*l) + carry;
+                malleated[32 + k] = sum as u8;
+                carry = sum >> 8;
+            }
+            cases.push((vk, msg.clone(), malleated));
+            let r = Scalar::from(1000u64 + u64::from(i));
+            for t in &EIGHT_TORSION {
+                cases.push((vk, msg.clone(), craft(&a, vk.as_bytes(), &r, t, &msg)));
+            }
+            // small-order nonce points, and y >= p encodings
+            for t in &EIGHT_TORSION {
+                let mut sig = good;
+                sig[..32].copy_from_slice(t.compress().as_bytes());
+                cases.push((vk, msg.clone(), sig));
+            }
+            let mut sig = good;
+            sig[0] = 0xed + (i % 19);
+            sig[1..31].fill(0xff);
+            sig[31] = 0x7f | (i << 7);
+            cases.push((vk, msg.clone(), sig));
+        }
+        // a key with a torsion component: signatures that verify_strict accepts and refuses
+        let mixed = vk.to_edwards() + EIGHT_TORSION[1];
+        let mixed_bytes = mixed.compress().to_bytes();
+        let mixed_vk = VerifyingKey::from_bytes(&mixed_bytes).expect("a valid point");
+        let mut accepted = 0;
+        for n in 0..64u64 {
+            let msg = n.to_be_bytes().to_vec();
+            let r = Scalar::from(77 + n);
+            for t in &EIGHT_TORSION {
+                cases.push((mixed_vk, msg.clone(), craft(&a, &mixed_bytes, &r, t, &msg)));
+                if mixed_vk
+                    .verify_strict(&msg, &Signature::from_bytes(&cases[cases.len() - 1].2))
+                    .is_ok()
+                {
+                    accepted += 1;
+                }
+            }
+        }
+        assert!(accepted > 0, "no mixed-key signature verifies");
+        let (mut yes, mut no) = (0, 0);
+        for (vk, msg, sig) in &cases {
+            let key = Key::new(Did::from_verifying_key(vk));
+            let table = EdwardsBasepointTable::create(&-vk.to_edwards());
+            let strict = vk.verify_strict(msg, &Signature::from_bytes(sig)).is_ok();
+            assert_eq!(
+                key.verify_with_table(&table, msg, sig),
+                strict,
+                "{sig:02x?}"
+            );
+            if strict {
+                yes += 1;
+            } else {
+                no += 1;
+            }
+        }
+        assert!(yes > 24 && no > 24, "{yes} accepted, {no} refused");
     }
 }

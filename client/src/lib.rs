@@ -34,7 +34,7 @@ use didgate_audit::entry::{Entry, EntryKind, Outcome, Role};
 use didgate_audit::store::{Chain, CheckpointPolicy, Store, StoreError};
 use didgate_protocol::frame::{self, FrameDecoder, FrameType};
 use didgate_protocol::message::{
-    self, Message, Receipt, Refusal, RefusalCode, Request, ResponseHead, SignedMessage,
+    self, GrantBody, Message, Receipt, Refusal, RefusalCode, Request, ResponseHead, SignedMessage,
 };
 use didgate_protocol::{Did, Identity, envelope};
 use tokio::sync::Mutex;
@@ -146,6 +146,8 @@ pub enum RawFinal {
     Receipt(message::Signed<Receipt>),
     /// A refusal (signature verified, signer = pinned gateway).
     Refusal(message::Signed<Refusal>),
+    /// A grant (two-step flow; signature verified, signer = pinned gateway).
+    Grant(message::Signed<GrantBody>),
 }
 
 /// Everything one stream returned.
@@ -308,26 +310,133 @@ impl Client {
     /// the result. Never retries on its own.
     pub async fn call(&self, spec: CallSpec) -> Result<Answer, CallError> {
         let (bytes, call) = self.sign(&spec)?;
+        self.record_request(call, &bytes).await?;
+        let raw = self.send_signed(&bytes, &spec.body).await;
+        self.finish_call(call, raw).await
+    }
+
+    /// Two-step flow, first step: asks the gateway for a signed, single-use grant for exactly
+    /// this call, without executing it. The request is recorded before it is sent and the grant
+    /// after. Present it with [`Client::execute`] before it expires.
+    pub async fn grant(&self, spec: CallSpec) -> Result<IssuedGrant, CallError> {
+        let (bytes, call) = self.sign(&spec)?;
+        self.record_request(call, &bytes).await?;
+        let raw = self.exchange(FrameType::GrantRequest, &bytes, &[]).await;
+        let mut result = Entry::new(EntryKind::Result, now_ms());
+        result.call = Some(call);
+        let outcome = match raw {
+            Ok(RawAnswer {
+                last: RawFinal::Grant(g),
+                ..
+            }) if g.message.call == call => {
+                result.outcome = Some(Outcome::Grant);
+                result.signed = Some(g.bytes.clone());
+                Ok(IssuedGrant {
+                    call,
+                    grant: g.message,
+                    bytes: g.bytes,
+                    body: spec.body,
+                })
+            }
+            other => {
+                // A refusal or a lost connection: recorded as for any call.
+                return Err(match self.finish_call(call, other).await {
+                    Err(e) => e,
+                    Ok(_) => {
+                        CallError::InvalidAnswer("a receipt came back for a grant request".into())
+                    }
+                });
+            }
+        };
+        self.chain
+            .append_entry(result)
+            .await
+            .map_err(|e| CallError::Audit(e.to_string()))?;
+        outcome
+    }
+
+    /// Two-step flow, second step: presents the grant once, with the body it was issued for.
+    pub async fn execute(&self, grant: &IssuedGrant) -> Result<Answer, CallError> {
+        let raw = self
+            .exchange(FrameType::Execute, &grant.bytes, &grant.body)
+            .await;
+        self.finish_call(grant.call, raw).await
+    }
+
+    async fn record_request(&self, call: [u8; 32], bytes: &[u8]) -> Result<(), CallError> {
         let mut entry = Entry::new(EntryKind::Request, now_ms());
         entry.call = Some(call);
-        entry.signed = Some(bytes.clone());
+        entry.signed = Some(bytes.to_vec());
         self.chain
             .append_entry(entry)
             .await
             .map_err(|e| CallError::Audit(e.to_string()))?;
-        let raw = self.send_signed(&bytes, &spec.body).await;
+        Ok(())
+    }
+
+    /// Checks the answer to a call and records the result entry (receipt, refusal, unknown).
+    async fn finish_call(
+        &self,
+        call: [u8; 32],
+        raw: Result<RawAnswer, CallError>,
+    ) -> Result<Answer, CallError> {
+        let (ending, body) = match raw {
+            Err(e) => (Ending::Lost(e), Vec::new()),
+            Ok(RawAnswer { head, body, last }) => {
+                let (len, b3) = (body.len() as u64, *blake3::hash(&body).as_bytes());
+                (
+                    Ending::Final {
+                        head,
+                        len,
+                        b3,
+                        last: Box::new(last),
+                    },
+                    body,
+                )
+            }
+        };
+        let (head, r) = self.record_result(call, ending).await?;
+        let head = head.unwrap_or(ResponseHead {
+            v: 1,
+            status: r.message.status,
+            headers: Vec::new(),
+        });
+        Ok(Answer {
+            call,
+            status: head.status,
+            headers: head.headers,
+            body,
+            receipt: r.message,
+            receipt_bytes: r.bytes,
+        })
+    }
+
+    /// Records the result entry for how a call ended (receipt, refusal, unknown) and returns
+    /// the verified receipt with the head, or the error. The body is judged by its length and
+    /// BLAKE3 digest, so a streamed body need not be kept.
+    async fn record_result(
+        &self,
+        call: [u8; 32],
+        ending: Ending,
+    ) -> Result<(Option<ResponseHead>, message::Signed<Receipt>), CallError> {
         let mut result = Entry::new(EntryKind::Result, now_ms());
         result.call = Some(call);
-        let outcome = match raw {
+        let (head, len, b3, last) = match ending {
+            Ending::Lost(e) => (None, 0, [0; 32], Err(e)),
+            Ending::Final {
+                head,
+                len,
+                b3,
+                last,
+            } => (head, len, b3, Ok(*last)),
+        };
+        let outcome = match last {
             Err(e) => {
                 result.outcome = Some(Outcome::Unknown);
                 result.detail = Some(e.to_string());
                 Err(e)
             }
-            Ok(RawAnswer {
-                last: RawFinal::Refusal(r),
-                ..
-            }) => {
+            Ok(RawFinal::Refusal(r)) => {
                 result.outcome = Some(Outcome::Refusal);
                 result.peer_entry = r.message.entry;
                 result.signed = Some(r.bytes.clone());
@@ -337,35 +446,28 @@ impl Client {
                     gateway_time_ms: r.message.time_ms,
                 })
             }
-            Ok(RawAnswer {
-                head,
-                body,
-                last: RawFinal::Receipt(r),
-            }) => match check_receipt(call, head.as_ref(), &body, &r.message) {
-                Ok(()) => {
-                    result.outcome = Some(Outcome::Receipt);
-                    result.peer_entry = Some(r.message.entry);
-                    result.signed = Some(r.bytes.clone());
-                    let head = head.unwrap_or(ResponseHead {
-                        v: 1,
-                        status: r.message.status,
-                        headers: Vec::new(),
-                    });
-                    Ok(Answer {
-                        call,
-                        status: head.status,
-                        headers: head.headers,
-                        body,
-                        receipt: r.message,
-                        receipt_bytes: r.bytes,
-                    })
+            Ok(RawFinal::Grant(_)) => {
+                result.outcome = Some(Outcome::Unknown);
+                result.detail = Some("a grant came back where a receipt was expected".into());
+                Err(CallError::InvalidAnswer("unexpected grant".into()))
+            }
+            Ok(RawFinal::Receipt(r)) => {
+                match check_receipt(call, head.as_ref(), len, &b3, &r.message) {
+                    Ok(()) => {
+                        result.outcome = Some(Outcome::Receipt);
+                        result.peer_entry = Some(r.message.entry);
+                        result.signed = Some(r.bytes.clone());
+                        Ok((head, r))
+                    }
+                    Err(why) => {
+                        // Keep the signed answer as evidence, but do not count it as a receipt.
+                        result.outcome = Some(Outcome::Unknown);
+                        result.detail = Some(why.clone());
+                        result.signed = Some(r.bytes.clone());
+                        Err(CallError::InvalidAnswer(why))
+                    }
                 }
-                Err(why) => {
-                    result.outcome = Some(Outcome::Unknown);
-                    result.detail = Some(why.clone());
-                    Err(CallError::InvalidAnswer(why))
-                }
-            },
+            }
         };
         self.chain
             .append_entry(result)
@@ -374,66 +476,338 @@ impl Client {
         outcome
     }
 
-    /// Low level: sends already signed request bytes and a body on a new stream and returns
-    /// what came back, checking only that the final frame is signed by the pinned gateway.
-    /// Records nothing in the chain ([`Client::call`] does).
-    pub async fn send_signed(&self, request: &[u8], body: &[u8]) -> Result<RawAnswer, CallError> {
+    /// Like [`Client::call`], but returns as soon as the response head arrives: the body is
+    /// read chunk by chunk as the gateway relays it ([`StreamingAnswer::next_chunk`]), its
+    /// length and BLAKE3 digest computed on the fly, and the receipt verified and recorded when
+    /// the body ends. Same chain rules as `call`: the request entry is written before sending,
+    /// the result entry once the terminal frame arrives (or `unknown` if the stream is lost or
+    /// the answer is dropped unfinished). A refusal before the head is returned as the error.
+    pub async fn call_streaming(&self, spec: CallSpec) -> Result<StreamingAnswer<'_>, CallError> {
+        let (bytes, call) = self.sign(&spec)?;
+        self.record_request(call, &bytes).await?;
+        let opened = self
+            .open_stream(FrameType::Request, &bytes, &spec.body)
+            .await;
+        let mut recv = match opened {
+            Ok(r) => r,
+            Err(e) => {
+                return Err(self
+                    .record_result(call, Ending::Lost(e))
+                    .await
+                    .err()
+                    .unwrap_or_else(lost_without_cause));
+            }
+        };
+        let mut dec = FrameDecoder::new();
+        let first = self.read_answer_frame(&mut recv, &mut dec).await;
+        let head = match first {
+            Ok(AnswerFrame::Head(h)) => Ok(h),
+            Ok(AnswerFrame::Final(last)) => {
+                let ending = Ending::Final {
+                    head: None,
+                    len: 0,
+                    b3: *blake3::hash(b"").as_bytes(),
+                    last,
+                };
+                return Err(match self.record_result(call, ending).await {
+                    Err(e) => e,
+                    Ok(_) => CallError::InvalidAnswer(
+                        "a receipt came back without a response head".into(),
+                    ),
+                });
+            }
+            Ok(AnswerFrame::Body(_)) => Err(CallError::InvalidAnswer(
+                "body before the response head".into(),
+            )),
+            Err(e) => Err(e),
+        };
+        let head = match head {
+            Ok(h) => h,
+            Err(e) => {
+                recv.stop(0u32.into()).ok();
+                return Err(self
+                    .record_result(call, Ending::Lost(e))
+                    .await
+                    .err()
+                    .unwrap_or_else(lost_without_cause));
+            }
+        };
+        Ok(StreamingAnswer {
+            client: self,
+            call,
+            head,
+            recv,
+            dec,
+            hasher: blake3::Hasher::new(),
+            len: 0,
+            receipt: None,
+            done: false,
+        })
+    }
+
+    /// Opens a stream and sends a first frame of `kind`, the body and FIN.
+    async fn open_stream(
+        &self,
+        kind: FrameType,
+        first: &[u8],
+        body: &[u8],
+    ) -> Result<quinn::RecvStream, CallError> {
         let conn = self.connection().await?;
-        let lost = |e: &dyn std::fmt::Display| CallError::ConnectionLost(e.to_string());
-        let (mut send, mut recv) = conn.open_bi().await.map_err(|e| lost(&e))?;
-        let mut out = BytesMut::with_capacity(request.len() + body.len() + 64);
-        frame::encode(FrameType::Request, request, &mut out)
+        let (mut send, recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| CallError::ConnectionLost(e.to_string()))?;
+        let mut out = BytesMut::with_capacity(first.len() + body.len() + 64);
+        frame::encode(kind, first, &mut out)
             .map_err(|e| CallError::InvalidAnswer(e.to_string()))?;
         frame::encode_chunks(body, &mut out);
         // A refused call may close our send side early; the answer still arrives.
         let _ = send.write_all(&out).await;
         let _ = send.finish();
+        Ok(recv)
+    }
+
+    /// Reads the next frame of an answer; a terminal frame is verified against the pinned
+    /// gateway.
+    async fn read_answer_frame(
+        &self,
+        recv: &mut quinn::RecvStream,
+        dec: &mut FrameDecoder,
+    ) -> Result<AnswerFrame, CallError> {
+        let invalid = |e: &dyn std::fmt::Display| CallError::InvalidAnswer(e.to_string());
+        let frame = wire::next_frame(recv, dec)
+            .await
+            .map_err(|e| CallError::ConnectionLost(e.to_string()))?;
+        let Some(frame) = frame else {
+            return Err(CallError::ConnectionLost(
+                "stream ended without a receipt".into(),
+            ));
+        };
+        Ok(match frame.kind {
+            FrameType::Head => {
+                AnswerFrame::Head(ResponseHead::decode(&frame.payload).map_err(|e| invalid(&e))?)
+            }
+            FrameType::Body => AnswerFrame::Body(frame.payload),
+            FrameType::Receipt => AnswerFrame::Final(Box::new(RawFinal::Receipt(
+                message::open_from(&frame.payload, &self.gateway).map_err(|e| invalid(&e))?,
+            ))),
+            FrameType::Refusal => AnswerFrame::Final(Box::new(RawFinal::Refusal(
+                message::open_from(&frame.payload, &self.gateway).map_err(|e| invalid(&e))?,
+            ))),
+            FrameType::Grant => AnswerFrame::Final(Box::new(RawFinal::Grant(
+                message::open_from(&frame.payload, &self.gateway).map_err(|e| invalid(&e))?,
+            ))),
+            other => {
+                return Err(CallError::InvalidAnswer(format!(
+                    "unexpected frame {other:?}"
+                )));
+            }
+        })
+    }
+
+    /// Low level: sends already signed request bytes and a body on a new stream and returns
+    /// what came back, checking only that the final frame is signed by the pinned gateway.
+    /// Records nothing in the chain ([`Client::call`] does).
+    pub async fn send_signed(&self, request: &[u8], body: &[u8]) -> Result<RawAnswer, CallError> {
+        self.exchange(FrameType::Request, request, body).await
+    }
+
+    /// Low level: one stream carrying a first frame of `kind` and the body; returns the answer.
+    pub async fn exchange(
+        &self,
+        kind: FrameType,
+        first: &[u8],
+        body: &[u8],
+    ) -> Result<RawAnswer, CallError> {
+        let mut recv = self.open_stream(kind, first, body).await?;
         let mut dec = FrameDecoder::new();
         let mut head = None;
         let mut resp = Vec::new();
         loop {
-            let frame = wire::next_frame(&mut recv, &mut dec)
-                .await
-                .map_err(|e| lost(&e))?;
-            let Some(frame) = frame else {
-                return Err(CallError::ConnectionLost(
-                    "stream ended without a receipt".into(),
-                ));
-            };
-            match frame.kind {
-                FrameType::Head => {
-                    head = Some(
-                        ResponseHead::decode(&frame.payload)
-                            .map_err(|e| CallError::InvalidAnswer(e.to_string()))?,
-                    )
-                }
-                FrameType::Body => resp.extend_from_slice(&frame.payload),
-                FrameType::Receipt => {
-                    let r = message::open_from::<Receipt>(&frame.payload, &self.gateway)
-                        .map_err(|e| CallError::InvalidAnswer(e.to_string()))?;
+            match self.read_answer_frame(&mut recv, &mut dec).await? {
+                AnswerFrame::Head(h) => head = Some(h),
+                AnswerFrame::Body(b) => resp.extend_from_slice(&b),
+                AnswerFrame::Final(last) => {
                     return Ok(RawAnswer {
                         head,
                         body: resp,
-                        last: RawFinal::Receipt(r),
+                        last: *last,
                     });
-                }
-                FrameType::Refusal => {
-                    let r = message::open_from::<Refusal>(&frame.payload, &self.gateway)
-                        .map_err(|e| CallError::InvalidAnswer(e.to_string()))?;
-                    return Ok(RawAnswer {
-                        head,
-                        body: resp,
-                        last: RawFinal::Refusal(r),
-                    });
-                }
-                other => {
-                    return Err(CallError::InvalidAnswer(format!(
-                        "unexpected frame {other:?}"
-                    )));
                 }
             }
         }
     }
+}
+
+/// One frame of an answer, terminal frames verified.
+enum AnswerFrame {
+    Head(ResponseHead),
+    Body(bytes::Bytes),
+    Final(Box<RawFinal>),
+}
+
+/// How a call's answer ended, as the result entry records it.
+enum Ending {
+    /// No valid terminal frame (connection lost, invalid frame).
+    Lost(CallError),
+    /// A terminal frame after the head (if any) and a body of `len` bytes with digest `b3`.
+    Final {
+        head: Option<ResponseHead>,
+        len: u64,
+        b3: [u8; 32],
+        last: Box<RawFinal>,
+    },
+}
+
+fn lost_without_cause() -> CallError {
+    CallError::ConnectionLost("outcome unknown".into())
+}
+
+/// A call whose response body arrives as the gateway relays it ([`Client::call_streaming`]).
+///
+/// Read it with [`StreamingAnswer::next_chunk`] until it returns `Ok(None)`: by then the
+/// gateway's receipt has been verified against the body's length and digest (computed on the
+/// fly) and recorded in the local chain. A refusal after the head (the upstream failed, the
+/// response was too large) is returned as the error of `next_chunk`, recorded likewise.
+/// Dropping it unfinished stops the stream and records the outcome as `unknown` (the call
+/// executed, or is executing, at the gateway).
+pub struct StreamingAnswer<'a> {
+    client: &'a Client,
+    call: [u8; 32],
+    head: ResponseHead,
+    recv: quinn::RecvStream,
+    dec: FrameDecoder,
+    hasher: blake3::Hasher,
+    len: u64,
+    receipt: Option<message::Signed<Receipt>>,
+    done: bool,
+}
+
+impl std::fmt::Debug for StreamingAnswer<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StreamingAnswer")
+            .field("call", &hex::encode(self.call))
+            .field("status", &self.head.status)
+            .field("len", &self.len)
+            .field("done", &self.done)
+            .finish_non_exhaustive()
+    }
+}
+
+impl StreamingAnswer<'_> {
+    /// The call ID.
+    pub fn call(&self) -> [u8; 32] {
+        self.call
+    }
+
+    /// Upstream HTTP status (from the unsigned head; the receipt confirms it at the end).
+    pub fn status(&self) -> u16 {
+        self.head.status
+    }
+
+    /// Response headers.
+    pub fn headers(&self) -> &[(String, String)] {
+        &self.head.headers
+    }
+
+    /// Body bytes received so far.
+    pub fn received(&self) -> u64 {
+        self.len
+    }
+
+    /// The next body chunk as it arrives; `Ok(None)` once the body ended and the receipt was
+    /// verified and recorded. After an error or the end, returns `Ok(None)`.
+    pub async fn next_chunk(&mut self) -> Result<Option<bytes::Bytes>, CallError> {
+        if self.done {
+            return Ok(None);
+        }
+        let frame = self
+            .client
+            .read_answer_frame(&mut self.recv, &mut self.dec)
+            .await;
+        let ending = match frame {
+            Ok(AnswerFrame::Body(b)) => {
+                self.hasher.update(&b);
+                self.len += b.len() as u64;
+                return Ok(Some(b));
+            }
+            Ok(AnswerFrame::Head(_)) => {
+                Ending::Lost(CallError::InvalidAnswer("a second response head".into()))
+            }
+            Ok(AnswerFrame::Final(last)) => Ending::Final {
+                head: Some(self.head.clone()),
+                len: self.len,
+                b3: *self.hasher.finalize().as_bytes(),
+                last,
+            },
+            Err(e) => Ending::Lost(e),
+        };
+        self.done = true;
+        if matches!(ending, Ending::Lost(_)) {
+            self.recv.stop(0u32.into()).ok();
+        }
+        let (_, r) = self.client.record_result(self.call, ending).await?;
+        self.receipt = Some(r);
+        Ok(None)
+    }
+
+    /// The verified receipt, once [`StreamingAnswer::next_chunk`] returned `Ok(None)`.
+    pub fn receipt(&self) -> Option<&Receipt> {
+        self.receipt.as_ref().map(|r| &r.message)
+    }
+
+    /// The receipt as signed, once verified.
+    pub fn receipt_bytes(&self) -> Option<&[u8]> {
+        self.receipt.as_ref().map(|r| r.bytes.as_slice())
+    }
+
+    /// Reads (and discards) the rest of the body, then returns the verified receipt.
+    pub async fn finish(mut self) -> Result<Receipt, CallError> {
+        while self.next_chunk().await?.is_some() {}
+        self.receipt
+            .take()
+            .map(|r| r.message)
+            .ok_or_else(|| CallError::InvalidAnswer("no receipt".into()))
+    }
+}
+
+impl Drop for StreamingAnswer<'_> {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        // Abandoned mid-body: stop reading (the gateway records the call as failed, client gone)
+        // and record the outcome as unknown, as for a lost connection.
+        self.recv.stop(0u32.into()).ok();
+        let mut result = Entry::new(EntryKind::Result, now_ms());
+        result.call = Some(self.call);
+        result.outcome = Some(Outcome::Unknown);
+        result.detail = Some(format!(
+            "streamed answer dropped by the caller after {} body bytes",
+            self.len
+        ));
+        let chain = self.client.chain.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = chain.append_entry(result).await {
+                    tracing::warn!(%e, "cannot record an abandoned streamed call");
+                }
+            });
+        }
+    }
+}
+
+/// A signed, single-use grant the gateway issued for one call (two-step flow).
+#[derive(Debug, Clone)]
+pub struct IssuedGrant {
+    /// The call ID it answers.
+    pub call: [u8; 32],
+    /// The grant: id, subject, exact scope, expiry.
+    pub grant: GrantBody,
+    /// The grant as signed by the gateway.
+    pub bytes: Vec<u8>,
+    /// The body the request was signed over.
+    pub body: Vec<u8>,
 }
 
 fn split_query(path: &str, extra: &[(String, String)]) -> (String, Vec<(String, String)>) {
@@ -456,13 +830,14 @@ fn split_query(path: &str, extra: &[(String, String)]) -> (String, Vec<(String, 
 fn check_receipt(
     call: [u8; 32],
     head: Option<&ResponseHead>,
-    body: &[u8],
+    len: u64,
+    b3: &[u8; 32],
     r: &Receipt,
 ) -> Result<(), String> {
     if r.call != call {
         return Err("receipt is for another call".into());
     }
-    if r.resp_b3 != *blake3::hash(body).as_bytes() || r.resp_len != body.len() as u64 {
+    if r.resp_b3 != *b3 || r.resp_len != len {
         return Err("response body does not match the receipt's digest".into());
     }
     if head.is_some_and(|h| h.status != r.status) {

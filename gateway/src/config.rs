@@ -6,6 +6,8 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::limits::RateLimit;
+
 /// How an upstream's secret is injected into the request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
@@ -46,6 +48,38 @@ pub struct Upstream {
     /// Request headers a caller may set (lower case).
     #[serde(default = "default_headers")]
     pub allow_headers: Vec<String>,
+    /// Path of a harmless `GET` that `didgated secret test` sends with the secret injected,
+    /// e.g. `/v1/balance` (absolute, no query).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub test_path: Option<String>,
+    /// The upstream runs on this machine or a private network: its host may resolve to (or
+    /// be) a loopback or private address. Otherwise such addresses are refused (specs/protocol.md,
+    /// "Limits and egress").
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub local: bool,
+    /// Connect and read timeout for this upstream, seconds (default: `upstream_timeout_secs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u64>,
+    /// Rate of calls to this upstream from all callers (default: `[gateway]`
+    /// `rate_per_upstream`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_per_upstream: Option<RateLimit>,
+    /// Calls in flight to this upstream from all callers, 0 = unlimited (default: `[gateway]`
+    /// `max_concurrent_per_upstream`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_per_upstream: Option<u64>,
+    /// Rate of calls from each DID to this upstream, on top of `[gateway]` `rate_per_did`
+    /// (default: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_per_did: Option<RateLimit>,
+    /// Calls in flight from each DID to this upstream, 0 = unlimited, on top of `[gateway]`
+    /// `max_concurrent_per_did` (default: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_per_did: Option<u64>,
+    /// Largest response body relayed from this upstream, bytes, 0 = unlimited (default:
+    /// `[gateway]` `max_response_bytes`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_response_bytes: Option<u64>,
 }
 
 fn default_headers() -> Vec<String> {
@@ -93,6 +127,33 @@ pub struct Settings {
     /// ... and at least every this many seconds while entries are added (and at shutdown).
     #[serde(default = "d_cp_secs")]
     pub checkpoint_every_secs: u64,
+    /// How long a secret version replaced by `secret rotate` stays usable, seconds.
+    #[serde(default = "d_grace")]
+    pub secret_grace_secs: u64,
+    /// Cedar policy file, relative to the data directory (specs/protocol.md, "Policy"). When
+    /// absent, the `[[rule]]` list is translated into Cedar.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_file: Option<String>,
+    /// Cedar entities file (JSON) adding Did and Group membership, relative to the data
+    /// directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entities_file: Option<String>,
+    /// Rate of calls from each DID, across all upstreams (`burst = 0`: unlimited).
+    #[serde(default = "d_rate_did")]
+    pub rate_per_did: RateLimit,
+    /// Default rate of calls to each upstream, across all callers (`burst = 0`, the default:
+    /// unlimited).
+    #[serde(default = "d_rate_up")]
+    pub rate_per_upstream: RateLimit,
+    /// Calls in flight from each DID, across all upstreams (0 = unlimited).
+    #[serde(default = "d_conc_did")]
+    pub max_concurrent_per_did: u64,
+    /// Default number of calls in flight to each upstream (0 = unlimited).
+    #[serde(default = "d_conc_up")]
+    pub max_concurrent_per_upstream: u64,
+    /// Default largest response body relayed, bytes (0 = unlimited).
+    #[serde(default = "d_resp")]
+    pub max_response_bytes: u64,
 }
 
 impl Settings {
@@ -107,12 +168,45 @@ impl Settings {
             refusal_window_secs: d_window(),
             checkpoint_every_entries: d_cp_entries(),
             checkpoint_every_secs: d_cp_secs(),
+            secret_grace_secs: d_grace(),
+            policy_file: None,
+            entities_file: None,
+            rate_per_did: d_rate_did(),
+            rate_per_upstream: d_rate_up(),
+            max_concurrent_per_did: d_conc_did(),
+            max_concurrent_per_upstream: d_conc_up(),
+            max_response_bytes: d_resp(),
         }
     }
 }
 
+fn d_rate_did() -> RateLimit {
+    RateLimit {
+        burst: 1000,
+        per_sec: 100.0,
+    }
+}
+fn d_rate_up() -> RateLimit {
+    RateLimit {
+        burst: 0,
+        per_sec: 0.0,
+    }
+}
+fn d_conc_did() -> u64 {
+    64
+}
+fn d_conc_up() -> u64 {
+    1024
+}
+fn d_resp() -> u64 {
+    128 * 1024 * 1024
+}
+
 fn d_cp_entries() -> u64 {
     4096
+}
+fn d_grace() -> u64 {
+    crate::secrets::DEFAULT_GRACE_SECS
 }
 fn d_cp_secs() -> u64 {
     60
@@ -196,18 +290,39 @@ impl Config {
                     u.name
                 ));
             }
+            if let Some(p) = &u.test_path
+                && (!p.starts_with('/') || p.contains(['?', '#']))
+            {
+                return bad(format!(
+                    "upstream {}: test_path must start with '/' and hold no query",
+                    u.name
+                ));
+            }
             if u.base_url.ends_with('/') {
                 return bad(format!(
                     "upstream {}: base_url must not end with '/'",
                     u.name
                 ));
             }
+            for r in [u.rate_per_upstream, u.rate_per_did].into_iter().flatten() {
+                r.validate()
+                    .map_err(|e| ConfigError::Invalid(format!("upstream {}: {e}", u.name)))?;
+            }
+        }
+        for r in [self.gateway.rate_per_did, self.gateway.rate_per_upstream] {
+            r.validate().map_err(ConfigError::Invalid)?;
         }
         for (name, members) in &self.groups {
             for m in members {
                 didgate_protocol::Did::parse(m)
                     .map_err(|e| ConfigError::Invalid(format!("group {name}: {m}: {e}")))?;
             }
+        }
+        if self.gateway.policy_file.is_some() && !self.rules.is_empty() {
+            return bad(
+                "give policy_file or [[rule]] entries, not both (the rules would be ignored)"
+                    .into(),
+            );
         }
         for (i, r) in self.rules.iter().enumerate() {
             if !self.upstreams.iter().any(|u| u.name == r.upstream) {
@@ -257,6 +372,26 @@ refusal_window_secs = 10
 # entries arrive, and at shutdown.
 checkpoint_every_entries = 4096
 checkpoint_every_secs = 60
+# A secret replaced by `didgated secret rotate` stays usable this long, seconds, then is
+# sealed off (its ciphertext deleted).
+secret_grace_secs = 3600
+# Policy in Cedar (specs/protocol.md, "Policy"), relative to this directory. `didgated init`
+# writes a commented example policies.cedar; check it with `didgated policy check FILE`, apply
+# changes with `didgated policy reload` or SIGHUP. Without policy_file, the [[rule]] list below
+# is the policy. An optional Cedar entities file (JSON) adds Did -> Group membership.
+# policy_file = "policies.cedar"
+# entities_file = "entities.json"
+# Limits (specs/protocol.md, "Limits and egress"). A call over a limit is refused
+# `rate_limited` (audited) before it consumes a grant. Rates are token buckets: `burst` calls at
+# once, refilled at `per_sec` per second; burst = 0 is unlimited, per_sec = 0 never refills.
+rate_per_did = {{ burst = 1000, per_sec = 100 }}
+rate_per_upstream = {{ burst = 0, per_sec = 0 }}
+# Calls in flight (0 = unlimited).
+max_concurrent_per_did = 64
+max_concurrent_per_upstream = 1024
+# Largest response body relayed, bytes (0 = unlimited); a larger one fails the call
+# `response_too_large`.
+max_response_bytes = 134217728
 
 # An upstream API. The secret is stored encrypted with `didgated secret add NAME` (stdin).
 # auth: {{ kind = "bearer" }} | {{ kind = "basic", user = "U" }} | {{ kind = "header", name = "x-api-key" }}
@@ -268,13 +403,28 @@ checkpoint_every_secs = 60
 # secret = "payments-key"
 # allowed_hosts = ["api.example.com"]
 # allow_headers = ["content-type", "accept"]
+# A harmless GET that `didgated secret test payments-key` sends with the key injected.
+# test_path = "/v1/balance"
+# Egress: only allowed_hosts are reachable, no redirect is followed, and a host that is or
+# resolves to a loopback, private, link-local or other non-public address is refused unless
+# local = true (an upstream on this machine or a private network).
+# local = false
+# Per-upstream overrides of the [gateway] values (timeout, rate and concurrency of all calls to
+# this upstream, response size), and limits per DID on this upstream:
+# timeout_secs = 30
+# rate_per_upstream = {{ burst = 100, per_sec = 25 }}
+# max_concurrent_per_upstream = 32
+# max_response_bytes = 10485760
+# rate_per_did = {{ burst = 10, per_sec = 1 }}
+# max_concurrent_per_did = 4
 
 # Named groups of DIDs.
 [groups]
 # payers = ["did:key:z6Mk..."]
 
-# Policy: default deny. A rule allows principals (DIDs or group:NAME) some methods and path
-# patterns (exact, `*` = one segment, final `**` = any remainder) on one upstream.
+# Policy: default deny. Without policy_file, a rule allows principals (DIDs or group:NAME)
+# some methods and path patterns (exact, `*` = one segment, final `**` = any remainder) on one
+# upstream; the rules are translated into Cedar policies named rule-0, rule-1, ...
 # [[rule]]
 # principals = ["group:payers"]
 # upstream = "payments"
@@ -294,5 +444,108 @@ mod tests {
             .expect("template parses");
         cfg.validate().expect("valid");
         assert!(cfg.rules.is_empty(), "default deny");
+    }
+
+    #[test]
+    fn limit_keys_parse_with_defaults_and_overrides() {
+        let text = r#"
+[gateway]
+listen = "127.0.0.1:7443"
+rate_per_did = { burst = 5, per_sec = 0.5 }
+max_concurrent_per_did = 2
+
+[[upstream]]
+name = "payments"
+base_url = "https://api.example.com"
+auth = { kind = "bearer" }
+secret = "k"
+allowed_hosts = ["api.example.com"]
+rate_per_upstream = { burst = 100, per_sec = 25 }
+rate_per_did = { burst = 3, per_sec = 0 }
+max_response_bytes = 0
+timeout_secs = 5
+
+[[upstream]]
+name = "local"
+base_url = "http://127.0.0.1:8080"
+auth = { kind = "bearer" }
+secret = "k"
+allowed_hosts = ["127.0.0.1"]
+local = true
+"#;
+        let cfg: Config = toml::from_str(text).expect("parses");
+        cfg.validate().expect("valid");
+        let g = &cfg.gateway;
+        assert_eq!(
+            g.rate_per_did,
+            RateLimit {
+                burst: 5,
+                per_sec: 0.5
+            }
+        );
+        assert_eq!(g.rate_per_upstream.burst, 0, "unlimited by default");
+        assert_eq!(
+            (g.max_concurrent_per_did, g.max_concurrent_per_upstream),
+            (2, 1024)
+        );
+        assert_eq!(g.max_response_bytes, 128 * 1024 * 1024);
+        let up = &cfg.upstreams[0];
+        assert!(!up.local, "local defaults to false");
+        assert_eq!(
+            up.rate_per_did,
+            Some(RateLimit {
+                burst: 3,
+                per_sec: 0.0
+            })
+        );
+        assert_eq!(up.max_response_bytes, Some(0));
+        assert_eq!(up.timeout_secs, Some(5));
+        assert!(cfg.upstreams[1].local);
+        // what the harness and the demo write reads back the same
+        let again: Config =
+            toml::from_str(&toml::to_string(&cfg).expect("serializes")).expect("reparses");
+        assert_eq!(again, cfg);
+
+        let bad = text.replace("per_sec = 0.5", "per_sec = -1");
+        let cfg: Config = toml::from_str(&bad).expect("parses");
+        assert!(matches!(cfg.validate(), Err(ConfigError::Invalid(_))));
+        let unknown = text.replace("local = true", "local = true\nburst = 3");
+        assert!(
+            toml::from_str::<Config>(&unknown).is_err(),
+            "unknown keys are refused"
+        );
+    }
+
+    #[test]
+    fn policy_file_excludes_rules() {
+        let mut cfg: Config = toml::from_str(&template("127.0.0.1:7443".parse().expect("addr")))
+            .expect("template parses");
+        cfg.gateway.policy_file = Some("policies.cedar".into());
+        cfg.validate().expect("a policy file alone is valid");
+        cfg.rules.push(Rule {
+            principals: vec![],
+            upstream: "payments".into(),
+            methods: vec![],
+            paths: vec![],
+        });
+        cfg.upstreams.push(Upstream {
+            name: "payments".into(),
+            base_url: "https://api.example.com".into(),
+            auth: Auth::Bearer,
+            secret: "k".into(),
+            allowed_hosts: vec!["api.example.com".into()],
+            allow_headers: default_headers(),
+            test_path: None,
+            local: false,
+            timeout_secs: None,
+            rate_per_upstream: None,
+            max_concurrent_per_upstream: None,
+            rate_per_did: None,
+            max_concurrent_per_did: None,
+            max_response_bytes: None,
+        });
+        assert!(matches!(cfg.validate(), Err(ConfigError::Invalid(_))));
+        let text = toml::to_string(&cfg).expect("serializes");
+        assert!(text.contains("policy_file = \"policies.cedar\""));
     }
 }

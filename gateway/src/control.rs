@@ -30,6 +30,61 @@ pub enum Request {
     Checkpoint,
     /// The gateway's DID and chain head.
     Status,
+    /// Revoke a DID (`did`) or a grant (`grant`, 32 hex digits).
+    Revoke {
+        /// The DID to revoke.
+        #[serde(default)]
+        did: Option<String>,
+        /// The grant id to revoke, hex.
+        #[serde(default)]
+        grant: Option<String>,
+        /// Why (recorded in the audit entry).
+        reason: String,
+    },
+    /// Add a secret (`didgated secret add`); the value travels over this socket only.
+    SecretAdd {
+        /// Secret name.
+        name: String,
+        /// The value (redacted in `Debug`).
+        value: crate::secrets::SecretValue,
+    },
+    /// Rotate a secret to a new value (`didgated secret rotate`).
+    SecretRotate {
+        /// Secret name.
+        name: String,
+        /// The new value (redacted in `Debug`).
+        value: crate::secrets::SecretValue,
+    },
+    /// Disable a secret: calls get `secret_unavailable`.
+    SecretDisable {
+        /// Secret name.
+        name: String,
+    },
+    /// Enable a secret, or restore a deleted one.
+    SecretEnable {
+        /// Secret name.
+        name: String,
+    },
+    /// Soft-delete a secret (recoverable for 90 days).
+    SecretDelete {
+        /// Secret name.
+        name: String,
+    },
+    /// Every secret's name, version, prefix, status and last use (never a value).
+    SecretList,
+    /// Test a secret against each upstream using it (`test_path`).
+    SecretTest {
+        /// Secret name.
+        name: String,
+        /// A version still held (default: the current one).
+        #[serde(default)]
+        version: Option<u64>,
+    },
+    /// Rotate the master key: rewrap every data key.
+    KmsRotate,
+    /// Re-read and validate the policy (`didgated policy reload`, SIGHUP) and swap it in
+    /// atomically; on an error the set in force stays.
+    PolicyReload,
 }
 
 /// A control reply.
@@ -49,6 +104,18 @@ pub struct Reply {
     /// Checkpoints exported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoints: Option<u64>,
+    /// Secrets acted on (secret commands) or listed (`secret_list`); never a value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secrets: Option<Vec<crate::secrets::SecretInfo>>,
+    /// Outcomes of `secret_test`, one per upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probes: Option<Vec<crate::secrets::Probe>>,
+    /// Outcome of `kms_rotate`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kms: Option<crate::secrets::KmsRotation>,
+    /// Hash of the policy set in force, 64 lowercase hex digits (`status`, `policy_reload`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
 }
 
 fn failure(e: impl std::fmt::Display) -> Reply {
@@ -107,7 +174,8 @@ async fn handle(gw: Arc<Gateway>, stream: UnixStream, owner: u32) -> std::io::Re
     let reply = if !allowed {
         failure("peer is not the daemon's user")
     } else {
-        let mut line = String::new();
+        // may hold a secret value (secret_add, secret_rotate): sized once, zeroized on drop
+        let mut line = zeroize::Zeroizing::new(String::with_capacity(64 * 1024 + 1));
         let mut reader = BufReader::new(read).take(64 * 1024);
         reader.read_line(&mut line).await?;
         match serde_json::from_str::<Request>(&line) {
@@ -123,15 +191,51 @@ async fn handle(gw: Arc<Gateway>, stream: UnixStream, owner: u32) -> std::io::Re
 async fn execute(gw: &Arc<Gateway>, req: Request) -> Reply {
     let chain = gw.chain().clone();
     match req {
+        req @ (Request::SecretAdd { .. }
+        | Request::SecretRotate { .. }
+        | Request::SecretDisable { .. }
+        | Request::SecretEnable { .. }
+        | Request::SecretDelete { .. }
+        | Request::SecretList
+        | Request::SecretTest { .. }
+        | Request::KmsRotate) => {
+            crate::secrets::control(gw.secrets(), Some(gw.config()), &req).await
+        }
+        Request::Revoke { did, grant, reason } => {
+            match crate::gateway::parse_revoke(did.as_deref(), grant.as_deref()) {
+                Ok(target) => match gw.revoke(&target, &reason).await {
+                    Ok(entry) => Reply {
+                        ok: true,
+                        entries: Some(entry.seq + 1),
+                        ..Default::default()
+                    },
+                    Err(e) => failure(e),
+                },
+                Err(e) => failure(e),
+            }
+        }
         Request::Status => match chain.head() {
             Ok(h) => Reply {
                 ok: true,
                 did: Some(gw.did().to_string()),
                 entries: Some(h.seq + 1),
+                policy: Some(hex::encode(gw.policy().hash())),
                 ..Default::default()
             },
             Err(e) => failure(e),
         },
+        Request::PolicyReload => {
+            let gw = gw.clone();
+            match tokio::task::spawn_blocking(move || gw.reload_policy()).await {
+                Ok(Ok(hash)) => Reply {
+                    ok: true,
+                    policy: Some(hex::encode(hash)),
+                    ..Default::default()
+                },
+                Ok(Err(e)) => failure(e),
+                Err(e) => failure(e),
+            }
+        }
         Request::Checkpoint => {
             match tokio::task::spawn_blocking(move || chain.checkpoint()).await {
                 Ok(Ok(())) => Reply {
@@ -170,12 +274,14 @@ pub async fn call(data: &Path, req: &Request) -> Option<std::io::Result<Reply>> 
     Some(
         async {
             let (read, mut write) = stream.into_split();
-            let mut line = serde_json::to_vec(req).map_err(std::io::Error::other)?;
+            // may hold a secret value: sized once so no copy is left behind, zeroized on drop
+            let mut line = zeroize::Zeroizing::new(Vec::with_capacity(64 * 1024 + 1));
+            serde_json::to_writer(&mut *line, req).map_err(std::io::Error::other)?;
             line.push(b'\n');
             write.write_all(&line).await?;
             let mut answer = String::new();
             BufReader::new(read)
-                .take(64 * 1024)
+                .take(4 * 1024 * 1024)
                 .read_line(&mut answer)
                 .await?;
             serde_json::from_str(&answer).map_err(std::io::Error::other)

@@ -74,6 +74,15 @@ pub async fn run(root: &Path) -> anyhow::Result<DemoOutcome> {
             secret: "payments-key".into(),
             allowed_hosts: vec!["127.0.0.1".into()],
             allow_headers: vec!["content-type".into(), "accept".into()],
+            test_path: Some("/v1/balance".into()),
+            // the demo upstream listens on 127.0.0.1
+            local: true,
+            timeout_secs: None,
+            rate_per_upstream: None,
+            max_concurrent_per_upstream: None,
+            rate_per_did: None,
+            max_concurrent_per_did: None,
+            max_response_bytes: None,
         }],
         groups: [("readers".to_string(), vec![bob.1.clone()])]
             .into_iter()
@@ -193,7 +202,7 @@ pub async fn run(root: &Path) -> anyhow::Result<DemoOutcome> {
                     RawFinal::Refusal(r) => {
                         format!("refused ({}): {}", r.message.code, r.message.reason)
                     }
-                    RawFinal::Receipt(_) => "EXECUTED AGAIN".into(),
+                    _ => "EXECUTED AGAIN".into(),
                 },
                 Err(e) => e.to_string(),
             },

@@ -26,8 +26,9 @@ use didgate_protocol::{Did, Identity};
 use tokio::sync::watch;
 
 use crate::config::{Config, Upstream};
-use crate::kms::{Kms, LocalKms, SecretRecord};
-use crate::policy::{Decision, Policy};
+use crate::limits::{self, Limits, Permit, Stage};
+use crate::policy::{PolicyError, PolicySet, RequestContext};
+use crate::secrets::Secrets;
 use crate::{now_ms, upstream};
 
 /// Keyspace of replay keys (`c` || call ID, `n` || DID key || nonce) -> expiry (u64be ms).
@@ -36,10 +37,75 @@ pub const REPLAY: &str = "replay";
 pub const GRANTS: &str = "grants";
 /// Keyspace of client heads seen: signer key (32) || chain id || seq (u64be) -> hash.
 pub const HEADS: &str = "heads";
-/// Keyspace of secrets: name -> [`SecretRecord`].
+/// Keyspace of secrets: name -> [`crate::secrets::SecretRecord`].
 pub const SECRETS: &str = "secrets";
+/// Keyspace of revocations: `d` || DID text, or `g` || grant id -> reason (UTF-8).
+pub const REVOKED: &str = "revoked";
 /// Every keyspace of the gateway's store besides the chain's own.
-pub const SPACES: &[&str] = &[REPLAY, GRANTS, HEADS, SECRETS];
+pub const SPACES: &[&str] = &[REPLAY, GRANTS, HEADS, SECRETS, REVOKED];
+
+/// How long the gateway waits for each of a call's frames (a stalled stream is freed).
+const FRAME_DEADLINE: Duration = Duration::from_secs(10);
+
+/// What the gateway keeps of a grant it issued, under `i` || grant id in [`GRANTS`].
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IssuedGrant {
+    /// The signed request the grant answers.
+    #[serde(with = "serde_bytes")]
+    request: Vec<u8>,
+    /// Expiry, ms.
+    expires_ms: u64,
+}
+
+/// The refusal for a failed claim of [`Gateway::request_claims`] (index 2 is the head).
+fn request_conflict(index: usize) -> Refuse {
+    match index {
+        2 => refuse(
+            RefusalCode::ChainFork,
+            "client chain head contradicts one already seen",
+        ),
+        0 | 1 => refuse(
+            RefusalCode::Replay,
+            "this request (call ID or nonce) was already seen",
+        ),
+        _ => refuse(RefusalCode::GrantInvalid, "the grant id is already in use"),
+    }
+}
+
+/// What an operator revokes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Revoke {
+    /// Every call of this DID, from the next request on, including calls in flight that have
+    /// not reached the upstream; its open connections are closed.
+    Did(Did),
+    /// One grant (two-step flow, or a pipelined call in flight).
+    Grant([u8; 16]),
+}
+
+/// Parses a revocation target: exactly one of a DID or a grant id (32 hex digits).
+pub fn parse_revoke(did: Option<&str>, grant: Option<&str>) -> Result<Revoke, String> {
+    match (did, grant) {
+        (Some(d), None) => Did::parse(d)
+            .map(Revoke::Did)
+            .map_err(|e| format!("{d}: {e}")),
+        (None, Some(g)) => {
+            let mut id = [0u8; 16];
+            hex::decode_to_slice(g, &mut id)
+                .map_err(|_| format!("{g}: a grant id is 32 hex digits"))?;
+            Ok(Revoke::Grant(id))
+        }
+        _ => Err("name exactly one of a DID or a grant id".into()),
+    }
+}
+
+fn revoked_did_key(did: &Did) -> Vec<u8> {
+    [b"d".as_slice(), did.as_str().as_bytes()].concat()
+}
+
+fn revoked_grant_key(id: &[u8; 16]) -> Vec<u8> {
+    [b"g".as_slice(), id].concat()
+}
 
 /// Files of a gateway data directory.
 #[derive(Debug, Clone)]
@@ -79,12 +145,18 @@ pub enum StartError {
     /// Configuration.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    /// The policy set (specs/protocol.md, "Policy").
+    #[error("policy: {0}")]
+    Policy(#[from] PolicyError),
     /// Identity file.
     #[error(transparent)]
     Identity(#[from] didgate_client::identity::IdentityError),
     /// KMS.
     #[error(transparent)]
     Kms(#[from] crate::kms::KmsError),
+    /// Secrets (an interrupted master-key rotation that cannot be repaired, a record).
+    #[error(transparent)]
+    Secrets(#[from] crate::secrets::SecretError),
     /// Store.
     #[error(transparent)]
     Store(#[from] didgate_audit::StoreError),
@@ -107,11 +179,21 @@ struct Aggregate {
 pub struct Gateway {
     identity: Arc<Identity>,
     config: Config,
-    policy: Policy,
+    /// The data directory (the policy is reloaded from it).
+    dir: PathBuf,
+    /// The policy set in force: a reload swaps the `Arc`; a call keeps the one it started with.
+    policy: std::sync::RwLock<Arc<PolicySet>>,
     chain: Chain,
-    kms: Box<dyn Kms>,
-    http: reqwest::Client,
+    secrets: Arc<Secrets>,
+    /// One HTTP client per upstream, each with its egress resolver ([`upstream::Egress`]).
+    http: upstream::Egress,
+    /// Rate and concurrency limits ([`crate::limits`]).
+    limits: Limits,
     aggregate: Mutex<Aggregate>,
+    /// Revocation keys ([`REVOKED`]), loaded at start and kept in step with the store.
+    revoked: std::sync::RwLock<std::collections::HashSet<Vec<u8>>>,
+    /// Open connections by peer DID, so a revocation can close them.
+    conns: Mutex<HashMap<Did, Vec<quinn::Connection>>>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -120,6 +202,32 @@ impl std::fmt::Debug for Gateway {
             .field("did", self.identity.did())
             .finish_non_exhaustive()
     }
+}
+
+tokio::task_local! {
+    /// The policy snapshot of the call the current task handles: taken when the call's stream
+    /// starts, so a reload never changes the set that decides (and is recorded for) a call
+    /// under way.
+    static CALL_POLICY: CallPolicy;
+}
+
+/// The policy set deciding one call, and the grant lifetime its decision allowed.
+struct CallPolicy {
+    set: Arc<PolicySet>,
+    ttl_secs: Mutex<Option<u64>>,
+    /// The call's concurrency slots ([`Gateway::limit`]), given back right before its terminal
+    /// frame is sent (or when the call's task ends).
+    permit: Mutex<Option<Permit>>,
+}
+
+/// Gives back the current call's concurrency slots.
+fn release_call_permit() {
+    let _ = CALL_POLICY.try_with(|c| c.permit.lock().unwrap_or_else(|p| p.into_inner()).take());
+}
+
+/// The hash of the policy set deciding the current call (`None` outside a call).
+fn call_policy_hash() -> Option<[u8; 32]> {
+    CALL_POLICY.try_with(|c| c.set.hash()).ok()
 }
 
 /// A refusal decided before any grant was consumed.
@@ -143,26 +251,45 @@ impl Gateway {
         let d = DataDir::new(dir);
         let config = Config::load(&d.config())?;
         let identity = Arc::new(didgate_client::identity::load(&d.identity())?);
-        let kms = LocalKms::load(&d.master_key())?;
         let store = Store::open(&d.store(), SPACES)?;
+        let secrets = Arc::new(Secrets::open(
+            dir,
+            store.clone(),
+            config.gateway.secret_grace_secs,
+            now_ms(),
+        )?);
         let policy = CheckpointPolicy {
             every_entries: config.gateway.checkpoint_every_entries.max(1),
             every: Duration::from_secs(config.gateway.checkpoint_every_secs.max(1)),
         };
         let chain = Chain::open(store, identity.clone(), Role::Gateway, now_ms(), policy)?;
-        let http = upstream::http_client(Duration::from_secs(config.gateway.upstream_timeout_secs))
-            .map_err(|e| StartError::Transport(e.to_string()))?;
-        let policy = Policy::new(&config.rules, &config.groups);
+        let http =
+            upstream::Egress::new(&config).map_err(|e| StartError::Transport(e.to_string()))?;
+        let policy = std::sync::RwLock::new(Arc::new(PolicySet::load(dir, &config)?));
         let gw = Self {
             identity,
             config,
+            dir: dir.to_path_buf(),
             policy,
             chain,
-            kms: Box::new(kms),
+            secrets,
             http,
+            limits: Limits::default(),
             aggregate: Mutex::new(Aggregate::default()),
+            revoked: Default::default(),
+            conns: Mutex::new(HashMap::new()),
         };
         gw.recover().await?;
+        {
+            let keys = gw
+                .chain
+                .store()
+                .scan(REVOKED, b"")?
+                .into_iter()
+                .map(|(k, _)| k)
+                .collect();
+            *gw.revoked.write().unwrap_or_else(|p| p.into_inner()) = keys;
+        }
         Ok(gw)
     }
 
@@ -181,9 +308,154 @@ impl Gateway {
         &self.chain
     }
 
+    /// The policy set in force (calls already started keep theirs).
+    pub fn policy(&self) -> Arc<PolicySet> {
+        self.policy
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Re-reads `gateway.toml` (its policy parts: `policy_file`, `entities_file`, `[groups]`,
+    /// `[[rule]]`) and the policy files, validates them, and swaps the policy set atomically:
+    /// calls in flight finish under the set they started with. On any error the set in force
+    /// stays. Returns the new set's hash.
+    pub fn reload_policy(&self) -> Result<[u8; 32], PolicyError> {
+        let d = DataDir::new(&self.dir);
+        let config = Config::load(&d.config())?;
+        let set = Arc::new(PolicySet::load(&self.dir, &config)?);
+        let hash = set.hash();
+        *self.policy.write().unwrap_or_else(|p| p.into_inner()) = set;
+        tracing::info!(policy = %hex::encode(hash), "policy reloaded");
+        Ok(hash)
+    }
+
+    /// The policy set deciding the current call (see [`CALL_POLICY`]).
+    fn call_policy(&self) -> Arc<PolicySet> {
+        CALL_POLICY
+            .try_with(|c| c.set.clone())
+            .unwrap_or_else(|_| self.policy())
+    }
+
+    /// The grant lifetime for the current call: the configured one, capped by the permits that
+    /// allowed it.
+    fn grant_ttl_secs(&self) -> u64 {
+        let configured = self.config.gateway.grant_ttl_secs;
+        CALL_POLICY
+            .try_with(|c| *c.ttl_secs.lock().unwrap_or_else(|p| p.into_inner()))
+            .ok()
+            .flatten()
+            .map_or(configured, |t| t.min(configured))
+    }
+
+    /// The secrets (lifecycle commands from the control socket, upkeep).
+    pub fn secrets(&self) -> &Arc<Secrets> {
+        &self.secrets
+    }
+
+    fn is_revoked(&self, key: &[u8]) -> bool {
+        self.revoked
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(key)
+    }
+
+    /// Rate and concurrency limits for `stage` of a call of `peer` to `up` (specs/protocol.md,
+    /// "Limits and egress"), checked after policy and before the atomic batch, so a refused call
+    /// consumes no grant and no replay key. Takes the call's tokens; its concurrency slots are
+    /// held until its terminal frame is sent.
+    fn limit(&self, peer: &Did, up: &Upstream, stage: Stage) -> Result<(), Refuse> {
+        let checks = limits::checks(&self.config.gateway, up, peer.as_str(), stage);
+        if checks.is_empty() {
+            return Ok(());
+        }
+        match self.limits.acquire(&checks, self.limits.clock_ms()) {
+            Ok(permit) => {
+                let _ = CALL_POLICY.try_with(|c| {
+                    *c.permit.lock().unwrap_or_else(|p| p.into_inner()) = Some(permit);
+                });
+                Ok(())
+            }
+            Err(e) => Err(refuse(RefusalCode::RateLimited, e.to_string())),
+        }
+    }
+
+    /// Checked again right before the upstream is called: a revocation that arrived while the
+    /// call was in flight still stops it.
+    fn still_allowed(&self, did: &Did, grant: &[u8; 16]) -> Result<(), Refuse> {
+        if self.is_revoked(&revoked_did_key(did)) {
+            return Err(refuse(RefusalCode::Revoked, "this DID is revoked"));
+        }
+        if self.is_revoked(&revoked_grant_key(grant)) {
+            return Err(refuse(RefusalCode::Revoked, "this grant is revoked"));
+        }
+        Ok(())
+    }
+
+    /// Revokes a DID or a grant: durable and audited (a `revocation` entry written in the same
+    /// batch as the revocation record), effective for the next request and for calls in flight
+    /// that have not reached the upstream; a revoked DID's open connections are closed.
+    pub async fn revoke(&self, target: &Revoke, reason: &str) -> Result<EntryRef, AppendError> {
+        let mut entry = Entry::new(EntryKind::Revocation, now_ms());
+        entry.detail = Some(reason.to_string());
+        let key = match target {
+            Revoke::Did(did) => {
+                entry.subject = Some(did.to_string());
+                revoked_did_key(did)
+            }
+            Revoke::Grant(id) => {
+                entry.grant = Some(*id);
+                revoked_grant_key(id)
+            }
+        };
+        let claims = vec![Claim {
+            space: REVOKED,
+            key: key.clone(),
+            value: reason.as_bytes().to_vec(),
+            rule: ClaimRule::Put,
+        }];
+        let appended = self.chain.append(Append { entry, claims }).await?;
+        self.revoked
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key);
+        if let Revoke::Did(did) = target {
+            let open = self
+                .conns
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(did)
+                .unwrap_or_default();
+            for conn in open {
+                conn.close(REVOKED_CLOSE.into(), b"revoked");
+            }
+        }
+        tracing::warn!(?target, reason, "revoked");
+        Ok(appended.entry)
+    }
+
+    /// Registers an open connection of `peer`, so revoking `peer` closes it. A revoked peer may
+    /// still connect: each of its calls gets a signed, audited `revoked` refusal.
+    fn register(&self, peer: &Did, conn: &quinn::Connection) {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        let list = conns.entry(peer.clone()).or_default();
+        list.retain(|c| c.close_reason().is_none());
+        list.push(conn.clone());
+    }
+
+    fn unregister(&self, peer: &Did, conn: &quinn::Connection) {
+        let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(list) = conns.get_mut(peer) {
+            list.retain(|c| c.stable_id() != conn.stable_id() && c.close_reason().is_none());
+            if list.is_empty() {
+                conns.remove(peer);
+            }
+        }
+    }
+
     /// Closes executing entries left open by a crash, and prunes expired replay keys.
     async fn recover(&self) -> Result<(), StartError> {
-        let mut open: HashMap<[u8; 32], u64> = HashMap::new();
+        let mut open: HashMap<[u8; 32], (u64, Option<[u8; 32]>)> = HashMap::new();
         for item in self.chain.store().entries() {
             let (_, bytes) = item?;
             let Ok(e) = Entry::decode(&bytes) else {
@@ -191,7 +463,7 @@ impl Gateway {
             };
             match (e.kind, e.call) {
                 (EntryKind::Executing, Some(c)) => {
-                    open.insert(c, e.seq);
+                    open.insert(c, (e.seq, e.policy));
                 }
                 (EntryKind::Executed | EntryKind::Failed | EntryKind::Abandoned, Some(c)) => {
                     open.remove(&c);
@@ -200,10 +472,11 @@ impl Gateway {
             }
         }
         let mut open: Vec<_> = open.into_iter().collect();
-        open.sort_by_key(|(_, seq)| *seq);
-        for (call, seq) in open {
+        open.sort_by_key(|(_, (seq, _))| *seq);
+        for (call, (seq, policy)) in open {
             let mut e = Entry::new(EntryKind::Abandoned, now_ms());
             e.call = Some(call);
+            e.policy = policy;
             e.detail = Some(format!("interrupted at seq {seq} by a gateway stop"));
             self.chain.append_entry(e).await?;
         }
@@ -229,7 +502,13 @@ impl Gateway {
 
     /// The checks before any state changes: audience, clock, canonical form, upstream, policy.
     /// Pure over its inputs.
-    fn admit(&self, peer: &Did, req: &Signed<Request>, now: u64) -> Result<&Upstream, Refuse> {
+    /// `now` is `None` when the request's time was already judged (a grant being executed).
+    fn admit(
+        &self,
+        peer: &Did,
+        req: &Signed<Request>,
+        now: Option<u64>,
+    ) -> Result<&Upstream, Refuse> {
         let signer = req.envelope.signer();
         let r = &req.message;
         if signer != peer {
@@ -238,6 +517,9 @@ impl Gateway {
                 "the request is signed by another DID than the TLS peer",
             ));
         }
+        if self.is_revoked(&revoked_did_key(peer)) {
+            return Err(refuse(RefusalCode::Revoked, "this DID is revoked"));
+        }
         if r.aud != self.did().as_str() {
             return Err(refuse(
                 RefusalCode::WrongAudience,
@@ -245,7 +527,7 @@ impl Gateway {
             ));
         }
         let skew = self.config.gateway.skew_secs * 1000;
-        if r.time_ms.abs_diff(now) > skew {
+        if now.is_some_and(|now| r.time_ms.abs_diff(now) > skew) {
             return Err(refuse(
                 RefusalCode::ClockSkew,
                 format!(
@@ -278,12 +560,22 @@ impl Gateway {
                 "request body exceeds the limit",
             ));
         }
-        if self.policy.decide(signer, &r.upstream, &r.method, &r.path) == Decision::Deny {
-            return Err(refuse(
-                RefusalCode::Policy,
-                "no policy rule allows this DID this method and path",
-            ));
+        let ctx = RequestContext {
+            time_ms: now_ms(),
+            body_len: r.body_len,
+            headers: r.headers.iter().map(|(k, _)| k.clone()).collect(),
+            query: r.query.iter().map(|(k, _)| k.clone()).collect(),
+        };
+        let decision = self
+            .call_policy()
+            .decide(signer, &r.upstream, &r.method, &r.path, &ctx);
+        if let Some(reason) = decision.refusal_reason() {
+            return Err(refuse(RefusalCode::Policy, reason));
         }
+        let ttl = decision.grant_ttl(self.config.gateway.grant_ttl_secs);
+        let _ = CALL_POLICY.try_with(|c| {
+            *c.ttl_secs.lock().unwrap_or_else(|p| p.into_inner()) = ttl;
+        });
         Ok(up)
     }
 
@@ -314,8 +606,9 @@ impl Gateway {
         reason: &str,
     ) -> Result<Option<EntryRef>, AppendError> {
         match req {
-            Some(r) if self.policy.knows(r.envelope.signer()) => {
+            Some(r) if self.call_policy().knows(r.envelope.signer()) => {
                 let mut e = Entry::new(EntryKind::Refused, now_ms());
+                e.policy = Some(self.call_policy().hash());
                 e.call = Some(r.envelope.digest());
                 e.signed = Some(r.bytes.clone());
                 e.subject = Some(r.envelope.signer().to_string());
@@ -381,30 +674,84 @@ impl Gateway {
     }
 
     /// Handles one stream: one call.
-    async fn handle(&self, peer: Did, mut send: quinn::SendStream, mut recv: quinn::RecvStream) {
+    /// Handles one stream: one pipelined call, one grant request, or one grant execution,
+    /// decided throughout by the policy set in force when the stream opened ([`CALL_POLICY`]).
+    async fn handle(&self, peer: Did, send: quinn::SendStream, recv: quinn::RecvStream) {
+        let call = CallPolicy {
+            set: self.policy(),
+            ttl_secs: Mutex::new(None),
+            permit: Mutex::new(None),
+        };
+        CALL_POLICY
+            .scope(call, self.handle_call(peer, send, recv))
+            .await
+    }
+
+    async fn handle_call(
+        &self,
+        peer: Did,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+    ) {
         let mut dec = FrameDecoder::new();
-        let deadline = Duration::from_secs(10);
-        // 1. The signed request frame.
-        let first = tokio::time::timeout(deadline, wire::next_frame(&mut recv, &mut dec)).await;
-        let bytes = match first {
-            Ok(Ok(Some(f))) if f.kind == FrameType::Request => f.payload,
+        let first =
+            tokio::time::timeout(FRAME_DEADLINE, wire::next_frame(&mut recv, &mut dec)).await;
+        let frame = match first {
+            Ok(Ok(Some(f))) => f,
             _ => {
-                let _ = self
-                    .audit_refusal(None, RefusalCode::Malformed, "no request frame")
-                    .await;
                 return self
-                    .answer_refusal(
+                    .refuse_unverified(
                         &mut send,
-                        None,
                         RefusalCode::Malformed,
                         "expected a request frame",
-                        None,
                     )
                     .await;
             }
         };
-        let req = match message::open::<Request>(&bytes) {
-            Ok(r) => r,
+        match frame.kind {
+            FrameType::Request => self.pipelined(peer, send, recv, dec, &frame.payload).await,
+            FrameType::GrantRequest => self.issue_grant(peer, send, &frame.payload).await,
+            FrameType::Execute => {
+                self.execute_grant(peer, send, recv, dec, &frame.payload)
+                    .await
+            }
+            _ => {
+                self.refuse_unverified(&mut send, RefusalCode::Malformed, "unexpected frame type")
+                    .await
+            }
+        }
+    }
+
+    /// Refuses before any signature verified: counted in the aggregate, answered signed.
+    async fn refuse_unverified(
+        &self,
+        send: &mut quinn::SendStream,
+        code: RefusalCode,
+        reason: &str,
+    ) {
+        match self.audit_refusal(None, code, reason).await {
+            Ok(_) => self.answer_refusal(send, None, code, reason, None).await,
+            Err(_) => {
+                self.answer_refusal(
+                    send,
+                    None,
+                    RefusalCode::AuditUnavailable,
+                    "the audit log cannot be written",
+                    None,
+                )
+                .await
+            }
+        }
+    }
+
+    /// Verifies a signed request, or refuses it.
+    async fn open_request(
+        &self,
+        send: &mut quinn::SendStream,
+        bytes: &[u8],
+    ) -> Option<Signed<Request>> {
+        match message::open::<Request>(bytes) {
+            Ok(r) => Some(r),
             Err(e) => {
                 let code = match e {
                     message::OpenError::Envelope(
@@ -412,51 +759,46 @@ impl Gateway {
                     ) => RefusalCode::BadSignature,
                     _ => RefusalCode::Malformed,
                 };
-                let _ = self.audit_refusal(None, code, "bad request envelope").await;
-                return self
-                    .answer_refusal(&mut send, None, code, &e.to_string(), None)
+                self.refuse_unverified(send, code, &format!("bad request envelope: {e}"))
                     .await;
+                None
             }
-        };
-        let call = req.envelope.digest();
-        // 2. Checks that change no state.
-        let up = match self.admit(&peer, &req, now_ms()) {
-            Ok(up) => up.clone(),
-            Err(r) => return self.refuse_audited(&mut send, &req, r).await,
-        };
-        // 3. The body, whole and capped, then its digest.
-        let body = match tokio::time::timeout(
-            deadline,
-            read_body(&mut recv, &mut dec, req.message.body_len),
-        )
-        .await
-        {
-            Ok(Some(b)) if *blake3::hash(&b).as_bytes() == req.message.body_b3 => b,
-            _ => {
-                return self
-                    .refuse_audited(
-                        &mut send,
-                        &req,
-                        refuse(
-                            RefusalCode::BodyMismatch,
-                            "body does not match its signed length and digest",
-                        ),
-                    )
-                    .await;
-            }
-        };
-        // 4. One atomic batch: replay keys, consumed grant, client head, executing entry.
-        let now = now_ms();
-        let grant = GrantBody {
+        }
+    }
+
+    /// Reads the body, whole and capped, and checks it against the signed length and digest.
+    async fn read_checked_body(
+        &self,
+        recv: &mut quinn::RecvStream,
+        dec: &mut FrameDecoder,
+        req: &Request,
+    ) -> Result<Vec<u8>, Refuse> {
+        match tokio::time::timeout(FRAME_DEADLINE, read_body(recv, dec, req.body_len)).await {
+            Ok(Some(b)) if *blake3::hash(&b).as_bytes() == req.body_b3 => Ok(b),
+            _ => Err(refuse(
+                RefusalCode::BodyMismatch,
+                "body does not match its signed length and digest",
+            )),
+        }
+    }
+
+    /// A grant for this verified request, valid for the configured lifetime.
+    fn mint(&self, peer: &Did, req: &Signed<Request>, now: u64) -> GrantBody {
+        GrantBody {
             v: message::VERSION,
             id: rand::random(),
-            call,
+            call: req.envelope.digest(),
             subject: peer.to_string(),
             upstream: req.message.upstream.clone(),
             method: req.message.method.clone(),
             path: req.message.path.clone(),
-            expires_ms: now + self.config.gateway.grant_ttl_secs * 1000,
-        };
+            expires_ms: now + self.grant_ttl_secs() * 1000,
+        }
+    }
+
+    /// The claims a new request makes: its call ID and (DID, nonce) unseen (indexes 0 and 1),
+    /// and its client head not contradicting one seen before (index 2).
+    fn request_claims(&self, peer: &Did, req: &Signed<Request>) -> Vec<Claim> {
         let expiry = (req.message.time_ms + self.config.gateway.skew_secs * 1000)
             .to_be_bytes()
             .to_vec();
@@ -467,10 +809,10 @@ impl Gateway {
         let mut head_key = peer.public_key_bytes().to_vec();
         head_key.extend_from_slice(&head.chain);
         head_key.extend_from_slice(&head.seq.to_be_bytes());
-        let claims = vec![
+        vec![
             Claim {
                 space: REPLAY,
-                key: [b"c".as_slice(), &call].concat(),
+                key: [b"c".as_slice(), &req.envelope.digest()].concat(),
                 value: expiry.clone(),
                 rule: ClaimRule::Absent,
             },
@@ -481,65 +823,221 @@ impl Gateway {
                 rule: ClaimRule::Absent,
             },
             Claim {
-                space: GRANTS,
-                key: grant.id.to_vec(),
-                value: call.to_vec(),
-                rule: ClaimRule::Absent,
-            },
-            Claim {
                 space: HEADS,
                 key: head_key,
                 value: head.hash.to_vec(),
                 rule: ClaimRule::AbsentOrEqual,
             },
-        ];
-        let mut entry = Entry::new(EntryKind::Executing, now);
-        entry.call = Some(call);
+        ]
+    }
+
+    /// An entry about a verified request: call ID, the signed request, subject, client head.
+    fn request_entry(kind: EntryKind, peer: &Did, req: &Signed<Request>, grant: [u8; 16]) -> Entry {
+        let mut entry = Entry::new(kind, now_ms());
+        entry.call = Some(req.envelope.digest());
         entry.signed = Some(req.bytes.clone());
         entry.subject = Some(peer.to_string());
-        entry.grant = Some(grant.id);
-        entry.peer_head = Some(head);
-        match self.chain.append(Append { entry, claims }).await {
-            Ok(_) => {}
-            Err(AppendError::Conflict { index: 3 }) => {
-                return self
-                    .refuse_audited(
-                        &mut send,
-                        &req,
-                        refuse(
-                            RefusalCode::ChainFork,
-                            "client chain head contradicts one already seen",
-                        ),
-                    )
-                    .await;
-            }
-            Err(AppendError::Conflict { .. }) => {
-                return self
-                    .refuse_audited(
-                        &mut send,
-                        &req,
-                        refuse(
-                            RefusalCode::Replay,
-                            "this request (call ID or nonce) was already seen",
-                        ),
-                    )
-                    .await;
+        entry.grant = Some(grant);
+        entry.peer_head = Some(req.message.head);
+        entry.policy = call_policy_hash();
+        entry
+    }
+
+    /// Appends the entry with its claims in one durable batch, or refuses: a failed claim maps
+    /// to its refusal through `conflict`. Returns whether the call may proceed.
+    async fn commit(
+        &self,
+        send: &mut quinn::SendStream,
+        req: &Signed<Request>,
+        append: Append,
+        conflict: impl Fn(usize) -> Refuse,
+    ) -> bool {
+        match self.chain.append(append).await {
+            Ok(_) => true,
+            Err(AppendError::Conflict { index }) => {
+                self.refuse_audited(send, req, conflict(index)).await;
+                false
             }
             Err(why) => {
                 tracing::error!(%why, "audit store unavailable: refusing calls");
+                self.answer_refusal(
+                    send,
+                    Some(req.envelope.digest()),
+                    RefusalCode::AuditUnavailable,
+                    "the audit log cannot be written",
+                    None,
+                )
+                .await;
+                false
+            }
+        }
+    }
+
+    /// The pipelined path: request, grant and execution in one round trip.
+    async fn pipelined(
+        &self,
+        peer: Did,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+        mut dec: FrameDecoder,
+        bytes: &[u8],
+    ) {
+        let Some(req) = self.open_request(&mut send, bytes).await else {
+            return;
+        };
+        let up = match self.admit(&peer, &req, Some(now_ms())) {
+            Ok(up) => up.clone(),
+            Err(r) => return self.refuse_audited(&mut send, &req, r).await,
+        };
+        if let Err(r) = self.limit(&peer, &up, Stage::Call) {
+            return self.refuse_audited(&mut send, &req, r).await;
+        }
+        let body = match self
+            .read_checked_body(&mut recv, &mut dec, &req.message)
+            .await
+        {
+            Ok(b) => b,
+            Err(r) => return self.refuse_audited(&mut send, &req, r).await,
+        };
+        let grant = self.mint(&peer, &req, now_ms());
+        let mut claims = self.request_claims(&peer, &req);
+        claims.push(Claim {
+            space: GRANTS,
+            key: [b"c".as_slice(), &grant.id].concat(),
+            value: grant.call.to_vec(),
+            rule: ClaimRule::Absent,
+        });
+        let entry = Self::request_entry(EntryKind::Executing, &peer, &req, grant.id);
+        if !self
+            .commit(&mut send, &req, Append { entry, claims }, request_conflict)
+            .await
+        {
+            return;
+        }
+        // The grant is consumed (durably, with its entry): execute it once, and close the entry
+        // whatever happens.
+        self.execute(&mut send, &req, &up, grant, body).await;
+    }
+
+    /// Two-step flow, first step: checks the request and returns a signed grant for its exact
+    /// scope; nothing is executed.
+    async fn issue_grant(&self, peer: Did, mut send: quinn::SendStream, bytes: &[u8]) {
+        let Some(req) = self.open_request(&mut send, bytes).await else {
+            return;
+        };
+        if let Err(r) = self
+            .admit(&peer, &req, Some(now_ms()))
+            .and_then(|up| self.limit(&peer, up, Stage::Grant))
+        {
+            return self.refuse_audited(&mut send, &req, r).await;
+        }
+        let grant = self.mint(&peer, &req, now_ms());
+        let signed = grant.sign(&self.identity);
+        let mut claims = self.request_claims(&peer, &req);
+        let issued = IssuedGrant {
+            request: req.bytes.clone(),
+            expires_ms: grant.expires_ms,
+        };
+        claims.push(Claim {
+            space: GRANTS,
+            key: [b"i".as_slice(), &grant.id].concat(),
+            value: didgate_protocol::cbor::to_vec(&issued),
+            rule: ClaimRule::Absent,
+        });
+        let mut entry = Self::request_entry(EntryKind::Granted, &peer, &req, grant.id);
+        entry.detail = Some(format!("expires at {} ms", grant.expires_ms));
+        if !self
+            .commit(&mut send, &req, Append { entry, claims }, request_conflict)
+            .await
+        {
+            return;
+        }
+        let _ = wire::write_frame(&mut send, FrameType::Grant, &signed).await;
+        let _ = send.finish();
+        let _ = send.stopped().await;
+    }
+
+    /// Two-step flow, second step: the caller presents the signed grant once, with the body.
+    async fn execute_grant(
+        &self,
+        peer: Did,
+        mut send: quinn::SendStream,
+        mut recv: quinn::RecvStream,
+        mut dec: FrameDecoder,
+        bytes: &[u8],
+    ) {
+        let grant = match message::open_from::<GrantBody>(bytes, self.did()) {
+            Ok(g) => g.message,
+            Err(_) => {
                 return self
-                    .answer_refusal(
+                    .refuse_unverified(
                         &mut send,
-                        Some(call),
-                        RefusalCode::AuditUnavailable,
-                        "the audit log cannot be written",
-                        None,
+                        RefusalCode::GrantInvalid,
+                        "not a grant signed by this gateway",
                     )
                     .await;
             }
+        };
+        let issued = self
+            .chain
+            .store()
+            .get(GRANTS, &[b"i".as_slice(), &grant.id].concat())
+            .ok()
+            .flatten()
+            .and_then(|b| didgate_protocol::cbor::from_slice::<IssuedGrant>(&b).ok());
+        let req = match issued.map(|i| message::open::<Request>(&i.request)) {
+            Some(Ok(r)) if grant.subject == peer.as_str() && r.envelope.digest() == grant.call => r,
+            _ => {
+                return self
+                    .refuse_unverified(
+                        &mut send,
+                        RefusalCode::GrantInvalid,
+                        "the grant was not issued to this caller",
+                    )
+                    .await;
+            }
+        };
+        if now_ms() >= grant.expires_ms {
+            return self
+                .refuse_audited(
+                    &mut send,
+                    &req,
+                    refuse(RefusalCode::GrantExpired, "the grant has expired"),
+                )
+                .await;
         }
-        // 5. The grant is consumed (durably, with its entry): execute it once, and close the
-        // entry whatever happens.
+        // Policy and revocation are checked again: either may have changed since the grant.
+        let up = match self
+            .admit(&peer, &req, None)
+            .and_then(|up| self.still_allowed(&peer, &grant.id).map(|()| up))
+        {
+            Ok(up) => up.clone(),
+            Err(r) => return self.refuse_audited(&mut send, &req, r).await,
+        };
+        if let Err(r) = self.limit(&peer, &up, Stage::Execute) {
+            return self.refuse_audited(&mut send, &req, r).await;
+        }
+        let body = match self
+            .read_checked_body(&mut recv, &mut dec, &req.message)
+            .await
+        {
+            Ok(b) => b,
+            Err(r) => return self.refuse_audited(&mut send, &req, r).await,
+        };
+        let claims = vec![Claim {
+            space: GRANTS,
+            key: [b"c".as_slice(), &grant.id].concat(),
+            value: grant.call.to_vec(),
+            rule: ClaimRule::Absent,
+        }];
+        let entry = Self::request_entry(EntryKind::Executing, &peer, &req, grant.id);
+        let used = |_| refuse(RefusalCode::GrantInvalid, "the grant was already used");
+        if !self
+            .commit(&mut send, &req, Append { entry, claims }, used)
+            .await
+        {
+            return;
+        }
         self.execute(&mut send, &req, &up, grant, body).await;
     }
 
@@ -552,6 +1050,9 @@ impl Gateway {
         body: Vec<u8>,
     ) {
         let call = grant.call;
+        if let Err(r) = self.still_allowed(req.envelope.signer(), &grant.id) {
+            return self.close_failed(send, call, r.code, &r.reason).await;
+        }
         let secret = match self.secret(&up.secret) {
             Ok(s) => s,
             Err(why) => {
@@ -561,7 +1062,16 @@ impl Gateway {
             }
         };
         let idem = hex::encode(grant.id);
-        let resp = match upstream::send(&self.http, up, &req.message, body, secret, &idem).await {
+        let resp = match upstream::send(
+            self.http.client(&up.name),
+            up,
+            &req.message,
+            body,
+            secret,
+            &idem,
+        )
+        .await
+        {
             Ok(r) => r,
             Err(e) => {
                 return self
@@ -569,6 +1079,17 @@ impl Gateway {
                     .await;
             }
         };
+        // 0 = unlimited
+        let max_resp = up
+            .max_response_bytes
+            .unwrap_or(self.config.gateway.max_response_bytes);
+        if max_resp > 0 && resp.content_length().is_some_and(|n| n > max_resp) {
+            let why =
+                format!("the upstream response declares more than max_response_bytes ({max_resp})");
+            return self
+                .close_failed(send, call, RefusalCode::ResponseTooLarge, &why)
+                .await;
+        }
         let status = resp.status().as_u16();
         let headers = resp
             .headers()
@@ -592,6 +1113,7 @@ impl Gateway {
         let mut len = 0u64;
         let mut stream = resp;
         let mut cause = None;
+        let mut code = RefusalCode::UpstreamFailed;
         if wire::write_frame(send, FrameType::Head, &head.encode())
             .await
             .is_err()
@@ -600,6 +1122,12 @@ impl Gateway {
         }
         while cause.is_none() {
             match stream.chunk().await {
+                Ok(Some(chunk)) if max_resp > 0 && len + chunk.len() as u64 > max_resp => {
+                    code = RefusalCode::ResponseTooLarge;
+                    cause = Some(format!(
+                        "the upstream response exceeds max_response_bytes ({max_resp}) after {len} bytes relayed"
+                    ));
+                }
                 Ok(Some(chunk)) => {
                     hasher.update(&chunk);
                     len += chunk.len() as u64;
@@ -610,13 +1138,16 @@ impl Gateway {
                     }
                 }
                 Ok(None) => break,
-                Err(e) => cause = Some(format!("upstream body: {}", e.without_url())),
+                Err(e) => {
+                    cause = Some(format!(
+                        "upstream body: {}",
+                        upstream::describe(&e.without_url())
+                    ))
+                }
             }
         }
         if let Some(cause) = cause {
-            return self
-                .close_failed(send, call, RefusalCode::UpstreamFailed, &cause)
-                .await;
+            return self.close_failed(send, call, code, &cause).await;
         }
         let resp_b3 = *hasher.finalize().as_bytes();
         let mut e = Entry::new(EntryKind::Executed, now_ms());
@@ -624,6 +1155,7 @@ impl Gateway {
         e.status = Some(status);
         e.resp_len = Some(len);
         e.resp_b3 = Some(resp_b3);
+        e.policy = call_policy_hash();
         let closing = match self.chain.append_entry(e).await {
             Ok(a) => a,
             Err(e) => {
@@ -651,24 +1183,17 @@ impl Gateway {
             root: Some(closing.root),
             time_ms: now_ms(),
         };
+        release_call_permit();
         let _ = wire::write_frame(send, FrameType::Receipt, &receipt.sign(&self.identity)).await;
         let _ = send.finish();
         let _ = send.stopped().await;
     }
 
     fn secret(&self, name: &str) -> Result<zeroize::Zeroizing<String>, String> {
-        let bytes = self
-            .chain
-            .store()
-            .get(SECRETS, name.as_bytes())
-            .map_err(|e| e.to_string())?;
-        let record =
-            SecretRecord::decode(&bytes.ok_or_else(|| format!("secret {name} is not stored"))?)
-                .map_err(|e| e.to_string())?;
-        if !record.enabled {
-            return Err(format!("secret {name} is disabled"));
-        }
-        record.open(self.kms.as_ref()).map_err(|e| e.to_string())
+        // the current version, only if enabled; the use is remembered for `secret list`
+        self.secrets
+            .open_current(name, now_ms())
+            .map_err(|e| e.to_string())
     }
 
     async fn close_failed(
@@ -682,6 +1207,7 @@ impl Gateway {
         e.call = Some(call);
         e.code = Some(code.as_str().into());
         e.detail = Some(cause.into());
+        e.policy = call_policy_hash();
         match self.chain.append_entry(e).await {
             Ok(a) => {
                 self.answer_refusal(send, Some(call), code, cause, Some(a.entry))
@@ -729,6 +1255,7 @@ impl Gateway {
         reason: &str,
         entry: Option<EntryRef>,
     ) {
+        release_call_permit();
         let bytes = self.sign_refusal(call, code, reason, entry);
         let _ = wire::write_frame(send, FrameType::Refusal, &bytes).await;
         let _ = send.finish();
@@ -785,6 +1312,7 @@ pub async fn serve(
             }
         })
     };
+    let upkeep = gw.secrets.spawn_upkeep(stop_rx.clone());
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -802,6 +1330,9 @@ pub async fn serve(
     tasks.wait().await;
     let _ = ticker.await;
     let _ = gw.flush_refusals().await;
+    // persist the last uses of the calls just drained
+    let _ = upkeep.await;
+    gw.secrets.upkeep(now_ms()).await;
     endpoint.close(0u32.into(), b"shutdown");
     endpoint.wait_idle().await;
     gw.chain.close();
@@ -813,6 +1344,7 @@ async fn connection(gw: Arc<Gateway>, incoming: quinn::Incoming, mut stop: watch
         conn.close(1u32.into(), b"no DID certificate");
         return;
     };
+    gw.register(&peer, &conn);
     let calls = tokio_util_tasks::TaskSet::default();
     loop {
         tokio::select! {
@@ -826,8 +1358,12 @@ async fn connection(gw: Arc<Gateway>, incoming: quinn::Incoming, mut stop: watch
         }
     }
     calls.wait().await;
+    gw.unregister(&peer, &conn);
     conn.close(0u32.into(), b"bye");
 }
+
+/// QUIC application close code for a connection of a revoked DID.
+pub const REVOKED_CLOSE: u32 = 2;
 
 /// A minimal set of tasks to wait for at shutdown.
 mod tokio_util_tasks {

@@ -1,10 +1,14 @@
 //! Keys at rest: envelope encryption with just-in-time decryption (specs/protocol.md,
 //! "Secrets at rest").
 //!
-//! Each secret has its own random 256-bit data key; the secret is sealed with AES-256-GCM-SIV
-//! under the data key, and the data key is wrapped under the KMS master key. The associated
-//! data binds the secret's immutable id and version, so a ciphertext moved to another record
-//! fails to open. Plaintext leaves this module only as `Zeroizing` bytes.
+//! Each secret version has its own random 256-bit data key; the secret is sealed with
+//! AES-256-GCM-SIV under the data key, and the data key is wrapped under the KMS master key.
+//! The associated data binds the secret's immutable id and version, so a ciphertext moved to
+//! another record fails to open. Plaintext leaves this module only as `Zeroizing` bytes.
+//!
+//! This module owns the cryptography (the [`Kms`] trait, the [`LocalKms`] master key and one
+//! [`SealedVersion`]); the record that holds the versions and the secret lifecycle (rotation,
+//! status, master-key rotation) live in [`crate::secrets`].
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -12,7 +16,6 @@ use std::path::Path;
 
 use aes_gcm_siv::aead::{Aead, KeyInit, Payload};
 use aes_gcm_siv::{Aes256GcmSiv, Nonce};
-use didgate_protocol::cbor::{self, fixed};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
@@ -31,9 +34,23 @@ pub enum KmsError {
     Malformed,
 }
 
+/// Identifies a master key without revealing it: the first 8 bytes of BLAKE3 `derive_key`
+/// under the context `didgate kms key id v1` over the 32-byte key (specs/protocol.md,
+/// "Secrets at rest"). Records name the key that wraps their data keys with it.
+pub type KeyId = [u8; 8];
+
+/// BLAKE3 `derive_key` context of [`KeyId`].
+const KEY_ID_CONTEXT: &str = "didgate kms key id v1";
+/// Prefix of the associated data of a wrapped data key.
+const WRAP_AAD: &[u8] = b"didgate kms wrap v1|";
+/// Prefix of the associated data of a sealed secret.
+const SECRET_AAD: &[u8] = b"didgate secret v1|";
+
 /// A key-management service: wraps and unwraps data keys. `aad` binds the wrapped key to
 /// its secret's id and version.
 pub trait Kms: Send + Sync {
+    /// The id of the master key this KMS wraps under.
+    fn key_id(&self) -> KeyId;
     /// Wraps a data key.
     fn wrap(&self, data_key: &[u8; 32], aad: &[u8]) -> Result<Vec<u8>, KmsError>;
     /// Unwraps a data key.
@@ -43,11 +60,12 @@ pub trait Kms: Send + Sync {
 /// The local KMS: a 256-bit master key from a file (mode 0600) or the environment.
 pub struct LocalKms {
     master: Zeroizing<[u8; 32]>,
+    id: KeyId,
 }
 
 impl std::fmt::Debug for LocalKms {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("LocalKms(<redacted>)")
+        write!(f, "LocalKms(id {}, <redacted>)", hex::encode(self.id))
     }
 }
 
@@ -55,10 +73,29 @@ impl std::fmt::Debug for LocalKms {
 pub const MASTER_KEY_ENV: &str = "DIDGATE_MASTER_KEY";
 
 impl LocalKms {
+    fn from_master(master: Zeroizing<[u8; 32]>) -> Self {
+        let derived = blake3::derive_key(KEY_ID_CONTEXT, master.as_ref());
+        let mut id = [0u8; 8];
+        id.copy_from_slice(&derived[..8]);
+        Self { master, id }
+    }
+
+    /// A new random master key, in memory only (see [`LocalKms::write_new`]).
+    pub fn generate() -> Self {
+        Self::from_master(Zeroizing::new(rand::random::<[u8; 32]>()))
+    }
+
     /// Creates a new random master key file with mode 0600; fails if it exists.
     pub fn create(path: &Path) -> Result<Self, KmsError> {
-        let master = Zeroizing::new(rand::random::<[u8; 32]>());
-        let text = Zeroizing::new(hex::encode(master.as_ref()));
+        let kms = Self::generate();
+        kms.write_new(path)?;
+        Ok(kms)
+    }
+
+    /// Writes this key to a new file `path` (64 hex digits, mode 0600) and syncs the file; fails
+    /// if the file exists. The caller syncs the directory when the name must be durable.
+    pub fn write_new(&self, path: &Path) -> Result<(), KmsError> {
+        let text = Zeroizing::new(hex::encode(self.master.as_ref()));
         let p = path.display().to_string();
         let mut f = std::fs::OpenOptions::new()
             .write(true)
@@ -68,24 +105,38 @@ impl LocalKms {
             .map_err(|e| KmsError::MasterKey(p.clone(), e.to_string()))?;
         f.write_all(text.as_bytes())
             .and_then(|()| f.sync_all())
-            .map_err(|e| KmsError::MasterKey(p, e.to_string()))?;
-        Ok(Self { master })
+            .map_err(|e| KmsError::MasterKey(p, e.to_string()))
     }
 
     /// Loads the master key from [`MASTER_KEY_ENV`] if set, else from `path`.
     pub fn load(path: &Path) -> Result<Self, KmsError> {
+        match Self::from_env() {
+            Some(k) => k,
+            None => Self::load_file(path),
+        }
+    }
+
+    /// The master key from [`MASTER_KEY_ENV`], if the variable is set.
+    pub fn from_env() -> Option<Result<Self, KmsError>> {
+        let text = Zeroizing::new(std::env::var(MASTER_KEY_ENV).ok()?);
+        Some(Self::parse(&text, MASTER_KEY_ENV))
+    }
+
+    /// Loads the master key from the file `path` only (the environment is not consulted).
+    pub fn load_file(path: &Path) -> Result<Self, KmsError> {
         let p = path.display().to_string();
-        let text = match std::env::var(MASTER_KEY_ENV) {
-            Ok(v) => Zeroizing::new(v),
-            Err(_) => Zeroizing::new(
-                std::fs::read_to_string(path)
-                    .map_err(|e| KmsError::MasterKey(p.clone(), e.to_string()))?,
-            ),
-        };
+        let text = Zeroizing::new(
+            std::fs::read_to_string(path)
+                .map_err(|e| KmsError::MasterKey(p.clone(), e.to_string()))?,
+        );
+        Self::parse(&text, &p)
+    }
+
+    fn parse(text: &str, label: &str) -> Result<Self, KmsError> {
         let mut master = Zeroizing::new([0u8; 32]);
         hex::decode_to_slice(text.trim(), master.as_mut())
-            .map_err(|_| KmsError::MasterKey(p, "not 64 hex digits".into()))?;
-        Ok(Self { master })
+            .map_err(|_| KmsError::MasterKey(label.into(), "not 64 hex digits".into()))?;
+        Ok(Self::from_master(master))
     }
 }
 
@@ -121,21 +172,17 @@ fn open(key: &[u8; 32], sealed: &[u8], aad: &[u8]) -> Option<Zeroizing<Vec<u8>>>
 }
 
 impl Kms for LocalKms {
+    fn key_id(&self) -> KeyId {
+        self.id
+    }
+
     fn wrap(&self, data_key: &[u8; 32], aad: &[u8]) -> Result<Vec<u8>, KmsError> {
-        Ok(seal(
-            &self.master,
-            data_key,
-            &[b"didgate kms wrap v1|".as_slice(), aad].concat(),
-        ))
+        Ok(seal(&self.master, data_key, &[WRAP_AAD, aad].concat()))
     }
 
     fn unwrap(&self, wrapped: &[u8], aad: &[u8]) -> Result<Zeroizing<[u8; 32]>, KmsError> {
-        let raw = open(
-            &self.master,
-            wrapped,
-            &[b"didgate kms wrap v1|".as_slice(), aad].concat(),
-        )
-        .ok_or_else(|| KmsError::Open("data key".into()))?;
+        let raw = open(&self.master, wrapped, &[WRAP_AAD, aad].concat())
+            .ok_or_else(|| KmsError::Open("data key".into()))?;
         let mut key = Zeroizing::new([0u8; 32]);
         if raw.len() != 32 {
             return Err(KmsError::Malformed);
@@ -145,33 +192,9 @@ impl Kms for LocalKms {
     }
 }
 
-/// A stored secret: ciphertext and metadata only.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct SecretRecord {
-    /// Record version, 1.
-    pub v: u64,
-    /// Immutable random id, bound into the ciphertexts.
-    #[serde(with = "fixed")]
-    pub id: [u8; 16],
-    /// Display name.
-    pub name: String,
-    /// Secret version, from 1.
-    pub version: u64,
-    /// Display prefix and suffix, e.g. `sk-live-...9f2c`.
-    pub display: String,
-    /// Whether calls may use it.
-    pub enabled: bool,
-    /// The data key wrapped by the KMS.
-    #[serde(with = "serde_bytes")]
-    pub wrapped_key: Vec<u8>,
-    /// The secret sealed under the data key (nonce || ciphertext).
-    #[serde(with = "serde_bytes")]
-    pub sealed: Vec<u8>,
-}
-
+/// The associated data of one secret version: `"didgate secret v1|" || id || u64be(version)`.
 fn aad(id: &[u8; 16], version: u64) -> Vec<u8> {
-    let mut a = b"didgate secret v1|".to_vec();
+    let mut a = SECRET_AAD.to_vec();
     a.extend_from_slice(id);
     a.extend_from_slice(&version.to_be_bytes());
     a
@@ -188,51 +211,95 @@ pub fn display_form(secret: &str) -> String {
     format!("{head}...{tail}")
 }
 
-impl SecretRecord {
-    /// Seals a new secret.
-    pub fn seal(kms: &dyn Kms, name: &str, plaintext: &str) -> Result<Self, KmsError> {
-        let id: [u8; 16] = rand::random();
-        let version = 1;
+/// One sealed version of a secret: its own data key (wrapped by the KMS) and ciphertext,
+/// bound to the secret's id and this version number (specs/protocol.md, "Secrets at rest").
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SealedVersion {
+    /// Version number, from 1, never reused within a secret.
+    pub version: u64,
+    /// Display prefix and suffix, e.g. `sk-live-...9f2c`.
+    pub display: String,
+    /// The data key wrapped by the KMS.
+    #[serde(with = "serde_bytes")]
+    pub wrapped_key: Vec<u8>,
+    /// The secret sealed under the data key (nonce || ciphertext).
+    #[serde(with = "serde_bytes")]
+    pub sealed: Vec<u8>,
+    /// When this version was stored, ms since the Unix epoch (0 for a version from a v1 record).
+    pub created_ms: u64,
+    /// When a rotation replaced it, ms since the Unix epoch; absent for the current version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retired_ms: Option<u64>,
+}
+
+impl std::fmt::Debug for SealedVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SealedVersion")
+            .field("version", &self.version)
+            .field("display", &self.display)
+            .field("created_ms", &self.created_ms)
+            .field("retired_ms", &self.retired_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SealedVersion {
+    /// Seals `plaintext` as `version` of the secret `id` under a fresh data key.
+    pub fn seal(
+        kms: &dyn Kms,
+        id: &[u8; 16],
+        version: u64,
+        plaintext: &str,
+        now_ms: u64,
+    ) -> Result<Self, KmsError> {
         let data_key = Zeroizing::new(rand::random::<[u8; 32]>());
-        let aad = aad(&id, version);
+        let aad = aad(id, version);
         let wrapped_key = kms.wrap(&data_key, &aad)?;
         let sealed = seal(&data_key, plaintext.as_bytes(), &aad);
         Ok(Self {
-            v: 1,
-            id,
-            name: name.into(),
             version,
             display: display_form(plaintext),
-            enabled: true,
             wrapped_key,
             sealed,
+            created_ms: now_ms,
+            retired_ms: None,
         })
     }
 
-    /// Decrypts just in time; the caller drops the result as soon as it is injected.
-    pub fn open(&self, kms: &dyn Kms) -> Result<Zeroizing<String>, KmsError> {
-        let aad = aad(&self.id, self.version);
+    /// Decrypts just in time; the caller drops the result as soon as it is injected. `label`
+    /// names the secret in the error.
+    pub fn open(
+        &self,
+        kms: &dyn Kms,
+        id: &[u8; 16],
+        label: &str,
+    ) -> Result<Zeroizing<String>, KmsError> {
+        let aad = aad(id, self.version);
         let data_key = kms
             .unwrap(&self.wrapped_key, &aad)
-            .map_err(|_| KmsError::Open(self.name.clone()))?;
+            .map_err(|_| KmsError::Open(label.into()))?;
         let raw =
-            open(&data_key, &self.sealed, &aad).ok_or_else(|| KmsError::Open(self.name.clone()))?;
+            open(&data_key, &self.sealed, &aad).ok_or_else(|| KmsError::Open(label.into()))?;
         let text = std::str::from_utf8(&raw).map_err(|_| KmsError::Malformed)?;
         Ok(Zeroizing::new(text.to_string()))
     }
 
-    /// Encodes for the store.
-    pub fn encode(&self) -> Vec<u8> {
-        cbor::to_vec(self)
-    }
-
-    /// Decodes from the store.
-    pub fn decode(bytes: &[u8]) -> Result<Self, KmsError> {
-        let r: Self = cbor::from_slice(bytes).map_err(|_| KmsError::Malformed)?;
-        if r.v != 1 {
-            return Err(KmsError::Malformed);
-        }
-        Ok(r)
+    /// Re-wraps the data key from `old` to `new`: the data key is unwrapped (and zeroized on
+    /// return), the sealed secret is not touched and never decrypted.
+    pub fn rewrap(
+        &mut self,
+        old: &dyn Kms,
+        new: &dyn Kms,
+        id: &[u8; 16],
+        label: &str,
+    ) -> Result<(), KmsError> {
+        let aad = aad(id, self.version);
+        let data_key = old
+            .unwrap(&self.wrapped_key, &aad)
+            .map_err(|_| KmsError::Open(label.into()))?;
+        self.wrapped_key = new.wrap(&data_key, &aad)?;
+        Ok(())
     }
 }
 
@@ -245,25 +312,57 @@ mod tests {
         let dir = tempfile::tempdir().expect("tmp");
         let kms = LocalKms::create(&dir.path().join("mk")).expect("kms");
         let canary = "sk-live-CANARY-0123456789abcdef";
-        let a = SecretRecord::seal(&kms, "a", canary).expect("seal");
-        assert_eq!(a.open(&kms).expect("open").as_str(), canary);
+        let id_a: [u8; 16] = rand::random();
+        let a = SealedVersion::seal(&kms, &id_a, 1, canary, 5).expect("seal");
+        assert_eq!(a.open(&kms, &id_a, "a").expect("open").as_str(), canary);
         assert!(
-            !a.encode()
+            !didgate_protocol::cbor::to_vec(&a)
                 .windows(canary.len())
                 .any(|w| w == canary.as_bytes())
         );
+        assert!(!format!("{a:?}").contains("CANARY"));
         assert_eq!(a.display, "sk-live-...cdef");
         // ciphertext moved to another record (other id) fails
-        let mut b = SecretRecord::seal(&kms, "b", "other-secret-value-xyz").expect("seal");
-        b.sealed = a.sealed.clone();
-        b.wrapped_key = a.wrapped_key.clone();
-        assert!(b.open(&kms).is_err());
+        let id_b: [u8; 16] = rand::random();
+        assert!(a.open(&kms, &id_b, "b").is_err());
         // version bump without re-sealing fails
         let mut c = a.clone();
         c.version = 2;
-        assert!(c.open(&kms).is_err());
+        assert!(c.open(&kms, &id_a, "a").is_err());
         // another master key fails
         let other = LocalKms::create(&dir.path().join("mk2")).expect("kms");
-        assert!(a.open(&other).is_err());
+        assert!(a.open(&other, &id_a, "a").is_err());
+        assert_ne!(kms.key_id(), other.key_id());
+        // the same key read back has the same id, and the file is 0600
+        let again = LocalKms::load_file(&dir.path().join("mk")).expect("load");
+        assert_eq!(again.key_id(), kms.key_id());
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("mk"))
+            .expect("meta")
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert!(!format!("{kms:?}").contains(&hex::encode(kms.master.as_ref())));
+    }
+
+    #[test]
+    fn rewrap_moves_the_data_key_only() {
+        let old = LocalKms::generate();
+        let new = LocalKms::generate();
+        let id: [u8; 16] = rand::random();
+        let mut v =
+            SealedVersion::seal(&old, &id, 3, "sk-test-rewrap-0123456789", 1).expect("seal");
+        let sealed_before = v.sealed.clone();
+        v.rewrap(&old, &new, &id, "x").expect("rewrap");
+        assert_eq!(v.sealed, sealed_before, "the sealed secret is untouched");
+        assert_eq!(
+            v.open(&new, &id, "x").expect("open").as_str(),
+            "sk-test-rewrap-0123456789"
+        );
+        assert!(v.open(&old, &id, "x").is_err(), "the old key opens nothing");
+        // rewrapping with the wrong old key fails and changes nothing
+        let before = v.wrapped_key.clone();
+        assert!(v.rewrap(&old, &new, &id, "x").is_err());
+        assert_eq!(v.wrapped_key, before);
     }
 }

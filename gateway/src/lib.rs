@@ -3,7 +3,7 @@
 //! just-in-time decryption, and the upstream executor. `didgated` is a thin binary over it.
 //!
 //! Owns: the data directory ([`gateway::DataDir`]), `gateway.toml` ([`config`]), the policy
-//! decision ([`policy`]), keys at rest ([`kms`]), the per-call pipeline and server
+//! decision ([`policy`]), keys at rest ([`kms`]) and their lifecycle ([`secrets`]), the per-call pipeline and server
 //! ([`gateway`]), the upstream executor ([`upstream`]), the demo ([`demo`]) and its local
 //! payments upstream ([`upstream_demo`]). It does not own the wire format (didgate-protocol)
 //! or the audit log format (didgate-audit).
@@ -24,7 +24,9 @@ pub mod control;
 pub mod demo;
 pub mod gateway;
 pub mod kms;
+pub mod limits;
 pub mod policy;
+pub mod secrets;
 pub mod upstream;
 pub mod upstream_demo;
 
@@ -63,13 +65,17 @@ pub enum AdminError {
     /// Configuration.
     #[error(transparent)]
     Config(#[from] config::ConfigError),
+    /// Secret lifecycle.
+    #[error(transparent)]
+    Secrets(#[from] secrets::SecretError),
     /// Bad input.
     #[error("{0}")]
     Invalid(String),
 }
 
-/// `didgated init`: creates the identity (0600), the master key (0600), the store and a
-/// commented `gateway.toml`. Returns the gateway DID.
+/// `didgated init`: creates the identity (0600), the master key (0600), the store, a
+/// commented `gateway.toml` and an example `policies.cedar` (not referenced until
+/// `policy_file` names it). Returns the gateway DID.
 pub fn init(dir: &Path, listen: SocketAddr) -> Result<Did, AdminError> {
     let d = gateway::DataDir::new(dir);
     if d.identity().exists() {
@@ -84,43 +90,22 @@ pub fn init(dir: &Path, listen: SocketAddr) -> Result<Did, AdminError> {
         std::fs::write(d.config(), config::template(listen))
             .map_err(|e| AdminError::Io(d.config().display().to_string(), e))?;
     }
+    let policies = dir.join(policy::TEMPLATE_FILE);
+    if !policies.exists() {
+        std::fs::write(&policies, policy::template())
+            .map_err(|e| AdminError::Io(policies.display().to_string(), e))?;
+    }
     Ok(identity.did().clone())
 }
 
-/// `didgated secret add`: seals `plaintext` under a fresh data key and stores only the
-/// ciphertext and display form. Opens the store directly: the daemon must not be running.
+/// `didgated secret add` on the store directly (no daemon may run; the `didgated` command goes
+/// through the control socket when one does): seals `plaintext` under a fresh data key as
+/// version 1 and stores only the ciphertext and display form.
 pub fn add_secret(
     dir: &Path,
     name: &str,
     plaintext: &str,
-) -> Result<kms::SecretRecord, AdminError> {
-    if name.is_empty()
-        || name.len() > 128
-        || !name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-    {
-        return Err(AdminError::Invalid(
-            "secret names use letters, digits, '-', '_' and '.'".into(),
-        ));
-    }
-    if plaintext.is_empty() {
-        return Err(AdminError::Invalid(
-            "the secret read from stdin is empty".into(),
-        ));
-    }
-    let d = gateway::DataDir::new(dir);
-    let kms = kms::LocalKms::load(&d.master_key())?;
-    let record = kms::SecretRecord::seal(&kms, name, plaintext)?;
-    let store = Store::open(&d.store(), gateway::SPACES)?;
-    if store.get(gateway::SECRETS, name.as_bytes())?.is_some() {
-        return Err(AdminError::Invalid(format!(
-            "secret {name} exists (rotation comes with `secret rotate`)"
-        )));
-    }
-    store.write(
-        &[(gateway::SECRETS, name.as_bytes().to_vec(), record.encode())],
-        &[],
-    )?;
-    Ok(record)
+) -> Result<secrets::SecretInfo, AdminError> {
+    let (secrets, _) = secrets::open_dir(dir)?;
+    Ok(secrets.add(name, plaintext, now_ms())?)
 }

@@ -1,7 +1,7 @@
 //! `didgated`: the didgate gateway daemon and its admin commands.
 //!
-//! Exit status: 0 on success, 1 when the demo's expectations fail, 2 on a usage, configuration
-//! or I/O error.
+//! Exit status: 0 on success, 1 when the demo's expectations fail or `secret test` finds a key
+//! its upstream refuses, 2 on a usage, configuration or I/O error.
 
 use std::io::Read;
 use std::net::SocketAddr;
@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use didgate_gateway::control::Request as ControlRequest;
 use didgate_gateway::gateway::{self, Gateway};
 use zeroize::Zeroizing;
 
@@ -23,6 +24,21 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Revoke a DID or a grant: durable, audited, effective for the next request and for calls
+    /// in flight that have not reached the upstream.
+    Revoke {
+        /// `did` or `grant`.
+        #[arg(value_parser = ["did", "grant"])]
+        what: String,
+        /// The DID, or the grant id (32 hex digits).
+        target: String,
+        /// Why (recorded in the audit entry).
+        #[arg(long, default_value = "revoked by the operator")]
+        reason: String,
+        /// Data directory.
+        #[arg(long, env = "DIDGATE_DATA")]
+        data: PathBuf,
+    },
     /// Create a gateway: identity, master key, store and a commented gateway.toml.
     Init {
         /// Data directory.
@@ -32,16 +48,27 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:7443")]
         listen: SocketAddr,
     },
-    /// Manage upstream secrets (stored encrypted; the daemon must not be running).
+    /// Manage upstream secrets (stored encrypted): through the running daemon's control socket,
+    /// or on the store when no daemon runs.
     Secret {
         #[command(subcommand)]
         command: SecretCommand,
+    },
+    /// Manage the local KMS master key.
+    Kms {
+        #[command(subcommand)]
+        command: KmsCommand,
     },
     /// Serve calls over QUIC until SIGINT or SIGTERM.
     Serve {
         /// Data directory.
         #[arg(long, env = "DIDGATE_DATA")]
         data: PathBuf,
+    },
+    /// Check or reload the Cedar policy (specs/protocol.md, "Policy").
+    Policy {
+        #[command(subcommand)]
+        command: PolicyCommand,
     },
     /// Export the gateway's audit chain (through the running daemon, or from the store when no
     /// daemon runs) as a CBOR sequence file for `didgate-audit`.
@@ -62,6 +89,22 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum PolicyCommand {
+    /// Validate a Cedar policy file against the schema (exit 0 valid, 2 invalid).
+    Check {
+        /// The policy file.
+        file: PathBuf,
+    },
+    /// Make the running daemon re-read its policy and swap it in atomically (same as SIGHUP);
+    /// an invalid policy is refused and the one in force stays.
+    Reload {
+        /// Data directory.
+        #[arg(long, env = "DIDGATE_DATA")]
+        data: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
 enum SecretCommand {
     /// Add a secret; its value is read from stdin, never from the command line.
     Add {
@@ -71,6 +114,105 @@ enum SecretCommand {
         #[arg(long, env = "DIDGATE_DATA")]
         data: PathBuf,
     },
+    /// Rotate a secret: the new value (stdin) becomes the current version; the previous one
+    /// stays usable for `secret_grace_secs`, then is sealed off.
+    Rotate {
+        /// Secret name.
+        name: String,
+        /// Data directory.
+        #[arg(long, env = "DIDGATE_DATA")]
+        data: PathBuf,
+    },
+    /// Disable a secret: calls using it are refused (secret_unavailable).
+    Disable {
+        /// Secret name.
+        name: String,
+        /// Data directory.
+        #[arg(long, env = "DIDGATE_DATA")]
+        data: PathBuf,
+    },
+    /// Enable a disabled secret, or restore a deleted one (within 90 days).
+    #[command(visible_alias = "restore")]
+    Enable {
+        /// Secret name.
+        name: String,
+        /// Data directory.
+        #[arg(long, env = "DIDGATE_DATA")]
+        data: PathBuf,
+    },
+    /// Delete a secret: refused at once, recoverable with `enable` for 90 days, then purged.
+    Delete {
+        /// Secret name.
+        name: String,
+        /// Data directory.
+        #[arg(long, env = "DIDGATE_DATA")]
+        data: PathBuf,
+    },
+    /// List secrets: name, version, prefix, status, last use (never a value).
+    List {
+        /// Data directory.
+        #[arg(long, env = "DIDGATE_DATA")]
+        data: PathBuf,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check a secret against each upstream using it: a GET of the upstream's `test_path`
+    /// with the secret injected; 2xx = ok (exit 1 otherwise). Prints the status, never the value.
+    Test {
+        /// Secret name.
+        name: String,
+        /// Data directory.
+        #[arg(long, env = "DIDGATE_DATA")]
+        data: PathBuf,
+        /// A version still held (default: the current one).
+        #[arg(long)]
+        version: Option<u64>,
+        /// JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum KmsCommand {
+    /// Rotate the master key: every data key is rewrapped under a new key (no secret is
+    /// decrypted); calls keep working throughout.
+    Rotate {
+        /// Data directory.
+        #[arg(long, env = "DIDGATE_DATA")]
+        data: PathBuf,
+    },
+}
+
+/// Reads a secret value from stdin (never argv), without its trailing newline.
+fn read_secret() -> anyhow::Result<didgate_gateway::secrets::SecretValue> {
+    // sized once, so no reallocation leaves a copy behind
+    let mut value = Zeroizing::new(String::with_capacity(64 * 1024));
+    std::io::stdin()
+        .read_to_string(&mut value)
+        .context("reading the secret from stdin")?;
+    let trimmed = Zeroizing::new(value.trim_end_matches(['\r', '\n']).to_string());
+    Ok(didgate_gateway::secrets::SecretValue::new(trimmed))
+}
+
+/// `secret ...` and `kms rotate`: through the daemon when one runs, else on the store.
+async fn secret_command(
+    data: PathBuf,
+    request: ControlRequest,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let reply = didgate_gateway::secrets::admin(&data, &request).await?;
+    if !reply.ok {
+        anyhow::bail!("{}", reply.error.unwrap_or_default());
+    }
+    let (text, ok) = didgate_gateway::secrets::describe(&request, &reply, json);
+    print!("{text}");
+    Ok(if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 fn main() -> ExitCode {
@@ -88,7 +230,8 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("DIDGATE_LOG")
-                .unwrap_or_else(|_| "warn".into()),
+                // secret lifecycle events are logged by default (they are not in the chain yet)
+                .unwrap_or_else(|_| "warn,didgate_gateway::secrets=info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -123,20 +266,38 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 data.display()
             );
         }
-        Command::Secret {
-            command: SecretCommand::Add { name, data },
-        } => {
-            let mut value = Zeroizing::new(String::new());
-            std::io::stdin()
-                .read_to_string(&mut value)
-                .context("reading the secret from stdin")?;
-            let trimmed = Zeroizing::new(value.trim_end_matches(['\r', '\n']).to_string());
-            let record = didgate_gateway::add_secret(&data, &name, &trimmed)?;
-            println!(
-                "secret {} version {} stored ({})",
-                record.name, record.version, record.display
-            );
+        Command::Secret { command } => {
+            let (data, request, json) = match command {
+                SecretCommand::Add { name, data } => {
+                    let value = read_secret()?;
+                    (data, ControlRequest::SecretAdd { name, value }, false)
+                }
+                SecretCommand::Rotate { name, data } => {
+                    let value = read_secret()?;
+                    (data, ControlRequest::SecretRotate { name, value }, false)
+                }
+                SecretCommand::Disable { name, data } => {
+                    (data, ControlRequest::SecretDisable { name }, false)
+                }
+                SecretCommand::Enable { name, data } => {
+                    (data, ControlRequest::SecretEnable { name }, false)
+                }
+                SecretCommand::Delete { name, data } => {
+                    (data, ControlRequest::SecretDelete { name }, false)
+                }
+                SecretCommand::List { data, json } => (data, ControlRequest::SecretList, json),
+                SecretCommand::Test {
+                    name,
+                    data,
+                    version,
+                    json,
+                } => (data, ControlRequest::SecretTest { name, version }, json),
+            };
+            return secret_command(data, request, json).await;
         }
+        Command::Kms {
+            command: KmsCommand::Rotate { data },
+        } => return secret_command(data, ControlRequest::KmsRotate, false).await,
         Command::Serve { data } => {
             let gw = Arc::new(Gateway::open(&data).await?);
             let endpoint = gateway::endpoint(&gw, gw.config().gateway.listen)?;
@@ -147,17 +308,97 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     async move { didgate_gateway::control::serve(gw, &data, stop_rx).await },
                 )
             };
+            let hangup = tokio::spawn(reload_on_hangup(gw.clone()));
             eprintln!(
                 "didgated {} listening on udp {}",
                 gw.did(),
                 endpoint.local_addr()?
             );
             gateway::serve(gw, endpoint, shutdown_signal()).await;
+            hangup.abort();
             let _ = stop_tx.send(true);
             if let Ok(Err(e)) = control.await {
                 eprintln!("didgated: control socket: {e}");
             }
             eprintln!("didgated stopped");
+        }
+        Command::Policy {
+            command: PolicyCommand::Check { file },
+        } => match didgate_gateway::policy::PolicySet::check_file(&file) {
+            Ok(summary) => {
+                for w in &summary.warnings {
+                    eprintln!("warning: {w}");
+                }
+                println!(
+                    "{}: valid: {} policies ({} permit, {} forbid); families: {}",
+                    file.display(),
+                    summary.policies,
+                    summary.permits,
+                    summary.forbids,
+                    if summary.families.is_empty() {
+                        "(none: everything is denied)".to_string()
+                    } else {
+                        summary.families.join(", ")
+                    }
+                );
+            }
+            Err(e) => {
+                eprintln!("didgated: invalid policy: {e}");
+                return Ok(ExitCode::from(2));
+            }
+        },
+        Command::Policy {
+            command: PolicyCommand::Reload { data },
+        } => {
+            let request = didgate_gateway::control::Request::PolicyReload;
+            let Some(reply) = didgate_gateway::control::call(&data, &request).await else {
+                anyhow::bail!(
+                    "no daemon answers on {}: the policy is read at start-up",
+                    didgate_gateway::control::socket_path(&data).display()
+                );
+            };
+            let reply = reply.context("control socket")?;
+            if !reply.ok {
+                anyhow::bail!(
+                    "reload refused (the policy in force stays): {}",
+                    reply.error.unwrap_or_default()
+                );
+            }
+            println!("policy reloaded: {}", reply.policy.unwrap_or_default());
+        }
+        Command::Revoke {
+            what,
+            target,
+            reason,
+            data,
+        } => {
+            let (did, grant) = if what == "did" {
+                (Some(target.clone()), None)
+            } else {
+                (None, Some(target.clone()))
+            };
+            let request = didgate_gateway::control::Request::Revoke {
+                did: did.clone(),
+                grant: grant.clone(),
+                reason: reason.clone(),
+            };
+            match didgate_gateway::control::call(&data, &request).await {
+                Some(reply) => {
+                    let reply = reply.context("control socket")?;
+                    if !reply.ok {
+                        anyhow::bail!("the daemon refused: {}", reply.error.unwrap_or_default());
+                    }
+                }
+                None => {
+                    // No daemon: record the revocation in the store directly.
+                    let revoke = gateway::parse_revoke(did.as_deref(), grant.as_deref())
+                        .map_err(anyhow::Error::msg)?;
+                    let gw = Gateway::open(&data).await?;
+                    gw.revoke(&revoke, &reason).await?;
+                    gw.chain().close();
+                }
+            }
+            eprintln!("revoked {what} {target}");
         }
         Command::Export { data, out } => {
             let out = std::path::absolute(&out)?;
@@ -217,6 +458,26 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Reloads the policy on each SIGHUP, reporting the outcome on stderr.
+async fn reload_on_hangup(gw: Arc<Gateway>) {
+    let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+        eprintln!("didgated: cannot watch SIGHUP; use `didgated policy reload`");
+        return;
+    };
+    while hup.recv().await.is_some() {
+        let gw = gw.clone();
+        match tokio::task::spawn_blocking(move || gw.reload_policy()).await {
+            Ok(Ok(hash)) => eprintln!("didgated: SIGHUP: policy reloaded: {}", hex::encode(hash)),
+            Ok(Err(e)) => {
+                eprintln!(
+                    "didgated: SIGHUP: policy reload refused (the policy in force stays): {e}"
+                )
+            }
+            Err(e) => eprintln!("didgated: SIGHUP: policy reload failed: {e}"),
+        }
+    }
 }
 
 async fn shutdown_signal() {

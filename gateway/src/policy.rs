@@ -1,93 +1,872 @@
-//! The policy decision: one pure function, default deny (specs/protocol.md, "Policy").
-//! A policy engine replaces the body of [`Policy::decide`] later; callers do not change.
+//! The policy decision, in Cedar (specs/protocol.md, "Policy"). Default deny.
+//!
+//! A [`PolicySet`] is a Cedar policy set validated (strict mode) against the embedded
+//! [`SCHEMA`], the group membership of callers (`[groups]` of `gateway.toml` and an optional
+//! Cedar entities file), and its hash. The request is mapped to Cedar as:
+//!
+//! | Cedar | didgate |
+//! | --- | --- |
+//! | principal | `Did::"did:key:..."`, member of its groups (`Group::"NAME"`) |
+//! | action | `Action::"GET"` ... `Action::"DELETE"`, in `Action::"read"` (GET, HEAD, OPTIONS) or `Action::"write"` (POST, PUT, PATCH, DELETE) |
+//! | resource | `Path::"UPSTREAM/PATH"` in `Upstream::"UPSTREAM"`, attributes `upstream`, `path`, `segments` |
+//! | context | `time_ms`, `utc_hour`, `utc_weekday`, `body_len`, `upstream`, `headers`, `query` |
+//!
+//! A policy's `@id("...")` annotation names its rule family: a refusal names the families of
+//! the forbid policies that refused, or says no permit matched, never the policy text. A permit's
+//! `@grant_ttl_secs("N")` caps the lifetime of the grants it allows.
+//!
+//! Without a `policy_file`, the `[[rule]]` list of `gateway.toml` is translated into Cedar text
+//! ([`translate_rules`]) with the same meaning as before.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::path::Path;
+use std::str::FromStr;
 
+use cedar_policy as cedar;
 use didgate_protocol::Did;
 
-use crate::config::Rule;
+use crate::config::{Config, ConfigError, Rule};
+
+/// BLAKE3 derive-key context of [`PolicySet::hash`].
+pub const HASH_CONTEXT: &str = "didgate 2026 policy-set v1";
+
+/// The family named by a refusal when no permit matched (default deny).
+pub const DEFAULT_DENY: &str = "no permit matched";
+
+/// The family named by a refusal when the request cannot be put to Cedar (a method the schema
+/// does not know); the gateway's canonical checks make this unreachable.
+pub const INVALID_REQUEST: &str = "request outside the policy schema";
+
+/// The methods the schema knows, each a Cedar action.
+pub const METHODS: &[&str] = &["GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE"];
+
+/// The Cedar schema every policy set is validated against (Cedar schema syntax).
+pub const SCHEMA: &str = r#"// didgate policy schema, version 1 (specs/protocol.md, "Policy").
+// A caller: its did:key. Member of groups ([groups] of gateway.toml, or the entities file).
+entity Group in [Group];
+entity Did in [Group];
+// An upstream named in gateway.toml.
+entity Upstream;
+// What a call touches: the upstream and the exact (canonical) path.
+entity Path in [Upstream] = {
+  "upstream": Upstream,
+  "path": String,
+  "segments": Long,
+};
+type RequestContext = {
+  "time_ms": Long,
+  "utc_hour": Long,
+  "utc_weekday": Long,
+  "body_len": Long,
+  "upstream": String,
+  "headers": Set<String>,
+  "query": Set<String>,
+};
+action "read";
+action "write";
+action "GET", "HEAD", "OPTIONS" in ["read"] appliesTo {
+  principal: [Did],
+  resource: [Path],
+  context: RequestContext,
+};
+action "POST", "PUT", "PATCH", "DELETE" in ["write"] appliesTo {
+  principal: [Did],
+  resource: [Path],
+  context: RequestContext,
+};
+"#;
+
+/// Example policies (valid against [`SCHEMA`]); `didgated init` writes them, commented out,
+/// to `policies.cedar`.
+pub const EXAMPLE_POLICIES: &str = r#"// Members of group payers may read anything on payments and create charges, with grants
+// that live at most 5 seconds.
+@id("payers-charge")
+@grant_ttl_secs("5")
+permit (
+  principal in Group::"payers",
+  action in [Action::"GET", Action::"POST"],
+  resource in Upstream::"payments"
+) when {
+  context.body_len <= 65536 &&
+  (action == Action::"GET" || resource.path like "/v1/charges*")
+};
+
+// One DID may read the balance, during UTC working hours on weekdays.
+@id("auditor-balance")
+permit (
+  principal == Did::"did:key:z6MknGc3ocHs3zdPiJbnaaqDi58NGb4pk1Sp9WxWufuXSdxf",
+  action in Action::"read",
+  resource
+) when {
+  resource.upstream == Upstream::"payments" &&
+  resource.path == "/v1/balance" &&
+  context.utc_weekday < 5 && context.utc_hour >= 8 && context.utc_hour < 18
+};
+
+// Exactly one segment below /v1/charges/ (`like` stars also match '/': count segments).
+@id("charge-lookup")
+permit (principal in Group::"payers", action == Action::"GET", resource)
+when { resource.path like "/v1/charges/*" && resource.segments == 3 };
+
+// Nobody deletes, whatever a permit says: forbid overrides permit.
+@id("no-deletes")
+forbid (principal, action == Action::"DELETE", resource);
+"#;
+
+/// The name of the example policy file `didgated init` writes beside `gateway.toml`.
+pub const TEMPLATE_FILE: &str = "policies.cedar";
+
+/// The example policy file `didgated init` writes: a valid, empty set (default deny: every
+/// example is commented out), used only once `policy_file` names it.
+pub fn template() -> String {
+    let mut out = String::from(
+        "// didgate policies in Cedar (specs/protocol.md, \"Policy\"). Not used until gateway.toml\n\
+         // names this file: [gateway] policy_file = \"policies.cedar\" (the [[rule]] list must then\n\
+         // be empty). Check with `didgated policy check policies.cedar`; apply a change to a\n\
+         // running gateway with `didgated policy reload` or SIGHUP.\n\
+         //\n\
+         // Default deny: with no policy, every call is refused. Forbid overrides permit.\n\
+         // principal: Did::\"did:key:...\", in Group::\"NAME\" ([groups] of gateway.toml, or\n\
+         //   the entities file named by entities_file).\n\
+         // action: Action::\"GET\" ... Action::\"DELETE\"; Action::\"read\" = GET, HEAD, OPTIONS;\n\
+         //   Action::\"write\" = POST, PUT, PATCH, DELETE.\n\
+         // resource: in Upstream::\"NAME\"; resource.upstream (Upstream), resource.path (String,\n\
+         //   the canonical path without query), resource.segments (Long, the number of '/').\n\
+         // context: time_ms, utc_hour (0-23), utc_weekday (0 = Monday), body_len (Long);\n\
+         //   upstream (String); headers, query (Set<String> of names).\n\
+         // @id(\"NAME\") names a policy's rule family: a refusal names the families of the\n\
+         // forbids that refused (or says no permit matched), never the policy text.\n\
+         // @grant_ttl_secs(\"N\") on a permit caps the lifetime of the grants it allows.\n\
+         //\n\
+         // Examples (remove the leading // to use them):\n//\n",
+    );
+    for line in EXAMPLE_POLICIES.lines() {
+        if line.is_empty() {
+            out.push_str("//\n");
+        } else {
+            out.push_str("// ");
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
+/// The inputs of a decision besides the DID, upstream, method and path.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestContext {
+    /// The gateway's clock when it decides, milliseconds since the Unix epoch.
+    pub time_ms: u64,
+    /// The signed body length, bytes.
+    pub body_len: u64,
+    /// The names of the headers the caller set (lower case).
+    pub headers: Vec<String>,
+    /// The names of the query parameters.
+    pub query: Vec<String>,
+}
 
 /// The decision.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decision {
-    /// A rule allows the call.
-    Allow,
-    /// No rule allows it.
-    Deny,
+    /// At least one permit matched and no forbid did.
+    Allow {
+        /// The smallest `@grant_ttl_secs` of the permits that matched, if any has one. The
+        /// grant lives `min(grant_ttl_secs of gateway.toml, this)` ([`Decision::grant_ttl`]).
+        ttl_secs: Option<u64>,
+    },
+    /// Refused: by forbid policies, or because no permit matched.
+    Deny {
+        /// The rule families (`@id`) of the forbid policies that refused, sorted and joined by
+        /// `", "`, or [`DEFAULT_DENY`] (or [`INVALID_REQUEST`]). Never policy text.
+        family: String,
+    },
 }
 
-/// Compiled rules.
-#[derive(Debug, Clone, Default)]
-pub struct Policy {
-    rules: Vec<CompiledRule>,
-    known: HashSet<String>,
-}
-
-#[derive(Debug, Clone)]
-struct CompiledRule {
-    principals: HashSet<String>,
-    upstream: String,
-    methods: Vec<String>,
-    paths: Vec<String>,
-}
-
-impl Policy {
-    /// Compiles rules, expanding groups.
-    pub fn new(rules: &[Rule], groups: &BTreeMap<String, Vec<String>>) -> Self {
-        let mut known = HashSet::new();
-        let compiled = rules
-            .iter()
-            .map(|r| {
-                let mut principals = HashSet::new();
-                for p in &r.principals {
-                    match p.strip_prefix("group:") {
-                        Some(g) => principals.extend(groups.get(g).into_iter().flatten().cloned()),
-                        None => {
-                            principals.insert(p.clone());
-                        }
-                    }
-                }
-                known.extend(principals.iter().cloned());
-                CompiledRule {
-                    principals,
-                    upstream: r.upstream.clone(),
-                    methods: r.methods.clone(),
-                    paths: r.paths.clone(),
-                }
-            })
-            .collect();
-        for members in groups.values() {
-            known.extend(members.iter().cloned());
-        }
-        Self {
-            rules: compiled,
-            known,
+impl Decision {
+    /// The grant lifetime for an allowed call: the configured lifetime, capped by the
+    /// matching permits. `None` for a refusal.
+    pub fn grant_ttl(&self, configured_secs: u64) -> Option<u64> {
+        match self {
+            Self::Allow { ttl_secs } => {
+                Some(ttl_secs.map_or(configured_secs, |cap| cap.min(configured_secs)))
+            }
+            Self::Deny { .. } => None,
         }
     }
 
-    /// Whether policy names this DID at all (its refusals are audited one by one).
+    /// The `reason` of a `policy` refusal: names the rule family, never the policy text.
+    pub fn refusal_reason(&self) -> Option<String> {
+        match self {
+            Self::Allow { .. } => None,
+            Self::Deny { family } if family == DEFAULT_DENY || family == INVALID_REQUEST => {
+                Some(format!("{family} (default deny)"))
+            }
+            Self::Deny { family } => Some(format!("forbidden by policy family {family}")),
+        }
+    }
+}
+
+/// Why a policy set cannot be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PolicyError {
+    /// A file cannot be read.
+    #[error("cannot read {0}: {1}")]
+    Read(String, std::io::Error),
+    /// `gateway.toml` (re-read on reload) is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The policy text does not parse as Cedar.
+    #[error("{0}: {1}")]
+    Parse(String, String),
+    /// The policies do not validate against the schema, or break a didgate rule
+    /// (annotations, templates).
+    #[error("{0}: {1}")]
+    Invalid(String, String),
+    /// The entities file or the `[groups]` are unusable.
+    #[error("entities: {0}")]
+    Entities(String),
+    /// A `[[rule]]` cannot be translated into Cedar.
+    #[error("{0}")]
+    Translate(String),
+    /// Internal: the embedded schema does not build.
+    #[error("schema: {0}")]
+    Schema(String),
+}
+
+/// What `didgated policy check` reports about a valid file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Summary {
+    /// Number of policies.
+    pub policies: usize,
+    /// Of which permits.
+    pub permits: usize,
+    /// Of which forbids.
+    pub forbids: usize,
+    /// The rule families (`@id`, or Cedar's `policyN` for a policy without one), sorted.
+    pub families: Vec<String>,
+    /// Validator warnings (the set is still valid).
+    pub warnings: Vec<String>,
+}
+
+/// Entity type names, built once.
+#[derive(Debug, Clone)]
+struct Types {
+    did: cedar::EntityTypeName,
+    group: cedar::EntityTypeName,
+    upstream: cedar::EntityTypeName,
+    path: cedar::EntityTypeName,
+    action: cedar::EntityTypeName,
+}
+
+impl Types {
+    fn new() -> Result<Self, PolicyError> {
+        let t = |n: &str| {
+            cedar::EntityTypeName::from_str(n).map_err(|e| PolicyError::Schema(e.to_string()))
+        };
+        Ok(Self {
+            did: t("Did")?,
+            group: t("Group")?,
+            upstream: t("Upstream")?,
+            path: t("Path")?,
+            action: t("Action")?,
+        })
+    }
+
+    fn uid(ty: &cedar::EntityTypeName, id: &str) -> cedar::EntityUid {
+        cedar::EntityUid::from_type_name_and_id(ty.clone(), cedar::EntityId::new(id))
+    }
+}
+
+/// A compiled, validated Cedar policy set with the callers' group membership.
+#[derive(Debug)]
+pub struct PolicySet {
+    policies: cedar::PolicySet,
+    types: Types,
+    /// The action entities of the schema (method -> read/write groups); each decision adds the
+    /// principal and the resource to a copy.
+    actions: cedar::Entities,
+    /// did -> every group it is in (transitively).
+    groups_of: HashMap<String, HashSet<cedar::EntityUid>>,
+    /// policy id -> rule family.
+    families: HashMap<cedar::PolicyId, String>,
+    /// permit id -> `@grant_ttl_secs`.
+    ttl_caps: HashMap<cedar::PolicyId, u64>,
+    /// Forbid policy ids.
+    forbids: HashSet<cedar::PolicyId>,
+    /// DIDs named in the policies, groups or entities.
+    known: HashSet<String>,
+    summary: Summary,
+    hash: [u8; 32],
+}
+
+fn schema() -> Result<cedar::Schema, PolicyError> {
+    cedar::Schema::from_cedarschema_str(SCHEMA)
+        .map(|(s, _warnings)| s)
+        .map_err(|e| PolicyError::Schema(e.to_string()))
+}
+
+/// Renders a Cedar parse or validation error with its location in `text` when it has one.
+fn describe(e: &dyn miette::Diagnostic, text: &str) -> String {
+    let mut out = e.to_string();
+    if let Some(help) = e.help() {
+        out.push_str(&format!(" ({help})"));
+    }
+    let offset = e.labels().and_then(|mut l| l.next()).map(|l| l.offset());
+    if let Some(offset) = offset {
+        let before = text.get(..offset).unwrap_or(text);
+        let line = before.matches('\n').count() + 1;
+        let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+        out = format!("line {line} column {col}: {out}");
+    }
+    out
+}
+
+/// Cedar string literal body: escapes `\`, `"` and control characters.
+fn cedar_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            c if c.is_control() => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+impl PolicySet {
+    /// Loads the policy set a configuration names: the Cedar file `policy_file` (relative to
+    /// `data_dir`), or else the translation of its `[[rule]]` list; with the membership of
+    /// `[groups]` and of the entities file `entities_file`, if any.
+    pub fn load(data_dir: &Path, config: &Config) -> Result<Self, PolicyError> {
+        let read = |name: &str| {
+            let p = data_dir.join(name);
+            std::fs::read_to_string(&p)
+                .map(|t| (p.display().to_string(), t))
+                .map_err(|e| PolicyError::Read(p.display().to_string(), e))
+        };
+        let (source, text) = match &config.gateway.policy_file {
+            Some(f) => read(f)?,
+            None => (
+                "gateway.toml [[rule]]".to_string(),
+                translate_rules(&config.rules)?,
+            ),
+        };
+        let entities = match &config.gateway.entities_file {
+            Some(f) => Some(read(f)?.1),
+            None => None,
+        };
+        Self::compile(&source, &text, &config.groups, entities.as_deref())
+    }
+
+    /// Validates the Cedar policy file at `path` against the schema (strict mode) and the
+    /// didgate annotation rules, without loading any membership.
+    pub fn check_file(path: &Path) -> Result<Summary, PolicyError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| PolicyError::Read(path.display().to_string(), e))?;
+        Ok(Self::compile(&path.display().to_string(), &text, &BTreeMap::new(), None)?.summary)
+    }
+
+    /// Compiles policy text (`source` names it in errors) with the membership of `groups`
+    /// (group name -> member DIDs) and of a Cedar entities JSON document.
+    pub fn compile(
+        source: &str,
+        text: &str,
+        groups: &BTreeMap<String, Vec<String>>,
+        entities_json: Option<&str>,
+    ) -> Result<Self, PolicyError> {
+        let schema = schema()?;
+        let types = Types::new()?;
+        let policies = cedar::PolicySet::from_str(text)
+            .map_err(|e| PolicyError::Parse(source.into(), describe(&e, text)))?;
+        let invalid = |m: String| PolicyError::Invalid(source.into(), m);
+        if policies.templates().next().is_some() {
+            return Err(invalid(
+                "policy templates (?principal, ?resource) are not supported".into(),
+            ));
+        }
+        let result = cedar::Validator::new(schema.clone())
+            .validate(&policies, cedar::ValidationMode::Strict);
+        if !result.validation_passed() {
+            let errors: Vec<String> = result
+                .validation_errors()
+                .map(|e| {
+                    format!(
+                        "policy {}: {}",
+                        family_of(&policies, e.policy_id()),
+                        describe(e, text)
+                    )
+                })
+                .collect();
+            return Err(invalid(errors.join("; ")));
+        }
+        let warnings = result
+            .validation_warnings()
+            .map(|w| {
+                format!(
+                    "policy {}: {}",
+                    family_of(&policies, w.policy_id()),
+                    describe(w, text)
+                )
+            })
+            .collect();
+        let mut families = HashMap::new();
+        let mut ttl_caps = HashMap::new();
+        let mut forbids = HashSet::new();
+        let (mut permits, mut forbid_count) = (0, 0);
+        for p in policies.policies() {
+            let family = match p.annotation("id") {
+                Some(id) => {
+                    if id.is_empty()
+                        || id.len() > 64
+                        || !id
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"-_.:/".contains(&b))
+                    {
+                        return Err(invalid(format!(
+                            "policy {}: @id must be 1-64 characters of letters, digits and - _ . : /",
+                            p.id()
+                        )));
+                    }
+                    id.to_string()
+                }
+                None => p.id().to_string(),
+            };
+            match p.effect() {
+                cedar::Effect::Permit => permits += 1,
+                cedar::Effect::Forbid => {
+                    forbid_count += 1;
+                    forbids.insert(p.id().clone());
+                }
+            }
+            if let Some(ttl) = p.annotation("grant_ttl_secs") {
+                if p.effect() == cedar::Effect::Forbid {
+                    return Err(invalid(format!(
+                        "policy {family}: @grant_ttl_secs applies to permit policies only"
+                    )));
+                }
+                let secs = ttl.parse::<u64>().ok().filter(|s| *s >= 1).ok_or_else(|| {
+                    invalid(format!(
+                        "policy {family}: @grant_ttl_secs must be a whole number of seconds >= 1, not {ttl:?}"
+                    ))
+                })?;
+                ttl_caps.insert(p.id().clone(), secs);
+            }
+            families.insert(p.id().clone(), family);
+        }
+        let mut family_list: Vec<String> = families.values().cloned().collect();
+        family_list.sort();
+        family_list.dedup();
+        let summary = Summary {
+            policies: permits + forbid_count,
+            permits,
+            forbids: forbid_count,
+            families: family_list,
+            warnings,
+        };
+
+        // Membership: [groups] and the entities file, merged.
+        let ent_err = |e: &dyn std::fmt::Display| PolicyError::Entities(e.to_string());
+        let mut parents: BTreeMap<cedar::EntityUid, HashSet<cedar::EntityUid>> = BTreeMap::new();
+        for (group, members) in groups {
+            let g = Types::uid(&types.group, group);
+            parents.entry(g.clone()).or_default();
+            for m in members {
+                Did::parse(m)
+                    .map_err(|e| PolicyError::Entities(format!("group {group}: {m}: {e}")))?;
+                parents
+                    .entry(Types::uid(&types.did, m))
+                    .or_default()
+                    .insert(g.clone());
+            }
+        }
+        if let Some(json) = entities_json {
+            let file =
+                cedar::Entities::from_json_str(json, Some(&schema)).map_err(|e| ent_err(&e))?;
+            for e in file.iter() {
+                let (uid, _attrs, ps) = e.clone().into_inner();
+                let ty = uid.type_name();
+                if *ty == types.action {
+                    continue;
+                }
+                if *ty != types.did && *ty != types.group {
+                    return Err(PolicyError::Entities(format!(
+                        "{uid}: the entities file holds only Did and Group entities"
+                    )));
+                }
+                if *ty == types.did {
+                    Did::parse(uid.id().unescaped())
+                        .map_err(|e| PolicyError::Entities(format!("{uid}: {e}")))?;
+                }
+                parents.entry(uid).or_default().extend(ps);
+            }
+        }
+        let base = cedar::Entities::from_entities(
+            parents
+                .iter()
+                .map(|(uid, ps)| cedar::Entity::new_no_attrs(uid.clone(), ps.clone())),
+            Some(&schema),
+        )
+        .map_err(|e| ent_err(&e))?;
+        let mut groups_of = HashMap::new();
+        let mut membership = BTreeSet::new();
+        for e in base.iter() {
+            let uid = e.uid();
+            if *uid.type_name() != types.did && *uid.type_name() != types.group {
+                continue;
+            }
+            let ancestors: HashSet<cedar::EntityUid> = base
+                .ancestors(&uid)
+                .into_iter()
+                .flatten()
+                .cloned()
+                .collect();
+            for a in &ancestors {
+                membership.insert(format!("{uid} in {a}\n"));
+            }
+            if *uid.type_name() == types.did {
+                groups_of.insert(uid.id().unescaped().to_string(), ancestors);
+            }
+        }
+        let actions = schema
+            .action_entities()
+            .map_err(|e| PolicyError::Schema(e.to_string()))?;
+
+        let mut known: HashSet<String> = groups_of.keys().cloned().collect();
+        known.extend(dids_in(text));
+
+        let mut hasher = blake3::Hasher::new_derive_key(HASH_CONTEXT);
+        hasher.update(&(text.len() as u64).to_be_bytes());
+        hasher.update(text.as_bytes());
+        for line in &membership {
+            hasher.update(line.as_bytes());
+        }
+        Ok(Self {
+            policies,
+            types,
+            actions,
+            groups_of,
+            families,
+            ttl_caps,
+            forbids,
+            known,
+            summary,
+            hash: *hasher.finalize().as_bytes(),
+        })
+    }
+
+    /// The set's hash, recorded in every audit entry it decided: BLAKE3 in derive-key mode
+    /// with [`HASH_CONTEXT`] over `u64be(len(text)) || text || membership`, where membership
+    /// is one line `CHILD in ANCESTOR\n` per (entity, transitive ancestor) pair, entity uids
+    /// written as Cedar prints them (`Did::"did:key:..."`, `Group::"payers"`), lines sorted
+    /// bytewise.
+    pub fn hash(&self) -> [u8; 32] {
+        self.hash
+    }
+
+    /// What the set holds.
+    pub fn summary(&self) -> &Summary {
+        &self.summary
+    }
+
+    /// Whether the policy text, the groups or the entities name this DID (its refusals are
+    /// audited one by one; others are counted into the aggregate entry).
     pub fn knows(&self, did: &Did) -> bool {
         self.known.contains(did.as_str())
     }
 
-    /// Decides the exact (DID, upstream, method, path). Default deny.
-    pub fn decide(&self, did: &Did, upstream: &str, method: &str, path: &str) -> Decision {
-        let allowed = self.rules.iter().any(|r| {
-            r.upstream == upstream
-                && r.principals.contains(did.as_str())
-                && r.methods.iter().any(|m| m == method)
-                && r.paths.iter().any(|p| path_matches(p, path))
-        });
-        if allowed {
-            Decision::Allow
-        } else {
-            Decision::Deny
+    /// Decides the exact (DID, upstream, method, path) in `ctx`. Default deny; forbid
+    /// overrides permit; a forbid policy whose evaluation fails counts as matching (fail
+    /// closed), a permit whose evaluation fails as not matching.
+    pub fn decide(
+        &self,
+        did: &Did,
+        upstream: &str,
+        method: &str,
+        path: &str,
+        ctx: &RequestContext,
+    ) -> Decision {
+        let deny = |family: &str| Decision::Deny {
+            family: family.to_string(),
+        };
+        let Some(request) = self.request(did, upstream, method, path, ctx) else {
+            return deny(INVALID_REQUEST);
+        };
+        let principal = cedar::Entity::new_no_attrs(
+            request.0.clone(),
+            self.groups_of
+                .get(did.as_str())
+                .cloned()
+                .unwrap_or_default(),
+        );
+        let up = Types::uid(&self.types.upstream, upstream);
+        let resource = cedar::Entity::new(
+            request.1.clone(),
+            [
+                (
+                    "upstream".to_string(),
+                    cedar::RestrictedExpression::new_entity_uid(up.clone()),
+                ),
+                (
+                    "path".to_string(),
+                    cedar::RestrictedExpression::new_string(path.into()),
+                ),
+                (
+                    "segments".to_string(),
+                    cedar::RestrictedExpression::new_long(
+                        i64::try_from(path.matches('/').count()).unwrap_or(i64::MAX),
+                    ),
+                ),
+            ]
+            .into_iter()
+            .collect(),
+            [up.clone()].into_iter().collect(),
+        );
+        let Ok(resource) = resource else {
+            return deny(INVALID_REQUEST);
+        };
+        let entities = self.actions.clone().add_entities(
+            [
+                principal,
+                resource,
+                cedar::Entity::new_no_attrs(up, HashSet::new()),
+            ],
+            None,
+        );
+        let Ok(entities) = entities else {
+            return deny(INVALID_REQUEST);
+        };
+        let response =
+            cedar::Authorizer::new().is_authorized(&request.2, &self.policies, &entities);
+        let diagnostics = response.diagnostics();
+        let mut refusing = BTreeSet::new();
+        for e in diagnostics.errors() {
+            let cedar::AuthorizationError::PolicyEvaluationError(e) = e;
+            tracing::warn!(policy = %self.family(e.policy_id()), error = %e.inner(), "policy evaluation error");
+            if self.forbids.contains(e.policy_id()) {
+                refusing.insert(self.family(e.policy_id()));
+            }
         }
+        match response.decision() {
+            cedar::Decision::Allow if refusing.is_empty() => Decision::Allow {
+                ttl_secs: diagnostics
+                    .reason()
+                    .filter_map(|id| self.ttl_caps.get(id).copied())
+                    .min(),
+            },
+            cedar::Decision::Allow => deny(&join(refusing)),
+            cedar::Decision::Deny => {
+                refusing.extend(
+                    diagnostics
+                        .reason()
+                        .filter(|id| self.forbids.contains(*id))
+                        .map(|id| self.family(id)),
+                );
+                if refusing.is_empty() {
+                    deny(DEFAULT_DENY)
+                } else {
+                    deny(&join(refusing))
+                }
+            }
+        }
+    }
+
+    fn family(&self, id: &cedar::PolicyId) -> String {
+        self.families
+            .get(id)
+            .cloned()
+            .unwrap_or_else(|| id.to_string())
+    }
+
+    /// (principal, resource, request), built to the schema (checking it again per request
+    /// would cost more than the decision).
+    fn request(
+        &self,
+        did: &Did,
+        upstream: &str,
+        method: &str,
+        path: &str,
+        ctx: &RequestContext,
+    ) -> Option<(cedar::EntityUid, cedar::EntityUid, cedar::Request)> {
+        // the request is built to the schema; only the method needs checking
+        if !METHODS.contains(&method) {
+            return None;
+        }
+        let principal = Types::uid(&self.types.did, did.as_str());
+        let action = Types::uid(&self.types.action, method);
+        let resource = Types::uid(&self.types.path, &format!("{upstream}{path}"));
+        let long =
+            |v: u64| cedar::RestrictedExpression::new_long(i64::try_from(v).unwrap_or(i64::MAX));
+        let names = |v: &[String]| {
+            cedar::RestrictedExpression::new_set(
+                v.iter()
+                    .map(|s| cedar::RestrictedExpression::new_string(s.clone())),
+            )
+        };
+        let day = ctx.time_ms / 86_400_000;
+        let context = cedar::Context::from_pairs([
+            ("time_ms".to_string(), long(ctx.time_ms)),
+            ("utc_hour".to_string(), long(ctx.time_ms / 3_600_000 % 24)),
+            // 1970-01-01 was a Thursday; Monday = 0
+            ("utc_weekday".to_string(), long((day + 3) % 7)),
+            ("body_len".to_string(), long(ctx.body_len)),
+            (
+                "upstream".to_string(),
+                cedar::RestrictedExpression::new_string(upstream.into()),
+            ),
+            ("headers".to_string(), names(&ctx.headers)),
+            ("query".to_string(), names(&ctx.query)),
+        ])
+        .ok()?;
+        let request =
+            cedar::Request::new(principal.clone(), action, resource.clone(), context, None).ok()?;
+        Some((principal, resource, request))
     }
 }
 
-/// Matches a path against a pattern: literal segments, `*` for exactly one non-empty segment,
-/// and a final `**` for one or more remaining segments.
+fn join(families: BTreeSet<String>) -> String {
+    families.into_iter().collect::<Vec<_>>().join(", ")
+}
+
+fn family_of(policies: &cedar::PolicySet, id: &cedar::PolicyId) -> String {
+    policies
+        .policy(id)
+        .and_then(|p| p.annotation("id"))
+        .map_or_else(|| id.to_string(), str::to_string)
+}
+
+/// Every did:key named in `text` (entity literals, or anywhere else).
+fn dids_in(text: &str) -> HashSet<String> {
+    const B58: &[u8] = b"123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz";
+    let mut out = HashSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("did:key:") {
+        let tail = &rest[i..];
+        let len = "did:key:".len()
+            + tail
+                .bytes()
+                .skip("did:key:".len())
+                .take_while(|b| B58.contains(b))
+                .count();
+        if let Some(candidate) = tail.get(..len)
+            && Did::parse(candidate).is_ok()
+        {
+            out.insert(candidate.to_string());
+        }
+        rest = &tail["did:key:".len()..];
+    }
+    out
+}
+
+/// Translates a `[[rule]]` list into Cedar text with the same meaning: one permit per rule,
+/// `@id("rule-N")` (N = its index in the list). Path patterns become `like` patterns with a
+/// segment count. A pattern with a `*` segment followed by a literal segment and a final `**`
+/// has no exact translation and is refused (write such a policy in a policy file).
+pub fn translate_rules(rules: &[Rule]) -> Result<String, PolicyError> {
+    let mut out = String::from(
+        "// Generated from the [[rule]] list of gateway.toml (specs/protocol.md, \"Policy\").\n",
+    );
+    for (i, r) in rules.iter().enumerate() {
+        let principals: Vec<String> = r
+            .principals
+            .iter()
+            .map(|p| match p.strip_prefix("group:") {
+                Some(g) => format!("principal in Group::\"{}\"", cedar_escape(g)),
+                None => format!("principal == Did::\"{}\"", cedar_escape(p)),
+            })
+            .collect();
+        let methods: Vec<String> = r
+            .methods
+            .iter()
+            .filter(|m| METHODS.contains(&m.as_str()))
+            .map(|m| format!("Action::\"{m}\""))
+            .collect();
+        let mut paths = Vec::new();
+        for p in &r.paths {
+            match pattern_condition(p) {
+                Ok(Some(c)) => paths.push(c),
+                Ok(None) => {}
+                Err(why) => {
+                    return Err(PolicyError::Translate(format!(
+                        "rule {i}: path pattern {p:?}: {why}; write this rule in a policy file (policy_file)"
+                    )));
+                }
+            }
+        }
+        if principals.is_empty() || methods.is_empty() || paths.is_empty() {
+            out.push_str(&format!("\n// rule-{i} allows nothing\n"));
+            continue;
+        }
+        out.push_str(&format!(
+            "\n@id(\"rule-{i}\")\npermit (\n  principal,\n  action in [{}],\n  resource in Upstream::\"{}\"\n) when {{\n  ({}) &&\n  ({})\n}};\n",
+            methods.join(", "),
+            cedar_escape(&r.upstream),
+            principals.join(" || "),
+            paths.join(" ||\n   "),
+        ));
+    }
+    Ok(out)
+}
+
+/// The Cedar condition on `resource` for one legacy path pattern, exact for canonical paths
+/// (specs/protocol.md, "Canonical requests"). `Ok(None)`: the pattern never matches.
+fn pattern_condition(pattern: &str) -> Result<Option<String>, &'static str> {
+    let Some(rest) = pattern.strip_prefix('/') else {
+        return Ok(None);
+    };
+    let segs: Vec<&str> = rest.split('/').collect();
+    let n = segs.len();
+    let last_is_any = segs.last() == Some(&"**");
+    if segs[..n - 1].contains(&"**") {
+        return Ok(None);
+    }
+    let mut like = String::new();
+    let mut seen_star = false;
+    for (k, s) in segs.iter().enumerate() {
+        like.push('/');
+        match *s {
+            "*" | "**" => {
+                seen_star = true;
+                like.push('*');
+            }
+            lit => {
+                // canonical paths hold only printable ASCII, never a backslash
+                if !lit.bytes().all(|b| (0x21..0x7f).contains(&b) && b != b'\\') {
+                    return Ok(None);
+                }
+                if seen_star && last_is_any && k < n - 1 {
+                    return Err("a literal segment after `*` cannot precede a final `**`");
+                }
+                for c in lit.chars() {
+                    match c {
+                        '*' => like.push_str("\\*"),
+                        '"' => like.push_str("\\\""),
+                        c => like.push(c),
+                    }
+                }
+            }
+        }
+    }
+    let mut cond = format!("resource.path like \"{like}\"");
+    if last_is_any {
+        // one or more further segments, the first not empty
+        cond.push_str(&format!(
+            " && resource.segments >= {n} && !(resource.segments == {n} && resource.path like \"*/\")"
+        ));
+    } else {
+        cond.push_str(&format!(" && resource.segments == {n}"));
+        if segs.last() == Some(&"*") {
+            cond.push_str(" && !(resource.path like \"*/\")");
+        }
+    }
+    Ok(Some(format!("({cond})")))
+}
+
+/// Legacy matcher of `[[rule]]` path patterns: literal segments, `*` for exactly one
+/// non-empty segment, and a final `**` for one or more remaining segments. [`translate_rules`]
+/// is exact with respect to it on canonical paths.
 pub fn path_matches(pattern: &str, path: &str) -> bool {
     let mut pat = pattern.split('/');
     let mut segs = path.split('/');
@@ -115,6 +894,28 @@ mod tests {
     use super::*;
     use didgate_protocol::Identity;
 
+    fn ctx() -> RequestContext {
+        RequestContext {
+            time_ms: 1_700_000_000_000,
+            body_len: 10,
+            headers: vec!["content-type".into()],
+            query: vec![],
+        }
+    }
+
+    fn set(text: &str) -> PolicySet {
+        PolicySet::compile("test", text, &BTreeMap::new(), None).expect("valid policy set")
+    }
+
+    fn allowed(d: &Decision) -> bool {
+        matches!(d, Decision::Allow { .. })
+    }
+
+    fn legacy(rules: &[Rule], groups: &BTreeMap<String, Vec<String>>) -> PolicySet {
+        let text = translate_rules(rules).expect("translates");
+        PolicySet::compile("rules", &text, groups, None).expect("translation validates")
+    }
+
     #[test]
     fn patterns() {
         assert!(path_matches("/v1/charges", "/v1/charges"));
@@ -137,23 +938,429 @@ mod tests {
             methods: vec![m.into()],
             paths: vec!["/v1/*".into()],
         };
+        let c = ctx();
         // empty rule set denies everyone
         assert_eq!(
-            Policy::new(&[], &BTreeMap::new()).decide(a.did(), "pay", "GET", "/v1/x"),
-            Decision::Deny
+            legacy(&[], &BTreeMap::new()).decide(a.did(), "pay", "GET", "/v1/x", &c),
+            Decision::Deny {
+                family: DEFAULT_DENY.into()
+            }
         );
         let mut groups = BTreeMap::new();
         groups.insert("g".to_string(), vec![b.did().to_string()]);
-        let p = Policy::new(
+        let p = legacy(
             &[rule(a.did().as_str(), "GET"), rule("group:g", "POST")],
             &groups,
         );
-        assert_eq!(p.decide(a.did(), "pay", "GET", "/v1/x"), Decision::Allow);
-        assert_eq!(p.decide(a.did(), "pay", "POST", "/v1/x"), Decision::Deny);
-        assert_eq!(p.decide(b.did(), "pay", "POST", "/v1/x"), Decision::Allow);
-        assert_eq!(p.decide(b.did(), "other", "POST", "/v1/x"), Decision::Deny);
-        assert_eq!(p.decide(a.did(), "pay", "GET", "/v2/x"), Decision::Deny);
+        assert_eq!(
+            p.decide(a.did(), "pay", "GET", "/v1/x", &c),
+            Decision::Allow { ttl_secs: None }
+        );
+        assert!(!allowed(&p.decide(a.did(), "pay", "POST", "/v1/x", &c)));
+        assert!(allowed(&p.decide(b.did(), "pay", "POST", "/v1/x", &c)));
+        assert!(!allowed(&p.decide(b.did(), "other", "POST", "/v1/x", &c)));
+        assert!(!allowed(&p.decide(a.did(), "pay", "GET", "/v2/x", &c)));
+        assert!(!allowed(&p.decide(a.did(), "pay", "get", "/v1/x", &c)));
+        assert!(!allowed(&p.decide(a.did(), "pay", "TRACE", "/v1/x", &c)));
+        assert!(p.knows(a.did()));
         assert!(p.knows(b.did()));
         assert!(!p.knows(Identity::from_seed(&[3; 32]).did()));
+    }
+
+    /// The translation of every pattern agrees with the legacy matcher on canonical paths.
+    #[test]
+    fn translation_is_exact() {
+        let a = Identity::from_seed(&[1; 32]);
+        let patterns = [
+            "/",
+            "/v1",
+            "/v1/",
+            "/v1/charges",
+            "/v1/charges/*",
+            "/v1/*/refunds",
+            "/*/*",
+            "/*",
+            "/v1/**",
+            "/**",
+            "/v1/*/**",
+            "/*/**",
+            "/v1/a*b",
+            "/v1/**/x",
+            "v1/x",
+            "/v1/\"q\"",
+        ];
+        let paths = [
+            "/",
+            "/v1",
+            "/v1/",
+            "/v2",
+            "/v1/charges",
+            "/v1/charges/",
+            "/v1/charges/ch_1",
+            "/v1/charges/ch_1/",
+            "/v1/charges/a/b",
+            "/v1/x/refunds",
+            "/v1/x/refunds/",
+            "/v1/x/y/refunds",
+            "/v1/a*b",
+            "/v1/aXb",
+            "/v1/a/x",
+            "/v1/\"q\"",
+            "/a/b/c/d/e",
+        ];
+        for pat in patterns {
+            let rules = [Rule {
+                principals: vec![a.did().to_string()],
+                upstream: "pay".into(),
+                methods: vec!["GET".into()],
+                paths: vec![pat.into()],
+            }];
+            let p = legacy(&rules, &BTreeMap::new());
+            for path in paths {
+                assert_eq!(
+                    allowed(&p.decide(a.did(), "pay", "GET", path, &ctx())),
+                    path_matches(pat, path),
+                    "pattern {pat} path {path}"
+                );
+            }
+        }
+        let refused = [Rule {
+            principals: vec![a.did().to_string()],
+            upstream: "pay".into(),
+            methods: vec!["GET".into()],
+            paths: vec!["/v1/*/x/**".into()],
+        }];
+        assert!(matches!(
+            translate_rules(&refused),
+            Err(PolicyError::Translate(_))
+        ));
+    }
+
+    #[test]
+    fn empty_set_denies() {
+        let p = set("");
+        let a = Identity::from_seed(&[1; 32]);
+        let d = p.decide(a.did(), "pay", "GET", "/v1/x", &ctx());
+        assert_eq!(
+            d,
+            Decision::Deny {
+                family: DEFAULT_DENY.into()
+            }
+        );
+        assert_eq!(
+            d.refusal_reason().as_deref(),
+            Some("no permit matched (default deny)")
+        );
+        assert!(!p.knows(a.did()));
+    }
+
+    #[test]
+    fn permit_forbid_and_families() {
+        let a = Identity::from_seed(&[1; 32]);
+        let text = format!(
+            r#"
+            @id("all")
+            permit (principal == Did::"{a}", action, resource);
+            @id("no-deletes")
+            forbid (principal, action == Action::"DELETE", resource);
+            @id("no-admin")
+            forbid (principal, action, resource) when {{ resource.path like "/admin*" }};
+            "#,
+            a = a.did()
+        );
+        let p = set(&text);
+        assert!(p.knows(a.did()));
+        assert!(allowed(&p.decide(a.did(), "pay", "GET", "/v1/x", &ctx())));
+        // a method outside the schema never matches, even an unconstrained action
+        assert!(!allowed(&p.decide(
+            a.did(),
+            "pay",
+            "TRACE",
+            "/v1/x",
+            &ctx()
+        )));
+        let d = p.decide(a.did(), "pay", "DELETE", "/admin/x", &ctx());
+        assert_eq!(
+            d,
+            Decision::Deny {
+                family: "no-admin, no-deletes".into()
+            }
+        );
+        let reason = d.refusal_reason().expect("a reason");
+        assert_eq!(reason, "forbidden by policy family no-admin, no-deletes");
+        assert!(!reason.contains("like"), "never the policy text");
+        assert_eq!(p.summary().permits, 1);
+        assert_eq!(p.summary().forbids, 2);
+        assert_eq!(p.summary().families, ["all", "no-admin", "no-deletes"]);
+    }
+
+    #[test]
+    fn groups_and_entities() {
+        let a = Identity::from_seed(&[1; 32]);
+        let b = Identity::from_seed(&[2; 32]);
+        let c = Identity::from_seed(&[3; 32]);
+        let text = r#"
+            permit (principal in Group::"payers", action in Action::"write", resource in Upstream::"pay");
+            permit (principal in Group::"staff", action in Action::"read", resource);
+        "#;
+        let groups = [("payers".to_string(), vec![a.did().to_string()])]
+            .into_iter()
+            .collect();
+        // b is in ops, ops in staff (nested groups from the entities file)
+        let entities = format!(
+            r#"[
+              {{"uid": {{"type": "Did", "id": "{b}"}}, "attrs": {{}}, "parents": [{{"type": "Group", "id": "ops"}}]}},
+              {{"uid": {{"type": "Group", "id": "ops"}}, "attrs": {{}}, "parents": [{{"type": "Group", "id": "staff"}}]}}
+            ]"#,
+            b = b.did()
+        );
+        let p = PolicySet::compile("t", text, &groups, Some(&entities)).expect("valid");
+        let c0 = ctx();
+        assert!(allowed(&p.decide(
+            a.did(),
+            "pay",
+            "POST",
+            "/v1/charges",
+            &c0
+        )));
+        assert!(!allowed(&p.decide(
+            a.did(),
+            "other",
+            "POST",
+            "/v1/charges",
+            &c0
+        )));
+        assert!(!allowed(&p.decide(
+            a.did(),
+            "pay",
+            "GET",
+            "/v1/charges",
+            &c0
+        )));
+        assert!(allowed(&p.decide(b.did(), "other", "HEAD", "/x", &c0)));
+        assert!(!allowed(&p.decide(b.did(), "pay", "POST", "/x", &c0)));
+        assert!(!allowed(&p.decide(c.did(), "pay", "GET", "/x", &c0)));
+        assert!(p.knows(a.did()) && p.knows(b.did()) && !p.knows(c.did()));
+        // membership is part of the hash
+        let other =
+            PolicySet::compile("t", text, &BTreeMap::new(), Some(&entities)).expect("valid");
+        assert_ne!(p.hash(), other.hash());
+        // an entities file may not define resources
+        let bad = r#"[{"uid": {"type": "Upstream", "id": "pay"}, "attrs": {}, "parents": []}]"#;
+        assert!(matches!(
+            PolicySet::compile("t", text, &BTreeMap::new(), Some(bad)),
+            Err(PolicyError::Entities(_))
+        ));
+    }
+
+    #[test]
+    fn like_patterns_and_context() {
+        let a = Identity::from_seed(&[1; 32]);
+        let p = set(&format!(
+            r#"
+            permit (principal == Did::"{a}", action == Action::"POST", resource)
+            when {{
+              resource.upstream == Upstream::"payments" &&
+              resource.path like "/v1/charges*" &&
+              context.body_len <= 100 &&
+              !(context.headers.contains("x-debug")) &&
+              context.upstream == "payments"
+            }};
+            "#,
+            a = a.did()
+        ));
+        let mut c = ctx();
+        assert!(allowed(&p.decide(
+            a.did(),
+            "payments",
+            "POST",
+            "/v1/charges",
+            &c
+        )));
+        assert!(allowed(&p.decide(
+            a.did(),
+            "payments",
+            "POST",
+            "/v1/charges/x/y",
+            &c
+        )));
+        assert!(!allowed(&p.decide(
+            a.did(),
+            "payments",
+            "POST",
+            "/v1/refunds",
+            &c
+        )));
+        assert!(!allowed(&p.decide(
+            a.did(),
+            "other",
+            "POST",
+            "/v1/charges",
+            &c
+        )));
+        c.body_len = 101;
+        assert!(!allowed(&p.decide(
+            a.did(),
+            "payments",
+            "POST",
+            "/v1/charges",
+            &c
+        )));
+        c.body_len = 100;
+        c.headers.push("x-debug".into());
+        assert!(!allowed(&p.decide(
+            a.did(),
+            "payments",
+            "POST",
+            "/v1/charges",
+            &c
+        )));
+    }
+
+    #[test]
+    fn time_context() {
+        let a = Identity::from_seed(&[1; 32]);
+        let p = set(&format!(
+            r#"permit (principal == Did::"{a}", action, resource)
+               when {{ context.utc_weekday < 5 && context.utc_hour >= 8 && context.utc_hour < 18 }};"#,
+            a = a.did()
+        ));
+        // 2024-01-01 was a Monday
+        let monday = 1_704_067_200_000u64;
+        let at = |ms: u64| RequestContext {
+            time_ms: ms,
+            ..ctx()
+        };
+        let hour = 3_600_000;
+        assert!(allowed(&p.decide(
+            a.did(),
+            "u",
+            "GET",
+            "/",
+            &at(monday + 9 * hour)
+        )));
+        assert!(!allowed(&p.decide(
+            a.did(),
+            "u",
+            "GET",
+            "/",
+            &at(monday + 19 * hour)
+        )));
+        assert!(!allowed(&p.decide(
+            a.did(),
+            "u",
+            "GET",
+            "/",
+            &at(monday + 5 * 24 * hour + 9 * hour)
+        )));
+    }
+
+    #[test]
+    fn ttl_cap() {
+        let a = Identity::from_seed(&[1; 32]);
+        let p = set(&format!(
+            r#"
+            @id("short") @grant_ttl_secs("3")
+            permit (principal == Did::"{a}", action == Action::"POST", resource);
+            @id("long") @grant_ttl_secs("60")
+            permit (principal == Did::"{a}", action in [Action::"POST", Action::"GET"], resource);
+            @id("free")
+            permit (principal == Did::"{a}", action == Action::"PUT", resource);
+            "#,
+            a = a.did()
+        ));
+        let post = p.decide(a.did(), "u", "POST", "/", &ctx());
+        assert_eq!(post, Decision::Allow { ttl_secs: Some(3) });
+        assert_eq!(post.grant_ttl(10), Some(3));
+        let get = p.decide(a.did(), "u", "GET", "/", &ctx());
+        assert_eq!(get, Decision::Allow { ttl_secs: Some(60) });
+        assert_eq!(get.grant_ttl(10), Some(10), "the configured TTL still caps");
+        let put = p.decide(a.did(), "u", "PUT", "/", &ctx());
+        assert_eq!(put.grant_ttl(10), Some(10));
+        // invalid caps are refused
+        for bad in [
+            r#"@grant_ttl_secs("0") permit (principal, action, resource);"#,
+            r#"@grant_ttl_secs("soon") permit (principal, action, resource);"#,
+            r#"@grant_ttl_secs("5") forbid (principal, action, resource);"#,
+        ] {
+            assert!(
+                matches!(
+                    PolicySet::compile("t", bad, &BTreeMap::new(), None),
+                    Err(PolicyError::Invalid(..))
+                ),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn invalid_policies_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cases = [
+            // parse error
+            ("permit (principal, action, resource", "Parse"),
+            // unknown attribute (strict validation)
+            (
+                r#"permit (principal, action, resource) when { resource.host == "x" };"#,
+                "Invalid",
+            ),
+            // unknown action
+            (
+                r#"permit (principal, action == Action::"get", resource);"#,
+                "Invalid",
+            ),
+            // a Did has no attributes
+            (
+                r#"permit (principal, action, resource) when { principal.name == "x" };"#,
+                "Invalid",
+            ),
+            // type error
+            (
+                r#"permit (principal, action, resource) when { context.body_len like "1*" };"#,
+                "Invalid",
+            ),
+            // templates
+            (
+                "permit (principal == ?principal, action, resource);",
+                "Invalid",
+            ),
+            // bad family name
+            (
+                r#"@id("has space") permit (principal, action, resource);"#,
+                "Invalid",
+            ),
+        ];
+        for (text, kind) in cases {
+            let f = dir.path().join("p.cedar");
+            std::fs::write(&f, text).expect("write");
+            let e = PolicySet::check_file(&f).expect_err(text);
+            let got = match e {
+                PolicyError::Parse(..) => "Parse",
+                PolicyError::Invalid(..) => "Invalid",
+                _ => "other",
+            };
+            assert_eq!(got, kind, "{text}: {e}");
+        }
+        let f = dir.path().join(TEMPLATE_FILE);
+        std::fs::write(&f, template()).expect("write");
+        let s = PolicySet::check_file(&f).expect("the template validates");
+        assert_eq!(s.policies, 0, "the template denies everything");
+        let f = dir.path().join("good.cedar");
+        std::fs::write(&f, EXAMPLE_POLICIES).expect("write");
+        let s = PolicySet::check_file(&f).expect("the example validates");
+        assert_eq!(s.policies, 4);
+        assert!(PolicySet::check_file(&dir.path().join("missing.cedar")).is_err());
+    }
+
+    #[test]
+    fn hash_is_domain_separated_over_text() {
+        let a = set("permit (principal, action, resource);");
+        let b = set("permit (principal, action, resource);\n");
+        assert_ne!(a.hash(), b.hash(), "the hash covers the exact text");
+        let text = "permit (principal, action, resource);";
+        let mut h = blake3::Hasher::new_derive_key(HASH_CONTEXT);
+        h.update(&(text.len() as u64).to_be_bytes());
+        h.update(text.as_bytes());
+        assert_eq!(a.hash(), *h.finalize().as_bytes());
     }
 }

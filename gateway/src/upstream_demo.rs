@@ -3,8 +3,9 @@
 //!
 //! This module owns [`DemoUpstream`], the upstream that `didgated demo` and
 //! the end-to-end tests point the gateway at, and [`SeenRequest`], its record
-//! of every request received. The server accepts exactly one bearer token (the
-//! API key the gateway is supposed to inject) and never stores, logs or returns
+//! of every request received. The server accepts one bearer token (the
+//! API key the gateway is supposed to inject; a set of them with
+//! [`DemoUpstream::start_with_keys`]) and never stores, logs or returns
 //! a credential in plaintext: credentials appear only as
 //! [`DemoUpstream::fingerprint`] values.
 
@@ -28,7 +29,7 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio::task::JoinHandle;
 use zeroize::Zeroizing;
 
@@ -90,11 +91,13 @@ pub struct SeenRequest {
 
 /// State shared by the accept loop and every connection.
 struct State {
-    /// Keyed hash of the API key; the plaintext key is not kept.
-    key_hash: blake3::Hash,
+    /// Keyed hashes of the accepted API keys; the plaintext keys are not kept.
+    key_hashes: Vec<blake3::Hash>,
     seen: Mutex<Vec<SeenRequest>>,
     log: Option<Mutex<File>>,
     next_charge: AtomicU64,
+    /// Permits [`DemoUpstream::release_slow`] adds; each slow route waits for one.
+    gate: Arc<Semaphore>,
 }
 
 impl DemoUpstream {
@@ -104,7 +107,16 @@ impl DemoUpstream {
         api_key: Zeroizing<String>,
         log_path: Option<PathBuf>,
     ) -> std::io::Result<Self> {
-        if api_key.is_empty() {
+        Self::start_with_keys(vec![api_key], log_path).await
+    }
+
+    /// Like [`DemoUpstream::start`], accepting any of `api_keys` (at least one), as an API does
+    /// while an old and a new key are both valid during a rotation.
+    pub async fn start_with_keys(
+        api_keys: Vec<Zeroizing<String>>,
+        log_path: Option<PathBuf>,
+    ) -> std::io::Result<Self> {
+        if api_keys.is_empty() || api_keys.iter().any(|k| k.is_empty()) {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::InvalidInput,
                 "demo upstream api_key must not be empty",
@@ -117,12 +129,16 @@ impl DemoUpstream {
             None => None,
         };
         let state = Arc::new(State {
-            key_hash: compare_hash(api_key.as_bytes()),
+            key_hashes: api_keys
+                .iter()
+                .map(|k| compare_hash(k.as_bytes()))
+                .collect(),
             seen: Mutex::new(Vec::new()),
             log,
             next_charge: AtomicU64::new(1),
+            gate: Arc::new(Semaphore::new(0)),
         });
-        drop(api_key);
+        drop(api_keys);
 
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
         let addr = listener.local_addr()?;
@@ -144,6 +160,13 @@ impl DemoUpstream {
     /// The base URL of the server, `http://127.0.0.1:PORT` (no trailing slash).
     pub fn base_url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// Lets `n` waiting (or future) slow responses go on: `/v1/slow-events` sends its first
+    /// event, then waits for one release before sending the rest; `/v1/slow-head` waits for one
+    /// before answering at all. Tests use it instead of timing assumptions.
+    pub fn release_slow(&self, n: usize) {
+        self.state.gate.add_permits(n);
     }
 
     /// Every request received so far, in arrival order.
@@ -302,6 +325,13 @@ async fn handle(state: &State, req: Request<Incoming>) -> Response<RespBody> {
     if !authorized {
         return json(StatusCode::UNAUTHORIZED, r#"{"error":"invalid_api_key"}"#);
     }
+    if parts.method == Method::GET && parts.uri.path() == "/v1/slow-head" {
+        // answers only once released (a dropped connection drops this future)
+        match state.gate.acquire().await {
+            Ok(p) => p.forget(),
+            Err(_) => return not_found(),
+        }
+    }
     route(
         state,
         &parts.method,
@@ -328,7 +358,11 @@ fn check_authorization(state: &State, headers: &HeaderMap) -> (Option<String>, b
     let token = &raw[SCHEME.len()..];
     let fp = fingerprint_bytes(token);
     // blake3::Hash equality is constant-time
-    let matches = compare_hash(token) == state.key_hash;
+    let presented = compare_hash(token);
+    let matches = state
+        .key_hashes
+        .iter()
+        .fold(false, |any, h| any | (*h == presented));
     (Some(fp), single && matches)
 }
 
@@ -436,7 +470,9 @@ fn route(
             );
             resp
         }
-        (&Method::GET, "/v1/events") => events(query),
+        (&Method::GET, "/v1/events") => events(query, None),
+        (&Method::GET, "/v1/slow-events") => events(query, Some(state.gate.clone())),
+        (&Method::GET, "/v1/slow-head") => json(StatusCode::OK, r#"{"slow":true}"#),
         (&Method::GET, p) => match p.strip_prefix("/v1/charges/") {
             Some(id) if !id.is_empty() && !id.contains('/') => json_value(
                 StatusCode::OK,
@@ -476,7 +512,9 @@ fn create_charge(state: &State, body: &Bytes) -> Response<RespBody> {
     )
 }
 
-fn events(query: Option<&str>) -> Response<RespBody> {
+/// `n` server-sent events; with a `gate`, event 0 goes out at once and the rest only after the
+/// gate gives a permit (or never, if the client goes away first).
+fn events(query: Option<&str>, gate: Option<Arc<Semaphore>>) -> Response<RespBody> {
     let mut count = DEFAULT_EVENTS;
     for pair in query.unwrap_or("").split('&') {
         if let Some(("n", value)) = pair.split_once('=') {
@@ -489,6 +527,17 @@ fn events(query: Option<&str>) -> Response<RespBody> {
     let (tx, mut rx) = mpsc::channel::<Result<Frame<Bytes>, Infallible>>(8);
     tokio::spawn(async move {
         for i in 0..count {
+            if i == 1
+                && let Some(gate) = &gate
+            {
+                tokio::select! {
+                    permit = gate.acquire() => match permit {
+                        Ok(p) => p.forget(),
+                        Err(_) => break,
+                    },
+                    () = tx.closed() => break,
+                }
+            }
             let frame = Frame::data(Bytes::from(format!("data: {{\"i\":{i}}}\n\n")));
             // the receiver is gone when the client or the server went away
             if tx.send(Ok(frame)).await.is_err() {
@@ -830,6 +879,21 @@ mod tests {
             assert_eq!(events.len(), k, "{target}");
             assert!(body.contains(&format!("data: {{\"i\":{}}}\n\n", k - 1)));
         }
+    }
+
+    #[tokio::test]
+    async fn slow_routes_wait_for_a_release() {
+        let up = start().await;
+        let auth = bearer(CANARY);
+        let h = [("Authorization", auth.as_str())];
+        // released beforehand: the permits are kept until a slow response takes them
+        up.release_slow(2);
+        let (status, _, body) = send(&up, "GET", "/v1/slow-events?n=4", &h, b"").await;
+        assert_eq!(status, 200);
+        assert_eq!(body.matches("data: {\"i\":").count(), 4);
+        let (status, _, body) = send(&up, "GET", "/v1/slow-head", &h, b"").await;
+        assert_eq!(status, 200);
+        assert_eq!(body, r#"{"slow":true}"#);
     }
 
     #[tokio::test]

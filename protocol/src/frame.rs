@@ -24,6 +24,12 @@ pub enum FrameType {
     Receipt = 4,
     /// Gateway -> client: a signed refusal, last frame of a refused or failed call.
     Refusal = 5,
+    /// Client -> gateway: a signed request asking for a grant (two-step flow), no body.
+    GrantRequest = 6,
+    /// Gateway -> client: the signed grant, last frame of a grant request.
+    Grant = 7,
+    /// Client -> gateway: a signed grant presented for execution, then the body frames.
+    Execute = 8,
 }
 
 impl FrameType {
@@ -34,6 +40,9 @@ impl FrameType {
             3 => Self::Head,
             4 => Self::Receipt,
             5 => Self::Refusal,
+            6 => Self::GrantRequest,
+            7 => Self::Grant,
+            8 => Self::Execute,
             _ => return None,
         })
     }

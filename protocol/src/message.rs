@@ -167,6 +167,13 @@ pub enum RefusalCode {
     RateLimited,
     /// The gateway is shutting down.
     ShuttingDown,
+    /// The presented grant has expired.
+    GrantExpired,
+    /// The presented grant is unknown, not issued to this caller, or already used.
+    GrantInvalid,
+    /// The upstream's response exceeded the gateway's `max_response_bytes` (the grant was
+    /// consumed; the relayed part is not covered by a receipt).
+    ResponseTooLarge,
 }
 
 impl RefusalCode {
@@ -190,6 +197,9 @@ impl RefusalCode {
             Self::UpstreamFailed => "upstream_failed",
             Self::RateLimited => "rate_limited",
             Self::ShuttingDown => "shutting_down",
+            Self::GrantExpired => "grant_expired",
+            Self::GrantInvalid => "grant_invalid",
+            Self::ResponseTooLarge => "response_too_large",
         }
     }
 }

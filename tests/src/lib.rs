@@ -25,6 +25,8 @@ pub struct Harness {
     pub gw_did: Did,
     /// The gateway's UDP address.
     pub addr: SocketAddr,
+    /// The running gateway (between start/restart and stop).
+    pub gateway: Option<Arc<Gateway>>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<()>>,
 }
@@ -42,6 +44,11 @@ impl Harness {
     /// Starts the upstream and a gateway allowing alice GET/POST on /v1/** and bob GET
     /// /v1/balance.
     pub async fn start() -> anyhow::Result<Self> {
+        Self::start_with(|_| {}).await
+    }
+
+    /// Like [`Harness::start`], letting the test adjust the configuration first.
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let upstream = DemoUpstream::start(
             zeroize::Zeroizing::new(CANARY.to_string()),
@@ -63,6 +70,15 @@ impl Harness {
                 secret: "payments-key".into(),
                 allowed_hosts: vec!["127.0.0.1".into()],
                 allow_headers: vec!["content-type".into(), "accept".into()],
+                test_path: None,
+                // the demo upstream listens on 127.0.0.1
+                local: true,
+                timeout_secs: None,
+                rate_per_upstream: None,
+                max_concurrent_per_upstream: None,
+                rate_per_did: None,
+                max_concurrent_per_did: None,
+                max_response_bytes: None,
             }],
             groups: [("readers".to_string(), vec![bob().did().to_string()])]
                 .into_iter()
@@ -82,6 +98,8 @@ impl Harness {
                 },
             ],
         };
+        let mut config = config;
+        adjust(&mut config);
         std::fs::write(gw_dir.join("gateway.toml"), toml_string(&config)?)?;
         didgate_gateway::add_secret(&gw_dir, "payments-key", CANARY)?;
         let mut h = Self {
@@ -89,6 +107,7 @@ impl Harness {
             upstream,
             gw_did,
             addr: "127.0.0.1:1".parse()?,
+            gateway: None,
             stop: None,
             server: None,
         };
@@ -112,6 +131,7 @@ impl Harness {
         self.addr = endpoint.local_addr()?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         self.stop = Some(tx);
+        self.gateway = Some(gw.clone());
         self.server = Some(tokio::spawn(gateway::serve(gw, endpoint, async move {
             let _ = rx.await;
         })));
@@ -120,6 +140,7 @@ impl Harness {
 
     /// Stops the gateway (drains calls, closes its store).
     pub async fn stop(&mut self) {
+        self.gateway = None;
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
         }

@@ -18,7 +18,7 @@ fn refused_with(r: &Result<didgate_client::Answer, CallError>) -> Option<Refusal
 fn raw_code(raw: &didgate_client::RawAnswer) -> Option<RefusalCode> {
     match &raw.last {
         RawFinal::Refusal(r) => Some(r.message.code),
-        RawFinal::Receipt(_) => None,
+        _ => None,
     }
 }
 

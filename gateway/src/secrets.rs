@@ -1,0 +1,1789 @@
+//! The secret lifecycle: add, rotate with a grace window, disable and enable, soft delete and
+//! purge, list, test against the upstream, and master-key rotation (specs/protocol.md, "Secrets
+//! at rest").
+//!
+//! Owns the stored record ([`SecretRecord`], CBOR v2, still reading v1), the pure lifecycle
+//! functions over it (every one takes `now_ms`, so the grace window and the purge are tested
+//! with explicit timestamps), and [`Secrets`], the store-backed manager the gateway opens at
+//! start and the admin commands open when no daemon runs. It does not own the cryptography
+//! ([`crate::kms`]) or the control socket's framing ([`crate::control`]).
+//!
+//! # Versions and the grace window
+//! A record holds every version still usable. The current version is the highest one without
+//! `retired_ms`; calls always inject it. `rotate` seals the new value as the next version and
+//! retires the previous current one at `now`. A retired version stays sealed in the record and
+//! usable (`secret test NAME --version N`) until `retired_ms + secret_grace_secs`; from then on
+//! it cannot be opened, and the next write or upkeep removes it from the record ("sealed off":
+//! its wrapped data key and ciphertext are deleted, only a history event remains).
+//!
+//! # Status
+//! `enabled` (calls may use it), `disabled` (calls get `secret_unavailable`), or `deleted` at
+//! some time: refused like a disabled secret, restored by `enable` (or `disable`) for
+//! [`DELETE_RETENTION_MS`] (90 days), then purged: the record is removed and the name is free.
+//!
+//! # Last use
+//! A call records its time in memory only (a write per call would cost an fsync). The running
+//! gateway persists the newest times every [`UPKEEP_SECS`] seconds and at shutdown, and
+//! `secret list` through the control socket reports the in-memory value, so what is lost in a
+//! crash is at most the last minute of "last use".
+//!
+//! # Master-key rotation and crashes
+//! `kms rotate` ([`Secrets::kms_rotate`]) never decrypts a secret: for every version it unwraps
+//! the data key under the old master key and wraps it under the new one. Every record names the
+//! master key that wraps its data keys by its [`KeyId`] (`kek`). The steps:
+//!
+//! 1. write the new key to `master.key.new` (created 0600, file and directory fsynced);
+//! 2. rewrap every record in memory, then write them all in one atomic, durable store batch,
+//!    each now naming the new key's id;
+//! 3. rename `master.key.new` over `master.key` and fsync the directory.
+//!
+//! A crash leaves one of these states, and [`Secrets::open`] (every start, every direct admin
+//! command) repairs it before anything reads a secret:
+//! - no `master.key.new`: nothing started, or everything finished; `master.key` matches.
+//! - `master.key.new` exists (possibly torn) and **no** record names its id: the batch did not
+//!   commit (batches are atomic), so every record still names the old key in `master.key`;
+//!   the pending file is deleted.
+//! - `master.key.new` exists and records name its id: the batch committed (the file was fsynced
+//!   before it, so it is whole); the rename is redone.
+//!
+//! A running daemon keeps both keys in its key ring from step 1 until step 3, and a call holds
+//! the ring's read lock while it reads the record and unwraps, so calls work throughout. With
+//! the master key in [`crate::kms::MASTER_KEY_ENV`] rotation is refused: the gateway cannot
+//! change the environment. The old key's bytes are overwritten in memory (zeroized) but the
+//! file system may keep the old `master.key` blocks: rotation protects against a later leak of
+//! the old key, not against forensic recovery of the disk.
+//!
+//! # Audit
+//! Lifecycle events are logged to stderr (target `didgate_gateway::secrets`, on by default in
+//! `didgated`) and kept in the record's `history` (the last [`HISTORY_LIMIT`]); they are not
+//! entries of the gateway's audit chain yet (a new entry kind is a follow-up).
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::time::Duration;
+
+use didgate_audit::StoreError;
+use didgate_audit::store::Store;
+use didgate_protocol::cbor::{self, fixed};
+use didgate_protocol::message::{ChainHead, Request as CallRequest};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use tokio::sync::watch;
+use zeroize::Zeroizing;
+
+use crate::config::{Config, ConfigError, Upstream};
+use crate::control::{Reply, Request};
+use crate::gateway::{DataDir, SECRETS, SPACES};
+use crate::kms::{KeyId, Kms, KmsError, LocalKms, SealedVersion};
+use crate::{now_ms, upstream};
+
+/// How long a deleted secret stays recoverable before it is purged: 90 days, in ms.
+pub const DELETE_RETENTION_MS: u64 = 90 * 24 * 3600 * 1000;
+/// Default `secret_grace_secs`: how long a retired version stays usable, seconds.
+pub const DEFAULT_GRACE_SECS: u64 = 3600;
+/// How often a running gateway seals off expired versions, purges deleted secrets and persists
+/// last-use times, seconds.
+pub const UPKEEP_SECS: u64 = 60;
+/// Lifecycle events kept per record (the oldest are dropped).
+pub const HISTORY_LIMIT: usize = 32;
+/// Record version written.
+const RECORD_V2: u64 = 2;
+
+/// Why a secret operation failed. Never carries secret material.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SecretError {
+    /// No record of that name.
+    #[error("secret {0} is not stored")]
+    NotFound(String),
+    /// A record of that name exists.
+    #[error("secret {0} exists{1}")]
+    Exists(String, &'static str),
+    /// Disabled, deleted, or the version asked for is gone.
+    #[error("secret {0} is {1}")]
+    Unavailable(String, String),
+    /// Bad input.
+    #[error("{0}")]
+    Invalid(String),
+    /// A stored record does not decode or breaks an invariant.
+    #[error("secret record {0} is malformed")]
+    Malformed(String),
+    /// KMS.
+    #[error(transparent)]
+    Kms(#[from] KmsError),
+    /// Store.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Configuration.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// I/O on a key file or the control socket.
+    #[error("{0}: {1}")]
+    Io(String, std::io::Error),
+    /// A master-key rotation stopped after its first step; both keys stay loaded, and the next
+    /// start or `kms rotate` finishes or rolls it back.
+    #[error(
+        "master-key rotation did not finish ({0}); calls keep working, and the next start or \
+         `didgated kms rotate` finishes or rolls it back"
+    )]
+    RotationIncomplete(String),
+}
+
+/// A secret value in transit to `secret add` or `secret rotate` (stdin, then the control
+/// socket). Zeroized on drop; its `Debug` is redacted.
+#[derive(Clone)]
+pub struct SecretValue(Zeroizing<String>);
+
+impl SecretValue {
+    /// Wraps a value.
+    pub fn new(value: Zeroizing<String>) -> Self {
+        Self(value)
+    }
+    /// The plaintext, for sealing it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SecretValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretValue(<redacted>)")
+    }
+}
+
+impl Serialize for SecretValue {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for SecretValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(Self(Zeroizing::new(String::deserialize(d)?)))
+    }
+}
+
+/// Whether calls may use a secret.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Status {
+    /// Calls may use it.
+    Enabled,
+    /// Calls are refused with `secret_unavailable`.
+    Disabled,
+    /// Soft-deleted at `at_ms`: refused, recoverable until `at_ms + DELETE_RETENTION_MS`.
+    Deleted {
+        /// When it was deleted, ms since the Unix epoch.
+        at_ms: u64,
+    },
+}
+
+impl Status {
+    /// `enabled`, `disabled` or `deleted`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::Enabled => "enabled",
+            Self::Disabled => "disabled",
+            Self::Deleted { .. } => "deleted",
+        }
+    }
+}
+
+/// One lifecycle event kept in a record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Event {
+    /// When, ms since the Unix epoch.
+    pub at_ms: u64,
+    /// `added`, `rotated`, `disabled`, `enabled`, `deleted`, `restored`, `sealed_off` or
+    /// `rewrapped`.
+    pub action: String,
+    /// The version it concerns (the new one for `rotated`, the removed one for `sealed_off`).
+    pub version: u64,
+}
+
+/// A stored secret: ciphertexts and metadata only (specs/protocol.md, "Secrets at rest").
+#[derive(Debug, Clone)]
+pub struct SecretRecord {
+    /// Immutable random id, bound into every version's ciphertexts.
+    pub id: [u8; 16],
+    /// Name (also the store key).
+    pub name: String,
+    /// Id of the master key that wraps every version's data key.
+    pub kek: KeyId,
+    /// Versions still held, ascending; exactly one (the highest) is not retired.
+    pub versions: Vec<SealedVersion>,
+    /// Whether calls may use it.
+    pub status: Status,
+    /// Last call that used it, as last persisted.
+    pub last_used_ms: Option<u64>,
+    /// Lifecycle events, oldest first, at most [`HISTORY_LIMIT`].
+    pub history: Vec<Event>,
+}
+
+/// The v2 record as stored.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireV2 {
+    v: u64,
+    #[serde(with = "fixed")]
+    id: [u8; 16],
+    name: String,
+    #[serde(with = "fixed")]
+    kek: KeyId,
+    status: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    deleted_ms: Option<u64>,
+    versions: Vec<SealedVersion>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    last_used_ms: Option<u64>,
+    history: Vec<Event>,
+}
+
+/// The v1 record (one version, an `enabled` flag), still read.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireV1 {
+    v: u64,
+    #[serde(with = "fixed")]
+    id: [u8; 16],
+    name: String,
+    version: u64,
+    display: String,
+    enabled: bool,
+    #[serde(with = "serde_bytes")]
+    wrapped_key: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    sealed: Vec<u8>,
+}
+
+/// A secret as `list` and every lifecycle command report it: never a value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretInfo {
+    /// Name.
+    pub name: String,
+    /// Current version.
+    pub version: u64,
+    /// Display form of the current version (`sk-live-...9f2c`).
+    pub display: String,
+    /// `enabled`, `disabled` or `deleted`.
+    pub status: String,
+    /// When it was deleted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deleted_ms: Option<u64>,
+    /// When a deleted secret is purged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purge_ms: Option<u64>,
+    /// Last call that used it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_used_ms: Option<u64>,
+    /// Id of the master key wrapping its data keys (hex).
+    pub key_id: String,
+    /// Every version held, ascending.
+    pub versions: Vec<VersionInfo>,
+}
+
+/// One version in a [`SecretInfo`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionInfo {
+    /// Version number.
+    pub version: u64,
+    /// Display form.
+    pub display: String,
+    /// When it was stored.
+    pub created_ms: u64,
+    /// When a rotation retired it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retired_ms: Option<u64>,
+    /// Until when a retired version stays usable (then it is sealed off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub usable_until_ms: Option<u64>,
+}
+
+/// The outcome of `secret test` against one upstream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Probe {
+    /// Upstream name.
+    pub upstream: String,
+    /// The version injected.
+    pub version: u64,
+    /// `GET`.
+    pub method: String,
+    /// The upstream's `test_path`.
+    pub path: String,
+    /// HTTP status, when the upstream answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub status: Option<u16>,
+    /// A 2xx status.
+    pub ok: bool,
+    /// Why no status (connect or build error; never a URL or a value).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The outcome of `kms rotate`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KmsRotation {
+    /// Id of the master key replaced (hex).
+    pub old_key_id: String,
+    /// Id of the new master key (hex).
+    pub new_key_id: String,
+    /// Records rewritten.
+    pub secrets: u64,
+    /// Data keys rewrapped.
+    pub data_keys: u64,
+}
+
+/// What one upkeep pass changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Upkeep {
+    /// (name, version) of each version sealed off.
+    pub sealed_off: Vec<(String, u64)>,
+    /// Names of deleted secrets purged.
+    pub purged: Vec<String>,
+    /// Records whose last-use time was persisted.
+    pub last_use_persisted: usize,
+}
+
+fn valid_name(name: &str) -> Result<(), SecretError> {
+    if name.is_empty()
+        || name.len() > 128
+        || !name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        return Err(SecretError::Invalid(
+            "secret names use letters, digits, '-', '_' and '.' (1 to 128)".into(),
+        ));
+    }
+    Ok(())
+}
+
+fn valid_value(value: &str) -> Result<(), SecretError> {
+    if value.is_empty() {
+        return Err(SecretError::Invalid(
+            "the secret read from stdin is empty".into(),
+        ));
+    }
+    Ok(())
+}
+
+impl SecretRecord {
+    /// Seals a new secret as version 1, enabled.
+    pub fn new(
+        kms: &dyn Kms,
+        name: &str,
+        plaintext: &str,
+        now_ms: u64,
+    ) -> Result<Self, SecretError> {
+        valid_name(name)?;
+        valid_value(plaintext)?;
+        let id: [u8; 16] = rand::random();
+        let first = SealedVersion::seal(kms, &id, 1, plaintext, now_ms)?;
+        let mut rec = Self {
+            id,
+            name: name.into(),
+            kek: kms.key_id(),
+            versions: vec![first],
+            status: Status::Enabled,
+            last_used_ms: None,
+            history: Vec::new(),
+        };
+        rec.event(now_ms, "added", 1);
+        Ok(rec)
+    }
+
+    fn event(&mut self, at_ms: u64, action: &str, version: u64) {
+        self.history.push(Event {
+            at_ms,
+            action: action.into(),
+            version,
+        });
+        if self.history.len() > HISTORY_LIMIT {
+            let extra = self.history.len() - HISTORY_LIMIT;
+            self.history.drain(..extra);
+        }
+    }
+
+    /// The current version: the highest one not retired.
+    pub fn current(&self) -> Option<&SealedVersion> {
+        self.versions
+            .iter()
+            .filter(|v| v.retired_ms.is_none())
+            .max_by_key(|v| v.version)
+    }
+
+    /// Until when `v` may be opened: `None` for a version that is not retired.
+    pub fn usable_until(v: &SealedVersion, grace_ms: u64) -> Option<u64> {
+        v.retired_ms.map(|r| r.saturating_add(grace_ms))
+    }
+
+    /// Seals `plaintext` as the next version and retires the current one at `now_ms`. Returns
+    /// the new version. A deleted secret is restored first (`enable`), not rotated.
+    pub fn rotate(
+        &mut self,
+        kms: &dyn Kms,
+        plaintext: &str,
+        now_ms: u64,
+    ) -> Result<u64, SecretError> {
+        valid_value(plaintext)?;
+        if let Status::Deleted { .. } = self.status {
+            return Err(SecretError::Unavailable(
+                self.name.clone(),
+                "deleted (restore it with `secret enable` first)".into(),
+            ));
+        }
+        if kms.key_id() != self.kek {
+            return Err(SecretError::Invalid(format!(
+                "secret {} is wrapped under another master key",
+                self.name
+            )));
+        }
+        let next = self.versions.iter().map(|v| v.version).max().unwrap_or(0) + 1;
+        let sealed = SealedVersion::seal(kms, &self.id, next, plaintext, now_ms)?;
+        for v in &mut self.versions {
+            if v.retired_ms.is_none() {
+                v.retired_ms = Some(now_ms);
+            }
+        }
+        self.versions.push(sealed);
+        self.event(now_ms, "rotated", next);
+        Ok(next)
+    }
+
+    /// Sets the status; `Deleted` keeps the first deletion time. Returns whether it changed.
+    pub fn set_status(&mut self, status: Status, now_ms: u64) -> bool {
+        let version = self.current().map_or(0, |v| v.version);
+        let action = match (self.status, status) {
+            (a, b) if a == b => return false,
+            (Status::Deleted { .. }, Status::Deleted { .. }) => return false,
+            (Status::Deleted { .. }, _) => "restored",
+            (_, Status::Enabled) => "enabled",
+            (_, Status::Disabled) => "disabled",
+            (_, Status::Deleted { .. }) => "deleted",
+        };
+        self.status = status;
+        self.event(now_ms, action, version);
+        true
+    }
+
+    /// Removes ("seals off") every retired version whose grace window ended at or before
+    /// `now_ms`. Returns the versions removed.
+    pub fn prune(&mut self, now_ms: u64, grace_ms: u64) -> Vec<u64> {
+        let gone: Vec<u64> = self
+            .versions
+            .iter()
+            .filter(|v| Self::usable_until(v, grace_ms).is_some_and(|until| until <= now_ms))
+            .map(|v| v.version)
+            .collect();
+        self.versions.retain(|v| !gone.contains(&v.version));
+        for v in &gone {
+            self.event(now_ms, "sealed_off", *v);
+        }
+        gone
+    }
+
+    /// Whether a deleted secret's retention ended.
+    pub fn purge_due(&self, now_ms: u64) -> bool {
+        matches!(self.status, Status::Deleted { at_ms } if at_ms.saturating_add(DELETE_RETENTION_MS) <= now_ms)
+    }
+
+    /// Decrypts the current version for a call, just in time; refused unless enabled.
+    pub fn open_current(&self, kms: &dyn Kms) -> Result<Zeroizing<String>, SecretError> {
+        if self.status != Status::Enabled {
+            return Err(SecretError::Unavailable(
+                self.name.clone(),
+                self.status.as_str().into(),
+            ));
+        }
+        let v = self
+            .current()
+            .ok_or_else(|| SecretError::Malformed(self.name.clone()))?;
+        Ok(v.open(kms, &self.id, &self.name)?)
+    }
+
+    /// Decrypts `version` (the current one if `None`) for `secret test`: allowed while the
+    /// secret is enabled or disabled, and for a retired version until its grace window ends.
+    pub fn open_version(
+        &self,
+        kms: &dyn Kms,
+        version: Option<u64>,
+        now_ms: u64,
+        grace_ms: u64,
+    ) -> Result<(u64, Zeroizing<String>), SecretError> {
+        if let Status::Deleted { .. } = self.status {
+            return Err(SecretError::Unavailable(
+                self.name.clone(),
+                "deleted".into(),
+            ));
+        }
+        let v = match version {
+            None => self.current(),
+            Some(n) => self.versions.iter().find(|v| v.version == n),
+        }
+        .ok_or_else(|| {
+            SecretError::Unavailable(
+                self.name.clone(),
+                format!("not held at version {}", version.unwrap_or(0)),
+            )
+        })?;
+        if Self::usable_until(v, grace_ms).is_some_and(|until| until <= now_ms) {
+            return Err(SecretError::Unavailable(
+                self.name.clone(),
+                format!("sealed off at version {} (grace window over)", v.version),
+            ));
+        }
+        Ok((v.version, v.open(kms, &self.id, &self.name)?))
+    }
+
+    /// Rewraps every version's data key from `old` to `new` (no secret is decrypted) and names
+    /// `new` as the record's key. All or nothing. Returns the number of data keys rewrapped.
+    pub fn rewrap(
+        &mut self,
+        old: &dyn Kms,
+        new: &dyn Kms,
+        now_ms: u64,
+    ) -> Result<usize, SecretError> {
+        let mut versions = self.versions.clone();
+        for v in &mut versions {
+            v.rewrap(old, new, &self.id, &self.name)?;
+        }
+        self.versions = versions;
+        self.kek = new.key_id();
+        let current = self.current().map_or(0, |v| v.version);
+        self.event(now_ms, "rewrapped", current);
+        Ok(self.versions.len())
+    }
+
+    /// What `list` shows; `last_used_ms` is the gateway's in-memory time, if newer.
+    pub fn info(&self, grace_ms: u64, last_used_ms: Option<u64>) -> SecretInfo {
+        let current = self.current();
+        let deleted_ms = match self.status {
+            Status::Deleted { at_ms } => Some(at_ms),
+            _ => None,
+        };
+        SecretInfo {
+            name: self.name.clone(),
+            version: current.map_or(0, |v| v.version),
+            display: current.map(|v| v.display.clone()).unwrap_or_default(),
+            status: self.status.as_str().into(),
+            deleted_ms,
+            purge_ms: deleted_ms.map(|d| d.saturating_add(DELETE_RETENTION_MS)),
+            last_used_ms: self.last_used_ms.max(last_used_ms),
+            key_id: hex::encode(self.kek),
+            versions: self
+                .versions
+                .iter()
+                .map(|v| VersionInfo {
+                    version: v.version,
+                    display: v.display.clone(),
+                    created_ms: v.created_ms,
+                    retired_ms: v.retired_ms,
+                    usable_until_ms: Self::usable_until(v, grace_ms),
+                })
+                .collect(),
+        }
+    }
+
+    /// Encodes for the store (record v2).
+    pub fn encode(&self) -> Vec<u8> {
+        let deleted_ms = match self.status {
+            Status::Deleted { at_ms } => Some(at_ms),
+            _ => None,
+        };
+        cbor::to_vec(&WireV2 {
+            v: RECORD_V2,
+            id: self.id,
+            name: self.name.clone(),
+            kek: self.kek,
+            status: self.status.as_str().into(),
+            deleted_ms,
+            versions: self.versions.clone(),
+            last_used_ms: self.last_used_ms,
+            history: self.history.clone(),
+        })
+    }
+
+    /// Decodes a stored record, v2 or v1. A v1 record names no master key: it is read as
+    /// wrapped under `legacy_kek`, the master key loaded (the only one a v1 gateway knew).
+    pub fn decode(bytes: &[u8], legacy_kek: KeyId) -> Result<Self, SecretError> {
+        let bad = || SecretError::Malformed("(undecodable)".into());
+        if let Ok(w) = cbor::from_slice::<WireV2>(bytes) {
+            let malformed = || SecretError::Malformed(w.name.clone());
+            let status = match (w.status.as_str(), w.deleted_ms) {
+                ("enabled", None) => Status::Enabled,
+                ("disabled", None) => Status::Disabled,
+                ("deleted", Some(at_ms)) => Status::Deleted { at_ms },
+                _ => return Err(malformed()),
+            };
+            let ascending = w.versions.windows(2).all(|p| p[0].version < p[1].version);
+            let current: Vec<_> = w
+                .versions
+                .iter()
+                .filter(|v| v.retired_ms.is_none())
+                .collect();
+            let ok = w.v == RECORD_V2
+                && ascending
+                && w.versions.first().is_some_and(|v| v.version >= 1)
+                && current.len() == 1
+                && w.versions.last().is_some_and(|v| v.retired_ms.is_none())
+                && w.history.len() <= HISTORY_LIMIT;
+            if !ok {
+                return Err(malformed());
+            }
+            return Ok(Self {
+                id: w.id,
+                name: w.name,
+                kek: w.kek,
+                versions: w.versions,
+                status,
+                last_used_ms: w.last_used_ms,
+                history: w.history,
+            });
+        }
+        let w: WireV1 = cbor::from_slice(bytes).map_err(|_| bad())?;
+        if w.v != 1 || w.version < 1 {
+            return Err(SecretError::Malformed(w.name));
+        }
+        Ok(Self {
+            id: w.id,
+            name: w.name,
+            kek: legacy_kek,
+            versions: vec![SealedVersion {
+                version: w.version,
+                display: w.display,
+                wrapped_key: w.wrapped_key,
+                sealed: w.sealed,
+                created_ms: 0,
+                retired_ms: None,
+            }],
+            status: if w.enabled {
+                Status::Enabled
+            } else {
+                Status::Disabled
+            },
+            last_used_ms: None,
+            history: Vec::new(),
+        })
+    }
+}
+
+/// The master keys a process holds: the current one, and during a master-key rotation the
+/// other one.
+struct Keyring {
+    current: Arc<dyn Kms>,
+    others: Vec<Arc<dyn Kms>>,
+}
+
+impl Keyring {
+    fn get(&self, id: &KeyId) -> Option<&Arc<dyn Kms>> {
+        std::iter::once(&self.current)
+            .chain(self.others.iter())
+            .find(|k| &k.key_id() == id)
+    }
+
+    fn for_record(&self, rec: &SecretRecord) -> Result<&Arc<dyn Kms>, SecretError> {
+        self.get(&rec.kek).ok_or_else(|| {
+            SecretError::Kms(KmsError::MasterKey(
+                hex::encode(rec.kek),
+                format!(
+                    "secret {} is wrapped under a master key not loaded",
+                    rec.name
+                ),
+            ))
+        })
+    }
+}
+
+/// The secrets of one gateway store: lifecycle, just-in-time decryption, upkeep.
+///
+/// Lifecycle writes are serialized by one lock; calls only read. Every method takes `now_ms`.
+pub struct Secrets {
+    store: Store,
+    master_key: PathBuf,
+    keys: RwLock<Keyring>,
+    from_env: bool,
+    lock: Mutex<()>,
+    last_used: Mutex<HashMap<String, u64>>,
+    grace_ms: u64,
+}
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Secrets")
+            .field("grace_ms", &self.grace_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// `master.key.new` beside `master.key`.
+fn pending_path(master: &Path) -> PathBuf {
+    let mut s = master.as_os_str().to_owned();
+    s.push(".new");
+    PathBuf::from(s)
+}
+
+fn sync_dir(file: &Path) -> Result<(), SecretError> {
+    let dir = file.parent().unwrap_or(Path::new("."));
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| SecretError::Io(dir.display().to_string(), e))
+}
+
+/// Finishes or rolls back a master-key rotation a crash interrupted (see the module doc).
+fn recover_rotation(master: &Path, store: &Store) -> Result<(), SecretError> {
+    let pending = pending_path(master);
+    if std::fs::symlink_metadata(&pending).is_err() {
+        return Ok(());
+    }
+    let referenced = match LocalKms::load_file(&pending) {
+        Ok(k) => {
+            let id = k.key_id();
+            store
+                .scan(SECRETS, b"")?
+                .iter()
+                .filter_map(|(_, v)| SecretRecord::decode(v, [0; 8]).ok())
+                .any(|r| r.kek == id)
+        }
+        // a torn file: the batch is written only after the file is whole and synced
+        Err(_) => false,
+    };
+    if referenced {
+        std::fs::rename(&pending, master)
+            .map_err(|e| SecretError::Io(pending.display().to_string(), e))?;
+        tracing::warn!("finished a master-key rotation that a stop interrupted");
+    } else {
+        std::fs::remove_file(&pending)
+            .map_err(|e| SecretError::Io(pending.display().to_string(), e))?;
+        tracing::warn!("rolled back a master-key rotation that a stop interrupted");
+    }
+    sync_dir(master)
+}
+
+impl Secrets {
+    /// Opens the secrets of the gateway data directory `data` on its `store`: finishes or rolls
+    /// back an interrupted master-key rotation, loads the master key, and runs one upkeep pass.
+    pub fn open(
+        data: &Path,
+        store: Store,
+        grace_secs: u64,
+        now_ms: u64,
+    ) -> Result<Self, SecretError> {
+        let master_key = DataDir::new(data).master_key();
+        let (current, from_env) = match LocalKms::from_env() {
+            Some(k) => (k?, true),
+            None => {
+                recover_rotation(&master_key, &store)?;
+                (LocalKms::load_file(&master_key)?, false)
+            }
+        };
+        let s = Self {
+            store,
+            master_key,
+            keys: RwLock::new(Keyring {
+                current: Arc::new(current),
+                others: Vec::new(),
+            }),
+            from_env,
+            lock: Mutex::new(()),
+            last_used: Mutex::new(HashMap::new()),
+            grace_ms: grace_secs.saturating_mul(1000),
+        };
+        s.maintain(now_ms)?;
+        Ok(s)
+    }
+
+    /// The grace window of retired versions, ms.
+    pub fn grace_ms(&self) -> u64 {
+        self.grace_ms
+    }
+
+    /// Id of the current master key.
+    pub fn key_id(&self) -> KeyId {
+        self.keys().current.key_id()
+    }
+
+    fn keys(&self) -> RwLockReadGuard<'_, Keyring> {
+        self.keys
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn keys_mut(&self) -> RwLockWriteGuard<'_, Keyring> {
+        self.keys
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn read(&self, name: &str, legacy: KeyId) -> Result<SecretRecord, SecretError> {
+        let bytes = self
+            .store
+            .get(SECRETS, name.as_bytes())?
+            .ok_or_else(|| SecretError::NotFound(name.into()))?;
+        let rec = SecretRecord::decode(&bytes, legacy)?;
+        if rec.name != name {
+            // the id, not the name, is bound into the ciphertext: refuse a record moved to
+            // another name
+            return Err(SecretError::Malformed(name.into()));
+        }
+        Ok(rec)
+    }
+
+    fn mem_last_used(&self, name: &str) -> Option<u64> {
+        lock(&self.last_used).get(name).copied()
+    }
+
+    /// Decrypts the current version of `name` for a call, just in time, and records the use
+    /// in memory. Refused unless the secret is enabled.
+    pub fn open_current(&self, name: &str, now_ms: u64) -> Result<Zeroizing<String>, SecretError> {
+        let plaintext = {
+            // held across read and unwrap, so a master-key rotation never drops the key a
+            // record just read names
+            let keys = self.keys();
+            let rec = self.read(name, keys.current.key_id())?;
+            rec.open_current(keys.for_record(&rec)?.as_ref())?
+        };
+        let mut used = lock(&self.last_used);
+        let t = used.entry(name.to_string()).or_default();
+        *t = (*t).max(now_ms);
+        Ok(plaintext)
+    }
+
+    /// Read-modify-write of one record under the lifecycle lock; seals off expired versions.
+    fn update<T>(
+        &self,
+        name: &str,
+        now_ms: u64,
+        f: impl FnOnce(&mut SecretRecord, &Keyring) -> Result<T, SecretError>,
+    ) -> Result<(T, SecretInfo), SecretError> {
+        let _g = lock(&self.lock);
+        let (mut rec, t) = {
+            let keys = self.keys();
+            let mut rec = self.read(name, keys.current.key_id())?;
+            let t = f(&mut rec, &keys)?;
+            (rec, t)
+        };
+        rec.prune(now_ms, self.grace_ms);
+        self.store
+            .write(&[(SECRETS, name.as_bytes().to_vec(), rec.encode())], &[])?;
+        Ok((t, rec.info(self.grace_ms, self.mem_last_used(name))))
+    }
+
+    /// `secret add`: seals a new secret as version 1.
+    pub fn add(&self, name: &str, plaintext: &str, now_ms: u64) -> Result<SecretInfo, SecretError> {
+        valid_name(name)?;
+        valid_value(plaintext)?;
+        let _g = lock(&self.lock);
+        let legacy = self.key_id();
+        match self.read(name, legacy) {
+            Ok(rec) if matches!(rec.status, Status::Deleted { .. }) => {
+                return Err(SecretError::Exists(
+                    name.into(),
+                    " (deleted: `secret enable` restores it until it is purged)",
+                ));
+            }
+            Ok(_) => {
+                return Err(SecretError::Exists(
+                    name.into(),
+                    " (a new value goes in with `secret rotate`)",
+                ));
+            }
+            Err(SecretError::NotFound(_)) => {}
+            Err(e) => return Err(e),
+        }
+        let rec = {
+            let keys = self.keys();
+            SecretRecord::new(keys.current.as_ref(), name, plaintext, now_ms)?
+        };
+        self.store
+            .write(&[(SECRETS, name.as_bytes().to_vec(), rec.encode())], &[])?;
+        tracing::info!(secret = name, version = 1, "secret added");
+        Ok(rec.info(self.grace_ms, None))
+    }
+
+    /// `secret rotate`: the new value becomes the current version; the previous one stays
+    /// usable for the grace window. Returns the record after the rotation.
+    pub fn rotate(
+        &self,
+        name: &str,
+        plaintext: &str,
+        now_ms: u64,
+    ) -> Result<SecretInfo, SecretError> {
+        valid_value(plaintext)?;
+        let (version, info) = self.update(name, now_ms, |rec, keys| {
+            if rec.kek != keys.current.key_id() {
+                let old = keys.for_record(rec)?.clone();
+                rec.rewrap(old.as_ref(), keys.current.as_ref(), now_ms)?;
+            }
+            rec.rotate(keys.current.as_ref(), plaintext, now_ms)
+        })?;
+        tracing::info!(
+            secret = name,
+            version,
+            grace_ms = self.grace_ms,
+            "secret rotated"
+        );
+        Ok(info)
+    }
+
+    fn set_status(
+        &self,
+        name: &str,
+        status: Status,
+        now_ms: u64,
+    ) -> Result<SecretInfo, SecretError> {
+        let (changed, info) =
+            self.update(name, now_ms, |rec, _| Ok(rec.set_status(status, now_ms)))?;
+        if changed {
+            tracing::info!(
+                secret = name,
+                status = info.status.as_str(),
+                "secret status changed"
+            );
+        }
+        Ok(info)
+    }
+
+    /// `secret disable`: calls are refused with `secret_unavailable` (also restores a deleted
+    /// secret as disabled).
+    pub fn disable(&self, name: &str, now_ms: u64) -> Result<SecretInfo, SecretError> {
+        self.set_status(name, Status::Disabled, now_ms)
+    }
+
+    /// `secret enable`: calls may use it again; restores a deleted secret within 90 days.
+    pub fn enable(&self, name: &str, now_ms: u64) -> Result<SecretInfo, SecretError> {
+        self.set_status(name, Status::Enabled, now_ms)
+    }
+
+    /// `secret delete`: soft delete; refused at once, purged after [`DELETE_RETENTION_MS`].
+    pub fn delete(&self, name: &str, now_ms: u64) -> Result<SecretInfo, SecretError> {
+        self.set_status(name, Status::Deleted { at_ms: now_ms }, now_ms)
+    }
+
+    /// `secret list`: every secret, with the in-memory last use when newer. Never a value.
+    pub fn list(&self) -> Result<Vec<SecretInfo>, SecretError> {
+        let legacy = self.key_id();
+        let used = lock(&self.last_used).clone();
+        self.store
+            .scan(SECRETS, b"")?
+            .iter()
+            .map(|(_, v)| {
+                let rec = SecretRecord::decode(v, legacy)?;
+                let mem = used.get(&rec.name).copied();
+                Ok(rec.info(self.grace_ms, mem))
+            })
+            .collect()
+    }
+
+    /// One upkeep pass: seals off versions whose grace window ended, purges deleted secrets
+    /// past retention, and persists newer in-memory last-use times. Writes only on a change.
+    pub fn maintain(&self, now_ms: u64) -> Result<Upkeep, SecretError> {
+        let _g = lock(&self.lock);
+        let legacy = self.key_id();
+        let used = lock(&self.last_used).clone();
+        let mut out = Upkeep::default();
+        let mut puts = Vec::new();
+        let mut removes = Vec::new();
+        for (key, value) in self.store.scan(SECRETS, b"")? {
+            let Ok(mut rec) = SecretRecord::decode(&value, legacy) else {
+                continue;
+            };
+            if rec.purge_due(now_ms) {
+                out.purged.push(rec.name.clone());
+                removes.push((SECRETS, key));
+                continue;
+            }
+            let gone = rec.prune(now_ms, self.grace_ms);
+            let mut changed = !gone.is_empty();
+            out.sealed_off
+                .extend(gone.into_iter().map(|v| (rec.name.clone(), v)));
+            if let Some(t) = used.get(&rec.name)
+                && rec.last_used_ms.is_none_or(|s| s < *t)
+            {
+                rec.last_used_ms = Some(*t);
+                out.last_use_persisted += 1;
+                changed = true;
+            }
+            if changed {
+                puts.push((SECRETS, key, rec.encode()));
+            }
+        }
+        if !puts.is_empty() || !removes.is_empty() {
+            self.store.write(&puts, &removes)?;
+        }
+        for (name, version) in &out.sealed_off {
+            tracing::info!(
+                secret = name.as_str(),
+                version,
+                "retired version sealed off"
+            );
+        }
+        for name in &out.purged {
+            tracing::info!(secret = name.as_str(), "deleted secret purged");
+        }
+        Ok(out)
+    }
+
+    /// Runs [`Secrets::maintain`] off the async workers; logs a failure.
+    pub async fn upkeep(self: &Arc<Self>, now_ms: u64) {
+        let s = self.clone();
+        match tokio::task::spawn_blocking(move || s.maintain(now_ms)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!(%e, "secret upkeep failed"),
+            Err(e) => tracing::warn!(%e, "secret upkeep task failed"),
+        }
+    }
+
+    /// Runs an upkeep pass every [`UPKEEP_SECS`] until `stop` changes. The caller runs a last
+    /// [`Secrets::upkeep`] once calls are drained, so the last uses are persisted.
+    pub fn spawn_upkeep(
+        self: &Arc<Self>,
+        mut stop: watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        let s = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(UPKEEP_SECS));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            // the first tick is immediate; opening already ran a pass
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => s.upkeep(now_ms()).await,
+                    _ = stop.changed() => break,
+                }
+            }
+        })
+    }
+
+    /// Decrypts a version for `secret test` (see [`SecretRecord::open_version`]).
+    fn open_for_test(
+        &self,
+        name: &str,
+        version: Option<u64>,
+        now_ms: u64,
+    ) -> Result<(u64, Zeroizing<String>), SecretError> {
+        let keys = self.keys();
+        let rec = self.read(name, keys.current.key_id())?;
+        rec.open_version(
+            keys.for_record(&rec)?.as_ref(),
+            version,
+            now_ms,
+            self.grace_ms,
+        )
+    }
+
+    /// `secret test`: for every upstream using `name` that sets `test_path`, sends `GET
+    /// test_path` with the secret injected exactly as a call injects it, and reports the status
+    /// (2xx = ok). The response body is dropped unread; no value is returned.
+    pub async fn probe(
+        &self,
+        http: &reqwest::Client,
+        config: &Config,
+        name: &str,
+        version: Option<u64>,
+        now_ms: u64,
+    ) -> Result<Vec<Probe>, SecretError> {
+        let users: Vec<&Upstream> = config
+            .upstreams
+            .iter()
+            .filter(|u| u.secret == name)
+            .collect();
+        if users.is_empty() {
+            return Err(SecretError::Invalid(format!(
+                "no upstream in gateway.toml uses secret {name}"
+            )));
+        }
+        let testable: Vec<(&Upstream, &str)> = users
+            .iter()
+            .filter_map(|u| u.test_path.as_deref().map(|p| (*u, p)))
+            .collect();
+        if testable.is_empty() {
+            return Err(SecretError::Invalid(format!(
+                "no upstream using secret {name} sets test_path in gateway.toml"
+            )));
+        }
+        let mut out = Vec::new();
+        for (up, path) in testable {
+            let (v, secret) = self.open_for_test(name, version, now_ms)?;
+            let req = probe_request(up, path, now_ms);
+            let idem = hex::encode(rand::random::<[u8; 16]>());
+            let sent = upstream::send(http, up, &req, Vec::new(), secret, &idem).await;
+            let (status, error) = match sent {
+                Ok(resp) => (Some(resp.status().as_u16()), None),
+                Err(e) => (None, Some(e.to_string())),
+            };
+            out.push(Probe {
+                upstream: up.name.clone(),
+                version: v,
+                method: "GET".into(),
+                path: path.into(),
+                status,
+                ok: status.is_some_and(|s| (200..300).contains(&s)),
+                error,
+            });
+        }
+        tracing::info!(secret = name, "secret tested against its upstream");
+        Ok(out)
+    }
+
+    /// `kms rotate`: a new master key; every data key is rewrapped under it in one batch, then
+    /// the key file is replaced. No secret is decrypted; calls keep working throughout. See the
+    /// module doc for the crash reasoning.
+    pub fn kms_rotate(&self, now_ms: u64) -> Result<KmsRotation, SecretError> {
+        if self.from_env {
+            return Err(SecretError::Invalid(format!(
+                "the master key comes from {}; rotate it there (the gateway cannot change it)",
+                crate::kms::MASTER_KEY_ENV
+            )));
+        }
+        let _g = lock(&self.lock);
+        let pending = pending_path(&self.master_key);
+        if std::fs::symlink_metadata(&pending).is_ok() {
+            // an earlier rotation in this process stopped after its first step
+            recover_rotation(&self.master_key, &self.store)?;
+            let current: Arc<dyn Kms> = Arc::new(LocalKms::load_file(&self.master_key)?);
+            let mut keys = self.keys_mut();
+            let before = std::mem::replace(&mut keys.current, current);
+            keys.others.push(before);
+        }
+        let old_id = self.key_id();
+        let new: Arc<dyn Kms> = {
+            let k = LocalKms::generate();
+            k.write_new(&pending)?;
+            sync_dir(&pending)?;
+            Arc::new(k)
+        };
+        self.keys_mut().others.push(new.clone());
+        let abandon = |e: SecretError| {
+            self.keys_mut()
+                .others
+                .retain(|k| k.key_id() != new.key_id());
+            if let Err(why) = std::fs::remove_file(&pending)
+                .map_err(|e| SecretError::Io(pending.display().to_string(), e))
+                .and_then(|()| sync_dir(&pending))
+            {
+                tracing::warn!(%why, "cannot remove the pending master key; the next start removes it");
+            }
+            e
+        };
+        let rewrapped = (|| {
+            let keys = self.keys();
+            let mut puts = Vec::new();
+            let mut data_keys = 0u64;
+            for (key, value) in self.store.scan(SECRETS, b"")? {
+                let mut rec = SecretRecord::decode(&value, keys.current.key_id())?;
+                let old = keys.for_record(&rec)?.clone();
+                data_keys += rec.rewrap(old.as_ref(), new.as_ref(), now_ms)? as u64;
+                puts.push((SECRETS, key, rec.encode()));
+            }
+            Ok::<_, SecretError>((puts, data_keys))
+        })();
+        let (puts, data_keys) = rewrapped.map_err(abandon)?;
+        // step 2: one atomic batch; past it the new key is the one that opens the records
+        self.store
+            .write(&puts, &[])
+            .map_err(|e| SecretError::RotationIncomplete(e.to_string()))?;
+        // step 3
+        std::fs::rename(&pending, &self.master_key)
+            .map_err(|e| SecretError::RotationIncomplete(e.to_string()))?;
+        sync_dir(&self.master_key).map_err(|e| SecretError::RotationIncomplete(e.to_string()))?;
+        {
+            let mut keys = self.keys_mut();
+            keys.current = new.clone();
+            keys.others.clear();
+        }
+        let out = KmsRotation {
+            old_key_id: hex::encode(old_id),
+            new_key_id: hex::encode(new.key_id()),
+            secrets: puts.len() as u64,
+            data_keys,
+        };
+        tracing::info!(
+            old = out.old_key_id.as_str(),
+            new = out.new_key_id.as_str(),
+            secrets = out.secrets,
+            data_keys = out.data_keys,
+            "master key rotated"
+        );
+        Ok(out)
+    }
+}
+
+/// The synthetic call `secret test` sends: `GET path`, no query, headers or body.
+fn probe_request(up: &Upstream, path: &str, now_ms: u64) -> CallRequest {
+    CallRequest {
+        v: didgate_protocol::message::VERSION,
+        aud: String::new(),
+        upstream: up.name.clone(),
+        method: "GET".into(),
+        path: path.into(),
+        query: Vec::new(),
+        headers: Vec::new(),
+        body_len: 0,
+        body_b3: *blake3::hash(b"").as_bytes(),
+        nonce: rand::random(),
+        time_ms: now_ms,
+        head: ChainHead {
+            chain: [0; 32],
+            seq: 0,
+            hash: [0; 32],
+        },
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, SecretError> + Send + 'static,
+) -> Result<T, SecretError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| SecretError::Invalid(format!("task failed: {e}")))?
+}
+
+/// Runs a secret or KMS control command (`secret_*`, `kms_rotate`) on `secrets`: in the daemon
+/// for a control-socket request, or in the admin command when no daemon runs. `config` is
+/// needed by `secret_test` only.
+pub async fn control(secrets: &Arc<Secrets>, config: Option<&Config>, req: &Request) -> Reply {
+    match run_command(secrets, config, req).await {
+        Ok(reply) => reply,
+        Err(e) => Reply {
+            ok: false,
+            error: Some(e.to_string()),
+            ..Default::default()
+        },
+    }
+}
+
+async fn run_command(
+    secrets: &Arc<Secrets>,
+    config: Option<&Config>,
+    req: &Request,
+) -> Result<Reply, SecretError> {
+    let now = now_ms();
+    let s = secrets.clone();
+    let one = |info: SecretInfo| Reply {
+        ok: true,
+        secrets: Some(vec![info]),
+        ..Default::default()
+    };
+    Ok(match req {
+        Request::SecretAdd { name, value } => {
+            let (name, value) = (name.clone(), value.clone());
+            one(blocking(move || s.add(&name, value.expose(), now)).await?)
+        }
+        Request::SecretRotate { name, value } => {
+            let (name, value) = (name.clone(), value.clone());
+            one(blocking(move || s.rotate(&name, value.expose(), now)).await?)
+        }
+        Request::SecretDisable { name } => {
+            let name = name.clone();
+            one(blocking(move || s.disable(&name, now)).await?)
+        }
+        Request::SecretEnable { name } => {
+            let name = name.clone();
+            one(blocking(move || s.enable(&name, now)).await?)
+        }
+        Request::SecretDelete { name } => {
+            let name = name.clone();
+            one(blocking(move || s.delete(&name, now)).await?)
+        }
+        Request::SecretList => Reply {
+            ok: true,
+            secrets: Some(blocking(move || s.list()).await?),
+            ..Default::default()
+        },
+        Request::SecretTest { name, version } => {
+            let config = config.ok_or_else(|| {
+                SecretError::Invalid("secret test needs gateway.toml (the upstreams)".into())
+            })?;
+            // the one rustls provider (ring), as the daemon installs it at start
+            didgate_client::tls::install_provider();
+            let http =
+                upstream::http_client(Duration::from_secs(config.gateway.upstream_timeout_secs))
+                    .map_err(|e| SecretError::Invalid(e.to_string()))?;
+            Reply {
+                ok: true,
+                probes: Some(secrets.probe(&http, config, name, *version, now).await?),
+                ..Default::default()
+            }
+        }
+        Request::KmsRotate => Reply {
+            ok: true,
+            kms: Some(blocking(move || s.kms_rotate(now)).await?),
+            ..Default::default()
+        },
+        _ => return Err(SecretError::Invalid("not a secret command".into())),
+    })
+}
+
+/// Opens the secrets of `data` directly (no daemon may run): the store, `gateway.toml` if
+/// present (for `secret_grace_secs` and the upstreams), and the master key.
+pub fn open_dir(data: &Path) -> Result<(Arc<Secrets>, Option<Config>), SecretError> {
+    let d = DataDir::new(data);
+    if !d.store().join("version").is_file() {
+        return Err(SecretError::Invalid(format!(
+            "{} holds no gateway store (run `didgated init`)",
+            data.display()
+        )));
+    }
+    let config = if d.config().exists() {
+        Some(Config::load(&d.config())?)
+    } else {
+        None
+    };
+    let grace = config
+        .as_ref()
+        .map_or(DEFAULT_GRACE_SECS, |c| c.gateway.secret_grace_secs);
+    let store = Store::open(&d.store(), SPACES)?;
+    let secrets = Secrets::open(data, store, grace, now_ms())?;
+    Ok((Arc::new(secrets), config))
+}
+
+/// Runs a secret or KMS command for `didgated`: through the daemon's control socket when one
+/// answers (the value travels over the 0600 socket, never argv), else on the store directly.
+pub async fn admin(data: &Path, req: &Request) -> Result<Reply, SecretError> {
+    if let Some(reply) = crate::control::call(data, req).await {
+        return reply.map_err(|e| SecretError::Io("control socket".into(), e));
+    }
+    let (secrets, config) = open_dir(data)?;
+    Ok(control(&secrets, config.as_ref(), req).await)
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` for ms since the Unix epoch.
+pub fn fmt_utc(ms: u64) -> String {
+    let secs = ms / 1000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // civil_from_days (H. Hinnant)
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// Renders the secrets as the `secret list` table: name, version, prefix, status, last use.
+pub fn render_list(secrets: &[SecretInfo]) -> String {
+    let mut rows = vec![[
+        "NAME".to_string(),
+        "VERSION".into(),
+        "PREFIX".into(),
+        "STATUS".into(),
+        "LAST USE".into(),
+    ]];
+    for s in secrets {
+        let mut status = s.status.clone();
+        if let Some(p) = s.purge_ms {
+            status.push_str(&format!(" (purged {})", fmt_utc(p)));
+        }
+        let retired = s.versions.iter().filter(|v| v.retired_ms.is_some()).count();
+        let mut version = s.version.to_string();
+        if retired > 0 {
+            version.push_str(&format!(" (+{retired} in grace)"));
+        }
+        rows.push([
+            s.name.clone(),
+            version,
+            s.display.clone(),
+            status,
+            s.last_used_ms.map_or_else(|| "never".into(), fmt_utc),
+        ]);
+    }
+    let mut widths = [0usize; 5];
+    for r in &rows {
+        for (w, c) in widths.iter_mut().zip(r.iter()) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    for r in &rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// What `didgated` prints for a successful reply to `req` (JSON with `json`). Returns the text
+/// and whether every `secret test` probe succeeded.
+pub fn describe(req: &Request, reply: &Reply, json: bool) -> (String, bool) {
+    let secrets = reply.secrets.as_deref().unwrap_or_default();
+    let first = secrets.first();
+    let until = |info: &SecretInfo| {
+        info.versions
+            .iter()
+            .filter_map(|v| v.usable_until_ms.map(|u| (v.version, u)))
+            .map(|(v, u)| format!("; version {v} stays usable until {}", fmt_utc(u)))
+            .collect::<String>()
+    };
+    if json {
+        let value = match req {
+            Request::SecretTest { .. } => serde_json::to_string_pretty(&reply.probes),
+            Request::KmsRotate => serde_json::to_string_pretty(&reply.kms),
+            Request::SecretList => serde_json::to_string_pretty(&secrets),
+            _ => serde_json::to_string_pretty(&first),
+        };
+        let ok = reply.probes.as_ref().is_none_or(|p| p.iter().all(|p| p.ok));
+        return (value.unwrap_or_default() + "\n", ok);
+    }
+    let text = match (req, first) {
+        (Request::SecretList, _) => render_list(secrets),
+        (Request::SecretTest { name, .. }, _) => {
+            let mut out = String::new();
+            let probes = reply.probes.as_deref().unwrap_or_default();
+            for p in probes {
+                let verdict = match (p.ok, p.status, &p.error) {
+                    (true, Some(s), _) => format!("{s} ok"),
+                    (false, Some(s), _) => format!("{s} failed"),
+                    (_, None, Some(e)) => format!("failed: {e}"),
+                    _ => "failed".into(),
+                };
+                out.push_str(&format!(
+                    "secret {name} version {} via {}: {} {} -> {verdict}\n",
+                    p.version, p.upstream, p.method, p.path
+                ));
+            }
+            let ok = probes.iter().all(|p| p.ok);
+            return (out, ok);
+        }
+        (Request::KmsRotate, _) => match &reply.kms {
+            Some(k) => format!(
+                "master key rotated ({} -> {}): {} data keys rewrapped in {} secrets; no secret was decrypted\n",
+                k.old_key_id, k.new_key_id, k.data_keys, k.secrets
+            ),
+            None => "master key rotated\n".into(),
+        },
+        (Request::SecretAdd { .. }, Some(i)) => {
+            format!(
+                "secret {} version {} stored ({})\n",
+                i.name, i.version, i.display
+            )
+        }
+        (Request::SecretRotate { .. }, Some(i)) => format!(
+            "secret {} rotated to version {} ({}){}\n",
+            i.name,
+            i.version,
+            i.display,
+            until(i)
+        ),
+        (Request::SecretDelete { .. }, Some(i)) => format!(
+            "secret {} deleted; `didgated secret enable {}` restores it until {}, then it is purged\n",
+            i.name,
+            i.name,
+            i.purge_ms.map(fmt_utc).unwrap_or_default()
+        ),
+        (_, Some(i)) => format!("secret {} version {} is {}\n", i.name, i.version, i.status),
+        (_, None) => "done\n".into(),
+    };
+    (text, true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CANARY: &str = "sk-live-CANARY-unit-0123456789abcdef";
+    const GRACE: u64 = 3_600_000;
+
+    fn kms() -> LocalKms {
+        LocalKms::generate()
+    }
+
+    #[test]
+    fn rotate_keeps_the_old_version_for_the_grace_window_then_seals_it_off() {
+        let k = kms();
+        let mut r = SecretRecord::new(&k, "pay", CANARY, 1_000).expect("new");
+        assert_eq!(r.current().map(|v| v.version), Some(1));
+        let v = r
+            .rotate(&k, "sk-live-NEW-VALUE-0000000000000", 10_000)
+            .expect("rotate");
+        assert_eq!(v, 2);
+        assert_eq!(
+            r.open_current(&k).expect("open").as_str(),
+            "sk-live-NEW-VALUE-0000000000000"
+        );
+        // the old version is still usable inside the window
+        let (n, old) = r
+            .open_version(&k, Some(1), 10_000 + GRACE - 1, GRACE)
+            .expect("grace");
+        assert_eq!((n, old.as_str()), (1, CANARY));
+        assert!(r.prune(10_000 + GRACE - 1, GRACE).is_empty());
+        // at the end of the window it is refused, then sealed off
+        assert!(r.open_version(&k, Some(1), 10_000 + GRACE, GRACE).is_err());
+        assert_eq!(r.prune(10_000 + GRACE, GRACE), vec![1]);
+        assert_eq!(r.versions.len(), 1);
+        assert!(r.open_version(&k, Some(1), 10_000 + GRACE, GRACE).is_err());
+        assert_eq!(
+            r.open_current(&k).expect("open").as_str(),
+            "sk-live-NEW-VALUE-0000000000000"
+        );
+        // two rotations inside one window: both older versions expire from their own retirement
+        let v3 = r
+            .rotate(&k, "third-value-abcdefghijkl", 20_000 + GRACE)
+            .expect("rotate");
+        let v4 = r
+            .rotate(&k, "fourth-value-abcdefghijk", 30_000 + GRACE)
+            .expect("rotate");
+        assert_eq!((v3, v4), (3, 4));
+        assert_eq!(r.prune(20_000 + 2 * GRACE, GRACE), vec![2]);
+        assert_eq!(r.prune(30_000 + 2 * GRACE, GRACE), vec![3]);
+        let back = SecretRecord::decode(&r.encode(), [9; 8]).expect("decode");
+        assert_eq!(back.versions.len(), 1);
+        assert!(
+            back.history
+                .iter()
+                .any(|e| e.action == "sealed_off" && e.version == 1)
+        );
+        assert!(
+            !r.encode()
+                .windows(CANARY.len())
+                .any(|w| w == CANARY.as_bytes())
+        );
+    }
+
+    #[test]
+    fn status_transitions_and_purge() {
+        let k = kms();
+        let mut r = SecretRecord::new(&k, "pay", CANARY, 0).expect("new");
+        assert!(r.set_status(Status::Disabled, 1));
+        assert!(matches!(
+            r.open_current(&k),
+            Err(SecretError::Unavailable(..))
+        ));
+        assert!(
+            r.open_version(&k, None, 1, GRACE).is_ok(),
+            "a disabled key can be tested"
+        );
+        assert!(r.set_status(Status::Enabled, 2));
+        assert!(!r.set_status(Status::Enabled, 3), "no change");
+        assert!(r.set_status(Status::Deleted { at_ms: 4 }, 4));
+        assert!(
+            !r.set_status(Status::Deleted { at_ms: 5 }, 5),
+            "first deletion time kept"
+        );
+        assert_eq!(r.status, Status::Deleted { at_ms: 4 });
+        assert!(r.open_current(&k).is_err());
+        assert!(r.open_version(&k, None, 5, GRACE).is_err());
+        assert!(
+            r.rotate(&k, "x-value", 5).is_err(),
+            "a deleted secret is not rotated"
+        );
+        assert!(!r.purge_due(4 + DELETE_RETENTION_MS - 1));
+        assert!(r.purge_due(4 + DELETE_RETENTION_MS));
+        assert!(r.set_status(Status::Enabled, 6), "restored");
+        assert_eq!(
+            r.history.last().map(|e| e.action.as_str()),
+            Some("restored")
+        );
+        assert!(!r.purge_due(u64::MAX));
+        assert_eq!(r.open_current(&k).expect("open").as_str(), CANARY);
+    }
+
+    #[test]
+    fn v1_records_decode_and_strict_v2_decoding() {
+        let k = kms();
+        let id: [u8; 16] = rand::random();
+        let v = SealedVersion::seal(&k, &id, 3, CANARY, 0).expect("seal");
+        let v1 = cbor::to_vec(&WireV1 {
+            v: 1,
+            id,
+            name: "old".into(),
+            version: 3,
+            display: v.display.clone(),
+            enabled: false,
+            wrapped_key: v.wrapped_key.clone(),
+            sealed: v.sealed.clone(),
+        });
+        let mut r = SecretRecord::decode(&v1, k.key_id()).expect("v1");
+        assert_eq!(r.kek, k.key_id());
+        assert_eq!(r.status, Status::Disabled);
+        assert!(r.set_status(Status::Enabled, 1));
+        assert_eq!(r.open_current(&k).expect("open").as_str(), CANARY);
+        // re-encoded as v2
+        let back = SecretRecord::decode(&r.encode(), [0; 8]).expect("v2");
+        assert_eq!(back.kek, k.key_id());
+        assert_eq!(back.versions[0].version, 3);
+        // strictness: trailing bytes, bad status, two current versions
+        let mut trailing = r.encode();
+        trailing.push(0);
+        assert!(SecretRecord::decode(&trailing, [0; 8]).is_err());
+        let mut two = r.clone();
+        let mut extra = two.versions[0].clone();
+        extra.version = 4;
+        two.versions.push(extra);
+        assert!(SecretRecord::decode(&two.encode(), [0; 8]).is_err());
+        let mut wire: WireV2 = cbor::from_slice(&r.encode()).expect("wire");
+        wire.status = "deleted".into();
+        assert!(SecretRecord::decode(&cbor::to_vec(&wire), [0; 8]).is_err());
+        wire.v = 3;
+        wire.status = "enabled".into();
+        assert!(SecretRecord::decode(&cbor::to_vec(&wire), [0; 8]).is_err());
+        assert!(SecretRecord::decode(b"\xff\x00garbage", [0; 8]).is_err());
+    }
+
+    #[test]
+    fn debug_and_value_never_show_plaintext() {
+        let k = kms();
+        let r = SecretRecord::new(&k, "pay", CANARY, 0).expect("new");
+        assert!(!format!("{r:?}").contains("CANARY"));
+        let v = SecretValue::new(Zeroizing::new(CANARY.into()));
+        assert_eq!(format!("{v:?}"), "SecretValue(<redacted>)");
+        let req = Request::SecretRotate {
+            name: "pay".into(),
+            value: v,
+        };
+        assert!(!format!("{req:?}").contains("CANARY"));
+        let wire = serde_json::to_string(&req).expect("json");
+        let back: Request = serde_json::from_str(&wire).expect("json");
+        match back {
+            Request::SecretRotate { value, .. } => assert_eq!(value.expose(), CANARY),
+            _ => panic!("wrong variant"),
+        }
+    }
+
+    #[test]
+    fn fmt_utc_known_dates() {
+        assert_eq!(fmt_utc(0), "1970-01-01T00:00:00Z");
+        assert_eq!(fmt_utc(951_782_400_000), "2000-02-29T00:00:00Z");
+        assert_eq!(fmt_utc(1_700_000_000_123), "2023-11-14T22:13:20Z");
+    }
+
+    /// A gateway data directory with a master key and a store, no configuration.
+    fn data_dir() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().expect("tmp");
+        let d = DataDir::new(dir.path());
+        LocalKms::create(&d.master_key()).expect("kms");
+        let store = Store::open(&d.store(), SPACES).expect("store");
+        (dir, store)
+    }
+
+    fn open_all(s: &Secrets, k: &dyn Kms) -> Vec<bool> {
+        s.store
+            .scan(SECRETS, b"")
+            .expect("scan")
+            .iter()
+            .flat_map(|(_, v)| {
+                let r = SecretRecord::decode(v, [0; 8]).expect("decode");
+                r.versions
+                    .iter()
+                    .map(|v| v.open(k, &r.id, &r.name).is_ok())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn kms_rotate_rewraps_everything_and_recovers_from_each_crash_point() {
+        if std::env::var_os(crate::kms::MASTER_KEY_ENV).is_some() {
+            return;
+        }
+        let (dir, store) = data_dir();
+        let master = DataDir::new(dir.path()).master_key();
+        let s = Secrets::open(dir.path(), store.clone(), 3600, 0).expect("open");
+        s.add("a", CANARY, 1).expect("add");
+        s.add("b", "sk-second-secret-value-xyz", 1).expect("add");
+        s.rotate("b", "sk-second-secret-value-v2", 2)
+            .expect("rotate");
+        let old = LocalKms::load_file(&master).expect("old key");
+        let out = s.kms_rotate(3).expect("rotate");
+        assert_eq!((out.secrets, out.data_keys), (2, 3));
+        assert_ne!(out.old_key_id, out.new_key_id);
+        assert!(!pending_path(&master).exists());
+        let new = LocalKms::load_file(&master).expect("new key");
+        assert_eq!(hex::encode(new.key_id()), out.new_key_id);
+        assert!(
+            open_all(&s, &old).iter().all(|ok| !ok),
+            "the old key opens nothing"
+        );
+        assert!(open_all(&s, &new).iter().all(|ok| *ok));
+        assert_eq!(s.open_current("a", 4).expect("open").as_str(), CANARY);
+        drop(s);
+
+        // crash after the batch, before the rename: master.key is old, master.key.new is new
+        std::fs::rename(&master, pending_path(&master)).expect("mv");
+        old.write_new(&master).expect("old back");
+        let s = Secrets::open(dir.path(), store.clone(), 3600, 5).expect("recover");
+        assert!(!pending_path(&master).exists());
+        assert_eq!(s.key_id(), new.key_id(), "the rename was redone");
+        assert_eq!(s.open_current("a", 6).expect("open").as_str(), CANARY);
+        drop(s);
+
+        // crash before the batch: a pending key (or a torn file) no record names
+        LocalKms::generate()
+            .write_new(&pending_path(&master))
+            .expect("pending");
+        let s = Secrets::open(dir.path(), store.clone(), 3600, 7).expect("recover");
+        assert!(!pending_path(&master).exists());
+        assert_eq!(
+            s.key_id(),
+            new.key_id(),
+            "rolled back to the key in master.key"
+        );
+        assert_eq!(s.open_current("a", 8).expect("open").as_str(), CANARY);
+        drop(s);
+        std::fs::write(pending_path(&master), b"0123").expect("torn");
+        let s = Secrets::open(dir.path(), store, 3600, 9).expect("recover");
+        assert!(!pending_path(&master).exists());
+        assert_eq!(
+            s.open_current("b", 10).expect("open").as_str(),
+            "sk-second-secret-value-v2"
+        );
+    }
+
+    #[test]
+    fn upkeep_persists_last_use_seals_off_and_purges() {
+        let (dir, store) = data_dir();
+        let s = Secrets::open(dir.path(), store.clone(), 10, 0).expect("open");
+        s.add("a", CANARY, 1_000).expect("add");
+        s.add("gone", "sk-to-be-deleted-0123456789", 1_000)
+            .expect("add");
+        s.rotate("a", "sk-rotated-value-0123456789", 2_000)
+            .expect("rotate");
+        s.delete("gone", 3_000).expect("delete");
+        assert!(s.open_current("gone", 3_001).is_err());
+        drop(s.open_current("a", 5_000).expect("open"));
+        // listed from memory before it is persisted
+        let listed = s.list().expect("list");
+        let a = listed.iter().find(|i| i.name == "a").expect("a");
+        assert_eq!(a.last_used_ms, Some(5_000));
+        assert_eq!(a.versions.len(), 2);
+        assert_eq!(a.versions[0].usable_until_ms, Some(12_000));
+        let up = s.maintain(11_999).expect("upkeep");
+        assert_eq!(up.last_use_persisted, 1);
+        assert!(up.sealed_off.is_empty());
+        assert!(
+            s.maintain(11_999).expect("upkeep") == Upkeep::default(),
+            "no write without a change"
+        );
+        let up = s.maintain(12_000).expect("upkeep");
+        assert_eq!(up.sealed_off, vec![("a".to_string(), 1)]);
+        let up = s.maintain(3_000 + DELETE_RETENTION_MS).expect("upkeep");
+        assert_eq!(up.purged, vec!["gone".to_string()]);
+        drop(s);
+        let s = Secrets::open(dir.path(), store, 10, 3_000 + DELETE_RETENTION_MS).expect("reopen");
+        let listed = s.list().expect("list");
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].last_used_ms, Some(5_000), "persisted");
+        assert_eq!(listed[0].version, 2);
+        assert!(matches!(s.enable("gone", 1), Err(SecretError::NotFound(_))));
+        s.add("gone", "sk-the-name-is-free-again-01", 1)
+            .expect("name free after purge");
+    }
+}
