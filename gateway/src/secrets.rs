@@ -1081,7 +1081,7 @@ impl Secrets {
     /// (2xx = ok). The response body is dropped unread; no value is returned.
     pub async fn probe(
         &self,
-        http: &reqwest::Client,
+        egress: &upstream::Egress,
         config: &Config,
         name: &str,
         version: Option<u64>,
@@ -1111,7 +1111,9 @@ impl Secrets {
             let (v, secret) = self.open_for_test(name, version, now_ms)?;
             let req = probe_request(up, path, now_ms);
             let idem = hex::encode(rand::random::<[u8; 16]>());
-            let sent = upstream::send(http, up, &req, Vec::new(), secret, &idem).await;
+            // the upstream's own client: the same egress rules as a call (`local`, resolver)
+            let sent =
+                upstream::send(egress.client(&up.name), up, &req, Vec::new(), secret, &idem).await;
             let (status, error) = match sent {
                 Ok(resp) => (Some(resp.status().as_u16()), None),
                 Err(e) => (None, Some(e.to_string())),
@@ -1301,12 +1303,11 @@ async fn run_command(
             })?;
             // the one rustls provider (ring), as the daemon installs it at start
             didgate_client::tls::install_provider();
-            let http =
-                upstream::http_client(Duration::from_secs(config.gateway.upstream_timeout_secs))
-                    .map_err(|e| SecretError::Invalid(e.to_string()))?;
+            let egress =
+                upstream::Egress::new(config).map_err(|e| SecretError::Invalid(e.to_string()))?;
             Reply {
                 ok: true,
-                probes: Some(secrets.probe(&http, config, name, *version, now).await?),
+                probes: Some(secrets.probe(&egress, config, name, *version, now).await?),
                 ..Default::default()
             }
         }

@@ -202,7 +202,7 @@ async fn rotation_keeps_calls_working_across_the_grace_window() -> anyhow::Resul
 
     // inside the window the old version is still held and still works upstream
     let config = gw.config().clone();
-    let http = didgate_gateway::upstream::http_client(std::time::Duration::from_secs(10))?;
+    let http = didgate_gateway::upstream::Egress::new(&config)?;
     let probes = secrets
         .probe(&http, &config, NAME, Some(1), t0 + grace - 1)
         .await?;
