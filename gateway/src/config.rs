@@ -154,6 +154,13 @@ pub struct Settings {
     /// Default largest response body relayed, bytes (0 = unlimited).
     #[serde(default = "d_resp")]
     pub max_response_bytes: u64,
+    /// TCP address serving Prometheus metrics at `GET /metrics` (absent: no metrics server).
+    /// A loopback address unless `metrics_allow_remote`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Allow a `metrics_listen` address that is not loopback (the metrics are unauthenticated).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub metrics_allow_remote: bool,
 }
 
 impl Settings {
@@ -176,6 +183,8 @@ impl Settings {
             max_concurrent_per_did: d_conc_did(),
             max_concurrent_per_upstream: d_conc_up(),
             max_response_bytes: d_resp(),
+            metrics_listen: None,
+            metrics_allow_remote: false,
         }
     }
 }
@@ -312,6 +321,15 @@ impl Config {
         for r in [self.gateway.rate_per_did, self.gateway.rate_per_upstream] {
             r.validate().map_err(ConfigError::Invalid)?;
         }
+        if let Some(addr) = self.gateway.metrics_listen
+            && !addr.ip().is_loopback()
+            && !self.gateway.metrics_allow_remote
+        {
+            return bad(format!(
+                "metrics_listen {addr} is not a loopback address; the metrics are unauthenticated \
+                 (set metrics_allow_remote = true to serve them there anyway)"
+            ));
+        }
         for (name, members) in &self.groups {
             for m in members {
                 didgate_protocol::Did::parse(m)
@@ -392,6 +410,10 @@ max_concurrent_per_upstream = 1024
 # Largest response body relayed, bytes (0 = unlimited); a larger one fails the call
 # `response_too_large`.
 max_response_bytes = 134217728
+# Prometheus metrics at GET /metrics over HTTP (specs/protocol.md, "Events and metrics"); absent
+# = off. Unauthenticated: a loopback address unless metrics_allow_remote = true.
+# metrics_listen = "127.0.0.1:9464"
+# metrics_allow_remote = false
 
 # An upstream API. The secret is stored encrypted with `didgated secret add NAME` (stdin).
 # auth: {{ kind = "bearer" }} | {{ kind = "basic", user = "U" }} | {{ kind = "header", name = "x-api-key" }}

@@ -3,7 +3,8 @@
 //! A store has one process, so admin commands reach a running `didgated` here instead of
 //! opening its database. The socket is `DATA/control.sock`, mode 0600, and a connection is
 //! served only if its peer runs as the socket's owner (peer credentials checked). The protocol
-//! is one JSON request line and one JSON reply line per connection.
+//! is one JSON request line and one JSON reply line per connection, except `events`: after its
+//! reply line the connection stays open and carries one JSON event per line ([`subscribe`]).
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -11,9 +12,11 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
+use crate::events::{Event, EventKind};
 use crate::gateway::Gateway;
 
 /// A control request.
@@ -85,6 +88,10 @@ pub enum Request {
     /// Re-read and validate the policy (`didgated policy reload`, SIGHUP) and swap it in
     /// atomically; on an error the set in force stays.
     PolicyReload,
+    /// Stream live events (`didgated events --follow`): the reply `{"ok":true}` once
+    /// subscribed, then one [`Event`] per line until the client disconnects or the daemon
+    /// stops.
+    Events,
 }
 
 /// A control reply.
@@ -156,7 +163,8 @@ pub async fn serve(
             accepted = listener.accept() => {
                 let Ok((stream, _)) = accepted else { continue };
                 let gw = gw.clone();
-                tokio::spawn(async move { let _ = handle(gw, stream, owner).await; });
+                let stop = stop.clone();
+                tokio::spawn(async move { let _ = handle(gw, stream, owner, stop).await; });
             }
             _ = stop.changed() => break,
         }
@@ -165,7 +173,12 @@ pub async fn serve(
     Ok(())
 }
 
-async fn handle(gw: Arc<Gateway>, stream: UnixStream, owner: u32) -> std::io::Result<()> {
+async fn handle(
+    gw: Arc<Gateway>,
+    stream: UnixStream,
+    owner: u32,
+    stop: watch::Receiver<bool>,
+) -> std::io::Result<()> {
     let allowed = stream
         .peer_cred()
         .map(|c| c.uid() == owner || c.uid() == 0)
@@ -180,12 +193,59 @@ async fn handle(gw: Arc<Gateway>, stream: UnixStream, owner: u32) -> std::io::Re
         reader.read_line(&mut line).await?;
         match serde_json::from_str::<Request>(&line) {
             Err(e) => failure(format!("bad request: {e}")),
+            Ok(Request::Events) => {
+                return stream_events(&gw, reader.into_inner(), write, stop).await;
+            }
             Ok(req) => execute(&gw, req).await,
         }
     };
-    let mut out = serde_json::to_vec(&reply).unwrap_or_default();
+    write_line(&mut write, &reply).await
+}
+
+async fn write_line(write: &mut OwnedWriteHalf, value: &impl Serialize) -> std::io::Result<()> {
+    let mut out = serde_json::to_vec(value).unwrap_or_default();
     out.push(b'\n');
     write.write_all(&out).await
+}
+
+/// `events`: subscribes, answers `{"ok":true}`, then writes one event per line until the
+/// client closes its end, the daemon stops (`stop`), or a write fails. A subscriber that fell
+/// behind gets a `lagged` line with the number of events it missed, and the stream goes on.
+async fn stream_events(
+    gw: &Gateway,
+    mut read: BufReader<OwnedReadHalf>,
+    mut write: OwnedWriteHalf,
+    mut stop: watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let mut events = gw.subscribe();
+    write_line(
+        &mut write,
+        &Reply {
+            ok: true,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let mut ignored = [0u8; 512];
+    loop {
+        let event = tokio::select! {
+            got = events.recv() => match got {
+                Ok(e) => e,
+                Err(broadcast::error::RecvError::Lagged(missed)) => {
+                    Event::new(crate::now_ms(), EventKind::Lagged { missed })
+                }
+                Err(broadcast::error::RecvError::Closed) => break,
+            },
+            // anything the client sends is ignored; its end closing ends the stream
+            n = read.read(&mut ignored) => match n {
+                Ok(0) | Err(_) => break,
+                Ok(_) => continue,
+            },
+            _ = stop.changed() => break,
+        };
+        write_line(&mut write, &event).await?;
+    }
+    Ok(())
 }
 
 async fn execute(gw: &Arc<Gateway>, req: Request) -> Reply {
@@ -199,8 +259,13 @@ async fn execute(gw: &Arc<Gateway>, req: Request) -> Reply {
         | Request::SecretList
         | Request::SecretTest { .. }
         | Request::KmsRotate) => {
-            crate::secrets::control(gw.secrets(), Some(gw.config()), &req).await
+            let reply = crate::secrets::control(gw.secrets(), Some(gw.config()), &req).await;
+            if reply.ok {
+                secret_event(gw, &req, &reply);
+            }
+            reply
         }
+        Request::Events => failure("events is served on its own connection"),
         Request::Revoke { did, grant, reason } => {
             match crate::gateway::parse_revoke(did.as_deref(), grant.as_deref()) {
                 Ok(target) => match gw.revoke(&target, &reason).await {
@@ -266,6 +331,107 @@ async fn execute(gw: &Arc<Gateway>, req: Request) -> Reply {
             }
         }
     }
+}
+
+/// Publishes the event of a successful secret lifecycle command or master-key rotation (never
+/// a value or a display form).
+fn secret_event(gw: &Gateway, req: &Request, reply: &Reply) {
+    let action = match req {
+        Request::SecretAdd { .. } => "added",
+        Request::SecretRotate { .. } => "rotated",
+        Request::SecretDisable { .. } => "disabled",
+        Request::SecretEnable { .. } => "enabled",
+        Request::SecretDelete { .. } => "deleted",
+        Request::KmsRotate => {
+            if let Some(k) = &reply.kms {
+                gw.emit(|| EventKind::KmsRotation {
+                    old_key_id: k.old_key_id.clone(),
+                    new_key_id: k.new_key_id.clone(),
+                    secrets: k.secrets,
+                });
+            }
+            return;
+        }
+        _ => return,
+    };
+    for info in reply.secrets.iter().flatten() {
+        gw.emit(|| EventKind::Secret {
+            name: info.name.clone(),
+            action: action.into(),
+            version: info.version,
+            status: info.status.clone(),
+        });
+    }
+}
+
+/// A live event stream from the daemon ([`subscribe`]).
+#[derive(Debug)]
+pub struct EventStream {
+    reader: BufReader<UnixStream>,
+}
+
+/// Longest event line read, bytes.
+const MAX_EVENT_LINE: u64 = 1024 * 1024;
+
+impl EventStream {
+    /// The next event line (one JSON object, without its newline); `None` once the daemon
+    /// closed the stream (it stopped).
+    pub async fn next_line(&mut self) -> std::io::Result<Option<String>> {
+        let mut line = String::new();
+        let n = (&mut self.reader)
+            .take(MAX_EVENT_LINE)
+            .read_line(&mut line)
+            .await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        if !line.ends_with('\n') {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "event line too long or cut short",
+            ));
+        }
+        line.pop();
+        Ok(Some(line))
+    }
+
+    /// The next event, parsed; `None` once the daemon closed the stream.
+    pub async fn next(&mut self) -> std::io::Result<Option<Event>> {
+        match self.next_line().await? {
+            None => Ok(None),
+            Some(line) => serde_json::from_str(&line)
+                .map(Some)
+                .map_err(std::io::Error::other),
+        }
+    }
+}
+
+/// Subscribes to the live events of the daemon serving `data`; `None` when no daemon answers.
+/// Events published after this returns are delivered, in order.
+pub async fn subscribe(data: &Path) -> Option<std::io::Result<EventStream>> {
+    let mut stream = UnixStream::connect(socket_path(data)).await.ok()?;
+    Some(
+        async {
+            let mut req = serde_json::to_vec(&Request::Events).map_err(std::io::Error::other)?;
+            req.push(b'\n');
+            stream.write_all(&req).await?;
+            let mut events = EventStream {
+                reader: BufReader::new(stream),
+            };
+            let first = events.next_line().await?.ok_or_else(|| {
+                std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the daemon closed the connection",
+                )
+            })?;
+            let reply: Reply = serde_json::from_str(&first).map_err(std::io::Error::other)?;
+            if !reply.ok {
+                return Err(std::io::Error::other(reply.error.unwrap_or_default()));
+            }
+            Ok(events)
+        }
+        .await,
+    )
 }
 
 /// Sends one request to the daemon serving `data`; `None` when no daemon answers.

@@ -26,7 +26,9 @@ use didgate_protocol::{Did, Identity};
 use tokio::sync::watch;
 
 use crate::config::{Config, Upstream};
+use crate::events::{Event, EventKind};
 use crate::limits::{self, Limits, Permit, Stage};
+use crate::metrics::{Flow, Metrics};
 use crate::policy::{PolicyError, PolicySet, RequestContext};
 use crate::secrets::Secrets;
 use crate::{now_ms, upstream};
@@ -194,6 +196,11 @@ pub struct Gateway {
     revoked: std::sync::RwLock<std::collections::HashSet<Vec<u8>>>,
     /// Open connections by peer DID, so a revocation can close them.
     conns: Mutex<HashMap<Did, Vec<quinn::Connection>>>,
+    /// Live events ([`crate::events`]): sending never blocks and ignores absent or lagging
+    /// subscribers.
+    events: tokio::sync::broadcast::Sender<Event>,
+    /// Prometheus counters ([`crate::metrics`]).
+    metrics: Arc<Metrics>,
 }
 
 impl std::fmt::Debug for Gateway {
@@ -218,6 +225,10 @@ struct CallPolicy {
     /// The call's concurrency slots ([`Gateway::limit`]), given back right before its terminal
     /// frame is sent (or when the call's task ends).
     permit: Mutex<Option<Permit>>,
+    /// The TLS peer (events).
+    peer: Did,
+    /// When the call's stream opened (latency).
+    started: std::time::Instant,
 }
 
 /// Gives back the current call's concurrency slots.
@@ -228,6 +239,13 @@ fn release_call_permit() {
 /// The hash of the policy set deciding the current call (`None` outside a call).
 fn call_policy_hash() -> Option<[u8; 32]> {
     CALL_POLICY.try_with(|c| c.set.hash()).ok()
+}
+
+/// The current call's TLS peer, and the time since its stream opened (`None` outside a call).
+fn call_peer() -> (Option<String>, Duration) {
+    CALL_POLICY
+        .try_with(|c| (Some(c.peer.to_string()), c.started.elapsed()))
+        .unwrap_or_default()
 }
 
 /// A refusal decided before any grant was consumed.
@@ -266,6 +284,7 @@ impl Gateway {
         let http =
             upstream::Egress::new(&config).map_err(|e| StartError::Transport(e.to_string()))?;
         let policy = std::sync::RwLock::new(Arc::new(PolicySet::load(dir, &config)?));
+        let metrics = Arc::new(Metrics::new(&config));
         let gw = Self {
             identity,
             config,
@@ -278,6 +297,8 @@ impl Gateway {
             aggregate: Mutex::new(Aggregate::default()),
             revoked: Default::default(),
             conns: Mutex::new(HashMap::new()),
+            events: tokio::sync::broadcast::channel(crate::events::CAPACITY).0,
+            metrics,
         };
         gw.recover().await?;
         {
@@ -308,6 +329,24 @@ impl Gateway {
         &self.chain
     }
 
+    /// Subscribes to the live events from now on ([`crate::events`]); a receiver that falls
+    /// behind by more than [`crate::events::CAPACITY`] events misses the oldest.
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    /// The Prometheus counters ([`crate::metrics`]).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Publishes an event built by `kind`, only when someone listens; never blocks or fails.
+    pub(crate) fn emit(&self, kind: impl FnOnce() -> EventKind) {
+        if self.events.receiver_count() > 0 {
+            let _ = self.events.send(Event::new(now_ms(), kind()));
+        }
+    }
+
     /// The policy set in force (calls already started keep theirs).
     pub fn policy(&self) -> Arc<PolicySet> {
         self.policy
@@ -327,6 +366,10 @@ impl Gateway {
         let hash = set.hash();
         *self.policy.write().unwrap_or_else(|p| p.into_inner()) = set;
         tracing::info!(policy = %hex::encode(hash), "policy reloaded");
+        self.metrics.policy_reloaded();
+        self.emit(|| EventKind::PolicyReload {
+            policy: hex::encode(hash),
+        });
         Ok(hash)
     }
 
@@ -431,6 +474,18 @@ impl Gateway {
             }
         }
         tracing::warn!(?target, reason, "revoked");
+        self.metrics.revoked(matches!(target, Revoke::Did(_)));
+        self.emit(|| {
+            let (did, grant) = match target {
+                Revoke::Did(d) => (Some(d.to_string()), None),
+                Revoke::Grant(g) => (None, Some(hex::encode(g))),
+            };
+            EventKind::Revocation {
+                did,
+                grant,
+                reason: reason.to_string(),
+            }
+        });
         Ok(appended.entry)
     }
 
@@ -681,6 +736,8 @@ impl Gateway {
             set: self.policy(),
             ttl_secs: Mutex::new(None),
             permit: Mutex::new(None),
+            peer: peer.clone(),
+            started: std::time::Instant::now(),
         };
         CALL_POLICY
             .scope(call, self.handle_call(peer, send, recv))
@@ -729,19 +786,23 @@ impl Gateway {
         code: RefusalCode,
         reason: &str,
     ) {
-        match self.audit_refusal(None, code, reason).await {
-            Ok(_) => self.answer_refusal(send, None, code, reason, None).await,
-            Err(_) => {
-                self.answer_refusal(
-                    send,
-                    None,
-                    RefusalCode::AuditUnavailable,
-                    "the audit log cannot be written",
-                    None,
-                )
-                .await
-            }
-        }
+        let (code, reason) = match self.audit_refusal(None, code, reason).await {
+            Ok(_) => (code, reason),
+            Err(_) => (
+                RefusalCode::AuditUnavailable,
+                "the audit log cannot be written",
+            ),
+        };
+        self.emit(|| EventKind::Refusal {
+            did: call_peer().0,
+            code,
+            reason: reason.to_string(),
+            call: None,
+            upstream: None,
+            method: None,
+            path: None,
+        });
+        self.answer_refusal(send, None, code, reason, None).await
     }
 
     /// Verifies a signed request, or refuses it.
@@ -860,6 +921,11 @@ impl Gateway {
             }
             Err(why) => {
                 tracing::error!(%why, "audit store unavailable: refusing calls");
+                self.emit_refusal(
+                    req,
+                    RefusalCode::AuditUnavailable,
+                    "the audit log cannot be written",
+                );
                 self.answer_refusal(
                     send,
                     Some(req.envelope.digest()),
@@ -916,6 +982,7 @@ impl Gateway {
         }
         // The grant is consumed (durably, with its entry): execute it once, and close the entry
         // whatever happens.
+        self.metrics.grant_consumed(Flow::Pipelined);
         self.execute(&mut send, &req, &up, grant, body).await;
     }
 
@@ -952,6 +1019,16 @@ impl Gateway {
         {
             return;
         }
+        self.metrics.grant_issued();
+        self.emit(|| EventKind::Grant {
+            did: peer.to_string(),
+            grant: hex::encode(grant.id),
+            call: hex::encode(grant.call),
+            upstream: grant.upstream.clone(),
+            method: grant.method.clone(),
+            path: grant.path.clone(),
+            expires_ms: grant.expires_ms,
+        });
         let _ = wire::write_frame(&mut send, FrameType::Grant, &signed).await;
         let _ = send.finish();
         let _ = send.stopped().await;
@@ -1038,6 +1115,7 @@ impl Gateway {
         {
             return;
         }
+        self.metrics.grant_consumed(Flow::TwoStep);
         self.execute(&mut send, &req, &up, grant, body).await;
     }
 
@@ -1160,6 +1238,11 @@ impl Gateway {
             Ok(a) => a,
             Err(e) => {
                 tracing::error!(%e, "cannot close an executing entry");
+                self.emit_failed(
+                    call,
+                    RefusalCode::AuditUnavailable,
+                    "the audit log cannot be written",
+                );
                 return self
                     .answer_refusal(
                         send,
@@ -1171,6 +1254,19 @@ impl Gateway {
                     .await;
             }
         };
+        let (_, elapsed) = call_peer();
+        self.metrics.executed(&up.name, status, elapsed);
+        self.emit(|| EventKind::Access {
+            did: req.envelope.signer().to_string(),
+            upstream: up.name.clone(),
+            method: req.message.method.clone(),
+            path: req.message.path.clone(),
+            status,
+            call: hex::encode(call),
+            grant: hex::encode(grant.id),
+            resp_len: len,
+            latency_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
+        });
         let receipt = Receipt {
             v: message::VERSION,
             call,
@@ -1208,43 +1304,62 @@ impl Gateway {
         e.code = Some(code.as_str().into());
         e.detail = Some(cause.into());
         e.policy = call_policy_hash();
-        match self.chain.append_entry(e).await {
-            Ok(a) => {
-                self.answer_refusal(send, Some(call), code, cause, Some(a.entry))
-                    .await
-            }
+        let (code, cause, entry) = match self.chain.append_entry(e).await {
+            Ok(a) => (code, cause, Some(a.entry)),
             Err(why) => {
                 tracing::error!(%why, "cannot close an executing entry");
-                self.answer_refusal(
-                    send,
-                    Some(call),
+                (
                     RefusalCode::AuditUnavailable,
                     "the audit log cannot be written",
                     None,
                 )
-                .await
             }
-        }
+        };
+        self.emit_failed(call, code, cause);
+        self.answer_refusal(send, Some(call), code, cause, entry)
+            .await
     }
 
     async fn refuse_audited(&self, send: &mut quinn::SendStream, req: &Signed<Request>, r: Refuse) {
         let call = Some(req.envelope.digest());
-        match self.audit_refusal(Some(req), r.code, &r.reason).await {
-            Ok(entry) => {
-                self.answer_refusal(send, call, r.code, &r.reason, entry)
-                    .await
+        let (code, reason, entry) = match self.audit_refusal(Some(req), r.code, &r.reason).await {
+            Ok(entry) => (r.code, r.reason.as_str(), entry),
+            Err(_) => (
+                RefusalCode::AuditUnavailable,
+                "the audit log cannot be written",
+                None,
+            ),
+        };
+        self.emit_refusal(req, code, reason);
+        self.answer_refusal(send, call, code, reason, entry).await
+    }
+
+    /// Publishes a [`EventKind::Refusal`] of a verified request.
+    fn emit_refusal(&self, req: &Signed<Request>, code: RefusalCode, reason: &str) {
+        self.emit(|| EventKind::Refusal {
+            did: call_peer().0,
+            code,
+            reason: reason.to_string(),
+            call: Some(hex::encode(req.envelope.digest())),
+            upstream: Some(req.message.upstream.clone()),
+            method: Some(req.message.method.clone()),
+            path: Some(req.message.path.clone()),
+        });
+    }
+
+    /// Publishes a [`EventKind::Failed`]: a call whose grant was consumed closed without a
+    /// receipt.
+    fn emit_failed(&self, call: [u8; 32], code: RefusalCode, cause: &str) {
+        self.emit(|| {
+            let (did, elapsed) = call_peer();
+            EventKind::Failed {
+                did,
+                call: hex::encode(call),
+                code,
+                cause: cause.to_string(),
+                latency_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
             }
-            Err(_) => {
-                self.answer_refusal(
-                    send,
-                    call,
-                    RefusalCode::AuditUnavailable,
-                    "the audit log cannot be written",
-                    None,
-                )
-                .await
-            }
-        }
+        });
     }
 
     async fn answer_refusal(
@@ -1256,6 +1371,7 @@ impl Gateway {
         entry: Option<EntryRef>,
     ) {
         release_call_permit();
+        self.metrics.refused(code);
         let bytes = self.sign_refusal(call, code, reason, entry);
         let _ = wire::write_frame(send, FrameType::Refusal, &bytes).await;
         let _ = send.finish();

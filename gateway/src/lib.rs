@@ -4,9 +4,10 @@
 //!
 //! Owns: the data directory ([`gateway::DataDir`]), `gateway.toml` ([`config`]), the policy
 //! decision ([`policy`]), keys at rest ([`kms`]) and their lifecycle ([`secrets`]), the per-call pipeline and server
-//! ([`gateway`]), the upstream executor ([`upstream`]), the demo ([`demo`]) and its local
-//! payments upstream ([`upstream_demo`]). It does not own the wire format (didgate-protocol)
-//! or the audit log format (didgate-audit).
+//! ([`gateway`]), the upstream executor ([`upstream`]), live events ([`events`]) and Prometheus
+//! metrics ([`metrics`]), the demo ([`demo`]) and its local payments upstream
+//! ([`upstream_demo`]). It does not own the wire format (didgate-protocol) or the audit log
+//! format (didgate-audit).
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -22,9 +23,11 @@
 pub mod config;
 pub mod control;
 pub mod demo;
+pub mod events;
 pub mod gateway;
 pub mod kms;
 pub mod limits;
+pub mod metrics;
 pub mod policy;
 pub mod secrets;
 pub mod upstream;

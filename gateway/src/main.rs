@@ -80,6 +80,21 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
+    /// Watch the running daemon's live events: accesses, grants, refusals, failed calls,
+    /// revocations, secret lifecycle, master-key rotation, policy reloads (specs/protocol.md,
+    /// "Events and metrics"). Needs a running daemon (exit 2 when none answers).
+    Events {
+        /// Stream events as they happen until interrupted or the daemon stops (required: there
+        /// is no event history to print).
+        #[arg(long)]
+        follow: bool,
+        /// One JSON object per line instead of human-readable lines.
+        #[arg(long)]
+        json: bool,
+        /// Data directory.
+        #[arg(long, env = "DIDGATE_DATA")]
+        data: PathBuf,
+    },
     /// Run the whole path on loopback with no configuration, and verify both audit chains.
     Demo {
         /// Keep everything in DIR instead of a temporary directory.
@@ -302,6 +317,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let gw = Arc::new(Gateway::open(&data).await?);
             let endpoint = gateway::endpoint(&gw, gw.config().gateway.listen)?;
             let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+            // bound first: a metrics address in use stops the start before anything is served
+            let metrics = match gw.config().gateway.metrics_listen {
+                Some(addr) => {
+                    let (bound, task) = didgate_gateway::metrics::start(
+                        gw.metrics().clone(),
+                        addr,
+                        stop_tx.subscribe(),
+                    )
+                    .await
+                    .with_context(|| format!("metrics_listen {addr}"))?;
+                    eprintln!("didgated metrics on http://{bound}/metrics");
+                    Some(task)
+                }
+                None => None,
+            };
             let control = {
                 let (gw, data) = (gw.clone(), data.clone());
                 tokio::spawn(
@@ -319,6 +349,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let _ = stop_tx.send(true);
             if let Ok(Err(e)) = control.await {
                 eprintln!("didgated: control socket: {e}");
+            }
+            if let Some(task) = metrics {
+                let _ = task.await;
             }
             eprintln!("didgated stopped");
         }
@@ -425,6 +458,34 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 "exported {entries} entries and {checkpoints} checkpoints to {}",
                 out.display()
             );
+        }
+        Command::Events { follow, json, data } => {
+            if !follow {
+                eprintln!(
+                    "didgated: events: only --follow is supported (live events from the running daemon; the audit chain is the history: `didgated export`)"
+                );
+                return Ok(ExitCode::from(2));
+            }
+            let Some(stream) = didgate_gateway::control::subscribe(&data).await else {
+                anyhow::bail!(
+                    "no daemon answers on {}: events come from a running didgated",
+                    didgate_gateway::control::socket_path(&data).display()
+                );
+            };
+            let mut stream = stream.context("control socket")?;
+            eprintln!("didgated: following events (interrupt to stop)");
+            while let Some(line) = stream.next_line().await.context("control socket")? {
+                if json {
+                    println!("{line}");
+                } else {
+                    match serde_json::from_str::<didgate_gateway::events::Event>(&line) {
+                        Ok(event) => println!("{}", event.human()),
+                        // a kind this binary does not know: shown as sent
+                        Err(_) => println!("{line}"),
+                    }
+                }
+            }
+            eprintln!("didgated: the daemon closed the event stream (it stopped)");
         }
         Command::Demo { dir } => {
             let (root, _keep) = match dir {
