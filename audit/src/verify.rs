@@ -2112,6 +2112,15 @@ fn decode_entry_fast(bytes: &[u8]) -> Option<Entry> {
     (seen & 0b11111 == 0b11111 && r.i == bytes.len() && e.v == message::VERSION).then_some(e)
 }
 
+/// Fills a map field once: a repeated key, or a value that did not decode, is `None`.
+fn once<T>(slot: &mut Option<T>, value: Option<T>) -> Option<()> {
+    if slot.is_some() {
+        return None;
+    }
+    *slot = Some(value?);
+    Some(())
+}
+
 /// [`Request::decode`] for the plain encoding, under the rules of [`decode_entry_fast`]
 /// (`query` and `headers` as arrays of two-text arrays); `None` for anything else.
 fn decode_request_fast(bytes: &[u8]) -> Option<Request> {
@@ -2119,13 +2128,6 @@ fn decode_request_fast(bytes: &[u8]) -> Option<Request> {
     let (mut v, mut aud, mut upstream, mut method, mut path) = (None, None, None, None, None);
     let (mut query, mut headers, mut body_len, mut body_b3) = (None, None, None, None);
     let (mut nonce, mut time_ms, mut head) = (None, None, None);
-    fn once<T>(slot: &mut Option<T>, value: Option<T>) -> Option<()> {
-        if slot.is_some() {
-            return None;
-        }
-        *slot = Some(value?);
-        Some(())
-    }
     for _ in 0..r.head(5)? {
         match r.text()? {
             "v" => once(&mut v, r.uint())?,
@@ -2169,13 +2171,6 @@ fn decode_receipt_fast(bytes: &[u8]) -> Option<Receipt> {
     let (mut v, mut call, mut grant, mut client, mut status) = (None, None, None, None, None);
     let (mut resp_len, mut resp_b3, mut entry, mut root, mut time_ms) =
         (None, None, None, None, None);
-    fn once<T>(slot: &mut Option<T>, value: Option<T>) -> Option<()> {
-        if slot.is_some() {
-            return None;
-        }
-        *slot = Some(value?);
-        Some(())
-    }
     for _ in 0..r.head(5)? {
         match r.text()? {
             "v" => once(&mut v, r.uint())?,
