@@ -196,6 +196,11 @@ pub struct Gateway {
     revoked: std::sync::RwLock<std::collections::HashSet<Vec<u8>>>,
     /// Open connections by peer DID, so a revocation can close them.
     conns: Mutex<HashMap<Did, Vec<quinn::Connection>>>,
+    /// Set when [`serve`] begins to drain: new calls are refused `shutting_down`.
+    stopping: std::sync::atomic::AtomicBool,
+    /// Calls being handled, over every connection; `idle` is notified when it reaches zero.
+    inflight: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
     /// Live events ([`crate::events`]): sending never blocks and ignores absent or lagging
     /// subscribers.
     events: tokio::sync::broadcast::Sender<Event>,
@@ -297,6 +302,9 @@ impl Gateway {
             aggregate: Mutex::new(Aggregate::default()),
             revoked: Default::default(),
             conns: Mutex::new(HashMap::new()),
+            stopping: Default::default(),
+            inflight: Default::default(),
+            idle: tokio::sync::Notify::new(),
             events: tokio::sync::broadcast::channel(crate::events::CAPACITY).0,
             metrics,
         };
@@ -394,6 +402,22 @@ impl Gateway {
     /// The secrets (lifecycle commands from the control socket, upkeep).
     pub fn secrets(&self) -> &Arc<Secrets> {
         &self.secrets
+    }
+
+    /// Resolves once no call is being handled on any connection.
+    async fn wait_idle(&self) {
+        loop {
+            let notified = self.idle.notified();
+            if self.inflight.load(std::sync::atomic::Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Whether the gateway is draining (calls in flight finish, new ones are refused).
+    pub fn is_stopping(&self) -> bool {
+        self.stopping.load(std::sync::atomic::Ordering::Acquire)
     }
 
     fn is_revoked(&self, key: &[u8]) -> bool {
@@ -732,6 +756,7 @@ impl Gateway {
     /// Handles one stream: one pipelined call, one grant request, or one grant execution,
     /// decided throughout by the policy set in force when the stream opened ([`CALL_POLICY`]).
     async fn handle(&self, peer: Did, send: quinn::SendStream, recv: quinn::RecvStream) {
+        let _inflight = InFlight::enter(self);
         let call = CallPolicy {
             set: self.policy(),
             ttl_secs: Mutex::new(None),
@@ -750,6 +775,15 @@ impl Gateway {
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
     ) {
+        if self.is_stopping() {
+            return self
+                .refuse_unverified(
+                    &mut send,
+                    RefusalCode::ShuttingDown,
+                    "the gateway is shutting down",
+                )
+                .await;
+        }
         let mut dec = FrameDecoder::new();
         let first =
             tokio::time::timeout(FRAME_DEADLINE, wire::next_frame(&mut recv, &mut dec)).await;
@@ -1441,6 +1475,10 @@ pub async fn serve(
             () = &mut shutdown => break,
         }
     }
+    // Drain: new calls are refused `shutting_down` (on open connections; new connections are
+    // no longer accepted), calls in flight finish, then the final checkpoint is written.
+    gw.stopping
+        .store(true, std::sync::atomic::Ordering::Release);
     let _ = stop_tx.send(true);
     endpoint.set_server_config(None);
     tasks.wait().await;
@@ -1462,20 +1500,62 @@ async fn connection(gw: Arc<Gateway>, incoming: quinn::Incoming, mut stop: watch
     };
     gw.register(&peer, &conn);
     let calls = tokio_util_tasks::TaskSet::default();
+    let mut drained: Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>> = None;
     loop {
         tokio::select! {
             stream = conn.accept_bi() => {
                 let Ok((send, recv)) = stream else { break };
                 let gw = gw.clone();
                 let peer = peer.clone();
-                calls.spawn(async move { gw.handle(peer, send, recv).await });
+                // while draining, `handle` answers `shutting_down` at once
+                let task = async move { gw.handle(peer, send, recv).await };
+                if drained.is_some() {
+                    tokio::spawn(task);
+                } else {
+                    calls.spawn(task);
+                }
             }
-            _ = stop.changed() => break,
+            _ = stop.changed(), if drained.is_none() => {
+                // Open connections stay up until no call is in flight anywhere, so a caller
+                // gets a typed `shutting_down` rather than a closed connection.
+                let gw = gw.clone();
+                drained = Some(Box::pin(async move { gw.wait_idle().await }));
+            }
+            () = async {
+                match drained.as_mut() {
+                    Some(d) => d.await,
+                    None => std::future::pending().await,
+                }
+            }, if drained.is_some() => break,
         }
     }
     calls.wait().await;
     gw.unregister(&peer, &conn);
     conn.close(0u32.into(), b"bye");
+}
+
+/// Counts a call as in flight for the drain at shutdown, until dropped.
+struct InFlight<'g>(&'g Gateway);
+
+impl<'g> InFlight<'g> {
+    fn enter(gw: &'g Gateway) -> Self {
+        gw.inflight
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Self(gw)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self
+            .0
+            .inflight
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            == 1
+        {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 /// QUIC application close code for a connection of a revoked DID.

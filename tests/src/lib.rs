@@ -138,6 +138,14 @@ impl Harness {
         Ok(())
     }
 
+    /// Asks the gateway to stop without waiting: it drains (calls in flight finish, new ones
+    /// are refused) while the test goes on; [`Harness::stop`] then waits for the end.
+    pub fn signal_stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+    }
+
     /// Stops the gateway (drains calls, closes its store).
     pub async fn stop(&mut self) {
         self.gateway = None;
