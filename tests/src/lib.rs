@@ -179,6 +179,16 @@ fn toml_string(c: &Config) -> anyhow::Result<String> {
     Ok(toml::to_string(c)?)
 }
 
+/// The path of one of the workspace's binaries (`didgate`, `didgated`, `didgate-audit`), built
+/// beside the test executables by the README's test command.
+pub fn bin(name: &str) -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe()?;
+    exe.parent()
+        .and_then(|deps| deps.parent())
+        .map(|dir| dir.join(name))
+        .ok_or_else(|| anyhow::anyhow!("no directory above {}", exe.display()))
+}
+
 /// Every file under `dir` whose bytes contain `needle`.
 pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
     let mut hits = Vec::new();

@@ -1,17 +1,8 @@
 //! The `didgate` CLI as a process against a real gateway and upstream.
 
-use std::path::PathBuf;
 use std::process::Command;
 
-use didgate_tests::{CANARY, Harness};
-
-fn bin(name: &str) -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    exe.parent()
-        .and_then(|p| p.parent())
-        .map(|p| p.join(name))
-        .ok_or_else(|| anyhow::anyhow!("no bin dir"))
-}
+use didgate_tests::{CANARY, Harness, bin};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keygen_whoami_call_and_refusal() -> anyhow::Result<()> {

@@ -4,15 +4,7 @@
 use std::process::Command;
 
 use didgate_client::CallSpec;
-use didgate_tests::{Harness, alice};
-
-fn bin(name: &str) -> anyhow::Result<std::path::PathBuf> {
-    let exe = std::env::current_exe()?;
-    exe.parent()
-        .and_then(|p| p.parent())
-        .map(|p| p.join(name))
-        .ok_or_else(|| anyhow::anyhow!("no bin dir"))
-}
+use didgate_tests::{Harness, alice, bin};
 
 /// xorshift64*: a tiny deterministic generator, so a failing seed replays exactly.
 struct Rng(u64);

@@ -2,7 +2,6 @@
 //! and Prometheus metrics over a real HTTP socket, against a real gateway and upstream.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -13,19 +12,11 @@ use didgate_gateway::events::{Event, EventKind};
 use didgate_gateway::gateway::Revoke;
 use didgate_gateway::secrets::SecretValue;
 use didgate_protocol::message::RefusalCode;
-use didgate_tests::{CANARY, Harness, alice, bob};
+use didgate_tests::{CANARY, Harness, alice, bin, bob};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 /// Bounded wait for anything a test waits on.
 const WAIT: Duration = Duration::from_secs(20);
-
-fn bin(name: &str) -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    exe.parent()
-        .and_then(|p| p.parent())
-        .map(|p| p.join(name))
-        .ok_or_else(|| anyhow::anyhow!("no bin dir"))
-}
 
 fn code<T>(r: &Result<T, CallError>) -> Option<RefusalCode> {
     match r {

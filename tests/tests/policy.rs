@@ -2,7 +2,7 @@
 //! keep the set they started with, invalid sets are refused and the old one stays, refusals
 //! name rule families, every entry records the deciding set's hash, per-policy grant TTL caps.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -20,7 +20,7 @@ use didgate_protocol::frame::{self, FrameDecoder, FrameType};
 use didgate_protocol::message::{
     self, ChainHead, Receipt, Refusal, RefusalCode, Request, SignedMessage,
 };
-use didgate_tests::{Harness, alice, bob};
+use didgate_tests::{Harness, alice, bin, bob};
 
 fn gateway(h: &Harness) -> anyhow::Result<Arc<Gateway>> {
     h.gateway
@@ -443,14 +443,6 @@ permit (principal == Did::"{a}", action == Action::"GET", resource);
     drop(gw);
     h.stop().await;
     Ok(())
-}
-
-fn bin(name: &str) -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    exe.parent()
-        .and_then(|p| p.parent())
-        .map(|p| p.join(name))
-        .ok_or_else(|| anyhow::anyhow!("no bin dir"))
 }
 
 /// `didgated policy check`, and `policy reload` / SIGHUP against a real `didgated serve`.

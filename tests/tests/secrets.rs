@@ -5,7 +5,7 @@
 //! Time-dependent steps (the grace window, the purge) use the library with explicit
 //! timestamps; nothing sleeps for them.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -18,7 +18,7 @@ use didgate_gateway::kms::{Kms, LocalKms};
 use didgate_gateway::secrets::{DELETE_RETENTION_MS, SecretError, SecretInfo, SecretRecord};
 use didgate_gateway::upstream_demo::DemoUpstream;
 use didgate_protocol::message::RefusalCode;
-use didgate_tests::{CANARY, Harness, alice, files_containing};
+use didgate_tests::{CANARY, Harness, alice, bin, files_containing};
 use zeroize::Zeroizing;
 
 /// The value `secret rotate` installs; the upstream accepts it and the canary during rotation.
@@ -26,14 +26,6 @@ const NEXT: &str = "sk-live-NEXTKEY-0b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e";
 /// A value no upstream accepts.
 const WRONG: &str = "sk-live-WRONGKEY-ffffffffffffffffffffffffffff";
 const NAME: &str = "payments-key";
-
-fn bin(name: &str) -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe()?;
-    exe.parent()
-        .and_then(|p| p.parent())
-        .map(|p| p.join(name))
-        .ok_or_else(|| anyhow::anyhow!("no bin dir"))
-}
 
 /// A harness whose upstream accepts the canary and [`NEXT`], with `test_path` set.
 async fn harness() -> anyhow::Result<(Harness, DemoUpstream)> {
