@@ -102,11 +102,6 @@ impl Store {
         })
     }
 
-    /// A named keyspace given at open.
-    pub fn space(&self, name: &str) -> Option<&Keyspace> {
-        self.spaces.get(name)
-    }
-
     fn named(&self, space: &str) -> Result<&Keyspace, StoreError> {
         self.spaces
             .get(space)
