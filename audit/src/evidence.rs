@@ -579,6 +579,7 @@ mod tests {
             entries: (0u64..).zip(entries).collect(),
             head: None,
             checkpoints: Vec::new(),
+            documents: Vec::new(),
         }
     }
 

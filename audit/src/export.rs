@@ -1,6 +1,7 @@
 //! Export files (specs/audit-log.md, "Export files"): one chain as a CBOR sequence (RFC 8742)
-//! of items: a header, every entry in seq order, every signed checkpoint, the recorded head,
-//! and an end item with counts, so a truncated file is detected.
+//! of items: a header, every entry in seq order, every signed checkpoint, every did:web
+//! document kept beside the chain, the recorded head, and an end item with counts, so a
+//! truncated file is detected.
 
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::Path;
@@ -53,6 +54,8 @@ struct Item {
     entries: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     checkpoints: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    documents: Option<u64>,
 }
 
 const FORMAT: &str = "didgate-audit-export";
@@ -97,6 +100,14 @@ pub fn export(store: &Store, out: &Path) -> Result<(u64, u64), ExportError> {
             ..Default::default()
         })?;
     }
+    let docs = store.documents()?;
+    for doc in &docs {
+        put(&Item {
+            t: "document".into(),
+            bytes: Some(doc.clone()),
+            ..Default::default()
+        })?;
+    }
     if let Some(head) = head {
         put(&Item {
             t: "head".into(),
@@ -109,6 +120,7 @@ pub fn export(store: &Store, out: &Path) -> Result<(u64, u64), ExportError> {
         t: "end".into(),
         entries: Some(entries),
         checkpoints: Some(cps.len() as u64),
+        documents: (!docs.is_empty()).then_some(docs.len() as u64),
         ..Default::default()
     })?;
     w.flush()?;
@@ -130,6 +142,7 @@ pub fn read(mut r: impl Read, label: &str) -> Result<ChainRecords, ExportError> 
         entries: Vec::new(),
         head: None,
         checkpoints: Vec::new(),
+        documents: Vec::new(),
     };
     let mut index = 0u64;
     let mut ended = None;
@@ -169,13 +182,16 @@ pub fn read(mut r: impl Read, label: &str) -> Result<ChainRecords, ExportError> 
             (_, "checkpoint") => records
                 .checkpoints
                 .push(item.bytes.ok_or_else(|| bad("checkpoint without bytes"))?),
+            (_, "document") => records
+                .documents
+                .push(item.bytes.ok_or_else(|| bad("document without bytes"))?),
             (_, "head") => {
                 let (Some(seq), Some(hash)) = (item.seq, item.hash) else {
                     return Err(bad("head without seq or hash"));
                 };
                 records.head = Some(EntryRef { seq, hash });
             }
-            (_, "end") => ended = Some((item.entries, item.checkpoints)),
+            (_, "end") => ended = Some((item.entries, item.checkpoints, item.documents)),
             (_, other) => return Err(bad(&format!("unknown item type {other:?}"))),
         }
         index += 1;
@@ -185,9 +201,10 @@ pub fn read(mut r: impl Read, label: &str) -> Result<ChainRecords, ExportError> 
         None => Err(ExportError::Truncated(format!(
             "no end item after {index} items"
         ))),
-        Some((e, c))
+        Some((e, c, d))
             if e != Some(records.entries.len() as u64)
-                || c != Some(records.checkpoints.len() as u64) =>
+                || c != Some(records.checkpoints.len() as u64)
+                || d.unwrap_or(0) != records.documents.len() as u64 =>
         {
             Err(ExportError::Truncated(
                 "the end item's counts disagree with the items read".into(),

@@ -72,10 +72,12 @@ pub fn load_records(path: &Path) -> Result<ChainRecords, LoadError> {
     let entries = store.entries().collect::<Result<Vec<_>, _>>()?;
     let head = store.head()?;
     let checkpoints = store.checkpoints()?;
+    let documents = store.documents()?;
     Ok(ChainRecords {
         label,
         entries,
         head,
         checkpoints,
+        documents,
     })
 }

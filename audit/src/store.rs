@@ -34,6 +34,9 @@ const FRONTIER_KEY: &[u8] = b"frontier";
 pub const MERKLE: &str = "merkle";
 /// Keyspace of signed checkpoints: u64be size -> COSE_Sign1 checkpoint.
 pub const CHECKPOINTS: &str = "checkpoints";
+/// Keyspace of the did:web documents that admitted callers (a gateway's store): document hash
+/// -> the exact bytes served. Entries name them by hash in `did_doc`.
+pub const DOCUMENTS: &str = "documents";
 /// Largest number of appends one batch takes.
 const MAX_BATCH: usize = 1024;
 
@@ -100,6 +103,24 @@ impl Store {
             checkpoints,
             spaces: Arc::new(spaces),
         })
+    }
+
+    /// The did:web documents kept beside the chain ([`DOCUMENTS`]): none if the store has no
+    /// such keyspace (a client chain). Never creates the keyspace.
+    pub fn documents(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        let space = match self.spaces.get(DOCUMENTS) {
+            Some(k) => k.clone(),
+            None if self.db.keyspace_exists(DOCUMENTS) => self
+                .db
+                .keyspace(DOCUMENTS, KeyspaceCreateOptions::default)?,
+            None => return Ok(Vec::new()),
+        };
+        let mut out = Vec::new();
+        for kv in space.iter() {
+            let (_, v) = kv.into_inner()?;
+            out.push(v.to_vec());
+        }
+        Ok(out)
     }
 
     fn named(&self, space: &str) -> Result<&Keyspace, StoreError> {

@@ -13,13 +13,14 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use coset::{CoseSign1, TaggedCborSerializable, iana};
-use didgate_protocol::Did;
 use didgate_protocol::cbor::DecodeError;
 use didgate_protocol::envelope::{self, Kind};
 use didgate_protocol::message::{
     self, ChainHead, Checkpoint, Digest, EntryRef, GrantBody, Message, OpenError, Receipt, Refusal,
     Request, SignedMessage,
 };
+use didgate_protocol::web::DidDocument;
+use didgate_protocol::{Did, Principal, WebDid};
 use ed25519_dalek::{Signature, VerifyingKey};
 use serde::Serialize;
 
@@ -37,6 +38,9 @@ pub struct ChainRecords {
     pub head: Option<EntryRef>,
     /// The chain owner's signed checkpoints (COSE_Sign1).
     pub checkpoints: Vec<Vec<u8>>,
+    /// did:web documents kept beside the chain (a gateway's: those that admitted did:web
+    /// callers; entries name them by hash in `did_doc`).
+    pub documents: Vec<Vec<u8>>,
 }
 
 /// The kind of a violation.
@@ -78,6 +82,9 @@ pub enum ViolationKind {
     /// The same log signed two different roots for one size (checkpoints or receipts): proof of
     /// equivocation.
     Fork,
+    /// An entry names a did:web document (`did_doc`) that is not kept beside the chain, or
+    /// that does not list the request's key for authentication.
+    MissingDocument,
 }
 
 /// One violation.
@@ -581,6 +588,40 @@ pub fn verify_phases(
     run(gateways, clients, threads)
 }
 
+/// Whether a gateway entry's subject names the request's signer: the signer's did:key (and
+/// no document), or a did:web whose document, named by `did_doc` and kept beside the chain,
+/// lists the signer's key for authentication.
+fn subject_matches(
+    subject: Option<&str>,
+    signer: &Did,
+    did_doc: Option<Digest>,
+    web: &WebKeys,
+) -> Result<(), (ViolationKind, &'static str)> {
+    let wrong = (
+        ViolationKind::BadSignature,
+        "subject is not the request's signer",
+    );
+    match (subject, did_doc) {
+        (Some(s), None) if s == signer.as_str() => Ok(()),
+        (Some(s), Some(hash)) if s.starts_with("did:web:") => match web.docs.get(&hash) {
+            None => Err((
+                ViolationKind::MissingDocument,
+                "the entry's DID document is not kept beside the chain",
+            )),
+            Some(d) if d.did().as_str() == s && d.lists_key(signer) => Ok(()),
+            Some(_) => Err((
+                ViolationKind::MissingDocument,
+                "the entry's DID document does not list the request's key for its subject",
+            )),
+        },
+        (Some(s), None) if s.starts_with("did:web:") => Err((
+            ViolationKind::MissingDocument,
+            "a did:web subject without its DID document hash",
+        )),
+        _ => Err(wrong),
+    }
+}
+
 /// The verifier. The parallel steps (hashing and decoding entries, Merkle levels, opening each
 /// distinct signed message once) only precompute what the sequential checks would compute
 /// themselves; the checks and the order of the violations are those of one thread.
@@ -646,7 +687,12 @@ fn run(gateways: &[ChainRecords], clients: &[ChainRecords], threads: usize) -> (
     }
     ph.merkle = t.elapsed();
     let t = Instant::now();
-    let mut sigs = Sigs::default();
+    let mut sigs = Sigs {
+        web: Arc::new(WebKeys::new(
+            &gateways.iter().chain(clients).collect::<Vec<_>>(),
+        )),
+        ..Sigs::default()
+    };
     let refs = gws
         .iter()
         .chain(&cls)
@@ -743,13 +789,13 @@ fn run(gateways: &[ChainRecords], clients: &[ChainRecords], threads: usize) -> (
                             "call ID is not the request's digest",
                         );
                     }
-                    if e.subject.as_deref() != Some(req.envelope.signer().as_str()) {
-                        cx.flag(
-                            &g.label,
-                            seq,
-                            ViolationKind::BadSignature,
-                            "subject is not the request's signer",
-                        );
+                    if let Err((kind, why)) = subject_matches(
+                        e.subject.as_deref(),
+                        req.envelope.signer(),
+                        e.did_doc,
+                        &sigs.web,
+                    ) {
+                        cx.flag(&g.label, seq, kind, why);
                     }
                     if e.peer_head.as_ref() != Some(&req.message.head) {
                         cx.flag(
@@ -1513,8 +1559,8 @@ struct Opened<'s, T: Clone> {
 }
 
 /// Opens `bytes` as a `T` with the protocol crate, the reference the cache must agree with.
-fn open_exact<T: Cached>(bytes: &[u8]) -> Result<OpenedMsg, OpenError> {
-    let s = message::open::<T>(bytes)?;
+fn open_exact<T: Cached>(bytes: &[u8], web: &WebKeys) -> Result<OpenedMsg, OpenError> {
+    let s = message::open_with::<T>(bytes, |w, f| web.key(w, f))?;
     Ok(OpenedMsg {
         signer: Arc::new(s.envelope.signer().clone()),
         digest: s.envelope.digest(),
@@ -1523,13 +1569,17 @@ fn open_exact<T: Cached>(bytes: &[u8]) -> Result<OpenedMsg, OpenError> {
     })
 }
 
-fn open_exact_kind(bytes: &[u8], kind: Kind) -> Option<Result<OpenedMsg, OpenError>> {
+fn open_exact_kind(
+    bytes: &[u8],
+    kind: Kind,
+    web: &WebKeys,
+) -> Option<Result<OpenedMsg, OpenError>> {
     Some(match kind {
-        Kind::Request => open_exact::<Request>(bytes),
-        Kind::Grant => open_exact::<GrantBody>(bytes),
-        Kind::Receipt => open_exact::<Receipt>(bytes),
-        Kind::Refusal => open_exact::<Refusal>(bytes),
-        Kind::Checkpoint => open_exact::<Checkpoint>(bytes),
+        Kind::Request => open_exact::<Request>(bytes, web),
+        Kind::Grant => open_exact::<GrantBody>(bytes, web),
+        Kind::Receipt => open_exact::<Receipt>(bytes, web),
+        Kind::Refusal => open_exact::<Refusal>(bytes, web),
+        Kind::Checkpoint => open_exact::<Checkpoint>(bytes, web),
         _ => return None,
     })
 }
@@ -1551,6 +1601,8 @@ struct Sigs<'a> {
     opened: Vec<Option<(Kind, Result<OpenedMsg, OpenError>)>>,
     /// Copies registered.
     refs: u64,
+    /// did:web keys from the documents kept beside the chains.
+    web: Arc<WebKeys>,
 }
 
 impl<'a> Sigs<'a> {
@@ -1577,7 +1629,11 @@ impl<'a> Sigs<'a> {
 
     /// Opens every distinct message on `threads` threads.
     fn open_all(&mut self, threads: usize, ph: &mut Phases) {
-        let keys = Keys::default();
+        let keys = Keys {
+            web: self.web.clone(),
+            ..Keys::default()
+        };
+        let web = &*self.web;
         let blobs = &self.blobs;
         let ranges: Vec<(usize, usize)> = (0..blobs.len())
             .step_by(BATCH)
@@ -1603,7 +1659,9 @@ impl<'a> Sigs<'a> {
                     Step::Check { kind, opened, .. } if ok => Some((kind, Ok(opened))),
                     // refused (or a batch with a bad one in it, re-checked singly): the protocol
                     // crate gives the exact verdict and error
-                    Step::Check { kind, .. } => open_exact_kind(bytes, kind).map(|r| (kind, r)),
+                    Step::Check { kind, .. } => {
+                        open_exact_kind(bytes, kind, web).map(|r| (kind, r))
+                    }
                 })
                 .collect();
             busy.exact += t.elapsed();
@@ -1650,16 +1708,16 @@ impl<'a> Sigs<'a> {
                         message: Cow::Borrowed(m),
                         root_at: o.root_at,
                     }),
-                    None => Self::uncached(bytes),
+                    None => self.uncached(bytes),
                 },
                 Err(e) => Err(e.clone()),
             };
         }
-        Self::uncached(bytes)
+        self.uncached(bytes)
     }
 
-    fn uncached<'s, T: Cached>(bytes: &[u8]) -> Result<Opened<'s, T>, OpenError> {
-        let s = message::open::<T>(bytes)?;
+    fn uncached<'s, T: Cached>(&self, bytes: &[u8]) -> Result<Opened<'s, T>, OpenError> {
+        let s = message::open_with::<T>(bytes, |w, f| self.web.key(w, f))?;
         Ok(Opened {
             envelope: EnvelopeView {
                 signer: Cow::Owned(s.envelope.signer().clone()),
@@ -1775,7 +1833,9 @@ fn parse_blob(
                 sig: parts.signature,
                 opened,
             },
-            None => Step::Done(open_exact_kind(bytes, parts.kind).map(|r| (parts.kind, r))),
+            None => {
+                Step::Done(open_exact_kind(bytes, parts.kind, &keys.web).map(|r| (parts.kind, r)))
+            }
         }
     } else {
         let sign1 = (bytes.len() <= envelope::MAX_ENVELOPE)
@@ -1797,7 +1857,7 @@ fn parse_blob(
                     sig,
                     opened,
                 },
-                None => Step::Done(open_exact_kind(bytes, kind).map(|r| (kind, r))),
+                None => Step::Done(open_exact_kind(bytes, kind, &keys.web).map(|r| (kind, r))),
             },
         }
     };
@@ -2353,6 +2413,54 @@ impl Key {
 #[derive(Default)]
 struct Keys {
     map: RwLock<HashMap<Vec<u8>, Option<Arc<Key>>>>,
+    web: Arc<WebKeys>,
+}
+
+/// The did:web keys the documents kept beside the chains list for authentication: DID URL
+/// (`did:web:...#fragment`) -> key, and document hash -> document. A DID URL that two
+/// documents bind to different keys names no key (its signatures cannot be attributed).
+#[derive(Default)]
+struct WebKeys {
+    by_kid: HashMap<String, Option<Did>>,
+    docs: HashMap<Digest, DidDocument>,
+}
+
+impl WebKeys {
+    fn new(records: &[&ChainRecords]) -> Self {
+        let mut out = Self::default();
+        for bytes in records.iter().flat_map(|r| &r.documents) {
+            let id = serde_json::from_slice::<serde_json::Value>(bytes)
+                .ok()
+                .and_then(|v| v.get("id")?.as_str().map(str::to_string));
+            let Some(did) = id.and_then(|id| WebDid::parse(&id).ok()) else {
+                continue;
+            };
+            let Ok(doc) = DidDocument::parse(&did, bytes) else {
+                continue;
+            };
+            for k in doc.authentication_keys() {
+                let kid = format!("{did}#{}", k.fragment);
+                out.by_kid
+                    .entry(kid)
+                    .and_modify(|e| {
+                        if e.as_ref() != Some(&k.key) {
+                            *e = None;
+                        }
+                    })
+                    .or_insert_with(|| Some(k.key.clone()));
+            }
+            out.docs.insert(doc.hash(), doc);
+        }
+        out
+    }
+
+    /// The key a did:web DID URL names.
+    fn key(&self, web: &WebDid, fragment: &str) -> Option<Did> {
+        self.by_kid
+            .get(&format!("{web}#{fragment}"))
+            .cloned()
+            .flatten()
+    }
 }
 
 impl Keys {
@@ -2365,7 +2473,10 @@ impl Keys {
         }
         let key = std::str::from_utf8(kid)
             .ok()
-            .and_then(|s| Did::from_key_id(s).ok())
+            .and_then(|s| match Principal::from_key_id(s).ok()? {
+                (Principal::Key(did), _) => Some(did),
+                (Principal::Web(web), fragment) => self.web.key(&web, fragment),
+            })
             .map(|did| Arc::new(Key::new(did)));
         match self.map.write() {
             Ok(mut map) => map.entry(kid.to_vec()).or_insert(key).clone(),
@@ -2445,6 +2556,7 @@ mod tests {
                 entries: self.entries,
                 head: Some(self.head),
                 checkpoints: self.checkpoints,
+                documents: Vec::new(),
             }
         }
     }

@@ -64,6 +64,10 @@ struct Cli {
     /// Print results as one JSON object on stdout.
     #[arg(long, global = true)]
     json: bool,
+    /// Act as this did:web (`did:web:example.com:agents:a1#key-1`): the DID URL of this key in
+    /// the organisation's DID document, which must list it for authentication.
+    #[arg(long = "as", global = true, env = "DIDGATE_AS", value_name = "DIDURL")]
+    acting_as: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -77,9 +81,14 @@ enum Command {
         #[arg(long, value_name = "HEX")]
         seed_hex: Option<String>,
     },
-    /// Print this client's DID.
+    /// Print this client's DID (`--document`: its DID document; for `--as did:web:...`, the
+    /// document the organisation publishes, listing this key for authentication).
     #[command(after_help = EXIT_HELP)]
-    Whoami,
+    Whoami {
+        /// Print the DID document instead of the DID.
+        #[arg(long)]
+        document: bool,
+    },
     /// Export this client's audit chain as a CBOR sequence file for `didgate-audit`.
     #[command(after_help = EXIT_HELP)]
     Export {
@@ -167,9 +176,10 @@ fn init_tracing() {
 /// outcomes choose their own exit status.
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let home = home_dir(cli.home)?;
+    let acting = cli.acting_as;
     match cli.command {
         Command::Keygen { seed_hex } => keygen(&home, seed_hex.as_deref(), cli.json),
-        Command::Whoami => whoami(&home, cli.json),
+        Command::Whoami { document } => whoami(&home, acting.as_deref(), document, cli.json),
         Command::Export { out } => export(&home, &out, cli.json),
         Command::Pin {
             gateway,
@@ -186,7 +196,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let (addr, did) = resolve_gateway(&home, gateway.as_deref(), gateway_did.as_deref())?;
             let spec = build_spec(&upstream, &method, &path, data.as_deref(), &headers)?;
-            let identity = load_identity(&home)?;
+            let identity = load_identity_as(&home, acting.as_deref())?;
             call(&home, identity, addr, did, spec, cli.json).await
         }
     }
@@ -246,6 +256,26 @@ fn keygen(home: &Path, seed_hex: Option<&str>, json: bool) -> anyhow::Result<Exi
     Ok(ExitCode::SUCCESS)
 }
 
+/// Loads the identity, acting as the did:web of `acting` (a DID URL) if given.
+fn load_identity_as(home: &Path, acting: Option<&str>) -> anyhow::Result<Identity> {
+    let identity = load_identity(home)?;
+    let Some(url) = acting else {
+        return Ok(identity);
+    };
+    let (did, fragment) = url
+        .split_once('#')
+        .ok_or_else(|| anyhow!("--as {url:?}: expected did:web:...#fragment"))?;
+    let did = didgate_protocol::WebDid::parse(did).map_err(|e| anyhow!("--as {url:?}: {e}"))?;
+    let ok = !fragment.is_empty()
+        && fragment
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._~-".contains(&b));
+    if !ok {
+        anyhow::bail!("--as {url:?}: the fragment must be [A-Za-z0-9._~-]+");
+    }
+    Ok(identity.acting_as(did, fragment))
+}
+
 fn load_identity(home: &Path) -> anyhow::Result<Identity> {
     let path = identity_path(home);
     identity::load(&path).map_err(|e| match e {
@@ -259,9 +289,42 @@ fn load_identity(home: &Path) -> anyhow::Result<Identity> {
     })
 }
 
-fn whoami(home: &Path, json: bool) -> anyhow::Result<ExitCode> {
-    let identity = load_identity(home)?;
-    print_did(identity.did(), json);
+fn whoami(
+    home: &Path,
+    acting: Option<&str>,
+    document: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let identity = load_identity_as(home, acting)?;
+    let principal = identity.principal();
+    if !document {
+        if json {
+            println!(
+                "{}",
+                serde_json::json!({"did": principal.as_str(), "key": identity.did().as_str()})
+            );
+        } else {
+            println!("{principal}");
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let text = match &principal {
+        didgate_protocol::Principal::Key(did) => didgate_protocol::web::did_key_document(did)?,
+        didgate_protocol::Principal::Web(web) => {
+            let kid = identity.key_id();
+            let fragment = kid.rsplit_once('#').map(|(_, f)| f).unwrap_or_default();
+            didgate_protocol::web::did_web_document(web, fragment, identity.did())
+        }
+    };
+    if json {
+        let doc: serde_json::Value = serde_json::from_str(&text)?;
+        println!(
+            "{}",
+            serde_json::json!({"did": principal.as_str(), "document": doc})
+        );
+    } else {
+        println!("{text}");
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use didgate_protocol::{ALPN, Did, Identity};
+use didgate_protocol::{ALPN, Caller, Did, Identity, Principal};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
@@ -58,9 +58,15 @@ pub fn self_signed(
         .map_err(|e| TlsError::Config(e.to_string()))?;
     let mut params = rcgen::CertificateParams::new(vec![SERVER_NAME.to_string()])
         .map_err(|e| TlsError::Config(e.to_string()))?;
+    let principal = identity.principal();
     params
         .distinguished_name
-        .push(rcgen::DnType::CommonName, identity.did().as_str());
+        .push(rcgen::DnType::CommonName, principal.as_str());
+    // The DID the holder acts as, as a SAN URI: its did:key, or the did:web whose document
+    // lists this key (checked by the gateway after the handshake).
+    let uri = rcgen::string::Ia5String::try_from(principal.as_str())
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    params.subject_alt_names.push(rcgen::SanType::URI(uri));
     let cert = params
         .self_signed(&key)
         .map_err(|e| TlsError::Config(e.to_string()))?;
@@ -70,6 +76,13 @@ pub fn self_signed(
 /// The DID of a self-signed Ed25519 certificate: checks the key type, the signature
 /// algorithm and the self-signature.
 pub fn did_from_cert(der: &[u8]) -> Result<Did, TlsError> {
+    caller_from_cert(der).map(|c| c.key().clone())
+}
+
+/// The caller a self-signed Ed25519 certificate presents: its key, and the DID its SAN URI
+/// names (a did:web it claims to act as; a did:key SAN must be the key's own DID). The
+/// did:web claim is only a claim until the gateway's resolver checks the document.
+pub fn caller_from_cert(der: &[u8]) -> Result<Caller, TlsError> {
     use x509_parser::prelude::{FromDer, X509Certificate};
     let (rest, cert) =
         X509Certificate::from_der(der).map_err(|_| TlsError::Certificate("not DER X.509"))?;
@@ -103,14 +116,38 @@ pub fn did_from_cert(der: &[u8]) -> Result<Did, TlsError> {
             &ed25519_dalek::Signature::from_bytes(&sig),
         )
         .map_err(|_| TlsError::Certificate("self-signature does not verify"))?;
-    Ok(Did::from_verifying_key(&verifying))
+    let key = Did::from_verifying_key(&verifying);
+    let mut uris = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for name in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::URI(u) = name {
+                uris.push(*u);
+            }
+        }
+    }
+    match uris.as_slice() {
+        [] => Ok(Caller::key_only(key)),
+        [one] => match Principal::parse(one) {
+            Ok(Principal::Key(d)) if d == key => Ok(Caller::key_only(key)),
+            Ok(Principal::Web(w)) => Ok(Caller::web(w, key)),
+            _ => Err(TlsError::Certificate(
+                "the SAN URI is neither the key's did:key nor a did:web",
+            )),
+        },
+        _ => Err(TlsError::Certificate("more than one SAN URI")),
+    }
 }
 
 /// The peer DID of an established quinn connection.
 pub fn peer_did(conn: &quinn::Connection) -> Option<Did> {
+    peer_caller(conn).map(|c| c.key().clone())
+}
+
+/// The peer of an established quinn connection: its key and the DID it claims.
+pub fn peer_caller(conn: &quinn::Connection) -> Option<Caller> {
     let identity = conn.peer_identity()?;
     let certs = identity.downcast::<Vec<CertificateDer<'static>>>().ok()?;
-    did_from_cert(certs.first()?.as_ref()).ok()
+    caller_from_cert(certs.first()?.as_ref()).ok()
 }
 
 fn verify13(
@@ -194,7 +231,7 @@ impl ClientCertVerifier for AnyDidClient {
         _: &[CertificateDer<'_>],
         _: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        did_from_cert(end_entity).map_err(bad_cert)?;
+        caller_from_cert(end_entity).map_err(bad_cert)?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -289,5 +326,19 @@ mod tests {
         bad[n - 5] ^= 1; // inside the signature
         assert!(did_from_cert(&bad).is_err());
         assert!(did_from_cert(b"not a cert").is_err());
+        assert_eq!(
+            caller_from_cert(cert.as_ref()).expect("caller"),
+            Caller::key_only(id.did().clone())
+        );
+    }
+
+    #[test]
+    fn cert_names_the_did_web_it_acts_as() {
+        let web = didgate_protocol::WebDid::parse("did:web:example.com:agents:a1").expect("web");
+        let id = Identity::from_seed(&[6; 32]).acting_as(web.clone(), "key-1");
+        let (cert, _) = self_signed(&id).expect("cert");
+        let caller = caller_from_cert(cert.as_ref()).expect("caller");
+        assert_eq!(caller, Caller::web(web, id.did().clone()));
+        assert_eq!(caller.as_str(), "did:web:example.com:agents:a1");
     }
 }

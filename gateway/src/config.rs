@@ -252,6 +252,51 @@ pub struct Config {
     /// Policy rules (default deny).
     #[serde(default, rename = "rule")]
     pub rules: Vec<Rule>,
+    /// Resolution of did:web callers.
+    #[serde(default)]
+    pub did_web: DidWeb,
+}
+
+/// `[did_web]`: how did:web callers' documents are fetched (specs/protocol.md, "did:web
+/// callers"). Only hosts that the policy set names are ever fetched.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DidWeb {
+    /// How long a fetched document is used before it is fetched again, seconds (at most
+    /// 3600; 0 = fetch for every request).
+    #[serde(default = "d_doc_ttl")]
+    pub cache_ttl_secs: u64,
+    /// Connect and read timeout of a fetch, seconds.
+    #[serde(default = "d_doc_timeout")]
+    pub timeout_secs: u64,
+    /// PEM files of extra trust roots, relative to the data directory. When set, they are
+    /// the only roots the resolver trusts (tests: a local CA).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub test_roots: Vec<String>,
+    /// Tests only: accept `localhost`, IP-literal hosts, and loopback or private addresses.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_local: bool,
+}
+
+impl Default for DidWeb {
+    fn default() -> Self {
+        Self {
+            cache_ttl_secs: d_doc_ttl(),
+            timeout_secs: d_doc_timeout(),
+            test_roots: Vec::new(),
+            allow_local: false,
+        }
+    }
+}
+
+/// Longest document cache lifetime accepted, seconds.
+pub const MAX_DOC_TTL_SECS: u64 = 3600;
+
+fn d_doc_ttl() -> u64 {
+    300
+}
+fn d_doc_timeout() -> u64 {
+    5
 }
 
 /// Why the configuration is unusable.
@@ -321,6 +366,14 @@ impl Config {
         for r in [self.gateway.rate_per_did, self.gateway.rate_per_upstream] {
             r.validate().map_err(ConfigError::Invalid)?;
         }
+        if self.did_web.cache_ttl_secs > MAX_DOC_TTL_SECS {
+            return bad(format!(
+                "did_web.cache_ttl_secs is at most {MAX_DOC_TTL_SECS} (a rotated-out key must stop working)"
+            ));
+        }
+        if self.did_web.timeout_secs == 0 {
+            return bad("did_web.timeout_secs must be at least 1".into());
+        }
         if let Some(addr) = self.gateway.metrics_listen
             && !addr.ip().is_loopback()
             && !self.gateway.metrics_allow_remote
@@ -332,7 +385,7 @@ impl Config {
         }
         for (name, members) in &self.groups {
             for m in members {
-                didgate_protocol::Did::parse(m)
+                didgate_protocol::Principal::parse(m)
                     .map_err(|e| ConfigError::Invalid(format!("group {name}: {m}: {e}")))?;
             }
         }
@@ -353,7 +406,7 @@ impl Config {
                     }
                     Some(_) => {}
                     None => {
-                        didgate_protocol::Did::parse(p)
+                        didgate_protocol::Principal::parse(p)
                             .map_err(|e| ConfigError::Invalid(format!("rule {i}: {p}: {e}")))?;
                     }
                 }
@@ -452,6 +505,12 @@ max_response_bytes = 134217728
 # upstream = "payments"
 # methods = ["GET", "POST"]
 # paths = ["/v1/charges", "/v1/charges/*"]
+
+# did:web callers (specs/protocol.md, "did:web callers"): documents are fetched over HTTPS only,
+# and only for domains a policy names (principal Did::"did:web:example.com:agents:a1").
+# [did_web]
+# cache_ttl_secs = 300        # at most 3600; a key removed from the document stops working then
+# timeout_secs = 5
 "#
     )
 }

@@ -105,6 +105,7 @@ pub async fn run(root: &Path) -> anyhow::Result<DemoOutcome> {
                 paths: vec!["/v1/balance".into()],
             },
         ],
+        did_web: Default::default(),
     };
     std::fs::write(
         gateway::DataDir::new(&gw_dir).config(),

@@ -22,10 +22,12 @@ use didgate_protocol::message::{
     self, EntryRef, GrantBody, Message, Receipt, Refusal, RefusalCode, Request, ResponseHead,
     Signed, SignedMessage,
 };
-use didgate_protocol::{Did, Identity};
+use didgate_protocol::web::DidDocument;
+use didgate_protocol::{Caller, Did, Identity, Principal};
 use tokio::sync::watch;
 
 use crate::config::{Config, Upstream};
+use crate::didweb::WebResolver;
 use crate::events::{Event, EventKind};
 use crate::limits::{self, Limits, Permit, Stage};
 use crate::metrics::{Flow, Metrics};
@@ -43,8 +45,11 @@ pub const HEADS: &str = "heads";
 pub const SECRETS: &str = "secrets";
 /// Keyspace of revocations: `d` || DID text, or `g` || grant id -> reason (UTF-8).
 pub const REVOKED: &str = "revoked";
+/// Keyspace of did:web documents that decided calls: document hash -> the exact bytes served
+/// (kept beside the chain for auditors; entries record the hash in `did_doc`).
+pub const DOCUMENTS: &str = didgate_audit::store::DOCUMENTS;
 /// Every keyspace of the gateway's store besides the chain's own.
-pub const SPACES: &[&str] = &[REPLAY, GRANTS, HEADS, SECRETS, REVOKED];
+pub const SPACES: &[&str] = &[REPLAY, GRANTS, HEADS, SECRETS, REVOKED, DOCUMENTS];
 
 /// How long the gateway waits for each of a call's frames (a stalled stream is freed).
 const FRAME_DEADLINE: Duration = Duration::from_secs(10);
@@ -80,7 +85,7 @@ fn request_conflict(index: usize) -> Refuse {
 pub enum Revoke {
     /// Every call of this DID, from the next request on, including calls in flight that have
     /// not reached the upstream; its open connections are closed.
-    Did(Did),
+    Did(Principal),
     /// One grant (two-step flow, or a pipelined call in flight).
     Grant([u8; 16]),
 }
@@ -88,7 +93,7 @@ pub enum Revoke {
 /// Parses a revocation target: exactly one of a DID or a grant id (32 hex digits).
 pub fn parse_revoke(did: Option<&str>, grant: Option<&str>) -> Result<Revoke, String> {
     match (did, grant) {
-        (Some(d), None) => Did::parse(d)
+        (Some(d), None) => Principal::parse(d)
             .map(Revoke::Did)
             .map_err(|e| format!("{d}: {e}")),
         (None, Some(g)) => {
@@ -101,8 +106,8 @@ pub fn parse_revoke(did: Option<&str>, grant: Option<&str>) -> Result<Revoke, St
     }
 }
 
-fn revoked_did_key(did: &Did) -> Vec<u8> {
-    [b"d".as_slice(), did.as_str().as_bytes()].concat()
+fn revoked_did_key(did: &str) -> Vec<u8> {
+    [b"d".as_slice(), did.as_bytes()].concat()
 }
 
 fn revoked_grant_key(id: &[u8; 16]) -> Vec<u8> {
@@ -195,7 +200,9 @@ pub struct Gateway {
     /// Revocation keys ([`REVOKED`]), loaded at start and kept in step with the store.
     revoked: std::sync::RwLock<std::collections::HashSet<Vec<u8>>>,
     /// Open connections by peer DID, so a revocation can close them.
-    conns: Mutex<HashMap<Did, Vec<quinn::Connection>>>,
+    conns: Mutex<HashMap<String, Vec<quinn::Connection>>>,
+    /// did:web callers' documents ([`crate::didweb`]).
+    resolver: WebResolver,
     /// Set when [`serve`] begins to drain: new calls are refused `shutting_down`.
     stopping: std::sync::atomic::AtomicBool,
     /// Calls being handled, over every connection; `idle` is notified when it reaches zero.
@@ -231,7 +238,9 @@ struct CallPolicy {
     /// frame is sent (or when the call's task ends).
     permit: Mutex<Option<Permit>>,
     /// The TLS peer (events).
-    peer: Did,
+    peer: Caller,
+    /// The did:web document that admitted the caller, if it is a did:web.
+    did_doc: Mutex<Option<Arc<DidDocument>>>,
     /// When the call's stream opened (latency).
     started: std::time::Instant,
 }
@@ -244,6 +253,19 @@ fn release_call_permit() {
 /// The hash of the policy set deciding the current call (`None` outside a call).
 fn call_policy_hash() -> Option<[u8; 32]> {
     CALL_POLICY.try_with(|c| c.set.hash()).ok()
+}
+
+/// The hash of the did:web document that admitted the current call's caller.
+fn call_did_doc() -> Option<[u8; 32]> {
+    call_document().map(|d| d.hash())
+}
+
+/// The did:web document that admitted the current call's caller.
+fn call_document() -> Option<Arc<DidDocument>> {
+    CALL_POLICY
+        .try_with(|c| c.did_doc.lock().unwrap_or_else(|p| p.into_inner()).clone())
+        .ok()
+        .flatten()
 }
 
 /// The current call's TLS peer, and the time since its stream opened (`None` outside a call).
@@ -290,7 +312,10 @@ impl Gateway {
             upstream::Egress::new(&config).map_err(|e| StartError::Transport(e.to_string()))?;
         let policy = std::sync::RwLock::new(Arc::new(PolicySet::load(dir, &config)?));
         let metrics = Arc::new(Metrics::new(&config));
+        let resolver = WebResolver::new(&config.did_web, dir)
+            .map_err(|e| StartError::Transport(e.to_string()))?;
         let gw = Self {
+            resolver,
             identity,
             config,
             dir: dir.to_path_buf(),
@@ -431,7 +456,7 @@ impl Gateway {
     /// "Limits and egress"), checked after policy and before the atomic batch, so a refused call
     /// consumes no grant and no replay key. Takes the call's tokens; its concurrency slots are
     /// held until its terminal frame is sent.
-    fn limit(&self, peer: &Did, up: &Upstream, stage: Stage) -> Result<(), Refuse> {
+    fn limit(&self, peer: &Caller, up: &Upstream, stage: Stage) -> Result<(), Refuse> {
         let checks = limits::checks(&self.config.gateway, up, peer.as_str(), stage);
         if checks.is_empty() {
             return Ok(());
@@ -449,8 +474,8 @@ impl Gateway {
 
     /// Checked again right before the upstream is called: a revocation that arrived while the
     /// call was in flight still stops it.
-    fn still_allowed(&self, did: &Did, grant: &[u8; 16]) -> Result<(), Refuse> {
-        if self.is_revoked(&revoked_did_key(did)) {
+    fn still_allowed(&self, did: &Caller, grant: &[u8; 16]) -> Result<(), Refuse> {
+        if self.is_revoked(&revoked_did_key(did.as_str())) {
             return Err(refuse(RefusalCode::Revoked, "this DID is revoked"));
         }
         if self.is_revoked(&revoked_grant_key(grant)) {
@@ -468,7 +493,7 @@ impl Gateway {
         let key = match target {
             Revoke::Did(did) => {
                 entry.subject = Some(did.to_string());
-                revoked_did_key(did)
+                revoked_did_key(did.as_str())
             }
             Revoke::Grant(id) => {
                 entry.grant = Some(*id);
@@ -491,7 +516,7 @@ impl Gateway {
                 .conns
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
-                .remove(did)
+                .remove(did.as_str())
                 .unwrap_or_default();
             for conn in open {
                 conn.close(REVOKED_CLOSE.into(), b"revoked");
@@ -515,19 +540,19 @@ impl Gateway {
 
     /// Registers an open connection of `peer`, so revoking `peer` closes it. A revoked peer may
     /// still connect: each of its calls gets a signed, audited `revoked` refusal.
-    fn register(&self, peer: &Did, conn: &quinn::Connection) {
+    fn register(&self, peer: &Caller, conn: &quinn::Connection) {
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        let list = conns.entry(peer.clone()).or_default();
+        let list = conns.entry(peer.as_str().to_string()).or_default();
         list.retain(|c| c.close_reason().is_none());
         list.push(conn.clone());
     }
 
-    fn unregister(&self, peer: &Did, conn: &quinn::Connection) {
+    fn unregister(&self, peer: &Caller, conn: &quinn::Connection) {
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(list) = conns.get_mut(peer) {
+        if let Some(list) = conns.get_mut(peer.as_str()) {
             list.retain(|c| c.stable_id() != conn.stable_id() && c.close_reason().is_none());
             if list.is_empty() {
-                conns.remove(peer);
+                conns.remove(peer.as_str());
             }
         }
     }
@@ -584,19 +609,18 @@ impl Gateway {
     /// `now` is `None` when the request's time was already judged (a grant being executed).
     fn admit(
         &self,
-        peer: &Did,
+        peer: &Caller,
         req: &Signed<Request>,
         now: Option<u64>,
     ) -> Result<&Upstream, Refuse> {
-        let signer = req.envelope.signer();
         let r = &req.message;
-        if signer != peer {
+        if req.envelope.caller() != *peer {
             return Err(refuse(
                 RefusalCode::PeerMismatch,
                 "the request is signed by another DID than the TLS peer",
             ));
         }
-        if self.is_revoked(&revoked_did_key(peer)) {
+        if self.is_revoked(&revoked_did_key(peer.as_str())) {
             return Err(refuse(RefusalCode::Revoked, "this DID is revoked"));
         }
         if r.aud != self.did().as_str() {
@@ -645,9 +669,9 @@ impl Gateway {
             headers: r.headers.iter().map(|(k, _)| k.clone()).collect(),
             query: r.query.iter().map(|(k, _)| k.clone()).collect(),
         };
-        let decision = self
-            .call_policy()
-            .decide(signer, &r.upstream, &r.method, &r.path, &ctx);
+        let decision =
+            self.call_policy()
+                .decide(peer.as_str(), &r.upstream, &r.method, &r.path, &ctx);
         if let Some(reason) = decision.refusal_reason() {
             return Err(refuse(RefusalCode::Policy, reason));
         }
@@ -685,12 +709,13 @@ impl Gateway {
         reason: &str,
     ) -> Result<Option<EntryRef>, AppendError> {
         match req {
-            Some(r) if self.call_policy().knows(r.envelope.signer()) => {
+            Some(r) if self.call_policy().knows(r.envelope.principal().as_str()) => {
                 let mut e = Entry::new(EntryKind::Refused, now_ms());
                 e.policy = Some(self.call_policy().hash());
                 e.call = Some(r.envelope.digest());
                 e.signed = Some(r.bytes.clone());
-                e.subject = Some(r.envelope.signer().to_string());
+                e.subject = Some(r.envelope.principal().to_string());
+                e.did_doc = call_did_doc();
                 e.peer_head = Some(r.message.head);
                 e.code = Some(code.as_str().into());
                 e.detail = Some(reason.into());
@@ -755,13 +780,14 @@ impl Gateway {
     /// Handles one stream: one call.
     /// Handles one stream: one pipelined call, one grant request, or one grant execution,
     /// decided throughout by the policy set in force when the stream opened ([`CALL_POLICY`]).
-    async fn handle(&self, peer: Did, send: quinn::SendStream, recv: quinn::RecvStream) {
+    async fn handle(&self, peer: Caller, send: quinn::SendStream, recv: quinn::RecvStream) {
         let _inflight = InFlight::enter(self);
         let call = CallPolicy {
             set: self.policy(),
             ttl_secs: Mutex::new(None),
             permit: Mutex::new(None),
             peer: peer.clone(),
+            did_doc: Mutex::new(None),
             started: std::time::Instant::now(),
         };
         CALL_POLICY
@@ -771,7 +797,7 @@ impl Gateway {
 
     async fn handle_call(
         &self,
-        peer: Did,
+        peer: Caller,
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
     ) {
@@ -839,19 +865,74 @@ impl Gateway {
         self.answer_refusal(send, None, code, reason, None).await
     }
 
+    /// The current document of a did:web caller, checked to list the caller's TLS key for
+    /// authentication, and recorded for the call's entries; `None` for a did:key caller. A
+    /// host that no policy names is refused without a fetch.
+    async fn web_document(&self, peer: &Caller) -> Result<Option<Arc<DidDocument>>, Refuse> {
+        let Principal::Web(did) = peer.principal() else {
+            return Ok(None);
+        };
+        let unresolved = |why: String| refuse(RefusalCode::DidUnresolved, why);
+        if !self.call_policy().names_web_host(did.host()) {
+            return Err(unresolved(format!(
+                "no policy names the domain {}",
+                did.host()
+            )));
+        }
+        let doc = self
+            .resolver
+            .resolve(did)
+            .await
+            .map_err(|e| unresolved(e.to_string()))?;
+        if !doc.lists_key(peer.key()) {
+            return Err(unresolved(
+                "the DID document does not list this key for authentication".into(),
+            ));
+        }
+        let _ = CALL_POLICY.try_with(|c| {
+            *c.did_doc.lock().unwrap_or_else(|p| p.into_inner()) = Some(doc.clone());
+        });
+        Ok(Some(doc))
+    }
+
+    /// Opens signed request bytes of `peer`: a did:web `kid` must name a verification method
+    /// of the caller's document that holds the caller's key.
+    fn open_as(
+        peer: &Caller,
+        doc: Option<&DidDocument>,
+        bytes: &[u8],
+    ) -> Result<Signed<Request>, message::OpenError> {
+        message::open_with::<Request>(bytes, |web, fragment| {
+            doc.filter(|d| d.did() == web && d.authenticates(fragment, peer.key()))
+                .map(|_| peer.key().clone())
+        })
+    }
+
     /// Verifies a signed request, or refuses it.
     async fn open_request(
         &self,
         send: &mut quinn::SendStream,
+        peer: &Caller,
         bytes: &[u8],
     ) -> Option<Signed<Request>> {
-        match message::open::<Request>(bytes) {
+        let doc = match self.web_document(peer).await {
+            Ok(doc) => doc,
+            Err(r) => {
+                self.refuse_unverified(send, r.code, &r.reason).await;
+                return None;
+            }
+        };
+        match Self::open_as(peer, doc.as_deref(), bytes) {
             Ok(r) => Some(r),
             Err(e) => {
+                use didgate_protocol::envelope::EnvelopeError;
                 let code = match e {
-                    message::OpenError::Envelope(
-                        didgate_protocol::envelope::EnvelopeError::Signature,
-                    ) => RefusalCode::BadSignature,
+                    message::OpenError::Envelope(EnvelopeError::Signature) => {
+                        RefusalCode::BadSignature
+                    }
+                    message::OpenError::Envelope(EnvelopeError::UnknownKey) => {
+                        RefusalCode::DidUnresolved
+                    }
                     _ => RefusalCode::Malformed,
                 };
                 self.refuse_unverified(send, code, &format!("bad request envelope: {e}"))
@@ -878,7 +959,7 @@ impl Gateway {
     }
 
     /// A grant for this verified request, valid for the configured lifetime.
-    fn mint(&self, peer: &Did, req: &Signed<Request>, now: u64) -> GrantBody {
+    fn mint(&self, peer: &Caller, req: &Signed<Request>, now: u64) -> GrantBody {
         GrantBody {
             v: message::VERSION,
             id: rand::random(),
@@ -893,7 +974,7 @@ impl Gateway {
 
     /// The claims a new request makes: its call ID and (DID, nonce) unseen (indexes 0 and 1),
     /// and its client head not contradicting one seen before (index 2).
-    fn request_claims(&self, peer: &Did, req: &Signed<Request>) -> Vec<Claim> {
+    fn request_claims(&self, peer: &Caller, req: &Signed<Request>) -> Vec<Claim> {
         let expiry = (req.message.time_ms + self.config.gateway.skew_secs * 1000)
             .to_be_bytes()
             .to_vec();
@@ -904,7 +985,7 @@ impl Gateway {
         let mut head_key = peer.public_key_bytes().to_vec();
         head_key.extend_from_slice(&head.chain);
         head_key.extend_from_slice(&head.seq.to_be_bytes());
-        vec![
+        let mut claims = vec![
             Claim {
                 space: REPLAY,
                 key: [b"c".as_slice(), &req.envelope.digest()].concat(),
@@ -923,11 +1004,26 @@ impl Gateway {
                 value: head.hash.to_vec(),
                 rule: ClaimRule::AbsentOrEqual,
             },
-        ]
+        ];
+        // the did:web document that admitted the caller, kept beside the chain (same batch)
+        if let Some(doc) = call_document() {
+            claims.push(Claim {
+                space: DOCUMENTS,
+                key: doc.hash().to_vec(),
+                value: doc.bytes().to_vec(),
+                rule: ClaimRule::AbsentOrEqual,
+            });
+        }
+        claims
     }
 
     /// An entry about a verified request: call ID, the signed request, subject, client head.
-    fn request_entry(kind: EntryKind, peer: &Did, req: &Signed<Request>, grant: [u8; 16]) -> Entry {
+    fn request_entry(
+        kind: EntryKind,
+        peer: &Caller,
+        req: &Signed<Request>,
+        grant: [u8; 16],
+    ) -> Entry {
         let mut entry = Entry::new(kind, now_ms());
         entry.call = Some(req.envelope.digest());
         entry.signed = Some(req.bytes.clone());
@@ -935,6 +1031,7 @@ impl Gateway {
         entry.grant = Some(grant);
         entry.peer_head = Some(req.message.head);
         entry.policy = call_policy_hash();
+        entry.did_doc = call_did_doc();
         entry
     }
 
@@ -976,13 +1073,13 @@ impl Gateway {
     /// The pipelined path: request, grant and execution in one round trip.
     async fn pipelined(
         &self,
-        peer: Did,
+        peer: Caller,
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
         mut dec: FrameDecoder,
         bytes: &[u8],
     ) {
-        let Some(req) = self.open_request(&mut send, bytes).await else {
+        let Some(req) = self.open_request(&mut send, &peer, bytes).await else {
             return;
         };
         let up = match self.admit(&peer, &req, Some(now_ms())) {
@@ -1022,8 +1119,8 @@ impl Gateway {
 
     /// Two-step flow, first step: checks the request and returns a signed grant for its exact
     /// scope; nothing is executed.
-    async fn issue_grant(&self, peer: Did, mut send: quinn::SendStream, bytes: &[u8]) {
-        let Some(req) = self.open_request(&mut send, bytes).await else {
+    async fn issue_grant(&self, peer: Caller, mut send: quinn::SendStream, bytes: &[u8]) {
+        let Some(req) = self.open_request(&mut send, &peer, bytes).await else {
             return;
         };
         if let Err(r) = self
@@ -1071,7 +1168,7 @@ impl Gateway {
     /// Two-step flow, second step: the caller presents the signed grant once, with the body.
     async fn execute_grant(
         &self,
-        peer: Did,
+        peer: Caller,
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
         mut dec: FrameDecoder,
@@ -1096,7 +1193,11 @@ impl Gateway {
             .ok()
             .flatten()
             .and_then(|b| didgate_protocol::cbor::from_slice::<IssuedGrant>(&b).ok());
-        let req = match issued.map(|i| message::open::<Request>(&i.request)) {
+        let doc = match self.web_document(&peer).await {
+            Ok(doc) => doc,
+            Err(r) => return self.refuse_unverified(&mut send, r.code, &r.reason).await,
+        };
+        let req = match issued.map(|i| Self::open_as(&peer, doc.as_deref(), &i.request)) {
             Some(Ok(r)) if grant.subject == peer.as_str() && r.envelope.digest() == grant.call => r,
             _ => {
                 return self
@@ -1162,7 +1263,7 @@ impl Gateway {
         body: Vec<u8>,
     ) {
         let call = grant.call;
-        if let Err(r) = self.still_allowed(req.envelope.signer(), &grant.id) {
+        if let Err(r) = self.still_allowed(&req.envelope.caller(), &grant.id) {
             return self.close_failed(send, call, r.code, &r.reason).await;
         }
         let secret = match self.secret(&up.secret) {
@@ -1494,7 +1595,7 @@ pub async fn serve(
 
 async fn connection(gw: Arc<Gateway>, incoming: quinn::Incoming, mut stop: watch::Receiver<bool>) {
     let Ok(conn) = incoming.await else { return };
-    let Some(peer) = tls::peer_did(&conn) else {
+    let Some(peer) = tls::peer_caller(&conn) else {
         conn.close(1u32.into(), b"no DID certificate");
         return;
     };

@@ -23,6 +23,7 @@
 pub mod config;
 pub mod control;
 pub mod demo;
+pub mod didweb;
 pub mod events;
 pub mod gateway;
 pub mod kms;

@@ -27,7 +27,7 @@ use tokio::sync::watch;
 use crate::config::Config;
 
 /// Every refusal code, in the order of its counter; a code added later counts as `other`.
-const CODES: [RefusalCode; 20] = [
+const CODES: [RefusalCode; 21] = [
     RefusalCode::Malformed,
     RefusalCode::BadSignature,
     RefusalCode::PeerMismatch,
@@ -48,6 +48,7 @@ const CODES: [RefusalCode; 20] = [
     RefusalCode::GrantExpired,
     RefusalCode::GrantInvalid,
     RefusalCode::ResponseTooLarge,
+    RefusalCode::DidUnresolved,
 ];
 
 /// Upper bounds of the latency histogram's buckets, seconds (`+Inf` is implicit).

@@ -6,7 +6,7 @@
 //!
 //! | Cedar | didgate |
 //! | --- | --- |
-//! | principal | `Did::"did:key:..."`, member of its groups (`Group::"NAME"`) |
+//! | principal | `Did::"did:key:..."` or `Did::"did:web:..."`, member of its groups (`Group::"NAME"`) |
 //! | action | `Action::"GET"` ... `Action::"DELETE"`, in `Action::"read"` (GET, HEAD, OPTIONS) or `Action::"write"` (POST, PUT, PATCH, DELETE) |
 //! | resource | `Path::"UPSTREAM/PATH"` in `Upstream::"UPSTREAM"`, attributes `upstream`, `path`, `segments` |
 //! | context | `time_ms`, `utc_hour`, `utc_weekday`, `body_len`, `upstream`, `headers`, `query` |
@@ -23,7 +23,7 @@ use std::path::Path;
 use std::str::FromStr;
 
 use cedar_policy as cedar;
-use didgate_protocol::Did;
+use didgate_protocol::{Did, Principal, WebDid};
 
 use crate::config::{Config, ConfigError, Rule};
 
@@ -42,7 +42,7 @@ pub const METHODS: &[&str] = &["GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH",
 
 /// The Cedar schema every policy set is validated against (Cedar schema syntax).
 pub const SCHEMA: &str = r#"// didgate policy schema, version 1 (specs/protocol.md, "Policy").
-// A caller: its did:key. Member of groups ([groups] of gateway.toml, or the entities file).
+// A caller: its did:key or did:web. Member of groups ([groups] of gateway.toml, or the entities file).
 entity Group in [Group];
 entity Did in [Group];
 // An upstream named in gateway.toml.
@@ -474,7 +474,7 @@ impl PolicySet {
             let g = Types::uid(&types.group, group);
             parents.entry(g.clone()).or_default();
             for m in members {
-                Did::parse(m)
+                Principal::parse(m)
                     .map_err(|e| PolicyError::Entities(format!("group {group}: {m}: {e}")))?;
                 parents
                     .entry(Types::uid(&types.did, m))
@@ -497,7 +497,7 @@ impl PolicySet {
                     )));
                 }
                 if *ty == types.did {
-                    Did::parse(uid.id().unescaped())
+                    Principal::parse(uid.id().unescaped())
                         .map_err(|e| PolicyError::Entities(format!("{uid}: {e}")))?;
                 }
                 parents.entry(uid).or_default().extend(ps);
@@ -573,8 +573,16 @@ impl PolicySet {
 
     /// Whether the policy text, the groups or the entities name this DID (its refusals are
     /// audited one by one; others are counted into the aggregate entry).
-    pub fn knows(&self, did: &Did) -> bool {
-        self.known.contains(did.as_str())
+    pub fn knows(&self, did: &str) -> bool {
+        self.known.contains(did)
+    }
+
+    /// Whether a did:web of this host is named by the policies, groups or entities: the
+    /// gateway resolves did:web callers of such hosts only, and refuses others without a fetch.
+    pub fn names_web_host(&self, host: &str) -> bool {
+        self.known
+            .iter()
+            .any(|d| d.starts_with("did:web:") && WebDid::parse(d).is_ok_and(|w| w.host() == host))
     }
 
     /// Decides the exact (DID, upstream, method, path) in `ctx`. Default deny; forbid
@@ -582,7 +590,7 @@ impl PolicySet {
     /// closed), a permit whose evaluation fails as not matching.
     pub fn decide(
         &self,
-        did: &Did,
+        did: &str,
         upstream: &str,
         method: &str,
         path: &str,
@@ -596,10 +604,7 @@ impl PolicySet {
         };
         let principal = cedar::Entity::new_no_attrs(
             request.0.clone(),
-            self.groups_of
-                .get(did.as_str())
-                .cloned()
-                .unwrap_or_default(),
+            self.groups_of.get(did).cloned().unwrap_or_default(),
         );
         let up = Types::uid(&self.types.upstream, upstream);
         let resource = cedar::Entity::new(
@@ -684,7 +689,7 @@ impl PolicySet {
     /// would cost more than the decision).
     fn request(
         &self,
-        did: &Did,
+        did: &str,
         upstream: &str,
         method: &str,
         path: &str,
@@ -694,7 +699,7 @@ impl PolicySet {
         if !METHODS.contains(&method) {
             return None;
         }
-        let principal = Types::uid(&self.types.did, did.as_str());
+        let principal = Types::uid(&self.types.did, did);
         let action = Types::uid(&self.types.action, method);
         let resource = Types::uid(&self.types.path, &format!("{upstream}{path}"));
         let long =
@@ -737,8 +742,27 @@ fn family_of(policies: &cedar::PolicySet, id: &cedar::PolicyId) -> String {
         .map_or_else(|| id.to_string(), str::to_string)
 }
 
-/// Every did:key named in `text` (entity literals, or anywhere else).
+/// Every did:key and did:web named in `text` (entity literals, or anywhere else).
 fn dids_in(text: &str) -> HashSet<String> {
+    let mut out = did_keys_in(text);
+    let mut rest = text;
+    while let Some(i) = rest.find("did:web:") {
+        let tail = &rest[i..];
+        let len = tail
+            .bytes()
+            .take_while(|b| b.is_ascii_alphanumeric() || b":.%_~-".contains(b))
+            .count();
+        if let Some(candidate) = tail.get(..len)
+            && WebDid::parse(candidate).is_ok()
+        {
+            out.insert(candidate.to_string());
+        }
+        rest = &tail["did:web:".len()..];
+    }
+    out
+}
+
+fn did_keys_in(text: &str) -> HashSet<String> {
     const B58: &[u8] = b"123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz";
     let mut out = HashSet::new();
     let mut rest = text;
@@ -941,7 +965,7 @@ mod tests {
         let c = ctx();
         // empty rule set denies everyone
         assert_eq!(
-            legacy(&[], &BTreeMap::new()).decide(a.did(), "pay", "GET", "/v1/x", &c),
+            legacy(&[], &BTreeMap::new()).decide(a.did().as_str(), "pay", "GET", "/v1/x", &c),
             Decision::Deny {
                 family: DEFAULT_DENY.into()
             }
@@ -953,18 +977,54 @@ mod tests {
             &groups,
         );
         assert_eq!(
-            p.decide(a.did(), "pay", "GET", "/v1/x", &c),
+            p.decide(a.did().as_str(), "pay", "GET", "/v1/x", &c),
             Decision::Allow { ttl_secs: None }
         );
-        assert!(!allowed(&p.decide(a.did(), "pay", "POST", "/v1/x", &c)));
-        assert!(allowed(&p.decide(b.did(), "pay", "POST", "/v1/x", &c)));
-        assert!(!allowed(&p.decide(b.did(), "other", "POST", "/v1/x", &c)));
-        assert!(!allowed(&p.decide(a.did(), "pay", "GET", "/v2/x", &c)));
-        assert!(!allowed(&p.decide(a.did(), "pay", "get", "/v1/x", &c)));
-        assert!(!allowed(&p.decide(a.did(), "pay", "TRACE", "/v1/x", &c)));
-        assert!(p.knows(a.did()));
-        assert!(p.knows(b.did()));
-        assert!(!p.knows(Identity::from_seed(&[3; 32]).did()));
+        assert!(!allowed(&p.decide(
+            a.did().as_str(),
+            "pay",
+            "POST",
+            "/v1/x",
+            &c
+        )));
+        assert!(allowed(&p.decide(
+            b.did().as_str(),
+            "pay",
+            "POST",
+            "/v1/x",
+            &c
+        )));
+        assert!(!allowed(&p.decide(
+            b.did().as_str(),
+            "other",
+            "POST",
+            "/v1/x",
+            &c
+        )));
+        assert!(!allowed(&p.decide(
+            a.did().as_str(),
+            "pay",
+            "GET",
+            "/v2/x",
+            &c
+        )));
+        assert!(!allowed(&p.decide(
+            a.did().as_str(),
+            "pay",
+            "get",
+            "/v1/x",
+            &c
+        )));
+        assert!(!allowed(&p.decide(
+            a.did().as_str(),
+            "pay",
+            "TRACE",
+            "/v1/x",
+            &c
+        )));
+        assert!(p.knows(a.did().as_str()));
+        assert!(p.knows(b.did().as_str()));
+        assert!(!p.knows(Identity::from_seed(&[3; 32]).did().as_str()));
     }
 
     /// The translation of every pattern agrees with the legacy matcher on canonical paths.
@@ -1018,7 +1078,7 @@ mod tests {
             let p = legacy(&rules, &BTreeMap::new());
             for path in paths {
                 assert_eq!(
-                    allowed(&p.decide(a.did(), "pay", "GET", path, &ctx())),
+                    allowed(&p.decide(a.did().as_str(), "pay", "GET", path, &ctx())),
                     path_matches(pat, path),
                     "pattern {pat} path {path}"
                 );
@@ -1040,7 +1100,7 @@ mod tests {
     fn empty_set_denies() {
         let p = set("");
         let a = Identity::from_seed(&[1; 32]);
-        let d = p.decide(a.did(), "pay", "GET", "/v1/x", &ctx());
+        let d = p.decide(a.did().as_str(), "pay", "GET", "/v1/x", &ctx());
         assert_eq!(
             d,
             Decision::Deny {
@@ -1051,7 +1111,7 @@ mod tests {
             d.refusal_reason().as_deref(),
             Some("no permit matched (default deny)")
         );
-        assert!(!p.knows(a.did()));
+        assert!(!p.knows(a.did().as_str()));
     }
 
     #[test]
@@ -1069,17 +1129,23 @@ mod tests {
             a = a.did()
         );
         let p = set(&text);
-        assert!(p.knows(a.did()));
-        assert!(allowed(&p.decide(a.did(), "pay", "GET", "/v1/x", &ctx())));
+        assert!(p.knows(a.did().as_str()));
+        assert!(allowed(&p.decide(
+            a.did().as_str(),
+            "pay",
+            "GET",
+            "/v1/x",
+            &ctx()
+        )));
         // a method outside the schema never matches, even an unconstrained action
         assert!(!allowed(&p.decide(
-            a.did(),
+            a.did().as_str(),
             "pay",
             "TRACE",
             "/v1/x",
             &ctx()
         )));
-        let d = p.decide(a.did(), "pay", "DELETE", "/admin/x", &ctx());
+        let d = p.decide(a.did().as_str(), "pay", "DELETE", "/admin/x", &ctx());
         assert_eq!(
             d,
             Decision::Deny {
@@ -1117,30 +1183,50 @@ mod tests {
         let p = PolicySet::compile("t", text, &groups, Some(&entities)).expect("valid");
         let c0 = ctx();
         assert!(allowed(&p.decide(
-            a.did(),
+            a.did().as_str(),
             "pay",
             "POST",
             "/v1/charges",
             &c0
         )));
         assert!(!allowed(&p.decide(
-            a.did(),
+            a.did().as_str(),
             "other",
             "POST",
             "/v1/charges",
             &c0
         )));
         assert!(!allowed(&p.decide(
-            a.did(),
+            a.did().as_str(),
             "pay",
             "GET",
             "/v1/charges",
             &c0
         )));
-        assert!(allowed(&p.decide(b.did(), "other", "HEAD", "/x", &c0)));
-        assert!(!allowed(&p.decide(b.did(), "pay", "POST", "/x", &c0)));
-        assert!(!allowed(&p.decide(c.did(), "pay", "GET", "/x", &c0)));
-        assert!(p.knows(a.did()) && p.knows(b.did()) && !p.knows(c.did()));
+        assert!(allowed(&p.decide(
+            b.did().as_str(),
+            "other",
+            "HEAD",
+            "/x",
+            &c0
+        )));
+        assert!(!allowed(&p.decide(
+            b.did().as_str(),
+            "pay",
+            "POST",
+            "/x",
+            &c0
+        )));
+        assert!(!allowed(&p.decide(
+            c.did().as_str(),
+            "pay",
+            "GET",
+            "/x",
+            &c0
+        )));
+        assert!(
+            p.knows(a.did().as_str()) && p.knows(b.did().as_str()) && !p.knows(c.did().as_str())
+        );
         // membership is part of the hash
         let other =
             PolicySet::compile("t", text, &BTreeMap::new(), Some(&entities)).expect("valid");
@@ -1171,28 +1257,28 @@ mod tests {
         ));
         let mut c = ctx();
         assert!(allowed(&p.decide(
-            a.did(),
+            a.did().as_str(),
             "payments",
             "POST",
             "/v1/charges",
             &c
         )));
         assert!(allowed(&p.decide(
-            a.did(),
+            a.did().as_str(),
             "payments",
             "POST",
             "/v1/charges/x/y",
             &c
         )));
         assert!(!allowed(&p.decide(
-            a.did(),
+            a.did().as_str(),
             "payments",
             "POST",
             "/v1/refunds",
             &c
         )));
         assert!(!allowed(&p.decide(
-            a.did(),
+            a.did().as_str(),
             "other",
             "POST",
             "/v1/charges",
@@ -1200,7 +1286,7 @@ mod tests {
         )));
         c.body_len = 101;
         assert!(!allowed(&p.decide(
-            a.did(),
+            a.did().as_str(),
             "payments",
             "POST",
             "/v1/charges",
@@ -1209,7 +1295,7 @@ mod tests {
         c.body_len = 100;
         c.headers.push("x-debug".into());
         assert!(!allowed(&p.decide(
-            a.did(),
+            a.did().as_str(),
             "payments",
             "POST",
             "/v1/charges",
@@ -1233,21 +1319,21 @@ mod tests {
         };
         let hour = 3_600_000;
         assert!(allowed(&p.decide(
-            a.did(),
+            a.did().as_str(),
             "u",
             "GET",
             "/",
             &at(monday + 9 * hour)
         )));
         assert!(!allowed(&p.decide(
-            a.did(),
+            a.did().as_str(),
             "u",
             "GET",
             "/",
             &at(monday + 19 * hour)
         )));
         assert!(!allowed(&p.decide(
-            a.did(),
+            a.did().as_str(),
             "u",
             "GET",
             "/",
@@ -1269,13 +1355,13 @@ mod tests {
             "#,
             a = a.did()
         ));
-        let post = p.decide(a.did(), "u", "POST", "/", &ctx());
+        let post = p.decide(a.did().as_str(), "u", "POST", "/", &ctx());
         assert_eq!(post, Decision::Allow { ttl_secs: Some(3) });
         assert_eq!(post.grant_ttl(10), Some(3));
-        let get = p.decide(a.did(), "u", "GET", "/", &ctx());
+        let get = p.decide(a.did().as_str(), "u", "GET", "/", &ctx());
         assert_eq!(get, Decision::Allow { ttl_secs: Some(60) });
         assert_eq!(get.grant_ttl(10), Some(10), "the configured TTL still caps");
-        let put = p.decide(a.did(), "u", "PUT", "/", &ctx());
+        let put = p.decide(a.did().as_str(), "u", "PUT", "/", &ctx());
         assert_eq!(put.grant_ttl(10), Some(10));
         // invalid caps are refused
         for bad in [

@@ -149,6 +149,8 @@ impl std::str::FromStr for Did {
 pub struct Identity {
     key: SigningKey,
     did: Did,
+    /// The did:web this key acts as, and the fragment naming the key in its document.
+    web: Option<(crate::WebDid, String)>,
 }
 
 impl Identity {
@@ -161,7 +163,35 @@ impl Identity {
     pub fn from_seed(seed: &[u8; 32]) -> Self {
         let key = SigningKey::from_bytes(seed);
         let did = Did::from_verifying_key(&key.verifying_key());
-        Self { key, did }
+        Self {
+            key,
+            did,
+            web: None,
+        }
+    }
+
+    /// This key acting as `did`, whose document lists it for authentication under
+    /// `#fragment`: requests are signed with `kid` `did#fragment` and the TLS certificate names
+    /// `did`.
+    pub fn acting_as(mut self, did: crate::WebDid, fragment: &str) -> Self {
+        self.web = Some((did, fragment.to_string()));
+        self
+    }
+
+    /// The DID this identity acts as: its did:web if any, else its did:key.
+    pub fn principal(&self) -> crate::Principal {
+        match &self.web {
+            Some((w, _)) => crate::Principal::Web(w.clone()),
+            None => crate::Principal::Key(self.did.clone()),
+        }
+    }
+
+    /// The COSE `kid` of this identity's signatures.
+    pub fn key_id(&self) -> String {
+        match &self.web {
+            Some((w, fragment)) => format!("{w}#{fragment}"),
+            None => self.did.key_id(),
+        }
     }
 
     /// This identity's DID.
@@ -194,6 +224,7 @@ impl fmt::Debug for Identity {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Identity")
             .field("did", &self.did)
+            .field("web", &self.web.as_ref().map(|(w, _)| w))
             .field("key", &"<redacted>")
             .finish()
     }

@@ -10,6 +10,7 @@ use coset::{CoseSign1, CoseSign1Builder, HeaderBuilder, TaggedCborSerializable, 
 use ed25519_dalek::Signature;
 
 use crate::did::{Did, DidError, Identity};
+use crate::web::{Caller, Principal, PrincipalError, WebDid};
 
 /// Longest envelope accepted (also bounded by the frame limit).
 pub const MAX_ENVELOPE: usize = 60 * 1024;
@@ -68,6 +69,13 @@ pub enum EnvelopeError {
     /// The `kid` is not a did:key DID URL.
     #[error("bad kid: {0}")]
     Kid(DidError),
+    /// The `kid` is not a did:key or did:web DID URL.
+    #[error("bad kid: {0}")]
+    KidMethod(PrincipalError),
+    /// The `kid` names a did:web verification method that the resolved document does not
+    /// list for authentication (or no document was resolved).
+    #[error("the kid names no key of the resolved DID document")]
+    UnknownKey,
     /// The payload is absent (detached payloads are not used).
     #[error("no payload")]
     NoPayload,
@@ -80,15 +88,27 @@ pub enum EnvelopeError {
 #[derive(Clone)]
 pub struct Verified {
     signer: Did,
+    principal: Principal,
     payload: Vec<u8>,
     digest: [u8; 32],
     kind: Kind,
 }
 
 impl Verified {
-    /// The DID that signed.
+    /// The key that signed, as a did:key (for a did:key signer, its DID).
     pub fn signer(&self) -> &Did {
         &self.signer
+    }
+    /// The DID the `kid` names: the signer's did:key, or the did:web it acts as.
+    pub fn principal(&self) -> &Principal {
+        &self.principal
+    }
+    /// The signer as a caller: principal and key.
+    pub fn caller(&self) -> Caller {
+        match &self.principal {
+            Principal::Key(d) => Caller::key_only(d.clone()),
+            Principal::Web(w) => Caller::web(w.clone(), self.signer.clone()),
+        }
     }
     /// The signed payload bytes.
     pub fn payload(&self) -> &[u8] {
@@ -130,11 +150,17 @@ pub fn signed_digest(protected: &[u8], payload: &[u8]) -> [u8; 32] {
     *h.finalize().as_bytes()
 }
 
-/// Signs `payload` as a message of `kind`, returning the tagged COSE_Sign1 bytes.
+/// Signs `payload` as a message of `kind`, returning the tagged COSE_Sign1 bytes. An identity
+/// acting as a did:web signs requests as that DID (`kid` `did:web:...#fragment`); everything
+/// else (a chain's checkpoints) is signed as its did:key, which owns the chain.
 pub fn sign(identity: &Identity, kind: Kind, payload: Vec<u8>) -> Vec<u8> {
+    let kid = match kind {
+        Kind::Request => identity.key_id(),
+        _ => identity.did().key_id(),
+    };
     let protected = HeaderBuilder::new()
         .algorithm(iana::Algorithm::EdDSA)
-        .key_id(identity.did().key_id().into_bytes())
+        .key_id(kid.into_bytes())
         .content_type(kind.tag().to_string())
         .build();
     let sign1 = CoseSign1Builder::new()
@@ -147,8 +173,19 @@ pub fn sign(identity: &Identity, kind: Kind, payload: Vec<u8>) -> Vec<u8> {
         .unwrap_or_else(|_| unreachable!("encoding a built COSE_Sign1 cannot fail"))
 }
 
-/// Verifies a tagged COSE_Sign1 of the expected `kind` over the received bytes.
+/// Verifies a tagged COSE_Sign1 of the expected `kind` over the received bytes. The `kid` must
+/// be a did:key DID URL: a did:web signer needs [`verify_with`] and its resolved document.
 pub fn verify(bytes: &[u8], kind: Kind) -> Result<Verified, EnvelopeError> {
+    verify_with(bytes, kind, |_, _| None)
+}
+
+/// Like [`verify`], and also accepts a did:web `kid`: `web_key(did, fragment)` returns the
+/// key the DID's resolved document lists for authentication under that fragment.
+pub fn verify_with(
+    bytes: &[u8],
+    kind: Kind,
+    web_key: impl FnOnce(&WebDid, &str) -> Option<Did>,
+) -> Result<Verified, EnvelopeError> {
     if bytes.len() > MAX_ENVELOPE {
         return Err(EnvelopeError::TooLarge(bytes.len()));
     }
@@ -180,7 +217,18 @@ pub fn verify(bytes: &[u8], kind: Kind) -> Result<Verified, EnvelopeError> {
     }
     let kid =
         std::str::from_utf8(&header.key_id).map_err(|_| EnvelopeError::Kid(DidError::NotDidKey))?;
-    let signer = Did::from_key_id(kid).map_err(EnvelopeError::Kid)?;
+    let (principal, signer) = if kid.starts_with("did:web:") {
+        let (principal, fragment) =
+            Principal::from_key_id(kid).map_err(EnvelopeError::KidMethod)?;
+        let Principal::Web(web) = &principal else {
+            return Err(EnvelopeError::UnknownKey);
+        };
+        let key = web_key(web, fragment).ok_or(EnvelopeError::UnknownKey)?;
+        (principal, key)
+    } else {
+        let did = Did::from_key_id(kid).map_err(EnvelopeError::Kid)?;
+        (Principal::Key(did.clone()), did)
+    };
     let payload = sign1.payload.as_deref().ok_or(EnvelopeError::NoPayload)?;
     let key = signer.verifying_key();
     sign1.verify_signature(kind.tag().as_bytes(), |sig, data| {
@@ -192,6 +240,7 @@ pub fn verify(bytes: &[u8], kind: Kind) -> Result<Verified, EnvelopeError> {
     let digest = signed_digest(protected, payload);
     Ok(Verified {
         signer,
+        principal,
         payload: payload.to_vec(),
         digest,
         kind,

@@ -24,8 +24,10 @@ pub mod did;
 pub mod envelope;
 pub mod frame;
 pub mod message;
+pub mod web;
 
 pub use did::{Did, DidError, Identity};
+pub use web::{Caller, Principal, WebDid};
 
 /// The ALPN protocol id of didgate over QUIC.
 pub const ALPN: &[u8] = b"didgate/1";

@@ -174,6 +174,9 @@ pub enum RefusalCode {
     /// The upstream's response exceeded the gateway's `max_response_bytes` (the grant was
     /// consumed; the relayed part is not covered by a receipt).
     ResponseTooLarge,
+    /// The caller's did:web could not be resolved to a document listing its key for
+    /// authentication (domain not named by policy, fetch failed, key not listed).
+    DidUnresolved,
 }
 
 impl RefusalCode {
@@ -200,6 +203,7 @@ impl RefusalCode {
             Self::GrantExpired => "grant_expired",
             Self::GrantInvalid => "grant_invalid",
             Self::ResponseTooLarge => "response_too_large",
+            Self::DidUnresolved => "did_unresolved",
         }
     }
 }
@@ -351,7 +355,15 @@ pub struct Signed<T> {
 
 /// Verifies `bytes` as a signed `T` and decodes it.
 pub fn open<T: SignedMessage>(bytes: &[u8]) -> Result<Signed<T>, OpenError> {
-    let envelope = envelope::verify(bytes, T::KIND)?;
+    open_with(bytes, |_, _| None)
+}
+
+/// Like [`open`], and also accepts a did:web signer (see [`envelope::verify_with`]).
+pub fn open_with<T: SignedMessage>(
+    bytes: &[u8],
+    web_key: impl FnOnce(&crate::WebDid, &str) -> Option<Did>,
+) -> Result<Signed<T>, OpenError> {
+    let envelope = envelope::verify_with(bytes, T::KIND, web_key)?;
     let message = T::decode(envelope.payload())?;
     Ok(Signed {
         envelope,

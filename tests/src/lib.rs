@@ -2,6 +2,8 @@
 #![forbid(unsafe_code)]
 //! disk), the real local payments upstream over HTTP on 127.0.0.1, and real clients over QUIC.
 
+pub mod docserver;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -97,6 +99,7 @@ impl Harness {
                     paths: vec!["/v1/balance".into()],
                 },
             ],
+            did_web: Default::default(),
         };
         let mut config = config;
         adjust(&mut config);
@@ -163,6 +166,11 @@ impl Harness {
         self.serve().await
     }
 
+    /// The gateway chain's entries, decoded (the gateway must be stopped).
+    pub fn gateway_entries(&self) -> anyhow::Result<Vec<didgate_audit::entry::Entry>> {
+        gateway_entries_in(&self.gw_dir())
+    }
+
     /// A client for `identity` with its own chain named `name`.
     pub async fn client(&self, name: &str, identity: Identity) -> anyhow::Result<Client> {
         Ok(Client::open(
@@ -177,6 +185,26 @@ impl Harness {
 
 fn toml_string(c: &Config) -> anyhow::Result<String> {
     Ok(toml::to_string(c)?)
+}
+
+/// The typed reason of a refused call (`None` if it was not refused by the gateway).
+pub fn refusal_code<T>(
+    r: &Result<T, didgate_client::CallError>,
+) -> Option<didgate_protocol::message::RefusalCode> {
+    match r {
+        Err(didgate_client::CallError::Refused { code, .. }) => Some(*code),
+        _ => None,
+    }
+}
+
+/// The entries of the gateway chain in `gw_dir`, decoded (the gateway must be stopped).
+pub fn gateway_entries_in(gw_dir: &Path) -> anyhow::Result<Vec<didgate_audit::entry::Entry>> {
+    let records = didgate_audit::load_records(gw_dir)?;
+    Ok(records
+        .entries
+        .iter()
+        .map(|(_, b)| didgate_audit::entry::Entry::decode(b))
+        .collect::<Result<_, _>>()?)
 }
 
 /// The path of one of the workspace's binaries (`didgate`, `didgated`, `didgate-audit`), built

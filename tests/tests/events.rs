@@ -5,25 +5,18 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
-use didgate_client::{CallError, CallSpec};
+use didgate_client::CallSpec;
 use didgate_gateway::config::{Config, ConfigError};
 use didgate_gateway::control::{self, EventStream};
 use didgate_gateway::events::{Event, EventKind};
 use didgate_gateway::gateway::Revoke;
 use didgate_gateway::secrets::SecretValue;
 use didgate_protocol::message::RefusalCode;
-use didgate_tests::{CANARY, Harness, alice, bin, bob};
+use didgate_tests::{CANARY, Harness, alice, bin, bob, refusal_code};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
 /// Bounded wait for anything a test waits on.
 const WAIT: Duration = Duration::from_secs(20);
-
-fn code<T>(r: &Result<T, CallError>) -> Option<RefusalCode> {
-    match r {
-        Err(CallError::Refused { code, .. }) => Some(*code),
-        _ => None,
-    }
-}
 
 /// The control socket of the harness's gateway, served as `didgated serve` serves it.
 struct Socket {
@@ -105,7 +98,7 @@ async fn every_kind_of_event_streams_in_order_without_secrets() -> anyhow::Resul
     let refused = b
         .call(CallSpec::new("payments", "POST", "/v1/charges").body(b"{}".to_vec()))
         .await;
-    assert_eq!(code(&refused), Some(RefusalCode::Policy));
+    assert_eq!(refusal_code(&refused), Some(RefusalCode::Policy));
     // 3. grant, 4. its revocation
     let grant = a
         .grant(CallSpec::new("payments", "GET", "/v1/balance"))
@@ -123,7 +116,7 @@ async fn every_kind_of_event_streams_in_order_without_secrets() -> anyhow::Resul
     let failed = a
         .call(CallSpec::new("payments", "GET", "/v1/balance"))
         .await;
-    assert_eq!(code(&failed), Some(RefusalCode::SecretUnavailable));
+    assert_eq!(refusal_code(&failed), Some(RefusalCode::SecretUnavailable));
     // 7. policy reload, 8. a rotation whose new value must not show
     let hash = gw.reload_policy()?;
     let rotated = format!("{CANARY}-rotated");
@@ -328,7 +321,7 @@ async fn didgated_events_follow_prints_json_and_human_lines() -> anyhow::Result<
     let refused = b
         .call(CallSpec::new("payments", "POST", "/v1/charges").body(b"{}".to_vec()))
         .await;
-    assert_eq!(code(&refused), Some(RefusalCode::Policy));
+    assert_eq!(refusal_code(&refused), Some(RefusalCode::Policy));
     a.close().await;
     b.close().await;
 
@@ -431,13 +424,16 @@ async fn metrics_count_calls_refusals_grants_and_latency() -> anyhow::Result<()>
         .await?;
     gw.revoke(&Revoke::Grant(unused.grant.id), "unused").await?;
     assert_eq!(
-        code(
+        refusal_code(
             &b.call(CallSpec::new("payments", "POST", "/v1/charges").body(b"{}".to_vec()))
                 .await
         ),
         Some(RefusalCode::Policy)
     );
-    assert_eq!(code(&a.execute(&unused).await), Some(RefusalCode::Revoked));
+    assert_eq!(
+        refusal_code(&a.execute(&unused).await),
+        Some(RefusalCode::Revoked)
+    );
 
     let (status, text) = http_get(addr, "/metrics").await?;
     assert_eq!(status, 200, "{text}");

@@ -1,27 +1,12 @@
 //! Two-step grants and revocation, end to end through a real gateway and upstream.
 
-use didgate_audit::entry::{Entry, EntryKind};
+use didgate_audit::entry::EntryKind;
 use didgate_audit::{load_records, verify};
 use didgate_client::{CallError, CallSpec};
 use didgate_gateway::gateway::Revoke;
+use didgate_protocol::Principal;
 use didgate_protocol::message::RefusalCode;
-use didgate_tests::{Harness, alice, bob};
-
-fn code<T>(r: &Result<T, CallError>) -> Option<RefusalCode> {
-    match r {
-        Err(CallError::Refused { code, .. }) => Some(*code),
-        _ => None,
-    }
-}
-
-fn gateway_entries(h: &Harness) -> anyhow::Result<Vec<Entry>> {
-    let records = load_records(&h.gw_dir())?;
-    Ok(records
-        .entries
-        .iter()
-        .map(|(_, b)| Entry::decode(b))
-        .collect::<Result<_, _>>()?)
-}
+use didgate_tests::{Harness, alice, bob, refusal_code};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grant_then_execute_once_by_its_subject_only() -> anyhow::Result<()> {
@@ -61,7 +46,7 @@ async fn grant_then_execute_once_by_its_subject_only() -> anyhow::Result<()> {
     );
     // single use
     assert_eq!(
-        code(&a.execute(&grant).await),
+        refusal_code(&a.execute(&grant).await),
         Some(RefusalCode::GrantInvalid)
     );
     assert_eq!(h.upstream.seen().len(), 1);
@@ -90,7 +75,7 @@ async fn expired_grant_is_refused() -> anyhow::Result<()> {
         .grant(CallSpec::new("payments", "GET", "/v1/balance"))
         .await?;
     assert_eq!(
-        code(&a.execute(&grant).await),
+        refusal_code(&a.execute(&grant).await),
         Some(RefusalCode::GrantExpired)
     );
     assert!(h.upstream.seen().is_empty());
@@ -113,26 +98,32 @@ async fn revoked_did_and_grant_are_refused_durably() -> anyhow::Result<()> {
         .gateway
         .clone()
         .ok_or_else(|| anyhow::anyhow!("no gateway"))?;
-    gw.revoke(&Revoke::Did(alice().did().clone()), "key leaked")
-        .await?;
+    gw.revoke(
+        &Revoke::Did(Principal::Key(alice().did().clone())),
+        "key leaked",
+    )
+    .await?;
     // the open connection is closed by the revocation; the client reconnects, and every call
     // after that is refused as revoked
     let first = a
         .call(CallSpec::new("payments", "GET", "/v1/balance"))
         .await;
     assert!(
-        matches!(code(&first), Some(RefusalCode::Revoked))
+        matches!(refusal_code(&first), Some(RefusalCode::Revoked))
             || matches!(first, Err(CallError::ConnectionLost(_))),
         "{first:?}"
     );
     assert_eq!(
-        code(
+        refusal_code(
             &a.call(CallSpec::new("payments", "GET", "/v1/balance"))
                 .await
         ),
         Some(RefusalCode::Revoked)
     );
-    assert_eq!(code(&a.execute(&pending).await), Some(RefusalCode::Revoked));
+    assert_eq!(
+        refusal_code(&a.execute(&pending).await),
+        Some(RefusalCode::Revoked)
+    );
     assert_eq!(
         h.upstream.seen().len(),
         1,
@@ -148,7 +139,10 @@ async fn revoked_did_and_grant_are_refused_durably() -> anyhow::Result<()> {
         .grant(CallSpec::new("payments", "GET", "/v1/balance"))
         .await?;
     gw.revoke(&Revoke::Grant(g1.grant.id), "not needed").await?;
-    assert_eq!(code(&b.execute(&g1).await), Some(RefusalCode::Revoked));
+    assert_eq!(
+        refusal_code(&b.execute(&g1).await),
+        Some(RefusalCode::Revoked)
+    );
     assert_eq!(b.execute(&g2).await?.status, 200);
 
     // durable: after a restart alice is still revoked
@@ -158,7 +152,7 @@ async fn revoked_did_and_grant_are_refused_durably() -> anyhow::Result<()> {
     h.restart().await?;
     let a = h.client("alice", alice()).await?;
     assert_eq!(
-        code(
+        refusal_code(
             &a.call(CallSpec::new("payments", "GET", "/v1/balance"))
                 .await
         ),
@@ -168,7 +162,7 @@ async fn revoked_did_and_grant_are_refused_durably() -> anyhow::Result<()> {
     drop(a);
     h.stop().await;
 
-    let entries = gateway_entries(&h)?;
+    let entries = h.gateway_entries()?;
     assert_eq!(
         entries
             .iter()

@@ -9,14 +9,7 @@ use didgate_client::{CallError, CallSpec};
 use didgate_gateway::config::{Auth, Config, Rule, Upstream};
 use didgate_gateway::limits::RateLimit;
 use didgate_protocol::message::RefusalCode;
-use didgate_tests::{Harness, alice, bob};
-
-fn code<T>(r: &Result<T, CallError>) -> Option<RefusalCode> {
-    match r {
-        Err(CallError::Refused { code, .. }) => Some(*code),
-        _ => None,
-    }
-}
+use didgate_tests::{Harness, alice, bob, refusal_code};
 
 fn reason<T>(r: &Result<T, CallError>) -> String {
     match r {
@@ -35,16 +28,6 @@ fn never_refills(burst: u64) -> RateLimit {
 
 fn balance() -> CallSpec {
     CallSpec::new("payments", "GET", "/v1/balance")
-}
-
-/// The gateway chain's entries (the gateway must be stopped).
-fn gateway_entries(h: &Harness) -> anyhow::Result<Vec<Entry>> {
-    let records = load_records(&h.gw_dir())?;
-    Ok(records
-        .entries
-        .iter()
-        .map(|(_, b)| Entry::decode(b))
-        .collect::<Result<_, _>>()?)
 }
 
 /// The gateway chain and the named client chains verify together.
@@ -68,7 +51,12 @@ async fn per_did_rate_limit_refuses_after_the_burst_and_audits() -> anyhow::Resu
     }
     for _ in 0..2 {
         let r = a.call(balance()).await;
-        assert_eq!(code(&r), Some(RefusalCode::RateLimited), "{}", reason(&r));
+        assert_eq!(
+            refusal_code(&r),
+            Some(RefusalCode::RateLimited),
+            "{}",
+            reason(&r)
+        );
         assert!(
             reason(&r).contains("rate limit of this DID"),
             "{}",
@@ -85,7 +73,7 @@ async fn per_did_rate_limit_refuses_after_the_burst_and_audits() -> anyhow::Resu
     }
     h.stop().await;
 
-    let entries = gateway_entries(&h)?;
+    let entries = h.gateway_entries()?;
     let refused: Vec<&Entry> = entries
         .iter()
         .filter(|e| e.kind == EntryKind::Refused && e.code.as_deref() == Some("rate_limited"))
@@ -118,10 +106,10 @@ async fn per_upstream_rate_limit_counts_every_caller() -> anyhow::Result<()> {
     a.call(balance()).await?;
     b.call(balance()).await?;
     let r = a.call(balance()).await;
-    assert_eq!(code(&r), Some(RefusalCode::RateLimited));
+    assert_eq!(refusal_code(&r), Some(RefusalCode::RateLimited));
     assert!(reason(&r).contains("upstream payments"), "{}", reason(&r));
     assert_eq!(
-        code(&b.call(balance()).await),
+        refusal_code(&b.call(balance()).await),
         Some(RefusalCode::RateLimited)
     );
     assert_eq!(h.upstream.seen().len(), 2);
@@ -139,11 +127,11 @@ async fn a_grant_request_takes_the_token_its_execution_does_not() -> anyhow::Res
     let grant = a.grant(balance()).await?;
     assert_eq!(a.execute(&grant).await?.status, 200);
     assert_eq!(
-        code(&a.grant(balance()).await),
+        refusal_code(&a.grant(balance()).await),
         Some(RefusalCode::RateLimited)
     );
     assert_eq!(
-        code(&a.call(balance()).await),
+        refusal_code(&a.call(balance()).await),
         Some(RefusalCode::RateLimited)
     );
     assert_eq!(h.upstream.seen().len(), 1);
@@ -166,7 +154,12 @@ async fn concurrency_limit_refuses_a_second_call_in_flight() -> anyhow::Result<(
     let chunk = first.next_chunk().await?;
     assert!(chunk.is_some(), "event 0 arrived: the call is in flight");
     let r = a.call(balance()).await;
-    assert_eq!(code(&r), Some(RefusalCode::RateLimited), "{}", reason(&r));
+    assert_eq!(
+        refusal_code(&r),
+        Some(RefusalCode::RateLimited),
+        "{}",
+        reason(&r)
+    );
     assert!(reason(&r).contains("concurrent"), "{}", reason(&r));
     // another DID is not affected
     assert_eq!(b.call(balance()).await?.status, 200);
@@ -179,7 +172,7 @@ async fn concurrency_limit_refuses_a_second_call_in_flight() -> anyhow::Result<(
         c.close().await;
     }
     h.stop().await;
-    let entries = gateway_entries(&h)?;
+    let entries = h.gateway_entries()?;
     assert!(entries.iter().any(|e| {
         e.kind == EntryKind::Refused
             && e.code.as_deref() == Some("rate_limited")
@@ -243,7 +236,7 @@ async fn responses_over_max_response_bytes_fail_the_call() -> anyhow::Result<()>
     // a declared length above the limit: refused before the head
     let r = a.call(balance()).await;
     assert_eq!(
-        code(&r),
+        refusal_code(&r),
         Some(RefusalCode::ResponseTooLarge),
         "{}",
         reason(&r)
@@ -260,7 +253,7 @@ async fn responses_over_max_response_bytes_fail_the_call() -> anyhow::Result<()>
         }
     };
     assert_eq!(
-        code(&end),
+        refusal_code(&end),
         Some(RefusalCode::ResponseTooLarge),
         "{}",
         reason(&end)
@@ -270,7 +263,8 @@ async fn responses_over_max_response_bytes_fail_the_call() -> anyhow::Result<()>
     a.close().await;
     drop(a);
     h.stop().await;
-    let failed = gateway_entries(&h)?
+    let failed = h
+        .gateway_entries()?
         .into_iter()
         .filter(|e| e.kind == EntryKind::Failed && e.code.as_deref() == Some("response_too_large"))
         .count();
@@ -287,7 +281,7 @@ async fn a_slow_upstream_times_out_as_upstream_failed() -> anyhow::Result<()> {
         .call(CallSpec::new("payments", "GET", "/v1/slow-head"))
         .await;
     assert_eq!(
-        code(&r),
+        refusal_code(&r),
         Some(RefusalCode::UpstreamFailed),
         "{}",
         reason(&r)
@@ -305,7 +299,7 @@ async fn a_slow_upstream_times_out_as_upstream_failed() -> anyhow::Result<()> {
         }
     };
     assert_eq!(
-        code(&end),
+        refusal_code(&end),
         Some(RefusalCode::UpstreamFailed),
         "{}",
         reason(&end)
@@ -315,7 +309,8 @@ async fn a_slow_upstream_times_out_as_upstream_failed() -> anyhow::Result<()> {
     a.close().await;
     drop(a);
     h.stop().await;
-    let failed: Vec<Entry> = gateway_entries(&h)?
+    let failed: Vec<Entry> = h
+        .gateway_entries()?
         .into_iter()
         .filter(|e| e.kind == EntryKind::Failed)
         .collect();
@@ -370,7 +365,7 @@ async fn loopback_addresses_are_refused_unless_the_upstream_is_local() -> anyhow
     // `localhost` resolves to 127.0.0.1: the resolver refuses it, nothing is connected to
     let r = a.call(CallSpec::new("by-name", "GET", "/v1/balance")).await;
     assert_eq!(
-        code(&r),
+        refusal_code(&r),
         Some(RefusalCode::UpstreamFailed),
         "{}",
         reason(&r)
@@ -383,7 +378,7 @@ async fn loopback_addresses_are_refused_unless_the_upstream_is_local() -> anyhow
     // an IP literal never reaches a resolver: checked against the same rule
     let r = a.call(CallSpec::new("literal", "GET", "/v1/balance")).await;
     assert_eq!(
-        code(&r),
+        refusal_code(&r),
         Some(RefusalCode::UpstreamFailed),
         "{}",
         reason(&r)
@@ -403,7 +398,8 @@ async fn loopback_addresses_are_refused_unless_the_upstream_is_local() -> anyhow
     a.close().await;
     drop(a);
     h.stop().await;
-    let failed = gateway_entries(&h)?
+    let failed = h
+        .gateway_entries()?
         .into_iter()
         .filter(|e| e.kind == EntryKind::Failed && e.code.as_deref() == Some("upstream_failed"))
         .count();

@@ -569,6 +569,7 @@ fn generate(calls: u64, threads: usize) -> Result<(ChainRecords, Vec<ChainRecord
             entries: b.entries,
             head: Some(b.head),
             checkpoints,
+            documents: Vec::new(),
         });
     }
     sign_s += t.elapsed().as_secs_f64();

@@ -1,0 +1,310 @@
+//! Resolution of did:web callers (specs/protocol.md, "did:web callers").
+//!
+//! Owns fetching, checking and caching DID documents. A small did:web method resolver over
+//! our own reqwest client, plugged into ssi's resolver trait ([`WebMethod`] implements
+//! `ssi_dids_core::DIDMethodResolver`); ssi's own did:web fetcher is not used, because it
+//! fetches over plain HTTP for localhost and private addresses and cannot be told to trust a
+//! test CA. The rules:
+//!
+//! - only hosts the policy set names are fetched (the caller checks
+//!   [`crate::policy::PolicySet::names_web_host`] first: an unknown host costs no fetch);
+//! - HTTPS only, no redirect followed, no proxy, a timeout, a size cap
+//!   ([`didgate_protocol::web::MAX_DOCUMENT`]);
+//! - `localhost`, IP-literal hosts, and names resolving to loopback or private addresses are
+//!   refused unless `[did_web] allow_local` (tests);
+//! - the host is looked up once, the address checked, and the fetch pinned to that address
+//!   (no second lookup to rebind);
+//! - the document's `id` must equal the DID; its authentication keys come from the ssi
+//!   document model;
+//! - documents are cached for `cache_ttl_secs` (bounded); failures are not cached.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use didgate_protocol::WebDid;
+use didgate_protocol::web::{DidDocument, DocumentError, MAX_DOCUMENT};
+use futures_util::StreamExt;
+
+use crate::config::DidWeb;
+use crate::upstream::refused_range;
+
+/// Why a did:web could not be resolved.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ResolveError {
+    /// No policy, group or entity names a did:web of this host.
+    #[error("no policy names the domain {0}")]
+    DomainNotNamed(String),
+    /// `localhost`, an IP literal, or a loopback or private address, outside test mode.
+    #[error("did:web host {0} is local or private")]
+    Local(String),
+    /// The host did not resolve, or the fetch failed (connection, TLS, timeout).
+    #[error("fetching the DID document failed: {0}")]
+    Fetch(String),
+    /// The server answered with something other than 200 (a redirect is not followed).
+    #[error("the DID document server answered HTTP {0}")]
+    Status(u16),
+    /// The document is unusable.
+    #[error(transparent)]
+    Document(#[from] DocumentError),
+}
+
+/// A fetched document and when it was fetched.
+struct Cached {
+    doc: Arc<DidDocument>,
+    at: Instant,
+}
+
+/// Resolves did:web callers' documents for the gateway.
+pub struct WebResolver {
+    method: WebMethod,
+    ttl: Duration,
+    cache: Mutex<HashMap<WebDid, Cached>>,
+}
+
+impl std::fmt::Debug for WebResolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebResolver")
+            .field("ttl", &self.ttl)
+            .field("allow_local", &self.method.allow_local)
+            .finish()
+    }
+}
+
+impl WebResolver {
+    /// A resolver for `config`; test roots are read relative to `data_dir`.
+    pub fn new(config: &DidWeb, data_dir: &Path) -> Result<Self, ResolveError> {
+        let mut roots = Vec::new();
+        for name in &config.test_roots {
+            let pem = std::fs::read(data_dir.join(name))
+                .map_err(|e| ResolveError::Fetch(format!("test root {name}: {e}")))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem)
+                .map_err(|e| ResolveError::Fetch(format!("test root {name}: {e}")))?;
+            roots.extend(certs);
+        }
+        Ok(Self {
+            method: WebMethod {
+                roots: Arc::new(roots),
+                allow_local: config.allow_local,
+                timeout: Duration::from_secs(config.timeout_secs),
+                fetches: AtomicU64::new(0),
+            },
+            ttl: Duration::from_secs(config.cache_ttl_secs),
+            cache: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The current document of `did`: from the cache while younger than the TTL, else
+    /// fetched. The caller has checked that policy names the host.
+    pub async fn resolve(&self, did: &WebDid) -> Result<Arc<DidDocument>, ResolveError> {
+        if let Some(doc) = self.cached(did) {
+            return Ok(doc);
+        }
+        let bytes = self.method.fetch(did).await?;
+        let doc = Arc::new(DidDocument::parse(did, &bytes)?);
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        // bounded: stale entries go first, then everything if still too many
+        if cache.len() >= MAX_CACHED {
+            let ttl = self.ttl;
+            cache.retain(|_, c| c.at.elapsed() < ttl);
+            if cache.len() >= MAX_CACHED {
+                cache.clear();
+            }
+        }
+        cache.insert(
+            did.clone(),
+            Cached {
+                doc: doc.clone(),
+                at: Instant::now(),
+            },
+        );
+        Ok(doc)
+    }
+
+    fn cached(&self, did: &WebDid) -> Option<Arc<DidDocument>> {
+        let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        cache
+            .get(did)
+            .filter(|c| c.at.elapsed() < self.ttl)
+            .map(|c| c.doc.clone())
+    }
+
+    /// Drops every cached document (after a policy reload, or an operator's request).
+    pub fn forget(&self) {
+        self.cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
+    }
+
+    /// How many fetches were attempted since start-up.
+    pub fn fetches(&self) -> u64 {
+        self.method.fetches.load(Ordering::Relaxed)
+    }
+
+    /// The ssi method resolver behind this cache.
+    pub fn method(&self) -> &WebMethod {
+        &self.method
+    }
+}
+
+/// Most documents cached at once.
+const MAX_CACHED: usize = 10_000;
+
+/// The did:web method over our HTTPS client: implements ssi's `DIDMethodResolver`.
+pub struct WebMethod {
+    roots: Arc<Vec<reqwest::Certificate>>,
+    allow_local: bool,
+    timeout: Duration,
+    fetches: AtomicU64,
+}
+
+impl WebMethod {
+    /// The checked address `did`'s host is fetched from.
+    async fn address(&self, did: &WebDid) -> Result<SocketAddr, ResolveError> {
+        let host = did.host();
+        let port = did.port().unwrap_or(443);
+        if did.is_local_name() && !self.allow_local {
+            return Err(ResolveError::Local(host.to_string()));
+        }
+        let allowed = |ip: IpAddr| self.allow_local || refused_range(ip).is_none();
+        if let Ok(ip) = host.parse::<IpAddr>() {
+            return if allowed(ip) {
+                Ok(SocketAddr::new(ip, port))
+            } else {
+                Err(ResolveError::Local(host.to_string()))
+            };
+        }
+        let addrs = tokio::time::timeout(self.timeout, tokio::net::lookup_host((host, port)))
+            .await
+            .map_err(|_| ResolveError::Fetch(format!("looking up {host} timed out")))?
+            .map_err(|e| ResolveError::Fetch(format!("looking up {host}: {e}")))?
+            .collect::<Vec<_>>();
+        if addrs.is_empty() {
+            return Err(ResolveError::Fetch(format!("{host} has no address")));
+        }
+        addrs
+            .into_iter()
+            .find(|a| allowed(a.ip()))
+            .ok_or_else(|| ResolveError::Local(host.to_string()))
+    }
+
+    /// Fetches the document bytes of `did`: HTTPS, pinned address, no redirect, capped.
+    pub async fn fetch(&self, did: &WebDid) -> Result<Vec<u8>, ResolveError> {
+        self.fetches.fetch_add(1, Ordering::Relaxed);
+        let addr = self.address(did).await?;
+        let mut builder = reqwest::Client::builder()
+            .https_only(true)
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .connect_timeout(self.timeout)
+            .timeout(self.timeout)
+            .resolve(did.host(), addr);
+        if !self.roots.is_empty() {
+            builder = builder.tls_certs_only(self.roots.iter().cloned());
+        }
+        let client = builder
+            .build()
+            .map_err(|e| ResolveError::Fetch(e.without_url().to_string()))?;
+        let resp = client
+            .get(did.document_url())
+            .header("accept", "application/did+json, application/json")
+            .send()
+            .await
+            .map_err(|e| ResolveError::Fetch(e.without_url().to_string()))?;
+        if resp.status() != reqwest::StatusCode::OK {
+            return Err(ResolveError::Status(resp.status().as_u16()));
+        }
+        if resp
+            .content_length()
+            .is_some_and(|n| n > MAX_DOCUMENT as u64)
+        {
+            return Err(DocumentError::TooLarge.into());
+        }
+        let mut body = Vec::new();
+        let mut stream = resp.bytes_stream();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| ResolveError::Fetch(e.without_url().to_string()))?;
+            if body.len() + chunk.len() > MAX_DOCUMENT {
+                return Err(DocumentError::TooLarge.into());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
+    }
+}
+
+impl ssi_dids_core::DIDMethod for WebMethod {
+    const DID_METHOD_NAME: &'static str = "web";
+}
+
+impl ssi_dids_core::DIDMethodResolver for WebMethod {
+    async fn resolve_method_representation<'a>(
+        &'a self,
+        method_specific_id: &'a str,
+        _options: ssi_dids_core::resolution::Options,
+    ) -> Result<ssi_dids_core::resolution::Output<Vec<u8>>, ssi_dids_core::resolution::Error> {
+        use ssi_dids_core::resolution::Error;
+        let did = WebDid::parse(&format!("did:web:{method_specific_id}"))
+            .map_err(|e| Error::InvalidMethodSpecificId(e.to_string()))?;
+        match self.fetch(&did).await {
+            Ok(bytes) => Ok(ssi_dids_core::resolution::Output::from_content(
+                bytes,
+                Some("application/did+json".into()),
+            )),
+            Err(ResolveError::Status(404)) => Err(Error::NotFound),
+            Err(e) => Err(Error::internal(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolver(allow_local: bool) -> WebResolver {
+        let cfg = DidWeb {
+            allow_local,
+            ..DidWeb::default()
+        };
+        WebResolver::new(&cfg, Path::new("/nonexistent")).expect("resolver")
+    }
+
+    #[tokio::test]
+    async fn local_hosts_are_refused_without_test_mode() {
+        let r = resolver(false);
+        for did in [
+            "did:web:localhost%3A8443",
+            "did:web:127.0.0.1",
+            "did:web:10.0.0.1",
+            "did:web:169.254.169.254:latest",
+            "did:web:api.localhost",
+        ] {
+            let did = WebDid::parse(did).expect("did");
+            assert!(
+                matches!(r.resolve(&did).await, Err(ResolveError::Local(_))),
+                "{did} was not refused as local"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn ssi_trait_maps_errors() {
+        use ssi_dids_core::DIDMethodResolver;
+        let r = resolver(false);
+        let out = r
+            .method()
+            .resolve_method_representation("localhost", Default::default())
+            .await;
+        assert!(out.is_err());
+        let out = r
+            .method()
+            .resolve_method_representation("Bad..Host", Default::default())
+            .await;
+        assert!(matches!(
+            out,
+            Err(ssi_dids_core::resolution::Error::InvalidMethodSpecificId(_))
+        ));
+    }
+}

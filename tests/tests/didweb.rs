@@ -1,0 +1,324 @@
+//! did:web callers, end to end: an organisation publishes its agents' keys in a DID document
+//! served over HTTPS by a local server whose test CA only the gateway's resolver trusts; the
+//! gateway resolves the document after the handshake, checks the caller's key is listed for
+//! authentication, records the document's hash in the audit entry and keeps the document
+//! beside the chain; the verifier attributes the signatures through it.
+
+use std::path::PathBuf;
+
+use didgate_audit::entry::EntryKind;
+use didgate_audit::{load_records, verify};
+use didgate_client::{CallError, CallSpec};
+use didgate_gateway::config::{Config, DidWeb, Rule};
+use didgate_protocol::message::RefusalCode;
+use didgate_protocol::web::{DidDocument, did_web_document, document_hash};
+use didgate_protocol::{Identity, WebDid};
+use didgate_tests::docserver::{DocServer, Served};
+use didgate_tests::{Harness, bin, refusal_code};
+
+fn balance() -> CallSpec {
+    CallSpec::new("payments", "GET", "/v1/balance")
+}
+
+/// The test CA's PEM, written where the gateway's configuration names it.
+fn write_ca(docs: &DocServer) -> anyhow::Result<(tempfile::TempDir, PathBuf)> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("test-ca.pem");
+    std::fs::write(&path, docs.ca_pem())?;
+    Ok((dir, path))
+}
+
+/// A gateway that trusts the test CA, accepts local hosts (tests only), caches documents for
+/// `ttl` seconds, and lets `org` (a did:web) GET /v1/balance.
+async fn gateway(
+    ca: &std::path::Path,
+    org: &WebDid,
+    ttl: u64,
+    roots: bool,
+) -> anyhow::Result<Harness> {
+    let ca = ca.display().to_string();
+    let org = org.to_string();
+    Harness::start_with(move |c: &mut Config| {
+        c.did_web = DidWeb {
+            cache_ttl_secs: ttl,
+            timeout_secs: 5,
+            test_roots: if roots { vec![ca] } else { Vec::new() },
+            allow_local: true,
+        };
+        c.rules.push(Rule {
+            principals: vec![org],
+            upstream: "payments".into(),
+            methods: vec!["GET".into()],
+            paths: vec!["/v1/balance".into()],
+        });
+    })
+    .await
+}
+
+fn agent(seed: u8, org: &WebDid, fragment: &str) -> Identity {
+    Identity::from_seed(&[seed; 32]).acting_as(org.clone(), fragment)
+}
+
+fn publish(docs: &DocServer, org: &WebDid, fragment: &str, key: &Identity) -> Vec<u8> {
+    let bytes = did_web_document(org, fragment, key.did()).into_bytes();
+    docs.publish(org, Served::Document(bytes.clone()));
+    bytes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn did_web_caller_is_admitted_audited_and_verified() -> anyhow::Result<()> {
+    let docs = DocServer::start().await?;
+    let (_ca_dir, ca) = write_ca(&docs)?;
+    let org = docs.did(&["agents", "a1"]);
+    let a1 = agent(0xc1, &org, "key-1");
+    let doc = publish(&docs, &org, "key-1", &a1);
+    let mut h = gateway(&ca, &org, 3600, true).await?;
+    let c = h.client("a1", a1).await?;
+
+    let answer = c.call(balance()).await?;
+    assert_eq!(answer.status, 200);
+    // the document is cached: a second call costs no fetch
+    assert_eq!(c.call(balance()).await?.status, 200);
+    assert_eq!(docs.requests(), 1, "one fetch for two calls within the TTL");
+    // policy names the did:web, not the key: a write is still refused by policy
+    let write = CallSpec::new("payments", "POST", "/v1/charges").body(b"{}".to_vec());
+    assert_eq!(
+        refusal_code(&c.call(write).await),
+        Some(RefusalCode::Policy)
+    );
+    assert_eq!(h.upstream.seen().len(), 2);
+
+    c.close().await;
+    drop(c);
+    h.stop().await;
+    // the document is exported with the chain (the daemon's store, opened by the CLI)
+    let out = h.dir.path().join("gw.export");
+    let status = std::process::Command::new(bin("didgated")?)
+        .args(["export", "--data"])
+        .arg(h.gw_dir())
+        .arg("--out")
+        .arg(&out)
+        .status()?;
+    assert!(status.success());
+    let entries = h.gateway_entries()?;
+    let executing: Vec<_> = entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::Executing)
+        .collect();
+    assert_eq!(executing.len(), 2);
+    for e in &executing {
+        assert_eq!(e.subject.as_deref(), Some(org.as_str()));
+        assert_eq!(e.did_doc, Some(document_hash(&doc)));
+    }
+    let refused = entries
+        .iter()
+        .find(|e| e.kind == EntryKind::Refused)
+        .expect("the policy refusal has its own entry (policy names the did:web)");
+    assert_eq!(refused.subject.as_deref(), Some(org.as_str()));
+    assert_eq!(refused.did_doc, Some(document_hash(&doc)));
+
+    // the document is kept beside the chain, and exported with it
+    let gw = load_records(&h.gw_dir())?;
+    assert_eq!(gw.documents, vec![doc.clone()]);
+    let exported = load_records(&out)?;
+    assert_eq!(exported.documents, vec![doc]);
+
+    let client = load_records(&h.chain_dir("a1"))?;
+    let report = verify::verify(&[exported], std::slice::from_ref(&client));
+    assert!(report.ok(), "{:?}", report.violations);
+    // without the document, the verifier cannot attribute the did:web signatures
+    let mut bare = load_records(&h.gw_dir())?;
+    bare.documents.clear();
+    let report = verify::verify(&[bare], &[client]);
+    assert!(!report.ok(), "signatures attributed without the document");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_rotated_out_of_the_document_is_refused() -> anyhow::Result<()> {
+    let docs = DocServer::start().await?;
+    let (_ca_dir, ca) = write_ca(&docs)?;
+    let org = docs.did(&["agents"]);
+    let old = agent(0xd1, &org, "key-1");
+    let new = agent(0xd2, &org, "key-2");
+    publish(&docs, &org, "key-1", &old);
+    // TTL 0: every request sees the current document
+    let mut h = gateway(&ca, &org, 0, true).await?;
+    let c_old = h.client("old", old).await?;
+    assert_eq!(c_old.call(balance()).await?.status, 200);
+
+    // the organisation rotates: the document now lists only the new key
+    publish(&docs, &org, "key-2", &new);
+    assert_eq!(
+        refusal_code(&c_old.call(balance()).await),
+        Some(RefusalCode::DidUnresolved)
+    );
+    let c_new = h.client("new", new).await?;
+    assert_eq!(c_new.call(balance()).await?.status, 200);
+    // a key listed, signing under another fragment than the one that holds it
+    let wrong_fragment = agent(0xd2, &org, "key-1");
+    let c_wrong = h.client("wrong", wrong_fragment).await?;
+    assert_eq!(
+        refusal_code(&c_wrong.call(balance()).await),
+        Some(RefusalCode::DidUnresolved)
+    );
+    assert_eq!(
+        h.upstream.seen().len(),
+        2,
+        "refused calls never reach the upstream"
+    );
+    for c in [c_old, c_new, c_wrong] {
+        c.close().await;
+    }
+    h.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unresolvable_documents_are_refused_typed() -> anyhow::Result<()> {
+    let docs = DocServer::start().await?;
+    let (_ca_dir, ca) = write_ca(&docs)?;
+    let org = docs.did(&["org"]);
+    let mut h = gateway(&ca, &org, 0, true).await?;
+    let id = agent(0xe1, &org, "k");
+    let c = h.client("e1", id).await?;
+    let refused = |r: &Result<_, CallError>| refusal_code(r) == Some(RefusalCode::DidUnresolved);
+
+    // not published: 404
+    assert!(refused(&c.call(balance()).await));
+    // a redirect is not followed
+    docs.publish(
+        &org,
+        Served::Redirect("https://example.com/did.json".into()),
+    );
+    assert!(refused(&c.call(balance()).await));
+    // a document for another DID
+    let other = docs.did(&["other"]);
+    let key = Identity::from_seed(&[0xe1; 32]);
+    docs.publish(
+        &org,
+        Served::Document(did_web_document(&other, "k", key.did()).into_bytes()),
+    );
+    assert!(refused(&c.call(balance()).await));
+    // the key in verificationMethod but not under authentication
+    let mb = &key.did().as_str()["did:key:".len()..];
+    let not_auth = serde_json::json!({
+        "id": org.as_str(),
+        "verificationMethod": [{"id": format!("{org}#k"), "type": "Ed25519VerificationKey2020",
+                                "controller": org.as_str(), "publicKeyMultibase": mb}],
+        "assertionMethod": ["#k"]
+    });
+    docs.publish(&org, Served::Document(not_auth.to_string().into_bytes()));
+    assert!(refused(&c.call(balance()).await));
+    // larger than the cap
+    let mut big = did_web_document(&org, "k", key.did()).into_bytes();
+    big.truncate(big.len() - 1);
+    big.extend(std::iter::repeat_n(
+        b' ',
+        didgate_protocol::web::MAX_DOCUMENT,
+    ));
+    big.push(b'}');
+    docs.publish(&org, Served::Document(big));
+    assert!(refused(&c.call(balance()).await));
+    assert!(h.upstream.seen().is_empty());
+
+    // and once the right document is served, the same caller gets through
+    publish(&docs, &org, "k", &key);
+    assert_eq!(c.call(balance()).await?.status, 200);
+    c.close().await;
+    h.stop().await;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_domains_and_untrusted_certificates_cost_no_call() -> anyhow::Result<()> {
+    let docs = DocServer::start().await?;
+    let (_ca_dir, ca) = write_ca(&docs)?;
+    let org = docs.did(&["org"]);
+    let key = Identity::from_seed(&[0xf1; 32]);
+    publish(&docs, &org, "k", &key);
+
+    // a domain no policy names is refused without any fetch (not even DNS)
+    let mut h = gateway(&ca, &org, 0, true).await?;
+    let stranger =
+        Identity::from_seed(&[0xf2; 32]).acting_as(WebDid::parse("did:web:unnamed.invalid")?, "k");
+    let c = h.client("stranger", stranger).await?;
+    assert_eq!(
+        refusal_code(&c.call(balance()).await),
+        Some(RefusalCode::DidUnresolved)
+    );
+    assert_eq!(docs.requests(), 0);
+    c.close().await;
+    h.stop().await;
+
+    // without the test CA among its roots, the gateway cannot fetch the document
+    let mut h = gateway(&ca, &org, 0, false).await?;
+    let c = h
+        .client(
+            "f1",
+            Identity::from_seed(&[0xf1; 32]).acting_as(org.clone(), "k"),
+        )
+        .await?;
+    assert_eq!(
+        refusal_code(&c.call(balance()).await),
+        Some(RefusalCode::DidUnresolved)
+    );
+    assert!(h.upstream.seen().is_empty());
+    c.close().await;
+    h.stop().await;
+    Ok(())
+}
+
+#[test]
+fn whoami_prints_the_did_documents() -> anyhow::Result<()> {
+    let home = tempfile::tempdir()?;
+    let didgate = |args: &[&str]| -> anyhow::Result<std::process::Output> {
+        Ok(std::process::Command::new(bin("didgate")?)
+            .arg("--home")
+            .arg(home.path())
+            .args(args)
+            .output()?)
+    };
+    let out = didgate(&["keygen", "--json"])?;
+    assert!(out.status.success());
+    let key: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let key = key["did"].as_str().unwrap_or_default().to_string();
+    assert!(key.starts_with("did:key:z6Mk"));
+
+    let out = didgate(&["whoami", "--document"])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(doc["id"], key.as_str());
+    assert!(
+        doc["authentication"]
+            .as_array()
+            .is_some_and(|a| !a.is_empty())
+    );
+
+    let org = WebDid::parse("did:web:example.com:agents:a1")?;
+    let out = didgate(&[
+        "--as",
+        "did:web:example.com:agents:a1#key-1",
+        "whoami",
+        "--document",
+    ])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let parsed = DidDocument::parse(&org, &out.stdout)?;
+    let did_key = didgate_protocol::Did::parse(&key)?;
+    assert!(parsed.authenticates("key-1", &did_key));
+
+    let out = didgate(&["--as", "did:web:example.com:agents:a1#key-1", "whoami"])?;
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), org.as_str());
+    // a malformed --as is a usage error, exit 2
+    let out = didgate(&["--as", "did:web:Example.com", "whoami"])?;
+    assert_eq!(out.status.code(), Some(2));
+    Ok(())
+}
