@@ -105,6 +105,9 @@ impl Drop for Daemon {
     }
 }
 
+/// A client chain's name and its identity.
+type Named = (&'static str, fn() -> Identity);
+
 /// What the clients saw succeed: call ID -> the receipt's (grant, closing entry).
 type Successes = Arc<Mutex<HashMap<[u8; 32], ([u8; 16], EntryRef)>>>;
 
@@ -120,7 +123,7 @@ async fn load(client: Arc<Client>, who: &'static str, stop: Arc<AtomicBool>, ok:
                 .header("content-type", "application/json")
                 .body(format!(r#"{{"amount":{i},"currency":"usd"}}"#).into_bytes()),
         };
-        let answer = if who == "alice-b" && i % 3 == 0 {
+        let answer = if who == "alice-b" && i.is_multiple_of(3) {
             match client.grant(spec).await {
                 Ok(g) => client.execute(&g).await,
                 Err(e) => Err(e),
@@ -291,7 +294,7 @@ async fn kill_9_under_load_loses_nothing_acknowledged() -> anyhow::Result<()> {
     let data = h.gw_dir();
     let log = h.dir.path().join("didgated.log");
     let export_file = h.dir.path().join("gateway.export");
-    let names: [(&'static str, fn() -> Identity); 3] =
+    let names: [Named; 3] =
         [("alice-a", alice), ("alice-b", alice), ("bob", bob)];
     let chains: Vec<PathBuf> = names.iter().map(|(n, _)| h.chain_dir(n)).collect();
     let ok: Successes = Arc::default();
