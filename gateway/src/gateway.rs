@@ -986,16 +986,14 @@ impl Gateway {
             }
             Err(why) => {
                 tracing::error!(%why, "audit store unavailable: refusing calls");
-                self.emit_refusal(
-                    req,
-                    RefusalCode::AuditUnavailable,
-                    "the audit log cannot be written",
-                );
+                // the cause (a full disk, an I/O error) is the operator's; it holds no secret
+                let reason = format!("the audit log cannot be written ({why})");
+                self.emit_refusal(req, RefusalCode::AuditUnavailable, &reason);
                 self.answer_refusal(
                     send,
                     Some(req.envelope.digest()),
                     RefusalCode::AuditUnavailable,
-                    "the audit log cannot be written",
+                    &reason,
                     None,
                 )
                 .await;
