@@ -42,7 +42,7 @@ async fn bad_upstream() -> anyhow::Result<(String, Arc<Mutex<Vec<String>>>)> {
                 let answer: &[u8] = match path.as_str() {
                     "/reset" => {
                         // RST instead of FIN
-                        let _ = sock.set_linger(Some(std::time::Duration::ZERO));
+                        let _ = sock.set_zero_linger();
                         return;
                     }
                     "/close" => return,
