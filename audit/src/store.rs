@@ -10,10 +10,10 @@
 //! until the store is reopened.
 
 use std::collections::HashMap;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use didgate_protocol::message::{ChainHead, Checkpoint, Digest, EntryRef, SignedMessage};
@@ -61,31 +61,36 @@ pub enum StoreError {
     /// The chain belongs to another owner than the one opening it.
     #[error("this chain belongs to {0}")]
     WrongOwner(String),
+    /// The database is closed: a reopen after an I/O error failed (the next may succeed).
+    #[error("store closed after an I/O error; reopening failed")]
+    Closed,
 }
 
 /// A key and its value.
 pub type KeyValue = (Vec<u8>, Vec<u8>);
 
-/// One fjall database with named keyspaces.
+/// One fjall database with named keyspaces. Clones share the database, and
+/// [`Store::reopen`] swaps it for all of them at once.
 #[derive(Clone)]
 pub struct Store {
+    path: PathBuf,
+    extra: Arc<Vec<&'static str>>,
+    /// `None` while a reopen failed (the next one may succeed).
+    current: Arc<RwLock<Option<Arc<Engine>>>>,
+}
+
+/// The open database and its keyspace handles.
+struct Engine {
     db: Database,
     entries: Keyspace,
     meta: Keyspace,
     merkle: Keyspace,
     checkpoints: Keyspace,
-    spaces: Arc<HashMap<&'static str, Keyspace>>,
+    spaces: HashMap<&'static str, Keyspace>,
 }
 
-impl std::fmt::Debug for Store {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").finish_non_exhaustive()
-    }
-}
-
-impl Store {
-    /// Opens (or creates) the store at `path` with the extra keyspaces named.
-    pub fn open(path: &Path, extra: &[&'static str]) -> Result<Self, StoreError> {
+impl Engine {
+    fn open(path: &Path, extra: &[&'static str]) -> Result<Self, StoreError> {
         let db = Database::builder(path).cache_size(8 * 1024 * 1024).open()?;
         let entries = db.keyspace(ENTRIES, KeyspaceCreateOptions::default)?;
         let meta = db.keyspace(META, KeyspaceCreateOptions::default)?;
@@ -101,13 +106,11 @@ impl Store {
             meta,
             merkle,
             checkpoints,
-            spaces: Arc::new(spaces),
+            spaces,
         })
     }
 
-    /// The did:web documents kept beside the chain ([`DOCUMENTS`]): none if the store has no
-    /// such keyspace (a client chain). Never creates the keyspace.
-    pub fn documents(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+    fn documents(&self) -> Result<Vec<Vec<u8>>, StoreError> {
         let space = match self.spaces.get(DOCUMENTS) {
             Some(k) => k.clone(),
             None if self.db.keyspace_exists(DOCUMENTS) => self
@@ -128,15 +131,84 @@ impl Store {
             .get(space)
             .ok_or_else(|| StoreError::UnknownSpace(space.to_string()))
     }
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the store at `path` with the extra keyspaces named.
+    pub fn open(path: &Path, extra: &[&'static str]) -> Result<Self, StoreError> {
+        let engine = Engine::open(path, extra)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            extra: Arc::new(extra.to_vec()),
+            current: Arc::new(RwLock::new(Some(Arc::new(engine)))),
+        })
+    }
+
+    /// The database in use now.
+    fn engine(&self) -> Result<Arc<Engine>, StoreError> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or(StoreError::Closed)
+    }
+
+    /// Closes the database and opens it again from what is durable, for every clone of this
+    /// store: the way back after an I/O error (fjall refuses every write once one failed). The
+    /// old database must be released first (its lock file), so this waits, boundedly, for
+    /// operations still using it; on failure the old (failed) database stays in place.
+    pub fn reopen(&self) -> Result<(), StoreError> {
+        let mut current = self.current.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = current.take() {
+            // Readers hold the engine only for the span of one operation.
+            let deadline = Instant::now() + Duration::from_secs(2);
+            while Arc::strong_count(&old) > 1 && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            // dropped (lock file released) before it is opened again
+            drop(old);
+        }
+        let mut last = None;
+        for _ in 0..20 {
+            match Engine::open(&self.path, &self.extra) {
+                Ok(engine) => {
+                    *current = Some(Arc::new(engine));
+                    return Ok(());
+                }
+                Err(e) => {
+                    last = Some(e);
+                    // fjall's background workers may still hold the lock for a moment
+                    std::thread::sleep(Duration::from_millis(25));
+                }
+            }
+        }
+        Err(last.unwrap_or(StoreError::Corrupt {
+            seq: 0,
+            why: "cannot reopen".into(),
+        }))
+    }
+
+    /// The did:web documents kept beside the chain ([`DOCUMENTS`]): none if the store has no
+    /// such keyspace (a client chain). Never creates the keyspace.
+    pub fn documents(&self) -> Result<Vec<Vec<u8>>, StoreError> {
+        self.engine()?.documents()
+    }
 
     /// Reads a key from a named keyspace.
     pub fn get(&self, space: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.named(space)?.get(key)?.map(|v| v.to_vec()))
+        Ok(self.engine()?.named(space)?.get(key)?.map(|v| v.to_vec()))
     }
 
     /// All (key, value) pairs of a named keyspace whose key starts with `prefix`.
     pub fn scan(&self, space: &str, prefix: &[u8]) -> Result<Vec<KeyValue>, StoreError> {
-        let ks = self.named(space)?;
+        let engine = self.engine()?;
+        let ks = engine.named(space)?;
         let mut out = Vec::new();
         for guard in ks.prefix(prefix) {
             let (k, v) = guard.into_inner()?;
@@ -152,43 +224,88 @@ impl Store {
         puts: &[(&str, Vec<u8>, Vec<u8>)],
         removes: &[(&str, Vec<u8>)],
     ) -> Result<(), StoreError> {
-        let mut batch = self.db.batch();
+        let engine = self.engine()?;
+        let mut batch = engine.db.batch();
         for (space, k, v) in puts {
-            batch.insert(self.named(space)?, k.clone(), v.clone());
+            batch.insert(engine.named(space)?, k.clone(), v.clone());
         }
         for (space, k) in removes {
-            batch.remove(self.named(space)?, k.clone());
+            batch.remove(engine.named(space)?, k.clone());
         }
         batch.commit()?;
-        self.db.persist(PersistMode::SyncAll)?;
+        engine.db.persist(PersistMode::SyncAll)?;
         Ok(())
     }
 
     /// The entry at `seq`, as stored.
     pub fn entry_bytes(&self, seq: u64) -> Result<Option<Vec<u8>>, StoreError> {
-        Ok(self.entries.get(seq.to_be_bytes())?.map(|v| v.to_vec()))
+        Ok(self
+            .engine()?
+            .entries
+            .get(seq.to_be_bytes())?
+            .map(|v| v.to_vec()))
     }
 
     /// Every entry in key order, as (key seq, bytes). A key that is not 8 bytes yields
     /// `u64::MAX` so the verifier reports it.
     pub fn entries(&self) -> impl Iterator<Item = Result<(u64, Vec<u8>), StoreError>> + '_ {
-        self.entries.iter().map(|g| {
-            let (k, v) = g.into_inner()?;
-            let seq = <[u8; 8]>::try_from(k.as_ref())
-                .map(u64::from_be_bytes)
-                .unwrap_or(u64::MAX);
-            Ok((seq, v.to_vec()))
-        })
+        let (iter, closed) = match self.engine() {
+            Ok(e) => (Some(e.entries.iter()), None),
+            Err(e) => (None, Some(Err(e))),
+        };
+        closed
+            .into_iter()
+            .chain(iter.into_iter().flatten().map(|g| {
+                let (k, v) = g.into_inner()?;
+                let seq = <[u8; 8]>::try_from(k.as_ref())
+                    .map(u64::from_be_bytes)
+                    .unwrap_or(u64::MAX);
+                Ok((seq, v.to_vec()))
+            }))
     }
 
     /// The recorded chain head (the last acknowledged entry), if any.
     pub fn head(&self) -> Result<Option<EntryRef>, StoreError> {
-        Ok(self.meta.get(HEAD_KEY)?.and_then(|v| decode_ref(&v)))
+        Ok(self
+            .engine()?
+            .meta
+            .get(HEAD_KEY)?
+            .and_then(|v| decode_ref(&v)))
+    }
+
+    /// The acknowledged head and the Merkle frontier as stored, checked against the last entry.
+    fn durable_head(&self) -> Result<(EntryRef, Frontier), StoreError> {
+        let (last, hash) = self.last_entry()?.ok_or(StoreError::Corrupt {
+            seq: 0,
+            why: "vanished".into(),
+        })?;
+        let head = EntryRef {
+            seq: last.seq,
+            hash,
+        };
+        if self.head()? != Some(head) {
+            return Err(StoreError::Corrupt {
+                seq: last.seq,
+                why: "the last entry is not the recorded head (altered or appended outside the writer)"
+                    .into(),
+            });
+        }
+        let frontier = self
+            .engine()?
+            .meta
+            .get(FRONTIER_KEY)?
+            .and_then(|v| decode_frontier(&v))
+            .filter(|f| f.size() == head.seq + 1)
+            .ok_or(StoreError::Corrupt {
+                seq: head.seq,
+                why: "Merkle frontier missing or stale".into(),
+            })?;
+        Ok((head, frontier))
     }
 
     /// The last entry by key, decoded.
     fn last_entry(&self) -> Result<Option<(Entry, Digest)>, StoreError> {
-        let Some(guard) = self.entries.last_key_value() else {
+        let Some(guard) = self.engine()?.entries.last_key_value() else {
             return Ok(None);
         };
         let (k, v) = guard.into_inner()?;
@@ -345,7 +462,9 @@ fn decode_frontier(v: &[u8]) -> Option<Frontier> {
 impl merkle::SubtreeSource for Store {
     fn subtree(&self, level: u32, index: u64) -> Option<Digest> {
         let level8 = u8::try_from(level).ok()?;
-        self.merkle
+        self.engine()
+            .ok()?
+            .merkle
             .get(merkle_key(u32::from(level8), index))
             .ok()??
             .as_ref()
@@ -363,7 +482,7 @@ impl Store {
     /// The signed checkpoints of sizes up to `max_size`, in size order.
     pub fn checkpoints_upto(&self, max_size: u64) -> Result<Vec<Vec<u8>>, StoreError> {
         let mut out = Vec::new();
-        for g in self.checkpoints.range(..=max_size.to_be_bytes()) {
+        for g in self.engine()?.checkpoints.range(..=max_size.to_be_bytes()) {
             out.push(g.value()?.to_vec());
         }
         Ok(out)
@@ -397,7 +516,8 @@ impl Chain {
         policy: CheckpointPolicy,
     ) -> Result<Self, StoreError> {
         let owner = signer.did().clone();
-        let mut batch = store.db.batch();
+        let engine = store.engine()?;
+        let mut batch = engine.db.batch();
         let (id, head, frontier, last_cp) = match store.entry_bytes(0)? {
             Some(bytes) => {
                 let genesis = Entry::decode(&bytes).map_err(|e| StoreError::Corrupt {
@@ -407,30 +527,8 @@ impl Chain {
                 if genesis.owner.as_deref() != Some(owner.as_str()) || genesis.role != Some(role) {
                     return Err(StoreError::WrongOwner(genesis.owner.unwrap_or_default()));
                 }
-                let (last, hash) = store.last_entry()?.ok_or(StoreError::Corrupt {
-                    seq: 0,
-                    why: "vanished".into(),
-                })?;
-                let head = EntryRef {
-                    seq: last.seq,
-                    hash,
-                };
-                if store.head()? != Some(head) {
-                    return Err(StoreError::Corrupt {
-                        seq: last.seq,
-                        why: "the last entry is not the recorded head (altered or appended outside the writer)".into(),
-                    });
-                }
-                let frontier = store
-                    .meta
-                    .get(FRONTIER_KEY)?
-                    .and_then(|v| decode_frontier(&v))
-                    .filter(|f| f.size() == head.seq + 1)
-                    .ok_or(StoreError::Corrupt {
-                        seq: head.seq,
-                        why: "Merkle frontier missing or stale".into(),
-                    })?;
-                let last_cp = store
+                let (head, frontier) = store.durable_head()?;
+                let last_cp = engine
                     .checkpoints
                     .last_key_value()
                     .map(|g| g.key())
@@ -452,15 +550,16 @@ impl Chain {
                     hash: entry_hash(&bytes),
                 };
                 let mut frontier = Frontier::default();
-                stage_leaf(&store, &mut batch, &mut frontier, &head.hash);
-                batch.insert(&store.entries, 0u64.to_be_bytes(), bytes);
-                batch.insert(&store.meta, HEAD_KEY, encode_ref(&head));
-                batch.insert(&store.meta, FRONTIER_KEY, encode_frontier(&frontier));
+                stage_leaf(&engine, &mut batch, &mut frontier, &head.hash);
+                batch.insert(&engine.entries, 0u64.to_be_bytes(), bytes);
+                batch.insert(&engine.meta, HEAD_KEY, encode_ref(&head));
+                batch.insert(&engine.meta, FRONTIER_KEY, encode_frontier(&frontier));
                 (head.hash, head, frontier, 0)
             }
         };
         batch.commit()?;
-        store.db.persist(PersistMode::SyncAll)?;
+        engine.db.persist(PersistMode::SyncAll)?;
+        drop(engine);
         let (tx, rx) = mpsc::channel();
         let failed = Arc::new(AtomicBool::new(false));
         let writer = Writer {
@@ -473,6 +572,8 @@ impl Chain {
             last_cp,
             last_cp_at: Instant::now(),
             failed: failed.clone(),
+            cause: None,
+            closes: Vec::new(),
         };
         std::thread::Builder::new()
             .name("didgate-audit-writer".into())
@@ -564,9 +665,30 @@ impl Chain {
     }
 }
 
+/// Stages `entry` after `head` (seq and prev filled in) with its Merkle leaf; returns the new
+/// head.
+fn stage_entry(
+    engine: &Engine,
+    batch: &mut fjall::OwnedWriteBatch,
+    frontier: &mut Frontier,
+    head: EntryRef,
+    mut entry: Entry,
+) -> EntryRef {
+    entry.seq = head.seq + 1;
+    entry.prev = head.hash;
+    let bytes = entry.encode();
+    let head = EntryRef {
+        seq: entry.seq,
+        hash: entry_hash(&bytes),
+    };
+    batch.insert(&engine.entries, entry.seq.to_be_bytes(), bytes);
+    stage_leaf(engine, batch, frontier, &head.hash);
+    head
+}
+
 /// Stages a leaf (level 0) and the subtrees it completes, and pushes it on the frontier.
 fn stage_leaf(
-    store: &Store,
+    store: &Engine,
     batch: &mut fjall::OwnedWriteBatch,
     frontier: &mut Frontier,
     entry_hash: &Digest,
@@ -590,9 +712,61 @@ struct Writer {
     last_cp: u64,
     last_cp_at: Instant,
     failed: Arc<AtomicBool>,
+    /// Why the store failed (kept for the refusals until it is reopened).
+    cause: Option<String>,
+    /// Entries the writer owes the chain after a reopen (see [`Writer::recover`]).
+    closes: Vec<Entry>,
 }
 
+/// Bytes written (then removed) to check that the store's file system takes writes again.
+const PROBE_BYTES: usize = 1024 * 1024;
+
 impl Writer {
+    /// The way back from a failed store: checks that its file system takes writes again, reopens
+    /// the database (fjall refuses every write after an I/O error), and takes the head and the
+    /// Merkle frontier from what is durable. An append whose batch was reported failed may have
+    /// been made durable after all: an `executing` entry among those is closed as `abandoned`
+    /// (its caller was refused, the call never ran), so no executing entry stays open.
+    fn recover(&mut self) -> Result<(), String> {
+        let cause = self.cause.clone().unwrap_or_else(|| "store failed".into());
+        let probe = self.store.path.join("reopen.probe");
+        let written = std::fs::File::create(&probe).and_then(|mut f| {
+            std::io::Write::write_all(&mut f, &vec![0u8; PROBE_BYTES])?;
+            f.sync_all()
+        });
+        let _ = std::fs::remove_file(&probe);
+        written.map_err(|e| format!("{cause}; still failing: {e}"))?;
+        self.store
+            .reopen()
+            .map_err(|e| format!("{cause}; reopening failed: {e}"))?;
+        let (head, frontier) = self
+            .store
+            .durable_head()
+            .map_err(|e| format!("{cause}; after reopening: {e}"))?;
+        for seq in self.head.seq + 1..=head.seq {
+            let Ok(Some(bytes)) = self.store.entry_bytes(seq) else {
+                continue;
+            };
+            if let Ok(e) = Entry::decode(&bytes)
+                && e.kind == EntryKind::Executing
+                && let Some(call) = e.call
+            {
+                let mut close = Entry::new(EntryKind::Abandoned, now_ms());
+                close.call = Some(call);
+                close.policy = e.policy;
+                close.detail = Some(format!(
+                    "executing entry {seq} was reported unwritten (store failure) and never ran"
+                ));
+                self.closes.push(close);
+            }
+        }
+        self.head = head;
+        self.frontier = frontier;
+        self.cause = None;
+        self.failed.store(false, Ordering::Release);
+        Ok(())
+    }
+
     fn run(mut self, rx: mpsc::Receiver<Msg>) {
         let mut closing = None;
         while closing.is_none() {
@@ -636,16 +810,26 @@ impl Writer {
     }
 
     fn commit(&mut self, jobs: Vec<(Append, Reply)>, force: bool) -> Result<(), AppendError> {
-        if self.failed.load(Ordering::Acquire) {
-            let err = AppendError::Unavailable("store failed; reopen required".into());
+        if self.failed.load(Ordering::Acquire)
+            && let Err(why) = self.recover()
+        {
+            let err = AppendError::Unavailable(why);
             for (_, reply) in jobs {
                 let _ = reply.send(Err(err.clone()));
             }
             return Err(err);
         }
-        let mut batch = self.store.db.batch();
+        let engine = match self.store.engine() {
+            Ok(e) => e,
+            Err(e) => return self.fail(jobs.into_iter().map(|(_, r)| r), e.to_string()),
+        };
+        let mut batch = engine.db.batch();
         let mut head = self.head;
         let mut frontier = self.frontier.clone();
+        let closes = std::mem::take(&mut self.closes);
+        for entry in closes.iter().cloned() {
+            head = stage_entry(&engine, &mut batch, &mut frontier, head, entry);
+        }
         let mut claimed: HashMap<(&'static str, Vec<u8>), Vec<u8>> = HashMap::new();
         let mut outcomes = Vec::with_capacity(jobs.len());
         for (append, reply) in jobs {
@@ -654,21 +838,12 @@ impl Writer {
                 continue;
             }
             for c in append.claims {
-                if let Some(ks) = self.store.spaces.get(c.space) {
+                if let Some(ks) = engine.spaces.get(c.space) {
                     batch.insert(ks, c.key.clone(), c.value.clone());
                 }
                 claimed.insert((c.space, c.key), c.value);
             }
-            let mut entry = append.entry;
-            entry.seq = head.seq + 1;
-            entry.prev = head.hash;
-            let bytes = entry.encode();
-            head = EntryRef {
-                seq: entry.seq,
-                hash: entry_hash(&bytes),
-            };
-            batch.insert(&self.store.entries, entry.seq.to_be_bytes(), bytes);
-            stage_leaf(&self.store, &mut batch, &mut frontier, &head.hash);
+            head = stage_entry(&engine, &mut batch, &mut frontier, head, append.entry);
             outcomes.push((
                 reply,
                 Ok(Appended {
@@ -684,12 +859,8 @@ impl Writer {
         let checkpoint = self.checkpoint_due(force);
         if grew || checkpoint {
             if grew {
-                batch.insert(&self.store.meta, HEAD_KEY, encode_ref(&head));
-                batch.insert(
-                    &self.store.meta,
-                    FRONTIER_KEY,
-                    encode_frontier(&self.frontier),
-                );
+                batch.insert(&engine.meta, HEAD_KEY, encode_ref(&head));
+                batch.insert(&engine.meta, FRONTIER_KEY, encode_frontier(&self.frontier));
             }
             if checkpoint {
                 let cp = Checkpoint {
@@ -702,23 +873,21 @@ impl Writer {
                     time_ms: now_ms(),
                 };
                 batch.insert(
-                    &self.store.checkpoints,
+                    &engine.checkpoints,
                     cp.size.to_be_bytes(),
                     cp.sign(&self.signer),
                 );
             }
             let durable = batch
                 .commit()
-                .and_then(|()| self.store.db.persist(PersistMode::SyncAll));
+                .and_then(|()| engine.db.persist(PersistMode::SyncAll));
+            drop(engine);
             if let Err(e) = durable {
-                self.failed.store(true, Ordering::Release);
                 self.frontier = saved_frontier;
                 self.head = saved_head;
-                let err = AppendError::Unavailable(e.to_string());
-                for (reply, _) in outcomes {
-                    let _ = reply.send(Err(err.clone()));
-                }
-                return Err(err);
+                self.closes = closes;
+                let replies = outcomes.into_iter().map(|(reply, _)| reply);
+                return self.fail(replies, e.to_string());
             }
             if checkpoint {
                 self.last_cp = self.frontier.size();
@@ -729,6 +898,22 @@ impl Writer {
             let _ = reply.send(outcome);
         }
         Ok(())
+    }
+
+    /// Marks the store failed (fail closed until [`Writer::recover`] succeeds) and refuses
+    /// `replies` with the cause.
+    fn fail(
+        &mut self,
+        replies: impl IntoIterator<Item = Reply>,
+        cause: String,
+    ) -> Result<(), AppendError> {
+        self.failed.store(true, Ordering::Release);
+        self.cause = Some(cause.clone());
+        let err = AppendError::Unavailable(cause);
+        for reply in replies {
+            let _ = reply.send(Err(err.clone()));
+        }
+        Err(err)
     }
 
     fn check(

@@ -486,10 +486,14 @@ impl Roots {
     }
 }
 
-/// Checks a chain's signed checkpoints against its entries and records their roots.
+/// Checks a chain's signed checkpoints against its entries and records their roots. A gateway
+/// keeps one chain, so its roots are judged per DID (a second chain of the same gateway is
+/// equivocation too); one client DID may keep several named chains, so a client's roots are
+/// judged per (DID, chain id).
 fn check_checkpoints(
     rec: &ChainRecords,
     c: &Checked,
+    role: Role,
     sigs: &Sigs<'_>,
     roots: &mut Roots,
     cx: &mut Ctx,
@@ -529,7 +533,11 @@ fn check_checkpoints(
                 continue;
             }
         };
-        roots.record(&cp.log, cp.size, cp.root, where_.clone(), &c.label, cx);
+        let log = match role {
+            Role::Client => format!("{} (chain {})", cp.log, hex::encode(cp.chain)),
+            _ => cp.log.clone(),
+        };
+        roots.record(&log, cp.size, cp.root, where_.clone(), &c.label, cx);
         if Some(cp.chain) != c.id {
             cx.flag(
                 &c.label,
@@ -732,9 +740,14 @@ fn run(gateways: &[ChainRecords], clients: &[ChainRecords], threads: usize) -> (
     ph.receipt_roots = t.elapsed();
 
     let t = Instant::now();
-    for (rec, c) in gateways.iter().zip(&gws).chain(clients.iter().zip(&cls)) {
+    let roles = gateways
+        .iter()
+        .zip(&gws)
+        .map(|p| (p, Role::Gateway))
+        .chain(clients.iter().zip(&cls).map(|p| (p, Role::Client)));
+    for ((rec, c), role) in roles {
         let mut roots = std::mem::take(&mut cx.roots);
-        check_checkpoints(rec, c, &sigs, &mut roots, &mut cx);
+        check_checkpoints(rec, c, role, &sigs, &mut roots, &mut cx);
         cx.roots = roots;
     }
     let gateway_dids: HashMap<Did, usize> = gws
@@ -2503,7 +2516,11 @@ mod tests {
 
     impl Builder {
         fn new(owner: &Identity, role: Role) -> Self {
-            let mut g = Entry::new(EntryKind::Genesis, 1);
+            Self::new_at(owner, role, 1)
+        }
+
+        fn new_at(owner: &Identity, role: Role, time_ms: u64) -> Self {
+            let mut g = Entry::new(EntryKind::Genesis, time_ms);
             g.owner = Some(owner.did().to_string());
             g.role = Some(role);
             let bytes = g.encode();
@@ -2559,6 +2576,42 @@ mod tests {
                 documents: Vec::new(),
             }
         }
+    }
+
+    /// Regression (found by the kill -9 rounds): one DID keeping two named client chains signs
+    /// checkpoints of the same size with different roots; that is two chains, not a fork.
+    #[test]
+    fn two_named_chains_of_one_client_are_no_fork() {
+        let alice = Identity::from_seed(&[0xa1; 32]);
+        let mut chains = Vec::new();
+        for (i, name) in ["alice-a", "alice-b"].into_iter().enumerate() {
+            let mut b = Builder::new_at(&alice, Role::Client, 1 + i as u64);
+            for n in 0..40 {
+                let mut e = Entry::new(EntryKind::Result, 10 + n + i as u64);
+                e.detail = Some(format!("{name} {n}"));
+                b.push(e, &alice);
+            }
+            assert!(!b.checkpoints.is_empty());
+            chains.push(b.records(name));
+        }
+        let report = verify(&[], &chains);
+        assert!(
+            report
+                .violations
+                .iter()
+                .all(|v| v.kind != ViolationKind::Fork),
+            "{:?}",
+            report.violations
+        );
+        // the same chain presented twice with different checkpoints still is one
+        let mut forked = chains[0].clone();
+        let other = chains[1].checkpoints[0].clone();
+        forked.checkpoints = vec![other];
+        let report = verify(&[], &[chains[0].clone(), forked]);
+        assert!(
+            !report.violations.is_empty(),
+            "a checkpoint of another chain is not accepted"
+        );
     }
 
     /// A gateway and two clients after `calls` calls, written as the gateway and the client

@@ -252,6 +252,15 @@ impl Client {
         self.chain.close();
     }
 
+    /// Drops the current connection (the next call connects afresh): calls in flight on it
+    /// end at once with [`CallError::ConnectionLost`], their outcome recorded as unknown. For a
+    /// caller that knows the gateway went away, rather than waiting for the idle timeout.
+    pub async fn disconnect(&self) {
+        if let Some(c) = self.conn.lock().await.take() {
+            c.close(0u32.into(), b"disconnect");
+        }
+    }
+
     async fn connection(&self) -> Result<quinn::Connection, CallError> {
         let mut guard = self.conn.lock().await;
         if let Some(c) = guard.as_ref()

@@ -118,6 +118,14 @@ pub struct Settings {
     /// Upstream timeout, seconds.
     #[serde(default = "d_timeout")]
     pub upstream_timeout_secs: u64,
+    /// How long a stream may take to deliver its first frame, and then its whole body,
+    /// seconds: a stream that stalls (slowloris) is refused and freed after this.
+    #[serde(default = "d_frame_timeout")]
+    pub frame_timeout_secs: u64,
+    /// Connections one DID may hold open at once (0 = unlimited); a connection beyond it is
+    /// answered `rate_limited` on its first stream and closed.
+    #[serde(default = "d_conns_did")]
+    pub max_connections_per_did: u64,
     /// Window over which refusals to unknown principals are counted into one entry, seconds.
     #[serde(default = "d_window")]
     pub refusal_window_secs: u64,
@@ -172,6 +180,8 @@ impl Settings {
             max_body: d_body(),
             grant_ttl_secs: d_grant(),
             upstream_timeout_secs: d_timeout(),
+            frame_timeout_secs: d_frame_timeout(),
+            max_connections_per_did: d_conns_did(),
             refusal_window_secs: d_window(),
             checkpoint_every_entries: d_cp_entries(),
             checkpoint_every_secs: d_cp_secs(),
@@ -232,6 +242,12 @@ fn d_grant() -> u64 {
 }
 fn d_timeout() -> u64 {
     30
+}
+fn d_frame_timeout() -> u64 {
+    10
+}
+fn d_conns_did() -> u64 {
+    32
 }
 fn d_window() -> u64 {
     10

@@ -51,9 +51,6 @@ pub const DOCUMENTS: &str = didgate_audit::store::DOCUMENTS;
 /// Every keyspace of the gateway's store besides the chain's own.
 pub const SPACES: &[&str] = &[REPLAY, GRANTS, HEADS, SECRETS, REVOKED, DOCUMENTS];
 
-/// How long the gateway waits for each of a call's frames (a stalled stream is freed).
-const FRAME_DEADLINE: Duration = Duration::from_secs(10);
-
 /// What the gateway keeps of a grant it issued, under `i` || grant id in [`GRANTS`].
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -440,6 +437,12 @@ impl Gateway {
         }
     }
 
+    /// How long a stream may take to deliver its first frame, and then its body
+    /// (`frame_timeout_secs`): a stalled stream is refused and freed after this.
+    fn frame_deadline(&self) -> Duration {
+        Duration::from_secs(self.config.gateway.frame_timeout_secs.max(1))
+    }
+
     /// Whether the gateway is draining (calls in flight finish, new ones are refused).
     pub fn is_stopping(&self) -> bool {
         self.stopping.load(std::sync::atomic::Ordering::Acquire)
@@ -482,6 +485,16 @@ impl Gateway {
             return Err(refuse(RefusalCode::Revoked, "this grant is revoked"));
         }
         Ok(())
+    }
+
+    /// A body read that failed because a revocation closed the connection is refused as
+    /// `revoked`, which is why it failed.
+    fn revoked_or(&self, peer: &Caller, r: Refuse) -> Refuse {
+        if self.is_revoked(&revoked_did_key(peer.as_str())) {
+            refuse(RefusalCode::Revoked, "this DID was revoked during the call")
+        } else {
+            r
+        }
     }
 
     /// Revokes a DID or a grant: durable and audited (a `revocation` entry written in the same
@@ -539,12 +552,19 @@ impl Gateway {
     }
 
     /// Registers an open connection of `peer`, so revoking `peer` closes it. A revoked peer may
-    /// still connect: each of its calls gets a signed, audited `revoked` refusal.
-    fn register(&self, peer: &Caller, conn: &quinn::Connection) {
+    /// still connect: each of its calls gets a signed, audited `revoked` refusal. Returns false
+    /// (and registers nothing) when `peer` already holds `max_connections_per_did` open
+    /// connections.
+    fn register(&self, peer: &Caller, conn: &quinn::Connection) -> bool {
+        let max = self.config.gateway.max_connections_per_did;
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         let list = conns.entry(peer.as_str().to_string()).or_default();
         list.retain(|c| c.close_reason().is_none());
+        if max > 0 && list.len() as u64 >= max {
+            return false;
+        }
         list.push(conn.clone());
+        true
     }
 
     fn unregister(&self, peer: &Caller, conn: &quinn::Connection) {
@@ -811,10 +831,16 @@ impl Gateway {
                 .await;
         }
         let mut dec = FrameDecoder::new();
-        let first =
-            tokio::time::timeout(FRAME_DEADLINE, wire::next_frame(&mut recv, &mut dec)).await;
+        let deadline = self.frame_deadline();
+        let first = tokio::time::timeout(deadline, wire::next_frame(&mut recv, &mut dec)).await;
         let frame = match first {
             Ok(Ok(Some(f))) => f,
+            Err(_) => {
+                let why = format!("no complete request frame within {}s", deadline.as_secs());
+                return self
+                    .refuse_unverified(&mut send, RefusalCode::Malformed, &why)
+                    .await;
+            }
             _ => {
                 return self
                     .refuse_unverified(
@@ -949,8 +975,13 @@ impl Gateway {
         dec: &mut FrameDecoder,
         req: &Request,
     ) -> Result<Vec<u8>, Refuse> {
-        match tokio::time::timeout(FRAME_DEADLINE, read_body(recv, dec, req.body_len)).await {
+        let deadline = self.frame_deadline();
+        match tokio::time::timeout(deadline, read_body(recv, dec, req.body_len)).await {
             Ok(Some(b)) if *blake3::hash(&b).as_bytes() == req.body_b3 => Ok(b),
+            Err(_) => Err(refuse(
+                RefusalCode::BodyMismatch,
+                format!("the body did not arrive within {}s", deadline.as_secs()),
+            )),
             _ => Err(refuse(
                 RefusalCode::BodyMismatch,
                 "body does not match its signed length and digest",
@@ -1052,16 +1083,14 @@ impl Gateway {
             }
             Err(why) => {
                 tracing::error!(%why, "audit store unavailable: refusing calls");
-                self.emit_refusal(
-                    req,
-                    RefusalCode::AuditUnavailable,
-                    "the audit log cannot be written",
-                );
+                // the cause (a full disk, an I/O error) is the operator's; it holds no secret
+                let reason = format!("the audit log cannot be written ({why})");
+                self.emit_refusal(req, RefusalCode::AuditUnavailable, &reason);
                 self.answer_refusal(
                     send,
                     Some(req.envelope.digest()),
                     RefusalCode::AuditUnavailable,
-                    "the audit log cannot be written",
+                    &reason,
                     None,
                 )
                 .await;
@@ -1094,7 +1123,10 @@ impl Gateway {
             .await
         {
             Ok(b) => b,
-            Err(r) => return self.refuse_audited(&mut send, &req, r).await,
+            Err(r) => {
+                let r = self.revoked_or(&peer, r);
+                return self.refuse_audited(&mut send, &req, r).await;
+            }
         };
         let grant = self.mint(&peer, &req, now_ms());
         let mut claims = self.request_claims(&peer, &req);
@@ -1234,7 +1266,10 @@ impl Gateway {
             .await
         {
             Ok(b) => b,
-            Err(r) => return self.refuse_audited(&mut send, &req, r).await,
+            Err(r) => {
+                let r = self.revoked_or(&peer, r);
+                return self.refuse_audited(&mut send, &req, r).await;
+            }
         };
         let claims = vec![Claim {
             space: GRANTS,
@@ -1599,7 +1634,9 @@ async fn connection(gw: Arc<Gateway>, incoming: quinn::Incoming, mut stop: watch
         conn.close(1u32.into(), b"no DID certificate");
         return;
     };
-    gw.register(&peer, &conn);
+    if !gw.register(&peer, &conn) {
+        return refuse_connection(&gw, conn).await;
+    }
     let calls = tokio_util_tasks::TaskSet::default();
     let mut drained: Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>> = None;
     loop {
@@ -1635,6 +1672,26 @@ async fn connection(gw: Arc<Gateway>, incoming: quinn::Incoming, mut stop: watch
     conn.close(0u32.into(), b"bye");
 }
 
+/// A connection beyond `max_connections_per_did`: its first stream, if one opens within the
+/// frame timeout, gets a signed `rate_limited` refusal (counted in the aggregate entry, as a
+/// refusal before any signature is checked); then the connection is closed.
+async fn refuse_connection(gw: &Gateway, conn: quinn::Connection) {
+    let limit = gw.config.gateway.max_connections_per_did;
+    let reason = format!("too many open connections of this DID (limit {limit})");
+    match tokio::time::timeout(gw.frame_deadline(), conn.accept_bi()).await {
+        Ok(Ok((mut send, _recv))) => {
+            gw.refuse_unverified(&mut send, RefusalCode::RateLimited, &reason)
+                .await;
+        }
+        _ => {
+            let _ = gw
+                .audit_refusal(None, RefusalCode::RateLimited, &reason)
+                .await;
+        }
+    }
+    conn.close(CONN_LIMIT_CLOSE.into(), b"too many connections of this DID");
+}
+
 /// Counts a call as in flight for the drain at shutdown, until dropped.
 struct InFlight<'g>(&'g Gateway);
 
@@ -1661,6 +1718,8 @@ impl Drop for InFlight<'_> {
 
 /// QUIC application close code for a connection of a revoked DID.
 pub const REVOKED_CLOSE: u32 = 2;
+/// QUIC application close code for a connection beyond `max_connections_per_did`.
+pub const CONN_LIMIT_CLOSE: u32 = 3;
 
 /// A minimal set of tasks to wait for at shutdown.
 mod tokio_util_tasks {

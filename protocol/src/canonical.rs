@@ -36,6 +36,11 @@ pub enum CanonicalError {
     /// The path percent-encodes a slash, backslash or dot, or a percent sign (double encoding).
     #[error("path percent-encodes a separator or a percent sign")]
     EncodedSeparator,
+    /// The path has a `%` not followed by two hex digits, or percent-encodes an unreserved
+    /// character (a letter, digit, `-`, `.`, `_` or `~`), which an upstream decodes into a path
+    /// other than the one policy judged.
+    #[error("path has a malformed or needless percent-encoding")]
+    PercentEncoding,
     /// A query parameter name appears twice.
     #[error("duplicate query parameter {0:?}")]
     DuplicateQuery(String),
@@ -97,14 +102,32 @@ pub fn check_path(path: &str) -> Result<(), CanonicalError> {
             return Err(CanonicalError::EncodedSeparator);
         }
     }
+    let bytes = path.as_bytes();
+    for (i, _) in path.match_indices('%') {
+        let hex = bytes
+            .get(i + 1..i + 3)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match hex {
+            None => return Err(CanonicalError::PercentEncoding),
+            Some(b) if b.is_ascii_alphanumeric() || b"-._~".contains(&b) => {
+                return Err(CanonicalError::PercentEncoding);
+            }
+            Some(_) => {}
+        }
+    }
     if rest.is_empty() {
         return Ok(());
     }
     for (i, segment) in rest.split('/').enumerate() {
+        // a matrix parameter does not hide a dot segment from servers that strip it (`..;x`)
+        let bare = segment.split(';').next().unwrap_or(segment);
         match segment {
             "" if i + 1 == rest.split('/').count() => {} // one trailing slash is fine
             "" => return Err(CanonicalError::Path("empty segment ('//')")),
-            "." | ".." => return Err(CanonicalError::Path("'.' or '..' segment")),
+            _ if bare == "." || bare == ".." => {
+                return Err(CanonicalError::Path("'.' or '..' segment"));
+            }
             s if i == 0 && s.contains(':') => {
                 return Err(CanonicalError::Path("holds a scheme or host"));
             }
@@ -184,6 +207,9 @@ mod tests {
             "/v1/charges/ch_1",
             "/v1/a%20b",
             "/v1/dir/",
+            "/v1/a%3bb",
+            "/v1/x;y=1",
+            "/v1/...",
         ] {
             assert_eq!(check_path(ok), Ok(()), "{ok}");
         }
@@ -205,6 +231,18 @@ mod tests {
             "/..",
             "/http://evil.com",
             "/v1/caf\u{e9}",
+            // regression: encoded unreserved characters and malformed escapes pass policy as one
+            // path and reach the upstream as another once decoded
+            "/v1/%61dmin",
+            "/v1/b%41lance",
+            "/v1/%7e",
+            "/v1/%",
+            "/v1/%4",
+            "/v1/%zz",
+            // regression: matrix parameters on dot segments (`..;`) escape on servers that
+            // strip them
+            "/v1/charges/..;/admin",
+            "/v1/.;x/balance",
         ] {
             assert!(check_path(bad).is_err(), "{bad:?} accepted");
         }

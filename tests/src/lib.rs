@@ -238,3 +238,125 @@ pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
     }
     hits
 }
+
+impl Harness {
+    /// The gateway chain's entries as stored right now, read through the running gateway's own
+    /// store (every refusal is acknowledged, so durable, before its answer is sent).
+    pub fn live_entries(&self) -> anyhow::Result<Vec<didgate_audit::entry::Entry>> {
+        let gw = self
+            .gateway
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("the gateway is not running"))?;
+        gw.chain()
+            .store()
+            .entries()
+            .map(|item| Ok(didgate_audit::entry::Entry::decode(&item?.1)?))
+            .collect()
+    }
+
+    /// A raw QUIC connection to the gateway as `who` (mutual DID authentication, no chain, no
+    /// client library): for tests that send what the library never would. Keep the endpoint
+    /// while the connection is used.
+    pub async fn raw_connection(
+        &self,
+        who: &Identity,
+    ) -> anyhow::Result<(quinn::Endpoint, quinn::Connection)> {
+        didgate_client::tls::install_provider();
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
+        endpoint.set_default_client_config(didgate_client::tls::client_config(who, &self.gw_did)?);
+        let conn = endpoint
+            .connect(self.addr, didgate_client::tls::SERVER_NAME)?
+            .await?;
+        Ok((endpoint, conn))
+    }
+
+    /// A request to this gateway signed by `who`: GET /v1/balance on `payments`, no body, a
+    /// random nonce, the current time and a fixed client head, then adjusted by `adjust`.
+    /// Returns the signed bytes and the call ID.
+    pub fn signed_request(
+        &self,
+        who: &Identity,
+        adjust: impl FnOnce(&mut didgate_protocol::message::Request),
+    ) -> anyhow::Result<(Vec<u8>, [u8; 32])> {
+        use didgate_protocol::message::{ChainHead, Request, SignedMessage};
+        let mut req = Request {
+            v: 1,
+            aud: self.gw_did.to_string(),
+            upstream: "payments".into(),
+            method: "GET".into(),
+            path: "/v1/balance".into(),
+            query: vec![],
+            headers: vec![],
+            body_len: 0,
+            body_b3: *blake3::hash(b"").as_bytes(),
+            nonce: rand::random(),
+            time_ms: didgate_client::now_ms(),
+            head: ChainHead {
+                chain: [3; 32],
+                seq: 0,
+                hash: [3; 32],
+            },
+        };
+        adjust(&mut req);
+        let signed = req.sign(who);
+        let call = didgate_protocol::envelope::verify(&signed, Request::KIND)?.digest();
+        Ok((signed, call))
+    }
+}
+
+/// The final frame of a raw stream, decoded and checked against the gateway's DID.
+#[derive(Debug)]
+pub enum RawEnd {
+    /// A signed refusal.
+    Refusal(didgate_protocol::message::Refusal),
+    /// A signed receipt.
+    Receipt(didgate_protocol::message::Receipt),
+    /// A signed grant.
+    Grant(didgate_protocol::message::GrantBody),
+}
+
+/// Writes `bytes` on a new stream of `conn` (finishing it if `finish`), then reads frames until
+/// a signed terminal frame from `gateway` arrives.
+pub async fn raw_exchange(
+    conn: &quinn::Connection,
+    gateway: &Did,
+    bytes: &[u8],
+    finish: bool,
+) -> anyhow::Result<RawEnd> {
+    let (mut send, mut recv) = conn.open_bi().await?;
+    // a refusal may stop our side early: the answer still arrives
+    let _ = send.write_all(bytes).await;
+    if finish {
+        let _ = send.finish();
+    }
+    read_end(&mut recv, gateway).await
+}
+
+/// Reads frames from `recv` until a signed terminal frame from `gateway`.
+pub async fn read_end(recv: &mut quinn::RecvStream, gateway: &Did) -> anyhow::Result<RawEnd> {
+    use didgate_protocol::frame::{FrameDecoder, FrameType};
+    use didgate_protocol::message;
+    let mut dec = FrameDecoder::new();
+    loop {
+        let Some(f) = didgate_client::wire::next_frame(recv, &mut dec).await? else {
+            anyhow::bail!("stream ended without a terminal frame");
+        };
+        return Ok(match f.kind {
+            FrameType::Refusal => RawEnd::Refusal(message::open_from(&f.payload, gateway)?.message),
+            FrameType::Receipt => RawEnd::Receipt(message::open_from(&f.payload, gateway)?.message),
+            FrameType::Grant => RawEnd::Grant(message::open_from(&f.payload, gateway)?.message),
+            _ => continue,
+        });
+    }
+}
+
+/// `kind` frame(s) of `payload` (body payloads are split into frames of the maximum size).
+pub fn frames(kind: didgate_protocol::frame::FrameType, payload: &[u8]) -> Vec<u8> {
+    let mut out = bytes::BytesMut::new();
+    if kind == didgate_protocol::frame::FrameType::Body {
+        didgate_protocol::frame::encode_chunks(payload, &mut out);
+    } else if didgate_protocol::frame::encode(kind, payload, &mut out).is_err() {
+        return Vec::new();
+    }
+    out.to_vec()
+}
