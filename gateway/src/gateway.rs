@@ -420,6 +420,11 @@ impl Gateway {
         self.stopping.load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// Whether `did` is revoked (the catalog answers a revoked DID with a refusal).
+    pub(crate) fn did_revoked(&self, did: &Did) -> bool {
+        self.is_revoked(&revoked_did_key(did))
+    }
+
     fn is_revoked(&self, key: &[u8]) -> bool {
         self.revoked
             .read()
@@ -806,6 +811,9 @@ impl Gateway {
                 self.execute_grant(peer, send, recv, dec, &frame.payload)
                     .await
             }
+            FrameType::CatalogRequest => {
+                crate::catalog::answer(self, &peer, send, &frame.payload).await
+            }
             _ => {
                 self.refuse_unverified(&mut send, RefusalCode::Malformed, "unexpected frame type")
                     .await
@@ -814,7 +822,7 @@ impl Gateway {
     }
 
     /// Refuses before any signature verified: counted in the aggregate, answered signed.
-    async fn refuse_unverified(
+    pub(crate) async fn refuse_unverified(
         &self,
         send: &mut quinn::SendStream,
         code: RefusalCode,
