@@ -21,6 +21,7 @@
 #![warn(missing_docs)]
 
 pub mod identity;
+pub mod proxy;
 pub mod tls;
 pub mod wire;
 
@@ -32,6 +33,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use bytes::BytesMut;
 use didgate_audit::entry::{Entry, EntryKind, Outcome, Role};
 use didgate_audit::store::{Chain, CheckpointPolicy, Store, StoreError};
+pub use didgate_protocol::catalog::Operation;
+use didgate_protocol::catalog::{Catalog, CatalogRequest};
 use didgate_protocol::frame::{self, FrameDecoder, FrameType};
 use didgate_protocol::message::{
     self, GrantBody, Message, Receipt, Refusal, RefusalCode, Request, ResponseHead, SignedMessage,
@@ -554,6 +557,61 @@ impl Client {
             receipt: None,
             done: false,
         })
+    }
+
+    /// Asks the gateway which named operations this DID may call (specs/protocol.md,
+    /// "Catalog"): every upstream's operations that the policy in force allows, in the
+    /// gateway's configuration order. The list is advice, not a grant: each call is still
+    /// decided on its own. Not a call, so nothing is recorded in the chain.
+    pub async fn catalog(&self) -> Result<Vec<Operation>, CallError> {
+        self.catalog_request(None).await
+    }
+
+    /// Like [`Client::catalog`], for one upstream only.
+    pub async fn catalog_of(&self, upstream: &str) -> Result<Vec<Operation>, CallError> {
+        self.catalog_request(Some(upstream.to_string())).await
+    }
+
+    async fn catalog_request(&self, upstream: Option<String>) -> Result<Vec<Operation>, CallError> {
+        let request = CatalogRequest {
+            v: message::VERSION,
+            upstream,
+        };
+        let mut recv = self
+            .open_stream(FrameType::CatalogRequest, &request.encode(), &[])
+            .await?;
+        let mut dec = FrameDecoder::new();
+        let mut ops = Vec::new();
+        loop {
+            let frame = wire::next_frame(&mut recv, &mut dec)
+                .await
+                .map_err(|e| CallError::ConnectionLost(e.to_string()))?;
+            let Some(frame) = frame else {
+                return Ok(ops);
+            };
+            match frame.kind {
+                FrameType::Catalog => ops.extend(
+                    Catalog::decode(&frame.payload)
+                        .map_err(|e| CallError::InvalidAnswer(e.to_string()))?
+                        .operations,
+                ),
+                FrameType::Refusal => {
+                    let r: message::Signed<Refusal> =
+                        message::open_from(&frame.payload, &self.gateway)
+                            .map_err(|e| CallError::InvalidAnswer(e.to_string()))?;
+                    return Err(CallError::Refused {
+                        code: r.message.code,
+                        reason: r.message.reason,
+                        gateway_time_ms: r.message.time_ms,
+                    });
+                }
+                other => {
+                    return Err(CallError::InvalidAnswer(format!(
+                        "unexpected frame {other:?} in a catalog answer"
+                    )));
+                }
+            }
+        }
     }
 
     /// Opens a stream and sends a first frame of `kind`, the body and FIN.

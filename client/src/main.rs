@@ -28,6 +28,7 @@ use std::process::ExitCode;
 use anyhow::{Context, anyhow, bail};
 use clap::{Parser, Subcommand};
 use didgate_client::identity::{self, IdentityError};
+use didgate_client::proxy::{self, Proxy, ProxyConfig, ProxyToken};
 use didgate_client::{Answer, CallError, CallSpec, Client};
 use didgate_protocol::{Did, Identity};
 use serde::{Deserialize, Serialize};
@@ -128,6 +129,48 @@ enum Command {
         #[arg(long, value_name = "DID")]
         gateway_did: Option<String>,
     },
+    /// Run the local HTTP proxy: `/UPSTREAM/path` becomes a signed call through the gateway.
+    ///
+    /// Prints the listen URL and the local token (also in HOME/proxy-token, mode 0600, kept
+    /// across starts). Every call is recorded in HOME/chain, which the proxy holds while it
+    /// runs. Stops on SIGINT or SIGTERM after the calls in flight.
+    #[command(after_help = EXIT_HELP)]
+    Proxy {
+        /// Address to listen on (loopback only unless --allow-remote).
+        #[arg(long, value_name = "ADDR", default_value = proxy::DEFAULT_LISTEN)]
+        listen: String,
+        /// Allow a listen address that is not loopback (the token still applies).
+        #[arg(long)]
+        allow_remote: bool,
+        /// Replace the token with a new one first (clients holding the old one are refused).
+        #[arg(long)]
+        rotate_token: bool,
+        /// A request header to pass on to the gateway besides content-type and accept
+        /// (repeatable); all other request headers are dropped.
+        #[arg(long = "forward-header", value_name = "NAME")]
+        forward_headers: Vec<String>,
+        /// Gateway address (overrides config.toml).
+        #[arg(long, value_name = "ADDR")]
+        gateway: Option<String>,
+        /// Gateway DID (overrides config.toml).
+        #[arg(long, value_name = "DID")]
+        gateway_did: Option<String>,
+    },
+    /// Print the environment lines an agent needs to use the proxy for these upstreams:
+    /// `NAME_BASE_URL` (the proxy URL for the upstream, `UPSTREAM/PREFIX` appends a prefix)
+    /// and `NAME_API_KEY` (the proxy token), plus `DIDGATE_PROXY_URL` and `DIDGATE_PROXY_TOKEN`.
+    #[command(after_help = EXIT_HELP)]
+    Env {
+        /// Upstream names, optionally with a path prefix (`openai/v1`).
+        #[arg(value_name = "UPSTREAM[/PREFIX]")]
+        upstreams: Vec<String>,
+        /// The proxy's address [default: the running proxy's, else 127.0.0.1:8787].
+        #[arg(long, value_name = "ADDR")]
+        proxy: Option<String>,
+        /// Prefix each line with `export ` (for `eval "$(didgate env ... --export)"`).
+        #[arg(long)]
+        export: bool,
+    },
 }
 
 /// The pinned gateway in `config.toml`.
@@ -199,7 +242,187 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let identity = load_identity_as(&home, acting.as_deref())?;
             call(&home, identity, addr, did, spec, cli.json).await
         }
+        Command::Proxy {
+            listen,
+            allow_remote,
+            rotate_token,
+            forward_headers,
+            gateway,
+            gateway_did,
+        } => {
+            let (addr, did) = resolve_gateway(&home, gateway.as_deref(), gateway_did.as_deref())?;
+            let listen = parse_addr(&listen, "--listen")?;
+            let identity = load_identity(&home)?;
+            let options = ProxyOptions {
+                listen,
+                allow_remote,
+                rotate_token,
+                forward_headers,
+            };
+            run_proxy(&home, identity, addr, did, options, cli.json).await
+        }
+        Command::Env {
+            upstreams,
+            proxy,
+            export,
+        } => env(&home, &upstreams, proxy.as_deref(), export, cli.json),
     }
+}
+
+fn token_path(home: &Path) -> PathBuf {
+    home.join("proxy-token")
+}
+
+/// Where a running proxy writes its URL, for `didgate env`.
+fn proxy_url_path(home: &Path) -> PathBuf {
+    home.join("proxy-url")
+}
+
+struct ProxyOptions {
+    listen: SocketAddr,
+    allow_remote: bool,
+    rotate_token: bool,
+    forward_headers: Vec<String>,
+}
+
+async fn run_proxy(
+    home: &Path,
+    identity: Identity,
+    addr: SocketAddr,
+    gateway: Did,
+    options: ProxyOptions,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let tokens = token_path(home);
+    let token = if options.rotate_token {
+        ProxyToken::rotate(&tokens)?
+    } else {
+        ProxyToken::load_or_create(&tokens)?
+    };
+    let mut config = ProxyConfig::new(options.listen, token.clone());
+    config.allow_remote = options.allow_remote;
+    for name in options.forward_headers {
+        let name = name.trim().to_ascii_lowercase();
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+            bail!("invalid --forward-header {name:?}: expected a header name such as x-request-id");
+        }
+        config.forward_headers.push(name);
+    }
+    let server = Proxy::bind(config).await?;
+    let chain = home.join("chain");
+    let client = Client::open(identity, &chain, addr, gateway)
+        .await
+        .with_context(|| {
+            format!(
+                "cannot open the client chain {} (is another didgate proxy or call running?)",
+                chain.display()
+            )
+        })?;
+    let url = format!("http://{}", server.local_addr());
+    std::fs::write(proxy_url_path(home), format!("{url}\n"))
+        .with_context(|| format!("cannot write {}", proxy_url_path(home).display()))?;
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "url": url,
+                "token": token.expose(),
+                "token_file": tokens.display().to_string(),
+                "did": client.did().as_str(),
+            })
+        );
+    } else {
+        println!("didgate proxy listening on {url} as {}", client.did());
+        println!("token: {}", token.expose());
+        println!(
+            "use {url}/UPSTREAM/path with `Authorization: Bearer TOKEN` (`didgate env UPSTREAM` prints the variables)"
+        );
+    }
+    std::io::stdout().flush().ok();
+    let client = std::sync::Arc::new(client);
+    server.serve(client.clone(), stop_signal()).await;
+    let _ = std::fs::remove_file(proxy_url_path(home));
+    client.close().await;
+    if !json {
+        eprintln!("didgate proxy stopped");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Resolves on SIGINT or SIGTERM.
+async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+/// The variable name stem for an upstream: upper case, anything but letters and digits as `_`.
+fn env_stem(upstream: &str) -> String {
+    upstream
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+fn env(
+    home: &Path,
+    upstreams: &[String],
+    proxy: Option<&str>,
+    export: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let url = match proxy {
+        Some(a) => format!("http://{}", parse_addr(a, "--proxy")?),
+        None => match std::fs::read_to_string(proxy_url_path(home)) {
+            Ok(text) if text.trim().starts_with("http://") => text.trim().to_string(),
+            _ => format!("http://{}", proxy::DEFAULT_LISTEN),
+        },
+    };
+    let token = ProxyToken::load_or_create(&token_path(home))?;
+    let mut vars: Vec<(String, String)> = vec![
+        ("DIDGATE_PROXY_URL".into(), url.clone()),
+        ("DIDGATE_PROXY_TOKEN".into(), token.expose().to_string()),
+    ];
+    for target in upstreams {
+        let target = target.trim_matches('/');
+        let upstream = target.split('/').next().unwrap_or_default();
+        if upstream.is_empty()
+            || !target
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b))
+        {
+            bail!("invalid upstream {target:?}: expected NAME or NAME/PREFIX, e.g. openai/v1");
+        }
+        let stem = env_stem(upstream);
+        vars.push((format!("{stem}_BASE_URL"), format!("{url}/{target}")));
+        vars.push((format!("{stem}_API_KEY"), token.expose().to_string()));
+    }
+    let mut out = std::io::stdout().lock();
+    if json {
+        let object: serde_json::Map<String, serde_json::Value> = vars
+            .into_iter()
+            .map(|(k, v)| (k, serde_json::Value::String(v)))
+            .collect();
+        writeln!(out, "{}", serde_json::Value::Object(object))?;
+    } else {
+        let prefix = if export { "export " } else { "" };
+        for (k, v) in vars {
+            writeln!(out, "{prefix}{k}={v}")?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 fn home_dir(flag: Option<PathBuf>) -> anyhow::Result<PathBuf> {

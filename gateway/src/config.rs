@@ -80,6 +80,10 @@ pub struct Upstream {
     /// `[gateway]` `max_response_bytes`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_response_bytes: Option<u64>,
+    /// Named operations callers may discover (`[[upstream.operation]]`; specs/protocol.md,
+    /// "Catalog").
+    #[serde(default, rename = "operation", skip_serializing_if = "Vec::is_empty")]
+    pub operations: Vec<crate::catalog::OperationConfig>,
 }
 
 fn default_headers() -> Vec<String> {
@@ -374,6 +378,7 @@ impl Config {
                     u.name
                 ));
             }
+            crate::catalog::validate(u).map_err(ConfigError::Invalid)?;
             for r in [u.rate_per_upstream, u.rate_per_did].into_iter().flatten() {
                 r.validate()
                     .map_err(|e| ConfigError::Invalid(format!("upstream {}: {e}", u.name)))?;
@@ -640,6 +645,7 @@ local = true
             rate_per_did: None,
             max_concurrent_per_did: None,
             max_response_bytes: None,
+            operations: Vec::new(),
         });
         assert!(matches!(cfg.validate(), Err(ConfigError::Invalid(_))));
         let text = toml::to_string(&cfg).expect("serializes");

@@ -83,6 +83,7 @@ pub async fn run(root: &Path) -> anyhow::Result<DemoOutcome> {
             rate_per_did: None,
             max_concurrent_per_did: None,
             max_response_bytes: None,
+            operations: Vec::new(),
         }],
         groups: [("readers".to_string(), vec![bob.1.clone()])]
             .into_iter()

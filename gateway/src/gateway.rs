@@ -274,9 +274,9 @@ fn call_peer() -> (Option<String>, Duration) {
 
 /// A refusal decided before any grant was consumed.
 #[derive(Debug)]
-struct Refuse {
-    code: RefusalCode,
-    reason: String,
+pub(crate) struct Refuse {
+    pub(crate) code: RefusalCode,
+    pub(crate) reason: String,
 }
 
 fn refuse(code: RefusalCode, reason: impl Into<String>) -> Refuse {
@@ -446,6 +446,11 @@ impl Gateway {
     /// Whether the gateway is draining (calls in flight finish, new ones are refused).
     pub fn is_stopping(&self) -> bool {
         self.stopping.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Whether `did` is revoked (the catalog answers a revoked DID with a refusal).
+    pub(crate) fn did_revoked(&self, did: &Caller) -> bool {
+        self.is_revoked(&revoked_did_key(did.as_str()))
     }
 
     fn is_revoked(&self, key: &[u8]) -> bool {
@@ -858,6 +863,9 @@ impl Gateway {
                 self.execute_grant(peer, send, recv, dec, &frame.payload)
                     .await
             }
+            FrameType::CatalogRequest => {
+                crate::catalog::answer(self, &peer, send, &frame.payload).await
+            }
             _ => {
                 self.refuse_unverified(&mut send, RefusalCode::Malformed, "unexpected frame type")
                     .await
@@ -866,7 +874,7 @@ impl Gateway {
     }
 
     /// Refuses before any signature verified: counted in the aggregate, answered signed.
-    async fn refuse_unverified(
+    pub(crate) async fn refuse_unverified(
         &self,
         send: &mut quinn::SendStream,
         code: RefusalCode,
@@ -894,7 +902,10 @@ impl Gateway {
     /// The current document of a did:web caller, checked to list the caller's TLS key for
     /// authentication, and recorded for the call's entries; `None` for a did:key caller. A
     /// host that no policy names is refused without a fetch.
-    async fn web_document(&self, peer: &Caller) -> Result<Option<Arc<DidDocument>>, Refuse> {
+    pub(crate) async fn web_document(
+        &self,
+        peer: &Caller,
+    ) -> Result<Option<Arc<DidDocument>>, Refuse> {
         let Principal::Web(did) = peer.principal() else {
             return Ok(None);
         };

@@ -569,6 +569,7 @@ mod tests {
             rate_per_did: Some(rate(1, 0.0)),
             max_concurrent_per_did: None,
             max_response_bytes: None,
+            operations: Vec::new(),
         };
         let call = checks(&s, &up, "d", Stage::Call);
         assert_eq!(call.len(), 3);

@@ -30,6 +30,12 @@ pub enum FrameType {
     Grant = 7,
     /// Client -> gateway: a signed grant presented for execution, then the body frames.
     Execute = 8,
+    /// Client -> gateway: asks for the operations this DID may call (CBOR
+    /// [`crate::catalog::CatalogRequest`]).
+    CatalogRequest = 9,
+    /// Gateway -> client: part of the answer to a catalog request (CBOR
+    /// [`crate::catalog::Catalog`]); one or more, then FIN.
+    Catalog = 10,
 }
 
 impl FrameType {
@@ -43,6 +49,8 @@ impl FrameType {
             6 => Self::GrantRequest,
             7 => Self::Grant,
             8 => Self::Execute,
+            9 => Self::CatalogRequest,
+            10 => Self::Catalog,
             _ => return None,
         })
     }
@@ -169,8 +177,8 @@ mod tests {
         d.push(&[2, 0, 1, 0, 1]);
         assert_eq!(d.next_frame(), Err(FrameError::TooLarge(65537)));
         let mut d = FrameDecoder::new();
-        d.push(&[9, 0, 0, 0, 0]);
-        assert_eq!(d.next_frame(), Err(FrameError::UnknownType(9)));
+        d.push(&[11, 0, 0, 0, 0]);
+        assert_eq!(d.next_frame(), Err(FrameError::UnknownType(11)));
         let mut d = FrameDecoder::new();
         d.push(&[2, 0, 0, 0, 4, 1]);
         assert_eq!(d.next_frame(), Ok(None));

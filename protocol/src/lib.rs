@@ -2,7 +2,7 @@
 //!
 //! Owns: Ed25519 `did:key` identities ([`did`]), COSE_Sign1 envelopes with per-kind domain
 //! separation ([`envelope`]), the versioned CBOR messages ([`message`]), stream framing
-//! ([`frame`]), and the canonical-request checks the gateway applies before policy
+//! ([`frame`]), the catalog of named operations ([`catalog`]), and the canonical-request checks the gateway applies before policy
 //! ([`canonical`]). It does not own transport, storage, policy or time: callers pass `now`.
 //! The byte-level specification is `specs/protocol.md`.
 //!
@@ -19,6 +19,7 @@
 #![warn(missing_docs)]
 
 pub mod canonical;
+pub mod catalog;
 pub mod cbor;
 pub mod did;
 pub mod envelope;

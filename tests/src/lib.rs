@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use didgate_client::Client;
+use didgate_gateway::catalog::OperationConfig;
 use didgate_gateway::config::{Auth, Config, Rule, Settings, Upstream};
 use didgate_gateway::gateway::{self, Gateway};
 use didgate_gateway::upstream_demo::DemoUpstream;
@@ -81,6 +82,7 @@ impl Harness {
                 rate_per_did: None,
                 max_concurrent_per_did: None,
                 max_response_bytes: None,
+                operations: payments_operations(),
             }],
             groups: [("readers".to_string(), vec![bob().did().to_string()])]
                 .into_iter()
@@ -181,6 +183,43 @@ impl Harness {
         )
         .await?)
     }
+}
+
+/// The payments upstream's catalog: alice may call all but `refund_charge` (DELETE); bob
+/// only `get_balance`.
+pub fn payments_operations() -> Vec<OperationConfig> {
+    let op = |name: &str, method: &str, path: &str, description: &str| OperationConfig {
+        name: name.into(),
+        method: method.into(),
+        path: path.into(),
+        description: description.into(),
+    };
+    vec![
+        op(
+            "get_balance",
+            "GET",
+            "/v1/balance",
+            "The account's available balance.",
+        ),
+        op(
+            "create_charge",
+            "POST",
+            "/v1/charges",
+            "Create a charge; JSON body {\"amount\": cents, \"currency\": \"usd\"}.",
+        ),
+        op(
+            "get_charge",
+            "GET",
+            "/v1/charges/{id}",
+            "One charge by its id.",
+        ),
+        op(
+            "refund_charge",
+            "DELETE",
+            "/v1/charges/{id}",
+            "Refund a charge.",
+        ),
+    ]
 }
 
 fn toml_string(c: &Config) -> anyhow::Result<String> {

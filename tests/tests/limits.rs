@@ -342,6 +342,7 @@ fn add_upstream(c: &mut Config, name: &str, base_url: String, host: &str, local:
         rate_per_did: None,
         max_concurrent_per_did: None,
         max_response_bytes: None,
+        operations: Vec::new(),
     });
     c.rules.push(Rule {
         principals: vec![alice().did().to_string()],
