@@ -122,6 +122,9 @@ struct Memory {
     samples: Vec<(u64, f64)>,
     /// VmHWM after the wide run, MiB.
     peak_mib: f64,
+    /// CPU time per call during the wide run, ms: the gateway process, and this process (the
+    /// client library, its chain writer, the upstream and the load generator).
+    cpu_ms_per_call: (f64, f64),
 }
 
 /// Runs the call benchmark and prints its table and JSON line.
@@ -212,7 +215,9 @@ async fn bench(args: CallArgs) -> Result<()> {
     );
     let (lib, memory) = library_path(&client, &gw, c1, c64).await?;
     let hs = handshake(&client, &gw, handshakes).await?;
-    let lib_calls = c1 + c64 + warmup_calls(c1) + warmup_calls(c64) + hs.fresh.calls;
+    let phases = phases(&client, c1.min(500)).await?;
+    let lib_calls =
+        c1 + c64 + warmup_calls(c1) + warmup_calls(c64) + hs.fresh.calls + phases.calls;
     ensure!(
         upstream.authorized() - before == lib_calls,
         "the gateway did not inject the credential on every call"
@@ -236,6 +241,7 @@ async fn bench(args: CallArgs) -> Result<()> {
     let verified = verify_chains(&gw_store, &client_chains, lib_calls)?;
 
     print_table(&paths, &memory, &hs);
+    phases.print();
     println!("\n{verified}");
     println!("load at the end: {}", loadavg());
     let direct = &paths[0];
@@ -253,6 +259,8 @@ async fn bench(args: CallArgs) -> Result<()> {
         "nginx_c64_calls_per_s": nginx.as_ref().map(|n| n.c64.per_s()),
         "nginx_c1_p50_added_ms": nginx.as_ref().map(|n| ms(n.c1.quantile(0.5).saturating_sub(direct.c1.quantile(0.5)))),
         "gateway_peak_rss_mib": memory.peak_mib,
+        "c64_gateway_cpu_ms_per_call": memory.cpu_ms_per_call.0,
+        "c64_client_side_cpu_ms_per_call": memory.cpu_ms_per_call.1,
         "gateway_rss_first_mib": memory.samples.first().map(|s| s.1),
         "gateway_rss_last_mib": memory.samples.last().map(|s| s.1),
         "handshake_p50_ms": ms(hs.connect.quantile(0.5)),
@@ -323,6 +331,10 @@ fn print_table(paths: &[PathFigures], memory: &Memory, hs: &Handshakes) {
         memory.rss_before_mib,
         memory.peak_mib,
         series.join(" ")
+    );
+    println!(
+        "CPU per call at concurrency {WIDE}: gateway process {:.3} ms, benchmark process (client library, its chain, upstream, load generator) {:.3} ms",
+        memory.cpu_ms_per_call.0, memory.cpu_ms_per_call.1
     );
 }
 
@@ -575,7 +587,13 @@ async fn library_path(
             }
         })
     };
+    let cpu_before = (cpu_seconds(gw.pid)?, cpu_seconds(std::process::id())?);
     let r64 = load(c64, WIDE, make).await;
+    let cpu_after = (cpu_seconds(gw.pid)?, cpu_seconds(std::process::id())?);
+    memory.cpu_ms_per_call = (
+        (cpu_after.0 - cpu_before.0) * 1e3 / c64 as f64,
+        (cpu_after.1 - cpu_before.1) * 1e3 / c64 as f64,
+    );
     let _ = done_tx.send(());
     memory.samples = sampler.await?;
     let r64 = r64?;
@@ -647,6 +665,85 @@ async fn handshake(client: &Arc<Client>, gw: &GatewayProcess, n: u64) -> Result<
     Ok(Handshakes { connect, fresh })
 }
 
+/// Where one call's time goes at concurrency 1, seen from the client: the steps of
+/// `Client::call` made one by one through its public low-level API.
+struct Phases {
+    calls: u64,
+    sign: Run,
+    request_entry: Run,
+    round_trip: Run,
+    result_entry: Run,
+}
+
+impl Phases {
+    fn print(&self) {
+        println!(
+            "\nwhere the time goes at concurrency 1 (client side, {} calls, p50 / mean ms):",
+            self.calls
+        );
+        for (what, run) in [
+            ("sign the request", &self.sign),
+            ("request entry, durable (client fsync)", &self.request_entry),
+            (
+                "QUIC round trip: gateway verify, policy, grant + executing entry (fsync), secret, upstream, executed entry (fsync), receipt; client checks the receipt",
+                &self.round_trip,
+            ),
+            ("result entry, durable (client fsync)", &self.result_entry),
+        ] {
+            let mean = run.latencies.iter().sum::<Duration>() / run.calls.max(1) as u32;
+            println!(
+                "  {:>7.3} / {:>7.3}  {what}",
+                ms(run.quantile(0.5)),
+                ms(mean)
+            );
+        }
+    }
+}
+
+/// Makes `n` calls step by step, timing each step (the same entries as `Client::call`).
+async fn phases(client: &Client, n: u64) -> Result<Phases> {
+    use didgate_audit::entry::{Entry, EntryKind, Outcome};
+    let mut t = [Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+    let spec = CallSpec::new(UPSTREAM, "GET", PATH);
+    for _ in 0..n {
+        let s = Instant::now();
+        let (bytes, call) = client.sign(&spec)?;
+        t[0].push(s.elapsed());
+        let s = Instant::now();
+        let mut entry = Entry::new(EntryKind::Request, didgate_client::now_ms());
+        entry.call = Some(call);
+        entry.signed = Some(bytes.clone());
+        client.chain().append_entry(entry).await?;
+        t[1].push(s.elapsed());
+        let s = Instant::now();
+        let raw = client.send_signed(&bytes, &[]).await?;
+        let didgate_client::RawFinal::Receipt(r) = raw.last else {
+            bail!("no receipt")
+        };
+        ensure!(
+            r.message.call == call && raw.body == BODY,
+            "receipt for another call"
+        );
+        t[2].push(s.elapsed());
+        let s = Instant::now();
+        let mut result = Entry::new(EntryKind::Result, didgate_client::now_ms());
+        result.call = Some(call);
+        result.outcome = Some(Outcome::Receipt);
+        result.peer_entry = Some(r.message.entry);
+        result.signed = Some(r.bytes);
+        client.chain().append_entry(result).await?;
+        t[3].push(s.elapsed());
+    }
+    let [a, b, c, d] = t.map(|l| Run::new(Duration::ZERO, l));
+    Ok(Phases {
+        calls: n,
+        sign: a,
+        request_entry: b,
+        round_trip: c,
+        result_entry: d,
+    })
+}
+
 // ---------------------------------------------------------------------------------------------
 // Processes: didgated, nginx, didgate proxy
 
@@ -699,6 +796,21 @@ async fn signal(pid: u32, signal: &str) -> Result<()> {
         .await?;
     ensure!(status.success(), "kill -{signal} {pid} failed");
     Ok(())
+}
+
+/// User + system CPU seconds of process `pid` so far (/proc/PID/stat, in clock ticks of 10 ms).
+fn cpu_seconds(pid: u32) -> Result<f64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // fields after the command name, which is in parentheses and may hold spaces
+    let rest: Vec<&str> = s
+        .rsplit_once(')')
+        .context("malformed stat")?
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| -> Result<f64> { Ok(rest.get(i).context("short stat")?.parse()?) };
+    // utime and stime are fields 14 and 15 of stat(5): 11 and 12 after the name
+    Ok((ticks(11)? + ticks(12)?) / 100.0)
 }
 
 fn proc_status_mib(pid: u32, field: &str) -> Result<f64> {
