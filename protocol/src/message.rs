@@ -294,6 +294,12 @@ pub trait SignedMessage: Message {
     fn sign(&self, identity: &Identity) -> Vec<u8> {
         envelope::sign(identity, Self::KIND, self.encode())
     }
+
+    /// Signs this message and returns its digest too (for a request, the call ID), without
+    /// verifying the envelope ([`envelope::sign_with_digest`]).
+    fn sign_with_digest(&self, identity: &Identity) -> (Vec<u8>, [u8; 32]) {
+        envelope::sign_with_digest(identity, Self::KIND, self.encode())
+    }
 }
 
 macro_rules! message {
