@@ -78,6 +78,8 @@ fn request_conflict(index: usize) -> Refuse {
 }
 
 /// What an operator revokes.
+// a rare operator command: its size does not matter, boxing would only cost callers
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Revoke {
     /// Every call of this DID, from the next request on, including calls in flight that have
@@ -939,7 +941,7 @@ impl Gateway {
         doc: Option<&DidDocument>,
         bytes: &[u8],
     ) -> Result<Signed<Request>, message::OpenError> {
-        message::open_with::<Request>(bytes, |web, fragment| {
+        message::open_full::<Request>(bytes, Some(peer.key()), |web, fragment| {
             doc.filter(|d| d.did() == web && d.authenticates(fragment, peer.key()))
                 .map(|_| peer.key().clone())
         })

@@ -6,7 +6,9 @@
 //! AAD and as the protected `content type`, so a signature made for one kind never verifies as
 //! another.
 
-use coset::{CoseSign1, CoseSign1Builder, HeaderBuilder, TaggedCborSerializable, iana};
+use coset::{
+    CborSerializable, CoseSign1, CoseSign1Builder, HeaderBuilder, TaggedCborSerializable, iana,
+};
 use ed25519_dalek::Signature;
 
 use crate::did::{Did, DidError, Identity};
@@ -154,6 +156,13 @@ pub fn signed_digest(protected: &[u8], payload: &[u8]) -> [u8; 32] {
 /// acting as a did:web signs requests as that DID (`kid` `did:web:...#fragment`); everything
 /// else (a chain's checkpoints) is signed as its did:key, which owns the chain.
 pub fn sign(identity: &Identity, kind: Kind, payload: Vec<u8>) -> Vec<u8> {
+    sign_with_digest(identity, kind, payload).0
+}
+
+/// Like [`sign`], and also returns the message's [`signed_digest`] (for a request, its call ID)
+/// over the protected header just encoded, so a signer learns it without verifying its own
+/// envelope (one Ed25519 verification less per call).
+pub fn sign_with_digest(identity: &Identity, kind: Kind, payload: Vec<u8>) -> (Vec<u8>, [u8; 32]) {
     let kid = match kind {
         Kind::Request => identity.key_id(),
         _ => identity.did().key_id(),
@@ -163,20 +172,27 @@ pub fn sign(identity: &Identity, kind: Kind, payload: Vec<u8>) -> Vec<u8> {
         .key_id(kid.into_bytes())
         .content_type(kind.tag().to_string())
         .build();
+    // the bytes COSE puts in the protected bstr of a built (not parsed) header
+    let protected_bytes = protected
+        .clone()
+        .to_vec()
+        .unwrap_or_else(|_| unreachable!("encoding a built header cannot fail"));
+    let digest = signed_digest(&protected_bytes, &payload);
     let sign1 = CoseSign1Builder::new()
         .protected(protected)
         .payload(payload)
         .create_signature(kind.tag().as_bytes(), |data| identity.sign(data).to_vec())
         .build();
-    sign1
+    let bytes = sign1
         .to_tagged_vec()
-        .unwrap_or_else(|_| unreachable!("encoding a built COSE_Sign1 cannot fail"))
+        .unwrap_or_else(|_| unreachable!("encoding a built COSE_Sign1 cannot fail"));
+    (bytes, digest)
 }
 
 /// Verifies a tagged COSE_Sign1 of the expected `kind` over the received bytes. The `kid` must
 /// be a did:key DID URL: a did:web signer needs [`verify_with`] and its resolved document.
 pub fn verify(bytes: &[u8], kind: Kind) -> Result<Verified, EnvelopeError> {
-    verify_with(bytes, kind, |_, _| None)
+    verify_full(bytes, kind, None, |_, _| None)
 }
 
 /// Like [`verify`], and also accepts a did:web `kid`: `web_key(did, fragment)` returns the
@@ -184,6 +200,27 @@ pub fn verify(bytes: &[u8], kind: Kind) -> Result<Verified, EnvelopeError> {
 pub fn verify_with(
     bytes: &[u8],
     kind: Kind,
+    web_key: impl FnOnce(&WebDid, &str) -> Option<Did>,
+) -> Result<Verified, EnvelopeError> {
+    verify_full(bytes, kind, None, web_key)
+}
+
+/// Like [`verify`], with the DID that most likely signed (a connection's peer, a pinned
+/// gateway): when the `kid` names it, its already decoded key is used instead of parsing the
+/// `kid` again. The result is the same as [`verify`]'s for every input; only the work differs.
+pub fn verify_likely_from(
+    bytes: &[u8],
+    kind: Kind,
+    likely: &Did,
+) -> Result<Verified, EnvelopeError> {
+    verify_full(bytes, kind, Some(likely), |_, _| None)
+}
+
+/// [`verify_with`] with the hint of [`verify_likely_from`].
+pub fn verify_full(
+    bytes: &[u8],
+    kind: Kind,
+    likely: Option<&Did>,
     web_key: impl FnOnce(&WebDid, &str) -> Option<Did>,
 ) -> Result<Verified, EnvelopeError> {
     if bytes.len() > MAX_ENVELOPE {
@@ -226,7 +263,10 @@ pub fn verify_with(
         let key = web_key(web, fragment).ok_or(EnvelopeError::UnknownKey)?;
         (principal, key)
     } else {
-        let did = Did::from_key_id(kid).map_err(EnvelopeError::Kid)?;
+        let did = match likely {
+            Some(d) if d.is_key_id(kid) => d.clone(),
+            _ => Did::from_key_id(kid).map_err(EnvelopeError::Kid)?,
+        };
         (Principal::Key(did.clone()), did)
     };
     let payload = sign1.payload.as_deref().ok_or(EnvelopeError::NoPayload)?;
@@ -273,6 +313,43 @@ mod tests {
         let v = verify(&bytes, Kind::Request).expect("verifies");
         assert_eq!(v.signer(), alice().did());
         assert_eq!(v.payload(), b"hello");
+    }
+
+    #[test]
+    fn sign_with_digest_matches_the_verified_digest() {
+        for kind in [
+            Kind::Request,
+            Kind::Grant,
+            Kind::Receipt,
+            Kind::Refusal,
+            Kind::Checkpoint,
+        ] {
+            for payload in [Vec::new(), b"hello".to_vec(), vec![7u8; 5000]] {
+                let (bytes, digest) = sign_with_digest(&alice(), kind, payload);
+                let v = verify(&bytes, kind).expect("verifies");
+                assert_eq!(v.digest(), digest, "{kind:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_likely_signer_changes_no_result() {
+        let (a, b) = (alice(), Identity::from_seed(&[2; 32]));
+        let good = sign(&a, Kind::Request, b"hello".to_vec());
+        let mut bad = parse_for_tests(&good).expect("parses");
+        bad.signature[3] ^= 1;
+        let bad = reencode_for_tests(bad);
+        for bytes in [&good, &bad] {
+            let plain = verify(bytes, Kind::Request).map(|v| (v.signer().clone(), v.digest()));
+            for likely in [a.did(), b.did()] {
+                let hinted = verify_likely_from(bytes, Kind::Request, likely)
+                    .map(|v| (v.signer().clone(), v.digest()));
+                assert_eq!(hinted, plain);
+            }
+        }
+        assert!(a.did().is_key_id(&a.did().key_id()));
+        assert!(!a.did().is_key_id(&b.did().key_id()));
+        assert!(!a.did().is_key_id(a.did().as_str()));
     }
 
     #[test]

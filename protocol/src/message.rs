@@ -298,6 +298,12 @@ pub trait SignedMessage: Message {
     fn sign(&self, identity: &Identity) -> Vec<u8> {
         envelope::sign(identity, Self::KIND, self.encode())
     }
+
+    /// Signs this message and returns its digest too (for a request, the call ID), without
+    /// verifying the envelope ([`envelope::sign_with_digest`]).
+    fn sign_with_digest(&self, identity: &Identity) -> (Vec<u8>, [u8; 32]) {
+        envelope::sign_with_digest(identity, Self::KIND, self.encode())
+    }
 }
 
 macro_rules! message {
@@ -336,9 +342,9 @@ pub enum OpenError {
     #[error("signed by {got}, expected {expected}")]
     Signer {
         /// Who signed.
-        got: Did,
+        got: Box<Did>,
         /// Who should have.
-        expected: Did,
+        expected: Box<Did>,
     },
 }
 
@@ -363,7 +369,31 @@ pub fn open_with<T: SignedMessage>(
     bytes: &[u8],
     web_key: impl FnOnce(&crate::WebDid, &str) -> Option<Did>,
 ) -> Result<Signed<T>, OpenError> {
-    let envelope = envelope::verify_with(bytes, T::KIND, web_key)?;
+    open_full(bytes, None, web_key)
+}
+
+/// [`open_with`] with the likely signer's decoded key ([`envelope::verify_full`]).
+pub fn open_full<T: SignedMessage>(
+    bytes: &[u8],
+    likely: Option<&Did>,
+    web_key: impl FnOnce(&crate::WebDid, &str) -> Option<Did>,
+) -> Result<Signed<T>, OpenError> {
+    let envelope = envelope::verify_full(bytes, T::KIND, likely, web_key)?;
+    let message = T::decode(envelope.payload())?;
+    Ok(Signed {
+        envelope,
+        message,
+        bytes: bytes.to_vec(),
+    })
+}
+
+/// Like [`open`], using the already decoded key of the DID that most likely signed
+/// ([`envelope::verify_likely_from`]); same result as [`open`] for every input.
+pub fn open_likely_from<T: SignedMessage>(
+    bytes: &[u8],
+    likely: &Did,
+) -> Result<Signed<T>, OpenError> {
+    let envelope = envelope::verify_likely_from(bytes, T::KIND, likely)?;
     let message = T::decode(envelope.payload())?;
     Ok(Signed {
         envelope,
@@ -374,11 +404,11 @@ pub fn open_with<T: SignedMessage>(
 
 /// Like [`open`], and also requires the signer to be `expected`.
 pub fn open_from<T: SignedMessage>(bytes: &[u8], expected: &Did) -> Result<Signed<T>, OpenError> {
-    let signed = open::<T>(bytes)?;
+    let signed = open_likely_from::<T>(bytes, expected)?;
     if signed.envelope.signer() != expected {
         return Err(OpenError::Signer {
-            got: signed.envelope.signer().clone(),
-            expected: expected.clone(),
+            got: Box::new(signed.envelope.signer().clone()),
+            expected: Box::new(expected.clone()),
         });
     }
     Ok(signed)

@@ -1,4 +1,9 @@
-//! didgate-bench: figures for the audit log.
+//! didgate-bench: figures for calls through didgate and for the audit log.
+//!
+//! `didgate-bench` (no subcommand) is the call benchmark of [`calls`]: the same local upstream
+//! and load generator for a direct call, nginx injecting the header, the didgate library over
+//! QUIC to a `didgated serve` process, and the `didgate proxy` local proxy when the build has
+//! one; both audit chains are verified at the end.
 //!
 //! `didgate-bench audit` measures, on this machine:
 //!
@@ -28,11 +33,22 @@ use didgate_protocol::message::{
 };
 use didgate_protocol::{Did, Identity};
 
+#[path = "didgate-bench/calls.rs"]
+mod calls;
+
 #[derive(Parser)]
-#[command(name = "didgate-bench", version, about = "didgate benchmarks")]
+#[command(
+    name = "didgate-bench",
+    version,
+    about = "didgate benchmarks: calls (the default) and the audit log",
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
     #[command(subcommand)]
-    cmd: Cmd,
+    cmd: Option<Cmd>,
+    /// The call benchmark's options (when no subcommand is given).
+    #[command(flatten)]
+    calls: calls::CallArgs,
 }
 
 #[derive(Subcommand)]
@@ -66,11 +82,12 @@ const T0: u64 = 1_780_000_000_000;
 fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Audit(args) => audit(args),
+        Some(Cmd::Audit(args)) => audit(args),
+        None => calls::run(cli.calls),
     }
 }
 
-fn threads() -> usize {
+pub(crate) fn threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
@@ -203,11 +220,11 @@ fn audit(args: AuditArgs) -> Result<()> {
     Ok(())
 }
 
-fn ms(d: Duration) -> f64 {
+pub(crate) fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
-fn cpu_model() -> String {
+pub(crate) fn cpu_model() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
         .and_then(|s| {
