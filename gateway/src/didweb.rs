@@ -16,7 +16,10 @@
 //!   (no second lookup to rebind);
 //! - the document's `id` must equal the DID; its authentication keys come from the ssi
 //!   document model;
-//! - documents are cached for `cache_ttl_secs` (bounded); failures are not cached.
+//! - documents are cached for `cache_ttl_secs` (bounded). A key the cached document does not
+//!   list (an agent's newly added key) triggers a fresh fetch, and so does a failure, but at
+//!   most once per [`MIN_REFETCH`] per DID (or per `cache_ttl_secs` if shorter), so callers
+//!   claiming a named domain cannot make the gateway hammer its document server.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -25,8 +28,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use didgate_protocol::WebDid;
 use didgate_protocol::web::{DidDocument, DocumentError, MAX_DOCUMENT};
+use didgate_protocol::{Did, WebDid};
 use futures_util::StreamExt;
 
 use crate::config::DidWeb;
@@ -53,11 +56,15 @@ pub enum ResolveError {
     Document(#[from] DocumentError),
 }
 
-/// A fetched document and when it was fetched.
+/// The outcome of the last fetch of a DID's document, and when it was made.
 struct Cached {
-    doc: Arc<DidDocument>,
+    outcome: Result<Arc<DidDocument>, ResolveError>,
     at: Instant,
 }
+
+/// Shortest interval between two fetches of one DID's document (when `cache_ttl_secs` is not
+/// shorter): a miss or a failure within it is answered from the last outcome.
+pub const MIN_REFETCH: Duration = Duration::from_secs(10);
 
 /// Resolves did:web callers' documents for the gateway.
 pub struct WebResolver {
@@ -98,19 +105,28 @@ impl WebResolver {
         })
     }
 
-    /// The current document of `did`: from the cache while younger than the TTL, else
-    /// fetched. The caller has checked that policy names the host.
-    pub async fn resolve(&self, did: &WebDid) -> Result<Arc<DidDocument>, ResolveError> {
-        if let Some(doc) = self.cached(did) {
-            return Ok(doc);
+    /// The current document of `did`, as it concerns `key`: the cached document while younger
+    /// than the TTL if it lists `key`; else the last outcome if it is younger than the refetch
+    /// interval; else a fresh fetch. The caller has checked that policy names the host.
+    pub async fn resolve(&self, did: &WebDid, key: &Did) -> Result<Arc<DidDocument>, ResolveError> {
+        let refetch = self.ttl.min(MIN_REFETCH);
+        if let Some((outcome, age)) = self.cached(did) {
+            let fresh_hit = matches!(&outcome, Ok(doc) if doc.lists_key(key)) && age < self.ttl;
+            if fresh_hit || age < refetch {
+                return outcome;
+            }
         }
-        let bytes = self.method.fetch(did).await?;
-        let doc = Arc::new(DidDocument::parse(did, &bytes)?);
+        let outcome = match self.method.fetch(did).await {
+            Ok(bytes) => DidDocument::parse(did, &bytes)
+                .map(Arc::new)
+                .map_err(ResolveError::from),
+            Err(e) => Err(e),
+        };
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         // bounded: stale entries go first, then everything if still too many
         if cache.len() >= MAX_CACHED {
-            let ttl = self.ttl;
-            cache.retain(|_, c| c.at.elapsed() < ttl);
+            let keep = self.ttl.max(MIN_REFETCH);
+            cache.retain(|_, c| c.at.elapsed() < keep);
             if cache.len() >= MAX_CACHED {
                 cache.clear();
             }
@@ -118,19 +134,17 @@ impl WebResolver {
         cache.insert(
             did.clone(),
             Cached {
-                doc: doc.clone(),
+                outcome: outcome.clone(),
                 at: Instant::now(),
             },
         );
-        Ok(doc)
+        outcome
     }
 
-    fn cached(&self, did: &WebDid) -> Option<Arc<DidDocument>> {
+    /// The last outcome for `did` and its age.
+    fn cached(&self, did: &WebDid) -> Option<(Result<Arc<DidDocument>, ResolveError>, Duration)> {
         let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        cache
-            .get(did)
-            .filter(|c| c.at.elapsed() < self.ttl)
-            .map(|c| c.doc.clone())
+        cache.get(did).map(|c| (c.outcome.clone(), c.at.elapsed()))
     }
 
     /// Drops every cached document (after a policy reload, or an operator's request).
@@ -282,8 +296,11 @@ mod tests {
             "did:web:api.localhost",
         ] {
             let did = WebDid::parse(did).expect("did");
+            let key = didgate_protocol::Identity::from_seed(&[1; 32])
+                .did()
+                .clone();
             assert!(
-                matches!(r.resolve(&did).await, Err(ResolveError::Local(_))),
+                matches!(r.resolve(&did, &key).await, Err(ResolveError::Local(_))),
                 "{did} was not refused as local"
             );
         }

@@ -920,7 +920,7 @@ impl Gateway {
         }
         let doc = self
             .resolver
-            .resolve(did)
+            .resolve(did, peer.key())
             .await
             .map_err(|e| unresolved(e.to_string()))?;
         if !doc.lists_key(peer.key()) {

@@ -80,6 +80,18 @@ async fn did_web_caller_is_admitted_audited_and_verified() -> anyhow::Result<()>
     // the document is cached: a second call costs no fetch
     assert_eq!(c.call(balance()).await?.status, 200);
     assert_eq!(docs.requests(), 1, "one fetch for two calls within the TTL");
+    // a key the document does not list, claiming the organisation: refused, and it cannot make
+    // the gateway refetch the document more than once per refetch interval
+    let intruder = h.client("intruder", agent(0xc9, &org, "key-1")).await?;
+    for _ in 0..3 {
+        assert_eq!(
+            refusal_code(&intruder.call(balance()).await),
+            Some(RefusalCode::DidUnresolved)
+        );
+    }
+    assert!(docs.requests() <= 2, "{} fetches", docs.requests());
+    intruder.close().await;
+    drop(intruder);
     // policy names the did:web, not the key: a write is still refused by policy
     let write = CallSpec::new("payments", "POST", "/v1/charges").body(b"{}".to_vec());
     assert_eq!(
