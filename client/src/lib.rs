@@ -21,6 +21,7 @@
 #![warn(missing_docs)]
 
 pub mod identity;
+#[cfg(feature = "proxy")]
 pub mod proxy;
 pub mod tls;
 pub mod wire;

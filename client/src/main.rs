@@ -20,6 +20,8 @@
 //! - 3: the gateway refused the call (signed refusal, recorded in the chain);
 //! - 4: any other call failure (gateway unreachable, connection lost, invalid answer).
 
+mod mcp;
+
 use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -147,6 +149,17 @@ enum Command {
         #[arg(long, value_name = "DID")]
         gateway_did: Option<String>,
     },
+    /// Serve the Model Context Protocol over stdio: the tools are the operations this DID may
+    /// call (the gateway's catalog), each tool call a signed call recorded in HOME/chain.
+    #[command(after_help = EXIT_HELP)]
+    Mcp {
+        /// Gateway address (overrides config.toml).
+        #[arg(long, value_name = "ADDR")]
+        gateway: Option<String>,
+        /// Gateway DID (overrides config.toml).
+        #[arg(long, value_name = "DID")]
+        gateway_did: Option<String>,
+    },
     /// Print the environment lines an agent needs to use the proxy for these upstreams:
     /// `NAME_BASE_URL` (the proxy URL for the upstream, `UPSTREAM/PREFIX` appends a prefix)
     /// and `NAME_API_KEY` (the proxy token), plus `DIDGATE_PROXY_URL` and `DIDGATE_PROXY_TOKEN`.
@@ -250,6 +263,27 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 forward_headers,
             };
             run_proxy(&home, identity, addr, did, options, cli.json).await
+        }
+        Command::Mcp {
+            gateway,
+            gateway_did,
+        } => {
+            let (addr, did) = resolve_gateway(&home, gateway.as_deref(), gateway_did.as_deref())?;
+            let identity = load_identity(&home)?;
+            let chain = home.join("chain");
+            let client = Client::open(identity, &chain, addr, did)
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot open the client chain {} (is another didgate proxy or mcp running?)",
+                        chain.display()
+                    )
+                })?;
+            let client = std::sync::Arc::new(client);
+            let served = mcp::DidgateMcp::new(client.clone()).run().await;
+            client.close().await;
+            served?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Env {
             upstreams,
