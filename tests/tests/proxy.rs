@@ -341,6 +341,26 @@ async fn proxy_streams_sse_events_as_they_arrive() -> anyhow::Result<()> {
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_after_the_head_truncates_the_http_response() -> anyhow::Result<()> {
+    // the head goes out, then the body grows past max_response_bytes: the gateway refuses
+    // mid-stream, and the proxy must not let the HTTP client take a cut body for a whole one
+    let mut h = Harness::start_with(|c| c.upstreams[0].max_response_bytes = Some(100)).await?;
+    let home = alice_home(&h)?;
+    let proxy = ProxyProcess::start(&home).await?;
+    let resp = http()?
+        .get(format!("{}/payments/v1/events?n=50", proxy.url))
+        .bearer_auth(&proxy.token)
+        .send()
+        .await?;
+    assert_eq!(resp.status().as_u16(), 200);
+    assert!(resp.text().await.is_err(), "the body must end in an error");
+    proxy.stop().await?;
+    h.stop().await;
+    assert_eq!(assert_chains(&h, &home, 1)?, [Outcome::Refusal]);
+    Ok(())
+}
+
 /// curl, if installed (.ci/run installs it); the reqwest tests above are the required ones.
 fn curl() -> Option<PathBuf> {
     let found = std::process::Command::new("curl")
@@ -477,6 +497,18 @@ async fn env_prints_base_urls_and_the_proxy_token() -> anyhow::Result<()> {
         .await?;
     assert_eq!(resp.status().as_u16(), 200);
     assert!(env(&["--export", "payments"])?.starts_with("export DIDGATE_PROXY_URL="));
+    // the proxy holds the chain: another process of this identity is told so, nothing is sent
+    let out = std::process::Command::new(bin("didgate")?)
+        .arg("--home")
+        .arg(&home)
+        .args(["call", "payments", "GET", "/v1/balance"])
+        .output()?;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("chain"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(env(&["bad name"]).is_err());
     proxy.stop().await?;
     h.stop().await;
