@@ -87,6 +87,9 @@ pub enum CallError {
         reason: String,
         /// The gateway's clock when it refused (compare with yours on `clock_skew`).
         gateway_time_ms: u64,
+        /// The refused call's ID, as the refusal names it (None when the gateway could not
+        /// read the request, and for catalog requests).
+        call: Option<[u8; 32]>,
     },
     /// The gateway could not be reached or authenticated (check the address and pinned DID).
     #[error("gateway unreachable: {0}")]
@@ -557,6 +560,7 @@ impl Client {
                     code: r.message.code,
                     reason: r.message.reason.clone(),
                     gateway_time_ms: r.message.time_ms,
+                    call: r.message.call,
                 })
             }
             Ok(RawFinal::Grant(_)) => {
@@ -702,6 +706,7 @@ impl Client {
                         code: r.message.code,
                         reason: r.message.reason,
                         gateway_time_ms: r.message.time_ms,
+                        call: None,
                     });
                 }
                 other => {
