@@ -5,6 +5,23 @@
 //! with the gateway), async framing ([`wire`]), and [`Client`], which signs each request,
 //! records it in the local chain before sending, and records the gateway's signed receipt or
 //! refusal after. It never depends on the gateway crate and never holds an upstream secret.
+//! With the default `proxy` feature it also owns the local HTTP proxy ([`proxy`]); build with
+//! `default-features = false` to embed only the client.
+//!
+//! The whole API, in the order an agent uses it:
+//!
+//! | step | call |
+//! | --- | --- |
+//! | load or create an identity (file mode 0600, never overwritten) | [`identity::load`], [`identity::create`] |
+//! | connect to the pinned gateway (lazily; reconnects after a restart) | [`Client::open`] |
+//! | learn what this DID may call | [`Client::catalog`] |
+//! | call (concurrent calls share one connection) | [`Client::call`] |
+//! | grant, then execute (hold a grant briefly) | [`Client::grant`], [`Client::execute`] |
+//! | stream a response as it arrives | [`Client::call_streaming`] |
+//! | read the local chain | [`Client::chain`] (while open), `didgate_audit::load_records` (after [`Client::close`]) |
+//! | handle an error | [`CallError`]: [`CallError::advice`], [`CallError::is_retryable`] |
+//!
+//! Runnable examples: `client/examples/` (`one_shot`, `agent_loop`, `streaming`).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -13,14 +30,18 @@
 //! let gateway = "did:key:z6MkiTBz1ymuepAQ4HEHYSF1H8quG5GLVVQR3djdX3mDooWp".parse()?;
 //! let client = Client::open(identity, "/home/me/.didgate/chain".as_ref(),
 //!     "127.0.0.1:7443".parse()?, gateway).await?;
-//! let answer = client.call(CallSpec::new("payments", "GET", "/v1/balance")).await?;
-//! println!("{} {}", answer.status, String::from_utf8_lossy(&answer.body));
+//! match client.call(CallSpec::new("payments", "GET", "/v1/balance")).await {
+//!     Ok(answer) => println!("{} {}", answer.status, String::from_utf8_lossy(&answer.body)),
+//!     Err(e) => eprintln!("{e}: {}", e.advice()),
+//! }
+//! client.close().await;
 //! # Ok(()) }
 //! ```
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
 pub mod identity;
+#[cfg(feature = "proxy")]
 pub mod proxy;
 pub mod tls;
 pub mod wire;
@@ -66,6 +87,9 @@ pub enum CallError {
         reason: String,
         /// The gateway's clock when it refused (compare with yours on `clock_skew`).
         gateway_time_ms: u64,
+        /// The refused call's ID, as the refusal names it (None when the gateway could not
+        /// read the request, and for catalog requests).
+        call: Option<[u8; 32]>,
     },
     /// The gateway could not be reached or authenticated (check the address and pinned DID).
     #[error("gateway unreachable: {0}")]
@@ -80,6 +104,84 @@ pub enum CallError {
     /// The local audit chain could not be written: the call was not sent.
     #[error("local audit chain unavailable: {0}")]
     Audit(String),
+}
+
+impl CallError {
+    /// The gateway's refusal code, if the gateway refused the call.
+    pub fn refusal_code(&self) -> Option<RefusalCode> {
+        match self {
+            Self::Refused { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+
+    /// Whether trying the same intent again later, as a new call, can succeed without anyone
+    /// changing anything (rate limits, a draining or unreachable gateway). Never true for an
+    /// unknown outcome: the call may have executed.
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            Self::Refused { code, .. } => matches!(
+                code,
+                RefusalCode::RateLimited
+                    | RefusalCode::ShuttingDown
+                    | RefusalCode::AuditUnavailable
+                    | RefusalCode::GrantExpired
+            ),
+            Self::Unreachable(_) => true,
+            _ => false,
+        }
+    }
+
+    /// What to do about this error, in one sentence.
+    pub fn advice(&self) -> &'static str {
+        match self {
+            Self::Refused { code, .. } => match code {
+                RefusalCode::Policy => {
+                    "policy does not allow this DID this call: ask the operator to allow it, or call an operation `catalog()` lists"
+                }
+                RefusalCode::Revoked => {
+                    "this DID (or grant) is revoked: stop, and ask the operator; a new call will be refused too"
+                }
+                RefusalCode::RateLimited => {
+                    "a rate or concurrency limit was hit: wait, then make the call again (no grant was consumed)"
+                }
+                RefusalCode::ClockSkew => {
+                    "your clock differs from the gateway's (its time is in the refusal): fix the clock"
+                }
+                RefusalCode::UnknownUpstream => {
+                    "the gateway has no upstream of that name: check the name (`catalog()` lists them)"
+                }
+                RefusalCode::NotCanonical | RefusalCode::BodyMismatch | RefusalCode::Malformed => {
+                    "the request was not accepted as written: fix the path, query, headers or body"
+                }
+                RefusalCode::ShuttingDown | RefusalCode::AuditUnavailable => {
+                    "the gateway cannot take calls now: try again later"
+                }
+                RefusalCode::UpstreamFailed
+                | RefusalCode::SecretUnavailable
+                | RefusalCode::ResponseTooLarge => {
+                    "the call was admitted but the upstream part failed (the grant was consumed): check before repeating it"
+                }
+                RefusalCode::GrantExpired => "the grant expired: ask for a new one",
+                RefusalCode::GrantInvalid | RefusalCode::Replay => {
+                    "this signed request or grant was already used: make a new call if you still mean it"
+                }
+                _ => "the gateway refused the call: see its reason",
+            },
+            Self::Unreachable(_) => {
+                "check the gateway address and the pinned gateway DID, then try again; nothing was sent"
+            }
+            Self::ConnectionLost(_) => {
+                "the outcome is unknown and the call may have executed: check (for example with the upstream) before repeating it"
+            }
+            Self::InvalidAnswer(_) => {
+                "the gateway's answer or receipt did not verify: keep the chain as evidence and tell the operator"
+            }
+            Self::Audit(_) => {
+                "the local chain could not be written, so nothing was sent: free disk space or fix its permissions"
+            }
+        }
+    }
 }
 
 /// What to call.
@@ -285,6 +387,17 @@ impl Client {
         Ok(conn)
     }
 
+    /// Drops the cached connection if it is still `conn`, so the next call connects again.
+    async fn forget(&self, conn: &quinn::Connection) {
+        let mut guard = self.conn.lock().await;
+        if guard
+            .as_ref()
+            .is_some_and(|c| c.stable_id() == conn.stable_id())
+        {
+            *guard = None;
+        }
+    }
+
     /// Builds and signs a request for `spec` against the current chain head, without sending
     /// or recording it. Returns the signed bytes and the call ID.
     pub fn sign(&self, spec: &CallSpec) -> Result<(Vec<u8>, [u8; 32]), CallError> {
@@ -453,6 +566,7 @@ impl Client {
                     code: r.message.code,
                     reason: r.message.reason.clone(),
                     gateway_time_ms: r.message.time_ms,
+                    call: r.message.call,
                 })
             }
             Ok(RawFinal::Grant(_)) => {
@@ -598,6 +712,7 @@ impl Client {
                         code: r.message.code,
                         reason: r.message.reason,
                         gateway_time_ms: r.message.time_ms,
+                        call: None,
                     });
                 }
                 other => {
@@ -617,10 +732,19 @@ impl Client {
         body: &[u8],
     ) -> Result<quinn::RecvStream, CallError> {
         let conn = self.connection().await?;
-        let (mut send, recv) = conn
-            .open_bi()
-            .await
-            .map_err(|e| CallError::ConnectionLost(e.to_string()))?;
+        let (mut send, recv) = match conn.open_bi().await {
+            Ok(streams) => streams,
+            Err(_) => {
+                // The connection closed before this stream opened (the gateway restarted, or
+                // an idle timeout): nothing was sent on it, so connect again, once.
+                self.forget(&conn).await;
+                self.connection()
+                    .await?
+                    .open_bi()
+                    .await
+                    .map_err(|e| CallError::ConnectionLost(e.to_string()))?
+            }
+        };
         let mut out = BytesMut::with_capacity(first.len() + body.len() + 64);
         frame::encode(kind, first, &mut out)
             .map_err(|e| CallError::InvalidAnswer(e.to_string()))?;

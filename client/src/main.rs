@@ -8,9 +8,15 @@
 //! - `config.toml`: the pinned gateway, `gateway = "ADDR"` and `gateway_did = "did:key:..."`
 //!   (written by `didgate pin`).
 //!
-//! Commands: `keygen [--seed-hex HEX]`, `whoami`, `pin --gateway ADDR --gateway-did DID` and
-//! `call UPSTREAM METHOD PATH [--data @FILE|-|LITERAL] [--header 'K: V']...`. With `--json`,
-//! results are printed as one JSON object on stdout.
+//! - `proxy-token`: the local proxy's token (mode 0600, kept across starts);
+//! - `proxy-url`: the running proxy's URL (while it runs), for `didgate env`.
+//!
+//! Commands: `keygen [--seed-hex HEX] [--encrypt]`, `whoami`, `pin --gateway ADDR
+//! --gateway-did DID`, `call UPSTREAM METHOD PATH [--data @FILE|-|LITERAL] [--header 'K: V']...`,
+//! `export --out FILE`, `proxy [--listen ADDR]`, `env UPSTREAM[/PREFIX]...` and `mcp`. With
+//! `--json`, results (and errors, as `{"error", "exit"}`) are printed as one JSON object on
+//! stdout (`proxy` prints one when it is ready; `mcp` speaks JSON-RPC on stdout anyway). A sealed
+//! identity's passphrase comes from `DIDGATE_PASSPHRASE` or the terminal, never from argv.
 //!
 //! Exit status:
 //!
@@ -19,6 +25,8 @@
 //! - 2: usage, configuration, identity or local I/O error;
 //! - 3: the gateway refused the call (signed refusal, recorded in the chain);
 //! - 4: any other call failure (gateway unreachable, connection lost, invalid answer).
+
+mod mcp;
 
 use std::io::{Read, Write};
 use std::net::SocketAddr;
@@ -81,6 +89,10 @@ enum Command {
         /// Derive the identity from this 32-byte seed (64 hex digits) instead of a random one.
         #[arg(long, value_name = "HEX")]
         seed_hex: Option<String>,
+        /// Seal the identity file under a passphrase (Argon2id + AES-256-GCM-SIV), read from
+        /// DIDGATE_PASSPHRASE or asked for twice on the terminal; never from the command line.
+        #[arg(long)]
+        encrypt: bool,
     },
     /// Print this client's DID (`--document`: its DID document; for `--as did:web:...`, the
     /// document the organisation publishes, listing this key for authentication).
@@ -156,6 +168,17 @@ enum Command {
         #[arg(long, value_name = "DID")]
         gateway_did: Option<String>,
     },
+    /// Serve the Model Context Protocol over stdio: the tools are the operations this DID may
+    /// call (the gateway's catalog), each tool call a signed call recorded in HOME/chain.
+    #[command(after_help = EXIT_HELP)]
+    Mcp {
+        /// Gateway address (overrides config.toml).
+        #[arg(long, value_name = "ADDR")]
+        gateway: Option<String>,
+        /// Gateway DID (overrides config.toml).
+        #[arg(long, value_name = "DID")]
+        gateway_did: Option<String>,
+    },
     /// Print the environment lines an agent needs to use the proxy for these upstreams:
     /// `NAME_BASE_URL` (the proxy URL for the upstream, `UPSTREAM/PREFIX` appends a prefix)
     /// and `NAME_API_KEY` (the proxy token), plus `DIDGATE_PROXY_URL` and `DIDGATE_PROXY_TOKEN`.
@@ -186,6 +209,7 @@ struct Config {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    let json = cli.json;
     init_tracing();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -200,6 +224,12 @@ fn main() -> ExitCode {
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
         Err(e) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"error": format!("{e:#}"), "exit": EXIT_USAGE})
+                );
+            }
             eprintln!("didgate: {e:#}");
             ExitCode::from(EXIT_USAGE)
         }
@@ -221,13 +251,15 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     let home = home_dir(cli.home)?;
     let acting = cli.acting_as;
     match cli.command {
-        Command::Keygen { seed_hex } => keygen(&home, seed_hex.as_deref(), cli.json),
+        Command::Keygen { seed_hex, encrypt } => {
+            keygen(&home, seed_hex.as_deref(), encrypt, cli.json)
+        }
         Command::Whoami { document } => whoami(&home, acting.as_deref(), document, cli.json),
         Command::Export { out } => export(&home, &out, cli.json),
         Command::Pin {
             gateway,
             gateway_did,
-        } => pin(&home, &gateway, &gateway_did),
+        } => pin(&home, &gateway, &gateway_did, cli.json),
         Command::Call {
             upstream,
             method,
@@ -260,6 +292,27 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 forward_headers,
             };
             run_proxy(&home, identity, addr, did, options, cli.json).await
+        }
+        Command::Mcp {
+            gateway,
+            gateway_did,
+        } => {
+            let (addr, did) = resolve_gateway(&home, gateway.as_deref(), gateway_did.as_deref())?;
+            let identity = load_identity(&home)?;
+            let chain = home.join("chain");
+            let client = Client::open(identity, &chain, addr, did)
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot open the client chain {} (is another didgate proxy or mcp running?)",
+                        chain.display()
+                    )
+                })?;
+            let client = std::sync::Arc::new(client);
+            let served = mcp::DidgateMcp::new(client.clone()).run().await;
+            client.close().await;
+            served?;
+            Ok(ExitCode::SUCCESS)
         }
         Command::Env {
             upstreams,
@@ -451,7 +504,12 @@ fn print_did(did: &Did, json: bool) {
     }
 }
 
-fn keygen(home: &Path, seed_hex: Option<&str>, json: bool) -> anyhow::Result<ExitCode> {
+fn keygen(
+    home: &Path,
+    seed_hex: Option<&str>,
+    encrypt: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
     let identity = match seed_hex {
         None => Identity::generate(),
         Some(text) => {
@@ -469,7 +527,19 @@ fn keygen(home: &Path, seed_hex: Option<&str>, json: bool) -> anyhow::Result<Exi
         }
     };
     let path = identity_path(home);
-    identity::create(&path, &identity).map_err(|e| match e {
+    if path.exists() {
+        bail!(
+            "identity {} already exists; refusing to overwrite it (use another --home to create a new one)",
+            path.display()
+        );
+    }
+    let created = if encrypt {
+        let pass = passphrase(&path, true)?;
+        identity::create_sealed(&path, &identity, &pass)
+    } else {
+        identity::create(&path, &identity)
+    };
+    created.map_err(|e| match e {
         IdentityError::Exists(p) => anyhow!(
             "identity {p} already exists; refusing to overwrite it (use another --home to create a new one)"
         ),
@@ -501,7 +571,14 @@ fn load_identity_as(home: &Path, acting: Option<&str>) -> anyhow::Result<Identit
 
 fn load_identity(home: &Path) -> anyhow::Result<Identity> {
     let path = identity_path(home);
-    identity::load(&path).map_err(|e| match e {
+    let loaded = match identity::load(&path) {
+        Err(IdentityError::NeedsPassphrase(_)) => {
+            let pass = passphrase(&path, false)?;
+            identity::load_with_passphrase(&path, Some(&pass))
+        }
+        other => other,
+    };
+    loaded.map_err(|e| match e {
         IdentityError::Read { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
             anyhow!(
                 "no identity at {}; run `didgate keygen` first",
@@ -510,6 +587,38 @@ fn load_identity(home: &Path) -> anyhow::Result<Identity> {
         }
         other => anyhow!(other),
     })
+}
+
+/// The passphrase of a sealed identity: DIDGATE_PASSPHRASE, else asked on the terminal
+/// (twice when `confirm`). Never taken from the command line.
+fn passphrase(path: &Path, confirm: bool) -> anyhow::Result<Zeroizing<String>> {
+    use std::io::IsTerminal;
+    if let Some(p) = std::env::var_os("DIDGATE_PASSPHRASE") {
+        let p = p
+            .into_string()
+            .map_err(|_| anyhow!("DIDGATE_PASSPHRASE is not valid UTF-8"))?;
+        return Ok(Zeroizing::new(p));
+    }
+    if !std::io::stdin().is_terminal() {
+        bail!(
+            "identity {} needs a passphrase: set DIDGATE_PASSPHRASE (no terminal to ask on)",
+            path.display()
+        );
+    }
+    let first = Zeroizing::new(
+        rpassword::prompt_password(format!("passphrase for {}: ", path.display()))
+            .context("cannot read the passphrase")?,
+    );
+    if confirm {
+        let again = Zeroizing::new(
+            rpassword::prompt_password("the same passphrase again: ")
+                .context("cannot read the passphrase")?,
+        );
+        if *again != *first {
+            bail!("the two passphrases differ; nothing was written");
+        }
+    }
+    Ok(first)
 }
 
 fn whoami(
@@ -590,7 +699,7 @@ fn parse_did(text: &str, what: &str) -> anyhow::Result<Did> {
     Did::parse(text.trim()).map_err(|e| anyhow!("invalid {what} {text:?}: {e}"))
 }
 
-fn pin(home: &Path, gateway: &str, gateway_did: &str) -> anyhow::Result<ExitCode> {
+fn pin(home: &Path, gateway: &str, gateway_did: &str, json: bool) -> anyhow::Result<ExitCode> {
     let addr = parse_addr(gateway, "--gateway")?;
     let did = parse_did(gateway_did, "--gateway-did")?;
     let config = Config {
@@ -602,7 +711,14 @@ fn pin(home: &Path, gateway: &str, gateway_did: &str) -> anyhow::Result<ExitCode
         .with_context(|| format!("cannot create home directory {}", home.display()))?;
     let path = config_path(home);
     std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
-    eprintln!("pinned gateway {did} at {addr} in {}", path.display());
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"gateway": addr.to_string(), "gateway_did": did.as_str(), "config": path.display().to_string()})
+        );
+    } else {
+        eprintln!("pinned gateway {did} at {addr} in {}", path.display());
+    }
     Ok(ExitCode::SUCCESS)
 }
 

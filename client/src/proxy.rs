@@ -390,6 +390,10 @@ pub fn refusal_status(code: RefusalCode) -> u16 {
 }
 
 fn call_refusal(e: CallError) -> Refusal {
+    let call = match &e {
+        CallError::Refused { call, .. } => *call,
+        _ => None,
+    };
     let (status, code, source) = match &e {
         CallError::Refused { code, .. } => (refusal_status(*code), code.as_str(), "gateway"),
         CallError::Unreachable(_) => (502, "gateway_unreachable", "client"),
@@ -402,7 +406,7 @@ fn call_refusal(e: CallError) -> Refusal {
         code: code.to_string(),
         source,
         message: e.to_string(),
-        call: None,
+        call,
     }
 }
 

@@ -131,8 +131,12 @@ impl Harness {
     }
 
     async fn serve(&mut self) -> anyhow::Result<()> {
+        self.serve_on("127.0.0.1:0".parse()?).await
+    }
+
+    async fn serve_on(&mut self, addr: SocketAddr) -> anyhow::Result<()> {
         let gw = Arc::new(Gateway::open(&self.gw_dir()).await?);
-        let endpoint = gateway::endpoint(&gw, "127.0.0.1:0".parse()?)?;
+        let endpoint = gateway::endpoint(&gw, addr)?;
         self.addr = endpoint.local_addr()?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         self.stop = Some(tx);
@@ -171,6 +175,14 @@ impl Harness {
     /// The gateway chain's entries, decoded (the gateway must be stopped).
     pub fn gateway_entries(&self) -> anyhow::Result<Vec<didgate_audit::entry::Entry>> {
         gateway_entries_in(&self.gw_dir())
+    }
+
+    /// Stops and starts the gateway again on the same data directory and the same address,
+    /// as a restarted daemon would (clients keep their address).
+    pub async fn restart_same_addr(&mut self) -> anyhow::Result<()> {
+        let addr = self.addr;
+        self.stop().await;
+        self.serve_on(addr).await
     }
 
     /// A client for `identity` with its own chain named `name`.

@@ -75,3 +75,59 @@ async fn each_did_sees_the_operations_its_policy_allows() -> anyhow::Result<()> 
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_catalog_follows_a_cedar_policy_reload() -> anyhow::Result<()> {
+    let mut h = Harness::start().await?;
+    let gw = h.gateway.clone().expect("running");
+    let a = h.client("alice", alice()).await?;
+    assert_eq!(a.catalog().await?.len(), 3, "the [[rule]] policy");
+
+    // a Cedar policy file: alice may GET one charge by id (one segment), and forbid wins over
+    // a permit for POST
+    let alice_did = alice().did().to_string();
+    std::fs::write(
+        h.gw_dir().join("policies.cedar"),
+        format!(
+            r#"
+@id("charge-lookup")
+permit (principal == Did::"{alice_did}", action == Action::"GET", resource in Upstream::"payments")
+when {{ resource.path like "/v1/charges/*" && resource.segments == 3 }};
+
+@id("all-writes")
+permit (principal == Did::"{alice_did}", action in Action::"write", resource in Upstream::"payments");
+
+@id("no-posts")
+forbid (principal, action == Action::"POST", resource);
+"#
+        ),
+    )?;
+    let path = h.gw_dir().join("gateway.toml");
+    let mut config = didgate_gateway::config::Config::load(&path)?;
+    config.gateway.policy_file = Some("policies.cedar".into());
+    config.rules.clear();
+    std::fs::write(&path, toml::to_string(&config)?)?;
+    gw.reload_policy()?;
+
+    assert_eq!(
+        names(&a.catalog().await?),
+        [
+            "payments get_charge GET /v1/charges/{id}",
+            "payments refund_charge DELETE /v1/charges/{id}",
+        ],
+        "GET only on one charge; writes allowed but POST forbidden"
+    );
+    // the listed operation works once its {id} is filled in
+    let answer = a
+        .call(didgate_client::CallSpec::new(
+            "payments",
+            "GET",
+            "/v1/charges/ch_3",
+        ))
+        .await?;
+    assert_eq!(answer.status, 200);
+    a.close().await;
+    drop((a, gw));
+    h.stop().await;
+    Ok(())
+}

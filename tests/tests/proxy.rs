@@ -185,6 +185,12 @@ async fn proxy_relays_calls_from_an_http_client_library() -> anyhow::Result<()> 
         .bearer_auth(&proxy.token)
         .send()
         .await?;
+    let refused_call = resp
+        .headers()
+        .get("didgate-call")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .expect("a refused call is named too");
     let message = refusal(resp, 403, "policy").await?;
     assert!(message.contains("policy"), "{message}");
     // a gateway-side check on the path: not canonical
@@ -234,13 +240,15 @@ async fn proxy_relays_calls_from_an_http_client_library() -> anyhow::Result<()> 
             Outcome::Refusal
         ]
     );
-    // the receipt of the first call is the one named by its didgate-call header
-    let first = chain_entries(&home)?
+    // the calls named by didgate-call headers are the ones the chain records
+    let results: Vec<String> = chain_entries(&home)?
         .into_iter()
-        .find(|e| e.kind == EntryKind::Result)
-        .and_then(|e| e.call)
-        .map(hex::encode);
-    assert_eq!(first.as_deref(), Some(call.as_str()));
+        .filter(|e| e.kind == EntryKind::Result)
+        .filter_map(|e| e.call)
+        .map(hex::encode)
+        .collect();
+    assert_eq!(results[0], call);
+    assert_eq!(results[2], refused_call);
     Ok(())
 }
 
@@ -338,6 +346,26 @@ async fn proxy_streams_sse_events_as_they_arrive() -> anyhow::Result<()> {
     proxy.stop().await?;
     h.stop().await;
     assert_eq!(assert_chains(&h, &home, 1)?, [Outcome::Receipt]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_after_the_head_truncates_the_http_response() -> anyhow::Result<()> {
+    // the head goes out, then the body grows past max_response_bytes: the gateway refuses
+    // mid-stream, and the proxy must not let the HTTP client take a cut body for a whole one
+    let mut h = Harness::start_with(|c| c.upstreams[0].max_response_bytes = Some(100)).await?;
+    let home = alice_home(&h)?;
+    let proxy = ProxyProcess::start(&home).await?;
+    let resp = http()?
+        .get(format!("{}/payments/v1/events?n=50", proxy.url))
+        .bearer_auth(&proxy.token)
+        .send()
+        .await?;
+    assert_eq!(resp.status().as_u16(), 200);
+    assert!(resp.text().await.is_err(), "the body must end in an error");
+    proxy.stop().await?;
+    h.stop().await;
+    assert_eq!(assert_chains(&h, &home, 1)?, [Outcome::Refusal]);
     Ok(())
 }
 
@@ -477,6 +505,18 @@ async fn env_prints_base_urls_and_the_proxy_token() -> anyhow::Result<()> {
         .await?;
     assert_eq!(resp.status().as_u16(), 200);
     assert!(env(&["--export", "payments"])?.starts_with("export DIDGATE_PROXY_URL="));
+    // the proxy holds the chain: another process of this identity is told so, nothing is sent
+    let out = std::process::Command::new(bin("didgate")?)
+        .arg("--home")
+        .arg(&home)
+        .args(["call", "payments", "GET", "/v1/balance"])
+        .output()?;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("chain"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(env(&["bad name"]).is_err());
     proxy.stop().await?;
     h.stop().await;
