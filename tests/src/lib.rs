@@ -332,3 +332,90 @@ pub fn frames(kind: didgate_protocol::frame::FrameType, payload: &[u8]) -> Vec<u
     }
     out.to_vec()
 }
+
+/// A running `didgated serve`.
+pub struct Daemon {
+    child: std::process::Child,
+    /// Its UDP address.
+    pub addr: SocketAddr,
+    stderr: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Daemon {
+    /// Starts the daemon on `data` and waits for its "listening" line; everything it writes on
+    /// stderr is appended to `log`.
+    pub fn start(data: &Path, log: &Path) -> anyhow::Result<Self> {
+        Self::start_with_log_level(data, log, "info")
+    }
+
+    /// Like [`Daemon::start`] with `RUST_LOG` set to `level`.
+    pub fn start_with_log_level(data: &Path, log: &Path, level: &str) -> anyhow::Result<Self> {
+        use std::io::{BufRead, BufReader, Write};
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(bin("didgated")?)
+            .arg("serve")
+            .arg("--data")
+            .arg(data)
+            .env("RUST_LOG", level)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let stderr = child
+            .stderr
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stderr"))?;
+        let mut lines = BufReader::new(stderr);
+        let mut log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
+        let mut addr = None;
+        let mut line = String::new();
+        while addr.is_none() {
+            line.clear();
+            if lines.read_line(&mut line)? == 0 {
+                let _ = child.kill();
+                anyhow::bail!("didgated exited before listening (see {})", log.display());
+            }
+            log_file.write_all(line.as_bytes())?;
+            if let Some(rest) = line.trim().split(" listening on udp ").nth(1) {
+                addr = Some(rest.parse()?);
+            }
+        }
+        let stderr = std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            while lines.read_until(b'\n', &mut buf).unwrap_or(0) > 0 {
+                let _ = log_file.write_all(&buf);
+                buf.clear();
+            }
+        });
+        Ok(Self {
+            child,
+            addr: addr.ok_or_else(|| anyhow::anyhow!("no address"))?,
+            stderr: Some(stderr),
+        })
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub fn kill(mut self) -> anyhow::Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        if let Some(t) = self.stderr.take() {
+            let _ = t.join();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
