@@ -593,6 +593,8 @@ async fn forged_replayed_and_smuggled_requests_are_refused_audited_and_never_for
     assert_eq!(paths, ["/v1/balance"; 3], "{paths:?}");
     let report = verify::verify(&[load_records(&h.gw_dir())?], &[]);
     assert!(report.ok(), "{:?}", report.violations);
+    let hits = didgate_tests::files_containing(h.dir.path(), didgate_tests::CANARY.as_bytes());
+    assert!(hits.is_empty(), "canary in {hits:?}");
     Ok(())
 }
 

@@ -26,7 +26,7 @@ use didgate_audit::{entry::entry_hash, export, load_records};
 use didgate_client::{CallError, CallSpec, Client};
 use didgate_protocol::Identity;
 use didgate_protocol::message::EntryRef;
-use didgate_tests::{Daemon, Harness, alice, bin, bob};
+use didgate_tests::{CANARY, Daemon, Harness, alice, bin, bob, files_containing};
 use rand::{Rng, SeedableRng};
 
 /// A client chain's name and its identity.
@@ -260,6 +260,10 @@ async fn kill_9_under_load_loses_nothing_acknowledged() -> anyhow::Result<()> {
         previous = check_round(round, &h, gw, Some(&previous), &chains, &ok)?;
     }
     daemon.kill()?;
+    // after every kill: the daemon's log, the stores, the exports and the client chains hold
+    // no plaintext key
+    let hits = files_containing(h.dir.path(), CANARY.as_bytes());
+    assert!(hits.is_empty(), "canary in {hits:?}");
     let entries = decode_all(&previous)?;
     let count = |k: EntryKind| entries.iter().filter(|e| e.kind == k).count();
     println!(
