@@ -202,7 +202,7 @@ pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
             if p.is_dir() {
                 stack.push(p);
             } else if let Ok(bytes) = std::fs::read(&p)
-                && bytes.windows(needle.len()).any(|w| w == needle)
+                && memchr::memmem::find(&bytes, needle).is_some()
             {
                 hits.push(p);
             }
