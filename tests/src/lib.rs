@@ -342,8 +342,8 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    /// Starts the daemon on `data` and waits for its "listening" line; everything it writes on
-    /// stderr is appended to `log`.
+    /// Starts the daemon on `data` and waits for its "listening" line and its control socket;
+    /// everything it writes on stderr is appended to `log`.
     pub fn start(data: &Path, log: &Path) -> anyhow::Result<Self> {
         Self::start_with_log_level(data, log, "info")
     }
@@ -390,6 +390,17 @@ impl Daemon {
                 buf.clear();
             }
         });
+        // ready when its control socket answers too (it is bound by a task of its own, and a
+        // stale socket file from a kill -9 may still be there until then)
+        let control = didgate_gateway::control::socket_path(data);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&control).is_err() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                anyhow::bail!("didgated's control socket never answered");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
         Ok(Self {
             child,
             addr: addr.ok_or_else(|| anyhow::anyhow!("no address"))?,
