@@ -357,8 +357,8 @@ fn entry() -> impl Strategy<Value = Entry> {
         )
 }
 
+// proptest's default configuration: 256 cases, or PROPTEST_CASES
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
 
     /// Frames of any type and payload survive encoding and any split of the byte stream.
     #[test]
