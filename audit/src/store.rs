@@ -6,8 +6,9 @@
 //! needs (replay keys, grants, secrets). [`Chain`] is the single writer of the entries: one
 //! thread drains a queue of pending appends, checks their claims, applies them as one atomic
 //! batch, persists it with `SyncAll` once, then acknowledges every waiter. An append is
-//! acknowledged only after its fsync. After an I/O error the chain stays failed (fail closed)
-//! until the store is reopened.
+//! acknowledged only after its fsync. After an I/O error the chain refuses every append (fail
+//! closed) until the writer, at a later batch, finds the file system writable again and reopens
+//! the store in-process ([`Store::reopen`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

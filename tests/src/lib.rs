@@ -281,7 +281,7 @@ pub fn files_containing(dir: &Path, needle: &[u8]) -> Vec<PathBuf> {
             if p.is_dir() {
                 stack.push(p);
             } else if let Ok(bytes) = std::fs::read(&p)
-                && bytes.windows(needle.len()).any(|w| w == needle)
+                && memchr::memmem::find(&bytes, needle).is_some()
             {
                 hits.push(p);
             }
@@ -410,4 +410,102 @@ pub fn frames(kind: didgate_protocol::frame::FrameType, payload: &[u8]) -> Vec<u
         return Vec::new();
     }
     out.to_vec()
+}
+
+/// A running `didgated serve`.
+pub struct Daemon {
+    child: std::process::Child,
+    /// Its UDP address.
+    pub addr: SocketAddr,
+    stderr: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Daemon {
+    /// Starts the daemon on `data` and waits for its "listening" line and its control socket;
+    /// everything it writes on stderr is appended to `log`.
+    pub fn start(data: &Path, log: &Path) -> anyhow::Result<Self> {
+        Self::start_with_log_level(data, log, "info")
+    }
+
+    /// Like [`Daemon::start`] with `RUST_LOG` set to `level`.
+    pub fn start_with_log_level(data: &Path, log: &Path, level: &str) -> anyhow::Result<Self> {
+        use std::io::{BufRead, BufReader, Write};
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(bin("didgated")?)
+            .arg("serve")
+            .arg("--data")
+            .arg(data)
+            .env("RUST_LOG", level)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let stderr = child
+            .stderr
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stderr"))?;
+        let mut lines = BufReader::new(stderr);
+        let mut log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)?;
+        let mut addr = None;
+        let mut line = String::new();
+        while addr.is_none() {
+            line.clear();
+            if lines.read_line(&mut line)? == 0 {
+                let _ = child.kill();
+                anyhow::bail!("didgated exited before listening (see {})", log.display());
+            }
+            log_file.write_all(line.as_bytes())?;
+            if let Some(rest) = line.trim().split(" listening on udp ").nth(1) {
+                addr = Some(rest.parse()?);
+            }
+        }
+        let stderr = std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            while lines.read_until(b'\n', &mut buf).unwrap_or(0) > 0 {
+                let _ = log_file.write_all(&buf);
+                buf.clear();
+            }
+        });
+        // ready when its control socket answers too (it is bound by a task of its own, and a
+        // stale socket file from a kill -9 may still be there until then)
+        let control = didgate_gateway::control::socket_path(data);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::os::unix::net::UnixStream::connect(&control).is_err() {
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                anyhow::bail!("didgated's control socket never answered");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(2));
+        }
+        Ok(Self {
+            child,
+            addr: addr.ok_or_else(|| anyhow::anyhow!("no address"))?,
+            stderr: Some(stderr),
+        })
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, and wait for the process to be gone.
+    pub fn kill(mut self) -> anyhow::Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        if let Some(t) = self.stderr.take() {
+            let _ = t.join();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -549,7 +549,8 @@ async fn forged_replayed_and_smuggled_requests_are_refused_audited_and_never_for
         200,
         "a stalled stream does not hold other callers up"
     );
-    s.begin().await?;
+    // (no new begin: the stalled streams may already be refused and counted)
+    s.upstream_seen += 1;
     let mut got = Vec::new();
     for (_send, recv) in &mut stalled {
         got.push(read_end(recv, &gw_did).await?.refusal());
@@ -593,6 +594,8 @@ async fn forged_replayed_and_smuggled_requests_are_refused_audited_and_never_for
     assert_eq!(paths, ["/v1/balance"; 3], "{paths:?}");
     let report = verify::verify(&[load_records(&h.gw_dir())?], &[]);
     assert!(report.ok(), "{:?}", report.violations);
+    let hits = didgate_tests::files_containing(h.dir.path(), didgate_tests::CANARY.as_bytes());
+    assert!(hits.is_empty(), "canary in {hits:?}");
     Ok(())
 }
 
@@ -622,7 +625,8 @@ async fn expired_grant_is_refused_and_audited() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn revoked_did_is_refused_also_on_a_connection_opened_before() -> anyhow::Result<()> {
-    let mut h = Harness::start().await?;
+    // bodies up to 8 MiB, so a call can be held in its body phase (below)
+    let mut h = Harness::start_with(|c| c.gateway.max_body = 8 << 20).await?;
     let gw_did = h.gw_did.clone();
     // a connection authenticated before the revocation, proven by a call on it
     let (ep, before) = h.raw_connection(&alice()).await?;
@@ -634,6 +638,25 @@ async fn revoked_did_is_refused_also_on_a_connection_opened_before() -> anyhow::
     let grant = a
         .grant(CallSpec::new("payments", "GET", "/v1/balance"))
         .await?;
+    // a call in flight on it: admitted, its body half sent. QUIC flow control is the barrier:
+    // writing 4 MiB (beyond the 1.25 MB stream window) returns only once the gateway has read
+    // the request frame, admitted it, and consumed body bytes.
+    let body = vec![0x42u8; 8 << 20];
+    let (signed, in_flight) = h.signed_request(&alice(), |r| {
+        r.method = "POST".into();
+        r.path = "/v1/charges".into();
+        r.body_len = body.len() as u64;
+        r.body_b3 = *blake3::hash(&body).as_bytes();
+    })?;
+    let (mut send, mut recv) = before.open_bi().await?;
+    send.write_all(
+        &[
+            frames(FrameType::Request, &signed),
+            frames(FrameType::Body, &body[..4 << 20]),
+        ]
+        .concat(),
+    )
+    .await?;
     let mut s = Suite::new(&h)?;
     s.begin().await?;
     s.gw.revoke(
@@ -641,6 +664,12 @@ async fn revoked_did_is_refused_also_on_a_connection_opened_before() -> anyhow::
         "key leaked",
     )
     .await?;
+    // the revocation closes the connection under the call: it cannot be answered, and is
+    // audited as revoked
+    assert!(read_end(&mut recv, &gw_did).await.is_err());
+    drop((send, recv));
+    // (its audit entry is checked after the stop, which waits for calls in flight)
+    s.cases += 1;
     let revocation = s.new_entries()?;
     assert!(
         revocation.iter().any(|e| e.kind == EntryKind::Revocation
@@ -687,6 +716,24 @@ async fn revoked_did_is_refused_also_on_a_connection_opened_before() -> anyhow::
         1,
         "only the call before the revocation"
     );
+    let entries: Vec<Entry> = load_records(&h.gw_dir())?
+        .entries
+        .iter()
+        .map(|(_, b)| Entry::decode(b))
+        .collect::<Result<_, _>>()?;
+    assert!(
+        entries.iter().any(|e| e.kind == EntryKind::Refused
+            && e.call == Some(in_flight)
+            && e.code.as_deref() == Some("revoked")),
+        "the call in flight is audited revoked"
+    );
+    assert!(
+        entries
+            .iter()
+            .all(|e| !(e.kind == EntryKind::Executing && e.call == Some(in_flight))),
+        "it consumed no grant"
+    );
+
     Ok(())
 }
 

@@ -14,10 +14,8 @@
 //! seed is printed first).
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader, Write};
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -28,82 +26,8 @@ use didgate_audit::{entry::entry_hash, export, load_records};
 use didgate_client::{CallError, CallSpec, Client};
 use didgate_protocol::Identity;
 use didgate_protocol::message::EntryRef;
-use didgate_tests::{Harness, alice, bin, bob};
+use didgate_tests::{CANARY, Daemon, Harness, alice, bin, bob, files_containing};
 use rand::{Rng, SeedableRng};
-
-/// A running `didgated serve`.
-struct Daemon {
-    child: Child,
-    addr: SocketAddr,
-    stderr: Option<std::thread::JoinHandle<()>>,
-}
-
-impl Daemon {
-    /// Starts the daemon on `data` and waits for its "listening" line; everything it writes on
-    /// stderr is appended to `log`.
-    fn start(data: &Path, log: &Path) -> anyhow::Result<Self> {
-        let mut child = Command::new(bin("didgated")?)
-            .arg("serve")
-            .arg("--data")
-            .arg(data)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()?;
-        let stderr = child
-            .stderr
-            .take()
-            .ok_or_else(|| anyhow::anyhow!("no stderr"))?;
-        let mut lines = BufReader::new(stderr);
-        let mut log_file = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log)?;
-        let mut addr = None;
-        let mut line = String::new();
-        while addr.is_none() {
-            line.clear();
-            if lines.read_line(&mut line)? == 0 {
-                let _ = child.kill();
-                anyhow::bail!("didgated exited before listening (see {})", log.display());
-            }
-            log_file.write_all(line.as_bytes())?;
-            if let Some(rest) = line.trim().split(" listening on udp ").nth(1) {
-                addr = Some(rest.parse()?);
-            }
-        }
-        let stderr = std::thread::spawn(move || {
-            let mut buf = Vec::new();
-            while lines.read_until(b'\n', &mut buf).unwrap_or(0) > 0 {
-                let _ = log_file.write_all(&buf);
-                buf.clear();
-            }
-        });
-        Ok(Self {
-            child,
-            addr: addr.ok_or_else(|| anyhow::anyhow!("no address"))?,
-            stderr: Some(stderr),
-        })
-    }
-
-    /// SIGKILL, and wait for the process to be gone.
-    fn kill(mut self) -> anyhow::Result<()> {
-        self.child.kill()?;
-        self.child.wait()?;
-        if let Some(t) = self.stderr.take() {
-            let _ = t.join();
-        }
-        Ok(())
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// A client chain's name and its identity.
 type Named = (&'static str, fn() -> Identity);
@@ -336,6 +260,10 @@ async fn kill_9_under_load_loses_nothing_acknowledged() -> anyhow::Result<()> {
         previous = check_round(round, &h, gw, Some(&previous), &chains, &ok)?;
     }
     daemon.kill()?;
+    // after every kill: the daemon's log, the stores, the exports and the client chains hold
+    // no plaintext key
+    let hits = files_containing(h.dir.path(), CANARY.as_bytes());
+    assert!(hits.is_empty(), "canary in {hits:?}");
     let entries = decode_all(&previous)?;
     let count = |k: EntryKind| entries.iter().filter(|e| e.kind == k).count();
     println!(

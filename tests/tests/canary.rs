@@ -1,0 +1,294 @@
+//! The canary secret after everything a deployment goes through: the demo command, the
+//! `didgate` CLI calling through a `didgated serve` process that logs at debug level, attacks
+//! that the gateway refuses, a kill -9 in the middle of a call and a restart. The plaintext
+//! canary is found in no file, no log line, no audit entry (decoded, so a compressed block
+//! cannot hide it), no client output, and not in the client process's memory, read through
+//! `/proc/PID/mem` while its call is in flight with the key injected upstream. Only its
+//! ciphertext is in the gateway's store.
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use didgate_audit::entry::Entry;
+use didgate_audit::load_records;
+use didgate_client::{CallSpec, Client};
+use didgate_protocol::Identity;
+use didgate_tests::{CANARY, Daemon, Harness, alice, bin, files_containing};
+
+/// Reads every readable mapping of process `pid` through `/proc/PID/mem` and reports, per
+/// needle, whether it occurs; also the bytes read.
+fn scan_memory(pid: u32, needles: &[&[u8]]) -> anyhow::Result<(u64, Vec<bool>)> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem"))?;
+    let finders: Vec<memchr::memmem::Finder<'_>> =
+        needles.iter().map(memchr::memmem::Finder::new).collect();
+    let overlap = needles.iter().map(|n| n.len()).max().unwrap_or(1);
+    let mut found = vec![false; needles.len()];
+    let mut total = 0u64;
+    let mut buf = vec![0u8; 1 << 20];
+    for line in maps.lines() {
+        let mut parts = line.split_whitespace();
+        let (Some(range), Some(perms)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        if !perms.starts_with('r') || line.ends_with("[vvar]") || line.ends_with("[vsyscall]") {
+            continue;
+        }
+        let Some((a, b)) = range.split_once('-') else {
+            continue;
+        };
+        let (start, end) = (u64::from_str_radix(a, 16)?, u64::from_str_radix(b, 16)?);
+        let mut at = start;
+        while at < end {
+            let want = ((end - at) as usize).min(buf.len());
+            let Ok(n) = mem.read_at(&mut buf[..want], at) else {
+                break;
+            };
+            if n == 0 {
+                break;
+            }
+            total += n as u64;
+            for (i, f) in finders.iter().enumerate() {
+                found[i] |= f.find(&buf[..n]).is_some();
+            }
+            // step back so a needle across two reads is seen
+            at += n.saturating_sub(overlap).max(1) as u64;
+        }
+    }
+    Ok((total, found))
+}
+
+/// Waits (bounded) until `cond` holds.
+async fn until(what: &str, cond: impl Fn() -> bool) -> anyhow::Result<()> {
+    tokio::time::timeout(Duration::from_secs(20), async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .map_err(|_| anyhow::anyhow!("timed out waiting for {what}"))
+}
+
+fn contains(hay: &[u8], needle: &str) -> bool {
+    memchr::memmem::find(hay, needle.as_bytes()).is_some()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_canary_is_only_ever_ciphertext() -> anyhow::Result<()> {
+    let mut h = Harness::start().await?;
+    h.stop().await;
+    let root = h.dir.path().to_path_buf();
+    let outputs = root.join("outputs");
+    std::fs::create_dir_all(&outputs)?;
+    let save = |name: &str, out: &std::process::Output| -> anyhow::Result<()> {
+        std::fs::write(outputs.join(format!("{name}.stdout")), &out.stdout)?;
+        std::fs::write(outputs.join(format!("{name}.stderr")), &out.stderr)?;
+        Ok(())
+    };
+
+    // 1. the demo, its directory kept under the scanned root
+    let demo = Command::new(bin("didgated")?)
+        .args(["demo", "--dir"])
+        .arg(root.join("demo"))
+        .env("RUST_LOG", "debug")
+        .output()?;
+    assert!(
+        demo.status.success(),
+        "{}",
+        String::from_utf8_lossy(&demo.stderr)
+    );
+    save("demo", &demo)?;
+
+    // 2. the daemon, logging at debug level into the scanned root
+    let log = root.join("didgated.log");
+    let mut daemon = Daemon::start_with_log_level(&h.gw_dir(), &log, "debug")?;
+    let home = root.join("home");
+    let cli = |args: &[&str]| {
+        Command::new(bin("didgate")?)
+            .arg("--home")
+            .arg(&home)
+            .args(args)
+            .env("RUST_LOG", "debug")
+            .output()
+            .map_err(anyhow::Error::from)
+    };
+    let out = cli(&["keygen", "--seed-hex", &hex::encode([0xa1u8; 32])])?;
+    assert!(out.status.success());
+    let pin = |addr: std::net::SocketAddr| {
+        cli(&[
+            "pin",
+            "--gateway",
+            &addr.to_string(),
+            "--gateway-did",
+            h.gw_did.as_str(),
+        ])
+    };
+    assert!(pin(daemon.addr)?.status.success());
+    for (i, args) in [
+        vec!["call", "payments", "GET", "/v1/echo-headers"],
+        vec![
+            "call",
+            "payments",
+            "POST",
+            "/v1/charges",
+            "--data",
+            r#"{"amount":9,"currency":"usd"}"#,
+        ],
+        vec!["call", "payments", "GET", "/v1/%61dmin"],
+        vec![
+            "call",
+            "payments",
+            "GET",
+            "/v1/balance",
+            "--header",
+            "authorization: Bearer x",
+        ],
+        vec!["call", "payments", "DELETE", "/v1/charges/ch_1"],
+    ]
+    .iter()
+    .enumerate()
+    {
+        let out = cli(args)?;
+        save(&format!("cli-{i}"), &out)?;
+    }
+
+    // 3. attacks through the library (refused, audited, never forwarded)
+    let lib = Client::open(alice(), &h.chain_dir("lib"), daemon.addr, h.gw_did.clone()).await?;
+    let (signed, _) = h.signed_request(&alice(), |r| r.path = "/v1/../admin".into())?;
+    let _ = lib.send_signed(&signed, b"").await?;
+    let mallory = Client::open(
+        Identity::from_seed(&[0x66; 32]),
+        &h.chain_dir("mallory"),
+        daemon.addr,
+        h.gw_did.clone(),
+    )
+    .await?;
+    let _ = mallory.send_signed(&signed, b"").await?;
+    let _ = lib
+        .call(CallSpec::new("payments", "GET", "/v1/echo-headers"))
+        .await?;
+
+    // 4. a CLI call in flight: the gateway injected the key upstream, the client waits for
+    // the rest of the body; its memory is read meanwhile
+    let mut child = Command::new(bin("didgate")?)
+        .arg("--home")
+        .arg(&home)
+        .args(["call", "payments", "GET", "/v1/slow-events?n=3"])
+        .stdout(std::fs::File::create(outputs.join("slow.stdout"))?)
+        .stderr(std::fs::File::create(outputs.join("slow.stderr"))?)
+        .stdin(Stdio::null())
+        .spawn()?;
+    let upstream = &h.upstream;
+    until("the upstream to hold the slow call", || {
+        upstream.seen().iter().any(|s| s.path == "/v1/slow-events")
+    })
+    .await?;
+    let own_did = alice().did().to_string();
+    let (read, found) = scan_memory(child.id(), &[CANARY.as_bytes(), own_did.as_bytes()])?;
+    println!("read {read} bytes of the client's memory");
+    assert!(
+        found[1],
+        "the scan sees the client's own DID, so it reads real memory"
+    );
+    assert!(!found[0], "the canary is in the client's memory");
+    h.upstream.release_slow(1);
+    let status = tokio::task::spawn_blocking(move || child.wait()).await??;
+    assert!(status.success());
+    assert!(contains(
+        &std::fs::read(outputs.join("slow.stdout"))?,
+        "data:"
+    ));
+
+    // 5. kill -9 with a call in flight, restart, one more call
+    let held = {
+        let lib =
+            Client::open(alice(), &h.chain_dir("held"), daemon.addr, h.gw_did.clone()).await?;
+        tokio::spawn(async move {
+            let r = lib
+                .call(CallSpec::new("payments", "GET", "/v1/slow-head"))
+                .await;
+            lib.close().await;
+            r
+        })
+    };
+    until("the upstream to hold the call", || {
+        upstream.seen().iter().any(|s| s.path == "/v1/slow-head")
+    })
+    .await?;
+    daemon.kill()?;
+    lib.disconnect().await;
+    mallory.disconnect().await;
+    daemon = Daemon::start_with_log_level(&h.gw_dir(), &log, "debug")?;
+    h.upstream.release_slow(1);
+    assert!(pin(daemon.addr)?.status.success());
+    let out = cli(&["call", "payments", "GET", "/v1/balance"])?;
+    assert!(out.status.success());
+    save("cli-after-crash", &out)?;
+    let export = root.join("gateway.export");
+    let out = Command::new(bin("didgated")?)
+        .args(["export", "--data"])
+        .arg(h.gw_dir())
+        .arg("--out")
+        .arg(&export)
+        .output()?;
+    assert!(out.status.success());
+    daemon.kill()?;
+    // the in-flight call's client may wait for its idle timeout; it is not needed any more
+    held.abort();
+    for c in [lib, mallory] {
+        c.close().await;
+    }
+
+    // nothing on disk holds the plaintext: stores, logs, outputs, chains, exports, the demo
+    let hits = files_containing(&root, CANARY.as_bytes());
+    assert!(hits.is_empty(), "canary in {hits:?}");
+    assert!(
+        std::fs::metadata(&log)?.len() > 0 && contains(&std::fs::read(&log)?, "listening"),
+        "the daemon's log was captured"
+    );
+    // every audit entry, decoded (a compressed block cannot hide it)
+    for chain in [
+        h.gw_dir(),
+        home.join("chain"),
+        h.chain_dir("lib"),
+        root.join("demo/gateway"),
+    ] {
+        if !chain.exists() {
+            continue;
+        }
+        for (_, bytes) in load_records(&chain)?.entries {
+            let e = Entry::decode(&bytes)?;
+            assert!(!format!("{e:?}").contains(CANARY), "{}", chain.display());
+            assert!(!contains(&bytes, CANARY));
+        }
+    }
+    // the store holds the secret, sealed: its record opens only with the master key
+    let (opened, _) = didgate_gateway::secrets::open_dir(&h.gw_dir())?;
+    let secrets = opened.list()?;
+    drop(opened);
+    let listed = format!("{secrets:?}");
+    assert!(
+        listed.contains("payments-key") && !listed.contains(CANARY),
+        "{listed}"
+    );
+    assert_store_holds_ciphertext(&h.gw_dir())?;
+    Ok(())
+}
+
+/// The secret's record is in the store, and its bytes are not the plaintext.
+fn assert_store_holds_ciphertext(gw: &Path) -> anyhow::Result<()> {
+    let store =
+        didgate_audit::store::Store::open(&gw.join("store"), didgate_gateway::gateway::SPACES)?;
+    let records = store.scan(didgate_gateway::gateway::SECRETS, b"")?;
+    assert!(!records.is_empty(), "no sealed secret in the store");
+    for (_, v) in records {
+        assert!(!contains(&v, CANARY));
+        assert!(
+            v.len() > CANARY.len(),
+            "a sealed record carries the ciphertext"
+        );
+    }
+    Ok(())
+}
