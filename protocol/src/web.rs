@@ -611,6 +611,40 @@ mod tests {
         assert!(doc.authenticates("b", id.did()));
     }
 
+    proptest::proptest! {
+        /// Untrusted text (a certificate's SAN, a kid, a policy) and untrusted document bytes
+        /// never panic the parsers; what parses prints back as read.
+        #[test]
+        fn parsers_never_panic(text in "\\PC{0,300}", bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..2048)) {
+            if let Ok(w) = WebDid::parse(&text) {
+                proptest::prop_assert_eq!(w.as_str(), text.as_str());
+                let _ = w.document_url();
+            }
+            let _ = Principal::parse(&text);
+            let _ = Principal::from_key_id(&text);
+            let did = WebDid::parse("did:web:example.com").expect("test value");
+            let _ = DidDocument::parse(&did, &bytes);
+            let _ = DidDocument::parse(&did, text.as_bytes());
+        }
+
+        /// did:web strings built from the grammar parse, and their document URL holds the host.
+        #[test]
+        fn grammar_parses(host in "[a-z0-9]{1,10}(\\.[a-z0-9]{1,10}){0,3}", port in proptest::option::of(1u16..), segs in proptest::collection::vec("[A-Za-z0-9_~-]{1,8}", 0..4)) {
+            let mut s = format!("did:web:{host}");
+            if let Some(p) = port {
+                s.push_str(&format!("%3A{p}"));
+            }
+            for seg in &segs {
+                s.push(':');
+                s.push_str(seg);
+            }
+            let w = WebDid::parse(&s).expect("grammar");
+            proptest::prop_assert_eq!(w.host(), host.as_str());
+            let prefix = format!("https://{host}");
+            proptest::prop_assert!(w.document_url().starts_with(&prefix));
+        }
+    }
+
     #[test]
     fn did_key_document_names_the_key() {
         let id = Identity::from_seed(&[5; 32]);
