@@ -67,7 +67,8 @@ fn append_benches(c: &mut Criterion) {
     g.bench_function("append one entry (fsync)", |b| {
         b.iter(|| {
             let i = next.fetch_add(1, Ordering::Relaxed);
-            rt.block_on(chain.append_entry(executing(i))).expect("append")
+            rt.block_on(chain.append_entry(executing(i)))
+                .expect("append")
         })
     });
     g.bench_function("consume a grant (4 claims + entry, fsync)", |b| {

@@ -14,7 +14,13 @@ fn secret_benches(c: &mut Criterion) {
     let (secrets, _) = didgate_gateway::secrets::open_dir(&data).expect("open");
     let now = didgate_gateway::now_ms();
     c.bench_function("secret/decrypt just in time (read, unwrap, open)", |b| {
-        b.iter(|| black_box(secrets.open_current(black_box("bench-key"), now).expect("open")))
+        b.iter(|| {
+            black_box(
+                secrets
+                    .open_current(black_box("bench-key"), now)
+                    .expect("open"),
+            )
+        })
     });
 }
 

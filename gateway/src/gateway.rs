@@ -839,13 +839,15 @@ impl Gateway {
         self.answer_refusal(send, None, code, reason, None).await
     }
 
-    /// Verifies a signed request, or refuses it.
+    /// Verifies a signed request (most likely signed by the TLS `peer`, whose key is already
+    /// decoded), or refuses it.
     async fn open_request(
         &self,
         send: &mut quinn::SendStream,
+        peer: &Did,
         bytes: &[u8],
     ) -> Option<Signed<Request>> {
-        match message::open::<Request>(bytes) {
+        match message::open_likely_from::<Request>(bytes, peer) {
             Ok(r) => Some(r),
             Err(e) => {
                 let code = match e {
@@ -982,7 +984,7 @@ impl Gateway {
         mut dec: FrameDecoder,
         bytes: &[u8],
     ) {
-        let Some(req) = self.open_request(&mut send, bytes).await else {
+        let Some(req) = self.open_request(&mut send, &peer, bytes).await else {
             return;
         };
         let up = match self.admit(&peer, &req, Some(now_ms())) {
@@ -1023,7 +1025,7 @@ impl Gateway {
     /// Two-step flow, first step: checks the request and returns a signed grant for its exact
     /// scope; nothing is executed.
     async fn issue_grant(&self, peer: Did, mut send: quinn::SendStream, bytes: &[u8]) {
-        let Some(req) = self.open_request(&mut send, bytes).await else {
+        let Some(req) = self.open_request(&mut send, &peer, bytes).await else {
             return;
         };
         if let Err(r) = self

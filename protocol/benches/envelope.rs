@@ -45,6 +45,15 @@ fn envelope_benches(c: &mut Criterion) {
     c.bench_function("envelope/open request (verify + decode)", |b| {
         b.iter(|| black_box(message::open::<Request>(black_box(&bytes))))
     });
+    // what the gateway does: the TLS peer's DID (key already decoded) is the likely signer
+    c.bench_function("envelope/open request from the connection's peer", |b| {
+        b.iter(|| {
+            black_box(message::open_likely_from::<Request>(
+                black_box(&bytes),
+                client.did(),
+            ))
+        })
+    });
 }
 
 criterion_group!(benches, envelope_benches);

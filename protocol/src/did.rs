@@ -41,10 +41,40 @@ pub enum DidError {
 
 /// An Ed25519 `did:key`. Always valid: [`Did::parse`] and [`Did::from_verifying_key`] are the
 /// only constructors.
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+///
+/// The decompressed public key is kept (shared, so a clone stays small) and verifying a
+/// signature of a known DID does not decompress the point again. The text is canonical, so
+/// equality, ordering and hashing use it alone.
+#[derive(Clone)]
 pub struct Did {
     text: String,
-    key: [u8; 32],
+    key: std::sync::Arc<VerifyingKey>,
+}
+
+impl PartialEq for Did {
+    fn eq(&self, other: &Self) -> bool {
+        self.text == other.text
+    }
+}
+
+impl Eq for Did {}
+
+impl std::hash::Hash for Did {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.text.hash(state);
+    }
+}
+
+impl PartialOrd for Did {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Did {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.text.cmp(&other.text)
+    }
 }
 
 impl Did {
@@ -66,10 +96,10 @@ impl Did {
             [a, b, ..] if [*a, *b] != ED25519_MULTICODEC => Err(DidError::Multicodec(*a, *b)),
             [_, _, key @ ..] => {
                 let key: [u8; 32] = key.try_into().map_err(|_| DidError::Length(key.len()))?;
-                VerifyingKey::from_bytes(&key).map_err(|_| DidError::InvalidKey)?;
+                let vk = VerifyingKey::from_bytes(&key).map_err(|_| DidError::InvalidKey)?;
                 // Re-encode so the stored text is canonical (base58 has one encoding per value,
                 // but leading-zero handling is checked by the round trip).
-                let did = Self::from_key_bytes(key);
+                let did = Self::from_key(vk);
                 if did.text != s {
                     return Err(DidError::Base58);
                 }
@@ -81,15 +111,18 @@ impl Did {
 
     /// The DID of an Ed25519 public key.
     pub fn from_verifying_key(key: &VerifyingKey) -> Self {
-        Self::from_key_bytes(key.to_bytes())
+        Self::from_key(*key)
     }
 
-    fn from_key_bytes(key: [u8; 32]) -> Self {
+    fn from_key(vk: VerifyingKey) -> Self {
         let mut raw = Vec::with_capacity(34);
         raw.extend_from_slice(&ED25519_MULTICODEC);
-        raw.extend_from_slice(&key);
+        raw.extend_from_slice(vk.as_bytes());
         let text = format!("{PREFIX}{}", bs58::encode(raw).into_string());
-        Self { text, key }
+        Self {
+            text,
+            key: std::sync::Arc::new(vk),
+        }
     }
 
     /// The DID text, `did:key:z6Mk...`.
@@ -99,13 +132,20 @@ impl Did {
 
     /// The raw 32-byte Ed25519 public key.
     pub fn public_key_bytes(&self) -> &[u8; 32] {
-        &self.key
+        self.key.as_bytes()
     }
 
     /// The public key, ready to verify signatures.
     pub fn verifying_key(&self) -> VerifyingKey {
-        // Checked in every constructor.
-        VerifyingKey::from_bytes(&self.key).unwrap_or_else(|_| unreachable!("validated key"))
+        // decompressed (and so checked) once, in the constructor
+        *self.key
+    }
+
+    /// Whether `kid` is this DID's [`Did::key_id`] (compared without building it).
+    pub fn is_key_id(&self, kid: &str) -> bool {
+        let fragment = &self.text["did:key:".len()..];
+        kid.split_once('#')
+            .is_some_and(|(did, frag)| did == self.text && frag == fragment)
     }
 
     /// The DID URL of the key's verification method (`did:key:z..#z..`), used as COSE `kid`.

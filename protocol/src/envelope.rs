@@ -165,6 +165,25 @@ pub fn sign_with_digest(identity: &Identity, kind: Kind, payload: Vec<u8>) -> (V
 
 /// Verifies a tagged COSE_Sign1 of the expected `kind` over the received bytes.
 pub fn verify(bytes: &[u8], kind: Kind) -> Result<Verified, EnvelopeError> {
+    verify_hinted(bytes, kind, None)
+}
+
+/// Like [`verify`], with the DID that most likely signed (a connection's peer, a pinned
+/// gateway): when the `kid` names it, its already decoded key is used instead of parsing the
+/// `kid` again. The result is the same as [`verify`]'s for every input; only the work differs.
+pub fn verify_likely_from(
+    bytes: &[u8],
+    kind: Kind,
+    likely: &Did,
+) -> Result<Verified, EnvelopeError> {
+    verify_hinted(bytes, kind, Some(likely))
+}
+
+fn verify_hinted(
+    bytes: &[u8],
+    kind: Kind,
+    likely: Option<&Did>,
+) -> Result<Verified, EnvelopeError> {
     if bytes.len() > MAX_ENVELOPE {
         return Err(EnvelopeError::TooLarge(bytes.len()));
     }
@@ -196,7 +215,10 @@ pub fn verify(bytes: &[u8], kind: Kind) -> Result<Verified, EnvelopeError> {
     }
     let kid =
         std::str::from_utf8(&header.key_id).map_err(|_| EnvelopeError::Kid(DidError::NotDidKey))?;
-    let signer = Did::from_key_id(kid).map_err(EnvelopeError::Kid)?;
+    let signer = match likely {
+        Some(d) if d.is_key_id(kid) => d.clone(),
+        _ => Did::from_key_id(kid).map_err(EnvelopeError::Kid)?,
+    };
     let payload = sign1.payload.as_deref().ok_or(EnvelopeError::NoPayload)?;
     let key = signer.verifying_key();
     sign1.verify_signature(kind.tag().as_bytes(), |sig, data| {
@@ -257,6 +279,26 @@ mod tests {
                 assert_eq!(v.digest(), digest, "{kind:?}");
             }
         }
+    }
+
+    #[test]
+    fn a_likely_signer_changes_no_result() {
+        let (a, b) = (alice(), Identity::from_seed(&[2; 32]));
+        let good = sign(&a, Kind::Request, b"hello".to_vec());
+        let mut bad = parse_for_tests(&good).expect("parses");
+        bad.signature[3] ^= 1;
+        let bad = reencode_for_tests(bad);
+        for bytes in [&good, &bad] {
+            let plain = verify(bytes, Kind::Request).map(|v| (v.signer().clone(), v.digest()));
+            for likely in [a.did(), b.did()] {
+                let hinted = verify_likely_from(bytes, Kind::Request, likely)
+                    .map(|v| (v.signer().clone(), v.digest()));
+                assert_eq!(hinted, plain);
+            }
+        }
+        assert!(a.did().is_key_id(&a.did().key_id()));
+        assert!(!a.did().is_key_id(&b.did().key_id()));
+        assert!(!a.did().is_key_id(a.did().as_str()));
     }
 
     #[test]

@@ -366,9 +366,24 @@ pub fn open<T: SignedMessage>(bytes: &[u8]) -> Result<Signed<T>, OpenError> {
     })
 }
 
+/// Like [`open`], using the already decoded key of the DID that most likely signed
+/// ([`envelope::verify_likely_from`]); same result as [`open`] for every input.
+pub fn open_likely_from<T: SignedMessage>(
+    bytes: &[u8],
+    likely: &Did,
+) -> Result<Signed<T>, OpenError> {
+    let envelope = envelope::verify_likely_from(bytes, T::KIND, likely)?;
+    let message = T::decode(envelope.payload())?;
+    Ok(Signed {
+        envelope,
+        message,
+        bytes: bytes.to_vec(),
+    })
+}
+
 /// Like [`open`], and also requires the signer to be `expected`.
 pub fn open_from<T: SignedMessage>(bytes: &[u8], expected: &Did) -> Result<Signed<T>, OpenError> {
-    let signed = open::<T>(bytes)?;
+    let signed = open_likely_from::<T>(bytes, expected)?;
     if signed.envelope.signer() != expected {
         return Err(OpenError::Signer {
             got: signed.envelope.signer().clone(),

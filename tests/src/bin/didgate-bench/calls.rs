@@ -28,11 +28,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use bytes::Bytes;
-use futures_util::future::BoxFuture;
 use didgate_client::{CallSpec, Client, tls};
 use didgate_gateway::config::{Auth, Config, Rule, Settings, Upstream};
 use didgate_gateway::limits::RateLimit;
 use didgate_protocol::{Did, Identity};
+use futures_util::future::BoxFuture;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -64,7 +64,8 @@ pub(crate) struct CallArgs {
 }
 
 /// The upstream's whole answer.
-const BODY: &[u8] = br#"{"id":"ch_bench","object":"charge","amount":500,"currency":"usd","status":"succeeded"}"#;
+const BODY: &[u8] =
+    br#"{"id":"ch_bench","object":"charge","amount":500,"currency":"usd","status":"succeeded"}"#;
 /// The credential nginx and the gateway inject (a benchmark value, not a real key).
 const SECRET: &str = "sk-bench-0123456789abcdef";
 /// The path every call asks for.
@@ -142,9 +143,7 @@ async fn bench(args: CallArgs) -> Result<()> {
     let c64 = args
         .calls_c64
         .unwrap_or(if args.quick { 3_000 } else { 100_000 });
-    let handshakes = args
-        .handshakes
-        .unwrap_or(if args.quick { 50 } else { 300 });
+    let handshakes = args.handshakes.unwrap_or(if args.quick { 50 } else { 300 });
     ensure!(
         c1 > 0 && c64 > 0 && handshakes > 0,
         "call counts must be at least 1"
@@ -216,8 +215,7 @@ async fn bench(args: CallArgs) -> Result<()> {
     let (lib, memory) = library_path(&client, &gw, c1, c64).await?;
     let hs = handshake(&client, &gw, handshakes).await?;
     let phases = phases(&client, c1.min(500)).await?;
-    let lib_calls =
-        c1 + c64 + warmup_calls(c1) + warmup_calls(c64) + hs.fresh.calls + phases.calls;
+    let lib_calls = c1 + c64 + warmup_calls(c1) + warmup_calls(c64) + hs.fresh.calls + phases.calls;
     ensure!(
         upstream.authorized() - before == lib_calls,
         "the gateway did not inject the credential on every call"
@@ -509,7 +507,12 @@ fn library_worker(client: Arc<Client>) -> Worker {
 }
 
 /// Warm-up, then `c1` calls at concurrency 1 and `c64` at [`WIDE`], over HTTP.
-async fn http_path(name: &'static str, target: &HttpTarget, c1: u64, c64: u64) -> Result<PathFigures> {
+async fn http_path(
+    name: &'static str,
+    target: &HttpTarget,
+    c1: u64,
+    c64: u64,
+) -> Result<PathFigures> {
     let mut runs = Vec::new();
     for (calls, conc) in [(c1, 1), (c64, WIDE)] {
         let make = || {
@@ -1085,7 +1088,10 @@ async fn local_proxy(
         .await
         .is_ok_and(|s| s.success());
     if !has_proxy {
-        println!("{:<16} skipped: no local proxy in this build", "didgate proxy");
+        println!(
+            "{:<16} skipped: no local proxy in this build",
+            "didgate proxy"
+        );
         return Ok(None);
     }
     let home = base.join("proxy-home");
@@ -1103,7 +1109,10 @@ async fn local_proxy(
         );
         Ok(())
     };
-    ok(didgate(&["keygen", "--seed-hex", &hex::encode(PROXY_SEED)]), "keygen")?;
+    ok(
+        didgate(&["keygen", "--seed-hex", &hex::encode(PROXY_SEED)]),
+        "keygen",
+    )?;
     ok(
         didgate(&[
             "pin",
@@ -1116,12 +1125,13 @@ async fn local_proxy(
     )?;
     let port = free_port().await?;
     let listen: SocketAddr = format!("127.0.0.1:{port}").parse()?;
-    let mut child = tokio::process::Command::from(didgate(&["proxy", "--listen", &listen.to_string()]))
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()?;
+    let mut child =
+        tokio::process::Command::from(didgate(&["proxy", "--listen", &listen.to_string()]))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()?;
     let pid = child.id().context("didgate proxy exited at once")?;
     // the proxy prints its local token; take the last word of the first line naming it
     let mut out = BufReader::new(child.stdout.take().context("stdout")?).lines();
