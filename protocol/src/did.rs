@@ -42,19 +42,18 @@ pub enum DidError {
 /// An Ed25519 `did:key`. Always valid: [`Did::parse`] and [`Did::from_verifying_key`] are the
 /// only constructors.
 ///
-/// The decompressed public key is kept beside its bytes, so verifying a signature of a known
-/// DID does not decompress the point again (equality, ordering and hashing use the text and
-/// the bytes only).
+/// The decompressed public key is kept (shared, so a clone stays small) and verifying a
+/// signature of a known DID does not decompress the point again. The text is canonical, so
+/// equality, ordering and hashing use it alone.
 #[derive(Clone)]
 pub struct Did {
     text: String,
-    key: [u8; 32],
-    vk: VerifyingKey,
+    key: std::sync::Arc<VerifyingKey>,
 }
 
 impl PartialEq for Did {
     fn eq(&self, other: &Self) -> bool {
-        self.text == other.text && self.key == other.key
+        self.text == other.text
     }
 }
 
@@ -63,7 +62,6 @@ impl Eq for Did {}
 impl std::hash::Hash for Did {
     fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
         self.text.hash(state);
-        self.key.hash(state);
     }
 }
 
@@ -75,7 +73,7 @@ impl PartialOrd for Did {
 
 impl Ord for Did {
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        (&self.text, &self.key).cmp(&(&other.text, &other.key))
+        self.text.cmp(&other.text)
     }
 }
 
@@ -101,7 +99,7 @@ impl Did {
                 let vk = VerifyingKey::from_bytes(&key).map_err(|_| DidError::InvalidKey)?;
                 // Re-encode so the stored text is canonical (base58 has one encoding per value,
                 // but leading-zero handling is checked by the round trip).
-                let did = Self::from_parts(key, vk);
+                let did = Self::from_key(vk);
                 if did.text != s {
                     return Err(DidError::Base58);
                 }
@@ -113,15 +111,18 @@ impl Did {
 
     /// The DID of an Ed25519 public key.
     pub fn from_verifying_key(key: &VerifyingKey) -> Self {
-        Self::from_parts(key.to_bytes(), *key)
+        Self::from_key(*key)
     }
 
-    fn from_parts(key: [u8; 32], vk: VerifyingKey) -> Self {
+    fn from_key(vk: VerifyingKey) -> Self {
         let mut raw = Vec::with_capacity(34);
         raw.extend_from_slice(&ED25519_MULTICODEC);
-        raw.extend_from_slice(&key);
+        raw.extend_from_slice(vk.as_bytes());
         let text = format!("{PREFIX}{}", bs58::encode(raw).into_string());
-        Self { text, key, vk }
+        Self {
+            text,
+            key: std::sync::Arc::new(vk),
+        }
     }
 
     /// The DID text, `did:key:z6Mk...`.
@@ -131,13 +132,13 @@ impl Did {
 
     /// The raw 32-byte Ed25519 public key.
     pub fn public_key_bytes(&self) -> &[u8; 32] {
-        &self.key
+        self.key.as_bytes()
     }
 
     /// The public key, ready to verify signatures.
     pub fn verifying_key(&self) -> VerifyingKey {
         // decompressed (and so checked) once, in the constructor
-        self.vk
+        *self.key
     }
 
     /// Whether `kid` is this DID's [`Did::key_id`] (compared without building it).

@@ -449,17 +449,25 @@ where
     Ok(run)
 }
 
-/// A worker for an HTTP target: its own keep-alive HTTP/1.1 connection.
-async fn http_worker(target: HttpTarget) -> Result<Worker> {
-    let stream = TcpStream::connect(target.addr)
+/// A keep-alive HTTP/1.1 connection of the load generator.
+type HttpSender = hyper::client::conn::http1::SendRequest<Empty<Bytes>>;
+
+async fn http_connect(addr: SocketAddr) -> Result<HttpSender> {
+    let stream = TcpStream::connect(addr)
         .await
-        .with_context(|| format!("connecting to {}", target.addr))?;
+        .with_context(|| format!("connecting to {addr}"))?;
     stream.set_nodelay(true)?;
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(async move {
         let _ = conn.await;
     });
-    let sender = Arc::new(tokio::sync::Mutex::new(sender));
+    Ok(sender)
+}
+
+/// A worker for an HTTP target: its own keep-alive HTTP/1.1 connection, opened again (within
+/// the call that finds it closed) if the server closed it between two calls.
+async fn http_worker(target: HttpTarget) -> Result<Worker> {
+    let sender = Arc::new(tokio::sync::Mutex::new(http_connect(target.addr).await?));
     let target = Arc::new(target);
     Ok(Box::new(move || {
         let (sender, target) = (sender.clone(), target.clone());
@@ -471,7 +479,10 @@ async fn http_worker(target: HttpTarget) -> Result<Worker> {
             }
             let req = req.body(Empty::<Bytes>::new())?;
             let mut sender = sender.lock().await;
-            sender.ready().await?;
+            if sender.is_closed() || sender.ready().await.is_err() {
+                *sender = http_connect(target.addr).await?;
+                sender.ready().await?;
+            }
             let resp = sender.send_request(req).await?;
             let status = resp.status();
             let body = resp.into_body().collect().await?.to_bytes();
@@ -979,6 +990,7 @@ error_log {d}/error.log warn;
 events {{ worker_connections 1024; }}
 http {{
     access_log off;
+    keepalive_requests 10000000;
     client_body_temp_path {d}/body;
     proxy_temp_path {d}/proxy;
     fastcgi_temp_path {d}/fastcgi;
@@ -987,6 +999,7 @@ http {{
     upstream bench {{
         server {upstream};
         keepalive 128;
+        keepalive_requests 10000000;
     }}
     server {{
         listen {addr};
