@@ -284,7 +284,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let (addr, did) = resolve_gateway(&home, gateway.as_deref(), gateway_did.as_deref())?;
             let listen = parse_addr(&listen, "--listen")?;
-            let identity = load_identity(&home)?;
+            let identity = load_identity_as(&home, acting.as_deref())?;
             let options = ProxyOptions {
                 listen,
                 allow_remote,
@@ -298,7 +298,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             gateway_did,
         } => {
             let (addr, did) = resolve_gateway(&home, gateway.as_deref(), gateway_did.as_deref())?;
-            let identity = load_identity(&home)?;
+            let identity = load_identity_as(&home, acting.as_deref())?;
             let chain = home.join("chain");
             let client = Client::open(identity, &chain, addr, did)
                 .await
