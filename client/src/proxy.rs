@@ -290,6 +290,9 @@ impl Proxy {
                     continue;
                 }
             };
+            // small request/response exchanges: without this, Nagle's algorithm and the
+            // client's delayed ACK hold each response back about 40 ms
+            let _ = stream.set_nodelay(true);
             let state = state.clone();
             let mut stop = stop_rx.clone();
             tasks.spawn(async move {
