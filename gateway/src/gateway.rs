@@ -445,6 +445,12 @@ impl Gateway {
         Duration::from_secs(self.config.gateway.frame_timeout_secs.max(1))
     }
 
+    /// Streams being handled now, over every connection (each with its policy snapshot
+    /// taken).
+    pub fn calls_in_flight(&self) -> usize {
+        self.inflight.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Whether the gateway is draining (calls in flight finish, new ones are refused).
     pub fn is_stopping(&self) -> bool {
         self.stopping.load(std::sync::atomic::Ordering::Acquire)
@@ -808,7 +814,6 @@ impl Gateway {
     /// Handles one stream: one pipelined call, one grant request, or one grant execution,
     /// decided throughout by the policy set in force when the stream opened ([`CALL_POLICY`]).
     async fn handle(&self, peer: Caller, send: quinn::SendStream, recv: quinn::RecvStream) {
-        let _inflight = InFlight::enter(self);
         let call = CallPolicy {
             set: self.policy(),
             ttl_secs: Mutex::new(None),
@@ -817,6 +822,9 @@ impl Gateway {
             did_doc: Mutex::new(None),
             started: std::time::Instant::now(),
         };
+        // counted only once its policy snapshot is taken: a call seen in flight
+        // ([`Gateway::calls_in_flight`]) is decided by the set in force before
+        let _inflight = InFlight::enter(self);
         CALL_POLICY
             .scope(call, self.handle_call(peer, send, recv))
             .await

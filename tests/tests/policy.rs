@@ -200,7 +200,13 @@ async fn policy_change_applies_without_restart_and_in_flight_calls_keep_their_se
     // not arrived yet: it is in flight across the reload.
     let charge = br#"{"amount":7,"currency":"usd"}"#;
     let pending = start_call(&h, &alice(), "POST", "/v1/charges", charge).await?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // barrier: the gateway holds the call (its policy snapshot taken), waiting for the body
+    let mut waited = 0;
+    while gw.calls_in_flight() == 0 {
+        anyhow::ensure!(waited < 10_000, "the call never reached the gateway");
+        waited += 1;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
 
     write_policy(&h.gw_dir(), &no_charges())?;
     let new_hash = gw.reload_policy()?;
