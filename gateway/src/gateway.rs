@@ -647,7 +647,7 @@ impl Gateway {
         now: Option<u64>,
     ) -> Result<&Upstream, Refuse> {
         let r = &req.message;
-        if req.envelope.caller() != *peer {
+        if req.envelope.signer() != peer.key() || req.envelope.principal() != peer.principal() {
             return Err(refuse(
                 RefusalCode::PeerMismatch,
                 "the request is signed by another DID than the TLS peer",
@@ -990,24 +990,28 @@ impl Gateway {
     }
 
     /// Reads the body, whole and capped, and checks it against the signed length and digest.
+    /// A read cut off by a revocation of `peer` is refused `revoked`, which is why it failed.
     async fn read_checked_body(
         &self,
+        peer: &Caller,
         recv: &mut quinn::RecvStream,
         dec: &mut FrameDecoder,
         req: &Request,
     ) -> Result<Vec<u8>, Refuse> {
         let deadline = self.frame_deadline();
-        match tokio::time::timeout(deadline, read_body(recv, dec, req.body_len)).await {
-            Ok(Some(b)) if *blake3::hash(&b).as_bytes() == req.body_b3 => Ok(b),
-            Err(_) => Err(refuse(
+        let failed = match tokio::time::timeout(deadline, read_body(recv, dec, req.body_len)).await
+        {
+            Ok(Some(b)) if *blake3::hash(&b).as_bytes() == req.body_b3 => return Ok(b),
+            Err(_) => refuse(
                 RefusalCode::BodyMismatch,
                 format!("the body did not arrive within {}s", deadline.as_secs()),
-            )),
-            _ => Err(refuse(
+            ),
+            _ => refuse(
                 RefusalCode::BodyMismatch,
                 "body does not match its signed length and digest",
-            )),
-        }
+            ),
+        };
+        Err(self.revoked_or(peer, failed))
     }
 
     /// A grant for this verified request, valid for the configured lifetime.
@@ -1140,14 +1144,11 @@ impl Gateway {
             return self.refuse_audited(&mut send, &req, r).await;
         }
         let body = match self
-            .read_checked_body(&mut recv, &mut dec, &req.message)
+            .read_checked_body(&peer, &mut recv, &mut dec, &req.message)
             .await
         {
             Ok(b) => b,
-            Err(r) => {
-                let r = self.revoked_or(&peer, r);
-                return self.refuse_audited(&mut send, &req, r).await;
-            }
+            Err(r) => return self.refuse_audited(&mut send, &req, r).await,
         };
         let grant = self.mint(&peer, &req, now_ms());
         let mut claims = self.request_claims(&peer, &req);
@@ -1283,14 +1284,11 @@ impl Gateway {
             return self.refuse_audited(&mut send, &req, r).await;
         }
         let body = match self
-            .read_checked_body(&mut recv, &mut dec, &req.message)
+            .read_checked_body(&peer, &mut recv, &mut dec, &req.message)
             .await
         {
             Ok(b) => b,
-            Err(r) => {
-                let r = self.revoked_or(&peer, r);
-                return self.refuse_audited(&mut send, &req, r).await;
-            }
+            Err(r) => return self.refuse_audited(&mut send, &req, r).await,
         };
         let claims = vec![Claim {
             space: GRANTS,

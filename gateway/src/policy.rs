@@ -296,6 +296,8 @@ pub struct PolicySet {
     forbids: HashSet<cedar::PolicyId>,
     /// DIDs named in the policies, groups or entities.
     known: HashSet<String>,
+    /// The hosts of the did:web among `known` (resolved by the gateway, others never fetched).
+    web_hosts: HashSet<String>,
     summary: Summary,
     hash: [u8; 32],
 }
@@ -536,6 +538,11 @@ impl PolicySet {
 
         let mut known: HashSet<String> = groups_of.keys().cloned().collect();
         known.extend(dids_in(text));
+        let web_hosts = known
+            .iter()
+            .filter_map(|d| WebDid::parse(d).ok())
+            .map(|w| w.host().to_string())
+            .collect();
 
         let mut hasher = blake3::Hasher::new_derive_key(HASH_CONTEXT);
         hasher.update(&(text.len() as u64).to_be_bytes());
@@ -552,6 +559,7 @@ impl PolicySet {
             ttl_caps,
             forbids,
             known,
+            web_hosts,
             summary,
             hash: *hasher.finalize().as_bytes(),
         })
@@ -580,9 +588,7 @@ impl PolicySet {
     /// Whether a did:web of this host is named by the policies, groups or entities: the
     /// gateway resolves did:web callers of such hosts only, and refuses others without a fetch.
     pub fn names_web_host(&self, host: &str) -> bool {
-        self.known
-            .iter()
-            .any(|d| d.starts_with("did:web:") && WebDid::parse(d).is_ok_and(|w| w.host() == host))
+        self.web_hosts.contains(host)
     }
 
     /// Decides the exact (DID, upstream, method, path) in `ctx`. Default deny; forbid
