@@ -36,6 +36,11 @@ use didgate_protocol::{Did, Identity};
 #[path = "didgate-bench/calls.rs"]
 mod calls;
 
+/// mimalloc instead of glibc's malloc: allocation and free were about 12% of the gateway's CPU
+/// per call in `perf` (README, call benchmark).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "didgate-bench",
