@@ -372,6 +372,76 @@ mod tests {
         );
     }
 
+    /// What the gateway refuses although a batch verifier may accept it: a signature by the key's
+    /// own holder whose nonce point carries a torsion component of order 2. The cofactored
+    /// equation holds, so ed25519-dalek's `verify_batch` (cofactorless, random coefficients)
+    /// accepts it whenever the coefficient it draws is even; `verify_strict` never does. The
+    /// gateway admits exactly what `verify_strict` admits (README, call benchmark: why requests
+    /// are not batch-verified).
+    #[test]
+    fn a_signature_only_a_batch_could_accept_is_refused() {
+        use curve25519_dalek::constants::ED25519_BASEPOINT_POINT as B;
+        use curve25519_dalek::edwards::CompressedEdwardsY;
+        use curve25519_dalek::scalar::Scalar;
+        use curve25519_dalek::traits::IsIdentity;
+        use sha2::{Digest, Sha512};
+
+        let id = alice();
+        let honest = sign(&id, Kind::Request, b"POST /v1/charges".to_vec());
+        let mut sign1 = parse_for_tests(&honest).expect("parses");
+        let tbs = sign1.tbs_data(Kind::Request.tag().as_bytes());
+        // the secret scalar, derived from the seed as RFC 8032 section 5.1.5 does
+        let expanded = Sha512::digest(*id.seed());
+        let mut clamped = [0u8; 32];
+        clamped.copy_from_slice(&expanded[..32]);
+        clamped[0] &= 248;
+        clamped[31] &= 127;
+        clamped[31] |= 64;
+        let a = Scalar::from_bytes_mod_order(clamped);
+        let public = *id.did().public_key_bytes();
+        assert_eq!((a * B).compress().to_bytes(), public);
+        // (0, -1), the point of order 2: y = p - 1, little-endian
+        let mut y = [0xff; 32];
+        y[0] = 0xec;
+        y[31] = 0x7f;
+        let t2 = CompressedEdwardsY(y).decompress().expect("on the curve");
+        assert!(!t2.is_identity() && (t2 + t2).is_identity());
+        let r = Scalar::from_bytes_mod_order([7; 32]);
+        let nonce = (r * B + t2).compress();
+        let k = Scalar::from_bytes_mod_order_wide(
+            &Sha512::new()
+                .chain_update(nonce.as_bytes())
+                .chain_update(public)
+                .chain_update(&tbs)
+                .finalize()
+                .into(),
+        );
+        let s = r + k * a;
+        let residue = s * B - k * (a * B) - nonce.decompress().expect("a point");
+        assert!(!residue.is_identity(), "the cofactorless equation fails");
+        assert!(
+            residue.mul_by_cofactor().is_identity(),
+            "the cofactored equation holds"
+        );
+        let mut signature = nonce.to_bytes().to_vec();
+        signature.extend_from_slice(s.as_bytes());
+        // a batch of one accepts it when its random coefficient is even: at least once in 64
+        // tries, except with probability 2^-64
+        let sig = ed25519_dalek::Signature::from_slice(&signature).expect("64 bytes");
+        let vk = ed25519_dalek::VerifyingKey::from_bytes(&public).expect("a key");
+        assert!(
+            (0..64).any(|_| ed25519_dalek::verify_batch(&[&tbs], &[sig], &[vk]).is_ok()),
+            "a batch accepts it"
+        );
+        assert!(vk.verify_strict(&tbs, &sig).is_err());
+        sign1.signature = signature;
+        let forged = reencode_for_tests(sign1);
+        assert!(matches!(
+            verify(&forged, Kind::Request),
+            Err(EnvelopeError::Signature)
+        ));
+    }
+
     #[test]
     fn tampered_signature_refused() {
         let bytes = sign(&alice(), Kind::Request, b"hello".to_vec());
