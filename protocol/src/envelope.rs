@@ -427,7 +427,7 @@ mod tests {
         signature.extend_from_slice(s.as_bytes());
         // a batch of one accepts it when its random coefficient is even: at least once in 64
         // tries, except with probability 2^-64
-        let sig = ed25519_dalek::Signature::from_slice(&signature).expect("64 bytes");
+        let sig = Signature::from_slice(&signature).expect("64 bytes");
         let vk = ed25519_dalek::VerifyingKey::from_bytes(&public).expect("a key");
         assert!(
             (0..64).any(|_| ed25519_dalek::verify_batch(&[&tbs], &[sig], &[vk]).is_ok()),
