@@ -58,6 +58,12 @@ pub(crate) struct CallArgs {
     /// Leave nginx out (its ratio is then absent from the JSON line).
     #[arg(long)]
     no_nginx: bool,
+    /// Leave the local proxy path out (its figures are then absent).
+    #[arg(long)]
+    no_proxy: bool,
+    /// Samples of the gateway's VmRSS over the concurrency-64 run [default: 10].
+    #[arg(long, value_name = "N")]
+    rss_samples: Option<u64>,
     /// Working directory for the stores (default: the system temp dir); removed at the end.
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
@@ -126,6 +132,8 @@ struct Memory {
     /// CPU time per call during the wide run, ms: the gateway process, and this process (the
     /// client library, its chain writer, the upstream and the load generator).
     cpu_ms_per_call: (f64, f64),
+    /// Files in the gateway's store after the wide run.
+    store_files: usize,
 }
 
 /// Runs the call benchmark and prints its table and JSON line.
@@ -144,9 +152,10 @@ async fn bench(args: CallArgs) -> Result<()> {
         .calls_c64
         .unwrap_or(if args.quick { 3_000 } else { 100_000 });
     let handshakes = args.handshakes.unwrap_or(if args.quick { 50 } else { 300 });
+    let rss_samples = args.rss_samples.unwrap_or(10);
     ensure!(
-        c1 > 0 && c64 > 0 && handshakes > 0,
-        "call counts must be at least 1"
+        c1 > 0 && c64 > 0 && handshakes > 0 && rss_samples > 0,
+        "call and sample counts must be at least 1"
     );
     let base = match &args.dir {
         Some(d) => {
@@ -212,7 +221,7 @@ async fn bench(args: CallArgs) -> Result<()> {
         )
         .await?,
     );
-    let (lib, memory) = library_path(&client, &gw, c1, c64).await?;
+    let (lib, memory) = library_path(&client, &gw, c1, c64, rss_samples).await?;
     let hs = handshake(&client, &gw, handshakes).await?;
     let phases = phases(&client, c1.min(500)).await?;
     let lib_calls = c1 + c64 + warmup_calls(c1) + warmup_calls(c64) + hs.fresh.calls + phases.calls;
@@ -223,7 +232,12 @@ async fn bench(args: CallArgs) -> Result<()> {
     client.close().await;
     drop(client);
     paths.push(lib.clone());
-    let proxy = local_proxy(&bins, base.path(), &gw, c1, c64).await?;
+    let proxy = if args.no_proxy {
+        println!("{:<16} left out (--no-proxy)", "didgate proxy");
+        None
+    } else {
+        local_proxy(&bins, base.path(), &gw, c1, c64).await?
+    };
     if let Some((p, _)) = &proxy {
         paths.push(p.clone());
     }
@@ -325,10 +339,11 @@ fn print_table(paths: &[PathFigures], memory: &Memory, hs: &Handshakes) {
         .map(|(n, m)| format!("{m:.1}@{n}"))
         .collect();
     println!(
-        "gateway memory (separate process): VmRSS {:.1} MiB before the concurrency-{WIDE} run, peak (VmHWM) {:.1} MiB; VmRSS MiB@calls during it: {}",
+        "gateway memory (separate process): VmRSS {:.1} MiB before the concurrency-{WIDE} run, peak (VmHWM) {:.1} MiB; VmRSS MiB@calls during it: {}; {} files in its store after it",
         memory.rss_before_mib,
         memory.peak_mib,
-        series.join(" ")
+        series.join(" "),
+        memory.store_files
     );
     println!(
         "CPU per call at concurrency {WIDE}: gateway process {:.3} ms, benchmark process (client library, its chain, upstream, load generator) {:.3} ms",
@@ -555,6 +570,7 @@ async fn library_path(
     gw: &GatewayProcess,
     c1: u64,
     c64: u64,
+    rss_samples: u64,
 ) -> Result<(PathFigures, Memory)> {
     let make = || {
         let c = client.clone();
@@ -573,13 +589,14 @@ async fn library_path(
         rss_before_mib: gw.memory("VmRSS")?,
         ..Memory::default()
     };
-    // sample VmRSS ten times over the wide run (by elapsed calls at the gateway's chain)
+    // sample VmRSS `rss_samples` times over the wide run (by elapsed calls at the client's
+    // chain: two entries per call)
     let (done_tx, mut done_rx) = tokio::sync::oneshot::channel::<()>();
     let sampler = {
         let pid = gw.pid;
         let chain = client.chain().clone();
         let start = chain.head()?.seq;
-        let step = (c64 * 2 / 10).max(1);
+        let step = (c64 * 2 / rss_samples).max(1);
         tokio::spawn(async move {
             let mut samples = Vec::new();
             let mut next = step;
@@ -612,6 +629,7 @@ async fn library_path(
     memory.samples = sampler.await?;
     let r64 = r64?;
     memory.peak_mib = gw.memory("VmHWM")?;
+    memory.store_files = count_files(&gw.store);
     println!(
         "{:<16} concurrency {WIDE}: {c64} calls, p50 {:.3} ms, {:.0} calls/s, gateway VmHWM {:.1} MiB",
         "didgate library",
@@ -841,6 +859,20 @@ fn proc_status_mib(pid: u32, field: &str) -> Result<f64> {
     Ok(kib / 1024.0)
 }
 
+/// Files under `dir`, recursively (0 if unreadable).
+fn count_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |entries| {
+        entries
+            .flatten()
+            .map(|e| match e.file_type() {
+                Ok(t) if t.is_dir() => count_files(&e.path()),
+                Ok(_) => 1,
+                Err(_) => 0,
+            })
+            .sum()
+    })
+}
+
 /// A `didgated serve` process on 127.0.0.1 with the benchmark's upstream, secret and policy.
 struct GatewayProcess {
     child: tokio::process::Child,
@@ -898,16 +930,29 @@ impl GatewayProcess {
         };
         std::fs::write(dir.join("gateway.toml"), toml::to_string(&config)?)?;
         didgate_gateway::add_secret(&dir, "bench-key", SECRET)?;
-        let mut child = tokio::process::Command::new(&bins.didgated)
-            .arg("serve")
-            .arg("--data")
-            .arg(&dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {}", bins.didgated.display()))?;
+        // DIDGATE_BENCH_GATEWAY_WRAPPER (words split on white space) goes before the gateway's
+        // command, for a profiler: e.g. `env LD_PRELOAD=.../libheaptrack_preload.so
+        // DUMP_HEAPTRACK_OUTPUT=/tmp/gw.raw` (`env` execs, so the pid sampled stays the
+        // gateway's; a wrapper that forks instead is sampled and signalled in its place).
+        let wrapper = std::env::var("DIDGATE_BENCH_GATEWAY_WRAPPER").unwrap_or_default();
+        let mut words = wrapper.split_whitespace();
+        let mut child = match words.next() {
+            Some(first) => {
+                let mut c = tokio::process::Command::new(first);
+                c.args(words).arg(&bins.didgated);
+                c
+            }
+            None => tokio::process::Command::new(&bins.didgated),
+        }
+        .arg("serve")
+        .arg("--data")
+        .arg(&dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {}", bins.didgated.display()))?;
         let pid = child.id().context("didgated exited at once")?;
         let mut lines = BufReader::new(child.stderr.take().context("stderr")?).lines();
         let mut seen = Vec::new();
