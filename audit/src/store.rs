@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use didgate_protocol::message::{ChainHead, Checkpoint, Digest, EntryRef, SignedMessage};
 use didgate_protocol::{Did, Identity};
+use fjall::config::PartitioningPolicy;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
 use crate::entry::{Entry, EntryKind, Role, entry_hash};
@@ -40,14 +41,21 @@ pub const CHECKPOINTS: &str = "checkpoints";
 pub const DOCUMENTS: &str = "documents";
 /// Largest number of appends one batch takes.
 const MAX_BATCH: usize = 1024;
-/// Block cache of a store, bytes.
-const CACHE_BYTES: u64 = 8 * 1024 * 1024;
+/// Block cache of a store, bytes. Sized on purpose: with partitioned filters and indexes
+/// ([`keyspace_options`]) it holds the filter and index partitions and the data blocks that
+/// the writer's point reads (replay keys, heads, grants) touch, and those are mostly recent
+/// keys still in a memtable. At 8 MiB it was still filling at 100,000 calls (one of the
+/// reasons the gateway's memory kept rising); at 2 MiB it is full early and the call
+/// benchmark's throughput stayed within its run-to-run noise.
+const CACHE_BYTES: u64 = 2 * 1024 * 1024;
 /// Largest memtable of each keyspace before it is flushed to a disk segment, bytes. fjall's
 /// default (64 MiB per keyspace) let a gateway grow by about 3 MiB per 1,000 calls up to
 /// several hundred MiB (entries, Merkle nodes, replay keys, heads and grants each fill their
-/// own, and a sealed one waits beside the active one while it is flushed); at 2 MiB a gateway
-/// stayed between 44 and 54 MiB resident over 100,000 calls at concurrency 64.
-const MEMTABLE_BYTES: u64 = 2 * 1024 * 1024;
+/// own, and a sealed one waits beside the active one while it is flushed). At 2 MiB the
+/// keyspaces written slowly took tens of thousands of calls to reach their first flush, so
+/// the gateway's memory still rose over a 100,000-call run; at 1 MiB they reach their steady
+/// state early (and the store has more, smaller level-0 tables, which compaction merges).
+const MEMTABLE_BYTES: u64 = 1024 * 1024;
 
 /// fjall's background threads (memtable flushes and compactions). Its default, one per core,
 /// spins: with two or more, worker 0 hands every compaction request back to the queue and takes
@@ -56,9 +64,21 @@ const MEMTABLE_BYTES: u64 = 2 * 1024 * 1024;
 /// the memtables are small ([`MEMTABLE_BYTES`]), so a flush never waits long behind a compaction.
 const WORKER_THREADS: usize = 1;
 
-/// The options every keyspace of a store is opened with ([`MEMTABLE_BYTES`]).
+/// The options every keyspace of a store is created with: [`MEMTABLE_BYTES`], and filters and
+/// indexes partitioned at every level (fjall's default partitions them from level 3 on). A
+/// table with one filter block and one index block costs memory that grows with the store:
+/// its writer keeps a hash of every key in one vector that grows to MiBs for a compacted
+/// table (freed, but the allocator kept the space), and level-0 and level-1 tables keep their
+/// whole filter and index pinned. The gateway's resident memory rose about 1.2 MiB per 10,000
+/// calls without end. Partitioned, a table keeps only its small top-level index in memory, the
+/// partitions go through the block cache ([`CACHE_BYTES`]), and the writer's buffers are
+/// bounded by the partition size. fjall stores these options with each keyspace when it is
+/// created: a store created before keeps its own.
 fn keyspace_options() -> KeyspaceCreateOptions {
-    KeyspaceCreateOptions::default().max_memtable_size(MEMTABLE_BYTES)
+    KeyspaceCreateOptions::default()
+        .max_memtable_size(MEMTABLE_BYTES)
+        .filter_block_partitioning_policy(PartitioningPolicy::all(true))
+        .index_block_partitioning_policy(PartitioningPolicy::all(true))
 }
 
 /// A storage failure.
