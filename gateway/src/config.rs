@@ -86,6 +86,42 @@ pub struct Upstream {
     pub operations: Vec<crate::catalog::OperationConfig>,
 }
 
+impl Upstream {
+    /// An upstream `name` at `base_url` whose secret `secret` is sent as a bearer token, with
+    /// what a `[[upstream]]` table that names only these gets: connections to the base URL's
+    /// host only, the default request headers, not `local`, no test path, no limits of its own
+    /// (the `[gateway]` ones apply) and no operations.
+    pub fn new(
+        name: impl Into<String>,
+        base_url: impl Into<String>,
+        secret: impl Into<String>,
+    ) -> Self {
+        let base_url = base_url.into();
+        let allowed_hosts = reqwest::Url::parse(&base_url)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_string))
+            .into_iter()
+            .collect();
+        Self {
+            name: name.into(),
+            base_url,
+            auth: Auth::Bearer,
+            secret: secret.into(),
+            allowed_hosts,
+            allow_headers: default_headers(),
+            test_path: None,
+            local: false,
+            timeout_secs: None,
+            rate_per_upstream: None,
+            max_concurrent_per_upstream: None,
+            rate_per_did: None,
+            max_concurrent_per_did: None,
+            max_response_bytes: None,
+            operations: Vec::new(),
+        }
+    }
+}
+
 fn default_headers() -> Vec<String> {
     vec!["content-type".into(), "accept".into()]
 }
@@ -541,6 +577,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_new_upstream_is_what_a_table_naming_only_its_fields_gives() {
+        let parsed: Upstream = toml::from_str(
+            "name = \"stripe\"\nbase_url = \"https://api.stripe.com:443/v1\"\n\
+             auth = { kind = \"bearer\" }\nsecret = \"stripe-key\"\n\
+             allowed_hosts = [\"api.stripe.com\"]\n",
+        )
+        .expect("parses");
+        assert_eq!(
+            Upstream::new("stripe", "https://api.stripe.com:443/v1", "stripe-key"),
+            parsed
+        );
+        assert!(
+            Upstream::new("bad", "not a url", "k")
+                .allowed_hosts
+                .is_empty()
+        );
+    }
+
+    #[test]
     fn template_parses() {
         let cfg: Config = toml::from_str(&template("127.0.0.1:7443".parse().expect("addr")))
             .expect("template parses");
@@ -630,23 +685,8 @@ local = true
             methods: vec![],
             paths: vec![],
         });
-        cfg.upstreams.push(Upstream {
-            name: "payments".into(),
-            base_url: "https://api.example.com".into(),
-            auth: Auth::Bearer,
-            secret: "k".into(),
-            allowed_hosts: vec!["api.example.com".into()],
-            allow_headers: default_headers(),
-            test_path: None,
-            local: false,
-            timeout_secs: None,
-            rate_per_upstream: None,
-            max_concurrent_per_upstream: None,
-            rate_per_did: None,
-            max_concurrent_per_did: None,
-            max_response_bytes: None,
-            operations: Vec::new(),
-        });
+        cfg.upstreams
+            .push(Upstream::new("payments", "https://api.example.com", "k"));
         assert!(matches!(cfg.validate(), Err(ConfigError::Invalid(_))));
         let text = toml::to_string(&cfg).expect("serializes");
         assert!(text.contains("policy_file = \"policies.cedar\""));

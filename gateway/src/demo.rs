@@ -15,7 +15,7 @@ use didgate_client::{CallError, CallSpec, Client, RawFinal};
 use didgate_protocol::Identity;
 use zeroize::Zeroizing;
 
-use crate::config::{Auth, Config, Rule, Settings, Upstream};
+use crate::config::{Config, Rule, Settings, Upstream};
 use crate::gateway::{self, Gateway};
 use crate::upstream_demo::DemoUpstream;
 
@@ -68,22 +68,10 @@ pub async fn run(root: &Path) -> anyhow::Result<DemoOutcome> {
             ..Settings::new("127.0.0.1:0".parse()?)
         },
         upstreams: vec![Upstream {
-            name: "payments".into(),
-            base_url: upstream.base_url(),
-            auth: Auth::Bearer,
-            secret: "payments-key".into(),
-            allowed_hosts: vec!["127.0.0.1".into()],
-            allow_headers: vec!["content-type".into(), "accept".into()],
             test_path: Some("/v1/balance".into()),
             // the demo upstream listens on 127.0.0.1
             local: true,
-            timeout_secs: None,
-            rate_per_upstream: None,
-            max_concurrent_per_upstream: None,
-            rate_per_did: None,
-            max_concurrent_per_did: None,
-            max_response_bytes: None,
-            operations: Vec::new(),
+            ..Upstream::new("payments", upstream.base_url(), "payments-key")
         }],
         groups: [("readers".to_string(), vec![bob.1.clone()])]
             .into_iter()

@@ -549,27 +549,16 @@ mod tests {
 
     #[test]
     fn stages_select_tokens_and_slots() {
-        use crate::config::{Auth, Settings, Upstream};
+        use crate::config::{Settings, Upstream};
         let mut s = Settings::new("127.0.0.1:1".parse().unwrap());
         s.rate_per_did = rate(10, 1.0);
         s.max_concurrent_per_did = 4;
         s.max_concurrent_per_upstream = 0;
         let up = Upstream {
-            name: "u".into(),
-            base_url: "https://api.example.com".into(),
-            auth: Auth::Bearer,
-            secret: "k".into(),
-            allowed_hosts: vec!["api.example.com".into()],
             allow_headers: vec![],
-            test_path: None,
-            local: false,
-            timeout_secs: None,
-            rate_per_upstream: None,
             max_concurrent_per_upstream: Some(7),
             rate_per_did: Some(rate(1, 0.0)),
-            max_concurrent_per_did: None,
-            max_response_bytes: None,
-            operations: Vec::new(),
+            ..Upstream::new("u", "https://api.example.com", "k")
         };
         let call = checks(&s, &up, "d", Stage::Call);
         assert_eq!(call.len(), 3);

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use didgate_client::Client;
 use didgate_gateway::catalog::OperationConfig;
-use didgate_gateway::config::{Auth, Config, Rule, Settings, Upstream};
+use didgate_gateway::config::{Config, Rule, Settings, Upstream};
 use didgate_gateway::gateway::{self, Gateway};
 use didgate_gateway::upstream_demo::DemoUpstream;
 use didgate_protocol::{Did, Identity};
@@ -67,22 +67,10 @@ impl Harness {
                 ..Settings::new("127.0.0.1:0".parse()?)
             },
             upstreams: vec![Upstream {
-                name: "payments".into(),
-                base_url: upstream.base_url(),
-                auth: Auth::Bearer,
-                secret: "payments-key".into(),
-                allowed_hosts: vec!["127.0.0.1".into()],
-                allow_headers: vec!["content-type".into(), "accept".into()],
-                test_path: None,
                 // the demo upstream listens on 127.0.0.1
                 local: true,
-                timeout_secs: None,
-                rate_per_upstream: None,
-                max_concurrent_per_upstream: None,
-                rate_per_did: None,
-                max_concurrent_per_did: None,
-                max_response_bytes: None,
                 operations: payments_operations(),
+                ..Upstream::new("payments", upstream.base_url(), "payments-key")
             }],
             groups: [("readers".to_string(), vec![bob().did().to_string()])]
                 .into_iter()

@@ -6,7 +6,7 @@
 use didgate_audit::entry::{Entry, EntryKind};
 use didgate_audit::{load_records, verify};
 use didgate_client::{CallError, CallSpec};
-use didgate_gateway::config::{Auth, Config, Rule, Upstream};
+use didgate_gateway::config::{Config, Rule, Upstream};
 use didgate_gateway::limits::RateLimit;
 use didgate_protocol::message::RefusalCode;
 use didgate_tests::{Harness, alice, bob, refusal_code};
@@ -328,21 +328,10 @@ async fn a_slow_upstream_times_out_as_upstream_failed() -> anyhow::Result<()> {
 /// may GET.
 fn add_upstream(c: &mut Config, name: &str, base_url: String, host: &str, local: bool) {
     c.upstreams.push(Upstream {
-        name: name.into(),
-        base_url,
-        auth: Auth::Bearer,
-        secret: "payments-key".into(),
         allowed_hosts: vec![host.into()],
         allow_headers: vec!["accept".into()],
-        test_path: None,
         local,
-        timeout_secs: None,
-        rate_per_upstream: None,
-        max_concurrent_per_upstream: None,
-        rate_per_did: None,
-        max_concurrent_per_did: None,
-        max_response_bytes: None,
-        operations: Vec::new(),
+        ..Upstream::new(name, base_url, "payments-key")
     });
     c.rules.push(Rule {
         principals: vec![alice().did().to_string()],

@@ -111,13 +111,7 @@ fn audit(args: AuditArgs) -> Result<()> {
     println!("machine: {}", cpu_model());
 
     // 1. Durable appends.
-    let base = match &args.dir {
-        Some(d) => {
-            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
-            tempfile::tempdir_in(d)?
-        }
-        None => tempfile::tempdir()?,
-    };
+    let base = work_dir(args.dir.as_deref())?;
     println!(
         "\n== durable appends (store in {}) ==",
         base.path().display()
@@ -223,6 +217,18 @@ fn audit(args: AuditArgs) -> Result<()> {
     });
     println!("\n{json}");
     Ok(())
+}
+
+/// A fresh working directory for the stores, removed when dropped: under `dir` (created if
+/// missing) or the system temp dir.
+pub(crate) fn work_dir(dir: Option<&Path>) -> Result<tempfile::TempDir> {
+    Ok(match dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+            tempfile::tempdir_in(d)?
+        }
+        None => tempfile::tempdir()?,
+    })
 }
 
 pub(crate) fn ms(d: Duration) -> f64 {

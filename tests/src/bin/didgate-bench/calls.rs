@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use bytes::Bytes;
 use didgate_client::{CallSpec, Client, tls};
-use didgate_gateway::config::{Auth, Config, Rule, Settings, Upstream};
+use didgate_gateway::config::{Config, Rule, Settings, Upstream};
 use didgate_gateway::limits::RateLimit;
 use didgate_protocol::{Did, Identity};
 use futures_util::future::BoxFuture;
@@ -157,13 +157,7 @@ async fn bench(args: CallArgs) -> Result<()> {
         c1 > 0 && c64 > 0 && handshakes > 0 && rss_samples > 0,
         "call and sample counts must be at least 1"
     );
-    let base = match &args.dir {
-        Some(d) => {
-            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
-            tempfile::tempdir_in(d)?
-        }
-        None => tempfile::tempdir()?,
-    };
+    let base = crate::work_dir(args.dir.as_deref())?;
     println!(
         "didgate-bench: {c1} calls at concurrency 1, {c64} at concurrency {WIDE}, per path; {} core(s), {}",
         crate::threads(),
@@ -903,21 +897,8 @@ impl GatewayProcess {
                 ..Settings::new("127.0.0.1:0".parse()?)
             },
             upstreams: vec![Upstream {
-                name: UPSTREAM.into(),
-                base_url: format!("http://{upstream}"),
-                auth: Auth::Bearer,
-                secret: "bench-key".into(),
-                allowed_hosts: vec!["127.0.0.1".into()],
-                allow_headers: vec!["content-type".into(), "accept".into()],
-                test_path: None,
                 local: true,
-                timeout_secs: None,
-                rate_per_upstream: None,
-                max_concurrent_per_upstream: None,
-                rate_per_did: None,
-                max_concurrent_per_did: None,
-                max_response_bytes: None,
-                operations: Vec::new(),
+                ..Upstream::new(UPSTREAM, format!("http://{upstream}"), "bench-key")
             }],
             groups: Default::default(),
             rules: vec![Rule {
