@@ -3,9 +3,15 @@
 //! An entry is a versioned CBOR map; its hash is BLAKE3 in derive-key mode with the context
 //! [`ENTRY_CONTEXT`] over the entry's exact stored bytes. A chain's id is the hash of its
 //! entry 0 (the genesis, which names the owner DID).
+//!
+//! Versions (specs/audit-log.md, "Format evolution"): every entry carries `v`. Version 2 is
+//! version 1 plus the `format` kind, the entry at which a chain switches from version 1 to 2;
+//! each version's decoder stays strict (a version 1 entry with the `format` kind or the
+//! `version` field is refused).
 
+use didgate_protocol::Version;
 use didgate_protocol::cbor::{self, DecodeError, fixed, fixed_opt};
-use didgate_protocol::message::{ChainHead, Digest, EntryRef, VERSION};
+use didgate_protocol::message::{ChainHead, Digest, EntryRef};
 use serde::{Deserialize, Serialize};
 
 /// BLAKE3 derive-key context of entry hashes.
@@ -46,6 +52,9 @@ pub enum EntryKind {
     Granted,
     /// Gateway: a DID or a grant revoked by the operator (`subject`, or `grant`; `detail`).
     Revocation,
+    /// Both (version 2 on): the chain switches to the version named in `version`, from this
+    /// entry on (`detail`: the writer's release).
+    Format,
 }
 
 /// The role of a chain's owner.
@@ -77,7 +86,7 @@ pub enum Outcome {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Entry {
-    /// Entry version, 1.
+    /// Entry version ([`Version`]): 1, or 2 from a chain's switch on.
     pub v: u64,
     /// Position in the chain, from 0, contiguous.
     pub seq: u64,
@@ -143,13 +152,17 @@ pub struct Entry {
     /// Reserved (later versions): Merkle root of the chain before this entry.
     #[serde(with = "fixed_opt", default, skip_serializing_if = "Option::is_none")]
     pub root: Option<Digest>,
+    /// Format (version 2 on): the version the chain switches to, equal to this entry's `v`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
 }
 
 impl Entry {
     /// A new entry of `kind` with every optional field empty; the writer sets seq and prev.
+    /// Its version is [`Version::CURRENT`] until the writer sets the chain's.
     pub fn new(kind: EntryKind, time_ms: u64) -> Self {
         Self {
-            v: VERSION,
+            v: Version::CURRENT.as_u64(),
             seq: 0,
             prev: [0; 32],
             time_ms,
@@ -172,7 +185,22 @@ impl Entry {
             policy: None,
             did_doc: None,
             root: None,
+            version: None,
         }
+    }
+
+    /// The `format` entry that switches a chain to `to`.
+    pub fn format(to: Version, time_ms: u64) -> Self {
+        let mut e = Self::new(EntryKind::Format, time_ms);
+        e.v = to.as_u64();
+        e.version = Some(to.as_u64());
+        e.detail = Some(format!("didgate {}", env!("CARGO_PKG_VERSION")));
+        e
+    }
+
+    /// The entry's version, if this release reads it.
+    pub fn version(&self) -> Option<Version> {
+        Version::from_u64(self.v)
     }
 
     /// Encodes the entry.
@@ -180,13 +208,28 @@ impl Entry {
         cbor::to_vec(self)
     }
 
-    /// Decodes an entry strictly.
+    /// Decodes an entry strictly: a version this release reads, and nothing that version's
+    /// table lacks (the `format` kind and the `version` field are not in version 1; a
+    /// `format` entry names its own version, and no other entry has `version`).
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         let e: Self = cbor::from_slice(bytes)?;
-        if e.v != VERSION {
-            return Err(DecodeError::Version(e.v));
-        }
+        e.check_version()?;
         Ok(e)
+    }
+
+    /// What [`Entry::decode`] requires of a decoded entry's version beyond its fields.
+    pub fn check_version(&self) -> Result<(), DecodeError> {
+        let Some(v) = self.version() else {
+            return Err(DecodeError::Version(self.v));
+        };
+        match (v, self.kind, self.version) {
+            (Version::V1, EntryKind::Format, _) => Err(DecodeError::Field("kind")),
+            (Version::V1, _, Some(_)) => Err(DecodeError::Field("version")),
+            (_, EntryKind::Format, Some(to)) if to == self.v => Ok(()),
+            (_, EntryKind::Format, _) => Err(DecodeError::Field("version")),
+            (_, _, Some(_)) => Err(DecodeError::Field("version")),
+            _ => Ok(()),
+        }
     }
 }
 
@@ -207,5 +250,50 @@ mod tests {
         let mut trailing = bytes.clone();
         trailing.push(0);
         assert!(Entry::decode(&trailing).is_err());
+    }
+
+    #[test]
+    fn each_version_is_strict() {
+        let mut v1 = Entry::new(EntryKind::Executed, 5);
+        v1.v = 1;
+        assert_eq!(Entry::decode(&v1.encode()), Ok(v1.clone()));
+        let format = Entry::format(Version::V2, 6);
+        assert_eq!(Entry::decode(&format.encode()), Ok(format.clone()));
+        // version 1 has no format kind and no version field
+        let mut bad = format.clone();
+        bad.v = 1;
+        assert_eq!(
+            Entry::decode(&bad.encode()),
+            Err(DecodeError::Field("kind"))
+        );
+        bad = v1.clone();
+        bad.version = Some(1);
+        assert_eq!(
+            Entry::decode(&bad.encode()),
+            Err(DecodeError::Field("version"))
+        );
+        // a format entry names its own version; no other entry carries one
+        bad = format.clone();
+        bad.version = Some(1);
+        assert_eq!(
+            Entry::decode(&bad.encode()),
+            Err(DecodeError::Field("version"))
+        );
+        bad.version = None;
+        assert_eq!(
+            Entry::decode(&bad.encode()),
+            Err(DecodeError::Field("version"))
+        );
+        bad = Entry::new(EntryKind::Executed, 5);
+        bad.version = Some(2);
+        assert_eq!(
+            Entry::decode(&bad.encode()),
+            Err(DecodeError::Field("version"))
+        );
+        for v in [0, 3, u64::MAX] {
+            bad = Entry::new(EntryKind::Executed, 5);
+            bad.v = v;
+            assert_eq!(Entry::decode(&bad.encode()), Err(DecodeError::Version(v)));
+        }
     }
 }

@@ -18,7 +18,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use didgate_protocol::message::{ChainHead, Checkpoint, Digest, EntryRef, SignedMessage};
-use didgate_protocol::{Did, Identity};
+use didgate_protocol::{Did, Identity, Version};
 use fjall::config::PartitioningPolicy;
 use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 
@@ -105,6 +105,27 @@ pub enum StoreError {
     /// The database is closed: a reopen after an I/O error failed (the next may succeed).
     #[error("store closed after an I/O error; reopening failed")]
     Closed,
+    /// The chain is written in a format version this release does not read (a later
+    /// release's).
+    #[error(
+        "the chain is written in format version {0}; this release reads versions {oldest} to {current}",
+        oldest = Version::OLDEST,
+        current = Version::CURRENT
+    )]
+    NewerFormat(u64),
+}
+
+/// A decoding failure of the stored entry at `seq` as a [`StoreError`].
+fn corrupt(seq: u64, e: didgate_protocol::cbor::DecodeError) -> StoreError {
+    match e {
+        didgate_protocol::cbor::DecodeError::Version(v) if v > Version::CURRENT.as_u64() => {
+            StoreError::NewerFormat(v)
+        }
+        e => StoreError::Corrupt {
+            seq,
+            why: e.to_string(),
+        },
+    }
 }
 
 /// A key and its value.
@@ -356,10 +377,7 @@ impl Store {
         let seq = <[u8; 8]>::try_from(k.as_ref())
             .map(u64::from_be_bytes)
             .unwrap_or(u64::MAX);
-        let entry = Entry::decode(&v).map_err(|e| StoreError::Corrupt {
-            seq,
-            why: e.to_string(),
-        })?;
+        let entry = Entry::decode(&v).map_err(|e| corrupt(seq, e))?;
         Ok(Some((entry, entry_hash(&v))))
     }
 }
@@ -551,7 +569,10 @@ impl Store {
 impl Chain {
     /// Opens the chain in `store` for `signer` (its DID owns the chain; its key signs the
     /// checkpoints), writing the genesis entry if the chain is new, and starts its writer
-    /// thread.
+    /// thread. A chain written in an older format version is switched to
+    /// [`Version::CURRENT`] here, once: a `format` entry and a checkpoint that covers it, in
+    /// one durable batch (specs/audit-log.md, "Format evolution"). Every entry after it is of
+    /// the current version.
     pub fn open(
         store: Store,
         signer: Arc<Identity>,
@@ -564,14 +585,33 @@ impl Chain {
         let mut batch = engine.db.batch();
         let (id, head, frontier, last_cp) = match store.entry_bytes(0)? {
             Some(bytes) => {
-                let genesis = Entry::decode(&bytes).map_err(|e| StoreError::Corrupt {
-                    seq: 0,
-                    why: e.to_string(),
-                })?;
+                let genesis = Entry::decode(&bytes).map_err(|e| corrupt(0, e))?;
                 if genesis.owner.as_deref() != Some(owner.as_str()) || genesis.role != Some(role) {
                     return Err(StoreError::WrongOwner(genesis.owner.unwrap_or_default()));
                 }
-                let (head, frontier) = store.durable_head()?;
+                let (mut head, mut frontier) = store.durable_head()?;
+                let (last, _) = store.last_entry()?.ok_or(StoreError::Corrupt {
+                    seq: 0,
+                    why: "vanished".into(),
+                })?;
+                let mut switched = None;
+                if last.v < Version::CURRENT.as_u64() {
+                    let format = Entry::format(Version::CURRENT, now_ms);
+                    head = stage_entry(&engine, &mut batch, &mut frontier, head, format);
+                    batch.insert(&engine.meta, HEAD_KEY, encode_ref(&head));
+                    batch.insert(&engine.meta, FRONTIER_KEY, encode_frontier(&frontier));
+                    let cp = Checkpoint {
+                        v: Version::CURRENT.as_u64(),
+                        log: owner.to_string(),
+                        chain: entry_hash(&bytes),
+                        size: frontier.size(),
+                        head: head.hash,
+                        root: frontier.root(),
+                        time_ms: now_ms,
+                    };
+                    batch.insert(&engine.checkpoints, cp.size.to_be_bytes(), cp.sign(&signer));
+                    switched = Some(cp.size);
+                }
                 let last_cp = engine
                     .checkpoints
                     .last_key_value()
@@ -582,7 +622,12 @@ impl Chain {
                             .map(u64::from_be_bytes)
                             .unwrap_or(0)
                     });
-                (entry_hash(&bytes), head, frontier, last_cp.unwrap_or(0))
+                (
+                    entry_hash(&bytes),
+                    head,
+                    frontier,
+                    switched.or(last_cp).unwrap_or(0),
+                )
             }
             None => {
                 let mut genesis = Entry::new(EntryKind::Genesis, now_ms);
@@ -709,8 +754,9 @@ impl Chain {
     }
 }
 
-/// Stages `entry` after `head` (seq and prev filled in) with its Merkle leaf; returns the new
-/// head.
+/// Stages `entry` after `head` (seq and prev filled in, and the version: every entry a writer
+/// adds is of [`Version::CURRENT`], the chain having been switched when it was opened) with
+/// its Merkle leaf; returns the new head.
 fn stage_entry(
     engine: &Engine,
     batch: &mut fjall::OwnedWriteBatch,
@@ -718,6 +764,7 @@ fn stage_entry(
     head: EntryRef,
     mut entry: Entry,
 ) -> EntryRef {
+    entry.v = Version::CURRENT.as_u64();
     entry.seq = head.seq + 1;
     entry.prev = head.hash;
     let bytes = entry.encode();
@@ -908,7 +955,7 @@ impl Writer {
             }
             if checkpoint {
                 let cp = Checkpoint {
-                    v: didgate_protocol::message::VERSION,
+                    v: Version::CURRENT.as_u64(),
                     log: self.signer.did().to_string(),
                     chain: self.id,
                     size: self.frontier.size(),

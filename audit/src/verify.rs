@@ -20,7 +20,7 @@ use didgate_protocol::message::{
     Request, SignedMessage,
 };
 use didgate_protocol::web::DidDocument;
-use didgate_protocol::{Did, Principal, WebDid};
+use didgate_protocol::{Did, Principal, Version, WebDid};
 use ed25519_dalek::{Signature, VerifyingKey};
 use serde::Serialize;
 
@@ -85,6 +85,10 @@ pub enum ViolationKind {
     /// An entry names a did:web document (`did_doc`) that is not kept beside the chain, or
     /// that does not list the request's key for authentication.
     MissingDocument,
+    /// The entries' versions break the format evolution rule: an entry of another version
+    /// than the chain's at that point, a switch (`format` entry) to anything but the next
+    /// version, or a second switch (specs/audit-log.md, "Format evolution").
+    FormatViolation,
 }
 
 /// One violation.
@@ -172,6 +176,8 @@ struct Item {
     /// Boxed: entries are large and are moved between the parallel and sequential steps.
     entry: Box<Entry>,
     hash: Digest,
+    /// False for the placeholder kept where the stored bytes do not decode.
+    decoded: bool,
 }
 
 struct Checked {
@@ -303,6 +309,7 @@ fn check_links(
                     key: *key,
                     entry: Box::new(placeholder),
                     hash,
+                    decoded: false,
                 });
                 expected = key.saturating_add(1);
                 continue;
@@ -349,6 +356,7 @@ fn check_links(
             key: *key,
             entry,
             hash,
+            decoded: true,
         });
     }
     if let (Some(head), last) = (rec.head, items.last()) {
@@ -419,6 +427,7 @@ fn check_links(
             (None, None)
         }
     };
+    check_versions(label, &items, cx);
     let gaps = items
         .iter()
         .enumerate()
@@ -441,6 +450,59 @@ fn check_links(
         gaps,
     };
     (checked, leaves)
+}
+
+/// The format evolution rule over one chain's entries in key order (specs/audit-log.md,
+/// "Format evolution"): the chain starts at its first entry's version; a `format` entry
+/// switches it to the next version, once; every other entry is of the chain's version at its
+/// place. Entries that do not decode are reported as altered and skipped here.
+fn check_versions(label: &str, items: &[Item], cx: &mut Ctx) {
+    let mut decoded = items.iter().filter(|i| i.decoded);
+    let Some(first) = decoded.next() else {
+        return;
+    };
+    let mut current = first.entry.v;
+    let mut switched_at: Option<u64> = None;
+    for item in decoded {
+        let e = &item.entry;
+        if e.kind == EntryKind::Format {
+            let next = Version::from_u64(current)
+                .and_then(Version::next)
+                .map(Version::as_u64);
+            if let Some(at) = switched_at {
+                cx.flag(
+                    label,
+                    Some(item.key),
+                    ViolationKind::FormatViolation,
+                    format!(
+                        "a second switch (to version {}); the chain switched at seq {at}",
+                        e.v
+                    ),
+                );
+            } else if next != Some(e.v) {
+                cx.flag(
+                    label,
+                    Some(item.key),
+                    ViolationKind::FormatViolation,
+                    format!("a switch from version {current} to version {}", e.v),
+                );
+            }
+            switched_at.get_or_insert(item.key);
+            current = e.v;
+        } else if e.v != current {
+            let why = match switched_at {
+                Some(at) => format!(
+                    "a version {} entry after the switch to version {current} at seq {at}",
+                    e.v
+                ),
+                None => format!(
+                    "a version {} entry in a version {current} chain without a switch",
+                    e.v
+                ),
+            };
+            cx.flag(label, Some(item.key), ViolationKind::FormatViolation, why);
+        }
+    }
 }
 
 /// Signed roots seen per (log DID, size): two different ones are proof of equivocation.
@@ -2114,7 +2176,8 @@ fn fast_parts(
 /// Accepted here, and only this: one definite-length map with text keys, each a field of
 /// [`Entry`] at most once; unsigned integers, byte strings and text strings in their shortest
 /// definite form; null for absent options; nested `peer_head` / `peer_entry` maps likewise;
-/// no tags, no trailing bytes; the required fields present and `v` = 1. Every such input is
+/// no tags, no trailing bytes; the required fields present and a version [`Entry::decode`]
+/// accepts ([`Entry::check_version`]). Every such input is
 /// one that ciborium and serde (what `Entry::decode` uses) accept, decoding to the same value:
 /// they accept these forms (and more, which go to `Entry::decode`), enum names are matched by
 /// serde itself, and unknown or duplicate fields are left to `Entry::decode` to refuse.
@@ -2149,6 +2212,7 @@ fn decode_entry_fast(bytes: &[u8]) -> Option<Entry> {
             "policy" => 20,
             "did_doc" => 21,
             "root" => 22,
+            "version" => 23,
             _ => return None,
         };
         if seen & (1 << bit) != 0 {
@@ -2178,11 +2242,13 @@ fn decode_entry_fast(bytes: &[u8]) -> Option<Entry> {
             19 => e.outcome = r.opt(|r| unit_variant(r.text()?))?,
             20 => e.policy = r.opt(Cbor::fixed)?,
             21 => e.did_doc = r.opt(Cbor::fixed)?,
-            _ => e.root = r.opt(Cbor::fixed)?,
+            22 => e.root = r.opt(Cbor::fixed)?,
+            _ => e.version = r.opt(Cbor::uint)?,
         }
     }
-    // v, seq, prev, time_ms and kind are required; anything after the map is refused
-    (seen & 0b11111 == 0b11111 && r.i == bytes.len() && e.v == message::VERSION).then_some(e)
+    // v, seq, prev, time_ms and kind are required; anything after the map is refused; the
+    // version's own rules are the strict decoder's
+    (seen & 0b11111 == 0b11111 && r.i == bytes.len() && e.check_version().is_ok()).then_some(e)
 }
 
 /// Fills a map field once: a repeated key, or a value that did not decode, is `None`.
@@ -2218,7 +2284,7 @@ fn decode_request_fast(bytes: &[u8]) -> Option<Request> {
             _ => return None,
         }
     }
-    if r.i != bytes.len() || v != Some(message::VERSION) {
+    if r.i != bytes.len() || v.and_then(Version::from_u64).is_none() {
         return None;
     }
     Some(Request {
@@ -2259,7 +2325,7 @@ fn decode_receipt_fast(bytes: &[u8]) -> Option<Receipt> {
             _ => return None,
         }
     }
-    if r.i != bytes.len() || v != Some(message::VERSION) {
+    if r.i != bytes.len() || v.and_then(Version::from_u64).is_none() {
         return None;
     }
     Some(Receipt {
@@ -2503,7 +2569,7 @@ mod tests {
     use super::*;
     use crate::merkle::Frontier;
     use didgate_protocol::Identity;
-    use didgate_protocol::message::VERSION;
+    const VERSION: u64 = Version::CURRENT.as_u64();
 
     /// A chain built in memory the way the store's writer builds it.
     struct Builder {
@@ -2861,6 +2927,15 @@ mod tests {
                 *field = Some(rng.digest());
             }
         }
+        // both versions; version 2 has the format kind and its version field
+        match rng.below(4) {
+            0 => e.v = 1,
+            1 => {
+                e.kind = EntryKind::Format;
+                e.version = Some(e.v);
+            }
+            _ => {}
+        }
         e
     }
 
@@ -2907,11 +2982,12 @@ mod tests {
             .expect("encode");
         assert_eq!(decode_entry_fast(&tagged), None);
         let mut wide_v = e.encode();
+        let v = e.v as u8;
         let at = wide_v
             .windows(3)
-            .position(|w| w == [0x61, b'v', 0x01])
+            .position(|w| w == [0x61, b'v', v])
             .expect("v");
-        wide_v.splice(at + 2..at + 3, [0x18, 0x01]);
+        wide_v.splice(at + 2..at + 3, [0x18, v]);
         assert_eq!(decode_entry_fast(&wide_v), None);
     }
 

@@ -60,7 +60,7 @@ use didgate_protocol::frame::{self, FrameDecoder, FrameType};
 use didgate_protocol::message::{
     self, GrantBody, Message, Receipt, Refusal, RefusalCode, Request, ResponseHead, SignedMessage,
 };
-use didgate_protocol::{Did, Identity};
+use didgate_protocol::{Did, Identity, Version};
 use tokio::sync::Mutex;
 
 /// How long a connection attempt may take before the gateway counts as unreachable.
@@ -104,6 +104,16 @@ pub enum CallError {
     /// The local audit chain could not be written: the call was not sent.
     #[error("local audit chain unavailable: {0}")]
     Audit(String),
+    /// The gateway does not serve the protocol version this client speaks (its handshake
+    /// refused the ALPN id `didgate/N`): it is an older release, or this client is configured
+    /// for a version the gateway no longer serves. Nothing was sent.
+    #[error(
+        "the gateway does not serve protocol version {offered} (ALPN didgate/{offered}): it runs an older release; upgrade the gateway or speak its version"
+    )]
+    VersionUnsupported {
+        /// The version this client offered.
+        offered: Version,
+    },
 }
 
 impl CallError {
@@ -179,6 +189,9 @@ impl CallError {
             }
             Self::Audit(_) => {
                 "the local chain could not be written, so nothing was sent: free disk space or fix its permissions"
+            }
+            Self::VersionUnsupported { .. } => {
+                "the gateway and this client share no protocol version, so nothing was sent: upgrade the older side"
             }
         }
     }
@@ -275,6 +288,8 @@ pub struct Client {
     endpoint: quinn::Endpoint,
     conn: Mutex<Option<quinn::Connection>>,
     chain: Chain,
+    /// The protocol version this client speaks (its requests' `v`, its connections' ALPN).
+    version: Version,
 }
 
 impl std::fmt::Debug for Client {
@@ -335,7 +350,23 @@ impl Client {
             endpoint,
             conn: Mutex::new(None),
             chain,
+            version: Version::CURRENT,
         })
+    }
+
+    /// Speaks protocol `version` instead of [`Version::CURRENT`] (for a gateway of an older
+    /// release that serves only that version). Takes effect from the next connection.
+    pub fn speaking(mut self, version: Version) -> Result<Self, ClientError> {
+        let cfg = tls::client_config_for(&self.identity, &self.gateway, version)
+            .map_err(|e| ClientError::Tls(e.to_string()))?;
+        self.endpoint.set_default_client_config(cfg);
+        self.version = version;
+        Ok(self)
+    }
+
+    /// The protocol version this client speaks.
+    pub fn version(&self) -> Version {
+        self.version
     }
 
     /// This client's DID.
@@ -382,7 +413,15 @@ impl Client {
             .map_err(|_| {
                 CallError::Unreachable(format!("no handshake within {CONNECT_TIMEOUT:?}"))
             })?
-            .map_err(|e| CallError::Unreachable(e.to_string()))?;
+            .map_err(|e| {
+                if tls::is_version_refusal(&e) {
+                    CallError::VersionUnsupported {
+                        offered: self.version,
+                    }
+                } else {
+                    CallError::Unreachable(e.to_string())
+                }
+            })?;
         *guard = Some(conn.clone());
         Ok(conn)
     }
@@ -407,7 +446,7 @@ impl Client {
             .map_err(|e| CallError::Audit(e.to_string()))?;
         let (path, query) = split_query(&spec.path, &spec.query);
         let req = Request {
-            v: message::VERSION,
+            v: self.version.as_u64(),
             aud: self.gateway.to_string(),
             upstream: spec.upstream.clone(),
             method: spec.method.to_ascii_uppercase(),
@@ -519,7 +558,7 @@ impl Client {
         };
         let (head, r) = self.record_result(call, ending).await?;
         let head = head.unwrap_or(ResponseHead {
-            v: 1,
+            v: self.version.as_u64(),
             status: r.message.status,
             headers: Vec::new(),
         });
@@ -683,7 +722,7 @@ impl Client {
 
     async fn catalog_request(&self, upstream: Option<String>) -> Result<Vec<Operation>, CallError> {
         let request = CatalogRequest {
-            v: message::VERSION,
+            v: self.version.as_u64(),
             upstream,
         };
         let mut recv = self
@@ -700,14 +739,14 @@ impl Client {
             };
             match frame.kind {
                 FrameType::Catalog => ops.extend(
-                    Catalog::decode(&frame.payload)
+                    Catalog::decode_v(&frame.payload, self.version)
                         .map_err(|e| CallError::InvalidAnswer(e.to_string()))?
                         .operations,
                 ),
                 FrameType::Refusal => {
-                    let r: message::Signed<Refusal> =
-                        message::open_from(&frame.payload, &self.gateway)
-                            .map_err(|e| CallError::InvalidAnswer(e.to_string()))?;
+                    let r: message::Signed<Refusal> = self
+                        .open_answer(&frame.payload)
+                        .map_err(|e| CallError::InvalidAnswer(e.to_string()))?;
                     return Err(CallError::Refused {
                         code: r.message.code,
                         reason: r.message.reason,
@@ -772,18 +811,18 @@ impl Client {
             ));
         };
         Ok(match frame.kind {
-            FrameType::Head => {
-                AnswerFrame::Head(ResponseHead::decode(&frame.payload).map_err(|e| invalid(&e))?)
-            }
+            FrameType::Head => AnswerFrame::Head(
+                ResponseHead::decode_v(&frame.payload, self.version).map_err(|e| invalid(&e))?,
+            ),
             FrameType::Body => AnswerFrame::Body(frame.payload),
             FrameType::Receipt => AnswerFrame::Final(Box::new(RawFinal::Receipt(
-                message::open_from(&frame.payload, &self.gateway).map_err(|e| invalid(&e))?,
+                self.open_answer(&frame.payload).map_err(|e| invalid(&e))?,
             ))),
             FrameType::Refusal => AnswerFrame::Final(Box::new(RawFinal::Refusal(
-                message::open_from(&frame.payload, &self.gateway).map_err(|e| invalid(&e))?,
+                self.open_answer(&frame.payload).map_err(|e| invalid(&e))?,
             ))),
             FrameType::Grant => AnswerFrame::Final(Box::new(RawFinal::Grant(
-                message::open_from(&frame.payload, &self.gateway).map_err(|e| invalid(&e))?,
+                self.open_answer(&frame.payload).map_err(|e| invalid(&e))?,
             ))),
             other => {
                 return Err(CallError::InvalidAnswer(format!(
@@ -791,6 +830,20 @@ impl Client {
                 )));
             }
         })
+    }
+
+    /// Opens a signed answer: signed by the pinned gateway, in the version this client speaks.
+    fn open_answer<T: SignedMessage>(
+        &self,
+        bytes: &[u8],
+    ) -> Result<message::Signed<T>, message::OpenError> {
+        let signed = message::open_from::<T>(bytes, &self.gateway)?;
+        if signed.message.version() != self.version.as_u64() {
+            return Err(message::OpenError::Decode(
+                didgate_protocol::cbor::DecodeError::Version(signed.message.version()),
+            ));
+        }
+        Ok(signed)
     }
 
     /// Low level: sends already signed request bytes and a body on a new stream and returns

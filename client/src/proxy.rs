@@ -403,6 +403,7 @@ fn call_refusal(e: CallError) -> Refusal {
         CallError::ConnectionLost(_) => (502, "outcome_unknown", "client"),
         CallError::InvalidAnswer(_) => (502, "invalid_answer", "client"),
         CallError::Audit(_) => (503, "local_audit_unavailable", "client"),
+        CallError::VersionUnsupported { .. } => (502, "version_unsupported", "client"),
     };
     Refusal {
         status: StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),

@@ -4,14 +4,14 @@
 //! the gateway). Each side presents a self-signed Ed25519 certificate whose key is its DID key.
 //! The gateway accepts any self-signed Ed25519 client certificate and derives the peer DID from
 //! it; the client accepts the gateway only if its certificate key equals the pinned gateway
-//! DID. TLS 1.3 only, ALPN `didgate/1`, Ed25519 the only signature scheme, one crypto
+//! DID. TLS 1.3 only, ALPN `didgate/N` naming the protocol version ([`Version::alpn`]), Ed25519 the only signature scheme, one crypto
 //! provider (ring). The server keeps no session tickets: a resumed connection would skip the
 //! client certificate verifier.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use didgate_protocol::{ALPN, Caller, Did, Identity, Principal};
+use didgate_protocol::{Caller, Did, Identity, Principal, Version};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
@@ -143,6 +143,31 @@ pub fn peer_did(conn: &quinn::Connection) -> Option<Did> {
     peer_caller(conn).map(|c| c.key().clone())
 }
 
+/// The protocol version agreed on a connection: the one its ALPN id names. `None` when the
+/// handshake agreed on none this release speaks.
+pub fn negotiated_version(conn: &quinn::Connection) -> Option<Version> {
+    let data = conn.handshake_data()?;
+    let data = data
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?;
+    Version::from_alpn(data.protocol.as_deref()?)
+}
+
+/// Whether a failed connection attempt is the server refusing every ALPN id offered: a
+/// gateway that does not speak the client's protocol version (TLS alert
+/// `no_application_protocol`, 120).
+pub fn is_version_refusal(e: &quinn::ConnectionError) -> bool {
+    // QUIC carries a TLS alert as CRYPTO_ERROR 0x100 + alert (RFC 9001, 4.8)
+    const NO_APPLICATION_PROTOCOL: u64 = 0x100 + 120;
+    match e {
+        quinn::ConnectionError::ConnectionClosed(c) => {
+            u64::from(c.error_code) == NO_APPLICATION_PROTOCOL
+        }
+        quinn::ConnectionError::TransportError(t) => u64::from(t.code) == NO_APPLICATION_PROTOCOL,
+        _ => false,
+    }
+}
+
 /// The peer of an established quinn connection: its key and the DID it claims.
 pub fn peer_caller(conn: &quinn::Connection) -> Option<Caller> {
     let identity = conn.peer_identity()?;
@@ -271,8 +296,16 @@ fn transport() -> quinn::TransportConfig {
     t
 }
 
-/// The gateway's QUIC server configuration.
+/// The gateway's QUIC server configuration, serving every version of [`Version::ALL`].
 pub fn server_config(identity: &Identity) -> Result<quinn::ServerConfig, TlsError> {
+    server_config_for(identity, &Version::ALL)
+}
+
+/// The gateway's QUIC server configuration, serving `versions` (ALPN ids offered newest first).
+pub fn server_config_for(
+    identity: &Identity,
+    versions: &[Version],
+) -> Result<quinn::ServerConfig, TlsError> {
     let (cert, key) = self_signed(identity)?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -280,7 +313,11 @@ pub fn server_config(identity: &Identity) -> Result<quinn::ServerConfig, TlsErro
         .with_client_cert_verifier(Arc::new(AnyDidClient))
         .with_single_cert(vec![cert], key)
         .map_err(|e| TlsError::Config(e.to_string()))?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    // Newest first: rustls picks the first of these the client offers (a client offers the
+    // one version it speaks).
+    let mut versions = versions.to_vec();
+    versions.sort_unstable_by(|a, b| b.cmp(a));
+    tls.alpn_protocols = versions.iter().map(|v| v.alpn().to_vec()).collect();
     // No resumption: a resumed connection skips the client certificate verifier.
     tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     tls.send_tls13_tickets = 0;
@@ -291,8 +328,18 @@ pub fn server_config(identity: &Identity) -> Result<quinn::ServerConfig, TlsErro
     Ok(cfg)
 }
 
-/// A client's QUIC configuration, pinned to `gateway`.
+/// A client's QUIC configuration, pinned to `gateway`, speaking [`Version::CURRENT`].
 pub fn client_config(identity: &Identity, gateway: &Did) -> Result<quinn::ClientConfig, TlsError> {
+    client_config_for(identity, gateway, Version::CURRENT)
+}
+
+/// A client's QUIC configuration, pinned to `gateway`, offering exactly `version`: a gateway
+/// that does not serve it fails the handshake ([`is_version_refusal`]).
+pub fn client_config_for(
+    identity: &Identity,
+    gateway: &Did,
+    version: Version,
+) -> Result<quinn::ClientConfig, TlsError> {
     let (cert, key) = self_signed(identity)?;
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -303,7 +350,7 @@ pub fn client_config(identity: &Identity, gateway: &Did) -> Result<quinn::Client
         }))
         .with_client_auth_cert(vec![cert], key)
         .map_err(|e| TlsError::Config(e.to_string()))?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = vec![version.alpn().to_vec()];
     tls.resumption = rustls::client::Resumption::disabled();
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
         .map_err(|e| TlsError::Config(e.to_string()))?;

@@ -7,9 +7,10 @@
 
 use bytes::BytesMut;
 use didgate_protocol::Caller;
+use didgate_protocol::Version;
 use didgate_protocol::catalog::{self, Catalog, CatalogRequest, Operation};
 use didgate_protocol::frame::{self, FrameType};
-use didgate_protocol::message::{Message, RefusalCode, VERSION};
+use didgate_protocol::message::{Message, RefusalCode};
 use serde::{Deserialize, Serialize};
 
 use crate::config::Upstream;
@@ -95,10 +96,10 @@ pub fn allowed_operations(
 
 /// Splits operations into Catalog frame payloads of at most [`frame::MAX_FRAME`] bytes (one
 /// payload, possibly empty, if there are none).
-pub fn encode_frames(ops: Vec<Operation>) -> Vec<Vec<u8>> {
+pub fn encode_frames(ops: Vec<Operation>, version: Version) -> Vec<Vec<u8>> {
     let mut payloads = Vec::new();
     let mut part = Catalog {
-        v: VERSION,
+        v: version.as_u64(),
         operations: Vec::new(),
     };
     for op in ops {
@@ -121,14 +122,15 @@ pub(crate) async fn answer(
     mut send: quinn::SendStream,
     payload: &[u8],
 ) {
-    let request = match CatalogRequest::decode(payload) {
+    let version = crate::gateway::call_version();
+    let request = match CatalogRequest::decode_v(payload, version) {
         Ok(r) => r,
         Err(_) => {
             return gw
                 .refuse_unverified(
                     &mut send,
                     RefusalCode::Malformed,
-                    "the catalog request does not decode",
+                    "the catalog request does not decode (as a message of the connection's version)",
                 )
                 .await;
         }
@@ -150,7 +152,7 @@ pub(crate) async fn answer(
         crate::now_ms(),
     );
     let mut out = BytesMut::new();
-    for payload in encode_frames(ops) {
+    for payload in encode_frames(ops, version) {
         // a single operation is bounded by validate(), so each payload fits a frame
         if frame::encode(FrameType::Catalog, &payload, &mut out).is_err() {
             tracing::warn!("catalog: an operation does not fit a frame");
@@ -228,7 +230,7 @@ description = "One charge"
     #[test]
     fn frames_stay_under_the_limit_and_keep_every_operation() {
         let ops: Vec<Operation> = (0..200).map(op).collect();
-        let frames = encode_frames(ops.clone());
+        let frames = encode_frames(ops.clone(), Version::CURRENT);
         assert!(frames.len() > 1);
         let mut back = Vec::new();
         for f in &frames {
@@ -236,6 +238,6 @@ description = "One charge"
             back.extend(Catalog::decode(f).expect("decode").operations);
         }
         assert_eq!(back, ops);
-        assert_eq!(encode_frames(Vec::new()).len(), 1);
+        assert_eq!(encode_frames(Vec::new(), Version::CURRENT).len(), 1);
     }
 }

@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
+use didgate_protocol::Version;
 use serde::{Deserialize, Serialize};
 
 use crate::limits::RateLimit;
@@ -209,6 +210,11 @@ pub struct Settings {
     /// Allow a `metrics_listen` address that is not loopback (the metrics are unauthenticated).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub metrics_allow_remote: bool,
+    /// The oldest protocol version whose requests are served (specs/protocol.md, "Format
+    /// evolution"): 1 (the default) serves clients of every release; 2 refuses version 1
+    /// requests with a signed version 1 refusal that says so.
+    #[serde(default = "d_min_client")]
+    pub min_client_version: u64,
 }
 
 impl Settings {
@@ -235,8 +241,18 @@ impl Settings {
             max_response_bytes: d_resp(),
             metrics_listen: None,
             metrics_allow_remote: false,
+            min_client_version: d_min_client(),
         }
     }
+
+    /// [`Settings::min_client_version`] as a version (checked by [`Config::validate`]).
+    pub fn min_client(&self) -> Version {
+        Version::from_u64(self.min_client_version).unwrap_or(Version::OLDEST)
+    }
+}
+
+fn d_min_client() -> u64 {
+    Version::OLDEST.as_u64()
 }
 
 fn d_rate_did() -> RateLimit {
@@ -384,6 +400,14 @@ impl Config {
     /// are http(s) with an allowed host.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |s: String| Err(ConfigError::Invalid(s));
+        if Version::from_u64(self.gateway.min_client_version).is_none() {
+            return bad(format!(
+                "gateway: min_client_version must be {} to {} (this release's protocol versions), not {}",
+                Version::OLDEST,
+                Version::CURRENT,
+                self.gateway.min_client_version
+            ));
+        }
         for u in &self.upstreams {
             let url = reqwest::Url::parse(&u.base_url)
                 .map_err(|e| ConfigError::Invalid(format!("upstream {}: base_url: {e}", u.name)))?;
@@ -496,6 +520,9 @@ grant_ttl_secs = 10
 upstream_timeout_secs = 30
 # Refusals to DIDs that policy does not know are counted into one audit entry per window.
 refusal_window_secs = 10
+# Oldest protocol version served (specs/protocol.md, "Format evolution"): 1 serves clients of
+# every release; 2 refuses version 1 clients with a signed refusal that tells them to upgrade.
+min_client_version = 1
 # Signed checkpoints of the gateway's audit chain: every N entries, every T seconds while
 # entries arrive, and at shutdown.
 checkpoint_every_entries = 4096

@@ -23,7 +23,7 @@ use didgate_protocol::message::{
     Signed, SignedMessage,
 };
 use didgate_protocol::web::DidDocument;
-use didgate_protocol::{Caller, Did, Identity, Principal};
+use didgate_protocol::{Caller, Did, Identity, Principal, Version};
 use tokio::sync::watch;
 
 use crate::config::{Config, Upstream};
@@ -242,6 +242,23 @@ struct CallPolicy {
     did_doc: Mutex<Option<Arc<DidDocument>>>,
     /// When the call's stream opened (latency).
     started: std::time::Instant,
+    /// The protocol version of the call's connection (its ALPN): the version its request must
+    /// carry and every answer is written in.
+    version: Version,
+}
+
+tokio::task_local! {
+    /// The protocol version of a connection, for answers given outside a call
+    /// ([`refuse_connection`]).
+    static CONNECTION_VERSION: Version;
+}
+
+/// The protocol version the current call (or connection) speaks; version 1 outside both.
+pub(crate) fn call_version() -> Version {
+    CALL_POLICY
+        .try_with(|c| c.version)
+        .or_else(|_| CONNECTION_VERSION.try_with(|v| *v))
+        .unwrap_or(Version::V1)
 }
 
 /// Gives back the current call's concurrency slots.
@@ -723,7 +740,7 @@ impl Gateway {
         entry: Option<EntryRef>,
     ) -> Vec<u8> {
         Refusal {
-            v: message::VERSION,
+            v: call_version().as_u64(),
             call,
             code,
             reason: reason.into(),
@@ -813,8 +830,15 @@ impl Gateway {
     /// Handles one stream: one call.
     /// Handles one stream: one pipelined call, one grant request, or one grant execution,
     /// decided throughout by the policy set in force when the stream opened ([`CALL_POLICY`]).
-    async fn handle(&self, peer: Caller, send: quinn::SendStream, recv: quinn::RecvStream) {
+    async fn handle(
+        &self,
+        peer: Caller,
+        version: Version,
+        send: quinn::SendStream,
+        recv: quinn::RecvStream,
+    ) {
         let call = CallPolicy {
+            version,
             set: self.policy(),
             ttl_secs: Mutex::new(None),
             permit: Mutex::new(None),
@@ -843,6 +867,18 @@ impl Gateway {
                     RefusalCode::ShuttingDown,
                     "the gateway is shutting down",
                 )
+                .await;
+        }
+        let min = self.config.gateway.min_client();
+        if call_version() < min {
+            // Said in the connection's own version, with one of its codes: the client can read
+            // it and tell its user what to do.
+            let why = format!(
+                "this gateway serves protocol version {min} and later (min_client_version); this client speaks version {}: upgrade it",
+                call_version()
+            );
+            return self
+                .refuse_unverified(&mut send, RefusalCode::Malformed, &why)
                 .await;
         }
         let mut dec = FrameDecoder::new();
@@ -970,6 +1006,17 @@ impl Gateway {
             }
         };
         match Self::open_as(peer, doc.as_deref(), bytes) {
+            Ok(r) if r.message.v != call_version().as_u64() => {
+                let why = format!(
+                    "a version {} request on a protocol version {} connection (ALPN {})",
+                    r.message.v,
+                    call_version(),
+                    String::from_utf8_lossy(call_version().alpn())
+                );
+                self.refuse_unverified(send, RefusalCode::Malformed, &why)
+                    .await;
+                None
+            }
             Ok(r) => Some(r),
             Err(e) => {
                 use didgate_protocol::envelope::EnvelopeError;
@@ -1017,7 +1064,7 @@ impl Gateway {
     /// A grant for this verified request, valid for the configured lifetime.
     fn mint(&self, peer: &Caller, req: &Signed<Request>, now: u64) -> GrantBody {
         GrantBody {
-            v: message::VERSION,
+            v: call_version().as_u64(),
             id: rand::random(),
             call: req.envelope.digest(),
             subject: peer.to_string(),
@@ -1372,7 +1419,7 @@ impl Gateway {
             })
             .collect();
         let head = ResponseHead {
-            v: message::VERSION,
+            v: call_version().as_u64(),
             status,
             headers,
         };
@@ -1457,7 +1504,7 @@ impl Gateway {
             latency_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
         });
         let receipt = Receipt {
-            v: message::VERSION,
+            v: call_version().as_u64(),
             call,
             grant: grant.id,
             client: req.envelope.signer().to_string(),
@@ -1653,8 +1700,15 @@ async fn connection(gw: Arc<Gateway>, incoming: quinn::Incoming, mut stop: watch
         conn.close(1u32.into(), b"no DID certificate");
         return;
     };
+    // rustls agreed on one of the ALPN ids the server offers (or failed the handshake)
+    let Some(version) = tls::negotiated_version(&conn) else {
+        conn.close(1u32.into(), b"no didgate protocol version agreed");
+        return;
+    };
     if !gw.register(&peer, &conn) {
-        return refuse_connection(&gw, conn).await;
+        return CONNECTION_VERSION
+            .scope(version, refuse_connection(&gw, conn))
+            .await;
     }
     let calls = tokio_util_tasks::TaskSet::default();
     let mut drained: Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>> = None;
@@ -1665,7 +1719,7 @@ async fn connection(gw: Arc<Gateway>, incoming: quinn::Incoming, mut stop: watch
                 let gw = gw.clone();
                 let peer = peer.clone();
                 // while draining, `handle` answers `shutting_down` at once
-                let task = async move { gw.handle(peer, send, recv).await };
+                let task = async move { gw.handle(peer, version, send, recv).await };
                 if drained.is_some() {
                     tokio::spawn(task);
                 } else {

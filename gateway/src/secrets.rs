@@ -1218,7 +1218,7 @@ impl Secrets {
 /// The synthetic call `secret test` sends: `GET path`, no query, headers or body.
 fn probe_request(up: &Upstream, path: &str, now_ms: u64) -> CallRequest {
     CallRequest {
-        v: didgate_protocol::message::VERSION,
+        v: didgate_protocol::Version::CURRENT.as_u64(),
         aud: String::new(),
         upstream: up.name.clone(),
         method: "GET".into(),

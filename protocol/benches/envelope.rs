@@ -7,7 +7,9 @@ use std::hint::black_box;
 use criterion::{Criterion, criterion_group, criterion_main};
 use didgate_protocol::Identity;
 use didgate_protocol::envelope::{self, Kind};
-use didgate_protocol::message::{self, ChainHead, Request, SignedMessage, VERSION};
+use didgate_protocol::message::{self, ChainHead, Request, SignedMessage};
+
+const VERSION: u64 = didgate_protocol::Version::CURRENT.as_u64();
 
 /// A GET request like the ones the call benchmark sends.
 fn request(aud: &str) -> Request {

@@ -179,7 +179,7 @@ mod tests {
         let mut bytes = cat.encode();
         bytes.push(0);
         assert!(Catalog::decode(&bytes).is_err(), "trailing bytes");
-        assert!(Catalog::decode(&Catalog { v: 2, ..cat }.encode()).is_err());
+        assert!(Catalog::decode(&Catalog { v: 3, ..cat }.encode()).is_err());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! Owns: Ed25519 `did:key` identities ([`did`]), COSE_Sign1 envelopes with per-kind domain
 //! separation ([`envelope`]), the versioned CBOR messages ([`message`]), stream framing
 //! ([`frame`]), the catalog of named operations ([`catalog`]), and the canonical-request checks the gateway applies before policy
-//! ([`canonical`]). It does not own transport, storage, policy or time: callers pass `now`.
+//! ([`canonical`]), and the format versions and their rule ([`version`]). It does not own transport, storage, policy or time: callers pass `now`.
 //! The byte-level specification is `specs/protocol.md`.
 //!
 //! ```
@@ -25,10 +25,12 @@ pub mod did;
 pub mod envelope;
 pub mod frame;
 pub mod message;
+pub mod version;
 pub mod web;
 
 pub use did::{Did, DidError, Identity};
+pub use version::Version;
 pub use web::{Caller, Principal, WebDid};
 
-/// The ALPN protocol id of didgate over QUIC.
-pub const ALPN: &[u8] = b"didgate/1";
+/// The ALPN protocol id of version 1 connections ([`Version::alpn`] names every version's).
+pub const ALPN: &[u8] = Version::V1.alpn();

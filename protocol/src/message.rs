@@ -2,16 +2,16 @@
 //!
 //! Every message is a versioned CBOR map with text keys. Signed kinds travel inside a
 //! COSE_Sign1 envelope ([`crate::envelope`]); their types here are the decoded payloads.
-//! Decoding is strict: unknown fields, unknown versions and trailing bytes are refused.
+//! Decoding is strict: unknown fields, unknown versions and trailing bytes are refused. Every
+//! version of [`Version::ALL`] decodes; what a decoded message's `v` may be in a given place
+//! (the connection's version, a chain's) is the caller's rule.
 
 use serde::{Deserialize, Serialize};
 
 use crate::cbor::{self, DecodeError, fixed, fixed_opt};
 use crate::did::{Did, Identity};
 use crate::envelope::{self, EnvelopeError, Kind, Verified};
-
-/// The only message version this implementation speaks.
-pub const VERSION: u64 = 1;
+use crate::version::Version;
 
 /// A 32-byte BLAKE3 digest.
 pub type Digest = [u8; 32];
@@ -129,8 +129,11 @@ pub struct Receipt {
 }
 
 /// Why the gateway refused a call. The wire name is the snake_case string.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+///
+/// The codes of each version are listed in specs/protocol.md ("Refusal codes"). A code this
+/// release does not know (a newer gateway's) decodes as [`RefusalCode::Other`] with its text,
+/// so a client can still report it; the text must match [`CodeText`]'s grammar.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 #[non_exhaustive]
 pub enum RefusalCode {
     /// The frame or envelope is malformed or oversized.
@@ -177,11 +180,90 @@ pub enum RefusalCode {
     /// The caller's did:web could not be resolved to a document listing its key for
     /// authentication (domain not named by policy, fetch failed, key not listed).
     DidUnresolved,
+    /// A code this release does not know (a later version's), with its wire text. Never sent
+    /// by this release.
+    Other(CodeText),
+}
+
+/// The wire text of a refusal code: 1 to 32 bytes, `[a-z][a-z0-9_]*` (specs/protocol.md,
+/// "Refusal codes"). Kept inline so that [`RefusalCode`] stays `Copy`.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct CodeText {
+    len: u8,
+    bytes: [u8; CodeText::MAX],
+}
+
+impl CodeText {
+    /// Longest code text.
+    pub const MAX: usize = 32;
+
+    /// The text, if it is a well-formed code.
+    pub fn new(text: &str) -> Option<Self> {
+        let b = text.as_bytes();
+        let well_formed = !b.is_empty()
+            && b.len() <= Self::MAX
+            && b[0].is_ascii_lowercase()
+            && b.iter()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_');
+        if !well_formed {
+            return None;
+        }
+        let mut bytes = [0; Self::MAX];
+        bytes[..b.len()].copy_from_slice(b);
+        Some(Self {
+            len: b.len() as u8,
+            bytes,
+        })
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        // built only from ASCII checked in `new`
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or("")
+    }
+}
+
+impl std::fmt::Debug for CodeText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.as_str())
+    }
 }
 
 impl RefusalCode {
+    /// Every code of version 1, in the order of the specs' table.
+    pub const V1: [RefusalCode; 21] = [
+        Self::Malformed,
+        Self::BadSignature,
+        Self::PeerMismatch,
+        Self::WrongAudience,
+        Self::ClockSkew,
+        Self::UnknownUpstream,
+        Self::NotCanonical,
+        Self::BodyMismatch,
+        Self::Policy,
+        Self::Replay,
+        Self::ChainFork,
+        Self::AuditUnavailable,
+        Self::SecretUnavailable,
+        Self::UpstreamFailed,
+        Self::ResponseTooLarge,
+        Self::Revoked,
+        Self::GrantExpired,
+        Self::GrantInvalid,
+        Self::DidUnresolved,
+        Self::RateLimited,
+        Self::ShuttingDown,
+    ];
+
+    /// The codes a gateway may send in messages of `version` (version 2 adds none yet).
+    pub fn of(version: Version) -> &'static [RefusalCode] {
+        match version {
+            Version::V1 | Version::V2 => &Self::V1,
+        }
+    }
+
     /// The wire name.
-    pub fn as_str(self) -> &'static str {
+    pub fn as_str(&self) -> &str {
         match self {
             Self::Malformed => "malformed",
             Self::BadSignature => "bad_signature",
@@ -204,7 +286,40 @@ impl RefusalCode {
             Self::GrantInvalid => "grant_invalid",
             Self::ResponseTooLarge => "response_too_large",
             Self::DidUnresolved => "did_unresolved",
+            Self::Other(text) => text.as_str(),
         }
+    }
+
+    /// The code named `text`: a known one, or [`RefusalCode::Other`] if `text` is a
+    /// well-formed code this release does not know.
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::V1
+            .into_iter()
+            .find(|c| c.as_str() == text)
+            .or_else(|| CodeText::new(text).map(Self::Other))
+    }
+
+    /// Whether this release knows the code (it is not [`RefusalCode::Other`]).
+    pub fn is_known(&self) -> bool {
+        !matches!(self, Self::Other(_))
+    }
+}
+
+impl Serialize for RefusalCode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for RefusalCode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        Self::parse(&text).ok_or_else(|| {
+            serde::de::Error::invalid_value(
+                serde::de::Unexpected::Str(&text),
+                &"a refusal code ([a-z][a-z0-9_]*, at most 32 bytes)",
+            )
+        })
     }
 }
 
@@ -279,10 +394,27 @@ pub trait Message: Serialize + serde::de::DeserializeOwned {
         cbor::to_vec(self)
     }
 
-    /// Decodes a payload strictly.
+    /// Decodes a payload strictly, in any version this release speaks (the field tables of
+    /// every version are the same so far, so one type reads them all).
     fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         let m: Self = cbor::from_slice(bytes)?;
-        if m.version() != VERSION {
+        if Version::from_u64(m.version()).is_none() {
+            return Err(DecodeError::Version(m.version()));
+        }
+        m.check_version()?;
+        Ok(m)
+    }
+
+    /// What a version's table forbids beyond its fields (a v1 refusal names a v1 code).
+    fn check_version(&self) -> Result<(), DecodeError> {
+        Ok(())
+    }
+
+    /// Decodes a payload strictly and requires version `v` (a message on a connection of that
+    /// version, say).
+    fn decode_v(bytes: &[u8], v: Version) -> Result<Self, DecodeError> {
+        let m = Self::decode(bytes)?;
+        if m.version() != v.as_u64() {
             return Err(DecodeError::Version(m.version()));
         }
         Ok(m)
@@ -321,10 +453,28 @@ macro_rules! message {
         }
     };
 }
+
+impl Message for Refusal {
+    fn version(&self) -> u64 {
+        self.v
+    }
+
+    /// Version 1 is frozen: its refusals name one of its codes. Later versions may name a
+    /// code added after this release ([`RefusalCode::Other`]).
+    fn check_version(&self) -> Result<(), DecodeError> {
+        if self.v == Version::V1.as_u64() && !self.code.is_known() {
+            return Err(DecodeError::Field("code"));
+        }
+        Ok(())
+    }
+}
+
+impl SignedMessage for Refusal {
+    const KIND: Kind = Kind::Refusal;
+}
 message!(Request, Kind::Request);
 message!(GrantBody, Kind::Grant);
 message!(Receipt, Kind::Receipt);
-message!(Refusal, Kind::Refusal);
 message!(Checkpoint, Kind::Checkpoint);
 message!(ResponseHead);
 
@@ -503,7 +653,15 @@ mod tests {
         bytes.push(0);
         assert_eq!(Request::decode(&bytes), Err(DecodeError::Trailing(1)));
         req.v = 2;
-        assert_eq!(Request::decode(&req.encode()), Err(DecodeError::Version(2)));
+        assert_eq!(Request::decode(&req.encode()), Ok(req.clone()));
+        assert_eq!(
+            Request::decode_v(&req.encode(), Version::V1),
+            Err(DecodeError::Version(2))
+        );
+        req.v = 3;
+        assert_eq!(Request::decode(&req.encode()), Err(DecodeError::Version(3)));
+        req.v = 0;
+        assert_eq!(Request::decode(&req.encode()), Err(DecodeError::Version(0)));
         // an unknown field
         let mut map: ciborium::Value =
             ciborium::from_reader(sample_request().encode().as_slice()).expect("cbor");
@@ -518,6 +676,69 @@ mod tests {
             Request::decode(&bytes),
             Err(DecodeError::Malformed(_))
         ));
+    }
+
+    #[test]
+    fn unknown_refusal_codes_keep_their_text() {
+        let gateway = Identity::from_seed(&[3; 32]);
+        let mut raw: ciborium::Value = ciborium::from_reader(
+            Refusal {
+                v: 2,
+                call: None,
+                code: RefusalCode::Policy,
+                reason: "r".into(),
+                time_ms: 1,
+                entry: None,
+            }
+            .encode()
+            .as_slice(),
+        )
+        .expect("cbor");
+        let set_code = |raw: &mut ciborium::Value, code: &str| {
+            if let ciborium::Value::Map(m) = raw {
+                for (k, v) in m.iter_mut() {
+                    if k.as_text() == Some("code") {
+                        *v = ciborium::Value::Text(code.into());
+                    }
+                }
+            }
+            cbor::to_vec(raw)
+        };
+        let bytes = envelope::sign(
+            &gateway,
+            Kind::Refusal,
+            set_code(&mut raw, "budget_exceeded"),
+        );
+        let opened = open_from::<Refusal>(&bytes, gateway.did()).expect("opens");
+        assert_eq!(opened.message.code.as_str(), "budget_exceeded");
+        assert!(!opened.message.code.is_known());
+        // version 1 is frozen: its refusals name its own codes only
+        if let ciborium::Value::Map(m) = &mut raw {
+            for (k, v) in m.iter_mut() {
+                if k.as_text() == Some("v") {
+                    *v = ciborium::Value::Integer(1.into());
+                }
+            }
+        }
+        assert_eq!(
+            Refusal::decode(&set_code(&mut raw, "budget_exceeded")),
+            Err(DecodeError::Field("code"))
+        );
+        assert!(Refusal::decode(&set_code(&mut raw, "policy")).is_ok());
+        assert_eq!(
+            RefusalCode::parse("budget_exceeded"),
+            Some(opened.message.code)
+        );
+        for bad in ["", "Policy", "9lives", "with space", &"x".repeat(33)] {
+            assert!(
+                Refusal::decode(&set_code(&mut raw, bad)).is_err(),
+                "{bad:?} is not a code"
+            );
+        }
+        for code in RefusalCode::V1 {
+            assert!(code.is_known());
+            assert_eq!(RefusalCode::parse(code.as_str()), Some(code));
+        }
     }
 
     proptest::proptest! {

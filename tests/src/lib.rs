@@ -300,9 +300,23 @@ impl Harness {
         &self,
         who: &Identity,
     ) -> anyhow::Result<(quinn::Endpoint, quinn::Connection)> {
+        self.raw_connection_speaking(who, didgate_protocol::Version::CURRENT)
+            .await
+    }
+
+    /// [`Harness::raw_connection`] offering protocol `version` (its ALPN id) only.
+    pub async fn raw_connection_speaking(
+        &self,
+        who: &Identity,
+        version: didgate_protocol::Version,
+    ) -> anyhow::Result<(quinn::Endpoint, quinn::Connection)> {
         didgate_client::tls::install_provider();
         let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
-        endpoint.set_default_client_config(didgate_client::tls::client_config(who, &self.gw_did)?);
+        endpoint.set_default_client_config(didgate_client::tls::client_config_for(
+            who,
+            &self.gw_did,
+            version,
+        )?);
         let conn = endpoint
             .connect(self.addr, didgate_client::tls::SERVER_NAME)?
             .await?;
@@ -319,7 +333,7 @@ impl Harness {
     ) -> anyhow::Result<(Vec<u8>, [u8; 32])> {
         use didgate_protocol::message::{ChainHead, Request, SignedMessage};
         let mut req = Request {
-            v: 1,
+            v: didgate_protocol::Version::CURRENT.as_u64(),
             aud: self.gw_did.to_string(),
             upstream: "payments".into(),
             method: "GET".into(),
@@ -478,6 +492,26 @@ impl Daemon {
     /// Its process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Waits (at most 60 s) for the process to exit on its own, after a signal the test sent;
+    /// an error if it did not, or if it exited with a failure status.
+    pub fn wait(mut self) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = self.child.try_wait()? {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                anyhow::bail!("didgated did not exit within 60 s");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        if let Some(t) = self.stderr.take() {
+            let _ = t.join();
+        }
+        anyhow::ensure!(status.success(), "didgated exited with {status}");
+        Ok(())
     }
 
     /// SIGKILL, and wait for the process to be gone.

@@ -894,7 +894,7 @@ async fn a_flood_from_fresh_did_keys_is_counted_in_one_entry() -> anyhow::Result
 
 fn fresh_request(who: &Identity, gw: &didgate_protocol::Did) -> Vec<u8> {
     Request {
-        v: 1,
+        v: didgate_protocol::Version::CURRENT.as_u64(),
         aud: gw.to_string(),
         upstream: "payments".into(),
         method: "GET".into(),

@@ -377,7 +377,7 @@ async fn executing_entry_left_open_by_a_crash_is_abandoned_at_start() -> anyhow:
         Default::default(),
     )?;
     let req = Request {
-        v: 1,
+        v: didgate_protocol::Version::CURRENT.as_u64(),
         aud: h.gw_did.to_string(),
         upstream: "payments".into(),
         method: "GET".into(),

@@ -103,7 +103,7 @@ async fn start_call(
         .connect(h.addr, didgate_client::tls::SERVER_NAME)?
         .await?;
     let req = Request {
-        v: 1,
+        v: didgate_protocol::Version::CURRENT.as_u64(),
         aud: h.gw_did.to_string(),
         upstream: "payments".into(),
         method: method.into(),

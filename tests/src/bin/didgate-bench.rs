@@ -29,9 +29,12 @@ use didgate_audit::store::{Chain, CheckpointPolicy, Store};
 use didgate_audit::verify::{self, ChainRecords};
 use didgate_protocol::envelope::{self, Kind};
 use didgate_protocol::message::{
-    ChainHead, Checkpoint, Digest, EntryRef, Message, Receipt, Request, SignedMessage, VERSION,
+    ChainHead, Checkpoint, Digest, EntryRef, Message, Receipt, Request, SignedMessage,
 };
 use didgate_protocol::{Did, Identity};
+
+/// The version of the messages and entries the benchmark builds.
+const VERSION: u64 = didgate_protocol::Version::CURRENT.as_u64();
 
 #[path = "didgate-bench/calls.rs"]
 mod calls;

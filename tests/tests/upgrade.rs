@@ -1,0 +1,303 @@
+//! Data written by the previous release (b9992ca, `tests/fixtures/release-b9992ca`: a
+//! `didgated demo` run, its gateway store, the two clients' chains, and exports of all three)
+//! still opens and verifies under this release, takes new calls (each chain switches to
+//! version 2 once, at a recorded seq), and the whole of each chain (version 1 part, switch,
+//! version 2 part) verifies: with the library, with `didgate-audit verify` on the stores and on
+//! fresh exports, and with `check-evidence` on an evidence bundle from each side of the switch
+//! (specs/audit-log.md, "Format evolution").
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use didgate_audit::entry::{Entry, EntryKind};
+use didgate_client::{CallSpec, Client};
+use didgate_gateway::upstream_demo::DemoUpstream;
+use didgate_protocol::message::RefusalCode;
+use didgate_tests::{Daemon, bin, refusal_code};
+
+const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/release-b9992ca");
+/// The key the upgraded gateway's upstream accepts (the demo's own died with its process).
+const KEY: &str = "sk-test-upgrade-4c1d8e2f90ab7356";
+
+/// Copies the fixture; git does not keep file modes, and identity files and the master key
+/// must be 0600 to be read at all.
+fn copy_fixture(to: &Path) -> anyhow::Result<()> {
+    fn copy(from: &Path, to: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(to)?;
+        for e in std::fs::read_dir(from)? {
+            let e = e?;
+            let target = to.join(e.file_name());
+            if e.file_type()?.is_dir() {
+                copy(&e.path(), &target)?;
+            } else {
+                std::fs::copy(e.path(), &target)?;
+                if matches!(e.file_name().to_str(), Some("identity" | "master.key")) {
+                    use std::os::unix::fs::PermissionsExt;
+                    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600))?;
+                }
+            }
+        }
+        Ok(())
+    }
+    copy(Path::new(FIXTURE), to)
+}
+
+/// Runs a workspace binary; returns (exit status, stdout and stderr).
+fn run(name: &str, args: &[&Path], stdin: Option<&str>) -> anyhow::Result<(i32, String)> {
+    let mut child = Command::new(bin(name)?)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    if let Some(text) = stdin {
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no stdin"))?
+            .write_all(text.as_bytes())?;
+    }
+    drop(child.stdin.take());
+    let out = child.wait_with_output()?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok((out.status.code().unwrap_or(-1), text))
+}
+
+fn p(s: &str) -> PathBuf {
+    PathBuf::from(s)
+}
+
+fn entries(store: &Path) -> anyhow::Result<Vec<Entry>> {
+    let records = didgate_audit::load_records(store)?;
+    Ok(records
+        .entries
+        .iter()
+        .map(|(_, b)| Entry::decode(b))
+        .collect::<Result<_, _>>()?)
+}
+
+/// `didgate-audit verify` over the given chains: exit 0 and `verdict: OK`.
+fn verify_ok(gateway: &Path, clients: &[&Path]) -> anyhow::Result<String> {
+    let mut args: Vec<&Path> = vec![Path::new("verify"), Path::new("--gateway"), gateway];
+    for c in clients {
+        args.push(Path::new("--client"));
+        args.push(c);
+    }
+    let (code, text) = run("didgate-audit", &args, None)?;
+    anyhow::ensure!(code == 0 && text.contains("verdict: OK"), "{code}: {text}");
+    Ok(text)
+}
+
+/// `evidence` then `check-evidence` for `call`: both exit 0.
+fn evidence_holds(dir: &Path, client: &Path, gateway: &Path, call: [u8; 32]) -> anyhow::Result<()> {
+    let out = dir.join(format!("evidence-{}.cbor", hex::encode(&call[..4])));
+    let call = p(&hex::encode(call));
+    let (code, text) = run(
+        "didgate-audit",
+        &[
+            &p("evidence"),
+            &p("--client"),
+            client,
+            &p("--gateway"),
+            gateway,
+            &p("--call"),
+            &call,
+            &p("--out"),
+            &out,
+        ],
+        None,
+    )?;
+    anyhow::ensure!(code == 0, "evidence: {code}: {text}");
+    let (code, text) = run("didgate-audit", &[&p("check-evidence"), &out], None)?;
+    anyhow::ensure!(code == 0, "check-evidence: {code}: {text}");
+    Ok(())
+}
+
+/// The chain at `store`: `old` version 1 entries as the fixture had them, then the format
+/// entry at seq `old`, then only version 2 entries. Returns the entries.
+fn switched_once(store: &Path, old: usize) -> anyhow::Result<Vec<Entry>> {
+    let all = entries(store)?;
+    anyhow::ensure!(
+        all.len() > old + 1,
+        "{}: no entries after the switch",
+        store.display()
+    );
+    let formats: Vec<u64> = all
+        .iter()
+        .filter(|e| e.kind == EntryKind::Format)
+        .map(|e| e.seq)
+        .collect();
+    anyhow::ensure!(
+        formats == vec![old as u64],
+        "{}: switches at {formats:?}",
+        store.display()
+    );
+    anyhow::ensure!(all[..old].iter().all(|e| e.v == 1), "version 1 part");
+    anyhow::ensure!(all[old..].iter().all(|e| e.v == 2), "version 2 part");
+    anyhow::ensure!(all[old].version == Some(2), "the switch names version 2");
+    Ok(all)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_previous_release_store_and_chains_upgrade_in_place() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let fx = dir.path().join("fx");
+    copy_fixture(&fx)?;
+    let gw = fx.join("gateway");
+    let alice_chain = fx.join("clients/alice/chain");
+    let bob_chain = fx.join("clients/bob/chain");
+
+    // 1. As the previous release left them: version 1 chains that verify, stores and exports.
+    let before: Vec<usize> = [&gw, &alice_chain, &bob_chain]
+        .iter()
+        .map(|s| entries(s).map(|e| e.len()))
+        .collect::<Result<_, _>>()?;
+    assert_eq!(before, vec![9, 5, 5], "the fixture as the demo wrote it");
+    for s in [&gw, &alice_chain, &bob_chain] {
+        assert!(entries(s)?.iter().all(|e| e.v == 1), "{}", s.display());
+    }
+    verify_ok(&gw, &[&alice_chain, &bob_chain])?;
+    verify_ok(
+        &fx.join("gateway.cbor"),
+        &[&fx.join("alice.cbor"), &fx.join("bob.cbor")],
+    )?;
+    // a call of the version 1 part: alice's charge, as the old export holds it
+    let v1_call = entries(&fx.join("alice.cbor"))?
+        .iter()
+        .rev()
+        .filter(|e| e.kind == EntryKind::Request)
+        .find_map(|e| e.call)
+        .ok_or_else(|| anyhow::anyhow!("no request in alice's chain"))?;
+    evidence_holds(
+        dir.path(),
+        &fx.join("alice.cbor"),
+        &fx.join("gateway.cbor"),
+        v1_call,
+    )?;
+
+    // 2. The upgrade: this release's daemon on the old data directory. The demo's upstream
+    // died with its run, so a new one, and the operator rotates the secret to its key.
+    let upstream = DemoUpstream::start(zeroize::Zeroizing::new(KEY.to_string()), None).await?;
+    let config = gw.join("gateway.toml");
+    let text = std::fs::read_to_string(&config)?;
+    let old_url = text
+        .lines()
+        .find_map(|l| l.strip_prefix("base_url = "))
+        .ok_or_else(|| anyhow::anyhow!("no base_url"))?
+        .to_string();
+    std::fs::write(
+        &config,
+        text.replace(&old_url, &format!("{:?}", upstream.base_url())),
+    )?;
+    let (code, out) = run(
+        "didgated",
+        &[
+            &p("secret"),
+            &p("rotate"),
+            &p("payments-key"),
+            &p("--data"),
+            &gw,
+        ],
+        Some(KEY),
+    )?;
+    assert_eq!(code, 0, "{out}");
+    let daemon = Daemon::start(&gw, &dir.path().join("didgated.log"))?;
+    let gw_did = didgate_client::identity::load(&gw.join("identity"))?
+        .did()
+        .clone();
+    let alice = Client::open(
+        didgate_client::identity::load(&fx.join("clients/alice/identity"))?,
+        &alice_chain,
+        daemon.addr,
+        gw_did.clone(),
+    )
+    .await?;
+    let balance = alice
+        .call(CallSpec::new("payments", "GET", "/v1/balance"))
+        .await?;
+    assert_eq!((balance.status, balance.receipt.v), (200, 2));
+    let charge = alice
+        .call(
+            CallSpec::new("payments", "POST", "/v1/charges")
+                .header("content-type", "application/json")
+                .body(br#"{"amount":700,"currency":"usd"}"#.to_vec()),
+        )
+        .await?;
+    assert_eq!(charge.status, 200);
+    let bob = Client::open(
+        didgate_client::identity::load(&fx.join("clients/bob/identity"))?,
+        &bob_chain,
+        daemon.addr,
+        gw_did,
+    )
+    .await?;
+    assert_eq!(
+        bob.call(CallSpec::new("payments", "GET", "/v1/balance"))
+            .await?
+            .status,
+        200
+    );
+    let refused = bob
+        .call(CallSpec::new("payments", "POST", "/v1/charges"))
+        .await;
+    assert_eq!(refusal_code(&refused), Some(RefusalCode::Policy));
+    for c in [alice, bob] {
+        c.close().await;
+    }
+    // SIGTERM: the daemon drains, checkpoints and exits 0
+    let killed = Command::new("kill")
+        .args(["-TERM", &daemon.pid().to_string()])
+        .status()?;
+    assert!(killed.success(), "kill -TERM");
+    daemon.wait()?;
+
+    // 3. Each chain switched once, right after the old head.
+    let gw_entries = switched_once(&gw, before[0])?;
+    switched_once(&alice_chain, before[1])?;
+    switched_once(&bob_chain, before[2])?;
+    // the gateway's first entry of the new release is the switch (before any call)
+    assert_eq!(gw_entries[before[0] + 1].kind, EntryKind::Executing);
+
+    // 4. The whole chains verify: the library, the command on the stores, on fresh exports.
+    let report = didgate_audit::verify::verify(
+        &[didgate_audit::load_records(&gw)?],
+        &[
+            didgate_audit::load_records(&alice_chain)?,
+            didgate_audit::load_records(&bob_chain)?,
+        ],
+    );
+    assert!(report.ok(), "{:#?}", report.violations);
+    // 7 before, and as many again: two executed calls of alice, one of bob, bob's refusal
+    assert_eq!(report.cross_links, 7 + 7, "{report:?}");
+    verify_ok(&gw, &[&alice_chain, &bob_chain])?;
+    let (gw_export, alice_export) = (dir.path().join("gw.cbor"), dir.path().join("alice.cbor"));
+    let (code, out) = run(
+        "didgated",
+        &[&p("export"), &p("--data"), &gw, &p("--out"), &gw_export],
+        None,
+    )?;
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = run(
+        "didgate-audit",
+        &[
+            &p("export"),
+            &p("--db"),
+            &alice_chain,
+            &p("--out"),
+            &alice_export,
+        ],
+        None,
+    )?;
+    assert_eq!(code, 0, "{out}");
+    verify_ok(&gw_export, &[&alice_export])?;
+
+    // 5. Evidence from each side of the switch, from the upgraded chains.
+    evidence_holds(dir.path(), &alice_export, &gw_export, v1_call)?;
+    evidence_holds(dir.path(), &alice_export, &gw_export, charge.call)?;
+    Ok(())
+}
