@@ -104,11 +104,14 @@ pub enum CallError {
     /// The local audit chain could not be written: the call was not sent.
     #[error("local audit chain unavailable: {0}")]
     Audit(String),
-    /// The gateway does not serve the protocol version this client speaks (its handshake
-    /// refused the ALPN id `didgate/N`): it is an older release, or this client is configured
-    /// for a version the gateway no longer serves. Nothing was sent.
+    /// The handshake was refused for want of a common protocol version (TLS alert
+    /// `no_application_protocol` to the ALPN id `didgate/N`): the gateway runs an older release,
+    /// or this client is configured for a version it no longer serves. The call was recorded
+    /// as sent with an unknown outcome, but no request left this process. The close is not
+    /// authenticated (QUIC's first packets are not): never fall back to an older version on
+    /// the strength of this error alone.
     #[error(
-        "the gateway does not serve protocol version {offered} (ALPN didgate/{offered}): it runs an older release; upgrade the gateway or speak its version"
+        "the gateway refused protocol version {offered} (ALPN didgate/{offered}) in the handshake: it runs an older release, or something on the path refused it (this close is not authenticated)"
     )]
     VersionUnsupported {
         /// The version this client offered.
@@ -191,7 +194,7 @@ impl CallError {
                 "the local chain could not be written, so nothing was sent: free disk space or fix its permissions"
             }
             Self::VersionUnsupported { .. } => {
-                "the gateway and this client share no protocol version, so nothing was sent: upgrade the older side"
+                "no request was sent: ask the operator which protocol versions the gateway serves, and upgrade the older side"
             }
         }
     }
@@ -361,6 +364,8 @@ impl Client {
             .map_err(|e| ClientError::Tls(e.to_string()))?;
         self.endpoint.set_default_client_config(cfg);
         self.version = version;
+        // a connection of the old version would carry requests it refuses
+        *self.conn.get_mut() = None;
         Ok(self)
     }
 

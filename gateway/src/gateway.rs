@@ -258,7 +258,11 @@ pub(crate) fn call_version() -> Version {
     CALL_POLICY
         .try_with(|c| c.version)
         .or_else(|_| CONNECTION_VERSION.try_with(|v| *v))
-        .unwrap_or(Version::V1)
+        .unwrap_or_else(|_| {
+            // every answer is built inside a call or a connection scope
+            tracing::error!("an answer built outside a call: written in protocol version 1");
+            Version::V1
+        })
 }
 
 /// Gives back the current call's concurrency slots.
@@ -1310,6 +1314,18 @@ impl Gateway {
                     .await;
             }
         };
+        if grant.v != call_version().as_u64() || req.message.v != call_version().as_u64() {
+            // a grant is executed in the version it was asked for (so raising
+            // min_client_version also retires the grants older clients hold)
+            let why = format!(
+                "a version {} grant on a protocol version {} connection",
+                grant.v,
+                call_version()
+            );
+            return self
+                .refuse_unverified(&mut send, RefusalCode::Malformed, &why)
+                .await;
+        }
         if now_ms() >= grant.expires_ms {
             return self
                 .refuse_audited(

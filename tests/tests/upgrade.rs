@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use didgate_audit::entry::{Entry, EntryKind};
 use didgate_client::{CallSpec, Client};
 use didgate_gateway::upstream_demo::DemoUpstream;
-use didgate_protocol::message::RefusalCode;
+use didgate_protocol::message::{self, Checkpoint, RefusalCode};
 use didgate_tests::{Daemon, bin, refusal_code};
 
 const FIXTURE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/fixtures/release-b9992ca");
@@ -206,6 +206,12 @@ async fn a_previous_release_store_and_chains_upgrade_in_place() -> anyhow::Resul
         Some(KEY),
     )?;
     assert_eq!(code, 0, "{out}");
+    // reading, verifying and the secret command wrote nothing to the chains
+    for (s, n) in [&gw, &alice_chain, &bob_chain].iter().zip(&before) {
+        let now = entries(s)?;
+        assert_eq!(now.len(), *n, "{}", s.display());
+        assert!(now.iter().all(|e| e.v == 1), "{}", s.display());
+    }
     let daemon = Daemon::start(&gw, &dir.path().join("didgated.log"))?;
     let gw_did = didgate_client::identity::load(&gw.join("identity"))?
         .did()
@@ -260,8 +266,19 @@ async fn a_previous_release_store_and_chains_upgrade_in_place() -> anyhow::Resul
     let gw_entries = switched_once(&gw, before[0])?;
     switched_once(&alice_chain, before[1])?;
     switched_once(&bob_chain, before[2])?;
-    // the gateway's first entry of the new release is the switch (before any call)
+    // the switch is the gateway's first entry of the new release: the next is a call
     assert_eq!(gw_entries[before[0] + 1].kind, EntryKind::Executing);
+    // each switch is sealed by a version 2 checkpoint that covers it
+    for (s, n) in [&gw, &alice_chain, &bob_chain].iter().zip(&before) {
+        let sealed = didgate_audit::load_records(s)?
+            .checkpoints
+            .iter()
+            .map(|b| message::open::<Checkpoint>(b).map(|c| c.message))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .any(|c| c.size == *n as u64 + 1 && c.v == 2);
+        assert!(sealed, "{}: no checkpoint at the switch", s.display());
+    }
 
     // 4. The whole chains verify: the library, the command on the stores, on fresh exports.
     let report = didgate_audit::verify::verify(

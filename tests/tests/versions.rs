@@ -16,18 +16,31 @@ struct Answer {
     head: Option<ResponseHead>,
     receipt: Option<Receipt>,
     refusal: Option<Refusal>,
+    /// The signed grant's bytes (two-step flow).
+    grant: Option<Vec<u8>>,
 }
 
 /// Sends a signed request (no body) on a new stream and reads the whole answer.
 async fn exchange(h: &Harness, conn: &quinn::Connection, request: &[u8]) -> anyhow::Result<Answer> {
+    exchange_as(h, conn, FrameType::Request, request).await
+}
+
+/// Sends one frame of `kind` and FIN on a new stream and reads the whole answer.
+async fn exchange_as(
+    h: &Harness,
+    conn: &quinn::Connection,
+    kind: FrameType,
+    payload: &[u8],
+) -> anyhow::Result<Answer> {
     let (mut send, mut recv) = conn.open_bi().await?;
-    let _ = send.write_all(&frames(FrameType::Request, request)).await;
+    let _ = send.write_all(&frames(kind, payload)).await;
     let _ = send.finish();
     let mut dec = FrameDecoder::new();
     let mut answer = Answer {
         head: None,
         receipt: None,
         refusal: None,
+        grant: None,
     };
     while let Some(f) = didgate_client::wire::next_frame(&mut recv, &mut dec).await? {
         match f.kind {
@@ -38,6 +51,7 @@ async fn exchange(h: &Harness, conn: &quinn::Connection, request: &[u8]) -> anyh
             FrameType::Refusal => {
                 answer.refusal = Some(message::open_from(&f.payload, &h.gw_did)?.message)
             }
+            FrameType::Grant => answer.grant = Some(f.payload.to_vec()),
             _ => {}
         }
     }
@@ -88,6 +102,14 @@ async fn version_1_clients_get_version_1_answers_until_the_minimum_is_raised() -
         "{}",
         refusal.reason
     );
+    // a version 1 client's two-step grant, held across the operator's change below
+    let (request, _) = h.signed_request(&alice(), |r| r.v = 1)?;
+    let held_grant = exchange_as(&h, &conn, FrameType::GrantRequest, &request)
+        .await?
+        .grant
+        .ok_or_else(|| anyhow::anyhow!("no grant"))?;
+    let grant: message::GrantBody = message::open_from(&held_grant, &h.gw_did)?.message;
+    assert_eq!(grant.v, 1);
     // and the other way round
     let (v2_ep, v2_conn) = h.raw_connection_speaking(&alice(), Version::V2).await?;
     let (request, _) = h.signed_request(&alice(), |r| r.v = 1)?;
@@ -121,8 +143,22 @@ async fn version_1_clients_get_version_1_answers_until_the_minimum_is_raised() -
         "a version 1 client is told why: {}",
         refusal.reason
     );
-    conn.close(0u32.into(), b"done");
-    endpoint.wait_idle().await;
+    // the version 1 grant is retired with its version: not executed on a version 2 connection
+    let (v2_ep, v2_conn) = h.raw_connection_speaking(&alice(), Version::V2).await?;
+    let refusal = exchange_as(&h, &v2_conn, FrameType::Execute, &held_grant)
+        .await?
+        .refusal
+        .ok_or_else(|| anyhow::anyhow!("no refusal"))?;
+    assert_eq!((refusal.v, refusal.code), (2, RefusalCode::Malformed));
+    assert!(
+        refusal.reason.contains("version 1 grant"),
+        "{}",
+        refusal.reason
+    );
+    for (ep, c) in [(endpoint, conn), (v2_ep, v2_conn)] {
+        c.close(0u32.into(), b"done");
+        ep.wait_idle().await;
+    }
     // version 2 clients are served as before
     let client = h.client("alice", alice()).await?;
     let answer = client
@@ -305,5 +341,42 @@ async fn a_refusal_code_this_release_does_not_know_reaches_the_caller_with_its_t
             .1,
     )?;
     assert_eq!(last.outcome, Some(didgate_audit::entry::Outcome::Refusal));
+    let recorded: Refusal =
+        message::open::<Refusal>(last.signed.as_deref().unwrap_or_default())?.message;
+    assert_eq!(recorded.code.as_str(), "budget_exceeded");
+    Ok(())
+}
+
+/// A version 2 client refuses an answer of another version on its version 2 connection (a
+/// downgraded answer), and records the outcome as unknown.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_of_another_version_is_refused() -> anyhow::Result<()> {
+    let gateway = Identity::from_seed(&[0x63; 32]);
+    let gw_did = gateway.did().clone();
+    let (addr, server) = other_release(gateway, &[Version::V2], 1, |g| {
+        refusal(g, Version::V1, "policy")
+    })
+    .await?;
+    let dir = tempfile::tempdir()?;
+    let chain = dir.path().join("chain");
+    let client = Client::open(alice(), &chain, addr, gw_did).await?;
+    let err = client
+        .call(CallSpec::new("payments", "GET", "/v1/balance"))
+        .await
+        .err()
+        .ok_or_else(|| anyhow::anyhow!("a version 1 answer was taken"))?;
+    assert!(matches!(err, CallError::InvalidAnswer(_)), "{err:?}");
+    client.close().await;
+    drop(client);
+    server.await?;
+    let records = didgate_audit::load_records(&chain)?;
+    let last = didgate_audit::entry::Entry::decode(
+        &records
+            .entries
+            .last()
+            .ok_or_else(|| anyhow::anyhow!("empty chain"))?
+            .1,
+    )?;
+    assert_eq!(last.outcome, Some(didgate_audit::entry::Outcome::Unknown));
     Ok(())
 }
