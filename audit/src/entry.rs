@@ -153,8 +153,27 @@ pub struct Entry {
     #[serde(with = "fixed_opt", default, skip_serializing_if = "Option::is_none")]
     pub root: Option<Digest>,
     /// Format (version 2 on): the version the chain switches to, equal to this entry's `v`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Present or absent, never null (a version 1 reader must see the key to refuse it).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present_uint"
+    )]
     pub version: Option<u64>,
+    /// Executed (version 2, amendment 2.1): occurrences of the call's credential the response
+    /// scanner redacted; absent when there were none, never null.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present_uint"
+    )]
+    pub secret_echo: Option<u64>,
+}
+
+/// A field added by version 2: when its key is there, its value is an unsigned integer (null
+/// would read as absent and hide the key from the version rules).
+fn present_uint<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    u64::deserialize(d).map(Some)
 }
 
 impl Entry {
@@ -186,6 +205,7 @@ impl Entry {
             did_doc: None,
             root: None,
             version: None,
+            secret_echo: None,
         }
     }
 
@@ -222,6 +242,9 @@ impl Entry {
         let Some(v) = self.version() else {
             return Err(DecodeError::Version(self.v));
         };
+        if self.secret_echo.is_some() && (v == Version::V1 || self.kind != EntryKind::Executed) {
+            return Err(DecodeError::Field("secret_echo"));
+        }
         match (v, self.kind, self.version) {
             (Version::V1, EntryKind::Format, _) => Err(DecodeError::Field("kind")),
             (Version::V1, _, Some(_)) => Err(DecodeError::Field("version")),
@@ -290,6 +313,31 @@ mod tests {
             Entry::decode(&bad.encode()),
             Err(DecodeError::Field("version"))
         );
+        // amendment 2.1: secret_echo on executed entries of version 2 only
+        let mut echo = Entry::new(EntryKind::Executed, 5);
+        echo.secret_echo = Some(2);
+        assert_eq!(Entry::decode(&echo.encode()), Ok(echo.clone()));
+        echo.v = 1;
+        assert_eq!(
+            Entry::decode(&echo.encode()),
+            Err(DecodeError::Field("secret_echo"))
+        );
+        echo.v = 2;
+        echo.kind = EntryKind::Failed;
+        assert_eq!(
+            Entry::decode(&echo.encode()),
+            Err(DecodeError::Field("secret_echo"))
+        );
+        // a key version 1 lacks is refused even with a null value
+        let mut null_key: ciborium::Value =
+            ciborium::from_reader(v1.encode().as_slice()).expect("cbor");
+        if let ciborium::Value::Map(m) = &mut null_key {
+            m.push((
+                ciborium::Value::Text("version".into()),
+                ciborium::Value::Null,
+            ));
+        }
+        assert!(Entry::decode(&cbor::to_vec(&null_key)).is_err());
         for v in [0, 3, u64::MAX] {
             bad = Entry::new(EntryKind::Executed, 5);
             bad.v = v;

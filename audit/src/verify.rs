@@ -2213,6 +2213,7 @@ fn decode_entry_fast(bytes: &[u8]) -> Option<Entry> {
             "did_doc" => 21,
             "root" => 22,
             "version" => 23,
+            "secret_echo" => 24,
             _ => return None,
         };
         if seen & (1 << bit) != 0 {
@@ -2243,7 +2244,9 @@ fn decode_entry_fast(bytes: &[u8]) -> Option<Entry> {
             20 => e.policy = r.opt(Cbor::fixed)?,
             21 => e.did_doc = r.opt(Cbor::fixed)?,
             22 => e.root = r.opt(Cbor::fixed)?,
-            _ => e.version = r.opt(Cbor::uint)?,
+            // never null (Entry's `present_uint`)
+            23 => e.version = Some(r.uint()?),
+            _ => e.secret_echo = Some(r.uint()?),
         }
     }
     // v, seq, prev, time_ms and kind are required; anything after the map is refused; the
@@ -2933,6 +2936,10 @@ mod tests {
             1 => {
                 e.kind = EntryKind::Format;
                 e.version = Some(e.v);
+            }
+            2 => {
+                e.kind = EntryKind::Executed;
+                e.secret_echo = Some(rng.int());
             }
             _ => {}
         }

@@ -85,6 +85,27 @@ pub struct Upstream {
     /// "Catalog").
     #[serde(default, rename = "operation", skip_serializing_if = "Vec::is_empty")]
     pub operations: Vec<crate::catalog::OperationConfig>,
+    /// What to do when the response holds the call's credential (specs/protocol.md, "Secret
+    /// echoes"): redact it (the default) or fail the call.
+    #[serde(default, skip_serializing_if = "EchoAction::is_default")]
+    pub on_secret_echo: EchoAction,
+}
+
+/// What the gateway does with a response that holds the call's credential.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EchoAction {
+    /// Replace each occurrence with as many `*` and relay the rest.
+    #[default]
+    Redact,
+    /// Fail the call (`upstream_failed`): the caller gets no further byte of the response.
+    Fail,
+}
+
+impl EchoAction {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 impl Upstream {
@@ -119,6 +140,7 @@ impl Upstream {
             max_concurrent_per_did: None,
             max_response_bytes: None,
             operations: Vec::new(),
+            on_secret_echo: EchoAction::Redact,
         }
     }
 }

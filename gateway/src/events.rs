@@ -110,6 +110,20 @@ pub enum EventKind {
         /// From the call's stream opening to its closing, milliseconds.
         latency_ms: u64,
     },
+    /// The upstream's response to a call held the call's credential (the response scanner,
+    /// specs/protocol.md "Secret echoes"): redacted, or the call failed (`action`).
+    SecretEcho {
+        /// The caller's DID.
+        did: String,
+        /// Upstream name.
+        upstream: String,
+        /// Call ID, 64 hex digits.
+        call: String,
+        /// Occurrences found (headers and body).
+        count: u64,
+        /// `redacted` or `failed`.
+        action: String,
+    },
     /// A DID or a grant was revoked (its `revocation` entry is durable).
     Revocation {
         /// The DID revoked.
@@ -167,6 +181,7 @@ impl Event {
             EventKind::Refusal { .. } => "refusal",
             EventKind::Failed { .. } => "failed",
             EventKind::Revocation { .. } => "revocation",
+            EventKind::SecretEcho { .. } => "secret_echo",
             EventKind::Secret { .. } => "secret",
             EventKind::KmsRotation { .. } => "kms_rotation",
             EventKind::PolicyReload { .. } => "policy_reload",
@@ -243,6 +258,17 @@ impl Event {
                 " {code} {} call={call} ({latency_ms} ms): {}",
                 did.as_deref().unwrap_or("-"),
                 clean(cause)
+            ),
+            EventKind::SecretEcho {
+                did,
+                upstream,
+                call,
+                count,
+                action,
+            } => write!(
+                s,
+                " {did} {} {count} occurrence(s) of the credential in the response, {action} call={call}",
+                clean(upstream)
             ),
             EventKind::Revocation { did, grant, reason } => {
                 let target = match (did, grant) {

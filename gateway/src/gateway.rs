@@ -26,8 +26,9 @@ use didgate_protocol::web::DidDocument;
 use didgate_protocol::{Caller, Did, Identity, Principal, Version};
 use tokio::sync::watch;
 
-use crate::config::{Config, Upstream};
+use crate::config::{Config, EchoAction, Upstream};
 use crate::didweb::WebResolver;
+use crate::echo;
 use crate::events::{Event, EventKind};
 use crate::limits::{self, Limits, Permit, Stage};
 use crate::metrics::{Flow, Metrics};
@@ -1391,6 +1392,8 @@ impl Gateway {
                     .await;
             }
         };
+        // the forms of the credential the response is scanned for, zeroized with the call
+        let needles = echo::Needles::new(&secret, &up.auth);
         let idem = hex::encode(grant.id);
         let resp = match upstream::send(
             self.http.client(&up.name),
@@ -1413,7 +1416,25 @@ impl Gateway {
         let max_resp = up
             .max_response_bytes
             .unwrap_or(self.config.gateway.max_response_bytes);
-        if max_resp > 0 && resp.content_length().is_some_and(|n| n > max_resp) {
+        let mut decoding = match echo::Decoding::for_header(
+            resp.headers()
+                .get(reqwest::header::CONTENT_ENCODING)
+                .map(|v| v.as_bytes()),
+        ) {
+            Ok(d) => d,
+            Err(coding) => {
+                let why = format!(
+                    "the upstream answered with content-encoding {coding:?}, which the gateway cannot scan for the credential"
+                );
+                return self
+                    .close_failed(send, call, RefusalCode::UpstreamFailed, &why)
+                    .await;
+            }
+        };
+        if max_resp > 0
+            && decoding.is_identity()
+            && resp.content_length().is_some_and(|n| n > max_resp)
+        {
             let why =
                 format!("the upstream response declares more than max_response_bytes ({max_resp})");
             return self
@@ -1421,19 +1442,28 @@ impl Gateway {
                 .await;
         }
         let status = resp.status().as_u16();
-        let headers = resp
+        let (names, mut values): (Vec<String>, Vec<Vec<u8>>) = resp
             .headers()
             .iter()
             .filter(|(k, _)| {
-                !canonical::FORBIDDEN_HEADERS.contains(&k.as_str()) && k.as_str() != "set-cookie"
+                !canonical::FORBIDDEN_HEADERS.contains(&k.as_str())
+                    && k.as_str() != "set-cookie"
+                    // relayed decoded
+                    && (decoding.is_identity() || *k != reqwest::header::CONTENT_ENCODING)
             })
-            .map(|(k, v)| {
-                (
-                    k.as_str().to_string(),
-                    String::from_utf8_lossy(v.as_bytes()).into_owned(),
-                )
-            })
+            .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec()))
+            .unzip();
+        let mut echoes = needles.redact_all(&mut values);
+        let headers = names
+            .into_iter()
+            .zip(values)
+            .map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned()))
             .collect();
+        if echoes > 0 && up.on_secret_echo == EchoAction::Fail {
+            return self
+                .echo_failed(send, req, up, call, echoes, "a response header")
+                .await;
+        }
         let head = ResponseHead {
             v: call_version().as_u64(),
             status,
@@ -1444,37 +1474,87 @@ impl Gateway {
         let mut stream = resp;
         let mut cause = None;
         let mut code = RefusalCode::UpstreamFailed;
+        let mut redactor = echo::Redactor::new(&needles);
+        let too_large = |len: u64| {
+            format!(
+                "the upstream response exceeds max_response_bytes ({max_resp}) after {len} bytes relayed"
+            )
+        };
         if wire::write_frame(send, FrameType::Head, &head.encode())
             .await
             .is_err()
         {
             cause = Some("client gone before the response head".to_string());
         }
-        while cause.is_none() {
-            match stream.chunk().await {
-                Ok(Some(chunk)) if max_resp > 0 && len + chunk.len() as u64 > max_resp => {
-                    code = RefusalCode::ResponseTooLarge;
-                    cause = Some(format!(
-                        "the upstream response exceeds max_response_bytes ({max_resp}) after {len} bytes relayed"
-                    ));
+        let mut ended = false;
+        while cause.is_none() && !ended {
+            let budget = if max_resp > 0 {
+                max_resp.saturating_sub(len)
+            } else {
+                u64::MAX
+            };
+            let decoded = match stream.chunk().await {
+                Ok(Some(chunk)) => decoding.push(&chunk, budget),
+                Ok(None) => {
+                    ended = true;
+                    std::mem::replace(&mut decoding, echo::Decoding::Identity).finish()
                 }
-                Ok(Some(chunk)) => {
-                    hasher.update(&chunk);
-                    len += chunk.len() as u64;
-                    let mut out = BytesMut::new();
-                    frame::encode_chunks(&chunk, &mut out);
-                    if send.write_all(&out).await.is_err() {
-                        cause = Some("client gone mid-stream".into());
-                    }
-                }
-                Ok(None) => break,
                 Err(e) => {
                     cause = Some(format!(
                         "upstream body: {}",
                         upstream::describe(&e.without_url())
-                    ))
+                    ));
+                    break;
                 }
+            };
+            let decoded = match decoded {
+                Ok(d) => d,
+                Err(echo::DecodeFailure::TooLarge) => {
+                    code = RefusalCode::ResponseTooLarge;
+                    cause = Some(too_large(len));
+                    break;
+                }
+                Err(e) => {
+                    cause = Some(e.to_string());
+                    break;
+                }
+            };
+            if max_resp > 0 && len + decoded.len() as u64 > max_resp {
+                code = RefusalCode::ResponseTooLarge;
+                cause = Some(too_large(len));
+                break;
             }
+            let mut out = redactor.push(&decoded);
+            if ended {
+                out.extend(redactor.finish());
+            }
+            if redactor.hits() > 0 && up.on_secret_echo == EchoAction::Fail {
+                // nothing of what held it is relayed
+                return self
+                    .echo_failed(
+                        send,
+                        req,
+                        up,
+                        call,
+                        echoes + redactor.hits(),
+                        "the response body",
+                    )
+                    .await;
+            }
+            if out.is_empty() {
+                continue;
+            }
+            hasher.update(&out);
+            len += out.len() as u64;
+            let mut frames = BytesMut::new();
+            frame::encode_chunks(&out, &mut frames);
+            if send.write_all(&frames).await.is_err() {
+                cause = Some("client gone mid-stream".into());
+            }
+        }
+        echoes += redactor.hits();
+        if echoes > 0 {
+            self.note_echo(req, up, call, echoes, "redacted");
         }
         if let Some(cause) = cause {
             return self.close_failed(send, call, code, &cause).await;
@@ -1486,6 +1566,7 @@ impl Gateway {
         e.resp_len = Some(len);
         e.resp_b3 = Some(resp_b3);
         e.policy = call_policy_hash();
+        e.secret_echo = (echoes > 0).then_some(echoes);
         let closing = match self.chain.append_entry(e).await {
             Ok(a) => a,
             Err(e) => {
@@ -1535,6 +1616,44 @@ impl Gateway {
         let _ = wire::write_frame(send, FrameType::Receipt, &receipt.sign(&self.identity)).await;
         let _ = send.finish();
         let _ = send.stopped().await;
+    }
+
+    /// Counts and announces the credential found in a call's response (metrics, event).
+    fn note_echo(
+        &self,
+        req: &Signed<Request>,
+        up: &Upstream,
+        call: [u8; 32],
+        count: u64,
+        action: &str,
+    ) {
+        tracing::warn!(upstream = %up.name, count, action, "the upstream response held the call's credential");
+        self.metrics.secret_echo(&up.name, count);
+        self.emit(|| EventKind::SecretEcho {
+            did: req.envelope.signer().to_string(),
+            upstream: up.name.clone(),
+            call: hex::encode(call),
+            count,
+            action: action.into(),
+        });
+    }
+
+    /// Fails a call whose response held the credential (`on_secret_echo = "fail"`).
+    async fn echo_failed(
+        &self,
+        send: &mut quinn::SendStream,
+        req: &Signed<Request>,
+        up: &Upstream,
+        call: [u8; 32],
+        count: u64,
+        place: &str,
+    ) {
+        self.note_echo(req, up, call, count, "failed");
+        let why = format!(
+            "the upstream's response echoed the call's credential in {place} ({count} occurrence(s)); this upstream fails such calls"
+        );
+        self.close_failed(send, call, RefusalCode::UpstreamFailed, &why)
+            .await
     }
 
     fn secret(&self, name: &str) -> Result<zeroize::Zeroizing<String>, String> {

@@ -25,6 +25,7 @@ pub mod config;
 pub mod control;
 pub mod demo;
 pub mod didweb;
+pub mod echo;
 pub mod events;
 pub mod gateway;
 pub mod kms;

@@ -73,6 +73,9 @@ pub struct Metrics {
     upstreams: Vec<String>,
     /// Per upstream (config order), per status class.
     calls: Vec<[AtomicU64; 5]>,
+    /// Per upstream (config order): occurrences of the call's credential the response scanner
+    /// redacted or refused ([`crate::echo`]).
+    secret_echoes: Vec<AtomicU64>,
     /// Per [`CODES`] entry, then `other`.
     refusals: [AtomicU64; CODES.len() + 1],
     grants_issued: AtomicU64,
@@ -97,6 +100,7 @@ impl Metrics {
         }
         Self {
             calls: upstreams.iter().map(|_| Default::default()).collect(),
+            secret_echoes: upstreams.iter().map(|_| AtomicU64::new(0)).collect(),
             upstreams,
             refusals: Default::default(),
             grants_issued: AtomicU64::new(0),
@@ -122,6 +126,13 @@ impl Metrics {
         self.latency[bucket].fetch_add(1, Relaxed);
         let us = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
         self.latency_sum_us.fetch_add(us, Relaxed);
+    }
+
+    /// The response of a call to `upstream` held its credential `hits` times.
+    pub fn secret_echo(&self, upstream: &str, hits: u64) {
+        if let Some(i) = self.upstreams.iter().position(|u| u == upstream) {
+            self.secret_echoes[i].fetch_add(hits, Relaxed);
+        }
     }
 
     /// A refusal message sent with `code` (before or after a grant was consumed).
@@ -172,6 +183,19 @@ impl Metrics {
                     n.load(Relaxed)
                 )?;
             }
+        }
+        writeln!(
+            s,
+            "# HELP didgate_secret_echo_total Occurrences of a call's credential found in its upstream response (headers and body), by upstream."
+        )?;
+        writeln!(s, "# TYPE didgate_secret_echo_total counter")?;
+        for (name, n) in self.upstreams.iter().zip(&self.secret_echoes) {
+            writeln!(
+                s,
+                "didgate_secret_echo_total{{upstream=\"{}\"}} {}",
+                escape(name),
+                n.load(Relaxed)
+            )?;
         }
         writeln!(
             s,

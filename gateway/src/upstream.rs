@@ -319,7 +319,13 @@ pub async fn send(
     let method = reqwest::Method::from_bytes(req.method.as_bytes())
         .map_err(|_| UpstreamError::Build("method".into()))?;
     let mut builder = http.request(method, parsed);
+    // The response is scanned for the credential ([`crate::echo`]): ask for an unencoded
+    // body, whatever the caller asked (a body encoded anyway is decoded to be scanned).
+    builder = builder.header(reqwest::header::ACCEPT_ENCODING, "identity");
     for (k, v) in &req.headers {
+        if k.eq_ignore_ascii_case("accept-encoding") {
+            continue;
+        }
         let name = HeaderName::from_bytes(k.as_bytes())
             .map_err(|_| UpstreamError::Build(format!("header name {k}")))?;
         let value = HeaderValue::from_str(v)

@@ -3,6 +3,7 @@
 //! disk), the real local payments upstream over HTTP on 127.0.0.1, and real clients over QUIC.
 
 pub mod docserver;
+pub mod echo_upstream;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -292,3 +292,153 @@ fn assert_store_holds_ciphertext(gw: &Path) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// An upstream that sends the key back (tests/src/echo_upstream.rs) in a header, a redirect
+/// that keeps the query string, a JSON error body, a body cut in two, a gzip body, an SSE
+/// stream and base64: the caller gets every response with each occurrence redacted (same
+/// lengths), never the key in any form; each `executed` entry counts what was redacted, the
+/// metric and an event say so; an upstream set to `on_secret_echo = "fail"` fails the call
+/// instead and relays nothing that held it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_echoes_the_key_never_gets_it_to_the_caller() -> anyhow::Result<()> {
+    use didgate_gateway::config::{Auth, EchoAction, Rule, Upstream};
+    use didgate_protocol::message::RefusalCode;
+    use didgate_tests::echo_upstream::{ECHO_PATHS, EchoUpstream, forms_of};
+
+    let echo = EchoUpstream::start().await?;
+    let upstream = |name: &str, auth: Auth, on_echo: EchoAction| Upstream {
+        local: true,
+        auth,
+        on_secret_echo: on_echo,
+        ..Upstream::new(name, echo.base_url(), "payments-key")
+    };
+    let mut h = Harness::start_with(|c| {
+        c.upstreams.extend([
+            upstream("echo-bearer", Auth::Bearer, EchoAction::Redact),
+            upstream(
+                "echo-query",
+                Auth::Query {
+                    name: "api_key".into(),
+                },
+                EchoAction::Redact,
+            ),
+            upstream(
+                "echo-basic",
+                Auth::Basic {
+                    user: "acct".into(),
+                },
+                EchoAction::Redact,
+            ),
+            upstream("echo-fail", Auth::Bearer, EchoAction::Fail),
+        ]);
+        for name in ["echo-bearer", "echo-query", "echo-basic", "echo-fail"] {
+            c.rules.push(Rule {
+                principals: vec![alice().did().to_string()],
+                upstream: name.into(),
+                methods: vec!["GET".into()],
+                paths: vec!["/v1/**".into()],
+            });
+        }
+    })
+    .await?;
+    let gw = h
+        .gateway
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("no gateway"))?;
+    let mut events = gw.subscribe();
+    let client = h.client("alice", alice()).await?;
+    let forms = forms_of(CANARY);
+    let mut calls = 0;
+    for up in ["echo-bearer", "echo-query", "echo-basic"] {
+        for path in ECHO_PATHS {
+            let answer = client.call(CallSpec::new(up, "GET", path)).await?;
+            // a redirect reflects the query string, which holds the key only for query auth
+            let echoed = *path != "/v1/dir" || up == "echo-query";
+            calls += usize::from(echoed);
+            let mut seen = answer.body.clone();
+            for (k, v) in &answer.headers {
+                seen.extend_from_slice(format!("\n{k}: {v}").as_bytes());
+            }
+            for form in &forms {
+                assert!(
+                    memchr::memmem::find(&seen, form).is_none(),
+                    "{up} {path}: the key reached the caller as {:?}:\n{}",
+                    String::from_utf8_lossy(form),
+                    String::from_utf8_lossy(&seen)
+                );
+            }
+            assert_eq!(
+                seen.contains(&b'*'),
+                echoed,
+                "{up} {path}: the echo is redacted in place:\n{}",
+                String::from_utf8_lossy(&seen)
+            );
+            match *path {
+                "/v1/dir" => assert_eq!(answer.status, 301),
+                "/v1/error" => assert_eq!(answer.status, 401),
+                _ => assert_eq!(answer.status, 200, "{up} {path}"),
+            }
+            if *path == "/v1/gzip" {
+                assert!(
+                    answer.body.starts_with(b"{\"echo\": \"") && answer.body.ends_with(b"\"}"),
+                    "relayed decoded: {}",
+                    String::from_utf8_lossy(&answer.body)
+                );
+                assert!(!answer.headers.iter().any(|(k, _)| k == "content-encoding"));
+            }
+            if *path == "/v1/sse" {
+                // the events around the echo are intact
+                let text = String::from_utf8_lossy(&answer.body);
+                assert!(text.starts_with("data: {\"n\": 1}\n\n"), "{text}");
+                assert!(text.ends_with("data: [DONE]\n\n"), "{text}");
+            }
+        }
+    }
+    // fail mode: a refusal, and nothing that held the key
+    for path in ["/v1/header", "/v1/split", "/v1/gzip"] {
+        let r = client.call(CallSpec::new("echo-fail", "GET", path)).await;
+        let Err(didgate_client::CallError::Refused { code, reason, .. }) = &r else {
+            anyhow::bail!("echo-fail {path}: not refused: {:?}", r.map(|a| a.status));
+        };
+        assert_eq!(*code, RefusalCode::UpstreamFailed);
+        assert!(reason.contains("echoed the call's credential"), "{reason}");
+        assert!(!reason.contains(CANARY));
+    }
+    let metrics = gw.metrics().render();
+    for up in ["echo-bearer", "echo-query", "echo-basic", "echo-fail"] {
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with(&format!("didgate_secret_echo_total{{upstream=\"{up}\"}}")))
+            .ok_or_else(|| anyhow::anyhow!("no echo metric for {up}"))?;
+        let n: u64 = line.rsplit(' ').next().unwrap_or("0").parse()?;
+        assert!(n >= 3, "{line}");
+    }
+    let mut echo_events = 0;
+    while let Ok(e) = events.try_recv() {
+        if e.name() == "secret_echo" {
+            echo_events += 1;
+            assert!(!e.to_json().contains(CANARY));
+        }
+    }
+    assert_eq!(echo_events, calls + 3, "one event per call that echoed");
+    client.close().await;
+    drop(client);
+    drop(gw);
+    h.stop().await;
+    let entries = h.gateway_entries()?;
+    let redacted: Vec<u64> = entries
+        .iter()
+        .filter(|e| e.kind == didgate_audit::entry::EntryKind::Executed)
+        .filter_map(|e| e.secret_echo)
+        .collect();
+    assert_eq!(
+        redacted.len(),
+        calls,
+        "every echoing call's executed entry says so"
+    );
+    assert!(redacted.iter().all(|n| *n >= 1));
+    for e in &entries {
+        assert!(!contains(&e.encode(), CANARY));
+    }
+    Ok(())
+}
