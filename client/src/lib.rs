@@ -40,6 +40,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod hardening;
 pub mod identity;
 #[cfg(feature = "proxy")]
 pub mod proxy;

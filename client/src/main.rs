@@ -11,7 +11,7 @@
 //! - `proxy-token`: the local proxy's token (mode 0600, kept across starts);
 //! - `proxy-url`: the running proxy's URL (while it runs), for `didgate env`.
 //!
-//! Commands: `keygen [--seed-hex HEX] [--encrypt]`, `whoami`, `pin --gateway ADDR
+//! Commands: `keygen [--seed-file PATH|-] [--encrypt]`, `whoami`, `pin --gateway ADDR
 //! --gateway-did DID`, `call UPSTREAM METHOD PATH [--data @FILE|-|LITERAL] [--header 'K: V']...`,
 //! `export --out FILE`, `proxy [--listen ADDR]`, `env UPSTREAM[/PREFIX]...` and `mcp`. With
 //! `--json`, results (and errors, as `{"error", "exit"}`) are printed as one JSON object on
@@ -92,9 +92,11 @@ enum Command {
     /// Create this client's identity (never overwrites an existing one) and print its DID.
     #[command(after_help = EXIT_HELP)]
     Keygen {
-        /// Derive the identity from this 32-byte seed (64 hex digits) instead of a random one.
-        #[arg(long, value_name = "HEX")]
-        seed_hex: Option<String>,
+        /// Derive the identity from the 32-byte seed (64 hex digits) in this file, `-` for
+        /// stdin, instead of a random one. Never on the command line: other users can read a
+        /// process's argv.
+        #[arg(long, value_name = "PATH")]
+        seed_file: Option<PathBuf>,
         /// Seal the identity file under a passphrase (Argon2id + AES-256-GCM-SIV), read from
         /// DIDGATE_PASSPHRASE or asked for twice on the terminal; never from the command line.
         #[arg(long)]
@@ -254,11 +256,20 @@ fn init_tracing() {
 /// Runs one command. An `Err` is a usage, configuration, identity or I/O error (exit 2); call
 /// outcomes choose their own exit status.
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    // before any key is read: no core dumps, private files
+    didgate_client::hardening::harden_process()?;
     let home = home_dir(cli.home)?;
+    for (path, old, new) in didgate_client::hardening::private_dir(&home, &["identity"])? {
+        tracing::warn!(path = %path.display(), "tightened mode {old:o} -> {new:o}");
+        eprintln!(
+            "didgate: {} was readable by others: mode {old:o} -> {new:o}",
+            path.display()
+        );
+    }
     let acting = cli.acting_as;
     match cli.command {
-        Command::Keygen { seed_hex, encrypt } => {
-            keygen(&home, seed_hex.as_deref(), encrypt, cli.json)
+        Command::Keygen { seed_file, encrypt } => {
+            keygen(&home, seed_file.as_deref(), encrypt, cli.json)
         }
         Command::Whoami { document } => whoami(&home, acting.as_deref(), document, cli.json),
         Command::Export { out } => export(&home, &out, cli.json),
@@ -512,25 +523,13 @@ fn print_did(did: &Did, json: bool) {
 
 fn keygen(
     home: &Path,
-    seed_hex: Option<&str>,
+    seed_file: Option<&Path>,
     encrypt: bool,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let identity = match seed_hex {
+    let identity = match seed_file {
         None => Identity::generate(),
-        Some(text) => {
-            let text = text.trim();
-            if text.len() != 64 {
-                bail!(
-                    "--seed-hex must be exactly 64 hex digits (32 bytes); got {} characters",
-                    text.len()
-                );
-            }
-            let mut seed = Zeroizing::new([0u8; 32]);
-            hex::decode_to_slice(text, seed.as_mut())
-                .map_err(|_| anyhow!("--seed-hex must be exactly 64 hex digits (0-9, a-f)"))?;
-            Identity::from_seed(&seed)
-        }
+        Some(path) => Identity::from_seed(&*read_seed(path)?),
     };
     let path = identity_path(home);
     if path.exists() {
@@ -553,6 +552,38 @@ fn keygen(
     })?;
     print_did(identity.did(), json);
     Ok(ExitCode::SUCCESS)
+}
+
+/// The 32-byte seed written as 64 hex digits (surrounding whitespace allowed) in `path`, or on
+/// stdin for `-`. Zeroized after use; never echoed in an error.
+fn read_seed(path: &Path) -> anyhow::Result<Zeroizing<[u8; 32]>> {
+    let mut text = Zeroizing::new(String::new());
+    let from = if path == Path::new("-") {
+        std::io::stdin()
+            .lock()
+            .take(4096)
+            .read_to_string(&mut text)
+            .context("cannot read the seed from stdin")?;
+        "stdin".to_string()
+    } else {
+        let file = std::fs::File::open(path)
+            .with_context(|| format!("cannot open the seed file {}", path.display()))?;
+        file.take(4096)
+            .read_to_string(&mut text)
+            .with_context(|| format!("cannot read the seed file {}", path.display()))?;
+        path.display().to_string()
+    };
+    let hex_text = text.trim();
+    if hex_text.len() != 64 {
+        bail!(
+            "the seed in {from} must be exactly 64 hex digits (32 bytes); got {} characters",
+            hex_text.len()
+        );
+    }
+    let mut seed = Zeroizing::new([0u8; 32]);
+    hex::decode_to_slice(hex_text, seed.as_mut())
+        .map_err(|_| anyhow!("the seed in {from} must be exactly 64 hex digits (0-9, a-f)"))?;
+    Ok(seed)
 }
 
 /// Loads the identity, acting as the did:web of `acting` (a DID URL) if given.

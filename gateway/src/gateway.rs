@@ -173,6 +173,9 @@ pub enum StartError {
     /// TLS or socket.
     #[error("transport: {0}")]
     Transport(String),
+    /// The data directory may be written by others, or its modes cannot be tightened.
+    #[error("data directory: {0}")]
+    DataDir(#[from] didgate_client::hardening::HardeningError),
 }
 
 /// Counts refusals to principals policy does not know, written as one entry per window.
@@ -314,6 +317,9 @@ impl Gateway {
     /// Opens the gateway in `dir`.
     pub async fn open(dir: &Path) -> Result<Self, StartError> {
         tls::install_provider();
+        for (path, old, new) in didgate_client::hardening::private_dir(dir, crate::KEY_FILES)? {
+            tracing::warn!(path = %path.display(), "tightened mode {old:o} -> {new:o} (readable by others before)");
+        }
         let d = DataDir::new(dir);
         let config = Config::load(&d.config())?;
         let identity = Arc::new(didgate_client::identity::load(&d.identity())?);
@@ -1159,9 +1165,10 @@ impl Gateway {
                 false
             }
             Err(why) => {
+                // the cause (a full disk, an I/O error) is the operator's: the log has it, the
+                // caller gets the fact
                 tracing::error!(%why, "audit store unavailable: refusing calls");
-                // the cause (a full disk, an I/O error) is the operator's; it holds no secret
-                let reason = format!("the audit log cannot be written ({why})");
+                let reason = "the audit log cannot be written".to_string();
                 self.emit_refusal(req, RefusalCode::AuditUnavailable, &reason);
                 self.answer_refusal(
                     send,
@@ -1658,9 +1665,20 @@ impl Gateway {
 
     fn secret(&self, name: &str) -> Result<zeroize::Zeroizing<String>, String> {
         // the current version, only if enabled; the use is remembered for `secret list`
-        self.secrets
-            .open_current(name, now_ms())
-            .map_err(|e| e.to_string())
+        self.secrets.open_current(name, now_ms()).map_err(|e| {
+            // the caller learns which secret and in what state, never the operator's store,
+            // KMS or file errors (the log has them)
+            use crate::secrets::SecretError;
+            match e {
+                SecretError::NotFound(_)
+                | SecretError::Unavailable(..)
+                | SecretError::Malformed(_) => e.to_string(),
+                other => {
+                    tracing::error!(secret = name, error = %other, "cannot open a secret for a call");
+                    format!("secret {name} cannot be opened now")
+                }
+            }
+        })
     }
 
     async fn close_failed(

@@ -123,8 +123,24 @@ impl LocalKms {
     }
 
     /// Loads the master key from the file `path` only (the environment is not consulted).
+    /// A file group or others could read is refused (like an identity file): the key may have
+    /// been read, so it should be rotated (`didgated kms rotate`) rather than quietly kept.
     pub fn load_file(path: &Path) -> Result<Self, KmsError> {
+        use std::os::unix::fs::PermissionsExt;
         let p = path.display().to_string();
+        let mode = std::fs::metadata(path)
+            .map_err(|e| KmsError::MasterKey(p.clone(), e.to_string()))?
+            .permissions()
+            .mode();
+        if mode & 0o077 != 0 {
+            return Err(KmsError::MasterKey(
+                p,
+                format!(
+                    "readable by group or others (mode {:o}): it may have been read; chmod 600 it and rotate it (`didgated kms rotate`)",
+                    mode & 0o777
+                ),
+            ));
+        }
         let text = Zeroizing::new(
             std::fs::read_to_string(path)
                 .map_err(|e| KmsError::MasterKey(p.clone(), e.to_string()))?,
@@ -200,16 +216,31 @@ fn aad(id: &[u8; 16], version: u64) -> Vec<u8> {
     a
 }
 
-/// A display form that shows a few characters and never the whole secret.
+/// Characters of each end a display form shows at most.
+const DISPLAY_END: usize = 4;
+
+/// How many characters of each end a display form of a secret of `len` characters shows: at
+/// most [`DISPLAY_END`], and both ends together never more than a quarter of it.
+fn display_end(len: usize) -> usize {
+    DISPLAY_END.min(len / 8)
+}
+
+/// A display form that shows at most 4 characters of each end, never more than a quarter of
+/// the secret in all (`sk-l...9f2c` for a 40-character key), or `...(N chars)` for a secret
+/// under 8 characters.
 pub fn display_form(secret: &str) -> String {
     let chars: Vec<char> = secret.chars().collect();
-    if chars.len() < 16 {
+    let k = display_end(chars.len());
+    if k == 0 {
         return format!("...({} chars)", chars.len());
     }
-    let head: String = chars[..8].iter().collect();
-    let tail: String = chars[chars.len() - 4..].iter().collect();
+    let head: String = chars[..k].iter().collect();
+    let tail: String = chars[chars.len() - k..].iter().collect();
     format!("{head}...{tail}")
 }
+
+/// Bytes a sealed value adds to its plaintext: the 12-byte nonce and the 16-byte tag.
+const SEAL_OVERHEAD: usize = 12 + 16;
 
 /// One sealed version of a secret: its own data key (wrapped by the KMS) and ciphertext,
 /// bound to the secret's id and this version number (specs/protocol.md, "Secrets at rest").
@@ -218,7 +249,8 @@ pub fn display_form(secret: &str) -> String {
 pub struct SealedVersion {
     /// Version number, from 1, never reused within a secret.
     pub version: u64,
-    /// Display prefix and suffix, e.g. `sk-live-...9f2c`.
+    /// Display prefix and suffix as stored (releases before b9992ca's successor stored 8
+    /// characters of the head): show [`SealedVersion::shown`] instead.
     pub display: String,
     /// The data key wrapped by the KMS.
     #[serde(with = "serde_bytes")]
@@ -245,6 +277,28 @@ impl std::fmt::Debug for SealedVersion {
 }
 
 impl SealedVersion {
+    /// The display form under today's rule ([`display_form`]), from the stored one and the
+    /// sealed length (the plaintext's byte length, an upper bound of its characters): a form
+    /// stored by an older release is cut down, never decrypted.
+    pub fn shown(&self) -> String {
+        let Some((head, tail)) = self.display.split_once("...") else {
+            return self.display.clone();
+        };
+        if tail.starts_with('(') {
+            return self.display.clone();
+        }
+        let len = self.sealed.len().saturating_sub(SEAL_OVERHEAD);
+        let k = display_end(len)
+            .min(head.chars().count())
+            .min(tail.chars().count());
+        if k == 0 {
+            return format!("...({len} bytes)");
+        }
+        let head: String = head.chars().take(k).collect();
+        let tail: String = tail.chars().skip(tail.chars().count() - k).collect();
+        format!("{head}...{tail}")
+    }
+
     /// Seals `plaintext` as `version` of the secret `id` under a fresh data key.
     pub fn seal(
         kms: &dyn Kms,
@@ -321,7 +375,24 @@ mod tests {
                 .any(|w| w == canary.as_bytes())
         );
         assert!(!format!("{a:?}").contains("CANARY"));
-        assert_eq!(a.display, "sk-live-...cdef");
+        // 30 characters: 3 of each end (a quarter of 30 is 7)
+        assert_eq!(a.display, "sk-...def");
+        assert_eq!(a.shown(), "sk-...def");
+        // a form stored by an older release is cut down to today's rule
+        let old = SealedVersion {
+            display: "sk-live-...cdef".into(),
+            ..a.clone()
+        };
+        assert_eq!(old.shown(), "sk-...def");
+        for (secret, shown) in [
+            ("short", "...(5 chars)"),
+            ("sixteen-chars-ok", "si...ok"),
+            ("abcdefgh", "a...h"),
+        ] {
+            assert_eq!(display_form(secret), shown);
+            let ends = shown.split("...").map(str::len).sum::<usize>();
+            assert!(shown.starts_with("...") || 4 * ends <= secret.len());
+        }
         // ciphertext moved to another record (other id) fails
         let id_b: [u8; 16] = rand::random();
         assert!(a.open(&kms, &id_b, "b").is_err());
@@ -343,6 +414,13 @@ mod tests {
             .mode();
         assert_eq!(mode & 0o777, 0o600);
         assert!(!format!("{kms:?}").contains(&hex::encode(kms.master.as_ref())));
+        std::fs::set_permissions(
+            dir.path().join("mk"),
+            std::fs::Permissions::from_mode(0o640),
+        )
+        .expect("chmod");
+        let refused = LocalKms::load_file(&dir.path().join("mk")).expect_err("loose key");
+        assert!(refused.to_string().contains("rotate it"), "{refused}");
     }
 
     #[test]

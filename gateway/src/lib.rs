@@ -87,7 +87,16 @@ pub fn init(dir: &Path, listen: SocketAddr) -> Result<Did, AdminError> {
     if d.identity().exists() {
         return Err(AdminError::Exists(dir.display().to_string()));
     }
-    std::fs::create_dir_all(dir).map_err(|e| AdminError::Io(dir.display().to_string(), e))?;
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| AdminError::Io(dir.display().to_string(), e))?;
+    }
+    // every file below is created private whatever the caller's umask
+    private_data_dir(dir).map_err(|e| AdminError::Io(dir.display().to_string(), e))?;
     let identity = Identity::generate();
     didgate_client::identity::create(&d.identity(), &identity)?;
     kms::LocalKms::create(&d.master_key())?;
@@ -101,7 +110,25 @@ pub fn init(dir: &Path, listen: SocketAddr) -> Result<Did, AdminError> {
         std::fs::write(&policies, policy::template())
             .map_err(|e| AdminError::Io(policies.display().to_string(), e))?;
     }
+    // what was created under a looser umask (an embedding process) is made private too
+    private_data_dir(dir).map_err(|e| AdminError::Io(dir.display().to_string(), e))?;
     Ok(identity.did().clone())
+}
+
+/// The key files of a data directory: left as they are by [`private_data_dir`], so that their
+/// loaders refuse them when others could read them.
+pub const KEY_FILES: &[&str] = &["identity", "master.key"];
+
+/// Refuses a data directory that group or others may write to, and removes the group and
+/// other permission bits of everything in it but its key files, logging each change
+/// (specs/threat-model.md).
+pub fn private_data_dir(dir: &Path) -> std::io::Result<()> {
+    let changed = didgate_client::hardening::private_dir(dir, KEY_FILES)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string()))?;
+    for (path, old, new) in changed {
+        tracing::warn!(path = %path.display(), "tightened mode {old:o} -> {new:o} (readable by others before)");
+    }
+    Ok(())
 }
 
 /// `didgated secret add` on the store directly (no daemon may run; the `didgated` command goes

@@ -275,6 +275,9 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    // before any key is read: no core dumps, private files (the data directory is checked
+    // and tightened where it is opened: `init`, `Gateway::open`, `secrets::open_dir`)
+    didgate_client::hardening::harden_process()?;
     match cli.command {
         Command::Init { data, listen } => {
             let did = didgate_gateway::init(&data, listen)?;

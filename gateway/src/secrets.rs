@@ -565,7 +565,7 @@ impl SecretRecord {
         SecretInfo {
             name: self.name.clone(),
             version: current.map_or(0, |v| v.version),
-            display: current.map(|v| v.display.clone()).unwrap_or_default(),
+            display: current.map(|v| v.shown()).unwrap_or_default(),
             status: self.status.as_str().into(),
             deleted_ms,
             purge_ms: deleted_ms.map(|d| d.saturating_add(DELETE_RETENTION_MS)),
@@ -576,7 +576,7 @@ impl SecretRecord {
                 .iter()
                 .map(|v| VersionInfo {
                     version: v.version,
-                    display: v.display.clone(),
+                    display: v.shown(),
                     created_ms: v.created_ms,
                     retired_ms: v.retired_ms,
                     usable_until_ms: Self::usable_until(v, grace_ms),
@@ -1323,6 +1323,7 @@ async fn run_command(
 /// Opens the secrets of `data` directly (no daemon may run): the store, `gateway.toml` if
 /// present (for `secret_grace_secs` and the upstreams), and the master key.
 pub fn open_dir(data: &Path) -> Result<(Arc<Secrets>, Option<Config>), SecretError> {
+    crate::private_data_dir(data).map_err(|e| SecretError::Io(data.display().to_string(), e))?;
     let d = DataDir::new(data);
     if !d.store().join("version").is_file() {
         return Err(SecretError::Invalid(format!(

@@ -247,6 +247,25 @@ pub fn gateway_entries_in(gw_dir: &Path) -> anyhow::Result<Vec<didgate_audit::en
         .collect::<Result<_, _>>()?)
 }
 
+/// Writes `seed` as 64 hex digits to a new file (mode 0600) in `dir`, for `didgate keygen
+/// --seed-file` (a seed never goes on a command line). Returns its path as text.
+pub fn seed_file(dir: &Path, seed: &[u8; 32]) -> anyhow::Result<String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::create_dir_all(dir)?;
+    let path = dir.join(format!(
+        "seed-{}.hex",
+        hex::encode(&blake3::hash(seed).as_bytes()[..4])
+    ));
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)?;
+    std::io::Write::write_all(&mut f, hex::encode(seed).as_bytes())?;
+    Ok(path.display().to_string())
+}
+
 /// The path of one of the workspace's binaries (`didgate`, `didgated`, `didgate-audit`), built
 /// beside the test executables by the README's test command.
 pub fn bin(name: &str) -> anyhow::Result<PathBuf> {
@@ -432,17 +451,31 @@ impl Daemon {
 
     /// Like [`Daemon::start`] with `RUST_LOG` set to `level`.
     pub fn start_with_log_level(data: &Path, log: &Path, level: &str) -> anyhow::Result<Self> {
+        Self::spawn(data, log, level, None)
+    }
+
+    /// Like [`Daemon::start`], running as user and group `uid` (the data directory must be
+    /// theirs).
+    pub fn start_as(data: &Path, log: &Path, uid: u32) -> anyhow::Result<Self> {
+        Self::spawn(data, log, "info", Some(uid))
+    }
+
+    fn spawn(data: &Path, log: &Path, level: &str, uid: Option<u32>) -> anyhow::Result<Self> {
         use std::io::{BufRead, BufReader, Write};
+        use std::os::unix::process::CommandExt;
         use std::process::{Command, Stdio};
-        let mut child = Command::new(bin("didgated")?)
-            .arg("serve")
+        let mut cmd = Command::new(bin("didgated")?);
+        cmd.arg("serve")
             .arg("--data")
             .arg(data)
             .env("RUST_LOG", level)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()?;
+            .stderr(Stdio::piped());
+        if let Some(uid) = uid {
+            cmd.uid(uid).gid(uid);
+        }
+        let mut child = cmd.spawn()?;
         let stderr = child
             .stderr
             .take()

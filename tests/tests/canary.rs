@@ -114,7 +114,8 @@ async fn the_canary_is_only_ever_ciphertext() -> anyhow::Result<()> {
             .output()
             .map_err(anyhow::Error::from)
     };
-    let out = cli(&["keygen", "--seed-hex", &hex::encode([0xa1u8; 32])])?;
+    let seed = didgate_tests::seed_file(h.dir.path(), &[0xa1u8; 32])?;
+    let out = cli(&["keygen", "--seed-file", &seed])?;
     assert!(out.status.success());
     let pin = |addr: std::net::SocketAddr| {
         cli(&[

@@ -16,9 +16,26 @@ async fn keygen_whoami_call_and_refusal() -> anyhow::Result<()> {
             .args(args)
             .output()
     };
-    // alice's seed, so policy allows the calls
+    // alice's seed, so policy allows the calls; on stdin, never on the command line
     let seed = hex::encode([0xa1u8; 32]);
-    let out = run(&["keygen", "--seed-hex", &seed])?;
+    let gone = run(&["keygen", "--seed-hex", &seed])?;
+    assert_eq!(gone.status.code(), Some(2), "no seed on argv");
+    let mut keygen = Command::new(&didgate)
+        .arg("--home")
+        .arg(&home)
+        .args(["keygen", "--seed-file", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(
+        &mut keygen
+            .stdin
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("stdin"))?,
+        format!("{seed}\n").as_bytes(),
+    )?;
+    let out = keygen.wait_with_output()?;
     assert!(
         out.status.success(),
         "{}",

@@ -41,7 +41,13 @@ async fn sealed_identity_needs_its_passphrase_and_calls_work() -> anyhow::Result
     let out = didgate(
         &home,
         pass,
-        &["--json", "keygen", "--encrypt", "--seed-hex", &seed],
+        &[
+            "--json",
+            "keygen",
+            "--encrypt",
+            "--seed-file",
+            &didgate_tests::seed_file(h.dir.path(), &[0xa1u8; 32])?,
+        ],
     )?;
     assert!(out.status.success(), "{}", stderr(&out));
     let did = json(&out)?["did"].as_str().unwrap_or_default().to_string();
@@ -123,7 +129,19 @@ async fn every_command_prints_json() -> anyhow::Result<()> {
         let out = didgate(&home, None, &all)?;
         json(&out)
     };
-    assert!(run(&["keygen", "--seed-hex", &seed])?["did"].is_string());
+    let seed_path = didgate_tests::seed_file(h.dir.path(), &[0xa1u8; 32])?;
+    assert!(run(&["keygen", "--seed-file", &seed_path])?["did"].is_string());
+    // a bad seed file: a JSON error that does not echo what it read
+    std::fs::write(&seed_path, "not-a-seed-but-secret-text")?;
+    let other = h.dir.path().join("other-home");
+    let out = didgate(
+        &other,
+        None,
+        &["--json", "keygen", "--seed-file", &seed_path],
+    )?;
+    assert_eq!(out.status.code(), Some(2));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("secret-text"));
+    let _ = &seed;
     assert!(run(&["whoami"])?["did"].is_string());
     let pinned = run(&[
         "pin",

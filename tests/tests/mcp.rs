@@ -63,8 +63,8 @@ fn alice_home(h: &Harness) -> anyhow::Result<PathBuf> {
     for args in [
         vec![
             "keygen".to_string(),
-            "--seed-hex".into(),
-            hex::encode([0xa1u8; 32]),
+            "--seed-file".into(),
+            didgate_tests::seed_file(h.dir.path(), &[0xa1u8; 32])?,
         ],
         vec![
             "pin".into(),

@@ -30,7 +30,11 @@ fn alice_home(h: &Harness) -> anyhow::Result<PathBuf> {
         );
         Ok(())
     };
-    run(&["keygen", "--seed-hex", &hex::encode([0xa1u8; 32])])?;
+    run(&[
+        "keygen",
+        "--seed-file",
+        &didgate_tests::seed_file(h.dir.path(), &[0xa1u8; 32])?,
+    ])?;
     run(&[
         "pin",
         "--gateway",

@@ -270,7 +270,7 @@ async fn lifecycle_through_the_control_socket_never_prints_a_value() -> anyhow::
     // list: name, version, prefix, status, last use (from the daemon's memory)
     let table = t.ok(&dir, &["secret", "list"], None).await?;
     assert!(table.starts_with("NAME"), "{table}");
-    assert!(table.contains(NAME) && table.contains("sk-live-...0234") && table.contains("enabled"));
+    assert!(table.contains(NAME) && table.contains("sk-l...0234") && table.contains("enabled"));
     let listed = list_json(&t.ok(&dir, &["secret", "list", "--json"], None).await?)?;
     assert_eq!(listed[0].version, 1);
     assert!(

@@ -1151,7 +1151,11 @@ async fn local_proxy(
         Ok(())
     };
     ok(
-        didgate(&["keygen", "--seed-hex", &hex::encode(PROXY_SEED)]),
+        didgate(&[
+            "keygen",
+            "--seed-file",
+            &didgate_tests::seed_file(base, &PROXY_SEED)?,
+        ]),
         "keygen",
     )?;
     ok(
