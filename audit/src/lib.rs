@@ -29,7 +29,7 @@ pub mod verify;
 use std::path::{Path, PathBuf};
 
 pub use store::{Chain, Store, StoreError};
-pub use verify::{ChainRecords, Report, Violation, ViolationKind};
+pub use verify::{ChainRecords, Report, UnknownOutcome, Violation, ViolationKind};
 
 /// The store directory for a path given on a command line: `PATH/store` when PATH is a
 /// gateway or client data directory, else PATH itself.

@@ -317,6 +317,12 @@ fn render(report: &Report) -> String {
         ));
     }
     out.push_str(&format!("cross-links checked: {}\n", report.cross_links));
+    for u in &report.unknown_outcomes {
+        out.push_str(&format!(
+            "OUTCOME UNKNOWN {} seq {}: call {}: {}\n",
+            u.chain, u.seq, u.call, u.detail
+        ));
+    }
     for v in &report.violations {
         out.push_str(&format!("VIOLATION {v}\n"));
     }

@@ -474,6 +474,9 @@ type Reply = tokio::sync::oneshot::Sender<Result<Appended, AppendError>>;
 
 enum Msg {
     Append(Box<Append>, Reply),
+    /// An entry the chain owes (a close whose own append failed): written with the next batch
+    /// that succeeds, unless the chain turns out to hold a close of that call already.
+    Owe(Box<Entry>),
     Checkpoint(mpsc::Sender<Result<(), AppendError>>),
     Close(mpsc::Sender<()>),
 }
@@ -663,6 +666,7 @@ impl Chain {
             failed: failed.clone(),
             cause: None,
             closes: Vec::new(),
+            durable_closes: std::collections::HashSet::new(),
         };
         std::thread::Builder::new()
             .name("didgate-audit-writer".into())
@@ -721,6 +725,14 @@ impl Chain {
             .map_err(|_| AppendError::Unavailable("writer stopped".into()))?;
         rx.await
             .map_err(|_| AppendError::Unavailable("writer stopped".into()))?
+    }
+
+    /// Queues `entry` (a close of a call whose closing append failed) to be written with the
+    /// writer's next batch that succeeds (after the store recovers, see [`Writer::recover`]);
+    /// dropped if the durable chain already closes that call. Lost if the process stops
+    /// first: the gateway's start-up then closes the call as `abandoned`.
+    pub fn owe(&self, entry: Entry) {
+        let _ = self.tx.send(Msg::Owe(Box::new(entry)));
     }
 
     /// Appends an entry with no claims.
@@ -805,8 +817,12 @@ struct Writer {
     failed: Arc<AtomicBool>,
     /// Why the store failed (kept for the refusals until it is reopened).
     cause: Option<String>,
-    /// Entries the writer owes the chain after a reopen (see [`Writer::recover`]).
+    /// Entries the writer owes the chain after a reopen (see [`Writer::recover`]), and closes
+    /// owed by callers ([`Chain::owe`]).
     closes: Vec<Entry>,
+    /// Calls whose close was reported failed but proved durable at a recovery: an owed close
+    /// of one of them is dropped, never written twice.
+    durable_closes: std::collections::HashSet<Digest>,
 }
 
 /// Bytes written (then removed) to check that the store's file system takes writes again.
@@ -838,8 +854,18 @@ impl Writer {
             let Ok(Some(bytes)) = self.store.entry_bytes(seq) else {
                 continue;
             };
-            if let Ok(e) = Entry::decode(&bytes)
-                && e.kind == EntryKind::Executing
+            let Ok(e) = Entry::decode(&bytes) else {
+                continue;
+            };
+            if matches!(
+                e.kind,
+                EntryKind::Executed | EntryKind::Failed | EntryKind::Abandoned
+            ) && let Some(call) = e.call
+            {
+                // a close reported failed that proved durable: an owed close is not needed
+                self.durable_closes.insert(call);
+            }
+            if e.kind == EntryKind::Executing
                 && let Some(call) = e.call
             {
                 let mut close = Entry::new(EntryKind::Abandoned, now_ms());
@@ -865,6 +891,7 @@ impl Writer {
             let mut forced = Vec::new();
             match rx.recv_timeout(self.policy.every) {
                 Ok(Msg::Append(a, r)) => jobs.push((*a, r)),
+                Ok(Msg::Owe(e)) => self.closes.push(*e),
                 Ok(Msg::Checkpoint(done)) => forced.push(done),
                 Ok(Msg::Close(done)) => closing = Some(done),
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
@@ -873,6 +900,7 @@ impl Writer {
             while closing.is_none() && jobs.len() < MAX_BATCH {
                 match rx.try_recv() {
                     Ok(Msg::Append(a, r)) => jobs.push((*a, r)),
+                    Ok(Msg::Owe(e)) => self.closes.push(*e),
                     Ok(Msg::Checkpoint(done)) => forced.push(done),
                     Ok(Msg::Close(done)) => closing = Some(done),
                     Err(_) => break,
@@ -917,6 +945,9 @@ impl Writer {
         let mut batch = engine.db.batch();
         let mut head = self.head;
         let mut frontier = self.frontier.clone();
+        let durable = &self.durable_closes;
+        self.closes
+            .retain(|c| c.call.is_none_or(|call| !durable.contains(&call)));
         let closes = std::mem::take(&mut self.closes);
         for entry in closes.iter().cloned() {
             head = stage_entry(&engine, &mut batch, &mut frontier, head, entry);

@@ -148,6 +148,22 @@ pub struct ChainSummary {
     pub calls: u64,
 }
 
+/// A call whose outcome its chain records as unknown: a gateway `abandoned` entry (no closing
+/// entry was written before a stop, a crash or a store failure) or a client `result` with
+/// outcome `unknown` (no verified terminal frame). Not a violation: the record says what it
+/// cannot know.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct UnknownOutcome {
+    /// The chain's label.
+    pub chain: String,
+    /// The entry that records it.
+    pub seq: u64,
+    /// The call ID, hex.
+    pub call: String,
+    /// What the entry says.
+    pub detail: String,
+}
+
 /// The verifier's report.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -157,6 +173,8 @@ pub struct Report {
     pub cross_links: u64,
     /// Every violation found.
     pub violations: Vec<Violation>,
+    /// Calls whose outcome a chain records as unknown, gateway chains first, in chain order.
+    pub unknown_outcomes: Vec<UnknownOutcome>,
 }
 
 impl Report {
@@ -1162,13 +1180,44 @@ fn run(gateways: &[ChainRecords], clients: &[ChainRecords], threads: usize) -> (
         chains.push(summary(c, calls));
     }
     ph.cross_links = t.elapsed();
+    let unknown_outcomes = unknown_outcomes(&gws, &cls);
     ph.total = started.elapsed();
     let report = Report {
         chains,
         cross_links,
         violations: cx.violations,
+        unknown_outcomes,
     };
     (report, ph)
+}
+
+/// The calls each chain records with an unknown outcome ([`UnknownOutcome`]).
+fn unknown_outcomes(gws: &[Checked], cls: &[Checked]) -> Vec<UnknownOutcome> {
+    let gateway = gws.iter().flat_map(|g| {
+        g.items
+            .iter()
+            .filter(|i| i.decoded && i.entry.kind == EntryKind::Abandoned)
+            .map(move |i| (&g.label, i))
+    });
+    let client = cls.iter().flat_map(|c| {
+        c.items
+            .iter()
+            .filter(|i| {
+                i.decoded
+                    && i.entry.kind == EntryKind::Result
+                    && i.entry.outcome == Some(Outcome::Unknown)
+            })
+            .map(move |i| (&c.label, i))
+    });
+    gateway
+        .chain(client)
+        .map(|(label, i)| UnknownOutcome {
+            chain: label.clone(),
+            seq: i.key,
+            call: i.entry.call.map(hex::encode).unwrap_or_default(),
+            detail: i.entry.detail.clone().unwrap_or_default(),
+        })
+        .collect()
 }
 
 fn summary(c: &Checked, calls: u64) -> ChainSummary {

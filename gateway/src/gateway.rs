@@ -642,7 +642,9 @@ impl Gateway {
             let mut e = Entry::new(EntryKind::Abandoned, now_ms());
             e.call = Some(call);
             e.policy = policy;
-            e.detail = Some(format!("interrupted at seq {seq} by a gateway stop"));
+            e.detail = Some(format!(
+                "outcome unknown: no closing entry was written for the executing entry at seq {seq} before the gateway stopped (a stop, a crash or a store failure); whether the upstream acted is not recorded"
+            ));
             self.chain.append_entry(e).await?;
         }
         let now = now_ms();
@@ -1493,15 +1495,46 @@ impl Gateway {
         {
             cause = Some("client gone before the response head".to_string());
         }
+        // The end of the body is withheld until the closing entry is durable: the last byte of
+        // a body whose end the gateway sees with its final chunk (the declared Content-Length
+        // reached, or the end already there when the gateway looks right after the chunk) is
+        // sent with the receipt.
         let mut ended = false;
+        let mut next = None;
+        let mut held: Option<u8> = None;
+        // the length the upstream declared, in coded bytes: its last byte is the end
+        let declared = stream.content_length();
+        let mut received = 0u64;
         while cause.is_none() && !ended {
             let budget = if max_resp > 0 {
                 max_resp.saturating_sub(len)
             } else {
                 u64::MAX
             };
-            let decoded = match stream.chunk().await {
-                Ok(Some(chunk)) => decoding.push(&chunk, budget),
+            let got = match next.take() {
+                Some(got) => got,
+                None => stream.chunk().await,
+            };
+            let decoded = match got {
+                Ok(Some(chunk)) => {
+                    received += chunk.len() as u64;
+                    if declared == Some(received) {
+                        ended = true;
+                    } else {
+                        // is the end already here? (a poll that finds nothing consumes nothing)
+                        match futures_util::FutureExt::now_or_never(stream.chunk()) {
+                            Some(Ok(None)) => ended = true,
+                            peeked => next = peeked,
+                        }
+                    }
+                    decoding.push(&chunk, budget).and_then(|mut d| {
+                        if ended {
+                            let rest = std::mem::replace(&mut decoding, echo::Decoding::Identity);
+                            d.extend(rest.finish()?);
+                        }
+                        Ok(d)
+                    })
+                }
                 Ok(None) => {
                     ended = true;
                     std::mem::replace(&mut decoding, echo::Decoding::Identity).finish()
@@ -1548,11 +1581,14 @@ impl Gateway {
                     )
                     .await;
             }
+            hasher.update(&out);
+            len += out.len() as u64;
+            if ended {
+                held = out.pop();
+            }
             if out.is_empty() {
                 continue;
             }
-            hasher.update(&out);
-            len += out.len() as u64;
             let mut frames = BytesMut::new();
             frame::encode_chunks(&out, &mut frames);
             if send.write_all(&frames).await.is_err() {
@@ -1578,6 +1614,17 @@ impl Gateway {
             Ok(a) => a,
             Err(e) => {
                 tracing::error!(%e, "cannot close an executing entry");
+                // What happened, for the record, once the store takes writes again: the
+                // upstream answered, the caller got all but the withheld end and a refusal.
+                let mut close = Entry::new(EntryKind::Failed, now_ms());
+                close.call = Some(call);
+                close.code = Some(RefusalCode::AuditUnavailable.as_str().into());
+                close.policy = call_policy_hash();
+                close.detail = Some(format!(
+                    "the upstream answered {status}; the closing entry could not be written, so the caller got {} of the {len} response bytes (the end withheld) and audit_unavailable",
+                    len - u64::from(held.is_some())
+                ));
+                self.chain.owe(close);
                 self.emit_failed(
                     call,
                     RefusalCode::AuditUnavailable,
@@ -1620,6 +1667,10 @@ impl Gateway {
             time_ms: now_ms(),
         };
         release_call_permit();
+        if let Some(last) = held {
+            // the end of the body, now that its closing entry is durable
+            let _ = wire::write_frame(send, FrameType::Body, &[last]).await;
+        }
         let _ = wire::write_frame(send, FrameType::Receipt, &receipt.sign(&self.identity)).await;
         let _ = send.finish();
         let _ = send.stopped().await;
