@@ -72,6 +72,31 @@ fn fill(path: &Path) -> anyhow::Result<u64> {
     Ok(written)
 }
 
+/// Stops the gateway, moves its store onto a new 24 MiB tmpfs and starts it again; returns the
+/// store's path and the mount (unmounted when dropped), or `None` (the test skips) where no
+/// tmpfs can be mounted, which fails under `CI=true`.
+async fn store_on_tmpfs(h: &mut Harness) -> anyhow::Result<Option<(PathBuf, Tmpfs)>> {
+    h.stop().await;
+    let store = h.gw_dir().join("store");
+    let original = h.gw_dir().join("store.orig");
+    std::fs::rename(&store, &original)?;
+    std::fs::create_dir(&store)?;
+    let tmpfs = match Tmpfs::mount(&store, "24m") {
+        Ok(t) => t,
+        Err(why) => {
+            anyhow::ensure!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "cannot mount a tmpfs for the store ({why}); CI must run this test as root"
+            );
+            println!("SKIPPED: cannot mount a tmpfs for the store ({why}); run as root");
+            return Ok(None);
+        }
+    };
+    copy_dir(&original, &store)?;
+    h.restart().await?;
+    Ok(Some((store, tmpfs)))
+}
+
 fn balance() -> CallSpec {
     CallSpec::new("payments", "GET", "/v1/balance")
 }
@@ -79,21 +104,9 @@ fn balance() -> CallSpec {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_disk_fails_closed_and_the_store_reopens_in_process() -> anyhow::Result<()> {
     let mut h = Harness::start().await?;
-    h.stop().await;
-    // move the store onto a small tmpfs
-    let store = h.gw_dir().join("store");
-    let original = h.gw_dir().join("store.orig");
-    std::fs::rename(&store, &original)?;
-    std::fs::create_dir(&store)?;
-    let _tmpfs = match Tmpfs::mount(&store, "24m") {
-        Ok(t) => t,
-        Err(why) => {
-            println!("SKIPPED: cannot mount a tmpfs for the store ({why}); run as root");
-            return Ok(());
-        }
+    let Some((store, _tmpfs)) = store_on_tmpfs(&mut h).await? else {
+        return Ok(());
     };
-    copy_dir(&original, &store)?;
-    h.restart().await?;
     let a = h.client("alice", alice()).await?;
     assert_eq!(a.call(balance()).await?.status, 200);
 
@@ -211,24 +224,9 @@ async fn a_closing_entry_that_cannot_be_written_withholds_the_end_and_the_record
         });
     })
     .await?;
-    h.stop().await;
-    let store = h.gw_dir().join("store");
-    let original = h.gw_dir().join("store.orig");
-    std::fs::rename(&store, &original)?;
-    std::fs::create_dir(&store)?;
-    let _tmpfs = match Tmpfs::mount(&store, "24m") {
-        Ok(t) => t,
-        Err(why) => {
-            anyhow::ensure!(
-                std::env::var("CI").as_deref() != Ok("true"),
-                "cannot mount a tmpfs for the store ({why})"
-            );
-            println!("SKIPPED: cannot mount a tmpfs for the store ({why}); run as root");
-            return Ok(());
-        }
+    let Some((store, _tmpfs)) = store_on_tmpfs(&mut h).await? else {
+        return Ok(());
     };
-    copy_dir(&original, &store)?;
-    h.restart().await?;
     let a = h.client("alice", alice()).await?;
     let filler = store.join("filler");
 

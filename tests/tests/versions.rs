@@ -235,6 +235,16 @@ async fn other_release(
     Ok((addr, task))
 }
 
+/// The last entry of the chain at `chain` (its writer closed).
+fn last_entry(chain: &std::path::Path) -> anyhow::Result<didgate_audit::entry::Entry> {
+    let records = didgate_audit::load_records(chain)?;
+    let (_, bytes) = records
+        .entries
+        .last()
+        .ok_or_else(|| anyhow::anyhow!("empty chain"))?;
+    Ok(didgate_audit::entry::Entry::decode(bytes)?)
+}
+
 fn refusal(gateway: &Identity, v: Version, code: &str) -> Vec<u8> {
     let mut value: ciborium::Value = ciborium::from_reader(
         Refusal {
@@ -332,14 +342,7 @@ async fn a_refusal_code_this_release_does_not_know_reaches_the_caller_with_its_t
     drop(client);
     server.await?;
     // recorded as a signed refusal, like any other
-    let records = didgate_audit::load_records(&chain)?;
-    let last = didgate_audit::entry::Entry::decode(
-        &records
-            .entries
-            .last()
-            .ok_or_else(|| anyhow::anyhow!("empty chain"))?
-            .1,
-    )?;
+    let last = last_entry(&chain)?;
     assert_eq!(last.outcome, Some(didgate_audit::entry::Outcome::Refusal));
     let recorded: Refusal =
         message::open::<Refusal>(last.signed.as_deref().unwrap_or_default())?.message;
@@ -369,14 +372,7 @@ async fn an_answer_of_another_version_is_refused() -> anyhow::Result<()> {
     client.close().await;
     drop(client);
     server.await?;
-    let records = didgate_audit::load_records(&chain)?;
-    let last = didgate_audit::entry::Entry::decode(
-        &records
-            .entries
-            .last()
-            .ok_or_else(|| anyhow::anyhow!("empty chain"))?
-            .1,
-    )?;
+    let last = last_entry(&chain)?;
     assert_eq!(last.outcome, Some(didgate_audit::entry::Outcome::Unknown));
     Ok(())
 }
