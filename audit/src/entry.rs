@@ -168,6 +168,26 @@ pub struct Entry {
         deserialize_with = "present_uint"
     )]
     pub secret_echo: Option<u64>,
+    /// Executed (version 2, amendment 2.3): the immutable id of the secret the call used.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "fixed_opt::serialize",
+        deserialize_with = "present_id"
+    )]
+    pub secret_id: Option<[u8; 16]>,
+    /// Executed (version 2, amendment 2.3): the version of that secret the call used.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present_uint"
+    )]
+    pub secret_version: Option<u64>,
+}
+
+/// [`present_uint`] for a 16-byte id (a byte string, never null).
+fn present_id<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<[u8; 16]>, D::Error> {
+    fixed::deserialize(d).map(Some)
 }
 
 /// A field added by version 2: when its key is there, its value is an unsigned integer (null
@@ -206,6 +226,8 @@ impl Entry {
             root: None,
             version: None,
             secret_echo: None,
+            secret_id: None,
+            secret_version: None,
         }
     }
 
@@ -244,6 +266,15 @@ impl Entry {
         };
         if self.secret_echo.is_some() && (v == Version::V1 || self.kind != EntryKind::Executed) {
             return Err(DecodeError::Field("secret_echo"));
+        }
+        // amendment 2.3: both or neither, on executed entries of version 2
+        if (self.secret_id.is_some() || self.secret_version.is_some())
+            && (v == Version::V1
+                || self.kind != EntryKind::Executed
+                || self.secret_id.is_none()
+                || self.secret_version.is_none())
+        {
+            return Err(DecodeError::Field("secret_id"));
         }
         match (v, self.kind, self.version) {
             (Version::V1, EntryKind::Format, _) => Err(DecodeError::Field("kind")),
@@ -327,6 +358,25 @@ mod tests {
         assert_eq!(
             Entry::decode(&echo.encode()),
             Err(DecodeError::Field("secret_echo"))
+        );
+        // amendment 2.3: the secret a call used, both fields or neither, executed only
+        let mut used = Entry::new(EntryKind::Executed, 5);
+        used.secret_id = Some([7; 16]);
+        used.secret_version = Some(3);
+        assert_eq!(Entry::decode(&used.encode()), Ok(used.clone()));
+        // a byte string, as the table says (0x50: bstr of 16 bytes after the key)
+        let key = b"\x69secret_id\x50";
+        assert!(used.encode().windows(key.len()).any(|w| w == key));
+        let mut half = used.clone();
+        half.secret_version = None;
+        assert_eq!(
+            Entry::decode(&half.encode()),
+            Err(DecodeError::Field("secret_id"))
+        );
+        used.v = 1;
+        assert_eq!(
+            Entry::decode(&used.encode()),
+            Err(DecodeError::Field("secret_id"))
         );
         // a key version 1 lacks is refused even with a null value
         let mut null_key: ciborium::Value =

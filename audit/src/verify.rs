@@ -2263,6 +2263,8 @@ fn decode_entry_fast(bytes: &[u8]) -> Option<Entry> {
             "root" => 22,
             "version" => 23,
             "secret_echo" => 24,
+            "secret_id" => 25,
+            "secret_version" => 26,
             _ => return None,
         };
         if seen & (1 << bit) != 0 {
@@ -2295,7 +2297,9 @@ fn decode_entry_fast(bytes: &[u8]) -> Option<Entry> {
             22 => e.root = r.opt(Cbor::fixed)?,
             // never null (Entry's `present_uint`)
             23 => e.version = Some(r.uint()?),
-            _ => e.secret_echo = Some(r.uint()?),
+            24 => e.secret_echo = Some(r.uint()?),
+            25 => e.secret_id = Some(r.fixed()?),
+            _ => e.secret_version = Some(r.uint()?),
         }
     }
     // v, seq, prev, time_ms and kind are required; anything after the map is refused; the
@@ -2989,6 +2993,10 @@ mod tests {
             2 => {
                 e.kind = EntryKind::Executed;
                 e.secret_echo = Some(rng.int());
+                if rng.below(2) == 0 {
+                    e.secret_id = Some([rng.next() as u8; 16]);
+                    e.secret_version = Some(rng.int());
+                }
             }
             _ => {}
         }

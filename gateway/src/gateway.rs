@@ -1393,7 +1393,7 @@ impl Gateway {
         if let Err(r) = self.still_allowed(&req.envelope.caller(), &grant.id) {
             return self.close_failed(send, call, r.code, &r.reason).await;
         }
-        let secret = match self.secret(&up.secret) {
+        let (used, secret) = match self.secret(&up.secret) {
             Ok(s) => s,
             Err(why) => {
                 return self
@@ -1610,6 +1610,8 @@ impl Gateway {
         e.resp_b3 = Some(resp_b3);
         e.policy = call_policy_hash();
         e.secret_echo = (echoes > 0).then_some(echoes);
+        e.secret_id = Some(used.id);
+        e.secret_version = Some(used.version);
         let closing = match self.chain.append_entry(e).await {
             Ok(a) => a,
             Err(e) => {
@@ -1714,9 +1716,12 @@ impl Gateway {
             .await
     }
 
-    fn secret(&self, name: &str) -> Result<zeroize::Zeroizing<String>, String> {
+    fn secret(
+        &self,
+        name: &str,
+    ) -> Result<(crate::secrets::SecretUse, zeroize::Zeroizing<String>), String> {
         // the current version, only if enabled; the use is remembered for `secret list`
-        self.secrets.open_current(name, now_ms()).map_err(|e| {
+        self.secrets.open_for_call(name, now_ms()).map_err(|e| {
             // the caller learns which secret and in what state, never the operator's store,
             // KMS or file errors (the log has them)
             use crate::secrets::SecretError;

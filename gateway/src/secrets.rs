@@ -221,6 +221,15 @@ pub struct SecretRecord {
     pub history: Vec<Event>,
 }
 
+/// Which secret a call used: its immutable id and the version opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SecretUse {
+    /// The secret's immutable id.
+    pub id: [u8; 16],
+    /// The version opened.
+    pub version: u64,
+}
+
 /// The v2 record as stored.
 #[derive(Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -840,17 +849,39 @@ impl Secrets {
     /// Decrypts the current version of `name` for a call, just in time, and records the use
     /// in memory. Refused unless the secret is enabled.
     pub fn open_current(&self, name: &str, now_ms: u64) -> Result<Zeroizing<String>, SecretError> {
-        let plaintext = {
+        self.open_for_call(name, now_ms)
+            .map(|(_, plaintext)| plaintext)
+    }
+
+    /// [`Secrets::open_current`], also saying which secret (its immutable id) and which version
+    /// was opened, for the call's `executed` entry.
+    pub fn open_for_call(
+        &self,
+        name: &str,
+        now_ms: u64,
+    ) -> Result<(SecretUse, Zeroizing<String>), SecretError> {
+        let opened = {
             // held across read and unwrap, so a master-key rotation never drops the key a
             // record just read names
             let keys = self.keys();
             let rec = self.read(name, keys.current.key_id())?;
-            rec.open_current(keys.for_record(&rec)?.as_ref())?
+            let version = rec
+                .current()
+                .map(|v| v.version)
+                .ok_or_else(|| SecretError::Malformed(rec.name.clone()))?;
+            let plaintext = rec.open_current(keys.for_record(&rec)?.as_ref())?;
+            (
+                SecretUse {
+                    id: rec.id,
+                    version,
+                },
+                plaintext,
+            )
         };
         let mut used = lock(&self.last_used);
         let t = used.entry(name.to_string()).or_default();
         *t = (*t).max(now_ms);
-        Ok(plaintext)
+        Ok(opened)
     }
 
     /// Read-modify-write of one record under the lifecycle lock; seals off expired versions.

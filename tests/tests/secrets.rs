@@ -249,6 +249,18 @@ async fn rotation_keeps_calls_working_across_the_grace_window() -> anyhow::Resul
             .any(|e| e.action == "sealed_off" && e.version == 1)
     );
     drop(store);
+    // every executed entry names the secret and the version its call used (amendment 2.3):
+    // version 1 before the rotation, version 2 after
+    let used: Vec<(Option<[u8; 16]>, Option<u64>)> = h
+        .gateway_entries()?
+        .iter()
+        .filter(|e| e.kind == didgate_audit::entry::EntryKind::Executed)
+        .map(|e| (e.secret_id, e.secret_version))
+        .collect();
+    let id = Some(rec.id);
+    assert_eq!(used.first(), Some(&(id, Some(1))), "{used:?}");
+    assert_eq!(used.last(), Some(&(id, Some(2))), "{used:?}");
+    assert!(used.windows(2).all(|w| w[0].1 <= w[1].1), "{used:?}");
     for v in [CANARY, NEXT] {
         assert!(
             files_containing(h.dir.path(), v.as_bytes()).is_empty(),
