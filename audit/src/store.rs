@@ -603,17 +603,11 @@ impl Chain {
                     head = stage_entry(&engine, &mut batch, &mut frontier, head, format);
                     batch.insert(&engine.meta, HEAD_KEY, encode_ref(&head));
                     batch.insert(&engine.meta, FRONTIER_KEY, encode_frontier(&frontier));
-                    let cp = Checkpoint {
-                        v: Version::CURRENT.as_u64(),
-                        log: owner.to_string(),
-                        chain: entry_hash(&bytes),
-                        size: frontier.size(),
-                        head: head.hash,
-                        root: frontier.root(),
-                        time_ms: now_ms,
-                    };
-                    batch.insert(&engine.checkpoints, cp.size.to_be_bytes(), cp.sign(&signer));
-                    switched = Some(cp.size);
+                    let id = entry_hash(&bytes);
+                    let size = stage_checkpoint(
+                        &engine, &mut batch, &signer, id, &head, &frontier, now_ms,
+                    );
+                    switched = Some(size);
                 }
                 let last_cp = engine
                     .checkpoints
@@ -787,6 +781,30 @@ fn stage_entry(
     batch.insert(&engine.entries, entry.seq.to_be_bytes(), bytes);
     stage_leaf(engine, batch, frontier, &head.hash);
     head
+}
+
+/// Stages the owner's signed checkpoint of the chain `id` at `head` (the frontier's size) in
+/// the writer's version; returns its size.
+fn stage_checkpoint(
+    engine: &Engine,
+    batch: &mut fjall::OwnedWriteBatch,
+    signer: &Identity,
+    id: Digest,
+    head: &EntryRef,
+    frontier: &Frontier,
+    time_ms: u64,
+) -> u64 {
+    let cp = Checkpoint {
+        v: Version::CURRENT.as_u64(),
+        log: signer.did().to_string(),
+        chain: id,
+        size: frontier.size(),
+        head: head.hash,
+        root: frontier.root(),
+        time_ms,
+    };
+    batch.insert(&engine.checkpoints, cp.size.to_be_bytes(), cp.sign(signer));
+    cp.size
 }
 
 /// Stages a leaf (level 0) and the subtrees it completes, and pushes it on the frontier.
@@ -985,19 +1003,14 @@ impl Writer {
                 batch.insert(&engine.meta, FRONTIER_KEY, encode_frontier(&self.frontier));
             }
             if checkpoint {
-                let cp = Checkpoint {
-                    v: Version::CURRENT.as_u64(),
-                    log: self.signer.did().to_string(),
-                    chain: self.id,
-                    size: self.frontier.size(),
-                    head: self.head.hash,
-                    root: self.frontier.root(),
-                    time_ms: now_ms(),
-                };
-                batch.insert(
-                    &engine.checkpoints,
-                    cp.size.to_be_bytes(),
-                    cp.sign(&self.signer),
+                stage_checkpoint(
+                    &engine,
+                    &mut batch,
+                    &self.signer,
+                    self.id,
+                    &self.head,
+                    &self.frontier,
+                    now_ms(),
                 );
             }
             let durable = batch

@@ -38,8 +38,9 @@ impl std::fmt::Debug for Needles {
 }
 
 /// Percent-encoding of every byte but RFC 3986 unreserved ones, with `upper` or lower hex; with
-/// `plus`, a space becomes `+` (form encoding).
-fn percent(s: &[u8], upper: bool, plus: bool) -> Vec<u8> {
+/// `plus`, a space becomes `+` (form encoding). The upstream executor injects a query
+/// credential with it (upper hex, no `+`), so that form is always among the [`Needles`].
+pub(crate) fn percent(s: &[u8], upper: bool, plus: bool) -> Vec<u8> {
     let mut out = Vec::with_capacity(s.len() * 3);
     for &b in s {
         if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
@@ -148,11 +149,6 @@ impl Needles {
     /// Whether there is none (never: the raw form always is).
     pub fn is_empty(&self) -> bool {
         self.forms.is_empty()
-    }
-
-    /// The longest form, bytes.
-    pub fn longest(&self) -> usize {
-        self.longest
     }
 
     /// Redacts every occurrence of every form in `buf`; returns how many were found.
@@ -358,6 +354,60 @@ impl Decoding {
     }
 }
 
+/// What the gateway relays of an upstream body: decoded ([`Decoding`]), held to
+/// `max_response_bytes`, and redacted ([`Redactor`]), chunk by chunk.
+#[derive(Debug)]
+pub struct BodyFilter<'n> {
+    decoding: Decoding,
+    redactor: Redactor<'n>,
+    /// Decoded bytes so far, and the most there may be (`u64::MAX`: unlimited).
+    decoded: u64,
+    max: u64,
+}
+
+impl<'n> BodyFilter<'n> {
+    /// A filter for one body coded as `decoding`, of at most `max` decoded bytes (0 = no limit).
+    pub fn new(decoding: Decoding, needles: &'n Needles, max: u64) -> Self {
+        Self {
+            decoding,
+            redactor: Redactor::new(needles),
+            decoded: 0,
+            max: if max == 0 { u64::MAX } else { max },
+        }
+    }
+
+    /// The bytes to relay for the next coded `chunk`; with `last`, the body ends with it and
+    /// everything the decoder and the redactor held comes out too.
+    pub fn push(&mut self, chunk: &[u8], last: bool) -> Result<Vec<u8>, DecodeFailure> {
+        let budget = self.max - self.decoded;
+        // an unencoded chunk goes to the redactor as it is (the hot path: no copy here)
+        let decoded: std::borrow::Cow<'_, [u8]> = if self.decoding.is_identity() {
+            chunk.into()
+        } else {
+            let mut decoded = self.decoding.push(chunk, budget)?;
+            if last {
+                let decoding = std::mem::replace(&mut self.decoding, Decoding::Identity);
+                decoded.extend(decoding.finish()?);
+            }
+            decoded.into()
+        };
+        if decoded.len() as u64 > budget {
+            return Err(DecodeFailure::TooLarge);
+        }
+        self.decoded += decoded.len() as u64;
+        let mut out = self.redactor.push(&decoded);
+        if last {
+            out.extend(self.redactor.finish());
+        }
+        Ok(out)
+    }
+
+    /// Occurrences of the credential redacted so far.
+    pub fn hits(&self) -> u64 {
+        self.redactor.hits()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -478,6 +528,29 @@ mod tests {
         assert!(Decoding::for_header(Some(b"br")).is_err());
         assert!(Decoding::for_header(Some(b"gzip, br")).is_err());
         assert!(Decoding::for_header(None).expect("none").is_identity());
+    }
+
+    #[test]
+    fn a_body_filter_decodes_limits_and_redacts() {
+        use std::io::Write;
+        let needles = Needles::new(KEY, &Auth::Bearer);
+        let body = format!("{{\"echo\": \"{KEY}\"}}").into_bytes();
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        enc.write_all(&body).expect("gzip");
+        let coded = enc.finish().expect("gzip");
+        let coding = || Decoding::for_header(Some(b"gzip")).expect("gzip");
+        let mut f = BodyFilter::new(coding(), &needles, 0);
+        let (head, tail) = coded.split_at(coded.len() / 2);
+        let mut out = f.push(head, false).expect("decodes");
+        out.extend(f.push(tail, false).expect("decodes"));
+        out.extend(f.push(&[], true).expect("ends"));
+        assert_eq!(out.len(), body.len());
+        assert_eq!(f.hits(), 1);
+        assert!(memchr::memmem::find(&out, KEY.as_bytes()).is_none());
+        let mut f = BodyFilter::new(coding(), &needles, body.len() as u64 - 1);
+        assert_eq!(f.push(&coded, true), Err(DecodeFailure::TooLarge));
+        let mut f = BodyFilter::new(Decoding::Identity, &needles, body.len() as u64);
+        assert_eq!(f.push(&body, true).map(|o| o.len()), Ok(body.len()));
     }
 
     proptest::proptest! {

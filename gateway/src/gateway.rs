@@ -317,9 +317,7 @@ impl Gateway {
     /// Opens the gateway in `dir`.
     pub async fn open(dir: &Path) -> Result<Self, StartError> {
         tls::install_provider();
-        for (path, old, new) in didgate_client::hardening::private_dir(dir, crate::KEY_FILES)? {
-            tracing::warn!(path = %path.display(), "tightened mode {old:o} -> {new:o} (readable by others before)");
-        }
+        crate::private_data_dir(dir)?;
         let d = DataDir::new(dir);
         let config = Config::load(&d.config())?;
         let identity = Arc::new(didgate_client::identity::load(&d.identity())?);
@@ -1425,7 +1423,7 @@ impl Gateway {
         let max_resp = up
             .max_response_bytes
             .unwrap_or(self.config.gateway.max_response_bytes);
-        let mut decoding = match echo::Decoding::for_header(
+        let decoding = match echo::Decoding::for_header(
             resp.headers()
                 .get(reqwest::header::CONTENT_ENCODING)
                 .map(|v| v.as_bytes()),
@@ -1483,7 +1481,7 @@ impl Gateway {
         let mut stream = resp;
         let mut cause = None;
         let mut code = RefusalCode::UpstreamFailed;
-        let mut redactor = echo::Redactor::new(&needles);
+        let mut filter = echo::BodyFilter::new(decoding, &needles, max_resp);
         let too_large = |len: u64| {
             format!(
                 "the upstream response exceeds max_response_bytes ({max_resp}) after {len} bytes relayed"
@@ -1506,16 +1504,11 @@ impl Gateway {
         let declared = stream.content_length();
         let mut received = 0u64;
         while cause.is_none() && !ended {
-            let budget = if max_resp > 0 {
-                max_resp.saturating_sub(len)
-            } else {
-                u64::MAX
-            };
             let got = match next.take() {
                 Some(got) => got,
                 None => stream.chunk().await,
             };
-            let decoded = match got {
+            let chunk = match got {
                 Ok(Some(chunk)) => {
                     received += chunk.len() as u64;
                     if declared == Some(received) {
@@ -1527,17 +1520,11 @@ impl Gateway {
                             peeked => next = peeked,
                         }
                     }
-                    decoding.push(&chunk, budget).and_then(|mut d| {
-                        if ended {
-                            let rest = std::mem::replace(&mut decoding, echo::Decoding::Identity);
-                            d.extend(rest.finish()?);
-                        }
-                        Ok(d)
-                    })
+                    chunk
                 }
                 Ok(None) => {
                     ended = true;
-                    std::mem::replace(&mut decoding, echo::Decoding::Identity).finish()
+                    bytes::Bytes::new()
                 }
                 Err(e) => {
                     cause = Some(format!(
@@ -1547,8 +1534,8 @@ impl Gateway {
                     break;
                 }
             };
-            let decoded = match decoded {
-                Ok(d) => d,
+            let mut out = match filter.push(&chunk, ended) {
+                Ok(out) => out,
                 Err(echo::DecodeFailure::TooLarge) => {
                     code = RefusalCode::ResponseTooLarge;
                     cause = Some(too_large(len));
@@ -1559,16 +1546,7 @@ impl Gateway {
                     break;
                 }
             };
-            if max_resp > 0 && len + decoded.len() as u64 > max_resp {
-                code = RefusalCode::ResponseTooLarge;
-                cause = Some(too_large(len));
-                break;
-            }
-            let mut out = redactor.push(&decoded);
-            if ended {
-                out.extend(redactor.finish());
-            }
-            if redactor.hits() > 0 && up.on_secret_echo == EchoAction::Fail {
+            if filter.hits() > 0 && up.on_secret_echo == EchoAction::Fail {
                 // nothing of what held it is relayed
                 return self
                     .echo_failed(
@@ -1576,7 +1554,7 @@ impl Gateway {
                         req,
                         up,
                         call,
-                        echoes + redactor.hits(),
+                        echoes + filter.hits(),
                         "the response body",
                     )
                     .await;
@@ -1595,7 +1573,7 @@ impl Gateway {
                 cause = Some("client gone mid-stream".into());
             }
         }
-        echoes += redactor.hits();
+        echoes += filter.hits();
         if echoes > 0 {
             self.note_echo(req, up, call, echoes, "redacted");
         }

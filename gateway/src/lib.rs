@@ -77,6 +77,9 @@ pub enum AdminError {
     /// Bad input.
     #[error("{0}")]
     Invalid(String),
+    /// The data directory may be written by others, or its modes cannot be tightened.
+    #[error("data directory: {0}")]
+    DataDir(#[from] didgate_client::hardening::HardeningError),
 }
 
 /// `didgated init`: creates the identity (0600), the master key (0600), the store, a
@@ -96,7 +99,7 @@ pub fn init(dir: &Path, listen: SocketAddr) -> Result<Did, AdminError> {
             .map_err(|e| AdminError::Io(dir.display().to_string(), e))?;
     }
     // every file below is created private whatever the caller's umask
-    private_data_dir(dir).map_err(|e| AdminError::Io(dir.display().to_string(), e))?;
+    private_data_dir(dir)?;
     let identity = Identity::generate();
     didgate_client::identity::create(&d.identity(), &identity)?;
     kms::LocalKms::create(&d.master_key())?;
@@ -111,7 +114,7 @@ pub fn init(dir: &Path, listen: SocketAddr) -> Result<Did, AdminError> {
             .map_err(|e| AdminError::Io(policies.display().to_string(), e))?;
     }
     // what was created under a looser umask (an embedding process) is made private too
-    private_data_dir(dir).map_err(|e| AdminError::Io(dir.display().to_string(), e))?;
+    private_data_dir(dir)?;
     Ok(identity.did().clone())
 }
 
@@ -122,10 +125,8 @@ pub const KEY_FILES: &[&str] = &["identity", "master.key"];
 /// Refuses a data directory that group or others may write to, and removes the group and
 /// other permission bits of everything in it but its key files, logging each change
 /// (specs/threat-model.md).
-pub fn private_data_dir(dir: &Path) -> std::io::Result<()> {
-    let changed = didgate_client::hardening::private_dir(dir, KEY_FILES)
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::PermissionDenied, e.to_string()))?;
-    for (path, old, new) in changed {
+pub fn private_data_dir(dir: &Path) -> Result<(), didgate_client::hardening::HardeningError> {
+    for (path, old, new) in didgate_client::hardening::private_dir(dir, KEY_FILES)? {
         tracing::warn!(path = %path.display(), "tightened mode {old:o} -> {new:o} (readable by others before)");
     }
     Ok(())

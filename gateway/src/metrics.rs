@@ -26,30 +26,8 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 
-/// Every refusal code, in the order of its counter; a code added later counts as `other`.
-const CODES: [RefusalCode; 21] = [
-    RefusalCode::Malformed,
-    RefusalCode::BadSignature,
-    RefusalCode::PeerMismatch,
-    RefusalCode::WrongAudience,
-    RefusalCode::ClockSkew,
-    RefusalCode::Replay,
-    RefusalCode::NotCanonical,
-    RefusalCode::UnknownUpstream,
-    RefusalCode::Policy,
-    RefusalCode::Revoked,
-    RefusalCode::ChainFork,
-    RefusalCode::BodyMismatch,
-    RefusalCode::AuditUnavailable,
-    RefusalCode::SecretUnavailable,
-    RefusalCode::UpstreamFailed,
-    RefusalCode::RateLimited,
-    RefusalCode::ShuttingDown,
-    RefusalCode::GrantExpired,
-    RefusalCode::GrantInvalid,
-    RefusalCode::ResponseTooLarge,
-    RefusalCode::DidUnresolved,
-];
+/// Every refusal code, in the order of its counter; a code of a later version counts as `other`.
+const CODES: [RefusalCode; 21] = RefusalCode::V1;
 
 /// Upper bounds of the latency histogram's buckets, seconds (`+Inf` is implicit).
 pub const LATENCY_BUCKETS: [f64; 13] = [

@@ -127,6 +127,9 @@ pub enum SecretError {
          `didgated kms rotate` finishes or rolls it back"
     )]
     RotationIncomplete(String),
+    /// The data directory may be written by others, or its modes cannot be tightened.
+    #[error("data directory: {0}")]
+    DataDir(#[from] didgate_client::hardening::HardeningError),
 }
 
 /// A secret value in transit to `secret add` or `secret rotate` (stdin, then the control
@@ -1354,7 +1357,7 @@ async fn run_command(
 /// Opens the secrets of `data` directly (no daemon may run): the store, `gateway.toml` if
 /// present (for `secret_grace_secs` and the upstreams), and the master key.
 pub fn open_dir(data: &Path) -> Result<(Arc<Secrets>, Option<Config>), SecretError> {
-    crate::private_data_dir(data).map_err(|e| SecretError::Io(data.display().to_string(), e))?;
+    crate::private_data_dir(data)?;
     let d = DataDir::new(data);
     if !d.store().join("version").is_file() {
         return Err(SecretError::Invalid(format!(

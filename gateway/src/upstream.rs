@@ -256,19 +256,6 @@ pub fn describe(e: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
-/// Percent-encodes everything but RFC 3986 unreserved characters.
-fn encode_component(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
 /// Sends the call upstream with the secret injected. The secret is borrowed and dropped
 /// (zeroized) by the caller right after this returns the response head.
 pub async fn send(
@@ -289,10 +276,13 @@ pub async fn send(
         sep = '&';
     }
     if let Auth::Query { name } = &upstream.auth {
+        // the scanner's own percent-encoding ([`crate::echo`]): the form injected is one it
+        // searches for; ASCII by construction
+        let encoded = |s: &str| Zeroizing::new(crate::echo::percent(s.as_bytes(), true, false));
         url.push(sep);
-        url.push_str(&encode_component(name));
+        url.push_str(&String::from_utf8_lossy(&encoded(name)));
         url.push('=');
-        url.push_str(&encode_component(&secret));
+        url.push_str(&String::from_utf8_lossy(&encoded(&secret)));
     }
     let parsed =
         reqwest::Url::parse(&url).map_err(|_| UpstreamError::Build("invalid URL".into()))?;

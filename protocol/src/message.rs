@@ -255,13 +255,6 @@ impl RefusalCode {
         Self::ShuttingDown,
     ];
 
-    /// The codes a gateway may send in messages of `version` (version 2 adds none yet).
-    pub fn of(version: Version) -> &'static [RefusalCode] {
-        match version {
-            Version::V1 | Version::V2 => &Self::V1,
-        }
-    }
-
     /// The wire name.
     pub fn as_str(&self) -> &str {
         match self {
