@@ -55,6 +55,134 @@ pub enum EntryKind {
     /// Both (version 2 on): the chain switches to the version named in `version`, from this
     /// entry on (`detail`: the writer's release).
     Format,
+    /// Gateway (version 2, amendment 2.4): a secret's lifecycle event, a master-key rotation,
+    /// or the snapshot of every secret (`action`, `secrets`; never a value).
+    Secret,
+}
+
+/// BLAKE3 derive-key context of a sealed secret version's fingerprint.
+pub const SEALED_CONTEXT: &str = "didgate 2026 sealed-secret v1";
+
+/// The fingerprint of one stored secret version: BLAKE3-derive([`SEALED_CONTEXT`]) over the
+/// secret's id, the version (u64 big-endian) and the sealed bytes as stored (nonce ||
+/// ciphertext under the version's random data key). It names the ciphertext, not the value:
+/// it changes with every seal, and a master-key rotation (which rewraps the data key only)
+/// keeps it.
+pub fn sealed_fingerprint(id: &[u8; 16], version: u64, sealed: &[u8]) -> Digest {
+    *blake3::Hasher::new_derive_key(SEALED_CONTEXT)
+        .update(id)
+        .update(&version.to_be_bytes())
+        .update(sealed)
+        .finalize()
+        .as_bytes()
+}
+
+/// What a `secret` entry records (amendment 2.4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SecretAction {
+    /// Every secret the store holds: written once, the first time a gateway of this release
+    /// opens the store (an empty list for a store without secrets).
+    Snapshot,
+    /// `secret add`: version 1 of a new secret.
+    Added,
+    /// `secret rotate`: a new current version; the previous one is retired.
+    Rotated,
+    /// `secret disable`.
+    Disabled,
+    /// `secret enable` of a disabled secret.
+    Enabled,
+    /// `secret delete` (soft delete).
+    Deleted,
+    /// `secret enable` or `disable` of a deleted secret (its new status says which).
+    Restored,
+    /// Retired versions whose grace window ended were removed from the record.
+    SealedOff,
+    /// A deleted secret's retention ended: the record is removed, the name is free.
+    Purged,
+    /// `kms rotate`: every data key rewrapped under a new master key (every secret listed).
+    KmsRotated,
+}
+
+/// A secret's status in a `secret` entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SecretStatus {
+    /// Calls may use it.
+    Enabled,
+    /// Calls are refused.
+    Disabled,
+    /// Soft-deleted: refused, restorable until purged.
+    Deleted,
+    /// Removed from the store.
+    Purged,
+}
+
+/// One secret as a `secret` entry lists it: names, versions and fingerprints, never a value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecretState {
+    /// The secret's name (the store key).
+    pub name: String,
+    /// Its immutable id (what `executed` entries name in `secret_id`).
+    #[serde(with = "fixed")]
+    pub id: [u8; 16],
+    /// Its status after the event.
+    pub status: SecretStatus,
+    /// Id of the master key that wraps its data keys (8 bytes).
+    #[serde(with = "fixed")]
+    pub kek: [u8; 8],
+    /// Every version the record holds after the event, ascending (empty when purged).
+    pub versions: Vec<VersionState>,
+}
+
+/// One held version of a [`SecretState`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VersionState {
+    /// The version number.
+    pub version: u64,
+    /// [`sealed_fingerprint`] of its stored ciphertext.
+    #[serde(with = "fixed")]
+    pub fingerprint: Digest,
+    /// When a rotation retired it; absent for the current version, never null.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present_uint"
+    )]
+    pub retired_ms: Option<u64>,
+}
+
+impl SecretState {
+    /// The current version: the highest, which alone is not retired; `None` when purged.
+    pub fn current(&self) -> Option<u64> {
+        self.versions
+            .last()
+            .filter(|v| v.retired_ms.is_none())
+            .map(|v| v.version)
+    }
+
+    /// The invariants a decoder checks: versions strictly ascending from 1; a purged secret
+    /// holds none; any other holds at least one, and exactly the highest is not retired.
+    fn is_valid(&self) -> bool {
+        let ascending = self
+            .versions
+            .windows(2)
+            .all(|w| w[0].version < w[1].version)
+            && self.versions.first().is_none_or(|v| v.version >= 1);
+        let current_only_last = self
+            .versions
+            .iter()
+            .rev()
+            .skip(1)
+            .all(|v| v.retired_ms.is_some());
+        ascending
+            && match self.status {
+                SecretStatus::Purged => self.versions.is_empty(),
+                _ => self.current().is_some() && current_only_last,
+            }
+    }
 }
 
 /// The role of a chain's owner.
@@ -183,6 +311,29 @@ pub struct Entry {
         deserialize_with = "present_uint"
     )]
     pub secret_version: Option<u64>,
+    /// Secret (version 2, amendment 2.4): what happened.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
+    pub action: Option<SecretAction>,
+    /// Secret (version 2, amendment 2.4): the secrets concerned, as they are after the event
+    /// (one for a secret's own event; every secret for `snapshot` and `kms_rotated`).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present"
+    )]
+    pub secrets: Option<Vec<SecretState>>,
+}
+
+/// A field added by version 2 whose value is a map, an array or a text: present means a
+/// value, never null.
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
+    d: D,
+) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
 }
 
 /// [`present_uint`] for a 16-byte id (a byte string, never null).
@@ -228,7 +379,17 @@ impl Entry {
             secret_echo: None,
             secret_id: None,
             secret_version: None,
+            action: None,
+            secrets: None,
         }
+    }
+
+    /// A `secret` entry (amendment 2.4): `action` on `secrets`, as they are after it.
+    pub fn secret(action: SecretAction, secrets: Vec<SecretState>, time_ms: u64) -> Self {
+        let mut e = Self::new(EntryKind::Secret, time_ms);
+        e.action = Some(action);
+        e.secrets = Some(secrets);
+        e
     }
 
     /// The `format` entry that switches a chain to `to`.
@@ -275,6 +436,25 @@ impl Entry {
                 || self.secret_version.is_none())
         {
             return Err(DecodeError::Field("secret_id"));
+        }
+        // amendment 2.4: action and secrets on secret entries of version 2, and only there
+        match (self.kind, &self.action, &self.secrets) {
+            (EntryKind::Secret, _, _) if v == Version::V1 => {
+                return Err(DecodeError::Field("kind"));
+            }
+            (EntryKind::Secret, Some(action), Some(states)) => {
+                let one = !matches!(action, SecretAction::Snapshot | SecretAction::KmsRotated);
+                let purged = states.iter().any(|s| s.status == SecretStatus::Purged);
+                let valid = states.iter().all(SecretState::is_valid)
+                    && (!one || states.len() == 1)
+                    && purged == (*action == SecretAction::Purged);
+                if !valid {
+                    return Err(DecodeError::Field("secrets"));
+                }
+            }
+            (EntryKind::Secret, _, _) => return Err(DecodeError::Field("action")),
+            (_, None, None) => {}
+            (_, _, _) => return Err(DecodeError::Field("action")),
         }
         match (v, self.kind, self.version) {
             (Version::V1, EntryKind::Format, _) => Err(DecodeError::Field("kind")),
@@ -388,6 +568,96 @@ mod tests {
             ));
         }
         assert!(Entry::decode(&cbor::to_vec(&null_key)).is_err());
+        // amendment 2.4: secret entries, version 2 only, with their invariants
+        let state = |status, versions: &[(u64, Option<u64>)]| SecretState {
+            name: "k".into(),
+            id: [7; 16],
+            status,
+            kek: [1; 8],
+            versions: versions
+                .iter()
+                .map(|&(version, retired_ms)| VersionState {
+                    version,
+                    fingerprint: sealed_fingerprint(&[7; 16], version, b"x"),
+                    retired_ms,
+                })
+                .collect(),
+        };
+        let rotated = Entry::secret(
+            SecretAction::Rotated,
+            vec![state(SecretStatus::Enabled, &[(1, Some(4)), (2, None)])],
+            5,
+        );
+        assert_eq!(Entry::decode(&rotated.encode()), Ok(rotated.clone()));
+        let snapshot = Entry::secret(SecretAction::Snapshot, Vec::new(), 5);
+        assert_eq!(Entry::decode(&snapshot.encode()), Ok(snapshot.clone()));
+        let purged = Entry::secret(
+            SecretAction::Purged,
+            vec![state(SecretStatus::Purged, &[])],
+            5,
+        );
+        assert_eq!(Entry::decode(&purged.encode()), Ok(purged.clone()));
+        for (action, states) in [
+            // two current versions, a current version below a retired one, none current
+            (
+                SecretAction::Rotated,
+                vec![state(SecretStatus::Enabled, &[(1, None), (2, None)])],
+            ),
+            (
+                SecretAction::Rotated,
+                vec![state(SecretStatus::Enabled, &[(1, None), (2, Some(3))])],
+            ),
+            (
+                SecretAction::Disabled,
+                vec![state(SecretStatus::Disabled, &[(1, Some(3))])],
+            ),
+            // versions out of order, version 0, a purge that keeps versions, two states
+            (
+                SecretAction::Added,
+                vec![state(SecretStatus::Enabled, &[(2, Some(1)), (1, None)])],
+            ),
+            (
+                SecretAction::Added,
+                vec![state(SecretStatus::Enabled, &[(0, None)])],
+            ),
+            (
+                SecretAction::Purged,
+                vec![state(SecretStatus::Purged, &[(1, None)])],
+            ),
+            (
+                SecretAction::Deleted,
+                vec![state(SecretStatus::Purged, &[])],
+            ),
+            (
+                SecretAction::Added,
+                vec![state(SecretStatus::Enabled, &[(1, None)]); 2],
+            ),
+        ] {
+            let e = Entry::secret(action, states, 5);
+            assert_eq!(
+                Entry::decode(&e.encode()),
+                Err(DecodeError::Field("secrets")),
+                "{e:?}"
+            );
+        }
+        let mut bare = rotated.clone();
+        bare.secrets = None;
+        assert_eq!(
+            Entry::decode(&bare.encode()),
+            Err(DecodeError::Field("action"))
+        );
+        let mut stray = Entry::new(EntryKind::Executed, 5);
+        stray.action = Some(SecretAction::Added);
+        assert_eq!(
+            Entry::decode(&stray.encode()),
+            Err(DecodeError::Field("action"))
+        );
+        let mut old = rotated.clone();
+        old.v = 1;
+        assert_eq!(
+            Entry::decode(&old.encode()),
+            Err(DecodeError::Field("kind"))
+        );
         for v in [0, 3, u64::MAX] {
             bad = Entry::new(EntryKind::Executed, 5);
             bad.v = v;

@@ -414,8 +414,11 @@ pub enum ClaimRule {
     Absent,
     /// The key must not exist or hold the same value (a client chain head).
     AbsentOrEqual,
-    /// No condition: the value is written with the entry (a revocation).
+    /// No condition: the value is written with the entry (a revocation, a secret's record).
     Put,
+    /// No condition: the key is removed with the entry (a purged secret's record); `value` is
+    /// ignored.
+    Remove,
 }
 
 /// One append: an entry (seq, prev filled in by the writer) and the claims that must hold.
@@ -470,7 +473,22 @@ impl Default for CheckpointPolicy {
     }
 }
 
-type Reply = tokio::sync::oneshot::Sender<Result<Appended, AppendError>>;
+/// Where the writer sends an append's outcome: an async waiter ([`Chain::append`]) or a
+/// blocked thread ([`Chain::append_blocking`]).
+enum Reply {
+    Async(tokio::sync::oneshot::Sender<Result<Appended, AppendError>>),
+    Blocking(mpsc::Sender<Result<Appended, AppendError>>),
+}
+
+impl Reply {
+    fn send(self, outcome: Result<Appended, AppendError>) {
+        // a waiter that went away no longer needs the outcome
+        let _ = match self {
+            Self::Async(tx) => tx.send(outcome).map_err(drop),
+            Self::Blocking(tx) => tx.send(outcome).map_err(drop),
+        };
+    }
+}
 
 enum Msg {
     Append(Box<Append>, Reply),
@@ -715,9 +733,20 @@ impl Chain {
     pub async fn append(&self, append: Append) -> Result<Appended, AppendError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.tx
-            .send(Msg::Append(Box::new(append), tx))
+            .send(Msg::Append(Box::new(append), Reply::Async(tx)))
             .map_err(|_| AppendError::Unavailable("writer stopped".into()))?;
         rx.await
+            .map_err(|_| AppendError::Unavailable("writer stopped".into()))?
+    }
+
+    /// [`Chain::append`] for synchronous code (the secret lifecycle, which runs on blocking
+    /// threads): blocks the calling thread until the batch holding it is fsynced.
+    pub fn append_blocking(&self, append: Append) -> Result<Appended, AppendError> {
+        let (tx, rx) = mpsc::channel();
+        self.tx
+            .send(Msg::Append(Box::new(append), Reply::Blocking(tx)))
+            .map_err(|_| AppendError::Unavailable("writer stopped".into()))?;
+        rx.recv()
             .map_err(|_| AppendError::Unavailable("writer stopped".into()))?
     }
 
@@ -822,6 +851,9 @@ fn stage_leaf(
     batch.insert(&store.merkle, merkle_key(0, index), leaf.to_vec());
     frontier.push(leaf);
 }
+
+/// What the claims of a batch's earlier appends wrote: `None` for a removed key.
+type Claimed = HashMap<(&'static str, Vec<u8>), Option<Vec<u8>>>;
 
 struct Writer {
     store: Store,
@@ -952,7 +984,7 @@ impl Writer {
         {
             let err = AppendError::Unavailable(why);
             for (_, reply) in jobs {
-                let _ = reply.send(Err(err.clone()));
+                reply.send(Err(err.clone()));
             }
             return Err(err);
         }
@@ -970,7 +1002,7 @@ impl Writer {
         for entry in closes.iter().cloned() {
             head = stage_entry(&engine, &mut batch, &mut frontier, head, entry);
         }
-        let mut claimed: HashMap<(&'static str, Vec<u8>), Vec<u8>> = HashMap::new();
+        let mut claimed: Claimed = HashMap::new();
         let mut outcomes = Vec::with_capacity(jobs.len());
         for (append, reply) in jobs {
             if let Err(e) = self.check(&append.claims, &claimed) {
@@ -978,10 +1010,14 @@ impl Writer {
                 continue;
             }
             for c in append.claims {
+                let value = (c.rule != ClaimRule::Remove).then_some(c.value);
                 if let Some(ks) = engine.spaces.get(c.space) {
-                    batch.insert(ks, c.key.clone(), c.value.clone());
+                    match &value {
+                        Some(v) => batch.insert(ks, c.key.clone(), v.clone()),
+                        None => batch.remove(ks, c.key.clone()),
+                    }
                 }
-                claimed.insert((c.space, c.key), c.value);
+                claimed.insert((c.space, c.key), value);
             }
             head = stage_entry(&engine, &mut batch, &mut frontier, head, append.entry);
             outcomes.push((
@@ -1030,7 +1066,7 @@ impl Writer {
             }
         }
         for (reply, outcome) in outcomes {
-            let _ = reply.send(outcome);
+            reply.send(outcome);
         }
         Ok(())
     }
@@ -1046,19 +1082,15 @@ impl Writer {
         self.cause = Some(cause.clone());
         let err = AppendError::Unavailable(cause);
         for reply in replies {
-            let _ = reply.send(Err(err.clone()));
+            reply.send(Err(err.clone()));
         }
         Err(err)
     }
 
-    fn check(
-        &self,
-        claims: &[Claim],
-        claimed: &HashMap<(&'static str, Vec<u8>), Vec<u8>>,
-    ) -> Result<(), AppendError> {
+    fn check(&self, claims: &[Claim], claimed: &Claimed) -> Result<(), AppendError> {
         for (index, c) in claims.iter().enumerate() {
             let existing = match claimed.get(&(c.space, c.key.clone())) {
-                Some(v) => Some(v.clone()),
+                Some(v) => v.clone(),
                 None => self
                     .store
                     .get(c.space, &c.key)
@@ -1067,7 +1099,7 @@ impl Writer {
             let ok = match (c.rule, existing) {
                 (_, None) => true,
                 (ClaimRule::AbsentOrEqual, Some(v)) => v == c.value,
-                (ClaimRule::Put, Some(_)) => true,
+                (ClaimRule::Put | ClaimRule::Remove, Some(_)) => true,
                 (ClaimRule::Absent, Some(_)) => false,
             };
             if !ok {
@@ -1149,5 +1181,69 @@ mod tests {
             prev = entry_hash(&bytes);
         }
         assert_eq!(prev, head.hash);
+    }
+
+    /// A record written and removed atomically with entries, from a plain thread: the claim
+    /// rules `Put` and `Remove` and [`Chain::append_blocking`].
+    #[test]
+    fn put_and_remove_claims_go_with_their_entries() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let owner = Arc::new(Identity::from_seed(&[2; 32]));
+        let store = Store::open(dir.path(), &["records"]).expect("open");
+        let chain = Chain::open(
+            store.clone(),
+            owner,
+            Role::Gateway,
+            1,
+            CheckpointPolicy::default(),
+        )
+        .expect("chain");
+        let claim = |rule, value: &[u8]| Claim {
+            space: "records",
+            key: b"k".to_vec(),
+            value: value.to_vec(),
+            rule,
+        };
+        for (rule, value, after) in [
+            (ClaimRule::Put, &b"one"[..], Some(&b"one"[..])),
+            (ClaimRule::Put, b"two", Some(b"two")),
+            (ClaimRule::Remove, b"", None),
+            (ClaimRule::Remove, b"", None),
+        ] {
+            let appended = chain
+                .append_blocking(Append {
+                    entry: Entry::new(EntryKind::Refusals, 2),
+                    claims: vec![claim(rule, value)],
+                })
+                .expect("append");
+            assert_eq!(
+                store.get("records", b"k").expect("get").as_deref(),
+                after,
+                "after entry {}",
+                appended.entry.seq
+            );
+        }
+        // a removal seen by a later claim of the same batch: the key is absent again
+        let (a, b) = (chain.clone(), chain.clone());
+        let first = std::thread::spawn(move || {
+            a.append_blocking(Append {
+                entry: Entry::new(EntryKind::Refusals, 3),
+                claims: vec![claim(ClaimRule::Absent, b"three")],
+            })
+        });
+        let second = std::thread::spawn(move || {
+            b.append_blocking(Append {
+                entry: Entry::new(EntryKind::Refusals, 3),
+                claims: vec![claim(ClaimRule::Absent, b"four")],
+            })
+        });
+        let outcomes = [first.join().expect("join"), second.join().expect("join")];
+        assert_eq!(
+            outcomes.iter().filter(|o| o.is_ok()).count(),
+            1,
+            "{outcomes:?}"
+        );
+        assert_eq!(chain.head().expect("head").seq, 5);
+        chain.close();
     }
 }

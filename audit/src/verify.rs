@@ -24,7 +24,7 @@ use didgate_protocol::{Did, Principal, Version, WebDid};
 use ed25519_dalek::{Signature, VerifyingKey};
 use serde::Serialize;
 
-use crate::entry::{Entry, EntryKind, Outcome, Role, entry_hash};
+use crate::entry::{Entry, EntryKind, Outcome, Role, SecretAction, entry_hash};
 use crate::merkle;
 
 /// The records of one chain as read from a store or an export.
@@ -89,6 +89,10 @@ pub enum ViolationKind {
     /// than the chain's at that point, a switch (`format` entry) to anything but the next
     /// version, or a second switch (specs/audit-log.md, "Format evolution").
     FormatViolation,
+    /// After a gateway chain's secret snapshot, an `executed` entry names a secret version
+    /// that no earlier `secret` entry declared, or one older than the version that was current
+    /// before the call's `executing` entry (specs/audit-log.md, "Gateway chains").
+    SecretMismatch,
 }
 
 /// One violation.
@@ -181,6 +185,76 @@ impl Report {
     /// True when nothing is violated.
     pub fn ok(&self) -> bool {
         self.violations.is_empty()
+    }
+}
+
+/// What a gateway chain's `secret` entries declared (amendment 2.4), from its first snapshot
+/// on: each secret's versions, and when its current version changed.
+#[derive(Default)]
+struct SecretLedger {
+    /// Seq of the first `snapshot` entry; nothing is checked before it.
+    snapshot: Option<u64>,
+    /// By secret id.
+    secrets: HashMap<[u8; 16], Declared>,
+}
+
+/// One secret in a [`SecretLedger`].
+#[derive(Default)]
+struct Declared {
+    /// Every version an entry listed.
+    versions: HashSet<u64>,
+    /// (seq, current version) at each entry that listed it, in seq order.
+    currents: Vec<(u64, Option<u64>)>,
+}
+
+impl SecretLedger {
+    fn declare(&mut self, e: &Entry) {
+        if e.action == Some(SecretAction::Snapshot) && self.snapshot.is_none() {
+            self.snapshot = Some(e.seq);
+        }
+        if self.snapshot.is_none() {
+            return;
+        }
+        for state in e.secrets.iter().flatten() {
+            let d = self.secrets.entry(state.id).or_default();
+            d.versions.extend(state.versions.iter().map(|v| v.version));
+            d.currents.push((e.seq, state.current()));
+        }
+    }
+
+    /// Checks the secret an `executed` entry names against what was declared before it, and
+    /// before its call's `executing` entry at `began`.
+    fn check_use(&self, e: &Entry, began: Option<u64>) -> Result<(), String> {
+        let (Some(snapshot), Some(id), Some(version)) =
+            (self.snapshot, e.secret_id, e.secret_version)
+        else {
+            return Ok(());
+        };
+        let named = format!("secret {} version {version}", hex::encode(id));
+        let Some(Declared { currents, .. }) = self
+            .secrets
+            .get(&id)
+            .filter(|d| d.versions.contains(&version))
+        else {
+            return Err(format!(
+                "names {named}, which no secret entry since the snapshot at seq {snapshot} declares"
+            ));
+        };
+        let Some(began) = began else {
+            return Ok(());
+        };
+        // the call opened its secret after its executing entry was durable: a version
+        // replaced before that entry cannot be the one it used
+        let before = currents.partition_point(|(seq, _)| *seq < began);
+        if let Some((at, Some(current))) = before.checked_sub(1).map(|i| currents[i])
+            && version < current
+        {
+            return Err(format!(
+                "names {named}, but version {current} was current from seq {at}, before the \
+                 call's executing entry at seq {began}"
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -846,10 +920,12 @@ fn run(gateways: &[ChainRecords], clients: &[ChainRecords], threads: usize) -> (
     let mut gw_calls = vec![0u64; gws.len()];
     for (gi, g) in gws.iter().enumerate() {
         let mut open: HashMap<Digest, u64> = HashMap::new();
+        let mut secrets = SecretLedger::default();
         for item in &g.items {
             let e = &item.entry;
             let seq = Some(e.seq);
             match e.kind {
+                EntryKind::Secret => secrets.declare(e),
                 EntryKind::Executing | EntryKind::Granted | EntryKind::Refused => {
                     let Some(bytes) = &e.signed else {
                         if e.kind == EntryKind::Executing {
@@ -946,7 +1022,13 @@ fn run(gateways: &[ChainRecords], clients: &[ChainRecords], threads: usize) -> (
                         );
                         continue;
                     };
-                    if open.remove(&call).is_none() {
+                    let began = open.remove(&call);
+                    if e.kind == EntryKind::Executed
+                        && let Err(why) = secrets.check_use(e, began)
+                    {
+                        cx.flag(&g.label, seq, ViolationKind::SecretMismatch, why);
+                    }
+                    if began.is_none() {
                         let kind = if closed.contains_key(&call) {
                             ViolationKind::DuplicateCall
                         } else {
@@ -2826,6 +2908,106 @@ mod tests {
             bytes[at] ^= 0x20;
         }
         (vec![g.records("gateway")], vec![c0, c1.records("client-1")])
+    }
+
+    /// Amendment 2.4: from the snapshot on, each executed entry names a version a secret entry
+    /// declared before it, and not one replaced before its call began.
+    #[test]
+    fn executed_entries_tie_to_declared_secret_versions() {
+        use crate::entry::{SecretState, SecretStatus, VersionState};
+        let gw = Identity::from_seed(&[0x9b; 32]);
+        let mut g = Builder::new(&gw, Role::Gateway);
+        let state = |current: u64| SecretState {
+            name: "payments-key".into(),
+            id: [5; 16],
+            status: SecretStatus::Enabled,
+            kek: [1; 8],
+            versions: (1..=current)
+                .map(|v| VersionState {
+                    version: v,
+                    fingerprint: [v as u8; 32],
+                    retired_ms: (v < current).then_some(9),
+                })
+                .collect(),
+        };
+        let client = Identity::from_seed(&[0x1c; 32]);
+        let mut n = 0u8;
+        let mut current = [0; 32];
+        let mut call = |g: &mut Builder, kind: EntryKind, id: [u8; 16], version: u64| {
+            let mut e = Entry::new(kind, 10);
+            if kind == EntryKind::Executing {
+                n += 1;
+                let req = Request {
+                    v: VERSION,
+                    aud: gw.did().to_string(),
+                    upstream: "payments".into(),
+                    method: "GET".into(),
+                    path: "/v1/balance".into(),
+                    query: Vec::new(),
+                    headers: Vec::new(),
+                    body_len: 0,
+                    body_b3: *blake3::hash(b"").as_bytes(),
+                    nonce: [n; 16],
+                    time_ms: 10,
+                    head: ChainHead {
+                        chain: [0x1c; 32],
+                        seq: u64::from(n),
+                        hash: [n; 32],
+                    },
+                };
+                let bytes = req.sign(&client);
+                current = envelope::verify(&bytes, Kind::Request)
+                    .expect("own request")
+                    .digest();
+                e.signed = Some(bytes);
+                e.subject = Some(client.did().to_string());
+                e.peer_head = Some(req.head);
+            } else {
+                e.secret_id = Some(id);
+                e.secret_version = Some(version);
+            }
+            e.call = Some(current);
+            g.push(e, &gw).seq
+        };
+        let id = [5; 16];
+        // before the snapshot nothing is known, and nothing is checked
+        call(&mut g, EntryKind::Executing, id, 0);
+        call(&mut g, EntryKind::Executed, [6; 16], 4);
+        g.push(
+            Entry::secret(SecretAction::Snapshot, vec![state(1)], 10),
+            &gw,
+        );
+        call(&mut g, EntryKind::Executing, id, 0);
+        call(&mut g, EntryKind::Executed, id, 1);
+        // a call that began before the rotation may use either version
+        call(&mut g, EntryKind::Executing, id, 0);
+        g.push(
+            Entry::secret(SecretAction::Rotated, vec![state(2)], 10),
+            &gw,
+        );
+        call(&mut g, EntryKind::Executed, id, 1);
+        call(&mut g, EntryKind::Executing, id, 0);
+        call(&mut g, EntryKind::Executed, id, 2);
+        // violations: the replaced version, a version never declared, an unknown secret
+        call(&mut g, EntryKind::Executing, id, 0);
+        let stale = call(&mut g, EntryKind::Executed, id, 1);
+        call(&mut g, EntryKind::Executing, id, 0);
+        let future = call(&mut g, EntryKind::Executed, id, 3);
+        call(&mut g, EntryKind::Executing, id, 0);
+        let stranger = call(&mut g, EntryKind::Executed, [6; 16], 1);
+        let report = verify(&[g.records("gateway")], &[]);
+        let found: Vec<u64> = report
+            .violations
+            .iter()
+            .filter(|v| v.kind == ViolationKind::SecretMismatch)
+            .filter_map(|v| v.seq)
+            .collect();
+        assert_eq!(
+            found,
+            vec![stale, future, stranger],
+            "{:#?}",
+            report.violations
+        );
     }
 
     #[test]

@@ -1,15 +1,21 @@
-//! The format-switch vectors (specs/audit-log.md, "Format evolution", "Vectors").
+//! The audit-log vectors (specs/audit-log.md, "Format evolution", "Vectors").
 //!
 //! Builds, deterministically, a gateway chain that crosses the switch from version 1 to
-//! version 2 and variants that break the rule; checks that the committed
-//! `specs/vectors/format-switch.json` is exactly what this release builds (set
-//! `DIDGATE_WRITE_VECTORS=1` to rewrite it after a deliberate change), and that the verifier's
-//! verdict on every chain of the committed file is the one the file states.
+//! version 2 and variants that break the rule (`specs/vectors/format-switch.json`), and gateway
+//! chains with secret lifecycle entries and calls that tie, or fail to tie, to the versions
+//! they declare (`specs/vectors/secret-lifecycle.json`, amendment 2.4); checks that the
+//! committed files are exactly what this release builds (set `DIDGATE_WRITE_VECTORS=1` to
+//! rewrite them after a deliberate change), and that the verifier's verdict on every chain of
+//! the committed files is the one the file states.
 
-use didgate_audit::entry::{Entry, EntryKind, Role, entry_hash};
+use didgate_audit::entry::{
+    Entry, EntryKind, Role, SecretAction, SecretState, SecretStatus, VersionState, entry_hash,
+    sealed_fingerprint,
+};
 use didgate_audit::merkle::{self, Frontier};
 use didgate_audit::{ChainRecords, verify};
-use didgate_protocol::message::{Checkpoint, EntryRef, SignedMessage};
+use didgate_protocol::envelope::{self, Kind};
+use didgate_protocol::message::{ChainHead, Checkpoint, Digest, EntryRef, Request, SignedMessage};
 use didgate_protocol::{Identity, Version};
 use serde_json::{Value, json};
 
@@ -44,17 +50,13 @@ fn sealed(mut s: Spec) -> Spec {
 /// A built chain: its entries' (seq, stored bytes), its head and its signed checkpoints.
 type Built = (Vec<(u64, Vec<u8>)>, EntryRef, Vec<Vec<u8>>);
 
+/// A built vector chain: name, description, the chain, expected violations as (seq, kind).
+type BuiltCase = (&'static str, &'static str, Built, Vec<(u64, &'static str)>);
+
 /// The chain `specs` describe.
 fn build(specs: &[Spec]) -> Built {
     let owner = owner();
     let mut entries = Vec::new();
-    let mut checkpoints = Vec::new();
-    let mut frontier = Frontier::default();
-    let mut head = EntryRef {
-        seq: 0,
-        hash: [0; 32],
-    };
-    let mut id = [0; 32];
     for (seq, s) in specs.iter().enumerate() {
         let seq = seq as u64;
         let time_ms = T0 + seq * 1000;
@@ -63,8 +65,6 @@ fn build(specs: &[Spec]) -> Built {
             kind => Entry::new(kind, time_ms),
         };
         e.v = s.v.as_u64();
-        e.seq = seq;
-        e.prev = head.hash;
         match s.kind {
             EntryKind::Genesis => {
                 e.owner = Some(owner.did().to_string());
@@ -84,6 +84,27 @@ fn build(specs: &[Spec]) -> Built {
             }
             other => panic!("no vector entry of kind {other:?}"),
         }
+        entries.push((e, s.checkpoint));
+    }
+    link(entries)
+}
+
+/// Chains `entries` as the writer does (seq, prev), signing a checkpoint (of the entry's
+/// version) after each entry marked so.
+fn link(entries: Vec<(Entry, bool)>) -> Built {
+    let owner = owner();
+    let mut out = Vec::new();
+    let mut checkpoints = Vec::new();
+    let mut frontier = Frontier::default();
+    let mut head = EntryRef {
+        seq: 0,
+        hash: [0; 32],
+    };
+    let mut id = [0; 32];
+    for (seq, (mut e, checkpoint)) in entries.into_iter().enumerate() {
+        let seq = seq as u64;
+        e.seq = seq;
+        e.prev = head.hash;
         let bytes = e.encode();
         let hash = entry_hash(&bytes);
         if seq == 0 {
@@ -91,21 +112,21 @@ fn build(specs: &[Spec]) -> Built {
         }
         frontier.push(merkle::leaf_hash(&hash));
         head = EntryRef { seq, hash };
-        entries.push((seq, bytes));
-        if s.checkpoint {
+        out.push((seq, bytes));
+        if checkpoint {
             let cp = Checkpoint {
-                v: s.v.as_u64(),
+                v: e.v,
                 log: owner.did().to_string(),
                 chain: id,
                 size: frontier.size(),
                 head: hash,
                 root: frontier.root(),
-                time_ms: time_ms + 1,
+                time_ms: e.time_ms + 1,
             };
             checkpoints.push(cp.sign(&owner));
         }
     }
-    (entries, head, checkpoints)
+    (out, head, checkpoints)
 }
 
 /// (name, description, entries, expected violations as (seq, kind)).
@@ -197,59 +218,77 @@ fn cases() -> Vec<Case> {
 
 fn vectors() -> Value {
     let owner = owner();
-    let chains: Vec<Value> = cases()
+    let built = cases()
         .into_iter()
-        .map(|(name, description, specs, expected)| {
-            let (entries, head, checkpoints) = build(&specs);
-            json!({
-                "name": name,
-                "description": description,
-                "entries": entries
-                    .iter()
-                    .map(|(seq, bytes)| json!({"seq": seq, "bytes": hex::encode(bytes)}))
-                    .collect::<Vec<_>>(),
-                "head": {"seq": head.seq, "hash": hex::encode(head.hash)},
-                "checkpoints": checkpoints.iter().map(hex::encode).collect::<Vec<_>>(),
-                "expected": {
-                    "verdict": if expected.is_empty() { "ok" } else { "failed" },
-                    "violations": expected
-                        .iter()
-                        .map(|(seq, kind)| json!({"seq": seq, "kind": kind}))
-                        .collect::<Vec<_>>(),
-                },
-            })
-        })
-        .collect();
+        .map(|(name, description, specs, expected)| (name, description, build(&specs), expected));
     json!({
         "description": "Gateway chains around the format switch from version 1 to version 2 (specs/audit-log.md, \"Format evolution\"). Each chain: its entries' stored bytes in key order, the recorded head, the signed checkpoints, and what a verifier must find. The owner is the did:key of seed 00..00 (role gateway).",
         "owner": owner.did().to_string(),
         "role": "gateway",
-        "chains": chains,
+        "chains": chains_json(built),
     })
 }
 
-fn vector_path() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../specs/vectors/format-switch.json")
+/// The JSON of built chains with their expected violations as (seq, kind).
+fn chains_json(built: impl Iterator<Item = BuiltCase>) -> Vec<Value> {
+    built
+        .map(
+            |(name, description, (entries, head, checkpoints), expected)| {
+                json!({
+                    "name": name,
+                    "description": description,
+                    "entries": entries
+                        .iter()
+                        .map(|(seq, bytes)| json!({"seq": seq, "bytes": hex::encode(bytes)}))
+                        .collect::<Vec<_>>(),
+                    "head": {"seq": head.seq, "hash": hex::encode(head.hash)},
+                    "checkpoints": checkpoints.iter().map(hex::encode).collect::<Vec<_>>(),
+                    "expected": {
+                        "verdict": if expected.is_empty() { "ok" } else { "failed" },
+                        "violations": expected
+                            .iter()
+                            .map(|(seq, kind)| json!({"seq": seq, "kind": kind}))
+                            .collect::<Vec<_>>(),
+                    },
+                })
+            },
+        )
+        .collect()
+}
+
+fn vector_path(file: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../specs/vectors")
+        .join(file)
+}
+
+/// The vector files and what this release builds for each.
+fn vector_files() -> [(&'static str, Value); 2] {
+    [
+        ("format-switch.json", vectors()),
+        ("secret-lifecycle.json", secret_vectors()),
+    ]
 }
 
 #[test]
 fn committed_vectors_are_what_this_release_builds() {
-    let built = vectors();
-    let path = vector_path();
-    if std::env::var_os("DIDGATE_WRITE_VECTORS").is_some() {
-        let text = serde_json::to_string_pretty(&built).expect("json") + "\n";
-        std::fs::write(&path, text).expect("write the vectors");
+    for (file, built) in vector_files() {
+        let path = vector_path(file);
+        if std::env::var_os("DIDGATE_WRITE_VECTORS").is_some() {
+            let text = serde_json::to_string_pretty(&built).expect("json") + "\n";
+            std::fs::write(&path, text).expect("write the vectors");
+        }
+        let committed: Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).expect("a vector file"))
+                .expect("the committed vectors are JSON");
+        // compared as JSON values: key order depends on serde_json's features in a workspace
+        // build
+        assert!(
+            committed == built,
+            "specs/vectors/{file} differs from what this release builds \
+             (DIDGATE_WRITE_VECTORS=1 rewrites it after a deliberate change)"
+        );
     }
-    let committed: Value = serde_json::from_str(
-        &std::fs::read_to_string(&path).expect("specs/vectors/format-switch.json"),
-    )
-    .expect("the committed vectors are JSON");
-    // compared as JSON values: key order depends on serde_json's features in a workspace build
-    assert!(
-        committed == built,
-        "specs/vectors/format-switch.json differs from what this release builds \
-         (DIDGATE_WRITE_VECTORS=1 rewrites it after a deliberate change)"
-    );
 }
 
 fn hex_field(v: &Value) -> Vec<u8> {
@@ -260,10 +299,16 @@ fn hex_field(v: &Value) -> Vec<u8> {
 /// file alone (as an outside verifier would).
 #[test]
 fn the_verifier_agrees_with_the_committed_verdicts() {
-    let text = std::fs::read_to_string(vector_path()).expect("vectors");
-    let file: Value = serde_json::from_str(&text).expect("json");
-    let chains = file["chains"].as_array().expect("chains");
-    assert!(chains.len() >= 7);
+    for (file, at_least) in [("format-switch.json", 7), ("secret-lifecycle.json", 4)] {
+        let text = std::fs::read_to_string(vector_path(file)).expect("vectors");
+        let file: Value = serde_json::from_str(&text).expect("json");
+        let chains = file["chains"].as_array().expect("chains");
+        assert!(chains.len() >= at_least);
+        verdicts_agree(chains);
+    }
+}
+
+fn verdicts_agree(chains: &[Value]) {
     for c in chains {
         let name = c["name"].as_str().expect("name");
         let head = &c["head"];
@@ -310,12 +355,235 @@ fn the_verifier_agrees_with_the_committed_verdicts() {
             c["expected"]["verdict"] == "ok",
             "{name}: verdict"
         );
-        // every chain names the switch the way the spec says: the format entry's own version
+        // every entry decodes but those the file says are altered, and every chain names the
+        // switch the way the spec says: the format entry's own version
         for e in c["entries"].as_array().expect("entries") {
-            let entry = Entry::decode(&hex_field(&e["bytes"])).expect("every vector entry decodes");
-            if entry.kind == EntryKind::Format {
-                assert_eq!(entry.version, Some(entry.v), "{name}");
+            let seq = e["seq"].as_u64();
+            match Entry::decode(&hex_field(&e["bytes"])) {
+                Ok(entry) if entry.kind == EntryKind::Format => {
+                    assert_eq!(entry.version, Some(entry.v), "{name}");
+                }
+                Ok(_) => {}
+                Err(why) => assert!(
+                    expected.contains(&(seq, "altered_entry".to_string())),
+                    "{name}: seq {seq:?} does not decode: {why}"
+                ),
             }
         }
     }
+}
+
+/// The client whose signed requests the secret-lifecycle chains hold: seed 01..01.
+fn client() -> Identity {
+    Identity::from_seed(&[1; 32])
+}
+
+/// The id of the secret `payments-key` in the secret-lifecycle vectors.
+const PAYMENTS: [u8; 16] = [0x5e; 16];
+
+/// `payments-key` holding versions `1..=current` (all but `current` retired), wrapped under
+/// master key `kek`, with `status`. Fingerprints are over the stand-in sealed bytes
+/// `sealed v{N}`.
+fn payments(current: u64, status: SecretStatus, kek: u8) -> SecretState {
+    SecretState {
+        name: "payments-key".into(),
+        id: PAYMENTS,
+        status,
+        kek: [kek; 8],
+        versions: (1..=current)
+            .map(|v| VersionState {
+                version: v,
+                fingerprint: sealed_fingerprint(&PAYMENTS, v, format!("sealed v{v}").as_bytes()),
+                retired_ms: (v < current).then_some(T0 + v * 1000),
+            })
+            .collect(),
+    }
+}
+
+/// Builds secret-lifecycle chains: entries are added in order, each at `T0 + seq * 1000`.
+struct Lifecycle {
+    entries: Vec<(Entry, bool)>,
+    calls: u8,
+}
+
+impl Lifecycle {
+    fn new() -> Self {
+        let mut g = Entry::new(EntryKind::Genesis, T0);
+        g.owner = Some(owner().did().to_string());
+        g.role = Some(Role::Gateway);
+        Self {
+            entries: vec![(g, false)],
+            calls: 0,
+        }
+    }
+
+    fn time(&self) -> u64 {
+        T0 + self.entries.len() as u64 * 1000
+    }
+
+    fn secret(mut self, action: SecretAction, states: Vec<SecretState>) -> Self {
+        let e = Entry::secret(action, states, self.time());
+        self.entries.push((e, false));
+        self
+    }
+
+    /// An executing entry of a new call (a GET by the seed 01 client); returns its call ID.
+    fn executing(&mut self) -> Digest {
+        self.calls += 1;
+        let n = self.calls;
+        let req = Request {
+            v: Version::V2.as_u64(),
+            aud: owner().did().to_string(),
+            upstream: "payments".into(),
+            method: "GET".into(),
+            path: "/v1/balance".into(),
+            query: Vec::new(),
+            headers: Vec::new(),
+            body_len: 0,
+            body_b3: *blake3::hash(b"").as_bytes(),
+            nonce: [n; 16],
+            time_ms: self.time(),
+            head: ChainHead {
+                chain: [0xc1; 32],
+                seq: u64::from(n) * 2,
+                hash: [n; 32],
+            },
+        };
+        let signed = req.sign(&client());
+        let call = envelope::verify(&signed, Kind::Request)
+            .expect("own request")
+            .digest();
+        let mut e = Entry::new(EntryKind::Executing, self.time());
+        e.call = Some(call);
+        e.signed = Some(signed);
+        e.subject = Some(client().did().to_string());
+        e.grant = Some([n; 16]);
+        e.peer_head = Some(req.head);
+        self.entries.push((e, false));
+        call
+    }
+
+    /// The executed entry of `call`, naming secret `id` version `version`.
+    fn executed(mut self, call: Digest, id: [u8; 16], version: u64) -> Self {
+        let mut e = Entry::new(EntryKind::Executed, self.time());
+        e.call = Some(call);
+        e.status = Some(200);
+        e.resp_len = Some(2);
+        e.resp_b3 = Some(*blake3::hash(b"{}").as_bytes());
+        e.secret_id = Some(id);
+        e.secret_version = Some(version);
+        self.entries.push((e, false));
+        self
+    }
+
+    /// A call whose executing and executed entries are adjacent.
+    fn call(mut self, id: [u8; 16], version: u64) -> Self {
+        let call = self.executing();
+        self.executed(call, id, version)
+    }
+
+    fn seq(&self) -> u64 {
+        self.entries.len() as u64
+    }
+
+    fn sealed(mut self) -> Built {
+        if let Some(last) = self.entries.last_mut() {
+            last.1 = true;
+        }
+        link(self.entries)
+    }
+}
+
+fn secret_vectors() -> Value {
+    use SecretAction as A;
+    use SecretStatus as S;
+    let snapshot = || Lifecycle::new().secret(A::Snapshot, vec![payments(1, S::Enabled, 0x4b)]);
+    let other = |status| SecretState {
+        name: "other-key".into(),
+        id: [0x0e; 16],
+        status,
+        kek: [0x4b; 8],
+        versions: if status == S::Purged {
+            Vec::new()
+        } else {
+            vec![VersionState {
+                version: 1,
+                fingerprint: sealed_fingerprint(&[0x0e; 16], 1, b"sealed v1"),
+                retired_ms: None,
+            }]
+        },
+    };
+    let lifecycle = {
+        let mut l = snapshot().call(PAYMENTS, 1);
+        // a call that began before the rotation may still use the version it opened
+        let began = l.executing();
+        l.secret(A::Rotated, vec![payments(2, S::Enabled, 0x4b)])
+            .executed(began, PAYMENTS, 1)
+            .call(PAYMENTS, 2)
+            .secret(A::Added, vec![other(S::Enabled)])
+            .secret(A::Disabled, vec![other(S::Disabled)])
+            .secret(A::Deleted, vec![other(S::Deleted)])
+            .secret(A::Purged, vec![other(S::Purged)])
+            .secret(A::KmsRotated, vec![payments(2, S::Enabled, 0x4c)])
+            .call(PAYMENTS, 2)
+            .sealed()
+    };
+    let stale = snapshot().secret(A::Rotated, vec![payments(2, S::Enabled, 0x4b)]);
+    let stale_at = stale.seq() + 1;
+    let undeclared = snapshot();
+    let undeclared_at = undeclared.seq() + 1;
+    let unknown = snapshot();
+    let unknown_at = unknown.seq() + 1;
+    let mut two_current = payments(2, S::Enabled, 0x4b);
+    two_current.versions[0].retired_ms = None;
+    let malformed = snapshot();
+    let malformed_at = malformed.seq();
+    let chains: Vec<BuiltCase> = vec![
+        (
+            "lifecycle",
+            "the snapshot, calls, a rotation with a call in flight across it, another secret added, disabled, deleted and purged, a master-key rotation, and calls naming the versions declared",
+            lifecycle,
+            vec![],
+        ),
+        (
+            "before-the-snapshot",
+            "an executed entry before the first snapshot names a secret no entry declares: not checked",
+            Lifecycle::new()
+                .call([0x77; 16], 9)
+                .secret(A::Snapshot, vec![payments(1, S::Enabled, 0x4b)])
+                .call(PAYMENTS, 1)
+                .sealed(),
+            vec![],
+        ),
+        (
+            "replaced-version",
+            "a call that began after the rotation names the version the rotation retired",
+            stale.call(PAYMENTS, 1).sealed(),
+            vec![(stale_at, "secret_mismatch")],
+        ),
+        (
+            "undeclared-version",
+            "a call names a version no secret entry declared",
+            undeclared.call(PAYMENTS, 2).sealed(),
+            vec![(undeclared_at, "secret_mismatch")],
+        ),
+        (
+            "unknown-secret",
+            "a call names a secret id no secret entry declared",
+            unknown.call([0x77; 16], 1).sealed(),
+            vec![(unknown_at, "secret_mismatch")],
+        ),
+        (
+            "two-current-versions",
+            "a secret entry listing two versions that are not retired does not decode",
+            malformed.secret(A::Rotated, vec![two_current]).sealed(),
+            vec![(malformed_at, "altered_entry")],
+        ),
+    ];
+    json!({
+        "description": "Gateway chains with secret lifecycle entries (specs/audit-log.md, \"Format evolution\", amendment 2.4, and \"Gateway chains\"). Each chain: its entries' stored bytes in key order, the recorded head, the signed checkpoints, and what a verifier must find. The owner is the did:key of seed 00..00 (role gateway); the requests in executing entries are signed by the did:key of seed 01..01.",
+        "owner": owner().did().to_string(),
+        "role": "gateway",
+        "chains": chains_json(chains.into_iter()),
+    })
 }

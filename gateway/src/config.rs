@@ -409,6 +409,15 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// When the gateway's chain writer signs checkpoints (`checkpoint_every_entries`,
+    /// `checkpoint_every_secs`, each at least 1).
+    pub fn checkpoint_policy(&self) -> didgate_audit::store::CheckpointPolicy {
+        didgate_audit::store::CheckpointPolicy {
+            every_entries: self.gateway.checkpoint_every_entries.max(1),
+            every: std::time::Duration::from_secs(self.gateway.checkpoint_every_secs.max(1)),
+        }
+    }
+
     /// Loads and validates `gateway.toml`.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let p = path.display().to_string();

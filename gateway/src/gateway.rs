@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use didgate_audit::entry::{Entry, EntryKind, Role};
-use didgate_audit::store::{Append, AppendError, Chain, CheckpointPolicy, Claim, ClaimRule, Store};
+use didgate_audit::store::{Append, AppendError, Chain, Claim, ClaimRule, Store};
 use didgate_client::{tls, wire};
 use didgate_protocol::canonical;
 use didgate_protocol::frame::{self, FrameDecoder, FrameType};
@@ -33,7 +33,7 @@ use crate::events::{Event, EventKind};
 use crate::limits::{self, Limits, Permit, Stage};
 use crate::metrics::{Flow, Metrics};
 use crate::policy::{PolicyError, PolicySet, RequestContext};
-use crate::secrets::Secrets;
+use crate::secrets::{SecretError, Secrets};
 use crate::{now_ms, upstream};
 
 /// Keyspace of replay keys (`c` || call ID, `n` || DID key || nonce) -> expiry (u64be ms).
@@ -44,13 +44,18 @@ pub const GRANTS: &str = "grants";
 pub const HEADS: &str = "heads";
 /// Keyspace of secrets: name -> [`crate::secrets::SecretRecord`].
 pub const SECRETS: &str = "secrets";
+/// Keyspace of the secret lifecycle's marks: `snapshot` -> when the snapshot entry of the
+/// stored secrets was written (u64be ms; see [`crate::secrets`], "Audit").
+pub const LIFECYCLE: &str = "lifecycle";
 /// Keyspace of revocations: `d` || DID text, or `g` || grant id -> reason (UTF-8).
 pub const REVOKED: &str = "revoked";
 /// Keyspace of did:web documents that decided calls: document hash -> the exact bytes served
 /// (kept beside the chain for auditors; entries record the hash in `did_doc`).
 pub const DOCUMENTS: &str = didgate_audit::store::DOCUMENTS;
 /// Every keyspace of the gateway's store besides the chain's own.
-pub const SPACES: &[&str] = &[REPLAY, GRANTS, HEADS, SECRETS, REVOKED, DOCUMENTS];
+pub const SPACES: &[&str] = &[
+    REPLAY, GRANTS, HEADS, SECRETS, LIFECYCLE, REVOKED, DOCUMENTS,
+];
 
 /// What the gateway keeps of a grant it issued, under `i` || grant id in [`GRANTS`].
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -163,7 +168,7 @@ pub enum StartError {
     Kms(#[from] crate::kms::KmsError),
     /// Secrets (an interrupted master-key rotation that cannot be repaired, a record).
     #[error(transparent)]
-    Secrets(#[from] crate::secrets::SecretError),
+    Secrets(#[from] SecretError),
     /// Store.
     #[error(transparent)]
     Store(#[from] didgate_audit::StoreError),
@@ -322,17 +327,25 @@ impl Gateway {
         let config = Config::load(&d.config())?;
         let identity = Arc::new(didgate_client::identity::load(&d.identity())?);
         let store = Store::open(&d.store(), SPACES)?;
-        let secrets = Arc::new(Secrets::open(
-            dir,
-            store.clone(),
-            config.gateway.secret_grace_secs,
+        let chain = Chain::open(
+            store,
+            identity.clone(),
+            Role::Gateway,
             now_ms(),
-        )?);
-        let policy = CheckpointPolicy {
-            every_entries: config.gateway.checkpoint_every_entries.max(1),
-            every: Duration::from_secs(config.gateway.checkpoint_every_secs.max(1)),
+            config.checkpoint_policy(),
+        )?;
+        let secrets = {
+            let (dir, chain, grace) = (
+                dir.to_path_buf(),
+                chain.clone(),
+                config.gateway.secret_grace_secs,
+            );
+            // the snapshot and upkeep entries block on their appends
+            tokio::task::spawn_blocking(move || Secrets::open(&dir, chain, grace, now_ms()))
+                .await
+                .map_err(|e| SecretError::Invalid(format!("opening the secrets: {e}")))??
         };
-        let chain = Chain::open(store, identity.clone(), Role::Gateway, now_ms(), policy)?;
+        let secrets = Arc::new(secrets);
         let http =
             upstream::Egress::new(&config).map_err(|e| StartError::Transport(e.to_string()))?;
         let policy = std::sync::RwLock::new(Arc::new(PolicySet::load(dir, &config)?));

@@ -140,6 +140,6 @@ pub fn add_secret(
     name: &str,
     plaintext: &str,
 ) -> Result<secrets::SecretInfo, AdminError> {
-    let (secrets, _) = secrets::open_dir(dir)?;
-    Ok(secrets.add(name, plaintext, now_ms())?)
+    let opened = secrets::open_dir(dir)?;
+    Ok(opened.secrets.add(name, plaintext, now_ms())?)
 }

@@ -34,7 +34,7 @@
 //!
 //! 1. write the new key to `master.key.new` (created 0600, file and directory fsynced);
 //! 2. rewrap every record in memory, then write them all in one atomic, durable store batch,
-//!    each now naming the new key's id;
+//!    each now naming the new key's id, with the chain's `kms_rotated` entry;
 //! 3. rename `master.key.new` over `master.key` and fsync the directory.
 //!
 //! A crash leaves one of these states, and [`Secrets::open`] (every start, every direct admin
@@ -54,17 +54,29 @@
 //! the old key, not against forensic recovery of the disk.
 //!
 //! # Audit
-//! Lifecycle events are logged to stderr (target `didgate_gateway::secrets`, on by default in
-//! `didgated`) and kept in the record's `history` (the last [`HISTORY_LIMIT`]); they are not
-//! entries of the gateway's audit chain yet (a new entry kind is a follow-up).
+//! Every lifecycle write is a `secret` entry of the gateway's chain (specs/audit-log.md,
+//! amendment 2.4), appended in the same durable batch as the record it writes (the record goes
+//! with the entry as a [`ClaimRule::Put`] or [`ClaimRule::Remove`] claim): add, rotate,
+//! disable, enable, delete, restore, sealing off, purge and `kms rotate`. An entry lists the
+//! secrets concerned as they are after the write ([`SecretRecord::state`]: name, id, status,
+//! master key id, each version's number and ciphertext fingerprint), never a value or a display
+//! form. The first time a release with these entries opens a store, [`Secrets::open`] writes
+//! one `snapshot` entry of every secret (the mark in [`LIFECYCLE`] makes it once), so every later
+//! `executed` entry names a version the chain declared. A write whose entry cannot be appended
+//! does not happen. Persisting last-use times is not a lifecycle event and writes the store
+//! directly. Events are also logged to stderr (target `didgate_gateway::secrets`) and kept in
+//! the record's `history` (the last [`HISTORY_LIMIT`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use std::time::Duration;
 
-use didgate_audit::StoreError;
-use didgate_audit::store::Store;
+use didgate_audit::entry::{
+    Entry, SecretAction, SecretState, SecretStatus, VersionState, sealed_fingerprint,
+};
+use didgate_audit::store::{Append, AppendError, Claim, ClaimRule, Store};
+use didgate_audit::{Chain, StoreError};
 use didgate_protocol::cbor::{self, fixed};
 use didgate_protocol::message::{ChainHead, Request as CallRequest};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -73,7 +85,7 @@ use zeroize::Zeroizing;
 
 use crate::config::{Config, ConfigError, Upstream};
 use crate::control::{Reply, Request};
-use crate::gateway::{DataDir, SECRETS, SPACES};
+use crate::gateway::{DataDir, LIFECYCLE, SECRETS, SPACES};
 use crate::kms::{KeyId, Kms, KmsError, LocalKms, SealedVersion};
 use crate::{now_ms, upstream};
 
@@ -88,6 +100,8 @@ pub const UPKEEP_SECS: u64 = 60;
 pub const HISTORY_LIMIT: usize = 32;
 /// Record version written.
 const RECORD_V2: u64 = 2;
+/// [`LIFECYCLE`] key of the snapshot mark: the time (u64be ms) the snapshot entry was written.
+const SNAPSHOT_MARK: &[u8] = b"snapshot";
 
 /// Why a secret operation failed. Never carries secret material.
 #[derive(Debug, thiserror::Error)]
@@ -130,6 +144,9 @@ pub enum SecretError {
     /// The data directory may be written by others, or its modes cannot be tightened.
     #[error("data directory: {0}")]
     DataDir(#[from] didgate_client::hardening::HardeningError),
+    /// The lifecycle entry could not be appended to the gateway's chain: nothing was written.
+    #[error("the audit log cannot be written, so nothing changed: {0}")]
+    Audit(AppendError),
 }
 
 /// A secret value in transit to `secret add` or `secret rotate` (stdin, then the control
@@ -463,20 +480,21 @@ impl SecretRecord {
         Ok(next)
     }
 
-    /// Sets the status; `Deleted` keeps the first deletion time. Returns whether it changed.
-    pub fn set_status(&mut self, status: Status, now_ms: u64) -> bool {
+    /// Sets the status; `Deleted` keeps the first deletion time. Returns the event, `None`
+    /// when nothing changed.
+    pub fn set_status(&mut self, status: Status, now_ms: u64) -> Option<SecretAction> {
         let version = self.current().map_or(0, |v| v.version);
-        let action = match (self.status, status) {
-            (a, b) if a == b => return false,
-            (Status::Deleted { .. }, Status::Deleted { .. }) => return false,
-            (Status::Deleted { .. }, _) => "restored",
-            (_, Status::Enabled) => "enabled",
-            (_, Status::Disabled) => "disabled",
-            (_, Status::Deleted { .. }) => "deleted",
+        let (action, name) = match (self.status, status) {
+            (a, b) if a == b => return None,
+            (Status::Deleted { .. }, Status::Deleted { .. }) => return None,
+            (Status::Deleted { .. }, _) => (SecretAction::Restored, "restored"),
+            (_, Status::Enabled) => (SecretAction::Enabled, "enabled"),
+            (_, Status::Disabled) => (SecretAction::Disabled, "disabled"),
+            (_, Status::Deleted { .. }) => (SecretAction::Deleted, "deleted"),
         };
         self.status = status;
-        self.event(now_ms, action, version);
-        true
+        self.event(now_ms, name, version);
+        Some(action)
     }
 
     /// Removes ("seals off") every retired version whose grace window ended at or before
@@ -565,6 +583,48 @@ impl SecretRecord {
         let current = self.current().map_or(0, |v| v.version);
         self.event(now_ms, "rewrapped", current);
         Ok(self.versions.len())
+    }
+
+    /// The record as a `secret` entry lists it: never a value or a display form.
+    pub fn state(&self) -> SecretState {
+        SecretState {
+            name: self.name.clone(),
+            id: self.id,
+            status: match self.status {
+                Status::Enabled => SecretStatus::Enabled,
+                Status::Disabled => SecretStatus::Disabled,
+                Status::Deleted { .. } => SecretStatus::Deleted,
+            },
+            kek: self.kek,
+            versions: self
+                .versions
+                .iter()
+                .map(|v| VersionState {
+                    version: v.version,
+                    fingerprint: sealed_fingerprint(&self.id, v.version, &v.sealed),
+                    retired_ms: v.retired_ms,
+                })
+                .collect(),
+        }
+    }
+
+    /// The state a `purged` entry lists: the record is gone.
+    fn purged_state(&self) -> SecretState {
+        SecretState {
+            status: SecretStatus::Purged,
+            versions: Vec::new(),
+            ..self.state()
+        }
+    }
+
+    /// The claim that writes this record with its entry.
+    fn put(&self) -> Claim {
+        Claim {
+            space: SECRETS,
+            key: self.name.as_bytes().to_vec(),
+            value: self.encode(),
+            rule: ClaimRule::Put,
+        }
     }
 
     /// What `list` shows; `last_used_ms` is the gateway's in-memory time, if newer.
@@ -712,6 +772,8 @@ impl Keyring {
 /// Lifecycle writes are serialized by one lock; calls only read. Every method takes `now_ms`.
 pub struct Secrets {
     store: Store,
+    /// The gateway's chain: every lifecycle write is appended through it, with its entry.
+    chain: Chain,
     master_key: PathBuf,
     keys: RwLock<Keyring>,
     from_env: bool,
@@ -777,14 +839,17 @@ fn recover_rotation(master: &Path, store: &Store) -> Result<(), SecretError> {
 }
 
 impl Secrets {
-    /// Opens the secrets of the gateway data directory `data` on its `store`: finishes or rolls
-    /// back an interrupted master-key rotation, loads the master key, and runs one upkeep pass.
+    /// Opens the secrets of the gateway data directory `data` on the store of its `chain`:
+    /// finishes or rolls back an interrupted master-key rotation, loads the master key, writes
+    /// the snapshot entry if this store never had one, and runs one upkeep pass. Blocks on
+    /// the chain's appends: call it from a blocking thread.
     pub fn open(
         data: &Path,
-        store: Store,
+        chain: Chain,
         grace_secs: u64,
         now_ms: u64,
     ) -> Result<Self, SecretError> {
+        let store = chain.store().clone();
         let master_key = DataDir::new(data).master_key();
         let (current, from_env) = match LocalKms::from_env() {
             Some(k) => (k?, true),
@@ -795,6 +860,7 @@ impl Secrets {
         };
         let s = Self {
             store,
+            chain,
             master_key,
             keys: RwLock::new(Keyring {
                 current: Arc::new(current),
@@ -805,8 +871,73 @@ impl Secrets {
             last_used: Mutex::new(HashMap::new()),
             grace_ms: grace_secs.saturating_mul(1000),
         };
+        s.snapshot(now_ms)?;
         s.maintain(now_ms)?;
         Ok(s)
+    }
+
+    /// The chain the lifecycle entries go to.
+    pub fn chain(&self) -> &Chain {
+        &self.chain
+    }
+
+    /// Appends the `secret` entry of `action` on `states` with the record writes `claims`, as
+    /// one durable batch: either both are written, or neither. The entry is checked by the
+    /// decoder's own rules first, so the chain never holds one a verifier would refuse.
+    fn record(
+        &self,
+        action: SecretAction,
+        states: Vec<SecretState>,
+        claims: Vec<Claim>,
+        detail: Option<String>,
+        now_ms: u64,
+    ) -> Result<(), SecretError> {
+        let mut entry = Entry::secret(action, states, now_ms);
+        entry.detail = detail;
+        if entry.check_version().is_err() {
+            return Err(SecretError::Malformed(format!("({action:?} entry)")));
+        }
+        match self.chain.append_blocking(Append { entry, claims }) {
+            Ok(_) => Ok(()),
+            Err(AppendError::Conflict { .. }) => Err(SecretError::Invalid(
+                "a concurrent change to the same secret won; try again".into(),
+            )),
+            Err(e) => Err(SecretError::Audit(e)),
+        }
+    }
+
+    /// Writes the `snapshot` entry of every stored secret, unless this store has one (the
+    /// mark in [`LIFECYCLE`], written with the entry).
+    fn snapshot(&self, now_ms: u64) -> Result<(), SecretError> {
+        let _g = lock(&self.lock);
+        if self.store.get(LIFECYCLE, SNAPSHOT_MARK)?.is_some() {
+            return Ok(());
+        }
+        let legacy = self.key_id();
+        let mut states = Vec::new();
+        for (key, value) in self.store.scan(SECRETS, b"")? {
+            match SecretRecord::decode(&value, legacy) {
+                Ok(rec) => states.push(rec.state()),
+                Err(e) => tracing::warn!(
+                    key = %String::from_utf8_lossy(&key),
+                    %e,
+                    "a stored secret record does not decode; the snapshot leaves it out"
+                ),
+            }
+        }
+        let count = states.len();
+        let mark = Claim {
+            space: LIFECYCLE,
+            key: SNAPSHOT_MARK.to_vec(),
+            value: now_ms.to_be_bytes().to_vec(),
+            rule: ClaimRule::Absent,
+        };
+        self.record(SecretAction::Snapshot, states, vec![mark], None, now_ms)?;
+        tracing::info!(
+            secrets = count,
+            "wrote the snapshot entry of the stored secrets"
+        );
+        Ok(())
     }
 
     /// The grace window of retired versions, ms.
@@ -888,22 +1019,27 @@ impl Secrets {
     }
 
     /// Read-modify-write of one record under the lifecycle lock; seals off expired versions.
+    /// `f` returns its result and its event (`None`: it changed nothing). The record is written
+    /// with one `secret` entry: `f`'s event, or `sealed_off` when only that happened; nothing
+    /// is written when nothing changed.
     fn update<T>(
         &self,
         name: &str,
         now_ms: u64,
-        f: impl FnOnce(&mut SecretRecord, &Keyring) -> Result<T, SecretError>,
+        f: impl FnOnce(&mut SecretRecord, &Keyring) -> Result<(T, Option<SecretAction>), SecretError>,
     ) -> Result<(T, SecretInfo), SecretError> {
         let _g = lock(&self.lock);
-        let (mut rec, t) = {
+        let (mut rec, t, action) = {
             let keys = self.keys();
             let mut rec = self.read(name, keys.current.key_id())?;
-            let t = f(&mut rec, &keys)?;
-            (rec, t)
+            let (t, action) = f(&mut rec, &keys)?;
+            (rec, t, action)
         };
-        rec.prune(now_ms, self.grace_ms);
-        self.store
-            .write(&[(SECRETS, name.as_bytes().to_vec(), rec.encode())], &[])?;
+        let gone = rec.prune(now_ms, self.grace_ms);
+        let action = action.or((!gone.is_empty()).then_some(SecretAction::SealedOff));
+        if let Some(action) = action {
+            self.record(action, vec![rec.state()], vec![rec.put()], None, now_ms)?;
+        }
         Ok((t, rec.info(self.grace_ms, self.mem_last_used(name))))
     }
 
@@ -933,8 +1069,17 @@ impl Secrets {
             let keys = self.keys();
             SecretRecord::new(keys.current.as_ref(), name, plaintext, now_ms)?
         };
-        self.store
-            .write(&[(SECRETS, name.as_bytes().to_vec(), rec.encode())], &[])?;
+        let put = Claim {
+            rule: ClaimRule::Absent,
+            ..rec.put()
+        };
+        self.record(
+            SecretAction::Added,
+            vec![rec.state()],
+            vec![put],
+            None,
+            now_ms,
+        )?;
         tracing::info!(secret = name, version = 1, "secret added");
         Ok(rec.info(self.grace_ms, None))
     }
@@ -953,7 +1098,8 @@ impl Secrets {
                 let old = keys.for_record(rec)?.clone();
                 rec.rewrap(old.as_ref(), keys.current.as_ref(), now_ms)?;
             }
-            rec.rotate(keys.current.as_ref(), plaintext, now_ms)
+            let version = rec.rotate(keys.current.as_ref(), plaintext, now_ms)?;
+            Ok((version, Some(SecretAction::Rotated)))
         })?;
         tracing::info!(
             secret = name,
@@ -970,8 +1116,10 @@ impl Secrets {
         status: Status,
         now_ms: u64,
     ) -> Result<SecretInfo, SecretError> {
-        let (changed, info) =
-            self.update(name, now_ms, |rec, _| Ok(rec.set_status(status, now_ms)))?;
+        let (changed, info) = self.update(name, now_ms, |rec, _| {
+            let action = rec.set_status(status, now_ms);
+            Ok((action.is_some(), action))
+        })?;
         if changed {
             tracing::info!(
                 secret = name,
@@ -1020,34 +1168,54 @@ impl Secrets {
         let legacy = self.key_id();
         let used = lock(&self.last_used).clone();
         let mut out = Upkeep::default();
+        // last-use times only: not lifecycle events, written directly in one batch
         let mut puts = Vec::new();
-        let mut removes = Vec::new();
         for (key, value) in self.store.scan(SECRETS, b"")? {
             let Ok(mut rec) = SecretRecord::decode(&value, legacy) else {
                 continue;
             };
             if rec.purge_due(now_ms) {
+                let remove = Claim {
+                    space: SECRETS,
+                    key,
+                    value: Vec::new(),
+                    rule: ClaimRule::Remove,
+                };
+                let state = rec.purged_state();
+                self.record(
+                    SecretAction::Purged,
+                    vec![state],
+                    vec![remove],
+                    None,
+                    now_ms,
+                )?;
                 out.purged.push(rec.name.clone());
-                removes.push((SECRETS, key));
                 continue;
             }
             let gone = rec.prune(now_ms, self.grace_ms);
-            let mut changed = !gone.is_empty();
-            out.sealed_off
-                .extend(gone.into_iter().map(|v| (rec.name.clone(), v)));
             if let Some(t) = used.get(&rec.name)
                 && rec.last_used_ms.is_none_or(|s| s < *t)
             {
                 rec.last_used_ms = Some(*t);
                 out.last_use_persisted += 1;
-                changed = true;
+                if gone.is_empty() {
+                    puts.push((SECRETS, key, rec.encode()));
+                }
             }
-            if changed {
-                puts.push((SECRETS, key, rec.encode()));
+            if !gone.is_empty() {
+                self.record(
+                    SecretAction::SealedOff,
+                    vec![rec.state()],
+                    vec![rec.put()],
+                    None,
+                    now_ms,
+                )?;
+                out.sealed_off
+                    .extend(gone.into_iter().map(|v| (rec.name.clone(), v)));
             }
         }
-        if !puts.is_empty() || !removes.is_empty() {
-            self.store.write(&puts, &removes)?;
+        if !puts.is_empty() {
+            self.store.write(&puts, &[])?;
         }
         for (name, version) in &out.sealed_off {
             tracing::info!(
@@ -1209,20 +1377,33 @@ impl Secrets {
         let rewrapped = (|| {
             let keys = self.keys();
             let mut puts = Vec::new();
+            let mut states = Vec::new();
             let mut data_keys = 0u64;
-            for (key, value) in self.store.scan(SECRETS, b"")? {
+            for (_, value) in self.store.scan(SECRETS, b"")? {
                 let mut rec = SecretRecord::decode(&value, keys.current.key_id())?;
                 let old = keys.for_record(&rec)?.clone();
                 data_keys += rec.rewrap(old.as_ref(), new.as_ref(), now_ms)? as u64;
-                puts.push((SECRETS, key, rec.encode()));
+                puts.push(rec.put());
+                states.push(rec.state());
             }
-            Ok::<_, SecretError>((puts, data_keys))
+            Ok::<_, SecretError>((puts, states, data_keys))
         })();
-        let (puts, data_keys) = rewrapped.map_err(abandon)?;
-        // step 2: one atomic batch; past it the new key is the one that opens the records
-        self.store
-            .write(&puts, &[])
-            .map_err(|e| SecretError::RotationIncomplete(e.to_string()))?;
+        let (puts, states, data_keys) = rewrapped.map_err(abandon)?;
+        let records = puts.len() as u64;
+        // step 2: one atomic batch with its entry; past it the new key is the one that opens
+        // the records
+        let detail = format!(
+            "master key {} replaced by {}",
+            hex::encode(old_id),
+            hex::encode(new.key_id())
+        );
+        self.record(SecretAction::KmsRotated, states, puts, Some(detail), now_ms)
+            .map_err(|e| match e {
+                // the batch may have committed before its sync failed: the next start decides
+                SecretError::Audit(e) => SecretError::RotationIncomplete(e.to_string()),
+                // refused before anything was written
+                e => abandon(e),
+            })?;
         // step 3
         std::fs::rename(&pending, &self.master_key)
             .map_err(|e| SecretError::RotationIncomplete(e.to_string()))?;
@@ -1235,7 +1416,7 @@ impl Secrets {
         let out = KmsRotation {
             old_key_id: hex::encode(old_id),
             new_key_id: hex::encode(new.key_id()),
-            secrets: puts.len() as u64,
+            secrets: records,
             data_keys,
         };
         tracing::info!(
@@ -1354,9 +1535,28 @@ async fn run_command(
     })
 }
 
-/// Opens the secrets of `data` directly (no daemon may run): the store, `gateway.toml` if
-/// present (for `secret_grace_secs` and the upstreams), and the master key.
-pub fn open_dir(data: &Path) -> Result<(Arc<Secrets>, Option<Config>), SecretError> {
+/// The secrets of a data directory opened directly by an admin command (no daemon runs), with
+/// the gateway's chain their entries go to. Dropping it closes the chain (a final checkpoint)
+/// and releases the store.
+#[derive(Debug)]
+pub struct DirSecrets {
+    /// The secrets.
+    pub secrets: Arc<Secrets>,
+    /// `gateway.toml`, if the directory has one (for `secret test`).
+    pub config: Option<Config>,
+}
+
+impl Drop for DirSecrets {
+    fn drop(&mut self) {
+        self.secrets.chain.close();
+    }
+}
+
+/// Opens the secrets of `data` directly (no daemon may run): the store and the gateway's chain
+/// (switched to this release's format if an older release wrote it), `gateway.toml` if present
+/// (for `secret_grace_secs`, the checkpoint policy and the upstreams), and the master key.
+/// Blocks on the chain: call it from a blocking thread or a command's start.
+pub fn open_dir(data: &Path) -> Result<DirSecrets, SecretError> {
     crate::private_data_dir(data)?;
     let d = DataDir::new(data);
     if !d.store().join("version").is_file() {
@@ -1373,9 +1573,31 @@ pub fn open_dir(data: &Path) -> Result<(Arc<Secrets>, Option<Config>), SecretErr
     let grace = config
         .as_ref()
         .map_or(DEFAULT_GRACE_SECS, |c| c.gateway.secret_grace_secs);
+    let policy = config
+        .as_ref()
+        .map(Config::checkpoint_policy)
+        .unwrap_or_default();
+    let identity = didgate_client::identity::load(&d.identity())
+        .map_err(|e| SecretError::Invalid(format!("the gateway identity: {e}")))?;
     let store = Store::open(&d.store(), SPACES)?;
-    let secrets = Secrets::open(data, store, grace, now_ms())?;
-    Ok((Arc::new(secrets), config))
+    let chain = Chain::open(
+        store,
+        Arc::new(identity),
+        didgate_audit::entry::Role::Gateway,
+        now_ms(),
+        policy,
+    )?;
+    let secrets = match Secrets::open(data, chain.clone(), grace, now_ms()) {
+        Ok(s) => s,
+        Err(e) => {
+            chain.close();
+            return Err(e);
+        }
+    };
+    Ok(DirSecrets {
+        secrets: Arc::new(secrets),
+        config,
+    })
 }
 
 /// Runs a secret or KMS command for `didgated`: through the daemon's control socket when one
@@ -1384,8 +1606,13 @@ pub async fn admin(data: &Path, req: &Request) -> Result<Reply, SecretError> {
     if let Some(reply) = crate::control::call(data, req).await {
         return reply.map_err(|e| SecretError::Io("control socket".into(), e));
     }
-    let (secrets, config) = open_dir(data)?;
-    Ok(control(&secrets, config.as_ref(), req).await)
+    let data = data.to_path_buf();
+    let dir = blocking(move || open_dir(&data)).await?;
+    let reply = control(&dir.secrets, dir.config.as_ref(), req).await;
+    tokio::task::spawn_blocking(move || drop(dir))
+        .await
+        .map_err(|e| SecretError::Invalid(format!("closing the chain: {e}")))?;
+    Ok(reply)
 }
 
 /// `YYYY-MM-DDTHH:MM:SSZ` for ms since the Unix epoch.
@@ -1598,7 +1825,10 @@ mod tests {
     fn status_transitions_and_purge() {
         let k = kms();
         let mut r = SecretRecord::new(&k, "pay", CANARY, 0).expect("new");
-        assert!(r.set_status(Status::Disabled, 1));
+        assert_eq!(
+            r.set_status(Status::Disabled, 1),
+            Some(SecretAction::Disabled)
+        );
         assert!(matches!(
             r.open_current(&k),
             Err(SecretError::Unavailable(..))
@@ -1607,11 +1837,17 @@ mod tests {
             r.open_version(&k, None, 1, GRACE).is_ok(),
             "a disabled key can be tested"
         );
-        assert!(r.set_status(Status::Enabled, 2));
-        assert!(!r.set_status(Status::Enabled, 3), "no change");
-        assert!(r.set_status(Status::Deleted { at_ms: 4 }, 4));
+        assert_eq!(
+            r.set_status(Status::Enabled, 2),
+            Some(SecretAction::Enabled)
+        );
+        assert_eq!(r.set_status(Status::Enabled, 3), None, "no change");
+        assert_eq!(
+            r.set_status(Status::Deleted { at_ms: 4 }, 4),
+            Some(SecretAction::Deleted)
+        );
         assert!(
-            !r.set_status(Status::Deleted { at_ms: 5 }, 5),
+            r.set_status(Status::Deleted { at_ms: 5 }, 5).is_none(),
             "first deletion time kept"
         );
         assert_eq!(r.status, Status::Deleted { at_ms: 4 });
@@ -1623,7 +1859,10 @@ mod tests {
         );
         assert!(!r.purge_due(4 + DELETE_RETENTION_MS - 1));
         assert!(r.purge_due(4 + DELETE_RETENTION_MS));
-        assert!(r.set_status(Status::Enabled, 6), "restored");
+        assert_eq!(
+            r.set_status(Status::Enabled, 6),
+            Some(SecretAction::Restored)
+        );
         assert_eq!(
             r.history.last().map(|e| e.action.as_str()),
             Some("restored")
@@ -1650,7 +1889,7 @@ mod tests {
         let mut r = SecretRecord::decode(&v1, k.key_id()).expect("v1");
         assert_eq!(r.kek, k.key_id());
         assert_eq!(r.status, Status::Disabled);
-        assert!(r.set_status(Status::Enabled, 1));
+        assert!(r.set_status(Status::Enabled, 1).is_some());
         assert_eq!(r.open_current(&k).expect("open").as_str(), CANARY);
         // re-encoded as v2
         let back = SecretRecord::decode(&r.encode(), [0; 8]).expect("v2");
@@ -1702,12 +1941,48 @@ mod tests {
     }
 
     /// A gateway data directory with a master key and a store, no configuration.
-    fn data_dir() -> (tempfile::TempDir, Store) {
+    /// A data directory with a master key and a gateway chain (its writer is a plain thread,
+    /// so these tests need no runtime).
+    fn data_dir() -> (tempfile::TempDir, Chain) {
         let dir = tempfile::tempdir().expect("tmp");
         let d = DataDir::new(dir.path());
         LocalKms::create(&d.master_key()).expect("kms");
         let store = Store::open(&d.store(), SPACES).expect("store");
-        (dir, store)
+        let chain = Chain::open(
+            store,
+            Arc::new(didgate_protocol::Identity::from_seed(&[9; 32])),
+            didgate_audit::entry::Role::Gateway,
+            0,
+            Default::default(),
+        )
+        .expect("chain");
+        (dir, chain)
+    }
+
+    /// A secret as a test compares it: name, status, versions.
+    type Listed = (String, SecretStatus, Vec<u64>);
+
+    /// The `secret` entries of the chain: each action and the secrets it lists.
+    fn lifecycle(chain: &Chain) -> Vec<(SecretAction, Vec<Listed>)> {
+        chain
+            .store()
+            .entries()
+            .map(|r| Entry::decode(&r.expect("read").1).expect("decode"))
+            .filter_map(|e| Some((e.action?, e.secrets?)))
+            .map(|(a, states)| {
+                let states = states
+                    .into_iter()
+                    .map(|s| {
+                        (
+                            s.name,
+                            s.status,
+                            s.versions.iter().map(|v| v.version).collect(),
+                        )
+                    })
+                    .collect();
+                (a, states)
+            })
+            .collect()
     }
 
     fn open_all(s: &Secrets, k: &dyn Kms) -> Vec<bool> {
@@ -1730,9 +2005,9 @@ mod tests {
         if std::env::var_os(crate::kms::MASTER_KEY_ENV).is_some() {
             return;
         }
-        let (dir, store) = data_dir();
+        let (dir, chain) = data_dir();
         let master = DataDir::new(dir.path()).master_key();
-        let s = Secrets::open(dir.path(), store.clone(), 3600, 0).expect("open");
+        let s = Secrets::open(dir.path(), chain.clone(), 3600, 0).expect("open");
         s.add("a", CANARY, 1).expect("add");
         s.add("b", "sk-second-secret-value-xyz", 1).expect("add");
         s.rotate("b", "sk-second-secret-value-v2", 2)
@@ -1750,12 +2025,33 @@ mod tests {
         );
         assert!(open_all(&s, &new).iter().all(|ok| *ok));
         assert_eq!(s.open_current("a", 4).expect("open").as_str(), CANARY);
+        // one entry lists every secret under the new key, with the fingerprints it had
+        let entries: Vec<Entry> = chain
+            .store()
+            .entries()
+            .map(|r| Entry::decode(&r.expect("read").1).expect("decode"))
+            .filter(|e| e.kind == didgate_audit::entry::EntryKind::Secret)
+            .collect();
+        let [.., before, rotated] = entries.as_slice() else {
+            panic!("{entries:?}")
+        };
+        assert_eq!(rotated.action, Some(SecretAction::KmsRotated));
+        let states = rotated.secrets.as_deref().unwrap_or_default();
+        assert_eq!(states.len(), 2);
+        assert!(states.iter().all(|st| st.kek == new.key_id()));
+        let b = states.iter().find(|st| st.name == "b").expect("b");
+        let b_before = &before.secrets.as_deref().unwrap_or_default()[0];
+        assert_eq!(
+            b.versions, b_before.versions,
+            "rewrapping keeps the ciphertexts and their fingerprints"
+        );
+        assert_ne!(b.kek, b_before.kek);
         drop(s);
 
         // crash after the batch, before the rename: master.key is old, master.key.new is new
         std::fs::rename(&master, pending_path(&master)).expect("mv");
         old.write_new(&master).expect("old back");
-        let s = Secrets::open(dir.path(), store.clone(), 3600, 5).expect("recover");
+        let s = Secrets::open(dir.path(), chain.clone(), 3600, 5).expect("recover");
         assert!(!pending_path(&master).exists());
         assert_eq!(s.key_id(), new.key_id(), "the rename was redone");
         assert_eq!(s.open_current("a", 6).expect("open").as_str(), CANARY);
@@ -1765,7 +2061,7 @@ mod tests {
         LocalKms::generate()
             .write_new(&pending_path(&master))
             .expect("pending");
-        let s = Secrets::open(dir.path(), store.clone(), 3600, 7).expect("recover");
+        let s = Secrets::open(dir.path(), chain.clone(), 3600, 7).expect("recover");
         assert!(!pending_path(&master).exists());
         assert_eq!(
             s.key_id(),
@@ -1775,18 +2071,31 @@ mod tests {
         assert_eq!(s.open_current("a", 8).expect("open").as_str(), CANARY);
         drop(s);
         std::fs::write(pending_path(&master), b"0123").expect("torn");
-        let s = Secrets::open(dir.path(), store, 3600, 9).expect("recover");
+        let s = Secrets::open(dir.path(), chain.clone(), 3600, 9).expect("recover");
         assert!(!pending_path(&master).exists());
         assert_eq!(
             s.open_current("b", 10).expect("open").as_str(),
             "sk-second-secret-value-v2"
         );
+        // the recoveries wrote no lifecycle entry, and the snapshot was written once
+        let actions: Vec<SecretAction> = lifecycle(&chain).into_iter().map(|(a, _)| a).collect();
+        assert_eq!(
+            actions,
+            [
+                SecretAction::Snapshot,
+                SecretAction::Added,
+                SecretAction::Added,
+                SecretAction::Rotated,
+                SecretAction::KmsRotated
+            ]
+        );
+        chain.close();
     }
 
     #[test]
     fn upkeep_persists_last_use_seals_off_and_purges() {
-        let (dir, store) = data_dir();
-        let s = Secrets::open(dir.path(), store.clone(), 10, 0).expect("open");
+        let (dir, chain) = data_dir();
+        let s = Secrets::open(dir.path(), chain.clone(), 10, 0).expect("open");
         s.add("a", CANARY, 1_000).expect("add");
         s.add("gone", "sk-to-be-deleted-0123456789", 1_000)
             .expect("add");
@@ -1813,7 +2122,8 @@ mod tests {
         let up = s.maintain(3_000 + DELETE_RETENTION_MS).expect("upkeep");
         assert_eq!(up.purged, vec!["gone".to_string()]);
         drop(s);
-        let s = Secrets::open(dir.path(), store, 10, 3_000 + DELETE_RETENTION_MS).expect("reopen");
+        let s = Secrets::open(dir.path(), chain.clone(), 10, 3_000 + DELETE_RETENTION_MS)
+            .expect("reopen");
         let listed = s.list().expect("list");
         assert_eq!(listed.len(), 1);
         assert_eq!(listed[0].last_used_ms, Some(5_000), "persisted");
@@ -1821,5 +2131,22 @@ mod tests {
         assert!(matches!(s.enable("gone", 1), Err(SecretError::NotFound(_))));
         s.add("gone", "sk-the-name-is-free-again-01", 1)
             .expect("name free after purge");
+        // every lifecycle write is an entry; persisting the last use is not
+        use SecretStatus::{Deleted, Enabled, Purged};
+        let st = |n: &str, s, v: &[u64]| (n.to_string(), s, v.to_vec());
+        assert_eq!(
+            lifecycle(&chain),
+            vec![
+                (SecretAction::Snapshot, vec![]),
+                (SecretAction::Added, vec![st("a", Enabled, &[1])]),
+                (SecretAction::Added, vec![st("gone", Enabled, &[1])]),
+                (SecretAction::Rotated, vec![st("a", Enabled, &[1, 2])]),
+                (SecretAction::Deleted, vec![st("gone", Deleted, &[1])]),
+                (SecretAction::SealedOff, vec![st("a", Enabled, &[2])]),
+                (SecretAction::Purged, vec![st("gone", Purged, &[])]),
+                (SecretAction::Added, vec![st("gone", Enabled, &[1])]),
+            ]
+        );
+        chain.close();
     }
 }

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use didgate_audit::entry::Entry;
+use didgate_audit::entry::{Entry, EntryKind};
 use didgate_audit::load_records;
 use didgate_client::{CallSpec, Client};
 use didgate_protocol::Identity;
@@ -259,15 +259,25 @@ async fn the_canary_is_only_ever_ciphertext() -> anyhow::Result<()> {
         if !chain.exists() {
             continue;
         }
+        let mut lifecycle = 0;
         for (_, bytes) in load_records(&chain)?.entries {
             let e = Entry::decode(&bytes)?;
             assert!(!format!("{e:?}").contains(CANARY), "{}", chain.display());
             assert!(!contains(&bytes, CANARY));
+            lifecycle += usize::from(e.kind == EntryKind::Secret);
+        }
+        // the gateway chains record the secret's lifecycle (the snapshot, its addition)
+        if chain == h.gw_dir() || chain == root.join("demo/gateway") {
+            assert!(
+                lifecycle >= 2,
+                "{}: {lifecycle} secret entries",
+                chain.display()
+            );
         }
     }
     // the store holds the secret, sealed: its record opens only with the master key
-    let (opened, _) = didgate_gateway::secrets::open_dir(&h.gw_dir())?;
-    let secrets = opened.list()?;
+    let opened = didgate_gateway::secrets::open_dir(&h.gw_dir())?;
+    let secrets = opened.secrets.list()?;
     drop(opened);
     let listed = format!("{secrets:?}");
     assert!(
@@ -429,7 +439,7 @@ async fn an_upstream_that_echoes_the_key_never_gets_it_to_the_caller() -> anyhow
     let entries = h.gateway_entries()?;
     let redacted: Vec<u64> = entries
         .iter()
-        .filter(|e| e.kind == didgate_audit::entry::EntryKind::Executed)
+        .filter(|e| e.kind == EntryKind::Executed)
         .filter_map(|e| e.secret_echo)
         .collect();
     assert_eq!(

@@ -278,18 +278,22 @@ async fn altering_one_entry_in_either_chain_is_named_by_verify() -> anyhow::Resu
     let clean = verify::verify(&[load_records(&gw_store)?], &[load_records(&cl_store)?]);
     assert!(clean.ok(), "{:?}", clean.violations);
 
-    // gateway entry 2 is the first call's "executed": change its status
-    alter_entry(&gw_store, 2, |e| {
-        assert_eq!(e.kind, EntryKind::Executed);
-        e.status = Some(201);
-    })?;
+    // the first call's "executed" entry (after the secret's snapshot and addition): change
+    // its status
+    let executed = load_records(&gw_store)?
+        .entries
+        .iter()
+        .find(|(_, b)| Entry::decode(b).is_ok_and(|e| e.kind == EntryKind::Executed))
+        .map(|(seq, _)| *seq)
+        .ok_or_else(|| anyhow::anyhow!("no executed entry"))?;
+    alter_entry(&gw_store, executed, |e| e.status = Some(201))?;
     let report = verify::verify(&[load_records(&gw_store)?], &[load_records(&cl_store)?]);
     assert!(
         report
             .violations
             .iter()
             .any(|v| v.kind == ViolationKind::AlteredEntry
-                && v.seq == Some(2)
+                && v.seq == Some(executed)
                 && v.chain.contains("gateway")),
         "{:?}",
         report.violations
@@ -325,7 +329,10 @@ async fn altering_one_entry_in_either_chain_is_named_by_verify() -> anyhow::Resu
         .output()?;
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{text}");
-    assert!(text.contains("seq 2: altered_entry"), "{text}");
+    assert!(
+        text.contains(&format!("seq {executed}: altered_entry")),
+        "{text}"
+    );
     let out = std::process::Command::new(&bin)
         .args(["verify", "--gateway", "/nonexistent/didgate"])
         .output()?;

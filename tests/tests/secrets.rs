@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use didgate_audit::Store;
+use didgate_audit::entry::{Entry, EntryKind, SecretAction, SecretStatus};
 use didgate_client::{CallError, CallSpec, Client};
 use didgate_gateway::control;
 use didgate_gateway::gateway::{DataDir, SECRETS, SPACES};
@@ -254,7 +255,7 @@ async fn rotation_keeps_calls_working_across_the_grace_window() -> anyhow::Resul
     let used: Vec<(Option<[u8; 16]>, Option<u64>)> = h
         .gateway_entries()?
         .iter()
-        .filter(|e| e.kind == didgate_audit::entry::EntryKind::Executed)
+        .filter(|e| e.kind == EntryKind::Executed)
         .map(|e| (e.secret_id, e.secret_version))
         .collect();
     let id = Some(rec.id);
@@ -387,6 +388,64 @@ async fn lifecycle_through_the_control_socket_never_prints_a_value() -> anyhow::
     let out = t.ok(&dir, &["secret", "test", NAME], None).await?;
     assert!(out.contains("200 ok"), "{out}");
     t.assert_no_values();
+
+    // every change, through the socket or not, is a secret entry of the gateway's chain
+    // (names, versions, fingerprints), and each executed call names the version it used
+    let gateway = didgate_audit::load_records(&DataDir::new(&dir).store())?;
+    let entries: Vec<Entry> = gateway
+        .entries
+        .iter()
+        .map(|(_, b)| Entry::decode(b))
+        .collect::<Result<_, _>>()?;
+    let lifecycle: Vec<(SecretAction, String, SecretStatus, Option<u64>)> = entries
+        .iter()
+        .filter_map(|e| Some((e.action?, e.secrets.as_deref()?)))
+        .flat_map(|(a, states)| {
+            states
+                .iter()
+                .map(move |st| (a, st.name.clone(), st.status, st.current()))
+        })
+        .collect();
+    use SecretAction::*;
+    use SecretStatus::{Deleted as Gone, Disabled as Off, Enabled as On};
+    let other = "other-key";
+    let expected = [
+        (Added, NAME, On, 1),
+        (Disabled, NAME, Off, 1),
+        (Enabled, NAME, On, 1),
+        (Deleted, NAME, Gone, 1),
+        (Restored, NAME, On, 1),
+        (Rotated, NAME, On, 2),
+        (Rotated, NAME, On, 3),
+        (Rotated, NAME, On, 4),
+        (Added, other, On, 1),
+        (Disabled, other, Off, 1),
+        (Deleted, other, Gone, 1),
+    ]
+    .map(|(a, n, st, v)| (a, n.to_string(), st, Some(v)));
+    assert_eq!(
+        lifecycle, expected,
+        "the snapshot of an empty store, then each change"
+    );
+    let snapshot = entries
+        .iter()
+        .find(|e| e.kind == EntryKind::Secret)
+        .context("secret entries")?;
+    assert_eq!(
+        (snapshot.action, snapshot.secrets.as_deref().map(<[_]>::len)),
+        (Some(Snapshot), Some(0))
+    );
+    let used: Vec<u64> = entries
+        .iter()
+        .filter(|e| e.kind == EntryKind::Executed)
+        .filter_map(|e| e.secret_version)
+        .collect();
+    assert_eq!(used, [1, 1, 1, 2, 3, 4]);
+    let report = didgate_audit::verify::verify(
+        &[gateway],
+        &[didgate_audit::load_records(&h.chain_dir("alice"))?],
+    );
+    assert!(report.ok(), "{:#?}", report.violations);
     for v in [CANARY, NEXT, WRONG] {
         assert!(
             files_containing(h.dir.path(), v.as_bytes()).is_empty(),

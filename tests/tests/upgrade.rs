@@ -1,15 +1,17 @@
 //! Data written by the previous release (b9992ca, `tests/fixtures/release-b9992ca`: a
 //! `didgated demo` run, its gateway store, the two clients' chains, and exports of all three)
-//! still opens and verifies under this release, takes new calls (each chain switches to
-//! version 2 once, at a recorded seq), and the whole of each chain (version 1 part, switch,
-//! version 2 part) verifies: with the library, with `didgate-audit verify` on the stores and on
-//! fresh exports, and with `check-evidence` on an evidence bundle from each side of the switch
-//! (specs/audit-log.md, "Format evolution").
+//! still opens and verifies under this release, has its secret rotated with no daemon running
+//! (the gateway chain switches, then gets the snapshot of the old release's secret and the
+//! rotation: amendment 2.4), takes new calls (each chain switches to version 2 once, at a
+//! recorded seq; each executed entry names the rotated version), and the whole of each chain
+//! (version 1 part, switch, version 2 part) verifies: with the library, with `didgate-audit
+//! verify` on the stores and on fresh exports, and with `check-evidence` on an evidence bundle
+//! from each side of the switch (specs/audit-log.md, "Format evolution").
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-use didgate_audit::entry::{Entry, EntryKind};
+use didgate_audit::entry::{Entry, EntryKind, SecretAction, SecretStatus};
 use didgate_client::{CallSpec, Client};
 use didgate_gateway::upstream_demo::DemoUpstream;
 use didgate_protocol::message::{self, Checkpoint, RefusalCode};
@@ -206,8 +208,28 @@ async fn a_previous_release_store_and_chains_upgrade_in_place() -> anyhow::Resul
         Some(KEY),
     )?;
     assert_eq!(code, 0, "{out}");
-    // reading, verifying and the secret command wrote nothing to the chains
-    for (s, n) in [&gw, &alice_chain, &bob_chain].iter().zip(&before) {
+    // The secret command (no daemon runs) is this release's first writer of the gateway
+    // chain: the switch, then one snapshot entry of the secret as the old release left it,
+    // then the rotation, each with names, versions and fingerprints only. Reading and
+    // verifying wrote nothing; the clients' chains are untouched.
+    let gw_now = entries(&gw)?;
+    assert_eq!(gw_now.len(), before[0] + 3, "{gw_now:#?}");
+    assert_eq!(gw_now[before[0]].kind, EntryKind::Format);
+    let (snapshot, rotated) = (&gw_now[before[0] + 1], &gw_now[before[0] + 2]);
+    assert_eq!(snapshot.action, Some(SecretAction::Snapshot));
+    assert_eq!(rotated.action, Some(SecretAction::Rotated));
+    let (Some([old]), Some([new])) = (snapshot.secrets.as_deref(), rotated.secrets.as_deref())
+    else {
+        anyhow::bail!("one secret in each: {snapshot:?} {rotated:?}");
+    };
+    assert_eq!(
+        (old.name.as_str(), old.status, old.current()),
+        ("payments-key", SecretStatus::Enabled, Some(1))
+    );
+    assert_eq!((new.id, new.current()), (old.id, Some(2)));
+    assert_eq!(new.versions[0].fingerprint, old.versions[0].fingerprint);
+    assert!(new.versions[0].retired_ms.is_some());
+    for (s, n) in [&alice_chain, &bob_chain].iter().zip(&before[1..]) {
         let now = entries(s)?;
         assert_eq!(now.len(), *n, "{}", s.display());
         assert!(now.iter().all(|e| e.v == 1), "{}", s.display());
@@ -266,8 +288,16 @@ async fn a_previous_release_store_and_chains_upgrade_in_place() -> anyhow::Resul
     let gw_entries = switched_once(&gw, before[0])?;
     switched_once(&alice_chain, before[1])?;
     switched_once(&bob_chain, before[2])?;
-    // the switch is the gateway's first entry of the new release: the next is a call
-    assert_eq!(gw_entries[before[0] + 1].kind, EntryKind::Executing);
+    // after the switch, the snapshot and the rotation, the calls: each executed entry names the
+    // secret's id and the version the rotation made current
+    assert_eq!(gw_entries[before[0] + 3].kind, EntryKind::Executing);
+    let used: Vec<([u8; 16], u64)> = gw_entries[before[0]..]
+        .iter()
+        .filter(|e| e.kind == EntryKind::Executed)
+        .map(|e| e.secret_id.zip(e.secret_version))
+        .collect::<Option<_>>()
+        .ok_or_else(|| anyhow::anyhow!("an executed entry names no secret"))?;
+    assert_eq!(used, vec![(old.id, 2); 3]);
     // each switch is sealed by a version 2 checkpoint that covers it
     for (s, n) in [&gw, &alice_chain, &bob_chain].iter().zip(&before) {
         let sealed = didgate_audit::load_records(s)?
