@@ -40,17 +40,16 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
-pub mod hardening;
-pub mod identity;
 #[cfg(feature = "proxy")]
 pub mod proxy;
-pub mod tls;
-pub mod wire;
+
+/// The I/O shared with the gateway ([`didgate_io`]), re-exported under the names this library
+/// has always had.
+pub use didgate_io::{hardening, identity, now_ms, tls, wire};
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::BytesMut;
 use didgate_audit::entry::{Entry, EntryKind, Outcome, Role};
@@ -66,14 +65,6 @@ use tokio::sync::Mutex;
 
 /// How long a connection attempt may take before the gateway counts as unreachable.
 pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// Milliseconds since the Unix epoch by the system clock.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
 
 /// Why a call did not produce a verified answer. Each variant says what to do.
 #[derive(Debug, thiserror::Error)]

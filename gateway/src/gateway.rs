@@ -15,7 +15,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use didgate_audit::entry::{Entry, EntryKind, Role};
 use didgate_audit::store::{Append, AppendError, Chain, Claim, ClaimRule, Store};
-use didgate_client::{tls, wire};
+use didgate_io::{tls, wire};
 use didgate_protocol::canonical;
 use didgate_protocol::frame::{self, FrameDecoder, FrameType};
 use didgate_protocol::message::{
@@ -162,7 +162,7 @@ pub enum StartError {
     Policy(#[from] PolicyError),
     /// Identity file.
     #[error(transparent)]
-    Identity(#[from] didgate_client::identity::IdentityError),
+    Identity(#[from] didgate_io::identity::IdentityError),
     /// KMS.
     #[error(transparent)]
     Kms(#[from] crate::kms::KmsError),
@@ -180,7 +180,7 @@ pub enum StartError {
     Transport(String),
     /// The data directory may be written by others, or its modes cannot be tightened.
     #[error("data directory: {0}")]
-    DataDir(#[from] didgate_client::hardening::HardeningError),
+    DataDir(#[from] didgate_io::hardening::HardeningError),
 }
 
 /// Counts refusals to principals policy does not know, written as one entry per window.
@@ -325,7 +325,7 @@ impl Gateway {
         crate::private_data_dir(dir)?;
         let d = DataDir::new(dir);
         let config = Config::load(&d.config())?;
-        let identity = Arc::new(didgate_client::identity::load(&d.identity())?);
+        let identity = Arc::new(didgate_io::identity::load(&d.identity())?);
         let store = Store::open(&d.store(), SPACES)?;
         let chain = Chain::open(
             store,

@@ -5,9 +5,9 @@
 //! Owns: the data directory ([`gateway::DataDir`]), `gateway.toml` ([`config`]), the policy
 //! decision ([`policy`]), keys at rest ([`kms`]) and their lifecycle ([`secrets`]), the per-call pipeline and server
 //! ([`gateway`]), the upstream executor ([`upstream`]), live events ([`events`]) and Prometheus
-//! metrics ([`metrics`]), the demo ([`demo`]) and its local payments upstream
-//! ([`upstream_demo`]). It does not own the wire format (didgate-protocol) or the audit log
-//! format (didgate-audit).
+//! metrics ([`metrics`]). It does not own the wire format (didgate-protocol), the shared I/O
+//! (didgate-io: TLS binding, framing, identity files, hardening, the clock), the audit log
+//! format (didgate-audit), or the daemon's command line and the demo (didgate-daemon).
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -23,7 +23,6 @@
 pub mod catalog;
 pub mod config;
 pub mod control;
-pub mod demo;
 pub mod didweb;
 pub mod echo;
 pub mod events;
@@ -34,7 +33,6 @@ pub mod metrics;
 pub mod policy;
 pub mod secrets;
 pub mod upstream;
-pub mod upstream_demo;
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -46,7 +44,7 @@ pub use gateway::{Gateway, serve};
 
 /// Milliseconds since the Unix epoch by the system clock.
 pub fn now_ms() -> u64 {
-    didgate_client::now_ms()
+    didgate_io::now_ms()
 }
 
 /// Why `init` or a secret command failed.
@@ -61,7 +59,7 @@ pub enum AdminError {
     Io(String, std::io::Error),
     /// Identity.
     #[error(transparent)]
-    Identity(#[from] didgate_client::identity::IdentityError),
+    Identity(#[from] didgate_io::identity::IdentityError),
     /// KMS.
     #[error(transparent)]
     Kms(#[from] kms::KmsError),
@@ -79,7 +77,7 @@ pub enum AdminError {
     Invalid(String),
     /// The data directory may be written by others, or its modes cannot be tightened.
     #[error("data directory: {0}")]
-    DataDir(#[from] didgate_client::hardening::HardeningError),
+    DataDir(#[from] didgate_io::hardening::HardeningError),
 }
 
 /// `didgated init`: creates the identity (0600), the master key (0600), the store, a
@@ -101,7 +99,7 @@ pub fn init(dir: &Path, listen: SocketAddr) -> Result<Did, AdminError> {
     // every file below is created private whatever the caller's umask
     private_data_dir(dir)?;
     let identity = Identity::generate();
-    didgate_client::identity::create(&d.identity(), &identity)?;
+    didgate_io::identity::create(&d.identity(), &identity)?;
     kms::LocalKms::create(&d.master_key())?;
     drop(Store::open(&d.store(), gateway::SPACES)?);
     if !d.config().exists() {
@@ -125,8 +123,8 @@ pub const KEY_FILES: &[&str] = &["identity", "master.key"];
 /// Refuses a data directory that group or others may write to, and removes the group and
 /// other permission bits of everything in it but its key files, logging each change
 /// (specs/threat-model.md).
-pub fn private_data_dir(dir: &Path) -> Result<(), didgate_client::hardening::HardeningError> {
-    for (path, old, new) in didgate_client::hardening::private_dir(dir, KEY_FILES)? {
+pub fn private_data_dir(dir: &Path) -> Result<(), didgate_io::hardening::HardeningError> {
+    for (path, old, new) in didgate_io::hardening::private_dir(dir, KEY_FILES)? {
         tracing::warn!(path = %path.display(), "tightened mode {old:o} -> {new:o} (readable by others before)");
     }
     Ok(())

@@ -143,7 +143,7 @@ pub enum SecretError {
     RotationIncomplete(String),
     /// The data directory may be written by others, or its modes cannot be tightened.
     #[error("data directory: {0}")]
-    DataDir(#[from] didgate_client::hardening::HardeningError),
+    DataDir(#[from] didgate_io::hardening::HardeningError),
     /// The lifecycle entry could not be appended to the gateway's chain: nothing was written.
     #[error("the audit log cannot be written, so nothing changed: {0}")]
     Audit(AppendError),
@@ -1517,7 +1517,7 @@ async fn run_command(
                 SecretError::Invalid("secret test needs gateway.toml (the upstreams)".into())
             })?;
             // the one rustls provider (ring), as the daemon installs it at start
-            didgate_client::tls::install_provider();
+            didgate_io::tls::install_provider();
             let egress =
                 upstream::Egress::new(config).map_err(|e| SecretError::Invalid(e.to_string()))?;
             Reply {
@@ -1577,7 +1577,7 @@ pub fn open_dir(data: &Path) -> Result<DirSecrets, SecretError> {
         .as_ref()
         .map(Config::checkpoint_policy)
         .unwrap_or_default();
-    let identity = didgate_client::identity::load(&d.identity())
+    let identity = didgate_io::identity::load(&d.identity())
         .map_err(|e| SecretError::Invalid(format!("the gateway identity: {e}")))?;
     let store = Store::open(&d.store(), SPACES)?;
     let chain = Chain::open(

@@ -10,10 +10,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use didgate_client::Client;
+use didgate_daemon::upstream_demo::DemoUpstream;
 use didgate_gateway::catalog::OperationConfig;
 use didgate_gateway::config::{Config, Rule, Settings, Upstream};
 use didgate_gateway::gateway::{self, Gateway};
-use didgate_gateway::upstream_demo::DemoUpstream;
 use didgate_protocol::{Did, Identity};
 
 /// The canary secret: it must never appear anywhere but as ciphertext.

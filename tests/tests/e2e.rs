@@ -35,7 +35,7 @@ async fn allowed_call_injects_key_that_never_reaches_the_client() -> anyhow::Res
     assert!(seen[0].authorized, "the upstream got the injected key");
     assert_eq!(
         seen[0].credential_fingerprint.as_deref(),
-        Some(didgate_gateway::upstream_demo::DemoUpstream::fingerprint(CANARY).as_str())
+        Some(didgate_daemon::upstream_demo::DemoUpstream::fingerprint(CANARY).as_str())
     );
     assert!(
         seen[0].idempotency_key.is_some(),

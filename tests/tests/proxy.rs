@@ -9,7 +9,7 @@ use std::process::Stdio;
 
 use didgate_audit::entry::{Entry, EntryKind, Outcome};
 use didgate_audit::{load_records, verify};
-use didgate_gateway::upstream_demo::DemoUpstream;
+use didgate_daemon::upstream_demo::DemoUpstream;
 use didgate_tests::{CANARY, Harness, bin};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
 use tokio::process::{Child, Command};

@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 
 use didgate_audit::entry::{Entry, EntryKind, SecretAction, SecretStatus};
 use didgate_client::{CallSpec, Client};
-use didgate_gateway::upstream_demo::DemoUpstream;
+use didgate_daemon::upstream_demo::DemoUpstream;
 use didgate_protocol::message::{self, Checkpoint, RefusalCode};
 use didgate_tests::{Daemon, bin, refusal_code};
 

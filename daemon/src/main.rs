@@ -277,7 +277,7 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     // before any key is read: no core dumps, private files (the data directory is checked
     // and tightened where it is opened: `init`, `Gateway::open`, `secrets::open_dir`)
-    didgate_client::hardening::harden_process()?;
+    didgate_io::hardening::harden_process()?;
     match cli.command {
         Command::Init { data, listen } => {
             let did = didgate_gateway::init(&data, listen)?;
@@ -511,7 +511,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     (t.path().to_path_buf(), Some(t))
                 }
             };
-            let outcome = didgate_gateway::demo::run(&root).await?;
+            let outcome = didgate_daemon::demo::run(&root).await?;
             print!("{}", outcome.account);
             if _keep.is_none() {
                 println!(

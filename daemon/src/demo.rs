@@ -15,8 +15,9 @@ use didgate_client::{CallError, CallSpec, Client, RawFinal};
 use didgate_protocol::Identity;
 use zeroize::Zeroizing;
 
-use crate::config::{Config, Rule, Settings, Upstream};
-use crate::gateway::{self, Gateway};
+use didgate_gateway::config::{Config, Rule, Settings, Upstream};
+use didgate_gateway::gateway::{self, Gateway};
+
 use crate::upstream_demo::DemoUpstream;
 
 /// What the demo found.
@@ -61,7 +62,7 @@ pub async fn run(root: &Path) -> anyhow::Result<DemoOutcome> {
     let bob = identity(root, "bob")?;
 
     // 3. The gateway: init, configuration, sealed secret.
-    let gw_did = crate::init(&gw_dir, "127.0.0.1:0".parse()?)?;
+    let gw_did = didgate_gateway::init(&gw_dir, "127.0.0.1:0".parse()?)?;
     let config = Config {
         gateway: Settings {
             upstream_timeout_secs: 10,
@@ -100,7 +101,7 @@ pub async fn run(root: &Path) -> anyhow::Result<DemoOutcome> {
         gateway::DataDir::new(&gw_dir).config(),
         toml::to_string(&config)?,
     )?;
-    let record = crate::add_secret(&gw_dir, "payments-key", &api_key)?;
+    let record = didgate_gateway::add_secret(&gw_dir, "payments-key", &api_key)?;
     drop(api_key);
     let gw = Arc::new(Gateway::open(&gw_dir).await?);
     let endpoint = gateway::endpoint(&gw, "127.0.0.1:0".parse()?)?;
