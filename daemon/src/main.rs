@@ -222,11 +222,11 @@ async fn secret_command(
     request: ControlRequest,
     json: bool,
 ) -> anyhow::Result<ExitCode> {
-    let reply = didgate_gateway::secrets::admin(&data, &request).await?;
+    let reply = didgate_gateway::admin::admin(&data, &request).await?;
     if !reply.ok {
         anyhow::bail!("{}", reply.error.unwrap_or_default());
     }
-    let (text, ok) = didgate_gateway::secrets::describe(&request, &reply, json);
+    let (text, ok) = didgate_gateway::admin::describe(&request, &reply, json);
     print!("{text}");
     Ok(if ok {
         ExitCode::SUCCESS
@@ -342,9 +342,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let control = {
                 let (gw, data) = (gw.clone(), data.clone());
-                tokio::spawn(
-                    async move { didgate_gateway::control::serve(gw, &data, stop_rx).await },
-                )
+                tokio::spawn(async move {
+                    didgate_gateway::control::server::serve(gw, &data, stop_rx).await
+                })
             };
             let hangup = tokio::spawn(reload_on_hangup(gw.clone()));
             eprintln!(

@@ -11,7 +11,7 @@ fn secret_benches(c: &mut Criterion) {
     let data = dir.path().join("gateway");
     didgate_gateway::init(&data, "127.0.0.1:0".parse().expect("addr")).expect("init");
     didgate_gateway::add_secret(&data, "bench-key", "sk-bench-0123456789abcdef").expect("add");
-    let opened = didgate_gateway::secrets::open_dir(&data).expect("open");
+    let opened = didgate_gateway::admin::open_dir(&data).expect("open");
     let secrets = &opened.secrets;
     let now = didgate_gateway::now_ms();
     c.bench_function("secret/decrypt just in time (read, unwrap, open)", |b| {

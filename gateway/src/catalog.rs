@@ -1,62 +1,19 @@
 //! The catalog (specs/protocol.md, "Catalog"): each upstream's named operations from
 //! `gateway.toml`, answered to a caller filtered by the policy in force for its DID.
 //!
-//! Owns the configuration of operations ([`OperationConfig`], validated by [`validate`]), the
-//! pure filter ([`allowed_operations`]) and the stream handler ([`answer`]). Policy text is never
-//! sent: a caller learns only which of the configured operations it may call.
+//! Owns the pure filter ([`allowed_operations`]) and the framing of its answer
+//! ([`encode_frames`]); the operations' configuration is [`OperationConfig`] in
+//! [`crate::config`], and the stream handler is the gateway's. Policy text is never sent: a
+//! caller learns only which of the configured operations it may call.
 
-use bytes::BytesMut;
-use didgate_protocol::Caller;
 use didgate_protocol::Version;
-use didgate_protocol::catalog::{self, Catalog, CatalogRequest, Operation};
-use didgate_protocol::frame::{self, FrameType};
-use didgate_protocol::message::{Message, RefusalCode};
-use serde::{Deserialize, Serialize};
+use didgate_protocol::catalog::{Catalog, Operation};
+use didgate_protocol::frame;
+use didgate_protocol::message::Message;
 
 use crate::config::Upstream;
-use crate::gateway::Gateway;
+pub use crate::config::{MAX_DESCRIPTION, OperationConfig};
 use crate::policy::{PolicySet, RequestContext};
-
-/// One named operation of an upstream (`[[upstream.operation]]` in `gateway.toml`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct OperationConfig {
-    /// Name, unique within the upstream: 1 to 48 of `a-z A-Z 0-9 _ -`.
-    pub name: String,
-    /// HTTP method, upper case.
-    pub method: String,
-    /// Path template: a canonical path whose whole segments may be `{param}`.
-    pub path: String,
-    /// What it does (shown to callers and, through `didgate mcp`, to agents).
-    #[serde(default)]
-    pub description: String,
-}
-
-/// Largest description accepted, bytes (keeps one operation well inside a frame).
-pub const MAX_DESCRIPTION: usize = 2048;
-
-/// Checks an upstream's operations: names valid and unique, methods upper-case ASCII letters,
-/// path templates well formed, descriptions at most [`MAX_DESCRIPTION`] bytes.
-pub fn validate(up: &Upstream) -> Result<(), String> {
-    let mut seen = std::collections::BTreeSet::new();
-    for op in &up.operations {
-        let at = format!("upstream {} operation {:?}", up.name, op.name);
-        catalog::check_operation_name(&op.name).map_err(|e| format!("{at}: {e}"))?;
-        if !seen.insert(op.name.as_str()) {
-            return Err(format!("{at}: the name is used twice"));
-        }
-        if op.method.is_empty() || !op.method.bytes().all(|b| b.is_ascii_uppercase()) {
-            return Err(format!("{at}: method must be upper case, e.g. GET"));
-        }
-        catalog::check_path_template(&op.path).map_err(|e| format!("{at}: {e}"))?;
-        if op.description.len() > MAX_DESCRIPTION {
-            return Err(format!(
-                "{at}: description longer than {MAX_DESCRIPTION} bytes"
-            ));
-        }
-    }
-    Ok(())
-}
 
 /// The operations `did` may call under `policy` at `now_ms`, in configuration order. Each is
 /// decided like a call to its path template as written (each `{param}` a segment of its own),
@@ -112,54 +69,6 @@ pub fn encode_frames(ops: Vec<Operation>, version: Version) -> Vec<Vec<u8>> {
     }
     payloads.push(part.encode());
     payloads
-}
-
-/// Answers a CatalogRequest frame on one stream: Catalog frames, then FIN; a refusal (signed,
-/// audited like any refusal before a call) for a malformed request or a revoked DID.
-pub(crate) async fn answer(
-    gw: &Gateway,
-    peer: &Caller,
-    mut send: quinn::SendStream,
-    payload: &[u8],
-) {
-    let version = crate::gateway::call_version();
-    let request = match CatalogRequest::decode_v(payload, version) {
-        Ok(r) => r,
-        Err(_) => {
-            return gw
-                .refuse_unverified(
-                    &mut send,
-                    RefusalCode::Malformed,
-                    "the catalog request does not decode (as a message of the connection's version)",
-                )
-                .await;
-        }
-    };
-    if gw.did_revoked(peer) {
-        return gw
-            .refuse_unverified(&mut send, RefusalCode::Revoked, "this DID is revoked")
-            .await;
-    }
-    // a did:web caller's claim is checked against its document first, as for a call
-    if let Err(r) = gw.web_document(peer).await {
-        return gw.refuse_unverified(&mut send, r.code, &r.reason).await;
-    }
-    let ops = allowed_operations(
-        &gw.config().upstreams,
-        &gw.policy(),
-        peer.as_str(),
-        request.upstream.as_deref(),
-        crate::now_ms(),
-    );
-    let mut out = BytesMut::new();
-    for payload in encode_frames(ops, version) {
-        // a single operation is bounded by validate(), so each payload fits a frame
-        if frame::encode(FrameType::Catalog, &payload, &mut out).is_err() {
-            tracing::warn!("catalog: an operation does not fit a frame");
-        }
-    }
-    let _ = send.write_all(&out).await;
-    let _ = send.finish();
 }
 
 #[cfg(test)]

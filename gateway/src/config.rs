@@ -7,7 +7,7 @@ use std::path::Path;
 use didgate_protocol::Version;
 use serde::{Deserialize, Serialize};
 
-use crate::limits::RateLimit;
+use didgate_protocol::catalog;
 
 /// How an upstream's secret is injected into the request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,7 +84,7 @@ pub struct Upstream {
     /// Named operations callers may discover (`[[upstream.operation]]`; specs/protocol.md,
     /// "Catalog").
     #[serde(default, rename = "operation", skip_serializing_if = "Vec::is_empty")]
-    pub operations: Vec<crate::catalog::OperationConfig>,
+    pub operations: Vec<OperationConfig>,
     /// What to do when the response holds the call's credential (specs/protocol.md, "Secret
     /// echoes"): redact it (the default) or fail the call.
     #[serde(default, skip_serializing_if = "EchoAction::is_default")]
@@ -303,7 +303,7 @@ fn d_cp_entries() -> u64 {
     4096
 }
 fn d_grace() -> u64 {
-    crate::secrets::DEFAULT_GRACE_SECS
+    DEFAULT_GRACE_SECS
 }
 fn d_cp_secs() -> u64 {
     60
@@ -469,7 +469,7 @@ impl Config {
                     u.name
                 ));
             }
-            crate::catalog::validate(u).map_err(ConfigError::Invalid)?;
+            validate_operations(u).map_err(ConfigError::Invalid)?;
             for r in [u.rate_per_upstream, u.rate_per_did].into_iter().flatten() {
                 r.validate()
                     .map_err(|e| ConfigError::Invalid(format!("upstream {}: {e}", u.name)))?;
@@ -628,6 +628,87 @@ max_response_bytes = 134217728
 # timeout_secs = 5
 "#
     )
+}
+
+/// Default `secret_grace_secs`: how long a retired secret version stays usable, seconds.
+pub const DEFAULT_GRACE_SECS: u64 = 3600;
+
+/// A token-bucket rate: at most `burst` calls at once, refilled at `per_sec` calls per second.
+/// `burst = 0` means unlimited; `per_sec = 0` means the `burst` tokens are never refilled.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    /// Bucket capacity: calls allowed back to back. 0 = unlimited.
+    pub burst: u64,
+    /// Refill rate, calls per second (fractions allowed; finite, 0 or more).
+    pub per_sec: f64,
+}
+
+impl PartialEq for RateLimit {
+    fn eq(&self, other: &Self) -> bool {
+        self.burst == other.burst && self.per_sec.to_bits() == other.per_sec.to_bits()
+    }
+}
+
+impl Eq for RateLimit {}
+
+impl RateLimit {
+    /// Whether this rate limits anything (`burst > 0`).
+    pub fn is_limited(&self) -> bool {
+        self.burst > 0
+    }
+
+    /// Checks the values: `per_sec` finite and not negative.
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.per_sec.is_finite() || self.per_sec < 0.0 {
+            return Err(format!(
+                "per_sec must be a finite number >= 0, not {}",
+                self.per_sec
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// One named operation of an upstream (`[[upstream.operation]]` in `gateway.toml`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperationConfig {
+    /// Name, unique within the upstream: 1 to 48 of `a-z A-Z 0-9 _ -`.
+    pub name: String,
+    /// HTTP method, upper case.
+    pub method: String,
+    /// Path template: a canonical path whose whole segments may be `{param}`.
+    pub path: String,
+    /// What it does (shown to callers and, through `didgate mcp`, to agents).
+    #[serde(default)]
+    pub description: String,
+}
+
+/// Largest description accepted, bytes (keeps one operation well inside a frame).
+pub const MAX_DESCRIPTION: usize = 2048;
+
+/// Checks an upstream's operations: names valid and unique, methods upper-case ASCII letters,
+/// path templates well formed, descriptions at most [`MAX_DESCRIPTION`] bytes.
+pub fn validate_operations(up: &Upstream) -> Result<(), String> {
+    let mut seen = std::collections::BTreeSet::new();
+    for op in &up.operations {
+        let at = format!("upstream {} operation {:?}", up.name, op.name);
+        catalog::check_operation_name(&op.name).map_err(|e| format!("{at}: {e}"))?;
+        if !seen.insert(op.name.as_str()) {
+            return Err(format!("{at}: the name is used twice"));
+        }
+        if op.method.is_empty() || !op.method.bytes().all(|b| b.is_ascii_uppercase()) {
+            return Err(format!("{at}: method must be upper case, e.g. GET"));
+        }
+        catalog::check_path_template(&op.path).map_err(|e| format!("{at}: {e}"))?;
+        if op.description.len() > MAX_DESCRIPTION {
+            return Err(format!(
+                "{at}: description longer than {MAX_DESCRIPTION} bytes"
+            ));
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

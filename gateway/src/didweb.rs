@@ -33,7 +33,7 @@ use didgate_protocol::{Did, WebDid};
 use futures_util::StreamExt;
 
 use crate::config::DidWeb;
-use crate::upstream::refused_range;
+use crate::egress::refused_range;
 
 /// Why a did:web could not be resolved.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

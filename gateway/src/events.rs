@@ -301,7 +301,7 @@ impl Event {
 
 /// `YYYY-MM-DDTHH:MM:SS.mmmZ`.
 fn fmt_time(ms: u64) -> String {
-    let secs = crate::secrets::fmt_utc(ms);
+    let secs = didgate_io::fmt_utc(ms);
     match secs.strip_suffix('Z') {
         Some(base) => format!("{base}.{:03}Z", ms % 1000),
         None => secs,

@@ -34,28 +34,12 @@ use crate::limits::{self, Limits, Permit, Stage};
 use crate::metrics::{Flow, Metrics};
 use crate::policy::{PolicyError, PolicySet, RequestContext};
 use crate::secrets::{SecretError, Secrets};
-use crate::{now_ms, upstream};
+use crate::upstream;
+use didgate_io::now_ms;
 
-/// Keyspace of replay keys (`c` || call ID, `n` || DID key || nonce) -> expiry (u64be ms).
-pub const REPLAY: &str = "replay";
-/// Keyspace of consumed grants: grant id -> call ID.
-pub const GRANTS: &str = "grants";
-/// Keyspace of client heads seen: signer key (32) || chain id || seq (u64be) -> hash.
-pub const HEADS: &str = "heads";
-/// Keyspace of secrets: name -> [`crate::secrets::SecretRecord`].
-pub const SECRETS: &str = "secrets";
-/// Keyspace of the secret lifecycle's marks: `snapshot` -> when the snapshot entry of the
-/// stored secrets was written (u64be ms; see [`crate::secrets`], "Audit").
-pub const LIFECYCLE: &str = "lifecycle";
-/// Keyspace of revocations: `d` || DID text, or `g` || grant id -> reason (UTF-8).
-pub const REVOKED: &str = "revoked";
-/// Keyspace of did:web documents that decided calls: document hash -> the exact bytes served
-/// (kept beside the chain for auditors; entries record the hash in `did_doc`).
-pub const DOCUMENTS: &str = didgate_audit::store::DOCUMENTS;
-/// Every keyspace of the gateway's store besides the chain's own.
-pub const SPACES: &[&str] = &[
-    REPLAY, GRANTS, HEADS, SECRETS, LIFECYCLE, REVOKED, DOCUMENTS,
-];
+pub use crate::datadir::{
+    DOCUMENTS, DataDir, GRANTS, HEADS, LIFECYCLE, REPLAY, REVOKED, SECRETS, SPACES,
+};
 
 /// What the gateway keeps of a grant it issued, under `i` || grant id in [`GRANTS`].
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -119,37 +103,6 @@ fn revoked_grant_key(id: &[u8; 16]) -> Vec<u8> {
     [b"g".as_slice(), id].concat()
 }
 
-/// Files of a gateway data directory.
-#[derive(Debug, Clone)]
-pub struct DataDir {
-    root: PathBuf,
-}
-
-impl DataDir {
-    /// The data directory at `root`.
-    pub fn new(root: &Path) -> Self {
-        Self {
-            root: root.to_path_buf(),
-        }
-    }
-    /// `gateway.toml`.
-    pub fn config(&self) -> PathBuf {
-        self.root.join("gateway.toml")
-    }
-    /// The gateway identity (mode 0600).
-    pub fn identity(&self) -> PathBuf {
-        self.root.join("identity")
-    }
-    /// The local KMS master key (mode 0600).
-    pub fn master_key(&self) -> PathBuf {
-        self.root.join("master.key")
-    }
-    /// The store.
-    pub fn store(&self) -> PathBuf {
-        self.root.join("store")
-    }
-}
-
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -200,8 +153,8 @@ pub struct Gateway {
     policy: std::sync::RwLock<Arc<PolicySet>>,
     chain: Chain,
     secrets: Arc<Secrets>,
-    /// One HTTP client per upstream, each with its egress resolver ([`upstream::Egress`]).
-    http: upstream::Egress,
+    /// One HTTP client per upstream, each with its egress resolver ([`crate::egress::Egress`]).
+    http: crate::egress::Egress,
     /// Rate and concurrency limits ([`crate::limits`]).
     limits: Limits,
     aggregate: Mutex<Aggregate>,
@@ -322,7 +275,7 @@ impl Gateway {
     /// Opens the gateway in `dir`.
     pub async fn open(dir: &Path) -> Result<Self, StartError> {
         tls::install_provider();
-        crate::private_data_dir(dir)?;
+        crate::datadir::private_data_dir(dir)?;
         let d = DataDir::new(dir);
         let config = Config::load(&d.config())?;
         let identity = Arc::new(didgate_io::identity::load(&d.identity())?);
@@ -346,8 +299,8 @@ impl Gateway {
                 .map_err(|e| SecretError::Invalid(format!("opening the secrets: {e}")))??
         };
         let secrets = Arc::new(secrets);
-        let http =
-            upstream::Egress::new(&config).map_err(|e| StartError::Transport(e.to_string()))?;
+        let http = crate::egress::Egress::new(&config)
+            .map_err(|e| StartError::Transport(e.to_string()))?;
         let policy = std::sync::RwLock::new(Arc::new(PolicySet::load(dir, &config)?));
         let metrics = Arc::new(Metrics::new(&config));
         let resolver = WebResolver::new(&config.did_web, dir)
@@ -933,9 +886,7 @@ impl Gateway {
                 self.execute_grant(peer, send, recv, dec, &frame.payload)
                     .await
             }
-            FrameType::CatalogRequest => {
-                crate::catalog::answer(self, &peer, send, &frame.payload).await
-            }
+            FrameType::CatalogRequest => answer_catalog(self, &peer, send, &frame.payload).await,
             _ => {
                 self.refuse_unverified(&mut send, RefusalCode::Malformed, "unexpected frame type")
                     .await
@@ -2018,4 +1969,46 @@ mod tokio_util_tasks {
             }
         }
     }
+}
+/// Answers a CatalogRequest frame on one stream: Catalog frames, then FIN; a refusal (signed,
+/// audited like any refusal before a call) for a malformed request or a revoked DID.
+async fn answer_catalog(gw: &Gateway, peer: &Caller, mut send: quinn::SendStream, payload: &[u8]) {
+    let version = call_version();
+    let request = match didgate_protocol::catalog::CatalogRequest::decode_v(payload, version) {
+        Ok(r) => r,
+        Err(_) => {
+            return gw
+                .refuse_unverified(
+                    &mut send,
+                    RefusalCode::Malformed,
+                    "the catalog request does not decode (as a message of the connection's version)",
+                )
+                .await;
+        }
+    };
+    if gw.did_revoked(peer) {
+        return gw
+            .refuse_unverified(&mut send, RefusalCode::Revoked, "this DID is revoked")
+            .await;
+    }
+    // a did:web caller's claim is checked against its document first, as for a call
+    if let Err(r) = gw.web_document(peer).await {
+        return gw.refuse_unverified(&mut send, r.code, &r.reason).await;
+    }
+    let ops = crate::catalog::allowed_operations(
+        &gw.config().upstreams,
+        &gw.policy(),
+        peer.as_str(),
+        request.upstream.as_deref(),
+        now_ms(),
+    );
+    let mut out = BytesMut::new();
+    for payload in crate::catalog::encode_frames(ops, version) {
+        // a single operation is bounded by validate(), so each payload fits a frame
+        if frame::encode(FrameType::Catalog, &payload, &mut out).is_err() {
+            tracing::warn!("catalog: an operation does not fit a frame");
+        }
+    }
+    let _ = send.write_all(&out).await;
+    let _ = send.finish();
 }

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
+pub use crate::config::RateLimit;
 
 /// How many buckets [`Limits::new`] keeps at most by default.
 pub const DEFAULT_MAX_ENTRIES: usize = 100_000;
@@ -21,43 +21,6 @@ const SWEEP_EVERY_MS: u64 = 60_000;
 
 /// When the table is full, the shortest interval (ms) between two sweeps looking for room.
 const FULL_SWEEP_EVERY_MS: u64 = 1_000;
-
-/// A token-bucket rate: at most `burst` calls at once, refilled at `per_sec` calls per second.
-/// `burst = 0` means unlimited; `per_sec = 0` means the `burst` tokens are never refilled.
-#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RateLimit {
-    /// Bucket capacity: calls allowed back to back. 0 = unlimited.
-    pub burst: u64,
-    /// Refill rate, calls per second (fractions allowed; finite, 0 or more).
-    pub per_sec: f64,
-}
-
-impl PartialEq for RateLimit {
-    fn eq(&self, other: &Self) -> bool {
-        self.burst == other.burst && self.per_sec.to_bits() == other.per_sec.to_bits()
-    }
-}
-
-impl Eq for RateLimit {}
-
-impl RateLimit {
-    /// Whether this rate limits anything (`burst > 0`).
-    pub fn is_limited(&self) -> bool {
-        self.burst > 0
-    }
-
-    /// Checks the values: `per_sec` finite and not negative.
-    pub fn validate(&self) -> Result<(), String> {
-        if !self.per_sec.is_finite() || self.per_sec < 0.0 {
-            return Err(format!(
-                "per_sec must be a finite number >= 0, not {}",
-                self.per_sec
-            ));
-        }
-        Ok(())
-    }
-}
 
 /// A token bucket over a caller-supplied clock (milliseconds, any origin, non-decreasing;
 /// a clock that goes back is treated as standing still).

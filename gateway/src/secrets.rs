@@ -84,15 +84,14 @@ use tokio::sync::watch;
 use zeroize::Zeroizing;
 
 use crate::config::{Config, ConfigError, Upstream};
-use crate::control::{Reply, Request};
-use crate::gateway::{DataDir, LIFECYCLE, SECRETS, SPACES};
+use crate::datadir::{DataDir, LIFECYCLE, SECRETS};
 use crate::kms::{KeyId, Kms, KmsError, LocalKms, SealedVersion};
-use crate::{now_ms, upstream};
+use crate::upstream;
+use didgate_io::now_ms;
 
 /// How long a deleted secret stays recoverable before it is purged: 90 days, in ms.
 pub const DELETE_RETENTION_MS: u64 = 90 * 24 * 3600 * 1000;
-/// Default `secret_grace_secs`: how long a retired version stays usable, seconds.
-pub const DEFAULT_GRACE_SECS: u64 = 3600;
+pub use crate::config::DEFAULT_GRACE_SECS;
 /// How often a running gateway seals off expired versions, purges deleted secrets and persists
 /// last-use times, seconds.
 pub const UPKEEP_SECS: u64 = 60;
@@ -1283,7 +1282,7 @@ impl Secrets {
     /// (2xx = ok). The response body is dropped unread; no value is returned.
     pub async fn probe(
         &self,
-        egress: &upstream::Egress,
+        egress: &crate::egress::Egress,
         config: &Config,
         name: &str,
         version: Option<u64>,
@@ -1451,316 +1450,11 @@ fn probe_request(up: &Upstream, path: &str, now_ms: u64) -> CallRequest {
         },
     }
 }
-
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, SecretError> + Send + 'static,
-) -> Result<T, SecretError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| SecretError::Invalid(format!("task failed: {e}")))?
-}
-
-/// Runs a secret or KMS control command (`secret_*`, `kms_rotate`) on `secrets`: in the daemon
-/// for a control-socket request, or in the admin command when no daemon runs. `config` is
-/// needed by `secret_test` only.
-pub async fn control(secrets: &Arc<Secrets>, config: Option<&Config>, req: &Request) -> Reply {
-    match run_command(secrets, config, req).await {
-        Ok(reply) => reply,
-        Err(e) => Reply {
-            ok: false,
-            error: Some(e.to_string()),
-            ..Default::default()
-        },
-    }
-}
-
-async fn run_command(
-    secrets: &Arc<Secrets>,
-    config: Option<&Config>,
-    req: &Request,
-) -> Result<Reply, SecretError> {
-    let now = now_ms();
-    let s = secrets.clone();
-    let one = |info: SecretInfo| Reply {
-        ok: true,
-        secrets: Some(vec![info]),
-        ..Default::default()
-    };
-    Ok(match req {
-        Request::SecretAdd { name, value } => {
-            let (name, value) = (name.clone(), value.clone());
-            one(blocking(move || s.add(&name, value.expose(), now)).await?)
-        }
-        Request::SecretRotate { name, value } => {
-            let (name, value) = (name.clone(), value.clone());
-            one(blocking(move || s.rotate(&name, value.expose(), now)).await?)
-        }
-        Request::SecretDisable { name } => {
-            let name = name.clone();
-            one(blocking(move || s.disable(&name, now)).await?)
-        }
-        Request::SecretEnable { name } => {
-            let name = name.clone();
-            one(blocking(move || s.enable(&name, now)).await?)
-        }
-        Request::SecretDelete { name } => {
-            let name = name.clone();
-            one(blocking(move || s.delete(&name, now)).await?)
-        }
-        Request::SecretList => Reply {
-            ok: true,
-            secrets: Some(blocking(move || s.list()).await?),
-            ..Default::default()
-        },
-        Request::SecretTest { name, version } => {
-            let config = config.ok_or_else(|| {
-                SecretError::Invalid("secret test needs gateway.toml (the upstreams)".into())
-            })?;
-            // the one rustls provider (ring), as the daemon installs it at start
-            didgate_io::tls::install_provider();
-            let egress =
-                upstream::Egress::new(config).map_err(|e| SecretError::Invalid(e.to_string()))?;
-            Reply {
-                ok: true,
-                probes: Some(secrets.probe(&egress, config, name, *version, now).await?),
-                ..Default::default()
-            }
-        }
-        Request::KmsRotate => Reply {
-            ok: true,
-            kms: Some(blocking(move || s.kms_rotate(now)).await?),
-            ..Default::default()
-        },
-        _ => return Err(SecretError::Invalid("not a secret command".into())),
-    })
-}
-
-/// The secrets of a data directory opened directly by an admin command (no daemon runs), with
-/// the gateway's chain their entries go to. Dropping it closes the chain (a final checkpoint)
-/// and releases the store.
-#[derive(Debug)]
-pub struct DirSecrets {
-    /// The secrets.
-    pub secrets: Arc<Secrets>,
-    /// `gateway.toml`, if the directory has one (for `secret test`).
-    pub config: Option<Config>,
-}
-
-impl Drop for DirSecrets {
-    fn drop(&mut self) {
-        self.secrets.chain.close();
-    }
-}
-
-/// Opens the secrets of `data` directly (no daemon may run): the store and the gateway's chain
-/// (switched to this release's format if an older release wrote it), `gateway.toml` if present
-/// (for `secret_grace_secs`, the checkpoint policy and the upstreams), and the master key.
-/// Blocks on the chain: call it from a blocking thread or a command's start.
-pub fn open_dir(data: &Path) -> Result<DirSecrets, SecretError> {
-    crate::private_data_dir(data)?;
-    let d = DataDir::new(data);
-    if !d.store().join("version").is_file() {
-        return Err(SecretError::Invalid(format!(
-            "{} holds no gateway store (run `didgated init`)",
-            data.display()
-        )));
-    }
-    let config = if d.config().exists() {
-        Some(Config::load(&d.config())?)
-    } else {
-        None
-    };
-    let grace = config
-        .as_ref()
-        .map_or(DEFAULT_GRACE_SECS, |c| c.gateway.secret_grace_secs);
-    let policy = config
-        .as_ref()
-        .map(Config::checkpoint_policy)
-        .unwrap_or_default();
-    let identity = didgate_io::identity::load(&d.identity())
-        .map_err(|e| SecretError::Invalid(format!("the gateway identity: {e}")))?;
-    let store = Store::open(&d.store(), SPACES)?;
-    let chain = Chain::open(
-        store,
-        Arc::new(identity),
-        didgate_audit::entry::Role::Gateway,
-        now_ms(),
-        policy,
-    )?;
-    let secrets = match Secrets::open(data, chain.clone(), grace, now_ms()) {
-        Ok(s) => s,
-        Err(e) => {
-            chain.close();
-            return Err(e);
-        }
-    };
-    Ok(DirSecrets {
-        secrets: Arc::new(secrets),
-        config,
-    })
-}
-
-/// Runs a secret or KMS command for `didgated`: through the daemon's control socket when one
-/// answers (the value travels over the 0600 socket, never argv), else on the store directly.
-pub async fn admin(data: &Path, req: &Request) -> Result<Reply, SecretError> {
-    if let Some(reply) = crate::control::call(data, req).await {
-        return reply.map_err(|e| SecretError::Io("control socket".into(), e));
-    }
-    let data = data.to_path_buf();
-    let dir = blocking(move || open_dir(&data)).await?;
-    let reply = control(&dir.secrets, dir.config.as_ref(), req).await;
-    tokio::task::spawn_blocking(move || drop(dir))
-        .await
-        .map_err(|e| SecretError::Invalid(format!("closing the chain: {e}")))?;
-    Ok(reply)
-}
-
-/// `YYYY-MM-DDTHH:MM:SSZ` for ms since the Unix epoch.
-pub fn fmt_utc(ms: u64) -> String {
-    let secs = ms / 1000;
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // civil_from_days (H. Hinnant)
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem / 60 % 60,
-        rem % 60
-    )
-}
-
-/// Renders the secrets as the `secret list` table: name, version, prefix, status, last use.
-pub fn render_list(secrets: &[SecretInfo]) -> String {
-    let mut rows = vec![[
-        "NAME".to_string(),
-        "VERSION".into(),
-        "PREFIX".into(),
-        "STATUS".into(),
-        "LAST USE".into(),
-    ]];
-    for s in secrets {
-        let mut status = s.status.clone();
-        if let Some(p) = s.purge_ms {
-            status.push_str(&format!(" (purged {})", fmt_utc(p)));
-        }
-        let retired = s.versions.iter().filter(|v| v.retired_ms.is_some()).count();
-        let mut version = s.version.to_string();
-        if retired > 0 {
-            version.push_str(&format!(" (+{retired} in grace)"));
-        }
-        rows.push([
-            s.name.clone(),
-            version,
-            s.display.clone(),
-            status,
-            s.last_used_ms.map_or_else(|| "never".into(), fmt_utc),
-        ]);
-    }
-    let mut widths = [0usize; 5];
-    for r in &rows {
-        for (w, c) in widths.iter_mut().zip(r.iter()) {
-            *w = (*w).max(c.chars().count());
-        }
-    }
-    let mut out = String::new();
-    for r in &rows {
-        let line: Vec<String> = r
-            .iter()
-            .zip(widths)
-            .map(|(c, w)| format!("{c:<w$}"))
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
-}
-
-/// What `didgated` prints for a successful reply to `req` (JSON with `json`). Returns the text
-/// and whether every `secret test` probe succeeded.
-pub fn describe(req: &Request, reply: &Reply, json: bool) -> (String, bool) {
-    let secrets = reply.secrets.as_deref().unwrap_or_default();
-    let first = secrets.first();
-    let until = |info: &SecretInfo| {
-        info.versions
-            .iter()
-            .filter_map(|v| v.usable_until_ms.map(|u| (v.version, u)))
-            .map(|(v, u)| format!("; version {v} stays usable until {}", fmt_utc(u)))
-            .collect::<String>()
-    };
-    if json {
-        let value = match req {
-            Request::SecretTest { .. } => serde_json::to_string_pretty(&reply.probes),
-            Request::KmsRotate => serde_json::to_string_pretty(&reply.kms),
-            Request::SecretList => serde_json::to_string_pretty(&secrets),
-            _ => serde_json::to_string_pretty(&first),
-        };
-        let ok = reply.probes.as_ref().is_none_or(|p| p.iter().all(|p| p.ok));
-        return (value.unwrap_or_default() + "\n", ok);
-    }
-    let text = match (req, first) {
-        (Request::SecretList, _) => render_list(secrets),
-        (Request::SecretTest { name, .. }, _) => {
-            let mut out = String::new();
-            let probes = reply.probes.as_deref().unwrap_or_default();
-            for p in probes {
-                let verdict = match (p.ok, p.status, &p.error) {
-                    (true, Some(s), _) => format!("{s} ok"),
-                    (false, Some(s), _) => format!("{s} failed"),
-                    (_, None, Some(e)) => format!("failed: {e}"),
-                    _ => "failed".into(),
-                };
-                out.push_str(&format!(
-                    "secret {name} version {} via {}: {} {} -> {verdict}\n",
-                    p.version, p.upstream, p.method, p.path
-                ));
-            }
-            let ok = probes.iter().all(|p| p.ok);
-            return (out, ok);
-        }
-        (Request::KmsRotate, _) => match &reply.kms {
-            Some(k) => format!(
-                "master key rotated ({} -> {}): {} data keys rewrapped in {} secrets; no secret was decrypted\n",
-                k.old_key_id, k.new_key_id, k.data_keys, k.secrets
-            ),
-            None => "master key rotated\n".into(),
-        },
-        (Request::SecretAdd { .. }, Some(i)) => {
-            format!(
-                "secret {} version {} stored ({})\n",
-                i.name, i.version, i.display
-            )
-        }
-        (Request::SecretRotate { .. }, Some(i)) => format!(
-            "secret {} rotated to version {} ({}){}\n",
-            i.name,
-            i.version,
-            i.display,
-            until(i)
-        ),
-        (Request::SecretDelete { .. }, Some(i)) => format!(
-            "secret {} deleted; `didgated secret enable {}` restores it until {}, then it is purged\n",
-            i.name,
-            i.name,
-            i.purge_ms.map(fmt_utc).unwrap_or_default()
-        ),
-        (_, Some(i)) => format!("secret {} version {} is {}\n", i.name, i.version, i.status),
-        (_, None) => "done\n".into(),
-    };
-    (text, true)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::control::Request;
+    use crate::datadir::SPACES;
 
     const CANARY: &str = "sk-live-CANARY-unit-0123456789abcdef";
     const GRACE: u64 = 3_600_000;
@@ -1933,14 +1627,6 @@ mod tests {
         }
     }
 
-    #[test]
-    fn fmt_utc_known_dates() {
-        assert_eq!(fmt_utc(0), "1970-01-01T00:00:00Z");
-        assert_eq!(fmt_utc(951_782_400_000), "2000-02-29T00:00:00Z");
-        assert_eq!(fmt_utc(1_700_000_000_123), "2023-11-14T22:13:20Z");
-    }
-
-    /// A gateway data directory with a master key and a store, no configuration.
     /// A data directory with a master key and a gateway chain (its writer is a plain thread,
     /// so these tests need no runtime).
     fn data_dir() -> (tempfile::TempDir, Chain) {

@@ -11,7 +11,8 @@ use coset::{
 };
 use ed25519_dalek::Signature;
 
-use crate::did::{Did, DidError, Identity};
+use crate::did::{Did, DidError};
+use crate::identity::Identity;
 use crate::web::{Caller, Principal, PrincipalError, WebDid};
 
 /// Longest envelope accepted (also bounded by the frame limit).

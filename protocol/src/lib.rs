@@ -24,11 +24,13 @@ pub mod cbor;
 pub mod did;
 pub mod envelope;
 pub mod frame;
+pub mod identity;
 pub mod message;
 pub mod version;
 pub mod web;
 
-pub use did::{Did, DidError, Identity};
+pub use did::{Did, DidError};
+pub use identity::Identity;
 pub use version::Version;
 pub use web::{Caller, Principal, WebDid};
 

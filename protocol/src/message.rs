@@ -9,8 +9,9 @@
 use serde::{Deserialize, Serialize};
 
 use crate::cbor::{self, DecodeError, fixed, fixed_opt};
-use crate::did::{Did, Identity};
+use crate::did::Did;
 use crate::envelope::{self, EnvelopeError, Kind, Verified};
+use crate::identity::Identity;
 use crate::version::Version;
 
 /// A 32-byte BLAKE3 digest.

@@ -276,7 +276,7 @@ async fn the_canary_is_only_ever_ciphertext() -> anyhow::Result<()> {
         }
     }
     // the store holds the secret, sealed: its record opens only with the master key
-    let opened = didgate_gateway::secrets::open_dir(&h.gw_dir())?;
+    let opened = didgate_gateway::admin::open_dir(&h.gw_dir())?;
     let secrets = opened.secrets.list()?;
     drop(opened);
     let listed = format!("{secrets:?}");

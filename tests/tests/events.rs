@@ -29,7 +29,7 @@ impl Socket {
         let gw = h.gateway.clone().context("the gateway runs")?;
         let (stop, rx) = tokio::sync::watch::channel(false);
         let dir = h.gw_dir();
-        let task = tokio::spawn(async move { control::serve(gw, &dir, rx).await });
+        let task = tokio::spawn(async move { control::server::serve(gw, &dir, rx).await });
         // the socket answers once it is bound: poll for it, bounded
         tokio::time::timeout(WAIT, async {
             while control::call(&h.gw_dir(), &control::Request::Status)

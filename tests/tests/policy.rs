@@ -342,7 +342,7 @@ async fn invalid_policy_is_refused_by_reload_and_the_old_set_stays() -> anyhow::
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let socket = {
         let (gw, dir) = (gw.clone(), h.gw_dir());
-        tokio::spawn(async move { control::serve(gw, &dir, stop_rx).await })
+        tokio::spawn(async move { control::server::serve(gw, &dir, stop_rx).await })
     };
     for _ in 0..100 {
         if control::socket_path(&h.gw_dir()).exists() {

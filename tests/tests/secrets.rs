@@ -58,7 +58,7 @@ impl Socket {
         let gw = h.gateway.clone().context("the gateway runs")?;
         let (stop, rx) = tokio::sync::watch::channel(false);
         let dir = h.gw_dir();
-        let task = tokio::spawn(async move { control::serve(gw, &dir, rx).await });
+        let task = tokio::spawn(async move { control::server::serve(gw, &dir, rx).await });
         let path = control::socket_path(&h.gw_dir());
         for _ in 0..500 {
             if path.exists() {
@@ -195,7 +195,7 @@ async fn rotation_keeps_calls_working_across_the_grace_window() -> anyhow::Resul
 
     // inside the window the old version is still held and still works upstream
     let config = gw.config().clone();
-    let http = didgate_gateway::upstream::Egress::new(&config)?;
+    let http = didgate_gateway::egress::Egress::new(&config)?;
     let probes = secrets
         .probe(&http, &config, NAME, Some(1), t0 + grace - 1)
         .await?;

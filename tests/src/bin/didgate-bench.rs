@@ -38,6 +38,10 @@ const VERSION: u64 = didgate_protocol::Version::CURRENT.as_u64();
 
 #[path = "didgate-bench/calls.rs"]
 mod calls;
+#[path = "didgate-bench/host.rs"]
+mod host;
+
+use host::{cpu_model, ms, threads, work_dir};
 
 /// mimalloc instead of glibc's malloc: allocation and free were about 12% of the gateway's CPU
 /// per call in `perf` (README, call benchmark).
@@ -93,10 +97,6 @@ fn main() -> Result<()> {
         Some(Cmd::Audit(args)) => audit(args),
         None => calls::run(cli.calls),
     }
-}
-
-pub(crate) fn threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 fn audit(args: AuditArgs) -> Result<()> {
@@ -220,34 +220,6 @@ fn audit(args: AuditArgs) -> Result<()> {
     });
     println!("\n{json}");
     Ok(())
-}
-
-/// A fresh working directory for the stores, removed when dropped: under `dir` (created if
-/// missing) or the system temp dir.
-pub(crate) fn work_dir(dir: Option<&Path>) -> Result<tempfile::TempDir> {
-    Ok(match dir {
-        Some(d) => {
-            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
-            tempfile::tempdir_in(d)?
-        }
-        None => tempfile::tempdir()?,
-    })
-}
-
-pub(crate) fn ms(d: Duration) -> f64 {
-    (d.as_secs_f64() * 1e6).round() / 1e3
-}
-
-pub(crate) fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into())
 }
 
 /// Latencies of one append run.

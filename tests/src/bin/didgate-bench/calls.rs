@@ -38,7 +38,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::{cpu_model, ms};
+use crate::host::{cpu_model, ms, threads, work_dir};
 
 /// Options of the call benchmark.
 #[derive(clap::Args)]
@@ -157,10 +157,10 @@ async fn bench(args: CallArgs) -> Result<()> {
         c1 > 0 && c64 > 0 && handshakes > 0 && rss_samples > 0,
         "call and sample counts must be at least 1"
     );
-    let base = crate::work_dir(args.dir.as_deref())?;
+    let base = work_dir(args.dir.as_deref())?;
     println!(
         "didgate-bench: {c1} calls at concurrency 1, {c64} at concurrency {WIDE}, per path; {} core(s), {}",
-        crate::threads(),
+        threads(),
         cpu_model()
     );
     println!("load while starting: {}", loadavg());
@@ -273,7 +273,7 @@ async fn bench(args: CallArgs) -> Result<()> {
         "fresh_connection_call_p50_ms": ms(hs.fresh.quantile(0.5)),
         "calls_c1": c1,
         "calls_c64": c64,
-        "cores": crate::threads(),
+        "cores": threads(),
     });
     if let Some(p) = paths.iter().find(|p| p.name == "didgate proxy") {
         json["proxy_c1_p50_added_ms"] = serde_json::json!(ms(p
