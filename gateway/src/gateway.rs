@@ -26,13 +26,16 @@ use didgate_protocol::web::DidDocument;
 use didgate_protocol::{Caller, Did, Identity, Principal, Version};
 use tokio::sync::watch;
 
+use crate::call::{
+    self, Call, Gate, Refuse, refuse, request_conflict, revoked_did_key, revoked_grant_key,
+};
 use crate::config::{Config, EchoAction, Upstream};
 use crate::didweb::WebResolver;
 use crate::echo;
 use crate::events::{Event, EventKind};
-use crate::limits::{self, Limits, Permit, Stage};
+use crate::limits::{Limits, Stage};
 use crate::metrics::{Flow, Metrics};
-use crate::policy::{PolicyError, PolicySet, RequestContext};
+use crate::policy::{PolicyError, PolicySet};
 use crate::secrets::{SecretError, Secrets};
 use crate::upstream;
 use didgate_io::now_ms;
@@ -50,21 +53,6 @@ struct IssuedGrant {
     request: Vec<u8>,
     /// Expiry, ms.
     expires_ms: u64,
-}
-
-/// The refusal for a failed claim of [`Gateway::request_claims`] (index 2 is the head).
-fn request_conflict(index: usize) -> Refuse {
-    match index {
-        2 => refuse(
-            RefusalCode::ChainFork,
-            "client chain head contradicts one already seen",
-        ),
-        0 | 1 => refuse(
-            RefusalCode::Replay,
-            "this request (call ID or nonce) was already seen",
-        ),
-        _ => refuse(RefusalCode::GrantInvalid, "the grant id is already in use"),
-    }
 }
 
 /// What an operator revokes.
@@ -93,14 +81,6 @@ pub fn parse_revoke(did: Option<&str>, grant: Option<&str>) -> Result<Revoke, St
         }
         _ => Err("name exactly one of a DID or a grant id".into()),
     }
-}
-
-fn revoked_did_key(did: &str) -> Vec<u8> {
-    [b"d".as_slice(), did.as_bytes()].concat()
-}
-
-fn revoked_grant_key(id: &[u8; 16]) -> Vec<u8> {
-    [b"g".as_slice(), id].concat()
 }
 
 /// Why the gateway could not start.
@@ -181,93 +161,6 @@ impl std::fmt::Debug for Gateway {
         f.debug_struct("Gateway")
             .field("did", self.identity.did())
             .finish_non_exhaustive()
-    }
-}
-
-tokio::task_local! {
-    /// The policy snapshot of the call the current task handles: taken when the call's stream
-    /// starts, so a reload never changes the set that decides (and is recorded for) a call
-    /// under way.
-    static CALL_POLICY: CallPolicy;
-}
-
-/// The policy set deciding one call, and the grant lifetime its decision allowed.
-struct CallPolicy {
-    set: Arc<PolicySet>,
-    ttl_secs: Mutex<Option<u64>>,
-    /// The call's concurrency slots ([`Gateway::limit`]), given back right before its terminal
-    /// frame is sent (or when the call's task ends).
-    permit: Mutex<Option<Permit>>,
-    /// The TLS peer (events).
-    peer: Caller,
-    /// The did:web document that admitted the caller, if it is a did:web.
-    did_doc: Mutex<Option<Arc<DidDocument>>>,
-    /// When the call's stream opened (latency).
-    started: std::time::Instant,
-    /// The protocol version of the call's connection (its ALPN): the version its request must
-    /// carry and every answer is written in.
-    version: Version,
-}
-
-tokio::task_local! {
-    /// The protocol version of a connection, for answers given outside a call
-    /// ([`refuse_connection`]).
-    static CONNECTION_VERSION: Version;
-}
-
-/// The protocol version the current call (or connection) speaks; version 1 outside both.
-pub(crate) fn call_version() -> Version {
-    CALL_POLICY
-        .try_with(|c| c.version)
-        .or_else(|_| CONNECTION_VERSION.try_with(|v| *v))
-        .unwrap_or_else(|_| {
-            // every answer is built inside a call or a connection scope
-            tracing::error!("an answer built outside a call: written in protocol version 1");
-            Version::V1
-        })
-}
-
-/// Gives back the current call's concurrency slots.
-fn release_call_permit() {
-    let _ = CALL_POLICY.try_with(|c| c.permit.lock().unwrap_or_else(|p| p.into_inner()).take());
-}
-
-/// The hash of the policy set deciding the current call (`None` outside a call).
-fn call_policy_hash() -> Option<[u8; 32]> {
-    CALL_POLICY.try_with(|c| c.set.hash()).ok()
-}
-
-/// The hash of the did:web document that admitted the current call's caller.
-fn call_did_doc() -> Option<[u8; 32]> {
-    call_document().map(|d| d.hash())
-}
-
-/// The did:web document that admitted the current call's caller.
-fn call_document() -> Option<Arc<DidDocument>> {
-    CALL_POLICY
-        .try_with(|c| c.did_doc.lock().unwrap_or_else(|p| p.into_inner()).clone())
-        .ok()
-        .flatten()
-}
-
-/// The current call's TLS peer, and the time since its stream opened (`None` outside a call).
-fn call_peer() -> (Option<String>, Duration) {
-    CALL_POLICY
-        .try_with(|c| (Some(c.peer.to_string()), c.started.elapsed()))
-        .unwrap_or_default()
-}
-
-/// A refusal decided before any grant was consumed.
-#[derive(Debug)]
-pub(crate) struct Refuse {
-    pub(crate) code: RefusalCode,
-    pub(crate) reason: String,
-}
-
-fn refuse(code: RefusalCode, reason: impl Into<String>) -> Refuse {
-    Refuse {
-        code,
-        reason: reason.into(),
     }
 }
 
@@ -397,24 +290,6 @@ impl Gateway {
         Ok(hash)
     }
 
-    /// The policy set deciding the current call (see [`CALL_POLICY`]).
-    fn call_policy(&self) -> Arc<PolicySet> {
-        CALL_POLICY
-            .try_with(|c| c.set.clone())
-            .unwrap_or_else(|_| self.policy())
-    }
-
-    /// The grant lifetime for the current call: the configured one, capped by the permits that
-    /// allowed it.
-    fn grant_ttl_secs(&self) -> u64 {
-        let configured = self.config.gateway.grant_ttl_secs;
-        CALL_POLICY
-            .try_with(|c| *c.ttl_secs.lock().unwrap_or_else(|p| p.into_inner()))
-            .ok()
-            .flatten()
-            .map_or(configured, |t| t.min(configured))
-    }
-
     /// The secrets (lifecycle commands from the control socket, upkeep).
     pub fn secrets(&self) -> &Arc<Secrets> {
         &self.secrets
@@ -460,36 +335,22 @@ impl Gateway {
             .contains(key)
     }
 
-    /// Rate and concurrency limits for `stage` of a call of `peer` to `up` (specs/protocol.md,
-    /// "Limits and egress"), checked after policy and before the atomic batch, so a refused call
-    /// consumes no grant and no replay key. Takes the call's tokens; its concurrency slots are
-    /// held until its terminal frame is sent.
-    fn limit(&self, peer: &Caller, up: &Upstream, stage: Stage) -> Result<(), Refuse> {
-        let checks = limits::checks(&self.config.gateway, up, peer.as_str(), stage);
-        if checks.is_empty() {
-            return Ok(());
-        }
-        match self.limits.acquire(&checks, self.limits.clock_ms()) {
-            Ok(permit) => {
-                let _ = CALL_POLICY.try_with(|c| {
-                    *c.permit.lock().unwrap_or_else(|p| p.into_inner()) = Some(permit);
-                });
-                Ok(())
-            }
-            Err(e) => Err(refuse(RefusalCode::RateLimited, e.to_string())),
-        }
+    /// Rate and concurrency limits for `stage` of the call to `up` ([`call::limit`]).
+    fn limit(&self, cx: &mut Call, up: &Upstream, stage: Stage) -> Result<(), Refuse> {
+        call::limit(
+            cx,
+            &self.limits,
+            &self.config,
+            up,
+            stage,
+            self.limits.clock_ms(),
+        )
     }
 
-    /// Checked again right before the upstream is called: a revocation that arrived while the
-    /// call was in flight still stops it.
+    /// Checked again right before the upstream is called ([`call::still_allowed`]).
     fn still_allowed(&self, did: &Caller, grant: &[u8; 16]) -> Result<(), Refuse> {
-        if self.is_revoked(&revoked_did_key(did.as_str())) {
-            return Err(refuse(RefusalCode::Revoked, "this DID is revoked"));
-        }
-        if self.is_revoked(&revoked_grant_key(grant)) {
-            return Err(refuse(RefusalCode::Revoked, "this grant is revoked"));
-        }
-        Ok(())
+        let revoked = self.revoked.read().unwrap_or_else(|p| p.into_inner());
+        call::still_allowed(&revoked, did, grant)
     }
 
     /// A body read that failed because a revocation closed the connection is refused as
@@ -631,93 +492,33 @@ impl Gateway {
         Ok(())
     }
 
-    /// The checks before any state changes: audience, clock, canonical form, upstream, policy.
-    /// Pure over its inputs.
-    /// `now` is `None` when the request's time was already judged (a grant being executed).
+    /// The checks before any state changes ([`call::admit`]) at the current time; the
+    /// request's own time is judged only when `judge_time` (not for a grant being executed).
     fn admit(
         &self,
-        peer: &Caller,
+        cx: &mut Call,
         req: &Signed<Request>,
-        now: Option<u64>,
+        judge_time: bool,
     ) -> Result<&Upstream, Refuse> {
-        let r = &req.message;
-        if req.envelope.signer() != peer.key() || req.envelope.principal() != peer.principal() {
-            return Err(refuse(
-                RefusalCode::PeerMismatch,
-                "the request is signed by another DID than the TLS peer",
-            ));
-        }
-        if self.is_revoked(&revoked_did_key(peer.as_str())) {
-            return Err(refuse(RefusalCode::Revoked, "this DID is revoked"));
-        }
-        if r.aud != self.did().as_str() {
-            return Err(refuse(
-                RefusalCode::WrongAudience,
-                "the request is addressed to another gateway",
-            ));
-        }
-        let skew = self.config.gateway.skew_secs * 1000;
-        if now.is_some_and(|now| r.time_ms.abs_diff(now) > skew) {
-            return Err(refuse(
-                RefusalCode::ClockSkew,
-                format!(
-                    "request time is outside the {}s window",
-                    self.config.gateway.skew_secs
-                ),
-            ));
-        }
-        let up = self.config.upstream(&r.upstream).ok_or_else(|| {
-            refuse(
-                RefusalCode::UnknownUpstream,
-                format!("no upstream named {:?}", r.upstream),
-            )
-        })?;
-        let (cred_header, cred_query) = match &up.auth {
-            crate::config::Auth::Header { name } => (Some(name.as_str()), None),
-            crate::config::Auth::Query { name } => (None, Some(name.as_str())),
-            _ => (None, None),
+        let revoked = self.revoked.read().unwrap_or_else(|p| p.into_inner());
+        let gate = Gate {
+            did: self.identity.did(),
+            config: &self.config,
+            revoked: &revoked,
         };
-        let not_canonical =
-            |e: canonical::CanonicalError| refuse(RefusalCode::NotCanonical, e.to_string());
-        canonical::check_method(&r.method).map_err(not_canonical)?;
-        canonical::check_path(&r.path).map_err(not_canonical)?;
-        canonical::check_query(&r.query, cred_query).map_err(not_canonical)?;
-        canonical::check_headers(&r.headers, &up.allow_headers, cred_header)
-            .map_err(not_canonical)?;
-        if r.body_len > self.config.gateway.max_body {
-            return Err(refuse(
-                RefusalCode::BodyMismatch,
-                "request body exceeds the limit",
-            ));
-        }
-        let ctx = RequestContext {
-            time_ms: now_ms(),
-            body_len: r.body_len,
-            headers: r.headers.iter().map(|(k, _)| k.clone()).collect(),
-            query: r.query.iter().map(|(k, _)| k.clone()).collect(),
-        };
-        let decision =
-            self.call_policy()
-                .decide(peer.as_str(), &r.upstream, &r.method, &r.path, &ctx);
-        if let Some(reason) = decision.refusal_reason() {
-            return Err(refuse(RefusalCode::Policy, reason));
-        }
-        let ttl = decision.grant_ttl(self.config.gateway.grant_ttl_secs);
-        let _ = CALL_POLICY.try_with(|c| {
-            *c.ttl_secs.lock().unwrap_or_else(|p| p.into_inner()) = ttl;
-        });
-        Ok(up)
+        call::admit(&gate, cx, req, now_ms(), judge_time)
     }
 
     fn sign_refusal(
         &self,
+        version: Version,
         call: Option<[u8; 32]>,
         code: RefusalCode,
         reason: &str,
         entry: Option<EntryRef>,
     ) -> Vec<u8> {
         Refusal {
-            v: call_version().as_u64(),
+            v: version.as_u64(),
             call,
             code,
             reason: reason.into(),
@@ -731,18 +532,19 @@ impl Gateway {
     /// window's aggregate. Returns the entry when one was written.
     async fn audit_refusal(
         &self,
+        cx: &Call,
         req: Option<&Signed<Request>>,
         code: RefusalCode,
         reason: &str,
     ) -> Result<Option<EntryRef>, AppendError> {
         match req {
-            Some(r) if self.call_policy().knows(r.envelope.principal().as_str()) => {
+            Some(r) if cx.policy.knows(r.envelope.principal().as_str()) => {
                 let mut e = Entry::new(EntryKind::Refused, now_ms());
-                e.policy = Some(self.call_policy().hash());
+                e.policy = Some(cx.policy_hash());
                 e.call = Some(r.envelope.digest());
                 e.signed = Some(r.bytes.clone());
                 e.subject = Some(r.envelope.principal().to_string());
-                e.did_doc = call_did_doc();
+                e.did_doc = cx.did_doc();
                 e.peer_head = Some(r.message.head);
                 e.code = Some(code.as_str().into());
                 e.detail = Some(reason.into());
@@ -804,9 +606,9 @@ impl Gateway {
         result
     }
 
-    /// Handles one stream: one call.
-    /// Handles one stream: one pipelined call, one grant request, or one grant execution,
-    /// decided throughout by the policy set in force when the stream opened ([`CALL_POLICY`]).
+    /// Handles one stream: one pipelined call, one grant request, one grant execution or one
+    /// catalog request, decided throughout by the policy set in force when the stream opened
+    /// (the [`Call`] built here).
     async fn handle(
         &self,
         peer: Caller,
@@ -814,32 +616,23 @@ impl Gateway {
         send: quinn::SendStream,
         recv: quinn::RecvStream,
     ) {
-        let call = CallPolicy {
-            version,
-            set: self.policy(),
-            ttl_secs: Mutex::new(None),
-            permit: Mutex::new(None),
-            peer: peer.clone(),
-            did_doc: Mutex::new(None),
-            started: std::time::Instant::now(),
-        };
+        let mut cx = Call::new(self.policy(), peer, version);
         // counted only once its policy snapshot is taken: a call seen in flight
         // ([`Gateway::calls_in_flight`]) is decided by the set in force before
         let _inflight = InFlight::enter(self);
-        CALL_POLICY
-            .scope(call, self.handle_call(peer, send, recv))
-            .await
+        self.handle_call(&mut cx, send, recv).await
     }
 
     async fn handle_call(
         &self,
-        peer: Caller,
+        cx: &mut Call,
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
     ) {
         if self.is_stopping() {
             return self
                 .refuse_unverified(
+                    cx,
                     &mut send,
                     RefusalCode::ShuttingDown,
                     "the gateway is shutting down",
@@ -847,15 +640,15 @@ impl Gateway {
                 .await;
         }
         let min = self.config.gateway.min_client();
-        if call_version() < min {
+        if cx.version < min {
             // Said in the connection's own version, with one of its codes: the client can read
             // it and tell its user what to do.
             let why = format!(
                 "this gateway serves protocol version {min} and later (min_client_version); this client speaks version {}: upgrade it",
-                call_version()
+                cx.version
             );
             return self
-                .refuse_unverified(&mut send, RefusalCode::Malformed, &why)
+                .refuse_unverified(cx, &mut send, RefusalCode::Malformed, &why)
                 .await;
         }
         let mut dec = FrameDecoder::new();
@@ -866,12 +659,13 @@ impl Gateway {
             Err(_) => {
                 let why = format!("no complete request frame within {}s", deadline.as_secs());
                 return self
-                    .refuse_unverified(&mut send, RefusalCode::Malformed, &why)
+                    .refuse_unverified(cx, &mut send, RefusalCode::Malformed, &why)
                     .await;
             }
             _ => {
                 return self
                     .refuse_unverified(
+                        cx,
                         &mut send,
                         RefusalCode::Malformed,
                         "expected a request frame",
@@ -880,16 +674,21 @@ impl Gateway {
             }
         };
         match frame.kind {
-            FrameType::Request => self.pipelined(peer, send, recv, dec, &frame.payload).await,
-            FrameType::GrantRequest => self.issue_grant(peer, send, &frame.payload).await,
+            FrameType::Request => self.pipelined(cx, send, recv, dec, &frame.payload).await,
+            FrameType::GrantRequest => self.issue_grant(cx, send, &frame.payload).await,
             FrameType::Execute => {
-                self.execute_grant(peer, send, recv, dec, &frame.payload)
+                self.execute_grant(cx, send, recv, dec, &frame.payload)
                     .await
             }
-            FrameType::CatalogRequest => answer_catalog(self, &peer, send, &frame.payload).await,
+            FrameType::CatalogRequest => answer_catalog(self, cx, send, &frame.payload).await,
             _ => {
-                self.refuse_unverified(&mut send, RefusalCode::Malformed, "unexpected frame type")
-                    .await
+                self.refuse_unverified(
+                    cx,
+                    &mut send,
+                    RefusalCode::Malformed,
+                    "unexpected frame type",
+                )
+                .await
             }
         }
     }
@@ -897,11 +696,12 @@ impl Gateway {
     /// Refuses before any signature verified: counted in the aggregate, answered signed.
     pub(crate) async fn refuse_unverified(
         &self,
+        cx: &mut Call,
         send: &mut quinn::SendStream,
         code: RefusalCode,
         reason: &str,
     ) {
-        let (code, reason) = match self.audit_refusal(None, code, reason).await {
+        let (code, reason) = match self.audit_refusal(cx, None, code, reason).await {
             Ok(_) => (code, reason),
             Err(_) => (
                 RefusalCode::AuditUnavailable,
@@ -909,7 +709,7 @@ impl Gateway {
             ),
         };
         self.emit(|| EventKind::Refusal {
-            did: call_peer().0,
+            did: Some(cx.peer.to_string()),
             code,
             reason: reason.to_string(),
             call: None,
@@ -917,7 +717,8 @@ impl Gateway {
             method: None,
             path: None,
         });
-        self.answer_refusal(send, None, code, reason, None).await
+        self.answer_refusal(cx, send, None, code, reason, None)
+            .await
     }
 
     /// The current document of a did:web caller, checked to list the caller's TLS key for
@@ -925,13 +726,14 @@ impl Gateway {
     /// host that no policy names is refused without a fetch.
     pub(crate) async fn web_document(
         &self,
-        peer: &Caller,
+        cx: &mut Call,
     ) -> Result<Option<Arc<DidDocument>>, Refuse> {
+        let peer = &cx.peer;
         let Principal::Web(did) = peer.principal() else {
             return Ok(None);
         };
         let unresolved = |why: String| refuse(RefusalCode::DidUnresolved, why);
-        if !self.call_policy().names_web_host(did.host()) {
+        if !cx.policy.names_web_host(did.host()) {
             return Err(unresolved(format!(
                 "no policy names the domain {}",
                 did.host()
@@ -947,9 +749,7 @@ impl Gateway {
                 "the DID document does not list this key for authentication".into(),
             ));
         }
-        let _ = CALL_POLICY.try_with(|c| {
-            *c.did_doc.lock().unwrap_or_else(|p| p.into_inner()) = Some(doc.clone());
-        });
+        cx.document = Some(doc.clone());
         Ok(Some(doc))
     }
 
@@ -969,45 +769,33 @@ impl Gateway {
     /// Verifies a signed request, or refuses it.
     async fn open_request(
         &self,
+        cx: &mut Call,
         send: &mut quinn::SendStream,
-        peer: &Caller,
         bytes: &[u8],
     ) -> Option<Signed<Request>> {
-        let doc = match self.web_document(peer).await {
+        let doc = match self.web_document(cx).await {
             Ok(doc) => doc,
             Err(r) => {
-                self.refuse_unverified(send, r.code, &r.reason).await;
+                self.refuse_unverified(cx, send, r.code, &r.reason).await;
                 return None;
             }
         };
-        match Self::open_as(peer, doc.as_deref(), bytes) {
-            Ok(r) if r.message.v != call_version().as_u64() => {
-                let why = format!(
-                    "a version {} request on a protocol version {} connection (ALPN {})",
-                    r.message.v,
-                    call_version(),
-                    String::from_utf8_lossy(call_version().alpn())
-                );
-                self.refuse_unverified(send, RefusalCode::Malformed, &why)
-                    .await;
+        let opened = Self::open_as(&cx.peer, doc.as_deref(), bytes);
+        let refused = match &opened {
+            Ok(r) => call::version_mismatch(cx, "request", r.message.v)
+                .map(|why| (RefusalCode::Malformed, why)),
+            Err(e) => Some((
+                call::refusal_for_open(e),
+                format!("bad request envelope: {e}"),
+            )),
+        };
+        match (opened, refused) {
+            (Ok(r), None) => Some(r),
+            (_, Some((code, why))) => {
+                self.refuse_unverified(cx, send, code, &why).await;
                 None
             }
-            Ok(r) => Some(r),
-            Err(e) => {
-                use didgate_protocol::envelope::EnvelopeError;
-                let code = match e {
-                    message::OpenError::Envelope(EnvelopeError::Signature) => {
-                        RefusalCode::BadSignature
-                    }
-                    message::OpenError::Envelope(EnvelopeError::UnknownKey) => {
-                        RefusalCode::DidUnresolved
-                    }
-                    _ => RefusalCode::Malformed,
-                };
-                self.refuse_unverified(send, code, &format!("bad request envelope: {e}"))
-                    .await;
-                None
-            }
+            (Err(_), None) => None,
         }
     }
 
@@ -1036,87 +824,22 @@ impl Gateway {
         Err(self.revoked_or(peer, failed))
     }
 
-    /// A grant for this verified request, valid for the configured lifetime.
-    fn mint(&self, peer: &Caller, req: &Signed<Request>, now: u64) -> GrantBody {
-        GrantBody {
-            v: call_version().as_u64(),
-            id: rand::random(),
-            call: req.envelope.digest(),
-            subject: peer.to_string(),
-            upstream: req.message.upstream.clone(),
-            method: req.message.method.clone(),
-            path: req.message.path.clone(),
-            expires_ms: now + self.grant_ttl_secs() * 1000,
-        }
-    }
-
-    /// The claims a new request makes: its call ID and (DID, nonce) unseen (indexes 0 and 1),
-    /// and its client head not contradicting one seen before (index 2).
-    fn request_claims(&self, peer: &Caller, req: &Signed<Request>) -> Vec<Claim> {
-        let expiry = (req.message.time_ms + self.config.gateway.skew_secs * 1000)
-            .to_be_bytes()
-            .to_vec();
-        let head = req.message.head;
-        let mut nonce_key = b"n".to_vec();
-        nonce_key.extend_from_slice(peer.public_key_bytes());
-        nonce_key.extend_from_slice(&req.message.nonce);
-        let mut head_key = peer.public_key_bytes().to_vec();
-        head_key.extend_from_slice(&head.chain);
-        head_key.extend_from_slice(&head.seq.to_be_bytes());
-        let mut claims = vec![
-            Claim {
-                space: REPLAY,
-                key: [b"c".as_slice(), &req.envelope.digest()].concat(),
-                value: expiry.clone(),
-                rule: ClaimRule::Absent,
-            },
-            Claim {
-                space: REPLAY,
-                key: nonce_key,
-                value: expiry,
-                rule: ClaimRule::Absent,
-            },
-            Claim {
-                space: HEADS,
-                key: head_key,
-                value: head.hash.to_vec(),
-                rule: ClaimRule::AbsentOrEqual,
-            },
-        ];
-        // the did:web document that admitted the caller, kept beside the chain (same batch)
-        if let Some(doc) = call_document() {
-            claims.push(Claim {
-                space: DOCUMENTS,
-                key: doc.hash().to_vec(),
-                value: doc.bytes().to_vec(),
-                rule: ClaimRule::AbsentOrEqual,
-            });
-        }
-        claims
-    }
-
-    /// An entry about a verified request: call ID, the signed request, subject, client head.
-    fn request_entry(
-        kind: EntryKind,
-        peer: &Caller,
-        req: &Signed<Request>,
-        grant: [u8; 16],
-    ) -> Entry {
-        let mut entry = Entry::new(kind, now_ms());
-        entry.call = Some(req.envelope.digest());
-        entry.signed = Some(req.bytes.clone());
-        entry.subject = Some(peer.to_string());
-        entry.grant = Some(grant);
-        entry.peer_head = Some(req.message.head);
-        entry.policy = call_policy_hash();
-        entry.did_doc = call_did_doc();
-        entry
+    /// A fresh grant for the verified request ([`call::mint`]).
+    fn mint(&self, cx: &Call, req: &Signed<Request>) -> GrantBody {
+        call::mint(
+            cx,
+            self.config.gateway.grant_ttl_secs,
+            req,
+            now_ms(),
+            rand::random(),
+        )
     }
 
     /// Appends the entry with its claims in one durable batch, or refuses: a failed claim maps
     /// to its refusal through `conflict`. Returns whether the call may proceed.
     async fn commit(
         &self,
+        cx: &mut Call,
         send: &mut quinn::SendStream,
         req: &Signed<Request>,
         append: Append,
@@ -1125,7 +848,7 @@ impl Gateway {
         match self.chain.append(append).await {
             Ok(_) => true,
             Err(AppendError::Conflict { index }) => {
-                self.refuse_audited(send, req, conflict(index)).await;
+                self.refuse_audited(cx, send, req, conflict(index)).await;
                 false
             }
             Err(why) => {
@@ -1133,8 +856,9 @@ impl Gateway {
                 // caller gets the fact
                 tracing::error!(%why, "audit store unavailable: refusing calls");
                 let reason = "the audit log cannot be written".to_string();
-                self.emit_refusal(req, RefusalCode::AuditUnavailable, &reason);
+                self.emit_refusal(cx, req, RefusalCode::AuditUnavailable, &reason);
                 self.answer_refusal(
+                    cx,
                     send,
                     Some(req.envelope.digest()),
                     RefusalCode::AuditUnavailable,
@@ -1150,40 +874,47 @@ impl Gateway {
     /// The pipelined path: request, grant and execution in one round trip.
     async fn pipelined(
         &self,
-        peer: Caller,
+        cx: &mut Call,
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
         mut dec: FrameDecoder,
         bytes: &[u8],
     ) {
-        let Some(req) = self.open_request(&mut send, &peer, bytes).await else {
+        let Some(req) = self.open_request(cx, &mut send, bytes).await else {
             return;
         };
-        let up = match self.admit(&peer, &req, Some(now_ms())) {
-            Ok(up) => up.clone(),
-            Err(r) => return self.refuse_audited(&mut send, &req, r).await,
+        let up = match self.admit(cx, &req, true) {
+            Ok(up) => up,
+            Err(r) => return self.refuse_audited(cx, &mut send, &req, r).await,
         };
-        if let Err(r) = self.limit(&peer, &up, Stage::Call) {
-            return self.refuse_audited(&mut send, &req, r).await;
+        if let Err(r) = self.limit(cx, up, Stage::Call) {
+            return self.refuse_audited(cx, &mut send, &req, r).await;
         }
+        let peer = cx.peer.clone();
         let body = match self
             .read_checked_body(&peer, &mut recv, &mut dec, &req.message)
             .await
         {
             Ok(b) => b,
-            Err(r) => return self.refuse_audited(&mut send, &req, r).await,
+            Err(r) => return self.refuse_audited(cx, &mut send, &req, r).await,
         };
-        let grant = self.mint(&peer, &req, now_ms());
-        let mut claims = self.request_claims(&peer, &req);
+        let grant = self.mint(cx, &req);
+        let mut claims = call::request_claims(cx, self.config.gateway.skew_secs, &req);
         claims.push(Claim {
             space: GRANTS,
             key: [b"c".as_slice(), &grant.id].concat(),
             value: grant.call.to_vec(),
             rule: ClaimRule::Absent,
         });
-        let entry = Self::request_entry(EntryKind::Executing, &peer, &req, grant.id);
+        let entry = call::request_entry(EntryKind::Executing, cx, &req, grant.id, now_ms());
         if !self
-            .commit(&mut send, &req, Append { entry, claims }, request_conflict)
+            .commit(
+                cx,
+                &mut send,
+                &req,
+                Append { entry, claims },
+                request_conflict,
+            )
             .await
         {
             return;
@@ -1191,24 +922,22 @@ impl Gateway {
         // The grant is consumed (durably, with its entry): execute it once, and close the entry
         // whatever happens.
         self.metrics.grant_consumed(Flow::Pipelined);
-        self.execute(&mut send, &req, &up, grant, body).await;
+        self.execute(cx, &mut send, &req, up, grant, body).await;
     }
 
     /// Two-step flow, first step: checks the request and returns a signed grant for its exact
     /// scope; nothing is executed.
-    async fn issue_grant(&self, peer: Caller, mut send: quinn::SendStream, bytes: &[u8]) {
-        let Some(req) = self.open_request(&mut send, &peer, bytes).await else {
+    async fn issue_grant(&self, cx: &mut Call, mut send: quinn::SendStream, bytes: &[u8]) {
+        let Some(req) = self.open_request(cx, &mut send, bytes).await else {
             return;
         };
-        if let Err(r) = self
-            .admit(&peer, &req, Some(now_ms()))
-            .and_then(|up| self.limit(&peer, up, Stage::Grant))
-        {
-            return self.refuse_audited(&mut send, &req, r).await;
+        let admitted = self.admit(cx, &req, true);
+        if let Err(r) = admitted.and_then(|up| self.limit(cx, up, Stage::Grant)) {
+            return self.refuse_audited(cx, &mut send, &req, r).await;
         }
-        let grant = self.mint(&peer, &req, now_ms());
+        let grant = self.mint(cx, &req);
         let signed = grant.sign(&self.identity);
-        let mut claims = self.request_claims(&peer, &req);
+        let mut claims = call::request_claims(cx, self.config.gateway.skew_secs, &req);
         let issued = IssuedGrant {
             request: req.bytes.clone(),
             expires_ms: grant.expires_ms,
@@ -1219,17 +948,23 @@ impl Gateway {
             value: didgate_protocol::cbor::to_vec(&issued),
             rule: ClaimRule::Absent,
         });
-        let mut entry = Self::request_entry(EntryKind::Granted, &peer, &req, grant.id);
+        let mut entry = call::request_entry(EntryKind::Granted, cx, &req, grant.id, now_ms());
         entry.detail = Some(format!("expires at {} ms", grant.expires_ms));
         if !self
-            .commit(&mut send, &req, Append { entry, claims }, request_conflict)
+            .commit(
+                cx,
+                &mut send,
+                &req,
+                Append { entry, claims },
+                request_conflict,
+            )
             .await
         {
             return;
         }
         self.metrics.grant_issued();
         self.emit(|| EventKind::Grant {
-            did: peer.to_string(),
+            did: cx.peer.to_string(),
             grant: hex::encode(grant.id),
             call: hex::encode(grant.call),
             upstream: grant.upstream.clone(),
@@ -1245,7 +980,7 @@ impl Gateway {
     /// Two-step flow, second step: the caller presents the signed grant once, with the body.
     async fn execute_grant(
         &self,
-        peer: Caller,
+        cx: &mut Call,
         mut send: quinn::SendStream,
         mut recv: quinn::RecvStream,
         mut dec: FrameDecoder,
@@ -1256,6 +991,7 @@ impl Gateway {
             Err(_) => {
                 return self
                     .refuse_unverified(
+                        cx,
                         &mut send,
                         RefusalCode::GrantInvalid,
                         "not a grant signed by this gateway",
@@ -1270,15 +1006,21 @@ impl Gateway {
             .ok()
             .flatten()
             .and_then(|b| didgate_protocol::cbor::from_slice::<IssuedGrant>(&b).ok());
-        let doc = match self.web_document(&peer).await {
+        let doc = match self.web_document(cx).await {
             Ok(doc) => doc,
-            Err(r) => return self.refuse_unverified(&mut send, r.code, &r.reason).await,
+            Err(r) => {
+                return self
+                    .refuse_unverified(cx, &mut send, r.code, &r.reason)
+                    .await;
+            }
         };
+        let peer = cx.peer.clone();
         let req = match issued.map(|i| Self::open_as(&peer, doc.as_deref(), &i.request)) {
             Some(Ok(r)) if grant.subject == peer.as_str() && r.envelope.digest() == grant.call => r,
             _ => {
                 return self
                     .refuse_unverified(
+                        cx,
                         &mut send,
                         RefusalCode::GrantInvalid,
                         "the grant was not issued to this caller",
@@ -1286,21 +1028,21 @@ impl Gateway {
                     .await;
             }
         };
-        if grant.v != call_version().as_u64() || req.message.v != call_version().as_u64() {
+        if grant.v != cx.version.as_u64() || req.message.v != cx.version.as_u64() {
             // a grant is executed in the version it was asked for (so raising
             // min_client_version also retires the grants older clients hold)
             let why = format!(
                 "a version {} grant on a protocol version {} connection",
-                grant.v,
-                call_version()
+                grant.v, cx.version
             );
             return self
-                .refuse_unverified(&mut send, RefusalCode::Malformed, &why)
+                .refuse_unverified(cx, &mut send, RefusalCode::Malformed, &why)
                 .await;
         }
         if now_ms() >= grant.expires_ms {
             return self
                 .refuse_audited(
+                    cx,
                     &mut send,
                     &req,
                     refuse(RefusalCode::GrantExpired, "the grant has expired"),
@@ -1309,21 +1051,21 @@ impl Gateway {
         }
         // Policy and revocation are checked again: either may have changed since the grant.
         let up = match self
-            .admit(&peer, &req, None)
+            .admit(cx, &req, false)
             .and_then(|up| self.still_allowed(&peer, &grant.id).map(|()| up))
         {
-            Ok(up) => up.clone(),
-            Err(r) => return self.refuse_audited(&mut send, &req, r).await,
+            Ok(up) => up,
+            Err(r) => return self.refuse_audited(cx, &mut send, &req, r).await,
         };
-        if let Err(r) = self.limit(&peer, &up, Stage::Execute) {
-            return self.refuse_audited(&mut send, &req, r).await;
+        if let Err(r) = self.limit(cx, up, Stage::Execute) {
+            return self.refuse_audited(cx, &mut send, &req, r).await;
         }
         let body = match self
             .read_checked_body(&peer, &mut recv, &mut dec, &req.message)
             .await
         {
             Ok(b) => b,
-            Err(r) => return self.refuse_audited(&mut send, &req, r).await,
+            Err(r) => return self.refuse_audited(cx, &mut send, &req, r).await,
         };
         let claims = vec![Claim {
             space: GRANTS,
@@ -1331,20 +1073,21 @@ impl Gateway {
             value: grant.call.to_vec(),
             rule: ClaimRule::Absent,
         }];
-        let entry = Self::request_entry(EntryKind::Executing, &peer, &req, grant.id);
+        let entry = call::request_entry(EntryKind::Executing, cx, &req, grant.id, now_ms());
         let used = |_| refuse(RefusalCode::GrantInvalid, "the grant was already used");
         if !self
-            .commit(&mut send, &req, Append { entry, claims }, used)
+            .commit(cx, &mut send, &req, Append { entry, claims }, used)
             .await
         {
             return;
         }
         self.metrics.grant_consumed(Flow::TwoStep);
-        self.execute(&mut send, &req, &up, grant, body).await;
+        self.execute(cx, &mut send, &req, up, grant, body).await;
     }
 
     async fn execute(
         &self,
+        cx: &mut Call,
         send: &mut quinn::SendStream,
         req: &Signed<Request>,
         up: &Upstream,
@@ -1353,13 +1096,13 @@ impl Gateway {
     ) {
         let call = grant.call;
         if let Err(r) = self.still_allowed(&req.envelope.caller(), &grant.id) {
-            return self.close_failed(send, call, r.code, &r.reason).await;
+            return self.close_failed(cx, send, call, r.code, &r.reason).await;
         }
         let (used, secret) = match self.secret(&up.secret) {
             Ok(s) => s,
             Err(why) => {
                 return self
-                    .close_failed(send, call, RefusalCode::SecretUnavailable, &why)
+                    .close_failed(cx, send, call, RefusalCode::SecretUnavailable, &why)
                     .await;
             }
         };
@@ -1379,7 +1122,7 @@ impl Gateway {
             Ok(r) => r,
             Err(e) => {
                 return self
-                    .close_failed(send, call, RefusalCode::UpstreamFailed, &e.to_string())
+                    .close_failed(cx, send, call, RefusalCode::UpstreamFailed, &e.to_string())
                     .await;
             }
         };
@@ -1398,7 +1141,7 @@ impl Gateway {
                     "the upstream answered with content-encoding {coding:?}, which the gateway cannot scan for the credential"
                 );
                 return self
-                    .close_failed(send, call, RefusalCode::UpstreamFailed, &why)
+                    .close_failed(cx, send, call, RefusalCode::UpstreamFailed, &why)
                     .await;
             }
         };
@@ -1409,7 +1152,7 @@ impl Gateway {
             let why =
                 format!("the upstream response declares more than max_response_bytes ({max_resp})");
             return self
-                .close_failed(send, call, RefusalCode::ResponseTooLarge, &why)
+                .close_failed(cx, send, call, RefusalCode::ResponseTooLarge, &why)
                 .await;
         }
         let status = resp.status().as_u16();
@@ -1432,11 +1175,11 @@ impl Gateway {
             .collect();
         if echoes > 0 && up.on_secret_echo == EchoAction::Fail {
             return self
-                .echo_failed(send, req, up, call, echoes, "a response header")
+                .echo_failed(cx, send, req, up, echoes, "a response header")
                 .await;
         }
         let head = ResponseHead {
-            v: call_version().as_u64(),
+            v: cx.version.as_u64(),
             status,
             headers,
         };
@@ -1514,10 +1257,10 @@ impl Gateway {
                 // nothing of what held it is relayed
                 return self
                     .echo_failed(
+                        cx,
                         send,
                         req,
                         up,
-                        call,
                         echoes + filter.hits(),
                         "the response body",
                     )
@@ -1542,7 +1285,7 @@ impl Gateway {
             self.note_echo(req, up, call, echoes, "redacted");
         }
         if let Some(cause) = cause {
-            return self.close_failed(send, call, code, &cause).await;
+            return self.close_failed(cx, send, call, code, &cause).await;
         }
         let resp_b3 = *hasher.finalize().as_bytes();
         let mut e = Entry::new(EntryKind::Executed, now_ms());
@@ -1550,7 +1293,7 @@ impl Gateway {
         e.status = Some(status);
         e.resp_len = Some(len);
         e.resp_b3 = Some(resp_b3);
-        e.policy = call_policy_hash();
+        e.policy = Some(cx.policy_hash());
         e.secret_echo = (echoes > 0).then_some(echoes);
         e.secret_id = Some(used.id);
         e.secret_version = Some(used.version);
@@ -1563,19 +1306,21 @@ impl Gateway {
                 let mut close = Entry::new(EntryKind::Failed, now_ms());
                 close.call = Some(call);
                 close.code = Some(RefusalCode::AuditUnavailable.as_str().into());
-                close.policy = call_policy_hash();
+                close.policy = Some(cx.policy_hash());
                 close.detail = Some(format!(
                     "the upstream answered {status}; the closing entry could not be written, so the caller got {} of the {len} response bytes (the end withheld) and audit_unavailable",
                     len - u64::from(held.is_some())
                 ));
                 self.chain.owe(close);
                 self.emit_failed(
+                    cx,
                     call,
                     RefusalCode::AuditUnavailable,
                     "the audit log cannot be written",
                 );
                 return self
                     .answer_refusal(
+                        cx,
                         send,
                         Some(call),
                         RefusalCode::AuditUnavailable,
@@ -1585,7 +1330,7 @@ impl Gateway {
                     .await;
             }
         };
-        let (_, elapsed) = call_peer();
+        let elapsed = cx.started.elapsed();
         self.metrics.executed(&up.name, status, elapsed);
         self.emit(|| EventKind::Access {
             did: req.envelope.signer().to_string(),
@@ -1599,7 +1344,7 @@ impl Gateway {
             latency_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
         });
         let receipt = Receipt {
-            v: call_version().as_u64(),
+            v: cx.version.as_u64(),
             call,
             grant: grant.id,
             client: req.envelope.signer().to_string(),
@@ -1610,7 +1355,7 @@ impl Gateway {
             root: Some(closing.root),
             time_ms: now_ms(),
         };
-        release_call_permit();
+        cx.release_permit();
         if let Some(last) = held {
             // the end of the body, now that its closing entry is durable
             let _ = wire::write_frame(send, FrameType::Body, &[last]).await;
@@ -1643,18 +1388,19 @@ impl Gateway {
     /// Fails a call whose response held the credential (`on_secret_echo = "fail"`).
     async fn echo_failed(
         &self,
+        cx: &mut Call,
         send: &mut quinn::SendStream,
         req: &Signed<Request>,
         up: &Upstream,
-        call: [u8; 32],
         count: u64,
         place: &str,
     ) {
+        let call = req.envelope.digest();
         self.note_echo(req, up, call, count, "failed");
         let why = format!(
             "the upstream's response echoed the call's credential in {place} ({count} occurrence(s)); this upstream fails such calls"
         );
-        self.close_failed(send, call, RefusalCode::UpstreamFailed, &why)
+        self.close_failed(cx, send, call, RefusalCode::UpstreamFailed, &why)
             .await
     }
 
@@ -1681,6 +1427,7 @@ impl Gateway {
 
     async fn close_failed(
         &self,
+        cx: &mut Call,
         send: &mut quinn::SendStream,
         call: [u8; 32],
         code: RefusalCode,
@@ -1690,7 +1437,7 @@ impl Gateway {
         e.call = Some(call);
         e.code = Some(code.as_str().into());
         e.detail = Some(cause.into());
-        e.policy = call_policy_hash();
+        e.policy = Some(cx.policy_hash());
         let (code, cause, entry) = match self.chain.append_entry(e).await {
             Ok(a) => (code, cause, Some(a.entry)),
             Err(why) => {
@@ -1702,14 +1449,21 @@ impl Gateway {
                 )
             }
         };
-        self.emit_failed(call, code, cause);
-        self.answer_refusal(send, Some(call), code, cause, entry)
+        self.emit_failed(cx, call, code, cause);
+        self.answer_refusal(cx, send, Some(call), code, cause, entry)
             .await
     }
 
-    async fn refuse_audited(&self, send: &mut quinn::SendStream, req: &Signed<Request>, r: Refuse) {
+    async fn refuse_audited(
+        &self,
+        cx: &mut Call,
+        send: &mut quinn::SendStream,
+        req: &Signed<Request>,
+        r: Refuse,
+    ) {
         let call = Some(req.envelope.digest());
-        let (code, reason, entry) = match self.audit_refusal(Some(req), r.code, &r.reason).await {
+        let audited = self.audit_refusal(cx, Some(req), r.code, &r.reason).await;
+        let (code, reason, entry) = match audited {
             Ok(entry) => (r.code, r.reason.as_str(), entry),
             Err(_) => (
                 RefusalCode::AuditUnavailable,
@@ -1717,14 +1471,15 @@ impl Gateway {
                 None,
             ),
         };
-        self.emit_refusal(req, code, reason);
-        self.answer_refusal(send, call, code, reason, entry).await
+        self.emit_refusal(cx, req, code, reason);
+        self.answer_refusal(cx, send, call, code, reason, entry)
+            .await
     }
 
     /// Publishes a [`EventKind::Refusal`] of a verified request.
-    fn emit_refusal(&self, req: &Signed<Request>, code: RefusalCode, reason: &str) {
+    fn emit_refusal(&self, cx: &Call, req: &Signed<Request>, code: RefusalCode, reason: &str) {
         self.emit(|| EventKind::Refusal {
-            did: call_peer().0,
+            did: Some(cx.peer.to_string()),
             code,
             reason: reason.to_string(),
             call: Some(hex::encode(req.envelope.digest())),
@@ -1736,11 +1491,11 @@ impl Gateway {
 
     /// Publishes a [`EventKind::Failed`]: a call whose grant was consumed closed without a
     /// receipt.
-    fn emit_failed(&self, call: [u8; 32], code: RefusalCode, cause: &str) {
+    fn emit_failed(&self, cx: &Call, call: [u8; 32], code: RefusalCode, cause: &str) {
         self.emit(|| {
-            let (did, elapsed) = call_peer();
+            let elapsed = cx.started.elapsed();
             EventKind::Failed {
-                did,
+                did: Some(cx.peer.to_string()),
                 call: hex::encode(call),
                 code,
                 cause: cause.to_string(),
@@ -1751,15 +1506,16 @@ impl Gateway {
 
     async fn answer_refusal(
         &self,
+        cx: &mut Call,
         send: &mut quinn::SendStream,
         call: Option<[u8; 32]>,
         code: RefusalCode,
         reason: &str,
         entry: Option<EntryRef>,
     ) {
-        release_call_permit();
+        cx.release_permit();
         self.metrics.refused(code);
-        let bytes = self.sign_refusal(call, code, reason, entry);
+        let bytes = self.sign_refusal(cx.version, call, code, reason, entry);
         let _ = wire::write_frame(send, FrameType::Refusal, &bytes).await;
         let _ = send.finish();
         let _ = send.stopped().await;
@@ -1857,9 +1613,8 @@ async fn connection(gw: Arc<Gateway>, incoming: quinn::Incoming, mut stop: watch
         return;
     };
     if !gw.register(&peer, &conn) {
-        return CONNECTION_VERSION
-            .scope(version, refuse_connection(&gw, conn))
-            .await;
+        let mut cx = Call::new(gw.policy(), peer, version);
+        return refuse_connection(&gw, &mut cx, conn).await;
     }
     let calls = tokio_util_tasks::TaskSet::default();
     let mut drained: Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>> = None;
@@ -1899,17 +1654,17 @@ async fn connection(gw: Arc<Gateway>, incoming: quinn::Incoming, mut stop: watch
 /// A connection beyond `max_connections_per_did`: its first stream, if one opens within the
 /// frame timeout, gets a signed `rate_limited` refusal (counted in the aggregate entry, as a
 /// refusal before any signature is checked); then the connection is closed.
-async fn refuse_connection(gw: &Gateway, conn: quinn::Connection) {
+async fn refuse_connection(gw: &Gateway, cx: &mut Call, conn: quinn::Connection) {
     let limit = gw.config.gateway.max_connections_per_did;
     let reason = format!("too many open connections of this DID (limit {limit})");
     match tokio::time::timeout(gw.frame_deadline(), conn.accept_bi()).await {
         Ok(Ok((mut send, _recv))) => {
-            gw.refuse_unverified(&mut send, RefusalCode::RateLimited, &reason)
+            gw.refuse_unverified(cx, &mut send, RefusalCode::RateLimited, &reason)
                 .await;
         }
         _ => {
             let _ = gw
-                .audit_refusal(None, RefusalCode::RateLimited, &reason)
+                .audit_refusal(cx, None, RefusalCode::RateLimited, &reason)
                 .await;
         }
     }
@@ -1972,13 +1727,14 @@ mod tokio_util_tasks {
 }
 /// Answers a CatalogRequest frame on one stream: Catalog frames, then FIN; a refusal (signed,
 /// audited like any refusal before a call) for a malformed request or a revoked DID.
-async fn answer_catalog(gw: &Gateway, peer: &Caller, mut send: quinn::SendStream, payload: &[u8]) {
-    let version = call_version();
+async fn answer_catalog(gw: &Gateway, cx: &mut Call, mut send: quinn::SendStream, payload: &[u8]) {
+    let version = cx.version;
     let request = match didgate_protocol::catalog::CatalogRequest::decode_v(payload, version) {
         Ok(r) => r,
         Err(_) => {
             return gw
                 .refuse_unverified(
+                    cx,
                     &mut send,
                     RefusalCode::Malformed,
                     "the catalog request does not decode (as a message of the connection's version)",
@@ -1986,19 +1742,19 @@ async fn answer_catalog(gw: &Gateway, peer: &Caller, mut send: quinn::SendStream
                 .await;
         }
     };
-    if gw.did_revoked(peer) {
+    if gw.did_revoked(&cx.peer) {
         return gw
-            .refuse_unverified(&mut send, RefusalCode::Revoked, "this DID is revoked")
+            .refuse_unverified(cx, &mut send, RefusalCode::Revoked, "this DID is revoked")
             .await;
     }
     // a did:web caller's claim is checked against its document first, as for a call
-    if let Err(r) = gw.web_document(peer).await {
-        return gw.refuse_unverified(&mut send, r.code, &r.reason).await;
+    if let Err(r) = gw.web_document(cx).await {
+        return gw.refuse_unverified(cx, &mut send, r.code, &r.reason).await;
     }
     let ops = crate::catalog::allowed_operations(
         &gw.config().upstreams,
-        &gw.policy(),
-        peer.as_str(),
+        &cx.policy,
+        cx.peer.as_str(),
         request.upstream.as_deref(),
         now_ms(),
     );

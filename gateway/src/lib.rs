@@ -21,6 +21,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+mod call;
 pub mod catalog;
 pub mod config;
 pub mod control;

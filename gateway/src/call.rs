@@ -1,0 +1,356 @@
+//! The pure core of the call pipeline (docs/pipeline.md): one call's context ([`Call`]) and
+//! every decision the gateway makes about a call before and around its atomic batch, as
+//! functions over their inputs and `now`: admission ([`admit`]: peer, revocation, audience,
+//! clock, upstream, canonical form, body size, policy), limits ([`limit`]), minting
+//! ([`mint`]), the claims and the entry of the batch ([`request_claims`], [`request_entry`]),
+//! the checks before the upstream is called ([`still_allowed`]), and the mapping of every
+//! failure to its refusal code ([`refusal_for_open`], [`request_conflict`]). No socket, no
+//! store, no clock: [`crate::gateway`] reads the stream, the store and the time, and calls
+//! these.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Instant;
+
+use didgate_audit::entry::{Entry, EntryKind};
+use didgate_audit::store::{Claim, ClaimRule};
+use didgate_protocol::message::{self, GrantBody, RefusalCode, Request, Signed};
+use didgate_protocol::web::DidDocument;
+use didgate_protocol::{Caller, Did, Version, canonical};
+
+use crate::config::{Auth, Config, Upstream};
+use crate::datadir::{DOCUMENTS, HEADS, REPLAY};
+use crate::limits::{self, Limits, Permit, Stage};
+use crate::policy::{PolicySet, RequestContext};
+
+/// One call, from its stream's first frame to its terminal frame: what decides it and what
+/// it holds. Passed along the pipeline (never kept in a task-local), so each step says what it
+/// reads.
+pub(crate) struct Call {
+    /// The policy set in force when the stream opened: a reload never changes the set that
+    /// decides (and is recorded for) a call under way.
+    pub(crate) policy: Arc<PolicySet>,
+    /// The TLS peer.
+    pub(crate) peer: Caller,
+    /// The protocol version of the call's connection (its ALPN): the version its request must
+    /// carry and every answer is written in.
+    pub(crate) version: Version,
+    /// When the stream opened (latency).
+    pub(crate) started: Instant,
+    /// The did:web document that admitted the caller, if it is a did:web.
+    pub(crate) document: Option<Arc<DidDocument>>,
+    /// The grant lifetime the policy decision allowed (`None`: the configured one).
+    pub(crate) ttl_secs: Option<u64>,
+    /// The call's concurrency slots ([`limit`]), given back right before its terminal frame
+    /// is sent (or when the call ends).
+    pub(crate) permit: Option<Permit>,
+}
+
+impl Call {
+    /// A call of `peer` on a connection of `version`, decided by `policy`.
+    pub(crate) fn new(policy: Arc<PolicySet>, peer: Caller, version: Version) -> Self {
+        Self {
+            policy,
+            peer,
+            version,
+            started: Instant::now(),
+            document: None,
+            ttl_secs: None,
+            permit: None,
+        }
+    }
+
+    /// The hash of the policy set deciding the call.
+    pub(crate) fn policy_hash(&self) -> [u8; 32] {
+        self.policy.hash()
+    }
+
+    /// The hash of the did:web document that admitted the caller.
+    pub(crate) fn did_doc(&self) -> Option<[u8; 32]> {
+        self.document.as_ref().map(|d| d.hash())
+    }
+
+    /// Gives back the call's concurrency slots.
+    pub(crate) fn release_permit(&mut self) {
+        self.permit = None;
+    }
+
+    /// The grant lifetime: the configured one, capped by the permits that allowed the call.
+    pub(crate) fn grant_ttl_secs(&self, configured: u64) -> u64 {
+        self.ttl_secs.map_or(configured, |t| t.min(configured))
+    }
+}
+
+/// A refusal decided before any grant was consumed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Refuse {
+    pub(crate) code: RefusalCode,
+    pub(crate) reason: String,
+}
+
+/// A refusal with `code` and `reason`.
+pub(crate) fn refuse(code: RefusalCode, reason: impl Into<String>) -> Refuse {
+    Refuse {
+        code,
+        reason: reason.into(),
+    }
+}
+
+/// The `revoked` keyspace key of a revoked DID.
+pub(crate) fn revoked_did_key(did: &str) -> Vec<u8> {
+    [b"d".as_slice(), did.as_bytes()].concat()
+}
+
+/// The `revoked` keyspace key of a revoked grant.
+pub(crate) fn revoked_grant_key(id: &[u8; 16]) -> Vec<u8> {
+    [b"g".as_slice(), id].concat()
+}
+
+/// What admission reads besides the call and the request: the gateway's DID, its
+/// configuration, and the revocation set.
+pub(crate) struct Gate<'c, 'r> {
+    pub(crate) did: &'c Did,
+    pub(crate) config: &'c Config,
+    pub(crate) revoked: &'r HashSet<Vec<u8>>,
+}
+
+/// The checks before any state changes, in this order: the signer is the TLS peer, the DID is
+/// not revoked, the audience, the clock (when `judge_time`: not for a grant being executed,
+/// whose request was judged when the grant was issued), the upstream, the canonical form, the
+/// body size, and the policy set of the call at `now`. Records the grant lifetime the policy
+/// allowed in `call`.
+pub(crate) fn admit<'c>(
+    gate: &Gate<'c, '_>,
+    call: &mut Call,
+    req: &Signed<Request>,
+    now: u64,
+    judge_time: bool,
+) -> Result<&'c Upstream, Refuse> {
+    let r = &req.message;
+    let peer = &call.peer;
+    if req.envelope.signer() != peer.key() || req.envelope.principal() != peer.principal() {
+        return Err(refuse(
+            RefusalCode::PeerMismatch,
+            "the request is signed by another DID than the TLS peer",
+        ));
+    }
+    if gate.revoked.contains(&revoked_did_key(peer.as_str())) {
+        return Err(refuse(RefusalCode::Revoked, "this DID is revoked"));
+    }
+    if r.aud != gate.did.as_str() {
+        return Err(refuse(
+            RefusalCode::WrongAudience,
+            "the request is addressed to another gateway",
+        ));
+    }
+    let settings = &gate.config.gateway;
+    if judge_time && r.time_ms.abs_diff(now) > settings.skew_secs * 1000 {
+        return Err(refuse(
+            RefusalCode::ClockSkew,
+            format!("request time is outside the {}s window", settings.skew_secs),
+        ));
+    }
+    let up = gate.config.upstream(&r.upstream).ok_or_else(|| {
+        refuse(
+            RefusalCode::UnknownUpstream,
+            format!("no upstream named {:?}", r.upstream),
+        )
+    })?;
+    let (cred_header, cred_query) = match &up.auth {
+        Auth::Header { name } => (Some(name.as_str()), None),
+        Auth::Query { name } => (None, Some(name.as_str())),
+        _ => (None, None),
+    };
+    let not_canonical =
+        |e: canonical::CanonicalError| refuse(RefusalCode::NotCanonical, e.to_string());
+    canonical::check_method(&r.method).map_err(not_canonical)?;
+    canonical::check_path(&r.path).map_err(not_canonical)?;
+    canonical::check_query(&r.query, cred_query).map_err(not_canonical)?;
+    canonical::check_headers(&r.headers, &up.allow_headers, cred_header).map_err(not_canonical)?;
+    if r.body_len > settings.max_body {
+        return Err(refuse(
+            RefusalCode::BodyMismatch,
+            "request body exceeds the limit",
+        ));
+    }
+    let ctx = RequestContext {
+        time_ms: now,
+        body_len: r.body_len,
+        headers: r.headers.iter().map(|(k, _)| k.clone()).collect(),
+        query: r.query.iter().map(|(k, _)| k.clone()).collect(),
+    };
+    let decision = call
+        .policy
+        .decide(peer.as_str(), &r.upstream, &r.method, &r.path, &ctx);
+    if let Some(reason) = decision.refusal_reason() {
+        return Err(refuse(RefusalCode::Policy, reason));
+    }
+    call.ttl_secs = decision.grant_ttl(settings.grant_ttl_secs);
+    Ok(up)
+}
+
+/// Rate and concurrency limits for `stage` of the call to `up` at `now_ms` of `limits`' clock
+/// (specs/protocol.md, "Limits and egress"): checked after policy and before the atomic
+/// batch, so a refused call consumes no grant and no replay key. Takes the call's tokens; its
+/// slots are held in `call` until its terminal frame.
+pub(crate) fn limit(
+    call: &mut Call,
+    limits: &Limits,
+    config: &Config,
+    up: &Upstream,
+    stage: Stage,
+    now_ms: u64,
+) -> Result<(), Refuse> {
+    let checks = limits::checks(&config.gateway, up, call.peer.as_str(), stage);
+    if checks.is_empty() {
+        return Ok(());
+    }
+    match limits.acquire(&checks, now_ms) {
+        Ok(permit) => {
+            call.permit = Some(permit);
+            Ok(())
+        }
+        Err(e) => Err(refuse(RefusalCode::RateLimited, e.to_string())),
+    }
+}
+
+/// Checked again right before the upstream is called: a revocation that arrived while the
+/// call was in flight still stops it.
+pub(crate) fn still_allowed(
+    revoked: &HashSet<Vec<u8>>,
+    did: &Caller,
+    grant: &[u8; 16],
+) -> Result<(), Refuse> {
+    if revoked.contains(&revoked_did_key(did.as_str())) {
+        return Err(refuse(RefusalCode::Revoked, "this DID is revoked"));
+    }
+    if revoked.contains(&revoked_grant_key(grant)) {
+        return Err(refuse(RefusalCode::Revoked, "this grant is revoked"));
+    }
+    Ok(())
+}
+
+/// A grant `id` for the verified request, valid from `now` for the lifetime the call allows
+/// (at most `configured_ttl_secs`).
+pub(crate) fn mint(
+    call: &Call,
+    configured_ttl_secs: u64,
+    req: &Signed<Request>,
+    now: u64,
+    id: [u8; 16],
+) -> GrantBody {
+    GrantBody {
+        v: call.version.as_u64(),
+        id,
+        call: req.envelope.digest(),
+        subject: call.peer.to_string(),
+        upstream: req.message.upstream.clone(),
+        method: req.message.method.clone(),
+        path: req.message.path.clone(),
+        expires_ms: now + call.grant_ttl_secs(configured_ttl_secs) * 1000,
+    }
+}
+
+/// The claims a new request makes: its call ID and (DID, nonce) unseen (indexes 0 and 1), its
+/// client head not contradicting one seen before (index 2), and the did:web document that
+/// admitted the caller kept beside the chain. Replay keys expire `skew_secs` after the
+/// request's time.
+pub(crate) fn request_claims(call: &Call, skew_secs: u64, req: &Signed<Request>) -> Vec<Claim> {
+    let peer = &call.peer;
+    let expiry = (req.message.time_ms + skew_secs * 1000)
+        .to_be_bytes()
+        .to_vec();
+    let head = req.message.head;
+    let mut nonce_key = b"n".to_vec();
+    nonce_key.extend_from_slice(peer.public_key_bytes());
+    nonce_key.extend_from_slice(&req.message.nonce);
+    let mut head_key = peer.public_key_bytes().to_vec();
+    head_key.extend_from_slice(&head.chain);
+    head_key.extend_from_slice(&head.seq.to_be_bytes());
+    let mut claims = vec![
+        Claim {
+            space: REPLAY,
+            key: [b"c".as_slice(), &req.envelope.digest()].concat(),
+            value: expiry.clone(),
+            rule: ClaimRule::Absent,
+        },
+        Claim {
+            space: REPLAY,
+            key: nonce_key,
+            value: expiry,
+            rule: ClaimRule::Absent,
+        },
+        Claim {
+            space: HEADS,
+            key: head_key,
+            value: head.hash.to_vec(),
+            rule: ClaimRule::AbsentOrEqual,
+        },
+    ];
+    if let Some(doc) = &call.document {
+        claims.push(Claim {
+            space: DOCUMENTS,
+            key: doc.hash().to_vec(),
+            value: doc.bytes().to_vec(),
+            rule: ClaimRule::AbsentOrEqual,
+        });
+    }
+    claims
+}
+
+/// The refusal for a failed claim of [`request_claims`] (index 2 is the head; a claim after
+/// them is the grant's).
+pub(crate) fn request_conflict(index: usize) -> Refuse {
+    match index {
+        2 => refuse(
+            RefusalCode::ChainFork,
+            "client chain head contradicts one already seen",
+        ),
+        0 | 1 => refuse(
+            RefusalCode::Replay,
+            "this request (call ID or nonce) was already seen",
+        ),
+        _ => refuse(RefusalCode::GrantInvalid, "the grant id is already in use"),
+    }
+}
+
+/// An entry of `kind` about a verified request at `now`: call ID, the signed request,
+/// subject, client head, grant, and the policy and document that decided it.
+pub(crate) fn request_entry(
+    kind: EntryKind,
+    call: &Call,
+    req: &Signed<Request>,
+    grant: [u8; 16],
+    now: u64,
+) -> Entry {
+    let mut entry = Entry::new(kind, now);
+    entry.call = Some(req.envelope.digest());
+    entry.signed = Some(req.bytes.clone());
+    entry.subject = Some(call.peer.to_string());
+    entry.grant = Some(grant);
+    entry.peer_head = Some(req.message.head);
+    entry.policy = Some(call.policy_hash());
+    entry.did_doc = call.did_doc();
+    entry
+}
+
+/// The refusal code for a signed request that does not open.
+pub(crate) fn refusal_for_open(e: &message::OpenError) -> RefusalCode {
+    use didgate_protocol::envelope::EnvelopeError;
+    match e {
+        message::OpenError::Envelope(EnvelopeError::Signature) => RefusalCode::BadSignature,
+        message::OpenError::Envelope(EnvelopeError::UnknownKey) => RefusalCode::DidUnresolved,
+        _ => RefusalCode::Malformed,
+    }
+}
+
+/// Why a message of version `v` is refused on the call's connection, if it is.
+pub(crate) fn version_mismatch(call: &Call, what: &str, v: u64) -> Option<String> {
+    (v != call.version.as_u64()).then(|| {
+        format!(
+            "a version {v} {what} on a protocol version {} connection (ALPN {})",
+            call.version,
+            String::from_utf8_lossy(call.version.alpn())
+        )
+    })
+}
