@@ -407,6 +407,19 @@ pub struct Claim {
     pub rule: ClaimRule,
 }
 
+impl Claim {
+    /// Whether the claim holds against the key's current value (`None`: absent), the check
+    /// the writer makes atomically with the append.
+    pub fn holds(&self, existing: Option<&[u8]>) -> bool {
+        match (self.rule, existing) {
+            (_, None) => true,
+            (ClaimRule::AbsentOrEqual, Some(v)) => v == self.value.as_slice(),
+            (ClaimRule::Put | ClaimRule::Remove, Some(_)) => true,
+            (ClaimRule::Absent, Some(_)) => false,
+        }
+    }
+}
+
 /// How a claim is checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ClaimRule {
@@ -1096,13 +1109,7 @@ impl Writer {
                     .get(c.space, &c.key)
                     .map_err(|e| AppendError::Unavailable(e.to_string()))?,
             };
-            let ok = match (c.rule, existing) {
-                (_, None) => true,
-                (ClaimRule::AbsentOrEqual, Some(v)) => v == c.value,
-                (ClaimRule::Put | ClaimRule::Remove, Some(_)) => true,
-                (ClaimRule::Absent, Some(_)) => false,
-            };
-            if !ok {
+            if !c.holds(existing.as_deref()) {
                 return Err(AppendError::Conflict { index });
             }
         }

@@ -19,7 +19,7 @@ use didgate_protocol::web::DidDocument;
 use didgate_protocol::{Caller, Did, Version, canonical};
 
 use crate::config::{Auth, Config, Upstream};
-use crate::datadir::{DOCUMENTS, HEADS, REPLAY};
+use crate::datadir::{DOCUMENTS, GRANTS, HEADS, REPLAY};
 use crate::limits::{self, Limits, Permit, Stage};
 use crate::policy::{PolicySet, RequestContext};
 
@@ -298,6 +298,21 @@ pub(crate) fn request_claims(call: &Call, skew_secs: u64, req: &Signed<Request>)
     claims
 }
 
+/// The claim that consumes `grant` (pipelined or two-step execution): once only.
+pub(crate) fn consumed_grant_claim(grant: &GrantBody) -> Claim {
+    Claim {
+        space: GRANTS,
+        key: [b"c".as_slice(), &grant.id].concat(),
+        value: grant.call.to_vec(),
+        rule: ClaimRule::Absent,
+    }
+}
+
+/// The refusal for a claim of an execution that failed (the grant was consumed before).
+pub(crate) fn grant_used(_index: usize) -> Refuse {
+    refuse(RefusalCode::GrantInvalid, "the grant was already used")
+}
+
 /// The refusal for a failed claim of [`request_claims`] (index 2 is the head; a claim after
 /// them is the grant's).
 pub(crate) fn request_conflict(index: usize) -> Refuse {
@@ -353,4 +368,337 @@ pub(crate) fn version_mismatch(call: &Call, what: &str, v: u64) -> Option<String
             String::from_utf8_lossy(call.version.alpn())
         )
     })
+}
+
+/// The pipeline's decisions driven with bytes and a fixed clock: no socket, no store, no
+/// runtime. The store's atomic claim check is [`Claim::holds`] over a map.
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use didgate_protocol::Identity;
+    use didgate_protocol::message::{ChainHead, SignedMessage};
+
+    use super::*;
+
+    /// The fixed clock of every test, ms.
+    const NOW: u64 = 1_800_000_000_000;
+
+    fn gateway() -> Identity {
+        Identity::from_seed(&[0x9a; 32])
+    }
+
+    fn alice() -> Identity {
+        Identity::from_seed(&[0xa1; 32])
+    }
+
+    fn bob() -> Identity {
+        Identity::from_seed(&[0xb0; 32])
+    }
+
+    /// A configuration with one upstream (bearer auth, `accept` allowed) and a policy that
+    /// lets alice GET /v1/** and POST /v1/charges, and bob GET /v1/balance, with a rate limit
+    /// of 2 calls per DID (never refilled).
+    fn config() -> Config {
+        let text = format!(
+            r#"
+[gateway]
+listen = "127.0.0.1:0"
+skew_secs = 30
+rate_per_did = {{ burst = 2, per_sec = 0.0 }}
+
+[[upstream]]
+name = "payments"
+base_url = "https://api.example.com"
+secret = "payments-key"
+auth = {{ kind = "bearer" }}
+allowed_hosts = ["api.example.com"]
+allow_headers = ["accept"]
+
+[[rule]]
+principals = ["{alice}"]
+upstream = "payments"
+methods = ["GET"]
+paths = ["/v1/**"]
+
+[[rule]]
+principals = ["{alice}"]
+upstream = "payments"
+methods = ["POST"]
+paths = ["/v1/charges"]
+
+[[rule]]
+principals = ["{bob}"]
+upstream = "payments"
+methods = ["GET"]
+paths = ["/v1/balance"]
+"#,
+            alice = alice().did(),
+            bob = bob().did()
+        );
+        let config: Config = toml::from_str(&text).expect("config");
+        config.validate().expect("valid");
+        config
+    }
+
+    fn call_of(who: &Identity, config: &Config) -> Call {
+        let policy = PolicySet::load(std::path::Path::new("/nonexistent"), config).expect("policy");
+        Call::new(
+            Arc::new(policy),
+            Caller::key_only(who.did().clone()),
+            Version::CURRENT,
+        )
+    }
+
+    /// A request signed by `signer`, changed by `edit` before signing.
+    fn request(signer: &Identity, edit: impl FnOnce(&mut Request)) -> Signed<Request> {
+        let mut r = Request {
+            v: Version::CURRENT.as_u64(),
+            aud: gateway().did().to_string(),
+            upstream: "payments".into(),
+            method: "GET".into(),
+            path: "/v1/balance".into(),
+            query: Vec::new(),
+            headers: Vec::new(),
+            body_len: 0,
+            body_b3: *blake3::hash(b"").as_bytes(),
+            nonce: [1; 16],
+            time_ms: NOW,
+            head: ChainHead {
+                chain: [7; 32],
+                seq: 1,
+                hash: [8; 32],
+            },
+        };
+        edit(&mut r);
+        message::open::<Request>(&r.sign(signer)).expect("opens")
+    }
+
+    /// Admits `req` for `call` at `now` with `revoked`, as the gateway does.
+    fn admit_at(
+        config: &Config,
+        cx: &mut Call,
+        req: &Signed<Request>,
+        now: u64,
+        revoked: &HashSet<Vec<u8>>,
+    ) -> Result<String, RefusalCode> {
+        let gw = gateway();
+        let gate = Gate {
+            did: gw.did(),
+            config,
+            revoked,
+        };
+        admit(&gate, cx, req, now, true)
+            .map(|up| up.name.clone())
+            .map_err(|r| r.code)
+    }
+
+    /// The store's claims as a map: applies `claims` atomically if all hold, else returns the
+    /// index of the first that does not (what the chain writer answers).
+    fn apply(
+        store: &mut HashMap<(&'static str, Vec<u8>), Vec<u8>>,
+        claims: &[Claim],
+    ) -> Result<(), usize> {
+        for (i, c) in claims.iter().enumerate() {
+            if !c.holds(store.get(&(c.space, c.key.clone())).map(Vec::as_slice)) {
+                return Err(i);
+            }
+        }
+        for c in claims {
+            store.insert((c.space, c.key.clone()), c.value.clone());
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn an_allowed_request_is_admitted_with_its_upstream() {
+        let config = config();
+        let mut cx = call_of(&alice(), &config);
+        let req = request(&alice(), |_| {});
+        assert_eq!(
+            admit_at(&config, &mut cx, &req, NOW, &HashSet::new()),
+            Ok("payments".into())
+        );
+        // the configured grant lifetime applies: the rules cap nothing
+        let grant = mint(&cx, config.gateway.grant_ttl_secs, &req, NOW, [3; 16]);
+        assert_eq!(grant.expires_ms, NOW + config.gateway.grant_ttl_secs * 1000);
+        assert_eq!(
+            (grant.call, grant.subject),
+            (req.envelope.digest(), alice().did().to_string())
+        );
+    }
+
+    #[test]
+    fn each_admission_check_refuses_with_its_code() {
+        let config = config();
+        let none = HashSet::new();
+        let refused = |signer: &Identity, peer: &Identity, edit: fn(&mut Request)| {
+            let mut cx = call_of(peer, &config);
+            admit_at(&config, &mut cx, &request(signer, edit), NOW, &none)
+        };
+        // the TLS peer is not the signer
+        assert_eq!(
+            refused(&bob(), &alice(), |_| {}),
+            Err(RefusalCode::PeerMismatch)
+        );
+        // another gateway's audience
+        assert_eq!(
+            refused(&alice(), &alice(), |r| r.aud = bob().did().to_string()),
+            Err(RefusalCode::WrongAudience)
+        );
+        // the clock, each side of the window (30 s)
+        assert_eq!(
+            refused(&alice(), &alice(), |r| r.time_ms = NOW - 30_001),
+            Err(RefusalCode::ClockSkew)
+        );
+        assert_eq!(
+            refused(&alice(), &alice(), |r| r.time_ms = NOW + 30_001),
+            Err(RefusalCode::ClockSkew)
+        );
+        assert!(refused(&alice(), &alice(), |r| r.time_ms = NOW - 30_000).is_ok());
+        // an upstream that is not configured
+        assert_eq!(
+            refused(&alice(), &alice(), |r| r.upstream = "mail".into()),
+            Err(RefusalCode::UnknownUpstream)
+        );
+        // canonical refusals, before policy: a dot segment, an encoded slash, a header not
+        // allowed, the credential's own header, a lower-case method
+        for edit in [
+            (|r: &mut Request| r.path = "/v1/../admin".into()) as fn(&mut Request),
+            |r| r.path = "/v1/a%2Fb".into(),
+            |r| r.headers = vec![("x-forwarded-for".into(), "1.2.3.4".into())],
+            |r| r.headers = vec![("authorization".into(), "Bearer mine".into())],
+            |r| r.method = "get".into(),
+        ] {
+            assert_eq!(
+                refused(&alice(), &alice(), edit),
+                Err(RefusalCode::NotCanonical)
+            );
+        }
+        // a body over the limit
+        assert_eq!(
+            refused(&alice(), &alice(), |r| r.body_len = u64::MAX),
+            Err(RefusalCode::BodyMismatch)
+        );
+        // policy: bob may not POST, nor GET outside /v1/balance (default deny)
+        assert_eq!(
+            refused(&bob(), &bob(), |r| r.method = "POST".into()),
+            Err(RefusalCode::Policy)
+        );
+        assert_eq!(
+            refused(&bob(), &bob(), |r| r.path = "/v1/charges".into()),
+            Err(RefusalCode::Policy)
+        );
+        assert!(refused(&bob(), &bob(), |_| {}).is_ok());
+    }
+
+    #[test]
+    fn revocation_stops_admission_and_the_call_before_the_upstream() {
+        let config = config();
+        let mut revoked = HashSet::new();
+        let req = request(&alice(), |_| {});
+        let mut cx = call_of(&alice(), &config);
+        assert!(admit_at(&config, &mut cx, &req, NOW, &revoked).is_ok());
+        let grant = mint(&cx, 60, &req, NOW, [4; 16]);
+        assert_eq!(still_allowed(&revoked, &cx.peer, &grant.id), Ok(()));
+        revoked.insert(revoked_grant_key(&grant.id));
+        assert_eq!(
+            still_allowed(&revoked, &cx.peer, &grant.id).map_err(|r| r.code),
+            Err(RefusalCode::Revoked)
+        );
+        revoked.insert(revoked_did_key(alice().did().as_str()));
+        assert_eq!(
+            admit_at(&config, &mut cx, &req, NOW, &revoked),
+            Err(RefusalCode::Revoked)
+        );
+        // bob is not affected
+        let mut bobs = call_of(&bob(), &config);
+        assert!(admit_at(&config, &mut bobs, &request(&bob(), |_| {}), NOW, &revoked).is_ok());
+    }
+
+    #[test]
+    fn replays_forks_and_reused_grants_conflict_in_the_claims() {
+        let config = config();
+        let skew = config.gateway.skew_secs;
+        let cx = call_of(&alice(), &config);
+        let mut store = HashMap::new();
+        let first = request(&alice(), |_| {});
+        let grant = mint(&cx, 60, &first, NOW, [5; 16]);
+        let mut claims = request_claims(&cx, skew, &first);
+        claims.push(consumed_grant_claim(&grant));
+        assert_eq!(apply(&mut store, &claims), Ok(()));
+        // the same bytes again: the call ID was seen
+        let again = request_claims(&cx, skew, &first);
+        let conflict = apply(&mut store, &again).map_err(request_conflict);
+        assert_eq!(conflict.map_err(|r| r.code), Err(RefusalCode::Replay));
+        // re-signed with the same nonce: the (DID, nonce) was seen
+        let same_nonce = request(&alice(), |r| r.path = "/v1/items".into());
+        let conflict = apply(&mut store, &request_claims(&cx, skew, &same_nonce));
+        assert_eq!(conflict, Err(1));
+        assert_eq!(request_conflict(1).code, RefusalCode::Replay);
+        // a new nonce with the same client head (seq 1) and another hash: a fork
+        let fork = request(&alice(), |r| {
+            r.nonce = [2; 16];
+            r.head.hash = [9; 32];
+        });
+        let conflict =
+            apply(&mut store, &request_claims(&cx, skew, &fork)).map_err(request_conflict);
+        assert_eq!(conflict.map_err(|r| r.code), Err(RefusalCode::ChainFork));
+        // the same head again with a new nonce is fine (a refused call does not advance it)
+        let next = request(&alice(), |r| r.nonce = [3; 16]);
+        assert_eq!(apply(&mut store, &request_claims(&cx, skew, &next)), Ok(()));
+        // a grant is consumed once
+        let reuse = apply(&mut store, &[consumed_grant_claim(&grant)]).map_err(grant_used);
+        assert_eq!(reuse.map_err(|r| r.code), Err(RefusalCode::GrantInvalid));
+        // replay keys expire skew_secs after the request's time
+        assert_eq!(claims[0].value, (NOW + skew * 1000).to_be_bytes());
+    }
+
+    #[test]
+    fn the_rate_limit_refuses_past_its_burst_and_holds_slots_in_the_call() {
+        let config = config();
+        let limits = Limits::default();
+        let up = config.upstream("payments").expect("upstream");
+        let mut results = Vec::new();
+        for _ in 0..3 {
+            let mut cx = call_of(&alice(), &config);
+            results.push(limit(&mut cx, &limits, &config, up, Stage::Call, 0).map_err(|r| r.code));
+        }
+        assert_eq!(results, [Ok(()), Ok(()), Err(RefusalCode::RateLimited)]);
+        // per DID: bob has his own bucket
+        let mut bobs = call_of(&bob(), &config);
+        assert!(limit(&mut bobs, &limits, &config, up, Stage::Call, 0).is_ok());
+    }
+
+    #[test]
+    fn entries_and_answers_carry_the_calls_decision() {
+        let config = config();
+        let mut cx = call_of(&alice(), &config);
+        let req = request(&alice(), |_| {});
+        let entry = request_entry(EntryKind::Executing, &cx, &req, [6; 16], NOW);
+        assert_eq!(entry.policy, Some(cx.policy.hash()));
+        assert_eq!(
+            (entry.call, entry.grant),
+            (Some(req.envelope.digest()), Some([6; 16]))
+        );
+        assert_eq!(entry.peer_head, Some(req.message.head));
+        assert_eq!(entry.did_doc, None);
+        // the connection's version decides what a request must carry
+        assert_eq!(
+            version_mismatch(&cx, "request", Version::CURRENT.as_u64()),
+            None
+        );
+        cx.version = Version::V1;
+        assert!(
+            version_mismatch(&cx, "request", 2).is_some_and(|w| w.contains("version 2 request"))
+        );
+        // a bad signature and an unknown key are told apart from malformed bytes
+        let mut bytes = req.bytes.clone();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        let e = message::open::<Request>(&bytes).expect_err("altered");
+        assert_eq!(refusal_for_open(&e), RefusalCode::BadSignature);
+        let e = message::open::<Request>(b"not cose").expect_err("garbage");
+        assert_eq!(refusal_for_open(&e), RefusalCode::Malformed);
+    }
 }

@@ -900,12 +900,7 @@ impl Gateway {
         };
         let grant = self.mint(cx, &req);
         let mut claims = call::request_claims(cx, self.config.gateway.skew_secs, &req);
-        claims.push(Claim {
-            space: GRANTS,
-            key: [b"c".as_slice(), &grant.id].concat(),
-            value: grant.call.to_vec(),
-            rule: ClaimRule::Absent,
-        });
+        claims.push(call::consumed_grant_claim(&grant));
         let entry = call::request_entry(EntryKind::Executing, cx, &req, grant.id, now_ms());
         if !self
             .commit(
@@ -1067,16 +1062,16 @@ impl Gateway {
             Ok(b) => b,
             Err(r) => return self.refuse_audited(cx, &mut send, &req, r).await,
         };
-        let claims = vec![Claim {
-            space: GRANTS,
-            key: [b"c".as_slice(), &grant.id].concat(),
-            value: grant.call.to_vec(),
-            rule: ClaimRule::Absent,
-        }];
+        let claims = vec![call::consumed_grant_claim(&grant)];
         let entry = call::request_entry(EntryKind::Executing, cx, &req, grant.id, now_ms());
-        let used = |_| refuse(RefusalCode::GrantInvalid, "the grant was already used");
         if !self
-            .commit(cx, &mut send, &req, Append { entry, claims }, used)
+            .commit(
+                cx,
+                &mut send,
+                &req,
+                Append { entry, claims },
+                call::grant_used,
+            )
             .await
         {
             return;
