@@ -104,7 +104,7 @@ pub async fn run(root: &Path) -> anyhow::Result<DemoOutcome> {
     let record = didgate_gateway::add_secret(&gw_dir, "payments-key", &api_key)?;
     drop(api_key);
     let gw = Arc::new(Gateway::open(&gw_dir).await?);
-    let endpoint = gateway::endpoint(&gw, "127.0.0.1:0".parse()?)?;
+    let endpoint = didgate_gateway::server::endpoint(&gw, "127.0.0.1:0".parse()?)?;
     let addr = endpoint.local_addr()?;
     let _ = writeln!(out, "gateway    {gw_did} on udp {addr}");
     let _ = writeln!(
@@ -113,9 +113,13 @@ pub async fn run(root: &Path) -> anyhow::Result<DemoOutcome> {
         record.display
     );
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(gateway::serve(gw.clone(), endpoint, async move {
-        let _ = stop_rx.await;
-    }));
+    let server = tokio::spawn(didgate_gateway::server::serve(
+        gw.clone(),
+        endpoint,
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
 
     // 4. Calls.
     let _ = writeln!(out, "\ncalls");

@@ -323,7 +323,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => return secret_command(data, ControlRequest::KmsRotate, false).await,
         Command::Serve { data } => {
             let gw = Arc::new(Gateway::open(&data).await?);
-            let endpoint = gateway::endpoint(&gw, gw.config().gateway.listen)?;
+            let endpoint = didgate_gateway::server::endpoint(&gw, gw.config().gateway.listen)?;
             let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
             // bound first: a metrics address in use stops the start before anything is served
             let metrics = match gw.config().gateway.metrics_listen {
@@ -352,7 +352,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 gw.did(),
                 endpoint.local_addr()?
             );
-            gateway::serve(gw, endpoint, shutdown_signal()).await;
+            didgate_gateway::server::serve(gw, endpoint, shutdown_signal()).await;
             hangup.abort();
             let _ = stop_tx.send(true);
             if let Ok(Err(e)) = control.await {

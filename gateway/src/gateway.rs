@@ -6,8 +6,6 @@
 //! are made by plain functions over values ([`Gateway::admit`]); tokio tasks only move bytes.
 
 use std::collections::HashMap;
-use std::future::Future;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -24,7 +22,6 @@ use didgate_protocol::message::{
 };
 use didgate_protocol::web::DidDocument;
 use didgate_protocol::{Caller, Did, Identity, Principal, Version};
-use tokio::sync::watch;
 
 use crate::call::{
     self, Call, Gate, Refuse, refuse, request_conflict, revoked_did_key, revoked_grant_key,
@@ -125,14 +122,14 @@ struct Aggregate {
 
 /// A running gateway's state.
 pub struct Gateway {
-    identity: Arc<Identity>,
-    config: Config,
+    pub(crate) identity: Arc<Identity>,
+    pub(crate) config: Config,
     /// The data directory (the policy is reloaded from it).
     dir: PathBuf,
     /// The policy set in force: a reload swaps the `Arc`; a call keeps the one it started with.
     policy: std::sync::RwLock<Arc<PolicySet>>,
-    chain: Chain,
-    secrets: Arc<Secrets>,
+    pub(crate) chain: Chain,
+    pub(crate) secrets: Arc<Secrets>,
     /// One HTTP client per upstream, each with its egress resolver ([`crate::egress::Egress`]).
     http: crate::egress::Egress,
     /// Rate and concurrency limits ([`crate::limits`]).
@@ -145,10 +142,10 @@ pub struct Gateway {
     /// did:web callers' documents ([`crate::didweb`]).
     resolver: WebResolver,
     /// Set when [`serve`] begins to drain: new calls are refused `shutting_down`.
-    stopping: std::sync::atomic::AtomicBool,
+    pub(crate) stopping: std::sync::atomic::AtomicBool,
     /// Calls being handled, over every connection; `idle` is notified when it reaches zero.
-    inflight: std::sync::atomic::AtomicUsize,
-    idle: tokio::sync::Notify,
+    pub(crate) inflight: std::sync::atomic::AtomicUsize,
+    pub(crate) idle: tokio::sync::Notify,
     /// Live events ([`crate::events`]): sending never blocks and ignores absent or lagging
     /// subscribers.
     events: tokio::sync::broadcast::Sender<Event>,
@@ -296,7 +293,7 @@ impl Gateway {
     }
 
     /// Resolves once no call is being handled on any connection.
-    async fn wait_idle(&self) {
+    pub(crate) async fn wait_idle(&self) {
         loop {
             let notified = self.idle.notified();
             if self.inflight.load(std::sync::atomic::Ordering::Acquire) == 0 {
@@ -308,7 +305,7 @@ impl Gateway {
 
     /// How long a stream may take to deliver its first frame, and then its body
     /// (`frame_timeout_secs`): a stalled stream is refused and freed after this.
-    fn frame_deadline(&self) -> Duration {
+    pub(crate) fn frame_deadline(&self) -> Duration {
         Duration::from_secs(self.config.gateway.frame_timeout_secs.max(1))
     }
 
@@ -421,7 +418,7 @@ impl Gateway {
     /// still connect: each of its calls gets a signed, audited `revoked` refusal. Returns false
     /// (and registers nothing) when `peer` already holds `max_connections_per_did` open
     /// connections.
-    fn register(&self, peer: &Caller, conn: &quinn::Connection) -> bool {
+    pub(crate) fn register(&self, peer: &Caller, conn: &quinn::Connection) -> bool {
         let max = self.config.gateway.max_connections_per_did;
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         let list = conns.entry(peer.as_str().to_string()).or_default();
@@ -433,7 +430,7 @@ impl Gateway {
         true
     }
 
-    fn unregister(&self, peer: &Caller, conn: &quinn::Connection) {
+    pub(crate) fn unregister(&self, peer: &Caller, conn: &quinn::Connection) {
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(list) = conns.get_mut(peer.as_str()) {
             list.retain(|c| c.stable_id() != conn.stable_id() && c.close_reason().is_none());
@@ -530,7 +527,7 @@ impl Gateway {
 
     /// Audits a refusal: one entry for a principal policy knows, else counted into the
     /// window's aggregate. Returns the entry when one was written.
-    async fn audit_refusal(
+    pub(crate) async fn audit_refusal(
         &self,
         cx: &Call,
         req: Option<&Signed<Request>>,
@@ -604,93 +601,6 @@ impl Gateway {
             }
         }
         result
-    }
-
-    /// Handles one stream: one pipelined call, one grant request, one grant execution or one
-    /// catalog request, decided throughout by the policy set in force when the stream opened
-    /// (the [`Call`] built here).
-    async fn handle(
-        &self,
-        peer: Caller,
-        version: Version,
-        send: quinn::SendStream,
-        recv: quinn::RecvStream,
-    ) {
-        let mut cx = Call::new(self.policy(), peer, version);
-        // counted only once its policy snapshot is taken: a call seen in flight
-        // ([`Gateway::calls_in_flight`]) is decided by the set in force before
-        let _inflight = InFlight::enter(self);
-        self.handle_call(&mut cx, send, recv).await
-    }
-
-    async fn handle_call(
-        &self,
-        cx: &mut Call,
-        mut send: quinn::SendStream,
-        mut recv: quinn::RecvStream,
-    ) {
-        if self.is_stopping() {
-            return self
-                .refuse_unverified(
-                    cx,
-                    &mut send,
-                    RefusalCode::ShuttingDown,
-                    "the gateway is shutting down",
-                )
-                .await;
-        }
-        let min = self.config.gateway.min_client();
-        if cx.version < min {
-            // Said in the connection's own version, with one of its codes: the client can read
-            // it and tell its user what to do.
-            let why = format!(
-                "this gateway serves protocol version {min} and later (min_client_version); this client speaks version {}: upgrade it",
-                cx.version
-            );
-            return self
-                .refuse_unverified(cx, &mut send, RefusalCode::Malformed, &why)
-                .await;
-        }
-        let mut dec = FrameDecoder::new();
-        let deadline = self.frame_deadline();
-        let first = tokio::time::timeout(deadline, wire::next_frame(&mut recv, &mut dec)).await;
-        let frame = match first {
-            Ok(Ok(Some(f))) => f,
-            Err(_) => {
-                let why = format!("no complete request frame within {}s", deadline.as_secs());
-                return self
-                    .refuse_unverified(cx, &mut send, RefusalCode::Malformed, &why)
-                    .await;
-            }
-            _ => {
-                return self
-                    .refuse_unverified(
-                        cx,
-                        &mut send,
-                        RefusalCode::Malformed,
-                        "expected a request frame",
-                    )
-                    .await;
-            }
-        };
-        match frame.kind {
-            FrameType::Request => self.pipelined(cx, send, recv, dec, &frame.payload).await,
-            FrameType::GrantRequest => self.issue_grant(cx, send, &frame.payload).await,
-            FrameType::Execute => {
-                self.execute_grant(cx, send, recv, dec, &frame.payload)
-                    .await
-            }
-            FrameType::CatalogRequest => answer_catalog(self, cx, send, &frame.payload).await,
-            _ => {
-                self.refuse_unverified(
-                    cx,
-                    &mut send,
-                    RefusalCode::Malformed,
-                    "unexpected frame type",
-                )
-                .await
-            }
-        }
     }
 
     /// Refuses before any signature verified: counted in the aggregate, answered signed.
@@ -872,7 +782,7 @@ impl Gateway {
     }
 
     /// The pipelined path: request, grant and execution in one round trip.
-    async fn pipelined(
+    pub(crate) async fn pipelined(
         &self,
         cx: &mut Call,
         mut send: quinn::SendStream,
@@ -922,7 +832,12 @@ impl Gateway {
 
     /// Two-step flow, first step: checks the request and returns a signed grant for its exact
     /// scope; nothing is executed.
-    async fn issue_grant(&self, cx: &mut Call, mut send: quinn::SendStream, bytes: &[u8]) {
+    pub(crate) async fn issue_grant(
+        &self,
+        cx: &mut Call,
+        mut send: quinn::SendStream,
+        bytes: &[u8],
+    ) {
         let Some(req) = self.open_request(cx, &mut send, bytes).await else {
             return;
         };
@@ -973,7 +888,7 @@ impl Gateway {
     }
 
     /// Two-step flow, second step: the caller presents the signed grant once, with the body.
-    async fn execute_grant(
+    pub(crate) async fn execute_grant(
         &self,
         cx: &mut Call,
         mut send: quinn::SendStream,
@@ -1537,229 +1452,7 @@ async fn read_body(
     }
 }
 
-/// Binds the gateway's QUIC endpoint on `addr`.
-pub fn endpoint(gw: &Gateway, addr: SocketAddr) -> Result<quinn::Endpoint, StartError> {
-    let cfg = tls::server_config(&gw.identity).map_err(|e| StartError::Transport(e.to_string()))?;
-    quinn::Endpoint::server(cfg, addr).map_err(|e| StartError::Transport(e.to_string()))
-}
-
-/// Serves calls on `endpoint` until `shutdown` resolves, then drains the calls in flight,
-/// writes the pending aggregate refusals, and stops the chain writer.
-pub async fn serve(
-    gw: Arc<Gateway>,
-    endpoint: quinn::Endpoint,
-    shutdown: impl Future<Output = ()>,
-) {
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let tasks = tokio_util_tasks::TaskSet::default();
-    let window = Duration::from_secs(gw.config.gateway.refusal_window_secs.max(1));
-    let ticker = {
-        let gw = gw.clone();
-        let mut stop = stop_rx.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(window);
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => { let _ = gw.flush_refusals().await; }
-                    _ = stop.changed() => break,
-                }
-            }
-        })
-    };
-    let upkeep = gw.secrets.spawn_upkeep(stop_rx.clone());
-    tokio::pin!(shutdown);
-    loop {
-        tokio::select! {
-            incoming = endpoint.accept() => {
-                let Some(incoming) = incoming else { break };
-                let gw = gw.clone();
-                let stop = stop_rx.clone();
-                tasks.spawn(async move { connection(gw, incoming, stop).await });
-            }
-            () = &mut shutdown => break,
-        }
-    }
-    // Drain: new calls are refused `shutting_down` (on open connections; new connections are
-    // no longer accepted), calls in flight finish, then the final checkpoint is written.
-    gw.stopping
-        .store(true, std::sync::atomic::Ordering::Release);
-    let _ = stop_tx.send(true);
-    endpoint.set_server_config(None);
-    tasks.wait().await;
-    let _ = ticker.await;
-    let _ = gw.flush_refusals().await;
-    // persist the last uses of the calls just drained
-    let _ = upkeep.await;
-    gw.secrets.upkeep(now_ms()).await;
-    endpoint.close(0u32.into(), b"shutdown");
-    endpoint.wait_idle().await;
-    gw.chain.close();
-}
-
-async fn connection(gw: Arc<Gateway>, incoming: quinn::Incoming, mut stop: watch::Receiver<bool>) {
-    let Ok(conn) = incoming.await else { return };
-    let Some(peer) = tls::peer_caller(&conn) else {
-        conn.close(1u32.into(), b"no DID certificate");
-        return;
-    };
-    // rustls agreed on one of the ALPN ids the server offers (or failed the handshake)
-    let Some(version) = tls::negotiated_version(&conn) else {
-        conn.close(1u32.into(), b"no didgate protocol version agreed");
-        return;
-    };
-    if !gw.register(&peer, &conn) {
-        let mut cx = Call::new(gw.policy(), peer, version);
-        return refuse_connection(&gw, &mut cx, conn).await;
-    }
-    let calls = tokio_util_tasks::TaskSet::default();
-    let mut drained: Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>> = None;
-    loop {
-        tokio::select! {
-            stream = conn.accept_bi() => {
-                let Ok((send, recv)) = stream else { break };
-                let gw = gw.clone();
-                let peer = peer.clone();
-                // while draining, `handle` answers `shutting_down` at once
-                let task = async move { gw.handle(peer, version, send, recv).await };
-                if drained.is_some() {
-                    tokio::spawn(task);
-                } else {
-                    calls.spawn(task);
-                }
-            }
-            _ = stop.changed(), if drained.is_none() => {
-                // Open connections stay up until no call is in flight anywhere, so a caller
-                // gets a typed `shutting_down` rather than a closed connection.
-                let gw = gw.clone();
-                drained = Some(Box::pin(async move { gw.wait_idle().await }));
-            }
-            () = async {
-                match drained.as_mut() {
-                    Some(d) => d.await,
-                    None => std::future::pending().await,
-                }
-            }, if drained.is_some() => break,
-        }
-    }
-    calls.wait().await;
-    gw.unregister(&peer, &conn);
-    conn.close(0u32.into(), b"bye");
-}
-
-/// A connection beyond `max_connections_per_did`: its first stream, if one opens within the
-/// frame timeout, gets a signed `rate_limited` refusal (counted in the aggregate entry, as a
-/// refusal before any signature is checked); then the connection is closed.
-async fn refuse_connection(gw: &Gateway, cx: &mut Call, conn: quinn::Connection) {
-    let limit = gw.config.gateway.max_connections_per_did;
-    let reason = format!("too many open connections of this DID (limit {limit})");
-    match tokio::time::timeout(gw.frame_deadline(), conn.accept_bi()).await {
-        Ok(Ok((mut send, _recv))) => {
-            gw.refuse_unverified(cx, &mut send, RefusalCode::RateLimited, &reason)
-                .await;
-        }
-        _ => {
-            let _ = gw
-                .audit_refusal(cx, None, RefusalCode::RateLimited, &reason)
-                .await;
-        }
-    }
-    conn.close(CONN_LIMIT_CLOSE.into(), b"too many connections of this DID");
-}
-
-/// Counts a call as in flight for the drain at shutdown, until dropped.
-struct InFlight<'g>(&'g Gateway);
-
-impl<'g> InFlight<'g> {
-    fn enter(gw: &'g Gateway) -> Self {
-        gw.inflight
-            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
-        Self(gw)
-    }
-}
-
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        if self
-            .0
-            .inflight
-            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
-            == 1
-        {
-            self.0.idle.notify_waiters();
-        }
-    }
-}
-
 /// QUIC application close code for a connection of a revoked DID.
 pub const REVOKED_CLOSE: u32 = 2;
 /// QUIC application close code for a connection beyond `max_connections_per_did`.
 pub const CONN_LIMIT_CLOSE: u32 = 3;
-
-/// A minimal set of tasks to wait for at shutdown.
-mod tokio_util_tasks {
-    use std::future::Future;
-    use std::sync::{Arc, Mutex};
-
-    #[derive(Default, Clone)]
-    pub(super) struct TaskSet {
-        handles: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
-    }
-
-    impl TaskSet {
-        pub(super) fn spawn(&self, f: impl Future<Output = ()> + Send + 'static) {
-            let mut h = self.handles.lock().unwrap_or_else(|p| p.into_inner());
-            h.retain(|t| !t.is_finished());
-            h.push(tokio::spawn(f));
-        }
-
-        pub(super) async fn wait(&self) {
-            let all = std::mem::take(&mut *self.handles.lock().unwrap_or_else(|p| p.into_inner()));
-            for h in all {
-                let _ = h.await;
-            }
-        }
-    }
-}
-/// Answers a CatalogRequest frame on one stream: Catalog frames, then FIN; a refusal (signed,
-/// audited like any refusal before a call) for a malformed request or a revoked DID.
-async fn answer_catalog(gw: &Gateway, cx: &mut Call, mut send: quinn::SendStream, payload: &[u8]) {
-    let version = cx.version;
-    let request = match didgate_protocol::catalog::CatalogRequest::decode_v(payload, version) {
-        Ok(r) => r,
-        Err(_) => {
-            return gw
-                .refuse_unverified(
-                    cx,
-                    &mut send,
-                    RefusalCode::Malformed,
-                    "the catalog request does not decode (as a message of the connection's version)",
-                )
-                .await;
-        }
-    };
-    if gw.did_revoked(&cx.peer) {
-        return gw
-            .refuse_unverified(cx, &mut send, RefusalCode::Revoked, "this DID is revoked")
-            .await;
-    }
-    // a did:web caller's claim is checked against its document first, as for a call
-    if let Err(r) = gw.web_document(cx).await {
-        return gw.refuse_unverified(cx, &mut send, r.code, &r.reason).await;
-    }
-    let ops = crate::catalog::allowed_operations(
-        &gw.config().upstreams,
-        &cx.policy,
-        cx.peer.as_str(),
-        request.upstream.as_deref(),
-        now_ms(),
-    );
-    let mut out = BytesMut::new();
-    for payload in crate::catalog::encode_frames(ops, version) {
-        // a single operation is bounded by validate(), so each payload fits a frame
-        if frame::encode(FrameType::Catalog, &payload, &mut out).is_err() {
-            tracing::warn!("catalog: an operation does not fit a frame");
-        }
-    }
-    let _ = send.write_all(&out).await;
-    let _ = send.finish();
-}

@@ -13,8 +13,8 @@
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let dir = std::path::Path::new("/var/lib/didgate");
 //! let gw = std::sync::Arc::new(didgate_gateway::gateway::Gateway::open(dir).await?);
-//! let endpoint = didgate_gateway::gateway::endpoint(&gw, gw.config().gateway.listen)?;
-//! didgate_gateway::gateway::serve(gw, endpoint, async { let _ = tokio::signal::ctrl_c().await; }).await;
+//! let endpoint = didgate_gateway::server::endpoint(&gw, gw.config().gateway.listen)?;
+//! didgate_gateway::server::serve(gw, endpoint, async { let _ = tokio::signal::ctrl_c().await; }).await;
 //! # Ok(()) }
 //! ```
 #![forbid(unsafe_code)]
@@ -36,9 +36,11 @@ pub mod limits;
 pub mod metrics;
 pub mod policy;
 pub mod secrets;
+pub mod server;
 pub mod upstream;
 
-pub use gateway::{Gateway, serve};
+pub use gateway::Gateway;
+pub use server::{endpoint, serve};
 
 /// Milliseconds since the Unix epoch by the system clock.
 pub use didgate_io::now_ms;

@@ -13,7 +13,7 @@ use didgate_client::Client;
 use didgate_daemon::upstream_demo::DemoUpstream;
 use didgate_gateway::catalog::OperationConfig;
 use didgate_gateway::config::{Config, Rule, Settings, Upstream};
-use didgate_gateway::gateway::{self, Gateway};
+use didgate_gateway::gateway::Gateway;
 use didgate_protocol::{Did, Identity};
 
 /// The canary secret: it must never appear anywhere but as ciphertext.
@@ -125,14 +125,18 @@ impl Harness {
 
     async fn serve_on(&mut self, addr: SocketAddr) -> anyhow::Result<()> {
         let gw = Arc::new(Gateway::open(&self.gw_dir()).await?);
-        let endpoint = gateway::endpoint(&gw, addr)?;
+        let endpoint = didgate_gateway::server::endpoint(&gw, addr)?;
         self.addr = endpoint.local_addr()?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         self.stop = Some(tx);
         self.gateway = Some(gw.clone());
-        self.server = Some(tokio::spawn(gateway::serve(gw, endpoint, async move {
-            let _ = rx.await;
-        })));
+        self.server = Some(tokio::spawn(didgate_gateway::server::serve(
+            gw,
+            endpoint,
+            async move {
+                let _ = rx.await;
+            },
+        )));
         Ok(())
     }
 

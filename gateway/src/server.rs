@@ -1,0 +1,326 @@
+//! The QUIC loop around the pipeline: binds the endpoint ([`endpoint`]), accepts connections
+//! ([`serve`]), authenticates each peer by its certificate, enforces the per-DID connection
+//! limit, runs one call per bidirectional stream (its [`Call`] built here, the steps in
+//! [`crate::gateway`], the decisions in [`crate::call`]), answers catalog requests, and drains
+//! calls at shutdown. It moves bytes and tasks; it decides nothing.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use didgate_io::{now_ms, tls, wire};
+use didgate_protocol::frame::{self, FrameDecoder, FrameType};
+use didgate_protocol::message::{Message, RefusalCode};
+use didgate_protocol::{Caller, Version};
+use tokio::sync::watch;
+
+use crate::call::Call;
+use crate::gateway::{CONN_LIMIT_CLOSE, Gateway, StartError};
+
+/// Handles one stream: one pipelined call, one grant request, one grant execution or one
+/// catalog request, decided throughout by the policy set in force when the stream opened
+/// (the [`Call`] built here).
+async fn handle(
+    gw: &Gateway,
+    peer: Caller,
+    version: Version,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+) {
+    let mut cx = Call::new(gw.policy(), peer, version);
+    // counted only once its policy snapshot is taken: a call seen in flight
+    // ([`Gateway::calls_in_flight`]) is decided by the set in force before
+    let _inflight = InFlight::enter(gw);
+    handle_call(gw, &mut cx, send, recv).await
+}
+
+async fn handle_call(
+    gw: &Gateway,
+    cx: &mut Call,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    if gw.is_stopping() {
+        return gw
+            .refuse_unverified(
+                cx,
+                &mut send,
+                RefusalCode::ShuttingDown,
+                "the gateway is shutting down",
+            )
+            .await;
+    }
+    let min = gw.config.gateway.min_client();
+    if cx.version < min {
+        // Said in the connection's own version, with one of its codes: the client can read
+        // it and tell its user what to do.
+        let why = format!(
+            "this gateway serves protocol version {min} and later (min_client_version); this client speaks version {}: upgrade it",
+            cx.version
+        );
+        return gw
+            .refuse_unverified(cx, &mut send, RefusalCode::Malformed, &why)
+            .await;
+    }
+    let mut dec = FrameDecoder::new();
+    let deadline = gw.frame_deadline();
+    let first = tokio::time::timeout(deadline, wire::next_frame(&mut recv, &mut dec)).await;
+    let frame = match first {
+        Ok(Ok(Some(f))) => f,
+        Err(_) => {
+            let why = format!("no complete request frame within {}s", deadline.as_secs());
+            return gw
+                .refuse_unverified(cx, &mut send, RefusalCode::Malformed, &why)
+                .await;
+        }
+        _ => {
+            return gw
+                .refuse_unverified(
+                    cx,
+                    &mut send,
+                    RefusalCode::Malformed,
+                    "expected a request frame",
+                )
+                .await;
+        }
+    };
+    match frame.kind {
+        FrameType::Request => gw.pipelined(cx, send, recv, dec, &frame.payload).await,
+        FrameType::GrantRequest => gw.issue_grant(cx, send, &frame.payload).await,
+        FrameType::Execute => gw.execute_grant(cx, send, recv, dec, &frame.payload).await,
+        FrameType::CatalogRequest => answer_catalog(gw, cx, send, &frame.payload).await,
+        _ => {
+            gw.refuse_unverified(
+                cx,
+                &mut send,
+                RefusalCode::Malformed,
+                "unexpected frame type",
+            )
+            .await
+        }
+    }
+}
+
+/// Binds the gateway's QUIC endpoint on `addr`.
+pub fn endpoint(gw: &Gateway, addr: SocketAddr) -> Result<quinn::Endpoint, StartError> {
+    let cfg = tls::server_config(&gw.identity).map_err(|e| StartError::Transport(e.to_string()))?;
+    quinn::Endpoint::server(cfg, addr).map_err(|e| StartError::Transport(e.to_string()))
+}
+
+/// Serves calls on `endpoint` until `shutdown` resolves, then drains the calls in flight,
+/// writes the pending aggregate refusals, and stops the chain writer.
+pub async fn serve(
+    gw: Arc<Gateway>,
+    endpoint: quinn::Endpoint,
+    shutdown: impl Future<Output = ()>,
+) {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let tasks = tokio_util_tasks::TaskSet::default();
+    let window = Duration::from_secs(gw.config.gateway.refusal_window_secs.max(1));
+    let ticker = {
+        let gw = gw.clone();
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(window);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => { let _ = gw.flush_refusals().await; }
+                    _ = stop.changed() => break,
+                }
+            }
+        })
+    };
+    let upkeep = gw.secrets.spawn_upkeep(stop_rx.clone());
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { break };
+                let gw = gw.clone();
+                let stop = stop_rx.clone();
+                tasks.spawn(async move { connection(gw, incoming, stop).await });
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    // Drain: new calls are refused `shutting_down` (on open connections; new connections are
+    // no longer accepted), calls in flight finish, then the final checkpoint is written.
+    gw.stopping
+        .store(true, std::sync::atomic::Ordering::Release);
+    let _ = stop_tx.send(true);
+    endpoint.set_server_config(None);
+    tasks.wait().await;
+    let _ = ticker.await;
+    let _ = gw.flush_refusals().await;
+    // persist the last uses of the calls just drained
+    let _ = upkeep.await;
+    gw.secrets.upkeep(now_ms()).await;
+    endpoint.close(0u32.into(), b"shutdown");
+    endpoint.wait_idle().await;
+    gw.chain.close();
+}
+
+async fn connection(gw: Arc<Gateway>, incoming: quinn::Incoming, mut stop: watch::Receiver<bool>) {
+    let Ok(conn) = incoming.await else { return };
+    let Some(peer) = tls::peer_caller(&conn) else {
+        conn.close(1u32.into(), b"no DID certificate");
+        return;
+    };
+    // rustls agreed on one of the ALPN ids the server offers (or failed the handshake)
+    let Some(version) = tls::negotiated_version(&conn) else {
+        conn.close(1u32.into(), b"no didgate protocol version agreed");
+        return;
+    };
+    if !gw.register(&peer, &conn) {
+        let mut cx = Call::new(gw.policy(), peer, version);
+        return refuse_connection(&gw, &mut cx, conn).await;
+    }
+    let calls = tokio_util_tasks::TaskSet::default();
+    let mut drained: Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>> = None;
+    loop {
+        tokio::select! {
+            stream = conn.accept_bi() => {
+                let Ok((send, recv)) = stream else { break };
+                let gw = gw.clone();
+                let peer = peer.clone();
+                // while draining, `handle` answers `shutting_down` at once
+                let task = async move { handle(&gw, peer, version, send, recv).await };
+                if drained.is_some() {
+                    tokio::spawn(task);
+                } else {
+                    calls.spawn(task);
+                }
+            }
+            _ = stop.changed(), if drained.is_none() => {
+                // Open connections stay up until no call is in flight anywhere, so a caller
+                // gets a typed `shutting_down` rather than a closed connection.
+                let gw = gw.clone();
+                drained = Some(Box::pin(async move { gw.wait_idle().await }));
+            }
+            () = async {
+                match drained.as_mut() {
+                    Some(d) => d.await,
+                    None => std::future::pending().await,
+                }
+            }, if drained.is_some() => break,
+        }
+    }
+    calls.wait().await;
+    gw.unregister(&peer, &conn);
+    conn.close(0u32.into(), b"bye");
+}
+
+/// A connection beyond `max_connections_per_did`: its first stream, if one opens within the
+/// frame timeout, gets a signed `rate_limited` refusal (counted in the aggregate entry, as a
+/// refusal before any signature is checked); then the connection is closed.
+async fn refuse_connection(gw: &Gateway, cx: &mut Call, conn: quinn::Connection) {
+    let limit = gw.config.gateway.max_connections_per_did;
+    let reason = format!("too many open connections of this DID (limit {limit})");
+    match tokio::time::timeout(gw.frame_deadline(), conn.accept_bi()).await {
+        Ok(Ok((mut send, _recv))) => {
+            gw.refuse_unverified(cx, &mut send, RefusalCode::RateLimited, &reason)
+                .await;
+        }
+        _ => {
+            let _ = gw
+                .audit_refusal(cx, None, RefusalCode::RateLimited, &reason)
+                .await;
+        }
+    }
+    conn.close(CONN_LIMIT_CLOSE.into(), b"too many connections of this DID");
+}
+
+/// Counts a call as in flight for the drain at shutdown, until dropped.
+struct InFlight<'g>(&'g Gateway);
+
+impl<'g> InFlight<'g> {
+    fn enter(gw: &'g Gateway) -> Self {
+        gw.inflight
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Self(gw)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self
+            .0
+            .inflight
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            == 1
+        {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+/// A minimal set of tasks to wait for at shutdown.
+mod tokio_util_tasks {
+    use std::future::Future;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Default, Clone)]
+    pub(super) struct TaskSet {
+        handles: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    }
+
+    impl TaskSet {
+        pub(super) fn spawn(&self, f: impl Future<Output = ()> + Send + 'static) {
+            let mut h = self.handles.lock().unwrap_or_else(|p| p.into_inner());
+            h.retain(|t| !t.is_finished());
+            h.push(tokio::spawn(f));
+        }
+
+        pub(super) async fn wait(&self) {
+            let all = std::mem::take(&mut *self.handles.lock().unwrap_or_else(|p| p.into_inner()));
+            for h in all {
+                let _ = h.await;
+            }
+        }
+    }
+}
+/// Answers a CatalogRequest frame on one stream: Catalog frames, then FIN; a refusal (signed,
+/// audited like any refusal before a call) for a malformed request or a revoked DID.
+async fn answer_catalog(gw: &Gateway, cx: &mut Call, mut send: quinn::SendStream, payload: &[u8]) {
+    let version = cx.version;
+    let request = match didgate_protocol::catalog::CatalogRequest::decode_v(payload, version) {
+        Ok(r) => r,
+        Err(_) => {
+            return gw
+                .refuse_unverified(
+                    cx,
+                    &mut send,
+                    RefusalCode::Malformed,
+                    "the catalog request does not decode (as a message of the connection's version)",
+                )
+                .await;
+        }
+    };
+    if gw.did_revoked(&cx.peer) {
+        return gw
+            .refuse_unverified(cx, &mut send, RefusalCode::Revoked, "this DID is revoked")
+            .await;
+    }
+    // a did:web caller's claim is checked against its document first, as for a call
+    if let Err(r) = gw.web_document(cx).await {
+        return gw.refuse_unverified(cx, &mut send, r.code, &r.reason).await;
+    }
+    let ops = crate::catalog::allowed_operations(
+        &gw.config().upstreams,
+        &cx.policy,
+        cx.peer.as_str(),
+        request.upstream.as_deref(),
+        now_ms(),
+    );
+    let mut out = BytesMut::new();
+    for payload in crate::catalog::encode_frames(ops, version) {
+        // a single operation is bounded by validate(), so each payload fits a frame
+        if frame::encode(FrameType::Catalog, &payload, &mut out).is_err() {
+            tracing::warn!("catalog: an operation does not fit a frame");
+        }
+    }
+    let _ = send.write_all(&out).await;
+    let _ = send.finish();
+}
