@@ -995,6 +995,8 @@ impl Gateway {
         self.execute(cx, &mut send, &req, up, grant, body).await;
     }
 
+    /// Executes a consumed grant once: opens the secret, calls the upstream, relays the
+    /// response ([`Gateway::relay`]), and closes the executing entry whatever happens.
     async fn execute(
         &self,
         cx: &mut Call,
@@ -1019,7 +1021,7 @@ impl Gateway {
         // the forms of the credential the response is scanned for, zeroized with the call
         let needles = echo::Needles::new(&secret, &up.auth);
         let idem = hex::encode(grant.id);
-        let resp = match upstream::send(
+        let sent = upstream::send(
             self.http.client(&up.name),
             up,
             &req.message,
@@ -1027,8 +1029,8 @@ impl Gateway {
             secret,
             &idem,
         )
-        .await
-        {
+        .await;
+        let resp = match sent {
             Ok(r) => r,
             Err(e) => {
                 return self
@@ -1036,34 +1038,55 @@ impl Gateway {
                     .await;
             }
         };
+        match self.relay(cx, send, req, up, &needles, resp).await {
+            Ok(relayed) => {
+                self.close_executed(cx, send, req, up, &grant, used, relayed)
+                    .await;
+            }
+            Err(Stopped::Failed(code, cause, _)) => {
+                self.close_failed(cx, send, call, code, &cause).await;
+            }
+            Err(Stopped::Echo(count, place)) => {
+                self.echo_failed(cx, send, req, up, count, place).await;
+            }
+        }
+    }
+
+    /// Relays the upstream's response: the head (headers filtered and scanned for the
+    /// credential), then the body as it streams, scanned and redacted, within
+    /// `max_response_bytes`; the body's last byte is withheld (see [`Relayed::held`]).
+    async fn relay(
+        &self,
+        cx: &Call,
+        send: &mut quinn::SendStream,
+        req: &Signed<Request>,
+        up: &Upstream,
+        needles: &echo::Needles,
+        resp: reqwest::Response,
+    ) -> Result<Relayed, Stopped> {
         // 0 = unlimited
         let max_resp = up
             .max_response_bytes
             .unwrap_or(self.config.gateway.max_response_bytes);
-        let decoding = match echo::Decoding::for_header(
-            resp.headers()
-                .get(reqwest::header::CONTENT_ENCODING)
-                .map(|v| v.as_bytes()),
-        ) {
-            Ok(d) => d,
-            Err(coding) => {
-                let why = format!(
+        let encoding = resp.headers().get(reqwest::header::CONTENT_ENCODING);
+        let decoding = echo::Decoding::for_header(encoding.map(|v| v.as_bytes())).map_err(|coding| {
+            Stopped::Failed(
+                RefusalCode::UpstreamFailed,
+                format!(
                     "the upstream answered with content-encoding {coding:?}, which the gateway cannot scan for the credential"
-                );
-                return self
-                    .close_failed(cx, send, call, RefusalCode::UpstreamFailed, &why)
-                    .await;
-            }
-        };
+                ),
+                0,
+            )
+        })?;
         if max_resp > 0
             && decoding.is_identity()
             && resp.content_length().is_some_and(|n| n > max_resp)
         {
-            let why =
-                format!("the upstream response declares more than max_response_bytes ({max_resp})");
-            return self
-                .close_failed(cx, send, call, RefusalCode::ResponseTooLarge, &why)
-                .await;
+            return Err(Stopped::Failed(
+                RefusalCode::ResponseTooLarge,
+                format!("the upstream response declares more than max_response_bytes ({max_resp})"),
+                0,
+            ));
         }
         let status = resp.status().as_u16();
         let (names, mut values): (Vec<String>, Vec<Vec<u8>>) = resp
@@ -1077,127 +1100,65 @@ impl Gateway {
             })
             .map(|(k, v)| (k.as_str().to_string(), v.as_bytes().to_vec()))
             .unzip();
-        let mut echoes = needles.redact_all(&mut values);
+        let echoes = needles.redact_all(&mut values);
         let headers = names
             .into_iter()
             .zip(values)
             .map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned()))
             .collect();
         if echoes > 0 && up.on_secret_echo == EchoAction::Fail {
-            return self
-                .echo_failed(cx, send, req, up, echoes, "a response header")
-                .await;
+            return Err(Stopped::Echo(echoes, "a response header"));
         }
         let head = ResponseHead {
             v: cx.version.as_u64(),
             status,
             headers,
         };
-        let mut hasher = blake3::Hasher::new();
-        let mut len = 0u64;
-        let mut stream = resp;
-        let mut cause = None;
-        let mut code = RefusalCode::UpstreamFailed;
-        let mut filter = echo::BodyFilter::new(decoding, &needles, max_resp);
-        let too_large = |len: u64| {
-            format!(
-                "the upstream response exceeds max_response_bytes ({max_resp}) after {len} bytes relayed"
-            )
-        };
-        if wire::write_frame(send, FrameType::Head, &head.encode())
+        let filter = echo::BodyFilter::new(decoding, needles, max_resp);
+        let body = if wire::write_frame(send, FrameType::Head, &head.encode())
             .await
             .is_err()
         {
-            cause = Some("client gone before the response head".to_string());
-        }
-        // The end of the body is withheld until the closing entry is durable: the last byte of
-        // a body whose end the gateway sees with its final chunk (the declared Content-Length
-        // reached, or the end already there when the gateway looks right after the chunk) is
-        // sent with the receipt.
-        let mut ended = false;
-        let mut next = None;
-        let mut held: Option<u8> = None;
-        // the length the upstream declared, in coded bytes: its last byte is the end
-        let declared = stream.content_length();
-        let mut received = 0u64;
-        while cause.is_none() && !ended {
-            let got = match next.take() {
-                Some(got) => got,
-                None => stream.chunk().await,
-            };
-            let chunk = match got {
-                Ok(Some(chunk)) => {
-                    received += chunk.len() as u64;
-                    if declared == Some(received) {
-                        ended = true;
-                    } else {
-                        // is the end already here? (a poll that finds nothing consumes nothing)
-                        match futures_util::FutureExt::now_or_never(stream.chunk()) {
-                            Some(Ok(None)) => ended = true,
-                            peeked => next = peeked,
-                        }
-                    }
-                    chunk
-                }
-                Ok(None) => {
-                    ended = true;
-                    bytes::Bytes::new()
-                }
-                Err(e) => {
-                    cause = Some(format!(
-                        "upstream body: {}",
-                        upstream::describe(&e.without_url())
-                    ));
-                    break;
-                }
-            };
-            let mut out = match filter.push(&chunk, ended) {
-                Ok(out) => out,
-                Err(echo::DecodeFailure::TooLarge) => {
-                    code = RefusalCode::ResponseTooLarge;
-                    cause = Some(too_large(len));
-                    break;
-                }
-                Err(e) => {
-                    cause = Some(e.to_string());
-                    break;
-                }
-            };
-            if filter.hits() > 0 && up.on_secret_echo == EchoAction::Fail {
-                // nothing of what held it is relayed
-                return self
-                    .echo_failed(
-                        cx,
-                        send,
-                        req,
-                        up,
-                        echoes + filter.hits(),
-                        "the response body",
-                    )
-                    .await;
-            }
-            hasher.update(&out);
-            len += out.len() as u64;
-            if ended {
-                held = out.pop();
-            }
-            if out.is_empty() {
-                continue;
-            }
-            let mut frames = BytesMut::new();
-            frame::encode_chunks(&out, &mut frames);
-            if send.write_all(&frames).await.is_err() {
-                cause = Some("client gone mid-stream".into());
-            }
-        }
-        echoes += filter.hits();
+            Err(Stopped::Failed(
+                RefusalCode::UpstreamFailed,
+                "client gone before the response head".into(),
+                echoes,
+            ))
+        } else {
+            relay_body(send, up, resp, filter, max_resp, status, echoes).await
+        };
+        let echoes = match &body {
+            Ok(Relayed { echoes, .. }) | Err(Stopped::Failed(_, _, echoes)) => *echoes,
+            Err(Stopped::Echo(..)) => 0,
+        };
         if echoes > 0 {
-            self.note_echo(req, up, call, echoes, "redacted");
+            self.note_echo(req, up, req.envelope.digest(), echoes, "redacted");
         }
-        if let Some(cause) = cause {
-            return self.close_failed(cx, send, call, code, &cause).await;
-        }
-        let resp_b3 = *hasher.finalize().as_bytes();
+        body
+    }
+
+    /// Closes a call whose response was relayed: the `executed` entry (durable before the
+    /// withheld end and the receipt are sent), or, if it cannot be written, the `failed` entry
+    /// the chain owes and a refusal.
+    #[allow(clippy::too_many_arguments)] // the call's parts, each needed once
+    async fn close_executed(
+        &self,
+        cx: &mut Call,
+        send: &mut quinn::SendStream,
+        req: &Signed<Request>,
+        up: &Upstream,
+        grant: &GrantBody,
+        used: crate::secrets::SecretUse,
+        relayed: Relayed,
+    ) {
+        let call = grant.call;
+        let Relayed {
+            status,
+            len,
+            resp_b3,
+            held,
+            echoes,
+        } = relayed;
         let mut e = Entry::new(EntryKind::Executed, now_ms());
         e.call = Some(call);
         e.status = Some(status);
@@ -1222,19 +1183,15 @@ impl Gateway {
                     len - u64::from(held.is_some())
                 ));
                 self.chain.owe(close);
-                self.emit_failed(
-                    cx,
-                    call,
-                    RefusalCode::AuditUnavailable,
-                    "the audit log cannot be written",
-                );
+                let unavailable = "the audit log cannot be written";
+                self.emit_failed(cx, call, RefusalCode::AuditUnavailable, unavailable);
                 return self
                     .answer_refusal(
                         cx,
                         send,
                         Some(call),
                         RefusalCode::AuditUnavailable,
-                        "the audit log cannot be written",
+                        unavailable,
                         None,
                     )
                     .await;
@@ -1430,6 +1387,127 @@ impl Gateway {
         let _ = send.finish();
         let _ = send.stopped().await;
     }
+}
+/// What was relayed of a response.
+struct Relayed {
+    /// The upstream's status.
+    status: u16,
+    /// Body bytes relayed (decoded, redacted), the withheld last byte included.
+    len: u64,
+    /// BLAKE3 of those bytes.
+    resp_b3: [u8; 32],
+    /// The body's last byte, withheld until the closing entry is durable: sent with the
+    /// receipt, never if the entry cannot be written.
+    held: Option<u8>,
+    /// Occurrences of the credential redacted (head and body).
+    echoes: u64,
+}
+
+/// Why relaying a response stopped before its end.
+enum Stopped {
+    /// The call fails with this code and cause, after this many occurrences of the credential
+    /// were redacted.
+    Failed(RefusalCode, String, u64),
+    /// The response echoed the credential (this many times, in this place) and the upstream
+    /// fails such calls.
+    Echo(u64, &'static str),
+}
+
+/// Relays the body as it streams: each chunk decoded, scanned, redacted and framed; the end
+/// of the body is withheld (the last byte of a body whose end the gateway sees with its final
+/// chunk: the declared Content-Length reached, or the end already there when the gateway looks
+/// right after the chunk). The head had `status` and `echoes`.
+async fn relay_body(
+    send: &mut quinn::SendStream,
+    up: &Upstream,
+    mut stream: reqwest::Response,
+    mut filter: echo::BodyFilter<'_>,
+    max_resp: u64,
+    status: u16,
+    echoes: u64,
+) -> Result<Relayed, Stopped> {
+    let mut hasher = blake3::Hasher::new();
+    let mut len = 0u64;
+    let too_large = |len: u64| {
+        format!(
+            "the upstream response exceeds max_response_bytes ({max_resp}) after {len} bytes relayed"
+        )
+    };
+    let mut ended = false;
+    let mut next = None;
+    let mut held: Option<u8> = None;
+    // the length the upstream declared, in coded bytes: its last byte is the end
+    let declared = stream.content_length();
+    let mut received = 0u64;
+    // a stop, with the echoes redacted so far
+    let stop = |code, cause, filter: &echo::BodyFilter<'_>| {
+        Err(Stopped::Failed(code, cause, echoes + filter.hits()))
+    };
+    while !ended {
+        let got = match next.take() {
+            Some(got) => got,
+            None => stream.chunk().await,
+        };
+        let chunk = match got {
+            Ok(Some(chunk)) => {
+                received += chunk.len() as u64;
+                if declared == Some(received) {
+                    ended = true;
+                } else {
+                    // is the end already here? (a poll that finds nothing consumes nothing)
+                    match futures_util::FutureExt::now_or_never(stream.chunk()) {
+                        Some(Ok(None)) => ended = true,
+                        peeked => next = peeked,
+                    }
+                }
+                chunk
+            }
+            Ok(None) => {
+                ended = true;
+                bytes::Bytes::new()
+            }
+            Err(e) => {
+                let why = upstream::describe(&e.without_url());
+                return stop(
+                    RefusalCode::UpstreamFailed,
+                    format!("upstream body: {why}"),
+                    &filter,
+                );
+            }
+        };
+        let mut out = match filter.push(&chunk, ended) {
+            Ok(out) => out,
+            Err(echo::DecodeFailure::TooLarge) => {
+                return stop(RefusalCode::ResponseTooLarge, too_large(len), &filter);
+            }
+            Err(e) => return stop(RefusalCode::UpstreamFailed, e.to_string(), &filter),
+        };
+        if filter.hits() > 0 && up.on_secret_echo == EchoAction::Fail {
+            // nothing of what held it is relayed
+            return Err(Stopped::Echo(echoes + filter.hits(), "the response body"));
+        }
+        hasher.update(&out);
+        len += out.len() as u64;
+        if ended {
+            held = out.pop();
+        }
+        if out.is_empty() {
+            continue;
+        }
+        let mut frames = BytesMut::new();
+        frame::encode_chunks(&out, &mut frames);
+        if send.write_all(&frames).await.is_err() {
+            let cause = "client gone mid-stream".into();
+            return stop(RefusalCode::UpstreamFailed, cause, &filter);
+        }
+    }
+    Ok(Relayed {
+        status,
+        len,
+        resp_b3: *hasher.finalize().as_bytes(),
+        held,
+        echoes: echoes + filter.hits(),
+    })
 }
 
 async fn read_body(

@@ -389,75 +389,14 @@ impl PolicySet {
                 "policy templates (?principal, ?resource) are not supported".into(),
             ));
         }
-        let result = cedar::Validator::new(schema.clone())
-            .validate(&policies, cedar::ValidationMode::Strict);
-        if !result.validation_passed() {
-            let errors: Vec<String> = result
-                .validation_errors()
-                .map(|e| {
-                    format!(
-                        "policy {}: {}",
-                        family_of(&policies, e.policy_id()),
-                        describe(e, text)
-                    )
-                })
-                .collect();
-            return Err(invalid(errors.join("; ")));
-        }
-        let warnings = result
-            .validation_warnings()
-            .map(|w| {
-                format!(
-                    "policy {}: {}",
-                    family_of(&policies, w.policy_id()),
-                    describe(w, text)
-                )
-            })
-            .collect();
-        let mut families = HashMap::new();
-        let mut ttl_caps = HashMap::new();
-        let mut forbids = HashSet::new();
-        let (mut permits, mut forbid_count) = (0, 0);
-        for p in policies.policies() {
-            let family = match p.annotation("id") {
-                Some(id) => {
-                    if id.is_empty()
-                        || id.len() > 64
-                        || !id
-                            .bytes()
-                            .all(|b| b.is_ascii_alphanumeric() || b"-_.:/".contains(&b))
-                    {
-                        return Err(invalid(format!(
-                            "policy {}: @id must be 1-64 characters of letters, digits and - _ . : /",
-                            p.id()
-                        )));
-                    }
-                    id.to_string()
-                }
-                None => p.id().to_string(),
-            };
-            match p.effect() {
-                cedar::Effect::Permit => permits += 1,
-                cedar::Effect::Forbid => {
-                    forbid_count += 1;
-                    forbids.insert(p.id().clone());
-                }
-            }
-            if let Some(ttl) = p.annotation("grant_ttl_secs") {
-                if p.effect() == cedar::Effect::Forbid {
-                    return Err(invalid(format!(
-                        "policy {family}: @grant_ttl_secs applies to permit policies only"
-                    )));
-                }
-                let secs = ttl.parse::<u64>().ok().filter(|s| *s >= 1).ok_or_else(|| {
-                    invalid(format!(
-                        "policy {family}: @grant_ttl_secs must be a whole number of seconds >= 1, not {ttl:?}"
-                    ))
-                })?;
-                ttl_caps.insert(p.id().clone(), secs);
-            }
-            families.insert(p.id().clone(), family);
-        }
+        let warnings = validate_text(source, text, &policies, &schema)?;
+        let Annotations {
+            families,
+            ttl_caps,
+            forbids,
+            permits,
+            forbid_count,
+        } = annotations(source, &policies)?;
         let mut family_list: Vec<String> = families.values().cloned().collect();
         family_list.sort();
         family_list.dedup();
@@ -469,69 +408,7 @@ impl PolicySet {
             warnings,
         };
 
-        // Membership: [groups] and the entities file, merged.
-        let ent_err = |e: &dyn std::fmt::Display| PolicyError::Entities(e.to_string());
-        let mut parents: BTreeMap<cedar::EntityUid, HashSet<cedar::EntityUid>> = BTreeMap::new();
-        for (group, members) in groups {
-            let g = Types::uid(&types.group, group);
-            parents.entry(g.clone()).or_default();
-            for m in members {
-                Principal::parse(m)
-                    .map_err(|e| PolicyError::Entities(format!("group {group}: {m}: {e}")))?;
-                parents
-                    .entry(Types::uid(&types.did, m))
-                    .or_default()
-                    .insert(g.clone());
-            }
-        }
-        if let Some(json) = entities_json {
-            let file =
-                cedar::Entities::from_json_str(json, Some(&schema)).map_err(|e| ent_err(&e))?;
-            for e in file.iter() {
-                let (uid, _attrs, ps) = e.clone().into_inner();
-                let ty = uid.type_name();
-                if *ty == types.action {
-                    continue;
-                }
-                if *ty != types.did && *ty != types.group {
-                    return Err(PolicyError::Entities(format!(
-                        "{uid}: the entities file holds only Did and Group entities"
-                    )));
-                }
-                if *ty == types.did {
-                    Principal::parse(uid.id().unescaped())
-                        .map_err(|e| PolicyError::Entities(format!("{uid}: {e}")))?;
-                }
-                parents.entry(uid).or_default().extend(ps);
-            }
-        }
-        let base = cedar::Entities::from_entities(
-            parents
-                .iter()
-                .map(|(uid, ps)| cedar::Entity::new_no_attrs(uid.clone(), ps.clone())),
-            Some(&schema),
-        )
-        .map_err(|e| ent_err(&e))?;
-        let mut groups_of = HashMap::new();
-        let mut membership = BTreeSet::new();
-        for e in base.iter() {
-            let uid = e.uid();
-            if *uid.type_name() != types.did && *uid.type_name() != types.group {
-                continue;
-            }
-            let ancestors: HashSet<cedar::EntityUid> = base
-                .ancestors(&uid)
-                .into_iter()
-                .flatten()
-                .cloned()
-                .collect();
-            for a in &ancestors {
-                membership.insert(format!("{uid} in {a}\n"));
-            }
-            if *uid.type_name() == types.did {
-                groups_of.insert(uid.id().unescaped().to_string(), ancestors);
-            }
-        }
+        let (groups_of, membership) = membership(groups, entities_json, &schema, &types)?;
         let actions = schema
             .action_entities()
             .map_err(|e| PolicyError::Schema(e.to_string()))?;
@@ -917,6 +794,187 @@ pub fn path_matches(pattern: &str, path: &str) -> bool {
             _ => return false,
         }
     }
+}
+
+/// Validates `policies` (parsed from `text`) against the schema in strict mode: the errors
+/// refuse the set, the warnings are returned for the summary.
+fn validate_text(
+    source: &str,
+    text: &str,
+    policies: &cedar::PolicySet,
+    schema: &cedar::Schema,
+) -> Result<Vec<String>, PolicyError> {
+    let invalid = |m: String| PolicyError::Invalid(source.into(), m);
+    let result =
+        cedar::Validator::new(schema.clone()).validate(policies, cedar::ValidationMode::Strict);
+    if !result.validation_passed() {
+        let errors: Vec<String> = result
+            .validation_errors()
+            .map(|e| {
+                format!(
+                    "policy {}: {}",
+                    family_of(policies, e.policy_id()),
+                    describe(e, text)
+                )
+            })
+            .collect();
+        return Err(invalid(errors.join("; ")));
+    }
+    let warnings: Vec<String> = result
+        .validation_warnings()
+        .map(|w| {
+            format!(
+                "policy {}: {}",
+                family_of(policies, w.policy_id()),
+                describe(w, text)
+            )
+        })
+        .collect();
+    Ok(warnings)
+}
+
+/// What a policy set's annotations say.
+struct Annotations {
+    /// Policy id -> its family (`@id`, else its own id).
+    families: HashMap<cedar::PolicyId, String>,
+    /// Policy id -> its `@grant_ttl_secs`.
+    ttl_caps: HashMap<cedar::PolicyId, u64>,
+    /// The forbid policies.
+    forbids: HashSet<cedar::PolicyId>,
+    permits: usize,
+    forbid_count: usize,
+}
+
+/// Reads and checks the `@id` and `@grant_ttl_secs` annotations of every policy.
+fn annotations(source: &str, policies: &cedar::PolicySet) -> Result<Annotations, PolicyError> {
+    let invalid = |m: String| PolicyError::Invalid(source.into(), m);
+    let mut families = HashMap::new();
+    let mut ttl_caps = HashMap::new();
+    let mut forbids = HashSet::new();
+    let (mut permits, mut forbid_count) = (0, 0);
+    for p in policies.policies() {
+        let family = match p.annotation("id") {
+            Some(id) => {
+                if id.is_empty()
+                    || id.len() > 64
+                    || !id
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"-_.:/".contains(&b))
+                {
+                    return Err(invalid(format!(
+                        "policy {}: @id must be 1-64 characters of letters, digits and - _ . : /",
+                        p.id()
+                    )));
+                }
+                id.to_string()
+            }
+            None => p.id().to_string(),
+        };
+        match p.effect() {
+            cedar::Effect::Permit => permits += 1,
+            cedar::Effect::Forbid => {
+                forbid_count += 1;
+                forbids.insert(p.id().clone());
+            }
+        }
+        if let Some(ttl) = p.annotation("grant_ttl_secs") {
+            if p.effect() == cedar::Effect::Forbid {
+                return Err(invalid(format!(
+                    "policy {family}: @grant_ttl_secs applies to permit policies only"
+                )));
+            }
+            let secs = ttl.parse::<u64>().ok().filter(|s| *s >= 1).ok_or_else(|| {
+                invalid(format!(
+                    "policy {family}: @grant_ttl_secs must be a whole number of seconds >= 1, not {ttl:?}"
+                ))
+            })?;
+            ttl_caps.insert(p.id().clone(), secs);
+        }
+        families.insert(p.id().clone(), family);
+    }
+    Ok(Annotations {
+        families,
+        ttl_caps,
+        forbids,
+        permits,
+        forbid_count,
+    })
+}
+
+/// DID -> the groups it is in (transitively), and the membership lines the set's hash
+/// covers: from `[groups]` and the entities file, merged.
+type Membership = (HashMap<String, HashSet<cedar::EntityUid>>, BTreeSet<String>);
+
+/// The membership of `groups` and of the entities document `entities_json`.
+fn membership(
+    groups: &BTreeMap<String, Vec<String>>,
+    entities_json: Option<&str>,
+    schema: &cedar::Schema,
+    types: &Types,
+) -> Result<Membership, PolicyError> {
+    // Membership: [groups] and the entities file, merged.
+    let ent_err = |e: &dyn std::fmt::Display| PolicyError::Entities(e.to_string());
+    let mut parents: BTreeMap<cedar::EntityUid, HashSet<cedar::EntityUid>> = BTreeMap::new();
+    for (group, members) in groups {
+        let g = Types::uid(&types.group, group);
+        parents.entry(g.clone()).or_default();
+        for m in members {
+            Principal::parse(m)
+                .map_err(|e| PolicyError::Entities(format!("group {group}: {m}: {e}")))?;
+            parents
+                .entry(Types::uid(&types.did, m))
+                .or_default()
+                .insert(g.clone());
+        }
+    }
+    if let Some(json) = entities_json {
+        let file = cedar::Entities::from_json_str(json, Some(schema)).map_err(|e| ent_err(&e))?;
+        for e in file.iter() {
+            let (uid, _attrs, ps) = e.clone().into_inner();
+            let ty = uid.type_name();
+            if *ty == types.action {
+                continue;
+            }
+            if *ty != types.did && *ty != types.group {
+                return Err(PolicyError::Entities(format!(
+                    "{uid}: the entities file holds only Did and Group entities"
+                )));
+            }
+            if *ty == types.did {
+                Principal::parse(uid.id().unescaped())
+                    .map_err(|e| PolicyError::Entities(format!("{uid}: {e}")))?;
+            }
+            parents.entry(uid).or_default().extend(ps);
+        }
+    }
+    let base = cedar::Entities::from_entities(
+        parents
+            .iter()
+            .map(|(uid, ps)| cedar::Entity::new_no_attrs(uid.clone(), ps.clone())),
+        Some(schema),
+    )
+    .map_err(|e| ent_err(&e))?;
+    let mut groups_of = HashMap::new();
+    let mut membership = BTreeSet::new();
+    for e in base.iter() {
+        let uid = e.uid();
+        if *uid.type_name() != types.did && *uid.type_name() != types.group {
+            continue;
+        }
+        let ancestors: HashSet<cedar::EntityUid> = base
+            .ancestors(&uid)
+            .into_iter()
+            .flatten()
+            .cloned()
+            .collect();
+        for a in &ancestors {
+            membership.insert(format!("{uid} in {a}\n"));
+        }
+        if *uid.type_name() == types.did {
+            groups_of.insert(uid.id().unescaped().to_string(), ancestors);
+        }
+    }
+    Ok((groups_of, membership))
 }
 
 #[cfg(test)]
