@@ -81,6 +81,10 @@ impl Call {
     }
 }
 
+/// What a caller is told when the audit log cannot be written (`audit_unavailable`): the
+/// fact, never the store's error (that goes to the operator's log).
+pub(crate) const AUDIT_UNAVAILABLE: &str = "the audit log cannot be written";
+
 /// A refusal decided before any grant was consumed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Refuse {

@@ -1,9 +1,11 @@
-//! The gateway's state and its per-call pipeline (specs/protocol.md, "Call processing").
+//! The gateway's state and the steps of a call (specs/protocol.md, "Call processing";
+//! docs/pipeline.md).
 //!
 //! [`Gateway::open`] loads a data directory: identity, configuration, KMS, store and chain; it
 //! closes executing entries a crash left open as "abandoned" and prunes expired replay keys.
-//! [`serve`] accepts QUIC connections and runs one call per bidirectional stream: decisions
-//! are made by plain functions over values ([`Gateway::admit`]); tokio tasks only move bytes.
+//! The QUIC loop is [`crate::server`]; each step here reads the stream, the store, the clock
+//! and the revocation set and calls the pure decisions of [`crate::call`] on the call's
+//! [`Call`].
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -613,10 +615,7 @@ impl Gateway {
     ) {
         let (code, reason) = match self.audit_refusal(cx, None, code, reason).await {
             Ok(_) => (code, reason),
-            Err(_) => (
-                RefusalCode::AuditUnavailable,
-                "the audit log cannot be written",
-            ),
+            Err(_) => (RefusalCode::AuditUnavailable, call::AUDIT_UNAVAILABLE),
         };
         self.emit(|| EventKind::Refusal {
             did: Some(cx.peer.to_string()),
@@ -765,7 +764,7 @@ impl Gateway {
                 // the cause (a full disk, an I/O error) is the operator's: the log has it, the
                 // caller gets the fact
                 tracing::error!(%why, "audit store unavailable: refusing calls");
-                let reason = "the audit log cannot be written".to_string();
+                let reason = call::AUDIT_UNAVAILABLE.to_string();
                 self.emit_refusal(cx, req, RefusalCode::AuditUnavailable, &reason);
                 self.answer_refusal(
                     cx,
@@ -1183,7 +1182,7 @@ impl Gateway {
                     len - u64::from(held.is_some())
                 ));
                 self.chain.owe(close);
-                let unavailable = "the audit log cannot be written";
+                let unavailable = call::AUDIT_UNAVAILABLE;
                 self.emit_failed(cx, call, RefusalCode::AuditUnavailable, unavailable);
                 return self
                     .answer_refusal(
@@ -1309,11 +1308,7 @@ impl Gateway {
             Ok(a) => (code, cause, Some(a.entry)),
             Err(why) => {
                 tracing::error!(%why, "cannot close an executing entry");
-                (
-                    RefusalCode::AuditUnavailable,
-                    "the audit log cannot be written",
-                    None,
-                )
+                (RefusalCode::AuditUnavailable, call::AUDIT_UNAVAILABLE, None)
             }
         };
         self.emit_failed(cx, call, code, cause);
@@ -1332,11 +1327,7 @@ impl Gateway {
         let audited = self.audit_refusal(cx, Some(req), r.code, &r.reason).await;
         let (code, reason, entry) = match audited {
             Ok(entry) => (r.code, r.reason.as_str(), entry),
-            Err(_) => (
-                RefusalCode::AuditUnavailable,
-                "the audit log cannot be written",
-                None,
-            ),
+            Err(_) => (RefusalCode::AuditUnavailable, call::AUDIT_UNAVAILABLE, None),
         };
         self.emit_refusal(cx, req, code, reason);
         self.answer_refusal(cx, send, call, code, reason, entry)
