@@ -3,7 +3,8 @@
 //! functions over their inputs and `now`: admission ([`admit`]: peer, revocation, audience,
 //! clock, upstream, canonical form, body size, policy), limits ([`limit`]), minting
 //! ([`mint`]), the claims and the entry of the batch ([`request_claims`], [`request_entry`]),
-//! the checks before the upstream is called ([`still_allowed`]), and the mapping of every
+//! the checks before the upstream is called ([`still_allowed`]), the closing entry, receipt
+//! and refusal ([`executed_entry`], [`receipt`], [`refusal`]), and the mapping of every
 //! failure to its refusal code ([`refusal_for_open`], [`request_conflict`]). No socket, no
 //! store, no clock: [`crate::gateway`] reads the stream, the store and the time, and calls
 //! these.
@@ -13,8 +14,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use didgate_audit::entry::{Entry, EntryKind};
-use didgate_audit::store::{Claim, ClaimRule};
-use didgate_protocol::message::{self, GrantBody, RefusalCode, Request, Signed};
+use didgate_audit::store::{Appended, Claim, ClaimRule};
+use didgate_protocol::message::{
+    self, EntryRef, GrantBody, Receipt, Refusal, RefusalCode, Request, Signed,
+};
 use didgate_protocol::web::DidDocument;
 use didgate_protocol::{Caller, Did, Version, canonical};
 
@@ -374,6 +377,86 @@ pub(crate) fn version_mismatch(call: &Call, what: &str, v: u64) -> Option<String
     })
 }
 
+/// What was relayed of a response.
+pub(crate) struct Relayed {
+    /// The upstream's status.
+    pub(crate) status: u16,
+    /// Body bytes relayed (decoded, redacted), the withheld last byte included.
+    pub(crate) len: u64,
+    /// BLAKE3 of those bytes.
+    pub(crate) resp_b3: [u8; 32],
+    /// The body's last byte, withheld until the closing entry is durable: sent with the
+    /// receipt, never if the entry cannot be written.
+    pub(crate) held: Option<u8>,
+    /// Occurrences of the credential redacted (head and body).
+    pub(crate) echoes: u64,
+}
+
+/// The `executed` entry of `call` at `now`: what was relayed, the policy that decided it, and
+/// the secret (`id`, `version`) it used.
+pub(crate) fn executed_entry(
+    cx: &Call,
+    call: [u8; 32],
+    relayed: &Relayed,
+    secret: ([u8; 16], u64),
+    now: u64,
+) -> Entry {
+    let mut e = Entry::new(EntryKind::Executed, now);
+    e.call = Some(call);
+    e.status = Some(relayed.status);
+    e.resp_len = Some(relayed.len);
+    e.resp_b3 = Some(relayed.resp_b3);
+    e.policy = Some(cx.policy_hash());
+    e.secret_echo = (relayed.echoes > 0).then_some(relayed.echoes);
+    e.secret_id = Some(secret.0);
+    e.secret_version = Some(secret.1);
+    e
+}
+
+/// The receipt of an executed call: what was relayed, and the durable `executed` entry
+/// (`closing`) with the chain's root after it.
+pub(crate) fn receipt(
+    cx: &Call,
+    req: &Signed<Request>,
+    grant: &GrantBody,
+    relayed: &Relayed,
+    closing: Appended,
+    now: u64,
+) -> Receipt {
+    Receipt {
+        v: cx.version.as_u64(),
+        call: grant.call,
+        grant: grant.id,
+        client: req.envelope.signer().to_string(),
+        status: relayed.status,
+        resp_len: relayed.len,
+        resp_b3: relayed.resp_b3,
+        entry: closing.entry,
+        root: Some(closing.root),
+        time_ms: now,
+    }
+}
+
+/// A refusal in `version` (the connection's), naming the gateway entry that records it when
+/// there is one.
+pub(crate) fn refusal(
+    version: Version,
+    call: Option<[u8; 32]>,
+    code: RefusalCode,
+    reason: &str,
+    entry: Option<EntryRef>,
+    now: u64,
+) -> Refusal {
+    Refusal {
+        v: version.as_u64(),
+        call,
+        code,
+        reason: reason.into(),
+        time_ms: now,
+        entry,
+    }
+}
+
 /// The pipeline's decisions driven with bytes and a fixed clock: no socket, no store, no
 /// runtime. The store's atomic claim check is [`Claim::holds`] over a map.
 #[cfg(test)]
@@ -704,5 +787,43 @@ paths = ["/v1/balance"]
         assert_eq!(refusal_for_open(&e), RefusalCode::BadSignature);
         let e = message::open::<Request>(b"not cose").expect_err("garbage");
         assert_eq!(refusal_for_open(&e), RefusalCode::Malformed);
+        // the closing entry and the receipt say the same of what was relayed
+        cx.version = Version::CURRENT;
+        let grant = mint(&cx, 60, &req, NOW, [6; 16]);
+        let relayed = Relayed {
+            status: 200,
+            len: 3,
+            resp_b3: *blake3::hash(b"abc").as_bytes(),
+            held: Some(b'c'),
+            echoes: 2,
+        };
+        let executed = executed_entry(&cx, grant.call, &relayed, ([5; 16], 4), NOW);
+        assert_eq!((executed.status, executed.resp_len), (Some(200), Some(3)));
+        assert_eq!(
+            (
+                executed.secret_echo,
+                executed.secret_id,
+                executed.secret_version
+            ),
+            (Some(2), Some([5; 16]), Some(4))
+        );
+        let closing = Appended {
+            entry: EntryRef {
+                seq: 9,
+                hash: [1; 32],
+            },
+            root: [2; 32],
+        };
+        let r = receipt(&cx, &req, &grant, &relayed, closing, NOW + 1);
+        assert_eq!(
+            (r.call, r.grant, r.resp_b3, r.resp_len),
+            (grant.call, grant.id, relayed.resp_b3, 3)
+        );
+        assert_eq!(
+            (r.entry, r.root, r.client),
+            (closing.entry, Some([2; 32]), alice().did().to_string())
+        );
+        let refused = refusal(Version::V1, None, RefusalCode::Policy, "no", None, NOW);
+        assert_eq!((refused.v, refused.code), (1, RefusalCode::Policy));
     }
 }

@@ -19,14 +19,13 @@ use didgate_io::{tls, wire};
 use didgate_protocol::canonical;
 use didgate_protocol::frame::{self, FrameDecoder, FrameType};
 use didgate_protocol::message::{
-    self, EntryRef, GrantBody, Message, Receipt, Refusal, RefusalCode, Request, ResponseHead,
-    Signed, SignedMessage,
+    self, EntryRef, GrantBody, Message, RefusalCode, Request, ResponseHead, Signed, SignedMessage,
 };
 use didgate_protocol::web::DidDocument;
 use didgate_protocol::{Caller, Did, Identity, Principal, Version};
 
 use crate::call::{
-    self, Call, Gate, Refuse, refuse, request_conflict, revoked_did_key, revoked_grant_key,
+    self, Call, Gate, Refuse, Relayed, refuse, request_conflict, revoked_did_key, revoked_grant_key,
 };
 use crate::config::{Config, EchoAction, Upstream};
 use crate::didweb::WebResolver;
@@ -516,15 +515,7 @@ impl Gateway {
         reason: &str,
         entry: Option<EntryRef>,
     ) -> Vec<u8> {
-        Refusal {
-            v: version.as_u64(),
-            call,
-            code,
-            reason: reason.into(),
-            time_ms: now_ms(),
-            entry,
-        }
-        .sign(&self.identity)
+        call::refusal(version, call, code, reason, entry, now_ms()).sign(&self.identity)
     }
 
     /// Audits a refusal: one entry for a principal policy knows, else counted into the
@@ -1151,22 +1142,10 @@ impl Gateway {
         relayed: Relayed,
     ) {
         let call = grant.call;
+        let e = call::executed_entry(cx, call, &relayed, (used.id, used.version), now_ms());
         let Relayed {
-            status,
-            len,
-            resp_b3,
-            held,
-            echoes,
+            status, len, held, ..
         } = relayed;
-        let mut e = Entry::new(EntryKind::Executed, now_ms());
-        e.call = Some(call);
-        e.status = Some(status);
-        e.resp_len = Some(len);
-        e.resp_b3 = Some(resp_b3);
-        e.policy = Some(cx.policy_hash());
-        e.secret_echo = (echoes > 0).then_some(echoes);
-        e.secret_id = Some(used.id);
-        e.secret_version = Some(used.version);
         let closing = match self.chain.append_entry(e).await {
             Ok(a) => a,
             Err(e) => {
@@ -1209,18 +1188,7 @@ impl Gateway {
             resp_len: len,
             latency_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
         });
-        let receipt = Receipt {
-            v: cx.version.as_u64(),
-            call,
-            grant: grant.id,
-            client: req.envelope.signer().to_string(),
-            status,
-            resp_len: len,
-            resp_b3,
-            entry: closing.entry,
-            root: Some(closing.root),
-            time_ms: now_ms(),
-        };
+        let receipt = call::receipt(cx, req, grant, &relayed, closing, now_ms());
         cx.release_permit();
         if let Some(last) = held {
             // the end of the body, now that its closing entry is durable
@@ -1379,21 +1347,6 @@ impl Gateway {
         let _ = send.stopped().await;
     }
 }
-/// What was relayed of a response.
-struct Relayed {
-    /// The upstream's status.
-    status: u16,
-    /// Body bytes relayed (decoded, redacted), the withheld last byte included.
-    len: u64,
-    /// BLAKE3 of those bytes.
-    resp_b3: [u8; 32],
-    /// The body's last byte, withheld until the closing entry is durable: sent with the
-    /// receipt, never if the entry cannot be written.
-    held: Option<u8>,
-    /// Occurrences of the credential redacted (head and body).
-    echoes: u64,
-}
-
 /// Why relaying a response stopped before its end.
 enum Stopped {
     /// The call fails with this code and cause, after this many occurrences of the credential
