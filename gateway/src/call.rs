@@ -103,6 +103,17 @@ pub(crate) fn refuse(code: RefusalCode, reason: impl Into<String>) -> Refuse {
     }
 }
 
+/// Whether a refusal of `req` is recorded as an entry of its own (`refused`, naming the
+/// caller as subject) rather than counted in the aggregate: only when the request is signed
+/// by the authenticated TLS peer and policy knows that peer. A request the peer did not sign
+/// (a replay of someone else's request, a `peer_mismatch`) is counted: the log is never
+/// filled in the name of a signer the peer does not hold.
+pub(crate) fn recorded_individually(cx: &Call, req: &Signed<Request>) -> bool {
+    req.envelope.signer() == cx.peer.key()
+        && req.envelope.principal() == cx.peer.principal()
+        && cx.policy.knows(cx.peer.as_str())
+}
+
 /// The `revoked` keyspace key of a revoked DID.
 pub(crate) fn revoked_did_key(did: &str) -> Vec<u8> {
     [b"d".as_slice(), did.as_bytes()].concat()
@@ -677,6 +688,24 @@ paths = ["/v1/balance"]
             Err(RefusalCode::Policy)
         );
         assert!(refused(&bob(), &bob(), |_| {}).is_ok());
+    }
+
+    #[test]
+    fn only_a_known_peers_own_request_is_recorded_in_its_name() {
+        let config = config();
+        let alices = request(&alice(), |_| {});
+        // alice's own request on her connection: an entry of its own
+        assert!(recorded_individually(&call_of(&alice(), &config), &alices));
+        // replayed by bob (known) or by a stranger: counted, never recorded as alice's
+        assert!(!recorded_individually(&call_of(&bob(), &config), &alices));
+        let stranger = Identity::from_seed(&[0x55; 32]);
+        assert!(!recorded_individually(
+            &call_of(&stranger, &config),
+            &alices
+        ));
+        // a stranger's own request: counted
+        let own = request(&stranger, |_| {});
+        assert!(!recorded_individually(&call_of(&stranger, &config), &own));
     }
 
     #[test]

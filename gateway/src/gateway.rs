@@ -114,7 +114,8 @@ pub enum StartError {
     DataDir(#[from] didgate_io::hardening::HardeningError),
 }
 
-/// Counts refusals to principals policy does not know, written as one entry per window.
+/// Counts the refusals not recorded one by one (see [`call::recorded_individually`]), written
+/// as one entry per window.
 #[derive(Debug, Default)]
 struct Aggregate {
     counts: HashMap<RefusalCode, u64>,
@@ -528,7 +529,7 @@ impl Gateway {
         reason: &str,
     ) -> Result<Option<EntryRef>, AppendError> {
         match req {
-            Some(r) if cx.policy.knows(r.envelope.principal().as_str()) => {
+            Some(r) if call::recorded_individually(cx, r) => {
                 let mut e = Entry::new(EntryKind::Refused, now_ms());
                 e.policy = Some(cx.policy_hash());
                 e.call = Some(r.envelope.digest());
@@ -579,7 +580,7 @@ impl Gateway {
                 .join(","),
         );
         e.detail = Some(format!(
-            "refusals to principals policy does not know since {}",
+            "refusals counted, not recorded one by one, since {} (principals policy does not know, requests not signed by the connection's peer, input refused before a signature was checked, connections over the per-DID limit)",
             taken.since_ms
         ));
         let result = self.chain.append_entry(e).await.map(|_| ());

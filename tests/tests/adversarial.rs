@@ -278,16 +278,27 @@ async fn forged_replayed_and_smuggled_requests_are_refused_audited_and_never_for
         g.call,
     )?;
 
-    // --- a signature by another DID than the TLS peer
-    let (alices, call) = h.signed_request(&alice(), |_| {})?;
+    // --- a signature by another DID than the TLS peer: someone else's request replayed. The
+    // log is never filled in the signer's name (issue 15: on b9992ca each replay was a full
+    // `refused` entry naming alice): it is counted, whoever the peer is.
+    let (alices, _) = h.signed_request(&alice(), |_| {})?;
     s.begin().await?;
-    let r = mallory.send_signed(&alices, b"").await?;
-    s.individual(
-        "signed by another DID than the TLS peer",
-        r.refusal(),
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(mallory.send_signed(&alices, b"").await?.refusal());
+    }
+    s.aggregate(
+        "another DID's request replayed by a stranger",
+        &got,
         RefusalCode::PeerMismatch,
-        call,
-    )?;
+    )
+    .await?;
+    let new = s.new_entries()?;
+    assert!(
+        new.iter()
+            .all(|e| e.subject.as_deref() != Some(alice().did().as_str())),
+        "an entry names alice: {new:?}"
+    );
     // and mallory's own signature on alice's connection
     let (mallorys, call) = h.signed_request(&mallory_id, |_| {})?;
     let r = a.send_signed(&mallorys, b"").await?;
@@ -912,4 +923,72 @@ fn fresh_request(who: &Identity, gw: &didgate_protocol::Did) -> Vec<u8> {
         },
     }
     .sign(who)
+}
+
+/// Issue 15, item 1: a signed request of a known user (alice), replayed by strangers (fresh
+/// did:keys) and by another known user (bob) on their own connections, is refused
+/// `peer_mismatch` and counted; no entry names alice, and the chain does not grow by the
+/// request's size. On b9992ca each replay was a `refused` entry holding the 24 KiB request
+/// with alice as subject (25 replays: about 600 KiB of entries blamed on her).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replays_of_a_known_users_request_are_never_recorded_in_their_name() -> anyhow::Result<()> {
+    let mut h = Harness::start().await?;
+    let mut s = Suite::new(&h)?;
+    // a large request: 24 KiB of query that does not compress
+    let mut pad = [0u8; 12 * 1024];
+    blake3::Hasher::new()
+        .update(b"replay pad")
+        .finalize_xof()
+        .fill(&mut pad);
+    let (alices, _) = h.signed_request(&alice(), |r| {
+        r.query = vec![("pad".into(), hex::encode(pad))];
+    })?;
+    s.begin().await?;
+    let mut got = Vec::new();
+    for i in 0..4u8 {
+        let stranger = h
+            .client(
+                &format!("stranger-{i}"),
+                Identity::from_seed(&[0x50 + i; 32]),
+            )
+            .await?;
+        for _ in 0..5 {
+            got.push(stranger.send_signed(&alices, b"").await?.refusal());
+        }
+        stranger.close().await;
+    }
+    let b = h.client("bob", bob()).await?;
+    for _ in 0..5 {
+        got.push(b.send_signed(&alices, b"").await?.refusal());
+    }
+    s.aggregate(
+        "a known user's request replayed by 4 strangers and by bob",
+        &got,
+        RefusalCode::PeerMismatch,
+    )
+    .await?;
+    let new = s.new_entries()?;
+    let alice_did = alice().did().to_string();
+    let bob_did = bob().did().to_string();
+    assert!(
+        new.iter().all(|e| e.kind != EntryKind::Refused),
+        "a refused entry: {new:?}"
+    );
+    assert!(
+        new.iter()
+            .all(|e| e.subject.as_deref() != Some(alice_did.as_str())
+                && e.subject.as_deref() != Some(bob_did.as_str())),
+        "an entry names alice or bob"
+    );
+    let bytes: usize = new.iter().map(|e| e.encode().len()).sum();
+    assert!(
+        bytes < 4096,
+        "{} replays of a {}-byte request grew the chain by {bytes} bytes",
+        got.len(),
+        alices.len()
+    );
+    b.close().await;
+    drop(s);
+    h.stop().await;
+    Ok(())
 }
