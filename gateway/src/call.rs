@@ -9,7 +9,7 @@
 //! store, no clock: [`crate::gateway`] reads the stream, the store and the time, and calls
 //! these.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -21,9 +21,10 @@ use didgate_protocol::message::{
 use didgate_protocol::web::DidDocument;
 use didgate_protocol::{Caller, Did, Version, canonical};
 
+use crate::config::RateLimit;
 use crate::config::{Auth, Config, Upstream};
 use crate::datadir::{DOCUMENTS, GRANTS, HEADS, REPLAY};
-use crate::limits::{self, Limits, Permit, Stage};
+use crate::limits::{self, Limits, Permit, Stage, TokenBucket};
 use crate::policy::{PolicySet, RequestContext};
 
 /// One call, from its stream's first frame to its terminal frame: what decides it and what
@@ -112,6 +113,66 @@ pub(crate) fn recorded_individually(cx: &Call, req: &Signed<Request>) -> bool {
     req.envelope.signer() == cx.peer.key()
         && req.envelope.principal() == cx.peer.principal()
         && cx.policy.knows(cx.peer.as_str())
+}
+
+/// Call IDs remembered as refused (a repeated refusal of one is counted, not recorded again).
+const RECENT_REFUSED: usize = 4096;
+/// DIDs whose refusal budget is tracked at most; past it the full (idle) budgets are dropped.
+const BUDGET_DIDS: usize = 10_000;
+
+/// Bounds the refusals recorded one by one: per authenticated DID at most `per_min` a minute
+/// (a token bucket: that many at once, refilled at per_min/60 a second), and one per call ID
+/// (the last [`RECENT_REFUSED`] remembered). What it declines is counted in the aggregate.
+#[derive(Debug)]
+pub(crate) struct RefusalBudget {
+    per_min: u64,
+    buckets: HashMap<String, TokenBucket>,
+    recent: HashSet<[u8; 32]>,
+    order: VecDeque<[u8; 32]>,
+}
+
+impl RefusalBudget {
+    /// A budget of `per_min` entries per DID per minute (0: no limit per DID).
+    pub(crate) fn new(per_min: u64) -> Self {
+        Self {
+            per_min,
+            buckets: HashMap::new(),
+            recent: HashSet::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    /// Whether a refusal of call `call` of `did` at `now_ms` may be an entry of its own; if
+    /// so, it is charged.
+    pub(crate) fn admit(&mut self, did: &str, call: [u8; 32], now_ms: u64) -> bool {
+        if self.recent.contains(&call) {
+            return false;
+        }
+        if self.per_min > 0 {
+            if self.buckets.len() >= BUDGET_DIDS && !self.buckets.contains_key(did) {
+                self.buckets.retain(|_, b| !b.is_full(now_ms));
+            }
+            let rate = RateLimit {
+                burst: self.per_min,
+                per_sec: self.per_min as f64 / 60.0,
+            };
+            let bucket = self
+                .buckets
+                .entry(did.to_string())
+                .or_insert_with(|| TokenBucket::new(rate, now_ms));
+            if !bucket.try_take(now_ms) {
+                return false;
+            }
+        }
+        if self.order.len() >= RECENT_REFUSED
+            && let Some(old) = self.order.pop_front()
+        {
+            self.recent.remove(&old);
+        }
+        self.recent.insert(call);
+        self.order.push_back(call);
+        true
+    }
 }
 
 /// The `revoked` keyspace key of a revoked DID.
@@ -706,6 +767,27 @@ paths = ["/v1/balance"]
         // a stranger's own request: counted
         let own = request(&stranger, |_| {});
         assert!(!recorded_individually(&call_of(&stranger, &config), &own));
+    }
+
+    #[test]
+    fn refused_entries_are_bounded_per_did_and_per_call() {
+        let mut budget = RefusalBudget::new(3);
+        let call = |i: u8| [i; 32];
+        // a call ID refused before is counted, not recorded again
+        assert!(budget.admit("did:key:a", call(1), NOW));
+        assert!(!budget.admit("did:key:a", call(1), NOW));
+        // three a minute per DID, at once; then one every 20 s
+        assert!(budget.admit("did:key:a", call(2), NOW));
+        assert!(budget.admit("did:key:a", call(3), NOW));
+        assert!(!budget.admit("did:key:a", call(4), NOW));
+        assert!(!budget.admit("did:key:a", call(5), NOW + 19_999));
+        assert!(budget.admit("did:key:a", call(6), NOW + 20_000));
+        // another DID has its own budget
+        assert!(budget.admit("did:key:b", call(7), NOW));
+        // no limit per DID with 0; still one per call ID
+        let mut unlimited = RefusalBudget::new(0);
+        assert!((0..100).all(|i| unlimited.admit("did:key:a", [i; 32], NOW)));
+        assert!(!unlimited.admit("did:key:a", [0; 32], NOW));
     }
 
     #[test]

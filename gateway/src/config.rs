@@ -189,9 +189,14 @@ pub struct Settings {
     /// answered `rate_limited` on its first stream and closed.
     #[serde(default = "d_conns_did")]
     pub max_connections_per_did: u64,
-    /// Window over which refusals to unknown principals are counted into one entry, seconds.
+    /// Window over which refusals not recorded one by one are counted into one entry, seconds.
     #[serde(default = "d_window")]
     pub refusal_window_secs: u64,
+    /// Refused entries recorded one by one per authenticated DID per minute (0 = no limit):
+    /// refusals past it are counted into the aggregate entry, as are repeated refusals of one
+    /// call ID.
+    #[serde(default = "d_refusal_entries")]
+    pub refusal_entries_per_min: u64,
     /// Sign a checkpoint of the gateway's chain at least every this many entries.
     #[serde(default = "d_cp_entries")]
     pub checkpoint_every_entries: u64,
@@ -251,6 +256,7 @@ impl Settings {
             frame_timeout_secs: d_frame_timeout(),
             max_connections_per_did: d_conns_did(),
             refusal_window_secs: d_window(),
+            refusal_entries_per_min: d_refusal_entries(),
             checkpoint_every_entries: d_cp_entries(),
             checkpoint_every_secs: d_cp_secs(),
             secret_grace_secs: d_grace(),
@@ -329,6 +335,9 @@ fn d_conns_did() -> u64 {
 }
 fn d_window() -> u64 {
     10
+}
+fn d_refusal_entries() -> u64 {
+    60
 }
 
 /// The whole configuration.
@@ -551,6 +560,9 @@ grant_ttl_secs = 10
 upstream_timeout_secs = 30
 # Refusals to DIDs that policy does not know are counted into one audit entry per window.
 refusal_window_secs = 10
+# A DID's refusals of its own requests are one entry each up to this many per minute (0 = no
+# limit); past it, and for a call ID refused before, they are counted in that entry.
+refusal_entries_per_min = 60
 # Oldest protocol version served (specs/protocol.md, "Format evolution"): 1 serves clients of
 # every release; 2 refuses version 1 clients with a signed refusal that tells them to upgrade.
 min_client_version = 1

@@ -137,6 +137,8 @@ pub struct Gateway {
     /// Rate and concurrency limits ([`crate::limits`]).
     limits: Limits,
     aggregate: Mutex<Aggregate>,
+    /// Bounds the refusals recorded one by one (per DID per minute, once per call ID).
+    refusal_budget: Mutex<call::RefusalBudget>,
     /// Revocation keys ([`REVOKED`]), loaded at start and kept in step with the store.
     revoked: std::sync::RwLock<std::collections::HashSet<Vec<u8>>>,
     /// Open connections by peer DID, so a revocation can close them.
@@ -170,6 +172,7 @@ impl Gateway {
         crate::datadir::private_data_dir(dir)?;
         let d = DataDir::new(dir);
         let config = Config::load(&d.config())?;
+        let refusal_entries_per_min = config.gateway.refusal_entries_per_min;
         let identity = Arc::new(didgate_io::identity::load(&d.identity())?);
         let store = Store::open(&d.store(), SPACES)?;
         let chain = Chain::open(
@@ -208,6 +211,7 @@ impl Gateway {
             http,
             limits: Limits::default(),
             aggregate: Mutex::new(Aggregate::default()),
+            refusal_budget: Mutex::new(call::RefusalBudget::new(refusal_entries_per_min)),
             revoked: Default::default(),
             conns: Mutex::new(HashMap::new()),
             stopping: Default::default(),
@@ -529,7 +533,14 @@ impl Gateway {
         reason: &str,
     ) -> Result<Option<EntryRef>, AppendError> {
         match req {
-            Some(r) if call::recorded_individually(cx, r) => {
+            Some(r)
+                if call::recorded_individually(cx, r)
+                    && self
+                        .refusal_budget
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .admit(cx.peer.as_str(), r.envelope.digest(), now_ms()) =>
+            {
                 let mut e = Entry::new(EntryKind::Refused, now_ms());
                 e.policy = Some(cx.policy_hash());
                 e.call = Some(r.envelope.digest());

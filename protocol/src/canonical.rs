@@ -64,7 +64,21 @@ pub enum CanonicalError {
     /// The method is not one of the standard upper-case methods.
     #[error("method {0:?} is not allowed")]
     Method(String),
+    /// More headers or query parameters, or more of their bytes, than a request may carry
+    /// ([`MAX_HEADERS`], [`MAX_HEADER_BYTES`], [`MAX_QUERY_PARAMS`], [`MAX_QUERY_BYTES`]; the
+    /// path's own limit is 2048 bytes).
+    #[error("{0} exceeds its limit")]
+    TooLarge(&'static str),
 }
+
+/// Most headers a request may carry.
+pub const MAX_HEADERS: usize = 32;
+/// Most bytes of header names and values together.
+pub const MAX_HEADER_BYTES: usize = 8192;
+/// Most query parameters a request may carry.
+pub const MAX_QUERY_PARAMS: usize = 64;
+/// Most bytes of query parameter names and values together.
+pub const MAX_QUERY_BYTES: usize = 8192;
 
 /// Methods a caller may use.
 pub const METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"];
@@ -146,6 +160,10 @@ pub fn check_query(
     query: &[(String, String)],
     reserved: Option<&str>,
 ) -> Result<(), CanonicalError> {
+    let bytes: usize = query.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if query.len() > MAX_QUERY_PARAMS || bytes > MAX_QUERY_BYTES {
+        return Err(CanonicalError::TooLarge("the query"));
+    }
     let mut seen = std::collections::HashSet::new();
     for (k, v) in query {
         let name_ok = !k.is_empty()
@@ -171,6 +189,10 @@ pub fn check_headers(
     allowed: &[String],
     credential_header: Option<&str>,
 ) -> Result<(), CanonicalError> {
+    let bytes: usize = headers.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if headers.len() > MAX_HEADERS || bytes > MAX_HEADER_BYTES {
+        return Err(CanonicalError::TooLarge("the header list"));
+    }
     let mut seen = std::collections::HashSet::new();
     for (name, value) in headers {
         let token = !name.is_empty()
@@ -198,6 +220,37 @@ pub fn check_headers(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn header_and_query_sizes_are_capped() {
+        let allowed = vec!["x-a".to_string()];
+        let header = |n: usize| vec![("x-a".to_string(), "v".repeat(n))];
+        assert!(check_headers(&header(MAX_HEADER_BYTES - 3), &allowed, None).is_ok());
+        assert_eq!(
+            check_headers(&header(MAX_HEADER_BYTES - 2), &allowed, None),
+            Err(CanonicalError::TooLarge("the header list"))
+        );
+        let many: Vec<_> = (0..=MAX_HEADERS)
+            .map(|i| (format!("x-{i}"), String::new()))
+            .collect();
+        assert_eq!(
+            check_headers(&many, &allowed, None),
+            Err(CanonicalError::TooLarge("the header list"))
+        );
+        let query = |n: usize| vec![("q".to_string(), "v".repeat(n))];
+        assert!(check_query(&query(MAX_QUERY_BYTES - 1), None).is_ok());
+        assert_eq!(
+            check_query(&query(MAX_QUERY_BYTES), None),
+            Err(CanonicalError::TooLarge("the query"))
+        );
+        let many: Vec<_> = (0..=MAX_QUERY_PARAMS)
+            .map(|i| (format!("q{i}"), String::new()))
+            .collect();
+        assert_eq!(
+            check_query(&many, None),
+            Err(CanonicalError::TooLarge("the query"))
+        );
+    }
 
     #[test]
     fn paths() {

@@ -210,12 +210,15 @@ async fn forged_replayed_and_smuggled_requests_are_refused_audited_and_never_for
     ));
     s.begin().await?;
     let r = a.exchange(FrameType::Execute, &grant_bytes, b"").await?;
-    s.individual(
-        "replayed grant",
-        r.refusal(),
+    // its call ID was refused a moment ago (the replayed grant request): recorded once, this
+    // one is counted
+    let _ = grant.call;
+    s.aggregate(
+        "replayed grant (a call ID already refused)",
+        &[r.refusal()],
         RefusalCode::GrantInvalid,
-        grant.call,
-    )?;
+    )
+    .await?;
 
     // --- a fresh grant, presented by another DID, altered, forged, or with another body
     let (g_req, _) = h.signed_request(&alice(), |_| {})?;
@@ -988,6 +991,93 @@ async fn replays_of_a_known_users_request_are_never_recorded_in_their_name() -> 
         alices.len()
     );
     b.close().await;
+    drop(s);
+    h.stop().await;
+    Ok(())
+}
+
+/// Issue 15, item 2: a known principal cannot fill the disk with refused requests. 400 frames
+/// of one stale request padded to the query's limit are one `refused` entry (a call ID is
+/// recorded once) and 399 counted; 100 distinct padded stale requests are at most
+/// `refusal_entries_per_min` (60) entries and the rest counted. On b9992ca each frame was an
+/// entry holding the request (about 21 MB for 400 frames of a 52 KiB request); the query and
+/// headers were not capped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_known_principal_cannot_fill_the_log_with_refused_requests() -> anyhow::Result<()> {
+    let mut h = Harness::start().await?;
+    let mut s = Suite::new(&h)?;
+    let a = h.client("alice", alice()).await?;
+    let stale = |i: u64| {
+        let mut pad = [0u8; 4000];
+        blake3::Hasher::new()
+            .update(&i.to_be_bytes())
+            .finalize_xof()
+            .fill(&mut pad);
+        move |r: &mut Request| {
+            r.time_ms -= 600_000;
+            r.nonce = [i as u8; 16];
+            r.query = vec![("pad".into(), hex::encode(pad))];
+        }
+    };
+    // a query over the limit is refused before anything else about it is recorded
+    let (over, _) = h.signed_request(&alice(), |r| {
+        r.query = vec![("pad".into(), "a".repeat(8192))];
+    })?;
+    assert_eq!(
+        a.send_signed(&over, b"").await?.refusal(),
+        Some(RefusalCode::NotCanonical)
+    );
+    s.begin().await?;
+    let (one, _) = h.signed_request(&alice(), stale(0))?;
+    let mut got = Vec::new();
+    for _ in 0..400 {
+        got.push(a.send_signed(&one, b"").await?.refusal());
+    }
+    assert!(got.iter().all(|g| *g == Some(RefusalCode::ClockSkew)));
+    s.gw.flush_refusals().await?;
+    let new = s.new_entries()?;
+    let refused = new.iter().filter(|e| e.kind == EntryKind::Refused).count();
+    let counted: u64 = new
+        .iter()
+        .filter(|e| e.kind == EntryKind::Refusals)
+        .filter_map(|e| e.count)
+        .sum();
+    let bytes: usize = new.iter().map(|e| e.encode().len()).sum();
+    assert_eq!((refused, counted), (1, 399), "{new:?}");
+    assert!(
+        bytes < 16 * 1024,
+        "400 frames grew the chain by {bytes} bytes"
+    );
+    println!(
+        "400 frames of one {}-byte stale request: {bytes} bytes of entries",
+        one.len()
+    );
+
+    s.begin().await?;
+    for i in 1..=100 {
+        let (req, _) = h.signed_request(&alice(), stale(i))?;
+        assert_eq!(
+            a.send_signed(&req, b"").await?.refusal(),
+            Some(RefusalCode::ClockSkew)
+        );
+    }
+    s.gw.flush_refusals().await?;
+    let new = s.new_entries()?;
+    let refused = new.iter().filter(|e| e.kind == EntryKind::Refused).count();
+    let counted: u64 = new
+        .iter()
+        .filter(|e| e.kind == EntryKind::Refusals)
+        .filter_map(|e| e.count)
+        .sum();
+    let bytes: usize = new.iter().map(|e| e.encode().len()).sum();
+    assert_eq!(refused as u64 + counted, 100);
+    // the minute's budget of 60, less the two entries this DID already had (the query over the
+    // limit and the first stale request), plus one per second of refill while the test runs
+    assert!((55..=60).contains(&refused), "{refused} refused entries");
+    // each refused entry holds a request of at most ~17 KiB (8 KiB of query, 8 KiB of headers)
+    assert!(bytes < 61 * 17 * 1024, "{bytes} bytes");
+    println!("100 distinct stale requests: {refused} entries, {counted} counted, {bytes} bytes");
+    a.close().await;
     drop(s);
     h.stop().await;
     Ok(())

@@ -115,11 +115,11 @@ async fn full_disk_fails_closed_and_the_store_reopens_in_process() -> anyhow::Re
     println!("filled the store's tmpfs with {written} bytes");
     let seen = h.upstream.seen().len();
     // The journal's last page may still have room for a small batch (a full file system keeps
-    // the pages it gave out, and a call's batch is about 2 KiB); the first call carries 8 KiB
+    // the pages it gave out, and a call's batch is about 2 KiB); the first call carries 6 KiB
     // of a query parameter that does not compress (the journal compresses), so its executing
     // entry cannot fit there. After that failure the store refuses every write until it
     // reopens, however small.
-    let mut pad = [0u8; 4096];
+    let mut pad = [0u8; 3072];
     blake3::Hasher::new()
         .update(b"diskfull pad")
         .finalize_xof()
