@@ -22,14 +22,22 @@ use serde_json::{Map, Value, json};
 /// Separates the upstream and the operation name in a tool name.
 const SEPARATOR: &str = "__";
 
-/// The MCP server state: the client that signs and records every call.
+/// The MCP server state: the client that signs and records every call, and the catalog as
+/// the last `tools/list` read it.
 pub(crate) struct DidgateMcp {
     client: Arc<Client>,
+    /// The operations of the last catalog read: a tool call uses them, and reads the catalog
+    /// again only for a tool it does not find (the gateway rate-limits catalog requests like
+    /// calls, so a session does not spend a token per tool call on it).
+    known: tokio::sync::Mutex<Option<Vec<Operation>>>,
 }
 
 impl DidgateMcp {
     pub(crate) fn new(client: Arc<Client>) -> Self {
-        Self { client }
+        Self {
+            client,
+            known: tokio::sync::Mutex::new(None),
+        }
     }
 
     /// Serves MCP on stdin/stdout until the client closes stdin.
@@ -42,10 +50,22 @@ impl DidgateMcp {
         Ok(())
     }
 
+    /// Reads the catalog from the gateway and remembers it.
     async fn operations(&self) -> Result<Vec<Operation>, ErrorData> {
-        self.client.catalog().await.map_err(|e| {
+        let ops = self.client.catalog().await.map_err(|e| {
             ErrorData::internal_error(format!("cannot read the gateway's catalog: {e}"), None)
-        })
+        })?;
+        *self.known.lock().await = Some(ops.clone());
+        Ok(ops)
+    }
+
+    /// The operation of tool `name`: from the last catalog read, else from a fresh one.
+    async fn operation(&self, name: &str) -> Result<Option<Operation>, ErrorData> {
+        let find = |ops: &[Operation]| ops.iter().find(|op| tool_name(op) == name).cloned();
+        if let Some(op) = self.known.lock().await.as_deref().and_then(find) {
+            return Ok(Some(op));
+        }
+        Ok(find(&self.operations().await?))
     }
 }
 
@@ -169,8 +189,7 @@ impl ServerHandler for DidgateMcp {
         request: CallToolRequestParams,
         _context: RequestContext<RoleServer>,
     ) -> Result<CallToolResponse, ErrorData> {
-        let ops = self.operations().await?;
-        let Some(op) = ops.iter().find(|op| tool_name(op) == request.name) else {
+        let Some(op) = self.operation(&request.name).await? else {
             return Err(ErrorData::invalid_params(
                 format!(
                     "no tool {:?} (this DID may call only the tools tools/list shows)",
@@ -180,7 +199,7 @@ impl ServerHandler for DidgateMcp {
             ));
         };
         let args = request.arguments.unwrap_or_default();
-        let spec = call_spec(op, &args)
+        let spec = call_spec(&op, &args)
             .map_err(|why| ErrorData::invalid_params(format!("{}: {why}", request.name), None))?;
         let result = match self.client.call(spec).await {
             Ok(answer) => {

@@ -293,6 +293,24 @@ pub(crate) fn limit(
     }
 }
 
+/// The per-DID rate of a catalog request at `now_ms` of `limits`' clock: like a request's,
+/// refused `rate_limited` past the DID's burst.
+pub(crate) fn limit_catalog(
+    call: &Call,
+    limits: &Limits,
+    config: &Config,
+    now_ms: u64,
+) -> Result<(), Refuse> {
+    let checks = limits::catalog_checks(&config.gateway, call.peer.as_str());
+    if checks.is_empty() {
+        return Ok(());
+    }
+    limits
+        .acquire(&checks, now_ms)
+        .map(drop)
+        .map_err(|e| refuse(RefusalCode::RateLimited, e.to_string()))
+}
+
 /// Checked again right before the upstream is called: a revocation that arrived while the
 /// call was in flight still stops it.
 pub(crate) fn still_allowed(

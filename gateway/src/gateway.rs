@@ -135,7 +135,7 @@ pub struct Gateway {
     /// One HTTP client per upstream, each with its egress resolver ([`crate::egress::Egress`]).
     http: crate::egress::Egress,
     /// Rate and concurrency limits ([`crate::limits`]).
-    limits: Limits,
+    pub(crate) limits: Limits,
     aggregate: Mutex<Aggregate>,
     /// Bounds the refusals recorded one by one (per DID per minute, once per call ID).
     refusal_budget: Mutex<call::RefusalBudget>,

@@ -327,6 +327,21 @@ pub enum Stage {
     Execute,
 }
 
+/// The checks of a catalog request of `did`: its per-DID rate (a token taken, as for a
+/// request), no slot held (nothing runs upstream).
+pub fn catalog_checks(settings: &crate::config::Settings, did: &str) -> Vec<Check> {
+    let check = Check {
+        scope: Scope::Did(did.to_string()),
+        rate: Some(settings.rate_per_did),
+        max_concurrent: 0,
+    };
+    if settings.rate_per_did.is_limited() {
+        vec![check]
+    } else {
+        Vec::new()
+    }
+}
+
 /// The checks for a call of `did` to `up` at `stage`, from the configuration: the
 /// `[gateway]` per-DID limits, the upstream's limits (its own values, else the `[gateway]`
 /// defaults) and the upstream's per-DID limits.

@@ -307,6 +307,10 @@ async fn answer_catalog(gw: &Gateway, cx: &mut Call, mut send: quinn::SendStream
     if let Err(r) = gw.web_document(cx).await {
         return gw.refuse_unverified(cx, &mut send, r.code, &r.reason).await;
     }
+    // rate-limited like a request (a token of the DID's bucket), refusals counted
+    if let Err(r) = crate::call::limit_catalog(cx, &gw.limits, gw.config(), gw.limits.clock_ms()) {
+        return gw.refuse_unverified(cx, &mut send, r.code, &r.reason).await;
+    }
     let ops = crate::catalog::allowed_operations(
         &gw.config().upstreams,
         &cx.policy,

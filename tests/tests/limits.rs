@@ -422,3 +422,46 @@ async fn a_redirect_goes_back_to_the_caller_unfollowed() -> anyhow::Result<()> {
     h.stop().await;
     assert_verifies(&h, &["alice"])
 }
+
+/// Issue 15, item 4: a catalog request takes a token of its DID's rate like a request, and its
+/// refusal is counted in the aggregate entry (on b9992ca the catalog was never limited: any
+/// number of requests, each a policy evaluation per operation).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn catalog_requests_are_rate_limited_and_their_refusals_counted() -> anyhow::Result<()> {
+    let mut h = Harness::start_with(|c| c.gateway.rate_per_did = never_refills(3)).await?;
+    let a = h.client("alice", alice()).await?;
+    let gw = h
+        .gateway
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("no gateway"))?;
+    gw.flush_refusals().await?;
+    let before = h.live_entries()?.len();
+    for _ in 0..3 {
+        assert!(!a.catalog().await?.is_empty());
+    }
+    let r = a.catalog().await;
+    assert_eq!(
+        refusal_code(&r),
+        Some(RefusalCode::RateLimited),
+        "{}",
+        reason(&r)
+    );
+    // the same bucket as calls
+    assert_eq!(
+        refusal_code(&a.call(balance()).await),
+        Some(RefusalCode::RateLimited)
+    );
+    gw.flush_refusals().await?;
+    let new = h.live_entries()?.split_off(before);
+    assert!(
+        new.iter().any(|e| e.kind == EntryKind::Refusals
+            && e.code
+                .as_deref()
+                .is_some_and(|c| c.contains("rate_limited=1"))),
+        "the catalog refusal is counted: {new:?}"
+    );
+    a.close().await;
+    drop(gw);
+    h.stop().await;
+    Ok(())
+}

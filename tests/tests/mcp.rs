@@ -86,10 +86,12 @@ fn alice_home(h: &Harness) -> anyhow::Result<PathBuf> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mcp_session_lists_the_catalog_and_calls_tools_through_the_gateway() -> anyhow::Result<()> {
-    // three calls, then the per-DID rate limit refuses (never refills: no timing assumption)
+    // one catalog read (tools/list: it takes a token like a call) and three calls, then the
+    // per-DID rate limit refuses (never refills: no timing assumption); tool calls use the
+    // catalog tools/list read
     let mut h = Harness::start_with(|c| {
         c.gateway.rate_per_did = RateLimit {
-            burst: 3,
+            burst: 4,
             per_sec: 0.0,
         }
     })
