@@ -141,8 +141,10 @@ pub struct Gateway {
     refusal_budget: Mutex<call::RefusalBudget>,
     /// Revocation keys ([`REVOKED`]), loaded at start and kept in step with the store.
     revoked: std::sync::RwLock<std::collections::HashSet<Vec<u8>>>,
-    /// Open connections by peer DID, so a revocation can close them.
-    conns: Mutex<HashMap<String, Vec<quinn::Connection>>>,
+    /// Open connections by the key their certificate proved (its did:key), each with the DID
+    /// it claims: the per-DID connection limit counts what was proved, so a key a did:web's
+    /// document does not list cannot take that did:web's slots.
+    conns: Mutex<HashMap<String, Vec<(String, quinn::Connection)>>>,
     /// did:web callers' documents ([`crate::didweb`]).
     resolver: WebResolver,
     /// Set when [`serve`] begins to drain: new calls are refused `shutting_down`.
@@ -394,12 +396,20 @@ impl Gateway {
             .unwrap_or_else(|p| p.into_inner())
             .insert(key);
         if let Revoke::Did(did) = target {
-            let open = self
-                .conns
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(did.as_str())
-                .unwrap_or_default();
+            let mut open = Vec::new();
+            {
+                let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+                for list in conns.values_mut() {
+                    list.retain(|(claimed, c)| {
+                        let hit = claimed == did.as_str();
+                        if hit {
+                            open.push(c.clone());
+                        }
+                        !hit
+                    });
+                }
+                conns.retain(|_, list| !list.is_empty());
+            }
             for conn in open {
                 conn.close(REVOKED_CLOSE.into(), b"revoked");
             }
@@ -427,21 +437,22 @@ impl Gateway {
     pub(crate) fn register(&self, peer: &Caller, conn: &quinn::Connection) -> bool {
         let max = self.config.gateway.max_connections_per_did;
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        let list = conns.entry(peer.as_str().to_string()).or_default();
-        list.retain(|c| c.close_reason().is_none());
+        let list = conns.entry(peer.key().as_str().to_string()).or_default();
+        list.retain(|(_, c)| c.close_reason().is_none());
         if max > 0 && list.len() as u64 >= max {
             return false;
         }
-        list.push(conn.clone());
+        list.push((peer.as_str().to_string(), conn.clone()));
         true
     }
 
     pub(crate) fn unregister(&self, peer: &Caller, conn: &quinn::Connection) {
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(list) = conns.get_mut(peer.as_str()) {
-            list.retain(|c| c.stable_id() != conn.stable_id() && c.close_reason().is_none());
+        let key = peer.key().as_str();
+        if let Some(list) = conns.get_mut(key) {
+            list.retain(|(_, c)| c.stable_id() != conn.stable_id() && c.close_reason().is_none());
             if list.is_empty() {
-                conns.remove(peer.as_str());
+                conns.remove(key);
             }
         }
     }

@@ -334,3 +334,61 @@ fn whoami_prints_the_did_documents() -> anyhow::Result<()> {
     assert_eq!(out.status.code(), Some(2));
     Ok(())
 }
+
+/// Issue 15, item 5: connection slots are counted by the key the certificate proved, not by the
+/// DID it claims. A key the organisation's document does not list, claiming the organisation's
+/// did:web, holds as many connections as the limit allows; the organisation's own agent still
+/// connects and calls. On b9992ca the slots were counted by the claimed did:web: the agent got
+/// `rate_limited` (too many open connections of this DID) until the squatter left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_the_document_does_not_list_cannot_squat_the_did_webs_connection_slots()
+-> anyhow::Result<()> {
+    let docs = DocServer::start().await?;
+    let (_ca_dir, ca) = write_ca(&docs)?;
+    let org = docs.did(&["squat"]);
+    let legit = agent(0xe0, &org, "key-1");
+    publish(&docs, &org, "key-1", &legit);
+    let (ca_text, org_text) = (ca.display().to_string(), org.to_string());
+    let mut h = Harness::start_with(move |c: &mut Config| {
+        c.gateway.max_connections_per_did = 2;
+        c.did_web = DidWeb {
+            cache_ttl_secs: 0,
+            timeout_secs: 5,
+            test_roots: vec![ca_text],
+            allow_local: true,
+        };
+        c.rules.push(Rule {
+            principals: vec![org_text],
+            upstream: "payments".into(),
+            methods: vec!["GET".into()],
+            paths: vec!["/v1/balance".into()],
+        });
+    })
+    .await?;
+    // the squatter: another key, claiming the organisation's did:web, one connection per slot
+    let mut squatters = Vec::new();
+    for i in 0..2u8 {
+        let c = h
+            .client(&format!("squatter-{i}"), agent(0xe1, &org, "key-1"))
+            .await?;
+        assert_eq!(
+            refusal_code(&c.call(balance()).await),
+            Some(RefusalCode::DidUnresolved)
+        );
+        squatters.push(c);
+    }
+    // a third connection of the squatter's key is over its own limit
+    let third = h.client("squatter-2", agent(0xe1, &org, "key-1")).await?;
+    assert_eq!(
+        refusal_code(&third.call(balance()).await),
+        Some(RefusalCode::RateLimited)
+    );
+    // the organisation's agent is not locked out
+    let a = h.client("legit", legit).await?;
+    assert_eq!(a.call(balance()).await?.status, 200);
+    for c in squatters.into_iter().chain([third, a]) {
+        c.close().await;
+    }
+    h.stop().await;
+    Ok(())
+}
