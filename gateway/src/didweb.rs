@@ -71,6 +71,8 @@ pub struct WebResolver {
     method: WebMethod,
     ttl: Duration,
     cache: Mutex<HashMap<WebDid, Cached>>,
+    /// One fetch in flight per DID: the others wait for it and take its outcome.
+    inflight: Mutex<HashMap<WebDid, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 impl std::fmt::Debug for WebResolver {
@@ -102,20 +104,54 @@ impl WebResolver {
             },
             ttl: Duration::from_secs(config.cache_ttl_secs),
             cache: Mutex::new(HashMap::new()),
+            inflight: Mutex::new(HashMap::new()),
         })
     }
 
     /// The current document of `did`, as it concerns `key`: the cached document while younger
     /// than the TTL if it lists `key`; else the last outcome if it is younger than the refetch
-    /// interval; else a fresh fetch. The caller has checked that policy names the host.
+    /// interval; else a fresh fetch, one at a time per DID (concurrent callers wait for it and
+    /// take its outcome). The caller has checked that policy names the host.
     pub async fn resolve(&self, did: &WebDid, key: &Did) -> Result<Arc<DidDocument>, ResolveError> {
-        let refetch = self.ttl.min(MIN_REFETCH);
-        if let Some((outcome, age)) = self.cached(did) {
-            let fresh_hit = matches!(&outcome, Ok(doc) if doc.lists_key(key)) && age < self.ttl;
-            if fresh_hit || age < refetch {
-                return outcome;
-            }
+        let started = Instant::now();
+        if let Some(outcome) = self.usable(did, key, None) {
+            return outcome;
         }
+        let flight = {
+            let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+            inflight.entry(did.clone()).or_default().clone()
+        };
+        let _turn = flight.lock().await;
+        // a fetch that ended while this caller waited is its answer
+        if let Some(outcome) = self.usable(did, key, Some(started)) {
+            return outcome;
+        }
+        let outcome = self.fetch_and_cache(did).await;
+        self.inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(did);
+        outcome
+    }
+
+    /// The cached outcome for `did` if it may be used for `key` now: a document younger than
+    /// the TTL that lists the key, or any outcome younger than the refetch interval, or (after
+    /// waiting for another caller's fetch) any outcome recorded since `since`.
+    fn usable(
+        &self,
+        did: &WebDid,
+        key: &Did,
+        since: Option<Instant>,
+    ) -> Option<Result<Arc<DidDocument>, ResolveError>> {
+        let refetch = self.ttl.min(MIN_REFETCH);
+        let (outcome, age) = self.cached(did)?;
+        let fresh_hit = matches!(&outcome, Ok(doc) if doc.lists_key(key)) && age < self.ttl;
+        let fetched_meanwhile = since.is_some_and(|t| age <= t.elapsed());
+        (fresh_hit || age < refetch || fetched_meanwhile).then_some(outcome)
+    }
+
+    /// Fetches and parses `did`'s document and records the outcome.
+    async fn fetch_and_cache(&self, did: &WebDid) -> Result<Arc<DidDocument>, ResolveError> {
         let outcome = match self.method.fetch(did).await {
             Ok(bytes) => DidDocument::parse(did, &bytes)
                 .map(Arc::new)

@@ -392,3 +392,33 @@ async fn a_key_the_document_does_not_list_cannot_squat_the_did_webs_connection_s
     h.stop().await;
     Ok(())
 }
+
+/// Issue 15, item 6 (single flight): concurrent first calls of one did:web cost one fetch of
+/// its document; the others wait for it. On b9992ca 100 concurrent streams of one fresh DID
+/// made 41 fetches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_calls_of_a_did_web_fetch_its_document_once() -> anyhow::Result<()> {
+    let docs = DocServer::start().await?;
+    let (_ca_dir, ca) = write_ca(&docs)?;
+    let org = docs.did(&["flight"]);
+    let key = agent(0xe5, &org, "key-1");
+    publish(&docs, &org, "key-1", &key);
+    let mut h = gateway(&ca, &org, 300, true).await?;
+    let c = std::sync::Arc::new(h.client("agent", key).await?);
+    let mut calls = Vec::new();
+    for _ in 0..32 {
+        let c = c.clone();
+        calls.push(tokio::spawn(async move {
+            c.call(balance()).await.map(|a| a.status)
+        }));
+    }
+    for call in calls {
+        assert_eq!(call.await??, 200);
+    }
+    assert_eq!(docs.requests(), 1, "32 concurrent first calls, one fetch");
+    if let Ok(c) = std::sync::Arc::try_unwrap(c) {
+        c.close().await;
+    }
+    h.stop().await;
+    Ok(())
+}
