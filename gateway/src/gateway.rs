@@ -662,11 +662,14 @@ impl Gateway {
                 did.host()
             )));
         }
-        let doc = self
-            .resolver
-            .resolve(did, peer.key())
-            .await
-            .map_err(|e| unresolved(e.to_string()))?;
+        let doc = self.resolver.resolve(did, peer.key()).await.map_err(|e| {
+            // the document server's answer (its status, its errors) stays in the
+            // operator's log: a caller could otherwise probe that host's paths
+            tracing::info!(%did, error = %e, "a did:web document is not usable");
+            unresolved(format!(
+                "the DID document of {did} cannot be fetched or read (the gateway's log says why)"
+            ))
+        })?;
         if !doc.lists_key(peer.key()) {
             return Err(unresolved(
                 "the DID document does not list this key for authentication".into(),

@@ -196,8 +196,20 @@ async fn unresolvable_documents_are_refused_typed() -> anyhow::Result<()> {
     let c = h.client("e1", id).await?;
     let refused = |r: &Result<_, CallError>| refusal_code(r) == Some(RefusalCode::DidUnresolved);
 
-    // not published: 404
-    assert!(refused(&c.call(balance()).await));
+    // not published: 404, and the caller is not told the document server's status (issue 15,
+    // item 6: on b9992ca the reason was "the DID document server answered HTTP 404")
+    let r = c.call(balance()).await;
+    assert!(refused(&r));
+    match &r {
+        Err(CallError::Refused { reason, .. }) => {
+            assert!(
+                !reason.contains("404") && !reason.contains("HTTP"),
+                "{reason}"
+            );
+            assert!(reason.contains("cannot be fetched or read"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
     // a redirect is not followed
     docs.publish(
         &org,
