@@ -22,7 +22,7 @@
 //!   claiming a named domain cannot make the gateway hammer its document server.
 
 use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -95,11 +95,34 @@ impl WebResolver {
                 .map_err(|e| ResolveError::Fetch(format!("test root {name}: {e}")))?;
             roots.extend(certs);
         }
+        let timeout = Duration::from_secs(config.timeout_secs);
+        // the one rustls provider (ring), as the daemon installs it at start
+        didgate_io::tls::install_provider();
+        // one client for every fetch (the one ring provider; its connection pool and TLS
+        // setup reused): HTTPS only, no redirect, no proxy, and a resolver that drops
+        // addresses a did:web may not point at
+        let resolver = if config.allow_local {
+            crate::egress::GuardedResolver::allow_local()
+        } else {
+            crate::egress::GuardedResolver::public_only()
+        };
+        let mut builder = reqwest::Client::builder()
+            .https_only(true)
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .connect_timeout(timeout)
+            .timeout(timeout)
+            .dns_resolver(resolver);
+        if !roots.is_empty() {
+            builder = builder.tls_certs_only(roots);
+        }
+        let client = builder
+            .build()
+            .map_err(|e| ResolveError::Fetch(e.without_url().to_string()))?;
         Ok(Self {
             method: WebMethod {
-                roots: Arc::new(roots),
+                client,
                 allow_local: config.allow_local,
-                timeout: Duration::from_secs(config.timeout_secs),
                 fetches: AtomicU64::new(0),
             },
             ttl: Duration::from_secs(config.cache_ttl_secs),
@@ -204,60 +227,35 @@ const MAX_CACHED: usize = 10_000;
 
 /// The did:web method over our HTTPS client: implements ssi's `DIDMethodResolver`.
 pub struct WebMethod {
-    roots: Arc<Vec<reqwest::Certificate>>,
+    client: reqwest::Client,
     allow_local: bool,
-    timeout: Duration,
     fetches: AtomicU64,
 }
 
 impl WebMethod {
-    /// The checked address `did`'s host is fetched from.
-    async fn address(&self, did: &WebDid) -> Result<SocketAddr, ResolveError> {
+    /// Refuses a local name (unless `allow_local`) and an IP-literal host outside the rule; a
+    /// DNS name's addresses are checked by the client's resolver when it connects.
+    fn check_host(&self, did: &WebDid) -> Result<(), ResolveError> {
         let host = did.host();
-        let port = did.port().unwrap_or(443);
         if did.is_local_name() && !self.allow_local {
             return Err(ResolveError::Local(host.to_string()));
         }
-        let allowed = |ip: IpAddr| self.allow_local || refused_range(ip).is_none();
-        if let Ok(ip) = host.parse::<IpAddr>() {
-            return if allowed(ip) {
-                Ok(SocketAddr::new(ip, port))
-            } else {
+        match host.parse::<IpAddr>() {
+            Ok(ip) if !self.allow_local && refused_range(ip).is_some() => {
                 Err(ResolveError::Local(host.to_string()))
-            };
+            }
+            _ => Ok(()),
         }
-        let addrs = tokio::time::timeout(self.timeout, tokio::net::lookup_host((host, port)))
-            .await
-            .map_err(|_| ResolveError::Fetch(format!("looking up {host} timed out")))?
-            .map_err(|e| ResolveError::Fetch(format!("looking up {host}: {e}")))?
-            .collect::<Vec<_>>();
-        if addrs.is_empty() {
-            return Err(ResolveError::Fetch(format!("{host} has no address")));
-        }
-        addrs
-            .into_iter()
-            .find(|a| allowed(a.ip()))
-            .ok_or_else(|| ResolveError::Local(host.to_string()))
     }
 
-    /// Fetches the document bytes of `did`: HTTPS, pinned address, no redirect, capped.
+    /// Fetches the document bytes of `did`: HTTPS, no redirect, capped, over the shared client
+    /// whose resolver connects only to addresses that pass the rule (an IP-literal host, which
+    /// no resolver sees, is checked here).
     pub async fn fetch(&self, did: &WebDid) -> Result<Vec<u8>, ResolveError> {
         self.fetches.fetch_add(1, Ordering::Relaxed);
-        let addr = self.address(did).await?;
-        let mut builder = reqwest::Client::builder()
-            .https_only(true)
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .connect_timeout(self.timeout)
-            .timeout(self.timeout)
-            .resolve(did.host(), addr);
-        if !self.roots.is_empty() {
-            builder = builder.tls_certs_only(self.roots.iter().cloned());
-        }
-        let client = builder
-            .build()
-            .map_err(|e| ResolveError::Fetch(e.without_url().to_string()))?;
-        let resp = client
+        self.check_host(did)?;
+        let resp = self
+            .client
             .get(did.document_url())
             .header("accept", "application/did+json, application/json")
             .send()
