@@ -6,8 +6,8 @@
 //! fetches over plain HTTP for localhost and private addresses and cannot be told to trust a
 //! test CA. The rules:
 //!
-//! - only hosts the policy set names are fetched (the caller checks
-//!   [`crate::policy::PolicySet::names_web_host`] first: an unknown host costs no fetch);
+//! - only the did:webs the policy set names exactly are fetched (the caller checks
+//!   [`crate::policy::PolicySet::knows`] first: a did:web no policy names exactly costs no fetch);
 //! - HTTPS only, no redirect followed, no proxy, a timeout, a size cap
 //!   ([`didgate_protocol::web::MAX_DOCUMENT`]);
 //! - `localhost`, IP-literal hosts, and names resolving to loopback or private addresses are

@@ -646,7 +646,7 @@ impl Gateway {
 
     /// The current document of a did:web caller, checked to list the caller's TLS key for
     /// authentication, and recorded for the call's entries; `None` for a did:key caller. A
-    /// host that no policy names is refused without a fetch.
+    /// did:web that no policy names exactly is refused without a fetch.
     pub(crate) async fn web_document(
         &self,
         cx: &mut Call,
@@ -656,11 +656,10 @@ impl Gateway {
             return Ok(None);
         };
         let unresolved = |why: String| refuse(RefusalCode::DidUnresolved, why);
-        if !cx.policy.names_web_host(did.host()) {
-            return Err(unresolved(format!(
-                "no policy names the domain {}",
-                did.host()
-            )));
+        // only a did:web the policy set names exactly (host, port and path) is ever fetched:
+        // a caller cannot make the gateway fetch paths or ports of a named host it picks
+        if !cx.policy.knows(did.as_str()) {
+            return Err(unresolved(format!("no policy names {did}")));
         }
         let doc = self.resolver.resolve(did, peer.key()).await.map_err(|e| {
             // the document server's answer (its status, its errors) stays in the

@@ -272,6 +272,33 @@ async fn unknown_domains_and_untrusted_certificates_cost_no_call() -> anyhow::Re
         Some(RefusalCode::DidUnresolved)
     );
     assert_eq!(docs.requests(), 0);
+    // issue 15, item 6: another path and another port of the named host are not fetched
+    // either (on b9992ca each fresh path was a fetch of a path the caller picked)
+    let path = org
+        .as_str()
+        .rsplit_once(':')
+        .map(|(head, _)| head)
+        .unwrap_or_default();
+    for other in [
+        format!("{path}:elsewhere"),
+        format!("{}:deeper", org.as_str()),
+    ] {
+        let squatter = Identity::from_seed(&[0xf3; 32]).acting_as(WebDid::parse(&other)?, "k");
+        let s = h
+            .client(&format!("other-{}", other.len()), squatter)
+            .await?;
+        assert_eq!(
+            refusal_code(&s.call(balance()).await),
+            Some(RefusalCode::DidUnresolved),
+            "{other}"
+        );
+        s.close().await;
+    }
+    assert_eq!(
+        docs.requests(),
+        0,
+        "no fetch for a did:web the policy does not name"
+    );
     c.close().await;
     h.stop().await;
 
