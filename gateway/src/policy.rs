@@ -294,10 +294,9 @@ pub struct PolicySet {
     ttl_caps: HashMap<cedar::PolicyId, u64>,
     /// Forbid policy ids.
     forbids: HashSet<cedar::PolicyId>,
-    /// DIDs named in the policies, groups or entities.
+    /// DIDs named in the policies, groups or entities (a did:web among them is the only kind
+    /// the gateway resolves).
     known: HashSet<String>,
-    /// The hosts of the did:web among `known` (resolved by the gateway, others never fetched).
-    web_hosts: HashSet<String>,
     summary: Summary,
     hash: [u8; 32],
 }
@@ -415,11 +414,6 @@ impl PolicySet {
 
         let mut known: HashSet<String> = groups_of.keys().cloned().collect();
         known.extend(dids_in(text));
-        let web_hosts = known
-            .iter()
-            .filter_map(|d| WebDid::parse(d).ok())
-            .map(|w| w.host().to_string())
-            .collect();
 
         let mut hasher = blake3::Hasher::new_derive_key(HASH_CONTEXT);
         hasher.update(&(text.len() as u64).to_be_bytes());
@@ -436,7 +430,6 @@ impl PolicySet {
             ttl_caps,
             forbids,
             known,
-            web_hosts,
             summary,
             hash: *hasher.finalize().as_bytes(),
         })
@@ -460,12 +453,6 @@ impl PolicySet {
     /// audited one by one; others are counted into the aggregate entry).
     pub fn knows(&self, did: &str) -> bool {
         self.known.contains(did)
-    }
-
-    /// Whether a did:web of this host is named by the policies, groups or entities: the
-    /// gateway resolves did:web callers of such hosts only, and refuses others without a fetch.
-    pub fn names_web_host(&self, host: &str) -> bool {
-        self.web_hosts.contains(host)
     }
 
     /// Decides the exact (DID, upstream, method, path) in `ctx`. Default deny; forbid
