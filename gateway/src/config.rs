@@ -376,6 +376,11 @@ pub struct DidWeb {
     /// the only roots the resolver trusts (tests: a local CA).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub test_roots: Vec<String>,
+    /// Document fetches per host per minute, over every DID of that host (a token bucket:
+    /// that many at once, refilled at 1/60 of it a second; 0 = no limit). A fetch over it is
+    /// not made: the call is refused `did_unresolved`.
+    #[serde(default = "d_fetches_per_host")]
+    pub fetches_per_host_per_min: u64,
     /// Tests only: accept `localhost`, IP-literal hosts, and loopback or private addresses.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub allow_local: bool,
@@ -387,6 +392,7 @@ impl Default for DidWeb {
             cache_ttl_secs: d_doc_ttl(),
             timeout_secs: d_doc_timeout(),
             test_roots: Vec::new(),
+            fetches_per_host_per_min: d_fetches_per_host(),
             allow_local: false,
         }
     }
@@ -400,6 +406,9 @@ fn d_doc_ttl() -> u64 {
 }
 fn d_doc_timeout() -> u64 {
     5
+}
+fn d_fetches_per_host() -> u64 {
+    120
 }
 
 /// Why the configuration is unusable.

@@ -19,7 +19,10 @@
 //! - documents are cached for `cache_ttl_secs` (bounded). A key the cached document does not
 //!   list (an agent's newly added key) triggers a fresh fetch, and so does a failure, but at
 //!   most once per [`MIN_REFETCH`] per DID (or per `cache_ttl_secs` if shorter), so callers
-//!   claiming a named domain cannot make the gateway hammer its document server.
+//!   claiming a named domain cannot make the gateway hammer its document server;
+//! - one fetch in flight per DID (single flight), and at most `fetches_per_host_per_min`
+//!   fetches per host over all its DIDs (a token bucket): a fetch over it is not made, the
+//!   outcome is [`ResolveError::HostRateLimited`] and is not cached.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -32,8 +35,9 @@ use didgate_protocol::web::{DidDocument, DocumentError, MAX_DOCUMENT};
 use didgate_protocol::{Did, WebDid};
 use futures_util::StreamExt;
 
-use crate::config::DidWeb;
+use crate::config::{DidWeb, RateLimit};
 use crate::egress::refused_range;
+use crate::limits::TokenBucket;
 
 /// Why a did:web could not be resolved.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -54,6 +58,9 @@ pub enum ResolveError {
     /// The document is unusable.
     #[error(transparent)]
     Document(#[from] DocumentError),
+    /// The host's fetch rate (`fetches_per_host_per_min`) is spent: no fetch was made.
+    #[error("the document fetches of host {0} are over their rate")]
+    HostRateLimited(String),
 }
 
 /// The outcome of the last fetch of a DID's document, and when it was made.
@@ -73,6 +80,11 @@ pub struct WebResolver {
     cache: Mutex<HashMap<WebDid, Cached>>,
     /// One fetch in flight per DID: the others wait for it and take its outcome.
     inflight: Mutex<HashMap<WebDid, Arc<tokio::sync::Mutex<()>>>>,
+    /// Fetches per host, over all its DIDs (`fetches_per_host_per_min`; `None` = no limit).
+    host_rate: Option<RateLimit>,
+    hosts: Mutex<HashMap<String, TokenBucket>>,
+    /// The origin of the buckets' clock.
+    origin: Instant,
 }
 
 impl std::fmt::Debug for WebResolver {
@@ -128,7 +140,30 @@ impl WebResolver {
             ttl: Duration::from_secs(config.cache_ttl_secs),
             cache: Mutex::new(HashMap::new()),
             inflight: Mutex::new(HashMap::new()),
+            host_rate: (config.fetches_per_host_per_min > 0).then(|| RateLimit {
+                burst: config.fetches_per_host_per_min,
+                per_sec: config.fetches_per_host_per_min as f64 / 60.0,
+            }),
+            hosts: Mutex::new(HashMap::new()),
+            origin: Instant::now(),
         })
+    }
+
+    /// Takes a token of `host`'s fetch bucket; false when it is spent.
+    fn host_may_fetch(&self, host: &str) -> bool {
+        let Some(rate) = self.host_rate else {
+            return true;
+        };
+        let now = self.origin.elapsed().as_millis() as u64;
+        let mut hosts = self.hosts.lock().unwrap_or_else(|p| p.into_inner());
+        if hosts.len() >= MAX_CACHED && !hosts.contains_key(host) {
+            // bounded: full buckets hold nothing worth keeping
+            hosts.retain(|_, b| !b.is_full(now));
+        }
+        hosts
+            .entry(host.to_string())
+            .or_insert_with(|| TokenBucket::new(rate, now))
+            .try_take(now)
     }
 
     /// The current document of `did`, as it concerns `key`: the cached document while younger
@@ -173,8 +208,12 @@ impl WebResolver {
         (fresh_hit || age < refetch || fetched_meanwhile).then_some(outcome)
     }
 
-    /// Fetches and parses `did`'s document and records the outcome.
+    /// Fetches and parses `did`'s document and records the outcome; over the host's fetch
+    /// rate, makes no fetch and records nothing.
     async fn fetch_and_cache(&self, did: &WebDid) -> Result<Arc<DidDocument>, ResolveError> {
+        if !self.host_may_fetch(did.host()) {
+            return Err(ResolveError::HostRateLimited(did.host().to_string()));
+        }
         let outcome = match self.method.fetch(did).await {
             Ok(bytes) => DidDocument::parse(did, &bytes)
                 .map(Arc::new)

@@ -44,6 +44,7 @@ async fn gateway(
             timeout_secs: 5,
             test_roots: if roots { vec![ca] } else { Vec::new() },
             allow_local: true,
+            ..DidWeb::default()
         };
         c.rules.push(Rule {
             principals: vec![org],
@@ -395,6 +396,7 @@ async fn a_key_the_document_does_not_list_cannot_squat_the_did_webs_connection_s
             timeout_secs: 5,
             test_roots: vec![ca_text],
             allow_local: true,
+            ..DidWeb::default()
         };
         c.rules.push(Rule {
             principals: vec![org_text],
@@ -458,6 +460,66 @@ async fn concurrent_first_calls_of_a_did_web_fetch_its_document_once() -> anyhow
     if let Ok(c) = std::sync::Arc::try_unwrap(c) {
         c.close().await;
     }
+    h.stop().await;
+    Ok(())
+}
+
+/// Issue 15, item 6 (per-host fetch rate): the document fetches of one host are bounded over
+/// all its DIDs, however many of them policy names. With `fetches_per_host_per_min = 3`, six
+/// agents of six named did:webs on one host, each calling once: the first three are fetched
+/// and admitted, the last three are refused `did_unresolved` without a fetch. On b9992ca (no
+/// per-host rate) all six were fetched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn document_fetches_of_one_host_are_rate_limited_over_all_its_dids() -> anyhow::Result<()> {
+    let docs = DocServer::start().await?;
+    let (_ca_dir, ca) = write_ca(&docs)?;
+    let team: Vec<(WebDid, Identity)> = (0..6u8)
+        .map(|i| {
+            let org = docs.did(&["team", &format!("agent-{i}")]);
+            let key = agent(0xc0 + i, &org, "key-1");
+            publish(&docs, &org, "key-1", &key);
+            (org, key)
+        })
+        .collect();
+    let (ca_text, names) = (
+        ca.display().to_string(),
+        team.iter().map(|(d, _)| d.to_string()).collect::<Vec<_>>(),
+    );
+    let mut h = Harness::start_with(move |c: &mut Config| {
+        c.did_web = DidWeb {
+            test_roots: vec![ca_text],
+            allow_local: true,
+            fetches_per_host_per_min: 3,
+            ..DidWeb::default()
+        };
+        c.rules.push(Rule {
+            principals: names,
+            upstream: "payments".into(),
+            methods: vec!["GET".into()],
+            paths: vec!["/v1/balance".into()],
+        });
+    })
+    .await?;
+    let mut outcomes = Vec::new();
+    for (i, (_, key)) in team.into_iter().enumerate() {
+        let c = h.client(&format!("agent-{i}"), key).await?;
+        outcomes.push(match c.call(balance()).await {
+            Ok(a) => Ok(a.status),
+            Err(e) => Err(refusal_code::<()>(&Err(e))),
+        });
+        c.close().await;
+    }
+    let refused = Err(Some(RefusalCode::DidUnresolved));
+    assert_eq!(
+        outcomes,
+        vec![Ok(200), Ok(200), Ok(200), refused, refused, refused],
+        "three fetches per host, then none"
+    );
+    assert_eq!(
+        docs.requests(),
+        3,
+        "the host's document server saw three fetches"
+    );
     h.stop().await;
     Ok(())
 }
