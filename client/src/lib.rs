@@ -417,6 +417,10 @@ impl Client {
                     CallError::VersionUnsupported {
                         offered: self.version,
                     }
+                } else if tls::is_connection_refused(&e) {
+                    CallError::Unreachable(
+                        "the gateway refused the connection: too many new or open connections from this address (try again later)".into(),
+                    )
                 } else {
                     CallError::Unreachable(e.to_string())
                 }

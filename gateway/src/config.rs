@@ -242,6 +242,56 @@ pub struct Settings {
     /// requests with a signed version 1 refusal that says so.
     #[serde(default = "d_min_client")]
     pub min_client_version: u64,
+    /// Admission of new QUIC connections (`[gateway.handshakes]`).
+    #[serde(default)]
+    pub handshakes: Handshakes,
+}
+
+/// `[gateway.handshakes]`: admission of new QUIC connections, before any handshake work
+/// (specs/protocol.md, "Handshake floods"; [`crate::admission`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Handshakes {
+    /// Above this many new connections per second (over the whole gateway), a connection whose
+    /// address QUIC has not validated is answered with a Retry (0: always).
+    #[serde(default = "d_retry_above")]
+    pub retry_above_per_sec: u64,
+    /// Handshakes in flight from one address (IPv4, or IPv6 /64) (0 = unlimited).
+    #[serde(default = "d_in_flight_addr")]
+    pub max_in_flight_per_address: u64,
+    /// Connections open from one address (0 = unlimited).
+    #[serde(default = "d_open_addr")]
+    pub max_open_per_address: u64,
+    /// New connections from one address (a token bucket; `burst = 0`: unlimited).
+    #[serde(default = "d_rate_addr")]
+    pub rate_per_address: RateLimit,
+}
+
+impl Default for Handshakes {
+    fn default() -> Self {
+        Self {
+            retry_above_per_sec: d_retry_above(),
+            max_in_flight_per_address: d_in_flight_addr(),
+            max_open_per_address: d_open_addr(),
+            rate_per_address: d_rate_addr(),
+        }
+    }
+}
+
+fn d_retry_above() -> u64 {
+    100
+}
+fn d_in_flight_addr() -> u64 {
+    16
+}
+fn d_open_addr() -> u64 {
+    256
+}
+fn d_rate_addr() -> RateLimit {
+    RateLimit {
+        burst: 64,
+        per_sec: 32.0,
+    }
 }
 
 impl Settings {
@@ -270,6 +320,7 @@ impl Settings {
             metrics_listen: None,
             metrics_allow_remote: false,
             min_client_version: d_min_client(),
+            handshakes: Handshakes::default(),
         }
     }
 
@@ -496,6 +547,11 @@ impl Config {
         for r in [self.gateway.rate_per_did, self.gateway.rate_per_upstream] {
             r.validate().map_err(ConfigError::Invalid)?;
         }
+        self.gateway
+            .handshakes
+            .rate_per_address
+            .validate()
+            .map_err(|e| ConfigError::Invalid(format!("gateway.handshakes: {e}")))?;
         if self.did_web.cache_ttl_secs > MAX_DOC_TTL_SECS {
             return bad(format!(
                 "did_web.cache_ttl_secs is at most {MAX_DOC_TTL_SECS} (a rotated-out key must stop working)"
@@ -603,6 +659,16 @@ max_response_bytes = 134217728
 # = off. Unauthenticated: a loopback address unless metrics_allow_remote = true.
 # metrics_listen = "127.0.0.1:9464"
 # metrics_allow_remote = false
+
+# Admission of new QUIC connections, before any handshake work (specs/protocol.md, "Handshake
+# floods"). Above retry_above_per_sec new connections a second (0: always), a connection whose
+# address is not validated gets a QUIC Retry; a validated address (IPv4, or IPv6 /64) over one of
+# the per-address limits is refused (counted `rate_limited` in the aggregate refusal entry).
+[gateway.handshakes]
+retry_above_per_sec = 100
+max_in_flight_per_address = 16
+max_open_per_address = 256
+rate_per_address = {{ burst = 64, per_sec = 32 }}
 
 # An upstream API. The secret is stored encrypted with `didgated secret add NAME` (stdin).
 # auth: {{ kind = "bearer" }} | {{ kind = "basic", user = "U" }} | {{ kind = "header", name = "x-api-key" }}

@@ -147,6 +147,8 @@ pub struct Gateway {
     conns: Mutex<HashMap<String, Vec<(String, quinn::Connection)>>>,
     /// did:web callers' documents ([`crate::didweb`]).
     resolver: WebResolver,
+    /// Admission of new connections by source address ([`crate::admission`]).
+    pub(crate) admission: Mutex<crate::admission::Admission>,
     /// Set when [`serve`] begins to drain: new calls are refused `shutting_down`.
     pub(crate) stopping: std::sync::atomic::AtomicBool,
     /// Calls being handled, over every connection; `idle` is notified when it reaches zero.
@@ -203,6 +205,7 @@ impl Gateway {
         let resolver = WebResolver::new(&config.did_web, dir)
             .map_err(|e| StartError::Transport(e.to_string()))?;
         let gw = Self {
+            admission: Mutex::new(crate::admission::Admission::new(&config.gateway.handshakes)),
             resolver,
             identity,
             config,
@@ -564,21 +567,23 @@ impl Gateway {
                 Ok(Some(self.chain.append_entry(e).await?.entry))
             }
             _ => {
-                let due = {
-                    let mut agg = self.aggregate.lock().unwrap_or_else(|p| p.into_inner());
-                    if agg.counts.is_empty() {
-                        agg.since_ms = now_ms();
-                    }
-                    *agg.counts.entry(code).or_default() += 1;
-                    now_ms().saturating_sub(agg.since_ms)
-                        >= self.config.gateway.refusal_window_secs * 1000
-                };
-                if due {
+                if self.count_refusal(code) {
                     self.flush_refusals().await?;
                 }
                 Ok(None)
             }
         }
+    }
+
+    /// Counts a refusal into the window's aggregate entry; true when the window is due to be
+    /// written (the caller writes it, or the timer of [`crate::server::serve`] does).
+    pub(crate) fn count_refusal(&self, code: RefusalCode) -> bool {
+        let mut agg = self.aggregate.lock().unwrap_or_else(|p| p.into_inner());
+        if agg.counts.is_empty() {
+            agg.since_ms = now_ms();
+        }
+        *agg.counts.entry(code).or_default() += 1;
+        now_ms().saturating_sub(agg.since_ms) >= self.config.gateway.refusal_window_secs * 1000
     }
 
     /// Writes the aggregate refusal entry for the current window, if it counted any.
@@ -602,7 +607,7 @@ impl Gateway {
                 .join(","),
         );
         e.detail = Some(format!(
-            "refusals counted, not recorded one by one, since {} (principals policy does not know, requests not signed by the connection's peer, input refused before a signature was checked, connections over the per-DID limit)",
+            "refusals counted, not recorded one by one, since {} (principals policy does not know, requests not signed by the connection's peer, input refused before a signature was checked, connections over the per-DID limit, new connections over the per-address limits)",
             taken.since_ms
         ));
         let result = self.chain.append_entry(e).await.map(|_| ());

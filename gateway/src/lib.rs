@@ -23,6 +23,7 @@
 #![warn(missing_docs)]
 
 pub mod admin;
+pub mod admission;
 mod call;
 pub mod catalog;
 pub mod config;

@@ -24,6 +24,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::admission::Decision;
 use crate::config::Config;
 
 /// Every refusal code, in the order of its counter; a code of a later version counts as `other`.
@@ -65,7 +66,12 @@ pub struct Metrics {
     /// Non-cumulative bucket counts, then the overflow bucket.
     latency: [AtomicU64; LATENCY_BUCKETS.len() + 1],
     latency_sum_us: AtomicU64,
+    /// New QUIC connections: accepted, retried, refused ([`HANDSHAKE_OUTCOMES`]).
+    connections: [AtomicU64; 3],
 }
+
+/// The outcomes of a new connection's admission ([`crate::admission`]), in counter order.
+pub const HANDSHAKE_OUTCOMES: [&str; 3] = ["accepted", "retried", "refused"];
 
 impl Metrics {
     /// Zeroed counters for the upstreams of `config` (the first of duplicate names counts).
@@ -87,7 +93,18 @@ impl Metrics {
             policy_reloads: AtomicU64::new(0),
             latency: Default::default(),
             latency_sum_us: AtomicU64::new(0),
+            connections: Default::default(),
         }
+    }
+
+    /// A new QUIC connection's admission.
+    pub fn admission(&self, decision: Decision) {
+        let i = match decision {
+            Decision::Accept { .. } => 0,
+            Decision::Retry => 1,
+            Decision::Refuse(_) => 2,
+        };
+        self.connections[i].fetch_add(1, Relaxed);
     }
 
     /// An executed call: the upstream answered `status` after `latency`.
@@ -146,6 +163,22 @@ impl Metrics {
         s
     }
 
+    fn write_connections(&self, s: &mut String) -> std::fmt::Result {
+        writeln!(
+            s,
+            "# HELP didgate_connections_total New QUIC connections, by admission outcome (accepted, retried: answered with a QUIC Retry, refused: over a per-address limit)."
+        )?;
+        writeln!(s, "# TYPE didgate_connections_total counter")?;
+        for (outcome, n) in HANDSHAKE_OUTCOMES.iter().zip(&self.connections) {
+            writeln!(
+                s,
+                "didgate_connections_total{{outcome=\"{outcome}\"}} {}",
+                n.load(Relaxed)
+            )?;
+        }
+        Ok(())
+    }
+
     fn write(&self, s: &mut String) -> std::fmt::Result {
         writeln!(
             s,
@@ -188,6 +221,7 @@ impl Metrics {
                 n.load(Relaxed)
             )?;
         }
+        self.write_connections(s)?;
         writeln!(
             s,
             "# HELP didgate_grants_issued_total Two-step grants issued."

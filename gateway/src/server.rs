@@ -16,6 +16,7 @@ use didgate_protocol::message::{Message, RefusalCode};
 use didgate_protocol::{Caller, Version};
 use tokio::sync::watch;
 
+use crate::admission::Decision;
 use crate::call::Call;
 use crate::gateway::{CONN_LIMIT_CLOSE, Gateway, StartError};
 
@@ -138,9 +139,10 @@ pub async fn serve(
         tokio::select! {
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
+                let Some(slot) = admit(&gw, incoming) else { continue };
                 let gw = gw.clone();
                 let stop = stop_rx.clone();
-                tasks.spawn(async move { connection(gw, incoming, stop).await });
+                tasks.spawn(async move { connection(gw, slot, stop).await });
             }
             () = &mut shutdown => break,
         }
@@ -162,8 +164,90 @@ pub async fn serve(
     gw.chain.close();
 }
 
-async fn connection(gw: Arc<Gateway>, incoming: quinn::Incoming, mut stop: watch::Receiver<bool>) {
-    let Ok(conn) = incoming.await else { return };
+/// Applies the admission decision ([`crate::admission`]) to a new connection: a Retry or a
+/// refusal is sent here (a refusal counted `rate_limited` in the aggregate refusal entry);
+/// an accepted connection comes back with its slot.
+fn admit(gw: &Arc<Gateway>, incoming: quinn::Incoming) -> Option<Slot> {
+    let ip = incoming.remote_address().ip();
+    let decision = gw
+        .admission
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .decide(
+            ip,
+            incoming.remote_address_validated(),
+            incoming.may_retry(),
+            gw.limits.clock_ms(),
+        );
+    gw.metrics().admission(decision);
+    match decision {
+        Decision::Accept { charged } => Some(Slot {
+            gw: gw.clone(),
+            ip,
+            charged,
+            established: false,
+            incoming: Some(incoming),
+        }),
+        Decision::Retry => {
+            // `may_retry` was checked; should quinn still decline, the connection is refused
+            if let Err(e) = incoming.retry() {
+                e.into_incoming().refuse();
+            }
+            None
+        }
+        Decision::Refuse(limit) => {
+            tracing::debug!(%ip, limit = limit.key(), "new connection refused");
+            incoming.refuse();
+            gw.count_refusal(RefusalCode::RateLimited);
+            None
+        }
+    }
+}
+
+/// An admitted connection's place in the per-address counts: a handshake in flight, then an
+/// open connection; released when dropped.
+struct Slot {
+    gw: Arc<Gateway>,
+    ip: std::net::IpAddr,
+    charged: bool,
+    established: bool,
+    incoming: Option<quinn::Incoming>,
+}
+
+impl Slot {
+    /// Runs the handshake; on success the slot counts an open connection until dropped.
+    async fn handshake(&mut self) -> Option<quinn::Connection> {
+        let incoming = self.incoming.take()?;
+        let conn = incoming.await.ok();
+        let mut adm = self.gw.admission.lock().unwrap_or_else(|p| p.into_inner());
+        adm.handshake_ended(
+            self.ip,
+            self.charged,
+            conn.is_some(),
+            self.gw.limits.clock_ms(),
+        );
+        self.charged = false;
+        self.established = conn.is_some();
+        conn
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let now = self.gw.limits.clock_ms();
+        let mut adm = self.gw.admission.lock().unwrap_or_else(|p| p.into_inner());
+        if self.established {
+            adm.closed(self.ip, now);
+        } else if self.charged {
+            adm.handshake_ended(self.ip, true, false, now);
+        }
+    }
+}
+
+async fn connection(gw: Arc<Gateway>, mut slot: Slot, mut stop: watch::Receiver<bool>) {
+    let Some(conn) = slot.handshake().await else {
+        return;
+    };
     let Some(peer) = tls::peer_caller(&conn) else {
         conn.close(1u32.into(), b"no DID certificate");
         return;

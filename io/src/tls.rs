@@ -168,6 +168,17 @@ pub fn is_version_refusal(e: &quinn::ConnectionError) -> bool {
     }
 }
 
+/// Whether a failed connection attempt is the server refusing the connection (QUIC
+/// CONNECTION_REFUSED): a gateway over one of its per-address limits on new connections.
+pub fn is_connection_refused(e: &quinn::ConnectionError) -> bool {
+    match e {
+        quinn::ConnectionError::ConnectionClosed(c) => {
+            c.error_code == quinn::TransportErrorCode::CONNECTION_REFUSED
+        }
+        _ => false,
+    }
+}
+
 /// The peer of an established quinn connection: its key and the DID it claims.
 pub fn peer_caller(conn: &quinn::Connection) -> Option<Caller> {
     let identity = conn.peer_identity()?;

@@ -231,6 +231,22 @@ fn toml_string(c: &Config) -> anyhow::Result<String> {
     Ok(toml::to_string(c)?)
 }
 
+/// Turns off the admission of new connections by source address (`[gateway.handshakes]`):
+/// for tests whose floods all come from 127.0.0.1 but stand for many addresses (a distributed
+/// attacker), so that they reach the checks they are about. The admission itself is tested in
+/// `limits.rs`.
+pub fn without_address_limits(c: &mut Config) {
+    c.gateway.handshakes = didgate_gateway::config::Handshakes {
+        retry_above_per_sec: 1_000_000,
+        max_in_flight_per_address: 0,
+        max_open_per_address: 0,
+        rate_per_address: didgate_gateway::config::RateLimit {
+            burst: 0,
+            per_sec: 0.0,
+        },
+    };
+}
+
 /// The typed reason of a refused call (`None` if it was not refused by the gateway).
 pub fn refusal_code<T>(
     r: &Result<T, didgate_client::CallError>,

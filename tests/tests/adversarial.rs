@@ -16,7 +16,9 @@ use didgate_gateway::gateway::{Gateway, REPLAY, Revoke};
 use didgate_protocol::Identity;
 use didgate_protocol::frame::FrameType;
 use didgate_protocol::message::{GrantBody, Message, RefusalCode, Request, SignedMessage};
-use didgate_tests::{Harness, RawEnd, alice, bob, frames, raw_exchange, read_end};
+use didgate_tests::{
+    Harness, RawEnd, alice, bob, frames, raw_exchange, read_end, without_address_limits,
+};
 
 /// The code of a refusal, whichever way it came back.
 trait Refused {
@@ -763,7 +765,12 @@ async fn thousands_of_connections_from_one_did_are_limited_and_others_unaffected
 -> anyhow::Result<()> {
     const LIMIT: u64 = 8;
     let attempts = scale("DIDGATE_ADV_CONNECTIONS", 2000);
-    let mut h = Harness::start_with(|c| c.gateway.max_connections_per_did = LIMIT).await?;
+    // the attempts stand for many addresses: per-address admission would refuse them first
+    let mut h = Harness::start_with(|c| {
+        without_address_limits(c);
+        c.gateway.max_connections_per_did = LIMIT;
+    })
+    .await?;
     let gw_did = h.gw_did.clone();
     let mut s = Suite::new(&h)?;
     // alice holds her quota of connections open, each proven by a call
@@ -850,7 +857,8 @@ async fn thousands_of_connections_from_one_did_are_limited_and_others_unaffected
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_from_fresh_did_keys_is_counted_in_one_entry() -> anyhow::Result<()> {
     let dids = scale("DIDGATE_ADV_FRESH_DIDS", 2000);
-    let mut h = Harness::start().await?;
+    // the flood stands for many addresses: per-address admission would refuse it first
+    let mut h = Harness::start_with(without_address_limits).await?;
     let gw_did = h.gw_did.clone();
     let mut s = Suite::new(&h)?;
     s.begin().await?;

@@ -465,3 +465,139 @@ async fn catalog_requests_are_rate_limited_and_their_refusals_counted() -> anyho
     h.stop().await;
     Ok(())
 }
+
+/// A QUIC connection from `from` (a loopback address) to the gateway as `who`: the handshake's
+/// own outcome, so a test sees a refusal as QUIC reports it. Keep the endpoint while the
+/// connection is used.
+async fn connect_from(
+    h: &Harness,
+    from: &str,
+    who: &didgate_protocol::Identity,
+) -> anyhow::Result<(
+    quinn::Endpoint,
+    Result<quinn::Connection, quinn::ConnectionError>,
+)> {
+    didgate_client::tls::install_provider();
+    let mut endpoint = quinn::Endpoint::client(format!("{from}:0").parse()?)?;
+    endpoint.set_default_client_config(didgate_client::tls::client_config(who, &h.gw_did)?);
+    let connecting = endpoint.connect(h.addr, didgate_client::tls::SERVER_NAME)?;
+    Ok((endpoint, connecting.await))
+}
+
+/// Issue 15, item 7: new connections are admitted by source address before any handshake
+/// work. With every new connection validated (`retry_above_per_sec = 0`: a QUIC Retry first),
+/// at most 2 open and 4 new connections per address (a bucket that never refills): the third
+/// concurrent connection of 127.0.0.1 is refused (QUIC CONNECTION_REFUSED) while 127.0.0.2
+/// connects; once one closes, 127.0.0.1 connects again until its 4 new connections are spent;
+/// the client library says why; each refusal is counted `rate_limited` in the aggregate entry,
+/// and the metrics count retried and refused connections. On b9992ca every connection was
+/// accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_connections_over_the_per_address_limits_are_refused_and_counted() -> anyhow::Result<()>
+{
+    let mut h = Harness::start_with(|c| {
+        c.gateway.handshakes.retry_above_per_sec = 0;
+        c.gateway.handshakes.max_open_per_address = 2;
+        c.gateway.handshakes.rate_per_address = never_refills(4);
+    })
+    .await?;
+    let gw = h
+        .gateway
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("no gateway"))?;
+    gw.flush_refusals().await?;
+    let before = h.live_entries()?.len();
+    let (e1, c1) = connect_from(&h, "127.0.0.1", &alice()).await?;
+    let (e2, c2) = connect_from(&h, "127.0.0.1", &bob()).await?;
+    let (c1, c2) = (c1?, c2?);
+    let (_e3, c3) = connect_from(&h, "127.0.0.1", &alice()).await?;
+    assert!(
+        matches!(&c3, Err(e) if didgate_client::tls::is_connection_refused(e)),
+        "a third open connection of one address is refused: {c3:?}"
+    );
+    // another address is not affected
+    let (e4, c4) = connect_from(&h, "127.0.0.2", &alice()).await?;
+    let c4 = c4?;
+    // one closes: the address gets a place again (the gateway sees the close asynchronously;
+    // a refused attempt takes no token, so polling costs nothing)
+    c1.close(0u32.into(), b"bye");
+    e1.wait_idle().await;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let mut refused = 1;
+    let c5 = loop {
+        let (e, c) = connect_from(&h, "127.0.0.1", &alice()).await?;
+        match c {
+            Ok(c) => break (e, c),
+            Err(e) if didgate_client::tls::is_connection_refused(&e) => refused += 1,
+            Err(e) => anyhow::bail!("{e}"),
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the closed connection was never released"
+        );
+    };
+    // 127.0.0.1 has taken 3 of its 4 new connections; the library takes the last one, and
+    // is refused after, with a reason
+    c2.close(0u32.into(), b"bye");
+    e2.wait_idle().await;
+    let a = h.client("alice", alice()).await?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match a.call(balance()).await {
+            Ok(answer) => {
+                assert_eq!(answer.status, 200);
+                break;
+            }
+            Err(CallError::Unreachable(why)) if why.contains("refused the connection") => {
+                refused += 1;
+            }
+            Err(e) => anyhow::bail!("{e}"),
+        }
+        anyhow::ensure!(
+            std::time::Instant::now() < deadline,
+            "the second closed connection was never released"
+        );
+    }
+    a.close().await;
+    let b = h.client("bob", bob()).await?;
+    let r = b.call(balance()).await;
+    assert!(
+        matches!(&r, Err(CallError::Unreachable(why)) if why.contains("refused the connection")),
+        "4 new connections of 127.0.0.1 are spent: {}",
+        reason(&r)
+    );
+    refused += 1;
+    let metrics = gw.metrics().render();
+    let count = |outcome: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(&format!(
+                    "didgate_connections_total{{outcome=\"{outcome}\"}} "
+                ))
+            })
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    assert_eq!(count("refused"), refused, "{metrics}");
+    assert!(
+        count("retried") >= 5,
+        "every new connection validated: {metrics}"
+    );
+    gw.flush_refusals().await?;
+    let new = h.live_entries()?.split_off(before);
+    let expected = format!("rate_limited={refused}");
+    assert!(
+        new.iter()
+            .any(|e| e.kind == EntryKind::Refusals && e.code.as_deref() == Some(expected.as_str())),
+        "each refused connection is counted ({expected}): {new:?}"
+    );
+    b.close().await;
+    for (e, c) in [(e4, c4), c5] {
+        c.close(0u32.into(), b"bye");
+        e.wait_idle().await;
+    }
+    drop(gw);
+    h.stop().await;
+    Ok(())
+}

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use bytes::Bytes;
 use didgate_client::{CallSpec, Client, tls};
-use didgate_gateway::config::{Config, Rule, Settings, Upstream};
+use didgate_gateway::config::{self, Config, Rule, Settings, Upstream};
 use didgate_gateway::limits::RateLimit;
 use didgate_protocol::{Did, Identity};
 use futures_util::future::BoxFuture;
@@ -894,6 +894,16 @@ impl GatewayProcess {
                 },
                 max_concurrent_per_did: 0,
                 max_concurrent_per_upstream: 0,
+                // nor admission: the handshake figure opens hundreds of connections in a row
+                handshakes: config::Handshakes {
+                    retry_above_per_sec: 1_000_000,
+                    max_in_flight_per_address: 0,
+                    max_open_per_address: 0,
+                    rate_per_address: RateLimit {
+                        burst: 0,
+                        per_sec: 0.0,
+                    },
+                },
                 ..Settings::new("127.0.0.1:0".parse()?)
             },
             upstreams: vec![Upstream {
