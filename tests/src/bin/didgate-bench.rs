@@ -16,6 +16,8 @@
 //!    time goes.
 //!
 //! It ends with one JSON line holding the figures.
+//!
+//! `didgate-bench flood` is the handshake flood of [`flood`].
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -38,6 +40,8 @@ const VERSION: u64 = didgate_protocol::Version::CURRENT.as_u64();
 
 #[path = "didgate-bench/calls.rs"]
 mod calls;
+#[path = "didgate-bench/flood.rs"]
+mod flood;
 #[path = "didgate-bench/host.rs"]
 mod host;
 
@@ -67,6 +71,9 @@ struct Cli {
 enum Cmd {
     /// Audit log: durable appends, chain generation, verify throughput.
     Audit(AuditArgs),
+    /// A handshake flood from one loopback address against a legitimate caller, with the
+    /// admission of new connections off and at its defaults.
+    Flood(flood::FloodArgs),
 }
 
 #[derive(clap::Args)]
@@ -95,6 +102,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Some(Cmd::Audit(args)) => audit(args),
+        Some(Cmd::Flood(args)) => flood::run(args),
         None => calls::run(cli.calls),
     }
 }

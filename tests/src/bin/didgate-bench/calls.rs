@@ -73,27 +73,27 @@ pub(crate) struct CallArgs {
 const BODY: &[u8] =
     br#"{"id":"ch_bench","object":"charge","amount":500,"currency":"usd","status":"succeeded"}"#;
 /// The credential nginx and the gateway inject (a benchmark value, not a real key).
-const SECRET: &str = "sk-bench-0123456789abcdef";
+pub(crate) const SECRET: &str = "sk-bench-0123456789abcdef";
 /// The path every call asks for.
-const PATH: &str = "/v1/charges/ch_bench";
+pub(crate) const PATH: &str = "/v1/charges/ch_bench";
 /// The upstream name at the gateway (and the local proxy's first path segment).
-const UPSTREAM: &str = "bench";
+pub(crate) const UPSTREAM: &str = "bench";
 /// Concurrency of the second run of each path.
 const WIDE: usize = 64;
 /// Identity seeds: the library client and the local proxy's client.
-const LIB_SEED: [u8; 32] = [0xbe; 32];
+pub(crate) const LIB_SEED: [u8; 32] = [0xbe; 32];
 const PROXY_SEED: [u8; 32] = [0xb4; 32];
 
 /// Figures of one run (one path at one concurrency).
 #[derive(Debug, Clone)]
-struct Run {
+pub(crate) struct Run {
     calls: u64,
     wall: Duration,
     latencies: Vec<Duration>,
 }
 
 impl Run {
-    fn new(wall: Duration, mut latencies: Vec<Duration>) -> Self {
+    pub(crate) fn new(wall: Duration, mut latencies: Vec<Duration>) -> Self {
         latencies.sort_unstable();
         Self {
             calls: latencies.len() as u64,
@@ -106,7 +106,7 @@ impl Run {
         self.calls as f64 / self.wall.as_secs_f64()
     }
 
-    fn quantile(&self, q: f64) -> Duration {
+    pub(crate) fn quantile(&self, q: f64) -> Duration {
         let i = ((self.latencies.len() as f64 * q).ceil() as usize).saturating_sub(1);
         self.latencies.get(i).copied().unwrap_or_default()
     }
@@ -202,7 +202,8 @@ async fn bench(args: CallArgs) -> Result<()> {
     };
 
     // 3. didgate library, 4. local proxy
-    let gw = GatewayProcess::start(&bins, base.path(), upstream.addr).await?;
+    // nor admission: the handshake figure opens hundreds of connections in a row
+    let gw = GatewayProcess::start(&bins, base.path(), upstream.addr, no_admission()).await?;
     println!("gateway {} (pid {}) on udp {}", gw.did, gw.pid, gw.addr);
     let before = upstream.authorized();
     let lib_chain = base.path().join("client-chain");
@@ -350,14 +351,14 @@ fn print_table(paths: &[PathFigures], memory: &Memory, hs: &Handshakes) {
 
 /// A minimal HTTP/1.1 upstream on 127.0.0.1 answering every request with [`BODY`], counting the
 /// requests that carry the credential.
-struct LocalUpstream {
-    addr: SocketAddr,
+pub(crate) struct LocalUpstream {
+    pub(crate) addr: SocketAddr,
     authorized: Arc<AtomicU64>,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl LocalUpstream {
-    async fn start() -> Result<Self> {
+    pub(crate) async fn start() -> Result<Self> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
         let authorized = Arc::new(AtomicU64::new(0));
@@ -403,7 +404,7 @@ impl LocalUpstream {
         self.authorized.load(Ordering::Relaxed)
     }
 
-    fn stop(&self) {
+    pub(crate) fn stop(&self) {
         self.task.abort();
     }
 }
@@ -774,7 +775,7 @@ async fn phases(client: &Client, n: u64) -> Result<Phases> {
 // Processes: didgated, nginx, didgate proxy
 
 /// The workspace's binaries this benchmark starts, built in the same profile beside it.
-struct Binaries {
+pub(crate) struct Binaries {
     didgated: PathBuf,
     didgate: PathBuf,
 }
@@ -782,7 +783,7 @@ struct Binaries {
 impl Binaries {
     /// Finds `didgated` and `didgate` beside this executable, building them (same profile)
     /// when `cargo run` did not.
-    async fn find() -> Result<Self> {
+    pub(crate) async fn find() -> Result<Self> {
         let exe = std::env::current_exe()?;
         let dir = exe.parent().context("no directory above the executable")?;
         let bins = Self {
@@ -813,6 +814,20 @@ impl Binaries {
     }
 }
 
+/// Admission of new connections turned off (`[gateway.handshakes]`): every connection is
+/// accepted at once, as before issue 15.
+pub(crate) fn no_admission() -> config::Handshakes {
+    config::Handshakes {
+        retry_above_per_sec: 1_000_000,
+        max_in_flight_per_address: 0,
+        max_open_per_address: 0,
+        rate_per_address: RateLimit {
+            burst: 0,
+            per_sec: 0.0,
+        },
+    }
+}
+
 /// Kills `pid` with `signal` (a process this benchmark started).
 async fn signal(pid: u32, signal: &str) -> Result<()> {
     let status = tokio::process::Command::new("kill")
@@ -825,7 +840,7 @@ async fn signal(pid: u32, signal: &str) -> Result<()> {
 }
 
 /// User + system CPU seconds of process `pid` so far (/proc/PID/stat, in clock ticks of 10 ms).
-fn cpu_seconds(pid: u32) -> Result<f64> {
+pub(crate) fn cpu_seconds(pid: u32) -> Result<f64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // fields after the command name, which is in parentheses and may hold spaces
     let rest: Vec<&str> = s
@@ -868,17 +883,24 @@ fn count_files(dir: &Path) -> usize {
 }
 
 /// A `didgated serve` process on 127.0.0.1 with the benchmark's upstream, secret and policy.
-struct GatewayProcess {
+pub(crate) struct GatewayProcess {
     child: tokio::process::Child,
-    pid: u32,
-    addr: SocketAddr,
-    did: Did,
+    pub(crate) pid: u32,
+    pub(crate) addr: SocketAddr,
+    pub(crate) did: Did,
     store: PathBuf,
     log: tokio::task::JoinHandle<Vec<String>>,
 }
 
 impl GatewayProcess {
-    async fn start(bins: &Binaries, base: &Path, upstream: SocketAddr) -> Result<Self> {
+    /// A gateway with the benchmark's configuration and `handshakes` as its admission of new
+    /// connections.
+    pub(crate) async fn start(
+        bins: &Binaries,
+        base: &Path,
+        upstream: SocketAddr,
+        handshakes: config::Handshakes,
+    ) -> Result<Self> {
         let dir = base.join("gateway");
         let did = didgate_gateway::init(&dir, "127.0.0.1:0".parse()?)?;
         let principals = [LIB_SEED, PROXY_SEED]
@@ -894,16 +916,7 @@ impl GatewayProcess {
                 },
                 max_concurrent_per_did: 0,
                 max_concurrent_per_upstream: 0,
-                // nor admission: the handshake figure opens hundreds of connections in a row
-                handshakes: config::Handshakes {
-                    retry_above_per_sec: 1_000_000,
-                    max_in_flight_per_address: 0,
-                    max_open_per_address: 0,
-                    rate_per_address: RateLimit {
-                        burst: 0,
-                        per_sec: 0.0,
-                    },
-                },
+                handshakes,
                 ..Settings::new("127.0.0.1:0".parse()?)
             },
             upstreams: vec![Upstream {
@@ -983,7 +996,7 @@ impl GatewayProcess {
     }
 
     /// SIGTERM: the gateway drains, writes its final checkpoint and exits.
-    async fn stop(mut self) -> Result<()> {
+    pub(crate) async fn stop(mut self) -> Result<()> {
         signal(self.pid, "TERM").await?;
         let status = tokio::time::timeout(Duration::from_secs(60), self.child.wait())
             .await
