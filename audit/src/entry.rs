@@ -8,11 +8,19 @@
 //! version 1 plus the `format` kind, the entry at which a chain switches from version 1 to 2;
 //! each version's decoder stays strict (a version 1 entry with the `format` kind or the
 //! `version` field is refused).
+//!
+//! Two decoders: [`Entry::decode`] reads a party's own store (serde over ciborium, which is
+//! lenient about the encoding), and [`Entry::decode_strict`], the verifier's, refuses any entry
+//! that breaks the encoding rules (definite lengths, shortest arguments, no tags, no null, each
+//! field of its table's CBOR type) or the per-kind field table of its version
+//! ([`Entry::check_fields`]).
 
 use didgate_protocol::Version;
 use didgate_protocol::cbor::{self, DecodeError, fixed, fixed_opt};
 use didgate_protocol::message::{ChainHead, Digest, EntryRef};
 use serde::{Deserialize, Serialize};
+
+use ciborium::Value;
 
 /// BLAKE3 derive-key context of entry hashes.
 pub const ENTRY_CONTEXT: &str = "didgate 2026 audit-entry v1";
@@ -347,6 +355,253 @@ fn present_uint<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D
     u64::deserialize(d).map(Some)
 }
 
+/// The optional fields of [`Entry`], in the struct's (and the encoding's) order: bit `i` of a
+/// field set ([`Entry::fields`]) stands for `OPTIONAL[i]`.
+const OPTIONAL: [&str; 24] = [
+    "call",
+    "signed",
+    "peer_head",
+    "peer_entry",
+    "owner",
+    "role",
+    "subject",
+    "grant",
+    "status",
+    "resp_len",
+    "resp_b3",
+    "code",
+    "detail",
+    "count",
+    "outcome",
+    "policy",
+    "did_doc",
+    "root",
+    "version",
+    "secret_echo",
+    "secret_id",
+    "secret_version",
+    "action",
+    "secrets",
+];
+
+/// Field sets: one bit per optional field, as in [`OPTIONAL`].
+mod bit {
+    pub(super) const CALL: u32 = 1 << 0;
+    pub(super) const SIGNED: u32 = 1 << 1;
+    pub(super) const PEER_HEAD: u32 = 1 << 2;
+    pub(super) const PEER_ENTRY: u32 = 1 << 3;
+    pub(super) const OWNER: u32 = 1 << 4;
+    pub(super) const ROLE: u32 = 1 << 5;
+    pub(super) const SUBJECT: u32 = 1 << 6;
+    pub(super) const GRANT: u32 = 1 << 7;
+    pub(super) const STATUS: u32 = 1 << 8;
+    pub(super) const RESP_LEN: u32 = 1 << 9;
+    pub(super) const RESP_B3: u32 = 1 << 10;
+    pub(super) const CODE: u32 = 1 << 11;
+    pub(super) const DETAIL: u32 = 1 << 12;
+    pub(super) const COUNT: u32 = 1 << 13;
+    pub(super) const OUTCOME: u32 = 1 << 14;
+    pub(super) const POLICY: u32 = 1 << 15;
+    pub(super) const DID_DOC: u32 = 1 << 16;
+    pub(super) const ROOT: u32 = 1 << 17;
+    pub(super) const VERSION: u32 = 1 << 18;
+    pub(super) const SECRET_ECHO: u32 = 1 << 19;
+    pub(super) const SECRET_ID: u32 = 1 << 20;
+    pub(super) const SECRET_VERSION: u32 = 1 << 21;
+    pub(super) const ACTION: u32 = 1 << 22;
+    pub(super) const SECRETS: u32 = 1 << 23;
+}
+
+/// The optional fields an entry of `kind` may carry and those it must carry in version `v`, as
+/// (allowed, required); `None` when `v` has no such kind. See [`Entry::check_fields`].
+fn field_rule(kind: EntryKind, v: Version) -> Option<(u32, u32)> {
+    use bit::*;
+    let v2 = v >= Version::V2;
+    // executing and granted: what `request_entry` writes; policy and did_doc as the spec says
+    let request = CALL | SIGNED | PEER_HEAD | SUBJECT | GRANT | POLICY | DID_DOC;
+    let (allowed, required) = match kind {
+        EntryKind::Genesis => (OWNER | ROLE, OWNER | ROLE),
+        EntryKind::Request => (CALL | SIGNED, CALL | SIGNED),
+        EntryKind::Result => (CALL | SIGNED | PEER_ENTRY | DETAIL | OUTCOME, 0),
+        EntryKind::Executing => (request, CALL | SIGNED | PEER_HEAD | SUBJECT),
+        EntryKind::Granted => (
+            request | DETAIL,
+            CALL | SIGNED | PEER_HEAD | SUBJECT | GRANT | DETAIL,
+        ),
+        EntryKind::Executed => {
+            let amended = if v2 {
+                SECRET_ECHO | SECRET_ID | SECRET_VERSION
+            } else {
+                0
+            };
+            let closing = CALL | STATUS | RESP_LEN | RESP_B3;
+            (closing | POLICY | amended, closing)
+        }
+        EntryKind::Failed => (CALL | CODE | DETAIL | POLICY, CALL | CODE | DETAIL),
+        EntryKind::Abandoned => (CALL | DETAIL | POLICY, CALL | DETAIL),
+        EntryKind::Refused => (
+            CALL | SIGNED | PEER_HEAD | SUBJECT | CODE | DETAIL | POLICY | DID_DOC,
+            0,
+        ),
+        EntryKind::Refusals => (CODE | DETAIL | COUNT, 0),
+        EntryKind::Revocation => (SUBJECT | GRANT | DETAIL, DETAIL),
+        EntryKind::Format if v2 => (VERSION | DETAIL, VERSION),
+        EntryKind::Secret if v2 => (ACTION | SECRETS | DETAIL, ACTION | SECRETS),
+        EntryKind::Format | EntryKind::Secret => return None,
+    };
+    // the reserved `root` is accepted on every kind ("A v1 reader MUST accept the reserved
+    // fields when present")
+    Some((allowed | ROOT, required))
+}
+
+/// The name of the lowest field in `set`, if any.
+fn first_field(set: u32) -> Option<&'static str> {
+    OPTIONAL.get(set.trailing_zeros() as usize).copied()
+}
+
+/// Deepest nesting of arrays and maps an entry may have (protocol.md "Messages").
+const MAX_DEPTH: usize = 32;
+
+/// A [`DecodeError::Malformed`] for what was found at byte `at`.
+fn malformed(at: usize, what: &str) -> DecodeError {
+    DecodeError::Malformed(format!("{what} at byte {at}"))
+}
+
+/// Checks that `bytes` are exactly one CBOR item (RFC 8949) in the encoding entries must use:
+/// definite lengths, every argument in its shortest form (preferred serialization, 4.2.1), no
+/// tag, no float and no simple value but false and true (so no null: unused fields are
+/// absent), text keys in every map, UTF-8 text, at most [`MAX_DEPTH`] nested arrays and maps,
+/// nothing after the item.
+///
+/// Iterative and allocation-free (but for the error): a stack of the items the top level and
+/// each open array or map still hold.
+fn check_encoding(bytes: &[u8]) -> Result<(), DecodeError> {
+    let mut left = [0u64; MAX_DEPTH + 1];
+    left[0] = 1;
+    // bit d: level d is a map, whose items alternate key and value
+    let mut maps = 0u64;
+    let mut depth = 0;
+    let mut i = 0;
+    loop {
+        while left[depth] == 0 {
+            if depth == 0 {
+                return match bytes.len() - i {
+                    0 => Ok(()),
+                    n => Err(DecodeError::Trailing(n)),
+                };
+            }
+            depth -= 1;
+        }
+        // a map of n pairs holds 2n items: a key whenever an even number is left
+        let key = (maps >> depth) & 1 == 1 && left[depth].is_multiple_of(2);
+        left[depth] -= 1;
+        let at = i;
+        let (major, arg) = head(bytes, &mut i)?;
+        if key && major != 3 {
+            return Err(malformed(at, "a map key that is not a text string"));
+        }
+        match major {
+            2 | 3 => {
+                let s = usize::try_from(arg)
+                    .ok()
+                    .and_then(|n| bytes.get(i..i.checked_add(n)?))
+                    .ok_or_else(|| malformed(at, "a string longer than the input"))?;
+                if major == 3 && std::str::from_utf8(s).is_err() {
+                    return Err(malformed(at, "a text string that is not UTF-8"));
+                }
+                i += s.len();
+            }
+            4 | 5 => {
+                if depth == MAX_DEPTH {
+                    return Err(malformed(at, "arrays and maps nested deeper than 32"));
+                }
+                // every item takes one byte at least
+                let items = if major == 5 {
+                    arg.saturating_mul(2)
+                } else {
+                    arg
+                };
+                if items > (bytes.len() - i) as u64 {
+                    return Err(malformed(at, "more items than the input holds"));
+                }
+                depth += 1;
+                left[depth] = items;
+                maps = (maps & !(1 << depth)) | (u64::from(major == 5) << depth);
+            }
+            6 => return Err(malformed(at, "a tag")),
+            // 0 and 1: integers; 7: false or true (`head` refuses any other)
+            _ => {}
+        }
+    }
+}
+
+/// Reads the head at `*i` (RFC 8949 section 3): its major type and argument, the argument in
+/// its shortest form and never an indefinite length; of major type 7 only false and true.
+fn head(bytes: &[u8], i: &mut usize) -> Result<(u8, u64), DecodeError> {
+    let at = *i;
+    let first = *bytes
+        .get(at)
+        .ok_or_else(|| malformed(at, "the input ending inside an item"))?;
+    let (major, info) = (first >> 5, first & 0x1f);
+    if major == 7 {
+        return match info {
+            20 | 21 => {
+                *i += 1;
+                Ok((7, u64::from(info)))
+            }
+            22 => Err(malformed(
+                at,
+                "null (an unused field is absent, never null)",
+            )),
+            31 => Err(malformed(at, "a break outside an indefinite-length item")),
+            _ => Err(malformed(
+                at,
+                "a float or a simple value other than false and true",
+            )),
+        };
+    }
+    let (len, min) = match info {
+        0..=23 => {
+            *i += 1;
+            return Ok((major, u64::from(info)));
+        }
+        24 => (1, 24),
+        25 => (2, 0x100),
+        26 => (4, 0x1_0000),
+        27 => (8, 0x1_0000_0000),
+        31 => return Err(malformed(at, "an indefinite length")),
+        _ => return Err(malformed(at, "reserved additional information (28 to 30)")),
+    };
+    let raw = bytes
+        .get(at + 1..at + 1 + len)
+        .ok_or_else(|| malformed(at, "the input ending inside an item's head"))?;
+    let arg = raw.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b));
+    if arg < min {
+        return Err(malformed(at, "an argument not in its shortest form"));
+    }
+    *i = at + 1 + len;
+    Ok((major, arg))
+}
+
+/// The two CBOR values are equal, map keys compared in any order (the spec leaves key order
+/// free). Both come from inputs serde read as an entry, so neither map has a duplicate key.
+fn same_value(a: &Value, b: &Value) -> bool {
+    match (a, b) {
+        (Value::Map(a), Value::Map(b)) => {
+            a.len() == b.len()
+                && a.iter().all(|(key, value)| {
+                    b.iter()
+                        .find(|(k, _)| k == key)
+                        .is_some_and(|(_, v)| same_value(value, v))
+                })
+        }
+        (Value::Array(a), Value::Array(b)) => {
+            a.len() == b.len() && a.iter().zip(b).all(|(a, b)| same_value(a, b))
+        }
+        (a, b) => a == b,
+    }
+}
+
 impl Entry {
     /// A new entry of `kind` with every optional field empty; the writer sets seq and prev.
     /// Its version is [`Version::CURRENT`] until the writer sets the chain's.
@@ -465,6 +720,149 @@ impl Entry {
             _ => Ok(()),
         }
     }
+
+    /// The verifier's decoder: [`Entry::decode`], and an auditor's strictness on top of it.
+    /// It refuses, besides what `decode` refuses:
+    ///
+    /// - an encoding the spec forbids: indefinite lengths, integers or lengths not in their
+    ///   shortest form, tags, floats and simple values but false and true (null included:
+    ///   unused fields are absent), map keys that are not text, text that is not UTF-8,
+    ///   nesting deeper than 32, bytes after the item;
+    /// - a value of another CBOR type than its field's (a byte string given as an array of
+    ///   integers, say), which serde would convert: the entry's own encoding must hold the
+    ///   same values as `bytes`, keys in any order;
+    /// - a field its kind lacks, or one of its kind's required fields missing
+    ///   ([`Entry::check_fields`]).
+    ///
+    /// The stores' own readers use `decode`, which stays as lenient as ever.
+    pub fn decode_strict(bytes: &[u8]) -> Result<Self, DecodeError> {
+        check_encoding(bytes)?;
+        let e = Self::decode(bytes)?;
+        e.check_fields()?;
+        e.check_types(bytes)?;
+        Ok(e)
+    }
+
+    /// The per-kind field table of the entry's version: refuses a field its kind may not
+    /// carry and a field its kind must carry that is absent. `v`, `seq`, `prev`, `time_ms` and
+    /// `kind` are always there; `root` (reserved) is accepted on every kind. The table is the
+    /// spec's ("Entries", "Entry kinds", "Version 2 entries") joined with what the writers
+    /// write (where they write more than the spec's field table lists, what they write is
+    /// allowed, so no log breaks):
+    ///
+    /// - `genesis`: owner, role; both required.
+    /// - `request`: call, signed; both required.
+    /// - `result`: call, signed, peer_entry, detail, outcome.
+    /// - `executing`: call, signed, peer_head, subject, grant, policy, did_doc; call, signed,
+    ///   peer_head and subject required.
+    /// - `granted`: as executing, and detail; all but policy and did_doc required.
+    /// - `executed`: call, status, resp_len, resp_b3, policy, and from version 2 secret_echo,
+    ///   secret_id, secret_version; call, status, resp_len and resp_b3 required.
+    /// - `failed`: call, code, detail, policy; all but policy required.
+    /// - `abandoned`: call, detail, policy; call and detail required.
+    /// - `refused`: call, signed, peer_head, subject, code, detail, policy, did_doc.
+    /// - `refusals`: code, detail, count.
+    /// - `revocation`: subject, grant, detail; detail required.
+    /// - `format` (version 2 on): version, detail; version required.
+    /// - `secret` (version 2 on): action, secrets, and detail when the action is
+    ///   `kms_rotated`; action and secrets required.
+    ///
+    /// Version 1 has no `format` or `secret` kind. The rules of [`Entry::check_version`]
+    /// (a format entry names its own version, `secret_id` with `secret_version`, the secret
+    /// states' invariants) are not repeated here.
+    pub fn check_fields(&self) -> Result<(), DecodeError> {
+        let Some(v) = self.version() else {
+            return Err(DecodeError::Version(self.v));
+        };
+        let kind = format!("{:?}", self.kind).to_lowercase();
+        let Some((allowed, required)) = field_rule(self.kind, v) else {
+            return Err(DecodeError::Malformed(format!(
+                "an entry of kind {kind}, which version {v} lacks"
+            )));
+        };
+        let present = self.fields();
+        if let Some(field) = first_field(present & !allowed) {
+            return Err(DecodeError::Malformed(format!(
+                "field {field} on an entry of kind {kind} (version {v}), whose table lacks it"
+            )));
+        }
+        if let Some(field) = first_field(required & !present) {
+            return Err(DecodeError::Malformed(format!(
+                "an entry of kind {kind} without its field {field}"
+            )));
+        }
+        if self.detail.is_some()
+            && self.kind == EntryKind::Secret
+            && self.action != Some(SecretAction::KmsRotated)
+        {
+            return Err(DecodeError::Malformed(
+                "field detail on a secret entry whose action is not kms_rotated".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The optional fields present, as a set of [`OPTIONAL`] bits.
+    fn fields(&self) -> u32 {
+        let present = [
+            self.call.is_some(),
+            self.signed.is_some(),
+            self.peer_head.is_some(),
+            self.peer_entry.is_some(),
+            self.owner.is_some(),
+            self.role.is_some(),
+            self.subject.is_some(),
+            self.grant.is_some(),
+            self.status.is_some(),
+            self.resp_len.is_some(),
+            self.resp_b3.is_some(),
+            self.code.is_some(),
+            self.detail.is_some(),
+            self.count.is_some(),
+            self.outcome.is_some(),
+            self.policy.is_some(),
+            self.did_doc.is_some(),
+            self.root.is_some(),
+            self.version.is_some(),
+            self.secret_echo.is_some(),
+            self.secret_id.is_some(),
+            self.secret_version.is_some(),
+            self.action.is_some(),
+            self.secrets.is_some(),
+        ];
+        present
+            .iter()
+            .enumerate()
+            .fold(0, |set, (i, &p)| set | (u32::from(p) << i))
+    }
+
+    /// Every value in `bytes`, which decoded as `self`, has its field's CBOR type: `self`
+    /// encodes to the same values, keys in any order. (serde converts, e.g. reads a byte
+    /// string field from an array of integers; the encoder writes each field in its table's
+    /// type.) The writers' own entries encode to the same bytes, which settles them without
+    /// building the values.
+    fn check_types(&self, bytes: &[u8]) -> Result<(), DecodeError> {
+        let own = self.encode();
+        if own == bytes {
+            return Ok(());
+        }
+        let given: Value = cbor::from_slice(bytes)?;
+        let own: Value = cbor::from_slice(&own)?;
+        if same_value(&given, &own) {
+            return Ok(());
+        }
+        let field = match (&given, &own) {
+            (Value::Map(given), Value::Map(own)) => given
+                .iter()
+                .find(|(k, v)| !own.iter().any(|(ok, ov)| ok == k && same_value(v, ov)))
+                .and_then(|(k, _)| k.as_text()),
+            _ => None,
+        };
+        Err(DecodeError::Malformed(format!(
+            "field {} is not of its table's CBOR type",
+            field.unwrap_or("(the entry)")
+        )))
+    }
 }
 
 #[cfg(test)]
@@ -559,13 +957,9 @@ mod tests {
             Err(DecodeError::Field("secret_id"))
         );
         // a key version 1 lacks is refused even with a null value
-        let mut null_key: ciborium::Value =
-            ciborium::from_reader(v1.encode().as_slice()).expect("cbor");
-        if let ciborium::Value::Map(m) = &mut null_key {
-            m.push((
-                ciborium::Value::Text("version".into()),
-                ciborium::Value::Null,
-            ));
+        let mut null_key: Value = ciborium::from_reader(v1.encode().as_slice()).expect("cbor");
+        if let Value::Map(m) = &mut null_key {
+            m.push((Value::Text("version".into()), Value::Null));
         }
         assert!(Entry::decode(&cbor::to_vec(&null_key)).is_err());
         // amendment 2.4: secret entries, version 2 only, with their invariants
@@ -663,5 +1057,450 @@ mod tests {
             bad.v = v;
             assert_eq!(Entry::decode(&bad.encode()), Err(DecodeError::Version(v)));
         }
+    }
+
+    /// A chain head, as requests carry.
+    const HEAD: ChainHead = ChainHead {
+        chain: [0x11; 32],
+        seq: 4,
+        hash: [0x22; 32],
+    };
+
+    /// Entries of every kind as the writers build them (gateway, client, store), version 2.
+    fn as_written() -> Vec<Entry> {
+        let new = |kind: EntryKind, f: &dyn Fn(&mut Entry)| {
+            let mut e = Entry::new(kind, 1_700_000_000_000);
+            e.seq = 7;
+            e.prev = [9; 32];
+            f(&mut e);
+            e
+        };
+        // gateway `request_entry`, of a did:key caller (no did_doc) or a did:web one
+        let request = |kind: EntryKind, did_doc: Option<Digest>| {
+            new(kind, &|e| {
+                e.call = Some([3; 32]);
+                e.signed = Some(vec![0xd2, 0x84, 0x40]);
+                e.subject = Some("did:key:z6Mk".into());
+                e.grant = Some([4; 16]);
+                e.peer_head = Some(HEAD);
+                e.policy = Some([5; 32]);
+                e.did_doc = did_doc;
+            })
+        };
+        let result = |outcome: Outcome, signed: bool, peer: bool, detail: bool| {
+            new(EntryKind::Result, &|e| {
+                e.call = Some([3; 32]);
+                e.outcome = Some(outcome);
+                e.signed = signed.then(|| vec![0xd2, 0x84]);
+                e.peer_entry = peer.then_some(EntryRef {
+                    seq: 9,
+                    hash: [6; 32],
+                });
+                e.detail = detail.then(|| "connection lost".into());
+            })
+        };
+        let state = SecretState {
+            name: "k".into(),
+            id: [7; 16],
+            status: SecretStatus::Enabled,
+            kek: [1; 8],
+            versions: vec![VersionState {
+                version: 1,
+                fingerprint: [8; 32],
+                retired_ms: None,
+            }],
+        };
+        let mut granted = request(EntryKind::Granted, Some([0xdd; 32]));
+        granted.detail = Some("expires at 5 ms".into());
+        let mut kms = Entry::secret(SecretAction::KmsRotated, vec![state.clone()], 5);
+        kms.detail = Some("master key 01 -> 02".into());
+        vec![
+            new(EntryKind::Genesis, &|e| {
+                e.owner = Some("did:key:z6Mk".into());
+                e.role = Some(Role::Gateway);
+            }),
+            new(EntryKind::Request, &|e| {
+                e.call = Some([3; 32]);
+                e.signed = Some(vec![0xd2, 0x84]);
+            }),
+            result(Outcome::Receipt, true, true, false),
+            result(Outcome::Refusal, true, true, false),
+            result(Outcome::Refusal, true, false, false),
+            result(Outcome::Unknown, false, false, true),
+            result(Outcome::Unknown, true, false, true),
+            result(Outcome::Grant, true, false, false),
+            request(EntryKind::Executing, None),
+            request(EntryKind::Executing, Some([0xdd; 32])),
+            granted,
+            new(EntryKind::Executed, &|e| {
+                e.call = Some([3; 32]);
+                e.status = Some(200);
+                e.resp_len = Some(70_000);
+                e.resp_b3 = Some([10; 32]);
+                e.policy = Some([5; 32]);
+                e.secret_echo = Some(2);
+                e.secret_id = Some([7; 16]);
+                e.secret_version = Some(1);
+            }),
+            new(EntryKind::Failed, &|e| {
+                e.call = Some([3; 32]);
+                e.code = Some("upstream_failed".into());
+                e.detail = Some("connect refused".into());
+                e.policy = Some([5; 32]);
+            }),
+            new(EntryKind::Abandoned, &|e| {
+                e.call = Some([3; 32]);
+                e.policy = Some([5; 32]);
+                e.detail = Some("outcome unknown".into());
+            }),
+            new(EntryKind::Abandoned, &|e| {
+                e.call = Some([3; 32]);
+                e.detail = Some("interrupted at seq 3 by a gateway stop".into());
+            }),
+            new(EntryKind::Refused, &|e| {
+                e.policy = Some([5; 32]);
+                e.call = Some([3; 32]);
+                e.signed = Some(vec![0xd2, 0x84]);
+                e.subject = Some("did:web:example.com".into());
+                e.did_doc = Some([0xdd; 32]);
+                e.peer_head = Some(HEAD);
+                e.code = Some("forbidden".into());
+                e.detail = Some("no policy permits it".into());
+            }),
+            new(EntryKind::Refusals, &|e| {
+                e.count = Some(3);
+                e.code = Some("malformed=3".into());
+                e.detail = Some("refusals counted since 1".into());
+            }),
+            new(EntryKind::Revocation, &|e| {
+                e.subject = Some("did:key:z6Mk".into());
+                e.detail = Some("key lost".into());
+            }),
+            new(EntryKind::Revocation, &|e| {
+                e.grant = Some([4; 16]);
+                e.detail = Some(String::new());
+            }),
+            Entry::format(Version::V2, 5),
+            Entry::secret(SecretAction::Snapshot, Vec::new(), 5),
+            Entry::secret(SecretAction::Added, vec![state], 5),
+            kms,
+        ]
+    }
+
+    /// The same entries as a version 1 writer builds them (no version 2 kind or field).
+    fn as_written_v1() -> Vec<Entry> {
+        as_written()
+            .into_iter()
+            .filter(|e| !matches!(e.kind, EntryKind::Format | EntryKind::Secret))
+            .map(|mut e| {
+                e.v = 1;
+                (e.secret_echo, e.secret_id, e.secret_version) = (None, None, None);
+                e
+            })
+            .collect()
+    }
+
+    /// `e`'s encoding with field `key` set to `value` (added when absent).
+    fn with(e: &Entry, key: &str, value: Value) -> Vec<u8> {
+        let mut map: Value = cbor::from_slice(&e.encode()).expect("own entry");
+        if let Value::Map(m) = &mut map {
+            match m.iter_mut().find(|(k, _)| k.as_text() == Some(key)) {
+                Some((_, v)) => *v = value,
+                None => m.push((Value::Text(key.into()), value)),
+            }
+        }
+        cbor::to_vec(&map)
+    }
+
+    /// `bytes` with the first occurrence of `from` replaced by `to`.
+    fn splice(bytes: &[u8], from: &[u8], to: &[u8]) -> Vec<u8> {
+        let at = bytes
+            .windows(from.len())
+            .position(|w| w == from)
+            .expect("pattern present");
+        [&bytes[..at], to, &bytes[at + from.len()..]].concat()
+    }
+
+    /// The first entry of `kind` in [`as_written`].
+    fn written(kind: EntryKind) -> Entry {
+        as_written()
+            .into_iter()
+            .find(|e| e.kind == kind)
+            .expect("an entry of the kind")
+    }
+
+    /// An executed entry of version 2 as the gateway writes it.
+    fn executed() -> Entry {
+        written(EntryKind::Executed)
+    }
+
+    /// `Entry::decode` takes `bytes` for `e`, and `decode_strict` refuses them for `why`.
+    fn lenient_only(bytes: &[u8], e: &Entry, why: &str) {
+        assert_eq!(Entry::decode(bytes).as_ref(), Ok(e), "{why}");
+        strict_refuses(bytes, why);
+    }
+
+    /// `decode_strict` refuses `bytes`, saying `why`.
+    fn strict_refuses(bytes: &[u8], why: &str) {
+        match Entry::decode_strict(bytes) {
+            Err(DecodeError::Malformed(m)) => assert!(m.contains(why), "{m:?} lacks {why:?}"),
+            other => panic!("{why}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn decode_strict_accepts_entries_as_the_writers_build_them() {
+        for e in as_written().into_iter().chain(as_written_v1()) {
+            assert_eq!(Entry::decode_strict(&e.encode()), Ok(e.clone()), "{e:?}");
+            assert_eq!(e.check_fields(), Ok(()), "{e:?}");
+        }
+        // the reserved root, on any kind
+        for mut e in as_written() {
+            e.root = Some([0x77; 32]);
+            assert_eq!(Entry::decode_strict(&e.encode()), Ok(e.clone()), "{e:?}");
+        }
+    }
+
+    #[test]
+    fn decode_strict_accepts_any_key_order() {
+        for e in as_written() {
+            let mut map: Value = cbor::from_slice(&e.encode()).expect("own entry");
+            if let Value::Map(m) = &mut map {
+                m.reverse();
+                if let Some((_, Value::Map(head))) =
+                    m.iter_mut().find(|(k, _)| k.as_text() == Some("peer_head"))
+                {
+                    head.reverse();
+                }
+            }
+            let bytes = cbor::to_vec(&map);
+            assert_ne!(bytes, e.encode());
+            assert_eq!(Entry::decode_strict(&bytes), Ok(e.clone()), "{e:?}");
+        }
+    }
+
+    #[test]
+    fn decode_strict_refuses_an_indefinite_length_map() {
+        let e = executed();
+        let bytes = e.encode();
+        // 0xa0 + n: a map of n < 24 pairs; 0xbf .. 0xff: the same pairs, indefinite length
+        assert!((0xa0..0xb8).contains(&bytes[0]));
+        let indefinite = [&[0xbf], &bytes[1..], &[0xff]].concat();
+        lenient_only(&indefinite, &e, "an indefinite length at byte 0");
+    }
+
+    #[test]
+    fn decode_strict_refuses_an_indefinite_length_byte_string() {
+        let mut e = written(EntryKind::Request);
+        e.signed = Some(b"abcd".to_vec());
+        let bytes = e.encode();
+        // "signed": h'61626364' as two chunks, h'6162' h'6364'
+        let indefinite = splice(
+            &bytes,
+            b"\x66signed\x44abcd",
+            b"\x66signed\x5f\x42ab\x42cd\xff",
+        );
+        lenient_only(&indefinite, &e, "an indefinite length");
+    }
+
+    #[test]
+    fn decode_strict_refuses_a_non_shortest_integer() {
+        let e = executed();
+        // seq 7 as 0x18 0x07 (one byte more than it needs), status 200 as 0x19 0x00 0xc8
+        let long_seq = splice(&e.encode(), b"\x63seq\x07", b"\x63seq\x18\x07");
+        lenient_only(&long_seq, &e, "an argument not in its shortest form");
+        let long_status = splice(
+            &e.encode(),
+            b"\x66status\x18\xc8",
+            b"\x66status\x19\x00\xc8",
+        );
+        lenient_only(&long_status, &e, "an argument not in its shortest form");
+        // a length: prev's 32 bytes as 0x59 0x00 0x20
+        let long_len = splice(&e.encode(), b"\x64prev\x58\x20", b"\x64prev\x59\x00\x20");
+        lenient_only(&long_len, &e, "an argument not in its shortest form");
+    }
+
+    #[test]
+    fn decode_strict_refuses_a_tag() {
+        let e = executed();
+        // tag 1 (epoch time) on seq
+        let tagged = splice(&e.encode(), b"\x63seq\x07", b"\x63seq\xc1\x07");
+        lenient_only(&tagged, &e, "a tag");
+    }
+
+    #[test]
+    fn decode_strict_refuses_null() {
+        let e = executed();
+        // an unused field given as null reads as absent to serde
+        let null = with(&e, "grant", Value::Null);
+        lenient_only(&null, &e, "null");
+        // undefined likewise, and any other simple value or float
+        let undefined = splice(&null, b"\x65grant\xf6", b"\x65grant\xf7");
+        lenient_only(&undefined, &e, "a float or a simple value");
+        let float = with(&e, "status", Value::Float(200.0));
+        strict_refuses(&float, "a float or a simple value");
+    }
+
+    #[test]
+    fn decode_strict_refuses_a_byte_string_given_as_an_array() {
+        let e = executed();
+        let ints = |b: &[u8]| Value::Array(b.iter().map(|&x| Value::from(x)).collect());
+        let prev = with(&e, "prev", ints(&e.prev));
+        lenient_only(&prev, &e, "field prev is not of its table's CBOR type");
+        let id = with(&e, "secret_id", ints(&[7; 16]));
+        lenient_only(&id, &e, "field secret_id is not of its table's CBOR type");
+        // nested: peer_head's hash
+        let x = &written(EntryKind::Executing);
+        let mut head: Value = cbor::from_slice(&cbor::to_vec(&HEAD)).expect("head");
+        if let Value::Map(m) = &mut head {
+            m[2].1 = ints(&HEAD.hash);
+        }
+        let nested = with(x, "peer_head", head);
+        lenient_only(
+            &nested,
+            x,
+            "field peer_head is not of its table's CBOR type",
+        );
+    }
+
+    #[test]
+    fn decode_strict_refuses_a_field_the_kind_lacks() {
+        // fields no writer writes for the kind and the spec does not list
+        let mut count = executed();
+        count.count = Some(1);
+        let mut owner = written(EntryKind::Request);
+        owner.owner = Some("did:key:z6Mk".into());
+        let mut policy = written(EntryKind::Refusals);
+        policy.policy = Some([5; 32]);
+        let mut detail = Entry::secret(SecretAction::Snapshot, Vec::new(), 5);
+        detail.detail = Some("why".into());
+        for e in [count, owner, policy, detail] {
+            assert_eq!(Entry::decode(&e.encode()), Ok(e.clone()));
+            strict_refuses(&e.encode(), "field ");
+            assert!(e.check_fields().is_err());
+        }
+        // a required field missing
+        let mut genesis = written(EntryKind::Genesis);
+        genesis.role = None;
+        assert_eq!(Entry::decode(&genesis.encode()), Ok(genesis.clone()));
+        strict_refuses(
+            &genesis.encode(),
+            "entry of kind genesis without its field role",
+        );
+        let mut closing = executed();
+        closing.resp_b3 = None;
+        strict_refuses(
+            &closing.encode(),
+            "entry of kind executed without its field resp_b3",
+        );
+        // what check_version refuses, decode_strict refuses as decode does
+        let mut v1 = executed();
+        v1.v = 1;
+        assert_eq!(
+            Entry::decode_strict(&v1.encode()),
+            Err(DecodeError::Field("secret_echo"))
+        );
+    }
+
+    #[test]
+    fn decode_strict_refuses_other_malformed_encodings() {
+        let e = executed();
+        let bytes = e.encode();
+        let mut trailing = bytes.clone();
+        trailing.push(0);
+        assert_eq!(
+            Entry::decode_strict(&trailing),
+            Err(DecodeError::Trailing(1))
+        );
+        // cut inside secret_id's 16 bytes (the last field but one)
+        strict_refuses(&bytes[..bytes.len() - 20], "a string longer than the input");
+        strict_refuses(&[0xbb, 0xff], "the input ending inside an item's head");
+        strict_refuses(&[0xb9, 0xff, 0xff], "more items than the input holds");
+        strict_refuses(&[0xbc], "reserved additional information");
+        strict_refuses(&[0xff], "a break");
+        // a map key that is not text (serde would take the bytes "seq" for the key seq)
+        let bytes_key = splice(&bytes, b"\x63seq", b"\x43seq");
+        strict_refuses(&bytes_key, "a map key that is not a text string");
+        let bad_utf8 = splice(&bytes, b"\x66status", b"\x66st\xffus");
+        strict_refuses(&bad_utf8, "not UTF-8");
+        // 32 nested arrays are well-formed (and no entry); 33 are refused
+        let nest = |n: usize| [vec![0x81; n], vec![0x00]].concat();
+        assert!(check_encoding(&nest(32)).is_ok());
+        strict_refuses(&nest(33), "nested deeper than 32");
+        assert!(check_encoding(&bytes).is_ok());
+    }
+
+    #[test]
+    fn optional_fields_follow_the_struct() {
+        let mut all = executed();
+        all.signed = Some(Vec::new());
+        all.peer_head = Some(HEAD);
+        all.peer_entry = Some(EntryRef {
+            seq: 1,
+            hash: [1; 32],
+        });
+        all.owner = Some(String::new());
+        all.role = Some(Role::Client);
+        all.subject = Some(String::new());
+        all.grant = Some([1; 16]);
+        all.code = Some(String::new());
+        all.detail = Some(String::new());
+        all.count = Some(1);
+        all.outcome = Some(Outcome::Unknown);
+        all.did_doc = Some([1; 32]);
+        all.root = Some([1; 32]);
+        all.version = Some(2);
+        all.action = Some(SecretAction::Snapshot);
+        all.secrets = Some(Vec::new());
+        assert_eq!(all.fields(), (1 << OPTIONAL.len()) - 1);
+        let map: Value = cbor::from_slice(&all.encode()).expect("own entry");
+        let keys: Vec<_> = map
+            .as_map()
+            .expect("a map")
+            .iter()
+            .filter_map(|(k, _)| k.as_text())
+            .collect();
+        assert_eq!(keys[5..], OPTIONAL);
+    }
+
+    /// The chains the previous release (b9992ca) wrote and exported pass the strict decoder.
+    #[test]
+    fn decode_strict_accepts_the_previous_release_exports() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures/release-b9992ca");
+        let mut n = 0;
+        for file in ["gateway.cbor", "alice.cbor", "bob.cbor"] {
+            let chain = crate::export::import(&dir.join(file), file).expect("fixture export");
+            for (seq, bytes) in &chain.entries {
+                let e = Entry::decode_strict(bytes);
+                assert_eq!(e, Entry::decode(bytes), "{file} entry {seq}");
+                assert!(e.is_ok(), "{file} entry {seq}: {e:?}");
+                n += 1;
+            }
+        }
+        assert_eq!(n, 9 + 5 + 5);
+    }
+
+    /// Every entry of the spec's vectors that decodes decodes strictly, to the same value.
+    #[test]
+    fn decode_strict_agrees_on_the_spec_vectors() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../specs/vectors");
+        let mut n = 0;
+        for file in ["format-switch.json", "secret-lifecycle.json"] {
+            let text = std::fs::read_to_string(dir.join(file)).expect("vector file");
+            let json: serde_json::Value = serde_json::from_str(&text).expect("json");
+            let chains = json["chains"].as_array().expect("chains");
+            for entry in chains
+                .iter()
+                .flat_map(|c| c["entries"].as_array().expect("entries"))
+            {
+                let bytes = hex::decode(entry["bytes"].as_str().expect("hex")).expect("hex");
+                if let Ok(e) = Entry::decode(&bytes) {
+                    assert_eq!(Entry::decode_strict(&bytes), Ok(e), "{file}");
+                    n += 1;
+                }
+            }
+        }
+        assert!(n > 20, "{n} entries");
     }
 }

@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::entry::{Entry, EntryKind, Outcome, entry_hash};
 use crate::merkle::{self, Hash};
+use crate::receipt::Fault;
 use crate::store::{Store, StoreError};
 use crate::verify::ChainRecords;
 
@@ -129,50 +130,43 @@ impl Bundle {
         let receipt = message::open::<Receipt>(&self.receipt).map_err(EvidenceError::Receipt)?;
         let gateway = receipt.envelope.signer().to_string();
         let r = &receipt.message;
-        if r.call != call {
-            return Err(EvidenceError::CallMismatch {
+        let signer = request.envelope.signer().clone();
+        crate::receipt::answers(
+            r,
+            receipt.envelope.signer(),
+            &call,
+            &signer,
+            &request.message.aud,
+        )
+        .map_err(|f| match f {
+            Fault::Call => EvidenceError::CallMismatch {
                 request: call,
                 receipt: r.call,
-            });
-        }
-        if r.client != client {
-            return Err(EvidenceError::ClientMismatch {
+            },
+            Fault::Client => EvidenceError::ClientMismatch {
                 receipt: r.client.clone(),
-                signer: client,
-            });
-        }
-        if request.message.aud != gateway {
-            return Err(EvidenceError::AudienceMismatch {
+                signer: client.clone(),
+            },
+            _ => EvidenceError::AudienceMismatch {
                 aud: request.message.aud.clone(),
-                gateway,
-            });
-        }
+                gateway: gateway.clone(),
+            },
+        })?;
         // 3. The closing entry: the one the receipt names, closing this call as signed.
         if entry_hash(&self.entry) != r.entry.hash {
             return Err(EvidenceError::EntryHash);
         }
         let entry = Entry::decode(&self.entry).map_err(EvidenceError::EntryMalformed)?;
-        if entry.kind != EntryKind::Executed {
-            return Err(EvidenceError::EntryKind(entry.kind));
-        }
-        if entry.seq != r.entry.seq {
-            return Err(EvidenceError::EntrySeq {
+        crate::receipt::closed_by(r, r.entry.seq, &entry).map_err(|f| match f {
+            Fault::NotExecuted(kind) => EvidenceError::EntryKind(kind),
+            Fault::Seq => EvidenceError::EntrySeq {
                 entry: entry.seq,
                 receipt: r.entry.seq,
-            });
-        }
-        if entry.call != Some(call) {
-            return Err(EvidenceError::EntryCall);
-        }
-        if entry.status != Some(r.status) {
-            return Err(EvidenceError::EntryOutcome("status"));
-        }
-        if entry.resp_len != Some(r.resp_len) {
-            return Err(EvidenceError::EntryOutcome("resp_len"));
-        }
-        if entry.resp_b3 != Some(r.resp_b3) {
-            return Err(EvidenceError::EntryOutcome("resp_b3"));
-        }
+            },
+            Fault::EntryCall => EvidenceError::EntryCall,
+            Fault::Outcome(field) => EvidenceError::EntryOutcome(field),
+            _ => EvidenceError::EntryCall,
+        })?;
         // 4. The inclusion proof under the root the receipt signs.
         let root = r.root.ok_or(EvidenceError::NoRoot)?;
         let seq = r.entry.seq;
@@ -580,6 +574,7 @@ mod tests {
             head: None,
             checkpoints: Vec::new(),
             documents: Vec::new(),
+            sealed: false,
         }
     }
 

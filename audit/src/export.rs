@@ -34,6 +34,14 @@ pub enum ExportError {
     /// The file ends before its end item, or the counts disagree.
     #[error("export is truncated: {0}")]
     Truncated(String),
+    /// A sealed export was asked for but the last checkpoint does not cover the last entry.
+    #[error("the chain is not sealed: its last checkpoint covers {covered} entries of {size}")]
+    NotSealed {
+        /// Entries the last checkpoint covers.
+        covered: u64,
+        /// Entries in the chain.
+        size: u64,
+    },
 }
 
 /// One item of the sequence; `t` says which fields are present.
@@ -56,12 +64,48 @@ struct Item {
     checkpoints: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     documents: Option<u64>,
+    /// End item: the writer sealed the chain before exporting it (its last checkpoint covers
+    /// its last entry); absent in exports that copy a store as it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    sealed: Option<bool>,
 }
 
 const FORMAT: &str = "didgate-audit-export";
 
-/// Writes the chain in `store` to `out`; returns (entries, checkpoints) written.
+/// Writes the chain in `store` to `out` as it is; returns (entries, checkpoints) written.
 pub fn export(store: &Store, out: &Path) -> Result<(u64, u64), ExportError> {
+    write(store, out, false)
+}
+
+/// Writes the chain in `store` to `out`, declaring it sealed: its last checkpoint must cover
+/// its last entry (the owner sealed it first), else [`ExportError::NotSealed`] and nothing is
+/// written. The verifier then reports an entry no checkpoint covers as a violation
+/// (`unsealed_tail`) rather than a warning.
+pub fn export_sealed(store: &Store, out: &Path) -> Result<(u64, u64), ExportError> {
+    write(store, out, true)
+}
+
+/// The size (highest seq + 1) the last checkpoint of `checkpoints` covers, if it opens.
+fn last_checkpoint_size(checkpoints: &[Vec<u8>]) -> Option<u64> {
+    let last = checkpoints.last()?;
+    didgate_protocol::message::open::<didgate_protocol::message::Checkpoint>(last)
+        .ok()
+        .map(|cp| cp.message.size)
+}
+
+fn write(store: &Store, out: &Path, sealed: bool) -> Result<(u64, u64), ExportError> {
+    // The head is read once, first: a running writer may append meanwhile, and the export
+    // stops at what was acknowledged when it began, so it is a consistent prefix; a sealed
+    // export checks that prefix's coverage, not a later head's.
+    let head = store.head()?;
+    let last = head.map_or(0, |h| h.seq);
+    if sealed {
+        let size = head.map_or(0, |h| h.seq + 1);
+        let covered = last_checkpoint_size(&store.checkpoints_upto(size)?).unwrap_or(0);
+        if covered != size {
+            return Err(ExportError::NotSealed { covered, size });
+        }
+    }
     let tmp = out.with_extension("partial");
     let mut w = BufWriter::new(std::fs::File::create(&tmp)?);
     let mut put = |item: &Item| -> Result<(), ExportError> {
@@ -74,10 +118,6 @@ pub fn export(store: &Store, out: &Path) -> Result<(u64, u64), ExportError> {
         bytes: Some(FORMAT.as_bytes().to_vec()),
         ..Default::default()
     })?;
-    // The head is read first: a running writer may append meanwhile, and the export stops at
-    // what was acknowledged when it began, so it is a consistent prefix.
-    let head = store.head()?;
-    let last = head.map_or(0, |h| h.seq);
     let mut entries = 0u64;
     for item in store.entries() {
         let (seq, bytes) = item?;
@@ -121,6 +161,7 @@ pub fn export(store: &Store, out: &Path) -> Result<(u64, u64), ExportError> {
         entries: Some(entries),
         checkpoints: Some(cps.len() as u64),
         documents: (!docs.is_empty()).then_some(docs.len() as u64),
+        sealed: sealed.then_some(true),
         ..Default::default()
     })?;
     w.flush()?;
@@ -135,7 +176,20 @@ pub fn import(path: &Path, label: &str) -> Result<ChainRecords, ExportError> {
     read(BufReader::new(file), label)
 }
 
-/// Reads an export from any reader.
+/// Where the reader is in the file: items come in the order of the table in
+/// specs/audit-log.md ("Export files").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Section {
+    Header,
+    Entries,
+    Checkpoints,
+    Documents,
+    Head,
+}
+
+/// Reads an export from any reader. Refuses, besides malformed items: items out of the
+/// table's order, entry keys that do not strictly increase (a duplicated or moved entry), and a
+/// second head item.
 pub fn read(mut r: impl Read, label: &str) -> Result<ChainRecords, ExportError> {
     let mut records = ChainRecords {
         label: label.to_string(),
@@ -143,9 +197,11 @@ pub fn read(mut r: impl Read, label: &str) -> Result<ChainRecords, ExportError> 
         head: None,
         checkpoints: Vec::new(),
         documents: Vec::new(),
+        sealed: false,
     };
     let mut index = 0u64;
     let mut ended = None;
+    let mut section = Section::Header;
     loop {
         let item: Item = match ciborium::de::from_reader_with_recursion_limit(&mut r, 16) {
             Ok(i) => i,
@@ -166,6 +222,21 @@ pub fn read(mut r: impl Read, label: &str) -> Result<ChainRecords, ExportError> 
         if ended.is_some() {
             return Err(bad("item after the end item"));
         }
+        let place = match item.t.as_str() {
+            "header" => Section::Header,
+            "entry" => Section::Entries,
+            "checkpoint" => Section::Checkpoints,
+            "document" => Section::Documents,
+            "head" | "end" => Section::Head,
+            other => return Err(bad(&format!("unknown item type {other:?}"))),
+        };
+        if index > 0 && (place < section || place == Section::Header) {
+            return Err(bad(&format!(
+                "a {:?} item after the {section:?} items (the order is header, entries, checkpoints, documents, head, end)",
+                item.t
+            )));
+        }
+        section = place;
         match (index, item.t.as_str()) {
             (0, "header") => {
                 if item.v != Some(1) || item.bytes.as_deref() != Some(FORMAT.as_bytes()) {
@@ -177,6 +248,13 @@ pub fn read(mut r: impl Read, label: &str) -> Result<ChainRecords, ExportError> 
                 let (Some(seq), Some(bytes)) = (item.seq, item.bytes) else {
                     return Err(bad("entry without seq or bytes"));
                 };
+                if let Some((last, _)) = records.entries.last()
+                    && seq <= *last
+                {
+                    return Err(bad(&format!(
+                        "entry key {seq} does not increase (after {last}): keys are unique and in order"
+                    )));
+                }
                 records.entries.push((seq, bytes));
             }
             (_, "checkpoint") => records
@@ -189,9 +267,15 @@ pub fn read(mut r: impl Read, label: &str) -> Result<ChainRecords, ExportError> 
                 let (Some(seq), Some(hash)) = (item.seq, item.hash) else {
                     return Err(bad("head without seq or hash"));
                 };
+                if records.head.is_some() {
+                    return Err(bad("a second head item"));
+                }
                 records.head = Some(EntryRef { seq, hash });
             }
-            (_, "end") => ended = Some((item.entries, item.checkpoints, item.documents)),
+            (_, "end") => {
+                records.sealed = item.sealed == Some(true);
+                ended = Some((item.entries, item.checkpoints, item.documents));
+            }
             (_, other) => return Err(bad(&format!("unknown item type {other:?}"))),
         }
         index += 1;

@@ -23,6 +23,7 @@ pub mod entry;
 pub mod evidence;
 pub mod export;
 pub mod merkle;
+pub mod receipt;
 pub mod store;
 pub mod verify;
 
@@ -79,5 +80,6 @@ pub fn load_records(path: &Path) -> Result<ChainRecords, LoadError> {
         head,
         checkpoints,
         documents,
+        sealed: false,
     })
 }

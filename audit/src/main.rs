@@ -5,13 +5,19 @@
 //! `evidence` and `check-evidence` build and check the evidence bundle of one call
 //! (specs/audit-log.md, "Evidence bundles"): exit status 1 when the evidence does not hold,
 //! 2 also for a file that is not an evidence bundle.
+//!
+//! With `--json` (`verify`, `check-evidence`), every exit path prints exactly one JSON object
+//! on stdout, errors included (their message also goes to stderr): see each command's
+//! documentation for its shapes. A usage error clap reports (an unknown flag, a missing
+//! argument) is clap's text on stderr, exit status 2, even with `--json`.
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use didgate_audit::{Report, evidence, load_records, verify};
+use didgate_audit::export::ExportError;
+use didgate_audit::{LoadError, Report, evidence, load_records, verify};
 
 #[derive(Parser)]
 #[command(name = "didgate-audit", version, about = "Verify didgate audit chains")]
@@ -32,6 +38,15 @@ enum Command {
         out: PathBuf,
     },
     /// Verify one or more gateway chains against any number of client chains.
+    ///
+    /// Exit status 0 if every check holds, 1 on any violation, 2 if a chain cannot be loaded.
+    ///
+    /// With --json, stdout holds one JSON object: the report, {"chains", "cross_links",
+    /// "violations", "unknown_outcomes"} (exit status 0 or 1), or, when a chain cannot be
+    /// loaded, {"error": KIND, "detail": "PATH: message", "exit": 2}, KIND one of not_found
+    /// (PATH does not exist), not_a_chain (neither an export file nor a store), unreadable
+    /// (I/O error), malformed (an export file that does not decode or is truncated, an empty
+    /// one included) or store (the store cannot be opened or read, e.g. its owner holds it).
     Verify {
         /// A gateway data directory or store (repeatable).
         #[arg(long = "gateway", required = true)]
@@ -39,6 +54,10 @@ enum Command {
         /// A client data directory or chain store (repeatable).
         #[arg(long = "client")]
         clients: Vec<PathBuf>,
+        /// Report entries no signed checkpoint covers (`unsealed_tail`) as a violation in
+        /// every chain; without it, only in exports declared sealed (a warning otherwise).
+        #[arg(long)]
+        strict: bool,
         /// Print the report as JSON on stdout.
         #[arg(long)]
         json: bool,
@@ -66,6 +85,13 @@ enum Command {
     ///
     /// Exit status 0 if it holds, 1 if a check fails, 2 if the file cannot be read or is not
     /// an evidence bundle.
+    ///
+    /// With --json, stdout holds one JSON object: {"valid": true, "verdict": {...}} (exit
+    /// status 0); {"valid": false, "failed": NAME, "detail": "message"} when a check fails
+    /// (exit status 1, NAME the check, e.g. inclusion); or {"valid": false, "failed": KIND,
+    /// "detail": "message", "exit": 2} when FILE cannot be read (KIND not_found or
+    /// unreadable, a directory included) or is not a bundle this reader reads (KIND
+    /// too_large, malformed, an empty file included, not_evidence or version).
     CheckEvidence {
         /// The bundle file.
         file: PathBuf,
@@ -95,7 +121,28 @@ fn main() -> ExitCode {
             };
         }
     };
-    match run(cli) {
+    match cli.command {
+        Command::Export { db, out } => exit_status(export(&db, &out)),
+        Command::Verify {
+            gateways,
+            clients,
+            strict,
+            json,
+        } => verify_command(&gateways, &clients, verify::Options { strict }, json),
+        Command::Evidence {
+            client,
+            gateway,
+            call,
+            out,
+        } => exit_status(evidence_command(&client, &gateway, call, &out)),
+        Command::CheckEvidence { file, json } => check_evidence_command(&file, json),
+    }
+}
+
+/// The exit status of a command without `--json`: 0 for `Ok(true)`, 1 for `Ok(false)`, 2 for
+/// an error (printed on stderr).
+fn exit_status(result: anyhow::Result<bool>) -> ExitCode {
+    match result {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => ExitCode::from(1),
         Err(e) => {
@@ -105,108 +152,244 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<bool> {
-    match cli.command {
-        Command::Export { db, out } => {
-            let dir = didgate_audit::store_dir(&db);
-            if !dir.join("version").is_file() {
-                anyhow::bail!("{} is not a store", db.display());
+/// Why a `--json` command could not reach its verdict (exit status 2): a stable snake_case
+/// kind and the message.
+struct Failure {
+    kind: &'static str,
+    detail: String,
+}
+
+impl Failure {
+    /// A chain given to `verify` that cannot be loaded.
+    fn load(path: &Path, e: &LoadError) -> Self {
+        let kind = match e {
+            LoadError::NotFound(_) => match std::fs::metadata(path) {
+                Err(io) if io.kind() == std::io::ErrorKind::NotFound => "not_found",
+                Err(_) => "unreadable",
+                Ok(_) => "not_a_chain",
+            },
+            LoadError::Export(ExportError::Io(io)) => io_kind(io),
+            LoadError::Export(ExportError::Malformed { .. } | ExportError::Truncated(_)) => {
+                "malformed"
             }
-            let store = didgate_audit::Store::open(&dir, &[])?;
-            let (entries, checkpoints) = didgate_audit::export::export(&store, &out)?;
-            eprintln!(
-                "exported {entries} entries and {checkpoints} checkpoints to {}",
-                out.display()
-            );
-            Ok(true)
-        }
-        Command::Verify {
-            gateways,
-            clients,
-            json,
-        } => {
-            let progress = Progress::new();
-            let load = |paths: &[PathBuf]| -> anyhow::Result<Vec<_>> {
-                paths
-                    .iter()
-                    .map(|p| {
-                        progress.message(format!("loading {}", p.display()));
-                        let r =
-                            load_records(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
-                        progress.add(r.entries.len() as u64);
-                        Ok(r)
-                    })
-                    .collect()
-            };
-            let (gateways, clients) = (load(&gateways)?, load(&clients)?);
-            progress.message(format!("verifying {} entries", progress.count()));
-            let report = verify::verify(&gateways, &clients);
-            progress.finish();
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", render(&report));
-            }
-            Ok(report.ok())
-        }
-        Command::Evidence {
-            client,
-            gateway,
-            call,
-            out,
-        } => {
-            let load =
-                |p: &PathBuf| load_records(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()));
-            let (client, gateway) = (load(&client)?, load(&gateway)?);
-            let bundle = match evidence::build(&client, &gateway, call) {
-                Ok(b) => b,
-                Err(e @ evidence::EvidenceError::Store(_)) => return Err(e.into()),
-                Err(e) => {
-                    eprintln!(
-                        "didgate-audit: no evidence for call {}: {e}",
-                        hex::encode(call)
-                    );
-                    return Ok(false);
-                }
-            };
-            let bytes = bundle.encode();
-            std::fs::write(&out, &bytes).map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
-            eprintln!(
-                "wrote evidence for call {} ({} bytes) to {}",
-                hex::encode(call),
-                bytes.len(),
-                out.display()
-            );
-            Ok(true)
-        }
-        Command::CheckEvidence { file, json } => {
-            let mut bytes = Vec::new();
-            std::fs::File::open(&file)
-                .and_then(|f| {
-                    f.take(evidence::MAX_BUNDLE as u64 + 1)
-                        .read_to_end(&mut bytes)
-                })
-                .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-            let verdict = match evidence::check(&bytes) {
-                Err(e) if e.is_undecodable() => anyhow::bail!("{}: {e}", file.display()),
-                other => other,
-            };
-            if json {
-                let value = match &verdict {
-                    Ok(v) => serde_json::json!({ "valid": true, "verdict": v }),
-                    Err(e) => serde_json::json!({
-                        "valid": false,
-                        "failed": e.name(),
-                        "detail": e.to_string(),
-                    }),
-                };
-                println!("{}", serde_json::to_string_pretty(&value)?);
-            } else {
-                print!("{}", render_verdict(&file, &verdict));
-            }
-            Ok(verdict.is_ok())
+            LoadError::Store(_) | LoadError::Export(ExportError::Store(_)) => "store",
+            _ => "unreadable",
+        };
+        Self {
+            kind,
+            detail: format!("{}: {e}", path.display()),
         }
     }
+
+    /// Reports the failure on stderr, and on stdout as `json` if given; exit status 2.
+    fn report(&self, json: Option<serde_json::Value>) -> ExitCode {
+        eprintln!("didgate-audit: {}", self.detail);
+        if let Some(value) = json {
+            println!("{value:#}");
+        }
+        ExitCode::from(2)
+    }
+
+    /// The `verify --json` object: `{"error": KIND, "detail": TEXT, "exit": 2}`.
+    fn verify_json(&self) -> serde_json::Value {
+        serde_json::json!({ "error": self.kind, "detail": self.detail, "exit": 2 })
+    }
+
+    /// The `check-evidence --json` object: `{"valid": false, "failed": KIND, "detail": TEXT,
+    /// "exit": 2}`, an invalid verdict's shape with the exit status.
+    fn check_evidence_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "valid": false,
+            "failed": self.kind,
+            "detail": self.detail,
+            "exit": 2,
+        })
+    }
+}
+
+/// The kind of an I/O error on a path given on the command line.
+fn io_kind(e: &std::io::Error) -> &'static str {
+    if e.kind() == std::io::ErrorKind::NotFound {
+        "not_found"
+    } else {
+        "unreadable"
+    }
+}
+
+/// `export`: writes one chain (a stopped process's store) to a file.
+fn export(db: &Path, out: &Path) -> anyhow::Result<bool> {
+    let dir = didgate_audit::store_dir(db);
+    if !dir.join("version").is_file() {
+        anyhow::bail!("{} is not a store", db.display());
+    }
+    let store = didgate_audit::Store::open(&dir, &[])?;
+    let (entries, checkpoints) = didgate_audit::export::export(&store, out)?;
+    eprintln!(
+        "exported {entries} entries and {checkpoints} checkpoints to {}",
+        out.display()
+    );
+    Ok(true)
+}
+
+/// `verify`: exit status 0 when every check holds, 1 on a violation, 2 when a chain cannot be
+/// loaded; with `json`, every outcome is one JSON object on stdout.
+fn verify_command(
+    gateways: &[PathBuf],
+    clients: &[PathBuf],
+    options: verify::Options,
+    json: bool,
+) -> ExitCode {
+    let report = match load_and_verify(gateways, clients, options) {
+        Ok(r) => r,
+        Err(f) => return f.report(json.then(|| f.verify_json())),
+    };
+    if json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(text) => println!("{text}"),
+            Err(e) => {
+                let f = Failure {
+                    kind: "internal",
+                    detail: format!("cannot encode the report: {e}"),
+                };
+                return f.report(Some(f.verify_json()));
+            }
+        }
+    } else {
+        print!("{}", render(&report));
+    }
+    if report.ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+/// Loads every chain (with a spinner on a terminal) and verifies them against each other.
+fn load_and_verify(
+    gateways: &[PathBuf],
+    clients: &[PathBuf],
+    options: verify::Options,
+) -> Result<Report, Failure> {
+    let progress = Progress::new();
+    let load = |paths: &[PathBuf]| -> Result<Vec<_>, Failure> {
+        paths
+            .iter()
+            .map(|p| {
+                progress.message(format!("loading {}", p.display()));
+                let r = load_records(p).map_err(|e| Failure::load(p, &e))?;
+                progress.add(r.entries.len() as u64);
+                Ok(r)
+            })
+            .collect()
+    };
+    let loaded = load(gateways).and_then(|g| load(clients).map(|c| (g, c)));
+    let (gateways, clients) = match loaded {
+        Ok(chains) => chains,
+        Err(f) => {
+            progress.finish();
+            return Err(f);
+        }
+    };
+    progress.message(format!("verifying {} entries", progress.count()));
+    let report = verify::verify_opts(&gateways, &clients, options);
+    progress.finish();
+    Ok(report)
+}
+
+/// `evidence`: writes the evidence bundle of one call; `Ok(false)` when the chains hold no
+/// valid evidence for it.
+fn evidence_command(
+    client: &Path,
+    gateway: &Path,
+    call: [u8; 32],
+    out: &Path,
+) -> anyhow::Result<bool> {
+    let load = |p: &Path| load_records(p).map_err(|e| anyhow::anyhow!("{}: {e}", p.display()));
+    let (client, gateway) = (load(client)?, load(gateway)?);
+    let bundle = match evidence::build(&client, &gateway, call) {
+        Ok(b) => b,
+        Err(e @ evidence::EvidenceError::Store(_)) => return Err(e.into()),
+        Err(e) => {
+            eprintln!(
+                "didgate-audit: no evidence for call {}: {e}",
+                hex::encode(call)
+            );
+            return Ok(false);
+        }
+    };
+    let bytes = bundle.encode();
+    std::fs::write(out, &bytes).map_err(|e| anyhow::anyhow!("{}: {e}", out.display()))?;
+    eprintln!(
+        "wrote evidence for call {} ({} bytes) to {}",
+        hex::encode(call),
+        bytes.len(),
+        out.display()
+    );
+    Ok(true)
+}
+
+/// `check-evidence`: exit status 0 when the bundle holds, 1 when a check fails, 2 when FILE
+/// cannot be read or is not a bundle; with `json`, every outcome is one JSON object on stdout.
+fn check_evidence_command(file: &Path, json: bool) -> ExitCode {
+    let failed = |f: Failure| {
+        let detail = format!("{}: {}", file.display(), f.detail);
+        let value = json.then(|| f.check_evidence_json());
+        Failure { detail, ..f }.report(value)
+    };
+    let bytes = match read_bundle(file) {
+        Ok(b) => b,
+        Err(e) => {
+            return failed(Failure {
+                kind: io_kind(&e),
+                detail: e.to_string(),
+            });
+        }
+    };
+    let verdict = evidence::check(&bytes);
+    if let Err(e) = &verdict
+        && e.is_undecodable()
+    {
+        return failed(Failure {
+            kind: e.name(),
+            detail: e.to_string(),
+        });
+    }
+    if json {
+        let value = match &verdict {
+            Ok(v) => match serde_json::to_value(v) {
+                Ok(v) => serde_json::json!({ "valid": true, "verdict": v }),
+                Err(e) => {
+                    return failed(Failure {
+                        kind: "internal",
+                        detail: format!("cannot encode the verdict: {e}"),
+                    });
+                }
+            },
+            Err(e) => serde_json::json!({
+                "valid": false,
+                "failed": e.name(),
+                "detail": e.to_string(),
+            }),
+        };
+        println!("{value:#}");
+    } else {
+        print!("{}", render_verdict(file, &verdict));
+    }
+    if verdict.is_ok() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    }
+}
+
+/// The bytes of FILE, at most one more than [`evidence::MAX_BUNDLE`] (enough to refuse it as
+/// too large).
+fn read_bundle(file: &Path) -> std::io::Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    std::fs::File::open(file)?
+        .take(evidence::MAX_BUNDLE as u64 + 1)
+        .read_to_end(&mut bytes)?;
+    Ok(bytes)
 }
 
 /// The human-readable verdict on an evidence bundle.
@@ -323,15 +506,27 @@ fn render(report: &Report) -> String {
             u.chain, u.seq, u.call, u.detail
         ));
     }
+    for w in &report.warnings {
+        out.push_str(&format!("WARNING {w}\n"));
+    }
+    for s in &report.skipped {
+        out.push_str(&format!("SKIPPED {}: {}: {}\n", s.chain, s.check, s.reason));
+    }
     for v in &report.violations {
         out.push_str(&format!("VIOLATION {v}\n"));
     }
-    if report.ok() {
+    if report.ok() && report.warnings.is_empty() {
         out.push_str("verdict: OK, every chain and cross-link holds\n");
+    } else if report.ok() {
+        out.push_str(&format!(
+            "verdict: OK with {} warning(s): every check holds, but see the warnings\n",
+            report.warnings.len()
+        ));
     } else {
         out.push_str(&format!(
-            "verdict: FAILED, {} violation(s)\n",
-            report.violations.len()
+            "verdict: FAILED, {} violation(s), {} check(s) skipped\n",
+            report.violations.len(),
+            report.skipped.len()
         ));
     }
     out

@@ -26,6 +26,7 @@ use serde::Serialize;
 
 use crate::entry::{Entry, EntryKind, Outcome, Role, SecretAction, entry_hash};
 use crate::merkle;
+use crate::receipt;
 
 /// The records of one chain as read from a store or an export.
 #[derive(Debug, Clone)]
@@ -41,6 +42,18 @@ pub struct ChainRecords {
     /// did:web documents kept beside the chain (a gateway's: those that admitted did:web
     /// callers; entries name them by hash in `did_doc`).
     pub documents: Vec<Vec<u8>>,
+    /// The export declares the chain sealed (its owner wrote a checkpoint covering its last
+    /// entry before exporting it): an entry no checkpoint covers is then a violation, not a
+    /// warning. False for a store read in place and for an export that copied one as it is.
+    pub sealed: bool,
+}
+
+/// How strictly the verifier judges what older logs may lack.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Options {
+    /// Report entries covered by no signed checkpoint (`unsealed_tail`) as a violation in
+    /// every chain, not only in chains declared sealed.
+    pub strict: bool,
 }
 
 /// The kind of a violation.
@@ -93,6 +106,10 @@ pub enum ViolationKind {
     /// that no earlier `secret` entry declared, or one older than the version that was current
     /// before the call's `executing` entry (specs/audit-log.md, "Gateway chains").
     SecretMismatch,
+    /// Entries at the end of a chain are covered by no checkpoint its owner signed: anyone
+    /// could have truncated or edited them (a warning for chains not declared sealed, unless
+    /// the verifier is strict).
+    UnsealedTail,
 }
 
 /// One violation.
@@ -177,15 +194,33 @@ pub struct Report {
     pub cross_links: u64,
     /// Every violation found.
     pub violations: Vec<Violation>,
+    /// Findings that do not fail the verdict: an unsealed tail of a chain not declared sealed
+    /// (without `strict`).
+    pub warnings: Vec<Violation>,
+    /// Checks that could not run, and why (a chain with missing or reordered entries has no
+    /// known Merkle positions, so its checkpoint and receipt roots are not recomputed). Always
+    /// accompanied by the violations that caused them; a report with any is not ok.
+    pub skipped: Vec<Skipped>,
     /// Calls whose outcome a chain records as unknown, gateway chains first, in chain order.
     pub unknown_outcomes: Vec<UnknownOutcome>,
 }
 
 impl Report {
-    /// True when nothing is violated.
+    /// True when nothing is violated and no check was skipped.
     pub fn ok(&self) -> bool {
-        self.violations.is_empty()
+        self.violations.is_empty() && self.skipped.is_empty()
     }
+}
+
+/// A check the verifier could not run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Skipped {
+    /// The chain's label.
+    pub chain: String,
+    /// Which check.
+    pub check: String,
+    /// Why it could not run.
+    pub reason: String,
 }
 
 /// What a gateway chain's `secret` entries declared (amendment 2.4), from its first snapshot
@@ -348,9 +383,14 @@ impl Checked {
     }
 }
 
+#[derive(Default)]
 struct Ctx {
     violations: Vec<Violation>,
     roots: Roots,
+    warnings: Vec<Violation>,
+    skipped: Vec<Skipped>,
+    /// Per gateway chain label: receipts whose root was not recomputed (the chain has gaps).
+    receipt_roots_unchecked: HashMap<String, u64>,
 }
 
 impl Ctx {
@@ -385,6 +425,17 @@ fn check_links(
     for ((key, _), d) in rec.entries.iter().zip(decoded) {
         let hash = d.hash;
         leaves.push(d.leaf);
+        if let Some(prev) = items.last()
+            && *key <= prev.key
+        {
+            // a duplicated or moved item: keys are unique and increase
+            cx.flag(
+                label,
+                Some(*key),
+                ViolationKind::ReorderedEntries,
+                format!("key {key} does not increase (it follows key {})", prev.key),
+            );
+        }
         let entry = match d.entry {
             Ok(e) => e,
             Err(e) => {
@@ -644,14 +695,18 @@ impl Roots {
 /// keeps one chain, so its roots are judged per DID (a second chain of the same gateway is
 /// equivocation too); one client DID may keep several named chains, so a client's roots are
 /// judged per (DID, chain id).
+#[allow(clippy::too_many_arguments)] // the verifier's context, passed explicitly
 fn check_checkpoints(
     rec: &ChainRecords,
     c: &Checked,
     role: Role,
     sigs: &Sigs<'_>,
     roots: &mut Roots,
+    strict: bool,
     cx: &mut Ctx,
 ) {
+    // entries covered by the checkpoints that check out
+    let mut sealed = 0u64;
     // The chain's extent is its highest stored seq, not its number of entries: a missing
     // entry is reported as missing, not as a truncation.
     let extent = c
@@ -712,7 +767,15 @@ fn check_checkpoints(
                     cp.size
                 ),
             );
-        } else if !c.gaps && cp.size > 0 {
+        } else if c.gaps && cp.size > 0 {
+            cx.skipped.push(Skipped {
+                chain: c.label.clone(),
+                check: format!("{where_} (size {}): head and root", cp.size),
+                reason:
+                    "entries are missing or out of order, so their Merkle positions are unknown"
+                        .into(),
+            });
+        } else if cp.size > 0 {
             let root = c.tree.root_at(cp.size);
             if c.at(last).is_none_or(|item| item.hash != cp.head) || root != Some(cp.root) {
                 cx.flag(
@@ -724,8 +787,45 @@ fn check_checkpoints(
                         cp.size
                     ),
                 );
+            } else {
+                sealed = sealed.max(cp.size);
             }
         }
+    }
+    check_sealed(rec, c, extent, sealed, strict, cx);
+}
+
+/// Entries after the last one a valid checkpoint of the owner covers: `unsealed_tail`, a
+/// violation when the chain is declared sealed or the verifier is strict, else a warning.
+fn check_sealed(
+    rec: &ChainRecords,
+    c: &Checked,
+    extent: u64,
+    sealed: u64,
+    strict: bool,
+    cx: &mut Ctx,
+) {
+    if extent <= sealed || c.gaps {
+        return;
+    }
+    let finding = Violation {
+        chain: c.label.clone(),
+        seq: Some(sealed),
+        kind: ViolationKind::UnsealedTail,
+        detail: format!(
+            "entries {sealed}..{} are covered by no checkpoint signed by the chain's owner: anyone could have truncated or edited them{}",
+            extent - 1,
+            if rec.sealed || strict {
+                ""
+            } else {
+                " (a warning: the chain is not declared sealed; --strict makes it a violation)"
+            }
+        ),
+    };
+    if rec.sealed || strict {
+        cx.violations.push(finding);
+    } else {
+        cx.warnings.push(finding);
     }
 }
 
@@ -737,7 +837,16 @@ pub fn verify(gateways: &[ChainRecords], clients: &[ChainRecords]) -> Report {
 /// Like [`verify`], on up to `threads` threads (at least one). The report is the same for any
 /// number of threads.
 pub fn verify_with(gateways: &[ChainRecords], clients: &[ChainRecords], threads: usize) -> Report {
-    run(gateways, clients, threads).0
+    run(gateways, clients, threads, Options::default()).0
+}
+
+/// Like [`verify`], with `options` (e.g. `strict`).
+pub fn verify_opts(
+    gateways: &[ChainRecords],
+    clients: &[ChainRecords],
+    options: Options,
+) -> Report {
+    run(gateways, clients, default_threads(), options).0
 }
 
 /// Like [`verify_with`], also telling where the time went (for benchmarks).
@@ -747,7 +856,7 @@ pub fn verify_phases(
     clients: &[ChainRecords],
     threads: usize,
 ) -> (Report, Phases) {
-    run(gateways, clients, threads)
+    run(gateways, clients, threads, Options::default())
 }
 
 /// Whether a gateway entry's subject names the request's signer: the signer's did:key (and
@@ -787,14 +896,16 @@ fn subject_matches(
 /// The verifier. The parallel steps (hashing and decoding entries, Merkle levels, opening each
 /// distinct signed message once) only precompute what the sequential checks would compute
 /// themselves; the checks and the order of the violations are those of one thread.
-fn run(gateways: &[ChainRecords], clients: &[ChainRecords], threads: usize) -> (Report, Phases) {
+fn run(
+    gateways: &[ChainRecords],
+    clients: &[ChainRecords],
+    threads: usize,
+    options: Options,
+) -> (Report, Phases) {
     let threads = threads.max(1);
     let started = Instant::now();
     let mut ph = Phases::default();
-    let mut cx = Ctx {
-        violations: Vec::new(),
-        roots: Roots::default(),
-    };
+    let mut cx = Ctx::default();
     let t = Instant::now();
     let mut decoded = gateways
         .iter()
@@ -823,10 +934,7 @@ fn run(gateways: &[ChainRecords], clients: &[ChainRecords], threads: usize) -> (
             .lock()
             .map(|mut d| std::mem::take(&mut *d))
             .unwrap_or_default();
-        let mut own = Ctx {
-            violations: Vec::new(),
-            roots: Roots::default(),
-        };
+        let mut own = Ctx::default();
         let (c, l) = check_links(rec, d, *role, &mut own);
         (c, l, own.violations)
     });
@@ -901,7 +1009,7 @@ fn run(gateways: &[ChainRecords], clients: &[ChainRecords], threads: usize) -> (
         .chain(clients.iter().zip(&cls).map(|p| (p, Role::Client)));
     for ((rec, c), role) in roles {
         let mut roots = std::mem::take(&mut cx.roots);
-        check_checkpoints(rec, c, role, &sigs, &mut roots, &mut cx);
+        check_checkpoints(rec, c, role, &sigs, &mut roots, options.strict, &mut cx);
         cx.roots = roots;
     }
     let gateway_dids: HashMap<Did, usize> = gws
@@ -1055,7 +1163,8 @@ fn run(gateways: &[ChainRecords], clients: &[ChainRecords], threads: usize) -> (
     let mut cross_links = 0u64;
     let cl_entries = cls.iter().map(|c| c.items.len()).sum::<usize>() / 2;
     let mut client_requests: HashMap<Digest, &[u8]> = HashMap::with_capacity(cl_entries);
-    let mut auds: HashMap<Digest, String> = HashMap::with_capacity(cl_entries);
+    // per call: the request's `aud` and signer, which its receipt must match
+    let mut auds: HashMap<Digest, (String, Did)> = HashMap::with_capacity(cl_entries);
     let mut client_calls = vec![0u64; cls.len()];
     for (ci, c) in cls.iter().enumerate() {
         let mut pending: HashMap<Digest, (u64, bool)> = HashMap::new();
@@ -1116,7 +1225,10 @@ fn run(gateways: &[ChainRecords], clients: &[ChainRecords], threads: usize) -> (
                     }
                     pending.insert(call, (e.seq, false));
                     client_requests.insert(call, bytes.as_slice());
-                    auds.insert(call, req.message.aud.clone());
+                    auds.insert(
+                        call,
+                        (req.message.aud.clone(), req.envelope.signer().clone()),
+                    );
                 }
                 EntryKind::Result if e.outcome == Some(Outcome::Grant) => {
                     // A grant answers the request for now; a later result closes the call.
@@ -1162,12 +1274,12 @@ fn run(gateways: &[ChainRecords], clients: &[ChainRecords], threads: usize) -> (
                     match (e.outcome, &e.signed) {
                         (Some(Outcome::Receipt), Some(bytes)) => {
                             cross_links += 1;
-                            let aud = e.call.and_then(|c| auds.get(&c)).map(String::as_str);
+                            let asked = e.call.and_then(|c| auds.get(&c));
                             check_receipt(
                                 c,
                                 e,
                                 bytes,
-                                aud,
+                                asked,
                                 &gws,
                                 &gateway_dids,
                                 &executing,
@@ -1264,10 +1376,23 @@ fn run(gateways: &[ChainRecords], clients: &[ChainRecords], threads: usize) -> (
     ph.cross_links = t.elapsed();
     let unknown_outcomes = unknown_outcomes(&gws, &cls);
     ph.total = started.elapsed();
+    let mut skipped = cx.skipped;
+    let mut unchecked: Vec<_> = cx.receipt_roots_unchecked.into_iter().collect();
+    unchecked.sort();
+    for (chain, n) in unchecked {
+        skipped.push(Skipped {
+            check: format!("the roots of {n} receipt(s) signed for this chain"),
+            chain,
+            reason: "entries are missing or out of order, so their Merkle positions are unknown"
+                .into(),
+        });
+    }
     let report = Report {
         chains,
         cross_links,
         violations: cx.violations,
+        warnings: cx.warnings,
+        skipped,
         unknown_outcomes,
     };
     (report, ph)
@@ -1325,7 +1450,7 @@ fn check_receipt(
     c: &Checked,
     e: &Entry,
     bytes: &[u8],
-    aud: Option<&str>,
+    asked: Option<&(String, Did)>,
     gws: &[Checked],
     dids: &HashMap<Did, usize>,
     executing: &Executing<'_>,
@@ -1344,21 +1469,41 @@ fn check_receipt(
             );
         }
     };
-    if Some(receipt.message.call) != e.call {
-        cx.flag(
+    let fault = match (asked, e.call) {
+        (Some((aud, signer)), Some(call)) => receipt::answers(
+            &receipt.message,
+            receipt.envelope.signer(),
+            &call,
+            signer,
+            aud,
+        )
+        .err(),
+        _ => (Some(receipt.message.call) != e.call).then_some(receipt::Fault::Call),
+    };
+    match fault {
+        Some(receipt::Fault::Call) => cx.flag(
             &c.label,
             seq,
             ViolationKind::CallIdMismatch,
             "receipt is for another call",
-        );
-    }
-    if aud.is_some_and(|a| a != receipt.envelope.signer().as_str()) {
-        cx.flag(
+        ),
+        Some(receipt::Fault::Client) => cx.flag(
+            &c.label,
+            seq,
+            ViolationKind::ReceiptMismatch,
+            format!(
+                "the receipt names client {}, the request is signed by {}",
+                receipt.message.client,
+                asked.map_or("?".into(), |(_, s)| s.to_string())
+            ),
+        ),
+        Some(_) => cx.flag(
             &c.label,
             seq,
             ViolationKind::BadSignature,
             "receipt signed by another gateway than the request addressed",
-        );
+        ),
+        None => {}
     }
     if e.peer_entry != Some(receipt.message.entry) {
         cx.flag(
@@ -1381,30 +1526,24 @@ fn check_receipt(
     };
     let r = &receipt.message;
     match g.at(r.entry.seq) {
-        Some(it) if it.hash == r.entry.hash => {
-            let ge = &it.entry;
-            if ge.kind != EntryKind::Executed || ge.call != Some(r.call) {
-                cx.flag(
-                    &c.label,
-                    seq,
-                    ViolationKind::ReceiptMismatch,
-                    format!(
-                        "{} seq {} is not this call's executed entry",
-                        g.label, r.entry.seq
-                    ),
-                );
-            } else if ge.status != Some(r.status)
-                || ge.resp_b3 != Some(r.resp_b3)
-                || ge.resp_len != Some(r.resp_len)
-            {
-                cx.flag(
-                    &c.label,
-                    seq,
-                    ViolationKind::DigestMismatch,
-                    "status or response digest differs from the gateway's entry",
-                );
-            }
-        }
+        Some(it) if it.hash == r.entry.hash => match receipt::closed_by(r, it.key, &it.entry) {
+            Ok(()) => {}
+            Err(receipt::Fault::Outcome(field)) => cx.flag(
+                &c.label,
+                seq,
+                ViolationKind::DigestMismatch,
+                format!("{field} differs from the gateway's entry"),
+            ),
+            Err(_) => cx.flag(
+                &c.label,
+                seq,
+                ViolationKind::ReceiptMismatch,
+                format!(
+                    "{} seq {} is not this call's executed entry",
+                    g.label, r.entry.seq
+                ),
+            ),
+        },
         _ => cx.flag(
             &c.label,
             seq,
@@ -1436,7 +1575,11 @@ fn check_receipt(
             (Some((i, precomputed)), Some(gi)) if i == *gi => precomputed,
             _ => g.tree.root_at(size),
         };
-        if !g.gaps && have.is_some_and(|have| have != root) {
+        if g.gaps {
+            *cx.receipt_roots_unchecked
+                .entry(g.label.clone())
+                .or_default() += 1;
+        } else if have.is_some_and(|have| have != root) {
             cx.flag(
                 &c.label,
                 seq,
@@ -1617,8 +1760,10 @@ fn decode(bytes: &[u8]) -> Decoded {
     Decoded {
         hash,
         leaf: merkle::leaf_hash(&hash),
+        // the fast path reads only the strict subset; anything else is judged by the strict
+        // decoder (encoding rules and the kind's field table), never by a lenient one
         entry: decode_entry_fast(bytes)
-            .map_or_else(|| Entry::decode(bytes), Ok)
+            .map_or_else(|| Entry::decode_strict(bytes), Ok)
             .map(Box::new),
     }
 }
@@ -2353,6 +2498,10 @@ fn decode_entry_fast(bytes: &[u8]) -> Option<Entry> {
             return None;
         }
         seen |= 1 << bit;
+        // unused fields are absent, not null: the strict decoder says why
+        if r.b.get(r.i) == Some(&0xf6) {
+            return None;
+        }
         match bit {
             0 => e.v = r.uint()?,
             1 => e.seq = r.uint()?,
@@ -2386,7 +2535,11 @@ fn decode_entry_fast(bytes: &[u8]) -> Option<Entry> {
     }
     // v, seq, prev, time_ms and kind are required; anything after the map is refused; the
     // version's own rules are the strict decoder's
-    (seen & 0b11111 == 0b11111 && r.i == bytes.len() && e.check_version().is_ok()).then_some(e)
+    (seen & 0b11111 == 0b11111
+        && r.i == bytes.len()
+        && e.check_version().is_ok()
+        && e.check_fields().is_ok())
+    .then_some(e)
 }
 
 /// Fills a map field once: a repeated key, or a value that did not decode, is `None`.
@@ -2778,6 +2931,7 @@ mod tests {
                 head: Some(self.head),
                 checkpoints: self.checkpoints,
                 documents: Vec::new(),
+                sealed: false,
             }
         }
     }
@@ -2965,6 +3119,9 @@ mod tests {
             } else {
                 e.secret_id = Some(id);
                 e.secret_version = Some(version);
+                e.status = Some(200);
+                e.resp_len = Some(0);
+                e.resp_b3 = Some(*blake3::hash(b"").as_bytes());
             }
             e.call = Some(current);
             g.push(e, &gw).seq
@@ -3191,11 +3348,23 @@ mod tests {
     fn fast_entry_decoder_agrees_with_entry_decode() {
         let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
         let mut accepted_altered = 0;
-        for _ in 0..3000 {
+        let mut accepted_fresh = 0;
+        // random fields mostly break the kinds' field tables: draw until enough pass (bounded)
+        for _ in 0..400_000 {
+            if accepted_fresh >= 300 {
+                break;
+            }
             let e = random_entry(&mut rng);
             let bytes = e.encode();
-            assert_eq!(decode_entry_fast(&bytes), Some(e.clone()));
-            assert_eq!(Entry::decode(&bytes), Ok(e));
+            assert_eq!(Entry::decode(&bytes), Ok(e.clone()));
+            // random fields break the kinds' field tables: the fast path and the strict decoder
+            // agree on which, and on the value when they accept
+            let strict = Entry::decode_strict(&bytes).ok();
+            assert_eq!(decode_entry_fast(&bytes), strict);
+            if strict.is_none() {
+                continue;
+            }
+            accepted_fresh += 1;
             for _ in 0..20 {
                 let mut altered = bytes.clone();
                 match rng.below(4) {
@@ -3215,10 +3384,11 @@ mod tests {
                 }
                 if let Some(fast) = decode_entry_fast(&altered) {
                     accepted_altered += 1;
-                    assert_eq!(Entry::decode(&altered), Ok(fast), "{altered:02x?}");
+                    assert_eq!(Entry::decode_strict(&altered), Ok(fast), "{altered:02x?}");
                 }
             }
         }
+        assert!(accepted_fresh > 100, "{accepted_fresh}");
         assert!(accepted_altered > 100, "{accepted_altered}");
         // forms the writer never produces are left to Entry::decode
         let e = random_entry(&mut rng);

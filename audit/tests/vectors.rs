@@ -331,6 +331,7 @@ fn verdicts_agree(chains: &[Value]) {
                 .map(hex_field)
                 .collect(),
             documents: Vec::new(),
+            sealed: false,
         };
         let report = verify::verify(&[records], &[]);
         let found: Vec<(Option<u64>, String)> = report

@@ -1007,3 +1007,356 @@ async fn request_without_a_result() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+// ---------------------------------------------------------------------------------------------
+// Issue 16: duplicated and unordered items, strict decoding, receipts naming another client,
+// unsealed tails.
+
+/// A report that fails: the violations found, and every check that could not run.
+fn assert_fails_with(report: &Report, primary: &[V]) {
+    let actual: BTreeSet<V> = report
+        .violations
+        .iter()
+        .map(|x| (x.chain.clone(), x.kind.name(), x.seq))
+        .collect();
+    for p in primary {
+        assert!(
+            actual.contains(p),
+            "{p:?} not reported: {:#?}",
+            report.violations
+        );
+    }
+    assert!(!report.ok(), "the verdict must not be OK");
+}
+
+/// The outside auditor's case: the gateway's last entry edited (it is covered by a signed
+/// checkpoint), the unsigned head fixed to match, and an identical copy of an item inserted at
+/// `at`. On b9992ca a key at or below the expected one raised nothing, the chain was then
+/// treated as having gaps, and gaps silently skipped the checkpoint checks: `verdict: OK`.
+async fn duplicated_item(at: usize, copy_of: usize) -> anyhow::Result<()> {
+    let f = fixture().await?;
+    let mut t = f.chains.clone();
+    let last = t.gw.entries.last().map(|(k, _)| *k).expect("entries");
+    alter(&mut t.gw, last, |e| e.time_ms += 1);
+    set_head_to_last(&mut t.gw);
+    let item = t.gw.entries[copy_of].clone();
+    t.gw.entries.insert(at, item.clone());
+    let report = t.verify();
+    assert_fails_with(&report, &[v(GW, ReorderedEntries, Some(item.0))]);
+    assert!(
+        report
+            .skipped
+            .iter()
+            .any(|s| s.chain == GW && s.check.contains("checkpoint")),
+        "the checkpoint check that could not run is reported: {:#?}",
+        report.skipped
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicated_item_first() -> anyhow::Result<()> {
+    // a copy of the genesis right after it
+    duplicated_item(1, 0).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicated_item_middle() -> anyhow::Result<()> {
+    let n = fixture().await?.chains.gw.entries.len();
+    // a copy of the genesis in the middle of the chain
+    duplicated_item(n / 2, 0).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicated_item_last() -> anyhow::Result<()> {
+    let n = fixture().await?.chains.gw.entries.len();
+    // a copy of an entry in the middle appended at the end
+    duplicated_item(n, n / 2).await
+}
+
+/// A duplicated key holding an edited copy of the entry, placed before or after the original.
+async fn duplicated_key(before: bool) -> anyhow::Result<()> {
+    let f = fixture().await?;
+    let mut t = f.chains.clone();
+    let a2 = client_calls(&t.alice)[1];
+    let k = key_of(&t.gw, EntryKind::Executed, a2.call);
+    let i = index(&t.gw, k);
+    let mut edited = decode(&t.gw.entries[i].1);
+    edited.status = Some(500);
+    let copy = (k, edited.encode());
+    t.gw.entries.insert(if before { i } else { i + 1 }, copy);
+    let report = t.verify();
+    assert_fails_with(&report, &[v(GW, ReorderedEntries, Some(k))]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicated_key_with_an_edited_copy_before_the_original() -> anyhow::Result<()> {
+    duplicated_key(true).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicated_key_with_an_edited_copy_after_the_original() -> anyhow::Result<()> {
+    duplicated_key(false).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_out_of_order() -> anyhow::Result<()> {
+    let f = fixture().await?;
+    let mut t = f.chains.clone();
+    // two items swapped whole (key and bytes): every entry still sits at its own key
+    let a2 = client_calls(&t.alice)[1];
+    let k = key_of(&t.gw, EntryKind::Executed, a2.call);
+    let i = index(&t.gw, k);
+    t.gw.entries.swap(i, i + 1);
+    let report = t.verify();
+    assert_fails_with(&report, &[v(GW, ReorderedEntries, Some(k))]);
+    Ok(())
+}
+
+/// The export file of `rec`, as `didgated export` writes it, with `edit` applied to its items.
+fn export_bytes(rec: &ChainRecords, edit: impl FnOnce(&mut Vec<ciborium::Value>)) -> Vec<u8> {
+    use ciborium::Value;
+    let map = |pairs: Vec<(&str, Value)>| {
+        Value::Map(
+            pairs
+                .into_iter()
+                .map(|(k, v)| (Value::Text(k.into()), v))
+                .collect(),
+        )
+    };
+    let mut items = vec![map(vec![
+        ("t", Value::Text("header".into())),
+        ("v", Value::Integer(1.into())),
+        ("bytes", Value::Bytes(b"didgate-audit-export".to_vec())),
+    ])];
+    for (k, b) in &rec.entries {
+        items.push(map(vec![
+            ("t", Value::Text("entry".into())),
+            ("seq", Value::Integer((*k).into())),
+            ("bytes", Value::Bytes(b.clone())),
+        ]));
+    }
+    for cp in &rec.checkpoints {
+        items.push(map(vec![
+            ("t", Value::Text("checkpoint".into())),
+            ("bytes", Value::Bytes(cp.clone())),
+        ]));
+    }
+    if let Some(h) = rec.head {
+        items.push(map(vec![
+            ("t", Value::Text("head".into())),
+            ("seq", Value::Integer(h.seq.into())),
+            ("hash", Value::Bytes(h.hash.to_vec())),
+        ]));
+    }
+    edit(&mut items);
+    let count = |t: &str| {
+        items
+            .iter()
+            .filter(|i| {
+                i.as_map().is_some_and(|m| {
+                    m.iter()
+                        .any(|(k, v)| k.as_text() == Some("t") && v.as_text() == Some(t))
+                })
+            })
+            .count() as u64
+    };
+    let end = map(vec![
+        ("t", Value::Text("end".into())),
+        ("entries", Value::Integer(count("entry").into())),
+        ("checkpoints", Value::Integer(count("checkpoint").into())),
+    ]);
+    items.push(end);
+    let mut out = Vec::new();
+    for i in &items {
+        ciborium::into_writer(i, &mut out).expect("encodes");
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_reader_refuses_duplicated_and_unordered_items_and_a_second_head()
+-> anyhow::Result<()> {
+    use didgate_audit::export::{ExportError, read};
+    let f = fixture().await?;
+    let gw = &f.chains.gw;
+    // the honest file reads back as the records
+    let honest = read(&export_bytes(gw, |_| {})[..], GW)?;
+    assert_eq!(honest.entries, gw.entries);
+    assert_eq!(honest.head, gw.head);
+    type Edit = Box<dyn FnOnce(&mut Vec<ciborium::Value>)>;
+    let cases: Vec<(&str, Edit)> = vec![
+        (
+            "a duplicated first entry item",
+            Box::new(|i| i.insert(2, i[1].clone())),
+        ),
+        (
+            "a duplicated middle entry item",
+            Box::new(|i| {
+                let m = i.len() / 2;
+                i.insert(m, i[m].clone())
+            }),
+        ),
+        ("entry items out of key order", Box::new(|i| i.swap(3, 4))),
+        (
+            "a second head item",
+            Box::new(|i| {
+                let head = i.last().cloned().expect("head");
+                i.push(head)
+            }),
+        ),
+        (
+            "an entry item after the checkpoints",
+            Box::new(|i| {
+                let e = i.remove(1);
+                let head = i.pop().expect("head");
+                i.push(e);
+                i.push(head)
+            }),
+        ),
+    ];
+    for (what, edit) in cases {
+        let r = read(&export_bytes(gw, edit)[..], GW);
+        assert!(
+            matches!(r, Err(ExportError::Malformed { .. })),
+            "{what}: {:?}",
+            r.map(|x| x.entries.len())
+        );
+    }
+    Ok(())
+}
+
+/// Replaces alice's last entry (the result of her last call) with `bytes` as its owner would
+/// store them (the head recorded for them, the checkpoint covering them dropped). Returns the
+/// result's key and its request's key.
+fn replace_last_client_entry(t: &mut Chains, bytes: Vec<u8>) -> (u64, u64) {
+    let last = client_calls(&t.alice)[3];
+    let i = index(&t.alice, last.result);
+    t.alice.entries[i].1 = bytes;
+    set_head_to_last(&mut t.alice);
+    keep_checkpoints_within(&mut t.alice, last.result);
+    (last.result, last.request)
+}
+
+/// The CBOR items of an entry's map, to re-encode them in ways the reference writer never does.
+fn entry_map(bytes: &[u8]) -> Vec<(ciborium::Value, ciborium::Value)> {
+    let v: ciborium::Value = ciborium::from_reader(bytes).expect("CBOR");
+    v.into_map().expect("a map")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_indefinite_length_entry_does_not_decode() -> anyhow::Result<()> {
+    let f = fixture().await?;
+    let mut t = f.chains.clone();
+    let last = client_calls(&t.alice)[3];
+    let bytes = t.alice.entries[index(&t.alice, last.result)].1.clone();
+    // the same map, written with an indefinite length (0xbf ... 0xff)
+    let mut indefinite = vec![0xbf];
+    for (k, v) in entry_map(&bytes) {
+        ciborium::into_writer(&k, &mut indefinite)?;
+        ciborium::into_writer(&v, &mut indefinite)?;
+    }
+    indefinite.push(0xff);
+    assert!(
+        Entry::decode(&indefinite).is_ok(),
+        "ciborium itself reads it"
+    );
+    let (result, request) = replace_last_client_entry(&mut t, indefinite);
+    let report = t.verify();
+    // Consequence: the request it answered has no result.
+    assert_violations(
+        &report,
+        &[v(ALICE, AlteredEntry, Some(result))],
+        &[v(ALICE, UnansweredRequest, Some(request))],
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_byte_string_field_given_as_an_array_does_not_decode() -> anyhow::Result<()> {
+    let f = fixture().await?;
+    let mut t = f.chains.clone();
+    let last = client_calls(&t.alice)[3];
+    let bytes = t.alice.entries[index(&t.alice, last.result)].1.clone();
+    let map: Vec<_> = entry_map(&bytes)
+        .into_iter()
+        .map(|(k, v)| match (k.as_text(), v) {
+            (Some("prev"), ciborium::Value::Bytes(b)) => (
+                k,
+                ciborium::Value::Array(
+                    b.into_iter()
+                        .map(|x| ciborium::Value::Integer(x.into()))
+                        .collect(),
+                ),
+            ),
+            (_, v) => (k, v),
+        })
+        .collect();
+    let mut array = Vec::new();
+    ciborium::into_writer(&ciborium::Value::Map(map), &mut array)?;
+    assert!(Entry::decode(&array).is_ok(), "serde itself reads it");
+    let (result, request) = replace_last_client_entry(&mut t, array);
+    let report = t.verify();
+    assert_violations(
+        &report,
+        &[v(ALICE, AlteredEntry, Some(result))],
+        &[v(ALICE, UnansweredRequest, Some(request))],
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receipt_naming_another_client_is_a_mismatch() -> anyhow::Result<()> {
+    let f = fixture().await?;
+    let mut t = f.chains.clone();
+    // the gateway signs, for alice's last call, a receipt naming bob as the client; alice's
+    // chain records it (as its owner would: the checkpoint covering it dropped)
+    let last = client_calls(&t.alice)[3];
+    let mut e = entry(&t.alice, last.result);
+    let signed = e.signed.clone().expect("a receipt");
+    let mut r = message::open::<Receipt>(&signed)?.message;
+    r.client = bob().did().to_string();
+    e.signed = Some(r.sign(&f.gw_identity));
+    replace_last_client_entry(&mut t, e.encode());
+    let report = t.verify();
+    assert_violations(
+        &report,
+        &[v(ALICE, ReceiptMismatch, Some(last.result))],
+        &[],
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stripped_checkpoints_leave_an_unsealed_tail() -> anyhow::Result<()> {
+    use didgate_audit::verify::{Options, verify_opts};
+    let f = fixture().await?;
+    let mut t = f.chains.clone();
+    // with no key: drop the gateway's checkpoints and its head item, and the refusal entries
+    // at its end no receipt references could be edited or cut unseen
+    t.gw.checkpoints.clear();
+    t.gw.head = None;
+    let gw = std::slice::from_ref(&t.gw);
+    let clients = [t.alice.clone(), t.bob.clone()];
+    // a log that is not declared sealed (written before sealing existed): a warning, exit 0
+    let report = t.verify();
+    assert!(report.ok(), "{:#?}", report.violations);
+    assert!(
+        report
+            .warnings
+            .iter()
+            .any(|w| w.chain == GW && w.kind == ViolationKind::UnsealedTail && w.seq == Some(0)),
+        "{:#?}",
+        report.warnings
+    );
+    // strict: a violation
+    let strict = verify_opts(gw, &clients, Options { strict: true });
+    assert_violations(&strict, &[v(GW, ViolationKind::UnsealedTail, Some(0))], &[]);
+    // an export declared sealed: a violation without --strict
+    let mut sealed = t.gw.clone();
+    sealed.sealed = true;
+    let report = verify_opts(&[sealed], &clients, Options::default());
+    assert_violations(&report, &[v(GW, ViolationKind::UnsealedTail, Some(0))], &[]);
+    Ok(())
+}

@@ -581,6 +581,7 @@ fn generate(calls: u64, threads: usize) -> Result<(ChainRecords, Vec<ChainRecord
             head: Some(b.head),
             checkpoints,
             documents: Vec::new(),
+            sealed: false,
         });
     }
     sign_s += t.elapsed().as_secs_f64();
