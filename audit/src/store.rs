@@ -115,6 +115,14 @@ pub enum StoreError {
     NewerFormat(u64),
 }
 
+impl StoreError {
+    /// Whether the store is held by another process (fjall's lock file): a running daemon, or
+    /// another command that has it open.
+    pub fn is_locked(&self) -> bool {
+        matches!(self, Self::Engine(fjall::Error::Locked))
+    }
+}
+
 /// A decoding failure of the stored entry at `seq` as a [`StoreError`].
 fn corrupt(seq: u64, e: didgate_protocol::cbor::DecodeError) -> StoreError {
     match e {
@@ -509,7 +517,24 @@ enum Msg {
     /// that succeeds, unless the chain turns out to hold a close of that call already.
     Owe(Box<Entry>),
     Checkpoint(mpsc::Sender<Result<(), AppendError>>),
+    /// A forced checkpoint, then the job runs on the writer thread before any later batch
+    /// ([`Chain::seal_then`]).
+    Seal(SealJob),
     Close(mpsc::Sender<()>),
+}
+
+/// What runs on the writer thread once a seal's batch is durable (or failed).
+type SealJob = Box<dyn FnOnce(Result<Sealed, AppendError>, &Store) + Send>;
+
+/// What sealing a chain found or did ([`Chain::seal`], [`Store::seal`]): its last checkpoint
+/// covers its last entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sealed {
+    /// The chain's size (its head's seq + 1), which the last checkpoint covers; 0 for an empty
+    /// store.
+    pub size: u64,
+    /// Whether a checkpoint was signed and stored now (false: the chain was sealed already).
+    pub written: bool,
 }
 
 /// Handle to a chain's single writer. Cheap to clone.
@@ -598,6 +623,53 @@ impl Store {
     pub fn consistency_proof(&self, old: u64, new: u64) -> Option<Vec<Digest>> {
         merkle::consistency_proof(self, old, new)
     }
+
+    /// Seals the chain of a store no [`Chain`] has open (a stopped process's): unless a
+    /// checkpoint already covers its head, `signer` (the owner, with `role`, else
+    /// [`StoreError::WrongOwner`]) signs one of the durable head, as the writer does, and it is
+    /// stored durably. Its `v` is the version of the chain's last entry: a version 1 chain is not
+    /// switched (no `format` entry), and nothing but the checkpoint is written. An empty store
+    /// is left as it is. Refuses a head that disagrees with the last entry or the Merkle
+    /// frontier ([`StoreError::Corrupt`]).
+    pub fn seal(&self, signer: &Identity, role: Role, now_ms: u64) -> Result<Sealed, StoreError> {
+        let Some(genesis) = self.entry_bytes(0)? else {
+            return Ok(Sealed {
+                size: 0,
+                written: false,
+            });
+        };
+        check_genesis(&genesis, signer.did(), role)?;
+        let (head, frontier) = self.durable_head()?;
+        let size = frontier.size();
+        let engine = self.engine()?;
+        if engine.checkpoints.get(size.to_be_bytes())?.is_some() {
+            return Ok(Sealed {
+                size,
+                written: false,
+            });
+        }
+        let (last, _) = self.last_entry()?.ok_or(StoreError::Corrupt {
+            seq: head.seq,
+            why: "vanished".into(),
+        })?;
+        let version = Version::from_u64(last.v).ok_or(StoreError::NewerFormat(last.v))?;
+        let cp = checkpoint_of(
+            signer,
+            entry_hash(&genesis),
+            &head,
+            &frontier,
+            now_ms,
+            version,
+        );
+        let mut batch = engine.db.batch();
+        stage_signed(&engine, &mut batch, signer, &cp);
+        batch.commit()?;
+        engine.db.persist(PersistMode::SyncAll)?;
+        Ok(Sealed {
+            size,
+            written: true,
+        })
+    }
 }
 
 impl Chain {
@@ -619,10 +691,7 @@ impl Chain {
         let mut batch = engine.db.batch();
         let (id, head, frontier, last_cp) = match store.entry_bytes(0)? {
             Some(bytes) => {
-                let genesis = Entry::decode(&bytes).map_err(|e| corrupt(0, e))?;
-                if genesis.owner.as_deref() != Some(owner.as_str()) || genesis.role != Some(role) {
-                    return Err(StoreError::WrongOwner(genesis.owner.unwrap_or_default()));
-                }
+                check_genesis(&bytes, &owner, role)?;
                 let (mut head, mut frontier) = store.durable_head()?;
                 let (last, _) = store.last_entry()?.ok_or(StoreError::Corrupt {
                     seq: 0,
@@ -640,16 +709,7 @@ impl Chain {
                     );
                     switched = Some(size);
                 }
-                let last_cp = engine
-                    .checkpoints
-                    .last_key_value()
-                    .map(|g| g.key())
-                    .transpose()?
-                    .map(|k| {
-                        <[u8; 8]>::try_from(k.as_ref())
-                            .map(u64::from_be_bytes)
-                            .unwrap_or(0)
-                    });
+                let last_cp = last_checkpoint_size(&engine)?;
                 (
                     entry_hash(&bytes),
                     head,
@@ -791,6 +851,36 @@ impl Chain {
             .map_err(|_| AppendError::Unavailable("writer stopped".into()))?
     }
 
+    /// Seals the chain: signs and stores a checkpoint of the current head now unless the last one
+    /// covers it already, durably, like [`Chain::checkpoint`], and says which. Blocks.
+    pub fn seal(&self) -> Result<Sealed, AppendError> {
+        self.seal_then(|_, sealed| sealed)
+    }
+
+    /// [`Chain::seal`], then `then` on the writer thread before any later append is written, so
+    /// the store's head is still the one the checkpoint covers while `then` reads it (an
+    /// export). Appends wait meanwhile (they are delayed, not refused), so `then` must not
+    /// append to this chain. Blocks until `then` returned; not run if the seal failed.
+    pub fn seal_then<T: Send + 'static>(
+        &self,
+        then: impl FnOnce(&Store, Sealed) -> T + Send + 'static,
+    ) -> Result<T, AppendError> {
+        let (tx, rx) = mpsc::channel();
+        let job: SealJob = Box::new(move |sealed, store| {
+            let outcome = sealed.and_then(|s| {
+                // a panic in `then` must not stop the writer
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| then(store, s)))
+                    .map_err(|_| AppendError::Unavailable("sealing: the job panicked".into()))
+            });
+            let _ = tx.send(outcome);
+        });
+        self.tx
+            .send(Msg::Seal(job))
+            .map_err(|_| AppendError::Unavailable("writer stopped".into()))?;
+        rx.recv()
+            .map_err(|_| AppendError::Unavailable("writer stopped".into()))?
+    }
+
     /// Writes a final checkpoint, stops the writer after the appends queued before this call,
     /// and waits for it. Appends after this are refused. Dropping every handle of the store then
     /// closes the database.
@@ -836,17 +926,62 @@ fn stage_checkpoint(
     frontier: &Frontier,
     time_ms: u64,
 ) -> u64 {
-    let cp = Checkpoint {
-        v: Version::CURRENT.as_u64(),
+    let cp = checkpoint_of(signer, id, head, frontier, time_ms, Version::CURRENT);
+    stage_signed(engine, batch, signer, &cp)
+}
+
+/// The owner's checkpoint of the chain `id` at `head` (the frontier's size), in version `v`.
+fn checkpoint_of(
+    signer: &Identity,
+    id: Digest,
+    head: &EntryRef,
+    frontier: &Frontier,
+    time_ms: u64,
+    v: Version,
+) -> Checkpoint {
+    Checkpoint {
+        v: v.as_u64(),
         log: signer.did().to_string(),
         chain: id,
         size: frontier.size(),
         head: head.hash,
         root: frontier.root(),
         time_ms,
-    };
+    }
+}
+
+/// Stages `cp` signed by `signer` in the checkpoints keyspace (key: its size); returns its size.
+fn stage_signed(
+    engine: &Engine,
+    batch: &mut fjall::OwnedWriteBatch,
+    signer: &Identity,
+    cp: &Checkpoint,
+) -> u64 {
     batch.insert(&engine.checkpoints, cp.size.to_be_bytes(), cp.sign(signer));
     cp.size
+}
+
+/// Checks that `genesis` (entry 0's bytes) names `owner` and `role` ([`StoreError::WrongOwner`]).
+fn check_genesis(genesis: &[u8], owner: &Did, role: Role) -> Result<(), StoreError> {
+    let genesis = Entry::decode(genesis).map_err(|e| corrupt(0, e))?;
+    if genesis.owner.as_deref() != Some(owner.as_str()) || genesis.role != Some(role) {
+        return Err(StoreError::WrongOwner(genesis.owner.unwrap_or_default()));
+    }
+    Ok(())
+}
+
+/// The size of the last checkpoint stored (its key), if any.
+fn last_checkpoint_size(engine: &Engine) -> Result<Option<u64>, StoreError> {
+    Ok(engine
+        .checkpoints
+        .last_key_value()
+        .map(|g| g.key())
+        .transpose()?
+        .map(|k| {
+            <[u8; 8]>::try_from(k.as_ref())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0)
+        }))
 }
 
 /// Stages a leaf (level 0) and the subtrees it completes, and pushes it on the frontier.
@@ -952,10 +1087,12 @@ impl Writer {
         while closing.is_none() {
             let mut jobs = Vec::new();
             let mut forced = Vec::new();
+            let mut seals = Vec::new();
             match rx.recv_timeout(self.policy.every) {
                 Ok(Msg::Append(a, r)) => jobs.push((*a, r)),
                 Ok(Msg::Owe(e)) => self.closes.push(*e),
                 Ok(Msg::Checkpoint(done)) => forced.push(done),
+                Ok(Msg::Seal(job)) => seals.push(job),
                 Ok(Msg::Close(done)) => closing = Some(done),
                 Err(mpsc::RecvTimeoutError::Timeout) => {}
                 Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -965,14 +1102,20 @@ impl Writer {
                     Ok(Msg::Append(a, r)) => jobs.push((*a, r)),
                     Ok(Msg::Owe(e)) => self.closes.push(*e),
                     Ok(Msg::Checkpoint(done)) => forced.push(done),
+                    Ok(Msg::Seal(job)) => seals.push(job),
                     Ok(Msg::Close(done)) => closing = Some(done),
                     Err(_) => break,
                 }
             }
-            let force = !forced.is_empty() || closing.is_some();
+            let force = !forced.is_empty() || !seals.is_empty() || closing.is_some();
+            let checkpointed = self.last_cp;
             let result = self.commit(jobs, force);
             for done in forced {
                 let _ = done.send(result.clone());
+            }
+            for job in seals {
+                let sealed = result.clone().and_then(|()| self.sealed(checkpointed));
+                job(sealed, &self.store);
             }
         }
         self.failed.store(true, Ordering::Release);
@@ -981,6 +1124,23 @@ impl Writer {
         if let Some(done) = closing {
             let _ = done.send(());
         }
+    }
+
+    /// After a forced commit: the chain's size and whether that commit signed the checkpoint
+    /// (`before`: the size the last checkpoint covered before it); an error if the last
+    /// checkpoint does not cover the head exactly.
+    fn sealed(&self, before: u64) -> Result<Sealed, AppendError> {
+        let size = self.frontier.size();
+        if self.last_cp != size {
+            return Err(AppendError::Unavailable(format!(
+                "cannot seal: the last checkpoint covers {} entries, the chain has {size}",
+                self.last_cp
+            )));
+        }
+        Ok(Sealed {
+            size,
+            written: self.last_cp != before,
+        })
     }
 
     fn checkpoint_due(&self, force: bool) -> bool {

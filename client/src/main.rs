@@ -112,7 +112,8 @@ enum Command {
         #[arg(long)]
         document: bool,
     },
-    /// Export this client's audit chain as a CBOR sequence file for `didgate-audit`.
+    /// Export this client's audit chain as a CBOR sequence file for `didgate-audit`, sealed
+    /// first with its identity: the file ends with a checkpoint covering its last entry.
     #[command(after_help = EXIT_HELP)]
     Export {
         /// The file to write.
@@ -699,6 +700,9 @@ fn whoami(
     Ok(ExitCode::SUCCESS)
 }
 
+/// `didgate export`: seals the client chain with this client's identity (a checkpoint of its
+/// head unless one covers it; nothing else is written), then exports it: the file ends with a
+/// checkpoint covering its last entry.
 fn export(home: &Path, out: &Path, json: bool) -> anyhow::Result<ExitCode> {
     let dir = home.join("chain");
     if !dir.join("version").is_file() {
@@ -707,21 +711,36 @@ fn export(home: &Path, out: &Path, json: bool) -> anyhow::Result<ExitCode> {
             dir.display()
         );
     }
-    let store = didgate_audit::Store::open(&dir, &[]).map_err(|e| {
-        anyhow!(
-            "{}: {e} (is another didgate process using this chain?)",
-            dir.display()
+    let held = |e: didgate_audit::StoreError| {
+        if e.is_locked() {
+            anyhow!(
+                "{}: held by another didgate process (a proxy or mcp server?); stop it and export again",
+                dir.display()
+            )
+        } else {
+            anyhow!("{}: {e}", dir.display())
+        }
+    };
+    let store = didgate_audit::Store::open(&dir, &[]).map_err(held)?;
+    // the key DID owns the chain (never a did:web it acts as)
+    let identity = load_identity(home)?;
+    let sealed = store
+        .seal(
+            &identity,
+            didgate_audit::entry::Role::Client,
+            didgate_client::now_ms(),
         )
-    })?;
-    let (entries, checkpoints) = didgate_audit::export::export(&store, out)?;
+        .map_err(held)?;
+    drop(identity);
+    let (entries, checkpoints) = didgate_audit::export::export_sealed(&store, out)?;
     if json {
         println!(
             "{}",
-            serde_json::json!({"entries": entries, "checkpoints": checkpoints, "out": out.display().to_string()})
+            serde_json::json!({"entries": entries, "checkpoints": checkpoints, "sealed": true, "sealed_now": sealed.written, "out": out.display().to_string()})
         );
     } else {
         eprintln!(
-            "exported {entries} entries and {checkpoints} checkpoints to {}",
+            "exported {entries} entries and {checkpoints} checkpoints to {} (sealed: the last checkpoint covers the last entry)",
             out.display()
         );
     }

@@ -78,7 +78,8 @@ enum Command {
         command: PolicyCommand,
     },
     /// Export the gateway's audit chain (through the running daemon, or from the store when no
-    /// daemon runs) as a CBOR sequence file for `didgate-audit`.
+    /// daemon runs) as a CBOR sequence file for `didgate-audit`, sealed first: it ends with a
+    /// checkpoint signed by the gateway covering its last entry.
     Export {
         /// Data directory.
         #[arg(long, env = "DIDGATE_DATA")]
@@ -86,6 +87,14 @@ enum Command {
         /// The file to write.
         #[arg(long)]
         out: PathBuf,
+    },
+    /// Seal the gateway's audit chain: sign a checkpoint covering its last entry unless one does
+    /// already (then nothing is written). Through the running daemon, or on the store when no
+    /// daemon runs (with the gateway's identity; nothing but the checkpoint is written).
+    Seal {
+        /// Data directory.
+        #[arg(long, env = "DIDGATE_DATA")]
+        data: PathBuf,
     },
     /// Watch the running daemon's live events: accesses, grants, refusals, failed calls,
     /// revocations, secret lifecycle, master-key rotation, policy reloads (specs/protocol.md,
@@ -375,6 +384,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             data,
         } => revoke(&what, &target, &reason, &data).await?,
         Command::Export { data, out } => export(&data, &out).await?,
+        Command::Seal { data } => seal(&data).await?,
         Command::Events { follow, json, data } => return events(follow, json, &data).await,
         Command::Demo { dir } => return demo(dir).await,
     }
@@ -495,31 +505,37 @@ async fn revoke(
     Ok(())
 }
 
-/// `didgated export`: the gateway chain to a file, through the daemon or from the store.
+/// `didgated export`: the gateway chain, sealed, to a file, through the daemon or from the store.
 async fn export(data: &std::path::Path, out: &std::path::Path) -> anyhow::Result<()> {
-    let out = std::path::absolute(out)?;
-    let request = didgate_gateway::control::Request::Export { out: out.clone() };
-    let (entries, checkpoints) = match didgate_gateway::control::call(data, &request).await {
-        Some(reply) => {
-            let reply = reply.context("control socket")?;
-            if !reply.ok {
-                anyhow::bail!("the daemon refused: {}", reply.error.unwrap_or_default());
-            }
-            (reply.entries.unwrap_or(0), reply.checkpoints.unwrap_or(0))
-        }
-        None => {
-            let dir = gateway::DataDir::new(data).store();
-            if !dir.join("version").is_file() {
-                anyhow::bail!("{} holds no gateway store", data.display());
-            }
-            let store = didgate_audit::Store::open(&dir, &[])?;
-            didgate_audit::export::export(&store, &out)?
-        }
-    };
+    let (entries, checkpoints) = didgate_gateway::control::export(data, out).await?;
     eprintln!(
-        "exported {entries} entries and {checkpoints} checkpoints to {}",
+        "exported {entries} entries and {checkpoints} checkpoints to {} (sealed: the last checkpoint covers the last entry)",
         out.display()
     );
+    Ok(())
+}
+
+/// `didgated seal`: the gateway chain sealed, through the daemon or on the store.
+async fn seal(data: &std::path::Path) -> anyhow::Result<()> {
+    let outcome = didgate_gateway::control::seal(data).await?;
+    let by = if outcome.by_daemon {
+        "by the running daemon"
+    } else {
+        "on the store"
+    };
+    match outcome.sealed {
+        Some(s) if s.written => println!(
+            "sealed {by}: signed a checkpoint covering the chain's {} entries",
+            s.size
+        ),
+        Some(s) => println!(
+            "already sealed: the last checkpoint covers the chain's {} entries; nothing written",
+            s.size
+        ),
+        None => println!(
+            "sealed {by} (a daemon of an earlier release: it did not say whether a checkpoint was needed)"
+        ),
+    }
     Ok(())
 }
 

@@ -5,11 +5,19 @@
 //! served only if its peer runs as the socket's owner (peer credentials checked). The protocol
 //! is one JSON request line and one JSON reply line per connection, except `events`: after its
 //! reply line the connection stays open and carries one JSON event per line ([`subscribe`]).
+//!
+//! [`seal`] and [`export`] (`didgated seal`, `didgated export`) go through the socket when a
+//! daemon answers and open the store otherwise; either way the chain is sealed first: its last
+//! checkpoint, signed by the gateway, covers its last entry (specs/audit-log.md, "Sealing").
 
 pub mod server;
 
 use std::path::{Path, PathBuf};
 
+use didgate_audit::entry::Role;
+use didgate_audit::export::ExportError;
+use didgate_audit::store::Sealed;
+use didgate_audit::{Store, StoreError};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
@@ -21,12 +29,15 @@ use crate::events::Event;
 #[serde(tag = "cmd", rename_all = "snake_case", deny_unknown_fields)]
 #[non_exhaustive]
 pub enum Request {
-    /// Export the gateway's chain to `out` (an absolute path the daemon can write).
+    /// Export the gateway's chain to `out` (an absolute path the daemon can write), sealed: the
+    /// daemon makes its last checkpoint cover its head, then writes the file before any later
+    /// append, so the file ends with a checkpoint covering its last entry.
     Export {
         /// Destination file.
         out: PathBuf,
     },
-    /// Sign a checkpoint of the chain now.
+    /// Seal the chain now (`didgated seal`): sign a checkpoint of the current head unless the
+    /// last one covers it already.
     Checkpoint,
     /// The gateway's DID and chain head.
     Status,
@@ -102,12 +113,18 @@ pub struct Reply {
     /// Gateway DID (status).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub did: Option<String>,
-    /// Entries in the chain (status) or exported (export).
+    /// Entries in the chain (status, checkpoint) or exported (export).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub entries: Option<u64>,
-    /// Checkpoints exported.
+    /// Checkpoints exported (export), or signed now (checkpoint: 0 when the last one covered
+    /// the head already).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoints: Option<u64>,
+    /// The chain is sealed: its last checkpoint covers its last entry (checkpoint), or the
+    /// export ends with such a checkpoint (export). Absent from daemons of releases that did not
+    /// seal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed: Option<bool>,
     /// Secrets acted on (secret commands) or listed (`secret_list`); never a value.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secrets: Option<Vec<crate::secrets::SecretInfo>>,
@@ -217,4 +234,149 @@ pub async fn call(data: &Path, req: &Request) -> Option<std::io::Result<Reply>> 
         }
         .await,
     )
+}
+
+/// Why `didgated seal` or `didgated export` failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SealError {
+    /// The data directory holds no gateway store.
+    #[error("{0} holds no gateway store")]
+    NoStore(PathBuf),
+    /// Another process holds the store and no daemon answers on the control socket.
+    #[error(
+        "the store {0} is held by another process (a didgated whose control socket does not answer, or another command that has it open); retry once it has stopped"
+    )]
+    Busy(PathBuf),
+    /// The gateway's identity (it signs the checkpoint) could not be loaded.
+    #[error("the gateway identity: {0}")]
+    Identity(didgate_io::identity::IdentityError),
+    /// The store failed, or its chain is not this gateway's.
+    #[error("{}: {why}", path.display())]
+    Store {
+        /// The store.
+        path: PathBuf,
+        /// Why.
+        why: StoreError,
+    },
+    /// The export file could not be written.
+    #[error(transparent)]
+    Export(#[from] ExportError),
+    /// The running daemon refused or failed.
+    #[error("the daemon refused: {0}")]
+    Refused(String),
+    /// The control socket failed.
+    #[error("control socket: {0}")]
+    Control(std::io::Error),
+    /// The running daemon, of an earlier release, exported without sealing (the file was
+    /// removed).
+    #[error(
+        "the running daemon (an earlier release) exported without sealing, so the file was removed: restart the daemon with this release, or stop it and export again"
+    )]
+    NotSealed,
+    /// The blocking task that sealed or exported did not finish (it panicked).
+    #[error("sealing did not finish: {0}")]
+    Task(String),
+}
+
+impl SealError {
+    fn store(path: &Path, source: StoreError) -> Self {
+        if source.is_locked() {
+            Self::Busy(path.to_path_buf())
+        } else {
+            Self::Store {
+                path: path.to_path_buf(),
+                why: source,
+            }
+        }
+    }
+}
+
+/// How [`seal`] sealed the chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SealOutcome {
+    /// Through the running daemon (else on the store).
+    pub by_daemon: bool,
+    /// What was found or done; `None` from a daemon of an earlier release, which sealed (a
+    /// forced checkpoint) without saying whether one was needed.
+    pub sealed: Option<Sealed>,
+}
+
+/// `didgated seal`: seals the gateway chain in `data` through the running daemon, or on the
+/// store when none answers ([`seal_store`]). Sealing a sealed chain writes nothing.
+pub async fn seal(data: &Path) -> Result<SealOutcome, SealError> {
+    if let Some(reply) = call(data, &Request::Checkpoint).await {
+        let reply = reply.map_err(SealError::Control)?;
+        if !reply.ok {
+            return Err(SealError::Refused(reply.error.unwrap_or_default()));
+        }
+        let sealed = match (reply.sealed, reply.entries, reply.checkpoints) {
+            (Some(true), Some(size), Some(written)) => Some(Sealed {
+                size,
+                written: written > 0,
+            }),
+            _ => None,
+        };
+        return Ok(SealOutcome {
+            by_daemon: true,
+            sealed,
+        });
+    }
+    let data = data.to_path_buf();
+    let (_, sealed) = blocking(move || seal_store(&data)).await?;
+    Ok(SealOutcome {
+        by_daemon: false,
+        sealed: Some(sealed),
+    })
+}
+
+/// Opens the store of a gateway whose daemon is stopped and seals its chain with the gateway's
+/// identity (`DATA/identity`): a checkpoint of the head unless one covers it, nothing else
+/// ([`Store::seal`]). Returns the open store, for an export.
+pub fn seal_store(data: &Path) -> Result<(Store, Sealed), SealError> {
+    let d = crate::datadir::DataDir::new(data);
+    let dir = d.store();
+    if !dir.join("version").is_file() {
+        return Err(SealError::NoStore(data.to_path_buf()));
+    }
+    let store = Store::open(&dir, &[]).map_err(|e| SealError::store(&dir, e))?;
+    let identity = didgate_io::identity::load(&d.identity()).map_err(SealError::Identity)?;
+    let sealed = store
+        .seal(&identity, Role::Gateway, didgate_io::now_ms())
+        .map_err(|e| SealError::store(&dir, e))?;
+    Ok((store, sealed))
+}
+
+/// `didgated export`: the gateway chain in `data`, sealed, to `out`: through the running daemon
+/// (which seals, then exports before any later append), or, when none answers, sealed on the
+/// store ([`seal_store`]) and exported. Returns the entries and checkpoints exported.
+pub async fn export(data: &Path, out: &Path) -> Result<(u64, u64), SealError> {
+    let out = std::path::absolute(out).map_err(ExportError::Io)?;
+    let request = Request::Export { out: out.clone() };
+    if let Some(reply) = call(data, &request).await {
+        let reply = reply.map_err(SealError::Control)?;
+        if !reply.ok {
+            return Err(SealError::Refused(reply.error.unwrap_or_default()));
+        }
+        if reply.sealed != Some(true) {
+            let _ = std::fs::remove_file(&out);
+            return Err(SealError::NotSealed);
+        }
+        return Ok((reply.entries.unwrap_or(0), reply.checkpoints.unwrap_or(0)));
+    }
+    let data = data.to_path_buf();
+    blocking(move || {
+        let (store, _) = seal_store(&data)?;
+        Ok(didgate_audit::export::export_sealed(&store, &out)?)
+    })
+    .await
+}
+
+/// Runs `f` on a blocking thread.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, SealError> + Send + 'static,
+) -> Result<T, SealError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| SealError::Task(e.to_string()))?
 }

@@ -187,35 +187,42 @@ async fn execute(gw: &Arc<Gateway>, req: Request) -> Reply {
                 Err(e) => failure(e),
             }
         }
-        Request::Checkpoint => {
-            match tokio::task::spawn_blocking(move || chain.checkpoint()).await {
-                Ok(Ok(())) => Reply {
-                    ok: true,
-                    ..Default::default()
-                },
-                Ok(Err(e)) => failure(e),
-                Err(e) => failure(e),
-            }
-        }
-        Request::Export { out } => {
-            if !out.is_absolute() {
-                return failure("the export path must be absolute");
-            }
-            match tokio::task::spawn_blocking(move || {
-                didgate_audit::export::export(chain.store(), &out)
-            })
-            .await
-            {
-                Ok(Ok((entries, checkpoints))) => Reply {
-                    ok: true,
-                    entries: Some(entries),
-                    checkpoints: Some(checkpoints),
-                    ..Default::default()
-                },
-                Ok(Err(e)) => failure(e),
-                Err(e) => failure(e),
-            }
-        }
+        Request::Checkpoint => match tokio::task::spawn_blocking(move || chain.seal()).await {
+            Ok(Ok(sealed)) => Reply {
+                ok: true,
+                entries: Some(sealed.size),
+                checkpoints: Some(u64::from(sealed.written)),
+                sealed: Some(true),
+                ..Default::default()
+            },
+            Ok(Err(e)) => failure(e),
+            Err(e) => failure(e),
+        },
+        Request::Export { out } => export(chain, out).await,
+    }
+}
+
+/// `export`: seals the chain, then exports it on the writer thread before any later append
+/// (appends wait meanwhile), so the file ends with a checkpoint covering its last entry.
+async fn export(chain: didgate_audit::Chain, out: std::path::PathBuf) -> Reply {
+    if !out.is_absolute() {
+        return failure("the export path must be absolute");
+    }
+    let exported = tokio::task::spawn_blocking(move || {
+        chain.seal_then(move |store, _| didgate_audit::export::export_sealed(store, &out))
+    })
+    .await;
+    match exported {
+        Ok(Ok(Ok((entries, checkpoints)))) => Reply {
+            ok: true,
+            entries: Some(entries),
+            checkpoints: Some(checkpoints),
+            sealed: Some(true),
+            ..Default::default()
+        },
+        Ok(Ok(Err(e))) => failure(e),
+        Ok(Err(e)) => failure(e),
+        Err(e) => failure(e),
     }
 }
 
