@@ -1033,16 +1033,23 @@ fn assert_fails_with(report: &Report, primary: &[V]) {
 /// checkpoint), the unsigned head fixed to match, and an identical copy of an item inserted at
 /// `at`. On b9992ca a key at or below the expected one raised nothing, the chain was then
 /// treated as having gaps, and gaps silently skipped the checkpoint checks: `verdict: OK`.
-async fn duplicated_item(at: usize, copy_of: usize) -> anyhow::Result<()> {
-    let f = fixture().await?;
+/// Returns the records and the duplicated key.
+fn case_duplicated_item(f: &Fixture, at: usize, copy_of: usize) -> (Chains, u64) {
     let mut t = f.chains.clone();
     let last = t.gw.entries.last().map(|(k, _)| *k).expect("entries");
     alter(&mut t.gw, last, |e| e.time_ms += 1);
     set_head_to_last(&mut t.gw);
     let item = t.gw.entries[copy_of].clone();
     t.gw.entries.insert(at, item.clone());
+    (t, item.0)
+}
+
+fn duplicated_item(at: impl FnOnce(usize) -> (usize, usize)) -> anyhow::Result<()> {
+    let f = FIXTURE.get().expect("fixture");
+    let (at, copy_of) = at(f.chains.gw.entries.len());
+    let (t, key) = case_duplicated_item(f, at, copy_of);
     let report = t.verify();
-    assert_fails_with(&report, &[v(GW, ReorderedEntries, Some(item.0))]);
+    assert_fails_with(&report, &[v(GW, ReorderedEntries, Some(key))]);
     assert!(
         report
             .skipped
@@ -1056,27 +1063,28 @@ async fn duplicated_item(at: usize, copy_of: usize) -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicated_item_first() -> anyhow::Result<()> {
+    fixture().await?;
     // a copy of the genesis right after it
-    duplicated_item(1, 0).await
+    duplicated_item(|_| (1, 0))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicated_item_middle() -> anyhow::Result<()> {
-    let n = fixture().await?.chains.gw.entries.len();
+    fixture().await?;
     // a copy of the genesis in the middle of the chain
-    duplicated_item(n / 2, 0).await
+    duplicated_item(|n| (n / 2, 0))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicated_item_last() -> anyhow::Result<()> {
-    let n = fixture().await?.chains.gw.entries.len();
+    fixture().await?;
     // a copy of an entry in the middle appended at the end
-    duplicated_item(n, n / 2).await
+    duplicated_item(|n| (n, n / 2))
 }
 
 /// A duplicated key holding an edited copy of the entry, placed before or after the original.
-async fn duplicated_key(before: bool) -> anyhow::Result<()> {
-    let f = fixture().await?;
+/// Returns the records and the key.
+fn case_duplicated_key(f: &Fixture, before: bool) -> (Chains, u64) {
     let mut t = f.chains.clone();
     let a2 = client_calls(&t.alice)[1];
     let k = key_of(&t.gw, EntryKind::Executed, a2.call);
@@ -1085,32 +1093,37 @@ async fn duplicated_key(before: bool) -> anyhow::Result<()> {
     edited.status = Some(500);
     let copy = (k, edited.encode());
     t.gw.entries.insert(if before { i } else { i + 1 }, copy);
-    let report = t.verify();
-    assert_fails_with(&report, &[v(GW, ReorderedEntries, Some(k))]);
-    Ok(())
+    (t, k)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicated_key_with_an_edited_copy_before_the_original() -> anyhow::Result<()> {
-    duplicated_key(true).await
+    let (t, k) = case_duplicated_key(fixture().await?, true);
+    assert_fails_with(&t.verify(), &[v(GW, ReorderedEntries, Some(k))]);
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicated_key_with_an_edited_copy_after_the_original() -> anyhow::Result<()> {
-    duplicated_key(false).await
+    let (t, k) = case_duplicated_key(fixture().await?, false);
+    assert_fails_with(&t.verify(), &[v(GW, ReorderedEntries, Some(k))]);
+    Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn keys_out_of_order() -> anyhow::Result<()> {
-    let f = fixture().await?;
+/// Two items swapped whole (key and bytes): every entry still sits at its own key.
+fn case_keys_out_of_order(f: &Fixture) -> (Chains, u64) {
     let mut t = f.chains.clone();
-    // two items swapped whole (key and bytes): every entry still sits at its own key
     let a2 = client_calls(&t.alice)[1];
     let k = key_of(&t.gw, EntryKind::Executed, a2.call);
     let i = index(&t.gw, k);
     t.gw.entries.swap(i, i + 1);
-    let report = t.verify();
-    assert_fails_with(&report, &[v(GW, ReorderedEntries, Some(k))]);
+    (t, k)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_out_of_order() -> anyhow::Result<()> {
+    let (t, k) = case_keys_out_of_order(fixture().await?);
+    assert_fails_with(&t.verify(), &[v(GW, ReorderedEntries, Some(k))]);
     Ok(())
 }
 
@@ -1175,6 +1188,45 @@ fn export_bytes(rec: &ChainRecords, edit: impl FnOnce(&mut Vec<ciborium::Value>)
     out
 }
 
+/// The export cases: (name, edit of the honest file's items).
+fn export_cases() -> Vec<(&'static str, Edit)> {
+    vec![
+        (
+            "duplicated_first_entry_item",
+            Box::new(|i: &mut Vec<ciborium::Value>| i.insert(2, i[1].clone())),
+        ),
+        (
+            "duplicated_middle_entry_item",
+            Box::new(|i: &mut Vec<ciborium::Value>| {
+                let m = i.len() / 2;
+                i.insert(m, i[m].clone())
+            }),
+        ),
+        (
+            "entry_items_out_of_key_order",
+            Box::new(|i: &mut Vec<ciborium::Value>| i.swap(3, 4)),
+        ),
+        (
+            "second_head_item",
+            Box::new(|i: &mut Vec<ciborium::Value>| {
+                let head = i.last().cloned().expect("head");
+                i.push(head)
+            }),
+        ),
+        (
+            "entry_item_after_the_checkpoints",
+            Box::new(|i: &mut Vec<ciborium::Value>| {
+                let e = i.remove(1);
+                let head = i.pop().expect("head");
+                i.push(e);
+                i.push(head)
+            }),
+        ),
+    ]
+}
+
+type Edit = Box<dyn FnOnce(&mut Vec<ciborium::Value>)>;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn export_reader_refuses_duplicated_and_unordered_items_and_a_second_head()
 -> anyhow::Result<()> {
@@ -1185,38 +1237,7 @@ async fn export_reader_refuses_duplicated_and_unordered_items_and_a_second_head(
     let honest = read(&export_bytes(gw, |_| {})[..], GW)?;
     assert_eq!(honest.entries, gw.entries);
     assert_eq!(honest.head, gw.head);
-    type Edit = Box<dyn FnOnce(&mut Vec<ciborium::Value>)>;
-    let cases: Vec<(&str, Edit)> = vec![
-        (
-            "a duplicated first entry item",
-            Box::new(|i| i.insert(2, i[1].clone())),
-        ),
-        (
-            "a duplicated middle entry item",
-            Box::new(|i| {
-                let m = i.len() / 2;
-                i.insert(m, i[m].clone())
-            }),
-        ),
-        ("entry items out of key order", Box::new(|i| i.swap(3, 4))),
-        (
-            "a second head item",
-            Box::new(|i| {
-                let head = i.last().cloned().expect("head");
-                i.push(head)
-            }),
-        ),
-        (
-            "an entry item after the checkpoints",
-            Box::new(|i| {
-                let e = i.remove(1);
-                let head = i.pop().expect("head");
-                i.push(e);
-                i.push(head)
-            }),
-        ),
-    ];
-    for (what, edit) in cases {
+    for (what, edit) in export_cases() {
         let r = read(&export_bytes(gw, edit)[..], GW);
         assert!(
             matches!(r, Err(ExportError::Malformed { .. })),
@@ -1245,17 +1266,16 @@ fn entry_map(bytes: &[u8]) -> Vec<(ciborium::Value, ciborium::Value)> {
     v.into_map().expect("a map")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_indefinite_length_entry_does_not_decode() -> anyhow::Result<()> {
-    let f = fixture().await?;
+/// Alice's last entry re-encoded with an indefinite-length map (0xbf ... 0xff), which
+/// ciborium itself reads. Returns the records, the result's key and its request's key.
+fn case_indefinite_length_entry(f: &Fixture) -> (Chains, u64, u64) {
     let mut t = f.chains.clone();
     let last = client_calls(&t.alice)[3];
     let bytes = t.alice.entries[index(&t.alice, last.result)].1.clone();
-    // the same map, written with an indefinite length (0xbf ... 0xff)
     let mut indefinite = vec![0xbf];
     for (k, v) in entry_map(&bytes) {
-        ciborium::into_writer(&k, &mut indefinite)?;
-        ciborium::into_writer(&v, &mut indefinite)?;
+        ciborium::into_writer(&k, &mut indefinite).expect("encodes");
+        ciborium::into_writer(&v, &mut indefinite).expect("encodes");
     }
     indefinite.push(0xff);
     assert!(
@@ -1263,19 +1283,23 @@ async fn an_indefinite_length_entry_does_not_decode() -> anyhow::Result<()> {
         "ciborium itself reads it"
     );
     let (result, request) = replace_last_client_entry(&mut t, indefinite);
-    let report = t.verify();
+    (t, result, request)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_indefinite_length_entry_does_not_decode() -> anyhow::Result<()> {
+    let (t, result, request) = case_indefinite_length_entry(fixture().await?);
     // Consequence: the request it answered has no result.
     assert_violations(
-        &report,
+        &t.verify(),
         &[v(ALICE, AlteredEntry, Some(result))],
         &[v(ALICE, UnansweredRequest, Some(request))],
     );
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_byte_string_field_given_as_an_array_does_not_decode() -> anyhow::Result<()> {
-    let f = fixture().await?;
+/// Alice's last entry with its `prev` given as an array of integers, which serde itself reads.
+fn case_array_for_bytes(f: &Fixture) -> (Chains, u64, u64) {
     let mut t = f.chains.clone();
     let last = client_calls(&t.alice)[3];
     let bytes = t.alice.entries[index(&t.alice, last.result)].1.clone();
@@ -1294,49 +1318,57 @@ async fn a_byte_string_field_given_as_an_array_does_not_decode() -> anyhow::Resu
         })
         .collect();
     let mut array = Vec::new();
-    ciborium::into_writer(&ciborium::Value::Map(map), &mut array)?;
+    ciborium::into_writer(&ciborium::Value::Map(map), &mut array).expect("encodes");
     assert!(Entry::decode(&array).is_ok(), "serde itself reads it");
     let (result, request) = replace_last_client_entry(&mut t, array);
-    let report = t.verify();
+    (t, result, request)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_byte_string_field_given_as_an_array_does_not_decode() -> anyhow::Result<()> {
+    let (t, result, request) = case_array_for_bytes(fixture().await?);
     assert_violations(
-        &report,
+        &t.verify(),
         &[v(ALICE, AlteredEntry, Some(result))],
         &[v(ALICE, UnansweredRequest, Some(request))],
     );
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_receipt_naming_another_client_is_a_mismatch() -> anyhow::Result<()> {
-    let f = fixture().await?;
+/// The gateway signs, for alice's last call, a receipt naming bob as the client; alice's chain
+/// records it (as its owner would: the checkpoint covering it dropped).
+fn case_receipt_naming_another_client(f: &Fixture) -> (Chains, u64) {
     let mut t = f.chains.clone();
-    // the gateway signs, for alice's last call, a receipt naming bob as the client; alice's
-    // chain records it (as its owner would: the checkpoint covering it dropped)
     let last = client_calls(&t.alice)[3];
     let mut e = entry(&t.alice, last.result);
     let signed = e.signed.clone().expect("a receipt");
-    let mut r = message::open::<Receipt>(&signed)?.message;
+    let mut r = message::open::<Receipt>(&signed).expect("opens").message;
     r.client = bob().did().to_string();
     e.signed = Some(r.sign(&f.gw_identity));
     replace_last_client_entry(&mut t, e.encode());
-    let report = t.verify();
-    assert_violations(
-        &report,
-        &[v(ALICE, ReceiptMismatch, Some(last.result))],
-        &[],
-    );
+    (t, last.result)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receipt_naming_another_client_is_a_mismatch() -> anyhow::Result<()> {
+    let (t, result) = case_receipt_naming_another_client(fixture().await?);
+    assert_violations(&t.verify(), &[v(ALICE, ReceiptMismatch, Some(result))], &[]);
     Ok(())
+}
+
+/// With no key: the gateway's checkpoints and its head item dropped, so the refusal entries at
+/// its end no receipt references could be edited or cut unseen.
+fn case_stripped_checkpoints(f: &Fixture) -> Chains {
+    let mut t = f.chains.clone();
+    t.gw.checkpoints.clear();
+    t.gw.head = None;
+    t
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stripped_checkpoints_leave_an_unsealed_tail() -> anyhow::Result<()> {
     use didgate_audit::verify::{Options, verify_opts};
-    let f = fixture().await?;
-    let mut t = f.chains.clone();
-    // with no key: drop the gateway's checkpoints and its head item, and the refusal entries
-    // at its end no receipt references could be edited or cut unseen
-    t.gw.checkpoints.clear();
-    t.gw.head = None;
+    let t = case_stripped_checkpoints(fixture().await?);
     let gw = std::slice::from_ref(&t.gw);
     let clients = [t.alice.clone(), t.bob.clone()];
     // a log that is not declared sealed (written before sealing existed): a warning, exit 0
@@ -1358,5 +1390,237 @@ async fn stripped_checkpoints_leave_an_unsealed_tail() -> anyhow::Result<()> {
     sealed.sealed = true;
     let report = verify_opts(&[sealed], &clients, Options::default());
     assert_violations(&report, &[v(GW, ViolationKind::UnsealedTail, Some(0))], &[]);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Shared vectors (specs/vectors/verifier-cases.json).
+
+fn chain_json(rec: &ChainRecords) -> serde_json::Value {
+    serde_json::json!({
+        "label": rec.label,
+        "entries": rec.entries.iter().map(|(k, b)| serde_json::json!({"key": k, "bytes": hex::encode(b)})).collect::<Vec<_>>(),
+        "head": rec.head.map(|h| serde_json::json!({"seq": h.seq, "hash": hex::encode(h.hash)})),
+        "checkpoints": rec.checkpoints.iter().map(hex::encode).collect::<Vec<_>>(),
+        "documents": rec.documents.iter().map(hex::encode).collect::<Vec<_>>(),
+        "sealed": rec.sealed,
+    })
+}
+
+fn chain_of(v: &serde_json::Value) -> anyhow::Result<ChainRecords> {
+    let text = |v: &serde_json::Value| v.as_str().map(str::to_string).unwrap_or_default();
+    let bytes = |v: &serde_json::Value| hex::decode(v.as_str().unwrap_or_default());
+    let list = |v: &serde_json::Value| v.as_array().cloned().unwrap_or_default();
+    Ok(ChainRecords {
+        label: text(&v["label"]),
+        entries: list(&v["entries"])
+            .iter()
+            .map(|e| Ok((e["key"].as_u64().unwrap_or(u64::MAX), bytes(&e["bytes"])?)))
+            .collect::<anyhow::Result<_>>()?,
+        head: match &v["head"] {
+            serde_json::Value::Null => None,
+            h => Some(EntryRef {
+                seq: h["seq"].as_u64().unwrap_or(u64::MAX),
+                hash: bytes(&h["hash"])?
+                    .try_into()
+                    .map_err(|_| anyhow::anyhow!("a head hash is 32 bytes"))?,
+            }),
+        },
+        checkpoints: list(&v["checkpoints"])
+            .iter()
+            .map(bytes)
+            .collect::<Result<_, _>>()?,
+        documents: list(&v["documents"])
+            .iter()
+            .map(bytes)
+            .collect::<Result<_, _>>()?,
+        sealed: v["sealed"].as_bool().unwrap_or(false),
+    })
+}
+
+/// What a verdict is compared on: ok, the violations and warnings as sorted (chain, kind,
+/// seq), and the chains with a skipped check.
+fn verdict_json(r: &Report) -> serde_json::Value {
+    let findings = |list: &[didgate_audit::Violation]| {
+        let set: BTreeSet<V> = list
+            .iter()
+            .map(|x| (x.chain.clone(), x.kind.name(), x.seq))
+            .collect();
+        set.into_iter()
+            .map(|(chain, kind, seq)| serde_json::json!({"chain": chain, "kind": kind, "seq": seq}))
+            .collect::<Vec<_>>()
+    };
+    let skipped: BTreeSet<&str> = r.skipped.iter().map(|s| s.chain.as_str()).collect();
+    serde_json::json!({
+        "ok": r.ok(),
+        "violations": findings(&r.violations),
+        "warnings": findings(&r.warnings),
+        "skipped_in": skipped,
+    })
+}
+
+/// Every case above, as records, with whether it is verified with `--strict`.
+fn vector_cases(f: &Fixture) -> Vec<(&'static str, Chains, bool, &'static str)> {
+    let n = f.chains.gw.entries.len();
+    let mut sealed = case_stripped_checkpoints(f);
+    sealed.gw.sealed = true;
+    vec![
+        (
+            "honest",
+            f.chains.clone(),
+            false,
+            "the records as the gateway and two clients wrote them",
+        ),
+        (
+            "duplicated_item_first",
+            case_duplicated_item(f, 1, 0).0,
+            false,
+            "last gateway entry edited, head fixed, a copy of the genesis item after it",
+        ),
+        (
+            "duplicated_item_middle",
+            case_duplicated_item(f, n / 2, 0).0,
+            false,
+            "last gateway entry edited, head fixed, a copy of the genesis item in the middle",
+        ),
+        (
+            "duplicated_item_last",
+            case_duplicated_item(f, n, n / 2).0,
+            false,
+            "last gateway entry edited, head fixed, a copy of a middle item at the end",
+        ),
+        (
+            "duplicated_key_edited_copy_before",
+            case_duplicated_key(f, true).0,
+            false,
+            "an edited copy of an executed entry under the same key, before the original",
+        ),
+        (
+            "duplicated_key_edited_copy_after",
+            case_duplicated_key(f, false).0,
+            false,
+            "an edited copy of an executed entry under the same key, after the original",
+        ),
+        (
+            "keys_out_of_order",
+            case_keys_out_of_order(f).0,
+            false,
+            "two gateway items swapped whole",
+        ),
+        (
+            "indefinite_length_entry",
+            case_indefinite_length_entry(f).0,
+            false,
+            "a client's last entry as an indefinite-length map, head and checkpoints adjusted",
+        ),
+        (
+            "byte_string_as_array",
+            case_array_for_bytes(f).0,
+            false,
+            "a client's last entry with prev as an array of integers, head and checkpoints adjusted",
+        ),
+        (
+            "receipt_naming_another_client",
+            case_receipt_naming_another_client(f).0,
+            false,
+            "a receipt, signed by the gateway, naming bob for alice's call",
+        ),
+        (
+            "stripped_checkpoints",
+            case_stripped_checkpoints(f),
+            false,
+            "the gateway's checkpoints and head removed: a warning for a chain not declared sealed",
+        ),
+        (
+            "stripped_checkpoints_strict",
+            case_stripped_checkpoints(f),
+            true,
+            "the same, verified with --strict: a violation",
+        ),
+        (
+            "stripped_checkpoints_declared_sealed",
+            sealed,
+            false,
+            "the same, from an export whose end item says sealed: a violation",
+        ),
+    ]
+}
+
+/// specs/vectors/verifier-cases.json holds the honest and tampered records of this matrix with
+/// the verdict this verifier gives, for another implementation to check itself against.
+/// `DIDGATE_WRITE_VECTORS=1` writes it from this run's fixture; every run reads the stored file
+/// and asserts that each case still gives its stored verdict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verifier_vectors() -> anyhow::Result<()> {
+    use didgate_audit::verify::{Options, verify_opts};
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../specs/vectors/verifier-cases.json");
+    if std::env::var_os("DIDGATE_WRITE_VECTORS").is_some() {
+        let f = fixture().await?;
+        let cases: Vec<_> = vector_cases(f)
+            .into_iter()
+            .map(|(name, t, strict, what)| {
+                let report = verify_opts(
+                    std::slice::from_ref(&t.gw),
+                    &[t.alice.clone(), t.bob.clone()],
+                    Options { strict },
+                );
+                serde_json::json!({
+                    "name": name,
+                    "description": what,
+                    "strict": strict,
+                    "gateways": [chain_json(&t.gw)],
+                    "clients": [chain_json(&t.alice), chain_json(&t.bob)],
+                    "expect": verdict_json(&report),
+                })
+            })
+            .collect();
+        let mut exports = vec![serde_json::json!({
+            "name": "honest",
+            "bytes": hex::encode(export_bytes(&f.chains.gw, |_| {})),
+            "expect": "accepted",
+        })];
+        for (name, edit) in export_cases() {
+            exports.push(serde_json::json!({
+                "name": name,
+                "bytes": hex::encode(export_bytes(&f.chains.gw, edit)),
+                "expect": "refused",
+            }));
+        }
+        let doc = serde_json::json!({
+            "description": "didgate-audit verify: honest and tampered chains (specs/audit-log.md, Verification) with the expected verdict: ok, violations and warnings as (chain label, kind, seq) sorted, and the chains with a skipped check; verify each case's gateways and clients together, with --strict when strict is true. exports: export files (specs/audit-log.md, Export files) a reader must accept or refuse. Written by tests/tests/tamper.rs (DIDGATE_WRITE_VECTORS=1).",
+            "cases": cases,
+            "exports": exports,
+        });
+        std::fs::write(&path, serde_json::to_string_pretty(&doc)? + "\n")?;
+    }
+    let stored: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+    let list = |v: &serde_json::Value| v.as_array().cloned().unwrap_or_default();
+    let cases = list(&stored["cases"]);
+    assert!(cases.len() >= 13, "{} cases", cases.len());
+    for case in cases {
+        let gateways = list(&case["gateways"])
+            .iter()
+            .map(chain_of)
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let clients = list(&case["clients"])
+            .iter()
+            .map(chain_of)
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let strict = case["strict"].as_bool().unwrap_or(false);
+        let report = verify_opts(&gateways, &clients, Options { strict });
+        assert_eq!(
+            verdict_json(&report),
+            case["expect"],
+            "case {}",
+            case["name"]
+        );
+    }
+    for e in list(&stored["exports"]) {
+        let bytes = hex::decode(e["bytes"].as_str().unwrap_or_default())?;
+        let read = didgate_audit::export::read(&bytes[..], "export");
+        let expected = e["expect"].as_str() == Some("accepted");
+        assert_eq!(read.is_ok(), expected, "export {}", e["name"]);
+    }
     Ok(())
 }
