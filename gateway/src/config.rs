@@ -8,6 +8,7 @@ use didgate_protocol::Version;
 use serde::{Deserialize, Serialize};
 
 use didgate_protocol::catalog;
+use didgate_protocol::catalog::BodyMode;
 
 /// How an upstream's secret is injected into the request.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -758,7 +759,7 @@ impl RateLimit {
 }
 
 /// One named operation of an upstream (`[[upstream.operation]]` in `gateway.toml`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct OperationConfig {
     /// Name, unique within the upstream: 1 to 48 of `a-z A-Z 0-9 _ -`.
@@ -770,13 +771,54 @@ pub struct OperationConfig {
     /// What it does (shown to callers and, through `didgate mcp`, to agents).
     #[serde(default)]
     pub description: String,
+    /// A short human-readable name (the MCP tool's title): 1 to 128 bytes, one line.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub title: Option<String>,
+    /// Whether a call may destroy or overwrite data (`true`) or only reads or adds (`false`);
+    /// unset: not said (MCP clients then assume a non-GET tool may be destructive).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destructive: Option<bool>,
+    /// Whether a call carries a body: `"required"`, `"optional"` or `"none"`; unset: required
+    /// for POST, PUT and PATCH, none for GET, HEAD, DELETE, OPTIONS, TRACE and CONNECT,
+    /// optional for other methods ([`BodyMode::default_for`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<BodyMode>,
+    /// A JSON Schema for the body, as the text of a JSON object (in `gateway.toml`: an inline
+    /// table, or a string holding the JSON); at most [`catalog::MAX_BODY_SCHEMA`] bytes.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "body_schema_text"
+    )]
+    pub body_schema: Option<String>,
+}
+
+/// Reads `body_schema` from a table or from a string holding a JSON object, as JSON text.
+fn body_schema_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    use serde::de::Error;
+    let bad = || {
+        D::Error::custom(
+            "body_schema must be an inline table or a string holding a JSON object (a JSON Schema)",
+        )
+    };
+    match serde_json::Value::deserialize(d)? {
+        serde_json::Value::String(text) => match serde_json::from_str(&text) {
+            Ok(serde_json::Value::Object(_)) => Ok(Some(text)),
+            _ => Err(bad()),
+        },
+        serde_json::Value::Object(table) => {
+            serde_json::to_string(&table).map(Some).map_err(|_| bad())
+        }
+        _ => Err(bad()),
+    }
 }
 
 /// Largest description accepted, bytes (keeps one operation well inside a frame).
-pub const MAX_DESCRIPTION: usize = 2048;
+pub const MAX_DESCRIPTION: usize = catalog::MAX_DESCRIPTION;
 
 /// Checks an upstream's operations: names valid and unique, methods upper-case ASCII letters,
-/// path templates well formed, descriptions at most [`MAX_DESCRIPTION`] bytes.
+/// path templates well formed, descriptions at most [`MAX_DESCRIPTION`] bytes, titles one
+/// line, body schemas JSON objects, and no body schema for an operation without a body.
 pub fn validate_operations(up: &Upstream) -> Result<(), String> {
     let mut seen = std::collections::BTreeSet::new();
     for op in &up.operations {
@@ -793,6 +835,21 @@ pub fn validate_operations(up: &Upstream) -> Result<(), String> {
             return Err(format!(
                 "{at}: description longer than {MAX_DESCRIPTION} bytes"
             ));
+        }
+        if let Some(title) = &op.title {
+            catalog::check_title(title).map_err(|e| format!("{at}: {e}"))?;
+        }
+        if let Some(schema) = &op.body_schema {
+            catalog::check_body_schema(schema).map_err(|e| format!("{at}: {e}"))?;
+            if op.body == Some(BodyMode::None) {
+                return Err(format!("{at}: body_schema given with body = \"none\""));
+            }
+            if op.body.is_none() && BodyMode::default_for(&op.method) == BodyMode::None {
+                return Err(format!(
+                    "{at}: body_schema given, but a {} operation has no body unless body = \"optional\" or \"required\"",
+                    op.method
+                ));
+            }
         }
     }
     Ok(())

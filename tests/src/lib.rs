@@ -198,6 +198,7 @@ pub fn payments_operations() -> Vec<OperationConfig> {
         method: method.into(),
         path: path.into(),
         description: description.into(),
+        ..OperationConfig::default()
     };
     vec![
         op(
@@ -584,4 +585,27 @@ impl Drop for Daemon {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// The Python interpreter when it can import `module` (a pinned SDK of tests/requirements.txt).
+/// Without it: prints `SKIPPED: ...` and returns `None` on a bare machine, and fails under
+/// `CI=true` (where .ci/run installs it).
+pub fn python_with(module: &str) -> anyhow::Result<Option<PathBuf>> {
+    let python = PathBuf::from("python3");
+    let found = std::process::Command::new(&python)
+        .args(["-c", &format!("import {module}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if found {
+        return Ok(Some(python));
+    }
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        anyhow::bail!(
+            "python module {module} is not installed (.ci/run installs tests/requirements.txt)"
+        );
+    }
+    println!("SKIPPED: python module {module} not installed (.ci/run installs it)");
+    Ok(None)
 }
