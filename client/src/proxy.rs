@@ -4,7 +4,8 @@
 //! Owns the proxy's listener rules (loopback only unless allowed), its local token
 //! ([`ProxyToken`]), the checks every request passes before anything is signed (token, `Host`,
 //! `Origin`), the mapping of `/UPSTREAM/rest/of/path?query` to a [`CallSpec`], the relay of the
-//! answer as it arrives, and the JSON error bodies that name each refusal. It does not sign,
+//! answer as it arrives, and the JSON error bodies that name each refusal (with the retry
+//! headers OpenAI-style SDKs obey: `x-should-retry`, `Retry-After`). It does not sign,
 //! record or verify anything itself: every call goes through [`Client::call_streaming`], so it
 //! is in the client's chain with its receipt.
 //!
@@ -328,6 +329,13 @@ struct State {
     config: ProxyConfig,
 }
 
+/// Response header telling OpenAI-style SDKs (Stainless-generated: OpenAI, Anthropic, ...)
+/// whether to retry a failed request: `true` or `false`, obeyed before their own status rules.
+pub const SHOULD_RETRY_HEADER: &str = "x-should-retry";
+/// Response header with the wait before a retry in milliseconds (read before `Retry-After` by
+/// the same SDKs).
+pub const RETRY_AFTER_MS_HEADER: &str = "retry-after-ms";
+
 /// One refusal the proxy answers with: HTTP status, a stable code, and a message.
 struct Refusal {
     status: StatusCode,
@@ -335,6 +343,11 @@ struct Refusal {
     source: &'static str,
     message: String,
     call: Option<[u8; 32]>,
+    /// Sent as `x-should-retry`: whether the same request sent again may succeed and can do no
+    /// harm (no grant consumed, nothing executed).
+    retry: bool,
+    /// How long until a retry can succeed, when known (`Retry-After`, `retry-after-ms`).
+    retry_after_ms: Option<u64>,
 }
 
 impl Refusal {
@@ -345,6 +358,8 @@ impl Refusal {
             source: "proxy",
             message: message.into(),
             call: None,
+            retry: false,
+            retry_after_ms: None,
         }
     }
 
@@ -369,7 +384,67 @@ impl Refusal {
         {
             resp.headers_mut().insert(CALL_HEADER, v);
         }
+        resp.headers_mut().insert(
+            SHOULD_RETRY_HEADER,
+            HeaderValue::from_static(if self.retry { "true" } else { "false" }),
+        );
+        if let Some(ms) = self.retry_after_ms {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(ms.div_ceil(1000)));
+            resp.headers_mut()
+                .insert(RETRY_AFTER_MS_HEADER, HeaderValue::from(ms));
+        }
         resp
+    }
+}
+
+/// When a `rate_limited` refusal says a token will be back, as its reason states it
+/// (specs/protocol.md, "Limits and egress": `retry in N ms`, or `no refill`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RateWait {
+    /// A token is back in this many milliseconds.
+    In(u64),
+    /// The bucket is never refilled: a retry cannot succeed.
+    Never,
+    /// Not stated (a concurrency limit, a full limiter table, a per-connection limit).
+    Unknown,
+}
+
+fn rate_wait(reason: &str) -> RateWait {
+    if let Some((_, rest)) = reason.split_once("retry in ") {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits > 0
+            && rest[digits..].starts_with(" ms")
+            && let Ok(ms) = rest[..digits].parse()
+        {
+            return RateWait::In(ms);
+        }
+    }
+    if reason.contains("(no refill)") {
+        return RateWait::Never;
+    }
+    RateWait::Unknown
+}
+
+/// Whether an SDK may send the refused request again, and after how long: only a refusal that
+/// consumed nothing and can pass later (`rate_limited`, `shutting_down`). Never an unknown
+/// outcome (the call may have executed), nor a call whose grant was consumed.
+fn retry_advice(e: &CallError) -> (bool, Option<u64>) {
+    match e {
+        CallError::Refused {
+            code: RefusalCode::RateLimited,
+            reason,
+            ..
+        } => match rate_wait(reason) {
+            RateWait::In(ms) => (true, Some(ms)),
+            RateWait::Never => (false, None),
+            RateWait::Unknown => (true, None),
+        },
+        CallError::Refused {
+            code: RefusalCode::ShuttingDown,
+            ..
+        } => (true, None),
+        _ => (false, None),
     }
 }
 
@@ -405,12 +480,15 @@ fn call_refusal(e: CallError) -> Refusal {
         CallError::Audit(_) => (503, "local_audit_unavailable", "client"),
         CallError::VersionUnsupported { .. } => (502, "version_unsupported", "client"),
     };
+    let (retry, retry_after_ms) = retry_advice(&e);
     Refusal {
         status: StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY),
         code: code.to_string(),
         source,
         message: e.to_string(),
         call,
+        retry,
+        retry_after_ms,
     }
 }
 
@@ -700,6 +778,107 @@ mod tests {
         assert_eq!(t("/payments/"), Some(("payments".into(), "/".into())));
         assert_eq!(t("/"), None);
         assert_eq!(t("//v1"), None);
+    }
+
+    #[test]
+    fn rate_waits() {
+        assert_eq!(
+            rate_wait("rate limit of this DID exceeded (retry in 491 ms)"),
+            RateWait::In(491)
+        );
+        assert_eq!(
+            rate_wait("rate limit of upstream chat exceeded (no refill)"),
+            RateWait::Never
+        );
+        for unknown in [
+            "too many concurrent calls for this DID (at most 2)",
+            "rate limiter table is full; retry later",
+            "retry in ms",
+            "retry in 12 seconds",
+            "retry in 99999999999999999999999 ms",
+        ] {
+            assert_eq!(rate_wait(unknown), RateWait::Unknown, "{unknown}");
+        }
+    }
+
+    #[test]
+    fn retry_headers() {
+        let refused = |code, reason: &str| CallError::Refused {
+            code,
+            reason: reason.into(),
+            gateway_time_ms: 0,
+            call: Some([7; 32]),
+        };
+        let headers = |e| {
+            let resp = call_refusal(e).response();
+            let get = |n: &str| {
+                resp.headers()
+                    .get(n)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string)
+            };
+            (
+                resp.status().as_u16(),
+                get(SHOULD_RETRY_HEADER),
+                get("retry-after"),
+                get(RETRY_AFTER_MS_HEADER),
+            )
+        };
+        let s = |v: &str| Some(v.to_string());
+        assert_eq!(
+            headers(refused(
+                RefusalCode::RateLimited,
+                "rate limit of this DID on upstream chat exceeded (retry in 1001 ms)"
+            )),
+            (429, s("true"), s("2"), s("1001"))
+        );
+        assert_eq!(
+            headers(refused(
+                RefusalCode::RateLimited,
+                "too many concurrent calls for this DID (at most 1)"
+            )),
+            (429, s("true"), None, None)
+        );
+        assert_eq!(
+            headers(refused(
+                RefusalCode::RateLimited,
+                "rate limit of this DID exceeded (no refill)"
+            )),
+            (429, s("false"), None, None)
+        );
+        assert_eq!(
+            headers(refused(RefusalCode::ShuttingDown, "draining")),
+            (503, s("true"), None, None)
+        );
+        for (code, status) in [
+            (RefusalCode::Policy, 403),
+            (RefusalCode::Replay, 409),
+            (RefusalCode::UpstreamFailed, 502),
+            (RefusalCode::AuditUnavailable, 503),
+            (RefusalCode::NotCanonical, 400),
+        ] {
+            assert_eq!(
+                headers(refused(code, "retry in 5 ms")),
+                (status, s("false"), None, None),
+                "{code}"
+            );
+        }
+        assert_eq!(
+            headers(CallError::ConnectionLost("reset".into())),
+            (502, s("false"), None, None)
+        );
+        assert_eq!(
+            headers(CallError::Unreachable("down".into())),
+            (502, s("false"), None, None)
+        );
+        let local = Refusal::local(StatusCode::UNAUTHORIZED, "bad_token", "no").response();
+        assert_eq!(
+            local
+                .headers()
+                .get(SHOULD_RETRY_HEADER)
+                .and_then(|v| v.to_str().ok()),
+            Some("false")
+        );
     }
 
     #[test]
