@@ -5,7 +5,7 @@
 // functions over 120 lines (clippy.toml) are split, tests excepted (issue 14)
 #![cfg_attr(not(test), warn(clippy::too_many_lines))]
 
-use std::io::Read;
+use std::io::{IsTerminal, Read};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -121,10 +121,20 @@ enum Command {
 
 #[derive(Subcommand)]
 enum PolicyCommand {
-    /// Validate a Cedar policy file against the schema (exit 0 valid, 2 invalid).
+    /// Validate a Cedar policy file against the schema (exit 0 valid, 2 invalid); with
+    /// `--data`, also warn of every group, upstream, action and operation the policies name
+    /// that the data directory's gateway.toml does not know.
     Check {
         /// The policy file.
         file: PathBuf,
+        /// Data directory whose gateway.toml (groups, entities file, upstreams, operations)
+        /// the names in the policies are checked against (not taken from DIDGATE_DATA: only
+        /// an explicit `--data` checks names).
+        #[arg(long)]
+        data: Option<PathBuf>,
+        /// With `--data`: an unknown name is an error (exit 2), not a warning.
+        #[arg(long)]
+        strict: bool,
     },
     /// Make the running daemon re-read its policy and swap it in atomically (same as SIGHUP);
     /// an invalid policy is refused and the one in force stays.
@@ -258,7 +268,12 @@ fn main() -> ExitCode {
             };
         }
     };
+    // colours only on a terminal, and not under NO_COLOR (which `with_ansi` would override):
+    // a log file or a pipe gets plain text
+    let colour = std::io::stderr().is_terminal()
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     tracing_subscriber::fmt()
+        .with_ansi(colour)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("DIDGATE_LOG")
                 // secret lifecycle events are logged by default (they are not in the chain yet)
@@ -334,30 +349,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => return secret_command(data, ControlRequest::KmsRotate, false).await,
         Command::Serve { data } => serve(&data).await?,
         Command::Policy {
-            command: PolicyCommand::Check { file },
-        } => match didgate_gateway::policy::PolicySet::check_file(&file) {
-            Ok(summary) => {
-                for w in &summary.warnings {
-                    eprintln!("warning: {w}");
-                }
-                println!(
-                    "{}: valid: {} policies ({} permit, {} forbid); families: {}",
-                    file.display(),
-                    summary.policies,
-                    summary.permits,
-                    summary.forbids,
-                    if summary.families.is_empty() {
-                        "(none: everything is denied)".to_string()
-                    } else {
-                        summary.families.join(", ")
-                    }
-                );
-            }
-            Err(e) => {
-                eprintln!("didgated: invalid policy: {e}");
-                return Ok(ExitCode::from(2));
-            }
-        },
+            command: PolicyCommand::Check { file, data, strict },
+        } => return policy_check(&file, data.as_deref(), strict),
         Command::Policy {
             command: PolicyCommand::Reload { data },
         } => {
@@ -388,6 +381,59 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Events { follow, json, data } => return events(follow, json, &data).await,
         Command::Demo { dir } => return demo(dir).await,
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `didgated policy check FILE [--data DIR [--strict]]`: exit 0 valid, 2 invalid (or, with
+/// `--strict`, naming something DIR's gateway.toml does not know).
+fn policy_check(
+    file: &std::path::Path,
+    data: Option<&std::path::Path>,
+    strict: bool,
+) -> anyhow::Result<ExitCode> {
+    use didgate_gateway::policy::{KnownNames, PolicySet};
+    if strict && data.is_none() {
+        anyhow::bail!("--strict checks names against a data directory: give --data DIR");
+    }
+    let known = match data {
+        Some(d) => Some(
+            KnownNames::load(d).with_context(|| format!("reading the names of {}", d.display()))?,
+        ),
+        None => None,
+    };
+    let (summary, unknown) = match PolicySet::check_file_against(file, known.as_ref()) {
+        Ok(checked) => checked,
+        Err(e) => {
+            eprintln!("didgated: invalid policy: {e}");
+            return Ok(ExitCode::from(2));
+        }
+    };
+    for w in &summary.warnings {
+        eprintln!("warning: {w}");
+    }
+    let level = if strict { "error" } else { "warning" };
+    for u in &unknown {
+        eprintln!("{level}: {u}");
+    }
+    if strict && !unknown.is_empty() {
+        eprintln!(
+            "didgated: policy check failed: {} names gateway.toml does not know (--strict)",
+            unknown.len()
+        );
+        return Ok(ExitCode::from(2));
+    }
+    println!(
+        "{}: valid: {} policies ({} permit, {} forbid); families: {}",
+        file.display(),
+        summary.policies,
+        summary.permits,
+        summary.forbids,
+        if summary.families.is_empty() {
+            "(none: everything is denied)".to_string()
+        } else {
+            summary.families.join(", ")
+        }
+    );
     Ok(ExitCode::SUCCESS)
 }
 

@@ -365,9 +365,24 @@ impl PolicySet {
     /// Validates the Cedar policy file at `path` against the schema (strict mode) and the
     /// didgate annotation rules, without loading any membership.
     pub fn check_file(path: &Path) -> Result<Summary, PolicyError> {
+        Ok(Self::check_file_against(path, None)?.0)
+    }
+
+    /// Like [`PolicySet::check_file`], and with `known` (a data directory's names,
+    /// [`KnownNames::load`]) also lists every group, upstream, action and operation path the
+    /// policies name that `known` lacks ([`PolicySet::unknown_names`]).
+    pub fn check_file_against(
+        path: &Path,
+        known: Option<&KnownNames>,
+    ) -> Result<(Summary, Vec<UnknownName>), PolicyError> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| PolicyError::Read(path.display().to_string(), e))?;
-        Ok(Self::compile(&path.display().to_string(), &text, &BTreeMap::new(), None)?.summary)
+        let set = Self::compile(&path.display().to_string(), &text, &BTreeMap::new(), None)?;
+        let unknown = match known {
+            Some(k) => set.unknown_names(k)?,
+            None => Vec::new(),
+        };
+        Ok((set.summary, unknown))
     }
 
     /// Compiles policy text (`source` names it in errors) with the membership of `groups`
@@ -964,6 +979,468 @@ fn membership(
     Ok((groups_of, membership))
 }
 
+/// Names of a data directory that policies may refer to: what `didgated policy check --data
+/// DIR` compares the entity literals and paths of the policies with (specs/protocol.md,
+/// "Policy").
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KnownNames {
+    /// Groups: the keys of `[groups]`, and the `Group` entities of the entities file and the
+    /// groups they are in.
+    pub groups: BTreeSet<String>,
+    /// Upstreams: the names of the `[[upstream]]` tables.
+    pub upstreams: BTreeSet<String>,
+    /// Every `[[upstream.operation]]`, in configuration order.
+    pub operations: Vec<KnownOperation>,
+}
+
+/// One `[[upstream.operation]]` of [`KnownNames`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KnownOperation {
+    /// Its upstream.
+    pub upstream: String,
+    /// Its name.
+    pub name: String,
+    /// Its method.
+    pub method: String,
+    /// Its path template (whole segments may be `{param}`).
+    pub path: String,
+}
+
+impl KnownNames {
+    /// The names of `DIR/gateway.toml` and of the entities file it names.
+    pub fn load(data_dir: &Path) -> Result<Self, PolicyError> {
+        let config = Config::load(&data_dir.join("gateway.toml"))?;
+        Self::of_config(data_dir, &config)
+    }
+
+    /// The names of `config`, its entities file read relative to `data_dir`.
+    pub fn of_config(data_dir: &Path, config: &Config) -> Result<Self, PolicyError> {
+        let mut groups: BTreeSet<String> = config.groups.keys().cloned().collect();
+        if let Some(f) = &config.gateway.entities_file {
+            let p = data_dir.join(f);
+            let json = std::fs::read_to_string(&p)
+                .map_err(|e| PolicyError::Read(p.display().to_string(), e))?;
+            groups.extend(entity_groups(&json)?);
+        }
+        let upstreams = config.upstreams.iter().map(|u| u.name.clone()).collect();
+        let operations = config
+            .upstreams
+            .iter()
+            .flat_map(|u| {
+                u.operations.iter().map(move |op| KnownOperation {
+                    upstream: u.name.clone(),
+                    name: op.name.clone(),
+                    method: op.method.clone(),
+                    path: op.path.clone(),
+                })
+            })
+            .collect();
+        Ok(Self {
+            groups,
+            upstreams,
+            operations,
+        })
+    }
+}
+
+/// The `Group` entities of a Cedar entities document, and the groups its entities are in.
+fn entity_groups(json: &str) -> Result<BTreeSet<String>, PolicyError> {
+    let schema = schema()?;
+    let types = Types::new()?;
+    let entities = cedar::Entities::from_json_str(json, Some(&schema))
+        .map_err(|e| PolicyError::Entities(e.to_string()))?;
+    let mut out = BTreeSet::new();
+    for e in entities.iter() {
+        let (uid, _attrs, parents) = e.clone().into_inner();
+        for u in std::iter::once(uid).chain(parents) {
+            if *u.type_name() == types.group {
+                out.insert(u.id().unescaped().to_string());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A name a policy refers to that the data directory does not know (`policy check --data`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnknownName {
+    /// The policy: its `@id`, or `policyN` without one.
+    pub policy: String,
+    /// What it names and what is known, e.g. `Group::"agnets" is not a group of gateway.toml
+    /// (known: agents, readers)`.
+    pub message: String,
+}
+
+impl std::fmt::Display for UnknownName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "policy \"{}\": {}", self.policy, self.message)
+    }
+}
+
+impl PolicySet {
+    /// Every group, upstream, action and operation the policies name that `known` lacks, in
+    /// the order of the policies, each once per policy (specs/protocol.md, "Policy"). Names are
+    /// read from the policies' syntax trees: the scope's entities, and in the conditions every
+    /// entity literal, every string compared with `context.upstream`, and the paths a permit
+    /// requires (`resource.path == "P"` or `like "P"` in a `when` clause, not under a `!`).
+    pub fn unknown_names(&self, known: &KnownNames) -> Result<Vec<UnknownName>, PolicyError> {
+        let mut policies: Vec<&cedar::Policy> = self.policies.policies().collect();
+        policies.sort_by_key(|p| policy_order(p.id()));
+        let mut out = Vec::new();
+        let mut seen = HashSet::new();
+        for p in policies {
+            let policy = family_of(&self.policies, p.id());
+            let named = Named::of(p).map_err(|e| PolicyError::Invalid(policy.clone(), e))?;
+            for message in named.unknown(known) {
+                if seen.insert((policy.clone(), message.clone())) {
+                    out.push(UnknownName {
+                        policy: policy.clone(),
+                        message,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Policies in the order of the text (`policy0`, `policy1`, ... as Cedar names them).
+fn policy_order(id: &cedar::PolicyId) -> (usize, String) {
+    let id = id.to_string();
+    let n = id
+        .strip_prefix("policy")
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(usize::MAX);
+    (n, id)
+}
+
+/// An element of a `like` pattern.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum LikeElem {
+    /// `*`: any run of characters.
+    Any,
+    /// Literal text.
+    Text(String),
+}
+
+/// A path a permit requires: `resource.path == "P"` or `resource.path like "P"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum PathName {
+    Exact(String),
+    Like(Vec<LikeElem>),
+}
+
+impl PathName {
+    /// Whether this path names the operation whose path template is `template`: an exact path
+    /// segment by segment (a `{param}` segment stands for any non-empty one); a `like` pattern
+    /// against the template as written (as the catalog decides an operation).
+    fn names(&self, template: &str) -> bool {
+        match self {
+            Self::Exact(path) => {
+                let t: Vec<&str> = template.split('/').collect();
+                let p: Vec<&str> = path.split('/').collect();
+                t.len() == p.len()
+                    && t.iter().zip(&p).all(|(t, p)| {
+                        t == p
+                            || (t.len() > 2
+                                && t.starts_with('{')
+                                && t.ends_with('}')
+                                && !p.is_empty())
+                    })
+            }
+            Self::Like(pattern) => like(pattern, template),
+        }
+    }
+
+    /// As Cedar text.
+    fn render(&self) -> String {
+        match self {
+            Self::Exact(p) => format!("resource.path == \"{}\"", cedar_escape(p)),
+            Self::Like(elems) => {
+                let mut s = String::new();
+                for e in elems {
+                    match e {
+                        LikeElem::Any => s.push('*'),
+                        LikeElem::Text(t) => s.push_str(&cedar_escape(t).replace('*', "\\*")),
+                    }
+                }
+                format!("resource.path like \"{s}\"")
+            }
+        }
+    }
+}
+
+/// Cedar's `like`: each [`LikeElem::Any`] matches any run of characters, `/` included.
+fn like(pattern: &[LikeElem], s: &str) -> bool {
+    let p: Vec<Option<char>> = pattern
+        .iter()
+        .flat_map(|e| match e {
+            LikeElem::Any => vec![None],
+            LikeElem::Text(t) => t.chars().map(Some).collect(),
+        })
+        .collect();
+    let s: Vec<char> = s.chars().collect();
+    let (mut pi, mut si) = (0, 0);
+    // the last `*` seen and where in `s` it has been tried up to
+    let mut star: Option<(usize, usize)> = None;
+    while let Some(c) = s.get(si) {
+        match p.get(pi) {
+            Some(None) => {
+                star = Some((pi, si));
+                pi += 1;
+            }
+            Some(Some(pc)) if pc == c => {
+                pi += 1;
+                si += 1;
+            }
+            _ => match star {
+                Some((sp, ss)) => {
+                    pi = sp + 1;
+                    si = ss + 1;
+                    star = Some((sp, ss + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    p.iter().skip(pi).all(Option::is_none)
+}
+
+/// What one policy names.
+#[derive(Debug, Default)]
+struct Named {
+    /// Entity literals (type, id), in the order met: scope first, then conditions.
+    entities: Vec<(String, String)>,
+    /// Strings compared with `context.upstream`.
+    upstreams: Vec<String>,
+    /// Paths a permit requires in its `when` clauses (not under a `!`).
+    paths: Vec<PathName>,
+}
+
+impl Named {
+    /// Reads the scope from the policy's syntax tree, and its conditions from their Cedar JSON
+    /// (EST) form.
+    fn of(p: &cedar::Policy) -> Result<Self, String> {
+        let mut named = Self::default();
+        match p.principal_constraint() {
+            cedar::PrincipalConstraint::In(u)
+            | cedar::PrincipalConstraint::Eq(u)
+            | cedar::PrincipalConstraint::IsIn(_, u) => named.uid(&u),
+            cedar::PrincipalConstraint::Any | cedar::PrincipalConstraint::Is(_) => {}
+        }
+        match p.action_constraint() {
+            cedar::ActionConstraint::In(us) => us.iter().for_each(|u| named.uid(u)),
+            cedar::ActionConstraint::Eq(u) => named.uid(&u),
+            cedar::ActionConstraint::Any => {}
+        }
+        match p.resource_constraint() {
+            cedar::ResourceConstraint::In(u)
+            | cedar::ResourceConstraint::Eq(u)
+            | cedar::ResourceConstraint::IsIn(_, u) => named.uid(&u),
+            cedar::ResourceConstraint::Any | cedar::ResourceConstraint::Is(_) => {}
+        }
+        let json = p.to_json().map_err(|e| e.to_string())?;
+        let permit = p.effect() == cedar::Effect::Permit;
+        let conditions = json.get("conditions").and_then(serde_json::Value::as_array);
+        for c in conditions.into_iter().flatten() {
+            let when = c.get("kind").and_then(serde_json::Value::as_str) == Some("when");
+            if let Some(body) = c.get("body") {
+                named.walk(body, permit && when);
+            }
+        }
+        Ok(named)
+    }
+
+    fn uid(&mut self, u: &cedar::EntityUid) {
+        self.entities
+            .push((u.type_name().to_string(), u.id().unescaped().to_string()));
+    }
+
+    /// Walks an EST expression; `positive`: a path met here is one the policy requires.
+    fn walk(&mut self, e: &serde_json::Value, positive: bool) {
+        use serde_json::Value;
+        match e {
+            Value::Array(items) => items.iter().for_each(|x| self.walk(x, positive)),
+            Value::Object(m) => {
+                if let Some(uid) = m.get("__entity").and_then(entity_ref) {
+                    self.entities.push(uid);
+                    return;
+                }
+                if let Some(arg) = m.get("!") {
+                    self.walk(arg, !positive);
+                    return;
+                }
+                if let Some(operands) = m.get("==") {
+                    self.compare(operands, positive);
+                }
+                if let Some(operands) = m.get("!=") {
+                    self.compare(operands, false);
+                }
+                if positive
+                    && let Some(l) = m.get("like")
+                    && is_attr(l.get("left"), "resource", "path")
+                    && let Some(pattern) = l.get("pattern").and_then(like_pattern)
+                {
+                    self.paths.push(PathName::Like(pattern));
+                }
+                m.values().for_each(|v| self.walk(v, positive));
+            }
+            _ => {}
+        }
+    }
+
+    /// `X == "s"` or `"s" == X` with X `context.upstream` or (`positive`) `resource.path`.
+    fn compare(&mut self, operands: &serde_json::Value, positive: bool) {
+        let (Some(l), Some(r)) = (operands.get("left"), operands.get("right")) else {
+            return;
+        };
+        for (x, y) in [(l, r), (r, l)] {
+            let Some(s) = y.get("Value").and_then(serde_json::Value::as_str) else {
+                continue;
+            };
+            if is_attr(Some(x), "context", "upstream") {
+                self.upstreams.push(s.to_string());
+            }
+            if positive && is_attr(Some(x), "resource", "path") {
+                self.paths.push(PathName::Exact(s.to_string()));
+            }
+        }
+    }
+
+    /// One message per name `known` lacks.
+    fn unknown(&self, known: &KnownNames) -> Vec<String> {
+        let mut out = Vec::new();
+        // the known upstreams this policy names: its paths are compared with their operations
+        let mut upstreams: BTreeSet<&str> = BTreeSet::new();
+        let of_upstream = |id: &str| {
+            known.upstreams.iter().find(|u| {
+                id.strip_prefix(u.as_str())
+                    .is_some_and(|r| r.starts_with('/'))
+            })
+        };
+        for (ty, id) in &self.entities {
+            let shown = format!("{ty}::\"{}\"", cedar_escape(id));
+            match ty.as_str() {
+                "Group" if !known.groups.contains(id) => out.push(format!(
+                    "{shown} is not a group of gateway.toml (known: {})",
+                    list(&known.groups)
+                )),
+                "Upstream" if known.upstreams.contains(id) => {
+                    upstreams.insert(id.as_str());
+                }
+                "Upstream" => out.push(format!(
+                    "{shown} is not an upstream of gateway.toml (known: {})",
+                    list(&known.upstreams)
+                )),
+                "Action" if !is_action(id) => out.push(format!(
+                    "{shown} is not an action of the schema (known: {}, read, write)",
+                    METHODS.join(", ")
+                )),
+                "Path" => match of_upstream(id) {
+                    Some(u) => {
+                        upstreams.insert(u.as_str());
+                    }
+                    None => out.push(format!(
+                        "{shown} does not start with an upstream of gateway.toml (known: {})",
+                        list(&known.upstreams)
+                    )),
+                },
+                _ => {}
+            }
+        }
+        for s in &self.upstreams {
+            if known.upstreams.contains(s) {
+                upstreams.insert(s.as_str());
+            } else {
+                out.push(format!(
+                    "context.upstream \"{}\" is not an upstream of gateway.toml (known: {})",
+                    cedar_escape(s),
+                    list(&known.upstreams)
+                ));
+            }
+        }
+        let operations: Vec<&KnownOperation> = known
+            .operations
+            .iter()
+            .filter(|o| upstreams.is_empty() || upstreams.contains(o.upstream.as_str()))
+            .collect();
+        if operations.is_empty() {
+            // nothing to compare with: these upstreams list no operations
+            return out;
+        }
+        for path in &self.paths {
+            if !operations.iter().any(|o| path.names(&o.path)) {
+                out.push(format!(
+                    "{} names no operation of gateway.toml (known: {})",
+                    path.render(),
+                    list(
+                        operations.iter().map(|o| format!(
+                            "{}.{} ({} {})",
+                            o.upstream, o.name, o.method, o.path
+                        ))
+                    )
+                ));
+            }
+        }
+        out
+    }
+}
+
+fn is_action(id: &str) -> bool {
+    METHODS.contains(&id) || id == "read" || id == "write"
+}
+
+/// `{"type": T, "id": I}` of an EST entity reference.
+fn entity_ref(v: &serde_json::Value) -> Option<(String, String)> {
+    let ty = v.get("type")?.as_str()?;
+    let id = v.get("id")?.as_str()?;
+    Some((ty.to_string(), id.to_string()))
+}
+
+/// Whether `e` is the EST of `VAR.ATTR`.
+fn is_attr(e: Option<&serde_json::Value>, var: &str, attr: &str) -> bool {
+    let Some(get) = e.and_then(|e| e.get(".")) else {
+        return false;
+    };
+    get.get("attr").and_then(serde_json::Value::as_str) == Some(attr)
+        && get
+            .get("left")
+            .and_then(|l| l.get("Var"))
+            .and_then(serde_json::Value::as_str)
+            == Some(var)
+}
+
+/// The EST form of a `like` pattern: `"Wildcard"` or `{"Literal": "text"}` elements.
+fn like_pattern(v: &serde_json::Value) -> Option<Vec<LikeElem>> {
+    v.as_array()?
+        .iter()
+        .map(|e| match e.as_str() {
+            Some("Wildcard") => Some(LikeElem::Any),
+            Some(_) => None,
+            None => Some(LikeElem::Text(e.get("Literal")?.as_str()?.to_string())),
+        })
+        .collect()
+}
+
+/// `a, b, c` (`none` when empty; the first 12 and how many more).
+fn list<T: std::fmt::Display>(items: impl IntoIterator<Item = T>) -> String {
+    const SHOWN: usize = 12;
+    let items: Vec<String> = items.into_iter().map(|i| i.to_string()).collect();
+    if items.is_empty() {
+        return "none".into();
+    }
+    let mut out = items
+        .iter()
+        .take(SHOWN)
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if items.len() > SHOWN {
+        out.push_str(&format!(", ... ({} more)", items.len() - SHOWN));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1499,5 +1976,112 @@ mod tests {
         h.update(&(text.len() as u64).to_be_bytes());
         h.update(text.as_bytes());
         assert_eq!(a.hash(), *h.finalize().as_bytes());
+    }
+
+    fn known() -> KnownNames {
+        let op = |upstream: &str, name: &str, method: &str, path: &str| KnownOperation {
+            upstream: upstream.into(),
+            name: name.into(),
+            method: method.into(),
+            path: path.into(),
+        };
+        KnownNames {
+            groups: ["agents".to_string(), "readers".to_string()].into(),
+            upstreams: ["openai".to_string(), "payments".to_string()].into(),
+            operations: vec![
+                op("openai", "chat", "POST", "/v1/chat/completions"),
+                op("payments", "get_charge", "GET", "/v1/charges/{id}"),
+            ],
+        }
+    }
+
+    fn unknown(text: &str) -> Vec<String> {
+        set(text)
+            .unknown_names(&known())
+            .expect("names")
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn like_is_cedars() {
+        let p = |s: &str| {
+            s.split('*')
+                .enumerate()
+                .flat_map(|(i, t)| {
+                    let any = (i > 0).then_some(LikeElem::Any);
+                    any.into_iter()
+                        .chain((!t.is_empty()).then(|| LikeElem::Text(t.to_string())))
+                })
+                .collect::<Vec<_>>()
+        };
+        for (pattern, s, m) in [
+            ("/v1/*", "/v1/a/b", true),
+            ("/v1/*", "/v2/a", false),
+            ("*/", "/v1/", true),
+            ("*/", "/v1", false),
+            ("/v1/models*", "/v1/models", true),
+            ("/v1/*/x*y", "/v1/a/xzzy", true),
+            ("/v1/*/x*y", "/v1/a/xzzyz", false),
+            ("", "", true),
+            ("*", "", true),
+        ] {
+            assert_eq!(like(&p(pattern), s), m, "{pattern} {s}");
+        }
+        let exact = PathName::Exact("/v1/charges/ch_1".into());
+        assert!(exact.names("/v1/charges/{id}"));
+        assert!(!PathName::Exact("/v1/charges/".into()).names("/v1/charges/{id}"));
+        assert!(!PathName::Exact("/v1/charges".into()).names("/v1/charges/{id}"));
+    }
+
+    #[test]
+    fn unknown_names_are_read_from_the_syntax_tree() {
+        // known names, in every position: nothing to report; a forbid's path and an unless's
+        // path are no operation and need none; strings that merely look like names are text
+        let clean = r#"
+@id("a")
+permit (principal in Group::"agents", action in [Action::"POST", Action::"read"],
+        resource in Upstream::"openai")
+when { resource.path == "/v1/chat/completions" && principal in Group::"readers" }
+unless { resource.path == "/admin" };
+@id("b")
+permit (principal, action == Action::"GET", resource)
+when { resource.upstream == Upstream::"payments" && resource.path like "/v1/charges/*"
+       && !(resource.path like "/nothing*") && context.upstream == "payments" };
+@id("c")
+forbid (principal, action, resource == Path::"payments/v1/balance")
+when { resource.path == "/v1/Group::agnets" && context.upstream like "Upstream::*" };
+"#;
+        assert_eq!(unknown(clean), Vec::<String>::new());
+        let typos = r#"
+@id("a")
+permit (principal in Group::"agnets", action, resource in Upstream::"opneai")
+when { principal in Group::"agnets" && resource.path == "/v1/chat/completoins" };
+permit (principal, action, resource == Path::"opneai/v1/x")
+when { context.upstream != "paymnets" };
+@id("b")
+permit (principal, action, resource in Upstream::"payments")
+when { resource.path == "/v1/chat/completions" };
+"#;
+        assert_eq!(
+            unknown(typos),
+            [
+                r#"policy "a": Group::"agnets" is not a group of gateway.toml (known: agents, readers)"#,
+                r#"policy "a": Upstream::"opneai" is not an upstream of gateway.toml (known: openai, payments)"#,
+                r#"policy "a": resource.path == "/v1/chat/completoins" names no operation of gateway.toml (known: openai.chat (POST /v1/chat/completions), payments.get_charge (GET /v1/charges/{id}))"#,
+                r#"policy "policy1": Path::"opneai/v1/x" does not start with an upstream of gateway.toml (known: openai, payments)"#,
+                r#"policy "policy1": context.upstream "paymnets" is not an upstream of gateway.toml (known: openai, payments)"#,
+                // an operation of another upstream than the one the policy names
+                r#"policy "b": resource.path == "/v1/chat/completions" names no operation of gateway.toml (known: payments.get_charge (GET /v1/charges/{id}))"#,
+            ]
+        );
+        // no operation listed: paths are not compared
+        let none = KnownNames {
+            operations: Vec::new(),
+            ..known()
+        };
+        let found = set(typos).unknown_names(&none).expect("names");
+        assert!(found.iter().all(|u| !u.message.contains("operation")));
     }
 }
