@@ -33,14 +33,14 @@ pub use store::{Chain, Store, StoreError};
 pub use verify::{ChainRecords, Report, UnknownOutcome, Violation, ViolationKind};
 
 /// The store directory for a path given on a command line: `PATH/store` when PATH is a
-/// gateway or client data directory, else PATH itself.
+/// gateway data directory, `PATH/chain` when it is a client home (`DIDGATE_HOME`, `--home`),
+/// else PATH itself.
 pub fn store_dir(path: &Path) -> PathBuf {
-    let inner = path.join("store");
-    if inner.is_dir() {
-        inner
-    } else {
-        path.to_path_buf()
-    }
+    ["store", "chain"]
+        .iter()
+        .map(|inner| path.join(inner))
+        .find(|inner| inner.join("version").is_file())
+        .unwrap_or_else(|| path.to_path_buf())
 }
 
 /// Why a chain could not be loaded for verification.

@@ -62,7 +62,9 @@ use didgate_protocol::frame::{self, FrameDecoder, FrameType};
 use didgate_protocol::message::{
     self, GrantBody, Message, Receipt, Refusal, RefusalCode, Request, ResponseHead, SignedMessage,
 };
-use didgate_protocol::{Did, Identity, Version};
+/// The DID and identity types, so an embedder needs no second crate.
+pub use didgate_protocol::{Did, Identity};
+use didgate_protocol::Version;
 use tokio::sync::Mutex;
 
 /// How long a connection attempt may take before the gateway counts as unreachable.

@@ -92,19 +92,23 @@ async fn keygen_whoami_call_and_refusal() -> anyhow::Result<()> {
     assert_eq!(run(&["call", "payments"])?.status.code(), Some(2));
 
     h.stop().await;
-    // the developer's own chain verifies against the gateway's
-    let out = Command::new(bin("didgate-audit")?)
-        .arg("verify")
-        .arg("--gateway")
-        .arg(h.gw_dir())
-        .arg("--client")
-        .arg(home.join("chain"))
-        .output()?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    // the developer's own chain verifies against the gateway's, given as the chain store or
+    // as the home that holds it (issue 17, item 2)
+    for client in [home.join("chain"), home.clone()] {
+        let out = Command::new(bin("didgate-audit")?)
+            .arg("verify")
+            .arg("--gateway")
+            .arg(h.gw_dir())
+            .arg("--client")
+            .arg(&client)
+            .output()?;
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            client.display(),
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
     assert_eq!(h.upstream.seen().len(), 1);
 
     // exports from both binaries verify against each other, without either store
