@@ -14,6 +14,7 @@
 //! | --- | --- |
 //! | load or create an identity (file mode 0600, never overwritten) | [`identity::load`], [`identity::create`] |
 //! | connect to the pinned gateway (lazily; reconnects after a restart) | [`Client::open`] |
+//! | give up on an unreachable gateway sooner or later (default 2 s) | [`Client::with_connect_timeout`] |
 //! | learn what this DID may call | [`Client::catalog`] |
 //! | call (concurrent calls share one connection) | [`Client::call`] |
 //! | grant, then execute (hold a grant briefly) | [`Client::grant`], [`Client::execute`] |
@@ -51,11 +52,13 @@ pub use didgate_io::{hardening, identity, now_ms, tls, wire};
 
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
+use std::time::Duration;
 
 use bytes::BytesMut;
 use didgate_audit::entry::{Entry, EntryKind, Outcome, Role};
 use didgate_audit::store::{Chain, CheckpointPolicy, Store, StoreError};
+use didgate_protocol::Version;
 pub use didgate_protocol::catalog::Operation;
 use didgate_protocol::catalog::{Catalog, CatalogRequest};
 use didgate_protocol::frame::{self, FrameDecoder, FrameType};
@@ -64,11 +67,12 @@ use didgate_protocol::message::{
 };
 /// The DID and identity types, so an embedder needs no second crate.
 pub use didgate_protocol::{Did, Identity};
-use didgate_protocol::Version;
 use tokio::sync::Mutex;
 
-/// How long a connection attempt may take before the gateway counts as unreachable.
-pub const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// How long a connection attempt may take before the gateway counts as unreachable, unless
+/// set otherwise ([`Client::with_connect_timeout`]). A gateway that is down costs every call this
+/// long (and an SDK that retries through the proxy, a multiple of it).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Why a call did not produce a verified answer. Each variant says what to do.
 #[derive(Debug, thiserror::Error)]
@@ -87,7 +91,8 @@ pub enum CallError {
         /// read the request, and for catalog requests).
         call: Option<[u8; 32]>,
     },
-    /// The gateway could not be reached or authenticated (check the address and pinned DID).
+    /// The gateway could not be reached, or its handshake failed (check the address; a gateway
+    /// presenting another DID than the pinned one is [`CallError::WrongGateway`]).
     #[error("gateway unreachable: {0}")]
     Unreachable(String),
     /// The connection was lost mid-call: the outcome is unknown (recorded as such). Do not
@@ -112,6 +117,18 @@ pub enum CallError {
     VersionUnsupported {
         /// The version this client offered.
         offered: Version,
+    },
+    /// Something answers at the gateway's address, but its certificate is not the pinned
+    /// gateway DID's: another gateway, a gateway whose identity was replaced, or an impostor.
+    /// The handshake was abandoned before any request left this process.
+    #[error("the gateway at {addr} presented DID {presented}, not the pinned DID {pinned}")]
+    WrongGateway {
+        /// The address connected to.
+        addr: SocketAddr,
+        /// The DID its certificate carries.
+        presented: Did,
+        /// The DID this client pinned (and trusts).
+        pinned: Did,
     },
 }
 
@@ -178,7 +195,7 @@ impl CallError {
                 _ => "the gateway refused the call: see its reason",
             },
             Self::Unreachable(_) => {
-                "check the gateway address and the pinned gateway DID, then try again; nothing was sent"
+                "check the gateway address and that the gateway is running, then try again; nothing was sent"
             }
             Self::ConnectionLost(_) => {
                 "the outcome is unknown and the call may have executed: check (for example with the upstream) before repeating it"
@@ -191,6 +208,9 @@ impl CallError {
             }
             Self::VersionUnsupported { .. } => {
                 "no request was sent: ask the operator which protocol versions the gateway serves, and upgrade the older side"
+            }
+            Self::WrongGateway { .. } => {
+                "nothing was sent: check the address; if the operator confirms the gateway's new DID (out of band), pin it (`didgate pin`)"
             }
         }
     }
@@ -289,6 +309,10 @@ pub struct Client {
     chain: Chain,
     /// The protocol version this client speaks (its requests' `v`, its connections' ALPN).
     version: Version,
+    /// How long a connection attempt may take.
+    connect_timeout: Duration,
+    /// The DID the gateway presented in the last handshake (written by the TLS verifier).
+    presented: Arc<std::sync::Mutex<Option<Did>>>,
 }
 
 impl std::fmt::Debug for Client {
@@ -329,8 +353,8 @@ impl Client {
         gateway: Did,
     ) -> Result<Self, ClientError> {
         tls::install_provider();
-        let cfg =
-            tls::client_config(&identity, &gateway).map_err(|e| ClientError::Tls(e.to_string()))?;
+        let presented = Arc::new(std::sync::Mutex::new(None));
+        let cfg = pinned_config(&identity, &gateway, Version::CURRENT, &presented)?;
         // Bind the unspecified address of the gateway's family (loopback stays loopback).
         let ip: std::net::IpAddr = match (addr.is_ipv4(), addr.ip().is_loopback()) {
             (true, true) => std::net::Ipv4Addr::LOCALHOST.into(),
@@ -350,14 +374,33 @@ impl Client {
             conn: Mutex::new(None),
             chain,
             version: Version::CURRENT,
+            connect_timeout: CONNECT_TIMEOUT,
+            presented,
         })
+    }
+
+    /// Gives up on a connection attempt after `timeout` instead of [`CONNECT_TIMEOUT`]: the
+    /// call then fails with [`CallError::Unreachable`] and nothing was sent. Every call made
+    /// while the gateway is down waits this long. Takes effect from the next connection.
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.connect_timeout = timeout;
+        self
+    }
+
+    /// How long a connection attempt may take ([`Client::with_connect_timeout`]).
+    pub fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+
+    /// The gateway's address.
+    pub fn gateway_addr(&self) -> SocketAddr {
+        self.addr
     }
 
     /// Speaks protocol `version` instead of [`Version::CURRENT`] (for a gateway of an older
     /// release that serves only that version). Takes effect from the next connection.
     pub fn speaking(mut self, version: Version) -> Result<Self, ClientError> {
-        let cfg = tls::client_config_for(&self.identity, &self.gateway, version)
-            .map_err(|e| ClientError::Tls(e.to_string()))?;
+        let cfg = pinned_config(&self.identity, &self.gateway, version, &self.presented)?;
         self.endpoint.set_default_client_config(cfg);
         self.version = version;
         // a connection of the old version would carry requests it refuses
@@ -405,30 +448,63 @@ impl Client {
         {
             return Ok(c.clone());
         }
-        let connecting = self
-            .endpoint
-            .connect(self.addr, tls::SERVER_NAME)
-            .map_err(|e| CallError::Unreachable(e.to_string()))?;
-        let conn = tokio::time::timeout(CONNECT_TIMEOUT, connecting)
-            .await
-            .map_err(|_| {
-                CallError::Unreachable(format!("no handshake within {CONNECT_TIMEOUT:?}"))
-            })?
-            .map_err(|e| {
-                if tls::is_version_refusal(&e) {
-                    CallError::VersionUnsupported {
-                        offered: self.version,
-                    }
-                } else if tls::is_connection_refused(&e) {
-                    CallError::Unreachable(
-                        "the gateway refused the connection: too many new or open connections from this address (try again later)".into(),
-                    )
-                } else {
-                    CallError::Unreachable(e.to_string())
-                }
-            })?;
+        let conn = self.connect().await.inspect_err(|e| {
+            tracing::warn!(gateway = %self.addr, error = %e, "cannot connect to the gateway");
+        })?;
         *guard = Some(conn.clone());
         Ok(conn)
+    }
+
+    /// One connection attempt, bounded by the connect timeout.
+    async fn connect(&self) -> Result<quinn::Connection, CallError> {
+        let addr = self.addr;
+        *self
+            .presented
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
+        let connecting = self
+            .endpoint
+            .connect(addr, tls::SERVER_NAME)
+            .map_err(|e| CallError::Unreachable(format!("cannot connect to {addr}: {e}")))?;
+        let timeout = self.connect_timeout;
+        match tokio::time::timeout(timeout, connecting).await {
+            Ok(Ok(conn)) => Ok(conn),
+            Ok(Err(e)) => Err(self.connect_error(&e)),
+            Err(_) => Err(CallError::Unreachable(format!(
+                "no handshake with {addr} within {timeout:?} (is the gateway running there?)"
+            ))),
+        }
+    }
+
+    /// What a failed handshake means: another DID than the pinned one, a version the gateway
+    /// does not serve, its connection limits, or anything else (unreachable).
+    fn connect_error(&self, e: &quinn::ConnectionError) -> CallError {
+        let addr = self.addr;
+        let presented = self
+            .presented
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(presented) = presented
+            && presented != self.gateway
+        {
+            return CallError::WrongGateway {
+                addr,
+                presented,
+                pinned: self.gateway.clone(),
+            };
+        }
+        if tls::is_version_refusal(e) {
+            CallError::VersionUnsupported {
+                offered: self.version,
+            }
+        } else if tls::is_connection_refused(e) {
+            CallError::Unreachable(format!(
+                "the gateway at {addr} refused the connection: too many new or open connections from this address (try again later)"
+            ))
+        } else {
+            CallError::Unreachable(format!("{addr}: {e}"))
+        }
     }
 
     /// Drops the cached connection if it is still `conn`, so the next call connects again.
@@ -1090,6 +1166,81 @@ fn check_receipt(
         return Err("status does not match the receipt".into());
     }
     Ok(())
+}
+
+/// The client's QUIC configuration: pinned to `gateway`, speaking `version`, recording in
+/// `presented` the DID each handshake's gateway presents.
+fn pinned_config(
+    identity: &Identity,
+    gateway: &Did,
+    version: Version,
+    presented: &Arc<std::sync::Mutex<Option<Did>>>,
+) -> Result<quinn::ClientConfig, ClientError> {
+    let verifier = Arc::new(RecordingPin {
+        pinned: gateway.clone(),
+        presented: presented.clone(),
+    });
+    tls::client_config_with_verifier(identity, version, verifier)
+        .map_err(|e| ClientError::Tls(e.to_string()))
+}
+
+/// Accepts the gateway only if its certificate key is the pinned DID (as
+/// [`tls::client_config`]'s verifier does), and records the DID presented, so that a mismatch
+/// is reported as [`CallError::WrongGateway`] naming both.
+#[derive(Debug)]
+struct RecordingPin {
+    pinned: Did,
+    presented: Arc<std::sync::Mutex<Option<Did>>>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for RecordingPin {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let did = tls::did_from_cert(end_entity.as_ref()).map_err(|_| {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
+        })?;
+        let pinned = did == self.pinned;
+        *self
+            .presented
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(did);
+        if !pinned {
+            return Err(rustls::Error::InvalidCertificate(
+                rustls::CertificateError::ApplicationVerificationFailure,
+            ));
+        }
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _: &[u8],
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Err(rustls::Error::PeerIncompatible(
+            rustls::PeerIncompatible::Tls12NotOffered,
+        ))
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        tls::verify_tls13_ed25519(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        vec![rustls::SignatureScheme::ED25519]
+    }
 }
 
 /// Why a client could not be set up.

@@ -13,10 +13,13 @@
 //!
 //! Commands: `keygen [--seed-file PATH|-] [--encrypt]`, `whoami`, `pin --gateway ADDR
 //! --gateway-did DID`, `call UPSTREAM METHOD PATH [--data @FILE|-|LITERAL] [--header 'K: V']...`,
-//! `export --out FILE`, `proxy [--listen ADDR]`, `env UPSTREAM[/PREFIX]...` and `mcp`. With
-//! `--json`, results (and errors, as `{"error", "exit"}`) are printed as one JSON object on
-//! stdout (`proxy` prints one when it is ready; `mcp` speaks JSON-RPC on stdout anyway). A sealed
-//! identity's passphrase comes from `DIDGATE_PASSPHRASE` or the terminal, never from argv.
+//! `catalog [--upstream NAME]`, `export --out FILE`, `proxy [--listen ADDR]`,
+//! `env UPSTREAM[/PREFIX]...` and `mcp`. With `--json`, results are printed as one JSON value on
+//! stdout (an object; for `catalog`, `{"operations": [...]}`), and so is every failure, on every
+//! exit path, as an object `{"error", "exit", ...}` (`proxy` prints one when it is ready; `mcp`
+//! speaks JSON-RPC on stdout anyway). `--connect-timeout SECS` bounds each connection attempt to
+//! the gateway (default 2 s), for `call`, `catalog`, `proxy` and `mcp`. A sealed identity's
+//! passphrase comes from `DIDGATE_PASSPHRASE` or the terminal, never from argv.
 //!
 //! Exit status:
 //!
@@ -24,7 +27,8 @@
 //! - 1: the upstream answered with an HTTP status of 400 or more (the body is still printed);
 //! - 2: usage, configuration, identity or local I/O error;
 //! - 3: the gateway refused the call (signed refusal, recorded in the chain);
-//! - 4: any other call failure (gateway unreachable, connection lost, invalid answer).
+//! - 4: any other call failure (gateway unreachable, connection lost, invalid answer);
+//! - 5: the gateway at the address presented another DID than the pinned one (nothing sent).
 // functions over 120 lines (clippy.toml) are split, tests excepted (issue 14)
 #![cfg_attr(not(test), warn(clippy::too_many_lines))]
 
@@ -34,6 +38,7 @@ use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use clap::{Parser, Subcommand};
@@ -58,6 +63,8 @@ const EXIT_USAGE: u8 = 2;
 const EXIT_REFUSED: u8 = 3;
 /// Exit status: any other call failure.
 const EXIT_CALL_FAILED: u8 = 4;
+/// Exit status: the gateway presented another DID than the pinned one.
+const EXIT_WRONG_GATEWAY: u8 = 5;
 
 const EXIT_HELP: &str = "\
 Exit status:
@@ -65,7 +72,9 @@ Exit status:
   1  the upstream answered with HTTP status 400 or more (the body is still printed)
   2  usage, configuration, identity or local I/O error
   3  the gateway refused the call
-  4  other call failure (gateway unreachable, connection lost, invalid answer)";
+  4  other call failure (gateway unreachable, connection lost, invalid answer)
+  5  the gateway at the address presented another DID than the pinned one (nothing sent)
+With --json, every failure is one JSON object on stdout: {\"error\", \"exit\", ...}.";
 
 #[derive(Parser)]
 #[command(
@@ -85,6 +94,10 @@ struct Cli {
     /// the organisation's DID document, which must list it for authentication.
     #[arg(long = "as", global = true, env = "DIDGATE_AS", value_name = "DIDURL")]
     acting_as: Option<String>,
+    /// Give up on a connection attempt to the gateway after SECS seconds (decimals allowed)
+    /// [default: 2]; for `call`, `catalog`, `proxy` and `mcp`.
+    #[arg(long, global = true, value_name = "SECS", value_parser = parse_timeout)]
+    connect_timeout: Option<Duration>,
     #[command(subcommand)]
     command: Command,
 }
@@ -145,6 +158,20 @@ enum Command {
         /// A request header `Name: value` (repeatable).
         #[arg(long = "header", short = 'H', value_name = "K: V")]
         headers: Vec<String>,
+        /// Gateway address (overrides config.toml).
+        #[arg(long, value_name = "ADDR")]
+        gateway: Option<String>,
+        /// Gateway DID (overrides config.toml).
+        #[arg(long, value_name = "DID")]
+        gateway_did: Option<String>,
+    },
+    /// List the operations this DID may call (the gateway's catalog, filtered by its policy):
+    /// one line each, upstream, name, method, path template and description.
+    #[command(after_help = EXIT_HELP)]
+    Catalog {
+        /// Only this upstream's operations.
+        #[arg(long, value_name = "NAME")]
+        upstream: Option<String>,
         /// Gateway address (overrides config.toml).
         #[arg(long, value_name = "ADDR")]
         gateway: Option<String>,
@@ -219,7 +246,10 @@ struct Config {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e),
+    };
     let json = cli.json;
     init_tracing();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -227,24 +257,152 @@ fn main() -> ExitCode {
         .build()
     {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("didgate: cannot start the async runtime: {e}");
-            return ExitCode::from(EXIT_USAGE);
-        }
+        Err(e) => return fail(&anyhow!(e).context("cannot start the async runtime"), json),
     };
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
-        Err(e) => {
-            if json {
-                println!(
-                    "{}",
-                    serde_json::json!({"error": format!("{e:#}"), "exit": EXIT_USAGE})
-                );
-            }
-            eprintln!("didgate: {e:#}");
-            ExitCode::from(EXIT_USAGE)
-        }
+        Err(e) => fail(&e, json),
     }
+}
+
+/// A command line clap rejects: its message on stderr (help and version are not errors), and
+/// with `--json` also one JSON object on stdout.
+fn usage_error(e: &clap::Error) -> ExitCode {
+    let _ = e.print();
+    if e.exit_code() == 0 {
+        return ExitCode::SUCCESS;
+    }
+    // clap could not parse the command line, so look for --json the way it would have
+    let json = std::env::args_os()
+        .skip(1)
+        .take_while(|a| a != "--")
+        .any(|a| a == "--json");
+    if json {
+        let text = e.render().to_string();
+        let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+        let message = match e.kind() {
+            clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                "a command is required (see `didgate --help`)"
+            }
+            _ => first.trim().trim_start_matches("error: "),
+        };
+        println!(
+            "{}",
+            serde_json::json!({"error": message, "exit": EXIT_USAGE})
+        );
+    }
+    ExitCode::from(EXIT_USAGE)
+}
+
+/// An error that ended a command: a call error keeps its own exit status; anything else is a
+/// usage, configuration, identity or I/O error (exit 2). With `--json`, one object on stdout.
+fn fail(e: &anyhow::Error, json: bool) -> ExitCode {
+    if let Some(call_error) = e.chain().find_map(|c| c.downcast_ref::<CallError>()) {
+        return report_call_error(call_error, None, json);
+    }
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"error": format!("{e:#}"), "exit": EXIT_USAGE})
+        );
+    }
+    eprintln!("didgate: {e:#}");
+    ExitCode::from(EXIT_USAGE)
+}
+
+/// `--connect-timeout SECS`: more than 0 and at most an hour, decimals allowed.
+fn parse_timeout(text: &str) -> Result<Duration, String> {
+    let secs: f64 = text
+        .trim()
+        .parse()
+        .map_err(|_| format!("{text:?} is not a number of seconds"))?;
+    if !(secs > 0.0 && secs <= 3600.0) {
+        return Err(format!(
+            "{text:?}: the timeout must be more than 0 and at most 3600 seconds"
+        ));
+    }
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("{text:?}: {e}"))
+}
+
+/// The exit status of a failed call.
+fn call_exit(e: &CallError) -> u8 {
+    match e {
+        CallError::Refused { .. } => EXIT_REFUSED,
+        CallError::WrongGateway { .. } => EXIT_WRONG_GATEWAY,
+        _ => EXIT_CALL_FAILED,
+    }
+}
+
+/// A failed call (or catalog request) as one JSON object: `error`, `exit`, `kind`, `advice`,
+/// the gateway's address when known, and what the error names (a refusal's code, reason, call
+/// ID and gateway time; the DIDs of a wrong gateway).
+fn call_error_json(e: &CallError, gateway: Option<SocketAddr>) -> serde_json::Value {
+    let exit = call_exit(e);
+    let mut object = serde_json::json!({
+        "error": e.to_string(),
+        "exit": exit,
+        "advice": e.advice(),
+    });
+    let kind = match e {
+        CallError::Refused {
+            code,
+            reason,
+            gateway_time_ms,
+            call,
+        } => {
+            object["refused"] = code.as_str().into();
+            object["reason"] = reason.as_str().into();
+            object["gateway_time_ms"] = (*gateway_time_ms).into();
+            object["call"] = call.map(hex::encode).into();
+            "refused"
+        }
+        CallError::WrongGateway {
+            addr,
+            presented,
+            pinned,
+        } => {
+            object["gateway"] = addr.to_string().into();
+            object["presented"] = presented.as_str().into();
+            object["pinned"] = pinned.as_str().into();
+            "wrong_gateway"
+        }
+        CallError::Unreachable(_) => "unreachable",
+        CallError::ConnectionLost(_) => "connection_lost",
+        CallError::InvalidAnswer(_) => "invalid_answer",
+        CallError::Audit(_) => "local_audit",
+        CallError::VersionUnsupported { .. } => "version_unsupported",
+        _ => "call_failed",
+    };
+    object["kind"] = kind.into();
+    if let Some(addr) = gateway
+        && object.get("gateway").is_none()
+    {
+        object["gateway"] = addr.to_string().into();
+    }
+    object
+}
+
+/// Reports a failed call: one JSON object on stdout with `--json`, else the error and what to
+/// do about it on stderr. Returns its exit status.
+fn report_call_error(e: &CallError, gateway: Option<SocketAddr>, json: bool) -> ExitCode {
+    if json {
+        println!("{}", call_error_json(e, gateway));
+    } else if let CallError::Refused {
+        code, reason, call, ..
+    } = e
+    {
+        let call = call.map(|c| format!(" (call {})", hex::encode(c)));
+        eprintln!(
+            "didgate: refused ({}): {reason}{}",
+            code.as_str(),
+            call.unwrap_or_default()
+        );
+        eprintln!("didgate: {}", e.advice());
+    } else {
+        eprintln!("didgate: {e}");
+        eprintln!("didgate: {}", e.advice());
+    }
+    ExitCode::from(call_exit(e))
 }
 
 fn init_tracing() {
@@ -252,6 +410,7 @@ fn init_tracing() {
     let filter = EnvFilter::try_from_env("DIDGATE_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr)
         .try_init();
 }
@@ -269,17 +428,23 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             path.display()
         );
     }
-    let acting = cli.acting_as;
+    let ctx = Ctx {
+        home,
+        json: cli.json,
+        acting: cli.acting_as,
+        connect_timeout: cli.connect_timeout,
+    };
+    let home = ctx.home.as_path();
     match cli.command {
         Command::Keygen { seed_file, encrypt } => {
-            keygen(&home, seed_file.as_deref(), encrypt, cli.json)
+            keygen(home, seed_file.as_deref(), encrypt, ctx.json)
         }
-        Command::Whoami { document } => whoami(&home, acting.as_deref(), document, cli.json),
-        Command::Export { out } => export(&home, &out, cli.json),
+        Command::Whoami { document } => whoami(home, ctx.acting.as_deref(), document, ctx.json),
+        Command::Export { out } => export(home, &out, ctx.json),
         Command::Pin {
             gateway,
             gateway_did,
-        } => pin(&home, &gateway, &gateway_did, cli.json),
+        } => pin(home, &gateway, &gateway_did, ctx.json),
         Command::Call {
             upstream,
             method,
@@ -289,10 +454,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             gateway,
             gateway_did,
         } => {
-            let (addr, did) = resolve_gateway(&home, gateway.as_deref(), gateway_did.as_deref())?;
+            let pinned = resolve_gateway(home, gateway.as_deref(), gateway_did.as_deref())?;
             let spec = build_spec(&upstream, &method, &path, data.as_deref(), &headers)?;
-            let identity = load_identity_as(&home, acting.as_deref())?;
-            call(&home, identity, addr, did, spec, cli.json).await
+            let identity = load_identity_as(home, ctx.acting.as_deref())?;
+            let client = open_client(&ctx, identity, pinned, "").await?;
+            call(client, spec, ctx.json).await
+        }
+        Command::Catalog {
+            upstream,
+            gateway,
+            gateway_did,
+        } => {
+            let pinned = resolve_gateway(home, gateway.as_deref(), gateway_did.as_deref())?;
+            let identity = load_identity_as(home, ctx.acting.as_deref())?;
+            let client = open_client(&ctx, identity, pinned, BUSY).await?;
+            catalog(client, upstream.as_deref(), ctx.json).await
         }
         Command::Proxy {
             listen,
@@ -302,32 +478,24 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             gateway,
             gateway_did,
         } => {
-            let (addr, did) = resolve_gateway(&home, gateway.as_deref(), gateway_did.as_deref())?;
+            let pinned = resolve_gateway(home, gateway.as_deref(), gateway_did.as_deref())?;
             let listen = parse_addr(&listen, "--listen")?;
-            let identity = load_identity_as(&home, acting.as_deref())?;
+            let identity = load_identity_as(home, ctx.acting.as_deref())?;
             let options = ProxyOptions {
                 listen,
                 allow_remote,
                 rotate_token,
                 forward_headers,
             };
-            run_proxy(&home, identity, addr, did, options, cli.json).await
+            run_proxy(&ctx, identity, pinned, options).await
         }
         Command::Mcp {
             gateway,
             gateway_did,
         } => {
-            let (addr, did) = resolve_gateway(&home, gateway.as_deref(), gateway_did.as_deref())?;
-            let identity = load_identity_as(&home, acting.as_deref())?;
-            let chain = home.join("chain");
-            let client = Client::open(identity, &chain, addr, did)
-                .await
-                .with_context(|| {
-                    format!(
-                        "cannot open the client chain {} (is another didgate proxy or mcp running?)",
-                        chain.display()
-                    )
-                })?;
+            let pinned = resolve_gateway(home, gateway.as_deref(), gateway_did.as_deref())?;
+            let identity = load_identity_as(home, ctx.acting.as_deref())?;
+            let client = open_client(&ctx, identity, pinned, BUSY).await?;
             let client = std::sync::Arc::new(client);
             let served = mcp::DidgateMcp::new(client.clone()).run().await;
             client.close().await;
@@ -338,8 +506,40 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             upstreams,
             proxy,
             export,
-        } => env(&home, &upstreams, proxy.as_deref(), export, cli.json),
+        } => env(home, &upstreams, proxy.as_deref(), export, ctx.json),
     }
+}
+
+/// Why a client chain may not open: another process holds it.
+const BUSY: &str = " (is another didgate proxy or mcp running?)";
+
+/// What every command shares: the home directory and the global flags.
+struct Ctx {
+    home: PathBuf,
+    json: bool,
+    /// `--as`: the did:web to act as.
+    acting: Option<String>,
+    /// `--connect-timeout`.
+    connect_timeout: Option<Duration>,
+}
+
+/// Opens the client chain (held while the client lives) for `identity` and the gateway
+/// `pinned`, with `--connect-timeout` applied; `busy` is the hint shown when the chain cannot be
+/// opened.
+async fn open_client(
+    ctx: &Ctx,
+    identity: Identity,
+    (addr, gateway): (SocketAddr, Did),
+    busy: &str,
+) -> anyhow::Result<Client> {
+    let chain = ctx.home.join("chain");
+    let client = Client::open(identity, &chain, addr, gateway)
+        .await
+        .with_context(|| format!("cannot open the client chain {}{busy}", chain.display()))?;
+    Ok(match ctx.connect_timeout {
+        Some(timeout) => client.with_connect_timeout(timeout),
+        None => client,
+    })
 }
 
 fn token_path(home: &Path) -> PathBuf {
@@ -359,13 +559,12 @@ struct ProxyOptions {
 }
 
 async fn run_proxy(
-    home: &Path,
+    ctx: &Ctx,
     identity: Identity,
-    addr: SocketAddr,
-    gateway: Did,
+    pinned: (SocketAddr, Did),
     options: ProxyOptions,
-    json: bool,
 ) -> anyhow::Result<ExitCode> {
+    let (home, json) = (ctx.home.as_path(), ctx.json);
     let tokens = token_path(home);
     let token = if options.rotate_token {
         ProxyToken::rotate(&tokens)?
@@ -382,15 +581,8 @@ async fn run_proxy(
         config.forward_headers.push(name);
     }
     let server = Proxy::bind(config).await?;
-    let chain = home.join("chain");
-    let client = Client::open(identity, &chain, addr, gateway)
-        .await
-        .with_context(|| {
-            format!(
-                "cannot open the client chain {} (is another didgate proxy or call running?)",
-                chain.display()
-            )
-        })?;
+    let busy = " (is another didgate proxy or call running?)";
+    let client = open_client(ctx, identity, pinned, busy).await?;
     let url = format!("http://{}", server.local_addr());
     std::fs::write(proxy_url_path(home), format!("{url}\n"))
         .with_context(|| format!("cannot write {}", proxy_url_path(home).display()))?;
@@ -875,52 +1067,51 @@ fn build_spec(
     Ok(spec)
 }
 
-async fn call(
-    home: &Path,
-    identity: Identity,
-    addr: SocketAddr,
-    gateway: Did,
-    spec: CallSpec,
-    json: bool,
-) -> anyhow::Result<ExitCode> {
-    let chain = home.join("chain");
-    let client = Client::open(identity, &chain, addr, gateway)
-        .await
-        .with_context(|| format!("cannot open the client chain {}", chain.display()))?;
+async fn call(client: Client, spec: CallSpec, json: bool) -> anyhow::Result<ExitCode> {
+    let gateway = client.gateway_addr();
     let result = client.call(spec).await;
     client.close().await;
     match result {
         Ok(answer) => print_answer(&answer, json),
-        Err(CallError::Refused { code, reason, .. }) => {
-            if json {
-                println!(
-                    "{}",
-                    serde_json::json!({ "refused": code.as_str(), "reason": reason })
-                );
-            } else {
-                eprintln!("didgate: refused ({}): {reason}", code.as_str());
-            }
-            Ok(ExitCode::from(EXIT_REFUSED))
-        }
-        Err(other) => {
-            eprintln!("didgate: {other}");
-            Ok(ExitCode::from(EXIT_CALL_FAILED))
+        Err(e) => Ok(report_call_error(&e, Some(gateway), json)),
+    }
+}
+
+/// `didgate call --json`: the answer as one object. `body` is the response body parsed as JSON
+/// when it is JSON; otherwise it is the body as text (lossy UTF-8), also given as `body_text`
+/// (whose presence says the body is not JSON).
+fn answer_json(answer: &Answer, exit: u8) -> serde_json::Value {
+    let mut object = serde_json::json!({
+        "status": answer.status,
+        "call": hex::encode(answer.call),
+        "receipt_entry": answer.receipt.entry.seq,
+        "exit": exit,
+    });
+    match serde_json::from_slice::<serde_json::Value>(&answer.body) {
+        Ok(value) => object["body"] = value,
+        Err(_) => {
+            let text = String::from_utf8_lossy(&answer.body);
+            object["body"] = text.as_ref().into();
+            object["body_text"] = text.as_ref().into();
         }
     }
+    if exit != 0 {
+        object["error"] = format!("the upstream answered HTTP status {}", answer.status).into();
+    }
+    object
 }
 
 fn print_answer(answer: &Answer, json: bool) -> anyhow::Result<ExitCode> {
     let call = hex::encode(answer.call);
     let seq = answer.receipt.entry.seq;
+    let exit = if answer.status >= 400 {
+        EXIT_HTTP_ERROR
+    } else {
+        0
+    };
     let mut out = std::io::stdout().lock();
     if json {
-        let object = serde_json::json!({
-            "status": answer.status,
-            "call": call,
-            "body": String::from_utf8_lossy(&answer.body),
-            "receipt_entry": seq,
-        });
-        writeln!(out, "{object}").context("cannot write to stdout")?;
+        writeln!(out, "{}", answer_json(answer, exit)).context("cannot write to stdout")?;
     } else {
         out.write_all(&answer.body)
             .context("cannot write the response body to stdout")?;
@@ -932,9 +1123,62 @@ fn print_answer(answer: &Answer, json: bool) -> anyhow::Result<ExitCode> {
             answer.status
         );
     }
-    if answer.status >= 400 {
-        Ok(ExitCode::from(EXIT_HTTP_ERROR))
-    } else {
-        Ok(ExitCode::SUCCESS)
+    Ok(ExitCode::from(exit))
+}
+
+/// `didgate catalog`: the operations this DID may call, one line each (upstream, name,
+/// method, path template, description; columns aligned), or with `--json` an array of objects
+/// with those fields.
+async fn catalog(client: Client, upstream: Option<&str>, json: bool) -> anyhow::Result<ExitCode> {
+    let gateway = client.gateway_addr();
+    let result = match upstream {
+        Some(name) => client.catalog_of(name).await,
+        None => client.catalog().await,
+    };
+    let did = client.did().clone();
+    client.close().await;
+    let ops = match result {
+        Ok(ops) => ops,
+        Err(e) => return Ok(report_call_error(&e, Some(gateway), json)),
+    };
+    let mut out = std::io::stdout().lock();
+    if json {
+        // one object, as every --json output: {"operations": [...]}
+        let list = serde_json::to_value(&ops).context("cannot encode the catalog")?;
+        let doc = serde_json::json!({ "operations": list });
+        writeln!(out, "{doc}").context("cannot write to stdout")?;
+        return Ok(ExitCode::SUCCESS);
     }
+    let width = |f: fn(&didgate_client::Operation) -> &str| {
+        ops.iter().map(|o| f(o).chars().count()).max().unwrap_or(0)
+    };
+    let widths = [
+        width(|o| &o.upstream),
+        width(|o| &o.name),
+        width(|o| &o.method),
+        width(|o| &o.path),
+    ];
+    for o in &ops {
+        let line = format!(
+            "{:w0$}  {:w1$}  {:w2$}  {:w3$}  {}",
+            o.upstream,
+            o.name,
+            o.method,
+            o.path,
+            o.description,
+            w0 = widths[0],
+            w1 = widths[1],
+            w2 = widths[2],
+            w3 = widths[3],
+        );
+        writeln!(out, "{}", line.trim_end()).context("cannot write to stdout")?;
+    }
+    out.flush().context("cannot write to stdout")?;
+    if ops.is_empty() {
+        eprintln!(
+            "didgate: no operations{}: the gateway's policy lets {did} call none of its catalog (ask the operator)",
+            upstream.map(|u| format!(" of {u}")).unwrap_or_default()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }

@@ -286,6 +286,7 @@ fn failure_code(e: &CallError) -> &str {
         CallError::InvalidAnswer(_) => "invalid_answer",
         CallError::Audit(_) => "local_audit_unavailable",
         CallError::VersionUnsupported { .. } => "version_unsupported",
+        CallError::WrongGateway { .. } => "wrong_gateway",
         _ => "call_failed",
     }
 }

@@ -479,6 +479,7 @@ fn call_refusal(e: CallError) -> Refusal {
         CallError::InvalidAnswer(_) => (502, "invalid_answer", "client"),
         CallError::Audit(_) => (503, "local_audit_unavailable", "client"),
         CallError::VersionUnsupported { .. } => (502, "version_unsupported", "client"),
+        CallError::WrongGateway { .. } => (502, "wrong_gateway", "client"),
     };
     let (retry, retry_after_ms) = retry_advice(&e);
     Refusal {

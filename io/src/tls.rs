@@ -370,6 +370,42 @@ pub fn client_config_for(
     Ok(cfg)
 }
 
+/// Verifies a TLS 1.3 handshake signature the way both sides of didgate do: Ed25519 only, with
+/// the one crypto provider. For a [`ServerCertVerifier`] built outside this crate (a client that
+/// wants to learn which DID a gateway presented, [`client_config_with_verifier`]).
+pub fn verify_tls13_ed25519(
+    message: &[u8],
+    cert: &CertificateDer<'_>,
+    dss: &DigitallySignedStruct,
+) -> Result<HandshakeSignatureValid, rustls::Error> {
+    verify13(message, cert, dss)
+}
+
+/// A client's QUIC configuration like [`client_config_for`], but with the caller's own server
+/// certificate verifier (which must check the pinned gateway DID, as [`client_config_for`]'s
+/// does, and may record the DID presented: [`did_from_cert`]).
+pub fn client_config_with_verifier(
+    identity: &Identity,
+    version: Version,
+    verifier: Arc<dyn ServerCertVerifier>,
+) -> Result<quinn::ClientConfig, TlsError> {
+    let (cert, key) = self_signed(identity)?;
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(vec![cert], key)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    tls.alpn_protocols = vec![version.alpn().to_vec()];
+    tls.resumption = rustls::client::Resumption::disabled();
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+    cfg.transport_config(Arc::new(transport()));
+    Ok(cfg)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
