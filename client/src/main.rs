@@ -76,6 +76,14 @@ Exit status:
   5  the gateway at the address presented another DID than the pinned one (nothing sent)
 With --json, every failure is one JSON object on stdout: {\"error\", \"exit\", ...}.";
 
+/// `didgate mcp`'s exit statuses: stdout is the JSON-RPC channel, so nothing else goes there.
+const MCP_EXIT_HELP: &str = "\
+Exit status:
+  0  the MCP client ended the session (closed stdin)
+  2  usage, configuration, identity or local I/O error (on stderr)
+stdout carries JSON-RPC only: --json does not apply to mcp and is refused (exit 2, on stderr).
+A refused or failed tool call is a tool result with isError, never an exit.";
+
 #[derive(Parser)]
 #[command(
     name = "didgate",
@@ -208,7 +216,7 @@ enum Command {
     },
     /// Serve the Model Context Protocol over stdio: the tools are the operations this DID may
     /// call (the gateway's catalog), each tool call a signed call recorded in HOME/chain.
-    #[command(after_help = EXIT_HELP)]
+    #[command(after_help = MCP_EXIT_HELP)]
     Mcp {
         /// Gateway address (overrides config.toml).
         #[arg(long, value_name = "ADDR")]
@@ -251,6 +259,13 @@ fn main() -> ExitCode {
         Err(e) => return usage_error(&e),
     };
     let json = cli.json;
+    if json && matches!(cli.command, Command::Mcp { .. }) {
+        // stdout is the JSON-RPC channel: no JSON object of ours may go there
+        eprintln!(
+            "error: --json does not apply to `didgate mcp` (its stdout carries JSON-RPC only)"
+        );
+        return ExitCode::from(2);
+    }
     init_tracing();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -417,3 +417,28 @@ async fn call_json_parses_a_json_body_and_keeps_text_otherwise() -> anyhow::Resu
     h.stop().await;
     Ok(())
 }
+
+/// `didgate mcp`'s stdout is the JSON-RPC channel: `--json` is refused on stderr (nothing on
+/// stdout, exit 2), and its help gives its own exit statuses.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mcp_keeps_stdout_for_json_rpc() -> anyhow::Result<()> {
+    let home = tempfile::tempdir()?;
+    let out = didgate(home.path(), &["--json", "mcp"]).await?;
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        out.stdout.is_empty(),
+        "{:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(
+        stderr(&out).contains("--json does not apply"),
+        "{}",
+        stderr(&out)
+    );
+    let out = didgate(home.path(), &["mcp", "--help"]).await?;
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(help.contains("JSON-RPC only"), "{help}");
+    assert!(!help.contains("3  the gateway refused the call"), "{help}");
+    Ok(())
+}
