@@ -156,17 +156,22 @@ impl Admission {
         if self.addresses.len() >= MAX_ADDRESSES && !self.addresses.contains_key(&ip) {
             self.addresses.retain(|_, a| !Self::idle(a, now));
         }
-        let rate = self.limits.rate_per_address;
-        let a = self.addresses.entry(ip).or_insert_with(|| Address {
-            in_flight: 0,
-            open: 0,
-            bucket: (rate.burst > 0).then(|| TokenBucket::new(rate, now)),
-        });
+        let a = self.address(ip, now);
         if let Some(b) = a.bucket.as_mut() {
             b.try_take(now);
         }
         a.in_flight += 1;
         Decision::Accept { charged: true }
+    }
+
+    /// The counts of `ip`, new ones (a full bucket) if it has none.
+    fn address(&mut self, ip: IpAddr, now: u64) -> &mut Address {
+        let rate = self.limits.rate_per_address;
+        self.addresses.entry(ip).or_insert_with(|| Address {
+            in_flight: 0,
+            open: 0,
+            bucket: (rate.burst > 0).then(|| TokenBucket::new(rate, now)),
+        })
     }
 
     /// The limit `ip` is over at `now`, if any (nothing charged).
@@ -193,12 +198,7 @@ impl Admission {
         if !charged && !established {
             return;
         }
-        let rate = self.limits.rate_per_address;
-        let a = self.addresses.entry(ip).or_insert_with(|| Address {
-            in_flight: 0,
-            open: 0,
-            bucket: (rate.burst > 0).then(|| TokenBucket::new(rate, now)),
-        });
+        let a = self.address(ip, now);
         if charged {
             a.in_flight = a.in_flight.saturating_sub(1);
         }

@@ -351,23 +351,13 @@ pub fn client_config_for(
     gateway: &Did,
     version: Version,
 ) -> Result<quinn::ClientConfig, TlsError> {
-    let (cert, key) = self_signed(identity)?;
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| TlsError::Config(e.to_string()))?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(PinnedGateway {
+    client_config_with_verifier(
+        identity,
+        version,
+        Arc::new(PinnedGateway {
             pinned: gateway.clone(),
-        }))
-        .with_client_auth_cert(vec![cert], key)
-        .map_err(|e| TlsError::Config(e.to_string()))?;
-    tls.alpn_protocols = vec![version.alpn().to_vec()];
-    tls.resumption = rustls::client::Resumption::disabled();
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
-        .map_err(|e| TlsError::Config(e.to_string()))?;
-    let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
-    cfg.transport_config(Arc::new(transport()));
-    Ok(cfg)
+        }),
+    )
 }
 
 /// Verifies a TLS 1.3 handshake signature the way both sides of didgate do: Ed25519 only, with

@@ -237,7 +237,13 @@ fn toml_string(c: &Config) -> anyhow::Result<String> {
 /// attacker), so that they reach the checks they are about. The admission itself is tested in
 /// `limits.rs`.
 pub fn without_address_limits(c: &mut Config) {
-    c.gateway.handshakes = didgate_gateway::config::Handshakes {
+    c.gateway.handshakes = no_address_limits();
+}
+
+/// `[gateway.handshakes]` with every limit off: every connection accepted at once, as before
+/// issue 15 (the benchmarks' baseline too).
+pub fn no_address_limits() -> didgate_gateway::config::Handshakes {
+    didgate_gateway::config::Handshakes {
         retry_above_per_sec: 1_000_000,
         max_in_flight_per_address: 0,
         max_open_per_address: 0,
@@ -245,7 +251,28 @@ pub fn without_address_limits(c: &mut Config) {
             burst: 0,
             per_sec: 0.0,
         },
-    };
+    }
+}
+
+/// Copies the directory tree `from` to `to`, making `identity` and `master.key` files 0600 (git
+/// keeps no modes, and they are read only when private): for the fixtures of an earlier
+/// release.
+pub fn copy_private_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        let target = to.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            copy_private_tree(&e.path(), &target)?;
+        } else {
+            std::fs::copy(e.path(), &target)?;
+            if matches!(e.file_name().to_str(), Some("identity" | "master.key")) {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600))?;
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The typed reason of a refused call (`None` if it was not refused by the gateway).

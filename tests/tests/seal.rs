@@ -281,26 +281,11 @@ async fn client_export_is_sealed() -> anyhow::Result<()> {
 /// Copies the previous release's gateway data directory (`tests/fixtures/release-b9992ca`, a
 /// version 1 chain); git keeps no modes, and the identity must be 0600 to be read.
 fn copy_v1_gateway(to: &Path) -> anyhow::Result<()> {
-    fn copy(from: &Path, to: &Path) -> anyhow::Result<()> {
-        std::fs::create_dir_all(to)?;
-        for e in std::fs::read_dir(from)? {
-            let e = e?;
-            let target = to.join(e.file_name());
-            if e.file_type()?.is_dir() {
-                copy(&e.path(), &target)?;
-            } else {
-                std::fs::copy(e.path(), &target)?;
-                use std::os::unix::fs::PermissionsExt;
-                std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600))?;
-            }
-        }
-        Ok(())
-    }
     let fixture = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/fixtures/release-b9992ca/gateway"
     );
-    copy(Path::new(fixture), to)
+    didgate_tests::copy_private_tree(Path::new(fixture), to)
 }
 
 /// A store of the previous release whose last entries no checkpoint covers (its last

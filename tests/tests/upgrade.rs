@@ -24,24 +24,7 @@ const KEY: &str = "sk-test-upgrade-4c1d8e2f90ab7356";
 /// Copies the fixture; git does not keep file modes, and identity files and the master key
 /// must be 0600 to be read at all.
 fn copy_fixture(to: &Path) -> anyhow::Result<()> {
-    fn copy(from: &Path, to: &Path) -> anyhow::Result<()> {
-        std::fs::create_dir_all(to)?;
-        for e in std::fs::read_dir(from)? {
-            let e = e?;
-            let target = to.join(e.file_name());
-            if e.file_type()?.is_dir() {
-                copy(&e.path(), &target)?;
-            } else {
-                std::fs::copy(e.path(), &target)?;
-                if matches!(e.file_name().to_str(), Some("identity" | "master.key")) {
-                    use std::os::unix::fs::PermissionsExt;
-                    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o600))?;
-                }
-            }
-        }
-        Ok(())
-    }
-    copy(Path::new(FIXTURE), to)
+    didgate_tests::copy_private_tree(Path::new(FIXTURE), to)
 }
 
 /// Runs a workspace binary; returns (exit status, stdout and stderr).

@@ -817,15 +817,7 @@ impl Binaries {
 /// Admission of new connections turned off (`[gateway.handshakes]`): every connection is
 /// accepted at once, as before issue 15.
 pub(crate) fn no_admission() -> config::Handshakes {
-    config::Handshakes {
-        retry_above_per_sec: 1_000_000,
-        max_in_flight_per_address: 0,
-        max_open_per_address: 0,
-        rate_per_address: RateLimit {
-            burst: 0,
-            per_sec: 0.0,
-        },
-    }
+    didgate_tests::no_address_limits()
 }
 
 /// Kills `pid` with `signal` (a process this benchmark started).
