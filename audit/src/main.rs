@@ -51,7 +51,8 @@ enum Command {
         /// A gateway data directory or store (repeatable).
         #[arg(long = "gateway", required = true)]
         gateways: Vec<PathBuf>,
-        /// A client data directory or chain store (repeatable).
+        /// A client home, chain store or export file (repeatable); a home's fallback chains
+        /// (`chains/N`) are read with its chain.
         #[arg(long = "client")]
         clients: Vec<PathBuf>,
         /// Report entries no signed checkpoint covers (`unsealed_tail`) as a violation in
@@ -282,7 +283,8 @@ fn load_and_verify(
             })
             .collect()
     };
-    let loaded = load(gateways).and_then(|g| load(clients).map(|c| (g, c)));
+    let clients = with_fallback_chains(clients);
+    let loaded = load(gateways).and_then(|g| load(&clients).map(|c| (g, c)));
     let (gateways, clients) = match loaded {
         Ok(chains) => chains,
         Err(f) => {
@@ -294,6 +296,26 @@ fn load_and_verify(
     let report = verify::verify_opts(&gateways, &clients, options);
     progress.finish();
     Ok(report)
+}
+
+/// The client chains to verify: each path given, and for a client home, its fallback chains
+/// too (`chains/N`, written by a process of the home whose calls the chain's owner could not
+/// make; `didgate_client::local`).
+fn with_fallback_chains(clients: &[PathBuf]) -> Vec<PathBuf> {
+    let mut all = Vec::with_capacity(clients.len());
+    for path in clients {
+        all.push(path.clone());
+        let Ok(dir) = std::fs::read_dir(path.join("chains")) else {
+            continue;
+        };
+        let mut found: Vec<PathBuf> = dir
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.join("version").is_file())
+            .collect();
+        found.sort();
+        all.extend(found);
+    }
+    all
 }
 
 /// `evidence`: writes the evidence bundle of one call; `Ok(false)` when the chains hold no

@@ -21,6 +21,7 @@
 //! | stream a response as it arrives | [`Client::call_streaming`] |
 //! | read the local chain | [`Client::chain`] (while open), `didgate_audit::load_records` (after [`Client::close`]) |
 //! | handle an error | [`CallError`]: [`CallError::advice`], [`CallError::is_retryable`] |
+//! | share one home's chain among processes (the CLI, proxy and MCP server do) | [`local::Caller::acquire`] |
 //!
 //! Runnable examples: `client/examples/` (`one_shot`, `agent_loop`, `streaming`).
 //!
@@ -43,6 +44,7 @@
 #![cfg_attr(not(test), warn(clippy::too_many_lines))]
 #![warn(missing_docs)]
 
+pub mod local;
 #[cfg(feature = "proxy")]
 pub mod proxy;
 
@@ -57,7 +59,7 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use didgate_audit::entry::{Entry, EntryKind, Outcome, Role};
-use didgate_audit::store::{Chain, CheckpointPolicy, Store, StoreError};
+use didgate_audit::store::{Append, Chain, CheckpointPolicy, Claim, ClaimRule, Store, StoreError};
 use didgate_protocol::Version;
 pub use didgate_protocol::catalog::Operation;
 use didgate_protocol::catalog::{Catalog, CatalogRequest};
@@ -129,6 +131,18 @@ pub enum CallError {
         presented: Did,
         /// The DID this client pinned (and trusts).
         pinned: Did,
+    },
+    /// Another process of this home holds its chain and was making this call for this one
+    /// ([`local`]); it went away before the answer was complete. The outcome is unknown: it
+    /// may have sent the call (its chain records it as sent). Not retried on its own.
+    #[error(
+        "the didgate process holding this home's chain (pid {pid}) went away mid-call, outcome unknown: {detail}"
+    )]
+    OwnerLost {
+        /// The owner's process ID.
+        pid: u32,
+        /// What was seen.
+        detail: String,
     },
 }
 
@@ -211,6 +225,9 @@ impl CallError {
             }
             Self::WrongGateway { .. } => {
                 "nothing was sent: check the address; if the operator confirms the gateway's new DID (out of band), pin it (`didgate pin`)"
+            }
+            Self::OwnerLost { .. } => {
+                "the outcome is unknown and the call may have executed (the owner's chain records it as sent): check before repeating it; the next call acquires the chain again"
             }
         }
     }
@@ -313,6 +330,50 @@ pub struct Client {
     connect_timeout: Duration,
     /// The DID the gateway presented in the last handshake (written by the TLS verifier).
     presented: Arc<std::sync::Mutex<Option<Did>>>,
+    /// Whether the chain's store has the [`PENDING`] keyspace.
+    tracks_pending: bool,
+}
+
+/// The client store's keyspace of calls recorded as sent and not yet answered (key: call ID),
+/// written in the same atomic batch as the request and the result entries. What a process that
+/// ended mid-call leaves there is closed as `unknown` when the chain is next opened
+/// ([`Client::with_chain`]), so every request of the chain gets its result entry.
+pub const PENDING: &str = "pending";
+
+/// Closes every call left pending in `chain` with an `unknown` result; `Ok(false)` if its store
+/// has no [`PENDING`] keyspace (opened without it).
+fn close_pending(chain: &Chain) -> Result<bool, ClientError> {
+    let left = match chain.store().scan(PENDING, &[]) {
+        Ok(left) => left,
+        Err(StoreError::UnknownSpace(_)) => return Ok(false),
+        Err(e) => return Err(e.into()),
+    };
+    for (key, _) in left {
+        let Ok(call) = <[u8; 32]>::try_from(key.as_slice()) else {
+            continue;
+        };
+        let mut result = Entry::new(EntryKind::Result, now_ms());
+        result.call = Some(call);
+        result.outcome = Some(Outcome::Unknown);
+        result.detail = Some(
+            "the process that sent this call ended before its answer (closed when the chain was next opened)"
+                .into(),
+        );
+        let claims = vec![Claim {
+            space: PENDING,
+            key,
+            value: Vec::new(),
+            rule: ClaimRule::Remove,
+        }];
+        chain
+            .append_blocking(Append {
+                entry: result,
+                claims,
+            })
+            .map_err(ClientError::Recover)?;
+        tracing::warn!(call = %hex::encode(call), "closed a call left unanswered by a process that ended mid-call");
+    }
+    Ok(true)
 }
 
 impl std::fmt::Debug for Client {
@@ -333,7 +394,7 @@ impl Client {
         addr: SocketAddr,
         gateway: Did,
     ) -> Result<Self, ClientError> {
-        let store = Store::open(chain_dir, &[])?;
+        let store = Store::open(chain_dir, &[PENDING])?;
         let identity = Arc::new(identity);
         let chain = Chain::open(
             store,
@@ -345,7 +406,9 @@ impl Client {
         Self::with_chain(identity, chain, addr, gateway)
     }
 
-    /// Like [`Client::open`] with an already open chain.
+    /// Like [`Client::open`] with an already open chain. If its store was opened with the
+    /// [`PENDING`] keyspace, calls a process left unanswered (it ended mid-call) are closed now
+    /// with an `unknown` result, and this client marks its own calls pending until answered.
     pub fn with_chain(
         identity: Arc<Identity>,
         chain: Chain,
@@ -353,6 +416,7 @@ impl Client {
         gateway: Did,
     ) -> Result<Self, ClientError> {
         tls::install_provider();
+        let tracks_pending = close_pending(&chain)?;
         let presented = Arc::new(std::sync::Mutex::new(None));
         let cfg = pinned_config(&identity, &gateway, Version::CURRENT, &presented)?;
         // Bind the unspecified address of the gateway's family (loopback stays loopback).
@@ -376,6 +440,7 @@ impl Client {
             version: Version::CURRENT,
             connect_timeout: CONNECT_TIMEOUT,
             presented,
+            tracks_pending,
         })
     }
 
@@ -609,8 +674,9 @@ impl Client {
         let mut entry = Entry::new(EntryKind::Request, now_ms());
         entry.call = Some(call);
         entry.signed = Some(bytes.to_vec());
+        let claims = self.pending_claim(call, ClaimRule::Put);
         self.chain
-            .append_entry(entry)
+            .append(Append { entry, claims })
             .await
             .map_err(|e| CallError::Audit(e.to_string()))?;
         Ok(())
@@ -713,10 +779,36 @@ impl Client {
             }
         };
         self.chain
-            .append_entry(result)
+            .append(self.closing(result))
             .await
             .map_err(|e| CallError::Audit(e.to_string()))?;
         outcome
+    }
+
+    /// The claim that marks `call` pending (`Put`, with its request) or no longer (`Remove`,
+    /// with its result), when this client's store tracks pending calls.
+    fn pending_claim(&self, call: [u8; 32], rule: ClaimRule) -> Vec<Claim> {
+        if !self.tracks_pending {
+            return Vec::new();
+        }
+        vec![Claim {
+            space: PENDING,
+            key: call.to_vec(),
+            value: Vec::new(),
+            rule,
+        }]
+    }
+
+    /// The append of a result entry that closes its call.
+    fn closing(&self, result: Entry) -> Append {
+        let claims = match result.call {
+            Some(call) => self.pending_claim(call, ClaimRule::Remove),
+            None => Vec::new(),
+        };
+        Append {
+            entry: result,
+            claims,
+        }
     }
 
     /// Like [`Client::call`], but returns as soon as the response head arrives: the body is
@@ -1109,9 +1201,10 @@ impl Drop for StreamingAnswer<'_> {
             self.len
         ));
         let chain = self.client.chain.clone();
+        let append = self.client.closing(result);
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
-                if let Err(e) = chain.append_entry(result).await {
+                if let Err(e) = chain.append(append).await {
                     tracing::warn!(%e, "cannot record an abandoned streamed call");
                 }
             });
@@ -1253,4 +1346,7 @@ pub enum ClientError {
     /// TLS or socket setup failed.
     #[error("transport: {0}")]
     Tls(String),
+    /// A call left unanswered by a process that ended mid-call could not be closed.
+    #[error("cannot close a call left unanswered in the chain: {0}")]
+    Recover(#[source] didgate_audit::store::AppendError),
 }

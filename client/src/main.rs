@@ -8,6 +8,9 @@
 //! - `config.toml`: the pinned gateway, `gateway = "ADDR"` and `gateway_did = "did:key:..."`
 //!   (written by `didgate pin`).
 //!
+//! - `chain.sock`: while a process of this home holds `chain/`, the socket through which the
+//!   home's other processes make their calls and exports (`didgate_client::local`);
+//! - `chains/N`: fallback chains, for a process that holder could not serve;
 //! - `proxy-token`: the local proxy's token (mode 0600, kept across starts);
 //! - `proxy-url`: the running proxy's URL (while it runs), for `didgate env`.
 //!
@@ -43,8 +46,9 @@ use std::time::Duration;
 use anyhow::{Context, anyhow, bail};
 use clap::{Parser, Subcommand};
 use didgate_client::identity::{self, IdentityError};
+use didgate_client::local::{self, Caller, Link};
 use didgate_client::proxy::{self, Proxy, ProxyConfig, ProxyToken};
-use didgate_client::{Answer, CallError, CallSpec, Client};
+use didgate_client::{Answer, CallError, CallSpec};
 use didgate_protocol::{Did, Identity};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
@@ -383,6 +387,10 @@ fn call_error_json(e: &CallError, gateway: Option<SocketAddr>) -> serde_json::Va
         }
         CallError::Unreachable(_) => "unreachable",
         CallError::ConnectionLost(_) => "connection_lost",
+        CallError::OwnerLost { pid, .. } => {
+            object["owner_pid"] = (*pid).into();
+            "owner_lost"
+        }
         CallError::InvalidAnswer(_) => "invalid_answer",
         CallError::Audit(_) => "local_audit",
         CallError::VersionUnsupported { .. } => "version_unsupported",
@@ -455,7 +463,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             keygen(home, seed_file.as_deref(), encrypt, ctx.json)
         }
         Command::Whoami { document } => whoami(home, ctx.acting.as_deref(), document, ctx.json),
-        Command::Export { out } => export(home, &out, ctx.json),
+        Command::Export { out } => export(home, &out, ctx.json).await,
         Command::Pin {
             gateway,
             gateway_did,
@@ -472,8 +480,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let pinned = resolve_gateway(home, gateway.as_deref(), gateway_did.as_deref())?;
             let spec = build_spec(&upstream, &method, &path, data.as_deref(), &headers)?;
             let identity = load_identity_as(home, ctx.acting.as_deref())?;
-            let client = open_client(&ctx, identity, pinned, "").await?;
-            call(client, spec, ctx.json).await
+            let caller = open_caller(&ctx, identity, pinned).await?;
+            call(caller, spec, ctx.json).await
         }
         Command::Catalog {
             upstream,
@@ -482,8 +490,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let pinned = resolve_gateway(home, gateway.as_deref(), gateway_did.as_deref())?;
             let identity = load_identity_as(home, ctx.acting.as_deref())?;
-            let client = open_client(&ctx, identity, pinned, BUSY).await?;
-            catalog(client, upstream.as_deref(), ctx.json).await
+            let caller = open_caller(&ctx, identity, pinned).await?;
+            catalog(caller, upstream.as_deref(), ctx.json).await
         }
         Command::Proxy {
             listen,
@@ -510,10 +518,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let pinned = resolve_gateway(home, gateway.as_deref(), gateway_did.as_deref())?;
             let identity = load_identity_as(home, ctx.acting.as_deref())?;
-            let client = open_client(&ctx, identity, pinned, BUSY).await?;
-            let client = std::sync::Arc::new(client);
-            let served = mcp::DidgateMcp::new(client.clone()).run().await;
-            client.close().await;
+            let caller = std::sync::Arc::new(open_caller(&ctx, identity, pinned).await?);
+            let served = mcp::DidgateMcp::new(caller.clone()).run().await;
+            caller.close().await;
             served?;
             Ok(ExitCode::SUCCESS)
         }
@@ -525,9 +532,6 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
 }
 
-/// Why a client chain may not open: another process holds it.
-const BUSY: &str = " (is another didgate proxy or mcp running?)";
-
 /// What every command shares: the home directory and the global flags.
 struct Ctx {
     home: PathBuf,
@@ -538,23 +542,26 @@ struct Ctx {
     connect_timeout: Option<Duration>,
 }
 
-/// Opens the client chain (held while the client lives) for `identity` and the gateway
-/// `pinned`, with `--connect-timeout` applied; `busy` is the hint shown when the chain cannot be
-/// opened.
-async fn open_client(
+/// The caller for `identity` and the gateway `pinned` (`--connect-timeout` applied): this
+/// process holds the home's chain and serves the home's other processes, or calls through the
+/// process that holds it, or falls back to a chain of its own (`didgate_client::local`).
+async fn open_caller(
     ctx: &Ctx,
     identity: Identity,
     (addr, gateway): (SocketAddr, Did),
-    busy: &str,
-) -> anyhow::Result<Client> {
-    let chain = ctx.home.join("chain");
-    let client = Client::open(identity, &chain, addr, gateway)
-        .await
-        .with_context(|| format!("cannot open the client chain {}{busy}", chain.display()))?;
-    Ok(match ctx.connect_timeout {
-        Some(timeout) => client.with_connect_timeout(timeout),
-        None => client,
-    })
+) -> anyhow::Result<Caller> {
+    let timeout = ctx
+        .connect_timeout
+        .unwrap_or(didgate_client::CONNECT_TIMEOUT);
+    let caller = Caller::acquire(&ctx.home, identity, addr, gateway, timeout).await?;
+    if let Some((chain, why)) = caller.fallback() {
+        eprintln!(
+            "didgate: recording in {} ({why}); `didgate-audit verify --client {}` reads every chain of the home",
+            chain.display(),
+            ctx.home.display()
+        );
+    }
+    Ok(caller)
 }
 
 fn token_path(home: &Path) -> PathBuf {
@@ -596,8 +603,7 @@ async fn run_proxy(
         config.forward_headers.push(name);
     }
     let server = Proxy::bind(config).await?;
-    let busy = " (is another didgate proxy or call running?)";
-    let client = open_client(ctx, identity, pinned, busy).await?;
+    let client = open_caller(ctx, identity, pinned).await?;
     let url = format!("http://{}", server.local_addr());
     std::fs::write(proxy_url_path(home), format!("{url}\n"))
         .with_context(|| format!("cannot write {}", proxy_url_path(home).display()))?;
@@ -910,48 +916,101 @@ fn whoami(
 /// `didgate export`: seals the client chain with this client's identity (a checkpoint of its
 /// head unless one covers it; nothing else is written), then exports it: the file ends with a
 /// checkpoint covering its last entry.
-fn export(home: &Path, out: &Path, json: bool) -> anyhow::Result<ExitCode> {
-    let dir = home.join("chain");
+async fn export(home: &Path, out: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let dir = home.join(local::CHAIN);
     if !dir.join("version").is_file() {
         anyhow::bail!(
             "no chain at {} yet (it is created by the first call)",
             dir.display()
         );
     }
-    let held = |e: didgate_audit::StoreError| {
-        if e.is_locked() {
-            anyhow!(
-                "{}: held by another didgate process (a proxy or mcp server?); stop it and export again",
+    // the key DID owns the chain (never a did:web it acts as)
+    let identity = std::sync::Arc::new(load_identity(home)?);
+    let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    let exported = loop {
+        match didgate_audit::Store::open(&dir, &[]) {
+            Ok(store) => break export_store(&store, &identity, out)?,
+            Err(e) if e.is_locked() => {}
+            Err(e) => anyhow::bail!("{}: {e}", dir.display()),
+        }
+        // held by another process of this home: it exports for us
+        match Link::new(home, identity.clone(), None).export(out).await {
+            Ok(done) => break done,
+            Err(local::ExportThroughError::Link(local::LinkError::NoOwner { .. }))
+                if std::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            Err(e) => anyhow::bail!(
+                "{}: held by another didgate process, which could not export it: {e}",
                 dir.display()
-            )
-        } else {
-            anyhow!("{}: {e}", dir.display())
+            ),
         }
     };
-    let store = didgate_audit::Store::open(&dir, &[]).map_err(held)?;
-    // the key DID owns the chain (never a did:web it acts as)
-    let identity = load_identity(home)?;
-    let sealed = store
-        .seal(
-            &identity,
-            didgate_audit::entry::Role::Client,
-            didgate_client::now_ms(),
-        )
-        .map_err(held)?;
-    drop(identity);
-    let (entries, checkpoints) = didgate_audit::export::export_sealed(&store, out)?;
+    let fallbacks = fallback_chains(home);
     if json {
         println!(
             "{}",
-            serde_json::json!({"entries": entries, "checkpoints": checkpoints, "sealed": true, "sealed_now": sealed.written, "out": out.display().to_string()})
+            serde_json::json!({
+                "entries": exported.entries,
+                "checkpoints": exported.checkpoints,
+                "sealed": true,
+                "sealed_now": exported.sealed_now,
+                "out": out.display().to_string(),
+                "other_chains": fallbacks.iter().map(|p| p.display().to_string()).collect::<Vec<_>>(),
+            })
         );
     } else {
         eprintln!(
-            "exported {entries} entries and {checkpoints} checkpoints to {} (sealed: the last checkpoint covers the last entry)",
+            "exported {} entries and {} checkpoints to {} (sealed: the last checkpoint covers the last entry)",
+            exported.entries,
+            exported.checkpoints,
             out.display()
         );
+        for chain in fallbacks {
+            eprintln!(
+                "didgate: this home also has the fallback chain {} (`didgate-audit verify --client {}` reads it)",
+                chain.display(),
+                home.display()
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Seals and exports the chain `store` (held by this process).
+fn export_store(
+    store: &didgate_audit::Store,
+    identity: &Identity,
+    out: &Path,
+) -> anyhow::Result<local::Exported> {
+    let sealed = store
+        .seal(
+            identity,
+            didgate_audit::entry::Role::Client,
+            didgate_client::now_ms(),
+        )
+        .context("cannot seal the chain")?;
+    let (entries, checkpoints) = didgate_audit::export::export_sealed(store, out)?;
+    Ok(local::Exported {
+        entries,
+        checkpoints,
+        sealed_now: sealed.written,
+    })
+}
+
+/// The home's fallback chains (`chains/N`), which processes use when the chain's owner could
+/// not make their calls.
+fn fallback_chains(home: &Path) -> Vec<PathBuf> {
+    let Ok(dir) = std::fs::read_dir(home.join(local::FALLBACK_CHAINS)) else {
+        return Vec::new();
+    };
+    let mut chains: Vec<PathBuf> = dir
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("version").is_file())
+        .collect();
+    chains.sort();
+    chains
 }
 
 fn parse_addr(text: &str, what: &str) -> anyhow::Result<SocketAddr> {
@@ -1082,7 +1141,7 @@ fn build_spec(
     Ok(spec)
 }
 
-async fn call(client: Client, spec: CallSpec, json: bool) -> anyhow::Result<ExitCode> {
+async fn call(client: Caller, spec: CallSpec, json: bool) -> anyhow::Result<ExitCode> {
     let gateway = client.gateway_addr();
     let result = client.call(spec).await;
     client.close().await;
@@ -1144,12 +1203,9 @@ fn print_answer(answer: &Answer, json: bool) -> anyhow::Result<ExitCode> {
 /// `didgate catalog`: the operations this DID may call, one line each (upstream, name,
 /// method, path template, description; columns aligned), or with `--json` an array of objects
 /// with those fields.
-async fn catalog(client: Client, upstream: Option<&str>, json: bool) -> anyhow::Result<ExitCode> {
+async fn catalog(client: Caller, upstream: Option<&str>, json: bool) -> anyhow::Result<ExitCode> {
     let gateway = client.gateway_addr();
-    let result = match upstream {
-        Some(name) => client.catalog_of(name).await,
-        None => client.catalog().await,
-    };
+    let result = client.catalog(upstream).await;
     let did = client.did().clone();
     client.close().await;
     let ops = match result {

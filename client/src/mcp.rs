@@ -12,7 +12,8 @@
 
 use std::sync::Arc;
 
-use didgate_client::{CallError, CallSpec, Client, Operation};
+use didgate_client::local::Caller;
+use didgate_client::{CallError, CallSpec, Operation};
 use didgate_protocol::catalog::{BodyMode, check_path_template, fill_path_template};
 use didgate_protocol::message::RefusalCode;
 use rmcp::model::{
@@ -38,7 +39,7 @@ const BODY_DESCRIPTION: &str =
 /// The MCP server state: the client that signs and records every call, and the catalog as
 /// the last `tools/list` read it.
 pub(crate) struct DidgateMcp {
-    client: Arc<Client>,
+    client: Arc<Caller>,
     /// The operations of the last catalog read: a tool call uses them, and reads the catalog
     /// again only for a tool it does not find (the gateway rate-limits catalog requests like
     /// calls, so a session does not spend a token per tool call on it).
@@ -46,7 +47,7 @@ pub(crate) struct DidgateMcp {
 }
 
 impl DidgateMcp {
-    pub(crate) fn new(client: Arc<Client>) -> Self {
+    pub(crate) fn new(client: Arc<Caller>) -> Self {
         Self {
             client,
             known: tokio::sync::Mutex::new(None),
@@ -65,7 +66,7 @@ impl DidgateMcp {
 
     /// Reads the catalog from the gateway and remembers it.
     async fn operations(&self) -> Result<Vec<Operation>, CallError> {
-        let ops = self.client.catalog().await?;
+        let ops = self.client.catalog(None).await?;
         *self.known.lock().await = Some(ops.clone());
         Ok(ops)
     }
@@ -282,7 +283,7 @@ fn failure_code(e: &CallError) -> &str {
     match e {
         CallError::Refused { code, .. } => code.as_str(),
         CallError::Unreachable(_) => "gateway_unreachable",
-        CallError::ConnectionLost(_) => "outcome_unknown",
+        CallError::ConnectionLost(_) | CallError::OwnerLost { .. } => "outcome_unknown",
         CallError::InvalidAnswer(_) => "invalid_answer",
         CallError::Audit(_) => "local_audit_unavailable",
         CallError::VersionUnsupported { .. } => "version_unsupported",

@@ -6,8 +6,9 @@
 //! `Origin`), the mapping of `/UPSTREAM/rest/of/path?query` to a [`CallSpec`], the relay of the
 //! answer as it arrives, and the JSON error bodies that name each refusal (with the retry
 //! headers OpenAI-style SDKs obey: `x-should-retry`, `Retry-After`). It does not sign,
-//! record or verify anything itself: every call goes through [`Client::call_streaming`], so it
-//! is in the client's chain with its receipt.
+//! record or verify anything itself: every call goes through [`Caller::call_streaming`] (this
+//! process's [`crate::Client`], or the process holding the home's chain), so it is in the
+//! client's chain with its receipt.
 //!
 //! ```no_run
 //! # async fn demo(client: didgate_client::Client) -> Result<(), Box<dyn std::error::Error>> {
@@ -16,7 +17,7 @@
 //! let config = ProxyConfig::new("127.0.0.1:8787".parse()?, ProxyToken::generate());
 //! let proxy = Proxy::bind(config).await?;
 //! println!("listening on http://{}", proxy.local_addr());
-//! proxy.serve(Arc::new(client), std::future::pending()).await;
+//! proxy.serve(Arc::new(client.into()), std::future::pending()).await;
 //! # Ok(()) }
 //! ```
 
@@ -40,7 +41,8 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot};
 use zeroize::Zeroizing;
 
-use crate::{CallError, CallSpec, Client};
+use crate::local::Caller;
+use crate::{CallError, CallSpec};
 use didgate_protocol::message::RefusalCode;
 
 /// The address `didgate proxy` listens on by default.
@@ -271,7 +273,7 @@ impl Proxy {
 
     /// Serves HTTP/1.1 until `shutdown` resolves, then stops accepting and waits for the
     /// requests in flight (their calls finish and are recorded).
-    pub async fn serve(self, client: Arc<Client>, shutdown: impl Future<Output = ()>) {
+    pub async fn serve(self, client: Arc<Caller>, shutdown: impl Future<Output = ()>) {
         let state = Arc::new(State {
             client,
             config: self.config,
@@ -325,7 +327,7 @@ impl Proxy {
 }
 
 struct State {
-    client: Arc<Client>,
+    client: Arc<Caller>,
     config: ProxyConfig,
 }
 
@@ -475,7 +477,9 @@ fn call_refusal(e: CallError) -> Refusal {
     let (status, code, source) = match &e {
         CallError::Refused { code, .. } => (refusal_status(*code), code.as_str(), "gateway"),
         CallError::Unreachable(_) => (502, "gateway_unreachable", "client"),
-        CallError::ConnectionLost(_) => (502, "outcome_unknown", "client"),
+        CallError::ConnectionLost(_) | CallError::OwnerLost { .. } => {
+            (502, "outcome_unknown", "client")
+        }
         CallError::InvalidAnswer(_) => (502, "invalid_answer", "client"),
         CallError::Audit(_) => (503, "local_audit_unavailable", "client"),
         CallError::VersionUnsupported { .. } => (502, "version_unsupported", "client"),
@@ -669,7 +673,7 @@ type Started = Result<(u16, Vec<(String, String)>, [u8; 32]), Refusal>;
 
 /// Runs the call in its own task (it outlives this function while the body streams) and
 /// answers with the head, then relays body chunks as they arrive.
-async fn start_call(client: Arc<Client>, spec: CallSpec) -> Result<Response<ProxyBody>, Refusal> {
+async fn start_call(client: Arc<Caller>, spec: CallSpec) -> Result<Response<ProxyBody>, Refusal> {
     let (head_tx, head_rx) = oneshot::channel::<Started>();
     let (body_tx, body_rx) = mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(8);
     tokio::spawn(async move {

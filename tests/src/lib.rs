@@ -636,3 +636,110 @@ pub fn python_with(module: &str) -> anyhow::Result<Option<PathBuf>> {
     println!("SKIPPED: python module {module} not installed (.ci/run installs it)");
     Ok(None)
 }
+
+/// A `didgate` home for alice (seed `a1` repeated), made and pinned to the harness's gateway by
+/// the real CLI, at `home` in the harness's directory.
+pub fn alice_home(h: &Harness) -> anyhow::Result<PathBuf> {
+    client_home(h, "home", &[0xa1u8; 32])
+}
+
+/// A `didgate` home at `name` in the harness's directory for the identity of `seed`, made and
+/// pinned to the harness's gateway by the real CLI.
+pub fn client_home(h: &Harness, name: &str, seed: &[u8; 32]) -> anyhow::Result<PathBuf> {
+    let home = h.dir.path().join(name);
+    let run = |args: &[&str]| -> anyhow::Result<()> {
+        let out = std::process::Command::new(bin("didgate")?)
+            .arg("--home")
+            .arg(&home)
+            .args(args)
+            .output()?;
+        anyhow::ensure!(
+            out.status.success(),
+            "didgate {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(())
+    };
+    run(&["keygen", "--seed-file", &seed_file(h.dir.path(), seed)?])?;
+    run(&[
+        "pin",
+        "--gateway",
+        &h.addr.to_string(),
+        "--gateway-did",
+        h.gw_did.as_str(),
+    ])?;
+    Ok(home)
+}
+
+/// Longest a proxy process may take to start or stop (never reached when things work).
+const PROXY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// A running `didgate proxy` process (killed if the test fails before stopping it).
+pub struct ProxyProcess {
+    child: tokio::process::Child,
+    /// Its URL, `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// Its token.
+    pub token: String,
+}
+
+impl ProxyProcess {
+    /// Starts `didgate --home HOME --json proxy --listen 127.0.0.1:0` and reads its start line.
+    pub async fn start(home: &Path) -> anyhow::Result<Self> {
+        use tokio::io::AsyncBufReadExt;
+        let mut child = tokio::process::Command::new(bin("didgate")?)
+            .arg("--home")
+            .arg(home)
+            .args(["--json", "proxy", "--listen", "127.0.0.1:0"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()?;
+        let stdout = child
+            .stdout
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("stdout"))?;
+        let mut line = String::new();
+        tokio::time::timeout(
+            PROXY_DEADLINE,
+            tokio::io::BufReader::new(stdout).read_line(&mut line),
+        )
+        .await
+        .map_err(|_| anyhow::anyhow!("the proxy printed no start line"))??;
+        let v: serde_json::Value = serde_json::from_str(&line)
+            .map_err(|e| anyhow::anyhow!("proxy start line {line:?}: {e}"))?;
+        let url = v["url"].as_str().unwrap_or_default().to_string();
+        let token = v["token"].as_str().unwrap_or_default().to_string();
+        anyhow::ensure!(url.starts_with("http://127.0.0.1:"), "{line}");
+        anyhow::ensure!(token.starts_with("dgp_"), "{line}");
+        Ok(Self { child, url, token })
+    }
+
+    /// The proxy's process ID.
+    pub fn pid(&self) -> anyhow::Result<u32> {
+        self.child.id().ok_or_else(|| anyhow::anyhow!("no pid"))
+    }
+
+    /// SIGTERM, then the exit status (the proxy closes its chain and exits 0).
+    pub async fn stop(mut self) -> anyhow::Result<()> {
+        let pid = self.pid()?;
+        let st = std::process::Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()?;
+        anyhow::ensure!(st.success(), "kill -TERM {pid}");
+        let status = tokio::time::timeout(PROXY_DEADLINE, self.child.wait())
+            .await
+            .map_err(|_| anyhow::anyhow!("the proxy did not stop after SIGTERM"))??;
+        anyhow::ensure!(status.success(), "proxy exited with {status}");
+        Ok(())
+    }
+
+    /// SIGKILL (nothing closes), then waits for the process to be gone.
+    pub async fn kill(mut self) -> anyhow::Result<()> {
+        self.child.start_kill()?;
+        tokio::time::timeout(PROXY_DEADLINE, self.child.wait())
+            .await
+            .map_err(|_| anyhow::anyhow!("the proxy did not die after SIGKILL"))??;
+        Ok(())
+    }
+}

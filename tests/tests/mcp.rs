@@ -3,14 +3,13 @@
 //! tools/call (signed calls through a real gateway to the real demo upstream), refusals as tool
 //! errors, and every call in the client's chain with its receipt.
 
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
 use didgate_audit::entry::{Entry, EntryKind, Outcome};
 use didgate_audit::{load_records, verify};
 use didgate_gateway::limits::RateLimit;
-use didgate_tests::{Harness, bin};
+use didgate_tests::{Harness, alice_home, bin};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{ChildStdin, ChildStdout, Command};
@@ -56,32 +55,6 @@ impl Session {
         self.request("tools/call", json!({"name": name, "arguments": arguments}))
             .await
     }
-}
-
-fn alice_home(h: &Harness) -> anyhow::Result<PathBuf> {
-    let home = h.dir.path().join("home");
-    for args in [
-        vec![
-            "keygen".to_string(),
-            "--seed-file".into(),
-            didgate_tests::seed_file(h.dir.path(), &[0xa1u8; 32])?,
-        ],
-        vec![
-            "pin".into(),
-            "--gateway".into(),
-            h.addr.to_string(),
-            "--gateway-did".into(),
-            h.gw_did.to_string(),
-        ],
-    ] {
-        let out = std::process::Command::new(bin("didgate")?)
-            .arg("--home")
-            .arg(&home)
-            .args(&args)
-            .output()?;
-        anyhow::ensure!(out.status.success(), "{args:?}: {out:?}");
-    }
-    Ok(home)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

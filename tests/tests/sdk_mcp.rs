@@ -13,7 +13,7 @@
 //! The operator's hints are version 2 Catalog fields (amendment 2.5): a version 1 client gets
 //! the same catalog without them (`the_operators_hints_reach_version_2_clients_only`).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -21,7 +21,7 @@ use didgate_audit::entry::{Entry, EntryKind, Outcome};
 use didgate_audit::{load_records, verify};
 use didgate_gateway::catalog::{BodyMode, OperationConfig};
 use didgate_gateway::config::Config;
-use didgate_tests::{Harness, alice, bin, python_with};
+use didgate_tests::{Harness, alice, alice_home, bin, python_with};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{ChildStdout, Command};
@@ -112,33 +112,6 @@ forbid (principal, action, resource) when {{ context.query.contains("expand") }}
         .ok_or_else(|| anyhow::anyhow!("the gateway is not running"))?
         .reload_policy()?;
     Ok(())
-}
-
-/// A `didgate` home for alice, pinned to the harness's gateway.
-fn alice_home(h: &Harness) -> anyhow::Result<PathBuf> {
-    let home = h.dir.path().join("home");
-    for args in [
-        vec![
-            "keygen".to_string(),
-            "--seed-file".into(),
-            didgate_tests::seed_file(h.dir.path(), &[0xa1u8; 32])?,
-        ],
-        vec![
-            "pin".into(),
-            "--gateway".into(),
-            h.addr.to_string(),
-            "--gateway-did".into(),
-            h.gw_did.to_string(),
-        ],
-    ] {
-        let out = std::process::Command::new(bin("didgate")?)
-            .arg("--home")
-            .arg(&home)
-            .args(&args)
-            .output()?;
-        anyhow::ensure!(out.status.success(), "{args:?}: {out:?}");
-    }
-    Ok(home)
 }
 
 /// The script's next line on stdout, as JSON.

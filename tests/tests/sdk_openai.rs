@@ -11,7 +11,7 @@
 //! exactly: by the SDK's HTTP client hooks (tests/sdk/openai_calls.py), by the upstream, and
 //! in both audit chains; nothing is judged by timing.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,12 +22,12 @@ use didgate_audit::{load_records, verify};
 use didgate_gateway::config::{RateLimit, Rule, Upstream};
 use didgate_gateway::gateway::Revoke;
 use didgate_protocol::Principal;
-use didgate_tests::{Harness, alice, bin, python_with};
+use didgate_tests::{Harness, ProxyProcess, alice, alice_home, python_with};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+use tokio::io::AsyncReadExt;
 use tokio::process::{Child, Command};
 use tokio::sync::{Semaphore, watch};
 
@@ -159,85 +159,12 @@ async fn gateway(up: &ChatUpstream, adjust: impl FnOnce(&mut Upstream)) -> anyho
     .await
 }
 
-/// A `didgate` home for alice, pinned to the harness.
-fn alice_home(h: &Harness) -> anyhow::Result<PathBuf> {
-    let home = h.dir.path().join("home");
-    let run = |args: &[&str]| -> anyhow::Result<()> {
-        let out = std::process::Command::new(bin("didgate")?)
-            .arg("--home")
-            .arg(&home)
-            .args(args)
-            .output()?;
-        anyhow::ensure!(
-            out.status.success(),
-            "didgate {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(())
-    };
-    run(&[
-        "keygen",
-        "--seed-file",
-        &didgate_tests::seed_file(h.dir.path(), &[0xa1u8; 32])?,
-    ])?;
-    run(&[
-        "pin",
-        "--gateway",
-        &h.addr.to_string(),
-        "--gateway-did",
-        h.gw_did.as_str(),
-    ])?;
-    Ok(home)
+/// The OpenAI SDK script against a proxy.
+trait RunSdk {
+    fn run_sdk(&self, python: &Path, plan: &Value) -> anyhow::Result<Child>;
 }
 
-/// A running `didgate proxy` process (killed if the test fails before stopping it).
-struct ProxyProcess {
-    child: Child,
-    url: String,
-    token: String,
-}
-
-impl ProxyProcess {
-    async fn start(home: &Path) -> anyhow::Result<Self> {
-        let mut child = Command::new(bin("didgate")?)
-            .arg("--home")
-            .arg(home)
-            .args(["--json", "proxy", "--listen", "127.0.0.1:0"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()?;
-        let stdout = child
-            .stdout
-            .take()
-            .ok_or_else(|| anyhow::anyhow!("stdout"))?;
-        let mut line = String::new();
-        tokio::time::timeout(DEADLINE, BufReader::new(stdout).read_line(&mut line))
-            .await
-            .map_err(|_| anyhow::anyhow!("the proxy printed no start line"))??;
-        let v: Value = serde_json::from_str(&line)
-            .map_err(|e| anyhow::anyhow!("proxy start line {line:?}: {e}"))?;
-        let url = v["url"].as_str().unwrap_or_default().to_string();
-        let token = v["token"].as_str().unwrap_or_default().to_string();
-        anyhow::ensure!(url.starts_with("http://127.0.0.1:"), "{line}");
-        anyhow::ensure!(token.starts_with("dgp_"), "{line}");
-        Ok(Self { child, url, token })
-    }
-
-    /// SIGTERM, then the exit status (the proxy closes its chain and exits 0).
-    async fn stop(mut self) -> anyhow::Result<()> {
-        let pid = self.child.id().ok_or_else(|| anyhow::anyhow!("no pid"))?;
-        let st = std::process::Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status()?;
-        anyhow::ensure!(st.success(), "kill -TERM {pid}");
-        let status = tokio::time::timeout(DEADLINE, self.child.wait())
-            .await
-            .map_err(|_| anyhow::anyhow!("the proxy did not stop after SIGTERM"))??;
-        anyhow::ensure!(status.success(), "proxy exited with {status}");
-        Ok(())
-    }
-
+impl RunSdk for ProxyProcess {
     /// Starts the SDK script on `plan`, with the base URL of the `chat` upstream through this
     /// proxy and the proxy token as the API key (what `didgate env chat/v1` prints).
     fn run_sdk(&self, python: &Path, plan: &Value) -> anyhow::Result<Child> {
