@@ -238,7 +238,11 @@ pub struct Entry {
     pub call: Option<Digest>,
     /// A signed message verbatim: the client's request (request, executing, refused) or the
     /// gateway's receipt or refusal (result).
-    #[serde(with = "serde_bytes", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        with = "cbor::bytes_opt",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub signed: Option<Vec<u8>>,
     /// Link to the counterpart's chain: the client's head a request carried.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1240,6 +1244,20 @@ mod tests {
         strict_refuses(bytes, why);
     }
 
+    /// Both decoders refuse `bytes`; `decode_strict` says `why`. A byte string given as an
+    /// array of integers (or in chunks of indefinite length) is refused by every decoder since
+    /// issue 18.
+    fn both_refuse(bytes: &[u8], why: &str) {
+        assert!(
+            Entry::decode(bytes).is_err(),
+            "{why}: the lenient decoder took it"
+        );
+        assert!(
+            matches!(Entry::decode_strict(bytes), Err(DecodeError::Malformed(_))),
+            "{why}: the strict decoder took it"
+        );
+    }
+
     /// `decode_strict` refuses `bytes`, saying `why`.
     fn strict_refuses(bytes: &[u8], why: &str) {
         match Entry::decode_strict(bytes) {
@@ -1300,7 +1318,9 @@ mod tests {
             b"\x66signed\x44abcd",
             b"\x66signed\x5f\x42ab\x42cd\xff",
         );
-        lenient_only(&indefinite, &e, "an indefinite length");
+        // ciborium shows an indefinite-length byte string to serde as a sequence, as it shows
+        // an array: both decoders refuse it with the array form (issue 18)
+        both_refuse(&indefinite, "an indefinite length");
     }
 
     #[test]
@@ -1346,9 +1366,9 @@ mod tests {
         let e = executed();
         let ints = |b: &[u8]| Value::Array(b.iter().map(|&x| Value::from(x)).collect());
         let prev = with(&e, "prev", ints(&e.prev));
-        lenient_only(&prev, &e, "field prev is not of its table's CBOR type");
+        both_refuse(&prev, "field prev is not of its table's CBOR type");
         let id = with(&e, "secret_id", ints(&[7; 16]));
-        lenient_only(&id, &e, "field secret_id is not of its table's CBOR type");
+        both_refuse(&id, "field secret_id is not of its table's CBOR type");
         // nested: peer_head's hash
         let x = &written(EntryKind::Executing);
         let mut head: Value = cbor::from_slice(&cbor::to_vec(&HEAD)).expect("head");
@@ -1356,11 +1376,7 @@ mod tests {
             m[2].1 = ints(&HEAD.hash);
         }
         let nested = with(x, "peer_head", head);
-        lenient_only(
-            &nested,
-            x,
-            "field peer_head is not of its table's CBOR type",
-        );
+        both_refuse(&nested, "field peer_head is not of its table's CBOR type");
     }
 
     #[test]

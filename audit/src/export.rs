@@ -54,7 +54,11 @@ struct Item {
     v: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     seq: Option<u64>,
-    #[serde(default, with = "serde_bytes", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "didgate_protocol::cbor::bytes_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
     bytes: Option<Vec<u8>>,
     #[serde(default, with = "fixed_opt", skip_serializing_if = "Option::is_none")]
     hash: Option<[u8; 32]>,

@@ -48,6 +48,9 @@ pub(crate) struct Call {
     /// The call's concurrency slots ([`limit`]), given back right before its terminal frame
     /// is sent (or when the call ends).
     pub(crate) permit: Option<Permit>,
+    /// The path policy judged ([`admit`]): the request's, folded as its upstream says
+    /// (`path_case`, `trailing_slash`).
+    pub(crate) path: Option<String>,
 }
 
 impl Call {
@@ -61,6 +64,7 @@ impl Call {
             document: None,
             ttl_secs: None,
             permit: None,
+            path: None,
         }
     }
 
@@ -246,6 +250,11 @@ pub(crate) fn admit<'c>(
     canonical::check_path(&r.path).map_err(not_canonical)?;
     canonical::check_query(&r.query, cred_query).map_err(not_canonical)?;
     canonical::check_headers(&r.headers, &up.allow_headers, cred_header).map_err(not_canonical)?;
+    if !up.allow_method_override {
+        canonical::check_overrides(&r.query, &r.headers).map_err(not_canonical)?;
+    }
+    // what policy judges, the grant names and the upstream gets (the upstream's folding)
+    let path = up.policy_path(&r.path);
     if r.body_len > settings.max_body {
         return Err(refuse(
             RefusalCode::BodyMismatch,
@@ -260,11 +269,12 @@ pub(crate) fn admit<'c>(
     };
     let decision = call
         .policy
-        .decide(peer.as_str(), &r.upstream, &r.method, &r.path, &ctx);
+        .decide(peer.as_str(), &r.upstream, &r.method, &path, &ctx);
     if let Some(reason) = decision.refusal_reason() {
         return Err(refuse(RefusalCode::Policy, reason));
     }
     call.ttl_secs = decision.grant_ttl(settings.grant_ttl_secs);
+    call.path = Some(path.into_owned());
     Ok(up)
 }
 
@@ -343,7 +353,10 @@ pub(crate) fn mint(
         subject: call.peer.to_string(),
         upstream: req.message.upstream.clone(),
         method: req.message.method.clone(),
-        path: req.message.path.clone(),
+        path: call
+            .path
+            .clone()
+            .unwrap_or_else(|| req.message.path.clone()),
         expires_ms: now + call.grant_ttl_secs(configured_ttl_secs) * 1000,
     }
 }

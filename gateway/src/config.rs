@@ -90,6 +90,54 @@ pub struct Upstream {
     /// echoes"): redact it (the default) or fail the call.
     #[serde(default, skip_serializing_if = "EchoAction::is_default")]
     pub on_secret_echo: EchoAction,
+    /// Whether this upstream routes paths without regard to case (`insensitive`: the path is
+    /// lower-cased before policy, and that is what the grant names and the upstream gets).
+    #[serde(default, skip_serializing_if = "PathCase::is_default")]
+    pub path_case: PathCase,
+    /// Whether this upstream routes `/a/` as `/a` (`fold`: one trailing slash is removed before
+    /// policy, and that is what the grant names and the upstream gets).
+    #[serde(default, skip_serializing_if = "TrailingSlash::is_default")]
+    pub trailing_slash: TrailingSlash,
+    /// Whether callers may send method-override headers and query parameters
+    /// (`X-HTTP-Method-Override`, `_method`, `X-Original-URL`, ...: `canonical::check_overrides`).
+    /// Off by default: on many servers they make a request another method or path than the one
+    /// policy judged.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_method_override: bool,
+}
+
+/// How an upstream matches path case ([`Upstream::path_case`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PathCase {
+    /// Paths are compared as written (the default).
+    #[default]
+    Sensitive,
+    /// The upstream ignores case: paths are lower-cased (ASCII) before policy.
+    Insensitive,
+}
+
+impl PathCase {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// What an upstream does with a trailing slash ([`Upstream::trailing_slash`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TrailingSlash {
+    /// `/a/` and `/a` are different paths (the default).
+    #[default]
+    Keep,
+    /// The upstream routes `/a/` as `/a`: one trailing slash is removed before policy.
+    Fold,
+}
+
+impl TrailingSlash {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
 }
 
 /// What the gateway does with a response that holds the call's credential.
@@ -110,6 +158,21 @@ impl EchoAction {
 }
 
 impl Upstream {
+    /// The path policy judges, the grant names and the upstream gets for a request's canonical
+    /// `path`: lower-cased if the upstream ignores case, without its trailing slash if it folds
+    /// them (never `/` itself).
+    pub fn policy_path<'a>(&self, path: &'a str) -> std::borrow::Cow<'a, str> {
+        let mut folded = std::borrow::Cow::Borrowed(path);
+        if self.trailing_slash == TrailingSlash::Fold && folded.len() > 1 && folded.ends_with('/') {
+            folded = std::borrow::Cow::Borrowed(&path[..path.len() - 1]);
+        }
+        if self.path_case == PathCase::Insensitive && folded.bytes().any(|b| b.is_ascii_uppercase())
+        {
+            folded = std::borrow::Cow::Owned(folded.to_ascii_lowercase());
+        }
+        folded
+    }
+
     /// An upstream `name` at `base_url` whose secret `secret` is sent as a bearer token, with
     /// what a `[[upstream]]` table that names only these gets: connections to the base URL's
     /// host only, the default request headers, not `local`, no test path, no limits of its own
@@ -142,6 +205,9 @@ impl Upstream {
             max_response_bytes: None,
             operations: Vec::new(),
             on_secret_echo: EchoAction::Redact,
+            path_case: PathCase::Sensitive,
+            trailing_slash: TrailingSlash::Keep,
+            allow_method_override: false,
         }
     }
 }
@@ -238,6 +304,11 @@ pub struct Settings {
     /// Allow a `metrics_listen` address that is not loopback (the metrics are unauthenticated).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub metrics_allow_remote: bool,
+    /// Host names a scraper may put in the metrics request's `Host` header, besides loopback
+    /// names and IP literals (which are always accepted): any other name is refused (403), so a
+    /// web page cannot read the metrics through DNS rebinding.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metrics_hosts: Vec<String>,
     /// The oldest protocol version whose requests are served (specs/protocol.md, "Format
     /// evolution"): 1 (the default) serves clients of every release; 2 refuses version 1
     /// requests with a signed version 1 refusal that says so.
@@ -320,6 +391,7 @@ impl Settings {
             max_response_bytes: d_resp(),
             metrics_listen: None,
             metrics_allow_remote: false,
+            metrics_hosts: Vec::new(),
             min_client_version: d_min_client(),
             handshakes: Handshakes::default(),
         }
@@ -536,6 +608,18 @@ impl Config {
             if u.base_url.ends_with('/') {
                 return bad(format!(
                     "upstream {}: base_url must not end with '/'",
+                    u.name
+                ));
+            }
+            if !u.allow_method_override
+                && let Some(h) = u.allow_headers.iter().find(|h| {
+                    didgate_protocol::canonical::METHOD_OVERRIDE_HEADERS
+                        .iter()
+                        .any(|o| o.eq_ignore_ascii_case(h))
+                })
+            {
+                return bad(format!(
+                    "upstream {}: allow_headers names {h}, which overrides the method or path on many servers; set allow_method_override = true if this upstream ignores it or policy allows every method and path it could reach",
                     u.name
                 ));
             }

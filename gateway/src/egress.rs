@@ -92,7 +92,9 @@ impl Egress {
 
 /// Why an address is not a public unicast address an upstream may be reached at, or `None`
 /// when it is one. IPv4-mapped (`::ffff:a.b.c.d`), IPv4-compatible (`::a.b.c.d`), NAT64
-/// (`64:ff9b::/96`) and 6to4 (`2002::/16`) addresses are judged by the IPv4 address they carry.
+/// (`64:ff9b::/96`) and 6to4 (`2002::/16`) addresses are judged by the IPv4 address they carry;
+/// IPv4-translated (`::ffff:0:0:0/96`) and NAT64 local-use (`64:ff9b:1::/48`) addresses are
+/// refused whatever they carry.
 pub fn refused_range(ip: IpAddr) -> Option<&'static str> {
     match ip {
         IpAddr::V4(v4) => refused_v4(v4),
@@ -135,6 +137,15 @@ fn refused_v6(ip: Ipv6Addr) -> Option<&'static str> {
     // IPv4-compatible ::a.b.c.d (deprecated)
     if seg[..6] == [0; 6] {
         return Some(refused_v4(embedded(seg[6], seg[7])).unwrap_or("IPv4-compatible"));
+    }
+    // IPv4-translated ::ffff:0:a.b.c.d (SIIT, RFC 2765): an address a translator maps into
+    // an IPv4 network of its own choosing, never a public destination of this gateway
+    if seg[..6] == [0, 0, 0, 0, 0xffff, 0] {
+        return Some("IPv4-translated (::ffff:0:0:0/96)");
+    }
+    // NAT64 local-use prefix 64:ff9b:1::/48 (RFC 8215): a translator of the local network
+    if seg[..3] == [0x64, 0xff9b, 1] {
+        return Some("NAT64 local-use (64:ff9b:1::/48)");
     }
     // NAT64 well-known prefix 64:ff9b::/96
     if seg[..6] == [0x64, 0xff9b, 0, 0, 0, 0] {
@@ -219,5 +230,45 @@ impl Resolve for GuardedResolver {
             let addrs: Addrs = Box::new(kept.into_iter());
             Ok(addrs)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(text: &str) -> Option<&'static str> {
+        refused_range(text.parse().expect("an IP address"))
+    }
+
+    #[test]
+    fn embedded_and_translated_ranges() {
+        // judged by the IPv4 address they carry
+        assert_eq!(refused("::ffff:127.0.0.1"), Some("loopback"));
+        assert_eq!(refused("64:ff9b::10.0.0.1"), Some("private (10.0.0.0/8)"));
+        assert_eq!(refused("2002:a9fe:0101::1"), Some("link-local"));
+        assert_eq!(refused("64:ff9b::8.8.8.8"), None);
+        assert_eq!(refused("::ffff:8.8.8.8"), None);
+        // regression (issue 18): the NAT64 local-use prefix and IPv4-translated addresses
+        // reached private networks through a translator; refused whatever they carry
+        assert_eq!(
+            refused("64:ff9b:1::8.8.8.8"),
+            Some("NAT64 local-use (64:ff9b:1::/48)")
+        );
+        assert_eq!(
+            refused("64:ff9b:1:ffff::1"),
+            Some("NAT64 local-use (64:ff9b:1::/48)")
+        );
+        assert_eq!(
+            refused("::ffff:0:8.8.8.8"),
+            Some("IPv4-translated (::ffff:0:0:0/96)")
+        );
+        assert_eq!(
+            refused("::ffff:0:10.0.0.1"),
+            Some("IPv4-translated (::ffff:0:0:0/96)")
+        );
+        // neighbours stay public
+        assert_eq!(refused("64:ff9b:2::1"), None);
+        assert_eq!(refused("2001:4860:4860::8888"), None);
     }
 }

@@ -47,7 +47,7 @@ pub use crate::datadir::{
 #[serde(deny_unknown_fields)]
 struct IssuedGrant {
     /// The signed request the grant answers.
-    #[serde(with = "serde_bytes")]
+    #[serde(with = "didgate_protocol::cbor::bytes")]
     request: Vec<u8>,
     /// Expiry, ms.
     expires_ms: u64,
@@ -1211,7 +1211,7 @@ impl Gateway {
             did: req.envelope.signer().to_string(),
             upstream: up.name.clone(),
             method: req.message.method.clone(),
-            path: req.message.path.clone(),
+            path: up.policy_path(&req.message.path).into_owned(),
             status,
             call: hex::encode(call),
             grant: hex::encode(grant.id),

@@ -68,6 +68,8 @@ pub struct Metrics {
     latency_sum_us: AtomicU64,
     /// New QUIC connections: accepted, retried, refused ([`HANDSHAKE_OUTCOMES`]).
     connections: [AtomicU64; 3],
+    /// Names accepted in `Host` besides loopback names and IP literals (`metrics_hosts`).
+    hosts: Vec<String>,
 }
 
 /// The outcomes of a new connection's admission ([`crate::admission`]), in counter order.
@@ -94,6 +96,7 @@ impl Metrics {
             latency: Default::default(),
             latency_sum_us: AtomicU64::new(0),
             connections: Default::default(),
+            hosts: config.gateway.metrics_hosts.clone(),
         }
     }
 
@@ -331,7 +334,19 @@ pub async fn serve(metrics: Arc<Metrics>, listener: TcpListener, mut stop: watch
         tokio::spawn(async move {
             let service = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                 let metrics = metrics.clone();
-                async move { Ok::<_, Infallible>(answer(&metrics, req.method(), req.uri().path())) }
+                async move {
+                    let host = req
+                        .headers()
+                        .get(hyper::header::HOST)
+                        .and_then(|h| h.to_str().ok());
+                    if !host.is_some_and(|h| host_allowed(h, &metrics.hosts)) {
+                        return Ok::<_, Infallible>(plain(
+                            StatusCode::FORBIDDEN,
+                            "the Host header names no loopback address, IP address or metrics_hosts entry\n",
+                        ));
+                    }
+                    Ok(answer(&metrics, req.method(), req.uri().path()))
+                }
             });
             let conn = http1::Builder::new()
                 .timer(TokioTimer::new())
@@ -343,6 +358,31 @@ pub async fn serve(metrics: Arc<Metrics>, listener: TcpListener, mut stop: watch
             }
         });
     }
+}
+
+/// Whether a request's `Host` may be answered: a loopback name or any IP literal (a page that
+/// rebinds a name of its own to this address sends that name), or a name of `hosts`; any port.
+fn host_allowed(value: &str, hosts: &[String]) -> bool {
+    let host = match value.strip_prefix('[') {
+        Some(rest) => match rest.split_once(']') {
+            Some((h, port)) if port.is_empty() || port.starts_with(':') => h,
+            _ => return false,
+        },
+        None => value.rsplit_once(':').map_or(value, |(h, _)| h),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<std::net::IpAddr>().is_ok()
+        || hosts.iter().any(|h| h.eq_ignore_ascii_case(host))
+}
+
+fn plain(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(body.to_string())));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain"),
+    );
+    resp
 }
 
 fn answer(metrics: &Metrics, method: &Method, path: &str) -> Response<Full<Bytes>> {
@@ -374,6 +414,33 @@ fn answer(metrics: &Metrics, method: &Method, path: &str) -> Response<Full<Bytes
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hosts_that_may_read_the_metrics() {
+        let names = vec!["metrics.internal".to_string()];
+        for ok in [
+            "127.0.0.1:9100",
+            "localhost",
+            "LOCALHOST:9100",
+            "[::1]:9100",
+            "10.0.0.5:9100",
+            "metrics.internal:9100",
+            "Metrics.Internal",
+        ] {
+            assert!(host_allowed(ok, &names), "{ok}");
+        }
+        // regression (issue 18): a rebinding page's own name, or anything unparsable
+        for bad in [
+            "evil.example",
+            "evil.example:9100",
+            "localhost.evil.example",
+            "metrics.internal.evil.example",
+            "[::1]x",
+            "",
+        ] {
+            assert!(!host_allowed(bad, &names), "{bad}");
+        }
+    }
 
     #[test]
     fn codes_are_distinct_and_render_is_well_formed() {

@@ -279,9 +279,9 @@ struct WireV1 {
     version: u64,
     display: String,
     enabled: bool,
-    #[serde(with = "serde_bytes")]
+    #[serde(with = "cbor::bytes")]
     wrapped_key: Vec<u8>,
-    #[serde(with = "serde_bytes")]
+    #[serde(with = "cbor::bytes")]
     sealed: Vec<u8>,
 }
 

@@ -58,7 +58,12 @@ pub async fn send(
     secret: Zeroizing<String>,
     idempotency_key: &str,
 ) -> Result<reqwest::Response, UpstreamError> {
-    let mut url = Zeroizing::new(format!("{}{}", upstream.base_url, req.path));
+    // the path policy judged: folded as the upstream says (`Upstream::policy_path`)
+    let mut url = Zeroizing::new(format!(
+        "{}{}",
+        upstream.base_url,
+        upstream.policy_path(&req.path)
+    ));
     let mut sep = '?';
     for (k, v) in &req.query {
         url.push(sep);

@@ -41,6 +41,84 @@ pub fn from_slice<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
     Ok(value)
 }
 
+/// A visitor that takes a CBOR byte string and nothing else: an array of integers, which
+/// serde's byte-buffer types also accept, is refused (a second encoding of one value would let
+/// two different messages carry the same field).
+struct ByteString;
+
+impl<'de> serde::de::Visitor<'de> for ByteString {
+    type Value = Vec<u8>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a byte string")
+    }
+
+    fn visit_bytes<E: serde::de::Error>(self, v: &[u8]) -> Result<Vec<u8>, E> {
+        Ok(v.to_vec())
+    }
+
+    fn visit_byte_buf<E: serde::de::Error>(self, v: Vec<u8>) -> Result<Vec<u8>, E> {
+        Ok(v)
+    }
+}
+
+/// A byte string, or null.
+struct OptionalByteString;
+
+impl<'de> serde::de::Visitor<'de> for OptionalByteString {
+    type Value = Option<Vec<u8>>;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("a byte string or null")
+    }
+
+    fn visit_none<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+        Ok(None)
+    }
+
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        d.deserialize_bytes(ByteString).map(Some)
+    }
+}
+
+/// Byte strings (`Vec<u8>`) encoded as CBOR byte strings, decoded strictly (never from an
+/// array of integers).
+pub mod bytes {
+    use serde::{Deserializer, Serializer};
+
+    /// Serialises bytes as a byte string.
+    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_bytes(v)
+    }
+
+    /// Deserialises a byte string.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        d.deserialize_bytes(super::ByteString)
+    }
+}
+
+/// Optional byte strings, decoded strictly.
+pub mod bytes_opt {
+    use serde::{Deserializer, Serializer};
+
+    /// Serialises `Option<Vec<u8>>` as a byte string or null.
+    pub fn serialize<S: Serializer>(v: &Option<Vec<u8>>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => s.serialize_bytes(v),
+            None => s.serialize_none(),
+        }
+    }
+
+    /// Deserialises a byte string or null.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<u8>>, D::Error> {
+        d.deserialize_option(super::OptionalByteString)
+    }
+}
+
 /// Fixed-size byte strings encoded as CBOR byte strings.
 pub mod fixed {
     use serde::{Deserializer, Serializer, de::Error};
@@ -50,11 +128,11 @@ pub mod fixed {
         s.serialize_bytes(v)
     }
 
-    /// Deserialises a byte string of exactly N bytes.
+    /// Deserialises a byte string of exactly N bytes (never an array of integers).
     pub fn deserialize<'de, D: Deserializer<'de>, const N: usize>(
         d: D,
     ) -> Result<[u8; N], D::Error> {
-        let v: serde_bytes::ByteBuf = serde::Deserialize::deserialize(d)?;
+        let v = d.deserialize_bytes(super::ByteString)?;
         v.as_slice()
             .try_into()
             .map_err(|_| D::Error::invalid_length(v.len(), &"a fixed-size byte string"))
@@ -76,11 +154,11 @@ pub mod fixed_opt {
         }
     }
 
-    /// Deserialises a byte string of exactly N bytes, or null.
+    /// Deserialises a byte string of exactly N bytes, or null (never an array of integers).
     pub fn deserialize<'de, D: Deserializer<'de>, const N: usize>(
         d: D,
     ) -> Result<Option<[u8; N]>, D::Error> {
-        let v: Option<serde_bytes::ByteBuf> = serde::Deserialize::deserialize(d)?;
+        let v = d.deserialize_option(super::OptionalByteString)?;
         v.map(|v| {
             v.as_slice()
                 .try_into()
