@@ -332,7 +332,12 @@ pub struct Client {
     presented: Arc<std::sync::Mutex<Option<Did>>>,
     /// Whether the chain's store has the [`PENDING`] keyspace.
     tracks_pending: bool,
+    /// The last signed refusals, by call ([`Client::take_refusal`]).
+    refusals: std::sync::Mutex<std::collections::VecDeque<([u8; 32], Vec<u8>)>>,
 }
+
+/// How many signed refusals a client keeps for [`Client::take_refusal`].
+const KEPT_REFUSALS: usize = 256;
 
 /// The client store's keyspace of calls recorded as sent and not yet answered (key: call ID),
 /// written in the same atomic batch as the request and the result entries. What a process that
@@ -340,9 +345,10 @@ pub struct Client {
 /// ([`Client::with_chain`]), so every request of the chain gets its result entry.
 pub const PENDING: &str = "pending";
 
-/// Closes every call left pending in `chain` with an `unknown` result; `Ok(false)` if its store
-/// has no [`PENDING`] keyspace (opened without it).
-fn close_pending(chain: &Chain) -> Result<bool, ClientError> {
+/// Closes every call left pending in `chain` with an `unknown` result: call it once after
+/// opening a client store, before any client uses it (a call in flight would be closed too).
+/// `Ok(false)` if the store has no [`PENDING`] keyspace (opened without it).
+pub fn close_pending(chain: &Chain) -> Result<bool, ClientError> {
     let left = match chain.store().scan(PENDING, &[]) {
         Ok(left) => left,
         Err(StoreError::UnknownSpace(_)) => return Ok(false),
@@ -403,12 +409,14 @@ impl Client {
             now_ms(),
             CheckpointPolicy::default(),
         )?;
+        close_pending(&chain)?;
         Self::with_chain(identity, chain, addr, gateway)
     }
 
-    /// Like [`Client::open`] with an already open chain. If its store was opened with the
-    /// [`PENDING`] keyspace, calls a process left unanswered (it ended mid-call) are closed now
-    /// with an `unknown` result, and this client marks its own calls pending until answered.
+    /// Like [`Client::open`] with an already open chain (several clients may share one). If its
+    /// store was opened with the [`PENDING`] keyspace, this client marks its calls pending until
+    /// answered; whoever opens the store closes the calls a process left pending first
+    /// ([`close_pending`], as [`Client::open`] does).
     pub fn with_chain(
         identity: Arc<Identity>,
         chain: Chain,
@@ -416,7 +424,11 @@ impl Client {
         gateway: Did,
     ) -> Result<Self, ClientError> {
         tls::install_provider();
-        let tracks_pending = close_pending(&chain)?;
+        let tracks_pending = match chain.store().get(PENDING, b"") {
+            Ok(_) => true,
+            Err(StoreError::UnknownSpace(_)) => false,
+            Err(e) => return Err(e.into()),
+        };
         let presented = Arc::new(std::sync::Mutex::new(None));
         let cfg = pinned_config(&identity, &gateway, Version::CURRENT, &presented)?;
         // Bind the unspecified address of the gateway's family (loopback stays loopback).
@@ -441,6 +453,7 @@ impl Client {
             connect_timeout: CONNECT_TIMEOUT,
             presented,
             tracks_pending,
+            refusals: std::sync::Mutex::new(std::collections::VecDeque::new()),
         })
     }
 
@@ -655,8 +668,9 @@ impl Client {
                 });
             }
         };
+        // a grant not (yet) executed is complete for the verifier: no longer pending
         self.chain
-            .append_entry(result)
+            .append(self.closing(result))
             .await
             .map_err(|e| CallError::Audit(e.to_string()))?;
         outcome
@@ -748,6 +762,7 @@ impl Client {
                 result.outcome = Some(Outcome::Refusal);
                 result.peer_entry = r.message.entry;
                 result.signed = Some(r.bytes.clone());
+                self.keep_refusal(call, &r.bytes);
                 Err(CallError::Refused {
                     code: r.message.code,
                     reason: r.message.reason.clone(),
@@ -811,6 +826,39 @@ impl Client {
         }
     }
 
+    /// Keeps the signed refusal of `call` for [`Client::take_refusal`] (the last
+    /// [`KEPT_REFUSALS`] only).
+    fn keep_refusal(&self, call: [u8; 32], bytes: &[u8]) {
+        let mut kept = self.refusals.lock().unwrap_or_else(PoisonError::into_inner);
+        if kept.len() >= KEPT_REFUSALS {
+            kept.pop_front();
+        }
+        kept.push_back((call, bytes.to_vec()));
+    }
+
+    /// The gateway's signed refusal of `call`, as received, if it was one of the last
+    /// [`KEPT_REFUSALS`] refusals this client recorded (taken: a second call returns `None`).
+    /// What the process holding a home's chain relays to the caller ([`local`]).
+    pub(crate) fn take_refusal(&self, call: [u8; 32]) -> Option<Vec<u8>> {
+        let mut kept = self.refusals.lock().unwrap_or_else(PoisonError::into_inner);
+        let at = kept.iter().position(|(c, _)| *c == call)?;
+        kept.remove(at).map(|(_, b)| b)
+    }
+
+    /// [`Client::call_streaming`] that also returns the signed request (empty if it could not
+    /// be signed) and its call ID.
+    pub(crate) async fn call_streaming_signed(
+        &self,
+        spec: CallSpec,
+    ) -> (Vec<u8>, [u8; 32], Result<StreamingAnswer<'_>, CallError>) {
+        let (bytes, call) = match self.sign(&spec) {
+            Ok(signed) => signed,
+            Err(e) => return (Vec::new(), [0; 32], Err(e)),
+        };
+        let answer = self.stream_signed(&bytes, call, &spec.body).await;
+        (bytes, call, answer)
+    }
+
     /// Like [`Client::call`], but returns as soon as the response head arrives: the body is
     /// read chunk by chunk as the gateway relays it ([`StreamingAnswer::next_chunk`]), its
     /// length and BLAKE3 digest computed on the fly, and the receipt verified and recorded when
@@ -819,10 +867,19 @@ impl Client {
     /// the answer is dropped unfinished). A refusal before the head is returned as the error.
     pub async fn call_streaming(&self, spec: CallSpec) -> Result<StreamingAnswer<'_>, CallError> {
         let (bytes, call) = self.sign(&spec)?;
-        self.record_request(call, &bytes).await?;
-        let opened = self
-            .open_stream(FrameType::Request, &bytes, &spec.body)
-            .await;
+        self.stream_signed(&bytes, call, &spec.body).await
+    }
+
+    /// Records the signed request `bytes` of `call`, sends it with `body`, and returns once the
+    /// head (or the refusal) came back ([`Client::call_streaming`]).
+    async fn stream_signed(
+        &self,
+        bytes: &[u8],
+        call: [u8; 32],
+        body: &[u8],
+    ) -> Result<StreamingAnswer<'_>, CallError> {
+        self.record_request(call, bytes).await?;
+        let opened = self.open_stream(FrameType::Request, bytes, body).await;
         let mut recv = match opened {
             Ok(r) => r,
             Err(e) => {
@@ -1223,6 +1280,33 @@ pub struct IssuedGrant {
     pub bytes: Vec<u8>,
     /// The body the request was signed over.
     pub body: Vec<u8>,
+}
+
+/// Whether `req` is the request [`Client::sign`] builds for `spec` to `gateway` in `version`
+/// (its nonce, time and client head aside): what a caller checks of a request the process
+/// holding its home's chain signed for it ([`local`]).
+pub(crate) fn request_matches(
+    req: &Request,
+    spec: &CallSpec,
+    gateway: &Did,
+    version: Version,
+) -> bool {
+    let (path, query) = split_query(&spec.path, &spec.query);
+    let headers_match = req.headers.len() == spec.headers.len()
+        && req
+            .headers
+            .iter()
+            .zip(&spec.headers)
+            .all(|((k, v), (k2, v2))| *k == k2.to_ascii_lowercase() && v == v2);
+    req.v == version.as_u64()
+        && req.aud == gateway.as_str()
+        && req.upstream == spec.upstream
+        && req.method == spec.method.to_ascii_uppercase()
+        && req.path == path
+        && req.query == query
+        && headers_match
+        && req.body_len == spec.body.len() as u64
+        && req.body_b3 == *blake3::hash(&spec.body).as_bytes()
 }
 
 fn split_query(path: &str, extra: &[(String, String)]) -> (String, Vec<(String, String)>) {

@@ -4,12 +4,16 @@
 //! A chain store can be open in one process only (its lock). So the first process of a home to
 //! open `chain/` (a `didgate proxy`, `mcp`, `call`, ...) owns it and listens on
 //! `chain.sock` in the home (a Unix socket, mode 0600; the home itself is 0700). Every other
-//! process of that home ([`Caller::acquire`]) finds the chain locked, connects, proves it holds
-//! the same identity (it signs the owner's fresh challenge with the identity's key, so a
-//! passphrase-sealed identity stays sealed to processes that cannot open it), and sends its
+//! process of that home ([`Caller::acquire`]) finds the chain locked, connects, and sends its
 //! calls, catalog requests and exports through the owner: one identity keeps one chain for the
-//! auditor. The owner signs, records and sends them as its own; the caller checks the gateway's
-//! receipt again against its pin.
+//! auditor. Each operation is signed by the caller with the identity's key over the owner's
+//! fresh challenge and the operation itself (its body by digest), so only a process that can
+//! open the identity (a passphrase-sealed one stays sealed) makes calls through the owner, and
+//! a signature relayed by a process in the middle authorises nothing but the operation it was
+//! made for. The owner signs, records and sends the call as its own; the caller checks what
+//! comes back as if it had made the call: the signed request is its own key's and is its call,
+//! and the gateway's receipt or refusal is signed by the pinned gateway and names that call (a
+//! process of the same user that took the owner's place can withhold answers, never forge one).
 //!
 //! Each operation is one connection. When the owner goes away between operations, the next one
 //! acquires the chain afresh (it becomes the owner, or finds the new one). When the owner dies
@@ -22,12 +26,13 @@
 
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use didgate_audit::entry::Role;
 use didgate_audit::store::{Chain, CheckpointPolicy, Store};
-use didgate_protocol::message::{self, Receipt, RefusalCode, ResponseHead};
+use didgate_protocol::message::{self, Receipt, Refusal, RefusalCode, Request, ResponseHead};
 use didgate_protocol::{Did, Identity, Version};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -45,22 +50,51 @@ pub const CHAIN: &str = "chain";
 pub const FALLBACK_CHAINS: &str = "chains";
 /// How many fallback chains a home may have.
 const MAX_FALLBACK: u32 = 16;
-/// How long [`Caller::acquire`] waits for a locked chain's owner to answer (an owner that is
-/// closing removes its socket first, then releases the chain) before it falls back.
+/// How long [`Caller::acquire`] waits for a locked chain's owner to answer before it falls
+/// back.
 const ACQUIRE_WAIT: Duration = Duration::from_secs(3);
-/// How long either end waits for the other's handshake messages.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long it waits for an owner that says it is closing (it lets the operations in flight
+/// end, at most [`DRAIN`], then releases the chain).
+const CLOSING_WAIT: Duration = Duration::from_secs(65);
+/// How long either end waits for each frame of a request (the owner) or of the handshake (the
+/// caller).
+const FRAME_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a closing owner lets the operations in flight finish.
 const DRAIN: Duration = Duration::from_secs(60);
-/// What a caller signs: this tag, then the owner's challenge.
-const DOMAIN: &[u8] = b"didgate-home-link-v1\0";
+/// Operations an owner serves at once; more connections wait.
+const SESSIONS: usize = 64;
+/// What a caller signs: this tag, the owner's challenge, then the BLAKE3 digest of its request
+/// message as sent.
+const DOMAIN: &[u8] = b"didgate-home-link-v2\0";
+/// The version of this framing.
+const LINK_VERSION: u32 = 2;
 /// The largest frame (a catalog or a message); bodies travel in chunks of [`CHUNK`].
 const MAX_FRAME: usize = 4 << 20;
 const CHUNK: usize = 64 << 10;
 /// The largest request body a caller may send through the owner.
-const MAX_BODY: u64 = 64 << 20;
+pub const MAX_BODY: u64 = 64 << 20;
 const TAG_MESSAGE: u8 = b'M';
 const TAG_BYTES: u8 = b'B';
+
+/// What a caller asks of the owner.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+enum Op {
+    /// Whether the owner would make this caller's calls (nothing else).
+    Probe,
+    /// Make this call (its body follows in byte frames).
+    Call {
+        upstream: String,
+        method: String,
+        path: String,
+        query: Vec<(String, String)>,
+        headers: Vec<(String, String)>,
+    },
+    /// The catalog (of one upstream).
+    Catalog { upstream: Option<String> },
+    /// Seal the chain and export it to this absolute path.
+    Export { out: String },
+}
 
 /// One message between a caller and the owner (JSON in a frame).
 #[derive(Debug, Serialize, Deserialize)]
@@ -68,39 +102,38 @@ const TAG_BYTES: u8 = b'B';
 enum Msg {
     /// Owner, first: its process and a fresh challenge.
     Hello { v: u32, pid: u32, challenge: String },
-    /// Caller: who it is, which gateway it would call, and the signed challenge. `key_id` and
-    /// `gateway` are absent for an export (the chain belongs to the key, whoever it acts as).
-    Auth {
+    /// Caller: the operation, who asks it, for which gateway, and the body's length and digest
+    /// (`key_id` and `gateway` are required but for an export: a chain belongs to its key,
+    /// whoever it acts as).
+    Request {
+        op: Op,
         key_did: String,
         key_id: Option<String>,
         gateway: Option<(String, String)>,
-        signature: String,
-    },
-    /// Owner: go ahead.
-    Ready { pid: u32 },
-    /// Owner: this caller must not use this owner (another key, acting DID or gateway).
-    Mismatch { why: String },
-    /// Caller: make this call; `body_len` bytes follow in byte frames.
-    Call {
-        upstream: String,
-        method: String,
-        path: String,
-        query: Vec<(String, String)>,
-        headers: Vec<(String, String)>,
         body_len: u64,
+        body_b3: String,
     },
-    /// Caller: the catalog (of one upstream).
-    Catalog { upstream: Option<String> },
-    /// Caller: seal the chain and export it to this absolute path.
-    Export { out: String },
-    /// Owner: the answer's head; body chunks follow in byte frames, then `End` or `Failed`.
+    /// Caller, after the body: the signature of `DOMAIN || challenge || BLAKE3(request)`.
+    Proof { signature: String },
+    /// Owner: it would (answer to a probe).
+    Ready { pid: u32 },
+    /// Owner: it is closing; acquire again in a moment.
+    Closing { pid: u32 },
+    /// Owner: this caller must not use this owner (another key, acting DID or gateway, or a
+    /// signature that does not verify).
+    Mismatch { why: String },
+    /// Owner: the call's signed request and the answer's head; body chunks follow in byte
+    /// frames, then `End`, `Refused` or `Failed`.
     Head {
-        call: String,
+        request: String,
         status: u16,
         headers: Vec<(String, String)>,
     },
     /// Owner: the body ended; the gateway's signed receipt (verified and recorded).
     End { receipt: String },
+    /// Owner: the gateway refused the call: the signed request (before a head) and the
+    /// gateway's signed refusal.
+    Refused { request: String, refusal: String },
     /// Owner: the catalog.
     Operations { operations: Vec<Operation> },
     /// Owner: the export was written.
@@ -109,19 +142,19 @@ enum Msg {
         checkpoints: u64,
         sealed_now: bool,
     },
-    /// Owner: the operation failed.
+    /// Owner: the operation failed without a signed answer to relay.
     Failed { error: WireError },
 }
 
-/// A [`CallError`] as the owner reports it.
+/// A [`CallError`] as the owner reports it (never a call's refusal: those travel signed).
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 enum WireError {
+    /// A catalog request's refusal (nothing executes; relayed as the owner states it).
     Refused {
         code: RefusalCode,
         reason: String,
         gateway_time_ms: u64,
-        call: Option<String>,
     },
     Unreachable {
         detail: String,
@@ -143,7 +176,7 @@ enum WireError {
         presented: String,
         pinned: String,
     },
-    /// Anything else (an export that failed, an owner's own link error).
+    /// Anything else (an export that failed, a body over the limit).
     Other {
         detail: String,
     },
@@ -156,15 +189,16 @@ impl WireError {
                 code,
                 reason,
                 gateway_time_ms,
-                call,
+                ..
             } => Self::Refused {
                 code: *code,
                 reason: reason.clone(),
                 gateway_time_ms: *gateway_time_ms,
-                call: call.map(hex::encode),
             },
             CallError::Unreachable(d) => Self::Unreachable { detail: d.clone() },
-            CallError::ConnectionLost(d) => Self::ConnectionLost { detail: d.clone() },
+            CallError::ConnectionLost(d) | CallError::OwnerLost { detail: d, .. } => {
+                Self::ConnectionLost { detail: d.clone() }
+            }
             CallError::InvalidAnswer(d) => Self::InvalidAnswer { detail: d.clone() },
             CallError::Audit(d) => Self::Audit { detail: d.clone() },
             CallError::VersionUnsupported { offered } => Self::VersionUnsupported {
@@ -179,28 +213,29 @@ impl WireError {
                 presented: presented.to_string(),
                 pinned: pinned.to_string(),
             },
-            CallError::OwnerLost { detail, .. } => Self::ConnectionLost {
-                detail: detail.clone(),
-            },
         }
     }
 
-    fn into_call(self, pid: u32) -> CallError {
+    /// The error as the caller reports it; `signed_only`: a refusal must come signed (a call),
+    /// so an unsigned one is an invalid answer.
+    fn into_call(self, pid: u32, signed_only: bool) -> CallError {
         let garbled = |what: &str| CallError::OwnerLost {
             pid,
             detail: format!("the owner reported an unreadable {what}"),
         };
         match self {
+            Self::Refused { .. } if signed_only => CallError::InvalidAnswer(
+                "the process holding this home's chain relayed an unsigned refusal".into(),
+            ),
             Self::Refused {
                 code,
                 reason,
                 gateway_time_ms,
-                call,
             } => CallError::Refused {
                 code,
                 reason,
                 gateway_time_ms,
-                call: call.and_then(|c| decode_id(&c)),
+                call: None,
             },
             Self::Unreachable { detail } => CallError::Unreachable(detail),
             Self::ConnectionLost { detail } => CallError::ConnectionLost(detail),
@@ -226,14 +261,11 @@ impl WireError {
     }
 }
 
-fn decode_id(text: &str) -> Option<[u8; 32]> {
-    let mut id = [0u8; 32];
-    hex::decode_to_slice(text, &mut id).ok().map(|()| id)
-}
-
-/// One frame: a message or a chunk of bytes.
+/// One frame: a message (with its payload as sent, which a proof covers) or a chunk of bytes.
+// one lives per frame read, briefly: boxing the message would only add an allocation
+#[allow(clippy::large_enum_variant)]
 enum Frame {
-    Msg(Msg),
+    Msg(Msg, Vec<u8>),
     Bytes(Vec<u8>),
 }
 
@@ -253,9 +285,11 @@ async fn write_frame(
     w.write_all(payload).await
 }
 
-async fn write_msg(w: &mut (impl AsyncWrite + Unpin), msg: &Msg) -> std::io::Result<()> {
+/// Writes `msg`; returns its payload as sent.
+async fn write_msg(w: &mut (impl AsyncWrite + Unpin), msg: &Msg) -> std::io::Result<Vec<u8>> {
     let json = serde_json::to_vec(msg).map_err(std::io::Error::other)?;
-    write_frame(w, TAG_MESSAGE, &json).await
+    write_frame(w, TAG_MESSAGE, &json).await?;
+    Ok(json)
 }
 
 async fn write_bytes(w: &mut (impl AsyncWrite + Unpin), bytes: &[u8]) -> std::io::Result<()> {
@@ -283,20 +317,36 @@ async fn read_frame(r: &mut (impl AsyncRead + Unpin)) -> std::io::Result<Option<
     r.read_exact(&mut payload).await?;
     match tag[0] {
         TAG_MESSAGE => serde_json::from_slice(&payload)
-            .map(|m| Some(Frame::Msg(m)))
+            .map(|m| Some(Frame::Msg(m, payload)))
             .map_err(std::io::Error::other),
         TAG_BYTES => Ok(Some(Frame::Bytes(payload))),
         other => Err(std::io::Error::other(format!("bad frame tag {other}"))),
     }
 }
 
-/// The next frame, which must be a message.
-async fn read_msg(r: &mut (impl AsyncRead + Unpin)) -> std::io::Result<Msg> {
-    match read_frame(r).await? {
-        Some(Frame::Msg(m)) => Ok(m),
+/// The next frame, which must be a message, within [`FRAME_TIMEOUT`].
+async fn read_msg(r: &mut (impl AsyncRead + Unpin)) -> std::io::Result<(Msg, Vec<u8>)> {
+    let frame = tokio::time::timeout(FRAME_TIMEOUT, read_frame(r))
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    match frame {
+        Some(Frame::Msg(m, payload)) => Ok((m, payload)),
         Some(Frame::Bytes(_)) => Err(std::io::Error::other("bytes where a message was expected")),
         None => Err(std::io::ErrorKind::UnexpectedEof.into()),
     }
+}
+
+/// What a caller signs for `request` (the payload as sent) under `challenge`.
+fn proof_message(challenge: &[u8; 32], request: &[u8]) -> Vec<u8> {
+    let mut message = DOMAIN.to_vec();
+    message.extend_from_slice(challenge);
+    message.extend_from_slice(blake3::hash(request).as_bytes());
+    message
+}
+
+fn hex32(text: &str) -> Option<[u8; 32]> {
+    let mut id = [0u8; 32];
+    hex::decode_to_slice(text, &mut id).ok().map(|()| id)
 }
 
 /// The owner's socket: serves the home's other processes while the chain is held.
@@ -324,8 +374,9 @@ impl Serving {
         Ok(Self { stop, task })
     }
 
-    /// Stops accepting (the socket is removed) and waits for the operations in flight to end
-    /// (at most a minute): call before closing the chain.
+    /// Stops taking operations (a caller that connects now is told the owner is closing, and
+    /// acquires again once the chain is released), waits for the operations in flight to end
+    /// (at most a minute), then removes the socket: call before closing the chain.
     pub async fn stop(self) {
         let _ = self.stop.send(true);
         let _ = self.task.await;
@@ -339,36 +390,62 @@ async fn accept_loop(
     mut stopped: watch::Receiver<bool>,
     path: PathBuf,
 ) {
+    let closing = Arc::new(AtomicBool::new(false));
+    let slots = Arc::new(tokio::sync::Semaphore::new(SESSIONS));
     let mut sessions = tokio::task::JoinSet::new();
+    let mut drain: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     loop {
         tokio::select! {
             accepted = listener.accept() => {
-                let Ok((stream, _)) = accepted else { continue };
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        // out of descriptors: wait rather than spin
+                        tracing::warn!(%e, "home link: cannot accept");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                };
                 let client = client.clone();
+                let closing = closing.clone();
+                let slots = slots.clone();
                 sessions.spawn(async move {
-                    if let Err(e) = session(client, stream, uid).await {
+                    let Ok(_slot) = slots.acquire_owned().await else { return };
+                    if let Err(e) = session(client, stream, uid, &closing).await {
                         tracing::debug!(%e, "home link session ended");
                     }
                 });
             }
-            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
-            _ = stopped.changed() => break,
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => {
+                if drain.is_some() && sessions.is_empty() {
+                    break;
+                }
+            }
+            _ = stopped.changed(), if drain.is_none() => {
+                closing.store(true, Ordering::Release);
+                if sessions.is_empty() {
+                    break;
+                }
+                drain = Some(Box::pin(tokio::time::sleep(DRAIN)));
+            }
+            () = async { if let Some(d) = drain.as_mut() { d.await } }, if drain.is_some() => {
+                tracing::warn!("closing with calls of other processes still in flight");
+                sessions.abort_all();
+                break;
+            }
         }
     }
     drop(listener);
     let _ = std::fs::remove_file(&path);
-    let drained = tokio::time::timeout(DRAIN, async {
-        while sessions.join_next().await.is_some() {}
-    })
-    .await;
-    if drained.is_err() {
-        tracing::warn!("closing with calls of other processes still in flight");
-        sessions.abort_all();
-    }
 }
 
-/// One caller's operation: challenge, authentication, the request, the answer.
-async fn session(client: Arc<Client>, stream: UnixStream, uid: u32) -> std::io::Result<()> {
+/// One caller's operation: challenge, request, body, proof, answer.
+async fn session(
+    client: Arc<Client>,
+    stream: UnixStream,
+    uid: u32,
+    closing: &AtomicBool,
+) -> std::io::Result<()> {
     let allowed = stream
         .peer_cred()
         .map(|c| c.uid() == uid || c.uid() == 0)
@@ -380,37 +457,59 @@ async fn session(client: Arc<Client>, stream: UnixStream, uid: u32) -> std::io::
     let challenge: [u8; 32] = rand::random();
     let pid = std::process::id();
     let hello = Msg::Hello {
-        v: 1,
+        v: LINK_VERSION,
         pid,
         challenge: hex::encode(challenge),
     };
     write_msg(&mut w, &hello).await?;
-    let auth = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_msg(&mut r))
-        .await
-        .map_err(|_| std::io::Error::other("no authentication in time"))??;
-    if let Err(why) = check_auth(&client, &challenge, &auth) {
-        return write_msg(&mut w, &Msg::Mismatch { why }).await;
+    let (request, payload) = read_msg(&mut r).await?;
+    let Msg::Request {
+        op,
+        key_did,
+        key_id,
+        gateway,
+        body_len,
+        body_b3,
+    } = request
+    else {
+        return Err(std::io::Error::other("expected a request"));
+    };
+    if body_len > MAX_BODY || (body_len > 0 && !matches!(op, Op::Call { .. })) {
+        let error = WireError::Other {
+            detail: format!("request body over {MAX_BODY} bytes, or a body without a call"),
+        };
+        return write_msg(&mut w, &Msg::Failed { error }).await.map(drop);
     }
-    write_msg(&mut w, &Msg::Ready { pid }).await?;
-    let request = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_msg(&mut r))
-        .await
-        .map_err(|_| std::io::Error::other("no request in time"))??;
-    match request {
-        Msg::Call {
+    let body = read_body(&mut r, body_len).await?;
+    if hex32(&body_b3) != Some(*blake3::hash(&body).as_bytes()) {
+        return Err(std::io::Error::other("the body is not the one announced"));
+    }
+    let (proof, _) = read_msg(&mut r).await?;
+    let Msg::Proof { signature } = proof else {
+        return Err(std::io::Error::other("expected a proof"));
+    };
+    let auth = Auth {
+        key_did: &key_did,
+        key_id: key_id.as_deref(),
+        gateway: gateway.as_ref(),
+        signature: &signature,
+        export: matches!(op, Op::Export { .. }),
+    };
+    if let Err(why) = auth.check(&client, &challenge, &payload) {
+        return write_msg(&mut w, &Msg::Mismatch { why }).await.map(drop);
+    }
+    if closing.load(Ordering::Acquire) {
+        return write_msg(&mut w, &Msg::Closing { pid }).await.map(drop);
+    }
+    match op {
+        Op::Probe => write_msg(&mut w, &Msg::Ready { pid }).await.map(drop),
+        Op::Call {
             upstream,
             method,
             path,
             query,
             headers,
-            body_len,
         } => {
-            if body_len > MAX_BODY {
-                let error = WireError::Other {
-                    detail: format!("request body over {MAX_BODY} bytes"),
-                };
-                return write_msg(&mut w, &Msg::Failed { error }).await;
-            }
-            let body = read_body(&mut r, body_len).await?;
             let spec = CallSpec {
                 upstream,
                 method,
@@ -421,7 +520,7 @@ async fn session(client: Arc<Client>, stream: UnixStream, uid: u32) -> std::io::
             };
             serve_call(&client, spec, &mut w).await
         }
-        Msg::Catalog { upstream } => {
+        Op::Catalog { upstream } => {
             let result = match upstream {
                 Some(u) => client.catalog_of(&u).await,
                 None => client.catalog().await,
@@ -432,65 +531,81 @@ async fn session(client: Arc<Client>, stream: UnixStream, uid: u32) -> std::io::
                     error: WireError::from_call(&e),
                 },
             };
-            write_msg(&mut w, &reply).await
+            write_msg(&mut w, &reply).await.map(drop)
         }
-        Msg::Export { out } => {
+        Op::Export { out } => {
             let reply = serve_export(&client, PathBuf::from(out)).await;
-            write_msg(&mut w, &reply).await
+            write_msg(&mut w, &reply).await.map(drop)
         }
-        _ => Err(std::io::Error::other("unexpected request")),
     }
 }
 
-/// Whether the caller holds this owner's key (its signature over the challenge) and asks for
-/// what this owner does: the same acting DID and gateway.
-fn check_auth(client: &Client, challenge: &[u8; 32], auth: &Msg) -> Result<(), String> {
-    let Msg::Auth {
-        key_did,
-        key_id,
-        gateway,
-        signature,
-    } = auth
-    else {
-        return Err("expected an authentication".into());
-    };
-    let owner = client.identity.did();
-    if key_did != owner.as_str() {
-        return Err(format!(
-            "this home's chain is held for {owner}, not {key_did}"
-        ));
+/// Who a request says it comes from, and its proof.
+struct Auth<'a> {
+    key_did: &'a str,
+    key_id: Option<&'a str>,
+    gateway: Option<&'a (String, String)>,
+    signature: &'a str,
+    export: bool,
+}
+
+impl Auth<'_> {
+    /// Whether the caller holds this owner's key (its signature over the challenge and the
+    /// request) and asks for what this owner does: the same acting DID and gateway (an export
+    /// needs the key only).
+    fn check(&self, client: &Client, challenge: &[u8; 32], request: &[u8]) -> Result<(), String> {
+        let owner = client.identity.did();
+        if self.key_did != owner.as_str() {
+            return Err(format!(
+                "this home's chain is held for {owner}, not {}",
+                self.key_did
+            ));
+        }
+        let mut sig = [0u8; 64];
+        hex::decode_to_slice(self.signature, &mut sig)
+            .map_err(|_| "malformed signature".to_string())?;
+        owner
+            .verifying_key()
+            .verify_strict(
+                &proof_message(challenge, request),
+                &ed25519_dalek::Signature::from_bytes(&sig),
+            )
+            .map_err(|_| "the request's signature does not verify".to_string())?;
+        if self.export {
+            return Ok(());
+        }
+        let owner_kid = client.identity.key_id();
+        match self.key_id {
+            Some(kid) if kid == owner_kid => {}
+            Some(kid) => {
+                return Err(format!(
+                    "the owner acts as {owner_kid}, this process as {kid}"
+                ));
+            }
+            None => return Err("a call names the DID it acts as".into()),
+        }
+        match self.gateway {
+            Some((addr, did))
+                if *addr == client.addr.to_string() && *did == client.gateway.as_str() => {}
+            Some((addr, did)) => {
+                return Err(format!(
+                    "the owner calls the gateway {} at {}, this process {did} at {addr}",
+                    client.gateway, client.addr
+                ));
+            }
+            None => return Err("a call names its gateway".into()),
+        }
+        Ok(())
     }
-    let mut sig = [0u8; 64];
-    hex::decode_to_slice(signature, &mut sig).map_err(|_| "malformed signature".to_string())?;
-    let mut message = DOMAIN.to_vec();
-    message.extend_from_slice(challenge);
-    owner
-        .verifying_key()
-        .verify_strict(&message, &ed25519_dalek::Signature::from_bytes(&sig))
-        .map_err(|_| "the challenge's signature does not verify".to_string())?;
-    if let Some(key_id) = key_id
-        && *key_id != client.identity.key_id()
-    {
-        return Err(format!(
-            "the owner acts as {}, this process as {key_id}",
-            client.identity.key_id()
-        ));
-    }
-    if let Some((addr, did)) = gateway
-        && (*addr != client.addr.to_string() || *did != client.gateway.as_str())
-    {
-        return Err(format!(
-            "the owner calls the gateway {} at {}, this process {did} at {addr}",
-            client.gateway, client.addr
-        ));
-    }
-    Ok(())
 }
 
 async fn read_body(r: &mut OwnedReadHalf, len: u64) -> std::io::Result<Vec<u8>> {
     let mut body = Vec::with_capacity(usize::try_from(len).unwrap_or(0).min(1 << 20));
     while (body.len() as u64) < len {
-        match read_frame(r).await? {
+        let frame = tokio::time::timeout(FRAME_TIMEOUT, read_frame(r))
+            .await
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+        match frame {
             Some(Frame::Bytes(b)) if (body.len() + b.len()) as u64 <= len => {
                 body.extend_from_slice(&b);
             }
@@ -500,6 +615,22 @@ async fn read_body(r: &mut OwnedReadHalf, len: u64) -> std::io::Result<Vec<u8>> 
     Ok(body)
 }
 
+/// What the owner says when the gateway refused call `call`: the signed request and refusal,
+/// or, without a signed refusal to relay, the error.
+fn refusal_or_failure(client: &Client, request: &[u8], call: [u8; 32], e: &CallError) -> Msg {
+    if matches!(e, CallError::Refused { .. })
+        && let Some(refusal) = client.take_refusal(call)
+    {
+        return Msg::Refused {
+            request: hex::encode(request),
+            refusal: hex::encode(refusal),
+        };
+    }
+    Msg::Failed {
+        error: WireError::from_call(e),
+    }
+}
+
 /// Makes the call and relays the answer as it arrives. A caller that goes away mid-body drops
 /// the answer, which records the outcome as unknown.
 async fn serve_call(
@@ -507,15 +638,16 @@ async fn serve_call(
     spec: CallSpec,
     w: &mut OwnedWriteHalf,
 ) -> std::io::Result<()> {
-    let mut answer = match client.call_streaming(spec).await {
+    let (request, call, answer) = client.call_streaming_signed(spec).await;
+    let mut answer = match answer {
         Ok(a) => a,
         Err(e) => {
-            let error = WireError::from_call(&e);
-            return write_msg(w, &Msg::Failed { error }).await;
+            let reply = refusal_or_failure(client, &request, call, &e);
+            return write_msg(w, &reply).await.map(drop);
         }
     };
     let head = Msg::Head {
-        call: hex::encode(answer.call()),
+        request: hex::encode(&request),
         status: answer.status(),
         headers: answer.headers().to_vec(),
     };
@@ -525,11 +657,11 @@ async fn serve_call(
             Ok(Some(chunk)) => write_bytes(w, &chunk).await?,
             Ok(None) => {
                 let receipt = hex::encode(answer.receipt_bytes().unwrap_or_default());
-                return write_msg(w, &Msg::End { receipt }).await;
+                return write_msg(w, &Msg::End { receipt }).await.map(drop);
             }
             Err(e) => {
-                let error = WireError::from_call(&e);
-                return write_msg(w, &Msg::Failed { error }).await;
+                let reply = refusal_or_failure(client, &request, call, &e);
+                return write_msg(w, &reply).await.map(drop);
             }
         }
     }
@@ -570,7 +702,7 @@ async fn serve_export(client: &Arc<Client>, out: PathBuf) -> Msg {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum LinkError {
-    /// Nobody answers on the socket (no owner, or it is closing).
+    /// Nobody answers on the socket (no owner), or it failed before the operation was asked.
     #[error("no owner answers on {path}: {source}")]
     NoOwner {
         /// The socket.
@@ -578,6 +710,12 @@ pub enum LinkError {
         /// Why.
         #[source]
         source: std::io::Error,
+    },
+    /// The owner is closing: it releases the chain once its operations in flight end.
+    #[error("the process holding this home's chain (pid {pid}) is closing")]
+    Closing {
+        /// Its process ID.
+        pid: u32,
     },
     /// The owner serves another key, acting DID or gateway.
     #[error("the process holding this home's chain cannot call for this one: {0}")]
@@ -615,14 +753,14 @@ impl std::fmt::Debug for Link {
     }
 }
 
-/// One authenticated connection to the owner, for one operation.
+/// One connection to the owner after the operation was sent (request, body, proof).
 struct Session {
     r: OwnedReadHalf,
     w: OwnedWriteHalf,
     pid: u32,
 }
 
-/// How an operation through the owner failed: before anything was asked of it (try another
+/// How an operation through the owner failed: before the owner could act on it (try another
 /// route), or with a call error.
 enum LinkFailure {
     Reroute(LinkError),
@@ -648,147 +786,197 @@ impl Link {
 
     /// The owner's process ID, as last seen (0 before the first operation).
     pub fn owner_pid(&self) -> u32 {
-        self.pid.load(std::sync::atomic::Ordering::Relaxed)
+        self.pid.load(Ordering::Relaxed)
     }
 
-    /// Connects and authenticates.
-    async fn session(&self, export: bool) -> Result<Session, LinkError> {
-        let no_owner = |source: std::io::Error| LinkError::NoOwner {
+    fn no_owner(&self, source: std::io::Error) -> LinkError {
+        LinkError::NoOwner {
             path: self.socket.clone(),
             source,
-        };
-        let stream = UnixStream::connect(&self.socket).await.map_err(no_owner)?;
+        }
+    }
+
+    /// Connects and sends `op` with `body` and its proof. A failure here is one the owner
+    /// cannot have acted on (it acts only on a whole request with its proof), except a failure
+    /// while the proof itself is written, which is reported as the owner lost.
+    async fn send(&self, op: Op, body: &[u8]) -> Result<Session, LinkFailure> {
+        let reroute = |e| LinkFailure::Reroute(self.no_owner(e));
+        let stream = UnixStream::connect(&self.socket).await.map_err(reroute)?;
         let (mut r, mut w) = stream.into_split();
-        let hello = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_msg(&mut r))
-            .await
-            .map_err(|_| no_owner(std::io::ErrorKind::TimedOut.into()))?
-            .map_err(no_owner)?;
-        let Msg::Hello { challenge, .. } = hello else {
-            return Err(no_owner(std::io::Error::other("expected a hello")));
+        let (hello, _) = read_msg(&mut r).await.map_err(reroute)?;
+        let Msg::Hello { challenge, pid, .. } = hello else {
+            return Err(reroute(std::io::Error::other("expected a hello")));
         };
-        let mut nonce = [0u8; 32];
-        hex::decode_to_slice(&challenge, &mut nonce)
-            .map_err(|_| no_owner(std::io::Error::other("malformed challenge")))?;
-        let mut message = DOMAIN.to_vec();
-        message.extend_from_slice(&nonce);
-        let auth = Msg::Auth {
+        let challenge = hex32(&challenge)
+            .ok_or_else(|| reroute(std::io::Error::other("malformed challenge")))?;
+        self.pid.store(pid, Ordering::Relaxed);
+        let export = matches!(op, Op::Export { .. });
+        let request = Msg::Request {
+            op,
             key_did: self.identity.did().to_string(),
             key_id: (!export).then(|| self.identity.key_id()),
             gateway: match (&self.gateway, export) {
                 (Some((addr, did)), false) => Some((addr.to_string(), did.to_string())),
                 _ => None,
             },
-            signature: hex::encode(self.identity.sign(&message)),
+            body_len: body.len() as u64,
+            body_b3: hex::encode(blake3::hash(body).as_bytes()),
         };
-        write_msg(&mut w, &auth).await.map_err(no_owner)?;
-        let answer = tokio::time::timeout(HANDSHAKE_TIMEOUT, read_msg(&mut r))
-            .await
-            .map_err(|_| no_owner(std::io::ErrorKind::TimedOut.into()))?
-            .map_err(no_owner)?;
-        match answer {
-            Msg::Ready { pid } => {
-                self.pid.store(pid, std::sync::atomic::Ordering::Relaxed);
-                Ok(Session { r, w, pid })
-            }
-            Msg::Mismatch { why } => Err(LinkError::Mismatch(why)),
-            _ => Err(no_owner(std::io::Error::other("expected ready"))),
+        let payload = write_msg(&mut w, &request).await.map_err(reroute)?;
+        write_bytes(&mut w, body).await.map_err(reroute)?;
+        let proof = Msg::Proof {
+            signature: hex::encode(self.identity.sign(&proof_message(&challenge, &payload))),
+        };
+        if let Err(e) = write_msg(&mut w, &proof).await {
+            return Err(LinkFailure::Call(owner_lost(pid, &e.to_string())));
         }
+        Ok(Session { r, w, pid })
     }
 
     /// Checks that an owner answers and will call for this caller.
     pub async fn probe(&self) -> Result<u32, LinkError> {
-        self.session(false).await.map(|s| s.pid)
+        let mut s = match self.send(Op::Probe, b"").await {
+            Ok(s) => s,
+            Err(LinkFailure::Reroute(e)) => return Err(e),
+            Err(LinkFailure::Call(e)) => {
+                return Err(self.no_owner(std::io::Error::other(e.to_string())));
+            }
+        };
+        match read_msg(&mut s.r).await {
+            Ok((Msg::Ready { pid }, _)) => Ok(pid),
+            Ok((Msg::Closing { pid }, _)) => Err(LinkError::Closing { pid }),
+            Ok((Msg::Mismatch { why }, _)) => Err(LinkError::Mismatch(why)),
+            Ok(_) => Err(self.no_owner(std::io::Error::other("unexpected answer to a probe"))),
+            Err(e) => Err(self.no_owner(e)),
+        }
     }
 
     /// Asks the owner to seal its chain and export it to `out` (made absolute here).
     pub async fn export(&self, out: &Path) -> Result<Exported, ExportThroughError> {
         let out =
             std::path::absolute(out).map_err(|e| ExportThroughError::Failed(e.to_string()))?;
-        let mut s = self.session(true).await?;
+        let op = Op::Export {
+            out: out.to_string_lossy().into_owned(),
+        };
+        let mut s = match self.send(op, b"").await {
+            Ok(s) => s,
+            Err(LinkFailure::Reroute(e)) => return Err(e.into()),
+            Err(LinkFailure::Call(e)) => return Err(ExportThroughError::Failed(e.to_string())),
+        };
         let lost = |e: std::io::Error| {
             ExportThroughError::Failed(format!("the owner went away during the export: {e}"))
         };
-        let request = Msg::Export {
-            out: out.to_string_lossy().into_owned(),
-        };
-        write_msg(&mut s.w, &request).await.map_err(lost)?;
-        match read_msg(&mut s.r).await.map_err(lost)? {
-            Msg::Exported {
-                entries,
-                checkpoints,
-                sealed_now,
-            } => Ok(Exported {
+        // an export of a long chain takes a while: no frame timeout on its answer
+        let frame = read_frame(&mut s.r).await.map_err(lost)?;
+        match frame {
+            Some(Frame::Msg(
+                Msg::Exported {
+                    entries,
+                    checkpoints,
+                    sealed_now,
+                },
+                _,
+            )) => Ok(Exported {
                 entries,
                 checkpoints,
                 sealed_now,
             }),
-            Msg::Failed { error } => Err(ExportThroughError::Failed(
-                error.into_call(s.pid).to_string(),
+            Some(Frame::Msg(Msg::Closing { pid }, _)) => {
+                Err(ExportThroughError::Link(LinkError::Closing { pid }))
+            }
+            Some(Frame::Msg(Msg::Mismatch { why }, _)) => {
+                Err(ExportThroughError::Link(LinkError::Mismatch(why)))
+            }
+            Some(Frame::Msg(Msg::Failed { error }, _)) => Err(ExportThroughError::Failed(
+                error.into_call(s.pid, false).to_string(),
             )),
-            _ => Err(ExportThroughError::Failed(
+            None => Err(lost(std::io::ErrorKind::UnexpectedEof.into())),
+            Some(_) => Err(ExportThroughError::Failed(
                 "unexpected answer to an export".into(),
             )),
         }
     }
 
+    /// The catalog through the owner. Nothing executes, so any failure to hear the owner's
+    /// answer is worth another route.
     async fn catalog(&self, upstream: Option<&str>) -> Result<Vec<Operation>, LinkFailure> {
-        let mut s = self.session(false).await.map_err(LinkFailure::Reroute)?;
-        let request = Msg::Catalog {
+        let op = Op::Catalog {
             upstream: upstream.map(str::to_string),
         };
-        let pid = s.pid;
-        if let Err(e) = write_msg(&mut s.w, &request).await {
-            return Err(LinkFailure::Reroute(LinkError::NoOwner {
-                path: self.socket.clone(),
-                source: e,
-            }));
-        }
-        match read_msg(&mut s.r).await {
-            Ok(Msg::Operations { operations }) => Ok(operations),
-            Ok(Msg::Failed { error }) => Err(LinkFailure::Call(error.into_call(pid))),
-            Ok(_) => Err(LinkFailure::Call(owner_lost(pid, "unexpected answer"))),
-            Err(e) => Err(LinkFailure::Call(owner_lost(pid, &e.to_string()))),
+        let mut s = match self.send(op, b"").await {
+            Ok(s) => s,
+            Err(LinkFailure::Call(e)) => {
+                return Err(LinkFailure::Reroute(
+                    self.no_owner(std::io::Error::other(e.to_string())),
+                ));
+            }
+            Err(reroute) => return Err(reroute),
+        };
+        let frame = read_frame(&mut s.r).await;
+        match frame {
+            Ok(Some(Frame::Msg(Msg::Operations { operations }, _))) => Ok(operations),
+            Ok(Some(Frame::Msg(Msg::Failed { error }, _))) => {
+                Err(LinkFailure::Call(error.into_call(s.pid, false)))
+            }
+            Ok(Some(Frame::Msg(Msg::Closing { pid }, _))) => {
+                Err(LinkFailure::Reroute(LinkError::Closing { pid }))
+            }
+            Ok(Some(Frame::Msg(Msg::Mismatch { why }, _))) => {
+                Err(LinkFailure::Reroute(LinkError::Mismatch(why)))
+            }
+            Ok(_) => Err(LinkFailure::Reroute(self.no_owner(std::io::Error::other(
+                "unexpected answer to a catalog request",
+            )))),
+            Err(e) => Err(LinkFailure::Reroute(self.no_owner(e))),
         }
     }
 
     /// Sends the call; returns once the head (or the failure) came back.
     async fn call_streaming(&self, spec: &CallSpec) -> Result<LinkAnswer, LinkFailure> {
-        let mut s = self.session(false).await.map_err(LinkFailure::Reroute)?;
-        let request = Msg::Call {
+        if spec.body.len() as u64 > MAX_BODY {
+            return Err(LinkFailure::Call(CallError::Audit(format!(
+                "a request body over {MAX_BODY} bytes cannot be sent through the process holding this home's chain"
+            ))));
+        }
+        let gateway = self
+            .gateway
+            .as_ref()
+            .map(|(_, d)| d.clone())
+            .ok_or_else(|| LinkFailure::Call(CallError::Audit("no gateway pinned".into())))?;
+        let op = Op::Call {
             upstream: spec.upstream.clone(),
             method: spec.method.clone(),
             path: spec.path.clone(),
             query: spec.query.clone(),
             headers: spec.headers.clone(),
-            body_len: spec.body.len() as u64,
         };
-        // the owner signs only once it read the whole body: a failed send sent nothing
-        let sent = async {
-            write_msg(&mut s.w, &request).await?;
-            write_bytes(&mut s.w, &spec.body).await?;
-            s.w.flush().await
-        }
-        .await;
-        if let Err(e) = sent {
-            return Err(LinkFailure::Reroute(LinkError::NoOwner {
-                path: self.socket.clone(),
-                source: e,
-            }));
-        }
+        let mut s = self.send(op, &spec.body).await?;
         let pid = s.pid;
-        match read_msg(&mut s.r).await {
-            Ok(Msg::Head {
-                call,
-                status,
-                headers,
-            }) => {
-                let call = decode_id(&call)
-                    .ok_or_else(|| LinkFailure::Call(owner_lost(pid, "malformed call ID")))?;
+        let lost = |detail: &str| LinkFailure::Call(owner_lost(pid, detail));
+        // no frame timeout: an upstream may take long to answer
+        let frame = read_frame(&mut s.r).await;
+        let check = Check {
+            identity: &self.identity,
+            gateway: &gateway,
+            version: self.version,
+            spec,
+        };
+        match frame {
+            Ok(Some(Frame::Msg(
+                Msg::Head {
+                    request,
+                    status,
+                    headers,
+                },
+                _,
+            ))) => {
+                let call = check.request(&request).map_err(LinkFailure::Call)?;
                 Ok(LinkAnswer {
                     r: s.r,
                     _w: s.w,
                     pid,
-                    gateway: self.gateway.as_ref().map(|(_, d)| d.clone()),
+                    gateway,
+                    identity: self.identity.clone(),
                     version: self.version,
                     call,
                     head: ResponseHead {
@@ -802,9 +990,73 @@ impl Link {
                     done: false,
                 })
             }
-            Ok(Msg::Failed { error }) => Err(LinkFailure::Call(error.into_call(pid))),
-            Ok(_) => Err(LinkFailure::Call(owner_lost(pid, "unexpected answer"))),
-            Err(e) => Err(LinkFailure::Call(owner_lost(pid, &e.to_string()))),
+            Ok(Some(Frame::Msg(Msg::Refused { request, refusal }, _))) => {
+                let call = check.request(&request).map_err(LinkFailure::Call)?;
+                Err(LinkFailure::Call(check.refusal(call, &refusal)))
+            }
+            Ok(Some(Frame::Msg(Msg::Failed { error }, _))) => {
+                Err(LinkFailure::Call(error.into_call(pid, true)))
+            }
+            Ok(Some(Frame::Msg(Msg::Closing { pid }, _))) => {
+                Err(LinkFailure::Reroute(LinkError::Closing { pid }))
+            }
+            Ok(Some(Frame::Msg(Msg::Mismatch { why }, _))) => {
+                Err(LinkFailure::Reroute(LinkError::Mismatch(why)))
+            }
+            Ok(Some(_)) => Err(lost("unexpected answer")),
+            Ok(None) => Err(lost("the owner went away before the answer")),
+            Err(e) => Err(lost(&e.to_string())),
+        }
+    }
+}
+
+/// The checks a caller makes on what the owner relays, as if it had made the call itself.
+struct Check<'a> {
+    identity: &'a Identity,
+    gateway: &'a Did,
+    version: Version,
+    spec: &'a CallSpec,
+}
+
+impl Check<'_> {
+    /// The relayed signed request (hex): this identity's signature over this call to the
+    /// pinned gateway with this body. Returns the call ID.
+    fn request(&self, hex_bytes: &str) -> Result<[u8; 32], CallError> {
+        let invalid = |why: &str| {
+            CallError::InvalidAnswer(format!(
+                "the process holding this home's chain relayed {why}"
+            ))
+        };
+        let bytes = hex::decode(hex_bytes).map_err(|_| invalid("an unreadable request"))?;
+        let signed = message::open_from::<Request>(&bytes, self.identity.did())
+            .map_err(|_| invalid("a request this identity did not sign"))?;
+        if !crate::request_matches(&signed.message, self.spec, self.gateway, self.version) {
+            return Err(invalid("a request for another call"));
+        }
+        Ok(signed.envelope.digest())
+    }
+
+    /// The relayed refusal (hex) of `call`: signed by the pinned gateway, for that call.
+    fn refusal(&self, call: [u8; 32], hex_bytes: &str) -> CallError {
+        let invalid = |why: &str| {
+            CallError::InvalidAnswer(format!(
+                "the process holding this home's chain relayed {why}"
+            ))
+        };
+        let Ok(bytes) = hex::decode(hex_bytes) else {
+            return invalid("an unreadable refusal");
+        };
+        let Ok(r) = message::open_from::<Refusal>(&bytes, self.gateway) else {
+            return invalid("a refusal the pinned gateway did not sign");
+        };
+        if r.message.call != Some(call) || r.message.v != self.version.as_u64() {
+            return invalid("a refusal of another call");
+        }
+        CallError::Refused {
+            code: r.message.code,
+            reason: r.message.reason,
+            gateway_time_ms: r.message.time_ms,
+            call: r.message.call,
         }
     }
 }
@@ -829,13 +1081,15 @@ pub enum ExportThroughError {
 }
 
 /// A call's answer relayed by the owner: the head, then the body as it arrives, then the
-/// receipt, verified here too against the pinned gateway, the body's length and digest.
+/// receipt, verified here too against the pinned gateway, this call, this client, the body's
+/// length and digest.
 pub struct LinkAnswer {
     r: OwnedReadHalf,
     /// Kept open until the answer ends (closing it tells the owner this caller went away).
     _w: OwnedWriteHalf,
     pid: u32,
-    gateway: Option<Did>,
+    gateway: Did,
+    identity: Arc<Identity>,
     version: Version,
     call: [u8; 32],
     head: ResponseHead,
@@ -858,26 +1112,26 @@ impl LinkAnswer {
         }
         self.done = true;
         let msg = match frame {
-            Ok(Some(Frame::Msg(m))) => m,
-            Ok(Some(Frame::Bytes(_))) | Ok(None) => {
+            Ok(Some(Frame::Msg(m, _))) => m,
+            Ok(Some(Frame::Bytes(_)) | None) => {
                 return Err(owner_lost(self.pid, "the owner went away mid-answer"));
             }
             Err(e) => return Err(owner_lost(self.pid, &e.to_string())),
         };
+        let invalid = |why: &str| {
+            CallError::InvalidAnswer(format!(
+                "the process holding this home's chain relayed {why}"
+            ))
+        };
         match msg {
             Msg::End { receipt } => {
-                let bytes =
-                    hex::decode(receipt).map_err(|_| owner_lost(self.pid, "malformed receipt"))?;
-                let gateway = self
-                    .gateway
-                    .as_ref()
-                    .ok_or_else(|| owner_lost(self.pid, "no gateway to check the receipt"))?;
-                let signed = message::open_from::<Receipt>(&bytes, gateway)
-                    .map_err(|e| CallError::InvalidAnswer(e.to_string()))?;
-                if signed.message.v != self.version.as_u64() {
-                    return Err(CallError::InvalidAnswer(
-                        "a receipt of another version".into(),
-                    ));
+                let bytes = hex::decode(receipt).map_err(|_| invalid("an unreadable receipt"))?;
+                let signed = message::open_from::<Receipt>(&bytes, &self.gateway)
+                    .map_err(|_| invalid("a receipt the pinned gateway did not sign"))?;
+                if signed.message.v != self.version.as_u64()
+                    || signed.message.client != self.identity.did().as_str()
+                {
+                    return Err(invalid("a receipt for another client or version"));
                 }
                 let b3 = *self.hasher.finalize().as_bytes();
                 crate::check_receipt(self.call, Some(&self.head), self.len, &b3, &signed.message)
@@ -885,8 +1139,32 @@ impl LinkAnswer {
                 self.receipt = Some(signed);
                 Ok(None)
             }
-            Msg::Failed { error } => Err(error.into_call(self.pid)),
+            Msg::Refused { refusal, .. } => Err(self.refusal(&refusal)),
+            Msg::Failed { error } => Err(error.into_call(self.pid, true)),
             _ => Err(owner_lost(self.pid, "unexpected message mid-answer")),
+        }
+    }
+
+    /// A refusal after the head: signed by the pinned gateway, for this call.
+    fn refusal(&self, hex_bytes: &str) -> CallError {
+        let invalid = |why: &str| {
+            CallError::InvalidAnswer(format!(
+                "the process holding this home's chain relayed {why}"
+            ))
+        };
+        let Ok(bytes) = hex::decode(hex_bytes) else {
+            return invalid("an unreadable refusal");
+        };
+        match message::open_from::<Refusal>(&bytes, &self.gateway) {
+            Ok(r) if r.message.call == Some(self.call) && r.message.v == self.version.as_u64() => {
+                CallError::Refused {
+                    code: r.message.code,
+                    reason: r.message.reason,
+                    gateway_time_ms: r.message.time_ms,
+                    call: r.message.call,
+                }
+            }
+            _ => invalid("a refusal the pinned gateway did not sign for this call"),
         }
     }
 }
@@ -1136,7 +1414,8 @@ impl Caller {
             .acquire
             .as_ref()
             .expect("a caller without a client has an acquire");
-        let deadline = Instant::now() + ACQUIRE_WAIT;
+        let started = Instant::now();
+        let mut deadline = started + ACQUIRE_WAIT;
         let chain = a.home.join(CHAIN);
         let why = loop {
             match open_client(a, &chain) {
@@ -1180,6 +1459,11 @@ impl Caller {
                 }
                 Err(LinkError::Mismatch(why)) => break why,
                 Err(e) if Instant::now() >= deadline => break e.to_string(),
+                Err(LinkError::Closing { .. }) => {
+                    // it releases the chain once its operations in flight end
+                    deadline = deadline.max(started + CLOSING_WAIT);
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
                 Err(_) => tokio::time::sleep(Duration::from_millis(25)).await,
             }
         };
@@ -1323,6 +1607,7 @@ fn open_client(a: &Acquire, path: &Path) -> Result<Client, ClientError> {
         crate::now_ms(),
         CheckpointPolicy::default(),
     )?;
+    crate::close_pending(&chain)?;
     Ok(
         Client::with_chain(a.identity.clone(), chain, a.addr, a.gateway.clone())?
             .with_connect_timeout(a.connect_timeout),

@@ -927,9 +927,10 @@ async fn export(home: &Path, out: &Path, json: bool) -> anyhow::Result<ExitCode>
     // the key DID owns the chain (never a did:web it acts as)
     let identity = std::sync::Arc::new(load_identity(home)?);
     let deadline = std::time::Instant::now() + Duration::from_secs(3);
+    let closing_deadline = std::time::Instant::now() + Duration::from_secs(65);
     let exported = loop {
-        match didgate_audit::Store::open(&dir, &[]) {
-            Ok(store) => break export_store(&store, &identity, out)?,
+        match didgate_audit::Store::open(&dir, &[didgate_client::PENDING]) {
+            Ok(store) => break export_store(store, &identity, out)?,
             Err(e) if e.is_locked() => {}
             Err(e) => anyhow::bail!("{}: {e}", dir.display()),
         }
@@ -939,6 +940,12 @@ async fn export(home: &Path, out: &Path, json: bool) -> anyhow::Result<ExitCode>
             Err(local::ExportThroughError::Link(local::LinkError::NoOwner { .. }))
                 if std::time::Instant::now() < deadline =>
             {
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            Err(local::ExportThroughError::Link(local::LinkError::Closing { .. }))
+                if std::time::Instant::now() < closing_deadline =>
+            {
+                // the owner releases the chain once its calls in flight end
                 tokio::time::sleep(Duration::from_millis(25)).await;
             }
             Err(e) => anyhow::bail!(
@@ -978,24 +985,37 @@ async fn export(home: &Path, out: &Path, json: bool) -> anyhow::Result<ExitCode>
     Ok(ExitCode::SUCCESS)
 }
 
-/// Seals and exports the chain `store` (held by this process).
+/// Seals and exports the chain in `store` (held by this process), after closing the calls a
+/// process that ended mid-call left pending (as any process opening the chain does).
 fn export_store(
-    store: &didgate_audit::Store,
-    identity: &Identity,
+    store: didgate_audit::Store,
+    identity: &std::sync::Arc<Identity>,
     out: &Path,
 ) -> anyhow::Result<local::Exported> {
-    let sealed = store
-        .seal(
-            identity,
-            didgate_audit::entry::Role::Client,
-            didgate_client::now_ms(),
-        )
-        .context("cannot seal the chain")?;
-    let (entries, checkpoints) = didgate_audit::export::export_sealed(store, out)?;
+    let chain = didgate_audit::store::Chain::open(
+        store,
+        identity.clone(),
+        didgate_audit::entry::Role::Client,
+        didgate_client::now_ms(),
+        didgate_audit::store::CheckpointPolicy::default(),
+    )
+    .context("cannot open the chain")?;
+    let exported = didgate_client::close_pending(&chain)
+        .context("cannot close the calls left pending")
+        .and_then(|_| {
+            let out = out.to_path_buf();
+            chain
+                .seal_then(move |store, sealed| {
+                    didgate_audit::export::export_sealed(store, &out).map(|n| (n, sealed.written))
+                })
+                .context("cannot seal the chain")
+        });
+    chain.close();
+    let ((entries, checkpoints), sealed_now) = exported??;
     Ok(local::Exported {
         entries,
         checkpoints,
-        sealed_now: sealed.written,
+        sealed_now,
     })
 }
 
