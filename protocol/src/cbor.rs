@@ -81,7 +81,7 @@ impl<'de> serde::de::Visitor<'de> for OptionalByteString {
     }
 
     fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
-        d.deserialize_bytes(ByteString).map(Some)
+        d.deserialize_byte_buf(ByteString).map(Some)
     }
 }
 
@@ -97,7 +97,7 @@ pub mod bytes {
 
     /// Deserialises a byte string.
     pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
-        d.deserialize_bytes(super::ByteString)
+        d.deserialize_byte_buf(super::ByteString)
     }
 }
 
@@ -132,7 +132,7 @@ pub mod fixed {
     pub fn deserialize<'de, D: Deserializer<'de>, const N: usize>(
         d: D,
     ) -> Result<[u8; N], D::Error> {
-        let v = d.deserialize_bytes(super::ByteString)?;
+        let v = d.deserialize_byte_buf(super::ByteString)?;
         v.as_slice()
             .try_into()
             .map_err(|_| D::Error::invalid_length(v.len(), &"a fixed-size byte string"))
@@ -165,5 +165,60 @@ pub mod fixed_opt {
                 .map_err(|_| D::Error::invalid_length(v.len(), &"a fixed-size byte string"))
         })
         .transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+    struct Record {
+        #[serde(with = "bytes")]
+        blob: Vec<u8>,
+        #[serde(with = "bytes_opt", default)]
+        maybe: Option<Vec<u8>>,
+        #[serde(with = "fixed")]
+        id: [u8; 4],
+    }
+
+    /// `record` with its `field` replaced by `value`, encoded.
+    fn with(record: &Record, field: &str, value: ciborium::Value) -> Vec<u8> {
+        let mut map: ciborium::Value = from_slice(&to_vec(record)).expect("own encoding");
+        for (k, v) in map.as_map_mut().expect("a map") {
+            if k.as_text() == Some(field) {
+                *v = value.clone();
+            }
+        }
+        to_vec(&map)
+    }
+
+    #[test]
+    fn byte_strings_of_any_length_decode_and_arrays_do_not() {
+        // longer than ciborium's 4 KiB scratch buffer (a signed request in an entry can be)
+        let r = Record {
+            blob: vec![7; 10_000],
+            maybe: Some(vec![8; 5_000]),
+            id: [1, 2, 3, 4],
+        };
+        assert_eq!(from_slice::<Record>(&to_vec(&r)), Ok(r));
+        let r = Record {
+            blob: vec![7; 3],
+            maybe: None,
+            id: [1, 2, 3, 4],
+        };
+        let ints = |b: &[u8]| ciborium::Value::Array(b.iter().map(|&x| x.into()).collect());
+        // regression (issue 18): an array of integers where a byte string belongs
+        for (field, value) in [
+            ("blob", ints(&[7, 7, 7])),
+            ("maybe", ints(&[8])),
+            ("id", ints(&[1, 2, 3, 4])),
+        ] {
+            let bytes = with(&r, field, value);
+            assert!(
+                matches!(from_slice::<Record>(&bytes), Err(DecodeError::Malformed(_))),
+                "{field}"
+            );
+        }
     }
 }
