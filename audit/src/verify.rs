@@ -1023,7 +1023,9 @@ fn run(
     let gw_entries = gws.iter().map(|g| g.items.len()).sum::<usize>() / 2;
     let mut executing: Executing = HashMap::with_capacity(gw_entries);
     let mut closed: HashMap<Digest, (usize, u64)> = HashMap::with_capacity(gw_entries);
-    let mut heads_seen: HashMap<(Digest, u64), (Digest, &str, u64)> =
+    // keyed as the gateway's fork claim is: signer key, chain id, seq (a caller that names
+    // another client's chain in its head forks nothing of that client's)
+    let mut heads_seen: HashMap<([u8; 32], Digest, u64), (Digest, &str, u64)> =
         HashMap::with_capacity(gw_entries);
     let mut gw_calls = vec![0u64; gws.len()];
     for (gi, g) in gws.iter().enumerate() {
@@ -1087,7 +1089,9 @@ fn run(
                     // the gateway correctly refusing a forking head.
                     let commits = matches!(e.kind, EntryKind::Executing | EntryKind::Granted);
                     let prior = if commits {
-                        heads_seen.get(&(h.chain, h.seq)).cloned()
+                        heads_seen
+                            .get(&(*req.envelope.signer().public_key_bytes(), h.chain, h.seq))
+                            .cloned()
                     } else {
                         None
                     };
@@ -1099,7 +1103,10 @@ fn run(
                             format!("client head seq {} forks from the one recorded at {other} seq {oseq}", h.seq),
                         ),
                         _ if commits => {
-                            heads_seen.insert((h.chain, h.seq), (h.hash, g.label.as_str(), e.seq));
+                            heads_seen.insert(
+                                (*req.envelope.signer().public_key_bytes(), h.chain, h.seq),
+                                (h.hash, g.label.as_str(), e.seq),
+                            );
                         }
                         _ => {}
                     }

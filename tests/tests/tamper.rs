@@ -1298,7 +1298,8 @@ async fn an_indefinite_length_entry_does_not_decode() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Alice's last entry with its `prev` given as an array of integers, which serde itself reads.
+/// Alice's last entry with its `prev` given as an array of integers (which serde's byte
+/// buffers read; since issue 18 no decoder of ours does).
 fn case_array_for_bytes(f: &Fixture) -> (Chains, u64, u64) {
     let mut t = f.chains.clone();
     let last = client_calls(&t.alice)[3];
@@ -1319,7 +1320,7 @@ fn case_array_for_bytes(f: &Fixture) -> (Chains, u64, u64) {
         .collect();
     let mut array = Vec::new();
     ciborium::into_writer(&ciborium::Value::Map(map), &mut array).expect("encodes");
-    assert!(Entry::decode(&array).is_ok(), "serde itself reads it");
+    assert!(Entry::decode(&array).is_err(), "the lenient decoder refuses it too");
     let (result, request) = replace_last_client_entry(&mut t, array);
     (t, result, request)
 }
