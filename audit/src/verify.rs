@@ -893,6 +893,9 @@ fn subject_matches(
     }
 }
 
+/// A client head as the gateway's fork claim keys it: signer key, chain id, seq.
+type HeadKey = ([u8; 32], Digest, u64);
+
 /// The verifier. The parallel steps (hashing and decoding entries, Merkle levels, opening each
 /// distinct signed message once) only precompute what the sequential checks would compute
 /// themselves; the checks and the order of the violations are those of one thread.
@@ -1025,8 +1028,7 @@ fn run(
     let mut closed: HashMap<Digest, (usize, u64)> = HashMap::with_capacity(gw_entries);
     // keyed as the gateway's fork claim is: signer key, chain id, seq (a caller that names
     // another client's chain in its head forks nothing of that client's)
-    let mut heads_seen: HashMap<([u8; 32], Digest, u64), (Digest, &str, u64)> =
-        HashMap::with_capacity(gw_entries);
+    let mut heads_seen: HashMap<HeadKey, (Digest, &str, u64)> = HashMap::with_capacity(gw_entries);
     let mut gw_calls = vec![0u64; gws.len()];
     for (gi, g) in gws.iter().enumerate() {
         let mut open: HashMap<Digest, u64> = HashMap::new();
