@@ -290,6 +290,32 @@ impl Store {
         Ok(out)
     }
 
+    /// Removes at most `limit` keys of keyspace `space` that sort before `end`, as one batch
+    /// (not synced: the keys it removes are ones a crash may bring back harmlessly, expired
+    /// claims); returns how many. With keys that start with a big-endian deadline, this prunes
+    /// every claim whose deadline is before `end`, reading none of the live ones.
+    pub fn remove_before(
+        &self,
+        space: &str,
+        end: &[u8],
+        limit: usize,
+    ) -> Result<usize, StoreError> {
+        let engine = self.engine()?;
+        let ks = engine.named(space)?;
+        let mut batch = engine.db.batch();
+        let mut n = 0;
+        for guard in ks.range(..end).take(limit) {
+            let key = guard.key()?;
+            // written once, never overwritten: a weak tombstone vanishes with its key
+            batch.remove_weak(ks, key);
+            n += 1;
+        }
+        if n > 0 {
+            batch.commit()?;
+        }
+        Ok(n)
+    }
+
     /// Writes and removes keys in named keyspaces as one atomic, durable batch (for records
     /// outside the chain, such as secrets).
     pub fn write(

@@ -23,7 +23,7 @@ use didgate_protocol::{Caller, Did, Version, canonical};
 
 use crate::config::RateLimit;
 use crate::config::{Auth, Config, Upstream};
-use crate::datadir::{DOCUMENTS, GRANTS, HEADS, REPLAY};
+use crate::datadir::{DOCUMENTS, HEADS, REPLAY};
 use crate::limits::{self, Limits, Permit, Stage, TokenBucket};
 use crate::policy::{PolicySet, RequestContext};
 
@@ -361,33 +361,47 @@ pub(crate) fn mint(
     }
 }
 
+/// A claim key that sorts by its deadline: `deadline_ms` (big-endian) || `tag` || `id`. Every
+/// claim that only matters until a deadline is keyed so ([`REPLAY`], [`GRANTS`]), so that
+/// pruning the expired ones is a scan of the keyspace's head, never of the live keys
+/// (specs/protocol.md, "Replay and grant claims").
+pub(crate) fn deadline_key(deadline_ms: u64, tag: u8, id: &[&[u8]]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(9 + id.iter().map(|p| p.len()).sum::<usize>());
+    key.extend_from_slice(&deadline_ms.to_be_bytes());
+    key.push(tag);
+    for part in id {
+        key.extend_from_slice(part);
+    }
+    key
+}
+
 /// The claims a new request makes: its call ID and (DID, nonce) unseen (indexes 0 and 1), its
 /// client head not contradicting one seen before (index 2), and the did:web document that
-/// admitted the caller kept beside the chain. Replay keys expire `skew_secs` after the
-/// request's time.
+/// admitted the caller kept beside the chain. Replay keys live until the request's time plus
+/// `skew_secs` (after that the request is refused `clock_skew` anyway): they are keyed by that
+/// deadline ([`deadline_key`]).
 pub(crate) fn request_claims(call: &Call, skew_secs: u64, req: &Signed<Request>) -> Vec<Claim> {
     let peer = &call.peer;
-    let expiry = (req.message.time_ms + skew_secs * 1000)
-        .to_be_bytes()
-        .to_vec();
+    let deadline = req.message.time_ms + skew_secs * 1000;
     let head = req.message.head;
-    let mut nonce_key = b"n".to_vec();
-    nonce_key.extend_from_slice(peer.public_key_bytes());
-    nonce_key.extend_from_slice(&req.message.nonce);
     let mut head_key = peer.public_key_bytes().to_vec();
     head_key.extend_from_slice(&head.chain);
     head_key.extend_from_slice(&head.seq.to_be_bytes());
     let mut claims = vec![
         Claim {
             space: REPLAY,
-            key: [b"c".as_slice(), &req.envelope.digest()].concat(),
-            value: expiry.clone(),
+            key: deadline_key(deadline, b'c', &[&req.envelope.digest()]),
+            value: Vec::new(),
             rule: ClaimRule::Absent,
         },
         Claim {
             space: REPLAY,
-            key: nonce_key,
-            value: expiry,
+            key: deadline_key(
+                deadline,
+                b'n',
+                &[peer.public_key_bytes(), &req.message.nonce],
+            ),
+            value: Vec::new(),
             rule: ClaimRule::Absent,
         },
         Claim {
@@ -408,14 +422,33 @@ pub(crate) fn request_claims(call: &Call, skew_secs: u64, req: &Signed<Request>)
     claims
 }
 
-/// The claim that consumes `grant` (pipelined or two-step execution): once only.
+/// Refuses `clock_skew` a request whose window (its time plus `skew_secs`) closed by `now`:
+/// judged again right before its claims are made, after its body was read.
+pub(crate) fn still_in_window(r: &Request, skew_secs: u64, now: u64) -> Result<(), Refuse> {
+    if now > r.time_ms + skew_secs * 1000 {
+        return Err(refuse(
+            RefusalCode::ClockSkew,
+            format!("the request's {skew_secs}s window closed while its body was read"),
+        ));
+    }
+    Ok(())
+}
+
+/// The claim that consumes `grant` (pipelined or two-step execution): once only. It lives
+/// until the grant's own expiry (after which the grant is refused `grant_expired` anyway).
 pub(crate) fn consumed_grant_claim(grant: &GrantBody) -> Claim {
     Claim {
-        space: GRANTS,
-        key: [b"c".as_slice(), &grant.id].concat(),
+        space: REPLAY,
+        key: deadline_key(grant.expires_ms, b'g', &[&grant.id]),
         value: grant.call.to_vec(),
         rule: ClaimRule::Absent,
     }
+}
+
+/// The key of a two-step grant's record in [`GRANTS`] (what the execution reads back): until
+/// its expiry.
+pub(crate) fn issued_grant_key(grant: &GrantBody) -> Vec<u8> {
+    deadline_key(grant.expires_ms, b'i', &[&grant.id])
 }
 
 /// The refusal for a claim of an execution that failed (the grant was consumed before).
@@ -879,8 +912,26 @@ paths = ["/v1/balance"]
         // a grant is consumed once
         let reuse = apply(&mut store, &[consumed_grant_claim(&grant)]).map_err(grant_used);
         assert_eq!(reuse.map_err(|r| r.code), Err(RefusalCode::GrantInvalid));
-        // replay keys expire skew_secs after the request's time
-        assert_eq!(claims[0].value, (NOW + skew * 1000).to_be_bytes());
+        // replay keys sort by their deadline, skew_secs after the request's time; the consumed
+        // grant's by the grant's expiry (what pruning removes as a range)
+        let deadline = (NOW + skew * 1000).to_be_bytes();
+        assert_eq!(claims[0].key[..8], deadline);
+        assert_eq!(claims[1].key[..8], deadline);
+        assert_eq!(claims[3].key[..8], grant.expires_ms.to_be_bytes());
+        assert_eq!(
+            (claims[0].key[8], claims[1].key[8], claims[3].key[8]),
+            (b'c', b'n', b'g')
+        );
+    }
+
+    #[test]
+    fn a_request_must_be_claimed_within_its_window() {
+        let req = request(&alice(), |_| {});
+        let skew = 30;
+        let end = req.message.time_ms + skew * 1000;
+        assert!(still_in_window(&req.message, skew, end).is_ok());
+        let late = still_in_window(&req.message, skew, end + 1).map_err(|r| r.code);
+        assert_eq!(late, Err(RefusalCode::ClockSkew));
     }
 
     #[test]

@@ -4,9 +4,15 @@
 
 use std::path::{Path, PathBuf};
 
-/// Keyspace of replay keys (`c` || call ID, `n` || DID key || nonce) -> expiry (u64be ms).
+/// Keyspace of the claims that matter until a deadline, keyed deadline (u64be ms) || tag || id
+/// so that the expired ones are the keyspace's head: `c` || call ID and `n` || DID key || nonce
+/// (replay keys, until the request's time plus the skew window) -> empty; `g` || grant id (a
+/// consumed grant, until the grant's expiry) -> call ID. Keys of releases before this one
+/// (`c` || call ID, `n` || DID key || nonce -> expiry) are re-keyed at start-up.
 pub const REPLAY: &str = "replay";
-/// Keyspace of consumed grants: grant id -> call ID.
+/// Keyspace of issued two-step grants: expiry (u64be ms) || `i` || grant id -> the request
+/// (`crate::gateway`). Keys of releases before this one (`i` || grant id; and `c` || grant id,
+/// a consumed grant) are re-keyed or dropped at start-up.
 pub const GRANTS: &str = "grants";
 /// Keyspace of client heads seen: signer key (32) || chain id || seq (u64be) -> hash.
 pub const HEADS: &str = "heads";

@@ -42,7 +42,17 @@ pub use crate::datadir::{
     DOCUMENTS, DataDir, GRANTS, HEADS, LIFECYCLE, REPLAY, REVOKED, SECRETS, SPACES,
 };
 
-/// What the gateway keeps of a grant it issued, under `i` || grant id in [`GRANTS`].
+/// How long after its deadline a claim is kept: it covers the time between a call's last check
+/// of its window (right before its claims are submitted) and the claims reaching the store's
+/// writer, so a replay can never find its original's key pruned while its own window is open.
+pub const PRUNE_MARGIN_MS: u64 = 60_000;
+/// How often expired claims are pruned while serving.
+pub const PRUNE_EVERY: Duration = Duration::from_secs(1);
+/// Keys removed per batch when pruning.
+const PRUNE_BATCH: usize = 10_000;
+
+/// What the gateway keeps of a grant it issued, in [`GRANTS`] under
+/// [`call::issued_grant_key`] (its expiry, `i`, its id).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 struct IssuedGrant {
@@ -490,21 +500,96 @@ impl Gateway {
             self.chain.append_entry(e).await?;
         }
         let now = now_ms();
-        let expired: Vec<_> = self
-            .chain
-            .store()
-            .scan(REPLAY, b"")?
-            .into_iter()
-            .filter(|(_, v)| {
-                v.get(..8)
+        self.rekey_legacy_claims(now)?;
+        self.prune_claims(now)?;
+        Ok(())
+    }
+
+    /// Removes the claims whose deadline passed more than [`PRUNE_MARGIN_MS`] before `now`
+    /// (replay keys, consumed and issued grants): a range of each keyspace's head, in batches.
+    /// Run at start-up and every [`PRUNE_EVERY`] while serving.
+    pub fn prune_claims(&self, now: u64) -> Result<usize, didgate_audit::store::StoreError> {
+        let end = now.saturating_sub(PRUNE_MARGIN_MS).to_be_bytes();
+        let store = self.chain.store();
+        let mut total = 0;
+        for space in [REPLAY, GRANTS] {
+            loop {
+                let n = store.remove_before(space, &end, PRUNE_BATCH)?;
+                total += n;
+                if n < PRUNE_BATCH {
+                    break;
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    /// Re-keys the claims a release before this one wrote (no deadline first): replay keys
+    /// by the expiry in their value, issued grants by theirs; a consumed grant by its issued
+    /// grant's expiry when there is one (a two-step grant), else it is dropped (a pipelined
+    /// grant is consumed in the batch that mints it and never leaves the gateway).
+    fn rekey_legacy_claims(&self, now: u64) -> Result<(), didgate_audit::store::StoreError> {
+        let store = self.chain.store();
+        let mut puts: Vec<(&str, Vec<u8>, Vec<u8>)> = Vec::new();
+        let mut removes: Vec<(&str, Vec<u8>)> = Vec::new();
+        for tag in [b'c', b'n'] {
+            for (key, value) in store.scan(REPLAY, &[tag])? {
+                let expiry = value
+                    .get(..8)
                     .and_then(|b| b.try_into().ok())
-                    .map(u64::from_be_bytes)
-                    .is_some_and(|t| t < now)
-            })
-            .map(|(k, _)| (REPLAY, k))
-            .collect();
-        if !expired.is_empty() {
-            self.chain.store().write(&[], &expired)?;
+                    .map(u64::from_be_bytes);
+                if let Some(expiry) = expiry
+                    && expiry >= now
+                {
+                    puts.push((
+                        REPLAY,
+                        call::deadline_key(expiry, tag, &[&key[1..]]),
+                        Vec::new(),
+                    ));
+                }
+                removes.push((REPLAY, key));
+            }
+        }
+        let issued_expiry = |id: &[u8]| -> Result<Option<u64>, didgate_audit::store::StoreError> {
+            Ok(store
+                .get(GRANTS, &[b"i".as_slice(), id].concat())?
+                .and_then(|b| didgate_protocol::cbor::from_slice::<IssuedGrant>(&b).ok())
+                .map(|i| i.expires_ms))
+        };
+        for (key, value) in store.scan(GRANTS, b"c")? {
+            if let Some(expiry) = issued_expiry(&key[1..])?
+                && expiry >= now
+            {
+                puts.push((
+                    REPLAY,
+                    call::deadline_key(expiry, b'g', &[&key[1..]]),
+                    value,
+                ));
+            }
+            removes.push((GRANTS, key));
+        }
+        for (key, value) in store.scan(GRANTS, b"i")? {
+            if let Some(i) = didgate_protocol::cbor::from_slice::<IssuedGrant>(&value).ok()
+                && i.expires_ms >= now
+            {
+                puts.push((
+                    GRANTS,
+                    call::deadline_key(i.expires_ms, b'i', &[&key[1..]]),
+                    value,
+                ));
+            }
+            removes.push((GRANTS, key));
+        }
+        if !removes.is_empty() {
+            tracing::info!(
+                kept = puts.len(),
+                dropped = removes.len() - puts.len(),
+                "re-keyed the replay and grant claims of an earlier release by deadline"
+            );
+            for chunk in removes.chunks(PRUNE_BATCH) {
+                store.write(&[], chunk)?;
+            }
+            store.write(&puts, &[])?;
         }
         Ok(())
     }
@@ -828,6 +913,12 @@ impl Gateway {
             Ok(b) => b,
             Err(r) => return self.refuse_audited(cx, &mut send, &req, r).await,
         };
+        // the window is judged again now that the body is read: its replay keys are pruned
+        // once it closed (plus a margin), so a request must be claimed within it
+        if let Err(r) = call::still_in_window(&req.message, self.config.gateway.skew_secs, now_ms())
+        {
+            return self.refuse_audited(cx, &mut send, &req, r).await;
+        }
         let grant = self.mint(cx, &req);
         let mut claims = call::request_claims(cx, self.config.gateway.skew_secs, &req);
         claims.push(call::consumed_grant_claim(&grant));
@@ -874,7 +965,7 @@ impl Gateway {
         };
         claims.push(Claim {
             space: GRANTS,
-            key: [b"i".as_slice(), &grant.id].concat(),
+            key: call::issued_grant_key(&grant),
             value: didgate_protocol::cbor::to_vec(&issued),
             rule: ClaimRule::Absent,
         });
@@ -932,7 +1023,7 @@ impl Gateway {
         let issued = self
             .chain
             .store()
-            .get(GRANTS, &[b"i".as_slice(), &grant.id].concat())
+            .get(GRANTS, &call::issued_grant_key(&grant))
             .ok()
             .flatten()
             .and_then(|b| didgate_protocol::cbor::from_slice::<IssuedGrant>(&b).ok());
@@ -997,6 +1088,15 @@ impl Gateway {
             Ok(b) => b,
             Err(r) => return self.refuse_audited(cx, &mut send, &req, r).await,
         };
+        // judged again now that the body is read: the consumed-grant claim is pruned once the
+        // grant expired (plus a margin), so it must be claimed before
+        if now_ms() >= grant.expires_ms {
+            let r = refuse(
+                RefusalCode::GrantExpired,
+                "the grant expired while its body was read",
+            );
+            return self.refuse_audited(cx, &mut send, &req, r).await;
+        }
         let claims = vec![call::consumed_grant_claim(&grant)];
         let entry = call::request_entry(EntryKind::Executing, cx, &req, grant.id, now_ms());
         if !self

@@ -125,9 +125,17 @@ pub async fn serve(
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(window);
+            let mut prune = tokio::time::interval(crate::gateway::PRUNE_EVERY);
             loop {
                 tokio::select! {
                     _ = tick.tick() => { let _ = gw.flush_refusals().await; }
+                    _ = prune.tick() => {
+                        let g = gw.clone();
+                        let pruned = tokio::task::spawn_blocking(move || g.prune_claims(now_ms())).await;
+                        if let Ok(Err(e)) = pruned {
+                            tracing::warn!(%e, "cannot prune expired claims");
+                        }
+                    }
                     _ = stop.changed() => break,
                 }
             }

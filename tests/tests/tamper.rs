@@ -1320,7 +1320,10 @@ fn case_array_for_bytes(f: &Fixture) -> (Chains, u64, u64) {
         .collect();
     let mut array = Vec::new();
     ciborium::into_writer(&ciborium::Value::Map(map), &mut array).expect("encodes");
-    assert!(Entry::decode(&array).is_err(), "the lenient decoder refuses it too");
+    assert!(
+        Entry::decode(&array).is_err(),
+        "the lenient decoder refuses it too"
+    );
     let (result, request) = replace_last_client_entry(&mut t, array);
     (t, result, request)
 }

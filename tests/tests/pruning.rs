@@ -1,0 +1,112 @@
+//! The store stays bounded (issue 18 item 5): replay keys and grant claims are keyed by their
+//! deadline and pruned while the gateway runs (a range of each keyspace's head), not only at
+//! start-up; the claims a release before this one wrote are re-keyed at start-up, so a request
+//! claimed before an upgrade is still refused as a replay after it. Pruning is judged with a
+//! chosen `now` (`Gateway::prune_claims`), never by waiting.
+
+use didgate_client::RawFinal;
+use didgate_gateway::datadir::{GRANTS, REPLAY, SPACES};
+use didgate_gateway::gateway::PRUNE_MARGIN_MS;
+use didgate_protocol::message::RefusalCode;
+use didgate_tests::{Harness, alice};
+
+/// The keys of `space` in the gateway's store (the gateway must be stopped).
+fn keys(h: &Harness, space: &str) -> anyhow::Result<Vec<Vec<u8>>> {
+    let store = didgate_audit::Store::open(&h.gw_dir().join("store"), SPACES)?;
+    Ok(store
+        .scan(space, b"")?
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_claims_are_pruned_while_serving_and_live_ones_kept() -> anyhow::Result<()> {
+    let mut h = Harness::start().await?;
+    let a = h.client("alice", alice()).await?;
+    let (signed, _) = h.signed_request(&alice(), |_| {})?;
+    assert!(matches!(
+        a.send_signed(&signed, b"").await?.last,
+        RawFinal::Receipt(_)
+    ));
+    let grant = a
+        .grant(didgate_client::CallSpec::new(
+            "payments",
+            "GET",
+            "/v1/balance",
+        ))
+        .await?;
+    let gw = h
+        .gateway
+        .clone()
+        .ok_or_else(|| anyhow::anyhow!("gateway"))?;
+    let skew_ms = gw.config().gateway.skew_secs * 1000;
+    let now = didgate_client::now_ms();
+
+    // within their window (plus the margin) nothing goes, and a replay is refused
+    assert_eq!(gw.prune_claims(now)?, 0);
+    let again = a.send_signed(&signed, b"").await?;
+    let RawFinal::Refusal(r) = again.last else {
+        anyhow::bail!("a replay executed: {:?}", again.last);
+    };
+    assert_eq!(r.message.code, RefusalCode::Replay);
+
+    // once every deadline is more than the margin behind: the call's two replay keys and its
+    // consumed grant, the grant request's two replay keys, the issued grant
+    let later = now + skew_ms.max(grant.grant.expires_ms - now) + PRUNE_MARGIN_MS + 1_000;
+    assert_eq!(gw.prune_claims(later)?, 6);
+    assert_eq!(gw.prune_claims(later)?, 0);
+    a.close().await;
+    drop(gw);
+    h.stop().await;
+    assert!(keys(&h, REPLAY)?.is_empty());
+    assert!(keys(&h, GRANTS)?.is_empty());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_claimed_under_the_old_key_layout_is_still_a_replay_after_the_upgrade()
+-> anyhow::Result<()> {
+    let mut h = Harness::start().await?;
+    let a = h.client("alice", alice()).await?;
+    let (signed, call) = h.signed_request(&alice(), |_| {})?;
+    assert!(matches!(
+        a.send_signed(&signed, b"").await?.last,
+        RawFinal::Receipt(_)
+    ));
+    a.close().await;
+    h.stop().await;
+
+    // rewrite the call's replay keys as the release before this one wrote them:
+    // `c` || call ID and `n` || key || nonce -> deadline (u64be)
+    {
+        let store = didgate_audit::Store::open(&h.gw_dir().join("store"), SPACES)?;
+        let mut puts = Vec::new();
+        let mut removes = Vec::new();
+        for (key, _) in store.scan(REPLAY, b"")? {
+            let (deadline, rest) = key.split_at(8);
+            if rest[0] == b'c' || rest[0] == b'n' {
+                puts.push((REPLAY, rest.to_vec(), deadline.to_vec()));
+            }
+            removes.push((REPLAY, key));
+        }
+        assert_eq!(puts.len(), 2, "the call's two replay keys");
+        assert!(puts.iter().any(|(_, k, _)| k[1..] == call));
+        store.write(&[], &removes)?;
+        store.write(&puts, &[])?;
+    }
+
+    // the upgraded gateway re-keys them at start-up: the replay is still refused
+    h.restart().await?;
+    let a = h.client("alice-after", alice()).await?;
+    let again = a.send_signed(&signed, b"").await?;
+    let RawFinal::Refusal(r) = again.last else {
+        anyhow::bail!("a replay executed after the upgrade: {:?}", again.last);
+    };
+    assert_eq!(r.message.code, RefusalCode::Replay);
+    a.close().await;
+    h.stop().await;
+    let left = keys(&h, REPLAY)?;
+    assert!(left.iter().all(|k| k[0] == 0), "legacy keys left: {left:?}");
+    Ok(())
+}
