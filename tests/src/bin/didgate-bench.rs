@@ -18,6 +18,9 @@
 //! It ends with one JSON line holding the figures.
 //!
 //! `didgate-bench flood` is the handshake flood of [`flood`].
+//!
+//! `didgate-bench growth` is the gateway's CPU and store size per call as calls accumulate, of
+//! [`growth`].
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -42,6 +45,8 @@ const VERSION: u64 = didgate_protocol::Version::CURRENT.as_u64();
 mod calls;
 #[path = "didgate-bench/flood.rs"]
 mod flood;
+#[path = "didgate-bench/growth.rs"]
+mod growth;
 #[path = "didgate-bench/host.rs"]
 mod host;
 
@@ -74,6 +79,9 @@ enum Cmd {
     /// A handshake flood from one loopback address against a legitimate caller, with the
     /// admission of new connections off and at its defaults.
     Flood(flood::FloodArgs),
+    /// Whether the gateway's CPU per call and its store's size per call stay flat as calls
+    /// accumulate.
+    Growth(growth::GrowthArgs),
 }
 
 #[derive(clap::Args)]
@@ -103,6 +111,7 @@ fn main() -> Result<()> {
     match cli.cmd {
         Some(Cmd::Audit(args)) => audit(args),
         Some(Cmd::Flood(args)) => flood::run(args),
+        Some(Cmd::Growth(args)) => growth::run(args),
         None => calls::run(cli.calls),
     }
 }

@@ -102,7 +102,7 @@ impl Run {
         }
     }
 
-    fn per_s(&self) -> f64 {
+    pub(crate) fn per_s(&self) -> f64 {
         self.calls as f64 / self.wall.as_secs_f64()
     }
 
@@ -400,7 +400,7 @@ impl LocalUpstream {
     }
 
     /// Requests seen so far with the injected credential.
-    fn authorized(&self) -> u64 {
+    pub(crate) fn authorized(&self) -> u64 {
         self.authorized.load(Ordering::Relaxed)
     }
 
@@ -421,11 +421,11 @@ struct HttpTarget {
 }
 
 /// One worker of the load generator: each call of it makes one call and checks the answer.
-type Worker = Box<dyn FnMut() -> BoxFuture<'static, Result<()>> + Send>;
+pub(crate) type Worker = Box<dyn FnMut() -> BoxFuture<'static, Result<()>> + Send>;
 
 /// Runs `calls` calls with `concurrency` workers made by `make_worker` (each call returns an
 /// error for a wrong answer). Returns the run's latencies.
-async fn load<W, F>(calls: u64, concurrency: usize, make_worker: W) -> Result<Run>
+pub(crate) async fn load<W, F>(calls: u64, concurrency: usize, make_worker: W) -> Result<Run>
 where
     W: Fn() -> F,
     F: Future<Output = Result<Worker>>,
@@ -508,7 +508,7 @@ async fn http_worker(target: HttpTarget) -> Result<Worker> {
 
 /// A worker of the library path: calls through the shared client (one QUIC connection, one
 /// stream per call).
-fn library_worker(client: Arc<Client>) -> Worker {
+pub(crate) fn library_worker(client: Arc<Client>) -> Worker {
     Box::new(move || {
         let client = client.clone();
         Box::pin(async move {
@@ -624,7 +624,7 @@ async fn library_path(
     memory.samples = sampler.await?;
     let r64 = r64?;
     memory.peak_mib = gw.memory("VmHWM")?;
-    memory.store_files = count_files(&gw.store);
+    memory.store_files = dir_usage(&gw.store).files;
     println!(
         "{:<16} concurrency {WIDE}: {c64} calls, p50 {:.3} ms, {:.0} calls/s, gateway VmHWM {:.1} MiB",
         "didgate library",
@@ -860,18 +860,39 @@ fn proc_status_mib(pid: u32, field: &str) -> Result<f64> {
     Ok(kib / 1024.0)
 }
 
-/// Files under `dir`, recursively (0 if unreadable).
-fn count_files(dir: &Path) -> usize {
-    std::fs::read_dir(dir).map_or(0, |entries| {
-        entries
-            .flatten()
-            .map(|e| match e.file_type() {
-                Ok(t) if t.is_dir() => count_files(&e.path()),
-                Ok(_) => 1,
-                Err(_) => 0,
-            })
-            .sum()
-    })
+/// The files under a directory, recursively.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct DirUsage {
+    /// Files (anything but a directory; symbolic links not followed).
+    pub(crate) files: usize,
+    /// The sum of their sizes, bytes.
+    pub(crate) bytes: u64,
+    /// The blocks allocated to them, bytes.
+    pub(crate) allocated: u64,
+}
+
+/// The files under `dir`, recursively (what cannot be read counts as nothing: a store may
+/// remove files while it is walked).
+pub(crate) fn dir_usage(dir: &Path) -> DirUsage {
+    use std::os::unix::fs::MetadataExt;
+    let mut usage = DirUsage::default();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        match e.metadata() {
+            Ok(m) if m.is_dir() => {
+                let sub = dir_usage(&e.path());
+                usage.files += sub.files;
+                usage.bytes += sub.bytes;
+                usage.allocated += sub.allocated;
+            }
+            Ok(m) => {
+                usage.files += 1;
+                usage.bytes += m.len();
+                usage.allocated += m.blocks() * 512;
+            }
+            Err(_) => {}
+        }
+    }
+    usage
 }
 
 /// A `didgated serve` process on 127.0.0.1 with the benchmark's upstream, secret and policy.
@@ -880,6 +901,8 @@ pub(crate) struct GatewayProcess {
     pub(crate) pid: u32,
     pub(crate) addr: SocketAddr,
     pub(crate) did: Did,
+    /// Its data directory (configuration, secrets, store).
+    pub(crate) data: PathBuf,
     store: PathBuf,
     log: tokio::task::JoinHandle<Vec<String>>,
 }
@@ -893,13 +916,23 @@ impl GatewayProcess {
         upstream: SocketAddr,
         handshakes: config::Handshakes,
     ) -> Result<Self> {
+        Self::start_with(bins, base, upstream, |c| c.gateway.handshakes = handshakes).await
+    }
+
+    /// A gateway with the benchmark's configuration as `adjust` leaves it.
+    pub(crate) async fn start_with(
+        bins: &Binaries,
+        base: &Path,
+        upstream: SocketAddr,
+        adjust: impl FnOnce(&mut Config),
+    ) -> Result<Self> {
         let dir = base.join("gateway");
         let did = didgate_gateway::init(&dir, "127.0.0.1:0".parse()?)?;
         let principals = [LIB_SEED, PROXY_SEED]
             .iter()
             .map(|s| Identity::from_seed(s).did().to_string())
             .collect();
-        let config = Config {
+        let mut config = Config {
             gateway: Settings {
                 // the benchmark measures cost, not the limits: no rate or concurrency caps
                 rate_per_did: RateLimit {
@@ -908,7 +941,6 @@ impl GatewayProcess {
                 },
                 max_concurrent_per_did: 0,
                 max_concurrent_per_upstream: 0,
-                handshakes,
                 ..Settings::new("127.0.0.1:0".parse()?)
             },
             upstreams: vec![Upstream {
@@ -924,6 +956,7 @@ impl GatewayProcess {
             }],
             did_web: Default::default(),
         };
+        adjust(&mut config);
         std::fs::write(dir.join("gateway.toml"), toml::to_string(&config)?)?;
         didgate_gateway::add_secret(&dir, "bench-key", SECRET)?;
         // DIDGATE_BENCH_GATEWAY_WRAPPER (words split on white space) goes before the gateway's
@@ -979,11 +1012,12 @@ impl GatewayProcess {
             addr,
             did,
             store: dir.join("store"),
+            data: dir,
             log,
         })
     }
 
-    fn memory(&self, field: &str) -> Result<f64> {
+    pub(crate) fn memory(&self, field: &str) -> Result<f64> {
         proc_status_mib(self.pid, field)
     }
 

@@ -1,0 +1,347 @@
+//! `didgate-bench growth` (issue 18, item 5): whether the gateway's CPU per call and its store's
+//! size per call stay flat as calls accumulate (within 5% from 10,000 to 1,000,000 calls).
+//!
+//! One local upstream and one `didgated serve` process on 127.0.0.1, configured as the call
+//! benchmark's library path (the same upstream, secret and policy, both audit chains durable:
+//! every append acknowledged after its fsync), with `[gateway] skew_secs` from `--skew-secs`
+//! (replay keys are kept for that window). `--clients` identities each hold one QUIC
+//! connection; `--concurrency` workers spread over them make normal pipelined calls
+//! (`Client::call`) until the next checkpoint. At each checkpoint of cumulative calls it prints
+//! the gateway process's CPU (user + system, /proc/PID/stat) per call over the window since the
+//! previous checkpoint, the window's calls/s, the bytes of every file under the gateway's data
+//! directory (total and per call so far) and the load average; at the end, one JSON line with
+//! the series and the ratio of the last window's CPU per call to the first window's.
+//!
+//! Every loop is bounded by its call count. Loopback only.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use anyhow::{Context, Result, ensure};
+use didgate_client::Client;
+use didgate_protocol::Identity;
+
+use crate::calls::{
+    Binaries, GatewayProcess, LIB_SEED, LocalUpstream, cpu_seconds, dir_usage, library_worker,
+    load, no_admission,
+};
+use crate::host::{cpu_model, ms, threads, work_dir};
+
+/// Options of the growth benchmark.
+#[derive(clap::Args)]
+pub(crate) struct GrowthArgs {
+    /// Calls in all [default: 1000000; 20000 with --quick]; the run stops at the last
+    /// checkpoint at most this.
+    #[arg(long, value_name = "N")]
+    calls: Option<u64>,
+    /// Calls in flight at once.
+    #[arg(long, value_name = "C", default_value_t = 64)]
+    concurrency: usize,
+    /// Client identities the calls are spread over, one QUIC connection each.
+    #[arg(long, value_name = "K", default_value_t = 4)]
+    clients: usize,
+    /// The gateway's `[gateway] skew_secs`: accepted clock skew, and how long replay keys are
+    /// kept.
+    #[arg(long, value_name = "S", default_value_t = 30)]
+    skew_secs: u64,
+    /// Cumulative call counts to report at [default: 10000,30000,100000,300000,1000000;
+    /// 5000,10000,20000 with --quick].
+    #[arg(long, value_name = "LIST", value_delimiter = ',')]
+    checkpoints: Option<Vec<u64>>,
+    /// A short run: 20,000 calls, checkpoints at 5,000, 10,000 and 20,000.
+    #[arg(long)]
+    quick: bool,
+    /// Working directory for the stores (default: the system temp dir); removed at the end.
+    #[arg(long, value_name = "DIR")]
+    dir: Option<PathBuf>,
+}
+
+/// The figures at one checkpoint; CPU and rate over the window since the previous one.
+#[derive(Debug, Clone)]
+struct Point {
+    calls: u64,
+    cpu_ms_per_call: f64,
+    calls_per_sec: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    store_bytes: u64,
+    store_allocated: u64,
+    store_files: usize,
+    load1: Option<f64>,
+}
+
+impl Point {
+    fn bytes_per_call(&self) -> f64 {
+        self.store_bytes as f64 / self.calls as f64
+    }
+}
+
+/// What the run measured.
+struct Growth {
+    series: Vec<Point>,
+    wall_s: f64,
+    peak_mib: f64,
+}
+
+pub(crate) fn run(args: GrowthArgs) -> Result<()> {
+    let calls = args
+        .calls
+        .unwrap_or(if args.quick { 20_000 } else { 1_000_000 });
+    let mut checkpoints = args.checkpoints.clone().unwrap_or_else(|| {
+        if args.quick {
+            vec![5_000, 10_000, 20_000]
+        } else {
+            vec![10_000, 30_000, 100_000, 300_000, 1_000_000]
+        }
+    });
+    checkpoints.sort_unstable();
+    checkpoints.dedup();
+    checkpoints.retain(|&c| c <= calls);
+    ensure!(
+        args.concurrency > 0 && (1..=64).contains(&args.clients),
+        "--concurrency must be at least 1, --clients from 1 to 64"
+    );
+    ensure!(args.skew_secs > 0, "--skew-secs must be at least 1");
+    ensure!(
+        checkpoints.first().is_some_and(|&c| c > 0),
+        "no checkpoint between 1 and --calls {calls}: give --checkpoints within it"
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(bench(&args, &checkpoints))
+}
+
+async fn bench(args: &GrowthArgs, checkpoints: &[u64]) -> Result<()> {
+    let last = checkpoints.last().copied().unwrap_or_default();
+    println!(
+        "didgate-bench growth: {last} calls at concurrency {} over {} client(s), checkpoints {}; gateway skew_secs {}; {} core(s), {}",
+        args.concurrency,
+        args.clients,
+        checkpoints
+            .iter()
+            .map(u64::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+        args.skew_secs,
+        threads(),
+        cpu_model()
+    );
+    if args.calls.is_some_and(|n| n > last) {
+        println!("(stopping at the last checkpoint, {last}, not --calls)");
+    }
+    let base = work_dir(args.dir.as_deref())?;
+    let bins = Binaries::find().await?;
+    let upstream = LocalUpstream::start().await?;
+    let seeds: Vec<[u8; 32]> = (0..args.clients)
+        .map(|i| match i {
+            0 => LIB_SEED,
+            // any seed but the benchmark's other identities
+            i => [0x10u8.wrapping_add(i as u8); 32],
+        })
+        .collect();
+    let principals: Vec<String> = seeds
+        .iter()
+        .map(|s| Identity::from_seed(s).did().to_string())
+        .collect();
+    let skew = args.skew_secs;
+    let gw = GatewayProcess::start_with(&bins, base.path(), upstream.addr, |c| {
+        c.gateway.handshakes = no_admission();
+        c.gateway.skew_secs = skew;
+        for rule in &mut c.rules {
+            for p in &principals {
+                if !rule.principals.contains(p) {
+                    rule.principals.push(p.clone());
+                }
+            }
+        }
+    })
+    .await?;
+    println!(
+        "gateway {} (pid {}) on udp {}, data in {}",
+        gw.did,
+        gw.pid,
+        gw.addr,
+        gw.data.display()
+    );
+    let before = upstream.authorized();
+    let measured = measure(args, checkpoints, &seeds, base.path(), &gw).await;
+    let data = gw.data.clone();
+    let stopped = gw.stop().await;
+    upstream.stop();
+    let growth = match (measured, stopped) {
+        (Ok(g), Ok(())) => g,
+        (Err(e), Err(s)) => return Err(e.context(format!("(and stopping didgated: {s:#})"))),
+        (Err(e), Ok(())) | (Ok(_), Err(e)) => return Err(e),
+    };
+    let authorized = upstream.authorized() - before;
+    ensure!(
+        authorized == last,
+        "the upstream saw the credential on {authorized} of {last} calls"
+    );
+    let after_stop = dir_usage(&data);
+    print(args, &growth, after_stop.bytes);
+    Ok(())
+}
+
+/// Opens the clients, makes the calls checkpoint by checkpoint, closes the clients.
+async fn measure(
+    args: &GrowthArgs,
+    checkpoints: &[u64],
+    seeds: &[[u8; 32]],
+    base: &Path,
+    gw: &GatewayProcess,
+) -> Result<Growth> {
+    let mut clients = Vec::with_capacity(seeds.len());
+    for (i, seed) in seeds.iter().enumerate() {
+        let client = Client::open(
+            Identity::from_seed(seed),
+            &base.join(format!("client-chain-{i}")),
+            gw.addr,
+            gw.did.clone(),
+        )
+        .await
+        .with_context(|| format!("opening client {i}"))?;
+        clients.push(Arc::new(client));
+    }
+    println!(
+        "\n{:>9} {:>15} {:>9} {:>8} {:>8} {:>14} {:>11} {:>6}",
+        "calls",
+        "gw cpu ms/call",
+        "calls/s",
+        "p50 ms",
+        "p99 ms",
+        "store bytes",
+        "bytes/call",
+        "load1"
+    );
+    // workers take the clients in turn
+    let turn = AtomicUsize::new(0);
+    let make = || {
+        let c = clients[turn.fetch_add(1, Ordering::Relaxed) % clients.len()].clone();
+        async move { anyhow::Ok(library_worker(c)) }
+    };
+    let mut series = Vec::with_capacity(checkpoints.len());
+    let mut done = 0u64;
+    let started = Instant::now();
+    for &at in checkpoints {
+        let window = at - done;
+        let cpu0 = cpu_seconds(gw.pid).context("reading the gateway's CPU time")?;
+        let run = load(window, args.concurrency, make)
+            .await
+            .with_context(|| format!("calls {} to {at}", done + 1))?;
+        let cpu = cpu_seconds(gw.pid).context("reading the gateway's CPU time")? - cpu0;
+        done = at;
+        let usage = dir_usage(&gw.data);
+        let point = Point {
+            calls: at,
+            cpu_ms_per_call: cpu * 1e3 / window as f64,
+            calls_per_sec: run.per_s(),
+            p50_ms: ms(run.quantile(0.5)),
+            p99_ms: ms(run.quantile(0.99)),
+            store_bytes: usage.bytes,
+            store_allocated: usage.allocated,
+            store_files: usage.files,
+            load1: load1(),
+        };
+        println!(
+            "{:>9} {:>15.4} {:>9.0} {:>8.3} {:>8.3} {:>14} {:>11.1} {:>6}",
+            point.calls,
+            point.cpu_ms_per_call,
+            point.calls_per_sec,
+            point.p50_ms,
+            point.p99_ms,
+            point.store_bytes,
+            point.bytes_per_call(),
+            point
+                .load1
+                .map_or_else(|| "?".into(), |l| format!("{l:.2}")),
+        );
+        series.push(point);
+    }
+    let wall_s = started.elapsed().as_secs_f64();
+    let peak_mib = gw.memory("VmHWM")?;
+    for c in &clients {
+        c.close().await;
+    }
+    Ok(Growth {
+        series,
+        wall_s,
+        peak_mib,
+    })
+}
+
+/// The one-minute load average (/proc/loadavg).
+fn load1() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// `last / first`, when `first` is not zero.
+fn ratio(last: f64, first: f64) -> Option<f64> {
+    (first > 0.0).then(|| last / first)
+}
+
+fn print(args: &GrowthArgs, g: &Growth, bytes_after_stop: u64) {
+    let (Some(first), Some(last)) = (g.series.first(), g.series.last()) else {
+        return;
+    };
+    let cpu_ratio = ratio(last.cpu_ms_per_call, first.cpu_ms_per_call);
+    let bytes_ratio = ratio(last.bytes_per_call(), first.bytes_per_call());
+    let show = |r: Option<f64>| r.map_or_else(|| "n/a".into(), |r| format!("{r:.3}"));
+    println!(
+        "\n{} calls in {:.1} s; gateway CPU per call, last window / first: {}; store bytes per call, at {} / at {}: {}; gateway VmHWM {:.1} MiB; store {} bytes after the gateway stopped",
+        last.calls,
+        g.wall_s,
+        show(cpu_ratio),
+        last.calls,
+        first.calls,
+        show(bytes_ratio),
+        g.peak_mib,
+        bytes_after_stop
+    );
+    if g.wall_s < args.skew_secs as f64 {
+        println!(
+            "note: the run lasted less than skew_secs ({} s): no replay key outlived its window",
+            args.skew_secs
+        );
+    }
+    let series: Vec<_> = g
+        .series
+        .iter()
+        .map(|p| {
+            serde_json::json!({
+                "calls": p.calls,
+                "cpu_ms_per_call": p.cpu_ms_per_call,
+                "calls_per_sec": p.calls_per_sec,
+                "store_bytes": p.store_bytes,
+                "bytes_per_call": p.bytes_per_call(),
+                "load1": p.load1,
+                "p50_ms": p.p50_ms,
+                "p99_ms": p.p99_ms,
+                "store_allocated_bytes": p.store_allocated,
+                "store_files": p.store_files,
+            })
+        })
+        .collect();
+    let json = serde_json::json!({
+        "calls": last.calls,
+        "concurrency": args.concurrency,
+        "clients": args.clients,
+        "skew_secs": args.skew_secs,
+        "cores": threads(),
+        "wall_s": g.wall_s,
+        "series": series,
+        "cpu_per_call_ratio_last_first": cpu_ratio,
+        "bytes_per_call_ratio_last_first": bytes_ratio,
+        "gateway_peak_rss_mib": g.peak_mib,
+        "store_bytes_after_stop": bytes_after_stop,
+    });
+    println!("\n{json}");
+}
