@@ -147,6 +147,17 @@ pub struct Store {
     extra: Arc<Vec<&'static str>>,
     /// `None` while a reopen failed (the next one may succeed).
     current: Arc<RwLock<Option<Arc<Engine>>>>,
+    /// Per keyspace pruned with [`Store::remove_before`]: its horizon and cursor.
+    pruned: Arc<RwLock<HashMap<&'static str, Pruned>>>,
+}
+
+/// How far a keyspace was pruned ([`Store::remove_before`]).
+#[derive(Debug, Default)]
+struct Pruned {
+    /// Keys below it may have been removed: a claim that one is absent is refused.
+    horizon: Vec<u8>,
+    /// Every key below it was removed: the next pruning starts here.
+    cursor: Vec<u8>,
 }
 
 /// The open database and its keyspace handles.
@@ -220,6 +231,7 @@ impl Store {
             path: path.to_path_buf(),
             extra: Arc::new(extra.to_vec()),
             current: Arc::new(RwLock::new(Some(Arc::new(engine)))),
+            pruned: Arc::default(),
         })
     }
 
@@ -293,19 +305,36 @@ impl Store {
     /// Removes at most `limit` keys of keyspace `space` that sort before `end`, as one batch
     /// (not synced: the keys it removes are ones a crash may bring back harmlessly, expired
     /// claims); returns how many. With keys that start with a big-endian deadline, this prunes
-    /// every claim whose deadline is before `end`, reading none of the live ones.
+    /// every claim whose deadline is before `end`, reading none of the live ones, nor (past the
+    /// first call) the tombstones of earlier prunings: it starts where the last one stopped.
+    /// From now on a claim that a key below `end` is absent is refused ([`ClaimRule::Absent`],
+    /// [`ClaimRule::AbsentOrEqual`]: [`AppendError::Conflict`]), since it may have been
+    /// removed; so nothing may be written below `end` once pruned.
     pub fn remove_before(
         &self,
-        space: &str,
+        space: &'static str,
         end: &[u8],
         limit: usize,
     ) -> Result<usize, StoreError> {
+        let cursor = {
+            let mut pruned = self.pruned.write().unwrap_or_else(|p| p.into_inner());
+            let p = pruned.entry(space).or_default();
+            if end > p.horizon.as_slice() {
+                p.horizon = end.to_vec();
+            }
+            p.cursor.clone()
+        };
+        if cursor.as_slice() >= end {
+            return Ok(0);
+        }
         let engine = self.engine()?;
         let ks = engine.named(space)?;
         let mut batch = engine.db.batch();
         let mut n = 0;
-        for guard in ks.range(..end).take(limit) {
+        let mut last = None;
+        for guard in ks.range(cursor.as_slice()..end).take(limit) {
             let key = guard.key()?;
+            last = Some(key.to_vec());
             // written once, never overwritten: a weak tombstone vanishes with its key
             batch.remove_weak(ks, key);
             n += 1;
@@ -313,7 +342,24 @@ impl Store {
         if n > 0 {
             batch.commit()?;
         }
+        let mut pruned = self.pruned.write().unwrap_or_else(|p| p.into_inner());
+        let p = pruned.entry(space).or_default();
+        match last {
+            Some(key) if n == limit => p.cursor = key,
+            // every key below `end` is gone
+            _ if end > p.cursor.as_slice() => p.cursor = end.to_vec(),
+            _ => {}
+        }
         Ok(n)
+    }
+
+    /// Whether `key` of `space` is below its pruning horizon ([`Store::remove_before`]).
+    pub fn below_horizon(&self, space: &str, key: &[u8]) -> bool {
+        self.pruned
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(space)
+            .is_some_and(|p| key < p.horizon.as_slice())
     }
 
     /// Writes and removes keys in named keyspaces as one atomic, durable batch (for records
@@ -1288,6 +1334,12 @@ impl Writer {
 
     fn check(&self, claims: &[Claim], claimed: &Claimed) -> Result<(), AppendError> {
         for (index, c) in claims.iter().enumerate() {
+            // a key below its keyspace's pruning horizon may have been there and gone
+            if matches!(c.rule, ClaimRule::Absent | ClaimRule::AbsentOrEqual)
+                && self.store.below_horizon(c.space, &c.key)
+            {
+                return Err(AppendError::Conflict { index });
+            }
             let existing = match claimed.get(&(c.space, c.key.clone())) {
                 Some(v) => v.clone(),
                 None => self

@@ -42,10 +42,6 @@ pub use crate::datadir::{
     DOCUMENTS, DataDir, GRANTS, HEADS, LIFECYCLE, REPLAY, REVOKED, SECRETS, SPACES,
 };
 
-/// How long after its deadline a claim is kept: it covers the time between a call's last check
-/// of its window (right before its claims are submitted) and the claims reaching the store's
-/// writer, so a replay can never find its original's key pruned while its own window is open.
-pub const PRUNE_MARGIN_MS: u64 = 60_000;
 /// How often expired claims are pruned while serving.
 pub const PRUNE_EVERY: Duration = Duration::from_secs(1);
 /// Keys removed per batch when pruning.
@@ -505,11 +501,13 @@ impl Gateway {
         Ok(())
     }
 
-    /// Removes the claims whose deadline passed more than [`PRUNE_MARGIN_MS`] before `now`
-    /// (replay keys, consumed and issued grants): a range of each keyspace's head, in batches.
-    /// Run at start-up and every [`PRUNE_EVERY`] while serving.
+    /// Removes the claims whose deadline is before `now` (replay keys, consumed and issued
+    /// grants): a range of each keyspace's head, in batches. From then on the store refuses a
+    /// claim below that deadline (`Store::remove_before`), so a replay whose original was
+    /// pruned while it waited for the writer is still refused. Run at start-up and every
+    /// [`PRUNE_EVERY`] while serving.
     pub fn prune_claims(&self, now: u64) -> Result<usize, didgate_audit::store::StoreError> {
-        let end = now.saturating_sub(PRUNE_MARGIN_MS).to_be_bytes();
+        let end = now.to_be_bytes();
         let store = self.chain.store();
         let mut total = 0;
         for space in [REPLAY, GRANTS] {

@@ -6,7 +6,6 @@
 
 use didgate_client::RawFinal;
 use didgate_gateway::datadir::{GRANTS, REPLAY, SPACES};
-use didgate_gateway::gateway::PRUNE_MARGIN_MS;
 use didgate_protocol::message::RefusalCode;
 use didgate_tests::{Harness, alice};
 
@@ -43,7 +42,7 @@ async fn expired_claims_are_pruned_while_serving_and_live_ones_kept() -> anyhow:
     let skew_ms = gw.config().gateway.skew_secs * 1000;
     let now = didgate_client::now_ms();
 
-    // within their window (plus the margin) nothing goes, and a replay is refused
+    // within their window nothing goes, and a replay is refused
     assert_eq!(gw.prune_claims(now)?, 0);
     let again = a.send_signed(&signed, b"").await?;
     let RawFinal::Refusal(r) = again.last else {
@@ -51,11 +50,22 @@ async fn expired_claims_are_pruned_while_serving_and_live_ones_kept() -> anyhow:
     };
     assert_eq!(r.message.code, RefusalCode::Replay);
 
-    // once every deadline is more than the margin behind: the call's two replay keys and its
-    // consumed grant, the grant request's two replay keys, the issued grant
-    let later = now + skew_ms.max(grant.grant.expires_ms - now) + PRUNE_MARGIN_MS + 1_000;
+    // once every deadline passed: the call's two replay keys and its consumed grant, the grant
+    // request's two replay keys, the issued grant
+    let later = now + skew_ms.max(grant.grant.expires_ms - now) + 1_000;
     assert_eq!(gw.prune_claims(later)?, 6);
     assert_eq!(gw.prune_claims(later)?, 0);
+    // from then on a claim below that horizon is refused, as if its key were there: the
+    // request is still in its window by the real clock, its replay keys are gone, and the
+    // replay is refused all the same (by the writer; nothing executes)
+    let again = a.send_signed(&signed, b"").await?;
+    let RawFinal::Refusal(r) = again.last else {
+        anyhow::bail!(
+            "a replay executed after its keys were pruned: {:?}",
+            again.last
+        );
+    };
+    assert_eq!(r.message.code, RefusalCode::Replay);
     a.close().await;
     drop(gw);
     h.stop().await;
