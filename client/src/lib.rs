@@ -630,9 +630,29 @@ impl Client {
     /// the result. Never retries on its own.
     pub async fn call(&self, spec: CallSpec) -> Result<Answer, CallError> {
         let (bytes, call) = self.sign(&spec)?;
-        self.record_request(call, &bytes).await?;
-        let raw = self.send_signed(&bytes, &spec.body).await;
-        self.finish_call(call, raw).await
+        let span = self.call_span(&spec, call);
+        tracing::Instrument::instrument(
+            async {
+                self.record_request(call, &bytes).await?;
+                let raw = self.send_signed(&bytes, &spec.body).await;
+                self.finish_call(call, raw).await
+            },
+            span,
+        )
+        .await
+    }
+
+    /// The span of one call: this client's DID, the upstream and the call ID now, the outcome
+    /// (`receipt`, a refusal code, `unknown`) once its result entry is written
+    /// ([`Client::record_result`]).
+    fn call_span(&self, spec: &CallSpec, call: [u8; 32]) -> tracing::Span {
+        tracing::info_span!(
+            "call",
+            did = %self.identity.did(),
+            upstream = %spec.upstream,
+            call = %hex::encode(call),
+            outcome = tracing::field::Empty,
+        )
     }
 
     /// Two-step flow, first step: asks the gateway for a signed, single-use grant for exactly
@@ -668,6 +688,7 @@ impl Client {
                 });
             }
         };
+        tracing::Span::current().record("outcome", "grant");
         // a grant not (yet) executed is complete for the verifier: no longer pending
         self.chain
             .append(self.closing(result))
@@ -793,6 +814,12 @@ impl Client {
                 }
             }
         };
+        let label = match (&result.outcome, &outcome) {
+            (_, Err(CallError::Refused { code, .. })) => code.as_str().to_string(),
+            (Some(Outcome::Receipt), _) => "receipt".into(),
+            _ => "unknown".into(),
+        };
+        tracing::Span::current().record("outcome", label.as_str());
         self.chain
             .append(self.closing(result))
             .await
@@ -855,7 +882,8 @@ impl Client {
             Ok(signed) => signed,
             Err(e) => return (Vec::new(), [0; 32], Err(e)),
         };
-        let answer = self.stream_signed(&bytes, call, &spec.body).await;
+        let span = self.call_span(&spec, call);
+        let answer = self.stream_signed(&bytes, call, &spec.body, span).await;
         (bytes, call, answer)
     }
 
@@ -867,7 +895,8 @@ impl Client {
     /// the answer is dropped unfinished). A refusal before the head is returned as the error.
     pub async fn call_streaming(&self, spec: CallSpec) -> Result<StreamingAnswer<'_>, CallError> {
         let (bytes, call) = self.sign(&spec)?;
-        self.stream_signed(&bytes, call, &spec.body).await
+        let span = self.call_span(&spec, call);
+        self.stream_signed(&bytes, call, &spec.body, span).await
     }
 
     /// Records the signed request `bytes` of `call`, sends it with `body`, and returns once the
@@ -877,7 +906,34 @@ impl Client {
         bytes: &[u8],
         call: [u8; 32],
         body: &[u8],
+        span: tracing::Span,
     ) -> Result<StreamingAnswer<'_>, CallError> {
+        let started = tracing::Instrument::instrument(
+            self.stream_until_head(bytes, call, body),
+            span.clone(),
+        )
+        .await;
+        started.map(|(head, recv, dec)| StreamingAnswer {
+            client: self,
+            call,
+            head,
+            recv,
+            dec,
+            hasher: blake3::Hasher::new(),
+            len: 0,
+            receipt: None,
+            done: false,
+            span,
+        })
+    }
+
+    /// [`Client::stream_signed`] up to the response head.
+    async fn stream_until_head(
+        &self,
+        bytes: &[u8],
+        call: [u8; 32],
+        body: &[u8],
+    ) -> Result<(ResponseHead, quinn::RecvStream, FrameDecoder), CallError> {
         self.record_request(call, bytes).await?;
         let opened = self.open_stream(FrameType::Request, bytes, body).await;
         let mut recv = match opened {
@@ -924,17 +980,7 @@ impl Client {
                     .unwrap_or_else(lost_without_cause));
             }
         };
-        Ok(StreamingAnswer {
-            client: self,
-            call,
-            head,
-            recv,
-            dec,
-            hasher: blake3::Hasher::new(),
-            len: 0,
-            receipt: None,
-            done: false,
-        })
+        Ok((head, recv, dec))
     }
 
     /// Asks the gateway which named operations this DID may call (specs/protocol.md,
@@ -1152,6 +1198,8 @@ pub struct StreamingAnswer<'a> {
     len: u64,
     receipt: Option<message::Signed<Receipt>>,
     done: bool,
+    /// The call's span ([`Client::call_span`]).
+    span: tracing::Span,
 }
 
 impl std::fmt::Debug for StreamingAnswer<'_> {
@@ -1192,6 +1240,11 @@ impl StreamingAnswer<'_> {
         if self.done {
             return Ok(None);
         }
+        let span = self.span.clone();
+        tracing::Instrument::instrument(self.read_chunk(), span).await
+    }
+
+    async fn read_chunk(&mut self) -> Result<Option<bytes::Bytes>, CallError> {
         let frame = self
             .client
             .read_answer_frame(&mut self.recv, &mut self.dec)

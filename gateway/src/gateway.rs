@@ -600,6 +600,15 @@ impl Gateway {
         req: &Signed<Request>,
         judge_time: bool,
     ) -> Result<&Upstream, Refuse> {
+        let span = tracing::Span::current();
+        span.record(
+            "call",
+            tracing::field::display(hex::encode(req.envelope.digest())),
+        );
+        span.record(
+            "upstream",
+            tracing::field::display(req.message.upstream.as_str()),
+        );
         let revoked = self.revoked.read().unwrap_or_else(|p| p.into_inner());
         let gate = Gate {
             did: self.identity.did(),
@@ -991,6 +1000,7 @@ impl Gateway {
             path: grant.path.clone(),
             expires_ms: grant.expires_ms,
         });
+        tracing::Span::current().record("outcome", "grant");
         let _ = wire::write_frame(&mut send, FrameType::Grant, &signed).await;
         let _ = send.finish();
         let _ = send.stopped().await;
@@ -1322,6 +1332,7 @@ impl Gateway {
             // the end of the body, now that its closing entry is durable
             let _ = wire::write_frame(send, FrameType::Body, &[last]).await;
         }
+        tracing::Span::current().record("outcome", "receipt");
         let _ = wire::write_frame(send, FrameType::Receipt, &receipt.sign(&self.identity)).await;
         let _ = send.finish();
         let _ = send.stopped().await;
@@ -1469,6 +1480,7 @@ impl Gateway {
     ) {
         cx.release_permit();
         self.metrics.refused(code);
+        tracing::Span::current().record("outcome", code.as_str());
         let bytes = self.sign_refusal(cx.version, call, code, reason, entry);
         let _ = wire::write_frame(send, FrameType::Refusal, &bytes).await;
         let _ = send.finish();

@@ -30,11 +30,21 @@ async fn handle(
     send: quinn::SendStream,
     recv: quinn::RecvStream,
 ) {
+    // one span per stream: its DID now, the call ID, upstream and outcome as they are known
+    // (`Gateway::open_request`, `Gateway::admit`, the terminal frame), so every event of the
+    // call carries them
+    let span = tracing::info_span!(
+        "call",
+        did = %peer,
+        call = tracing::field::Empty,
+        upstream = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+    );
     let mut cx = Call::new(gw.policy(), peer, version);
     // counted only once its policy snapshot is taken: a call seen in flight
     // ([`Gateway::calls_in_flight`]) is decided by the set in force before
     let _inflight = InFlight::enter(gw);
-    handle_call(gw, &mut cx, send, recv).await
+    tracing::Instrument::instrument(handle_call(gw, &mut cx, send, recv), span).await
 }
 
 async fn handle_call(
