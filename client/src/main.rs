@@ -54,7 +54,7 @@ use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 /// mimalloc instead of glibc's malloc: allocation and free were about 12% of the gateway's CPU
-/// per call in `perf` (README, call benchmark).
+/// per call in `perf` (docs/performance.md, "Calls").
 #[cfg(feature = "mimalloc")]
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;

@@ -18,7 +18,7 @@ use didgate_gateway::gateway::{self, Gateway};
 use zeroize::Zeroizing;
 
 /// mimalloc instead of glibc's malloc: allocation and free were about 12% of the gateway's CPU
-/// per call in `perf` (README, call benchmark).
+/// per call in `perf` (docs/performance.md, "Calls").
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -377,7 +377,7 @@ mod tests {
     /// own holder whose nonce point carries a torsion component of order 2. The cofactored
     /// equation holds, so ed25519-dalek's `verify_batch` (cofactorless, random coefficients)
     /// accepts it whenever the coefficient it draws is even; `verify_strict` never does. The
-    /// gateway admits exactly what `verify_strict` admits (README, call benchmark: why requests
+    /// gateway admits exactly what `verify_strict` admits (docs/performance.md, "Calls": why requests
     /// are not batch-verified).
     #[test]
     fn a_signature_only_a_batch_could_accept_is_refused() {

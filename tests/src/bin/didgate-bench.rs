@@ -53,7 +53,7 @@ mod host;
 use host::{cpu_model, ms, threads, work_dir};
 
 /// mimalloc instead of glibc's malloc: allocation and free were about 12% of the gateway's CPU
-/// per call in `perf` (README, call benchmark).
+/// per call in `perf` (docs/performance.md, "Calls").
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
