@@ -288,14 +288,15 @@ pub fn verify_full(
     })
 }
 
-/// Re-serialises a parsed envelope for tests that tamper with its fields.
-#[doc(hidden)]
+/// Re-serialises a parsed envelope for tests that tamper with its fields (feature
+/// `test-util`: not part of the API).
+#[cfg(any(test, feature = "test-util"))]
 pub fn reencode_for_tests(sign1: CoseSign1) -> Vec<u8> {
     sign1.to_tagged_vec().unwrap_or_default()
 }
 
-/// Parses without verifying, for tests that tamper with fields.
-#[doc(hidden)]
+/// Parses without verifying, for tests that tamper with fields (feature `test-util`).
+#[cfg(any(test, feature = "test-util"))]
 pub fn parse_for_tests(bytes: &[u8]) -> Option<CoseSign1> {
     CoseSign1::from_tagged_slice(bytes).ok()
 }
