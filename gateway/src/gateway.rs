@@ -143,6 +143,9 @@ pub struct Gateway {
     /// Rate and concurrency limits ([`crate::limits`]).
     pub(crate) limits: Limits,
     aggregate: Mutex<Aggregate>,
+    /// Held for a whole [`Gateway::flush_refusals`], so that when one returns, every refusal
+    /// counted before it is durable, even if another flush (the periodic one) had taken them.
+    flushing: tokio::sync::Mutex<()>,
     /// Bounds the refusals recorded one by one (per DID per minute, once per call ID).
     refusal_budget: Mutex<call::RefusalBudget>,
     /// Revocation keys ([`REVOKED`]), loaded at start and kept in step with the store.
@@ -222,6 +225,7 @@ impl Gateway {
             http,
             limits: Limits::default(),
             aggregate: Mutex::new(Aggregate::default()),
+            flushing: tokio::sync::Mutex::new(()),
             refusal_budget: Mutex::new(call::RefusalBudget::new(refusal_entries_per_min)),
             revoked: Default::default(),
             conns: Mutex::new(HashMap::new()),
@@ -678,8 +682,11 @@ impl Gateway {
         now_ms().saturating_sub(agg.since_ms) >= self.config.gateway.refusal_window_secs * 1000
     }
 
-    /// Writes the aggregate refusal entry for the current window, if it counted any.
+    /// Writes the aggregate refusal entry for the current window, if it counted any. When it
+    /// returns, every refusal counted before the call is in a durable entry (a flush already
+    /// under way, such as the periodic one, is waited for).
     pub async fn flush_refusals(&self) -> Result<(), AppendError> {
+        let _flushing = self.flushing.lock().await;
         let taken = {
             let mut agg = self.aggregate.lock().unwrap_or_else(|p| p.into_inner());
             std::mem::take(&mut *agg)

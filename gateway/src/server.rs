@@ -134,7 +134,9 @@ pub async fn serve(
         let gw = gw.clone();
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(window);
+            // the first flush one window from now (an interval's first tick is immediate: a
+            // flush at start-up would race with the first refusals for nothing)
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + window, window);
             let mut prune = tokio::time::interval(crate::gateway::PRUNE_EVERY);
             loop {
                 tokio::select! {
