@@ -43,6 +43,21 @@ pub fn store_dir(path: &Path) -> PathBuf {
         .unwrap_or_else(|| path.to_path_buf())
 }
 
+/// A client home's fallback chains (`chains/N` holding a store, in name order): those a
+/// process of the home used when the process holding `chain/` could not make its calls
+/// (`didgate_client::local`). Empty when there are none or `home` is not a directory.
+pub fn fallback_chains(home: &Path) -> Vec<PathBuf> {
+    let Ok(dir) = std::fs::read_dir(home.join("chains")) else {
+        return Vec::new();
+    };
+    let mut chains: Vec<PathBuf> = dir
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.join("version").is_file())
+        .collect();
+    chains.sort();
+    chains
+}
+
 /// Why a chain could not be loaded for verification.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -302,20 +302,10 @@ fn load_and_verify(
 /// too (`chains/N`, written by a process of the home whose calls the chain's owner could not
 /// make; `didgate_client::local`).
 fn with_fallback_chains(clients: &[PathBuf]) -> Vec<PathBuf> {
-    let mut all = Vec::with_capacity(clients.len());
-    for path in clients {
-        all.push(path.clone());
-        let Ok(dir) = std::fs::read_dir(path.join("chains")) else {
-            continue;
-        };
-        let mut found: Vec<PathBuf> = dir
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| p.join("version").is_file())
-            .collect();
-        found.sort();
-        all.extend(found);
-    }
-    all
+    clients
+        .iter()
+        .flat_map(|path| std::iter::once(path.clone()).chain(didgate_audit::fallback_chains(path)))
+        .collect()
 }
 
 /// `evidence`: writes the evidence bundle of one call; `Ok(false)` when the chains hold no

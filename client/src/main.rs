@@ -954,7 +954,7 @@ async fn export(home: &Path, out: &Path, json: bool) -> anyhow::Result<ExitCode>
             ),
         }
     };
-    let fallbacks = fallback_chains(home);
+    let fallbacks = didgate_audit::fallback_chains(home);
     if json {
         println!(
             "{}",
@@ -1017,20 +1017,6 @@ fn export_store(
         checkpoints,
         sealed_now,
     })
-}
-
-/// The home's fallback chains (`chains/N`), which processes use when the chain's owner could
-/// not make their calls.
-fn fallback_chains(home: &Path) -> Vec<PathBuf> {
-    let Ok(dir) = std::fs::read_dir(home.join(local::FALLBACK_CHAINS)) else {
-        return Vec::new();
-    };
-    let mut chains: Vec<PathBuf> = dir
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.join("version").is_file())
-        .collect();
-    chains.sort();
-    chains
 }
 
 fn parse_addr(text: &str, what: &str) -> anyhow::Result<SocketAddr> {

@@ -178,6 +178,22 @@ impl Harness {
         self.serve_on(addr).await
     }
 
+    /// Replaces the harness's rules with the Cedar policy `cedar` (written to
+    /// `policies.cedar`, named by gateway.toml's `policy_file`) and reloads the running gateway.
+    pub fn use_policy(&self, cedar: &str) -> anyhow::Result<()> {
+        std::fs::write(self.gw_dir().join("policies.cedar"), cedar)?;
+        let path = self.gw_dir().join("gateway.toml");
+        let mut config = Config::load(&path)?;
+        config.gateway.policy_file = Some("policies.cedar".into());
+        config.rules.clear();
+        std::fs::write(&path, toml_string(&config)?)?;
+        self.gateway
+            .as_ref()
+            .ok_or_else(|| anyhow::anyhow!("the gateway is not running"))?
+            .reload_policy()?;
+        Ok(())
+    }
+
     /// A client for `identity` with its own chain named `name`.
     pub async fn client(&self, name: &str, identity: Identity) -> anyhow::Result<Client> {
         Ok(Client::open(
@@ -287,12 +303,29 @@ pub fn refusal_code<T>(
 
 /// The entries of the gateway chain in `gw_dir`, decoded (the gateway must be stopped).
 pub fn gateway_entries_in(gw_dir: &Path) -> anyhow::Result<Vec<didgate_audit::entry::Entry>> {
-    let records = didgate_audit::load_records(gw_dir)?;
+    entries_in(gw_dir)
+}
+
+/// The entries of the chain at `path` (a data directory, a client home, a store or an export),
+/// decoded; its owner must be stopped.
+pub fn entries_in(path: &Path) -> anyhow::Result<Vec<didgate_audit::entry::Entry>> {
+    let records = didgate_audit::load_records(path)?;
     Ok(records
         .entries
         .iter()
         .map(|(_, b)| didgate_audit::entry::Entry::decode(b))
         .collect::<Result<_, _>>()?)
+}
+
+/// The outcome and detail of each `result` entry of the client chain at `path`, in order.
+pub fn results_in(
+    path: &Path,
+) -> anyhow::Result<Vec<(Option<didgate_audit::entry::Outcome>, Option<String>)>> {
+    Ok(entries_in(path)?
+        .into_iter()
+        .filter(|e| e.kind == didgate_audit::entry::EntryKind::Result)
+        .map(|e| (e.outcome, e.detail))
+        .collect())
 }
 
 /// Writes `seed` as 64 hex digits to a new file (mode 0600) in `dir`, for `didgate keygen

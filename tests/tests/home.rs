@@ -13,9 +13,11 @@ use std::path::Path;
 use std::process::{Output, Stdio};
 use std::time::{Duration, Instant};
 
-use didgate_audit::entry::{Entry, EntryKind, Outcome};
+use didgate_audit::entry::{EntryKind, Outcome};
 use didgate_audit::load_records;
-use didgate_tests::{Harness, ProxyProcess, alice_home, bin, python_with};
+use didgate_tests::{
+    Harness, ProxyProcess, alice_home, bin, entries_in, python_with, results_in as results,
+};
 use serde_json::Value;
 use tokio::process::Command;
 
@@ -67,38 +69,13 @@ fn audit_verify(gateways: &[&Path], clients: &[&Path]) -> anyhow::Result<(Option
 
 /// The outcomes of the calls recorded in the chain at `dir`, in order.
 fn outcomes(dir: &Path) -> anyhow::Result<Vec<Outcome>> {
-    Ok(load_records(dir)?
-        .entries
-        .iter()
-        .map(|(_, b)| Entry::decode(b))
-        .collect::<Result<Vec<_>, _>>()?
-        .into_iter()
-        .filter(|e| e.kind == EntryKind::Result)
-        .filter_map(|e| e.outcome)
-        .collect())
-}
-
-/// The outcome and detail of each result in the chain at `dir` (for failure messages).
-fn results(dir: &Path) -> anyhow::Result<Vec<(Option<Outcome>, Option<String>)>> {
-    Ok(load_records(dir)?
-        .entries
-        .iter()
-        .map(|(_, b)| Entry::decode(b))
-        .collect::<Result<Vec<_>, _>>()?
-        .into_iter()
-        .filter(|e| e.kind == EntryKind::Result)
-        .map(|e| (e.outcome, e.detail))
-        .collect())
+    Ok(results(dir)?.into_iter().filter_map(|(o, _)| o).collect())
 }
 
 /// The requests recorded in the chain at `dir`.
 fn requests(dir: &Path) -> anyhow::Result<usize> {
-    Ok(load_records(dir)?
-        .entries
+    Ok(entries_in(dir)?
         .iter()
-        .map(|(_, b)| Entry::decode(b))
-        .collect::<Result<Vec<_>, _>>()?
-        .into_iter()
         .filter(|e| e.kind == EntryKind::Request)
         .count())
 }

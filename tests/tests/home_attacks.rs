@@ -9,11 +9,10 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use didgate_audit::entry::{Entry, EntryKind, Outcome};
-use didgate_audit::load_records;
+use didgate_audit::entry::Outcome;
 use didgate_client::local::Caller;
 use didgate_client::{CallError, CallSpec};
-use didgate_tests::{Harness, ProxyProcess, alice, alice_home, bin, bob};
+use didgate_tests::{Harness, ProxyProcess, alice, alice_home, bin, bob, results_in as results};
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
@@ -49,18 +48,6 @@ async fn recv(s: &mut UnixStream) -> anyhow::Result<Value> {
         .map_err(|_| anyhow::anyhow!("no frame in time"))??;
     anyhow::ensure!(tag == b'M', "a byte frame where a message was expected");
     Ok(serde_json::from_slice(&payload)?)
-}
-
-fn results(dir: &Path) -> anyhow::Result<Vec<(Option<Outcome>, Option<String>)>> {
-    Ok(load_records(dir)?
-        .entries
-        .iter()
-        .map(|(_, b)| Entry::decode(b))
-        .collect::<Result<Vec<_>, _>>()?
-        .into_iter()
-        .filter(|e| e.kind == EntryKind::Result)
-        .map(|e| (e.outcome, e.detail))
-        .collect())
 }
 
 fn audit_verify(gateway: &Path, client: &Path) -> anyhow::Result<(Option<i32>, String)> {

@@ -20,7 +20,6 @@ use std::time::Duration;
 use didgate_audit::entry::{Entry, EntryKind, Outcome};
 use didgate_audit::{load_records, verify};
 use didgate_gateway::catalog::{BodyMode, OperationConfig};
-use didgate_gateway::config::Config;
 use didgate_tests::{Harness, alice, alice_home, bin, python_with};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
@@ -90,9 +89,7 @@ fn operations() -> Vec<OperationConfig> {
 /// catalog is judged without a query, so the tools are listed and the call is refused).
 fn use_policy(h: &Harness) -> anyhow::Result<()> {
     let alice_did = alice().did().to_string();
-    std::fs::write(
-        h.gw_dir().join("policies.cedar"),
-        format!(
+    h.use_policy(&format!(
             r#"
 @id("alice-payments")
 permit (principal == Did::"{alice_did}", action in [Action::"GET", Action::"POST", Action::"DELETE"], resource in Upstream::"payments");
@@ -100,18 +97,7 @@ permit (principal == Did::"{alice_did}", action in [Action::"GET", Action::"POST
 @id("no-expand")
 forbid (principal, action, resource) when {{ context.query.contains("expand") }};
 "#
-        ),
-    )?;
-    let path = h.gw_dir().join("gateway.toml");
-    let mut config = Config::load(&path)?;
-    config.gateway.policy_file = Some("policies.cedar".into());
-    config.rules.clear();
-    std::fs::write(&path, toml::to_string(&config)?)?;
-    h.gateway
-        .as_ref()
-        .ok_or_else(|| anyhow::anyhow!("the gateway is not running"))?
-        .reload_policy()?;
-    Ok(())
+    ))
 }
 
 /// The script's next line on stdout, as JSON.

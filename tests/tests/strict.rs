@@ -23,28 +23,15 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// might write it).
 fn forbid_secret(h: &Harness) -> anyhow::Result<()> {
     let alice_did = alice().did().to_string();
-    std::fs::write(
-        h.gw_dir().join("policies.cedar"),
-        format!(
-            r#"
+    h.use_policy(&format!(
+        r#"
 @id("alice-payments")
 permit (principal == Did::"{alice_did}", action, resource in Upstream::"payments");
 
 @id("no-secret")
 forbid (principal, action, resource) when {{ resource.path == "/v1/secret" }};
 "#
-        ),
-    )?;
-    let path = h.gw_dir().join("gateway.toml");
-    let mut config = Config::load(&path)?;
-    config.gateway.policy_file = Some("policies.cedar".into());
-    config.rules.clear();
-    std::fs::write(&path, toml::to_string(&config)?)?;
-    h.gateway
-        .as_ref()
-        .ok_or_else(|| anyhow::anyhow!("the gateway is not running"))?
-        .reload_policy()?;
-    Ok(())
+    ))
 }
 
 /// The payments upstream as a case-insensitive framework that folds trailing slashes.
