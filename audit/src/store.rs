@@ -32,8 +32,16 @@ pub const META: &str = "meta";
 const HEAD_KEY: &[u8] = b"head";
 /// `meta` key of the Merkle frontier: u64be size || the peaks (32 bytes each), largest first.
 const FRONTIER_KEY: &[u8] = b"frontier";
-/// Keyspace of Merkle nodes: u8 level || u64be index -> 32-byte hash (level 0: leaf hashes).
-pub const MERKLE: &str = "merkle";
+/// Keyspace of Merkle nodes: u64be index of the node's last leaf || u8 level -> 32-byte hash
+/// (level 0: leaf hashes). The nodes one append completes all end at its leaf, so every append
+/// writes keys above all earlier ones: the keyspace is written in key order and compaction
+/// moves its tables down instead of merging them (specs/audit-log.md, "Storage").
+pub const MERKLE: &str = "merkle_by_end";
+/// The Merkle keyspace of releases before 2026-12-05 (u8 level || u64be index), re-keyed into
+/// [`MERKLE`] when a store is opened ([`migrate_merkle`]).
+const LEGACY_MERKLE: &str = "merkle";
+/// Legacy Merkle keys re-keyed per batch at open.
+const MIGRATE_BATCH: usize = 64 * 1024;
 /// Keyspace of signed checkpoints: u64be size -> COSE_Sign1 checkpoint.
 pub const CHECKPOINTS: &str = "checkpoints";
 /// Keyspace of the did:web documents that admitted callers (a gateway's store): document hash
@@ -96,6 +104,10 @@ pub enum StoreError {
         /// Why.
         why: String,
     },
+    /// A Merkle node key of an earlier release's layout is not 9 bytes (u8 level || u64be
+    /// index) or names a node no u64 leaf index reaches.
+    #[error("Merkle node key {} is corrupt", hex::encode(.0))]
+    CorruptMerkle(Vec<u8>),
     /// A keyspace that was not named when the store was opened.
     #[error("unknown keyspace {0}")]
     UnknownSpace(String),
@@ -179,6 +191,7 @@ impl Engine {
         let entries = db.keyspace(ENTRIES, keyspace_options)?;
         let meta = db.keyspace(META, keyspace_options)?;
         let merkle = db.keyspace(MERKLE, keyspace_options)?;
+        migrate_merkle(&db, &merkle)?;
         let checkpoints = db.keyspace(CHECKPOINTS, keyspace_options)?;
         let mut spaces = HashMap::new();
         for name in extra {
@@ -627,11 +640,52 @@ impl std::fmt::Debug for Chain {
     }
 }
 
-fn merkle_key(level: u32, index: u64) -> [u8; 9] {
+/// The key of Merkle node `index` at `level` in [`MERKLE`]: the index of its last leaf, then its
+/// level; `None` past the largest tree a u64 index can name.
+fn merkle_key(level: u32, index: u64) -> Option<[u8; 9]> {
+    let level8 = u8::try_from(level).ok()?;
+    let end = index
+        .checked_add(1)?
+        .checked_mul(1u64.checked_shl(level)?)?
+        .checked_sub(1)?;
     let mut k = [0u8; 9];
-    k[0] = level as u8;
-    k[1..].copy_from_slice(&index.to_be_bytes());
-    k
+    k[..8].copy_from_slice(&end.to_be_bytes());
+    k[8] = level8;
+    Some(k)
+}
+
+/// Re-keys the Merkle nodes of a store written by an earlier release ([`LEGACY_MERKLE`]) into
+/// `merkle`, durably, then drops the old keyspace. Crash-safe: until the old keyspace is
+/// dropped, a later open re-keys it again (writing the same keys and values).
+fn migrate_merkle(db: &Database, merkle: &Keyspace) -> Result<(), StoreError> {
+    if !db.keyspace_exists(LEGACY_MERKLE) {
+        return Ok(());
+    }
+    let legacy = db.keyspace(LEGACY_MERKLE, keyspace_options)?;
+    let mut batch = db.batch();
+    let mut staged = 0;
+    for kv in legacy.iter() {
+        let (k, v) = kv.into_inner()?;
+        let key = <[u8; 9]>::try_from(k.as_ref())
+            .ok()
+            .and_then(|k| {
+                let index = u64::from_be_bytes(k[1..].try_into().ok()?);
+                merkle_key(u32::from(k[0]), index)
+            })
+            .ok_or_else(|| StoreError::CorruptMerkle(k.to_vec()))?;
+        batch.insert(merkle, key, v);
+        staged += 1;
+        if staged == MIGRATE_BATCH {
+            batch.commit()?;
+            batch = db.batch();
+            staged = 0;
+        }
+    }
+    batch.commit()?;
+    db.persist(PersistMode::SyncAll)?;
+    db.delete_keyspace(legacy)?;
+    db.persist(PersistMode::SyncAll)?;
+    Ok(())
 }
 
 fn encode_frontier(f: &Frontier) -> Vec<u8> {
@@ -654,11 +708,10 @@ fn decode_frontier(v: &[u8]) -> Option<Frontier> {
 
 impl merkle::SubtreeSource for Store {
     fn subtree(&self, level: u32, index: u64) -> Option<Digest> {
-        let level8 = u8::try_from(level).ok()?;
         self.engine()
             .ok()?
             .merkle
-            .get(merkle_key(u32::from(level8), index))
+            .get(merkle_key(level, index)?)
             .ok()??
             .as_ref()
             .try_into()
@@ -1065,10 +1118,16 @@ fn stage_leaf(
 ) {
     let leaf = merkle::leaf_hash(entry_hash);
     let index = frontier.size();
-    for (level, idx, hash) in merkle::completed_subtrees(index + 1, leaf, frontier) {
-        batch.insert(&store.merkle, merkle_key(level, idx), hash.to_vec());
+    // A chain of 2^64 - 1 entries is out of reach; a node past it is not stored (and proofs
+    // that need it are not served).
+    if let Some(key) = merkle_key(0, index) {
+        batch.insert(&store.merkle, key, leaf.to_vec());
     }
-    batch.insert(&store.merkle, merkle_key(0, index), leaf.to_vec());
+    for (level, idx, hash) in merkle::completed_subtrees(index + 1, leaf, frontier) {
+        if let Some(key) = merkle_key(level, idx) {
+            batch.insert(&store.merkle, key, hash.to_vec());
+        }
+    }
     frontier.push(leaf);
 }
 
@@ -1426,6 +1485,68 @@ mod tests {
             prev = entry_hash(&bytes);
         }
         assert_eq!(prev, head.hash);
+    }
+
+    /// A store whose Merkle nodes are in the layout of releases before 2026-12-05 (u8 level ||
+    /// u64be index, keyspace `merkle`) is re-keyed when it is opened: every root and inclusion
+    /// proof is the same as before, and the old keyspace is gone.
+    #[test]
+    fn merkle_nodes_of_the_earlier_layout_are_rekeyed_at_open() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let owner = Arc::new(Identity::from_seed(&[3; 32]));
+        let store = Store::open(dir.path(), &[]).expect("open");
+        let chain = Chain::open(
+            store.clone(),
+            owner,
+            Role::Gateway,
+            1,
+            CheckpointPolicy::default(),
+        )
+        .expect("chain");
+        for i in 0..37 {
+            chain
+                .append_blocking(Append {
+                    entry: Entry::new(EntryKind::Refused, i),
+                    claims: Vec::new(),
+                })
+                .expect("append");
+        }
+        let size = chain.head().expect("head").seq + 1;
+        let roots: Vec<_> = (1..=size).map(|n| store.root_at(n)).collect();
+        let proofs: Vec<_> = (0..size).map(|i| store.inclusion_proof(i, size)).collect();
+        assert!(roots.iter().all(Option::is_some) && proofs.iter().all(Option::is_some));
+        chain.close();
+        drop((chain, store));
+        {
+            // the earlier layout, by hand
+            let db = Database::builder(dir.path()).open().expect("db");
+            let current = db.keyspace(MERKLE, keyspace_options).expect("merkle");
+            let legacy = db
+                .keyspace(LEGACY_MERKLE, keyspace_options)
+                .expect("legacy");
+            for kv in current.iter() {
+                let (k, v) = kv.into_inner().expect("kv");
+                let end = u64::from_be_bytes(k[..8].try_into().expect("8 bytes"));
+                let level = k[8];
+                let mut old = vec![level];
+                old.extend_from_slice(&(((end + 1) >> level) - 1).to_be_bytes());
+                legacy.insert(old, v).expect("insert");
+            }
+            db.delete_keyspace(current).expect("delete");
+            db.persist(PersistMode::SyncAll).expect("persist");
+        }
+        let store = Store::open(dir.path(), &[]).expect("reopen");
+        assert!(
+            !store
+                .engine()
+                .expect("engine")
+                .db
+                .keyspace_exists(LEGACY_MERKLE)
+        );
+        let after: Vec<_> = (1..=size).map(|n| store.root_at(n)).collect();
+        assert_eq!(after, roots);
+        let after: Vec<_> = (0..size).map(|i| store.inclusion_proof(i, size)).collect();
+        assert_eq!(after, proofs);
     }
 
     /// A record written and removed atomically with entries, from a plain thread: the claim

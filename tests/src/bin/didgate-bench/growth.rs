@@ -69,6 +69,12 @@ struct Point {
     store_bytes: u64,
     store_allocated: u64,
     store_files: usize,
+    /// Bytes the gateway caused to be written to storage in the window, per call
+    /// (/proc/PID/io `write_bytes`): the store's writes, flushes and compactions, a measure of
+    /// write amplification that does not depend on what else the machine runs.
+    disk_bytes_per_call: f64,
+    /// The gateway's resident memory at the checkpoint, MiB.
+    rss_mib: f64,
     load1: Option<f64>,
 }
 
@@ -207,7 +213,7 @@ async fn measure(
         clients.push(Arc::new(client));
     }
     println!(
-        "\n{:>9} {:>15} {:>9} {:>8} {:>8} {:>14} {:>11} {:>6}",
+        "\n{:>9} {:>15} {:>9} {:>8} {:>8} {:>14} {:>11} {:>12} {:>8} {:>6}",
         "calls",
         "gw cpu ms/call",
         "calls/s",
@@ -215,6 +221,8 @@ async fn measure(
         "p99 ms",
         "store bytes",
         "bytes/call",
+        "written/call",
+        "rss MiB",
         "load1"
     );
     // workers take the clients in turn
@@ -229,10 +237,12 @@ async fn measure(
     for &at in checkpoints {
         let window = at - done;
         let cpu0 = cpu_seconds(gw.pid).context("reading the gateway's CPU time")?;
+        let written0 = written_bytes(gw.pid)?;
         let run = load(window, args.concurrency, make)
             .await
             .with_context(|| format!("calls {} to {at}", done + 1))?;
         let cpu = cpu_seconds(gw.pid).context("reading the gateway's CPU time")? - cpu0;
+        let written = written_bytes(gw.pid)? - written0;
         done = at;
         let usage = dir_usage(&gw.data);
         let point = Point {
@@ -244,10 +254,12 @@ async fn measure(
             store_bytes: usage.bytes,
             store_allocated: usage.allocated,
             store_files: usage.files,
+            disk_bytes_per_call: written as f64 / window as f64,
+            rss_mib: gw.memory("VmRSS")?,
             load1: load1(),
         };
         println!(
-            "{:>9} {:>15.4} {:>9.0} {:>8.3} {:>8.3} {:>14} {:>11.1} {:>6}",
+            "{:>9} {:>15.4} {:>9.0} {:>8.3} {:>8.3} {:>14} {:>11.1} {:>12.0} {:>8.1} {:>6}",
             point.calls,
             point.cpu_ms_per_call,
             point.calls_per_sec,
@@ -255,6 +267,8 @@ async fn measure(
             point.p99_ms,
             point.store_bytes,
             point.bytes_per_call(),
+            point.disk_bytes_per_call,
+            point.rss_mib,
             point
                 .load1
                 .map_or_else(|| "?".into(), |l| format!("{l:.2}")),
@@ -271,6 +285,18 @@ async fn measure(
         wall_s,
         peak_mib,
     })
+}
+
+/// Bytes process `pid` caused to be sent to storage so far (/proc/PID/io `write_bytes`).
+fn written_bytes(pid: u32) -> Result<u64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .with_context(|| format!("reading /proc/{pid}/io"))?;
+    io.lines()
+        .find_map(|l| l.strip_prefix("write_bytes:"))
+        .context("no write_bytes in /proc/PID/io")?
+        .trim()
+        .parse()
+        .context("write_bytes")
 }
 
 /// The one-minute load average (/proc/loadavg).
@@ -327,6 +353,8 @@ fn print(args: &GrowthArgs, g: &Growth, bytes_after_stop: u64) {
                 "p99_ms": p.p99_ms,
                 "store_allocated_bytes": p.store_allocated,
                 "store_files": p.store_files,
+                "disk_bytes_per_call": p.disk_bytes_per_call,
+                "rss_mib": p.rss_mib,
             })
         })
         .collect();
