@@ -411,15 +411,20 @@ pub(crate) fn request_claims(call: &Call, skew_secs: u64, req: &Signed<Request>)
             rule: ClaimRule::AbsentOrEqual,
         },
     ];
-    if let Some(doc) = &call.document {
-        claims.push(Claim {
-            space: DOCUMENTS,
-            key: doc.hash().to_vec(),
-            value: doc.bytes().to_vec(),
-            rule: ClaimRule::AbsentOrEqual,
-        });
-    }
+    claims.extend(document_claim(call));
     claims
+}
+
+/// The claim that keeps a did:web caller's document beside the chain (keyspace `documents`),
+/// written with every entry that names it in `did_doc`: executing, granted and refused
+/// entries alike, so the verifier can attribute each of them (specs/audit-log.md).
+pub(crate) fn document_claim(call: &Call) -> Option<Claim> {
+    call.document.as_ref().map(|doc| Claim {
+        space: DOCUMENTS,
+        key: doc.hash().to_vec(),
+        value: doc.bytes().to_vec(),
+        rule: ClaimRule::AbsentOrEqual,
+    })
 }
 
 /// Refuses `clock_skew` a request whose window (its time plus `skew_secs`) closed by `now`:

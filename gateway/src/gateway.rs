@@ -660,7 +660,11 @@ impl Gateway {
                 e.peer_head = Some(r.message.head);
                 e.code = Some(code.as_str().into());
                 e.detail = Some(reason.into());
-                Ok(Some(self.chain.append_entry(e).await?.entry))
+                let append = Append {
+                    entry: e,
+                    claims: call::document_claim(cx).into_iter().collect(),
+                };
+                Ok(Some(self.chain.append(append).await?.entry))
             }
             _ => {
                 if self.count_refusal(code) {

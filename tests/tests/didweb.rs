@@ -147,6 +147,48 @@ async fn did_web_caller_is_admitted_audited_and_verified() -> anyhow::Result<()>
     Ok(())
 }
 
+/// A did:web caller whose first call is refused with an entry of its own (policy names the
+/// did:web, so the refusal is recorded individually): the entry names the document by hash,
+/// so the document is kept beside the chain with it, and the honest chain verifies. Before the
+/// fix, only `executing` and `granted` entries stored it: `missing_document`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_did_web_callers_first_call_refused_keeps_its_document() -> anyhow::Result<()> {
+    let docs = DocServer::start().await?;
+    let (_ca_dir, ca) = write_ca(&docs)?;
+    let org = docs.did(&["agents", "a1"]);
+    let a1 = agent(0xc2, &org, "key-1");
+    let doc = publish(&docs, &org, "key-1", &a1);
+    let mut h = gateway(&ca, &org, 3600, true).await?;
+    let c = h.client("a1", a1).await?;
+    let write = CallSpec::new("payments", "POST", "/v1/charges").body(b"{}".to_vec());
+    assert_eq!(
+        refusal_code(&c.call(write).await),
+        Some(RefusalCode::Policy)
+    );
+    assert!(h.upstream.seen().is_empty());
+    c.close().await;
+    drop(c);
+    h.stop().await;
+
+    let refused: Vec<_> = h
+        .gateway_entries()?
+        .into_iter()
+        .filter(|e| e.kind == EntryKind::Refused)
+        .collect();
+    assert_eq!(refused.len(), 1, "the refusal has its own entry");
+    assert_eq!(refused[0].did_doc, Some(document_hash(&doc)));
+    let gw = load_records(&h.gw_dir())?;
+    assert_eq!(
+        gw.documents,
+        vec![doc],
+        "the document is kept with the entry"
+    );
+    let client = load_records(&h.chain_dir("a1"))?;
+    let report = verify::verify(&[gw], &[client]);
+    assert!(report.ok(), "{:?}", report.violations);
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_key_rotated_out_of_the_document_is_refused() -> anyhow::Result<()> {
     let docs = DocServer::start().await?;
