@@ -89,6 +89,19 @@ fn keyspace_options() -> KeyspaceCreateOptions {
         .index_block_partitioning_policy(PartitioningPolicy::all(true))
 }
 
+/// The options of the [`ENTRIES`] keyspace: [`keyspace_options`] with key-value separation.
+/// An entry (about 0.5 to 1.5 KB, never overwritten or removed) is written once to a blob file
+/// when its memtable is flushed; compaction then moves only its key and a pointer to it. Without
+/// it, the entries were most of what compaction rewrote.
+fn entries_options() -> KeyspaceCreateOptions {
+    keyspace_options().with_kv_separation(Some(
+        fjall::KvSeparationOptions::default().separation_threshold(ENTRY_BLOB_THRESHOLD),
+    ))
+}
+
+/// Entries at least this long (bytes) are kept in blob files ([`entries_options`]).
+const ENTRY_BLOB_THRESHOLD: u32 = 128;
+
 /// A storage failure.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -188,7 +201,7 @@ impl Engine {
             .cache_size(CACHE_BYTES)
             .worker_threads(WORKER_THREADS)
             .open()?;
-        let entries = db.keyspace(ENTRIES, keyspace_options)?;
+        let entries = db.keyspace(ENTRIES, entries_options)?;
         let meta = db.keyspace(META, keyspace_options)?;
         let merkle = db.keyspace(MERKLE, keyspace_options)?;
         migrate_merkle(&db, &merkle)?;
