@@ -197,6 +197,9 @@ impl CallError {
                 RefusalCode::ShuttingDown | RefusalCode::AuditUnavailable => {
                     "the gateway cannot take calls now: try again later"
                 }
+                RefusalCode::KmsUnavailable => {
+                    "the gateway's key store is unavailable, so the secret could not be opened (the grant was consumed; the upstream was not called): try again later"
+                }
                 RefusalCode::UpstreamFailed
                 | RefusalCode::SecretUnavailable
                 | RefusalCode::ResponseTooLarge => {

@@ -96,6 +96,7 @@ pub async fn run(root: &Path) -> anyhow::Result<DemoOutcome> {
             },
         ],
         did_web: Default::default(),
+        pkcs11: None,
     };
     std::fs::write(
         gateway::DataDir::new(&gw_dir).config(),

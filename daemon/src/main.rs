@@ -61,7 +61,7 @@ enum Command {
         #[command(subcommand)]
         command: SecretCommand,
     },
-    /// Manage the local KMS master key.
+    /// Manage the KMS master key (a file, or a key in a PKCS#11 token).
     Kms {
         #[command(subcommand)]
         command: KmsCommand,
@@ -224,6 +224,24 @@ enum KmsCommand {
         #[arg(long, env = "DIDGATE_DATA")]
         data: PathBuf,
     },
+    /// Generate the master key inside the PKCS#11 token of `[pkcs11]` (gateway.toml has
+    /// `[gateway] kms = "pkcs11"`) on a store without secrets; `master.key` is removed.
+    InitPkcs11 {
+        /// Data directory.
+        #[arg(long, env = "DIDGATE_DATA")]
+        data: PathBuf,
+    },
+    /// Move a store's secrets from the file master key into the PKCS#11 token: every data key
+    /// is rewrapped under a key generated in the token (crash-safe), then `master.key` is
+    /// removed.
+    Migrate {
+        /// Data directory.
+        #[arg(long, env = "DIDGATE_DATA")]
+        data: PathBuf,
+        /// The KMS to move to (only `pkcs11`).
+        #[arg(long, value_parser = ["pkcs11"])]
+        to: String,
+    },
 }
 
 /// Reads a secret value from stdin (never argv), without its trailing newline.
@@ -347,6 +365,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Kms {
             command: KmsCommand::Rotate { data },
         } => return secret_command(data, ControlRequest::KmsRotate, false).await,
+        Command::Kms {
+            command: KmsCommand::InitPkcs11 { data },
+        } => return secret_command(data, ControlRequest::KmsToToken { init: true }, false).await,
+        Command::Kms {
+            command: KmsCommand::Migrate { data, to: _ },
+        } => {
+            return secret_command(data, ControlRequest::KmsToToken { init: false }, false).await;
+        }
         Command::Serve { data } => serve(&data).await?,
         Command::Policy {
             command: PolicyCommand::Check { file, data, strict },

@@ -178,6 +178,14 @@ async fn run_command(
             kms: Some(blocking(move || s.kms_rotate(now)).await?),
             ..Default::default()
         },
+        Request::KmsToToken { init } => {
+            let init = *init;
+            Reply {
+                ok: true,
+                kms: Some(blocking(move || s.kms_to_token(init, now)).await?),
+                ..Default::default()
+            }
+        }
         _ => return Err(SecretError::Invalid("not a secret command".into())),
     })
 }
@@ -234,7 +242,8 @@ pub fn open_dir(data: &Path) -> Result<DirSecrets, SecretError> {
         now_ms(),
         policy,
     )?;
-    let secrets = match Secrets::open(data, chain.clone(), grace, now_ms()) {
+    let token = config.as_ref().and_then(|c| c.token_config(data));
+    let secrets = match Secrets::open(data, chain.clone(), grace, token, now_ms()) {
         Ok(s) => s,
         Err(e) => {
             chain.close();
@@ -323,7 +332,9 @@ pub fn describe(req: &Request, reply: &Reply, json: bool) -> (String, bool) {
     if json {
         let value = match req {
             Request::SecretTest { .. } => serde_json::to_string_pretty(&reply.probes),
-            Request::KmsRotate => serde_json::to_string_pretty(&reply.kms),
+            Request::KmsRotate | Request::KmsToToken { .. } => {
+                serde_json::to_string_pretty(&reply.kms)
+            }
             Request::SecretList => serde_json::to_string_pretty(&secrets),
             _ => serde_json::to_string_pretty(&first),
         };
@@ -356,6 +367,13 @@ pub fn describe(req: &Request, reply: &Reply, json: bool) -> (String, bool) {
                 k.old_key_id, k.new_key_id, k.data_keys, k.secrets
             ),
             None => "master key rotated\n".into(),
+        },
+        (Request::KmsToToken { .. }, _) => match &reply.kms {
+            Some(k) => format!(
+                "master key {} is now in the PKCS#11 token ({} replaced): {} data keys rewrapped in {} secrets; master.key removed (nothing in the data directory can open a secret now)\n",
+                k.new_key_id, k.old_key_id, k.data_keys, k.secrets
+            ),
+            None => "master key moved to the PKCS#11 token\n".into(),
         },
         (Request::SecretAdd { .. }, Some(i)) => {
             format!(

@@ -579,7 +579,8 @@ pub(crate) fn receipt(
 }
 
 /// A refusal in `version` (the connection's), naming the gateway entry that records it when
-/// there is one.
+/// there is one. A code the version does not have is sent as its version 1 counterpart
+/// (`kms_unavailable` as `secret_unavailable`); the entry keeps the precise code.
 pub(crate) fn refusal(
     version: Version,
     call: Option<[u8; 32]>,
@@ -588,6 +589,12 @@ pub(crate) fn refusal(
     entry: Option<EntryRef>,
     now: u64,
 ) -> Refusal {
+    let code = match code {
+        RefusalCode::KmsUnavailable if !code.in_version(version.as_u64()) => {
+            RefusalCode::SecretUnavailable
+        }
+        c => c,
+    };
     Refusal {
         v: version.as_u64(),
         call,

@@ -317,6 +317,73 @@ pub struct Settings {
     /// Admission of new QUIC connections (`[gateway.handshakes]`).
     #[serde(default)]
     pub handshakes: Handshakes,
+    /// Where the master key that wraps every secret's data key lives: `file` (the default:
+    /// `master.key` in the data directory, or `DIDGATE_MASTER_KEY`) or `pkcs11` (a key in a
+    /// token that never leaves it: `[pkcs11]`; specs/operation.md, "A master key in a token").
+    #[serde(default, skip_serializing_if = "KmsKind::is_file")]
+    pub kms: KmsKind,
+}
+
+/// `[gateway] kms`: the KMS backend.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KmsKind {
+    /// `master.key` (or `DIDGATE_MASTER_KEY`).
+    #[default]
+    File,
+    /// A PKCS#11 token (`[pkcs11]`).
+    Pkcs11,
+}
+
+impl KmsKind {
+    fn is_file(&self) -> bool {
+        *self == Self::File
+    }
+}
+
+/// `[pkcs11]`: the token that holds the master key when `[gateway] kms = "pkcs11"`. The PIN
+/// comes from `pin_env` or `pin_file` (exactly one), never from this file or argv.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Pkcs11Settings {
+    /// Path of the PKCS#11 module (a shared library, e.g. SoftHSM2's
+    /// `/usr/lib/softhsm/libsofthsm2.so`).
+    pub module: String,
+    /// The token's label.
+    pub token: String,
+    /// The label of the master keys didgate generates in the token.
+    #[serde(default = "d_key_label")]
+    pub key_label: String,
+    /// Name of an environment variable holding the user PIN.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin_env: Option<String>,
+    /// A file holding the user PIN (its first line), absolute or relative to the data
+    /// directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pin_file: Option<String>,
+}
+
+fn d_key_label() -> String {
+    "didgate-master".into()
+}
+
+impl Pkcs11Settings {
+    /// The token's configuration, with `pin_file` resolved against the data directory `dir`.
+    pub fn token_config(&self, dir: &Path) -> crate::pkcs11::TokenConfig {
+        use crate::pkcs11::PinSource;
+        let pin = match (&self.pin_env, &self.pin_file) {
+            (Some(var), _) => PinSource::Env(var.clone()),
+            (None, Some(file)) => PinSource::File(dir.join(file)),
+            // refused by `Config::validate`
+            (None, None) => PinSource::Env(String::new()),
+        };
+        crate::pkcs11::TokenConfig {
+            module: std::path::PathBuf::from(&self.module),
+            token: self.token.clone(),
+            key_label: self.key_label.clone(),
+            pin,
+        }
+    }
 }
 
 /// `[gateway.handshakes]`: admission of new QUIC connections, before any handshake work
@@ -394,6 +461,7 @@ impl Settings {
             metrics_hosts: Vec::new(),
             min_client_version: d_min_client(),
             handshakes: Handshakes::default(),
+            kms: KmsKind::File,
         }
     }
 
@@ -482,6 +550,9 @@ pub struct Config {
     /// Resolution of did:web callers.
     #[serde(default)]
     pub did_web: DidWeb,
+    /// The PKCS#11 token of `[gateway] kms = "pkcs11"`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pkcs11: Option<Pkcs11Settings>,
 }
 
 /// `[did_web]`: how did:web callers' documents are fetched (specs/protocol.md, "did:web
@@ -569,6 +640,39 @@ impl Config {
         Ok(cfg)
     }
 
+    /// The token of `[gateway] kms = "pkcs11"` (`None` with the file KMS), its `pin_file`
+    /// resolved against the data directory `dir`.
+    pub fn token_config(&self, dir: &Path) -> Option<crate::pkcs11::TokenConfig> {
+        match (self.gateway.kms, &self.pkcs11) {
+            (KmsKind::Pkcs11, Some(p)) => Some(p.token_config(dir)),
+            _ => None,
+        }
+    }
+
+    /// `[gateway] kms` and `[pkcs11]` agree, and the PIN has exactly one source.
+    fn validate_kms(&self) -> Result<(), ConfigError> {
+        let bad = |s: &str| Err(ConfigError::Invalid(s.into()));
+        match (&self.gateway.kms, &self.pkcs11) {
+            (KmsKind::Pkcs11, None) => {
+                return bad(
+                    "gateway: kms = \"pkcs11\" needs a [pkcs11] table (module, token, pin_env or pin_file)",
+                );
+            }
+            (_, Some(p)) => {
+                if p.pin_env.is_some() == p.pin_file.is_some() {
+                    return bad(
+                        "pkcs11: set exactly one of pin_env and pin_file (the PIN is never in this file)",
+                    );
+                }
+                if p.module.is_empty() || p.token.is_empty() || p.key_label.is_empty() {
+                    return bad("pkcs11: module, token and key_label must not be empty");
+                }
+            }
+            (KmsKind::File, None) => {}
+        }
+        Ok(())
+    }
+
     /// Checks cross-references: rules name known upstreams and groups, DIDs parse, base URLs
     /// are http(s) with an allowed host.
     pub fn validate(&self) -> Result<(), ConfigError> {
@@ -581,6 +685,7 @@ impl Config {
                 self.gateway.min_client_version
             ));
         }
+        self.validate_kms()?;
         for u in &self.upstreams {
             let url = reqwest::Url::parse(&u.base_url)
                 .map_err(|e| ConfigError::Invalid(format!("upstream {}: base_url: {e}", u.name)))?;

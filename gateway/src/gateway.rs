@@ -196,13 +196,14 @@ impl Gateway {
             config.checkpoint_policy(),
         )?;
         let secrets = {
-            let (dir, chain, grace) = (
+            let (dir, chain, grace, token) = (
                 dir.to_path_buf(),
                 chain.clone(),
                 config.gateway.secret_grace_secs,
+                config.token_config(dir),
             );
             // the snapshot and upkeep entries block on their appends
-            tokio::task::spawn_blocking(move || Secrets::open(&dir, chain, grace, now_ms()))
+            tokio::task::spawn_blocking(move || Secrets::open(&dir, chain, grace, token, now_ms()))
                 .await
                 .map_err(|e| SecretError::Invalid(format!("opening the secrets: {e}")))??
         };
@@ -1151,11 +1152,7 @@ impl Gateway {
         }
         let (used, secret) = match self.secret(&up.secret) {
             Ok(s) => s,
-            Err(why) => {
-                return self
-                    .close_failed(cx, send, call, RefusalCode::SecretUnavailable, &why)
-                    .await;
-            }
+            Err((code, why)) => return self.close_failed(cx, send, call, code, &why).await,
         };
         // the forms of the credential the response is scanned for, zeroized with the call
         let needles = echo::Needles::new(&secret, &up.auth);
@@ -1391,19 +1388,31 @@ impl Gateway {
     fn secret(
         &self,
         name: &str,
-    ) -> Result<(crate::secrets::SecretUse, zeroize::Zeroizing<String>), String> {
+    ) -> Result<(crate::secrets::SecretUse, zeroize::Zeroizing<String>), (RefusalCode, String)>
+    {
         // the current version, only if enabled; the use is remembered for `secret list`
         self.secrets.open_for_call(name, now_ms()).map_err(|e| {
             // the caller learns which secret and in what state, never the operator's store,
             // KMS or file errors (the log has them)
+            use crate::kms::KmsError;
             use crate::secrets::SecretError;
             match e {
                 SecretError::NotFound(_)
                 | SecretError::Unavailable(..)
-                | SecretError::Malformed(_) => e.to_string(),
+                | SecretError::Malformed(_) => (RefusalCode::SecretUnavailable, e.to_string()),
+                SecretError::Kms(KmsError::Unavailable(why)) => {
+                    tracing::error!(secret = name, error = why.as_str(), "the KMS is unavailable");
+                    (
+                        RefusalCode::KmsUnavailable,
+                        format!("secret {name} cannot be opened: the gateway's KMS is unavailable"),
+                    )
+                }
                 other => {
                     tracing::error!(secret = name, error = %other, "cannot open a secret for a call");
-                    format!("secret {name} cannot be opened now")
+                    (
+                        RefusalCode::SecretUnavailable,
+                        format!("secret {name} cannot be opened now"),
+                    )
                 }
             }
         })

@@ -32,6 +32,10 @@ pub enum KmsError {
     /// The record does not decode.
     #[error("secret record is malformed")]
     Malformed,
+    /// The KMS cannot be used now (a PKCS#11 token missing, locked or failing); calls that
+    /// need a secret are refused `kms_unavailable` until it is back.
+    #[error("the KMS is unavailable: {0}")]
+    Unavailable(String),
 }
 
 /// Identifies a master key without revealing it: the first 8 bytes of BLAKE3 `derive_key`
@@ -330,9 +334,11 @@ impl SealedVersion {
         label: &str,
     ) -> Result<Zeroizing<String>, KmsError> {
         let aad = aad(id, self.version);
-        let data_key = kms
-            .unwrap(&self.wrapped_key, &aad)
-            .map_err(|_| KmsError::Open(label.into()))?;
+        let data_key = kms.unwrap(&self.wrapped_key, &aad).map_err(|e| match e {
+            // the KMS is down: not a statement about this record
+            KmsError::Unavailable(why) => KmsError::Unavailable(why),
+            _ => KmsError::Open(label.into()),
+        })?;
         let raw =
             open(&data_key, &self.sealed, &aad).ok_or_else(|| KmsError::Open(label.into()))?;
         let text = std::str::from_utf8(&raw).map_err(|_| KmsError::Malformed)?;
@@ -349,9 +355,11 @@ impl SealedVersion {
         label: &str,
     ) -> Result<(), KmsError> {
         let aad = aad(id, self.version);
-        let data_key = old
-            .unwrap(&self.wrapped_key, &aad)
-            .map_err(|_| KmsError::Open(label.into()))?;
+        let data_key = old.unwrap(&self.wrapped_key, &aad).map_err(|e| match e {
+            // the KMS is down: not a statement about this record
+            KmsError::Unavailable(why) => KmsError::Unavailable(why),
+            _ => KmsError::Open(label.into()),
+        })?;
         self.wrapped_key = new.wrap(&data_key, &aad)?;
         Ok(())
     }

@@ -37,6 +37,7 @@ pub mod gateway;
 pub mod kms;
 pub mod limits;
 pub mod metrics;
+pub mod pkcs11;
 pub mod policy;
 pub mod secrets;
 pub mod server;

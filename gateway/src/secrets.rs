@@ -86,6 +86,7 @@ use zeroize::Zeroizing;
 use crate::config::{Config, ConfigError, Upstream};
 use crate::datadir::{DataDir, LIFECYCLE, SECRETS};
 use crate::kms::{KeyId, Kms, KmsError, LocalKms, SealedVersion};
+use crate::pkcs11::{Pkcs11Kms, Token, TokenConfig};
 use crate::upstream;
 use didgate_io::now_ms;
 
@@ -101,6 +102,10 @@ pub const HISTORY_LIMIT: usize = 32;
 const RECORD_V2: u64 = 2;
 /// [`LIFECYCLE`] key of the snapshot mark: the time (u64be ms) the snapshot entry was written.
 const SNAPSHOT_MARK: &[u8] = b"snapshot";
+/// [`LIFECYCLE`] key naming the current master key when it is in a PKCS#11 token: its 8-byte
+/// id (`CKA_ID`). Written in the same batch as the records rewrapped under it (`kms
+/// init-pkcs11`, `kms migrate --to pkcs11`, `kms rotate`); absent while the key is a file.
+const TOKEN_KEY_MARK: &[u8] = b"kms_token_key";
 
 /// Why a secret operation failed. Never carries secret material.
 #[derive(Debug, thiserror::Error)]
@@ -143,6 +148,9 @@ pub enum SecretError {
     /// The data directory may be written by others, or its modes cannot be tightened.
     #[error("data directory: {0}")]
     DataDir(#[from] didgate_io::hardening::HardeningError),
+    /// The token: unusable, or refused an operation.
+    #[error(transparent)]
+    Token(#[from] crate::pkcs11::TokenError),
     /// The lifecycle entry could not be appended to the gateway's chain: nothing was written.
     #[error("the audit log cannot be written, so nothing changed: {0}")]
     Audit(AppendError),
@@ -776,6 +784,8 @@ pub struct Secrets {
     master_key: PathBuf,
     keys: RwLock<Keyring>,
     from_env: bool,
+    /// The PKCS#11 token of `[gateway] kms = "pkcs11"`.
+    token: Option<Arc<Token>>,
     lock: Mutex<()>,
     last_used: Mutex<HashMap<String, u64>>,
     grace_ms: u64,
@@ -837,6 +847,68 @@ fn recover_rotation(master: &Path, store: &Store) -> Result<(), SecretError> {
     sync_dir(master)
 }
 
+/// The id of the token's master key this store names as current ([`TOKEN_KEY_MARK`]).
+fn token_key_mark(store: &Store) -> Result<Option<KeyId>, SecretError> {
+    match store.get(LIFECYCLE, TOKEN_KEY_MARK)? {
+        None => Ok(None),
+        Some(v) => KeyId::try_from(v.as_slice())
+            .map(Some)
+            .map_err(|_| SecretError::Malformed("(the token key mark)".into())),
+    }
+}
+
+/// The key ring of a store whose master key is the token's key `id`: that key, and
+/// `master.key` as well while records still name it (a migration that stopped before its
+/// batch). Finishes what a stop interrupted: removes `master.key` once no record names it,
+/// and destroys the token's other keys of the label that no record names (left by a
+/// rotation or migration that stopped). Needs the token only for that clean-up: a token down
+/// at start leaves it for the next start.
+fn open_in_token(
+    token: &Arc<Token>,
+    id: KeyId,
+    master_key: &Path,
+    store: &Store,
+) -> Result<Keyring, SecretError> {
+    let named: std::collections::HashSet<KeyId> = store
+        .scan(SECRETS, b"")?
+        .iter()
+        .filter_map(|(_, v)| SecretRecord::decode(v, id).ok())
+        .map(|r| r.kek)
+        .collect();
+    let mut others: Vec<Arc<dyn Kms>> = Vec::new();
+    if std::fs::symlink_metadata(master_key).is_ok() {
+        match LocalKms::load_file(master_key) {
+            Ok(file) if named.contains(&file.key_id()) => others.push(Arc::new(file)),
+            _ => {
+                std::fs::remove_file(master_key)
+                    .map_err(|e| SecretError::Io(master_key.display().to_string(), e))?;
+                sync_dir(master_key)?;
+                tracing::warn!(
+                    "removed master.key: no secret is wrapped under it (the master key is in the PKCS#11 token)"
+                );
+            }
+        }
+    }
+    match token.key_ids() {
+        Ok(ids) => {
+            for stale in ids.iter().filter(|k| **k != id && !named.contains(*k)) {
+                token.destroy(stale)?;
+                tracing::warn!(
+                    key = hex::encode(stale).as_str(),
+                    "destroyed a token master key that an interrupted rotation left"
+                );
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "PKCS#11 token unavailable at start; calls that need a secret are refused until it is back")
+        }
+    }
+    Ok(Keyring {
+        current: Arc::new(Pkcs11Kms::new(token.clone(), id)),
+        others,
+    })
+}
+
 impl Secrets {
     /// Opens the secrets of the gateway data directory `data` on the store of its `chain`:
     /// finishes or rolls back an interrupted master-key rotation, loads the master key, writes
@@ -846,26 +918,51 @@ impl Secrets {
         data: &Path,
         chain: Chain,
         grace_secs: u64,
+        token: Option<TokenConfig>,
         now_ms: u64,
     ) -> Result<Self, SecretError> {
         let store = chain.store().clone();
         let master_key = DataDir::new(data).master_key();
-        let (current, from_env) = match LocalKms::from_env() {
-            Some(k) => (k?, true),
-            None => {
-                recover_rotation(&master_key, &store)?;
-                (LocalKms::load_file(&master_key)?, false)
+        let token = token.map(Token::new);
+        let mark = token_key_mark(&store)?;
+        let (keys, from_env) = match (&token, mark) {
+            (None, Some(id)) => {
+                return Err(SecretError::Invalid(format!(
+                    "the master key of this store is in a PKCS#11 token (key id {}): set [gateway] kms = \"pkcs11\" and [pkcs11] in gateway.toml",
+                    hex::encode(id)
+                )));
+            }
+            (Some(t), Some(id)) => (open_in_token(t, id, &master_key, &store)?, false),
+            (_, None) => {
+                let (current, from_env) = match LocalKms::from_env() {
+                    Some(k) => (k?, true),
+                    None => {
+                        recover_rotation(&master_key, &store)?;
+                        (LocalKms::load_file(&master_key)?, false)
+                    }
+                };
+                if token.is_some() {
+                    tracing::warn!(
+                        "[gateway] kms = \"pkcs11\", but this store's master key is still master.key: run `didgated kms migrate --to pkcs11` (or `kms init-pkcs11` on a store without secrets)"
+                    );
+                }
+                let current: Arc<dyn Kms> = Arc::new(current);
+                (
+                    Keyring {
+                        current,
+                        others: Vec::new(),
+                    },
+                    from_env,
+                )
             }
         };
         let s = Self {
             store,
             chain,
             master_key,
-            keys: RwLock::new(Keyring {
-                current: Arc::new(current),
-                others: Vec::new(),
-            }),
+            keys: RwLock::new(keys),
             from_env,
+            token,
             lock: Mutex::new(()),
             last_used: Mutex::new(HashMap::new()),
             grace_ms: grace_secs.saturating_mul(1000),
@@ -1337,6 +1434,12 @@ impl Secrets {
     /// the key file is replaced. No secret is decrypted; calls keep working throughout. See the
     /// module doc for the crash reasoning.
     pub fn kms_rotate(&self, now_ms: u64) -> Result<KmsRotation, SecretError> {
+        if let Some(token) = &self.token
+            && token_key_mark(&self.store)?.is_some()
+        {
+            let _g = lock(&self.lock);
+            return self.switch_to_token_key(token, now_ms);
+        }
         if self.from_env {
             return Err(SecretError::Invalid(format!(
                 "the master key comes from {}; rotate it there (the gateway cannot change it)",
@@ -1373,20 +1476,7 @@ impl Secrets {
             }
             e
         };
-        let rewrapped = (|| {
-            let keys = self.keys();
-            let mut puts = Vec::new();
-            let mut states = Vec::new();
-            let mut data_keys = 0u64;
-            for (_, value) in self.store.scan(SECRETS, b"")? {
-                let mut rec = SecretRecord::decode(&value, keys.current.key_id())?;
-                let old = keys.for_record(&rec)?.clone();
-                data_keys += rec.rewrap(old.as_ref(), new.as_ref(), now_ms)? as u64;
-                puts.push(rec.put());
-                states.push(rec.state());
-            }
-            Ok::<_, SecretError>((puts, states, data_keys))
-        })();
+        let rewrapped = self.rewrap_all(&new, now_ms);
         let (puts, states, data_keys) = rewrapped.map_err(abandon)?;
         let records = puts.len() as u64;
         // step 2: one atomic batch with its entry; past it the new key is the one that opens
@@ -1424,6 +1514,128 @@ impl Secrets {
             secrets = out.secrets,
             data_keys = out.data_keys,
             "master key rotated"
+        );
+        Ok(out)
+    }
+}
+
+impl Secrets {
+    /// Every record with its data keys rewrapped under `new` (never decrypting a secret): the
+    /// record writes, their states for the entry, and how many data keys were rewrapped.
+    fn rewrap_all(
+        &self,
+        new: &Arc<dyn Kms>,
+        now_ms: u64,
+    ) -> Result<(Vec<Claim>, Vec<SecretState>, u64), SecretError> {
+        let keys = self.keys();
+        let mut puts = Vec::new();
+        let mut states = Vec::new();
+        let mut data_keys = 0u64;
+        for (_, value) in self.store.scan(SECRETS, b"")? {
+            let mut rec = SecretRecord::decode(&value, keys.current.key_id())?;
+            let old = keys.for_record(&rec)?.clone();
+            data_keys += rec.rewrap(old.as_ref(), new.as_ref(), now_ms)? as u64;
+            puts.push(rec.put());
+            states.push(rec.state());
+        }
+        Ok((puts, states, data_keys))
+    }
+
+    /// `kms init-pkcs11` (`init`: refused on a store that holds secrets) and `kms migrate --to
+    /// pkcs11`: a new master key generated in the token becomes the current one, every data key
+    /// is rewrapped under it, and `master.key` is removed (specs/operation.md, "A master key in
+    /// a token").
+    pub fn kms_to_token(&self, init: bool, now_ms: u64) -> Result<KmsRotation, SecretError> {
+        let token = self.token.as_ref().ok_or_else(|| {
+            SecretError::Invalid(
+                "set [gateway] kms = \"pkcs11\" and [pkcs11] in gateway.toml first".into(),
+            )
+        })?;
+        let _g = lock(&self.lock);
+        if let Some(id) = token_key_mark(&self.store)? {
+            return Err(SecretError::Invalid(format!(
+                "the master key is already in the token (key id {}); `didgated kms rotate` replaces it",
+                hex::encode(id)
+            )));
+        }
+        if init && !self.store.scan(SECRETS, b"")?.is_empty() {
+            return Err(SecretError::Invalid(
+                "this store holds secrets wrapped under master.key: move them with `didgated kms migrate --to pkcs11`".into(),
+            ));
+        }
+        self.switch_to_token_key(token, now_ms)
+    }
+
+    /// Generates a master key in `token`, rewraps every data key under it and makes it the
+    /// current key in one durable batch with the `kms_rotated` entry and [`TOKEN_KEY_MARK`];
+    /// then retires the old key: destroyed in the token, or `master.key` removed. A stop
+    /// before the batch leaves an unnamed key in the token (destroyed at the next start); a
+    /// stop after it leaves the old key (destroyed or removed at the next start). The caller
+    /// holds the lifecycle lock.
+    fn switch_to_token_key(
+        &self,
+        token: &Arc<Token>,
+        now_ms: u64,
+    ) -> Result<KmsRotation, SecretError> {
+        let old_id = self.key_id();
+        let old_in_token = token_key_mark(&self.store)?.is_some();
+        let new: Arc<dyn Kms> = Arc::new(token.generate()?);
+        let new_id = new.key_id();
+        self.keys_mut().others.push(new.clone());
+        let abandon = |e: SecretError| {
+            self.keys_mut().others.retain(|k| k.key_id() != new_id);
+            if let Err(why) = token.destroy(&new_id) {
+                tracing::warn!(%why, "cannot destroy the unused new token key; the next start destroys it");
+            }
+            e
+        };
+        let (mut puts, states, data_keys) = self.rewrap_all(&new, now_ms).map_err(abandon)?;
+        let records = puts.len() as u64;
+        puts.push(Claim {
+            space: LIFECYCLE,
+            key: TOKEN_KEY_MARK.to_vec(),
+            value: new_id.to_vec(),
+            rule: ClaimRule::Put,
+        });
+        let detail = format!(
+            "master key {} ({}) replaced by {} (PKCS#11 token {:?})",
+            hex::encode(old_id),
+            if old_in_token { "token" } else { "file" },
+            hex::encode(new_id),
+            token.config().token
+        );
+        self.record(SecretAction::KmsRotated, states, puts, Some(detail), now_ms)
+            .map_err(|e| match e {
+                SecretError::Audit(e) => SecretError::RotationIncomplete(e.to_string()),
+                e => abandon(e),
+            })?;
+        {
+            let mut keys = self.keys_mut();
+            keys.current = new;
+            keys.others.clear();
+        }
+        if old_in_token {
+            if let Err(why) = token.destroy(&old_id) {
+                tracing::warn!(%why, "cannot destroy the old token key now; the next start destroys it");
+            }
+        } else if !self.from_env && std::fs::symlink_metadata(&self.master_key).is_ok() {
+            std::fs::remove_file(&self.master_key)
+                .map_err(|e| SecretError::RotationIncomplete(e.to_string()))?;
+            sync_dir(&self.master_key)
+                .map_err(|e| SecretError::RotationIncomplete(e.to_string()))?;
+        }
+        let out = KmsRotation {
+            old_key_id: hex::encode(old_id),
+            new_key_id: hex::encode(new_id),
+            secrets: records,
+            data_keys,
+        };
+        tracing::info!(
+            old = out.old_key_id.as_str(),
+            new = out.new_key_id.as_str(),
+            secrets = out.secrets,
+            data_keys = out.data_keys,
+            "master key moved to a new key in the PKCS#11 token"
         );
         Ok(out)
     }
@@ -1693,7 +1905,7 @@ mod tests {
         }
         let (dir, chain) = data_dir();
         let master = DataDir::new(dir.path()).master_key();
-        let s = Secrets::open(dir.path(), chain.clone(), 3600, 0).expect("open");
+        let s = Secrets::open(dir.path(), chain.clone(), 3600, None, 0).expect("open");
         s.add("a", CANARY, 1).expect("add");
         s.add("b", "sk-second-secret-value-xyz", 1).expect("add");
         s.rotate("b", "sk-second-secret-value-v2", 2)
@@ -1737,7 +1949,7 @@ mod tests {
         // crash after the batch, before the rename: master.key is old, master.key.new is new
         std::fs::rename(&master, pending_path(&master)).expect("mv");
         old.write_new(&master).expect("old back");
-        let s = Secrets::open(dir.path(), chain.clone(), 3600, 5).expect("recover");
+        let s = Secrets::open(dir.path(), chain.clone(), 3600, None, 5).expect("recover");
         assert!(!pending_path(&master).exists());
         assert_eq!(s.key_id(), new.key_id(), "the rename was redone");
         assert_eq!(s.open_current("a", 6).expect("open").as_str(), CANARY);
@@ -1747,7 +1959,7 @@ mod tests {
         LocalKms::generate()
             .write_new(&pending_path(&master))
             .expect("pending");
-        let s = Secrets::open(dir.path(), chain.clone(), 3600, 7).expect("recover");
+        let s = Secrets::open(dir.path(), chain.clone(), 3600, None, 7).expect("recover");
         assert!(!pending_path(&master).exists());
         assert_eq!(
             s.key_id(),
@@ -1757,7 +1969,7 @@ mod tests {
         assert_eq!(s.open_current("a", 8).expect("open").as_str(), CANARY);
         drop(s);
         std::fs::write(pending_path(&master), b"0123").expect("torn");
-        let s = Secrets::open(dir.path(), chain.clone(), 3600, 9).expect("recover");
+        let s = Secrets::open(dir.path(), chain.clone(), 3600, None, 9).expect("recover");
         assert!(!pending_path(&master).exists());
         assert_eq!(
             s.open_current("b", 10).expect("open").as_str(),
@@ -1781,7 +1993,7 @@ mod tests {
     #[test]
     fn upkeep_persists_last_use_seals_off_and_purges() {
         let (dir, chain) = data_dir();
-        let s = Secrets::open(dir.path(), chain.clone(), 10, 0).expect("open");
+        let s = Secrets::open(dir.path(), chain.clone(), 10, None, 0).expect("open");
         s.add("a", CANARY, 1_000).expect("add");
         s.add("gone", "sk-to-be-deleted-0123456789", 1_000)
             .expect("add");
@@ -1808,8 +2020,14 @@ mod tests {
         let up = s.maintain(3_000 + DELETE_RETENTION_MS).expect("upkeep");
         assert_eq!(up.purged, vec!["gone".to_string()]);
         drop(s);
-        let s = Secrets::open(dir.path(), chain.clone(), 10, 3_000 + DELETE_RETENTION_MS)
-            .expect("reopen");
+        let s = Secrets::open(
+            dir.path(),
+            chain.clone(),
+            10,
+            None,
+            3_000 + DELETE_RETENTION_MS,
+        )
+        .expect("reopen");
         let listed = s.list().expect("list");
         assert_eq!(listed.len(), 1);
         assert_eq!(listed[0].last_used_ms, Some(5_000), "persisted");

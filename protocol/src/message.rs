@@ -181,6 +181,10 @@ pub enum RefusalCode {
     /// The caller's did:web could not be resolved to a document listing its key for
     /// authentication (domain not named by policy, fetch failed, key not listed).
     DidUnresolved,
+    /// The KMS that holds the master key (a PKCS#11 token) cannot be used now: the call's
+    /// secret could not be decrypted; the grant was consumed (version 2 amendment 2.6; a
+    /// version 1 connection gets [`RefusalCode::SecretUnavailable`] instead).
+    KmsUnavailable,
     /// A code this release does not know (a later version's), with its wire text. Never sent
     /// by this release.
     Other(CodeText),
@@ -256,6 +260,28 @@ impl RefusalCode {
         Self::ShuttingDown,
     ];
 
+    /// The codes version 2 added by amendment, in order (specs/protocol.md, "Format
+    /// evolution").
+    pub const V2_ADDED: [RefusalCode; 1] = [Self::KmsUnavailable];
+
+    /// Every code this release knows: [`RefusalCode::V1`], then [`RefusalCode::V2_ADDED`].
+    pub const ALL: [RefusalCode; 22] = {
+        let mut all = [Self::Malformed; 22];
+        let mut i = 0;
+        while i < Self::V1.len() {
+            all[i] = Self::V1[i];
+            i += 1;
+        }
+        all[Self::V1.len()] = Self::V2_ADDED[0];
+        all
+    };
+
+    /// Whether a message of version `v` may carry this code: version 1's refusals name only
+    /// version 1's codes.
+    pub fn in_version(&self, v: u64) -> bool {
+        v != Version::V1.as_u64() || Self::V1.contains(self)
+    }
+
     /// The wire name.
     pub fn as_str(&self) -> &str {
         match self {
@@ -280,6 +306,7 @@ impl RefusalCode {
             Self::GrantInvalid => "grant_invalid",
             Self::ResponseTooLarge => "response_too_large",
             Self::DidUnresolved => "did_unresolved",
+            Self::KmsUnavailable => "kms_unavailable",
             Self::Other(text) => text.as_str(),
         }
     }
@@ -287,7 +314,7 @@ impl RefusalCode {
     /// The code named `text`: a known one, or [`RefusalCode::Other`] if `text` is a
     /// well-formed code this release does not know.
     pub fn parse(text: &str) -> Option<Self> {
-        Self::V1
+        Self::ALL
             .into_iter()
             .find(|c| c.as_str() == text)
             .or_else(|| CodeText::new(text).map(Self::Other))
@@ -456,7 +483,7 @@ impl Message for Refusal {
     /// Version 1 is frozen: its refusals name one of its codes. Later versions may name a
     /// code added after this release ([`RefusalCode::Other`]).
     fn check_version(&self) -> Result<(), DecodeError> {
-        if self.v == Version::V1.as_u64() && !self.code.is_known() {
+        if !self.code.in_version(self.v) {
             return Err(DecodeError::Field("code"));
         }
         Ok(())
@@ -719,6 +746,17 @@ mod tests {
             Err(DecodeError::Field("code"))
         );
         assert!(Refusal::decode(&set_code(&mut raw, "policy")).is_ok());
+        // a code version 2 added (amendment 2.6) is not one of version 1's
+        assert_eq!(
+            Refusal::decode(&set_code(&mut raw, "kms_unavailable")),
+            Err(DecodeError::Field("code"))
+        );
+        assert_eq!(
+            RefusalCode::parse("kms_unavailable"),
+            Some(RefusalCode::KmsUnavailable)
+        );
+        assert!(RefusalCode::KmsUnavailable.in_version(2));
+        assert!(!RefusalCode::KmsUnavailable.in_version(1));
         assert_eq!(
             RefusalCode::parse("budget_exceeded"),
             Some(opened.message.code)

@@ -91,6 +91,7 @@ impl Harness {
                 },
             ],
             did_web: Default::default(),
+            pkcs11: None,
         };
         let mut config = config;
         adjust(&mut config);
@@ -532,16 +533,31 @@ impl Daemon {
 
     /// Like [`Daemon::start`] with `RUST_LOG` set to `level`.
     pub fn start_with_log_level(data: &Path, log: &Path, level: &str) -> anyhow::Result<Self> {
-        Self::spawn(data, log, level, None)
+        Self::spawn(data, log, level, None, &[])
+    }
+
+    /// Like [`Daemon::start`] with these environment variables set too.
+    pub fn start_with_env(
+        data: &Path,
+        log: &Path,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> anyhow::Result<Self> {
+        Self::spawn(data, log, "info", None, env)
     }
 
     /// Like [`Daemon::start`], running as user and group `uid` (the data directory must be
     /// theirs).
     pub fn start_as(data: &Path, log: &Path, uid: u32) -> anyhow::Result<Self> {
-        Self::spawn(data, log, "info", Some(uid))
+        Self::spawn(data, log, "info", Some(uid), &[])
     }
 
-    fn spawn(data: &Path, log: &Path, level: &str, uid: Option<u32>) -> anyhow::Result<Self> {
+    fn spawn(
+        data: &Path,
+        log: &Path,
+        level: &str,
+        uid: Option<u32>,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> anyhow::Result<Self> {
         use std::io::{BufRead, BufReader, Write};
         use std::os::unix::process::CommandExt;
         use std::process::{Command, Stdio};
@@ -550,6 +566,7 @@ impl Daemon {
             .arg("--data")
             .arg(data)
             .env("RUST_LOG", level)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
@@ -627,6 +644,16 @@ impl Daemon {
         }
         anyhow::ensure!(status.success(), "didgated exited with {status}");
         Ok(())
+    }
+
+    /// SIGTERM, then [`Daemon::wait`]: the daemon drains, writes its final checkpoint and
+    /// exits 0.
+    pub fn stop(self) -> anyhow::Result<()> {
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()?;
+        anyhow::ensure!(sent.success(), "kill -TERM {}", self.pid());
+        self.wait()
     }
 
     /// SIGKILL, and wait for the process to be gone.

@@ -93,6 +93,13 @@ pub enum Request {
     },
     /// Rotate the master key: rewrap every data key.
     KmsRotate,
+    /// Move the master key into the PKCS#11 token of `[pkcs11]`: `kms init-pkcs11` (`init`,
+    /// refused on a store holding secrets) or `kms migrate --to pkcs11`.
+    KmsToToken {
+        /// `init-pkcs11` rather than `migrate`.
+        #[serde(default)]
+        init: bool,
+    },
     /// Re-read and validate the policy (`didgated policy reload`, SIGHUP) and swap it in
     /// atomically; on an error the set in force stays.
     PolicyReload,

@@ -144,7 +144,8 @@ async fn execute(gw: &Arc<Gateway>, req: Request) -> Reply {
         | Request::SecretDelete { .. }
         | Request::SecretList
         | Request::SecretTest { .. }
-        | Request::KmsRotate) => {
+        | Request::KmsRotate
+        | Request::KmsToToken { .. }) => {
             let reply = crate::admin::secret_command(gw.secrets(), Some(gw.config()), &req).await;
             if reply.ok {
                 secret_event(gw, &req, &reply);
@@ -235,7 +236,7 @@ fn secret_event(gw: &Gateway, req: &Request, reply: &Reply) {
         Request::SecretDisable { .. } => "disabled",
         Request::SecretEnable { .. } => "enabled",
         Request::SecretDelete { .. } => "deleted",
-        Request::KmsRotate => {
+        Request::KmsRotate | Request::KmsToToken { .. } => {
             if let Some(k) = &reply.kms {
                 gw.emit(|| EventKind::KmsRotation {
                     old_key_id: k.old_key_id.clone(),

@@ -832,6 +832,28 @@ async fn signal(pid: u32, signal: &str) -> Result<()> {
 }
 
 /// User + system CPU seconds of process `pid` so far (/proc/PID/stat, in clock ticks of 10 ms).
+/// With `DIDGATE_BENCH_PKCS11=MODULE:TOKEN_LABEL` (and the user PIN in
+/// `DIDGATE_BENCH_PKCS11_PIN`, `SOFTHSM2_CONF` for SoftHSM2), the gateway's master key is a key
+/// generated in that token (`[gateway] kms = "pkcs11"`): the calls then pay the token's unwrap
+/// (docs/performance.md, "The master key in a token"). Returns whether it is.
+fn bench_token(config: &mut Config) -> bool {
+    let Some((module, token)) = std::env::var("DIDGATE_BENCH_PKCS11").ok().and_then(|v| {
+        v.rsplit_once(':')
+            .map(|(m, t)| (m.to_string(), t.to_string()))
+    }) else {
+        return false;
+    };
+    config.gateway.kms = config::KmsKind::Pkcs11;
+    config.pkcs11 = Some(config::Pkcs11Settings {
+        module,
+        token,
+        key_label: "didgate-bench-gateway".into(),
+        pin_env: Some("DIDGATE_BENCH_PKCS11_PIN".into()),
+        pin_file: None,
+    });
+    true
+}
+
 pub(crate) fn cpu_seconds(pid: u32) -> Result<f64> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // fields after the command name, which is in parentheses and may hold spaces
@@ -919,7 +941,8 @@ impl GatewayProcess {
         Self::start_with(bins, base, upstream, |c| c.gateway.handshakes = handshakes).await
     }
 
-    /// A gateway with the benchmark's configuration as `adjust` leaves it.
+    /// A gateway with the benchmark's configuration as `adjust` leaves it (its master key in
+    /// a PKCS#11 token when [`bench_token`] says so).
     pub(crate) async fn start_with(
         bins: &Binaries,
         base: &Path,
@@ -955,9 +978,17 @@ impl GatewayProcess {
                 paths: vec!["/v1/**".into()],
             }],
             did_web: Default::default(),
+            pkcs11: None,
         };
         adjust(&mut config);
+        let in_token = bench_token(&mut config);
         std::fs::write(dir.join("gateway.toml"), toml::to_string(&config)?)?;
+        if in_token {
+            let opened = didgate_gateway::admin::open_dir(&dir)?;
+            opened
+                .secrets
+                .kms_to_token(true, didgate_gateway::now_ms())?;
+        }
         didgate_gateway::add_secret(&dir, "bench-key", SECRET)?;
         // DIDGATE_BENCH_GATEWAY_WRAPPER (words split on white space) goes before the gateway's
         // command, for a profiler: e.g. `env LD_PRELOAD=.../libheaptrack_preload.so
