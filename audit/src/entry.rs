@@ -13,10 +13,12 @@
 //! lenient about the encoding), and [`Entry::decode_strict`], the verifier's, refuses any entry
 //! that breaks the encoding rules (definite lengths, shortest arguments, no tags, no null, each
 //! field of its table's CBOR type) or the per-kind field table of its version
-//! ([`Entry::check_fields`]).
+//! ([`Entry::check_fields`]). Beside the strict one, [`Entry::decode_plain`] is the verifier's
+//! fast path: the strict decoder's value, faster, for the plain encoding the writers produce,
+//! and `None` for anything else (which then goes to `decode_strict`).
 
 use didgate_protocol::Version;
-use didgate_protocol::cbor::{self, DecodeError, fixed, fixed_opt};
+use didgate_protocol::cbor::{self, DecodeError, PlainReader, fixed, fixed_opt};
 use didgate_protocol::message::{ChainHead, Digest, EntryRef};
 use serde::{Deserialize, Serialize};
 
@@ -747,6 +749,76 @@ impl Entry {
         Ok(e)
     }
 
+    /// Decodes an entry like [`Entry::decode_strict`], faster, for the plain encoding the chain
+    /// writer produces; `None` whenever the input is anything else (the caller then uses
+    /// [`Entry::decode_strict`], whose verdict and error stand).
+    ///
+    /// Accepted here, and only this: one definite-length map with text keys, each a field of
+    /// [`Entry`] at most once (the secret entries' `action` and `secrets` excepted); unsigned
+    /// integers, byte strings and text strings in their shortest definite form
+    /// ([`PlainReader`]); no null (an absent option is absent; null is the strict decoder's
+    /// to refuse); nested `peer_head` / `peer_entry` maps likewise; no tags, no trailing bytes;
+    /// the required fields present, a version [`Entry::decode`] accepts
+    /// ([`Entry::check_version`]) and the kind's field table ([`Entry::check_fields`]). Every
+    /// such input is one that ciborium and serde (what `Entry::decode` uses) accept, decoding
+    /// to the same value: they accept these forms (and more, which go to
+    /// `Entry::decode_strict`), enum names are matched by serde itself, and unknown or
+    /// duplicate fields are left to `Entry::decode_strict` to refuse.
+    pub fn decode_plain(bytes: &[u8]) -> Option<Self> {
+        let mut r = PlainReader::new(bytes);
+        let n = r.head(5)?;
+        let mut e = Entry::new(EntryKind::Genesis, 0);
+        let mut seen = 0u32;
+        for _ in 0..n {
+            let bit = plain_field(r.text()?)?;
+            if seen & (1 << bit) != 0 {
+                return None;
+            }
+            seen |= 1 << bit;
+            // unused fields are absent, not null: the strict decoder says why
+            if r.peek() == Some(0xf6) {
+                return None;
+            }
+            match bit {
+                0 => e.v = r.uint()?,
+                1 => e.seq = r.uint()?,
+                2 => e.prev = r.fixed()?,
+                3 => e.time_ms = r.uint()?,
+                4 => e.kind = unit_variant(r.text()?)?,
+                5 => e.call = r.opt(PlainReader::fixed)?,
+                6 => e.signed = r.opt(|r| r.bytes().map(<[u8]>::to_vec))?,
+                7 => e.peer_head = r.opt(ChainHead::read_plain)?,
+                8 => e.peer_entry = r.opt(EntryRef::read_plain)?,
+                9 => e.owner = r.opt(PlainReader::string)?,
+                10 => e.role = r.opt(|r| unit_variant(r.text()?))?,
+                11 => e.subject = r.opt(PlainReader::string)?,
+                12 => e.grant = r.opt(PlainReader::fixed)?,
+                13 => e.status = r.opt(|r| u16::try_from(r.uint()?).ok())?,
+                14 => e.resp_len = r.opt(PlainReader::uint)?,
+                15 => e.resp_b3 = r.opt(PlainReader::fixed)?,
+                16 => e.code = r.opt(PlainReader::string)?,
+                17 => e.detail = r.opt(PlainReader::string)?,
+                18 => e.count = r.opt(PlainReader::uint)?,
+                19 => e.outcome = r.opt(|r| unit_variant(r.text()?))?,
+                20 => e.policy = r.opt(PlainReader::fixed)?,
+                21 => e.did_doc = r.opt(PlainReader::fixed)?,
+                22 => e.root = r.opt(PlainReader::fixed)?,
+                // never null (Entry's `present_uint`)
+                23 => e.version = Some(r.uint()?),
+                24 => e.secret_echo = Some(r.uint()?),
+                25 => e.secret_id = Some(r.fixed()?),
+                _ => e.secret_version = Some(r.uint()?),
+            }
+        }
+        // v, seq, prev, time_ms and kind are required; anything after the map is refused; the
+        // version's own rules are the strict decoder's
+        (seen & 0b11111 == 0b11111
+            && r.at_end()
+            && e.check_version().is_ok()
+            && e.check_fields().is_ok())
+        .then_some(e)
+    }
+
     /// The per-kind field table of the entry's version: refuses a field its kind may not
     /// carry and a field its kind must carry that is absent. `v`, `seq`, `prev`, `time_ms` and
     /// `kind` are always there; `root` (reserved) is accepted on every kind. The table is the
@@ -869,9 +941,54 @@ impl Entry {
     }
 }
 
+/// The number [`Entry::decode_plain`] gives a field it reads; `None` for the fields it leaves
+/// to the strict decoder (`action`, `secrets`) and for unknown keys.
+#[inline]
+fn plain_field(key: &str) -> Option<u32> {
+    Some(match key {
+        "v" => 0,
+        "seq" => 1,
+        "prev" => 2,
+        "time_ms" => 3,
+        "kind" => 4,
+        "call" => 5,
+        "signed" => 6,
+        "peer_head" => 7,
+        "peer_entry" => 8,
+        "owner" => 9,
+        "role" => 10,
+        "subject" => 11,
+        "grant" => 12,
+        "status" => 13,
+        "resp_len" => 14,
+        "resp_b3" => 15,
+        "code" => 16,
+        "detail" => 17,
+        "count" => 18,
+        "outcome" => 19,
+        "policy" => 20,
+        "did_doc" => 21,
+        "root" => 22,
+        "version" => 23,
+        "secret_echo" => 24,
+        "secret_id" => 25,
+        "secret_version" => 26,
+        _ => return None,
+    })
+}
+
+/// A unit enum variant by its serde name, matched by serde itself.
+fn unit_variant<T: serde::de::DeserializeOwned>(name: &str) -> Option<T> {
+    use serde::de::IntoDeserializer;
+    let d: serde::de::value::StrDeserializer<'_, serde::de::value::Error> =
+        name.into_deserializer();
+    T::deserialize(d).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use didgate_protocol::test_util::Rng;
 
     #[test]
     fn round_trip_and_hash() {
@@ -890,6 +1007,19 @@ mod tests {
 
     #[test]
     fn each_version_is_strict() {
+        the_format_kind_and_version_field_are_version_2s();
+        secret_echo_and_secret_id_follow_amendments_2_1_and_2_3();
+        secret_entries_follow_amendment_2_4();
+        for v in [0, 3, u64::MAX] {
+            let mut bad = Entry::new(EntryKind::Executed, 5);
+            bad.v = v;
+            assert_eq!(Entry::decode(&bad.encode()), Err(DecodeError::Version(v)));
+        }
+    }
+
+    /// Version 1 has no `format` kind and no `version` field; a format entry names its own
+    /// version and no other entry carries one.
+    fn the_format_kind_and_version_field_are_version_2s() {
         let mut v1 = Entry::new(EntryKind::Executed, 5);
         v1.v = 1;
         assert_eq!(Entry::decode(&v1.encode()), Ok(v1.clone()));
@@ -926,6 +1056,17 @@ mod tests {
             Entry::decode(&bad.encode()),
             Err(DecodeError::Field("version"))
         );
+        // a key version 1 lacks is refused even with a null value
+        let mut null_key: Value = ciborium::from_reader(v1.encode().as_slice()).expect("cbor");
+        if let Value::Map(m) = &mut null_key {
+            m.push((Value::Text("version".into()), Value::Null));
+        }
+        assert!(Entry::decode(&cbor::to_vec(&null_key)).is_err());
+    }
+
+    /// `secret_echo` (amendment 2.1) and `secret_id` with `secret_version` (2.3): on executed
+    /// entries of version 2 only, the last two both or neither.
+    fn secret_echo_and_secret_id_follow_amendments_2_1_and_2_3() {
         // amendment 2.1: secret_echo on executed entries of version 2 only
         let mut echo = Entry::new(EntryKind::Executed, 5);
         echo.secret_echo = Some(2);
@@ -960,13 +1101,10 @@ mod tests {
             Entry::decode(&used.encode()),
             Err(DecodeError::Field("secret_id"))
         );
-        // a key version 1 lacks is refused even with a null value
-        let mut null_key: Value = ciborium::from_reader(v1.encode().as_slice()).expect("cbor");
-        if let Value::Map(m) = &mut null_key {
-            m.push((Value::Text("version".into()), Value::Null));
-        }
-        assert!(Entry::decode(&cbor::to_vec(&null_key)).is_err());
-        // amendment 2.4: secret entries, version 2 only, with their invariants
+    }
+
+    /// Amendment 2.4: secret entries, version 2 only, with their invariants.
+    fn secret_entries_follow_amendment_2_4() {
         let state = |status, versions: &[(u64, Option<u64>)]| SecretState {
             name: "k".into(),
             id: [7; 16],
@@ -1056,11 +1194,6 @@ mod tests {
             Entry::decode(&old.encode()),
             Err(DecodeError::Field("kind"))
         );
-        for v in [0, 3, u64::MAX] {
-            bad = Entry::new(EntryKind::Executed, 5);
-            bad.v = v;
-            assert_eq!(Entry::decode(&bad.encode()), Err(DecodeError::Version(v)));
-        }
     }
 
     /// A chain head, as requests carry.
@@ -1515,5 +1648,213 @@ mod tests {
             }
         }
         assert!(n > 20, "{n} entries");
+    }
+
+    fn random_entry(rng: &mut Rng) -> Entry {
+        let kinds = [
+            EntryKind::Genesis,
+            EntryKind::Request,
+            EntryKind::Result,
+            EntryKind::Executing,
+            EntryKind::Executed,
+            EntryKind::Failed,
+            EntryKind::Abandoned,
+            EntryKind::Refused,
+            EntryKind::Refusals,
+        ];
+        let mut e = Entry::new(kinds[rng.below(9) as usize], rng.int());
+        e.seq = rng.int();
+        e.prev = rng.digest();
+        let maybe = |rng: &mut Rng| rng.below(3) == 0;
+        if maybe(rng) {
+            e.call = Some(rng.digest());
+        }
+        if maybe(rng) {
+            e.signed = Some(vec![rng.next() as u8; rng.below(300) as usize]);
+        }
+        if maybe(rng) {
+            e.peer_head = Some(ChainHead {
+                chain: rng.digest(),
+                seq: rng.int(),
+                hash: rng.digest(),
+            });
+        }
+        if maybe(rng) {
+            e.peer_entry = Some(EntryRef {
+                seq: rng.int(),
+                hash: rng.digest(),
+            });
+        }
+        if maybe(rng) {
+            e.owner = Some(rng.text());
+        }
+        if maybe(rng) {
+            e.role = Some([Role::Gateway, Role::Client][rng.below(2) as usize]);
+        }
+        if maybe(rng) {
+            e.subject = Some(rng.text());
+        }
+        if maybe(rng) {
+            e.grant = Some([rng.next() as u8; 16]);
+        }
+        if maybe(rng) {
+            e.status = Some(rng.int() as u16);
+        }
+        if maybe(rng) {
+            e.resp_len = Some(rng.int());
+        }
+        if maybe(rng) {
+            e.resp_b3 = Some(rng.digest());
+        }
+        if maybe(rng) {
+            e.code = Some(rng.text());
+        }
+        if maybe(rng) {
+            e.detail = Some(rng.text());
+        }
+        if maybe(rng) {
+            e.count = Some(rng.int());
+        }
+        if maybe(rng) {
+            e.outcome =
+                Some([Outcome::Receipt, Outcome::Refusal, Outcome::Unknown][rng.below(3) as usize]);
+        }
+        for field in [&mut e.policy, &mut e.did_doc, &mut e.root] {
+            if rng.below(5) == 0 {
+                *field = Some(rng.digest());
+            }
+        }
+        // both versions; version 2 has the format kind and its version field
+        match rng.below(4) {
+            0 => e.v = 1,
+            1 => {
+                e.kind = EntryKind::Format;
+                e.version = Some(e.v);
+            }
+            2 => {
+                e.kind = EntryKind::Executed;
+                e.secret_echo = Some(rng.int());
+                if rng.below(2) == 0 {
+                    e.secret_id = Some([rng.next() as u8; 16]);
+                    e.secret_version = Some(rng.int());
+                }
+            }
+            _ => {}
+        }
+        e
+    }
+
+    /// The fast entry decoder gives `Entry::decode`'s value on what the writer encodes, and
+    /// whenever it accepts altered bytes, `Entry::decode` accepts them with the same value.
+    #[test]
+    fn fast_entry_decoder_agrees_with_entry_decode() {
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut accepted_altered = 0;
+        let mut accepted_fresh = 0;
+        // random fields mostly break the kinds' field tables: draw until enough pass (bounded)
+        for _ in 0..400_000 {
+            if accepted_fresh >= 300 {
+                break;
+            }
+            let e = random_entry(&mut rng);
+            let bytes = e.encode();
+            assert_eq!(Entry::decode(&bytes), Ok(e.clone()));
+            // random fields break the kinds' field tables: the fast path and the strict decoder
+            // agree on which, and on the value when they accept
+            let strict = Entry::decode_strict(&bytes).ok();
+            assert_eq!(Entry::decode_plain(&bytes), strict);
+            if strict.is_none() {
+                continue;
+            }
+            accepted_fresh += 1;
+            for _ in 0..20 {
+                let mut altered = bytes.clone();
+                match rng.below(4) {
+                    0 => {
+                        let i = rng.below(altered.len() as u64) as usize;
+                        altered[i] ^= 1 << rng.below(8);
+                    }
+                    1 => {
+                        let i = rng.below(altered.len() as u64) as usize;
+                        altered[i] = rng.next() as u8;
+                    }
+                    2 => altered.truncate(rng.below(altered.len() as u64) as usize),
+                    _ => {
+                        let i = rng.below(altered.len() as u64) as usize;
+                        altered.insert(i, rng.next() as u8);
+                    }
+                }
+                if let Some(fast) = Entry::decode_plain(&altered) {
+                    accepted_altered += 1;
+                    assert_eq!(Entry::decode_strict(&altered), Ok(fast), "{altered:02x?}");
+                }
+            }
+        }
+        assert!(accepted_fresh > 100, "{accepted_fresh}");
+        assert!(accepted_altered > 100, "{accepted_altered}");
+        // forms the writer never produces are left to Entry::decode
+        let e = random_entry(&mut rng);
+        let value: Value = ciborium::from_reader(e.encode().as_slice()).expect("cbor");
+        let mut tagged = Vec::new();
+        ciborium::into_writer(&Value::Tag(55799, Box::new(value)), &mut tagged).expect("encode");
+        assert_eq!(Entry::decode_plain(&tagged), None);
+        let mut wide_v = e.encode();
+        let v = e.v as u8;
+        let at = wide_v
+            .windows(3)
+            .position(|w| w == [0x61, b'v', v])
+            .expect("v");
+        wide_v.splice(at + 2..at + 3, [0x18, v]);
+        assert_eq!(Entry::decode_plain(&wide_v), None);
+    }
+
+    /// On the entries of the spec's vectors, of the previous release's exports and of the
+    /// committed fuzz corpus, the fast decoder agrees with the strict one whenever it accepts
+    /// an entry, and it accepts every vector entry the strict decoder accepts, but the secret
+    /// entries it leaves to the strict decoder.
+    #[test]
+    fn decode_plain_agrees_on_the_vectors_and_the_corpus() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let mut vectors = Vec::new();
+        for file in didgate_protocol::test_util::VECTOR_FILES {
+            let path = root.join("specs/vectors").join(file);
+            let text = std::fs::read_to_string(path).expect("vector file");
+            let json: serde_json::Value = serde_json::from_str(&text).expect("json");
+            let (entries, _) = didgate_protocol::test_util::vector_hex(&json);
+            vectors.extend(entries.iter().map(|h| hex::decode(h).expect("hex")));
+        }
+        let (mut strict, mut plain) = (0, 0);
+        for bytes in &vectors {
+            let fast = Entry::decode_plain(bytes);
+            match Entry::decode_strict(bytes) {
+                Ok(e) if e.kind == EntryKind::Secret => assert_eq!(fast, None),
+                Ok(e) => {
+                    strict += 1;
+                    assert_eq!(fast, Some(e));
+                }
+                Err(_) => assert_eq!(fast, None, "{bytes:02x?}"),
+            }
+            plain += usize::from(fast.is_some());
+        }
+        assert_eq!(plain, strict);
+        assert!(plain > 200, "{plain} of {}", vectors.len());
+        let mut corpus = Vec::new();
+        let fixtures = root.join("tests/fixtures/release-b9992ca");
+        for file in ["gateway.cbor", "alice.cbor", "bob.cbor"] {
+            let chain = crate::export::import(&fixtures.join(file), file).expect("fixture export");
+            corpus.extend(chain.entries.into_iter().map(|(_, bytes)| bytes));
+        }
+        let dir = root.join("fuzz/corpus/entry");
+        for file in std::fs::read_dir(dir).expect("the committed fuzz corpus") {
+            corpus.push(std::fs::read(file.expect("a corpus file").path()).expect("read"));
+        }
+        let mut accepted = 0;
+        for bytes in &corpus {
+            if let Some(fast) = Entry::decode_plain(bytes) {
+                accepted += 1;
+                assert_eq!(Entry::decode_strict(bytes), Ok(fast), "{bytes:02x?}");
+            }
+        }
+        assert!(accepted >= 19, "{accepted} of {}", corpus.len());
     }
 }

@@ -32,8 +32,6 @@
 //! - 3: the gateway refused the call (signed refusal, recorded in the chain);
 //! - 4: any other call failure (gateway unreachable, connection lost, invalid answer);
 //! - 5: the gateway at the address presented another DID than the pinned one (nothing sent).
-// functions over 120 lines (clippy.toml) are split, tests excepted (issue 14)
-#![cfg_attr(not(test), warn(clippy::too_many_lines))]
 
 mod mcp;
 

@@ -3,8 +3,6 @@
 //! upstream of the integration tests and the benchmark). The daemon's command line is in
 //! `main.rs`.
 #![forbid(unsafe_code)]
-// functions over 120 lines (clippy.toml) are split, tests excepted (issue 14)
-#![cfg_attr(not(test), warn(clippy::too_many_lines))]
 #![warn(missing_docs)]
 
 pub mod demo;

@@ -2,8 +2,6 @@
 //!
 //! Exit status: 0 on success, 1 when the demo's expectations fail or `secret test` finds a key
 //! its upstream refuses, 2 on a usage, configuration or I/O error.
-// functions over 120 lines (clippy.toml) are split, tests excepted (issue 14)
-#![cfg_attr(not(test), warn(clippy::too_many_lines))]
 
 use std::io::{IsTerminal, Read};
 use std::net::SocketAddr;

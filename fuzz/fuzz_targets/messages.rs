@@ -15,6 +15,13 @@ fuzz_target!(|data: &[u8]| {
         // strict decoding: what decodes re-encodes and decodes to the same value
         assert_eq!(Request::decode(&r.encode()).ok(), Some(r));
     }
+    // the fast decoders: whatever they accept, the strict ones accept, same value
+    if let Some(fast) = Request::decode_plain(data) {
+        assert_eq!(Request::decode(data), Ok(fast));
+    }
+    if let Some(fast) = Receipt::decode_plain(data) {
+        assert_eq!(Receipt::decode(data), Ok(fast));
+    }
     let _ = GrantBody::decode(data);
     let _ = Receipt::decode(data);
     let _ = Refusal::decode(data);

@@ -18,8 +18,6 @@
 //! # Ok(()) }
 //! ```
 #![forbid(unsafe_code)]
-// functions over 120 lines (clippy.toml) are split, tests excepted (issue 14)
-#![cfg_attr(not(test), warn(clippy::too_many_lines))]
 #![warn(missing_docs)]
 
 pub mod admin;

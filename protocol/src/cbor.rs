@@ -1,6 +1,11 @@
 //! Strict CBOR encoding of our serde types (RFC 8949) with ciborium.
 //!
 //! Decoding rejects trailing bytes and oversize input; encoding of our own types cannot fail.
+//!
+//! [`PlainReader`] reads the plain subset of CBOR that didgate's own writers produce, for the
+//! fast decoders that sit beside the strict ones (`decode_plain` of a request, a receipt or an
+//! audit entry, [`crate::envelope::parse_plain`]): whatever it does not read is left to the
+//! strict decoder, whose verdict stands.
 
 use serde::{Serialize, de::DeserializeOwned};
 
@@ -165,6 +170,136 @@ pub mod fixed_opt {
                 .map_err(|_| D::Error::invalid_length(v.len(), &"a fixed-size byte string"))
         })
         .transpose()
+    }
+}
+
+/// A reader of the plain CBOR subset didgate's writers produce: definite lengths, every
+/// argument in its shortest form, no tags, text strings of at most 1024 bytes. Each read
+/// returns `None` on anything else and leaves the reader where it stopped; a fast decoder
+/// built on it then gives up, and its caller uses the strict decoder (whose verdict and error
+/// stand). Everything it reads, ciborium reads to the same value.
+#[derive(Debug, Clone)]
+pub struct PlainReader<'b> {
+    bytes: &'b [u8],
+    at: usize,
+}
+
+impl<'b> PlainReader<'b> {
+    /// A reader at the start of `bytes`.
+    #[inline]
+    pub fn new(bytes: &'b [u8]) -> Self {
+        Self { bytes, at: 0 }
+    }
+
+    /// Whether every byte was read.
+    #[inline]
+    pub fn at_end(&self) -> bool {
+        self.at == self.bytes.len()
+    }
+
+    /// The next byte, not read.
+    #[inline]
+    pub fn peek(&self) -> Option<u8> {
+        self.bytes.get(self.at).copied()
+    }
+
+    /// Reads the next byte if it is `byte`; `None` (nothing read) if it is not.
+    #[inline]
+    pub fn skip(&mut self, byte: u8) -> Option<()> {
+        if self.peek() != Some(byte) {
+            return None;
+        }
+        self.at += 1;
+        Some(())
+    }
+
+    /// A head of major type `major` with its argument in the shortest form; not indefinite.
+    #[inline]
+    pub fn head(&mut self, major: u8) -> Option<u64> {
+        let first = *self.bytes.get(self.at)?;
+        if first >> 5 != major {
+            return None;
+        }
+        let info = first & 0x1f;
+        let (len, min) = match info {
+            0..=23 => {
+                self.at += 1;
+                return Some(u64::from(info));
+            }
+            24 => (1, 24),
+            25 => (2, 0x100),
+            26 => (4, 0x1_0000),
+            27 => (8, 0x1_0000_0000),
+            _ => return None,
+        };
+        let raw = self.bytes.get(self.at + 1..self.at + 1 + len)?;
+        let value = raw.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b));
+        if value < min {
+            return None;
+        }
+        self.at += 1 + len;
+        Some(value)
+    }
+
+    /// An unsigned integer.
+    #[inline]
+    pub fn uint(&mut self) -> Option<u64> {
+        self.head(0)
+    }
+
+    /// A byte string.
+    #[inline]
+    pub fn bytes(&mut self) -> Option<&'b [u8]> {
+        let len = usize::try_from(self.head(2)?).ok()?;
+        let out = self.bytes.get(self.at..self.at.checked_add(len)?)?;
+        self.at += len;
+        Some(out)
+    }
+
+    /// A byte string of exactly `N` bytes.
+    #[inline]
+    pub fn fixed<const N: usize>(&mut self) -> Option<[u8; N]> {
+        self.bytes()?.try_into().ok()
+    }
+
+    /// A text string of at most 1024 bytes (read by ciborium in one piece).
+    #[inline]
+    pub fn text(&mut self) -> Option<&'b str> {
+        let len = usize::try_from(self.head(3)?).ok()?;
+        if len > 1024 {
+            return None;
+        }
+        let out = self.bytes.get(self.at..self.at + len)?;
+        self.at += len;
+        std::str::from_utf8(out).ok()
+    }
+
+    /// A text string, owned.
+    #[inline]
+    pub fn string(&mut self) -> Option<String> {
+        self.text().map(str::to_string)
+    }
+
+    /// Null as `None`, else the value read by `f`; `None` if neither.
+    #[inline]
+    pub fn opt<T>(&mut self, f: impl FnOnce(&mut Self) -> Option<T>) -> Option<Option<T>> {
+        if self.skip(0xf6).is_some() {
+            return Some(None);
+        }
+        f(self).map(Some)
+    }
+
+    /// An array of two-text arrays (serde's `Vec<(String, String)>`).
+    pub fn pairs(&mut self) -> Option<Vec<(String, String)>> {
+        let n = self.head(4)?;
+        let mut out = Vec::with_capacity(usize::try_from(n).ok()?.min(64));
+        for _ in 0..n {
+            if self.head(4)? != 2 {
+                return None;
+            }
+            out.push((self.string()?, self.string()?));
+        }
+        Some(out)
     }
 }
 

@@ -11,6 +11,7 @@ use coset::{
 };
 use ed25519_dalek::Signature;
 
+use crate::cbor::PlainReader;
 use crate::did::{Did, DidError};
 use crate::identity::Identity;
 use crate::web::{Caller, Principal, PrincipalError, WebDid};
@@ -288,6 +289,118 @@ pub fn verify_full(
     })
 }
 
+/// The parts of a COSE_Sign1 in the one plain layout [`sign`] writes, as [`parse_plain`] reads
+/// them. Nothing here is verified: the signature is still to be checked over
+/// [`sig_structure`]`(protected, kind.tag(), payload)` under the key `kid` names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlainSign1<'b> {
+    /// The protected header bucket, as stored.
+    pub protected: &'b [u8],
+    /// The kind its content type names.
+    pub kind: Kind,
+    /// The `kid`, not empty.
+    pub kid: &'b [u8],
+    /// The payload.
+    pub payload: &'b [u8],
+    /// The signature.
+    pub signature: [u8; 64],
+}
+
+/// Every kind, for [`parse_plain`] to find one by its tag.
+const KINDS: [Kind; 5] = [
+    Kind::Request,
+    Kind::Grant,
+    Kind::Receipt,
+    Kind::Refusal,
+    Kind::Checkpoint,
+];
+
+/// Reads a COSE_Sign1 laid out exactly as [`sign`] writes it, faster than coset (the audit
+/// verifier's fast path): tag 18, an array of four; the protected header a byte string holding
+/// a map of alg (1) = EdDSA (-8), content type (3) = one of the didgate tags, and a non-empty
+/// kid (4), in any order, once each; an empty unprotected map; a byte-string payload; a 64-byte
+/// signature; nothing after; every length in its shortest form. `None` for anything else (then
+/// coset reads it, as [`verify`] does).
+///
+/// Everything accepted here coset reads to the same header, payload and signature, and
+/// [`verify`]'s header checks pass on it (the tags are non-empty `type/subtype` strings
+/// without surrounding spaces, as coset requires).
+pub fn parse_plain(bytes: &[u8]) -> Option<PlainSign1<'_>> {
+    if bytes.len() > MAX_ENVELOPE {
+        return None;
+    }
+    let mut r = PlainReader::new(bytes);
+    r.skip(0xd2)?;
+    r.skip(0x84)?;
+    let protected = r.bytes()?;
+    r.skip(0xa0)?;
+    let payload = r.bytes()?;
+    let signature: [u8; 64] = r.fixed()?;
+    if !r.at_end() {
+        return None;
+    }
+    let mut h = PlainReader::new(protected);
+    if h.head(5)? != 3 {
+        return None;
+    }
+    let (mut alg, mut kind, mut kid) = (false, None, None);
+    for _ in 0..3 {
+        match h.uint()? {
+            1 if !alg && h.peek() == Some(0x27) => {
+                h.skip(0x27)?;
+                alg = true;
+            }
+            3 if kind.is_none() => {
+                let tag = h.text()?;
+                kind = Some(KINDS.into_iter().find(|k| k.tag() == tag)?);
+            }
+            4 if kid.is_none() => kid = Some(h.bytes().filter(|k| !k.is_empty())?),
+            _ => return None,
+        }
+    }
+    if !h.at_end() || !alg {
+        return None;
+    }
+    Some(PlainSign1 {
+        protected,
+        kind: kind?,
+        kid: kid?,
+        payload,
+        signature,
+    })
+}
+
+/// The COSE Sig_structure for a COSE_Sign1 (RFC 9052 section 4.4), encoded as coset encodes
+/// it: `["Signature1", protected, external_aad, payload]`; what the signature of a message
+/// [`parse_plain`] read covers, with the kind's tag as `external_aad`.
+pub fn sig_structure(protected: &[u8], aad: &[u8], payload: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(protected.len() + aad.len() + payload.len() + 32);
+    out.push(0x84);
+    out.push(0x6a);
+    out.extend_from_slice(b"Signature1");
+    for b in [protected, aad, payload] {
+        let len = b.len() as u64;
+        match len {
+            0..=23 => out.push(0x40 | len as u8),
+            24..=0xff => out.extend_from_slice(&[0x58, len as u8]),
+            0x100..=0xffff => {
+                out.push(0x59);
+                out.extend_from_slice(&(len as u16).to_be_bytes());
+            }
+            0x1_0000..=0xffff_ffff => {
+                out.push(0x5a);
+                out.extend_from_slice(&(len as u32).to_be_bytes());
+            }
+            _ => {
+                out.push(0x5b);
+                out.extend_from_slice(&len.to_be_bytes());
+            }
+        }
+        out.extend_from_slice(b);
+    }
+    out
+}
+
 /// Re-serialises a parsed envelope for tests that tamper with its fields (feature
 /// `test-util`: not part of the API).
 #[cfg(any(test, feature = "test-util"))]
@@ -508,6 +621,95 @@ mod tests {
         .expect("ok")
         .digest();
         assert_ne!(a, c);
+    }
+
+    /// What coset reads from a message [`parse_plain`] accepted is what it read: the same
+    /// header, payload and signature, and headers [`verify`]'s checks pass.
+    pub(crate) fn assert_coset_agrees(bytes: &[u8], p: &PlainSign1<'_>) {
+        let s = CoseSign1::from_tagged_slice(bytes).expect("coset accepts it too");
+        let h = &s.protected.header;
+        assert!(s.unprotected.is_empty() && h.crit.is_empty() && h.rest.is_empty());
+        assert_eq!(
+            h.alg,
+            Some(coset::RegisteredLabelWithPrivate::Assigned(
+                iana::Algorithm::EdDSA
+            ))
+        );
+        assert_eq!(
+            h.content_type,
+            Some(coset::ContentType::Text(p.kind.tag().to_string()))
+        );
+        assert_eq!(Some(p.protected), s.protected.original_data.as_deref());
+        assert_eq!(p.kid, h.key_id.as_slice());
+        assert_eq!(Some(p.payload), s.payload.as_deref());
+        assert_eq!(p.signature.as_slice(), s.signature.as_slice());
+    }
+
+    /// The plain COSE reader agrees with coset on what didgate signs, on its Sig_structure, and
+    /// on any altered message it still accepts.
+    #[test]
+    fn plain_cose_reader_agrees_with_coset() {
+        let id = Identity::from_seed(&[3; 32]);
+        let mut rng = crate::test_util::Rng(0x2545_f491_4f6c_dd1d);
+        let mut accepted_altered = 0;
+        for n in 0..400usize {
+            let kind = KINDS[n % KINDS.len()];
+            let payload: Vec<u8> = (0..(n * 37) % 700).map(|i| (i * 7 + n) as u8).collect();
+            let bytes = sign(&id, kind, payload);
+            let parts = parse_plain(&bytes).expect("plain layout");
+            let sign1 = CoseSign1::from_tagged_slice(&bytes).expect("coset");
+            assert_eq!(parts.kind, kind);
+            assert_eq!(
+                Some(parts.protected),
+                sign1.protected.original_data.as_deref()
+            );
+            assert_eq!(parts.kid, sign1.protected.header.key_id.as_slice());
+            assert_eq!(Some(parts.payload), sign1.payload.as_deref());
+            assert_eq!(parts.signature.as_slice(), sign1.signature.as_slice());
+            assert_eq!(
+                sig_structure(parts.protected, kind.tag().as_bytes(), parts.payload),
+                sign1.tbs_data(kind.tag().as_bytes())
+            );
+            for _ in 0..20 {
+                let mut altered = bytes.clone();
+                let i = rng.below(altered.len() as u64) as usize;
+                match rng.below(3) {
+                    0 => altered[i] ^= 1 << rng.below(8),
+                    1 => altered[i] = rng.next() as u8,
+                    _ => altered.truncate(i),
+                }
+                if let Some(p) = parse_plain(&altered) {
+                    accepted_altered += 1;
+                    assert_coset_agrees(&altered, &p);
+                }
+            }
+        }
+        assert!(accepted_altered > 100, "{accepted_altered}");
+    }
+
+    /// On the signed messages of the spec's vectors and of the committed fuzz corpora, the plain
+    /// reader agrees with coset (header, payload, signature, Sig_structure) whenever it accepts
+    /// one; it accepts every message of the vectors (all written by [`sign`]).
+    #[test]
+    fn plain_cose_reader_agrees_on_the_vectors_and_the_fuzz_corpus() {
+        let agrees = |bytes: &[u8]| {
+            let p = parse_plain(bytes)?;
+            assert_coset_agrees(bytes, &p);
+            let sign1 = CoseSign1::from_tagged_slice(bytes).expect("coset");
+            assert_eq!(
+                sig_structure(p.protected, p.kind.tag().as_bytes(), p.payload),
+                sign1.tbs_data(p.kind.tag().as_bytes())
+            );
+            Some(())
+        };
+        let vectors = crate::test_util::vector_signed_messages();
+        let accepted = vectors.iter().filter_map(|b| agrees(b)).count();
+        assert_eq!(accepted, vectors.len());
+        assert!(accepted > 200, "{accepted}");
+        let mut corpus = crate::test_util::fuzz_corpus("envelope");
+        corpus.extend(crate::test_util::fuzz_corpus("messages"));
+        let accepted = corpus.iter().filter_map(|b| agrees(b)).count();
+        assert!(accepted > 0, "{accepted} of {}", corpus.len());
     }
 
     proptest::proptest! {

@@ -26,6 +26,8 @@ pub mod envelope;
 pub mod frame;
 pub mod identity;
 pub mod message;
+#[cfg(any(test, feature = "test-util"))]
+pub mod test_util;
 pub mod version;
 pub mod web;
 

@@ -8,7 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::cbor::{self, DecodeError, fixed, fixed_opt};
+use crate::cbor::{self, DecodeError, PlainReader, fixed, fixed_opt};
 use crate::did::Did;
 use crate::envelope::{self, EnvelopeError, Kind, Verified};
 use crate::identity::Identity;
@@ -499,6 +499,149 @@ message!(Receipt, Kind::Receipt);
 message!(Checkpoint, Kind::Checkpoint);
 message!(ResponseHead);
 
+// The fast decoders beside the strict ones: the audit verifier reads millions of requests and
+// receipts, all in the plain encoding their signers write. Each gives the strict decoder's
+// value on that encoding and `None` on anything else, for the caller to use the strict
+// decoder then (whose verdict and error stand); the agreement is tested below and fuzzed.
+
+impl ChainHead {
+    /// Reads a chain head in the plain encoding ([`PlainReader`]): a map of `chain`, `seq`
+    /// and `hash`, in any order, once each; `None` for anything else.
+    pub fn read_plain(r: &mut PlainReader<'_>) -> Option<Self> {
+        let (mut chain, mut seq, mut hash) = (None, None, None);
+        for _ in 0..r.head(5)? {
+            match r.text()? {
+                "chain" if chain.is_none() => chain = Some(r.fixed()?),
+                "seq" if seq.is_none() => seq = Some(r.uint()?),
+                "hash" if hash.is_none() => hash = Some(r.fixed()?),
+                _ => return None,
+            }
+        }
+        Some(Self {
+            chain: chain?,
+            seq: seq?,
+            hash: hash?,
+        })
+    }
+}
+
+impl EntryRef {
+    /// Reads an entry reference in the plain encoding ([`PlainReader`]): a map of `seq` and
+    /// `hash`, in any order, once each; `None` for anything else.
+    pub fn read_plain(r: &mut PlainReader<'_>) -> Option<Self> {
+        let (mut seq, mut hash) = (None, None);
+        for _ in 0..r.head(5)? {
+            match r.text()? {
+                "seq" if seq.is_none() => seq = Some(r.uint()?),
+                "hash" if hash.is_none() => hash = Some(r.fixed()?),
+                _ => return None,
+            }
+        }
+        Some(Self {
+            seq: seq?,
+            hash: hash?,
+        })
+    }
+}
+
+/// Fills a map field once: a repeated key, or a value that did not decode, is `None`.
+fn once<T>(slot: &mut Option<T>, value: Option<T>) -> Option<()> {
+    if slot.is_some() {
+        return None;
+    }
+    *slot = Some(value?);
+    Some(())
+}
+
+impl Request {
+    /// [`Message::decode`] for the plain encoding ([`PlainReader`]; `query` and `headers` as
+    /// arrays of two-text arrays), faster; `None` for anything else, which the caller then
+    /// decodes with [`Message::decode`]. Whatever this accepts, `Message::decode` accepts with
+    /// the same value.
+    pub fn decode_plain(bytes: &[u8]) -> Option<Self> {
+        let mut r = PlainReader::new(bytes);
+        let (mut v, mut aud, mut upstream, mut method, mut path) = (None, None, None, None, None);
+        let (mut query, mut headers, mut body_len, mut body_b3) = (None, None, None, None);
+        let (mut nonce, mut time_ms, mut head) = (None, None, None);
+        for _ in 0..r.head(5)? {
+            match r.text()? {
+                "v" => once(&mut v, r.uint())?,
+                "aud" => once(&mut aud, r.string())?,
+                "upstream" => once(&mut upstream, r.string())?,
+                "method" => once(&mut method, r.string())?,
+                "path" => once(&mut path, r.string())?,
+                "query" => once(&mut query, r.pairs())?,
+                "headers" => once(&mut headers, r.pairs())?,
+                "body_len" => once(&mut body_len, r.uint())?,
+                "body_b3" => once(&mut body_b3, r.fixed())?,
+                "nonce" => once(&mut nonce, r.fixed())?,
+                "time_ms" => once(&mut time_ms, r.uint())?,
+                "head" => once(&mut head, ChainHead::read_plain(&mut r))?,
+                _ => return None,
+            }
+        }
+        if !r.at_end() || v.and_then(Version::from_u64).is_none() {
+            return None;
+        }
+        Some(Self {
+            v: v?,
+            aud: aud?,
+            upstream: upstream?,
+            method: method?,
+            path: path?,
+            query: query?,
+            headers: headers?,
+            body_len: body_len?,
+            body_b3: body_b3?,
+            nonce: nonce?,
+            time_ms: time_ms?,
+            head: head?,
+        })
+    }
+}
+
+impl Receipt {
+    /// [`Message::decode`] for the plain encoding ([`PlainReader`]), faster; `None` for
+    /// anything else, which the caller then decodes with [`Message::decode`]. Whatever this
+    /// accepts, `Message::decode` accepts with the same value.
+    pub fn decode_plain(bytes: &[u8]) -> Option<Self> {
+        let mut r = PlainReader::new(bytes);
+        let (mut v, mut call, mut grant, mut client, mut status) = (None, None, None, None, None);
+        let (mut resp_len, mut resp_b3, mut entry, mut root, mut time_ms) =
+            (None, None, None, None, None);
+        for _ in 0..r.head(5)? {
+            match r.text()? {
+                "v" => once(&mut v, r.uint())?,
+                "call" => once(&mut call, r.fixed())?,
+                "grant" => once(&mut grant, r.fixed())?,
+                "client" => once(&mut client, r.string())?,
+                "status" => once(&mut status, r.uint().and_then(|s| u16::try_from(s).ok()))?,
+                "resp_len" => once(&mut resp_len, r.uint())?,
+                "resp_b3" => once(&mut resp_b3, r.fixed())?,
+                "entry" => once(&mut entry, EntryRef::read_plain(&mut r))?,
+                "root" => once(&mut root, r.opt(PlainReader::fixed))?,
+                "time_ms" => once(&mut time_ms, r.uint())?,
+                _ => return None,
+            }
+        }
+        if !r.at_end() || v.and_then(Version::from_u64).is_none() {
+            return None;
+        }
+        Some(Self {
+            v: v?,
+            call: call?,
+            grant: grant?,
+            client: client?,
+            status: status?,
+            resp_len: resp_len?,
+            resp_b3: resp_b3?,
+            entry: entry?,
+            root: root.flatten(),
+            time_ms: time_ms?,
+        })
+    }
+}
+
 /// Why a signed message was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -771,6 +914,105 @@ mod tests {
             assert!(code.is_known());
             assert_eq!(RefusalCode::parse(code.as_str()), Some(code));
         }
+    }
+
+    /// The fast request and receipt decoders give `Message::decode`'s value on what the signer
+    /// encodes, and whenever they accept altered bytes, `Message::decode` agrees.
+    #[test]
+    fn fast_payload_decoders_agree_with_message_decode() {
+        const VERSION: u64 = Version::CURRENT.as_u64();
+        let mut rng = crate::test_util::Rng(0x1234_5678_9abc_def1);
+        let mut accepted_altered = 0;
+        for n in 0..1500u64 {
+            let req = Request {
+                v: VERSION,
+                aud: rng.text(),
+                upstream: rng.text(),
+                method: rng.text(),
+                path: rng.text(),
+                query: (0..rng.below(4))
+                    .map(|_| (rng.text(), rng.text()))
+                    .collect(),
+                headers: (0..rng.below(3))
+                    .map(|_| (rng.text(), rng.text()))
+                    .collect(),
+                body_len: rng.int(),
+                body_b3: rng.digest(),
+                nonce: [rng.next() as u8; 16],
+                time_ms: rng.int(),
+                head: ChainHead {
+                    chain: rng.digest(),
+                    seq: rng.int(),
+                    hash: rng.digest(),
+                },
+            };
+            let receipt = Receipt {
+                v: VERSION,
+                call: rng.digest(),
+                grant: [rng.next() as u8; 16],
+                client: rng.text(),
+                status: rng.int() as u16,
+                resp_len: rng.int(),
+                resp_b3: rng.digest(),
+                entry: EntryRef {
+                    seq: rng.int(),
+                    hash: rng.digest(),
+                },
+                root: (n % 2 == 0).then(|| rng.digest()),
+                time_ms: rng.int(),
+            };
+            let (rb, cb) = (req.encode(), receipt.encode());
+            assert_eq!(Request::decode_plain(&rb), Some(req));
+            assert_eq!(Receipt::decode_plain(&cb), Some(receipt));
+            for bytes in [rb, cb] {
+                for _ in 0..15 {
+                    let mut altered = bytes.clone();
+                    let i = rng.below(altered.len() as u64) as usize;
+                    match rng.below(3) {
+                        0 => altered[i] ^= 1 << rng.below(8),
+                        1 => altered[i] = rng.next() as u8,
+                        _ => altered.truncate(i),
+                    }
+                    accepted_altered += plain_decoders_agree(&altered);
+                }
+            }
+        }
+        assert!(accepted_altered > 100, "{accepted_altered}");
+    }
+
+    /// Whenever a plain decoder accepts `bytes`, `Message::decode` gives the same value; the
+    /// number of plain decoders that accepted them.
+    fn plain_decoders_agree(bytes: &[u8]) -> usize {
+        let mut accepted = 0;
+        if let Some(fast) = Request::decode_plain(bytes) {
+            accepted += 1;
+            assert_eq!(Request::decode(bytes), Ok(fast));
+        }
+        if let Some(fast) = Receipt::decode_plain(bytes) {
+            accepted += 1;
+            assert_eq!(Receipt::decode(bytes), Ok(fast));
+        }
+        accepted
+    }
+
+    /// On the payloads of the spec's vectors' signed messages and the committed fuzz corpus, the
+    /// plain decoders agree with `Message::decode` whenever they accept one, and they accept
+    /// every request and receipt of the vectors.
+    #[test]
+    fn plain_decoders_agree_on_the_vectors_and_the_fuzz_corpus() {
+        let (mut requests_and_receipts, mut accepted) = (0, 0);
+        for bytes in crate::test_util::vector_signed_messages() {
+            let p = envelope::parse_plain(&bytes).expect("the plain layout");
+            if matches!(p.kind, Kind::Request | Kind::Receipt) {
+                requests_and_receipts += 1;
+            }
+            accepted += plain_decoders_agree(p.payload);
+        }
+        assert_eq!(accepted, requests_and_receipts);
+        assert!(accepted > 100, "{accepted}");
+        let corpus = crate::test_util::fuzz_corpus("messages");
+        let accepted: usize = corpus.iter().map(|p| plain_decoders_agree(p)).sum();
+        assert!(accepted > 0, "{accepted} of {}", corpus.len());
     }
 
     proptest::proptest! {

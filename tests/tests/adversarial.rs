@@ -669,9 +669,9 @@ async fn a_head_claimed_by_another_caller_does_not_fork_yours() -> anyhow::Resul
 }
 
 /// The same calls, as the verifier sees them: no `head_fork`, since the two heads are of two
-/// signers. Today the verifier keys heads by (chain id, seq) alone (audit/src/verify.rs,
-/// `heads_seen`; specs/audit-log.md says so too), so any caller allowed one call can make an
-/// honest gateway chain fail verification by naming another client's chain id.
+/// signers. The verifier keys heads as the gateway's fork claim does, by (signer key, chain
+/// id, seq) (audit/src/verify/gateway.rs, `heads_seen`), so a caller allowed one call cannot
+/// make an honest gateway chain fail verification by naming another client's chain id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_head_claimed_by_another_caller_is_no_fork_for_the_verifier() -> anyhow::Result<()> {
     let mut h = target().await?;

@@ -7,8 +7,8 @@
 //! ciphertext is in the gateway's store.
 
 use std::os::unix::fs::FileExt;
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use didgate_audit::entry::{Entry, EntryKind};
@@ -80,18 +80,18 @@ async fn the_canary_is_only_ever_ciphertext() -> anyhow::Result<()> {
     let mut h = Harness::start().await?;
     h.stop().await;
     let root = h.dir.path().to_path_buf();
-    let outputs = root.join("outputs");
-    std::fs::create_dir_all(&outputs)?;
-    let save = |name: &str, out: &std::process::Output| -> anyhow::Result<()> {
-        std::fs::write(outputs.join(format!("{name}.stdout")), &out.stdout)?;
-        std::fs::write(outputs.join(format!("{name}.stderr")), &out.stderr)?;
-        Ok(())
+    let run = Run {
+        outputs: root.join("outputs"),
+        home: root.join("home"),
+        gw_did: h.gw_did.to_string(),
+        root,
     };
+    std::fs::create_dir_all(&run.outputs)?;
 
     // 1. the demo, its directory kept under the scanned root
     let demo = Command::new(bin("didgated")?)
         .args(["demo", "--dir"])
-        .arg(root.join("demo"))
+        .arg(run.root.join("demo"))
         .env("RUST_LOG", "debug")
         .output()?;
     assert!(
@@ -99,34 +99,123 @@ async fn the_canary_is_only_ever_ciphertext() -> anyhow::Result<()> {
         "{}",
         String::from_utf8_lossy(&demo.stderr)
     );
-    save("demo", &demo)?;
+    run.save("demo", &demo)?;
 
     // 2. the daemon, logging at debug level into the scanned root
-    let log = root.join("didgated.log");
+    let log = run.root.join("didgated.log");
     let mut daemon = Daemon::start_with_log_level(&h.gw_dir(), &log, "debug")?;
-    let home = root.join("home");
-    let cli = |args: &[&str]| {
+    let seed = didgate_tests::seed_file(h.dir.path(), &[0xa1u8; 32])?;
+    let out = run.cli(&["keygen", "--seed-file", &seed])?;
+    assert!(out.status.success());
+    assert!(run.pin(daemon.addr)?.status.success());
+    cli_calls(&run)?;
+
+    // 3. attacks through the library (refused, audited, never forwarded)
+    let lib = Client::open(alice(), &h.chain_dir("lib"), daemon.addr, h.gw_did.clone()).await?;
+    let (signed, _) = h.signed_request(&alice(), |r| r.path = "/v1/../admin".into())?;
+    let _ = lib.send_signed(&signed, b"").await?;
+    let mallory = Client::open(
+        Identity::from_seed(&[0x66; 32]),
+        &h.chain_dir("mallory"),
+        daemon.addr,
+        h.gw_did.clone(),
+    )
+    .await?;
+    let _ = mallory.send_signed(&signed, b"").await?;
+    let _ = lib
+        .call(CallSpec::new("payments", "GET", "/v1/echo-headers"))
+        .await?;
+
+    // 4. a CLI call in flight: the gateway injected the key upstream, the client waits for
+    // the rest of the body; its memory is read meanwhile
+    a_call_in_flight_leaves_no_canary_in_the_client(&run, &h).await?;
+
+    // 5. kill -9 with a call in flight, restart, one more call
+    let held = {
+        let lib =
+            Client::open(alice(), &h.chain_dir("held"), daemon.addr, h.gw_did.clone()).await?;
+        tokio::spawn(async move {
+            let r = lib
+                .call(CallSpec::new("payments", "GET", "/v1/slow-head"))
+                .await;
+            lib.close().await;
+            r
+        })
+    };
+    until("the upstream to hold the call", || {
+        h.upstream.seen().iter().any(|s| s.path == "/v1/slow-head")
+    })
+    .await?;
+    daemon.kill()?;
+    lib.disconnect().await;
+    mallory.disconnect().await;
+    daemon = Daemon::start_with_log_level(&h.gw_dir(), &log, "debug")?;
+    h.upstream.release_slow(1);
+    assert!(run.pin(daemon.addr)?.status.success());
+    let out = run.cli(&["call", "payments", "GET", "/v1/balance"])?;
+    assert!(out.status.success());
+    run.save("cli-after-crash", &out)?;
+    let export = run.root.join("gateway.export");
+    let out = Command::new(bin("didgated")?)
+        .args(["export", "--data"])
+        .arg(h.gw_dir())
+        .arg("--out")
+        .arg(&export)
+        .output()?;
+    assert!(out.status.success());
+    daemon.kill()?;
+    // the in-flight call's client may wait for its idle timeout; it is not needed any more
+    held.abort();
+    for c in [lib, mallory] {
+        c.close().await;
+    }
+
+    nothing_holds_the_plaintext(&run, &h, &log)
+}
+
+/// What the steps of the canary test share: the scanned root, where outputs are saved, the
+/// CLI's home, the gateway's DID.
+struct Run {
+    root: PathBuf,
+    outputs: PathBuf,
+    home: PathBuf,
+    gw_did: String,
+}
+
+impl Run {
+    /// Saves a process's stdout and stderr under the scanned root.
+    fn save(&self, name: &str, out: &Output) -> anyhow::Result<()> {
+        std::fs::write(self.outputs.join(format!("{name}.stdout")), &out.stdout)?;
+        std::fs::write(self.outputs.join(format!("{name}.stderr")), &out.stderr)?;
+        Ok(())
+    }
+
+    /// `didgate --home HOME ARGS`, logging at debug level.
+    fn cli(&self, args: &[&str]) -> anyhow::Result<Output> {
         Command::new(bin("didgate")?)
             .arg("--home")
-            .arg(&home)
+            .arg(&self.home)
             .args(args)
             .env("RUST_LOG", "debug")
             .output()
             .map_err(anyhow::Error::from)
-    };
-    let seed = didgate_tests::seed_file(h.dir.path(), &[0xa1u8; 32])?;
-    let out = cli(&["keygen", "--seed-file", &seed])?;
-    assert!(out.status.success());
-    let pin = |addr: std::net::SocketAddr| {
-        cli(&[
+    }
+
+    /// `didgate pin` to the gateway at `addr`.
+    fn pin(&self, addr: std::net::SocketAddr) -> anyhow::Result<Output> {
+        self.cli(&[
             "pin",
             "--gateway",
             &addr.to_string(),
             "--gateway-did",
-            h.gw_did.as_str(),
+            &self.gw_did,
         ])
-    };
-    assert!(pin(daemon.addr)?.status.success());
+    }
+}
+
+/// CLI calls through the daemon: an executed call, a charge with a body, and refused ones (a
+/// non-canonical path, a header the caller may not set, a method policy does not allow).
+fn cli_calls(run: &Run) -> anyhow::Result<()> {
     for (i, args) in [
         vec!["call", "payments", "GET", "/v1/echo-headers"],
         vec![
@@ -151,31 +240,22 @@ async fn the_canary_is_only_ever_ciphertext() -> anyhow::Result<()> {
     .iter()
     .enumerate()
     {
-        let out = cli(args)?;
-        save(&format!("cli-{i}"), &out)?;
+        let out = run.cli(args)?;
+        run.save(&format!("cli-{i}"), &out)?;
     }
+    Ok(())
+}
 
-    // 3. attacks through the library (refused, audited, never forwarded)
-    let lib = Client::open(alice(), &h.chain_dir("lib"), daemon.addr, h.gw_did.clone()).await?;
-    let (signed, _) = h.signed_request(&alice(), |r| r.path = "/v1/../admin".into())?;
-    let _ = lib.send_signed(&signed, b"").await?;
-    let mallory = Client::open(
-        Identity::from_seed(&[0x66; 32]),
-        &h.chain_dir("mallory"),
-        daemon.addr,
-        h.gw_did.clone(),
-    )
-    .await?;
-    let _ = mallory.send_signed(&signed, b"").await?;
-    let _ = lib
-        .call(CallSpec::new("payments", "GET", "/v1/echo-headers"))
-        .await?;
-
-    // 4. a CLI call in flight: the gateway injected the key upstream, the client waits for
-    // the rest of the body; its memory is read meanwhile
+/// A CLI call held by the upstream after the gateway injected the key: the client process's
+/// memory, read meanwhile, holds its own DID but not the canary; then the call completes.
+async fn a_call_in_flight_leaves_no_canary_in_the_client(
+    run: &Run,
+    h: &Harness,
+) -> anyhow::Result<()> {
+    let outputs = &run.outputs;
     let mut child = Command::new(bin("didgate")?)
         .arg("--home")
-        .arg(&home)
+        .arg(&run.home)
         .args(["call", "payments", "GET", "/v1/slow-events?n=3"])
         .stdout(std::fs::File::create(outputs.join("slow.stdout"))?)
         .stderr(std::fs::File::create(outputs.join("slow.stderr"))?)
@@ -201,52 +281,18 @@ async fn the_canary_is_only_ever_ciphertext() -> anyhow::Result<()> {
         &std::fs::read(outputs.join("slow.stdout"))?,
         "data:"
     ));
+    Ok(())
+}
 
-    // 5. kill -9 with a call in flight, restart, one more call
-    let held = {
-        let lib =
-            Client::open(alice(), &h.chain_dir("held"), daemon.addr, h.gw_did.clone()).await?;
-        tokio::spawn(async move {
-            let r = lib
-                .call(CallSpec::new("payments", "GET", "/v1/slow-head"))
-                .await;
-            lib.close().await;
-            r
-        })
-    };
-    until("the upstream to hold the call", || {
-        upstream.seen().iter().any(|s| s.path == "/v1/slow-head")
-    })
-    .await?;
-    daemon.kill()?;
-    lib.disconnect().await;
-    mallory.disconnect().await;
-    daemon = Daemon::start_with_log_level(&h.gw_dir(), &log, "debug")?;
-    h.upstream.release_slow(1);
-    assert!(pin(daemon.addr)?.status.success());
-    let out = cli(&["call", "payments", "GET", "/v1/balance"])?;
-    assert!(out.status.success());
-    save("cli-after-crash", &out)?;
-    let export = root.join("gateway.export");
-    let out = Command::new(bin("didgated")?)
-        .args(["export", "--data"])
-        .arg(h.gw_dir())
-        .arg("--out")
-        .arg(&export)
-        .output()?;
-    assert!(out.status.success());
-    daemon.kill()?;
-    // the in-flight call's client may wait for its idle timeout; it is not needed any more
-    held.abort();
-    for c in [lib, mallory] {
-        c.close().await;
-    }
-
-    // nothing on disk holds the plaintext: stores, logs, outputs, chains, exports, the demo
-    let hits = files_containing(&root, CANARY.as_bytes());
+/// Nothing on disk under the scanned root holds the plaintext (stores, logs, outputs, chains,
+/// exports, the demo), nor any audit entry, decoded; the gateway's store holds the secret
+/// sealed.
+fn nothing_holds_the_plaintext(run: &Run, h: &Harness, log: &Path) -> anyhow::Result<()> {
+    let (root, home) = (&run.root, &run.home);
+    let hits = files_containing(root, CANARY.as_bytes());
     assert!(hits.is_empty(), "canary in {hits:?}");
     assert!(
-        std::fs::metadata(&log)?.len() > 0 && contains(&std::fs::read(&log)?, "listening"),
+        std::fs::metadata(log)?.len() > 0 && contains(&std::fs::read(log)?, "listening"),
         "the daemon's log was captured"
     );
     // every audit entry, decoded (a compressed block cannot hide it)

@@ -1,5 +1,6 @@
 //! The `didgate` CLI as a process against a real gateway and upstream.
 
+use std::path::Path;
 use std::process::Command;
 
 use didgate_tests::{CANARY, Harness, bin};
@@ -17,37 +18,7 @@ async fn keygen_whoami_call_and_refusal() -> anyhow::Result<()> {
             .output()
     };
     // alice's seed, so policy allows the calls; on stdin, never on the command line
-    let seed = hex::encode([0xa1u8; 32]);
-    let gone = run(&["keygen", "--seed-hex", &seed])?;
-    assert_eq!(gone.status.code(), Some(2), "no seed on argv");
-    let mut keygen = Command::new(&didgate)
-        .arg("--home")
-        .arg(&home)
-        .args(["keygen", "--seed-file", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    std::io::Write::write_all(
-        &mut keygen
-            .stdin
-            .take()
-            .ok_or_else(|| anyhow::anyhow!("stdin"))?,
-        format!("{seed}\n").as_bytes(),
-    )?;
-    let out = keygen.wait_with_output()?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let did = String::from_utf8(out.stdout)?.trim().to_string();
-    assert_eq!(did, didgate_tests::alice().did().to_string());
-    assert_eq!(
-        run(&["keygen"])?.status.code(),
-        Some(2),
-        "keygen never overwrites"
-    );
+    let did = keygen_reads_its_seed_from_stdin_only(&didgate, &home)?;
     let out = run(&["whoami"])?;
     assert_eq!(String::from_utf8(out.stdout)?, format!("{did}\n"));
 
@@ -112,11 +83,65 @@ async fn keygen_whoami_call_and_refusal() -> anyhow::Result<()> {
     assert_eq!(h.upstream.seen().len(), 1);
 
     // exports from both binaries verify against each other, without either store
+    exports_verify_against_each_other(&h, &didgate, &home)
+}
+
+/// `didgate keygen` refuses a seed on argv, reads it from stdin (`--seed-file -`) and never
+/// overwrites a key; returns the DID it printed (alice's).
+fn keygen_reads_its_seed_from_stdin_only(didgate: &Path, home: &Path) -> anyhow::Result<String> {
+    let run = |args: &[&str]| {
+        Command::new(didgate)
+            .arg("--home")
+            .arg(home)
+            .args(args)
+            .output()
+    };
+    let seed = hex::encode([0xa1u8; 32]);
+    let gone = run(&["keygen", "--seed-hex", &seed])?;
+    assert_eq!(gone.status.code(), Some(2), "no seed on argv");
+    let mut keygen = Command::new(didgate)
+        .arg("--home")
+        .arg(home)
+        .args(["keygen", "--seed-file", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    std::io::Write::write_all(
+        &mut keygen
+            .stdin
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("stdin"))?,
+        format!("{seed}\n").as_bytes(),
+    )?;
+    let out = keygen.wait_with_output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let did = String::from_utf8(out.stdout)?.trim().to_string();
+    assert_eq!(did, didgate_tests::alice().did().to_string());
+    assert_eq!(
+        run(&["keygen"])?.status.code(),
+        Some(2),
+        "keygen never overwrites"
+    );
+    Ok(did)
+}
+
+/// The exports of `didgate export` and `didgated export` verify against each other with
+/// `didgate-audit verify`; a truncated export is a clear error, exit 2.
+fn exports_verify_against_each_other(
+    h: &Harness,
+    didgate: &Path,
+    home: &Path,
+) -> anyhow::Result<()> {
     let client_export = h.dir.path().join("client.cbor");
     let gw_export = h.dir.path().join("gateway.cbor");
-    let out = Command::new(&didgate)
+    let out = Command::new(didgate)
         .arg("--home")
-        .arg(&home)
+        .arg(home)
         .arg("export")
         .arg("--out")
         .arg(&client_export)

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::Context;
-use didgate_client::CallSpec;
+use didgate_client::{Answer, CallSpec, IssuedGrant};
 use didgate_gateway::config::{Config, ConfigError};
 use didgate_gateway::control::{self, EventStream};
 use didgate_gateway::events::{Event, EventKind};
@@ -144,6 +144,32 @@ async fn every_kind_of_event_streams_in_order_without_secrets() -> anyhow::Resul
             "secret"
         ]
     );
+    each_event_says_what_happened(&events, &answer, &grant, hash)?;
+
+    // a second subscriber: the daemon stopping ends its stream
+    let mut second = control::subscribe(&h.gw_dir())
+        .await
+        .context("no daemon")??;
+    drop(stream);
+    a.close().await;
+    b.close().await;
+    socket.stop().await?;
+    let end = tokio::time::timeout(WAIT, second.next_line()).await??;
+    assert_eq!(end, None, "the stream ends when the daemon stops");
+    drop(gw);
+    h.stop().await;
+    Ok(())
+}
+
+/// The eight events of [`every_kind_of_event_streams_in_order_without_secrets`], each with
+/// its call, DID, grant, code or policy hash, as JSON lines with a time and no secret or
+/// display form of one.
+fn each_event_says_what_happened(
+    events: &[(String, Event)],
+    answer: &Answer,
+    grant: &IssuedGrant,
+    hash: [u8; 32],
+) -> anyhow::Result<()> {
     let alice_did = alice().did().to_string();
     let bob_did = bob().did().to_string();
     match &events[0].1.kind {
@@ -237,7 +263,7 @@ async fn every_kind_of_event_streams_in_order_without_secrets() -> anyhow::Resul
         &events[7].1.kind,
         EventKind::Secret { action, version: 2, .. } if action == "rotated"
     ));
-    for (line, event) in &events {
+    for (line, event) in events {
         let v: serde_json::Value = serde_json::from_str(line)?;
         assert_eq!(v["kind"], event.name(), "{line}");
         assert!(v["time_ms"].is_u64(), "{line}");
@@ -250,19 +276,6 @@ async fn every_kind_of_event_streams_in_order_without_secrets() -> anyhow::Resul
             assert!(!text.contains('\n'));
         }
     }
-
-    // a second subscriber: the daemon stopping ends its stream
-    let mut second = control::subscribe(&h.gw_dir())
-        .await
-        .context("no daemon")??;
-    drop(stream);
-    a.close().await;
-    b.close().await;
-    socket.stop().await?;
-    let end = tokio::time::timeout(WAIT, second.next_line()).await??;
-    assert_eq!(end, None, "the stream ends when the daemon stops");
-    drop(gw);
-    h.stop().await;
     Ok(())
 }
 

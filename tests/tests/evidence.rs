@@ -7,7 +7,7 @@ use std::process::{Command, Output};
 
 use didgate_audit::entry::{Entry, EntryKind};
 use didgate_audit::evidence::{self, Bundle, EvidenceError};
-use didgate_audit::{Store, export, load_records, store_dir};
+use didgate_audit::{ChainRecords, Store, export, load_records, store_dir};
 use didgate_client::{CallError, CallSpec};
 use didgate_protocol::message::{OpenError, RefusalCode};
 use didgate_tests::{Harness, alice};
@@ -107,12 +107,38 @@ async fn evidence_of_a_real_call_holds_alone_and_every_alteration_is_refused() -
     let gateway = load_records(&h.gw_dir())?;
     let bundle = evidence::build(&client, &gateway, call)?;
     let other = evidence::build(&client, &gateway, s.calls[2])?;
+    the_same_bundle_from_the_store_and_from_exports(h, &client, &bundle)?;
+    it_holds_alone(h, &bundle)?;
+    // no evidence for a refused call or an unknown one
+    assert!(matches!(
+        evidence::build(&client, &gateway, s.refused),
+        Err(EvidenceError::NoReceipt(_))
+    ));
+    assert!(matches!(
+        evidence::build(&client, &gateway, [7; 32]),
+        Err(EvidenceError::NoRequest(_))
+    ));
+
+    altered_requests_and_receipts_are_refused(&bundle, &other)?;
+    altered_entries_are_refused(&bundle, &other, &gateway)?;
+    altered_proofs_are_refused(&bundle, &other)?;
+    damaged_files_are_refused(&bundle)
+}
+
+/// The bundle built from the gateway store directly (its persisted subtrees) and from export
+/// files is the one built from the records.
+fn the_same_bundle_from_the_store_and_from_exports(
+    h: &Harness,
+    client: &ChainRecords,
+    bundle: &Bundle,
+) -> anyhow::Result<()> {
+    let call = bundle_call(bundle)?;
     let exports = h.dir.path().join("exports");
     std::fs::create_dir_all(&exports)?;
     {
         let store = Store::open(&store_dir(&h.gw_dir()), &[])?;
         assert_eq!(
-            evidence::build_from_store(&client, &store, call)?,
+            &evidence::build_from_store(client, &store, call)?,
             bundle,
             "the store's persisted subtrees give the same proof as the entries"
         );
@@ -127,9 +153,20 @@ async fn evidence_of_a_real_call_holds_alone_and_every_alteration_is_refused() -
         &load_records(&exports.join("gateway.cbor"))?,
         call,
     )?;
-    assert_eq!(from_exports, bundle);
+    assert_eq!(&from_exports, bundle);
+    Ok(())
+}
 
-    // it holds alone, and says what it shows
+/// The call a bundle is evidence of, as its closing entry names it.
+fn bundle_call(bundle: &Bundle) -> anyhow::Result<[u8; 32]> {
+    Entry::decode(&bundle.entry)?
+        .call
+        .ok_or_else(|| anyhow::anyhow!("the bundle's entry names no call"))
+}
+
+/// The bundle holds alone, and says what it shows.
+fn it_holds_alone(h: &Harness, bundle: &Bundle) -> anyhow::Result<()> {
+    let call = bundle_call(bundle)?;
     let bytes = bundle.encode();
     let verdict = evidence::check(&bytes)?;
     assert_eq!(verdict.call, call);
@@ -155,19 +192,16 @@ async fn evidence_of_a_real_call_holds_alone_and_every_alteration_is_refused() -
         bundle.proof.len(),
         verdict.seq
     );
-    assert_eq!(Bundle::decode(&bytes)?, bundle);
+    assert_eq!(&Bundle::decode(&bytes)?, bundle);
+    Ok(())
+}
 
-    // no evidence for a refused call or an unknown one
-    assert!(matches!(
-        evidence::build(&client, &gateway, s.refused),
-        Err(EvidenceError::NoReceipt(_))
-    ));
-    assert!(matches!(
-        evidence::build(&client, &gateway, [7; 32]),
-        Err(EvidenceError::NoRequest(_))
-    ));
-
-    // request: a flipped byte, another call's request
+/// The request and the receipt: a flipped byte, another call's, the request in the
+/// receipt's place; and both of another call with this call's entry and proof.
+fn altered_requests_and_receipts_are_refused(
+    bundle: &Bundle,
+    other: &Bundle,
+) -> anyhow::Result<()> {
     let mut b = bundle.clone();
     flip_last(&mut b.request);
     let e = refusal(&b)?;
@@ -214,8 +248,17 @@ async fn evidence_of_a_real_call_holds_alone_and_every_alteration_is_refused() -
     b.receipt = other.receipt.clone();
     let e = refusal(&b)?;
     assert!(matches!(e, EvidenceError::EntryHash), "{e:?}");
+    Ok(())
+}
 
-    // entry: a flipped byte, another call's entry, this call's executing entry, empty
+/// The closing entry: a flipped byte, another call's entry, this call's executing entry
+/// (from the gateway's records), empty.
+fn altered_entries_are_refused(
+    bundle: &Bundle,
+    other: &Bundle,
+    gateway: &ChainRecords,
+) -> anyhow::Result<()> {
+    let call = bundle_call(bundle)?;
     let mut b = bundle.clone();
     flip_last(&mut b.entry);
     assert!(matches!(refusal(&b)?, EvidenceError::EntryHash));
@@ -237,8 +280,12 @@ async fn evidence_of_a_real_call_holds_alone_and_every_alteration_is_refused() -
     let mut b = bundle.clone();
     b.entry = Vec::new();
     assert!(matches!(refusal(&b)?, EvidenceError::EntryHash));
+    Ok(())
+}
 
-    // proof: each element flipped, replaced by another's, or swapped; its length changed
+/// The inclusion proof: each element flipped, replaced by another's, or swapped; its length
+/// changed.
+fn altered_proofs_are_refused(bundle: &Bundle, other: &Bundle) -> anyhow::Result<()> {
     for i in 0..bundle.proof.len() {
         for byte in [0, 17, 31] {
             let mut b = bundle.clone();
@@ -282,7 +329,13 @@ async fn evidence_of_a_real_call_holds_alone_and_every_alteration_is_refused() -
             );
         }
     }
+    Ok(())
+}
 
+/// Another version, trailing bytes, truncations, garbage, an oversize file, every single-bit
+/// flip and random multi-byte damage: all refused, without panic.
+fn damaged_files_are_refused(bundle: &Bundle) -> anyhow::Result<()> {
+    let bytes = bundle.encode();
     // version
     for v in [0, 2, u64::MAX] {
         let mut b = bundle.clone();
@@ -378,17 +431,6 @@ async fn evidence_and_check_evidence_commands() -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let call = hex::encode(s.calls[1]);
     let bundle_path = dir.join("call.evidence");
-    let evidence_cmd = |client: &Path, gateway: &Path, call: &str, out: &Path| {
-        Command::new(audit_bin()?)
-            .args(["evidence", "--client"])
-            .arg(client)
-            .arg("--gateway")
-            .arg(gateway)
-            .args(["--call", call, "--out"])
-            .arg(out)
-            .output()
-            .map_err(anyhow::Error::from)
-    };
 
     // from the databases
     let out = evidence_cmd(&h.chain_dir("alice"), &h.gw_dir(), &call, &bundle_path)?;
@@ -422,24 +464,58 @@ async fn evidence_and_check_evidence_commands() -> anyhow::Result<()> {
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert_eq!(std::fs::read(&from_exports)?, bytes);
 
-    // check-evidence: valid, text and JSON
-    let out = run(&["check-evidence"], &[&bundle_path])?;
+    check_evidence_accepts(h, &bundle_path, &call)?;
+    let other_receipt = evidence::build(
+        &load_records(&cl_export)?,
+        &load_records(&gw_export)?,
+        s.calls[2],
+    )?
+    .receipt;
+    check_evidence_refuses(&dir, &expected, other_receipt)?;
+    check_evidence_cannot_read(&dir, &expected, &gw_export)?;
+    evidence_fails(&dir, (&cl_export, &gw_export), &call, s.refused)
+}
+
+/// `didgate-audit evidence --client CLIENT --gateway GATEWAY --call CALL --out OUT`.
+fn evidence_cmd(client: &Path, gateway: &Path, call: &str, out: &Path) -> anyhow::Result<Output> {
+    Command::new(audit_bin()?)
+        .args(["evidence", "--client"])
+        .arg(client)
+        .arg("--gateway")
+        .arg(gateway)
+        .args(["--call", call, "--out"])
+        .arg(out)
+        .output()
+        .map_err(anyhow::Error::from)
+}
+
+/// check-evidence on a valid bundle: exit 0, text and JSON, naming the call and its parties.
+fn check_evidence_accepts(h: &Harness, bundle_path: &Path, call: &str) -> anyhow::Result<()> {
+    let out = run(&["check-evidence"], &[bundle_path])?;
     let t = text(&out);
     assert_eq!(out.status.code(), Some(0), "{t}");
     assert!(t.contains("verdict: OK"), "{t}");
-    assert!(t.contains(&call), "{t}");
+    assert!(t.contains(call), "{t}");
     assert!(t.contains(alice().did().as_str()), "{t}");
     assert!(t.contains(h.gw_did.as_str()), "{t}");
     assert!(t.contains("POST payments /v1/charges"), "{t}");
-    let out = run(&["check-evidence", "--json"], &[&bundle_path])?;
+    let out = run(&["check-evidence", "--json"], &[bundle_path])?;
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let json: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     assert_eq!(json["valid"], true);
-    assert_eq!(json["verdict"]["call"], call.as_str());
+    assert_eq!(json["verdict"]["call"], call);
     assert_eq!(json["verdict"]["client"], alice().did().as_str());
     assert_eq!(json["verdict"]["status"], 200);
+    Ok(())
+}
 
-    // a failed check: exit 1, naming it
+/// check-evidence on a bundle whose proof is altered, or that carries another call's
+/// receipt: exit 1, naming the failed check.
+fn check_evidence_refuses(
+    dir: &Path,
+    expected: &Bundle,
+    another_receipt: Vec<u8>,
+) -> anyhow::Result<()> {
     let mut tampered = expected.clone();
     tampered.proof[0][0] ^= 1;
     let tampered_path = dir.join("tampered.evidence");
@@ -454,19 +530,23 @@ async fn evidence_and_check_evidence_commands() -> anyhow::Result<()> {
     assert_eq!(json["valid"], false);
     assert_eq!(json["failed"], "inclusion");
     let mut other_receipt = expected.clone();
-    other_receipt.receipt = evidence::build(
-        &load_records(&cl_export)?,
-        &load_records(&gw_export)?,
-        s.calls[2],
-    )?
-    .receipt;
+    other_receipt.receipt = another_receipt;
     std::fs::write(&tampered_path, other_receipt.encode())?;
     let out = run(&["check-evidence"], &[&tampered_path])?;
     let t = text(&out);
     assert_eq!(out.status.code(), Some(1), "{t}");
     assert!(t.contains("call_mismatch"), "{t}");
+    Ok(())
+}
 
-    // not a bundle, trailing bytes, another version, a missing file: exit 2
+/// check-evidence on what is not a bundle (garbage, trailing bytes, another version, an
+/// export file, a missing file, a directory) or with no file: exit 2.
+fn check_evidence_cannot_read(
+    dir: &Path,
+    expected: &Bundle,
+    gw_export: &Path,
+) -> anyhow::Result<()> {
+    let bytes = expected.encode();
     let garbage = dir.join("garbage");
     std::fs::write(&garbage, b"\xff\x00not cbor at all")?;
     let mut trailing_bytes = bytes.clone();
@@ -479,19 +559,19 @@ async fn evidence_and_check_evidence_commands() -> anyhow::Result<()> {
     std::fs::write(&v2_path, v2.encode())?;
     let missing = dir.join("missing");
     for (path, json) in [
-        (&garbage, false),
+        (garbage.as_path(), false),
         (&trailing, false),
         (&v2_path, true),
-        (&gw_export, false),
+        (gw_export, false),
         (&missing, true),
-        (&dir, false),
+        (dir, false),
     ] {
         let args: &[&str] = if json {
             &["check-evidence", "--json"]
         } else {
             &["check-evidence"]
         };
-        let out = run(args, &[path.as_path()])?;
+        let out = run(args, &[path])?;
         assert_eq!(
             out.status.code(),
             Some(2),
@@ -502,28 +582,31 @@ async fn evidence_and_check_evidence_commands() -> anyhow::Result<()> {
     }
     let out = run(&["check-evidence"], &[])?;
     assert_eq!(out.status.code(), Some(2));
+    Ok(())
+}
 
-    // evidence: no receipt or no request for the call is exit 1; usage and I/O errors exit 2
+/// evidence: no receipt or no request for the call is exit 1; usage and I/O errors exit 2.
+fn evidence_fails(
+    dir: &Path,
+    (cl_export, gw_export): (&Path, &Path),
+    call: &str,
+    refused: [u8; 32],
+) -> anyhow::Result<()> {
     let nowhere = dir.join("nowhere.evidence");
-    let refused = hex::encode(s.refused);
-    let out = evidence_cmd(&cl_export, &gw_export, &refused, &nowhere)?;
+    let refused = hex::encode(refused);
+    let out = evidence_cmd(cl_export, gw_export, &refused, &nowhere)?;
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(text(&out).contains("no receipt"), "{}", text(&out));
-    let out = evidence_cmd(&cl_export, &gw_export, &hex::encode([7u8; 32]), &nowhere)?;
+    let out = evidence_cmd(cl_export, gw_export, &hex::encode([7u8; 32]), &nowhere)?;
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(!nowhere.exists());
     for bad in [&call[..62], "zz", &format!("{call}00")] {
-        let out = evidence_cmd(&cl_export, &gw_export, bad, &nowhere)?;
+        let out = evidence_cmd(cl_export, gw_export, bad, &nowhere)?;
         assert_eq!(out.status.code(), Some(2), "{bad}: {}", text(&out));
     }
-    let out = evidence_cmd(
-        &cl_export,
-        Path::new("/nonexistent/didgate"),
-        &call,
-        &nowhere,
-    )?;
+    let out = evidence_cmd(cl_export, Path::new("/nonexistent/didgate"), call, &nowhere)?;
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
-    let out = evidence_cmd(&cl_export, &gw_export, &call, &dir.join("no/such/dir/x"))?;
+    let out = evidence_cmd(cl_export, gw_export, call, &dir.join("no/such/dir/x"))?;
     assert_eq!(out.status.code(), Some(2), "{}", text(&out));
     Ok(())
 }

@@ -84,7 +84,48 @@ async fn mcp_session_lists_the_catalog_and_calls_tools_through_the_gateway() -> 
         stdout: BufReader::new(child.stdout.take().expect("stdout")).lines(),
         next_id: 0,
     };
+    initialize(&mut s).await?;
+    lists_the_catalog(&mut s).await?;
+    calls_tools(&mut s).await?;
 
+    // the client closes stdin: the server ends and closes its chain
+    drop(s);
+    let status = tokio::time::timeout(ANSWER_DEADLINE, child.wait())
+        .await
+        .map_err(|_| anyhow::anyhow!("didgate mcp did not exit after stdin closed"))??;
+    assert!(status.success(), "{status}");
+
+    let seen = h.upstream.seen();
+    let paths: Vec<&str> = seen.iter().map(|r| r.path.as_str()).collect();
+    assert_eq!(paths, ["/v1/balance", "/v1/charges", "/v1/charges/ch_9"]);
+    h.stop().await;
+    let client = load_records(&home.join("chain"))?;
+    let report = verify::verify(&[load_records(&h.gw_dir())?], std::slice::from_ref(&client));
+    assert!(report.ok(), "{:?}", report.violations);
+    let outcomes: Vec<Outcome> = client
+        .entries
+        .iter()
+        .map(|(_, b)| Entry::decode(b))
+        .collect::<Result<Vec<_>, _>>()?
+        .into_iter()
+        .filter(|e| e.kind == EntryKind::Result)
+        .filter_map(|e| e.outcome)
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            Outcome::Receipt,
+            Outcome::Receipt,
+            Outcome::Receipt,
+            Outcome::Refusal
+        ]
+    );
+    Ok(())
+}
+
+/// The MCP handshake: `initialize` names the server and its tools capability, then the
+/// client's `notifications/initialized`.
+async fn initialize(s: &mut Session) -> anyhow::Result<()> {
     let init = s
         .request(
             "initialize",
@@ -101,8 +142,12 @@ async fn mcp_session_lists_the_catalog_and_calls_tools_through_the_gateway() -> 
         "{init}"
     );
     s.send(json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
-        .await?;
+        .await
+}
 
+/// `tools/list` is the gateway's catalog as alice's policy filters it, with input schemas and
+/// descriptions.
+async fn lists_the_catalog(s: &mut Session) -> anyhow::Result<()> {
     let list = s.request("tools/list", json!({})).await?;
     let tools = list["result"]["tools"].as_array().expect("tools");
     let names: Vec<&str> = tools.iter().filter_map(|t| t["name"].as_str()).collect();
@@ -122,7 +167,12 @@ async fn mcp_session_lists_the_catalog_and_calls_tools_through_the_gateway() -> 
             .as_str()
             .is_some_and(|d| d.contains("One charge by its id."))
     );
+    Ok(())
+}
 
+/// Three tool calls through the gateway, then a refusal (a tool error naming the reason), a
+/// tool this DID may not call and bad arguments (protocol errors, nothing signed).
+async fn calls_tools(s: &mut Session) -> anyhow::Result<()> {
     let r = s.call_tool("payments__get_balance", json!({})).await?;
     assert_eq!(r["result"]["isError"], false, "{r}");
     assert_eq!(r["result"]["structuredContent"]["status"], 200, "{r}");
@@ -167,39 +217,6 @@ async fn mcp_session_lists_the_catalog_and_calls_tools_through_the_gateway() -> 
             .as_str()
             .is_some_and(|m| m.contains("id")),
         "{r}"
-    );
-
-    // the client closes stdin: the server ends and closes its chain
-    drop(s);
-    let status = tokio::time::timeout(ANSWER_DEADLINE, child.wait())
-        .await
-        .map_err(|_| anyhow::anyhow!("didgate mcp did not exit after stdin closed"))??;
-    assert!(status.success(), "{status}");
-
-    let seen = h.upstream.seen();
-    let paths: Vec<&str> = seen.iter().map(|r| r.path.as_str()).collect();
-    assert_eq!(paths, ["/v1/balance", "/v1/charges", "/v1/charges/ch_9"]);
-    h.stop().await;
-    let client = load_records(&home.join("chain"))?;
-    let report = verify::verify(&[load_records(&h.gw_dir())?], std::slice::from_ref(&client));
-    assert!(report.ok(), "{:?}", report.violations);
-    let outcomes: Vec<Outcome> = client
-        .entries
-        .iter()
-        .map(|(_, b)| Entry::decode(b))
-        .collect::<Result<Vec<_>, _>>()?
-        .into_iter()
-        .filter(|e| e.kind == EntryKind::Result)
-        .filter_map(|e| e.outcome)
-        .collect();
-    assert_eq!(
-        outcomes,
-        [
-            Outcome::Receipt,
-            Outcome::Receipt,
-            Outcome::Receipt,
-            Outcome::Refusal
-        ]
     );
     Ok(())
 }

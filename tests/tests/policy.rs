@@ -273,7 +273,21 @@ async fn policy_change_applies_without_restart_and_in_flight_calls_keep_their_se
     drop(gw);
     h.stop().await;
 
-    let entries = gateway_entries(&h.gw_dir())?;
+    each_entry_names_the_set_that_decided_it(&h.gw_dir(), (rules_hash, new_hash), in_flight)?;
+    let report = verify::verify(&[load_records(&h.gw_dir())?], &[]);
+    assert!(report.ok(), "{:?}", report.violations);
+    Ok(())
+}
+
+/// Every gateway entry about a call records the hash of the policy set that decided it: the
+/// rules' set (`rules_hash`) before the reload and for the call in flight across it, the new
+/// one (`new_hash`) after.
+fn each_entry_names_the_set_that_decided_it(
+    gw_dir: &Path,
+    (rules_hash, new_hash): ([u8; 32], [u8; 32]),
+    in_flight: [u8; 32],
+) -> anyhow::Result<()> {
+    let entries = gateway_entries(gw_dir)?;
     // every entry about a call records the hash of the set that decided it
     let mut executing = Vec::new();
     for e in &entries {
@@ -329,9 +343,6 @@ async fn policy_change_applies_without_restart_and_in_flight_calls_keep_their_se
             .as_deref()
             .is_some_and(|d| d.contains("no-charges"))
     );
-
-    let report = verify::verify(&[load_records(&h.gw_dir())?], &[]);
-    assert!(report.ok(), "{:?}", report.violations);
     Ok(())
 }
 

@@ -323,38 +323,7 @@ async fn lifecycle_through_the_control_socket_never_prints_a_value() -> anyhow::
     assert_eq!(balance(&a).await?, 200);
 
     // rotate through the socket: the value goes over stdin and the socket, never argv
-    let out = t.ok(&dir, &["secret", "rotate", NAME], Some(NEXT)).await?;
-    assert!(
-        out.contains("rotated to version 2") && out.contains("stays usable until"),
-        "{out}"
-    );
-    assert_eq!(balance(&a).await?, 200);
-    assert_eq!(last_fingerprint(&up), Some(DemoUpstream::fingerprint(NEXT)));
-    let table = t.ok(&dir, &["secret", "list"], None).await?;
-    assert!(table.contains("2 (+1 in grace)"), "{table}");
-
-    // secret test: ok for the current and the retired version, failure for a refused key
-    let out = t.ok(&dir, &["secret", "test", NAME], None).await?;
-    assert!(
-        out.contains("version 2 via payments: GET /v1/balance -> 200 ok"),
-        "{out}"
-    );
-    let out = t
-        .ok(&dir, &["secret", "test", NAME, "--version", "1"], None)
-        .await?;
-    assert!(out.contains("200 ok"), "{out}");
-    t.ok(&dir, &["secret", "rotate", NAME], Some(WRONG)).await?;
-    let out = t.run(&dir, &["secret", "test", NAME], None).await?;
-    assert_eq!(out.code, Some(1), "{}{}", out.stdout, out.stderr);
-    assert!(out.stdout.contains("401 failed"), "{}", out.stdout);
-    assert_eq!(
-        balance(&a).await?,
-        401,
-        "the upstream refuses the wrong key"
-    );
-    // back to a good key
-    t.ok(&dir, &["secret", "rotate", NAME], Some(NEXT)).await?;
-    assert_eq!(balance(&a).await?, 200);
+    rotate_and_test_through_the_socket(&mut t, &dir, &a, &up).await?;
 
     // errors are clear and carry no value
     let out = t.run(&dir, &["secret", "disable", "nope"], None).await?;
@@ -391,7 +360,61 @@ async fn lifecycle_through_the_control_socket_never_prints_a_value() -> anyhow::
 
     // every change, through the socket or not, is a secret entry of the gateway's chain
     // (names, versions, fingerprints), and each executed call names the version it used
-    let gateway = didgate_audit::load_records(&DataDir::new(&dir).store())?;
+    the_chain_records_every_change(&dir, &h.chain_dir("alice"))?;
+    for v in [CANARY, NEXT, WRONG] {
+        assert!(
+            files_containing(h.dir.path(), v.as_bytes()).is_empty(),
+            "a secret value on disk"
+        );
+    }
+    Ok(())
+}
+
+/// Rotations through the socket (the value over stdin and the socket, never argv), and
+/// `secret test`: ok for the current and the retired version, a failure for a key the
+/// upstream refuses; the secret ends at a good key (version 4).
+async fn rotate_and_test_through_the_socket(
+    t: &mut Transcript,
+    dir: &Path,
+    a: &Client,
+    up: &DemoUpstream,
+) -> anyhow::Result<()> {
+    let out = t.ok(dir, &["secret", "rotate", NAME], Some(NEXT)).await?;
+    assert!(
+        out.contains("rotated to version 2") && out.contains("stays usable until"),
+        "{out}"
+    );
+    assert_eq!(balance(a).await?, 200);
+    assert_eq!(last_fingerprint(up), Some(DemoUpstream::fingerprint(NEXT)));
+    let table = t.ok(dir, &["secret", "list"], None).await?;
+    assert!(table.contains("2 (+1 in grace)"), "{table}");
+
+    // secret test: ok for the current and the retired version, failure for a refused key
+    let out = t.ok(dir, &["secret", "test", NAME], None).await?;
+    assert!(
+        out.contains("version 2 via payments: GET /v1/balance -> 200 ok"),
+        "{out}"
+    );
+    let out = t
+        .ok(dir, &["secret", "test", NAME, "--version", "1"], None)
+        .await?;
+    assert!(out.contains("200 ok"), "{out}");
+    t.ok(dir, &["secret", "rotate", NAME], Some(WRONG)).await?;
+    let out = t.run(dir, &["secret", "test", NAME], None).await?;
+    assert_eq!(out.code, Some(1), "{}{}", out.stdout, out.stderr);
+    assert!(out.stdout.contains("401 failed"), "{}", out.stdout);
+    assert_eq!(balance(a).await?, 401, "the upstream refuses the wrong key");
+    // back to a good key
+    t.ok(dir, &["secret", "rotate", NAME], Some(NEXT)).await?;
+    assert_eq!(balance(a).await?, 200);
+    Ok(())
+}
+
+/// Every change of the secrets is a secret entry of the gateway's chain (in the store of the
+/// data directory `dir`): the snapshot of an empty store, then each change; each executed call
+/// names the version it used; the chains verify.
+fn the_chain_records_every_change(dir: &Path, alice_chain: &Path) -> anyhow::Result<()> {
+    let gateway = didgate_audit::load_records(&DataDir::new(dir).store())?;
     let entries: Vec<Entry> = gateway
         .entries
         .iter()
@@ -441,17 +464,9 @@ async fn lifecycle_through_the_control_socket_never_prints_a_value() -> anyhow::
         .filter_map(|e| e.secret_version)
         .collect();
     assert_eq!(used, [1, 1, 1, 2, 3, 4]);
-    let report = didgate_audit::verify::verify(
-        &[gateway],
-        &[didgate_audit::load_records(&h.chain_dir("alice"))?],
-    );
+    let report =
+        didgate_audit::verify::verify(&[gateway], &[didgate_audit::load_records(alice_chain)?]);
     assert!(report.ok(), "{:#?}", report.violations);
-    for v in [CANARY, NEXT, WRONG] {
-        assert!(
-            files_containing(h.dir.path(), v.as_bytes()).is_empty(),
-            "a secret value on disk"
-        );
-    }
     Ok(())
 }
 

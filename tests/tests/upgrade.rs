@@ -136,17 +136,40 @@ async fn a_previous_release_store_and_chains_upgrade_in_place() -> anyhow::Resul
     let gw = fx.join("gateway");
     let alice_chain = fx.join("clients/alice/chain");
     let bob_chain = fx.join("clients/bob/chain");
+    let chains = [gw.as_path(), alice_chain.as_path(), bob_chain.as_path()];
 
     // 1. As the previous release left them: version 1 chains that verify, stores and exports.
-    let before: Vec<usize> = [&gw, &alice_chain, &bob_chain]
+    let (before, v1_call) = as_the_previous_release_left_them(dir.path(), &fx, chains)?;
+    // 2. The upgrade: this release's daemon on the old data directory, the secret rotated
+    // first, then calls.
+    let (_upstream, secret) = rotate_the_secret_with_no_daemon(&gw, chains, &before).await?;
+    let charge = call_through_the_upgraded_daemon(dir.path(), &fx, chains).await?;
+    // 3. Each chain switched once, right after the old head.
+    each_chain_switched_once(chains, &before, secret)?;
+    // 4. The whole chains verify: the library, the command on the stores, on fresh exports.
+    let (gw_export, alice_export) = the_whole_chains_verify(dir.path(), chains)?;
+    // 5. Evidence from each side of the switch, from the upgraded chains.
+    evidence_holds(dir.path(), &alice_export, &gw_export, v1_call)?;
+    evidence_holds(dir.path(), &alice_export, &gw_export, charge)?;
+    Ok(())
+}
+
+/// Step 1: the fixture's chains (gateway, alice, bob) are version 1 and verify, as stores and
+/// as exports, and evidence of a call holds. Returns their lengths and that call.
+fn as_the_previous_release_left_them(
+    dir: &Path,
+    fx: &Path,
+    [gw, alice_chain, bob_chain]: [&Path; 3],
+) -> anyhow::Result<(Vec<usize>, [u8; 32])> {
+    let before: Vec<usize> = [gw, alice_chain, bob_chain]
         .iter()
         .map(|s| entries(s).map(|e| e.len()))
         .collect::<Result<_, _>>()?;
     assert_eq!(before, vec![9, 5, 5], "the fixture as the demo wrote it");
-    for s in [&gw, &alice_chain, &bob_chain] {
+    for s in [gw, alice_chain, bob_chain] {
         assert!(entries(s)?.iter().all(|e| e.v == 1), "{}", s.display());
     }
-    verify_ok(&gw, &[&alice_chain, &bob_chain])?;
+    verify_ok(gw, &[alice_chain, bob_chain])?;
     verify_ok(
         &fx.join("gateway.cbor"),
         &[&fx.join("alice.cbor"), &fx.join("bob.cbor")],
@@ -159,14 +182,22 @@ async fn a_previous_release_store_and_chains_upgrade_in_place() -> anyhow::Resul
         .find_map(|e| e.call)
         .ok_or_else(|| anyhow::anyhow!("no request in alice's chain"))?;
     evidence_holds(
-        dir.path(),
+        dir,
         &fx.join("alice.cbor"),
         &fx.join("gateway.cbor"),
         v1_call,
     )?;
+    Ok((before, v1_call))
+}
 
-    // 2. The upgrade: this release's daemon on the old data directory. The demo's upstream
-    // died with its run, so a new one, and the operator rotates the secret to its key.
+/// Step 2: the demo's upstream died with its run, so a new one, and the operator rotates the
+/// secret to its key with no daemon running. Returns the upstream (to keep it running) and
+/// the secret's id.
+async fn rotate_the_secret_with_no_daemon(
+    gw: &Path,
+    [_, alice_chain, bob_chain]: [&Path; 3],
+    before: &[usize],
+) -> anyhow::Result<(DemoUpstream, [u8; 16])> {
     let upstream = DemoUpstream::start(zeroize::Zeroizing::new(KEY.to_string()), None).await?;
     let config = gw.join("gateway.toml");
     let text = std::fs::read_to_string(&config)?;
@@ -186,7 +217,7 @@ async fn a_previous_release_store_and_chains_upgrade_in_place() -> anyhow::Resul
             &p("rotate"),
             &p("payments-key"),
             &p("--data"),
-            &gw,
+            gw,
         ],
         Some(KEY),
     )?;
@@ -195,7 +226,7 @@ async fn a_previous_release_store_and_chains_upgrade_in_place() -> anyhow::Resul
     // chain: the switch, then one snapshot entry of the secret as the old release left it,
     // then the rotation, each with names, versions and fingerprints only. Reading and
     // verifying wrote nothing; the clients' chains are untouched.
-    let gw_now = entries(&gw)?;
+    let gw_now = entries(gw)?;
     assert_eq!(gw_now.len(), before[0] + 3, "{gw_now:#?}");
     assert_eq!(gw_now[before[0]].kind, EntryKind::Format);
     let (snapshot, rotated) = (&gw_now[before[0] + 1], &gw_now[before[0] + 2]);
@@ -212,18 +243,29 @@ async fn a_previous_release_store_and_chains_upgrade_in_place() -> anyhow::Resul
     assert_eq!((new.id, new.current()), (old.id, Some(2)));
     assert_eq!(new.versions[0].fingerprint, old.versions[0].fingerprint);
     assert!(new.versions[0].retired_ms.is_some());
-    for (s, n) in [&alice_chain, &bob_chain].iter().zip(&before[1..]) {
+    for (s, n) in [alice_chain, bob_chain].iter().zip(&before[1..]) {
         let now = entries(s)?;
         assert_eq!(now.len(), *n, "{}", s.display());
         assert!(now.iter().all(|e| e.v == 1), "{}", s.display());
     }
-    let daemon = Daemon::start(&gw, &dir.path().join("didgated.log"))?;
+    Ok((upstream, old.id))
+}
+
+/// Step 2, then: this release's daemon on the old data directory takes alice's and bob's
+/// calls (and refuses what policy does not allow), then drains on SIGTERM. Returns the call ID
+/// of alice's charge.
+async fn call_through_the_upgraded_daemon(
+    dir: &Path,
+    fx: &Path,
+    [gw, alice_chain, bob_chain]: [&Path; 3],
+) -> anyhow::Result<[u8; 32]> {
+    let daemon = Daemon::start(gw, &dir.join("didgated.log"))?;
     let gw_did = didgate_client::identity::load(&gw.join("identity"))?
         .did()
         .clone();
     let alice = Client::open(
         didgate_client::identity::load(&fx.join("clients/alice/identity"))?,
-        &alice_chain,
+        alice_chain,
         daemon.addr,
         gw_did.clone(),
     )
@@ -242,7 +284,7 @@ async fn a_previous_release_store_and_chains_upgrade_in_place() -> anyhow::Resul
     assert_eq!(charge.status, 200);
     let bob = Client::open(
         didgate_client::identity::load(&fx.join("clients/bob/identity"))?,
-        &bob_chain,
+        bob_chain,
         daemon.addr,
         gw_did,
     )
@@ -266,11 +308,20 @@ async fn a_previous_release_store_and_chains_upgrade_in_place() -> anyhow::Resul
         .status()?;
     assert!(killed.success(), "kill -TERM");
     daemon.wait()?;
+    Ok(charge.call)
+}
 
-    // 3. Each chain switched once, right after the old head.
-    let gw_entries = switched_once(&gw, before[0])?;
-    switched_once(&alice_chain, before[1])?;
-    switched_once(&bob_chain, before[2])?;
+/// Step 3: each chain switched to version 2 once, right after its old head, each switch sealed
+/// by a version 2 checkpoint; every executed entry after the switch names the secret's id and
+/// the version the rotation made current.
+fn each_chain_switched_once(
+    [gw, alice_chain, bob_chain]: [&Path; 3],
+    before: &[usize],
+    secret: [u8; 16],
+) -> anyhow::Result<()> {
+    let gw_entries = switched_once(gw, before[0])?;
+    switched_once(alice_chain, before[1])?;
+    switched_once(bob_chain, before[2])?;
     // after the switch, the snapshot and the rotation, the calls: each executed entry names the
     // secret's id and the version the rotation made current
     assert_eq!(gw_entries[before[0] + 3].kind, EntryKind::Executing);
@@ -280,9 +331,9 @@ async fn a_previous_release_store_and_chains_upgrade_in_place() -> anyhow::Resul
         .map(|e| e.secret_id.zip(e.secret_version))
         .collect::<Option<_>>()
         .ok_or_else(|| anyhow::anyhow!("an executed entry names no secret"))?;
-    assert_eq!(used, vec![(old.id, 2); 3]);
+    assert_eq!(used, vec![(secret, 2); 3]);
     // each switch is sealed by a version 2 checkpoint that covers it
-    for (s, n) in [&gw, &alice_chain, &bob_chain].iter().zip(&before) {
+    for (s, n) in [gw, alice_chain, bob_chain].iter().zip(before) {
         let sealed = didgate_audit::load_records(s)?
             .checkpoints
             .iter()
@@ -292,23 +343,30 @@ async fn a_previous_release_store_and_chains_upgrade_in_place() -> anyhow::Resul
             .any(|c| c.size == *n as u64 + 1 && c.v == 2);
         assert!(sealed, "{}: no checkpoint at the switch", s.display());
     }
+    Ok(())
+}
 
-    // 4. The whole chains verify: the library, the command on the stores, on fresh exports.
+/// Step 4: the whole chains verify with the library and with `didgate-audit verify` on the
+/// stores and on fresh exports. Returns the gateway's and alice's exports.
+fn the_whole_chains_verify(
+    dir: &Path,
+    [gw, alice_chain, bob_chain]: [&Path; 3],
+) -> anyhow::Result<(PathBuf, PathBuf)> {
     let report = didgate_audit::verify::verify(
-        &[didgate_audit::load_records(&gw)?],
+        &[didgate_audit::load_records(gw)?],
         &[
-            didgate_audit::load_records(&alice_chain)?,
-            didgate_audit::load_records(&bob_chain)?,
+            didgate_audit::load_records(alice_chain)?,
+            didgate_audit::load_records(bob_chain)?,
         ],
     );
     assert!(report.ok(), "{:#?}", report.violations);
     // 7 before, and as many again: two executed calls of alice, one of bob, bob's refusal
     assert_eq!(report.cross_links, 7 + 7, "{report:?}");
-    verify_ok(&gw, &[&alice_chain, &bob_chain])?;
-    let (gw_export, alice_export) = (dir.path().join("gw.cbor"), dir.path().join("alice.cbor"));
+    verify_ok(gw, &[alice_chain, bob_chain])?;
+    let (gw_export, alice_export) = (dir.join("gw.cbor"), dir.join("alice.cbor"));
     let (code, out) = run(
         "didgated",
-        &[&p("export"), &p("--data"), &gw, &p("--out"), &gw_export],
+        &[&p("export"), &p("--data"), gw, &p("--out"), &gw_export],
         None,
     )?;
     assert_eq!(code, 0, "{out}");
@@ -317,7 +375,7 @@ async fn a_previous_release_store_and_chains_upgrade_in_place() -> anyhow::Resul
         &[
             &p("export"),
             &p("--db"),
-            &alice_chain,
+            alice_chain,
             &p("--out"),
             &alice_export,
         ],
@@ -325,9 +383,5 @@ async fn a_previous_release_store_and_chains_upgrade_in_place() -> anyhow::Resul
     )?;
     assert_eq!(code, 0, "{out}");
     verify_ok(&gw_export, &[&alice_export])?;
-
-    // 5. Evidence from each side of the switch, from the upgraded chains.
-    evidence_holds(dir.path(), &alice_export, &gw_export, v1_call)?;
-    evidence_holds(dir.path(), &alice_export, &gw_export, charge.call)?;
-    Ok(())
+    Ok((gw_export, alice_export))
 }

@@ -511,47 +511,7 @@ fn generate(calls: u64, threads: usize) -> Result<(ChainRecords, Vec<ChainRecord
             checked = true;
         }
         // Client: request entry; gateway: executing, then executed; the receipt names it.
-        let mut receipts = Vec::with_capacity(reqs.len());
-        for (k, ((j, req), (bytes, call))) in reqs.iter().zip(&signed).enumerate() {
-            let i = wave + k as u64;
-            let time = T0 + i;
-            let mut e = Entry::new(EntryKind::Request, time);
-            e.call = Some(*call);
-            e.signed = Some(bytes.clone());
-            cls[*j].push(e);
-            let mut grant = [0u8; 16];
-            grant.copy_from_slice(&blake3::hash(call).as_bytes()[..16]);
-            let mut x = Entry::new(EntryKind::Executing, time);
-            x.call = Some(*call);
-            x.signed = Some(bytes.clone());
-            x.subject = Some(ids[*j].did().to_string());
-            x.grant = Some(grant);
-            x.peer_head = Some(req.head);
-            gw.push(x);
-            let body = format!("{{\"id\":{i},\"status\":\"ok\"}}");
-            let resp_b3 = *blake3::hash(body.as_bytes()).as_bytes();
-            let mut d = Entry::new(EntryKind::Executed, time);
-            d.call = Some(*call);
-            d.status = Some(200);
-            d.resp_len = Some(body.len() as u64);
-            d.resp_b3 = Some(resp_b3);
-            let at = gw.push(d);
-            receipts.push((
-                *j,
-                Receipt {
-                    v: VERSION,
-                    call: *call,
-                    grant,
-                    client: ids[*j].did().to_string(),
-                    status: 200,
-                    resp_len: body.len() as u64,
-                    resp_b3,
-                    entry: at,
-                    root: Some(gw.frontier.root()),
-                    time_ms: time + 1,
-                },
-            ));
-        }
+        let receipts = record_wave(wave, &reqs, &signed, &ids, &mut gw, &mut cls);
         let t = Instant::now();
         let receipt_bytes = par_map(&receipts, threads, |(_, r)| r.sign(&gw_id));
         sign_s += t.elapsed().as_secs_f64();
@@ -573,13 +533,84 @@ fn generate(calls: u64, threads: usize) -> Result<(ChainRecords, Vec<ChainRecord
         c.close(close_time);
     }
     let t = Instant::now();
+    let mut records = sign_checkpoints(gw, cls, &gw_id, &ids, threads);
+    sign_s += t.elapsed().as_secs_f64();
+    println!("  (of which signing on {threads} thread(s): {sign_s:.1} s)");
+    let gateway = records.remove(0);
+    Ok((gateway, records))
+}
+
+/// Records the calls of one wave, the first being call `first`, as the client and the gateway
+/// write them: the client's request entry, the gateway's executing and executed entries.
+/// Returns each call's client and receipt, naming the executed entry and the gateway's root
+/// after it.
+fn record_wave(
+    first: u64,
+    reqs: &[(usize, Request)],
+    signed: &[(Vec<u8>, Digest)],
+    ids: &[Identity],
+    gw: &mut Builder,
+    cls: &mut [Builder],
+) -> Vec<(usize, Receipt)> {
+    let mut receipts = Vec::with_capacity(reqs.len());
+    for (k, ((j, req), (bytes, call))) in reqs.iter().zip(signed).enumerate() {
+        let i = first + k as u64;
+        let time = T0 + i;
+        let mut e = Entry::new(EntryKind::Request, time);
+        e.call = Some(*call);
+        e.signed = Some(bytes.clone());
+        cls[*j].push(e);
+        let mut grant = [0u8; 16];
+        grant.copy_from_slice(&blake3::hash(call).as_bytes()[..16]);
+        let mut x = Entry::new(EntryKind::Executing, time);
+        x.call = Some(*call);
+        x.signed = Some(bytes.clone());
+        x.subject = Some(ids[*j].did().to_string());
+        x.grant = Some(grant);
+        x.peer_head = Some(req.head);
+        gw.push(x);
+        let body = format!("{{\"id\":{i},\"status\":\"ok\"}}");
+        let resp_b3 = *blake3::hash(body.as_bytes()).as_bytes();
+        let mut d = Entry::new(EntryKind::Executed, time);
+        d.call = Some(*call);
+        d.status = Some(200);
+        d.resp_len = Some(body.len() as u64);
+        d.resp_b3 = Some(resp_b3);
+        let at = gw.push(d);
+        receipts.push((
+            *j,
+            Receipt {
+                v: VERSION,
+                call: *call,
+                grant,
+                client: ids[*j].did().to_string(),
+                status: 200,
+                resp_len: body.len() as u64,
+                resp_b3,
+                entry: at,
+                root: Some(gw.frontier.root()),
+                time_ms: time + 1,
+            },
+        ));
+    }
+    receipts
+}
+
+/// The chains' records, the gateway's first, each with its checkpoints signed by its owner.
+fn sign_checkpoints(
+    gw: Builder,
+    cls: Vec<Builder>,
+    gw_id: &Identity,
+    ids: &[Identity],
+    threads: usize,
+) -> Vec<ChainRecords> {
     let mut all = Vec::with_capacity(CLIENTS + 1);
     all.push(gw);
     all.extend(cls);
     let mut records: Vec<ChainRecords> = Vec::with_capacity(all.len());
     for b in all {
         let signer = if b.owner == usize::MAX {
-            &gw_id
+            gw_id
         } else {
             &ids[b.owner]
         };
@@ -593,8 +624,5 @@ fn generate(calls: u64, threads: usize) -> Result<(ChainRecords, Vec<ChainRecord
             sealed: false,
         });
     }
-    sign_s += t.elapsed().as_secs_f64();
-    println!("  (of which signing on {threads} thread(s): {sign_s:.1} s)");
-    let gateway = records.remove(0);
-    Ok((gateway, records))
+    records
 }

@@ -182,21 +182,7 @@ async fn bench(args: CallArgs) -> Result<()> {
         println!("nginx: left out (--no-nginx)");
         None
     } else {
-        let before = upstream.authorized();
-        let n = Nginx::start(base.path(), upstream.addr).await?;
-        let target = HttpTarget {
-            addr: n.addr,
-            path: PATH.into(),
-            auth: None,
-        };
-        let figures = http_path("nginx", &target, c1, c64).await;
-        n.stop().await?;
-        let figures = figures?;
-        let warm = warmup_calls(c1) + warmup_calls(c64);
-        ensure!(
-            upstream.authorized() - before == c1 + c64 + warm,
-            "nginx did not inject the credential on every call"
-        );
+        let figures = nginx_path(base.path(), &upstream, c1, c64).await?;
         paths.push(figures.clone());
         Some(figures)
     };
@@ -251,6 +237,48 @@ async fn bench(args: CallArgs) -> Result<()> {
     phases.print();
     println!("\n{verified}");
     println!("load at the end: {}", loadavg());
+    let json = figures_json(&paths, &lib, nginx.as_ref(), &memory, &hs, (c1, c64));
+    println!("\n{json}");
+    Ok(())
+}
+
+/// nginx between the load generator and the upstream, injecting the credential (every call
+/// must reach the upstream with it).
+async fn nginx_path(
+    base: &Path,
+    upstream: &LocalUpstream,
+    c1: u64,
+    c64: u64,
+) -> Result<PathFigures> {
+    let before = upstream.authorized();
+    let n = Nginx::start(base, upstream.addr).await?;
+    let target = HttpTarget {
+        addr: n.addr,
+        path: PATH.into(),
+        auth: None,
+    };
+    let figures = http_path("nginx", &target, c1, c64).await;
+    n.stop().await?;
+    let figures = figures?;
+    let warm = warmup_calls(c1) + warmup_calls(c64);
+    ensure!(
+        upstream.authorized() - before == c1 + c64 + warm,
+        "nginx did not inject the credential on every call"
+    );
+    Ok(figures)
+}
+
+/// The run's figures as one JSON object: the library path against the direct one (and nginx,
+/// and the local proxy, when they ran), memory and CPU, handshakes, and the call counts
+/// `(c1, c64)`.
+fn figures_json(
+    paths: &[PathFigures],
+    lib: &PathFigures,
+    nginx: Option<&PathFigures>,
+    memory: &Memory,
+    hs: &Handshakes,
+    (c1, c64): (u64, u64),
+) -> serde_json::Value {
     let direct = &paths[0];
     let mut json = serde_json::json!({
         "c1_p50_added_ms": ms(lib.c1.quantile(0.5).saturating_sub(direct.c1.quantile(0.5))),
@@ -260,11 +288,11 @@ async fn bench(args: CallArgs) -> Result<()> {
         "c64_calls_per_s": lib.c64.per_s(),
         "c64_p50_ms": ms(lib.c64.quantile(0.5)),
         "c64_p99_ms": ms(lib.c64.quantile(0.99)),
-        "c64_vs_nginx": nginx.as_ref().map(|n| lib.c64.per_s() / n.c64.per_s()),
+        "c64_vs_nginx": nginx.map(|n| lib.c64.per_s() / n.c64.per_s()),
         "c64_vs_direct": lib.c64.per_s() / direct.c64.per_s(),
         "direct_c64_calls_per_s": direct.c64.per_s(),
-        "nginx_c64_calls_per_s": nginx.as_ref().map(|n| n.c64.per_s()),
-        "nginx_c1_p50_added_ms": nginx.as_ref().map(|n| ms(n.c1.quantile(0.5).saturating_sub(direct.c1.quantile(0.5)))),
+        "nginx_c64_calls_per_s": nginx.map(|n| n.c64.per_s()),
+        "nginx_c1_p50_added_ms": nginx.map(|n| ms(n.c1.quantile(0.5).saturating_sub(direct.c1.quantile(0.5)))),
         "gateway_peak_rss_mib": memory.peak_mib,
         "c64_gateway_cpu_ms_per_call": memory.cpu_ms_per_call.0,
         "c64_client_side_cpu_ms_per_call": memory.cpu_ms_per_call.1,
@@ -283,8 +311,7 @@ async fn bench(args: CallArgs) -> Result<()> {
             .saturating_sub(direct.c1.quantile(0.5))));
         json["proxy_c64_calls_per_s"] = serde_json::json!(p.c64.per_s());
     }
-    println!("\n{json}");
-    Ok(())
+    json
 }
 
 fn loadavg() -> String {
