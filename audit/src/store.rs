@@ -962,7 +962,7 @@ impl Chain {
     }
 
     /// Queues `entry` (a close of a call whose closing append failed) to be written with the
-    /// writer's next batch that succeeds (after the store recovers, see [`Writer::recover`]);
+    /// writer's next batch that succeeds (after the store recovers: the writer reopens it);
     /// dropped if the durable chain already closes that call. Lost if the process stops
     /// first: the gateway's start-up then closes the call as `abandoned`.
     pub fn owe(&self, entry: Entry) {

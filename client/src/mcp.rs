@@ -1,6 +1,6 @@
 //! `didgate mcp`: a Model Context Protocol server over stdio (the official Rust SDK, `rmcp`)
 //! whose tools are the gateway's catalog for this DID, each tool call a signed call through the
-//! gateway (specs/protocol.md, "MCP server").
+//! gateway (specs/client-tools.md, "MCP server").
 //!
 //! Owns the mapping from catalog operations to MCP tools (name `UPSTREAM__NAME`, a title,
 //! read-only and destructive hints, an input schema with one string per `{param}` of the path

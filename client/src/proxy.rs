@@ -1,5 +1,5 @@
 //! The local HTTP proxy (`didgate proxy`): any HTTP client on this machine makes signed calls
-//! through the gateway without holding a key (specs/protocol.md, "Local proxy").
+//! through the gateway without holding a key (specs/client-tools.md, "Local proxy").
 //!
 //! Owns the proxy's listener rules (loopback only unless allowed), its local token
 //! ([`ProxyToken`]), the checks every request passes before anything is signed (token, `Host`,
@@ -401,7 +401,7 @@ impl Refusal {
 }
 
 /// When a `rate_limited` refusal says a token will be back, as its reason states it
-/// (specs/protocol.md, "Limits and egress": `retry in N ms`, or `no refill`).
+/// (specs/operation.md, "Limits and egress": `retry in N ms`, or `no refill`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum RateWait {
     /// A token is back in this many milliseconds.

@@ -70,7 +70,7 @@ enum Command {
         #[arg(long, env = "DIDGATE_DATA")]
         data: PathBuf,
     },
-    /// Check or reload the Cedar policy (specs/protocol.md, "Policy").
+    /// Check or reload the Cedar policy (specs/operation.md, "Policy").
     Policy {
         #[command(subcommand)]
         command: PolicyCommand,
@@ -95,7 +95,7 @@ enum Command {
         data: PathBuf,
     },
     /// Watch the running daemon's live events: accesses, grants, refusals, failed calls,
-    /// revocations, secret lifecycle, master-key rotation, policy reloads (specs/protocol.md,
+    /// revocations, secret lifecycle, master-key rotation, policy reloads (specs/operation.md,
     /// "Events and metrics"). Needs a running daemon (exit 2 when none answers).
     Events {
         /// Stream events as they happen until interrupted or the daemon stops (required: there

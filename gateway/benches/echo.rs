@@ -1,4 +1,4 @@
-//! Criterion micro-benchmark of the response scanner (specs/protocol.md, "Secret echoes"): a
+//! Criterion micro-benchmark of the response scanner (specs/operation.md, "Secret echoes"): a
 //! 1 MiB response body relayed in 16 KiB chunks through the redactor, with no echo and with
 //! one echo per chunk, and the same body gzip-coded and decoded first. Throughput is printed
 //! per MiB, so the CPU cost per MiB is the time per iteration. Run with

@@ -1,4 +1,4 @@
-//! Admission of incoming QUIC connections, before any handshake work (specs/protocol.md,
+//! Admission of incoming QUIC connections, before any handshake work (specs/operation.md,
 //! "Handshake floods"): the decision to accept, validate (QUIC Retry, RFC 9000 8.1.2) or
 //! refuse a new connection, from its source address, whether QUIC has validated that address,
 //! the gateway-wide rate of new connections, and the per-address counts this module keeps.

@@ -279,7 +279,7 @@ pub(crate) fn admit<'c>(
 }
 
 /// Rate and concurrency limits for `stage` of the call to `up` at `now_ms` of `limits`' clock
-/// (specs/protocol.md, "Limits and egress"): checked after policy and before the atomic
+/// (specs/operation.md, "Limits and egress"): checked after policy and before the atomic
 /// batch, so a refused call consumes no grant and no replay key. Takes the call's tokens; its
 /// slots are held in `call` until its terminal frame.
 pub(crate) fn limit(

@@ -1,4 +1,4 @@
-//! `gateway.toml`: listen address, limits, upstreams and policy rules (specs/protocol.md,
+//! `gateway.toml`: listen address, limits, upstreams and policy rules (specs/operation.md,
 //! "Gateway configuration").
 
 use std::net::SocketAddr;
@@ -55,7 +55,7 @@ pub struct Upstream {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub test_path: Option<String>,
     /// The upstream runs on this machine or a private network: its host may resolve to (or
-    /// be) a loopback or private address. Otherwise such addresses are refused (specs/protocol.md,
+    /// be) a loopback or private address. Otherwise such addresses are refused (specs/operation.md,
     /// "Limits and egress").
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub local: bool,
@@ -82,11 +82,11 @@ pub struct Upstream {
     /// `[gateway]` `max_response_bytes`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_response_bytes: Option<u64>,
-    /// Named operations callers may discover (`[[upstream.operation]]`; specs/protocol.md,
-    /// "Catalog").
+    /// Named operations callers may discover (`[[upstream.operation]]`; specs/operation.md,
+    /// "Operations").
     #[serde(default, rename = "operation", skip_serializing_if = "Vec::is_empty")]
     pub operations: Vec<OperationConfig>,
-    /// What to do when the response holds the call's credential (specs/protocol.md, "Secret
+    /// What to do when the response holds the call's credential (specs/operation.md, "Secret
     /// echoes"): redact it (the default) or fail the call.
     #[serde(default, skip_serializing_if = "EchoAction::is_default")]
     pub on_secret_echo: EchoAction,
@@ -273,7 +273,7 @@ pub struct Settings {
     /// How long a secret version replaced by `secret rotate` stays usable, seconds.
     #[serde(default = "d_grace")]
     pub secret_grace_secs: u64,
-    /// Cedar policy file, relative to the data directory (specs/protocol.md, "Policy"). When
+    /// Cedar policy file, relative to the data directory (specs/operation.md, "Policy"). When
     /// absent, the `[[rule]]` list is translated into Cedar.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy_file: Option<String>,
@@ -387,7 +387,7 @@ impl Pkcs11Settings {
 }
 
 /// `[gateway.handshakes]`: admission of new QUIC connections, before any handshake work
-/// (specs/protocol.md, "Handshake floods"; [`crate::admission`]).
+/// (specs/operation.md, "Handshake floods"; [`crate::admission`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Handshakes {
@@ -800,7 +800,7 @@ impl Config {
 /// The commented template `didgated init` writes.
 pub fn template(listen: SocketAddr) -> String {
     format!(
-        r#"# didgate gateway configuration (specs/protocol.md, "Gateway configuration").
+        r#"# didgate gateway configuration (specs/operation.md, "Gateway configuration").
 
 [gateway]
 # UDP address for QUIC.
@@ -828,13 +828,13 @@ checkpoint_every_secs = 60
 # A secret replaced by `didgated secret rotate` stays usable this long, seconds, then is
 # sealed off (its ciphertext deleted).
 secret_grace_secs = 3600
-# Policy in Cedar (specs/protocol.md, "Policy"), relative to this directory. `didgated init`
+# Policy in Cedar (specs/operation.md, "Policy"), relative to this directory. `didgated init`
 # writes a commented example policies.cedar; check it with `didgated policy check FILE`, apply
 # changes with `didgated policy reload` or SIGHUP. Without policy_file, the [[rule]] list below
 # is the policy. An optional Cedar entities file (JSON) adds Did -> Group membership.
 # policy_file = "policies.cedar"
 # entities_file = "entities.json"
-# Limits (specs/protocol.md, "Limits and egress"). A call over a limit is refused
+# Limits (specs/operation.md, "Limits and egress"). A call over a limit is refused
 # `rate_limited` (audited) before it consumes a grant. Rates are token buckets: `burst` calls at
 # once, refilled at `per_sec` per second; burst = 0 is unlimited, per_sec = 0 never refills.
 rate_per_did = {{ burst = 1000, per_sec = 100 }}
@@ -845,12 +845,12 @@ max_concurrent_per_upstream = 1024
 # Largest response body relayed, bytes (0 = unlimited); a larger one fails the call
 # `response_too_large`.
 max_response_bytes = 134217728
-# Prometheus metrics at GET /metrics over HTTP (specs/protocol.md, "Events and metrics"); absent
+# Prometheus metrics at GET /metrics over HTTP (specs/operation.md, "Events and metrics"); absent
 # = off. Unauthenticated: a loopback address unless metrics_allow_remote = true.
 # metrics_listen = "127.0.0.1:9464"
 # metrics_allow_remote = false
 
-# Admission of new QUIC connections, before any handshake work (specs/protocol.md, "Handshake
+# Admission of new QUIC connections, before any handshake work (specs/operation.md, "Handshake
 # floods"). Above retry_above_per_sec new connections a second (0: always), a connection whose
 # address is not validated gets a QUIC Retry; a validated address (IPv4, or IPv6 /64) over one of
 # the per-address limits is refused (counted `rate_limited` in the aggregate refusal entry).

@@ -1,5 +1,5 @@
 //! The response scanner: finds the credential a call injected wherever the upstream reflects
-//! it, in the response headers and in the body as it streams, and redacts it (specs/protocol.md,
+//! it, in the response headers and in the body as it streams, and redacts it (specs/operation.md,
 //! "Secret echoes").
 //!
 //! Owns the forms of one credential an upstream could send back ([`Needles`]) and the
@@ -260,7 +260,7 @@ pub enum DecodeFailure {
 }
 
 /// A response body's content coding, undone as the body streams so that the scanner sees the
-/// bytes an upstream meant (specs/protocol.md, "Secret echoes"). The gateway asks for
+/// bytes an upstream meant (specs/operation.md, "Secret echoes"). The gateway asks for
 /// `identity`; an upstream that codes its body anyway with `gzip` or `deflate` is decoded and
 /// relayed decoded (without `content-encoding`); any other coding fails the call.
 #[derive(Debug)]

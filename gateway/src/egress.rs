@@ -1,4 +1,4 @@
-//! Egress (specs/protocol.md, "Limits and egress"): each upstream has its own reqwest client
+//! Egress (specs/operation.md, "Limits and egress"): each upstream has its own reqwest client
 //! ([`Egress`]) whose resolver ([`GuardedResolver`]) drops every loopback, private, link-local
 //! or otherwise non-public address ([`refused_range`]) unless the upstream is `local`, and
 //! fails the lookup when nothing is left. reqwest connects only to the addresses the resolver

@@ -1,4 +1,4 @@
-//! Live operator events (specs/protocol.md, "Events and metrics").
+//! Live operator events (specs/operation.md, "Events and metrics").
 //!
 //! The gateway publishes one [`Event`] per access, two-step grant, refusal, failed call,
 //! revocation, secret lifecycle command, master-key rotation and policy reload on a bounded
@@ -111,7 +111,7 @@ pub enum EventKind {
         latency_ms: u64,
     },
     /// The upstream's response to a call held the call's credential (the response scanner,
-    /// specs/protocol.md "Secret echoes"): redacted, or the call failed (`action`).
+    /// specs/operation.md "Secret echoes"): redacted, or the call failed (`action`).
     SecretEcho {
         /// The caller's DID.
         did: String,

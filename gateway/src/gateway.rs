@@ -94,7 +94,7 @@ pub enum StartError {
     /// Configuration.
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
-    /// The policy set (specs/protocol.md, "Policy").
+    /// The policy set (specs/operation.md, "Policy").
     #[error("policy: {0}")]
     Policy(#[from] PolicyError),
     /// Identity file.

@@ -1,4 +1,4 @@
-//! Keys at rest: envelope encryption with just-in-time decryption (specs/protocol.md,
+//! Keys at rest: envelope encryption with just-in-time decryption (specs/operation.md,
 //! "Secrets at rest").
 //!
 //! Each secret version has its own random 256-bit data key; the secret is sealed with
@@ -39,7 +39,7 @@ pub enum KmsError {
 }
 
 /// Identifies a master key without revealing it: the first 8 bytes of BLAKE3 `derive_key`
-/// under the context `didgate kms key id v1` over the 32-byte key (specs/protocol.md,
+/// under the context `didgate kms key id v1` over the 32-byte key (specs/operation.md,
 /// "Secrets at rest"). Records name the key that wraps their data keys with it.
 pub type KeyId = [u8; 8];
 
@@ -247,7 +247,7 @@ pub fn display_form(secret: &str) -> String {
 const SEAL_OVERHEAD: usize = 12 + 16;
 
 /// One sealed version of a secret: its own data key (wrapped by the KMS) and ciphertext,
-/// bound to the secret's id and this version number (specs/protocol.md, "Secrets at rest").
+/// bound to the secret's id and this version number (specs/operation.md, "Secrets at rest").
 #[derive(Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SealedVersion {

@@ -1,4 +1,4 @@
-//! Rate and concurrency limits (specs/protocol.md, "Limits and egress").
+//! Rate and concurrency limits (specs/operation.md, "Limits and egress").
 //!
 //! [`TokenBucket`] is pure: time is passed in, so tests drive a virtual clock. [`Limits`] keeps
 //! the buckets (per DID, per upstream, per DID on one upstream) and the concurrency counters

@@ -1,4 +1,4 @@
-//! Prometheus metrics (specs/protocol.md, "Events and metrics").
+//! Prometheus metrics (specs/operation.md, "Events and metrics").
 //!
 //! Counters and one histogram kept in atomics, updated directly at the points where the
 //! gateway writes its audit entries (so they cannot lag), and rendered in the Prometheus text

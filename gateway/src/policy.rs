@@ -1,4 +1,4 @@
-//! The policy decision, in Cedar (specs/protocol.md, "Policy"). Default deny.
+//! The policy decision, in Cedar (specs/operation.md, "Policy"). Default deny.
 //!
 //! A [`PolicySet`] is a Cedar policy set validated (strict mode) against the embedded
 //! [`SCHEMA`], the group membership of callers (`[groups]` of `gateway.toml` and an optional
@@ -41,7 +41,7 @@ pub const INVALID_REQUEST: &str = "request outside the policy schema";
 pub const METHODS: &[&str] = &["GET", "HEAD", "OPTIONS", "POST", "PUT", "PATCH", "DELETE"];
 
 /// The Cedar schema every policy set is validated against (Cedar schema syntax).
-pub const SCHEMA: &str = r#"// didgate policy schema, version 1 (specs/protocol.md, "Policy").
+pub const SCHEMA: &str = r#"// didgate policy schema, version 1 (specs/operation.md, "Policy").
 // A caller: its did:key or did:web. Member of groups ([groups] of gateway.toml, or the entities file).
 entity Group in [Group];
 entity Did in [Group];
@@ -120,7 +120,7 @@ pub const TEMPLATE_FILE: &str = "policies.cedar";
 /// example is commented out), used only once `policy_file` names it.
 pub fn template() -> String {
     let mut out = String::from(
-        "// didgate policies in Cedar (specs/protocol.md, \"Policy\"). Not used until gateway.toml\n\
+        "// didgate policies in Cedar (specs/operation.md, \"Policy\"). Not used until gateway.toml\n\
          // names this file: [gateway] policy_file = \"policies.cedar\" (the [[rule]] list must then\n\
          // be empty). Check with `didgated policy check policies.cedar`; apply a change to a\n\
          // running gateway with `didgated policy reload` or SIGHUP.\n\
@@ -980,7 +980,7 @@ fn membership(
 }
 
 /// Names of a data directory that policies may refer to: what `didgated policy check --data
-/// DIR` compares the entity literals and paths of the policies with (specs/protocol.md,
+/// DIR` compares the entity literals and paths of the policies with (specs/operation.md,
 /// "Policy").
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KnownNames {
@@ -1079,7 +1079,7 @@ impl std::fmt::Display for UnknownName {
 
 impl PolicySet {
     /// Every group, upstream, action and operation the policies name that `known` lacks, in
-    /// the order of the policies, each once per policy (specs/protocol.md, "Policy"). Names are
+    /// the order of the policies, each once per policy (specs/operation.md, "Policy"). Names are
     /// read from the policies' syntax trees: the scope's entities, and in the conditions every
     /// entity literal, every string compared with `context.upstream`, and the paths a permit
     /// requires (`resource.path == "P"` or `like "P"` in a `when` clause, not under a `!`).

@@ -1,5 +1,5 @@
 //! The secret lifecycle: add, rotate with a grace window, disable and enable, soft delete and
-//! purge, list, test against the upstream, and master-key rotation (specs/protocol.md, "Secrets
+//! purge, list, test against the upstream, and master-key rotation (specs/operation.md, "Secrets
 //! at rest").
 //!
 //! Owns the stored record ([`SecretRecord`], CBOR v2, still reading v1), the pure lifecycle
@@ -229,7 +229,7 @@ pub struct Event {
     pub version: u64,
 }
 
-/// A stored secret: ciphertexts and metadata only (specs/protocol.md, "Secrets at rest").
+/// A stored secret: ciphertexts and metadata only (specs/operation.md, "Secrets at rest").
 #[derive(Debug, Clone)]
 pub struct SecretRecord {
     /// Immutable random id, bound into every version's ciphertexts.

@@ -1,4 +1,4 @@
-//! Identity files (specs/protocol.md, "Identity files"): a private Ed25519 seed in a file of mode
+//! Identity files (specs/client-tools.md, "Identity files"): a private Ed25519 seed in a file of mode
 //! 0600, in the clear or sealed under a passphrase (Argon2id, then AES-256-GCM-SIV). A world- or
 //! group-readable key file is refused; creation never overwrites.
 

@@ -1,5 +1,5 @@
 //! `did:web` identifiers, the two DID methods a caller may act as, and DID documents
-//! (specs/protocol.md, "Identities: did:web").
+//! (specs/protocol.md, "did:web callers").
 //!
 //! Owns the syntax of `did:web` (a DNS name, an optional percent-encoded port, optional path
 //! segments), the document URL it maps to, [`Principal`] (a did:key or a did:web) and

@@ -1,4 +1,4 @@
-//! Limits and egress, end to end (specs/protocol.md, "Limits and egress"): rate limits that do
+//! Limits and egress, end to end (specs/operation.md, "Limits and egress"): rate limits that do
 //! not refill (so no timing assumption), a concurrency limit held open by a gated upstream
 //! route, response size limits, upstream timeouts, streaming relay, DNS answers in private
 //! ranges, redirects returned as they are.

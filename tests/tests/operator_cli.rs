@@ -1,7 +1,7 @@
 //! `didgated` operator commands as processes (issue 17): `policy check --data` names the
 //! groups, upstreams and operations gateway.toml lacks; the daemon's log has no colour codes
 //! when stderr is a file; `secret add` and `secret list` show no more of a key than the display
-//! form of specs/protocol.md "Secrets at rest".
+//! form of specs/operation.md "Secrets at rest".
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -307,7 +307,7 @@ fn daemon_log_to_a_file_has_no_colour_codes() -> anyhow::Result<()> {
 }
 
 /// What the display form may show of a key of `n` characters: `k` of each end
-/// (specs/protocol.md, "Secrets at rest": k = min(4, n / 8); none under 8 characters).
+/// (specs/operation.md, "Secrets at rest": k = min(4, n / 8); none under 8 characters).
 fn shown_per_end(n: usize) -> usize {
     4.min(n / 8)
 }

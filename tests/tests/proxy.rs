@@ -2,7 +2,7 @@
 //! real demo upstream, driven by a real HTTP client library (reqwest) and by curl: calls relay
 //! with the token stripped, streaming arrives as the upstream sends it, every refusal is an
 //! HTTP error with a JSON body naming its reason, and every call is in the client's chain with
-//! its receipt (specs/protocol.md, "Local proxy").
+//! its receipt (specs/client-tools.md, "Local proxy").
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;

@@ -1,5 +1,5 @@
 //! The official MCP Python SDK (mcp, pinned in tests/requirements.txt) driving the real
-//! `didgate mcp` over stdio against a real gateway (specs/protocol.md, "MCP server"): the tools
+//! `didgate mcp` over stdio against a real gateway (specs/client-tools.md, "MCP server"): the tools
 //! the SDK lists carry titles, read-only and destructive hints and a typed, required body with
 //! the schema the operator declared; a working call answers; a policy refusal, a gateway that
 //! stops under a listed session, and a fresh session with no gateway are tool results with

@@ -1,6 +1,6 @@
 //! The official OpenAI Python SDK (openai, pinned in tests/requirements.txt) driving the real
 //! `didgate proxy` in front of a real gateway: the SDK's own retry logic must do the right thing
-//! with the proxy's answers (specs/protocol.md, "Local proxy", retry headers). A `rate_limited`
+//! with the proxy's answers (specs/client-tools.md, "Local proxy", retry headers). A `rate_limited`
 //! refusal is retried after the wait the proxy states, and the retry succeeds; an unknown
 //! outcome (the call may have run) and a refusal that cannot pass on a retry are never retried,
 //! although the SDK retries a 5xx by default.

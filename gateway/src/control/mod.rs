@@ -1,4 +1,4 @@
-//! The daemon's local control socket (specs/protocol.md, "Control socket").
+//! The daemon's local control socket (specs/operation.md, "Control socket").
 //!
 //! A store has one process, so admin commands reach a running `didgated` here instead of
 //! opening its database. The socket is `DATA/control.sock`, mode 0600, and a connection is
