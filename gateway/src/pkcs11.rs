@@ -12,7 +12,9 @@
 //! A token that fails (module missing, wrong PIN, token removed, session lost) makes every
 //! operation fail with [`KmsError::Unavailable`] (calls: `kms_unavailable`); the next operation
 //! at least [`RETRY_AFTER`] later reconnects from scratch (a new module context, session and
-//! login), so the gateway recovers without a restart when the token is back. A decryption the
+//! login), so the gateway recovers without a restart when the token is back. A PIN the token
+//! refused as incorrect is not presented again until it changes (a hardware token locks its
+//! user PIN after a few wrong attempts). A decryption the
 //! token refuses is retried once on a fresh session before it is reported as an authentication
 //! failure ([`KmsError::Open`]): SoftHSM2 reports a tampered GCM tag as `CKR_GENERAL_ERROR`,
 //! the same code as many device failures.
@@ -84,6 +86,12 @@ pub enum TokenError {
     /// The PIN source names an environment variable that is not set.
     #[error("PKCS#11 PIN: environment variable {0} is not set")]
     PinUnset(String),
+    /// The PIN is the one the token refused last time: it is not presented again until it
+    /// changes.
+    #[error(
+        "PKCS#11 PIN refused earlier and unchanged since: not presented again (a token locks after a few wrong PINs); fix pin_env or pin_file"
+    )]
+    PinNotRetried,
     /// The token refused the PIN.
     #[error("PKCS#11 login refused (wrong PIN?)")]
     Login(#[source] CkError),
@@ -132,7 +140,13 @@ struct State {
     next_try: Option<Instant>,
     /// Why the last connection failed (for the refusals until the next try).
     why: String,
+    /// A digest of the PIN the token last refused as incorrect: that PIN is not presented
+    /// again (a token locks its user PIN after a few wrong ones); a changed PIN is.
+    refused_pin: Option<[u8; 32]>,
 }
+
+/// BLAKE3 `derive_key` context of [`State::refused_pin`] (kept in memory only).
+const REFUSED_PIN_CONTEXT: &str = "didgate pkcs11 refused pin v1";
 
 struct Live {
     ctx: Pkcs11,
@@ -172,7 +186,7 @@ impl Token {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn pin(&self) -> Result<AuthPin, TokenError> {
+    fn pin(&self) -> Result<Zeroizing<String>, TokenError> {
         let text = match &self.config.pin {
             PinSource::Env(name) => {
                 Zeroizing::new(std::env::var(name).map_err(|_| TokenError::PinUnset(name.clone()))?)
@@ -183,10 +197,10 @@ impl Token {
             ),
         };
         let line = text.lines().next().unwrap_or_default().trim();
-        Ok(AuthPin::from(line.to_string()))
+        Ok(Zeroizing::new(line.to_string()))
     }
 
-    fn connect(&self) -> Result<Live, TokenError> {
+    fn connect(&self, refused_pin: &mut Option<[u8; 32]>) -> Result<Live, TokenError> {
         let module = |source| TokenError::Module {
             module: self.config.module.display().to_string(),
             source,
@@ -209,11 +223,21 @@ impl Token {
             }
         }
         let slot = found.ok_or_else(|| TokenError::NoToken(self.config.token.clone()))?;
+        let pin = self.pin()?;
+        let digest = blake3::derive_key(REFUSED_PIN_CONTEXT, pin.as_bytes());
+        if *refused_pin == Some(digest) {
+            return Err(TokenError::PinNotRetried);
+        }
         let session = ctx.open_rw_session(slot).map_err(op("opening a session"))?;
-        match session.login(UserType::User, Some(&self.pin()?)) {
+        match session.login(UserType::User, Some(&AuthPin::from(pin.to_string()))) {
             Ok(()) | Err(CkError::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+            Err(e @ CkError::Pkcs11(RvError::PinIncorrect, _)) => {
+                *refused_pin = Some(digest);
+                return Err(TokenError::Login(e));
+            }
             Err(e) => return Err(TokenError::Login(e)),
         }
+        *refused_pin = None;
         Ok(Live {
             ctx,
             session,
@@ -239,7 +263,7 @@ impl Token {
                     if st.next_try.is_some_and(|at| Instant::now() < at) {
                         return Err(TokenError::Unavailable(st.why.clone()));
                     }
-                    match self.connect() {
+                    match self.connect(&mut st.refused_pin) {
                         Ok(live) => {
                             st.next_try = None;
                             live

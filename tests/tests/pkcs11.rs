@@ -431,6 +431,29 @@ async fn token_failures_refuse_calls_kms_unavailable_and_recover_without_a_resta
         site.upstream.seen().is_empty(),
         "no upstream call without the secret"
     );
+    // the refused PIN is not presented again (a hardware token would lock its user PIN): the
+    // later reconnections say so instead of logging in
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let log = loop {
+        let log = std::fs::read_to_string(site.log())?;
+        if log.matches("not presented again").count() >= 2 {
+            break log;
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no second reconnection within 20 s"
+        );
+        assert_eq!(
+            refusal_code(&c.call(balance()).await),
+            Some(RefusalCode::KmsUnavailable)
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let first_skip = log.find("not presented again").unwrap_or_default();
+    assert!(
+        !log[first_skip..].contains("login refused"),
+        "a refused PIN was presented again:\n{log}"
+    );
     // the PIN fixed: the next call after the retry interval works, no restart
     std::fs::write(&pin_file, format!("{PIN}\n"))?;
     until_ok(&c).await?;
