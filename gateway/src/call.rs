@@ -589,16 +589,10 @@ pub(crate) fn refusal(
     entry: Option<EntryRef>,
     now: u64,
 ) -> Refusal {
-    let code = match code {
-        RefusalCode::KmsUnavailable if !code.in_version(version.as_u64()) => {
-            RefusalCode::SecretUnavailable
-        }
-        c => c,
-    };
     Refusal {
         v: version.as_u64(),
         call,
-        code,
+        code: code.for_version(version.as_u64()),
         reason: reason.into(),
         time_ms: now,
         entry,

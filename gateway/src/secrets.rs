@@ -370,6 +370,26 @@ pub struct KmsRotation {
     pub data_keys: u64,
 }
 
+impl KmsRotation {
+    /// The outcome of a rotation from `old` to `new`, logged with `what`.
+    fn logged(old: KeyId, new: KeyId, secrets: u64, data_keys: u64, what: &str) -> Self {
+        let out = Self {
+            old_key_id: hex::encode(old),
+            new_key_id: hex::encode(new),
+            secrets,
+            data_keys,
+        };
+        tracing::info!(
+            old = out.old_key_id.as_str(),
+            new = out.new_key_id.as_str(),
+            secrets = out.secrets,
+            data_keys = out.data_keys,
+            "{what}"
+        );
+        out
+    }
+}
+
 /// What one upkeep pass changed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Upkeep {
@@ -1502,20 +1522,13 @@ impl Secrets {
             keys.current = new.clone();
             keys.others.clear();
         }
-        let out = KmsRotation {
-            old_key_id: hex::encode(old_id),
-            new_key_id: hex::encode(new.key_id()),
-            secrets: records,
+        Ok(KmsRotation::logged(
+            old_id,
+            new.key_id(),
+            records,
             data_keys,
-        };
-        tracing::info!(
-            old = out.old_key_id.as_str(),
-            new = out.new_key_id.as_str(),
-            secrets = out.secrets,
-            data_keys = out.data_keys,
-            "master key rotated"
-        );
-        Ok(out)
+            "master key rotated",
+        ))
     }
 }
 
@@ -1624,20 +1637,13 @@ impl Secrets {
             sync_dir(&self.master_key)
                 .map_err(|e| SecretError::RotationIncomplete(e.to_string()))?;
         }
-        let out = KmsRotation {
-            old_key_id: hex::encode(old_id),
-            new_key_id: hex::encode(new_id),
-            secrets: records,
+        Ok(KmsRotation::logged(
+            old_id,
+            new_id,
+            records,
             data_keys,
-        };
-        tracing::info!(
-            old = out.old_key_id.as_str(),
-            new = out.new_key_id.as_str(),
-            secrets = out.secrets,
-            data_keys = out.data_keys,
-            "master key moved to a new key in the PKCS#11 token"
-        );
-        Ok(out)
+            "master key moved to a new key in the PKCS#11 token",
+        ))
     }
 }
 

@@ -282,6 +282,15 @@ impl RefusalCode {
         v != Version::V1.as_u64() || Self::V1.contains(self)
     }
 
+    /// This code as a message of version `v` may carry it: a code `v` lacks becomes its
+    /// version 1 counterpart (`kms_unavailable` -> `secret_unavailable`).
+    pub fn for_version(self, v: u64) -> Self {
+        match self {
+            Self::KmsUnavailable if !self.in_version(v) => Self::SecretUnavailable,
+            c => c,
+        }
+    }
+
     /// The wire name.
     pub fn as_str(&self) -> &str {
         match self {
@@ -900,6 +909,17 @@ mod tests {
         );
         assert!(RefusalCode::KmsUnavailable.in_version(2));
         assert!(!RefusalCode::KmsUnavailable.in_version(1));
+        assert_eq!(
+            RefusalCode::KmsUnavailable.for_version(1),
+            RefusalCode::SecretUnavailable
+        );
+        assert_eq!(
+            RefusalCode::KmsUnavailable.for_version(2),
+            RefusalCode::KmsUnavailable
+        );
+        for code in RefusalCode::V1 {
+            assert_eq!(code.for_version(1), code);
+        }
         assert_eq!(
             RefusalCode::parse("budget_exceeded"),
             Some(opened.message.code)
