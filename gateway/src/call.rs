@@ -375,11 +375,17 @@ pub(crate) fn deadline_key(deadline_ms: u64, tag: u8, id: &[&[u8]]) -> Vec<u8> {
     key
 }
 
-/// The claims a new request makes: its call ID and (DID, nonce) unseen (indexes 0 and 1), its
-/// client head not contradicting one seen before (index 2), and the did:web document that
-/// admitted the caller kept beside the chain. Replay keys live until the request's time plus
-/// `skew_secs` (after that the request is refused `clock_skew` anyway): they are keyed by that
-/// deadline ([`deadline_key`]).
+/// The claims a new request makes: its (signer, nonce) unseen (index 0), its client head not
+/// contradicting one seen before (index 1), and the did:web document that admitted the caller
+/// kept beside the chain. The replay key lives until the request's time plus `skew_secs` (after
+/// that the request is refused `clock_skew` anyway): it is keyed by that deadline
+/// ([`deadline_key`]).
+///
+/// One replay key is enough: two requests with one call ID have the same protected header and
+/// payload (the call ID is their digest), so the same signer (`kid`; the gateway verifies with
+/// the TLS peer's key, which must be the signer's) and the same nonce, and the (signer, nonce)
+/// key refuses the second. The call ID stays the identity of the call's entries and grant
+/// (specs/protocol.md, "Call processing", step 5).
 pub(crate) fn request_claims(call: &Call, skew_secs: u64, req: &Signed<Request>) -> Vec<Claim> {
     let peer = &call.peer;
     let deadline = req.message.time_ms + skew_secs * 1000;
@@ -388,12 +394,6 @@ pub(crate) fn request_claims(call: &Call, skew_secs: u64, req: &Signed<Request>)
     head_key.extend_from_slice(&head.chain);
     head_key.extend_from_slice(&head.seq.to_be_bytes());
     let mut claims = vec![
-        Claim {
-            space: REPLAY,
-            key: deadline_key(deadline, b'c', &[&req.envelope.digest()]),
-            value: Vec::new(),
-            rule: ClaimRule::Absent,
-        },
         Claim {
             space: REPLAY,
             key: deadline_key(
@@ -461,15 +461,15 @@ pub(crate) fn grant_used(_index: usize) -> Refuse {
     refuse(RefusalCode::GrantInvalid, "the grant was already used")
 }
 
-/// The refusal for a failed claim of [`request_claims`] (index 2 is the head; a claim after
-/// them is the grant's).
+/// The refusal for a failed claim of [`request_claims`] (index 0 is the replay key, 1 the head;
+/// a claim after them is the grant's: the document claim never conflicts).
 pub(crate) fn request_conflict(index: usize) -> Refuse {
     match index {
-        2 => refuse(
+        1 => refuse(
             RefusalCode::ChainFork,
             "client chain head contradicts one already seen",
         ),
-        0 | 1 => refuse(
+        0 => refuse(
             RefusalCode::Replay,
             "this request (call ID or nonce) was already seen",
         ),
@@ -895,15 +895,15 @@ paths = ["/v1/balance"]
         let mut claims = request_claims(&cx, skew, &first);
         claims.push(consumed_grant_claim(&grant));
         assert_eq!(apply(&mut store, &claims), Ok(()));
-        // the same bytes again: the call ID was seen
+        // the same bytes again: the same signer and nonce (one call ID is one signer and nonce)
         let again = request_claims(&cx, skew, &first);
         let conflict = apply(&mut store, &again).map_err(request_conflict);
         assert_eq!(conflict.map_err(|r| r.code), Err(RefusalCode::Replay));
         // re-signed with the same nonce: the (DID, nonce) was seen
         let same_nonce = request(&alice(), |r| r.path = "/v1/items".into());
         let conflict = apply(&mut store, &request_claims(&cx, skew, &same_nonce));
-        assert_eq!(conflict, Err(1));
-        assert_eq!(request_conflict(1).code, RefusalCode::Replay);
+        assert_eq!(conflict, Err(0));
+        assert_eq!(request_conflict(0).code, RefusalCode::Replay);
         // a new nonce with the same client head (seq 1) and another hash: a fork
         let fork = request(&alice(), |r| {
             r.nonce = [2; 16];
@@ -918,16 +918,15 @@ paths = ["/v1/balance"]
         // a grant is consumed once
         let reuse = apply(&mut store, &[consumed_grant_claim(&grant)]).map_err(grant_used);
         assert_eq!(reuse.map_err(|r| r.code), Err(RefusalCode::GrantInvalid));
-        // replay keys sort by their deadline, skew_secs after the request's time; the consumed
-        // grant's by the grant's expiry (what pruning removes as a range)
+        // the replay key sorts by its deadline, skew_secs after the request's time; the consumed
+        // grant's by the grant's expiry (what pruning removes as a range); one replay key per
+        // request, none by call ID
         let deadline = (NOW + skew * 1000).to_be_bytes();
+        assert_eq!(claims.len(), 3);
         assert_eq!(claims[0].key[..8], deadline);
-        assert_eq!(claims[1].key[..8], deadline);
-        assert_eq!(claims[3].key[..8], grant.expires_ms.to_be_bytes());
-        assert_eq!(
-            (claims[0].key[8], claims[1].key[8], claims[3].key[8]),
-            (b'c', b'n', b'g')
-        );
+        assert_eq!(claims[2].key[..8], grant.expires_ms.to_be_bytes());
+        assert_eq!((claims[0].key[8], claims[2].key[8]), (b'n', b'g'));
+        assert_eq!(claims[1].space, HEADS);
     }
 
     #[test]

@@ -50,10 +50,10 @@ async fn expired_claims_are_pruned_while_serving_and_live_ones_kept() -> anyhow:
     };
     assert_eq!(r.message.code, RefusalCode::Replay);
 
-    // once every deadline passed: the call's two replay keys and its consumed grant, the grant
-    // request's two replay keys, the issued grant
+    // once every deadline passed: the call's replay key and its consumed grant, the grant
+    // request's replay key, the issued grant (one replay key per request: issue 20)
     let later = now + skew_ms.max(grant.grant.expires_ms - now) + 1_000;
-    assert_eq!(gw.prune_claims(later)?, 6);
+    assert_eq!(gw.prune_claims(later)?, 4);
     assert_eq!(gw.prune_claims(later)?, 0);
     // from then on a claim below that horizon is refused, as if its key were there: the
     // request is still in its window by the real clock, its replay keys are gone, and the
@@ -87,20 +87,26 @@ async fn a_request_claimed_under_the_old_key_layout_is_still_a_replay_after_the_
     a.close().await;
     h.stop().await;
 
-    // rewrite the call's replay keys as the release before this one wrote them:
-    // `c` || call ID and `n` || key || nonce -> deadline (u64be)
+    // rewrite the call's replay key as the releases before deadline-keyed claims wrote them:
+    // `c` || call ID and `n` || key || nonce -> deadline (u64be) (those releases claimed the
+    // call ID too; this one claims the (key, nonce) only)
     {
         let store = didgate_audit::Store::open(&h.gw_dir().join("store"), SPACES)?;
         let mut puts = Vec::new();
         let mut removes = Vec::new();
         for (key, _) in store.scan(REPLAY, b"")? {
             let (deadline, rest) = key.split_at(8);
-            if rest[0] == b'c' || rest[0] == b'n' {
+            if rest[0] == b'n' {
                 puts.push((REPLAY, rest.to_vec(), deadline.to_vec()));
+                puts.push((REPLAY, [b"c".as_slice(), &call].concat(), deadline.to_vec()));
             }
             removes.push((REPLAY, key));
         }
-        assert_eq!(puts.len(), 2, "the call's two replay keys");
+        assert_eq!(
+            puts.len(),
+            2,
+            "the call's one replay key, and its legacy call-ID key"
+        );
         assert!(puts.iter().any(|(_, k, _)| k[1..] == call));
         store.write(&[], &removes)?;
         store.write(&puts, &[])?;
