@@ -299,6 +299,36 @@ pub struct PolicySet {
     known: HashSet<String>,
     summary: Summary,
     hash: [u8; 32],
+    /// The entities of recent decisions ([`EntityCache`]).
+    entities: std::sync::Mutex<EntityCache>,
+}
+
+/// The entities a decision is made over (the action entities, the principal with its groups,
+/// the resource and its upstream), kept for the (DID, upstream, path) triples decided
+/// recently: they depend on nothing else (the context, which holds the time, is built per
+/// decision), and building them (a copy of the action entities, the resource's attributes,
+/// Cedar's transitive closure) cost about three times the evaluation itself. Bounded: when
+/// full it is emptied, so a caller that sends a new path every time costs what it did before
+/// the cache, and holds at most [`EntityCache::CAP`] entries. One cache per policy set: a
+/// reload starts empty.
+#[derive(Debug, Default)]
+struct EntityCache {
+    map: HashMap<[u8; 32], std::sync::Arc<cedar::Entities>>,
+}
+
+impl EntityCache {
+    /// Entries kept at most (a few KiB each).
+    const CAP: usize = 512;
+
+    /// An unambiguous key for (did, upstream, path): BLAKE3 over their length-prefixed bytes.
+    fn key(did: &str, upstream: &str, path: &str) -> [u8; 32] {
+        let mut h = blake3::Hasher::new();
+        for part in [did, upstream, path] {
+            h.update(&(part.len() as u64).to_be_bytes());
+            h.update(part.as_bytes());
+        }
+        *h.finalize().as_bytes()
+    }
 }
 
 fn schema() -> Result<cedar::Schema, PolicyError> {
@@ -447,6 +477,7 @@ impl PolicySet {
             known,
             summary,
             hash: *hasher.finalize().as_bytes(),
+            entities: std::sync::Mutex::default(),
         })
     }
 
@@ -487,6 +518,51 @@ impl PolicySet {
         let Some(request) = self.request(did, upstream, method, path, ctx) else {
             return deny(INVALID_REQUEST);
         };
+        let Some(entities) = self.entities_for(did, upstream, path, &request) else {
+            return deny(INVALID_REQUEST);
+        };
+        let response =
+            cedar::Authorizer::new().is_authorized(&request.2, &self.policies, &entities);
+        self.decision(&response)
+    }
+
+    /// The entities of a decision about (did, upstream, path), from the cache or built (and
+    /// kept): `None` when Cedar refuses them (an invalid request).
+    fn entities_for(
+        &self,
+        did: &str,
+        upstream: &str,
+        path: &str,
+        request: &(cedar::EntityUid, cedar::EntityUid, cedar::Request),
+    ) -> Option<std::sync::Arc<cedar::Entities>> {
+        let key = EntityCache::key(did, upstream, path);
+        if let Some(hit) = self.entity_cache().map.get(&key) {
+            return Some(hit.clone());
+        }
+        let built = std::sync::Arc::new(self.build_entities(did, upstream, path, request)?);
+        let mut cache = self.entity_cache();
+        if cache.map.len() >= EntityCache::CAP {
+            cache.map.clear();
+        }
+        cache.map.insert(key, built.clone());
+        Some(built)
+    }
+
+    fn entity_cache(&self) -> std::sync::MutexGuard<'_, EntityCache> {
+        self.entities
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Builds the entities of a decision: the action entities, the principal with its groups,
+    /// the resource with its attributes, its upstream.
+    fn build_entities(
+        &self,
+        did: &str,
+        upstream: &str,
+        path: &str,
+        request: &(cedar::EntityUid, cedar::EntityUid, cedar::Request),
+    ) -> Option<cedar::Entities> {
         let principal = cedar::Entity::new_no_attrs(
             request.0.clone(),
             self.groups_of.get(did).cloned().unwrap_or_default(),
@@ -514,22 +590,25 @@ impl PolicySet {
             .collect(),
             [up.clone()].into_iter().collect(),
         );
-        let Ok(resource) = resource else {
-            return deny(INVALID_REQUEST);
+        self.actions
+            .clone()
+            .add_entities(
+                [
+                    principal,
+                    resource.ok()?,
+                    cedar::Entity::new_no_attrs(up, HashSet::new()),
+                ],
+                None,
+            )
+            .ok()
+    }
+
+    /// The decision Cedar's response makes, with the families of the forbid policies that
+    /// refused (or failed to evaluate: a forbid in error refuses) and the permits' TTL caps.
+    fn decision(&self, response: &cedar::Response) -> Decision {
+        let deny = |family: &str| Decision::Deny {
+            family: family.to_string(),
         };
-        let entities = self.actions.clone().add_entities(
-            [
-                principal,
-                resource,
-                cedar::Entity::new_no_attrs(up, HashSet::new()),
-            ],
-            None,
-        );
-        let Ok(entities) = entities else {
-            return deny(INVALID_REQUEST);
-        };
-        let response =
-            cedar::Authorizer::new().is_authorized(&request.2, &self.policies, &entities);
         let diagnostics = response.diagnostics();
         let mut refusing = BTreeSet::new();
         for e in diagnostics.errors() {
@@ -1686,6 +1765,43 @@ mod tests {
         assert_eq!(p.summary().permits, 1);
         assert_eq!(p.summary().forbids, 2);
         assert_eq!(p.summary().families, ["all", "no-admin", "no-deletes"]);
+    }
+
+    #[test]
+    fn decisions_made_from_cached_entities_are_the_decisions_of_fresh_ones() {
+        let a = Identity::from_seed(&[1; 32]);
+        let b = Identity::from_seed(&[2; 32]);
+        let text = format!(
+            r#"
+            permit (principal == Did::"{a}", action, resource) when {{ resource.path like "/v1/*" }};
+            permit (principal == Did::"{b}", action, resource in Upstream::"ab");
+            "#,
+            a = a.did(),
+            b = b.did()
+        );
+        let p = set(&text);
+        let (a, b) = (a.did().to_string(), b.did().to_string());
+        let (a, b) = (a.as_str(), b.as_str());
+        let decide =
+            |did: &str, up: &str, path: &str| allowed(&p.decide(did, up, "GET", path, &ctx()));
+        // each triple decided twice (the second from the cache) and never from another's
+        // entities: another DID, another path, an upstream/path split of the same bytes
+        for _ in 0..2 {
+            assert!(decide(a, "pay", "/v1/x"));
+            assert!(!decide(b, "pay", "/v1/x"));
+            assert!(!decide(a, "pay", "/v2/x"));
+            assert!(decide(b, "ab", "/c"));
+            assert!(!decide(b, "a", "b/c"));
+        }
+        // bounded: past its capacity it starts again
+        for i in 0..(EntityCache::CAP + 10) {
+            assert!(decide(a, "pay", &format!("/v1/{i}")));
+        }
+        assert!(p.entity_cache().map.len() <= EntityCache::CAP);
+        assert_ne!(
+            EntityCache::key("a", "bc", "/"),
+            EntityCache::key("ab", "c", "/")
+        );
     }
 
     #[test]
