@@ -565,12 +565,21 @@ pub enum AppendError {
 }
 
 /// What an acknowledged append returns.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Appended {
     /// The entry's seq and hash.
     pub entry: EntryRef,
-    /// The Merkle root of the chain right after this entry (size `entry.seq + 1`).
-    pub root: Digest,
+    /// The Merkle frontier of the chain right after this entry (size `entry.seq + 1`): its
+    /// root is [`Appended::root`], computed by whoever needs it, off the writer's thread (the
+    /// gateway needs it for receipts only; about 8,000 instructions at a million entries).
+    pub frontier: Frontier,
+}
+
+impl Appended {
+    /// The Merkle root of the chain right after this entry.
+    pub fn root(&self) -> Digest {
+        self.frontier.root()
+    }
 }
 
 /// When the writer signs checkpoints: after this many entries, or this long after the last
@@ -1341,7 +1350,7 @@ impl Writer {
                 reply,
                 Ok(Appended {
                     entry: head,
-                    root: frontier.root(),
+                    frontier: frontier.clone(),
                 }),
             ));
         }

@@ -573,7 +573,7 @@ pub(crate) fn receipt(
         resp_len: relayed.len,
         resp_b3: relayed.resp_b3,
         entry: closing.entry,
-        root: Some(closing.root),
+        root: Some(closing.root()),
         time_ms: now,
     }
 }
@@ -1005,21 +1005,24 @@ paths = ["/v1/balance"]
             ),
             (Some(2), Some([5; 16]), Some(4))
         );
+        let frontier = didgate_audit::merkle::Frontier::from_parts(1, vec![[2; 32]])
+            .expect("one leaf, one peak");
         let closing = Appended {
             entry: EntryRef {
                 seq: 9,
                 hash: [1; 32],
             },
-            root: [2; 32],
+            frontier,
         };
-        let r = receipt(&cx, &req, &grant, &relayed, closing, NOW + 1);
+        let root = closing.root();
+        let r = receipt(&cx, &req, &grant, &relayed, closing.clone(), NOW + 1);
         assert_eq!(
             (r.call, r.grant, r.resp_b3, r.resp_len),
             (grant.call, grant.id, relayed.resp_b3, 3)
         );
         assert_eq!(
             (r.entry, r.root, r.client),
-            (closing.entry, Some([2; 32]), alice().did().to_string())
+            (closing.entry, Some(root), alice().did().to_string())
         );
         let refused = refusal(Version::V1, None, RefusalCode::Policy, "no", None, NOW);
         assert_eq!((refused.v, refused.code), (1, RefusalCode::Policy));
