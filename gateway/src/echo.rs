@@ -92,6 +92,25 @@ fn base64_cores(data: &[u8], engine: &impl base64::Engine) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// Texts up to this long are searched without building a searcher per form
+/// ([`short_occurrences`]): `memmem`'s set-up cost more than the search in a short response
+/// (most JSON answers and header blocks).
+const SHORT_TEXT: usize = 1024;
+
+/// The non-overlapping occurrences of `form` in `buf`, left to right (what
+/// `memchr::memmem::find_iter` yields), found from the positions of its first byte.
+fn short_occurrences<'a>(buf: &'a [u8], form: &'a [u8]) -> impl Iterator<Item = usize> + 'a {
+    let first = form.first().copied().unwrap_or_default();
+    let mut next = 0;
+    memchr::memchr_iter(first, buf).filter(move |&at| {
+        let hit = !form.is_empty() && at >= next && buf[at..].starts_with(form);
+        if hit {
+            next = at + form.len();
+        }
+        hit
+    })
+}
+
 impl Needles {
     /// The forms of `secret` as injected by `auth`: raw; percent-encoded (upper and lower hex,
     /// and form encoding with `+`); JSON-escaped (minimal, `\/`, `\u00XX` with upper and lower
@@ -155,8 +174,12 @@ impl Needles {
     pub fn redact(&self, buf: &mut [u8]) -> u64 {
         let mut ranges = Vec::new();
         for f in &self.forms {
-            for at in memchr::memmem::find_iter(buf, f.as_slice()) {
-                ranges.push(at..at + f.len());
+            if buf.len() <= SHORT_TEXT {
+                ranges.extend(short_occurrences(buf, f).map(|at| at..at + f.len()));
+            } else {
+                ranges.extend(
+                    memchr::memmem::find_iter(buf, f.as_slice()).map(|at| at..at + f.len()),
+                );
             }
         }
         // overlapping occurrences (one form inside another) count once
@@ -569,6 +592,17 @@ mod tests {
             proptest::prop_assert_eq!(out.len(), body.len());
             proptest::prop_assert!(hits >= 1);
             proptest::prop_assert!(memchr::memmem::find(&out, KEY.as_bytes()).is_none());
+        }
+
+        #[test]
+        fn the_short_text_search_finds_what_memmem_finds(
+            buf in proptest::collection::vec(0u8..3, 0..300),
+            form in proptest::collection::vec(0u8..3, 1..6),
+        ) {
+            // a three-letter alphabet: occurrences, overlapping ones among them, are common
+            let short: Vec<usize> = short_occurrences(&buf, &form).collect();
+            let memmem: Vec<usize> = memchr::memmem::find_iter(&buf, &form).collect();
+            proptest::prop_assert_eq!(short, memmem);
         }
     }
 }
