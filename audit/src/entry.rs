@@ -468,9 +468,9 @@ fn first_field(set: u32) -> Option<&'static str> {
 /// Deepest nesting of arrays and maps an entry may have (protocol.md "Messages").
 const MAX_DEPTH: usize = 32;
 
-/// A [`DecodeError::Malformed`] for what was found at byte `at`.
-fn malformed(at: usize, what: &str) -> DecodeError {
-    DecodeError::Malformed(format!("{what} at byte {at}"))
+/// A [`DecodeError::Encoding`] for what was found at byte `at`.
+fn malformed(at: usize, what: &'static str) -> DecodeError {
+    DecodeError::Encoding { what, at }
 }
 
 /// Checks that `bytes` are exactly one CBOR item (RFC 8949) in the encoding entries must use:
@@ -852,18 +852,18 @@ impl Entry {
         };
         let kind = format!("{:?}", self.kind).to_lowercase();
         let Some((allowed, required)) = field_rule(self.kind, v) else {
-            return Err(DecodeError::Malformed(format!(
+            return Err(DecodeError::Fields(format!(
                 "an entry of kind {kind}, which version {v} lacks"
             )));
         };
         let present = self.fields();
         if let Some(field) = first_field(present & !allowed) {
-            return Err(DecodeError::Malformed(format!(
+            return Err(DecodeError::Fields(format!(
                 "field {field} on an entry of kind {kind} (version {v}), whose table lacks it"
             )));
         }
         if let Some(field) = first_field(required & !present) {
-            return Err(DecodeError::Malformed(format!(
+            return Err(DecodeError::Fields(format!(
                 "an entry of kind {kind} without its field {field}"
             )));
         }
@@ -871,7 +871,7 @@ impl Entry {
             && self.kind == EntryKind::Secret
             && self.action != Some(SecretAction::KmsRotated)
         {
-            return Err(DecodeError::Malformed(
+            return Err(DecodeError::Fields(
                 "field detail on a secret entry whose action is not kms_rotated".into(),
             ));
         }
@@ -934,7 +934,7 @@ impl Entry {
                 .and_then(|(k, _)| k.as_text()),
             _ => None,
         };
-        Err(DecodeError::Malformed(format!(
+        Err(DecodeError::Fields(format!(
             "field {} is not of its table's CBOR type",
             field.unwrap_or("(the entry)")
         )))
@@ -1385,7 +1385,12 @@ mod tests {
             "{why}: the lenient decoder took it"
         );
         assert!(
-            matches!(Entry::decode_strict(bytes), Err(DecodeError::Malformed(_))),
+            matches!(
+                Entry::decode_strict(bytes),
+                Err(DecodeError::Malformed(_)
+                    | DecodeError::Encoding { .. }
+                    | DecodeError::Fields(_))
+            ),
             "{why}: the strict decoder took it"
         );
     }
@@ -1393,7 +1398,14 @@ mod tests {
     /// `decode_strict` refuses `bytes`, saying `why`.
     fn strict_refuses(bytes: &[u8], why: &str) {
         match Entry::decode_strict(bytes) {
-            Err(DecodeError::Malformed(m)) => assert!(m.contains(why), "{m:?} lacks {why:?}"),
+            Err(
+                e @ (DecodeError::Malformed(_)
+                | DecodeError::Encoding { .. }
+                | DecodeError::Fields(_)),
+            ) => {
+                let m = e.to_string();
+                assert!(m.contains(why), "{m:?} lacks {why:?}");
+            }
             other => panic!("{why}: {other:?}"),
         }
     }

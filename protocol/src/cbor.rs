@@ -9,13 +9,31 @@
 
 use serde::{Serialize, de::DeserializeOwned};
 
+use crate::error::Shared;
+
+/// The error of the CBOR decoder (ciborium) reading from a byte slice or a reader.
+pub type CborError = ciborium::de::Error<std::io::Error>;
+
 /// Why bytes did not decode as the expected message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum DecodeError {
-    /// Not CBOR of the expected shape.
+    /// Not CBOR of the expected shape: the CBOR decoder's error.
     #[error("malformed CBOR: {0}")]
-    Malformed(String),
+    Malformed(#[source] Shared<CborError>),
+    /// CBOR outside the strict encoding a decoder requires (an audit entry's: definite
+    /// lengths, shortest arguments, no tag, ...): `what` was found at byte `at`.
+    #[error("malformed CBOR: {what} at byte {at}")]
+    Encoding {
+        /// What was found (`"an indefinite length"`).
+        what: &'static str,
+        /// Its byte offset in the input.
+        at: usize,
+    },
+    /// Fields that the message's table does not allow for its kind and version, lacks, or holds
+    /// in another CBOR type than the table's (a reason for a person, naming kind and field).
+    #[error("malformed CBOR: {0}")]
+    Fields(String),
     /// Bytes left over after the item.
     #[error("{0} trailing bytes after the CBOR item")]
     Trailing(usize),
@@ -39,7 +57,7 @@ pub fn to_vec<T: Serialize>(value: &T) -> Vec<u8> {
 pub fn from_slice<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
     let mut rest = bytes;
     let value = ciborium::de::from_reader_with_recursion_limit(&mut rest, 32)
-        .map_err(|e: ciborium::de::Error<std::io::Error>| DecodeError::Malformed(e.to_string()))?;
+        .map_err(|e: CborError| DecodeError::Malformed(e.into()))?;
     if !rest.is_empty() {
         return Err(DecodeError::Trailing(rest.len()));
     }
@@ -306,6 +324,17 @@ impl<'b> PlainReader<'b> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cbor_decode_error_is_the_source_of_malformed() {
+        let e = from_slice::<u64>(b"\xff").expect_err("a break is no item");
+        let source = std::error::Error::source(&e).expect("a source");
+        let cbor = source
+            .downcast_ref::<Shared<CborError>>()
+            .expect("the CBOR decoder's error");
+        assert_eq!(e.to_string(), format!("malformed CBOR: {}", cbor.get()));
+        assert_eq!(e.clone(), e, "still Clone and PartialEq");
+    }
 
     #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
     struct Record {

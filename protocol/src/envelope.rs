@@ -13,6 +13,7 @@ use ed25519_dalek::Signature;
 
 use crate::cbor::PlainReader;
 use crate::did::{Did, DidError};
+use crate::error::Shared;
 use crate::identity::Identity;
 use crate::web::{Caller, Principal, PrincipalError, WebDid};
 
@@ -55,9 +56,9 @@ pub enum EnvelopeError {
     /// Larger than [`MAX_ENVELOPE`].
     #[error("envelope of {0} bytes exceeds the limit")]
     TooLarge(usize),
-    /// Not a tagged COSE_Sign1, or trailing bytes.
+    /// Not a tagged COSE_Sign1, or trailing bytes: the COSE decoder's error.
     #[error("not a well-formed COSE_Sign1: {0}")]
-    Malformed(String),
+    Malformed(#[source] Shared<coset::CoseError>),
     /// The protected header does not name EdDSA.
     #[error("algorithm is not EdDSA")]
     Algorithm,
@@ -72,10 +73,10 @@ pub enum EnvelopeError {
     Header,
     /// The `kid` is not a did:key DID URL.
     #[error("bad kid: {0}")]
-    Kid(DidError),
+    Kid(#[source] DidError),
     /// The `kid` is not a did:key or did:web DID URL.
     #[error("bad kid: {0}")]
-    KidMethod(PrincipalError),
+    KidMethod(#[source] PrincipalError),
     /// The `kid` names a did:web verification method that the resolved document does not
     /// list for authentication (or no document was resolved).
     #[error("the kid names no key of the resolved DID document")]
@@ -229,7 +230,7 @@ pub fn verify_full(
         return Err(EnvelopeError::TooLarge(bytes.len()));
     }
     let sign1 =
-        CoseSign1::from_tagged_slice(bytes).map_err(|e| EnvelopeError::Malformed(e.to_string()))?;
+        CoseSign1::from_tagged_slice(bytes).map_err(|e| EnvelopeError::Malformed(e.into()))?;
     if !sign1.unprotected.is_empty() {
         return Err(EnvelopeError::Header);
     }
@@ -589,6 +590,17 @@ mod tests {
         assert_eq!(
             verify(&reencode_for_tests(s), Kind::Request).map(|_| ()),
             Err(EnvelopeError::Header)
+        );
+    }
+
+    #[test]
+    fn a_cose_decode_error_is_the_source_of_malformed() {
+        let e = verify(b"not COSE", Kind::Request).expect_err("refused");
+        let source = std::error::Error::source(&e).expect("a source");
+        assert!(source.is::<Shared<coset::CoseError>>(), "{source:?}");
+        assert_eq!(
+            e.to_string(),
+            format!("not a well-formed COSE_Sign1: {source}")
         );
     }
 

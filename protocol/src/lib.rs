@@ -3,7 +3,7 @@
 //! Owns: Ed25519 `did:key` identities ([`did`]), COSE_Sign1 envelopes with per-kind domain
 //! separation ([`envelope`]), the versioned CBOR messages ([`message`]), stream framing
 //! ([`frame`]), the catalog of named operations ([`catalog`]), and the canonical-request checks the gateway applies before policy
-//! ([`canonical`]), and the format versions and their rule ([`version`]). It does not own transport, storage, policy or time: callers pass `now`.
+//! ([`canonical`]), the format versions and their rule ([`version`]), and the wrapper that keeps another library's error as a `Clone` source ([`error`]). It does not own transport, storage, policy or time: callers pass `now`.
 //! The byte-level specification is `specs/protocol.md`.
 //!
 //! ```
@@ -23,6 +23,7 @@ pub mod catalog;
 pub mod cbor;
 pub mod did;
 pub mod envelope;
+pub mod error;
 pub mod frame;
 pub mod identity;
 pub mod message;

@@ -15,6 +15,7 @@ use ed25519_dalek::VerifyingKey;
 use ssi_dids_core::Document;
 
 use crate::did::{Did, DidError};
+use crate::error::Shared;
 
 /// Longest did:web accepted, in bytes.
 pub const MAX_WEB_DID: usize = 256;
@@ -319,9 +320,19 @@ pub enum DocumentError {
     /// Larger than [`MAX_DOCUMENT`].
     #[error("DID document larger than {MAX_DOCUMENT} bytes")]
     TooLarge,
-    /// Not a JSON DID document.
+    /// Not a JSON DID document (or, writing one, JSON that would not serialize).
     #[error("not a DID document: {0}")]
-    Malformed(String),
+    Malformed(#[source] Shared<serde_json::Error>),
+    /// Resolving a did:key's document: the text is not a DID.
+    #[error("not a DID document: {0}")]
+    InvalidDid(#[source] Shared<ssi_dids_core::InvalidDID<String>>),
+    /// Resolving a did:key's document failed.
+    #[error("not a DID document: {0}")]
+    Resolution(#[source] Shared<ssi_dids_core::resolution::Error>),
+    /// Resolving a did:key's document did not complete at once (it needs no I/O, so always
+    /// does).
+    #[error("not a DID document: did:key resolution did not complete")]
+    Pending,
     /// The document's `id` is not the DID it was fetched for.
     #[error("the document's id {got:?} is not {expected:?}")]
     WrongId {
@@ -360,7 +371,7 @@ impl DidDocument {
             return Err(DocumentError::TooLarge);
         }
         let doc: Document = Document::from_json_bytes(bytes)
-            .map_err(|e| DocumentError::Malformed(e.to_string()))?
+            .map_err(|e| DocumentError::Malformed(e.into()))?
             .into_document();
         if doc.id.as_str() != did.as_str() {
             return Err(DocumentError::WrongId {
@@ -455,12 +466,12 @@ fn method_key(m: &ssi_dids_core::document::DIDVerificationMethod) -> Option<Did>
 pub fn did_key_document(did: &Did) -> Result<String, DocumentError> {
     use ssi_dids_core::DIDResolver;
     let did_buf = ssi_dids_core::DIDBuf::from_string(did.as_str().to_string())
-        .map_err(|e| DocumentError::Malformed(e.to_string()))?;
+        .map_err(|e| DocumentError::InvalidDid(e.into()))?;
     let resolved = poll_once(did_method_key::DIDKey.resolve(&did_buf))
-        .ok_or_else(|| DocumentError::Malformed("did:key resolution did not complete".into()))?
-        .map_err(|e| DocumentError::Malformed(e.to_string()))?;
+        .ok_or(DocumentError::Pending)?
+        .map_err(|e| DocumentError::Resolution(e.into()))?;
     serde_json::to_string_pretty(resolved.document.document())
-        .map_err(|e| DocumentError::Malformed(e.to_string()))
+        .map_err(|e| DocumentError::Malformed(e.into()))
 }
 
 /// A did:web document template listing `key` for authentication under `fragment`, for an
