@@ -31,7 +31,13 @@ pub enum TlsError {
     Certificate(&'static str),
     /// rustls refused the configuration.
     #[error("TLS configuration: {0}")]
-    Config(String),
+    Config(#[source] rustls::Error),
+    /// The self-signed certificate could not be made (rcgen refused the key or a name).
+    #[error("TLS configuration: {0}")]
+    SelfSigned(#[source] rcgen::Error),
+    /// quinn refused the rustls configuration (it lacks the cipher suite QUIC needs).
+    #[error("TLS configuration: {0}")]
+    Quic(#[source] quinn::crypto::rustls::NoInitialCipherSuite),
 }
 
 /// Installs ring as the process's one rustls crypto provider (for quinn and reqwest alike).
@@ -55,21 +61,19 @@ pub fn self_signed(
     let pkcs8 = identity.pkcs8_der();
     let key_der = PrivatePkcs8KeyDer::from(pkcs8.to_vec());
     let key = rcgen::KeyPair::from_pkcs8_der_and_sign_algo(&key_der, &rcgen::PKCS_ED25519)
-        .map_err(|e| TlsError::Config(e.to_string()))?;
+        .map_err(TlsError::SelfSigned)?;
     let mut params = rcgen::CertificateParams::new(vec![SERVER_NAME.to_string()])
-        .map_err(|e| TlsError::Config(e.to_string()))?;
+        .map_err(TlsError::SelfSigned)?;
     let principal = identity.principal();
     params
         .distinguished_name
         .push(rcgen::DnType::CommonName, principal.as_str());
     // The DID the holder acts as, as a SAN URI: its did:key, or the did:web whose document
     // lists this key (checked by the gateway after the handshake).
-    let uri = rcgen::string::Ia5String::try_from(principal.as_str())
-        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let uri =
+        rcgen::string::Ia5String::try_from(principal.as_str()).map_err(TlsError::SelfSigned)?;
     params.subject_alt_names.push(rcgen::SanType::URI(uri));
-    let cert = params
-        .self_signed(&key)
-        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let cert = params.self_signed(&key).map_err(TlsError::SelfSigned)?;
     Ok((cert.der().clone(), PrivateKeyDer::Pkcs8(key_der)))
 }
 
@@ -320,10 +324,10 @@ pub fn server_config_for(
     let (cert, key) = self_signed(identity)?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| TlsError::Config(e.to_string()))?
+        .map_err(TlsError::Config)?
         .with_client_cert_verifier(Arc::new(AnyDidClient))
         .with_single_cert(vec![cert], key)
-        .map_err(|e| TlsError::Config(e.to_string()))?;
+        .map_err(TlsError::Config)?;
     // Newest first: rustls picks the first of these the client offers (a client offers the
     // one version it speaks).
     let mut versions = versions.to_vec();
@@ -332,8 +336,7 @@ pub fn server_config_for(
     // No resumption: a resumed connection skips the client certificate verifier.
     tls.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
     tls.send_tls13_tickets = 0;
-    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls)
-        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(TlsError::Quic)?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     cfg.transport_config(Arc::new(transport()));
     Ok(cfg)
@@ -382,15 +385,14 @@ pub fn client_config_with_verifier(
     let (cert, key) = self_signed(identity)?;
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| TlsError::Config(e.to_string()))?
+        .map_err(TlsError::Config)?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_client_auth_cert(vec![cert], key)
-        .map_err(|e| TlsError::Config(e.to_string()))?;
+        .map_err(TlsError::Config)?;
     tls.alpn_protocols = vec![version.alpn().to_vec()];
     tls.resumption = rustls::client::Resumption::disabled();
-    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls)
-        .map_err(|e| TlsError::Config(e.to_string()))?;
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(TlsError::Quic)?;
     let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
     cfg.transport_config(Arc::new(transport()));
     Ok(cfg)
