@@ -249,7 +249,7 @@ pub enum EvidenceError {
     TooLarge(usize),
     /// Decoding: not a CBOR map of the bundle's fields and types, or trailing bytes.
     #[error("not an evidence bundle: {0}")]
-    Malformed(DecodeError),
+    Malformed(#[source] DecodeError),
     /// Decoding: the format tag `t` is not [`FORMAT`].
     #[error("not an evidence bundle: format tag {0:?}")]
     NotEvidence(String),
@@ -258,10 +258,10 @@ pub enum EvidenceError {
     Version(u64),
     /// The request does not open: bad envelope, signature, or payload.
     #[error("request: {0}")]
-    Request(OpenError),
+    Request(#[source] OpenError),
     /// The receipt does not open: bad envelope, signature, or payload.
     #[error("receipt: {0}")]
-    Receipt(OpenError),
+    Receipt(#[source] OpenError),
     /// The receipt answers another call than the request's.
     #[error("the receipt answers call {}, the request's call ID is {}",
         hex::encode(.receipt), hex::encode(.request))]
@@ -292,7 +292,7 @@ pub enum EvidenceError {
     EntryHash,
     /// The entry does not decode.
     #[error("the entry does not decode: {0}")]
-    EntryMalformed(DecodeError),
+    EntryMalformed(#[source] DecodeError),
     /// The entry is not an `executed` entry.
     #[error("the entry is of kind {0:?}, not executed")]
     EntryKind(EntryKind),

@@ -6,7 +6,7 @@
 use std::io::{BufReader, BufWriter, Read, Write};
 use std::path::Path;
 
-use didgate_protocol::cbor::fixed_opt;
+use didgate_protocol::cbor::{CborError, fixed_opt};
 use didgate_protocol::message::EntryRef;
 use serde::{Deserialize, Serialize};
 
@@ -20,6 +20,9 @@ pub enum ExportError {
     /// File I/O.
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    /// Writing an item failed (the CBOR encoder's error, which holds the file's I/O error).
+    #[error("{0}")]
+    Encode(#[source] ciborium::ser::Error<std::io::Error>),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -29,11 +32,12 @@ pub enum ExportError {
         /// Zero-based item index.
         index: u64,
         /// Why.
-        why: String,
+        #[source]
+        why: ItemError,
     },
     /// The file ends before its end item, or the counts disagree.
     #[error("export is truncated: {0}")]
-    Truncated(String),
+    Truncated(Truncation),
     /// A sealed export was asked for but the last checkpoint does not cover the last entry.
     #[error("the chain is not sealed: its last checkpoint covers {covered} entries of {size}")]
     NotSealed {
@@ -42,6 +46,57 @@ pub enum ExportError {
         /// Entries in the chain.
         size: u64,
     },
+}
+
+/// How an export is truncated ([`ExportError::Truncated`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Truncation {
+    /// No item at all.
+    #[error("empty file")]
+    Empty,
+    /// No end item after `items` items.
+    #[error("no end item after {items} items")]
+    NoEnd {
+        /// Items read.
+        items: u64,
+    },
+    /// The end item's counts disagree with the items read.
+    #[error("the end item's counts disagree with the items read")]
+    Counts,
+}
+
+/// Why an export item is malformed ([`ExportError::Malformed`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ItemError {
+    /// Not CBOR of an item's shape.
+    #[error(transparent)]
+    Cbor(#[from] CborError),
+    /// An item type this release does not read.
+    #[error("unknown item type {0:?}")]
+    UnknownType(String),
+    /// An item of type `t` after the items of a later section (`after`) of the table.
+    #[error(
+        "a {t:?} item after the {after} items (the order is header, entries, checkpoints, documents, head, end)"
+    )]
+    OutOfOrder {
+        /// The item's type.
+        t: String,
+        /// The section read last (`Entries`).
+        after: &'static str,
+    },
+    /// An entry key not above the one before it (a duplicated or moved entry).
+    #[error("entry key {seq} does not increase (after {last}): keys are unique and in order")]
+    KeyOrder {
+        /// The entry's key.
+        seq: u64,
+        /// The key before it.
+        last: u64,
+    },
+    /// Another rule of the format (`"a second head item"`).
+    #[error("{0}")]
+    Rule(&'static str),
 }
 
 /// One item of the sequence; `t` says which fields are present.
@@ -113,8 +168,7 @@ fn write(store: &Store, out: &Path, sealed: bool) -> Result<(u64, u64), ExportEr
     let tmp = out.with_extension("partial");
     let mut w = BufWriter::new(std::fs::File::create(&tmp)?);
     let mut put = |item: &Item| -> Result<(), ExportError> {
-        ciborium::into_writer(item, &mut w)
-            .map_err(|e| ExportError::Io(std::io::Error::other(e.to_string())))
+        ciborium::into_writer(item, &mut w).map_err(ExportError::Encode)
     };
     put(&Item {
         t: "header".into(),
@@ -191,6 +245,19 @@ enum Section {
     Head,
 }
 
+impl Section {
+    /// The section's name as error messages give it.
+    fn name(self) -> &'static str {
+        match self {
+            Self::Header => "Header",
+            Self::Entries => "Entries",
+            Self::Checkpoints => "Checkpoints",
+            Self::Documents => "Documents",
+            Self::Head => "Head",
+        }
+    }
+}
+
 /// Reads an export from any reader. Refuses, besides malformed items: items out of the
 /// table's order, entry keys that do not strictly increase (a duplicated or moved entry), and a
 /// second head item.
@@ -215,14 +282,12 @@ pub fn read(mut r: impl Read, label: &str) -> Result<ChainRecords, ExportError> 
             Err(e) => {
                 return Err(ExportError::Malformed {
                     index,
-                    why: e.to_string(),
+                    why: e.into(),
                 });
             }
         };
-        let bad = |why: &str| ExportError::Malformed {
-            index,
-            why: why.to_string(),
-        };
+        let malformed = |why: ItemError| ExportError::Malformed { index, why };
+        let bad = |why: &'static str| malformed(ItemError::Rule(why));
         if ended.is_some() {
             return Err(bad("item after the end item"));
         }
@@ -232,13 +297,13 @@ pub fn read(mut r: impl Read, label: &str) -> Result<ChainRecords, ExportError> 
             "checkpoint" => Section::Checkpoints,
             "document" => Section::Documents,
             "head" | "end" => Section::Head,
-            other => return Err(bad(&format!("unknown item type {other:?}"))),
+            other => return Err(malformed(ItemError::UnknownType(other.into()))),
         };
         if index > 0 && (place < section || place == Section::Header) {
-            return Err(bad(&format!(
-                "a {:?} item after the {section:?} items (the order is header, entries, checkpoints, documents, head, end)",
-                item.t
-            )));
+            return Err(malformed(ItemError::OutOfOrder {
+                t: item.t,
+                after: section.name(),
+            }));
         }
         section = place;
         match (index, item.t.as_str()) {
@@ -255,9 +320,7 @@ pub fn read(mut r: impl Read, label: &str) -> Result<ChainRecords, ExportError> 
                 if let Some((last, _)) = records.entries.last()
                     && seq <= *last
                 {
-                    return Err(bad(&format!(
-                        "entry key {seq} does not increase (after {last}): keys are unique and in order"
-                    )));
+                    return Err(malformed(ItemError::KeyOrder { seq, last: *last }));
                 }
                 records.entries.push((seq, bytes));
             }
@@ -280,24 +343,68 @@ pub fn read(mut r: impl Read, label: &str) -> Result<ChainRecords, ExportError> 
                 records.sealed = item.sealed == Some(true);
                 ended = Some((item.entries, item.checkpoints, item.documents));
             }
-            (_, other) => return Err(bad(&format!("unknown item type {other:?}"))),
+            (_, other) => return Err(malformed(ItemError::UnknownType(other.into()))),
         }
         index += 1;
     }
     match ended {
-        None if index == 0 => Err(ExportError::Truncated("empty file".into())),
-        None => Err(ExportError::Truncated(format!(
-            "no end item after {index} items"
-        ))),
+        None if index == 0 => Err(ExportError::Truncated(Truncation::Empty)),
+        None => Err(ExportError::Truncated(Truncation::NoEnd { items: index })),
         Some((e, c, d))
             if e != Some(records.entries.len() as u64)
                 || c != Some(records.checkpoints.len() as u64)
                 || d.unwrap_or(0) != records.documents.len() as u64 =>
         {
-            Err(ExportError::Truncated(
-                "the end item's counts disagree with the items read".into(),
-            ))
+            Err(ExportError::Truncated(Truncation::Counts))
         }
         Some(_) => Ok(records),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error as _;
+
+    #[test]
+    fn an_undecodable_item_carries_the_cbor_error_as_source() {
+        let e = read(&b"\xff"[..], "test").expect_err("a break is no item");
+        let ExportError::Malformed { index: 0, why } = &e else {
+            panic!("{e:?}");
+        };
+        assert!(matches!(why, ItemError::Cbor(_)), "{why:?}");
+        assert!(e.source().is_some_and(|s| s.is::<ItemError>()));
+        assert_eq!(e.to_string(), format!("export item 0 is malformed: {why}"));
+    }
+
+    #[test]
+    fn an_item_out_of_place_names_its_type_and_section() {
+        let mut bytes = Vec::new();
+        for item in [
+            Item {
+                t: "header".into(),
+                v: Some(1),
+                bytes: Some(FORMAT.as_bytes().to_vec()),
+                ..Default::default()
+            },
+            Item {
+                t: "checkpoint".into(),
+                bytes: Some(vec![1]),
+                ..Default::default()
+            },
+            Item {
+                t: "entry".into(),
+                seq: Some(0),
+                bytes: Some(vec![1]),
+                ..Default::default()
+            },
+        ] {
+            ciborium::into_writer(&item, &mut bytes).expect("encode");
+        }
+        let e = read(&bytes[..], "test").expect_err("out of order");
+        assert_eq!(
+            e.to_string(),
+            "export item 2 is malformed: a \"entry\" item after the Checkpoints items (the order is header, entries, checkpoints, documents, head, end)"
+        );
     }
 }

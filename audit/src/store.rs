@@ -17,6 +17,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use didgate_protocol::error::Shared;
 use didgate_protocol::message::{ChainHead, Checkpoint, Digest, EntryRef, SignedMessage};
 use didgate_protocol::{Did, Identity, Version};
 use fjall::config::PartitioningPolicy;
@@ -109,14 +110,27 @@ pub enum StoreError {
     /// The engine failed (I/O, lock held by another process, corruption).
     #[error("store: {0}")]
     Engine(#[from] fjall::Error),
-    /// An entry in the store does not decode.
+    /// The store's records disagree: an entry vanished, the head or the last entry is not
+    /// where the store says, or the store could not be reopened.
     #[error("entry {seq} is corrupt: {why}")]
     Corrupt {
+        /// The seq concerned (0 where none is known).
+        seq: u64,
+        /// What is wrong (`"vanished"`).
+        why: &'static str,
+    },
+    /// An entry in the store does not decode.
+    #[error("entry {seq} is corrupt: {source}")]
+    Undecodable {
         /// Its seq.
         seq: u64,
-        /// Why.
-        why: String,
+        /// The decoding error.
+        #[source]
+        source: didgate_protocol::cbor::DecodeError,
     },
+    /// The writer thread of a chain could not be started.
+    #[error("cannot start writer: {0}")]
+    Writer(#[source] std::io::Error),
     /// A Merkle node key of an earlier release's layout is not 9 bytes (u8 level || u64be
     /// index) or names a node no u64 leaf index reaches.
     #[error("Merkle node key {} is corrupt", hex::encode(.0))]
@@ -154,10 +168,7 @@ fn corrupt(seq: u64, e: didgate_protocol::cbor::DecodeError) -> StoreError {
         didgate_protocol::cbor::DecodeError::Version(v) if v > Version::CURRENT.as_u64() => {
             StoreError::NewerFormat(v)
         }
-        e => StoreError::Corrupt {
-            seq,
-            why: e.to_string(),
-        },
+        source => StoreError::Undecodable { seq, source },
     }
 }
 
@@ -301,7 +312,7 @@ impl Store {
         }
         Err(last.unwrap_or(StoreError::Corrupt {
             seq: 0,
-            why: "cannot reopen".into(),
+            why: "cannot reopen",
         }))
     }
 
@@ -448,7 +459,7 @@ impl Store {
     fn durable_head(&self) -> Result<(EntryRef, Frontier), StoreError> {
         let (last, hash) = self.last_entry()?.ok_or(StoreError::Corrupt {
             seq: 0,
-            why: "vanished".into(),
+            why: "vanished",
         })?;
         let head = EntryRef {
             seq: last.seq,
@@ -457,8 +468,7 @@ impl Store {
         if self.head()? != Some(head) {
             return Err(StoreError::Corrupt {
                 seq: last.seq,
-                why: "the last entry is not the recorded head (altered or appended outside the writer)"
-                    .into(),
+                why: "the last entry is not the recorded head (altered or appended outside the writer)",
             });
         }
         let frontier = self
@@ -469,7 +479,7 @@ impl Store {
             .filter(|f| f.size() == head.seq + 1)
             .ok_or(StoreError::Corrupt {
                 seq: head.seq,
-                why: "Merkle frontier missing or stale".into(),
+                why: "Merkle frontier missing or stale",
             })?;
         Ok((head, frontier))
     }
@@ -561,7 +571,63 @@ pub enum AppendError {
     },
     /// The store failed; the chain refuses every append until reopened.
     #[error("audit store unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(#[source] Shared<StoreFailure>),
+    /// The writer thread has stopped (the chain was closed).
+    #[error("audit store unavailable: writer stopped")]
+    Stopped,
+    /// The job run after a seal ([`Chain::seal_then`]) panicked.
+    #[error("audit store unavailable: sealing: the job panicked")]
+    SealJobPanicked,
+    /// After a forced checkpoint, the last checkpoint does not cover the head.
+    #[error(
+        "audit store unavailable: cannot seal: the last checkpoint covers {covered} entries, the chain has {size}"
+    )]
+    NotSealed {
+        /// Entries the last checkpoint covers.
+        covered: u64,
+        /// Entries in the chain.
+        size: u64,
+    },
+}
+
+impl AppendError {
+    /// [`AppendError::Unavailable`] for `failure`.
+    fn unavailable(failure: impl Into<StoreFailure>) -> Self {
+        Self::Unavailable(Shared::new(failure.into()))
+    }
+}
+
+/// Why the store refused a batch ([`AppendError::Unavailable`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreFailure {
+    /// The store failed (closed, or a read failed).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The engine failed to commit or persist the batch.
+    #[error(transparent)]
+    Engine(#[from] fjall::Error),
+    /// The store's file system still refuses a test write after a failure.
+    #[error(transparent)]
+    Probe(#[from] std::io::Error),
+    /// The store had failed (`cause`, if known) and the way back failed at `step`.
+    #[error("{}; {step}: {source}", cause_text(.cause))]
+    Recovery {
+        /// The failure the store was recovering from.
+        cause: Option<Shared<StoreFailure>>,
+        /// The step that failed (`"reopening failed"`).
+        step: &'static str,
+        /// Why it failed.
+        #[source]
+        source: Shared<StoreFailure>,
+    },
+}
+
+/// The text of a recovery's cause ("store failed" if not known).
+fn cause_text(cause: &Option<Shared<StoreFailure>>) -> String {
+    cause
+        .as_ref()
+        .map_or_else(|| "store failed".to_string(), ToString::to_string)
 }
 
 /// What an acknowledged append returns.
@@ -797,7 +863,7 @@ impl Store {
         }
         let (last, _) = self.last_entry()?.ok_or(StoreError::Corrupt {
             seq: head.seq,
-            why: "vanished".into(),
+            why: "vanished",
         })?;
         let version = Version::from_u64(last.v).ok_or(StoreError::NewerFormat(last.v))?;
         let cp = checkpoint_of(
@@ -842,7 +908,7 @@ impl Chain {
                 let (mut head, mut frontier) = store.durable_head()?;
                 let (last, _) = store.last_entry()?.ok_or(StoreError::Corrupt {
                     seq: 0,
-                    why: "vanished".into(),
+                    why: "vanished",
                 })?;
                 let mut switched = None;
                 if last.v < Version::CURRENT.as_u64() {
@@ -903,10 +969,7 @@ impl Chain {
         std::thread::Builder::new()
             .name("didgate-audit-writer".into())
             .spawn(move || writer.run(rx))
-            .map_err(|e| StoreError::Corrupt {
-                seq: 0,
-                why: format!("cannot start writer: {e}"),
-            })?;
+            .map_err(StoreError::Writer)?;
         Ok(Self {
             tx,
             store,
@@ -940,7 +1003,7 @@ impl Chain {
     pub fn head(&self) -> Result<ChainHead, StoreError> {
         let head = self.store.head()?.ok_or(StoreError::Corrupt {
             seq: 0,
-            why: "no head".into(),
+            why: "no head",
         })?;
         Ok(ChainHead {
             chain: self.id,
@@ -954,9 +1017,8 @@ impl Chain {
         let (tx, rx) = tokio::sync::oneshot::channel();
         self.tx
             .send(Msg::Append(Box::new(append), Reply::Async(tx)))
-            .map_err(|_| AppendError::Unavailable("writer stopped".into()))?;
-        rx.await
-            .map_err(|_| AppendError::Unavailable("writer stopped".into()))?
+            .map_err(|_| AppendError::Stopped)?;
+        rx.await.map_err(|_| AppendError::Stopped)?
     }
 
     /// [`Chain::append`] for synchronous code (the secret lifecycle, which runs on blocking
@@ -965,9 +1027,8 @@ impl Chain {
         let (tx, rx) = mpsc::channel();
         self.tx
             .send(Msg::Append(Box::new(append), Reply::Blocking(tx)))
-            .map_err(|_| AppendError::Unavailable("writer stopped".into()))?;
-        rx.recv()
-            .map_err(|_| AppendError::Unavailable("writer stopped".into()))?
+            .map_err(|_| AppendError::Stopped)?;
+        rx.recv().map_err(|_| AppendError::Stopped)?
     }
 
     /// Queues `entry` (a close of a call whose closing append failed) to be written with the
@@ -993,9 +1054,8 @@ impl Chain {
         let (tx, rx) = mpsc::channel();
         self.tx
             .send(Msg::Checkpoint(tx))
-            .map_err(|_| AppendError::Unavailable("writer stopped".into()))?;
-        rx.recv()
-            .map_err(|_| AppendError::Unavailable("writer stopped".into()))?
+            .map_err(|_| AppendError::Stopped)?;
+        rx.recv().map_err(|_| AppendError::Stopped)?
     }
 
     /// Seals the chain: signs and stores a checkpoint of the current head now unless the last one
@@ -1017,15 +1077,14 @@ impl Chain {
             let outcome = sealed.and_then(|s| {
                 // a panic in `then` must not stop the writer
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| then(store, s)))
-                    .map_err(|_| AppendError::Unavailable("sealing: the job panicked".into()))
+                    .map_err(|_| AppendError::SealJobPanicked)
             });
             let _ = tx.send(outcome);
         });
         self.tx
             .send(Msg::Seal(job))
-            .map_err(|_| AppendError::Unavailable("writer stopped".into()))?;
-        rx.recv()
-            .map_err(|_| AppendError::Unavailable("writer stopped".into()))?
+            .map_err(|_| AppendError::Stopped)?;
+        rx.recv().map_err(|_| AppendError::Stopped)?
     }
 
     /// Writes a final checkpoint, stops the writer after the appends queued before this call,
@@ -1167,7 +1226,7 @@ struct Writer {
     last_cp_at: Instant,
     failed: Arc<AtomicBool>,
     /// Why the store failed (kept for the refusals until it is reopened).
-    cause: Option<String>,
+    cause: Option<Shared<StoreFailure>>,
     /// Entries the writer owes the chain after a reopen (see [`Writer::recover`]), and closes
     /// owed by callers ([`Chain::owe`]).
     closes: Vec<Entry>,
@@ -1185,22 +1244,26 @@ impl Writer {
     /// Merkle frontier from what is durable. An append whose batch was reported failed may have
     /// been made durable after all: an `executing` entry among those is closed as `abandoned`
     /// (its caller was refused, the call never ran), so no executing entry stays open.
-    fn recover(&mut self) -> Result<(), String> {
-        let cause = self.cause.clone().unwrap_or_else(|| "store failed".into());
+    fn recover(&mut self) -> Result<(), StoreFailure> {
+        let failed = |step, source: StoreFailure| StoreFailure::Recovery {
+            cause: self.cause.clone(),
+            step,
+            source: Shared::new(source),
+        };
         let probe = self.store.path.join("reopen.probe");
         let written = std::fs::File::create(&probe).and_then(|mut f| {
             std::io::Write::write_all(&mut f, &vec![0u8; PROBE_BYTES])?;
             f.sync_all()
         });
         let _ = std::fs::remove_file(&probe);
-        written.map_err(|e| format!("{cause}; still failing: {e}"))?;
+        written.map_err(|e| failed("still failing", e.into()))?;
         self.store
             .reopen()
-            .map_err(|e| format!("{cause}; reopening failed: {e}"))?;
+            .map_err(|e| failed("reopening failed", e.into()))?;
         let (head, frontier) = self
             .store
             .durable_head()
-            .map_err(|e| format!("{cause}; after reopening: {e}"))?;
+            .map_err(|e| failed("after reopening", e.into()))?;
         for seq in self.head.seq + 1..=head.seq {
             let Ok(Some(bytes)) = self.store.entry_bytes(seq) else {
                 continue;
@@ -1285,10 +1348,10 @@ impl Writer {
     fn sealed(&self, before: u64) -> Result<Sealed, AppendError> {
         let size = self.frontier.size();
         if self.last_cp != size {
-            return Err(AppendError::Unavailable(format!(
-                "cannot seal: the last checkpoint covers {} entries, the chain has {size}",
-                self.last_cp
-            )));
+            return Err(AppendError::NotSealed {
+                covered: self.last_cp,
+                size,
+            });
         }
         Ok(Sealed {
             size,
@@ -1308,7 +1371,7 @@ impl Writer {
         if self.failed.load(Ordering::Acquire)
             && let Err(why) = self.recover()
         {
-            let err = AppendError::Unavailable(why);
+            let err = AppendError::unavailable(why);
             for (_, reply) in jobs {
                 reply.send(Err(err.clone()));
             }
@@ -1316,7 +1379,7 @@ impl Writer {
         }
         let engine = match self.store.engine() {
             Ok(e) => e,
-            Err(e) => return self.fail(jobs.into_iter().map(|(_, r)| r), e.to_string()),
+            Err(e) => return self.fail(jobs.into_iter().map(|(_, r)| r), e.into()),
         };
         let mut batch = engine.db.batch();
         let mut head = self.head;
@@ -1384,7 +1447,7 @@ impl Writer {
                 self.head = saved_head;
                 self.closes = closes;
                 let replies = outcomes.into_iter().map(|(reply, _)| reply);
-                return self.fail(replies, e.to_string());
+                return self.fail(replies, e.into());
             }
             if checkpoint {
                 self.last_cp = self.frontier.size();
@@ -1402,9 +1465,10 @@ impl Writer {
     fn fail(
         &mut self,
         replies: impl IntoIterator<Item = Reply>,
-        cause: String,
+        cause: StoreFailure,
     ) -> Result<(), AppendError> {
         self.failed.store(true, Ordering::Release);
+        let cause = Shared::new(cause);
         self.cause = Some(cause.clone());
         let err = AppendError::Unavailable(cause);
         for reply in replies {
@@ -1426,7 +1490,7 @@ impl Writer {
                 None => self
                     .store
                     .get(c.space, &c.key)
-                    .map_err(|e| AppendError::Unavailable(e.to_string()))?,
+                    .map_err(AppendError::unavailable)?,
             };
             if !c.holds(existing.as_deref()) {
                 return Err(AppendError::Conflict { index });
@@ -1447,6 +1511,60 @@ fn now_ms() -> u64 {
 mod tests {
     use super::*;
     use didgate_protocol::Identity;
+    use didgate_protocol::cbor::DecodeError;
+    use std::error::Error as _;
+
+    #[test]
+    fn store_errors_carry_their_cause_as_source() {
+        let e = corrupt(3, DecodeError::Trailing(1));
+        assert_eq!(
+            e.to_string(),
+            "entry 3 is corrupt: 1 trailing bytes after the CBOR item"
+        );
+        let source = e.source().expect("a source");
+        assert_eq!(
+            source.downcast_ref::<DecodeError>(),
+            Some(&DecodeError::Trailing(1))
+        );
+
+        let e = AppendError::unavailable(StoreError::Closed);
+        assert_eq!(
+            e.to_string(),
+            "audit store unavailable: store closed after an I/O error; reopening failed"
+        );
+        let failure = e.source().expect("a source");
+        let failure = failure
+            .downcast_ref::<Shared<StoreFailure>>()
+            .expect("a store failure");
+        assert!(matches!(
+            failure.get(),
+            StoreFailure::Store(StoreError::Closed)
+        ));
+        assert_eq!(e.clone(), e, "still Clone and PartialEq");
+    }
+
+    #[test]
+    fn a_failed_recovery_says_the_cause_and_the_step() {
+        let cause = Shared::new(StoreFailure::Probe(std::io::Error::other("disk full")));
+        let e = StoreFailure::Recovery {
+            cause: Some(cause),
+            step: "still failing",
+            source: Shared::new(StoreFailure::Probe(std::io::Error::other(
+                "disk still full",
+            ))),
+        };
+        assert_eq!(e.to_string(), "disk full; still failing: disk still full");
+        assert!(e.source().is_some_and(|s| s.is::<Shared<StoreFailure>>()));
+        let e = StoreFailure::Recovery {
+            cause: None,
+            step: "reopening failed",
+            source: Shared::new(StoreError::Closed.into()),
+        };
+        assert!(
+            e.to_string()
+                .starts_with("store failed; reopening failed: ")
+        );
+    }
 
     #[tokio::test]
     async fn appends_link_and_survive_reopen() {
