@@ -93,10 +93,14 @@ fn keyspace_options() -> KeyspaceCreateOptions {
 /// The options of the [`ENTRIES`] keyspace: [`keyspace_options`] with key-value separation.
 /// An entry (about 0.5 to 1.5 KB, never overwritten or removed) is written once to a blob file
 /// when its memtable is flushed; compaction then moves only its key and a pointer to it. Without
-/// it, the entries were most of what compaction rewrote.
+/// it, the entries were most of what compaction rewrote. The blob files are not compressed: an
+/// entry is mostly hashes, signatures and keys, which LZ4 cannot shrink, and compressing them
+/// cost the gateway about 35,000 instructions per call (3%) for a store 6% smaller.
 fn entries_options() -> KeyspaceCreateOptions {
     keyspace_options().with_kv_separation(Some(
-        fjall::KvSeparationOptions::default().separation_threshold(ENTRY_BLOB_THRESHOLD),
+        fjall::KvSeparationOptions::default()
+            .separation_threshold(ENTRY_BLOB_THRESHOLD)
+            .compression(fjall::CompressionType::None),
     ))
 }
 
