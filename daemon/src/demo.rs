@@ -15,7 +15,7 @@ use didgate_client::{CallError, CallSpec, Client, RawFinal};
 use didgate_protocol::Identity;
 use zeroize::Zeroizing;
 
-use didgate_gateway::config::{Config, Rule, Settings, Upstream};
+use didgate_gateway::config::{RawConfig, RawUpstream, Rule, Settings};
 use didgate_gateway::gateway::{self, Gateway};
 
 use crate::upstream_demo::DemoUpstream;
@@ -63,16 +63,16 @@ pub async fn run(root: &Path) -> anyhow::Result<DemoOutcome> {
 
     // 3. The gateway: init, configuration, sealed secret.
     let gw_did = didgate_gateway::init(&gw_dir, "127.0.0.1:0".parse()?)?;
-    let config = Config {
+    let config = RawConfig {
         gateway: Settings {
             upstream_timeout_secs: 10,
             ..Settings::new("127.0.0.1:0".parse()?)
         },
-        upstreams: vec![Upstream {
+        upstreams: vec![RawUpstream {
             test_path: Some("/v1/balance".into()),
             // the demo upstream listens on 127.0.0.1
             local: true,
-            ..Upstream::new("payments", upstream.base_url(), "payments-key")
+            ..RawUpstream::new("payments", upstream.base_url(), "payments-key")
         }],
         groups: [("readers".to_string(), vec![bob.1.clone()])]
             .into_iter()
@@ -97,10 +97,11 @@ pub async fn run(root: &Path) -> anyhow::Result<DemoOutcome> {
         ],
         did_web: Default::default(),
         pkcs11: None,
-    };
+    }
+    .validate()?;
     std::fs::write(
         gateway::DataDir::new(&gw_dir).config(),
-        toml::to_string(&config)?,
+        toml::to_string(&config.to_raw())?,
     )?;
     let record = didgate_gateway::add_secret(&gw_dir, "payments-key", &api_key)?;
     drop(api_key);

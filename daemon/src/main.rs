@@ -499,10 +499,10 @@ async fn shutdown_signal() {
 /// `didgated serve`: the daemon, its metrics endpoint and control socket, until a signal.
 async fn serve(data: &std::path::Path) -> anyhow::Result<()> {
     let gw = Arc::new(Gateway::open(data).await?);
-    let endpoint = didgate_gateway::server::endpoint(&gw, gw.config().gateway.listen)?;
+    let endpoint = didgate_gateway::server::endpoint(&gw, gw.config().gateway().listen)?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     // bound first: a metrics address in use stops the start before anything is served
-    let metrics = match gw.config().gateway.metrics_listen {
+    let metrics = match gw.config().gateway().metrics_listen {
         Some(addr) => {
             let (bound, task) =
                 didgate_gateway::metrics::start(gw.metrics().clone(), addr, stop_tx.subscribe())

@@ -227,7 +227,7 @@ pub fn open_dir(data: &Path) -> Result<DirSecrets, SecretError> {
     };
     let grace = config
         .as_ref()
-        .map_or(DEFAULT_GRACE_SECS, |c| c.gateway.secret_grace_secs);
+        .map_or(DEFAULT_GRACE_SECS, |c| c.secret_grace().as_secs());
     let policy = config
         .as_ref()
         .map(Config::checkpoint_policy)

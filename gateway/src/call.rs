@@ -11,7 +11,7 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use didgate_audit::entry::{Entry, EntryKind};
 use didgate_audit::store::{Appended, Claim, ClaimRule};
@@ -226,11 +226,11 @@ pub(crate) fn admit<'c>(
             "the request is addressed to another gateway",
         ));
     }
-    let settings = &gate.config.gateway;
-    if judge_time && r.time_ms.abs_diff(now) > settings.skew_secs * 1000 {
+    let skew = gate.config.skew();
+    if judge_time && r.time_ms.abs_diff(now) > millis(skew) {
         return Err(refuse(
             RefusalCode::ClockSkew,
-            format!("request time is outside the {}s window", settings.skew_secs),
+            format!("request time is outside the {}s window", skew.as_secs()),
         ));
     }
     let up = gate.config.upstream(&r.upstream).ok_or_else(|| {
@@ -239,7 +239,7 @@ pub(crate) fn admit<'c>(
             format!("no upstream named {:?}", r.upstream),
         )
     })?;
-    let (cred_header, cred_query) = match &up.auth {
+    let (cred_header, cred_query) = match up.auth() {
         Auth::Header { name } => (Some(name.as_str()), None),
         Auth::Query { name } => (None, Some(name.as_str())),
         _ => (None, None),
@@ -249,13 +249,13 @@ pub(crate) fn admit<'c>(
     canonical::check_method(&r.method).map_err(not_canonical)?;
     canonical::check_path(&r.path).map_err(not_canonical)?;
     canonical::check_query(&r.query, cred_query).map_err(not_canonical)?;
-    canonical::check_headers(&r.headers, &up.allow_headers, cred_header).map_err(not_canonical)?;
-    if !up.allow_method_override {
+    canonical::check_headers(&r.headers, up.allow_headers(), cred_header).map_err(not_canonical)?;
+    if !up.allow_method_override() {
         canonical::check_overrides(&r.query, &r.headers).map_err(not_canonical)?;
     }
     // what policy judges, the grant names and the upstream gets (the upstream's folding)
     let path = up.policy_path(&r.path);
-    if r.body_len > settings.max_body {
+    if r.body_len > gate.config.gateway().max_body {
         return Err(refuse(
             RefusalCode::BodyMismatch,
             "request body exceeds the limit",
@@ -273,7 +273,7 @@ pub(crate) fn admit<'c>(
     if let Some(reason) = decision.refusal_reason() {
         return Err(refuse(RefusalCode::Policy, reason));
     }
-    call.ttl_secs = decision.grant_ttl(settings.grant_ttl_secs);
+    call.ttl_secs = decision.grant_ttl(gate.config.grant_ttl().as_secs());
     call.path = Some(path.into_owned());
     Ok(up)
 }
@@ -290,7 +290,7 @@ pub(crate) fn limit(
     stage: Stage,
     now_ms: u64,
 ) -> Result<(), Refuse> {
-    let checks = limits::checks(&config.gateway, up, call.peer.as_str(), stage);
+    let checks = limits::checks(config.gateway(), up, call.peer.as_str(), stage);
     if checks.is_empty() {
         return Ok(());
     }
@@ -311,7 +311,7 @@ pub(crate) fn limit_catalog(
     config: &Config,
     now_ms: u64,
 ) -> Result<(), Refuse> {
-    let checks = limits::catalog_checks(&config.gateway, call.peer.as_str());
+    let checks = limits::catalog_checks(config.gateway(), call.peer.as_str());
     if checks.is_empty() {
         return Ok(());
     }
@@ -386,9 +386,9 @@ pub(crate) fn deadline_key(deadline_ms: u64, tag: u8, id: &[&[u8]]) -> Vec<u8> {
 /// the TLS peer's key, which must be the signer's) and the same nonce, and the (signer, nonce)
 /// key refuses the second. The call ID stays the identity of the call's entries and grant
 /// (specs/protocol.md, "Call processing", step 5).
-pub(crate) fn request_claims(call: &Call, skew_secs: u64, req: &Signed<Request>) -> Vec<Claim> {
+pub(crate) fn request_claims(call: &Call, skew: Duration, req: &Signed<Request>) -> Vec<Claim> {
     let peer = &call.peer;
-    let deadline = req.message.time_ms + skew_secs * 1000;
+    let deadline = req.message.time_ms + millis(skew);
     let head = req.message.head;
     let mut head_key = peer.public_key_bytes().to_vec();
     head_key.extend_from_slice(&head.chain);
@@ -427,16 +427,24 @@ pub(crate) fn document_claim(call: &Call) -> Option<Claim> {
     })
 }
 
-/// Refuses `clock_skew` a request whose window (its time plus `skew_secs`) closed by `now`:
+/// Refuses `clock_skew` a request whose window (its time plus `skew`) closed by `now`:
 /// judged again right before its claims are made, after its body was read.
-pub(crate) fn still_in_window(r: &Request, skew_secs: u64, now: u64) -> Result<(), Refuse> {
-    if now > r.time_ms + skew_secs * 1000 {
+pub(crate) fn still_in_window(r: &Request, skew: Duration, now: u64) -> Result<(), Refuse> {
+    if now > r.time_ms + millis(skew) {
         return Err(refuse(
             RefusalCode::ClockSkew,
-            format!("the request's {skew_secs}s window closed while its body was read"),
+            format!(
+                "the request's {}s window closed while its body was read",
+                skew.as_secs()
+            ),
         ));
     }
     Ok(())
+}
+
+/// `d` in whole milliseconds (a configured duration: whole seconds, far below `u64::MAX` ms).
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// The claim that consumes `grant` (pipelined or two-step execution): once only. It lives
@@ -665,9 +673,8 @@ paths = ["/v1/balance"]
             alice = alice().did(),
             bob = bob().did()
         );
-        let config: Config = toml::from_str(&text).expect("config");
-        config.validate().expect("valid");
-        config
+        let config: crate::config::RawConfig = toml::from_str(&text).expect("config");
+        config.validate().expect("valid")
     }
 
     fn call_of(who: &Identity, config: &Config) -> Call {
@@ -718,7 +725,7 @@ paths = ["/v1/balance"]
             revoked,
         };
         admit(&gate, cx, req, now, true)
-            .map(|up| up.name.clone())
+            .map(|up| up.name().to_string())
             .map_err(|r| r.code)
     }
 
@@ -749,8 +756,9 @@ paths = ["/v1/balance"]
             Ok("payments".into())
         );
         // the configured grant lifetime applies: the rules cap nothing
-        let grant = mint(&cx, config.gateway.grant_ttl_secs, &req, NOW, [3; 16]);
-        assert_eq!(grant.expires_ms, NOW + config.gateway.grant_ttl_secs * 1000);
+        let ttl = config.grant_ttl().as_secs();
+        let grant = mint(&cx, ttl, &req, NOW, [3; 16]);
+        assert_eq!(grant.expires_ms, NOW + ttl * 1000);
         assert_eq!(
             (grant.call, grant.subject),
             (req.envelope.digest(), alice().did().to_string())
@@ -887,7 +895,7 @@ paths = ["/v1/balance"]
     #[test]
     fn replays_forks_and_reused_grants_conflict_in_the_claims() {
         let config = config();
-        let skew = config.gateway.skew_secs;
+        let skew = config.skew();
         let cx = call_of(&alice(), &config);
         let mut store = HashMap::new();
         let first = request(&alice(), |_| {});
@@ -918,10 +926,10 @@ paths = ["/v1/balance"]
         // a grant is consumed once
         let reuse = apply(&mut store, &[consumed_grant_claim(&grant)]).map_err(grant_used);
         assert_eq!(reuse.map_err(|r| r.code), Err(RefusalCode::GrantInvalid));
-        // the replay key sorts by its deadline, skew_secs after the request's time; the consumed
+        // the replay key sorts by its deadline, skew after the request's time; the consumed
         // grant's by the grant's expiry (what pruning removes as a range); one replay key per
         // request, none by call ID
-        let deadline = (NOW + skew * 1000).to_be_bytes();
+        let deadline = (NOW + millis(skew)).to_be_bytes();
         assert_eq!(claims.len(), 3);
         assert_eq!(claims[0].key[..8], deadline);
         assert_eq!(claims[2].key[..8], grant.expires_ms.to_be_bytes());
@@ -932,8 +940,8 @@ paths = ["/v1/balance"]
     #[test]
     fn a_request_must_be_claimed_within_its_window() {
         let req = request(&alice(), |_| {});
-        let skew = 30;
-        let end = req.message.time_ms + skew * 1000;
+        let skew = Duration::from_secs(30);
+        let end = req.message.time_ms + 30 * 1000;
         assert!(still_in_window(&req.message, skew, end).is_ok());
         let late = still_in_window(&req.message, skew, end + 1).map_err(|r| r.code);
         assert_eq!(late, Err(RefusalCode::ClockSkew));

@@ -34,16 +34,16 @@ pub fn allowed_operations(
     };
     upstreams
         .iter()
-        .filter(|u| only.is_none_or(|o| o == u.name))
-        .flat_map(|u| u.operations.iter().map(move |op| (u, op)))
+        .filter(|u| only.is_none_or(|o| o == u.name()))
+        .flat_map(|u| u.operations().iter().map(move |op| (u, op)))
         .filter(|(u, op)| {
             policy
-                .decide(did, &u.name, &op.method, &op.path, &ctx)
+                .decide(did, u.name(), &op.method, &op.path, &ctx)
                 .refusal_reason()
                 .is_none()
         })
         .map(|(u, op)| Operation {
-            upstream: u.name.clone(),
+            upstream: u.name().to_string(),
             name: op.name.clone(),
             method: op.method.clone(),
             path: op.path.clone(),
@@ -98,7 +98,7 @@ mod tests {
         }
     }
 
-    fn config(operations: &str) -> Result<crate::config::Config, String> {
+    fn config(operations: &str) -> Result<crate::config::RawConfig, String> {
         let text = format!(
             r#"
 [gateway]
@@ -113,8 +113,8 @@ allowed_hosts = ["api.example.com"]
 {operations}
 "#
         );
-        let cfg: crate::config::Config = toml::from_str(&text).map_err(|e| e.to_string())?;
-        cfg.validate().map_err(|e| e.to_string())?;
+        let cfg: crate::config::RawConfig = toml::from_str(&text).map_err(|e| e.to_string())?;
+        cfg.clone().validate().map_err(|e| e.to_string())?;
         Ok(cfg)
     }
 
@@ -221,7 +221,7 @@ body = "none"
         // what the gateway writes back (a schema with a JSON null has no TOML table form) reads
         // back the same
         let text = toml::to_string(&cfg).expect("toml");
-        let again: crate::config::Config = toml::from_str(&text).expect("parse");
+        let again: crate::config::RawConfig = toml::from_str(&text).expect("parse");
         assert_eq!(again.upstreams[0].operations, *ops);
 
         // version 2 catalogs carry the hints, version 1 catalogs only the fields of version 1

@@ -1,10 +1,14 @@
 //! `gateway.toml`: listen address, limits, upstreams and policy rules (specs/operation.md,
 //! "Gateway configuration").
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
-use didgate_protocol::Version;
+use didgate_protocol::web::PrincipalError;
+use didgate_protocol::{Principal, Version};
+use reqwest::Url;
 use serde::{Deserialize, Serialize};
 
 use didgate_protocol::catalog;
@@ -33,10 +37,11 @@ pub enum Auth {
     },
 }
 
-/// One upstream API.
+/// One upstream API as written in `[[upstream]]` (unchecked: [`RawUpstream::validate`] makes the
+/// [`Upstream`] the gateway uses).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Upstream {
+pub struct RawUpstream {
     /// Name callers use.
     pub name: String,
     /// Base URL, `http(s)://host[:port][/prefix]`, no trailing slash.
@@ -106,7 +111,7 @@ pub struct Upstream {
     pub allow_method_override: bool,
 }
 
-/// How an upstream matches path case ([`Upstream::path_case`]).
+/// How an upstream matches path case ([`RawUpstream::path_case`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PathCase {
@@ -123,7 +128,7 @@ impl PathCase {
     }
 }
 
-/// What an upstream does with a trailing slash ([`Upstream::trailing_slash`]).
+/// What an upstream does with a trailing slash ([`RawUpstream::trailing_slash`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TrailingSlash {
@@ -157,22 +162,7 @@ impl EchoAction {
     }
 }
 
-impl Upstream {
-    /// The path policy judges, the grant names and the upstream gets for a request's canonical
-    /// `path`: lower-cased if the upstream ignores case, without its trailing slash if it folds
-    /// them (never `/` itself).
-    pub fn policy_path<'a>(&self, path: &'a str) -> std::borrow::Cow<'a, str> {
-        let mut folded = std::borrow::Cow::Borrowed(path);
-        if self.trailing_slash == TrailingSlash::Fold && folded.len() > 1 && folded.ends_with('/') {
-            folded = std::borrow::Cow::Borrowed(&path[..path.len() - 1]);
-        }
-        if self.path_case == PathCase::Insensitive && folded.bytes().any(|b| b.is_ascii_uppercase())
-        {
-            folded = std::borrow::Cow::Owned(folded.to_ascii_lowercase());
-        }
-        folded
-    }
-
+impl RawUpstream {
     /// An upstream `name` at `base_url` whose secret `secret` is sent as a bearer token, with
     /// what a `[[upstream]]` table that names only these gets: connections to the base URL's
     /// host only, the default request headers, not `local`, no test path, no limits of its own
@@ -183,7 +173,7 @@ impl Upstream {
         secret: impl Into<String>,
     ) -> Self {
         let base_url = base_url.into();
-        let allowed_hosts = reqwest::Url::parse(&base_url)
+        let allowed_hosts = Url::parse(&base_url)
             .ok()
             .and_then(|u| u.host_str().map(str::to_string))
             .into_iter()
@@ -374,11 +364,11 @@ impl Pkcs11Settings {
         let pin = match (&self.pin_env, &self.pin_file) {
             (Some(var), _) => PinSource::Env(var.clone()),
             (None, Some(file)) => PinSource::File(dir.join(file)),
-            // refused by `Config::validate`
+            // refused by `RawConfig::validate`
             (None, None) => PinSource::Env(String::new()),
         };
         crate::pkcs11::TokenConfig {
-            module: std::path::PathBuf::from(&self.module),
+            module: PathBuf::from(&self.module),
             token: self.token.clone(),
             key_label: self.key_label.clone(),
             pin,
@@ -464,11 +454,6 @@ impl Settings {
             kms: KmsKind::File,
         }
     }
-
-    /// [`Settings::min_client_version`] as a version (checked by [`Config::validate`]).
-    pub fn min_client(&self) -> Version {
-        Version::from_u64(self.min_client_version).unwrap_or(Version::OLDEST)
-    }
 }
 
 fn d_min_client() -> u64 {
@@ -532,18 +517,20 @@ fn d_refusal_entries() -> u64 {
     60
 }
 
-/// The whole configuration.
+/// The whole configuration as written in `gateway.toml` (unchecked): what the file
+/// deserialises into and what tools and tests build. [`RawConfig::validate`] (or
+/// [`Config::load`]) turns it into the [`Config`] the gateway runs with.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Config {
+pub struct RawConfig {
     /// Address and limits.
     pub gateway: Settings,
     /// Upstream APIs.
     #[serde(default, rename = "upstream")]
-    pub upstreams: Vec<Upstream>,
+    pub upstreams: Vec<RawUpstream>,
     /// Named groups of DIDs.
     #[serde(default)]
-    pub groups: std::collections::BTreeMap<String, Vec<String>>,
+    pub groups: BTreeMap<String, Vec<String>>,
     /// Policy rules (default deny).
     #[serde(default, rename = "rule")]
     pub rules: Vec<Rule>,
@@ -606,38 +593,662 @@ fn d_fetches_per_host() -> u64 {
     120
 }
 
-/// Why the configuration is unusable.
+/// Why the configuration is unusable. The texts name the table and key at fault
+/// (specs/operation.md, "Gateway configuration").
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum ConfigError {
-    /// Cannot read.
-    #[error("cannot read {0}: {1}")]
-    Read(String, std::io::Error),
-    /// Not valid TOML for this schema.
-    #[error("{0}: {1}")]
-    Parse(String, String),
-    /// Semantically invalid.
-    #[error("{0}")]
-    Invalid(String),
+    /// The file cannot be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("{}: {source}", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// `min_client_version` is not a protocol version of this release.
+    #[error(
+        "gateway: min_client_version must be {} to {} (this release's protocol versions), not {value}",
+        Version::OLDEST,
+        Version::CURRENT
+    )]
+    MinClientVersion {
+        /// The value given.
+        value: u64,
+    },
+    /// `kms = "pkcs11"` without a `[pkcs11]` table.
+    #[error(
+        "gateway: kms = \"pkcs11\" needs a [pkcs11] table (module, token, pin_env or pin_file)"
+    )]
+    Pkcs11Missing,
+    /// `[pkcs11]` gives both or neither of `pin_env` and `pin_file`.
+    #[error("pkcs11: set exactly one of pin_env and pin_file (the PIN is never in this file)")]
+    Pkcs11Pin,
+    /// `[pkcs11]` has an empty `module`, `token` or `key_label`.
+    #[error("pkcs11: module, token and key_label must not be empty")]
+    Pkcs11Empty,
+    /// An upstream's `base_url` is not a URL.
+    #[error("upstream {upstream}: base_url: {source}")]
+    BaseUrl {
+        /// The upstream.
+        upstream: String,
+        /// Why.
+        #[source]
+        source: url::ParseError,
+    },
+    /// An upstream's `base_url` is not `http` or `https`.
+    #[error("upstream {upstream}: base_url must be http or https")]
+    Scheme {
+        /// The upstream.
+        upstream: String,
+    },
+    /// The host of an upstream's `base_url` is not in its `allowed_hosts`.
+    #[error("upstream {upstream}: host {host} of base_url is not in allowed_hosts")]
+    HostNotAllowed {
+        /// The upstream.
+        upstream: String,
+        /// The base URL's host.
+        host: String,
+    },
+    /// An upstream's `test_path` is not an absolute path without a query.
+    #[error("upstream {upstream}: test_path must start with '/' and hold no query")]
+    TestPath {
+        /// The upstream.
+        upstream: String,
+    },
+    /// An upstream's `base_url` ends with `/`.
+    #[error("upstream {upstream}: base_url must not end with '/'")]
+    BaseUrlSlash {
+        /// The upstream.
+        upstream: String,
+    },
+    /// `allow_headers` names a method-override header without `allow_method_override`.
+    #[error(
+        "upstream {upstream}: allow_headers names {header}, which overrides the method or path on many servers; set allow_method_override = true if this upstream ignores it or policy allows every method and path it could reach"
+    )]
+    OverrideHeader {
+        /// The upstream.
+        upstream: String,
+        /// The header.
+        header: String,
+    },
+    /// An `[[upstream.operation]]` is not acceptable.
+    #[error(transparent)]
+    Operation(#[from] OperationError),
+    /// A rate has a bad `per_sec`; `at` names the table (empty for `[gateway]`).
+    #[error("{at}{source}")]
+    Rate {
+        /// `upstream NAME: `, `gateway.handshakes: `, or empty for `[gateway]`.
+        at: String,
+        /// Why.
+        #[source]
+        source: RateError,
+    },
+    /// `did_web.cache_ttl_secs` is over [`MAX_DOC_TTL_SECS`].
+    #[error(
+        "did_web.cache_ttl_secs is at most {MAX_DOC_TTL_SECS} (a rotated-out key must stop working)"
+    )]
+    DocTtl,
+    /// `did_web.timeout_secs` is 0.
+    #[error("did_web.timeout_secs must be at least 1")]
+    DidWebTimeout,
+    /// `metrics_listen` is not loopback and `metrics_allow_remote` is not set.
+    #[error(
+        "metrics_listen {addr} is not a loopback address; the metrics are unauthenticated \
+         (set metrics_allow_remote = true to serve them there anyway)"
+    )]
+    MetricsNotLoopback {
+        /// The address.
+        addr: SocketAddr,
+    },
+    /// A group member is not a DID.
+    #[error("group {group}: {member}: {source}")]
+    Member {
+        /// The group.
+        group: String,
+        /// The member as written.
+        member: String,
+        /// Why.
+        #[source]
+        source: PrincipalError,
+    },
+    /// Both `policy_file` and `[[rule]]` entries are given.
+    #[error("give policy_file or [[rule]] entries, not both (the rules would be ignored)")]
+    PolicyFileAndRules,
+    /// A rule names an upstream that is not configured.
+    #[error("rule {rule}: unknown upstream {upstream}")]
+    UnknownUpstream {
+        /// The rule's index.
+        rule: usize,
+        /// The upstream it names.
+        upstream: String,
+    },
+    /// A rule names a group that is not configured.
+    #[error("rule {rule}: unknown group {group}")]
+    UnknownGroup {
+        /// The rule's index.
+        rule: usize,
+        /// The group it names.
+        group: String,
+    },
+    /// A rule's principal is neither `group:NAME` nor a DID.
+    #[error("rule {rule}: {principal}: {source}")]
+    Principal {
+        /// The rule's index.
+        rule: usize,
+        /// The principal as written.
+        principal: String,
+        /// Why.
+        #[source]
+        source: PrincipalError,
+    },
+}
+
+/// A rate's `per_sec` is not a finite number >= 0.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("per_sec must be a finite number >= 0, not {per_sec}")]
+pub struct RateError {
+    /// The value given.
+    pub per_sec: f64,
+}
+
+/// An `[[upstream.operation]]` is not acceptable ([`validate_operations`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("upstream {upstream} operation {operation:?}: {problem}")]
+pub struct OperationError {
+    /// The upstream.
+    pub upstream: String,
+    /// The operation's name.
+    pub operation: String,
+    /// What is wrong.
+    #[source]
+    pub problem: OperationProblem,
+}
+
+/// What is wrong with an operation ([`OperationError`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum OperationProblem {
+    /// The name, path template, title or body schema is refused by the catalog's rules.
+    #[error(transparent)]
+    Template(#[from] catalog::TemplateError),
+    /// Another operation of the upstream has this name.
+    #[error("the name is used twice")]
+    DuplicateName,
+    /// The method is not upper-case ASCII letters.
+    #[error("method must be upper case, e.g. GET")]
+    Method,
+    /// The description is longer than [`MAX_DESCRIPTION`].
+    #[error("description longer than {MAX_DESCRIPTION} bytes")]
+    Description,
+    /// A body schema is given with `body = "none"`.
+    #[error("body_schema given with body = \"none\"")]
+    SchemaWithoutBody,
+    /// A body schema is given for a method that has no body by default.
+    #[error(
+        "body_schema given, but a {method} operation has no body unless body = \"optional\" or \"required\""
+    )]
+    SchemaForBodylessMethod {
+        /// The method.
+        method: String,
+    },
+}
+
+/// One upstream, checked ([`RawUpstream::validate`]): its base URL parsed once, its timeout a
+/// [`Duration`]. The gateway reaches upstreams only through these.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    raw: RawUpstream,
+    base_url: Url,
+    timeout: Option<Duration>,
+}
+
+impl RawUpstream {
+    /// Checks this upstream on its own (base URL, allowed host, test path, headers,
+    /// operations, rates) and returns the [`Upstream`] the gateway uses.
+    pub fn validate(self) -> Result<Upstream, ConfigError> {
+        let upstream = || self.name.clone();
+        let base_url = Url::parse(&self.base_url).map_err(|source| ConfigError::BaseUrl {
+            upstream: upstream(),
+            source,
+        })?;
+        if !matches!(base_url.scheme(), "http" | "https") {
+            return Err(ConfigError::Scheme {
+                upstream: upstream(),
+            });
+        }
+        let host = base_url.host_str().unwrap_or_default();
+        if !self.allowed_hosts.iter().any(|h| h == host) {
+            return Err(ConfigError::HostNotAllowed {
+                upstream: upstream(),
+                host: host.to_string(),
+            });
+        }
+        if let Some(p) = &self.test_path
+            && (!p.starts_with('/') || p.contains(['?', '#']))
+        {
+            return Err(ConfigError::TestPath {
+                upstream: upstream(),
+            });
+        }
+        if self.base_url.ends_with('/') {
+            return Err(ConfigError::BaseUrlSlash {
+                upstream: upstream(),
+            });
+        }
+        if !self.allow_method_override
+            && let Some(h) = self.allow_headers.iter().find(|h| {
+                didgate_protocol::canonical::METHOD_OVERRIDE_HEADERS
+                    .iter()
+                    .any(|o| o.eq_ignore_ascii_case(h))
+            })
+        {
+            return Err(ConfigError::OverrideHeader {
+                upstream: upstream(),
+                header: h.clone(),
+            });
+        }
+        validate_operations(&self)?;
+        for r in [self.rate_per_upstream, self.rate_per_did]
+            .into_iter()
+            .flatten()
+        {
+            r.validate().map_err(|source| ConfigError::Rate {
+                at: format!("upstream {}: ", self.name),
+                source,
+            })?;
+        }
+        Ok(Upstream {
+            timeout: self.timeout_secs.map(Duration::from_secs),
+            base_url,
+            raw: self,
+        })
+    }
+}
+
+impl Upstream {
+    /// The name callers use.
+    pub fn name(&self) -> &str {
+        &self.raw.name
+    }
+
+    /// The base URL, parsed at load (http or https, its host in [`Upstream::allowed_hosts`],
+    /// no trailing slash as written).
+    pub fn base_url(&self) -> &Url {
+        &self.base_url
+    }
+
+    /// How the secret is injected.
+    pub fn auth(&self) -> &Auth {
+        &self.raw.auth
+    }
+
+    /// The name of the upstream's secret.
+    pub fn secret(&self) -> &str {
+        &self.raw.secret
+    }
+
+    /// Hostnames the gateway may connect to for this upstream.
+    pub fn allowed_hosts(&self) -> &[String] {
+        &self.raw.allowed_hosts
+    }
+
+    /// Request headers a caller may set (lower case).
+    pub fn allow_headers(&self) -> &[String] {
+        &self.raw.allow_headers
+    }
+
+    /// The path `didgated secret test` sends a `GET` to, if any.
+    pub fn test_path(&self) -> Option<&str> {
+        self.raw.test_path.as_deref()
+    }
+
+    /// Whether the upstream may be on a loopback or private address.
+    pub fn local(&self) -> bool {
+        self.raw.local
+    }
+
+    /// This upstream's own connect and read timeout (else `[gateway]`'s applies).
+    pub fn timeout(&self) -> Option<Duration> {
+        self.timeout
+    }
+
+    /// This upstream's own rate of calls from all callers (else `[gateway]`'s applies).
+    pub fn rate_per_upstream(&self) -> Option<RateLimit> {
+        self.raw.rate_per_upstream
+    }
+
+    /// This upstream's own limit of calls in flight (else `[gateway]`'s applies).
+    pub fn max_concurrent_per_upstream(&self) -> Option<u64> {
+        self.raw.max_concurrent_per_upstream
+    }
+
+    /// The rate of calls from each DID to this upstream, if limited.
+    pub fn rate_per_did(&self) -> Option<RateLimit> {
+        self.raw.rate_per_did
+    }
+
+    /// Calls in flight from each DID to this upstream, if limited.
+    pub fn max_concurrent_per_did(&self) -> Option<u64> {
+        self.raw.max_concurrent_per_did
+    }
+
+    /// This upstream's own largest response body (else `[gateway]`'s applies).
+    pub fn max_response_bytes(&self) -> Option<u64> {
+        self.raw.max_response_bytes
+    }
+
+    /// The named operations callers may discover.
+    pub fn operations(&self) -> &[OperationConfig] {
+        &self.raw.operations
+    }
+
+    /// What to do when the response holds the call's credential.
+    pub fn on_secret_echo(&self) -> EchoAction {
+        self.raw.on_secret_echo
+    }
+
+    /// Whether callers may send method-override headers and query parameters.
+    pub fn allow_method_override(&self) -> bool {
+        self.raw.allow_method_override
+    }
+
+    /// The upstream as written in `gateway.toml`.
+    pub fn raw(&self) -> &RawUpstream {
+        &self.raw
+    }
+
+    /// The path policy judges, the grant names and the upstream gets for a request's canonical
+    /// `path`: lower-cased if the upstream ignores case, without its trailing slash if it folds
+    /// them (never `/` itself).
+    pub fn policy_path<'a>(&self, path: &'a str) -> std::borrow::Cow<'a, str> {
+        let mut folded = std::borrow::Cow::Borrowed(path);
+        if self.raw.trailing_slash == TrailingSlash::Fold
+            && folded.len() > 1
+            && folded.ends_with('/')
+        {
+            folded = std::borrow::Cow::Borrowed(&path[..path.len() - 1]);
+        }
+        if self.raw.path_case == PathCase::Insensitive
+            && folded.bytes().any(|b| b.is_ascii_uppercase())
+        {
+            folded = std::borrow::Cow::Owned(folded.to_ascii_lowercase());
+        }
+        folded
+    }
+}
+
+/// The validated configuration the gateway runs with: built only by [`Config::load`] or
+/// [`RawConfig::validate`], so every value in it has been checked, and values used on every
+/// call are held parsed (each upstream's base URL, durations, the oldest client version).
+/// [`Config::to_raw`] gives back what it was built from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Config {
+    gateway: Settings,
+    upstreams: Vec<Upstream>,
+    groups: BTreeMap<String, Vec<String>>,
+    rules: Vec<Rule>,
+    did_web: DidWeb,
+    pkcs11: Option<Pkcs11Settings>,
+    min_client: Version,
+    skew: Duration,
+    grant_ttl: Duration,
+    upstream_timeout: Duration,
+    frame_timeout: Duration,
+    refusal_window: Duration,
+    secret_grace: Duration,
+}
+
+impl RawConfig {
+    /// Reads and parses `gateway.toml` without checking it (tools that edit the file and
+    /// write it back).
+    pub fn read(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    /// Checks everything (each upstream, `[gateway]`, `[pkcs11]`, `[did_web]`, groups, and
+    /// rules against upstreams and groups) and returns the [`Config`] the gateway runs with.
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let min_client = Version::from_u64(self.gateway.min_client_version).ok_or(
+            ConfigError::MinClientVersion {
+                value: self.gateway.min_client_version,
+            },
+        )?;
+        self.validate_kms()?;
+        let Self {
+            gateway,
+            upstreams,
+            groups,
+            rules,
+            did_web,
+            pkcs11,
+        } = self;
+        let upstreams = upstreams
+            .into_iter()
+            .map(RawUpstream::validate)
+            .collect::<Result<Vec<_>, _>>()?;
+        for r in [gateway.rate_per_did, gateway.rate_per_upstream] {
+            r.validate().map_err(|source| ConfigError::Rate {
+                at: String::new(),
+                source,
+            })?;
+        }
+        gateway
+            .handshakes
+            .rate_per_address
+            .validate()
+            .map_err(|source| ConfigError::Rate {
+                at: "gateway.handshakes: ".into(),
+                source,
+            })?;
+        if did_web.cache_ttl_secs > MAX_DOC_TTL_SECS {
+            return Err(ConfigError::DocTtl);
+        }
+        if did_web.timeout_secs == 0 {
+            return Err(ConfigError::DidWebTimeout);
+        }
+        if let Some(addr) = gateway.metrics_listen
+            && !addr.ip().is_loopback()
+            && !gateway.metrics_allow_remote
+        {
+            return Err(ConfigError::MetricsNotLoopback { addr });
+        }
+        for (group, members) in &groups {
+            for m in members {
+                Principal::parse(m).map_err(|source| ConfigError::Member {
+                    group: group.clone(),
+                    member: m.clone(),
+                    source,
+                })?;
+            }
+        }
+        if gateway.policy_file.is_some() && !rules.is_empty() {
+            return Err(ConfigError::PolicyFileAndRules);
+        }
+        for (i, r) in rules.iter().enumerate() {
+            if !upstreams.iter().any(|u| u.name() == r.upstream) {
+                return Err(ConfigError::UnknownUpstream {
+                    rule: i,
+                    upstream: r.upstream.clone(),
+                });
+            }
+            for p in &r.principals {
+                match p.strip_prefix("group:") {
+                    Some(g) if !groups.contains_key(g) => {
+                        return Err(ConfigError::UnknownGroup {
+                            rule: i,
+                            group: g.to_string(),
+                        });
+                    }
+                    Some(_) => {}
+                    None => {
+                        Principal::parse(p).map_err(|source| ConfigError::Principal {
+                            rule: i,
+                            principal: p.clone(),
+                            source,
+                        })?;
+                    }
+                }
+            }
+        }
+        Ok(Config {
+            min_client,
+            skew: Duration::from_secs(gateway.skew_secs),
+            grant_ttl: Duration::from_secs(gateway.grant_ttl_secs),
+            upstream_timeout: Duration::from_secs(gateway.upstream_timeout_secs),
+            frame_timeout: Duration::from_secs(gateway.frame_timeout_secs.max(1)),
+            refusal_window: Duration::from_secs(gateway.refusal_window_secs),
+            secret_grace: Duration::from_secs(gateway.secret_grace_secs),
+            gateway,
+            upstreams,
+            groups,
+            rules,
+            did_web,
+            pkcs11,
+        })
+    }
+
+    /// `[gateway] kms` and `[pkcs11]` agree, and the PIN has exactly one source.
+    fn validate_kms(&self) -> Result<(), ConfigError> {
+        match (&self.gateway.kms, &self.pkcs11) {
+            (KmsKind::Pkcs11, None) => return Err(ConfigError::Pkcs11Missing),
+            (_, Some(p)) => {
+                if p.pin_env.is_some() == p.pin_file.is_some() {
+                    return Err(ConfigError::Pkcs11Pin);
+                }
+                if p.module.is_empty() || p.token.is_empty() || p.key_label.is_empty() {
+                    return Err(ConfigError::Pkcs11Empty);
+                }
+            }
+            (KmsKind::File, None) => {}
+        }
+        Ok(())
+    }
+}
+
+impl TryFrom<RawConfig> for Config {
+    type Error = ConfigError;
+
+    fn try_from(raw: RawConfig) -> Result<Self, ConfigError> {
+        raw.validate()
+    }
 }
 
 impl Config {
+    /// Reads, parses and validates `gateway.toml`.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        RawConfig::read(path)?.validate()
+    }
+
+    /// What this configuration was built from (to change it: edit, then validate again).
+    pub fn to_raw(&self) -> RawConfig {
+        RawConfig {
+            gateway: self.gateway.clone(),
+            upstreams: self.upstreams.iter().map(|u| u.raw.clone()).collect(),
+            groups: self.groups.clone(),
+            rules: self.rules.clone(),
+            did_web: self.did_web.clone(),
+            pkcs11: self.pkcs11.clone(),
+        }
+    }
+
+    /// `[gateway]` as written: the address and the limits. Durations and the oldest client
+    /// version are also held parsed ([`Config::skew`], [`Config::min_client`], ...).
+    pub fn gateway(&self) -> &Settings {
+        &self.gateway
+    }
+
+    /// The upstreams, in file order.
+    pub fn upstreams(&self) -> &[Upstream] {
+        &self.upstreams
+    }
+
+    /// The upstream named `name` (the first, if two share it).
+    pub fn upstream(&self, name: &str) -> Option<&Upstream> {
+        self.upstreams.iter().find(|u| u.name() == name)
+    }
+
+    /// `[groups]`: group name -> member DIDs (each checked to parse).
+    pub fn groups(&self) -> &BTreeMap<String, Vec<String>> {
+        &self.groups
+    }
+
+    /// The `[[rule]]` list (empty when `policy_file` is given).
+    pub fn rules(&self) -> &[Rule] {
+        &self.rules
+    }
+
+    /// `[did_web]`.
+    pub fn did_web(&self) -> &DidWeb {
+        &self.did_web
+    }
+
+    /// `[pkcs11]`, if given.
+    pub fn pkcs11(&self) -> Option<&Pkcs11Settings> {
+        self.pkcs11.as_ref()
+    }
+
+    /// The oldest protocol version served (`min_client_version`).
+    pub fn min_client(&self) -> Version {
+        self.min_client
+    }
+
+    /// The accepted clock skew (`skew_secs`).
+    pub fn skew(&self) -> Duration {
+        self.skew
+    }
+
+    /// A grant's lifetime (`grant_ttl_secs`).
+    pub fn grant_ttl(&self) -> Duration {
+        self.grant_ttl
+    }
+
+    /// The default upstream timeout (`upstream_timeout_secs`).
+    pub fn upstream_timeout(&self) -> Duration {
+        self.upstream_timeout
+    }
+
+    /// How long a stream may take to deliver its first frame, then its body
+    /// (`frame_timeout_secs`, at least one second).
+    pub fn frame_timeout(&self) -> Duration {
+        self.frame_timeout
+    }
+
+    /// The window over which refusals not recorded one by one are counted
+    /// (`refusal_window_secs`).
+    pub fn refusal_window(&self) -> Duration {
+        self.refusal_window
+    }
+
+    /// How long a replaced secret version stays usable (`secret_grace_secs`).
+    pub fn secret_grace(&self) -> Duration {
+        self.secret_grace
+    }
+
     /// When the gateway's chain writer signs checkpoints (`checkpoint_every_entries`,
     /// `checkpoint_every_secs`, each at least 1).
     pub fn checkpoint_policy(&self) -> didgate_audit::store::CheckpointPolicy {
         didgate_audit::store::CheckpointPolicy {
             every_entries: self.gateway.checkpoint_every_entries.max(1),
-            every: std::time::Duration::from_secs(self.gateway.checkpoint_every_secs.max(1)),
+            every: Duration::from_secs(self.gateway.checkpoint_every_secs.max(1)),
         }
-    }
-
-    /// Loads and validates `gateway.toml`.
-    pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let p = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read(p.clone(), e))?;
-        let cfg: Self = toml::from_str(&text).map_err(|e| ConfigError::Parse(p, e.to_string()))?;
-        cfg.validate()?;
-        Ok(cfg)
     }
 
     /// The token of `[gateway] kms = "pkcs11"` (`None` with the file KMS), its `pin_file`
@@ -647,153 +1258,6 @@ impl Config {
             (KmsKind::Pkcs11, Some(p)) => Some(p.token_config(dir)),
             _ => None,
         }
-    }
-
-    /// `[gateway] kms` and `[pkcs11]` agree, and the PIN has exactly one source.
-    fn validate_kms(&self) -> Result<(), ConfigError> {
-        let bad = |s: &str| Err(ConfigError::Invalid(s.into()));
-        match (&self.gateway.kms, &self.pkcs11) {
-            (KmsKind::Pkcs11, None) => {
-                return bad(
-                    "gateway: kms = \"pkcs11\" needs a [pkcs11] table (module, token, pin_env or pin_file)",
-                );
-            }
-            (_, Some(p)) => {
-                if p.pin_env.is_some() == p.pin_file.is_some() {
-                    return bad(
-                        "pkcs11: set exactly one of pin_env and pin_file (the PIN is never in this file)",
-                    );
-                }
-                if p.module.is_empty() || p.token.is_empty() || p.key_label.is_empty() {
-                    return bad("pkcs11: module, token and key_label must not be empty");
-                }
-            }
-            (KmsKind::File, None) => {}
-        }
-        Ok(())
-    }
-
-    /// Checks cross-references: rules name known upstreams and groups, DIDs parse, base URLs
-    /// are http(s) with an allowed host.
-    pub fn validate(&self) -> Result<(), ConfigError> {
-        let bad = |s: String| Err(ConfigError::Invalid(s));
-        if Version::from_u64(self.gateway.min_client_version).is_none() {
-            return bad(format!(
-                "gateway: min_client_version must be {} to {} (this release's protocol versions), not {}",
-                Version::OLDEST,
-                Version::CURRENT,
-                self.gateway.min_client_version
-            ));
-        }
-        self.validate_kms()?;
-        for u in &self.upstreams {
-            let url = reqwest::Url::parse(&u.base_url)
-                .map_err(|e| ConfigError::Invalid(format!("upstream {}: base_url: {e}", u.name)))?;
-            if !matches!(url.scheme(), "http" | "https") {
-                return bad(format!(
-                    "upstream {}: base_url must be http or https",
-                    u.name
-                ));
-            }
-            let host = url.host_str().unwrap_or_default();
-            if !u.allowed_hosts.iter().any(|h| h == host) {
-                return bad(format!(
-                    "upstream {}: host {host} of base_url is not in allowed_hosts",
-                    u.name
-                ));
-            }
-            if let Some(p) = &u.test_path
-                && (!p.starts_with('/') || p.contains(['?', '#']))
-            {
-                return bad(format!(
-                    "upstream {}: test_path must start with '/' and hold no query",
-                    u.name
-                ));
-            }
-            if u.base_url.ends_with('/') {
-                return bad(format!(
-                    "upstream {}: base_url must not end with '/'",
-                    u.name
-                ));
-            }
-            if !u.allow_method_override
-                && let Some(h) = u.allow_headers.iter().find(|h| {
-                    didgate_protocol::canonical::METHOD_OVERRIDE_HEADERS
-                        .iter()
-                        .any(|o| o.eq_ignore_ascii_case(h))
-                })
-            {
-                return bad(format!(
-                    "upstream {}: allow_headers names {h}, which overrides the method or path on many servers; set allow_method_override = true if this upstream ignores it or policy allows every method and path it could reach",
-                    u.name
-                ));
-            }
-            validate_operations(u).map_err(ConfigError::Invalid)?;
-            for r in [u.rate_per_upstream, u.rate_per_did].into_iter().flatten() {
-                r.validate()
-                    .map_err(|e| ConfigError::Invalid(format!("upstream {}: {e}", u.name)))?;
-            }
-        }
-        for r in [self.gateway.rate_per_did, self.gateway.rate_per_upstream] {
-            r.validate().map_err(ConfigError::Invalid)?;
-        }
-        self.gateway
-            .handshakes
-            .rate_per_address
-            .validate()
-            .map_err(|e| ConfigError::Invalid(format!("gateway.handshakes: {e}")))?;
-        if self.did_web.cache_ttl_secs > MAX_DOC_TTL_SECS {
-            return bad(format!(
-                "did_web.cache_ttl_secs is at most {MAX_DOC_TTL_SECS} (a rotated-out key must stop working)"
-            ));
-        }
-        if self.did_web.timeout_secs == 0 {
-            return bad("did_web.timeout_secs must be at least 1".into());
-        }
-        if let Some(addr) = self.gateway.metrics_listen
-            && !addr.ip().is_loopback()
-            && !self.gateway.metrics_allow_remote
-        {
-            return bad(format!(
-                "metrics_listen {addr} is not a loopback address; the metrics are unauthenticated \
-                 (set metrics_allow_remote = true to serve them there anyway)"
-            ));
-        }
-        for (name, members) in &self.groups {
-            for m in members {
-                didgate_protocol::Principal::parse(m)
-                    .map_err(|e| ConfigError::Invalid(format!("group {name}: {m}: {e}")))?;
-            }
-        }
-        if self.gateway.policy_file.is_some() && !self.rules.is_empty() {
-            return bad(
-                "give policy_file or [[rule]] entries, not both (the rules would be ignored)"
-                    .into(),
-            );
-        }
-        for (i, r) in self.rules.iter().enumerate() {
-            if !self.upstreams.iter().any(|u| u.name == r.upstream) {
-                return bad(format!("rule {i}: unknown upstream {}", r.upstream));
-            }
-            for p in &r.principals {
-                match p.strip_prefix("group:") {
-                    Some(g) if !self.groups.contains_key(g) => {
-                        return bad(format!("rule {i}: unknown group {g}"));
-                    }
-                    Some(_) => {}
-                    None => {
-                        didgate_protocol::Principal::parse(p)
-                            .map_err(|e| ConfigError::Invalid(format!("rule {i}: {p}: {e}")))?;
-                    }
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// The upstream named `name`.
-    pub fn upstream(&self, name: &str) -> Option<&Upstream> {
-        self.upstreams.iter().find(|u| u.name == name)
     }
 }
 
@@ -936,12 +1400,11 @@ impl RateLimit {
     }
 
     /// Checks the values: `per_sec` finite and not negative.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), RateError> {
         if !self.per_sec.is_finite() || self.per_sec < 0.0 {
-            return Err(format!(
-                "per_sec must be a finite number >= 0, not {}",
-                self.per_sec
-            ));
+            return Err(RateError {
+                per_sec: self.per_sec,
+            });
         }
         Ok(())
     }
@@ -1008,36 +1471,38 @@ pub const MAX_DESCRIPTION: usize = catalog::MAX_DESCRIPTION;
 /// Checks an upstream's operations: names valid and unique, methods upper-case ASCII letters,
 /// path templates well formed, descriptions at most [`MAX_DESCRIPTION`] bytes, titles one
 /// line, body schemas JSON objects, and no body schema for an operation without a body.
-pub fn validate_operations(up: &Upstream) -> Result<(), String> {
+pub fn validate_operations(up: &RawUpstream) -> Result<(), OperationError> {
     let mut seen = std::collections::BTreeSet::new();
     for op in &up.operations {
-        let at = format!("upstream {} operation {:?}", up.name, op.name);
-        catalog::check_operation_name(&op.name).map_err(|e| format!("{at}: {e}"))?;
+        let at = |problem: OperationProblem| OperationError {
+            upstream: up.name.clone(),
+            operation: op.name.clone(),
+            problem,
+        };
+        let template = |e: catalog::TemplateError| at(e.into());
+        catalog::check_operation_name(&op.name).map_err(template)?;
         if !seen.insert(op.name.as_str()) {
-            return Err(format!("{at}: the name is used twice"));
+            return Err(at(OperationProblem::DuplicateName));
         }
         if op.method.is_empty() || !op.method.bytes().all(|b| b.is_ascii_uppercase()) {
-            return Err(format!("{at}: method must be upper case, e.g. GET"));
+            return Err(at(OperationProblem::Method));
         }
-        catalog::check_path_template(&op.path).map_err(|e| format!("{at}: {e}"))?;
+        catalog::check_path_template(&op.path).map_err(template)?;
         if op.description.len() > MAX_DESCRIPTION {
-            return Err(format!(
-                "{at}: description longer than {MAX_DESCRIPTION} bytes"
-            ));
+            return Err(at(OperationProblem::Description));
         }
         if let Some(title) = &op.title {
-            catalog::check_title(title).map_err(|e| format!("{at}: {e}"))?;
+            catalog::check_title(title).map_err(template)?;
         }
         if let Some(schema) = &op.body_schema {
-            catalog::check_body_schema(schema).map_err(|e| format!("{at}: {e}"))?;
+            catalog::check_body_schema(schema).map_err(template)?;
             if op.body == Some(BodyMode::None) {
-                return Err(format!("{at}: body_schema given with body = \"none\""));
+                return Err(at(OperationProblem::SchemaWithoutBody));
             }
             if op.body.is_none() && BodyMode::default_for(&op.method) == BodyMode::None {
-                return Err(format!(
-                    "{at}: body_schema given, but a {} operation has no body unless body = \"optional\" or \"required\"",
-                    op.method
-                ));
+                return Err(at(OperationProblem::SchemaForBodylessMethod {
+                    method: op.method.clone(),
+                }));
             }
         }
     }
@@ -1050,18 +1515,18 @@ mod tests {
 
     #[test]
     fn a_new_upstream_is_what_a_table_naming_only_its_fields_gives() {
-        let parsed: Upstream = toml::from_str(
+        let parsed: RawUpstream = toml::from_str(
             "name = \"stripe\"\nbase_url = \"https://api.stripe.com:443/v1\"\n\
              auth = { kind = \"bearer\" }\nsecret = \"stripe-key\"\n\
              allowed_hosts = [\"api.stripe.com\"]\n",
         )
         .expect("parses");
         assert_eq!(
-            Upstream::new("stripe", "https://api.stripe.com:443/v1", "stripe-key"),
+            RawUpstream::new("stripe", "https://api.stripe.com:443/v1", "stripe-key"),
             parsed
         );
         assert!(
-            Upstream::new("bad", "not a url", "k")
+            RawUpstream::new("bad", "not a url", "k")
                 .allowed_hosts
                 .is_empty()
         );
@@ -1069,10 +1534,10 @@ mod tests {
 
     #[test]
     fn template_parses() {
-        let cfg: Config = toml::from_str(&template("127.0.0.1:7443".parse().expect("addr")))
+        let cfg: RawConfig = toml::from_str(&template("127.0.0.1:7443".parse().expect("addr")))
             .expect("template parses");
-        cfg.validate().expect("valid");
-        assert!(cfg.rules.is_empty(), "default deny");
+        let cfg = cfg.validate().expect("valid");
+        assert!(cfg.rules().is_empty(), "default deny");
     }
 
     #[test]
@@ -1102,8 +1567,8 @@ secret = "k"
 allowed_hosts = ["127.0.0.1"]
 local = true
 "#;
-        let cfg: Config = toml::from_str(text).expect("parses");
-        cfg.validate().expect("valid");
+        let cfg: RawConfig = toml::from_str(text).expect("parses");
+        cfg.clone().validate().expect("valid");
         let g = &cfg.gateway;
         assert_eq!(
             g.rate_per_did,
@@ -1131,26 +1596,28 @@ local = true
         assert_eq!(up.timeout_secs, Some(5));
         assert!(cfg.upstreams[1].local);
         // what the harness and the demo write reads back the same
-        let again: Config =
+        let again: RawConfig =
             toml::from_str(&toml::to_string(&cfg).expect("serializes")).expect("reparses");
         assert_eq!(again, cfg);
 
         let bad = text.replace("per_sec = 0.5", "per_sec = -1");
-        let cfg: Config = toml::from_str(&bad).expect("parses");
-        assert!(matches!(cfg.validate(), Err(ConfigError::Invalid(_))));
+        let cfg: RawConfig = toml::from_str(&bad).expect("parses");
+        assert!(matches!(cfg.validate(), Err(ConfigError::Rate { .. })));
         let unknown = text.replace("local = true", "local = true\nburst = 3");
         assert!(
-            toml::from_str::<Config>(&unknown).is_err(),
+            toml::from_str::<RawConfig>(&unknown).is_err(),
             "unknown keys are refused"
         );
     }
 
     #[test]
     fn policy_file_excludes_rules() {
-        let mut cfg: Config = toml::from_str(&template("127.0.0.1:7443".parse().expect("addr")))
+        let mut cfg: RawConfig = toml::from_str(&template("127.0.0.1:7443".parse().expect("addr")))
             .expect("template parses");
         cfg.gateway.policy_file = Some("policies.cedar".into());
-        cfg.validate().expect("a policy file alone is valid");
+        cfg.clone()
+            .validate()
+            .expect("a policy file alone is valid");
         cfg.rules.push(Rule {
             principals: vec![],
             upstream: "payments".into(),
@@ -1158,9 +1625,245 @@ local = true
             paths: vec![],
         });
         cfg.upstreams
-            .push(Upstream::new("payments", "https://api.example.com", "k"));
-        assert!(matches!(cfg.validate(), Err(ConfigError::Invalid(_))));
+            .push(RawUpstream::new("payments", "https://api.example.com", "k"));
+        assert!(matches!(
+            cfg.clone().validate(),
+            Err(ConfigError::PolicyFileAndRules)
+        ));
         let text = toml::to_string(&cfg).expect("serializes");
         assert!(text.contains("policy_file = \"policies.cedar\""));
+    }
+
+    const BASE: &str = r#"
+[gateway]
+listen = "127.0.0.1:7443"
+skew_secs = 45
+grant_ttl_secs = 7
+upstream_timeout_secs = 12
+frame_timeout_secs = 0
+refusal_window_secs = 20
+secret_grace_secs = 90
+min_client_version = 2
+
+[[upstream]]
+name = "payments"
+base_url = "https://api.example.com:8443/v1"
+auth = { kind = "bearer" }
+secret = "k"
+allowed_hosts = ["api.example.com"]
+timeout_secs = 3
+
+[groups]
+payers = ["did:web:example.com"]
+
+[[rule]]
+principals = ["group:payers"]
+upstream = "payments"
+methods = ["GET"]
+paths = ["/v1/**"]
+"#;
+
+    #[test]
+    fn the_validated_config_holds_parsed_values() {
+        let raw: RawConfig = toml::from_str(BASE).expect("parses");
+        let cfg = Config::try_from(raw.clone()).expect("valid");
+        let up = cfg.upstream("payments").expect("configured");
+        let url: &Url = up.base_url();
+        assert_eq!(url.host_str(), Some("api.example.com"));
+        assert_eq!(url.port(), Some(8443));
+        assert_eq!(url.path(), "/v1");
+        assert_eq!(up.timeout(), Some(Duration::from_secs(3)));
+        assert_eq!(cfg.skew(), Duration::from_secs(45));
+        assert_eq!(cfg.grant_ttl(), Duration::from_secs(7));
+        assert_eq!(cfg.upstream_timeout(), Duration::from_secs(12));
+        assert_eq!(cfg.frame_timeout(), Duration::from_secs(1), "at least 1s");
+        assert_eq!(cfg.refusal_window(), Duration::from_secs(20));
+        assert_eq!(cfg.secret_grace(), Duration::from_secs(90));
+        assert_eq!(cfg.min_client().as_u64(), 2);
+        assert_eq!(cfg.to_raw(), raw, "what it was built from");
+    }
+
+    /// Tells whether an error is the one a bad input should give.
+    type Check = fn(&ConfigError) -> bool;
+
+    /// An edit of [`BASE`] (`FROM => TO`), the error it must give, and a fragment of its text.
+    const BAD_INPUTS: &[(&str, Check, &str)] = &[
+        (
+            "min_client_version = 2 => min_client_version = 99",
+            |e| matches!(e, ConfigError::MinClientVersion { value: 99 }),
+            "min_client_version must be",
+        ),
+        (
+            "secret_grace_secs = 90 => kms = \"pkcs11\"",
+            |e| matches!(e, ConfigError::Pkcs11Missing),
+            "needs a [pkcs11] table",
+        ),
+        (
+            "[groups] => [pkcs11]\nmodule = \"m\"\ntoken = \"t\"\n[groups]",
+            |e| matches!(e, ConfigError::Pkcs11Pin),
+            "exactly one of pin_env and pin_file",
+        ),
+        (
+            "[groups] => [pkcs11]\nmodule = \"\"\ntoken = \"t\"\npin_env = \"P\"\n[groups]",
+            |e| matches!(e, ConfigError::Pkcs11Empty),
+            "must not be empty",
+        ),
+        (
+            "https://api.example.com:8443/v1 => https://",
+            |e| {
+                matches!(e, ConfigError::BaseUrl { upstream, .. } if upstream == "payments")
+                    && std::error::Error::source(e).is_some()
+            },
+            "upstream payments: base_url: ",
+        ),
+        (
+            "https://api.example.com:8443/v1 => ftp://api.example.com",
+            |e| matches!(e, ConfigError::Scheme { .. }),
+            "must be http or https",
+        ),
+        (
+            "https://api.example.com:8443/v1 => https://evil.example",
+            |e| matches!(e, ConfigError::HostNotAllowed { host, .. } if host == "evil.example"),
+            "host evil.example of base_url is not in allowed_hosts",
+        ),
+        (
+            "timeout_secs = 3 => test_path = \"/a?b\"",
+            |e| matches!(e, ConfigError::TestPath { .. }),
+            "test_path must start with '/'",
+        ),
+        (
+            "8443/v1\" => 8443/v1/\"",
+            |e| matches!(e, ConfigError::BaseUrlSlash { .. }),
+            "must not end with '/'",
+        ),
+        (
+            "timeout_secs = 3 => allow_headers = [\"x-http-method-override\"]",
+            |e| matches!(e, ConfigError::OverrideHeader { header, .. } if header == "x-http-method-override"),
+            "set allow_method_override = true",
+        ),
+        (
+            "timeout_secs = 3 => [[upstream.operation]]\nname = \"a b\"\nmethod = \"GET\"\npath = \"/x\"",
+            |e| {
+                matches!(
+                    e,
+                    ConfigError::Operation(OperationError {
+                        problem: OperationProblem::Template(_),
+                        ..
+                    })
+                )
+            },
+            "upstream payments operation \"a b\": operation name",
+        ),
+        (
+            "timeout_secs = 3 => [[upstream.operation]]\nname = \"a\"\nmethod = \"get\"\npath = \"/x\"",
+            |e| {
+                matches!(
+                    e,
+                    ConfigError::Operation(OperationError {
+                        problem: OperationProblem::Method,
+                        ..
+                    })
+                )
+            },
+            "method must be upper case",
+        ),
+        (
+            "timeout_secs = 3 => rate_per_did = { burst = 1, per_sec = -1 }",
+            |e| {
+                matches!(
+                    e,
+                    ConfigError::Rate {
+                        source: RateError { .. },
+                        ..
+                    }
+                )
+            },
+            "upstream payments: per_sec must be a finite number >= 0, not -1",
+        ),
+        (
+            "min_client_version = 2 => rate_per_did = { burst = 1, per_sec = nan }",
+            |e| matches!(e, ConfigError::Rate { at, .. } if at.is_empty()),
+            "per_sec must be a finite number >= 0, not NaN",
+        ),
+        (
+            "[groups] => [gateway.handshakes]\nrate_per_address = { burst = 1, per_sec = -2 }\n[groups]",
+            |e| matches!(e, ConfigError::Rate { .. }),
+            "gateway.handshakes: per_sec must be",
+        ),
+        (
+            "[groups] => [did_web]\ncache_ttl_secs = 3601\n[groups]",
+            |e| matches!(e, ConfigError::DocTtl),
+            "cache_ttl_secs is at most 3600",
+        ),
+        (
+            "[groups] => [did_web]\ntimeout_secs = 0\n[groups]",
+            |e| matches!(e, ConfigError::DidWebTimeout),
+            "did_web.timeout_secs must be at least 1",
+        ),
+        (
+            "min_client_version = 2 => metrics_listen = \"192.0.2.1:9464\"",
+            |e| matches!(e, ConfigError::MetricsNotLoopback { .. }),
+            "metrics_allow_remote",
+        ),
+        (
+            "did:web:example.com\"] => not-a-did\"]",
+            |e| {
+                matches!(e, ConfigError::Member { group, .. } if group == "payers")
+                    && std::error::Error::source(e).is_some()
+            },
+            "group payers: not-a-did: ",
+        ),
+        (
+            "min_client_version = 2 => policy_file = \"p.cedar\"",
+            |e| matches!(e, ConfigError::PolicyFileAndRules),
+            "not both",
+        ),
+        (
+            "upstream = \"payments\" => upstream = \"nope\"",
+            |e| matches!(e, ConfigError::UnknownUpstream { rule: 0, upstream } if upstream == "nope"),
+            "rule 0: unknown upstream nope",
+        ),
+        (
+            "group:payers\"] => group:nope\"]",
+            |e| matches!(e, ConfigError::UnknownGroup { rule: 0, group } if group == "nope"),
+            "rule 0: unknown group nope",
+        ),
+        (
+            "group:payers\"] => did:nope\"]",
+            |e| {
+                matches!(e, ConfigError::Principal { rule: 0, .. })
+                    && std::error::Error::source(e).is_some()
+            },
+            "rule 0: did:nope: ",
+        ),
+    ];
+
+    #[test]
+    fn each_bad_input_is_refused_with_its_own_error() {
+        fn err(edit: &str) -> ConfigError {
+            let (from, to) = edit.split_once(" => ").expect("an edit");
+            assert!(BASE.contains(from), "{from}");
+            let raw: RawConfig = toml::from_str(&BASE.replacen(from, to, 1)).expect("parses");
+            raw.validate().expect_err(edit)
+        }
+        for (edit, check, text) in BAD_INPUTS {
+            let e = err(edit);
+            assert!(check(&e), "{edit}: {e:?}");
+            assert!(e.to_string().contains(text), "{edit}: {e}");
+        }
+    }
+
+    #[test]
+    fn read_and_parse_errors_carry_their_causes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("missing.toml");
+        let e = Config::load(&missing).expect_err("absent");
+        assert!(matches!(&e, ConfigError::Read { path, .. } if *path == missing));
+        assert!(e.to_string().starts_with("cannot read "), "{e}");
+        let bad = dir.path().join("gateway.toml");
+        std::fs::write(&bad, "[gateway]\nlisten = 3\n").expect("write");
+        let e = Config::load(&bad).expect_err("bad type");
+        assert!(matches!(&e, ConfigError::Parse { path, .. } if *path == bad));
+        assert!(std::error::Error::source(&e).is_some());
     }
 }

@@ -34,10 +34,8 @@ pub fn http_client_for(
     upstream: &Upstream,
     default_timeout: Duration,
 ) -> Result<reqwest::Client, ClientError> {
-    let timeout = upstream
-        .timeout_secs
-        .map_or(default_timeout, Duration::from_secs);
-    let resolver = if upstream.local {
+    let timeout = upstream.timeout().unwrap_or(default_timeout);
+    let resolver = if upstream.local() {
         GuardedResolver::allow_local()
     } else {
         GuardedResolver::public_only()
@@ -70,12 +68,12 @@ pub struct Egress {
 impl Egress {
     /// Builds the clients for every upstream of `config`.
     pub fn new(config: &Config) -> Result<Self, ClientError> {
-        let timeout = Duration::from_secs(config.gateway.upstream_timeout_secs);
+        let timeout = config.upstream_timeout();
         let mut clients = HashMap::new();
-        for up in &config.upstreams {
+        for up in config.upstreams() {
             // with duplicate names the first upstream wins, as in `Config::upstream`
-            if !clients.contains_key(&up.name) {
-                clients.insert(up.name.clone(), http_client_for(up, timeout)?);
+            if !clients.contains_key(up.name()) {
+                clients.insert(up.name().to_string(), http_client_for(up, timeout)?);
             }
         }
         Ok(Self {

@@ -185,7 +185,7 @@ impl Gateway {
         crate::datadir::private_data_dir(dir)?;
         let d = DataDir::new(dir);
         let config = Config::load(&d.config())?;
-        let refusal_entries_per_min = config.gateway.refusal_entries_per_min;
+        let refusal_entries_per_min = config.gateway().refusal_entries_per_min;
         let identity = Arc::new(didgate_io::identity::load(&d.identity())?);
         let store = Store::open(&d.store(), SPACES)?;
         let chain = Chain::open(
@@ -199,7 +199,7 @@ impl Gateway {
             let (dir, chain, grace, token) = (
                 dir.to_path_buf(),
                 chain.clone(),
-                config.gateway.secret_grace_secs,
+                config.secret_grace().as_secs(),
                 config.token_config(dir),
             );
             // the snapshot and upkeep entries block on their appends
@@ -212,10 +212,12 @@ impl Gateway {
             .map_err(|e| StartError::Transport(e.to_string()))?;
         let policy = std::sync::RwLock::new(Arc::new(PolicySet::load(dir, &config)?));
         let metrics = Arc::new(Metrics::new(&config));
-        let resolver = WebResolver::new(&config.did_web, dir)
+        let resolver = WebResolver::new(config.did_web(), dir)
             .map_err(|e| StartError::Transport(e.to_string()))?;
         let gw = Self {
-            admission: Mutex::new(crate::admission::Admission::new(&config.gateway.handshakes)),
+            admission: Mutex::new(crate::admission::Admission::new(
+                &config.gateway().handshakes,
+            )),
             resolver,
             identity,
             config,
@@ -328,7 +330,7 @@ impl Gateway {
     /// How long a stream may take to deliver its first frame, and then its body
     /// (`frame_timeout_secs`): a stalled stream is refused and freed after this.
     pub(crate) fn frame_deadline(&self) -> Duration {
-        Duration::from_secs(self.config.gateway.frame_timeout_secs.max(1))
+        self.config.frame_timeout()
     }
 
     /// Streams being handled now, over every connection (each with its policy snapshot
@@ -449,7 +451,7 @@ impl Gateway {
     /// (and registers nothing) when `peer` already holds `max_connections_per_did` open
     /// connections.
     pub(crate) fn register(&self, peer: &Caller, conn: &quinn::Connection) -> bool {
-        let max = self.config.gateway.max_connections_per_did;
+        let max = self.config.gateway().max_connections_per_did;
         let mut conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         let list = conns.entry(peer.key().as_str().to_string()).or_default();
         list.retain(|(_, c)| c.close_reason().is_none());
@@ -684,7 +686,8 @@ impl Gateway {
             agg.since_ms = now_ms();
         }
         *agg.counts.entry(code).or_default() += 1;
-        now_ms().saturating_sub(agg.since_ms) >= self.config.gateway.refusal_window_secs * 1000
+        u128::from(now_ms().saturating_sub(agg.since_ms))
+            >= self.config.refusal_window().as_millis()
     }
 
     /// Writes the aggregate refusal entry for the current window, if it counted any. When it
@@ -862,7 +865,7 @@ impl Gateway {
     fn mint(&self, cx: &Call, req: &Signed<Request>) -> GrantBody {
         call::mint(
             cx,
-            self.config.gateway.grant_ttl_secs,
+            self.config.grant_ttl().as_secs(),
             req,
             now_ms(),
             rand::random(),
@@ -934,12 +937,11 @@ impl Gateway {
         };
         // the window is judged again now that the body is read: its replay keys are pruned
         // once it closed (plus a margin), so a request must be claimed within it
-        if let Err(r) = call::still_in_window(&req.message, self.config.gateway.skew_secs, now_ms())
-        {
+        if let Err(r) = call::still_in_window(&req.message, self.config.skew(), now_ms()) {
             return self.refuse_audited(cx, &mut send, &req, r).await;
         }
         let grant = self.mint(cx, &req);
-        let mut claims = call::request_claims(cx, self.config.gateway.skew_secs, &req);
+        let mut claims = call::request_claims(cx, self.config.skew(), &req);
         claims.push(call::consumed_grant_claim(&grant));
         let entry = call::request_entry(EntryKind::Executing, cx, &req, grant.id, now_ms());
         if !self
@@ -977,7 +979,7 @@ impl Gateway {
         }
         let grant = self.mint(cx, &req);
         let signed = grant.sign(&self.identity);
-        let mut claims = call::request_claims(cx, self.config.gateway.skew_secs, &req);
+        let mut claims = call::request_claims(cx, self.config.skew(), &req);
         let issued = IssuedGrant {
             request: req.bytes.clone(),
             expires_ms: grant.expires_ms,
@@ -1150,15 +1152,15 @@ impl Gateway {
         if let Err(r) = self.still_allowed(&req.envelope.caller(), &grant.id) {
             return self.close_failed(cx, send, call, r.code, &r.reason).await;
         }
-        let (used, secret) = match self.secret(&up.secret) {
+        let (used, secret) = match self.secret(up.secret()) {
             Ok(s) => s,
             Err((code, why)) => return self.close_failed(cx, send, call, code, &why).await,
         };
         // the forms of the credential the response is scanned for, zeroized with the call
-        let needles = echo::Needles::new(&secret, &up.auth);
+        let needles = echo::Needles::new(&secret, up.auth());
         let idem = hex::encode(grant.id);
         let sent = upstream::send(
-            self.http.client(&up.name),
+            self.http.client(up.name()),
             up,
             &req.message,
             body,
@@ -1202,8 +1204,8 @@ impl Gateway {
     ) -> Result<Relayed, Stopped> {
         // 0 = unlimited
         let max_resp = up
-            .max_response_bytes
-            .unwrap_or(self.config.gateway.max_response_bytes);
+            .max_response_bytes()
+            .unwrap_or(self.config.gateway().max_response_bytes);
         let encoding = resp.headers().get(reqwest::header::CONTENT_ENCODING);
         let decoding = echo::Decoding::for_header(encoding.map(|v| v.as_bytes())).map_err(|coding| {
             Stopped::Failed(
@@ -1242,7 +1244,7 @@ impl Gateway {
             .zip(values)
             .map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned()))
             .collect();
-        if echoes > 0 && up.on_secret_echo == EchoAction::Fail {
+        if echoes > 0 && up.on_secret_echo() == EchoAction::Fail {
             return Err(Stopped::Echo(echoes, "a response header"));
         }
         let head = ResponseHead {
@@ -1322,10 +1324,10 @@ impl Gateway {
             }
         };
         let elapsed = cx.started.elapsed();
-        self.metrics.executed(&up.name, status, elapsed);
+        self.metrics.executed(up.name(), status, elapsed);
         self.emit(|| EventKind::Access {
             did: req.envelope.signer().to_string(),
-            upstream: up.name.clone(),
+            upstream: up.name().to_string(),
             method: req.message.method.clone(),
             path: up.policy_path(&req.message.path).into_owned(),
             status,
@@ -1355,11 +1357,11 @@ impl Gateway {
         count: u64,
         action: &str,
     ) {
-        tracing::warn!(upstream = %up.name, count, action, "the upstream response held the call's credential");
-        self.metrics.secret_echo(&up.name, count);
+        tracing::warn!(upstream = %up.name(), count, action, "the upstream response held the call's credential");
+        self.metrics.secret_echo(up.name(), count);
         self.emit(|| EventKind::SecretEcho {
             did: req.envelope.signer().to_string(),
-            upstream: up.name.clone(),
+            upstream: up.name().to_string(),
             call: hex::encode(call),
             count,
             action: action.into(),
@@ -1586,7 +1588,7 @@ async fn relay_body(
             }
             Err(e) => return stop(RefusalCode::UpstreamFailed, e.to_string(), &filter),
         };
-        if filter.hits() > 0 && up.on_secret_echo == EchoAction::Fail {
+        if filter.hits() > 0 && up.on_secret_echo() == EchoAction::Fail {
             // nothing of what held it is relayed
             return Err(Stopped::Echo(echoes + filter.hits(), "the response body"));
         }

@@ -13,7 +13,7 @@
 //! # async fn run() -> Result<(), Box<dyn std::error::Error>> {
 //! let dir = std::path::Path::new("/var/lib/didgate");
 //! let gw = std::sync::Arc::new(didgate_gateway::gateway::Gateway::open(dir).await?);
-//! let endpoint = didgate_gateway::server::endpoint(&gw, gw.config().gateway.listen)?;
+//! let endpoint = didgate_gateway::server::endpoint(&gw, gw.config().gateway().listen)?;
 //! didgate_gateway::server::serve(gw, endpoint, async { let _ = tokio::signal::ctrl_c().await; }).await;
 //! # Ok(()) }
 //! ```

@@ -360,21 +360,21 @@ pub fn checks(
             max_concurrent: slots(settings.max_concurrent_per_did),
         },
         Check {
-            scope: Scope::Upstream(up.name.clone()),
+            scope: Scope::Upstream(up.name().to_string()),
             rate: rate(Some(
-                up.rate_per_upstream.unwrap_or(settings.rate_per_upstream),
+                up.rate_per_upstream().unwrap_or(settings.rate_per_upstream),
             )),
             max_concurrent: slots(
-                up.max_concurrent_per_upstream
+                up.max_concurrent_per_upstream()
                     .unwrap_or(settings.max_concurrent_per_upstream),
             ),
         },
     ];
-    if up.rate_per_did.is_some() || up.max_concurrent_per_did.is_some() {
+    if up.rate_per_did().is_some() || up.max_concurrent_per_did().is_some() {
         out.push(Check {
-            scope: Scope::DidOnUpstream(did.to_string(), up.name.clone()),
-            rate: rate(up.rate_per_did),
-            max_concurrent: slots(up.max_concurrent_per_did.unwrap_or(0)),
+            scope: Scope::DidOnUpstream(did.to_string(), up.name().to_string()),
+            rate: rate(up.rate_per_did()),
+            max_concurrent: slots(up.max_concurrent_per_did().unwrap_or(0)),
         });
     }
     out.retain(|c| c.rate.is_some_and(|r| r.is_limited()) || c.max_concurrent > 0);
@@ -527,17 +527,19 @@ mod tests {
 
     #[test]
     fn stages_select_tokens_and_slots() {
-        use crate::config::{Settings, Upstream};
+        use crate::config::{RawUpstream, Settings};
         let mut s = Settings::new("127.0.0.1:1".parse().unwrap());
         s.rate_per_did = rate(10, 1.0);
         s.max_concurrent_per_did = 4;
         s.max_concurrent_per_upstream = 0;
-        let up = Upstream {
+        let up = RawUpstream {
             allow_headers: vec![],
             max_concurrent_per_upstream: Some(7),
             rate_per_did: Some(rate(1, 0.0)),
-            ..Upstream::new("u", "https://api.example.com", "k")
-        };
+            ..RawUpstream::new("u", "https://api.example.com", "k")
+        }
+        .validate()
+        .unwrap();
         let call = checks(&s, &up, "d", Stage::Call);
         assert_eq!(call.len(), 3);
         assert_eq!(call[1].max_concurrent, 7, "the upstream's own value wins");

@@ -79,9 +79,9 @@ impl Metrics {
     /// Zeroed counters for the upstreams of `config` (the first of duplicate names counts).
     pub fn new(config: &Config) -> Self {
         let mut upstreams: Vec<String> = Vec::new();
-        for u in &config.upstreams {
-            if !upstreams.contains(&u.name) {
-                upstreams.push(u.name.clone());
+        for u in config.upstreams() {
+            if !upstreams.iter().any(|n| n == u.name()) {
+                upstreams.push(u.name().to_string());
             }
         }
         Self {
@@ -96,7 +96,7 @@ impl Metrics {
             latency: Default::default(),
             latency_sum_us: AtomicU64::new(0),
             connections: Default::default(),
-            hosts: config.gateway.metrics_hosts.clone(),
+            hosts: config.gateway().metrics_hosts.clone(),
         }
     }
 
@@ -449,10 +449,12 @@ mod tests {
         names.dedup();
         assert_eq!(names.len(), CODES.len());
 
-        let cfg: Config = toml::from_str(&crate::config::template(
+        let cfg = toml::from_str::<crate::config::RawConfig>(&crate::config::template(
             "127.0.0.1:1".parse().expect("addr"),
         ))
-        .expect("template");
+        .expect("template")
+        .validate()
+        .expect("valid");
         let mut m = Metrics::new(&cfg);
         m.upstreams = vec!["a\"b".into()];
         m.calls = vec![Default::default()];

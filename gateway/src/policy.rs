@@ -378,18 +378,18 @@ impl PolicySet {
                 .map(|t| (p.display().to_string(), t))
                 .map_err(|e| PolicyError::Read(p.display().to_string(), e))
         };
-        let (source, text) = match &config.gateway.policy_file {
+        let (source, text) = match &config.gateway().policy_file {
             Some(f) => read(f)?,
             None => (
                 "gateway.toml [[rule]]".to_string(),
-                translate_rules(&config.rules)?,
+                translate_rules(config.rules())?,
             ),
         };
-        let entities = match &config.gateway.entities_file {
+        let entities = match &config.gateway().entities_file {
             Some(f) => Some(read(f)?.1),
             None => None,
         };
-        Self::compile(&source, &text, &config.groups, entities.as_deref())
+        Self::compile(&source, &text, config.groups(), entities.as_deref())
     }
 
     /// Validates the Cedar policy file at `path` against the schema (strict mode) and the
@@ -1094,20 +1094,24 @@ impl KnownNames {
 
     /// The names of `config`, its entities file read relative to `data_dir`.
     pub fn of_config(data_dir: &Path, config: &Config) -> Result<Self, PolicyError> {
-        let mut groups: BTreeSet<String> = config.groups.keys().cloned().collect();
-        if let Some(f) = &config.gateway.entities_file {
+        let mut groups: BTreeSet<String> = config.groups().keys().cloned().collect();
+        if let Some(f) = &config.gateway().entities_file {
             let p = data_dir.join(f);
             let json = std::fs::read_to_string(&p)
                 .map_err(|e| PolicyError::Read(p.display().to_string(), e))?;
             groups.extend(entity_groups(&json)?);
         }
-        let upstreams = config.upstreams.iter().map(|u| u.name.clone()).collect();
+        let upstreams = config
+            .upstreams()
+            .iter()
+            .map(|u| u.name().to_string())
+            .collect();
         let operations = config
-            .upstreams
+            .upstreams()
             .iter()
             .flat_map(|u| {
-                u.operations.iter().map(move |op| KnownOperation {
-                    upstream: u.name.clone(),
+                u.operations().iter().map(move |op| KnownOperation {
+                    upstream: u.name().to_string(),
                     name: op.name.clone(),
                     method: op.method.clone(),
                     path: op.path.clone(),

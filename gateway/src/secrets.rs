@@ -1406,9 +1406,9 @@ impl Secrets {
         now_ms: u64,
     ) -> Result<Vec<Probe>, SecretError> {
         let users: Vec<&Upstream> = config
-            .upstreams
+            .upstreams()
             .iter()
-            .filter(|u| u.secret == name)
+            .filter(|u| u.secret() == name)
             .collect();
         if users.is_empty() {
             return Err(SecretError::Invalid(format!(
@@ -1417,7 +1417,7 @@ impl Secrets {
         }
         let testable: Vec<(&Upstream, &str)> = users
             .iter()
-            .filter_map(|u| u.test_path.as_deref().map(|p| (*u, p)))
+            .filter_map(|u| u.test_path().map(|p| (*u, p)))
             .collect();
         if testable.is_empty() {
             return Err(SecretError::Invalid(format!(
@@ -1430,14 +1430,21 @@ impl Secrets {
             let req = probe_request(up, path, now_ms);
             let idem = hex::encode(rand::random::<[u8; 16]>());
             // the upstream's own client: the same egress rules as a call (`local`, resolver)
-            let sent =
-                upstream::send(egress.client(&up.name), up, &req, Vec::new(), secret, &idem).await;
+            let sent = upstream::send(
+                egress.client(up.name()),
+                up,
+                &req,
+                Vec::new(),
+                secret,
+                &idem,
+            )
+            .await;
             let (status, error) = match sent {
                 Ok(resp) => (Some(resp.status().as_u16()), None),
                 Err(e) => (None, Some(e.to_string())),
             };
             out.push(Probe {
-                upstream: up.name.clone(),
+                upstream: up.name().to_string(),
                 version: v,
                 method: "GET".into(),
                 path: path.into(),
@@ -1652,7 +1659,7 @@ fn probe_request(up: &Upstream, path: &str, now_ms: u64) -> CallRequest {
     CallRequest {
         v: didgate_protocol::Version::CURRENT.as_u64(),
         aud: String::new(),
-        upstream: up.name.clone(),
+        upstream: up.name().to_string(),
         method: "GET".into(),
         path: path.into(),
         query: Vec::new(),

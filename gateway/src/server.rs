@@ -63,7 +63,7 @@ async fn handle_call(
             )
             .await;
     }
-    let min = gw.config.gateway.min_client();
+    let min = gw.config.min_client();
     if cx.version < min {
         // Said in the connection's own version, with one of its codes: the client can read
         // it and tell its user what to do.
@@ -129,7 +129,7 @@ pub async fn serve(
 ) {
     let (stop_tx, stop_rx) = watch::channel(false);
     let tasks = tokio_util_tasks::TaskSet::default();
-    let window = Duration::from_secs(gw.config.gateway.refusal_window_secs.max(1));
+    let window = gw.config.refusal_window().max(Duration::from_secs(1));
     let ticker = {
         let gw = gw.clone();
         let mut stop = stop_rx.clone();
@@ -320,7 +320,7 @@ async fn connection(gw: Arc<Gateway>, mut slot: Slot, mut stop: watch::Receiver<
 /// frame timeout, gets a signed `rate_limited` refusal (counted in the aggregate entry, as a
 /// refusal before any signature is checked); then the connection is closed.
 async fn refuse_connection(gw: &Gateway, cx: &mut Call, conn: quinn::Connection) {
-    let limit = gw.config.gateway.max_connections_per_did;
+    let limit = gw.config.gateway().max_connections_per_did;
     let reason = format!("too many open connections of this DID (limit {limit})");
     match tokio::time::timeout(gw.frame_deadline(), conn.accept_bi()).await {
         Ok(Ok((mut send, _recv))) => {
@@ -416,7 +416,7 @@ async fn answer_catalog(gw: &Gateway, cx: &mut Call, mut send: quinn::SendStream
         return gw.refuse_unverified(cx, &mut send, r.code, &r.reason).await;
     }
     let ops = crate::catalog::allowed_operations(
-        &gw.config().upstreams,
+        gw.config().upstreams(),
         &cx.policy,
         cx.peer.as_str(),
         request.upstream.as_deref(),

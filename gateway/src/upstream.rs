@@ -58,33 +58,44 @@ pub async fn send(
     secret: Zeroizing<String>,
     idempotency_key: &str,
 ) -> Result<reqwest::Response, UpstreamError> {
-    // the path policy judged: folded as the upstream says (`Upstream::policy_path`)
-    let mut url = Zeroizing::new(format!(
+    // the base URL parsed at load; the path policy judged (folded as the upstream says:
+    // `Upstream::policy_path`) appended to its path. A canonical path and query hold no `?`,
+    // `#` or `\` (`canonical::check_path`, `check_query`), so the setters give the URL that
+    // parsing the joined text would.
+    let mut parsed = upstream.base_url().clone();
+    let base_path = parsed.path();
+    let path = format!(
         "{}{}",
-        upstream.base_url,
+        base_path.strip_suffix('/').unwrap_or(base_path),
         upstream.policy_path(&req.path)
-    ));
-    let mut sep = '?';
+    );
+    parsed.set_path(&path);
+    // the query may hold the injected secret: built in a buffer zeroized on drop
+    let mut query = Zeroizing::new(String::new());
     for (k, v) in &req.query {
-        url.push(sep);
-        url.push_str(k);
-        url.push('=');
-        url.push_str(v);
-        sep = '&';
+        if !query.is_empty() {
+            query.push('&');
+        }
+        query.push_str(k);
+        query.push('=');
+        query.push_str(v);
     }
-    if let Auth::Query { name } = &upstream.auth {
+    if let Auth::Query { name } = upstream.auth() {
         // the scanner's own percent-encoding ([`crate::echo`]): the form injected is one it
         // searches for; ASCII by construction
         let encoded = |s: &str| Zeroizing::new(crate::echo::percent(s.as_bytes(), true, false));
-        url.push(sep);
-        url.push_str(&String::from_utf8_lossy(&encoded(name)));
-        url.push('=');
-        url.push_str(&String::from_utf8_lossy(&encoded(&secret)));
+        if !query.is_empty() {
+            query.push('&');
+        }
+        query.push_str(&String::from_utf8_lossy(&encoded(name)));
+        query.push('=');
+        query.push_str(&String::from_utf8_lossy(&encoded(&secret)));
     }
-    let parsed =
-        reqwest::Url::parse(&url).map_err(|_| UpstreamError::Build("invalid URL".into()))?;
+    if !query.is_empty() {
+        parsed.set_query(Some(&query));
+    }
     let host = parsed.host_str().unwrap_or_default();
-    if !upstream.allowed_hosts.iter().any(|h| h == host) {
+    if !upstream.allowed_hosts().iter().any(|h| h == host) {
         return Err(UpstreamError::Build(format!(
             "host {host} is not allowed for this upstream"
         )));
@@ -96,7 +107,7 @@ pub async fn send(
         .unwrap_or(host)
         .parse::<IpAddr>();
     if let Ok(ip) = literal
-        && !upstream.local
+        && !upstream.local()
         && let Some(why) = refused_range(ip)
     {
         return Err(UpstreamError::Egress(format!(
@@ -120,7 +131,7 @@ pub async fn send(
         builder = builder.header(name, value);
     }
     builder = builder.header("idempotency-key", idempotency_key);
-    builder = match &upstream.auth {
+    builder = match upstream.auth() {
         Auth::Bearer => builder.header(
             reqwest::header::AUTHORIZATION,
             sensitive(&Zeroizing::new(format!("Bearer {}", secret.as_str())))?,
@@ -139,7 +150,7 @@ pub async fn send(
     let request = builder
         .build()
         .map_err(|e| UpstreamError::Build(e.without_url().to_string()))?;
-    drop(url);
+    drop(query);
     drop(secret);
     http.execute(request)
         .await

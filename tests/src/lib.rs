@@ -12,7 +12,7 @@ use std::sync::Arc;
 use didgate_client::Client;
 use didgate_daemon::upstream_demo::DemoUpstream;
 use didgate_gateway::catalog::OperationConfig;
-use didgate_gateway::config::{Config, Rule, Settings, Upstream};
+use didgate_gateway::config::{RawConfig, RawUpstream, Rule, Settings};
 use didgate_gateway::gateway::Gateway;
 use didgate_protocol::{Did, Identity};
 
@@ -52,7 +52,7 @@ impl Harness {
     }
 
     /// Like [`Harness::start`], letting the test adjust the configuration first.
-    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> anyhow::Result<Self> {
+    pub async fn start_with(adjust: impl FnOnce(&mut RawConfig)) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let upstream = DemoUpstream::start(
             zeroize::Zeroizing::new(CANARY.to_string()),
@@ -61,17 +61,17 @@ impl Harness {
         .await?;
         let gw_dir = dir.path().join("gateway");
         let gw_did = didgate_gateway::init(&gw_dir, "127.0.0.1:0".parse()?)?;
-        let config = Config {
+        let config = RawConfig {
             gateway: Settings {
                 upstream_timeout_secs: 10,
                 refusal_window_secs: 3600,
                 ..Settings::new("127.0.0.1:0".parse()?)
             },
-            upstreams: vec![Upstream {
+            upstreams: vec![RawUpstream {
                 // the demo upstream listens on 127.0.0.1
                 local: true,
                 operations: payments_operations(),
-                ..Upstream::new("payments", upstream.base_url(), "payments-key")
+                ..RawUpstream::new("payments", upstream.base_url(), "payments-key")
             }],
             groups: [("readers".to_string(), vec![bob().did().to_string()])]
                 .into_iter()
@@ -184,7 +184,7 @@ impl Harness {
     pub fn use_policy(&self, cedar: &str) -> anyhow::Result<()> {
         std::fs::write(self.gw_dir().join("policies.cedar"), cedar)?;
         let path = self.gw_dir().join("gateway.toml");
-        let mut config = Config::load(&path)?;
+        let mut config = RawConfig::read(&path)?;
         config.gateway.policy_file = Some("policies.cedar".into());
         config.rules.clear();
         std::fs::write(&path, toml_string(&config)?)?;
@@ -245,7 +245,7 @@ pub fn payments_operations() -> Vec<OperationConfig> {
     ]
 }
 
-fn toml_string(c: &Config) -> anyhow::Result<String> {
+fn toml_string(c: &RawConfig) -> anyhow::Result<String> {
     Ok(toml::to_string(c)?)
 }
 
@@ -253,7 +253,7 @@ fn toml_string(c: &Config) -> anyhow::Result<String> {
 /// for tests whose floods all come from 127.0.0.1 but stand for many addresses (a distributed
 /// attacker), so that they reach the checks they are about. The admission itself is tested in
 /// `limits.rs`.
-pub fn without_address_limits(c: &mut Config) {
+pub fn without_address_limits(c: &mut RawConfig) {
     c.gateway.handshakes = no_address_limits();
 }
 

@@ -887,7 +887,7 @@ async fn body_above_max_body_is_refused_body_mismatch() -> anyhow::Result<()> {
     let max_body = h
         .gateway
         .as_ref()
-        .map(|g| g.config().gateway.max_body)
+        .map(|g| g.config().gateway().max_body)
         .unwrap_or_default();
     let (signed, call) = h.signed_request(&alice(), |r| {
         r.method = "POST".into();

@@ -358,16 +358,16 @@ fn assert_store_holds_ciphertext(gw: &Path) -> anyhow::Result<()> {
 /// instead and relays nothing that held it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_that_echoes_the_key_never_gets_it_to_the_caller() -> anyhow::Result<()> {
-    use didgate_gateway::config::{Auth, EchoAction, Rule, Upstream};
+    use didgate_gateway::config::{Auth, EchoAction, RawUpstream, Rule};
     use didgate_protocol::message::RefusalCode;
     use didgate_tests::echo_upstream::{ECHO_PATHS, EchoUpstream, forms_of};
 
     let echo = EchoUpstream::start().await?;
-    let upstream = |name: &str, auth: Auth, on_echo: EchoAction| Upstream {
+    let upstream = |name: &str, auth: Auth, on_echo: EchoAction| RawUpstream {
         local: true,
         auth,
         on_secret_echo: on_echo,
-        ..Upstream::new(name, echo.base_url(), "payments-key")
+        ..RawUpstream::new(name, echo.base_url(), "payments-key")
     };
     let mut h = Harness::start_with(|c| {
         c.upstreams.extend([

@@ -103,7 +103,7 @@ forbid (principal, action == Action::"POST", resource);
         ),
     )?;
     let path = h.gw_dir().join("gateway.toml");
-    let mut config = didgate_gateway::config::Config::load(&path)?;
+    let mut config = didgate_gateway::config::RawConfig::read(&path)?;
     config.gateway.policy_file = Some("policies.cedar".into());
     config.rules.clear();
     std::fs::write(&path, toml::to_string(&config)?)?;

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use didgate_audit::entry::EntryKind;
 use didgate_audit::{load_records, verify};
 use didgate_client::{CallError, CallSpec};
-use didgate_gateway::config::{Config, DidWeb, Rule};
+use didgate_gateway::config::{DidWeb, RawConfig, Rule};
 use didgate_protocol::message::RefusalCode;
 use didgate_protocol::web::{DidDocument, did_web_document, document_hash};
 use didgate_protocol::{Identity, WebDid};
@@ -38,7 +38,7 @@ async fn gateway(
 ) -> anyhow::Result<Harness> {
     let ca = ca.display().to_string();
     let org = org.to_string();
-    Harness::start_with(move |c: &mut Config| {
+    Harness::start_with(move |c: &mut RawConfig| {
         c.did_web = DidWeb {
             cache_ttl_secs: ttl,
             timeout_secs: 5,
@@ -431,7 +431,7 @@ async fn a_key_the_document_does_not_list_cannot_squat_the_did_webs_connection_s
     let legit = agent(0xe0, &org, "key-1");
     publish(&docs, &org, "key-1", &legit);
     let (ca_text, org_text) = (ca.display().to_string(), org.to_string());
-    let mut h = Harness::start_with(move |c: &mut Config| {
+    let mut h = Harness::start_with(move |c: &mut RawConfig| {
         c.gateway.max_connections_per_did = 2;
         c.did_web = DidWeb {
             cache_ttl_secs: 0,
@@ -527,7 +527,7 @@ async fn document_fetches_of_one_host_are_rate_limited_over_all_its_dids() -> an
         ca.display().to_string(),
         team.iter().map(|(d, _)| d.to_string()).collect::<Vec<_>>(),
     );
-    let mut h = Harness::start_with(move |c: &mut Config| {
+    let mut h = Harness::start_with(move |c: &mut RawConfig| {
         c.did_web = DidWeb {
             test_roots: vec![ca_text],
             allow_local: true,

@@ -221,12 +221,12 @@ async fn gated_upstream() -> anyhow::Result<(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closing_entry_that_cannot_be_written_withholds_the_end_and_the_record_says_so()
 -> anyhow::Result<()> {
-    use didgate_gateway::config::{Rule, Upstream};
+    use didgate_gateway::config::{RawUpstream, Rule};
     let (url, mut arrived, go) = gated_upstream().await?;
     let mut h = Harness::start_with(|c| {
-        c.upstreams.push(Upstream {
+        c.upstreams.push(RawUpstream {
             local: true,
-            ..Upstream::new("gated", url.clone(), "payments-key")
+            ..RawUpstream::new("gated", url.clone(), "payments-key")
         });
         c.rules.push(Rule {
             principals: vec![alice().did().to_string()],

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use didgate_client::{Answer, CallSpec, IssuedGrant};
-use didgate_gateway::config::{Config, ConfigError};
+use didgate_gateway::config::{ConfigError, RawConfig};
 use didgate_gateway::control::{self, EventStream};
 use didgate_gateway::events::{Event, EventKind};
 use didgate_gateway::gateway::Revoke;
@@ -497,7 +497,7 @@ async fn metrics_count_calls_refusals_grants_and_latency() -> anyhow::Result<()>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_listen_must_be_loopback_unless_allowed() -> anyhow::Result<()> {
     let template = didgate_gateway::config::template("127.0.0.1:7443".parse()?);
-    let with = |extra: &str| -> anyhow::Result<Config> {
+    let with = |extra: &str| -> anyhow::Result<RawConfig> {
         Ok(toml::from_str(&template.replacen(
             "[gateway]\n",
             &format!("[gateway]\n{extra}\n"),
@@ -517,7 +517,8 @@ async fn metrics_listen_must_be_loopback_unless_allowed() -> anyhow::Result<()> 
     ] {
         let e = with(bad)?.validate().expect_err(bad);
         assert!(
-            matches!(&e, ConfigError::Invalid(m) if m.contains("metrics_allow_remote")),
+            matches!(&e, ConfigError::MetricsNotLoopback { .. })
+                && e.to_string().contains("metrics_allow_remote"),
             "{e}"
         );
     }

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use didgate_audit::entry::{Entry, EntryKind};
 use didgate_audit::{load_records, verify};
 use didgate_client::{CallError, CallSpec};
-use didgate_gateway::config::{Auth, Rule, Upstream};
+use didgate_gateway::config::{Auth, RawUpstream, Rule};
 use didgate_protocol::message::RefusalCode;
 use didgate_tests::{Harness, alice};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -67,7 +67,7 @@ async fn upstream_resets_and_garbage_fail_typed_audited_and_the_gateway_stays_up
 -> anyhow::Result<()> {
     let (base, seen) = bad_upstream().await?;
     let mut h = Harness::start_with(|c| {
-        let mut flaky = Upstream {
+        let mut flaky = RawUpstream {
             name: "flaky".into(),
             base_url: base.clone(),
             secret: "payments-key".into(),

@@ -6,7 +6,7 @@
 use didgate_audit::entry::{Entry, EntryKind};
 use didgate_audit::{load_records, verify};
 use didgate_client::{CallError, CallSpec};
-use didgate_gateway::config::{Config, Rule, Upstream};
+use didgate_gateway::config::{RawConfig, RawUpstream, Rule};
 use didgate_gateway::limits::RateLimit;
 use didgate_protocol::message::RefusalCode;
 use didgate_tests::{Harness, alice, bob, refusal_code};
@@ -326,12 +326,12 @@ async fn a_slow_upstream_times_out_as_upstream_failed() -> anyhow::Result<()> {
 
 /// Adds an upstream `name` reaching the demo upstream at `base_url` (host `host`), which alice
 /// may GET.
-fn add_upstream(c: &mut Config, name: &str, base_url: String, host: &str, local: bool) {
-    c.upstreams.push(Upstream {
+fn add_upstream(c: &mut RawConfig, name: &str, base_url: String, host: &str, local: bool) {
+    c.upstreams.push(RawUpstream {
         allowed_hosts: vec![host.into()],
         allow_headers: vec!["accept".into()],
         local,
-        ..Upstream::new(name, base_url, "payments-key")
+        ..RawUpstream::new(name, base_url, "payments-key")
     });
     c.rules.push(Rule {
         principals: vec![alice().did().to_string()],

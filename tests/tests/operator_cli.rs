@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use didgate_gateway::config::{Config, OperationConfig, Upstream};
+use didgate_gateway::config::{OperationConfig, RawConfig, RawUpstream};
 use didgate_tests::{alice, bin, bob};
 
 /// Runs `didgated ARGS` (no master key or data directory from the environment), with `stdin`
@@ -60,7 +60,7 @@ fn operation(name: &str, method: &str, path: &str) -> anyhow::Result<OperationCo
 /// openai (operations chat, models) and payments (get_charge).
 fn configure(data: &Path) -> anyhow::Result<()> {
     let path = data.join("gateway.toml");
-    let mut config = Config::load(&path)?;
+    let mut config = RawConfig::read(&path)?;
     config.groups = [
         ("agents".to_string(), vec![alice().did().to_string()]),
         ("readers".to_string(), vec![bob().did().to_string()]),
@@ -68,16 +68,16 @@ fn configure(data: &Path) -> anyhow::Result<()> {
     .into_iter()
     .collect();
     config.upstreams = vec![
-        Upstream {
+        RawUpstream {
             operations: vec![
                 operation("chat", "POST", "/v1/chat/completions")?,
                 operation("models", "GET", "/v1/models")?,
             ],
-            ..Upstream::new("openai", "https://api.openai.com", "openai-key")
+            ..RawUpstream::new("openai", "https://api.openai.com", "openai-key")
         },
-        Upstream {
+        RawUpstream {
             operations: vec![operation("get_charge", "GET", "/v1/charges/{id}")?],
-            ..Upstream::new("payments", "https://api.example.com", "payments-key")
+            ..RawUpstream::new("payments", "https://api.example.com", "payments-key")
         },
     ];
     config.gateway.entities_file = Some("entities.json".into());

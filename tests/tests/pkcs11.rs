@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use didgate_client::{CallSpec, Client};
 use didgate_daemon::upstream_demo::DemoUpstream;
-use didgate_gateway::config::{Config, KmsKind, Pkcs11Settings, Rule, Settings, Upstream};
+use didgate_gateway::config::{KmsKind, Pkcs11Settings, RawConfig, RawUpstream, Rule, Settings};
 use didgate_protocol::message::RefusalCode;
 use didgate_protocol::{Did, Version};
 use didgate_tests::{CANARY, Daemon, alice, bin, files_containing, refusal_code};
@@ -153,7 +153,7 @@ impl Site {
 
     /// Writes gateway.toml: the file KMS without `hsm`, else the token.
     fn configure(&self, hsm: Option<&Hsm>, pin: Pin) -> anyhow::Result<()> {
-        let config = Config {
+        let config = RawConfig {
             gateway: Settings {
                 upstream_timeout_secs: 10,
                 kms: if hsm.is_some() {
@@ -164,9 +164,9 @@ impl Site {
                 handshakes: didgate_tests::no_address_limits(),
                 ..Settings::new("127.0.0.1:0".parse()?)
             },
-            upstreams: vec![Upstream {
+            upstreams: vec![RawUpstream {
                 local: true,
-                ..Upstream::new("payments", self.upstream.base_url(), "payments-key")
+                ..RawUpstream::new("payments", self.upstream.base_url(), "payments-key")
             }],
             groups: Default::default(),
             rules: vec![Rule {

@@ -11,7 +11,7 @@ use bytes::BytesMut;
 use didgate_audit::entry::{Entry, EntryKind};
 use didgate_audit::{load_records, verify};
 use didgate_client::{CallError, CallSpec};
-use didgate_gateway::config::Config;
+use didgate_gateway::config::{Config, RawConfig};
 use didgate_gateway::control;
 use didgate_gateway::gateway::Gateway;
 use didgate_gateway::policy::{PolicyError, PolicySet};
@@ -32,7 +32,7 @@ fn gateway(h: &Harness) -> anyhow::Result<Arc<Gateway>> {
 fn write_policy(dir: &Path, text: &str) -> anyhow::Result<()> {
     std::fs::write(dir.join("policies.cedar"), text)?;
     let path = dir.join("gateway.toml");
-    let mut config = Config::load(&path)?;
+    let mut config = RawConfig::read(&path)?;
     if config.gateway.policy_file.is_none() {
         config.gateway.policy_file = Some("policies.cedar".into());
         config.rules.clear();
@@ -422,7 +422,7 @@ async fn invalid_policy_is_refused_by_reload_and_the_old_set_stays() -> anyhow::
 async fn grant_lifetime_is_capped_per_policy() -> anyhow::Result<()> {
     let mut h = Harness::start().await?;
     let gw = gateway(&h)?;
-    assert_eq!(gw.config().gateway.grant_ttl_secs, 10);
+    assert_eq!(gw.config().gateway().grant_ttl_secs, 10);
     write_policy(
         &h.gw_dir(),
         &format!(

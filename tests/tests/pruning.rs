@@ -39,7 +39,7 @@ async fn expired_claims_are_pruned_while_serving_and_live_ones_kept() -> anyhow:
         .gateway
         .clone()
         .ok_or_else(|| anyhow::anyhow!("gateway"))?;
-    let skew_ms = gw.config().gateway.skew_secs * 1000;
+    let skew_ms = gw.config().gateway().skew_secs * 1000;
     let now = didgate_client::now_ms();
 
     // within their window nothing goes, and a replay is refused

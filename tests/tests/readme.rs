@@ -194,7 +194,7 @@ async fn the_readme_operator_example_serves_the_agent() -> anyhow::Result<()> {
     didgate_gateway::add_secret(&data, "openai-key", "sk-readme-example")?;
 
     let gw = std::sync::Arc::new(didgate_gateway::gateway::Gateway::open(&data).await?);
-    let endpoint = didgate_gateway::server::endpoint(&gw, gw.config().gateway.listen)?;
+    let endpoint = didgate_gateway::server::endpoint(&gw, gw.config().gateway().listen)?;
     let addr = endpoint.local_addr()?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(didgate_gateway::server::serve(

@@ -19,7 +19,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use didgate_audit::entry::{Entry, EntryKind, Outcome};
 use didgate_audit::{load_records, verify};
-use didgate_gateway::config::{RateLimit, Rule, Upstream};
+use didgate_gateway::config::{RateLimit, RawUpstream, Rule};
 use didgate_gateway::gateway::Revoke;
 use didgate_protocol::Principal;
 use didgate_tests::{Harness, ProxyProcess, alice, alice_home, python_with};
@@ -141,10 +141,13 @@ impl ChatUpstream {
 
 /// A gateway with the `chat` upstream in front of `up`: alice may POST /v1/chat/completions
 /// (and nothing else there), adjusted by `adjust`.
-async fn gateway(up: &ChatUpstream, adjust: impl FnOnce(&mut Upstream)) -> anyhow::Result<Harness> {
-    let mut chat = Upstream {
+async fn gateway(
+    up: &ChatUpstream,
+    adjust: impl FnOnce(&mut RawUpstream),
+) -> anyhow::Result<Harness> {
+    let mut chat = RawUpstream {
         local: true,
-        ..Upstream::new("chat", up.base_url.clone(), "payments-key")
+        ..RawUpstream::new("chat", up.base_url.clone(), "payments-key")
     };
     adjust(&mut chat);
     Harness::start_with(move |c| {

@@ -14,7 +14,7 @@
 //! `didgate_gateway::egress` (`embedded_and_translated_ranges`).
 
 use didgate_client::{CallSpec, RawFinal};
-use didgate_gateway::config::{Config, PathCase, TrailingSlash};
+use didgate_gateway::config::{PathCase, RawConfig, TrailingSlash};
 use didgate_protocol::message::{RefusalCode, Request, SignedMessage};
 use didgate_tests::{Harness, alice, refusal_code};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -35,7 +35,7 @@ forbid (principal, action, resource) when {{ resource.path == "/v1/secret" }};
 }
 
 /// The payments upstream as a case-insensitive framework that folds trailing slashes.
-fn folding(c: &mut Config) {
+fn folding(c: &mut RawConfig) {
     let up = &mut c.upstreams[0];
     up.path_case = PathCase::Insensitive;
     up.trailing_slash = TrailingSlash::Fold;
@@ -121,12 +121,12 @@ allow_headers = ["content-type", "X-HTTP-Method-Override"]
 "#
         )
     };
-    let config: Config = toml::from_str(&toml(""))?;
+    let config: RawConfig = toml::from_str(&toml(""))?;
     let e = config
         .validate()
         .expect_err("an override header without the opt-in");
     assert!(e.to_string().contains("allow_method_override"), "{e}");
-    let config: Config = toml::from_str(&toml("allow_method_override = true"))?;
+    let config: RawConfig = toml::from_str(&toml("allow_method_override = true"))?;
     config.validate()?;
     Ok(())
 }

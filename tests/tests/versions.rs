@@ -5,7 +5,7 @@
 //! with its text.
 
 use didgate_client::{CallError, CallSpec, Client};
-use didgate_gateway::config::Config;
+use didgate_gateway::config::RawConfig;
 use didgate_protocol::frame::{FrameDecoder, FrameType};
 use didgate_protocol::message::{self, Message, Receipt, Refusal, RefusalCode, ResponseHead};
 use didgate_protocol::{Identity, Version};
@@ -126,7 +126,7 @@ async fn version_1_clients_get_version_1_answers_until_the_minimum_is_raised() -
     // The operator retires version 1.
     h.stop().await;
     let config_path = h.gw_dir().join("gateway.toml");
-    let mut config = Config::load(&config_path)?;
+    let mut config = RawConfig::read(&config_path)?;
     config.gateway.min_client_version = 2;
     std::fs::write(&config_path, toml::to_string(&config)?)?;
     h.restart().await?;

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail, ensure};
 use bytes::Bytes;
 use didgate_client::{CallSpec, Client, tls};
-use didgate_gateway::config::{self, Config, Rule, Settings, Upstream};
+use didgate_gateway::config::{self, RawConfig, RawUpstream, Rule, Settings};
 use didgate_gateway::limits::RateLimit;
 use didgate_protocol::{Did, Identity};
 use futures_util::future::BoxFuture;
@@ -863,7 +863,7 @@ async fn signal(pid: u32, signal: &str) -> Result<()> {
 /// `DIDGATE_BENCH_PKCS11_PIN`, `SOFTHSM2_CONF` for SoftHSM2), the gateway's master key is a key
 /// generated in that token (`[gateway] kms = "pkcs11"`): the calls then pay the token's unwrap
 /// (docs/performance.md, "The master key in a token"). Returns whether it is.
-fn bench_token(config: &mut Config) -> bool {
+fn bench_token(config: &mut RawConfig) -> bool {
     let Some((module, token)) = std::env::var("DIDGATE_BENCH_PKCS11").ok().and_then(|v| {
         v.rsplit_once(':')
             .map(|(m, t)| (m.to_string(), t.to_string()))
@@ -974,7 +974,7 @@ impl GatewayProcess {
         bins: &Binaries,
         base: &Path,
         upstream: SocketAddr,
-        adjust: impl FnOnce(&mut Config),
+        adjust: impl FnOnce(&mut RawConfig),
     ) -> Result<Self> {
         let dir = base.join("gateway");
         let did = didgate_gateway::init(&dir, "127.0.0.1:0".parse()?)?;
@@ -982,7 +982,7 @@ impl GatewayProcess {
             .iter()
             .map(|s| Identity::from_seed(s).did().to_string())
             .collect();
-        let mut config = Config {
+        let mut config = RawConfig {
             gateway: Settings {
                 // the benchmark measures cost, not the limits: no rate or concurrency caps
                 rate_per_did: RateLimit {
@@ -993,9 +993,9 @@ impl GatewayProcess {
                 max_concurrent_per_upstream: 0,
                 ..Settings::new("127.0.0.1:0".parse()?)
             },
-            upstreams: vec![Upstream {
+            upstreams: vec![RawUpstream {
                 local: true,
-                ..Upstream::new(UPSTREAM, format!("http://{upstream}"), "bench-key")
+                ..RawUpstream::new(UPSTREAM, format!("http://{upstream}"), "bench-key")
             }],
             groups: Default::default(),
             rules: vec![Rule {
