@@ -27,7 +27,7 @@ pub enum AdminError {
     Exists(String),
     /// I/O.
     #[error("{0}: {1}")]
-    Io(String, std::io::Error),
+    Io(String, #[source] std::io::Error),
     /// Identity.
     #[error(transparent)]
     Identity(#[from] didgate_io::identity::IdentityError),
@@ -100,7 +100,10 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, SecretError> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| SecretError::Invalid(format!("task failed: {e}")))?
+        .map_err(|source| SecretError::Task {
+            what: "task failed",
+            source,
+        })?
 }
 
 /// Runs a secret or KMS control command (`secret_*`, `kms_rotate`) on `secrets`: in the daemon
@@ -165,8 +168,7 @@ async fn run_command(
             })?;
             // the one rustls provider (ring), as the daemon installs it at start
             didgate_io::tls::install_provider();
-            let egress = crate::egress::Egress::new(config)
-                .map_err(|e| SecretError::Invalid(e.to_string()))?;
+            let egress = crate::egress::Egress::new(config)?;
             Reply {
                 ok: true,
                 probes: Some(secrets.probe(&egress, config, name, *version, now).await?),
@@ -232,8 +234,7 @@ pub fn open_dir(data: &Path) -> Result<DirSecrets, SecretError> {
         .as_ref()
         .map(Config::checkpoint_policy)
         .unwrap_or_default();
-    let identity = didgate_io::identity::load(&d.identity())
-        .map_err(|e| SecretError::Invalid(format!("the gateway identity: {e}")))?;
+    let identity = didgate_io::identity::load(&d.identity()).map_err(SecretError::Identity)?;
     let store = Store::open(&d.store(), SPACES)?;
     let chain = Chain::open(
         store,
@@ -267,7 +268,10 @@ pub async fn admin(data: &Path, req: &Request) -> Result<Reply, SecretError> {
     let reply = secret_command(&dir.secrets, dir.config.as_ref(), req).await;
     tokio::task::spawn_blocking(move || drop(dir))
         .await
-        .map_err(|e| SecretError::Invalid(format!("closing the chain: {e}")))?;
+        .map_err(|source| SecretError::Task {
+            what: "closing the chain",
+            source,
+        })?;
     Ok(reply)
 }
 

@@ -40,7 +40,7 @@ use crate::egress::refused_range;
 use crate::limits::TokenBucket;
 
 /// Why a did:web could not be resolved.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[non_exhaustive]
 pub enum ResolveError {
     /// No policy, group or entity names a did:web of this host.
@@ -51,7 +51,25 @@ pub enum ResolveError {
     Local(String),
     /// The host did not resolve, or the fetch failed (connection, TLS, timeout).
     #[error("fetching the DID document failed: {0}")]
-    Fetch(String),
+    Fetch(#[source] Arc<reqwest::Error>),
+    /// A `test_roots` file cannot be read.
+    #[error("fetching the DID document failed: test root {name}: {source}")]
+    TestRootRead {
+        /// The file, as configured.
+        name: String,
+        /// Why.
+        #[source]
+        source: Arc<std::io::Error>,
+    },
+    /// A `test_roots` file is not a PEM certificate bundle.
+    #[error("fetching the DID document failed: test root {name}: {source}")]
+    TestRootPem {
+        /// The file, as configured.
+        name: String,
+        /// Why.
+        #[source]
+        source: Arc<reqwest::Error>,
+    },
     /// The server answered with something other than 200 (a redirect is not followed).
     #[error("the DID document server answered HTTP {0}")]
     Status(u16),
@@ -101,10 +119,17 @@ impl WebResolver {
     pub fn new(config: &DidWeb, data_dir: &Path) -> Result<Self, ResolveError> {
         let mut roots = Vec::new();
         for name in &config.test_roots {
-            let pem = std::fs::read(data_dir.join(name))
-                .map_err(|e| ResolveError::Fetch(format!("test root {name}: {e}")))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem)
-                .map_err(|e| ResolveError::Fetch(format!("test root {name}: {e}")))?;
+            let pem =
+                std::fs::read(data_dir.join(name)).map_err(|e| ResolveError::TestRootRead {
+                    name: name.clone(),
+                    source: Arc::new(e),
+                })?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                ResolveError::TestRootPem {
+                    name: name.clone(),
+                    source: Arc::new(e),
+                }
+            })?;
             roots.extend(certs);
         }
         let timeout = Duration::from_secs(config.timeout_secs);
@@ -130,7 +155,7 @@ impl WebResolver {
         }
         let client = builder
             .build()
-            .map_err(|e| ResolveError::Fetch(e.without_url().to_string()))?;
+            .map_err(|e| ResolveError::Fetch(Arc::new(e.without_url())))?;
         Ok(Self {
             method: WebMethod {
                 client,
@@ -299,7 +324,7 @@ impl WebMethod {
             .header("accept", "application/did+json, application/json")
             .send()
             .await
-            .map_err(|e| ResolveError::Fetch(e.without_url().to_string()))?;
+            .map_err(|e| ResolveError::Fetch(Arc::new(e.without_url())))?;
         if resp.status() != reqwest::StatusCode::OK {
             return Err(ResolveError::Status(resp.status().as_u16()));
         }
@@ -312,7 +337,7 @@ impl WebMethod {
         let mut body = Vec::new();
         let mut stream = resp.bytes_stream();
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| ResolveError::Fetch(e.without_url().to_string()))?;
+            let chunk = chunk.map_err(|e| ResolveError::Fetch(Arc::new(e.without_url())))?;
             if body.len() + chunk.len() > MAX_DOCUMENT {
                 return Err(DocumentError::TooLarge.into());
             }

@@ -271,7 +271,7 @@ impl<'n> Redactor<'n> {
 }
 
 /// Why a coded body could not be decoded for scanning.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum DecodeFailure {
     /// The decoded body exceeds what may still be relayed.
@@ -279,7 +279,7 @@ pub enum DecodeFailure {
     TooLarge,
     /// The coded bytes are not valid for their coding.
     #[error("the {0} response body does not decode: {1}")]
-    Corrupt(&'static str, String),
+    Corrupt(&'static str, #[source] std::io::Error),
 }
 
 /// A response body's content coding, undone as the body streams so that the scanner sees the
@@ -353,7 +353,7 @@ impl Decoding {
                     .and_then(|()| d.flush())
                     .map(|()| std::mem::take(d.get_mut())),
             }
-            .map_err(|e| DecodeFailure::Corrupt(name, e.to_string()))?;
+            .map_err(|e| DecodeFailure::Corrupt(name, e))?;
             out.extend_from_slice(&produced);
             if out.len() as u64 > budget {
                 return Err(DecodeFailure::TooLarge);
@@ -373,7 +373,7 @@ impl Decoding {
             Self::Gzip(d) => d.finish(),
             Self::Deflate(d) => d.finish(),
         }
-        .map_err(|e| DecodeFailure::Corrupt(name, e.to_string()))
+        .map_err(|e| DecodeFailure::Corrupt(name, e))
     }
 }
 
@@ -544,7 +544,7 @@ mod tests {
         out.extend(d.finish().expect("complete"));
         assert_eq!(out, body);
         let mut d = Decoding::for_header(Some(b"gzip")).expect("gzip");
-        assert_eq!(d.push(&coded, 100), Err(DecodeFailure::TooLarge));
+        assert!(matches!(d.push(&coded, 100), Err(DecodeFailure::TooLarge)));
         let mut d = Decoding::for_header(Some(b"gzip")).expect("gzip");
         let _ = d.push(&coded[..coded.len() / 2], u64::MAX);
         assert!(matches!(d.finish(), Err(DecodeFailure::Corrupt("gzip", _))));
@@ -571,9 +571,9 @@ mod tests {
         assert_eq!(f.hits(), 1);
         assert!(memchr::memmem::find(&out, KEY.as_bytes()).is_none());
         let mut f = BodyFilter::new(coding(), &needles, body.len() as u64 - 1);
-        assert_eq!(f.push(&coded, true), Err(DecodeFailure::TooLarge));
+        assert!(matches!(f.push(&coded, true), Err(DecodeFailure::TooLarge)));
         let mut f = BodyFilter::new(Decoding::Identity, &needles, body.len() as u64);
-        assert_eq!(f.push(&body, true).map(|o| o.len()), Ok(body.len()));
+        assert!(matches!(f.push(&body, true).map(|o| o.len()), Ok(n) if n == body.len()));
     }
 
     proptest::proptest! {

@@ -17,7 +17,7 @@ use crate::config::{Config, Upstream};
 /// An HTTP client could not be built (its TLS setup failed). Carries no URL.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot build the upstream HTTP client: {0}")]
-pub struct ClientError(String);
+pub struct ClientError(#[source] reqwest::Error);
 
 /// A shared HTTP client: no redirects, no proxy from the environment, and a resolver that
 /// refuses every non-public address ([`GuardedResolver::public_only`]): suitable for any
@@ -54,7 +54,7 @@ fn client_with(
         .connect_timeout(timeout)
         .read_timeout(timeout)
         .build()
-        .map_err(|e| ClientError(e.without_url().to_string()))
+        .map_err(|e| ClientError(e.without_url()))
 }
 
 /// One HTTP client per configured upstream (each with its own resolver policy, timeout and

@@ -112,9 +112,18 @@ pub enum StartError {
     /// Audit append at start-up.
     #[error("audit: {0}")]
     Audit(#[from] AppendError),
-    /// TLS or socket.
+    /// The QUIC server's TLS configuration cannot be built.
     #[error("transport: {0}")]
-    Transport(String),
+    Tls(#[source] tls::TlsError),
+    /// The UDP socket cannot be bound.
+    #[error("transport: {0}")]
+    Socket(#[source] std::io::Error),
+    /// An upstream HTTP client cannot be built.
+    #[error("transport: {0}")]
+    HttpClient(#[source] crate::egress::ClientError),
+    /// The did:web resolver cannot be built (its HTTP client or test roots).
+    #[error("transport: {0}")]
+    Resolver(#[source] crate::didweb::ResolveError),
     /// The data directory may be written by others, or its modes cannot be tightened.
     #[error("data directory: {0}")]
     DataDir(#[from] didgate_io::hardening::HardeningError),
@@ -205,15 +214,16 @@ impl Gateway {
             // the snapshot and upkeep entries block on their appends
             tokio::task::spawn_blocking(move || Secrets::open(&dir, chain, grace, token, now_ms()))
                 .await
-                .map_err(|e| SecretError::Invalid(format!("opening the secrets: {e}")))??
+                .map_err(|source| SecretError::Task {
+                    what: "opening the secrets",
+                    source,
+                })??
         };
         let secrets = Arc::new(secrets);
-        let http = crate::egress::Egress::new(&config)
-            .map_err(|e| StartError::Transport(e.to_string()))?;
+        let http = crate::egress::Egress::new(&config).map_err(StartError::HttpClient)?;
         let policy = std::sync::RwLock::new(Arc::new(PolicySet::load(dir, &config)?));
         let metrics = Arc::new(Metrics::new(&config));
-        let resolver = WebResolver::new(config.did_web(), dir)
-            .map_err(|e| StartError::Transport(e.to_string()))?;
+        let resolver = WebResolver::new(config.did_web(), dir).map_err(StartError::Resolver)?;
         let gw = Self {
             admission: Mutex::new(crate::admission::Admission::new(
                 &config.gateway().handshakes,
@@ -1403,7 +1413,7 @@ impl Gateway {
                 | SecretError::Unavailable(..)
                 | SecretError::Malformed(_) => (RefusalCode::SecretUnavailable, e.to_string()),
                 SecretError::Kms(KmsError::Unavailable(why)) => {
-                    tracing::error!(secret = name, error = why.as_str(), "the KMS is unavailable");
+                    tracing::error!(secret = name, error = %why, "the KMS is unavailable");
                     (
                         RefusalCode::KmsUnavailable,
                         format!("secret {name} cannot be opened: the gateway's KMS is unavailable"),

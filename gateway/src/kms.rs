@@ -23,9 +23,16 @@ use zeroize::Zeroizing;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum KmsError {
-    /// The master key file is missing, unreadable or malformed.
-    #[error("master key {0}: {1}")]
-    MasterKey(String, String),
+    /// The master key `key` (a file, [`MASTER_KEY_ENV`] or a key id) is missing, unreadable,
+    /// malformed or not loaded.
+    #[error("master key {key}: {problem}")]
+    MasterKey {
+        /// Which key: its file, [`MASTER_KEY_ENV`], or its id (hex).
+        key: String,
+        /// What is wrong.
+        #[source]
+        problem: MasterKeyProblem,
+    },
     /// Decryption failed (wrong key, or a record moved or altered).
     #[error("secret {0} cannot be decrypted (wrong master key or altered record)")]
     Open(String),
@@ -34,8 +41,45 @@ pub enum KmsError {
     Malformed,
     /// The KMS cannot be used now (a PKCS#11 token missing, locked or failing); calls that
     /// need a secret are refused `kms_unavailable` until it is back.
+    /// The cause is the backend's own error (a PKCS#11 token's `TokenError`), boxed so that
+    /// this module does not depend on the backends built on it.
     #[error("the KMS is unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// What is wrong with a master key ([`KmsError::MasterKey`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MasterKeyProblem {
+    /// The file cannot be read, created or written.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// The file is readable by group or others.
+    #[error(
+        "readable by group or others (mode {mode:o}): it may have been read; chmod 600 it and rotate it (`didgated kms rotate`)"
+    )]
+    Exposed {
+        /// The file's permission bits.
+        mode: u32,
+    },
+    /// The text is not 64 hex digits.
+    #[error("not 64 hex digits")]
+    NotHex,
+    /// A secret is wrapped under this key, which is not loaded.
+    #[error("secret {secret} is wrapped under a master key not loaded")]
+    NotLoaded {
+        /// The secret.
+        secret: String,
+    },
+}
+
+impl KmsError {
+    fn master_key(key: &str, problem: impl Into<MasterKeyProblem>) -> Self {
+        Self::MasterKey {
+            key: key.to_string(),
+            problem: problem.into(),
+        }
+    }
 }
 
 /// Identifies a master key without revealing it: the first 8 bytes of BLAKE3 `derive_key`
@@ -106,10 +150,10 @@ impl LocalKms {
             .create_new(true)
             .mode(0o600)
             .open(path)
-            .map_err(|e| KmsError::MasterKey(p.clone(), e.to_string()))?;
+            .map_err(|e| KmsError::master_key(&p, e))?;
         f.write_all(text.as_bytes())
             .and_then(|()| f.sync_all())
-            .map_err(|e| KmsError::MasterKey(p, e.to_string()))
+            .map_err(|e| KmsError::master_key(&p, e))
     }
 
     /// Loads the master key from [`MASTER_KEY_ENV`] if set, else from `path`.
@@ -133,29 +177,24 @@ impl LocalKms {
         use std::os::unix::fs::PermissionsExt;
         let p = path.display().to_string();
         let mode = std::fs::metadata(path)
-            .map_err(|e| KmsError::MasterKey(p.clone(), e.to_string()))?
+            .map_err(|e| KmsError::master_key(&p, e))?
             .permissions()
             .mode();
         if mode & 0o077 != 0 {
-            return Err(KmsError::MasterKey(
-                p,
-                format!(
-                    "readable by group or others (mode {:o}): it may have been read; chmod 600 it and rotate it (`didgated kms rotate`)",
-                    mode & 0o777
-                ),
+            return Err(KmsError::master_key(
+                &p,
+                MasterKeyProblem::Exposed { mode: mode & 0o777 },
             ));
         }
-        let text = Zeroizing::new(
-            std::fs::read_to_string(path)
-                .map_err(|e| KmsError::MasterKey(p.clone(), e.to_string()))?,
-        );
+        let text =
+            Zeroizing::new(std::fs::read_to_string(path).map_err(|e| KmsError::master_key(&p, e))?);
         Self::parse(&text, &p)
     }
 
     fn parse(text: &str, label: &str) -> Result<Self, KmsError> {
         let mut master = Zeroizing::new([0u8; 32]);
         hex::decode_to_slice(text.trim(), master.as_mut())
-            .map_err(|_| KmsError::MasterKey(label.into(), "not 64 hex digits".into()))?;
+            .map_err(|_| KmsError::master_key(label, MasterKeyProblem::NotHex))?;
         Ok(Self::from_master(master))
     }
 }

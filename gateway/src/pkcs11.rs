@@ -113,7 +113,7 @@ pub enum TokenError {
 
 impl From<TokenError> for KmsError {
     fn from(e: TokenError) -> Self {
-        KmsError::Unavailable(e.to_string())
+        KmsError::Unavailable(Box::new(e))
     }
 }
 

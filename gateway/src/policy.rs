@@ -212,7 +212,7 @@ impl Decision {
 pub enum PolicyError {
     /// A file cannot be read.
     #[error("cannot read {0}: {1}")]
-    Read(String, std::io::Error),
+    Read(String, #[source] std::io::Error),
     /// `gateway.toml` (re-read on reload) is unusable.
     #[error(transparent)]
     Config(#[from] ConfigError),
@@ -223,15 +223,29 @@ pub enum PolicyError {
     /// (annotations, templates).
     #[error("{0}: {1}")]
     Invalid(String, String),
-    /// The entities file or the `[groups]` are unusable.
+    /// The entities file holds an entity of a type other than Did and Group.
     #[error("entities: {0}")]
     Entities(String),
+    /// The entities file, or the membership it and `[groups]` make, does not conform to the
+    /// schema.
+    #[error("entities: {0}")]
+    EntitiesFile(#[source] Box<cedar::entities_errors::EntitiesError>),
+    /// A member of a `[groups]` group, or a Did entity of the entities file, is not a DID
+    /// (`at` names it).
+    #[error("entities: {at}: {source}")]
+    Member {
+        /// `group NAME: MEMBER`, or the entity's uid.
+        at: String,
+        /// Why.
+        #[source]
+        source: didgate_protocol::web::PrincipalError,
+    },
     /// A `[[rule]]` cannot be translated into Cedar.
     #[error("{0}")]
     Translate(String),
     /// Internal: the embedded schema does not build.
     #[error("schema: {0}")]
-    Schema(String),
+    Schema(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
 /// What `didgated policy check` reports about a valid file.
@@ -262,7 +276,7 @@ struct Types {
 impl Types {
     fn new() -> Result<Self, PolicyError> {
         let t = |n: &str| {
-            cedar::EntityTypeName::from_str(n).map_err(|e| PolicyError::Schema(e.to_string()))
+            cedar::EntityTypeName::from_str(n).map_err(|e| PolicyError::Schema(Box::new(e)))
         };
         Ok(Self {
             did: t("Did")?,
@@ -334,7 +348,7 @@ impl EntityCache {
 fn schema() -> Result<cedar::Schema, PolicyError> {
     cedar::Schema::from_cedarschema_str(SCHEMA)
         .map(|(s, _warnings)| s)
-        .map_err(|e| PolicyError::Schema(e.to_string()))
+        .map_err(|e| PolicyError::Schema(Box::new(e)))
 }
 
 /// Renders a Cedar parse or validation error with its location in `text` when it has one.
@@ -455,7 +469,7 @@ impl PolicySet {
         let (groups_of, membership) = membership(groups, entities_json, &schema, &types)?;
         let actions = schema
             .action_entities()
-            .map_err(|e| PolicyError::Schema(e.to_string()))?;
+            .map_err(|e| PolicyError::Schema(Box::new(e)))?;
 
         let mut known: HashSet<String> = groups_of.keys().cloned().collect();
         known.extend(dids_in(text));
@@ -994,14 +1008,15 @@ fn membership(
     types: &Types,
 ) -> Result<Membership, PolicyError> {
     // Membership: [groups] and the entities file, merged.
-    let ent_err = |e: &dyn std::fmt::Display| PolicyError::Entities(e.to_string());
     let mut parents: BTreeMap<cedar::EntityUid, HashSet<cedar::EntityUid>> = BTreeMap::new();
     for (group, members) in groups {
         let g = Types::uid(&types.group, group);
         parents.entry(g.clone()).or_default();
         for m in members {
-            Principal::parse(m)
-                .map_err(|e| PolicyError::Entities(format!("group {group}: {m}: {e}")))?;
+            Principal::parse(m).map_err(|source| PolicyError::Member {
+                at: format!("group {group}: {m}"),
+                source,
+            })?;
             parents
                 .entry(Types::uid(&types.did, m))
                 .or_default()
@@ -1009,7 +1024,8 @@ fn membership(
         }
     }
     if let Some(json) = entities_json {
-        let file = cedar::Entities::from_json_str(json, Some(schema)).map_err(|e| ent_err(&e))?;
+        let file = cedar::Entities::from_json_str(json, Some(schema))
+            .map_err(|e| PolicyError::EntitiesFile(Box::new(e)))?;
         for e in file.iter() {
             let (uid, _attrs, ps) = e.clone().into_inner();
             let ty = uid.type_name();
@@ -1022,8 +1038,10 @@ fn membership(
                 )));
             }
             if *ty == types.did {
-                Principal::parse(uid.id().unescaped())
-                    .map_err(|e| PolicyError::Entities(format!("{uid}: {e}")))?;
+                Principal::parse(uid.id().unescaped()).map_err(|source| PolicyError::Member {
+                    at: uid.to_string(),
+                    source,
+                })?;
             }
             parents.entry(uid).or_default().extend(ps);
         }
@@ -1034,7 +1052,7 @@ fn membership(
             .map(|(uid, ps)| cedar::Entity::new_no_attrs(uid.clone(), ps.clone())),
         Some(schema),
     )
-    .map_err(|e| ent_err(&e))?;
+    .map_err(|e| PolicyError::EntitiesFile(Box::new(e)))?;
     let mut groups_of = HashMap::new();
     let mut membership = BTreeSet::new();
     for e in base.iter() {
@@ -1131,7 +1149,7 @@ fn entity_groups(json: &str) -> Result<BTreeSet<String>, PolicyError> {
     let schema = schema()?;
     let types = Types::new()?;
     let entities = cedar::Entities::from_json_str(json, Some(&schema))
-        .map_err(|e| PolicyError::Entities(e.to_string()))?;
+        .map_err(|e| PolicyError::EntitiesFile(Box::new(e)))?;
     let mut out = BTreeSet::new();
     for e in entities.iter() {
         let (uid, _attrs, parents) = e.clone().into_inner();
@@ -1883,7 +1901,7 @@ mod tests {
         let bad = r#"[{"uid": {"type": "Upstream", "id": "pay"}, "attrs": {}, "parents": []}]"#;
         assert!(matches!(
             PolicySet::compile("t", text, &BTreeMap::new(), Some(bad)),
-            Err(PolicyError::Entities(_))
+            Err(PolicyError::Entities(_) | PolicyError::EntitiesFile(_))
         ));
     }
 

@@ -137,14 +137,14 @@ pub enum SecretError {
     Config(#[from] ConfigError),
     /// I/O on a key file or the control socket.
     #[error("{0}: {1}")]
-    Io(String, std::io::Error),
+    Io(String, #[source] std::io::Error),
     /// A master-key rotation stopped after its first step; both keys stay loaded, and the next
     /// start or `kms rotate` finishes or rolls it back.
     #[error(
         "master-key rotation did not finish ({0}); calls keep working, and the next start or \
          `didgated kms rotate` finishes or rolls it back"
     )]
-    RotationIncomplete(String),
+    RotationIncomplete(#[source] RotationStop),
     /// The data directory may be written by others, or its modes cannot be tightened.
     #[error("data directory: {0}")]
     DataDir(#[from] didgate_io::hardening::HardeningError),
@@ -153,7 +153,37 @@ pub enum SecretError {
     Token(#[from] crate::pkcs11::TokenError),
     /// The lifecycle entry could not be appended to the gateway's chain: nothing was written.
     #[error("the audit log cannot be written, so nothing changed: {0}")]
+    Audit(#[source] AppendError),
+    /// A blocking task (`what`) did not finish (it panicked or was cancelled).
+    #[error("{what}: {source}")]
+    Task {
+        /// What the task did.
+        what: &'static str,
+        /// Why it did not finish.
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    /// The gateway identity (it signs the chain) cannot be loaded.
+    #[error("the gateway identity: {0}")]
+    Identity(#[source] didgate_io::identity::IdentityError),
+    /// The HTTP client of `secret test` cannot be built.
+    #[error(transparent)]
+    HttpClient(#[from] crate::egress::ClientError),
+}
+
+/// Why a master-key rotation stopped after its first step ([`SecretError::RotationIncomplete`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RotationStop {
+    /// The batch's entry may have committed before its sync failed.
+    #[error(transparent)]
     Audit(AppendError),
+    /// Replacing or removing the old key file failed.
+    #[error(transparent)]
+    Io(std::io::Error),
+    /// Syncing the key's directory failed.
+    #[error(transparent)]
+    Sync(Box<SecretError>),
 }
 
 /// A secret value in transit to `secret add` or `secret rotate` (stdin, then the control
@@ -783,13 +813,12 @@ impl Keyring {
 
     fn for_record(&self, rec: &SecretRecord) -> Result<&Arc<dyn Kms>, SecretError> {
         self.get(&rec.kek).ok_or_else(|| {
-            SecretError::Kms(KmsError::MasterKey(
-                hex::encode(rec.kek),
-                format!(
-                    "secret {} is wrapped under a master key not loaded",
-                    rec.name
-                ),
-            ))
+            SecretError::Kms(KmsError::MasterKey {
+                key: hex::encode(rec.kek),
+                problem: crate::kms::MasterKeyProblem::NotLoaded {
+                    secret: rec.name.clone(),
+                },
+            })
         })
     }
 }
@@ -1516,14 +1545,15 @@ impl Secrets {
         self.record(SecretAction::KmsRotated, states, puts, Some(detail), now_ms)
             .map_err(|e| match e {
                 // the batch may have committed before its sync failed: the next start decides
-                SecretError::Audit(e) => SecretError::RotationIncomplete(e.to_string()),
+                SecretError::Audit(e) => SecretError::RotationIncomplete(RotationStop::Audit(e)),
                 // refused before anything was written
                 e => abandon(e),
             })?;
         // step 3
         std::fs::rename(&pending, &self.master_key)
-            .map_err(|e| SecretError::RotationIncomplete(e.to_string()))?;
-        sync_dir(&self.master_key).map_err(|e| SecretError::RotationIncomplete(e.to_string()))?;
+            .map_err(|e| SecretError::RotationIncomplete(RotationStop::Io(e)))?;
+        sync_dir(&self.master_key)
+            .map_err(|e| SecretError::RotationIncomplete(RotationStop::Sync(Box::new(e))))?;
         {
             let mut keys = self.keys_mut();
             keys.current = new.clone();
@@ -1626,7 +1656,7 @@ impl Secrets {
         );
         self.record(SecretAction::KmsRotated, states, puts, Some(detail), now_ms)
             .map_err(|e| match e {
-                SecretError::Audit(e) => SecretError::RotationIncomplete(e.to_string()),
+                SecretError::Audit(e) => SecretError::RotationIncomplete(RotationStop::Audit(e)),
                 e => abandon(e),
             })?;
         {
@@ -1640,9 +1670,9 @@ impl Secrets {
             }
         } else if !self.from_env && std::fs::symlink_metadata(&self.master_key).is_ok() {
             std::fs::remove_file(&self.master_key)
-                .map_err(|e| SecretError::RotationIncomplete(e.to_string()))?;
+                .map_err(|e| SecretError::RotationIncomplete(RotationStop::Io(e)))?;
             sync_dir(&self.master_key)
-                .map_err(|e| SecretError::RotationIncomplete(e.to_string()))?;
+                .map_err(|e| SecretError::RotationIncomplete(RotationStop::Sync(Box::new(e))))?;
         }
         Ok(KmsRotation::logged(
             old_id,

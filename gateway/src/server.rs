@@ -116,8 +116,8 @@ async fn handle_call(
 
 /// Binds the gateway's QUIC endpoint on `addr`.
 pub fn endpoint(gw: &Gateway, addr: SocketAddr) -> Result<quinn::Endpoint, StartError> {
-    let cfg = tls::server_config(&gw.identity).map_err(|e| StartError::Transport(e.to_string()))?;
-    quinn::Endpoint::server(cfg, addr).map_err(|e| StartError::Transport(e.to_string()))
+    let cfg = tls::server_config(&gw.identity).map_err(StartError::Tls)?;
+    quinn::Endpoint::server(cfg, addr).map_err(StartError::Socket)
 }
 
 /// Serves calls on `endpoint` until `shutdown` resolves, then drains the calls in flight,

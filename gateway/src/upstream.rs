@@ -20,16 +20,41 @@ use crate::egress::refused_range;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum UpstreamError {
-    /// The request could not be built (bad header value, host not allowed).
+    /// The request could not be built: the URL's host is not allowed.
+    #[error("cannot build the upstream request: host {host} is not allowed for this upstream")]
+    HostNotAllowed {
+        /// The host.
+        host: String,
+    },
+    /// The request could not be built: a part of it is not valid HTTP (`what` names it: the
+    /// method, a header name or value, the credential).
+    #[error("cannot build the upstream request: {what}")]
+    Invalid {
+        /// What is not valid.
+        what: String,
+    },
+    /// The request could not be built by the HTTP client.
     #[error("cannot build the upstream request: {0}")]
-    Build(String),
-    /// Connecting, sending or reading failed.
-    #[error("upstream request failed: {0}")]
-    Send(String),
+    Build(#[source] reqwest::Error),
+    /// Connecting, sending or reading failed (the text names the causes too: reqwest's own
+    /// omits them).
+    #[error("upstream request failed: {}", describe(.0))]
+    Send(#[source] reqwest::Error),
     /// The upstream's address is not one it may be reached at (a loopback, private or other
     /// non-public address of an upstream not marked `local`).
-    #[error("egress refused: {0}")]
-    Egress(String),
+    #[error("egress refused: address {ip} is refused: {why} (the upstream is not marked local)")]
+    Egress {
+        /// The address.
+        ip: IpAddr,
+        /// Which range it is in ([`refused_range`]).
+        why: &'static str,
+    },
+}
+
+impl UpstreamError {
+    fn invalid(what: impl Into<String>) -> Self {
+        Self::Invalid { what: what.into() }
+    }
 }
 
 /// The text of an error and its sources, joined by `: ` (reqwest's own text omits the cause).
@@ -96,9 +121,9 @@ pub async fn send(
     }
     let host = parsed.host_str().unwrap_or_default();
     if !upstream.allowed_hosts().iter().any(|h| h == host) {
-        return Err(UpstreamError::Build(format!(
-            "host {host} is not allowed for this upstream"
-        )));
+        return Err(UpstreamError::HostNotAllowed {
+            host: host.to_string(),
+        });
     }
     // IP literals never reach the resolver: same rule here
     let literal = host
@@ -110,12 +135,10 @@ pub async fn send(
         && !upstream.local()
         && let Some(why) = refused_range(ip)
     {
-        return Err(UpstreamError::Egress(format!(
-            "address {ip} is refused: {why} (the upstream is not marked local)"
-        )));
+        return Err(UpstreamError::Egress { ip, why });
     }
     let method = reqwest::Method::from_bytes(req.method.as_bytes())
-        .map_err(|_| UpstreamError::Build("method".into()))?;
+        .map_err(|_| UpstreamError::invalid("method"))?;
     let mut builder = http.request(method, parsed);
     // The response is scanned for the credential ([`crate::echo`]): ask for an unencoded
     // body, whatever the caller asked (a body encoded anyway is decoded to be scanned).
@@ -125,9 +148,9 @@ pub async fn send(
             continue;
         }
         let name = HeaderName::from_bytes(k.as_bytes())
-            .map_err(|_| UpstreamError::Build(format!("header name {k}")))?;
+            .map_err(|_| UpstreamError::invalid(format!("header name {k}")))?;
         let value = HeaderValue::from_str(v)
-            .map_err(|_| UpstreamError::Build(format!("header value of {k}")))?;
+            .map_err(|_| UpstreamError::invalid(format!("header value of {k}")))?;
         builder = builder.header(name, value);
     }
     builder = builder.header("idempotency-key", idempotency_key);
@@ -139,7 +162,7 @@ pub async fn send(
         Auth::Basic { user } => builder.basic_auth(user, Some(secret.as_str())),
         Auth::Header { name } => {
             let name = HeaderName::from_bytes(name.as_bytes())
-                .map_err(|_| UpstreamError::Build("credential header name".into()))?;
+                .map_err(|_| UpstreamError::invalid("credential header name"))?;
             builder.header(name, sensitive(&secret)?)
         }
         Auth::Query { .. } => builder,
@@ -149,17 +172,17 @@ pub async fn send(
     }
     let request = builder
         .build()
-        .map_err(|e| UpstreamError::Build(e.without_url().to_string()))?;
+        .map_err(|e| UpstreamError::Build(e.without_url()))?;
     drop(query);
     drop(secret);
     http.execute(request)
         .await
-        .map_err(|e| UpstreamError::Send(describe(&e.without_url())))
+        .map_err(|e| UpstreamError::Send(e.without_url()))
 }
 
 fn sensitive(value: &str) -> Result<HeaderValue, UpstreamError> {
     let mut h = HeaderValue::from_str(value)
-        .map_err(|_| UpstreamError::Build("credential is not a valid header value".into()))?;
+        .map_err(|_| UpstreamError::invalid("credential is not a valid header value"))?;
     h.set_sensitive(true);
     Ok(h)
 }

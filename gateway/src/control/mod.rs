@@ -257,13 +257,14 @@ pub enum SealError {
     Busy(PathBuf),
     /// The gateway's identity (it signs the checkpoint) could not be loaded.
     #[error("the gateway identity: {0}")]
-    Identity(didgate_io::identity::IdentityError),
+    Identity(#[source] didgate_io::identity::IdentityError),
     /// The store failed, or its chain is not this gateway's.
     #[error("{}: {why}", path.display())]
     Store {
         /// The store.
         path: PathBuf,
         /// Why.
+        #[source]
         why: StoreError,
     },
     /// The export file could not be written.
@@ -274,7 +275,7 @@ pub enum SealError {
     Refused(String),
     /// The control socket failed.
     #[error("control socket: {0}")]
-    Control(std::io::Error),
+    Control(#[source] std::io::Error),
     /// The running daemon, of an earlier release, exported without sealing (the file was
     /// removed).
     #[error(
@@ -283,7 +284,7 @@ pub enum SealError {
     NotSealed,
     /// The blocking task that sealed or exported did not finish (it panicked).
     #[error("sealing did not finish: {0}")]
-    Task(String),
+    Task(#[source] tokio::task::JoinError),
 }
 
 impl SealError {
@@ -385,5 +386,5 @@ async fn blocking<T: Send + 'static>(
 ) -> Result<T, SealError> {
     tokio::task::spawn_blocking(f)
         .await
-        .map_err(|e| SealError::Task(e.to_string()))?
+        .map_err(SealError::Task)?
 }
