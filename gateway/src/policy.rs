@@ -216,9 +216,14 @@ pub enum PolicyError {
     /// `gateway.toml` (re-read on reload) is unusable.
     #[error(transparent)]
     Config(#[from] ConfigError),
-    /// The policy text does not parse as Cedar.
-    #[error("{0}: {1}")]
-    Parse(String, String),
+    /// The policy text (named by the first field) does not parse as Cedar; the second field
+    /// is the line and column of the first error, when it has one.
+    #[error("{0}: {at}", at = located(.1, .2.as_ref()))]
+    Parse(
+        String,
+        Option<(usize, usize)>,
+        #[source] Box<cedar::ParseErrors>,
+    ),
     /// The policies do not validate against the schema, or break a didgate rule
     /// (annotations, templates).
     #[error("{0}: {1}")]
@@ -353,18 +358,28 @@ fn schema() -> Result<cedar::Schema, PolicyError> {
 
 /// Renders a Cedar parse or validation error with its location in `text` when it has one.
 fn describe(e: &dyn miette::Diagnostic, text: &str) -> String {
+    located(&location(e, text), e)
+}
+
+/// The line and column (from 1) in `text` of a Cedar error's first label, if it has one.
+fn location(e: &dyn miette::Diagnostic, text: &str) -> Option<(usize, usize)> {
+    let offset = e.labels().and_then(|mut l| l.next()).map(|l| l.offset())?;
+    let before = text.get(..offset).unwrap_or(text);
+    let line = before.matches('\n').count() + 1;
+    let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+    Some((line, col))
+}
+
+/// A Cedar error's text and help, after its location `at` when known.
+fn located(at: &Option<(usize, usize)>, e: &dyn miette::Diagnostic) -> String {
     let mut out = e.to_string();
     if let Some(help) = e.help() {
         out.push_str(&format!(" ({help})"));
     }
-    let offset = e.labels().and_then(|mut l| l.next()).map(|l| l.offset());
-    if let Some(offset) = offset {
-        let before = text.get(..offset).unwrap_or(text);
-        let line = before.matches('\n').count() + 1;
-        let col = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
-        out = format!("line {line} column {col}: {out}");
+    match at {
+        Some((line, col)) => format!("line {line} column {col}: {out}"),
+        None => out,
     }
-    out
 }
 
 /// Cedar string literal body: escapes `\`, `"` and control characters.
@@ -440,7 +455,7 @@ impl PolicySet {
         let schema = schema()?;
         let types = Types::new()?;
         let policies = cedar::PolicySet::from_str(text)
-            .map_err(|e| PolicyError::Parse(source.into(), describe(&e, text)))?;
+            .map_err(|e| PolicyError::Parse(source.into(), location(&e, text), Box::new(e)))?;
         let invalid = |m: String| PolicyError::Invalid(source.into(), m);
         if policies.templates().next().is_some() {
             return Err(invalid(
