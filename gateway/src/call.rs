@@ -377,7 +377,7 @@ pub(crate) fn deadline_key(deadline_ms: u64, tag: u8, id: &[&[u8]]) -> Vec<u8> {
 
 /// The claims a new request makes: its (signer, nonce) unseen (index 0), its client head not
 /// contradicting one seen before (index 1), and the did:web document that admitted the caller
-/// kept beside the chain. The replay key lives until the request's time plus `skew_secs` (after
+/// kept beside the chain. The replay key lives until the request's time plus `skew` (after
 /// that the request is refused `clock_skew` anyway): it is keyed by that deadline
 /// ([`deadline_key`]).
 ///
