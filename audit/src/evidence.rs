@@ -123,20 +123,20 @@ impl Bundle {
         }
         // 1. The request: signature, then its call ID.
         let request = message::open::<Request>(&self.request).map_err(EvidenceError::Request)?;
-        let call = request.envelope.digest();
-        let client = request.envelope.signer().to_string();
+        let call = request.envelope().digest();
+        let client = request.envelope().signer().to_string();
         // 2. The receipt: signature, and that it answers this request from this client,
         //    signed by the gateway the request was addressed to.
         let receipt = message::open::<Receipt>(&self.receipt).map_err(EvidenceError::Receipt)?;
-        let gateway = receipt.envelope.signer().to_string();
-        let r = &receipt.message;
-        let signer = request.envelope.signer().clone();
+        let gateway = receipt.envelope().signer().to_string();
+        let r = receipt.message();
+        let signer = request.envelope().signer().clone();
         crate::receipt::answers(
             r,
-            receipt.envelope.signer(),
+            receipt.envelope().signer(),
             &call,
             &signer,
-            &request.message.aud,
+            &request.message().aud,
         )
         .map_err(|f| match f {
             Fault::Call => EvidenceError::CallMismatch {
@@ -148,7 +148,7 @@ impl Bundle {
                 signer: client.clone(),
             },
             _ => EvidenceError::AudienceMismatch {
-                aud: request.message.aud.clone(),
+                aud: request.message().aud.clone(),
                 gateway: gateway.clone(),
             },
         })?;
@@ -186,10 +186,10 @@ impl Bundle {
             client,
             gateway,
             call,
-            upstream: request.message.upstream.clone(),
-            method: request.message.method.clone(),
-            path: request.message.path.clone(),
-            request_time_ms: request.message.time_ms,
+            upstream: request.message().upstream.clone(),
+            method: request.message().method.clone(),
+            path: request.message().path.clone(),
+            request_time_ms: request.message().time_ms,
             status: r.status,
             resp_len: r.resp_len,
             resp_b3: r.resp_b3,
@@ -472,7 +472,7 @@ fn assemble(
     let receipt = receipt.ok_or(EvidenceError::NoReceipt(call))?;
     let seq = message::open::<Receipt>(&receipt)
         .map_err(EvidenceError::Receipt)?
-        .message
+        .message()
         .entry
         .seq;
     let (entry, proof) = gateway(seq)?;
@@ -604,7 +604,7 @@ mod tests {
         let signed_req = req.sign(&client_id);
         let call = message::open::<Request>(&signed_req)
             .unwrap()
-            .envelope
+            .envelope()
             .digest();
         let mut gw = Vec::new();
         for i in 0..n {

@@ -149,7 +149,7 @@ fn last_checkpoint_size(checkpoints: &[Vec<u8>]) -> Option<u64> {
     let last = checkpoints.last()?;
     didgate_protocol::message::open::<didgate_protocol::message::Checkpoint>(last)
         .ok()
-        .map(|cp| cp.message.size)
+        .map(|cp| cp.message().size)
 }
 
 fn write(store: &Store, out: &Path, sealed: bool) -> Result<(u64, u64), ExportError> {

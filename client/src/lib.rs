@@ -1,37 +1,42 @@
 //! The didgate client library: identity, a pinned QUIC connection to the gateway, signed calls,
 //! and the client's own audit chain.
 //!
-//! Owns: identity files ([`identity`]), mutual DID authentication over TLS ([`tls`], shared
-//! with the gateway), async framing ([`wire`]), and [`Client`], which signs each request,
-//! records it in the local chain before sending, and records the gateway's signed receipt or
-//! refusal after. It never depends on the gateway crate and never holds an upstream secret.
-//! With the default `proxy` feature it also owns the local HTTP proxy ([`proxy`]); build with
-//! `default-features = false` to embed only the client.
+//! Owns: the client's home directory ([`Home`]: identity file, pinned gateway, chains),
+//! identity files ([`identity`]), and [`Client`], which signs each request, records it in the
+//! local chain before sending, and records the gateway's signed receipt or refusal after. It
+//! never depends on the gateway crate and never holds an upstream secret. With the `proxy`
+//! feature (on by default) it also owns the local HTTP proxy ([`proxy`]); build with
+//! `default-features = false` to embed only the client, without the `didgate` binary's
+//! dependencies (feature `cli`).
 //!
 //! The whole API, in the order an agent uses it:
 //!
 //! | step | call |
 //! | --- | --- |
-//! | load or create an identity (file mode 0600, never overwritten) | [`identity::load`], [`identity::create`] |
-//! | connect to the pinned gateway (lazily; reconnects after a restart) | [`Client::open`] |
+//! | find the home (`DIDGATE_HOME`, else `~/.didgate`) and its pinned gateway | [`Home::from_env`], [`Home::pinned`] |
+//! | load the home's identity (a sealed one with its passphrase) | [`Home::identity`], [`Home::identity_with`] |
+//! | or any identity file (mode 0600, never overwritten) | [`identity::load`], [`identity::create`] |
+//! | connect to the pinned gateway (lazily; reconnects after a restart) | [`Home::client`], [`Client::open`] |
 //! | give up on an unreachable gateway sooner or later (default 2 s) | [`Client::with_connect_timeout`] |
 //! | learn what this DID may call | [`Client::catalog`] |
 //! | call (concurrent calls share one connection) | [`Client::call`] |
 //! | grant, then execute (hold a grant briefly) | [`Client::grant`], [`Client::execute`] |
 //! | stream a response as it arrives | [`Client::call_streaming`] |
 //! | read the local chain | [`Client::chain`] (while open), `didgate_audit::load_records` (after [`Client::close`]) |
-//! | handle an error | [`CallError`]: [`CallError::advice`], [`CallError::is_retryable`] |
-//! | share one home's chain among processes (the CLI, proxy and MCP server do) | [`local::Caller::acquire`] |
+//! | handle an error | [`CallError`]: [`CallError::advice`], [`CallError::is_retryable`], its `source()` |
+//! | share one home's chain among processes (the CLI, proxy and MCP server do) | [`Home::caller`] ([`local::Caller`]) |
 //!
-//! Runnable examples: `client/examples/` (`one_shot`, `agent_loop`, `streaming`).
+//! Signed request bytes without a call, raw exchanges, and the TLS and frame I/O shared with
+//! the gateway are in [`low_level`]: for tests and benchmarks, not needed by an agent.
+//!
+//! Runnable examples: `client/examples/` (`from_home`, `one_shot`, `agent_loop`, `streaming`).
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! use didgate_client::{Client, CallSpec};
-//! let identity = didgate_client::identity::load("/home/me/.didgate/identity".as_ref())?;
-//! let gateway = "did:key:z6MkiTBz1ymuepAQ4HEHYSF1H8quG5GLVVQR3djdX3mDooWp".parse()?;
-//! let client = Client::open(identity, "/home/me/.didgate/chain".as_ref(),
-//!     "127.0.0.1:7443".parse()?, gateway).await?;
+//! use didgate_client::{CallSpec, Home};
+//! let home = Home::from_env(None)?;
+//! let pin = home.pinned()?.ok_or("no gateway pinned (`didgate pin`)")?;
+//! let client = home.client(home.identity(None)?, &pin).await?;
 //! match client.call(CallSpec::new("payments", "GET", "/v1/balance")).await {
 //!     Ok(answer) => println!("{} {}", answer.status, String::from_utf8_lossy(&answer.body)),
 //!     Err(e) => eprintln!("{e}: {}", e.advice()),
@@ -42,13 +47,20 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod error;
+pub mod home;
 pub mod local;
+pub mod low_level;
 #[cfg(feature = "proxy")]
 pub mod proxy;
 
-/// The I/O shared with the gateway ([`didgate_io`]), re-exported under the names this library
-/// has always had.
-pub use didgate_io::{hardening, identity, now_ms, tls, wire};
+/// Process hardening (no core dumps, private files) and identity files, shared with the gateway
+/// ([`didgate_io`]).
+pub use didgate_io::{hardening, identity};
+use didgate_io::{now_ms, tls, wire};
+pub use error::{AuditError, CallError, ClientError, InvalidAnswer, Lost, Unreachable};
+pub use home::{Home, HomeError, Pin};
+use low_level::{RawAnswer, RawFinal};
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -63,7 +75,7 @@ pub use didgate_protocol::catalog::Operation;
 use didgate_protocol::catalog::{Catalog, CatalogRequest};
 use didgate_protocol::frame::{self, FrameDecoder, FrameType};
 use didgate_protocol::message::{
-    self, GrantBody, Message, Receipt, Refusal, RefusalCode, Request, ResponseHead, SignedMessage,
+    self, GrantBody, Message, Receipt, Refusal, Request, ResponseHead, SignedMessage,
 };
 /// The DID and identity types, so an embedder needs no second crate.
 pub use didgate_protocol::{Did, Identity};
@@ -73,166 +85,6 @@ use tokio::sync::Mutex;
 /// set otherwise ([`Client::with_connect_timeout`]). A gateway that is down costs every call this
 /// long (and an SDK that retries through the proxy, a multiple of it).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Why a call did not produce a verified answer. Each variant says what to do.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum CallError {
-    /// The gateway refused the call with a signed, typed reason (recorded in the chain).
-    #[error("refused by the gateway ({code}): {reason}")]
-    Refused {
-        /// The typed reason.
-        code: RefusalCode,
-        /// The gateway's explanation.
-        reason: String,
-        /// The gateway's clock when it refused (compare with yours on `clock_skew`).
-        gateway_time_ms: u64,
-        /// The refused call's ID, as the refusal names it (None when the gateway could not
-        /// read the request, and for catalog requests).
-        call: Option<[u8; 32]>,
-    },
-    /// The gateway could not be reached, or its handshake failed (check the address; a gateway
-    /// presenting another DID than the pinned one is [`CallError::WrongGateway`]).
-    #[error("gateway unreachable: {0}")]
-    Unreachable(String),
-    /// The connection was lost mid-call: the outcome is unknown (recorded as such). Do not
-    /// retry with a fresh signature blindly: the call may have executed.
-    #[error("connection lost, outcome unknown: {0}")]
-    ConnectionLost(String),
-    /// The gateway's answer is not valid (bad signature, wrong call, digest mismatch).
-    #[error("invalid answer from the gateway: {0}")]
-    InvalidAnswer(String),
-    /// The local audit chain could not be written: the call was not sent.
-    #[error("local audit chain unavailable: {0}")]
-    Audit(String),
-    /// The handshake was refused for want of a common protocol version (TLS alert
-    /// `no_application_protocol` to the ALPN id `didgate/N`): the gateway runs an older release,
-    /// or this client is configured for a version it no longer serves. The call was recorded
-    /// as sent with an unknown outcome, but no request left this process. The close is not
-    /// authenticated (QUIC's first packets are not): never fall back to an older version on
-    /// the strength of this error alone.
-    #[error(
-        "the gateway refused protocol version {offered} (ALPN didgate/{offered}) in the handshake: it runs an older release, or something on the path refused it (this close is not authenticated)"
-    )]
-    VersionUnsupported {
-        /// The version this client offered.
-        offered: Version,
-    },
-    /// Something answers at the gateway's address, but its certificate is not the pinned
-    /// gateway DID's: another gateway, a gateway whose identity was replaced, or an impostor.
-    /// The handshake was abandoned before any request left this process.
-    #[error("the gateway at {addr} presented DID {presented}, not the pinned DID {pinned}")]
-    WrongGateway {
-        /// The address connected to.
-        addr: SocketAddr,
-        /// The DID its certificate carries.
-        presented: Did,
-        /// The DID this client pinned (and trusts).
-        pinned: Did,
-    },
-    /// Another process of this home holds its chain and was making this call for this one
-    /// ([`local`]); it went away before the answer was complete. The outcome is unknown: it
-    /// may have sent the call (its chain records it as sent). Not retried on its own.
-    #[error(
-        "the didgate process holding this home's chain (pid {pid}) went away mid-call, outcome unknown: {detail}"
-    )]
-    OwnerLost {
-        /// The owner's process ID.
-        pid: u32,
-        /// What was seen.
-        detail: String,
-    },
-}
-
-impl CallError {
-    /// The gateway's refusal code, if the gateway refused the call.
-    pub fn refusal_code(&self) -> Option<RefusalCode> {
-        match self {
-            Self::Refused { code, .. } => Some(*code),
-            _ => None,
-        }
-    }
-
-    /// Whether trying the same intent again later, as a new call, can succeed without anyone
-    /// changing anything (rate limits, a draining or unreachable gateway). Never true for an
-    /// unknown outcome: the call may have executed.
-    pub fn is_retryable(&self) -> bool {
-        match self {
-            Self::Refused { code, .. } => matches!(
-                code,
-                RefusalCode::RateLimited
-                    | RefusalCode::ShuttingDown
-                    | RefusalCode::AuditUnavailable
-                    | RefusalCode::GrantExpired
-            ),
-            Self::Unreachable(_) => true,
-            _ => false,
-        }
-    }
-
-    /// What to do about this error, in one sentence.
-    pub fn advice(&self) -> &'static str {
-        match self {
-            Self::Refused { code, .. } => match code {
-                RefusalCode::Policy => {
-                    "policy does not allow this DID this call: ask the operator to allow it, or call an operation `catalog()` lists"
-                }
-                RefusalCode::Revoked => {
-                    "this DID (or grant) is revoked: stop, and ask the operator; a new call will be refused too"
-                }
-                RefusalCode::RateLimited => {
-                    "a rate or concurrency limit was hit: wait, then make the call again (no grant was consumed)"
-                }
-                RefusalCode::ClockSkew => {
-                    "your clock differs from the gateway's (its time is in the refusal): fix the clock"
-                }
-                RefusalCode::UnknownUpstream => {
-                    "the gateway has no upstream of that name: check the name (`catalog()` lists them)"
-                }
-                RefusalCode::NotCanonical | RefusalCode::BodyMismatch | RefusalCode::Malformed => {
-                    "the request was not accepted as written: fix the path, query, headers or body"
-                }
-                RefusalCode::ShuttingDown | RefusalCode::AuditUnavailable => {
-                    "the gateway cannot take calls now: try again later"
-                }
-                RefusalCode::KmsUnavailable => {
-                    "the gateway's key store is unavailable, so the secret could not be opened (the grant was consumed; the upstream was not called): try again later"
-                }
-                RefusalCode::UpstreamFailed
-                | RefusalCode::SecretUnavailable
-                | RefusalCode::ResponseTooLarge => {
-                    "the call was admitted but the upstream part failed (the grant was consumed): check before repeating it"
-                }
-                RefusalCode::GrantExpired => "the grant expired: ask for a new one",
-                RefusalCode::GrantInvalid | RefusalCode::Replay => {
-                    "this signed request or grant was already used: make a new call if you still mean it"
-                }
-                _ => "the gateway refused the call: see its reason",
-            },
-            Self::Unreachable(_) => {
-                "check the gateway address and that the gateway is running, then try again; nothing was sent"
-            }
-            Self::ConnectionLost(_) => {
-                "the outcome is unknown and the call may have executed: check (for example with the upstream) before repeating it"
-            }
-            Self::InvalidAnswer(_) => {
-                "the gateway's answer or receipt did not verify: keep the chain as evidence and tell the operator"
-            }
-            Self::Audit(_) => {
-                "the local chain could not be written, so nothing was sent: free disk space or fix its permissions"
-            }
-            Self::VersionUnsupported { .. } => {
-                "no request was sent: ask the operator which protocol versions the gateway serves, and upgrade the older side"
-            }
-            Self::WrongGateway { .. } => {
-                "nothing was sent: check the address; if the operator confirms the gateway's new DID (out of band), pin it (`didgate pin`)"
-            }
-            Self::OwnerLost { .. } => {
-                "the outcome is unknown and the call may have executed (the owner's chain records it as sent): check before repeating it; the next call acquires the chain again"
-            }
-        }
-    }
-}
 
 /// What to call.
 #[derive(Debug, Clone)]
@@ -292,28 +144,6 @@ pub struct Answer {
     pub receipt: Receipt,
     /// The receipt as signed.
     pub receipt_bytes: Vec<u8>,
-}
-
-/// The gateway's last word on one stream, unverified beyond its signature.
-#[derive(Debug)]
-pub enum RawFinal {
-    /// A receipt (signature verified, signer = pinned gateway).
-    Receipt(message::Signed<Receipt>),
-    /// A refusal (signature verified, signer = pinned gateway).
-    Refusal(message::Signed<Refusal>),
-    /// A grant (two-step flow; signature verified, signer = pinned gateway).
-    Grant(message::Signed<GrantBody>),
-}
-
-/// Everything one stream returned.
-#[derive(Debug)]
-pub struct RawAnswer {
-    /// The response head, if any.
-    pub head: Option<ResponseHead>,
-    /// The body bytes.
-    pub body: Vec<u8>,
-    /// The final frame.
-    pub last: RawFinal,
 }
 
 /// A connection to one pinned gateway, with the identity that signs and the chain that
@@ -440,8 +270,7 @@ impl Client {
             (false, false) => std::net::Ipv6Addr::UNSPECIFIED.into(),
         };
         let bind = SocketAddr::new(ip, 0);
-        let mut endpoint =
-            quinn::Endpoint::client(bind).map_err(|e| ClientError::Tls(e.to_string()))?;
+        let mut endpoint = quinn::Endpoint::client(bind).map_err(ClientError::Socket)?;
         endpoint.set_default_client_config(cfg);
         Ok(Self {
             identity,
@@ -544,20 +373,21 @@ impl Client {
         let connecting = self
             .endpoint
             .connect(addr, tls::SERVER_NAME)
-            .map_err(|e| CallError::Unreachable(format!("cannot connect to {addr}: {e}")))?;
+            .map_err(|source| CallError::Unreachable(Unreachable::Connect { addr, source }))?;
         let timeout = self.connect_timeout;
         match tokio::time::timeout(timeout, connecting).await {
             Ok(Ok(conn)) => Ok(conn),
-            Ok(Err(e)) => Err(self.connect_error(&e)),
-            Err(_) => Err(CallError::Unreachable(format!(
-                "no handshake with {addr} within {timeout:?} (is the gateway running there?)"
-            ))),
+            Ok(Err(e)) => Err(self.connect_error(e)),
+            Err(_) => Err(CallError::Unreachable(Unreachable::NoHandshake {
+                addr,
+                timeout,
+            })),
         }
     }
 
     /// What a failed handshake means: another DID than the pinned one, a version the gateway
     /// does not serve, its connection limits, or anything else (unreachable).
-    fn connect_error(&self, e: &quinn::ConnectionError) -> CallError {
+    fn connect_error(&self, e: quinn::ConnectionError) -> CallError {
         let addr = self.addr;
         let presented = self
             .presented
@@ -573,16 +403,14 @@ impl Client {
                 pinned: self.gateway.clone(),
             };
         }
-        if tls::is_version_refusal(e) {
+        if tls::is_version_refusal(&e) {
             CallError::VersionUnsupported {
                 offered: self.version,
             }
-        } else if tls::is_connection_refused(e) {
-            CallError::Unreachable(format!(
-                "the gateway at {addr} refused the connection: too many new or open connections from this address (try again later)"
-            ))
+        } else if tls::is_connection_refused(&e) {
+            CallError::Unreachable(Unreachable::TooManyConnections { addr })
         } else {
-            CallError::Unreachable(format!("{addr}: {e}"))
+            CallError::Unreachable(Unreachable::Handshake { addr, source: e })
         }
     }
 
@@ -598,12 +426,12 @@ impl Client {
     }
 
     /// Builds and signs a request for `spec` against the current chain head, without sending
-    /// or recording it. Returns the signed bytes and the call ID.
-    pub fn sign(&self, spec: &CallSpec) -> Result<(Vec<u8>, [u8; 32]), CallError> {
+    /// or recording it. Returns the signed bytes and the call ID ([`low_level::RawExchange`]).
+    pub(crate) fn sign_request(&self, spec: &CallSpec) -> Result<(Vec<u8>, [u8; 32]), CallError> {
         let head = self
             .chain
             .head()
-            .map_err(|e| CallError::Audit(e.to_string()))?;
+            .map_err(|e| CallError::Audit(AuditError::Head(e)))?;
         let (path, query) = split_query(&spec.path, &spec.query);
         let req = Request {
             v: self.version.as_u64(),
@@ -630,12 +458,14 @@ impl Client {
     /// Makes one call: signs, records the request durably, sends, verifies the answer, records
     /// the result. Never retries on its own.
     pub async fn call(&self, spec: CallSpec) -> Result<Answer, CallError> {
-        let (bytes, call) = self.sign(&spec)?;
+        let (bytes, call) = self.sign_request(&spec)?;
         let span = self.call_span(&spec, call);
         tracing::Instrument::instrument(
             async {
                 self.record_request(call, &bytes).await?;
-                let raw = self.send_signed(&bytes, &spec.body).await;
+                let raw = self
+                    .exchange_raw(FrameType::Request, &bytes, &spec.body)
+                    .await;
                 self.finish_call(call, raw).await
             },
             span,
@@ -660,22 +490,25 @@ impl Client {
     /// this call, without executing it. The request is recorded before it is sent and the grant
     /// after. Present it with [`Client::execute`] before it expires.
     pub async fn grant(&self, spec: CallSpec) -> Result<IssuedGrant, CallError> {
-        let (bytes, call) = self.sign(&spec)?;
+        let (bytes, call) = self.sign_request(&spec)?;
         self.record_request(call, &bytes).await?;
-        let raw = self.exchange(FrameType::GrantRequest, &bytes, &[]).await;
+        let raw = self
+            .exchange_raw(FrameType::GrantRequest, &bytes, &[])
+            .await;
         let mut result = Entry::new(EntryKind::Result, now_ms());
         result.call = Some(call);
         let outcome = match raw {
             Ok(RawAnswer {
                 last: RawFinal::Grant(g),
                 ..
-            }) if g.message.call == call => {
+            }) if g.message().call == call => {
                 result.outcome = Some(Outcome::Grant);
-                result.signed = Some(g.bytes.clone());
+                result.signed = Some(g.bytes().to_vec());
+                let (_, grant, bytes) = g.into_parts();
                 Ok(IssuedGrant {
                     call,
-                    grant: g.message,
-                    bytes: g.bytes,
+                    grant,
+                    bytes,
                     body: spec.body,
                 })
             }
@@ -683,9 +516,9 @@ impl Client {
                 // A refusal or a lost connection: recorded as for any call.
                 return Err(match self.finish_call(call, other).await {
                     Err(e) => e,
-                    Ok(_) => {
-                        CallError::InvalidAnswer("a receipt came back for a grant request".into())
-                    }
+                    Ok(_) => CallError::InvalidAnswer(InvalidAnswer::Mismatch(
+                        "a receipt came back for a grant request",
+                    )),
                 });
             }
         };
@@ -694,14 +527,14 @@ impl Client {
         self.chain
             .append(self.closing(result))
             .await
-            .map_err(|e| CallError::Audit(e.to_string()))?;
+            .map_err(|e| CallError::Audit(AuditError::Append(e)))?;
         outcome
     }
 
     /// Two-step flow, second step: presents the grant once, with the body it was issued for.
     pub async fn execute(&self, grant: &IssuedGrant) -> Result<Answer, CallError> {
         let raw = self
-            .exchange(FrameType::Execute, &grant.bytes, &grant.body)
+            .exchange_raw(FrameType::Execute, &grant.bytes, &grant.body)
             .await;
         self.finish_call(grant.call, raw).await
     }
@@ -714,7 +547,7 @@ impl Client {
         self.chain
             .append(Append { entry, claims })
             .await
-            .map_err(|e| CallError::Audit(e.to_string()))?;
+            .map_err(|e| CallError::Audit(AuditError::Append(e)))?;
         Ok(())
     }
 
@@ -740,9 +573,10 @@ impl Client {
             }
         };
         let (head, r) = self.record_result(call, ending).await?;
+        let (_, receipt, receipt_bytes) = r.into_parts();
         let head = head.unwrap_or(ResponseHead {
             v: self.version.as_u64(),
-            status: r.message.status,
+            status: receipt.status,
             headers: Vec::new(),
         });
         Ok(Answer {
@@ -750,8 +584,8 @@ impl Client {
             status: head.status,
             headers: head.headers,
             body,
-            receipt: r.message,
-            receipt_bytes: r.bytes,
+            receipt,
+            receipt_bytes,
         })
     }
 
@@ -782,35 +616,38 @@ impl Client {
             }
             Ok(RawFinal::Refusal(r)) => {
                 result.outcome = Some(Outcome::Refusal);
-                result.peer_entry = r.message.entry;
-                result.signed = Some(r.bytes.clone());
-                self.keep_refusal(call, &r.bytes);
+                result.peer_entry = r.message().entry;
+                result.signed = Some(r.bytes().to_vec());
+                self.keep_refusal(call, r.bytes());
+                let refusal = r.into_message();
                 Err(CallError::Refused {
-                    code: r.message.code,
-                    reason: r.message.reason.clone(),
-                    gateway_time_ms: r.message.time_ms,
-                    call: r.message.call,
+                    code: refusal.code,
+                    reason: refusal.reason,
+                    gateway_time_ms: refusal.time_ms,
+                    call: refusal.call,
                 })
             }
             Ok(RawFinal::Grant(_)) => {
                 result.outcome = Some(Outcome::Unknown);
                 result.detail = Some("a grant came back where a receipt was expected".into());
-                Err(CallError::InvalidAnswer("unexpected grant".into()))
+                Err(CallError::InvalidAnswer(InvalidAnswer::Mismatch(
+                    "unexpected grant",
+                )))
             }
             Ok(RawFinal::Receipt(r)) => {
-                match check_receipt(call, head.as_ref(), len, &b3, &r.message) {
+                match check_receipt(call, head.as_ref(), len, &b3, r.message()) {
                     Ok(()) => {
                         result.outcome = Some(Outcome::Receipt);
-                        result.peer_entry = Some(r.message.entry);
-                        result.signed = Some(r.bytes.clone());
+                        result.peer_entry = Some(r.message().entry);
+                        result.signed = Some(r.bytes().to_vec());
                         Ok((head, r))
                     }
                     Err(why) => {
                         // Keep the signed answer as evidence, but do not count it as a receipt.
                         result.outcome = Some(Outcome::Unknown);
-                        result.detail = Some(why.clone());
-                        result.signed = Some(r.bytes.clone());
-                        Err(CallError::InvalidAnswer(why))
+                        result.detail = Some(why.into());
+                        result.signed = Some(r.bytes().to_vec());
+                        Err(CallError::InvalidAnswer(InvalidAnswer::Mismatch(why)))
                     }
                 }
             }
@@ -824,7 +661,7 @@ impl Client {
         self.chain
             .append(self.closing(result))
             .await
-            .map_err(|e| CallError::Audit(e.to_string()))?;
+            .map_err(|e| CallError::Audit(AuditError::Append(e)))?;
         outcome
     }
 
@@ -879,7 +716,7 @@ impl Client {
         &self,
         spec: CallSpec,
     ) -> (Vec<u8>, [u8; 32], Result<StreamingAnswer<'_>, CallError>) {
-        let (bytes, call) = match self.sign(&spec) {
+        let (bytes, call) = match self.sign_request(&spec) {
             Ok(signed) => signed,
             Err(e) => return (Vec::new(), [0; 32], Err(e)),
         };
@@ -895,7 +732,7 @@ impl Client {
     /// the result entry once the terminal frame arrives (or `unknown` if the stream is lost or
     /// the answer is dropped unfinished). A refusal before the head is returned as the error.
     pub async fn call_streaming(&self, spec: CallSpec) -> Result<StreamingAnswer<'_>, CallError> {
-        let (bytes, call) = self.sign(&spec)?;
+        let (bytes, call) = self.sign_request(&spec)?;
         let span = self.call_span(&spec, call);
         self.stream_signed(&bytes, call, &spec.body, span).await
     }
@@ -960,14 +797,14 @@ impl Client {
                 };
                 return Err(match self.record_result(call, ending).await {
                     Err(e) => e,
-                    Ok(_) => CallError::InvalidAnswer(
-                        "a receipt came back without a response head".into(),
-                    ),
+                    Ok(_) => CallError::InvalidAnswer(InvalidAnswer::Mismatch(
+                        "a receipt came back without a response head",
+                    )),
                 });
             }
-            Ok(AnswerFrame::Body(_)) => Err(CallError::InvalidAnswer(
-                "body before the response head".into(),
-            )),
+            Ok(AnswerFrame::Body(_)) => Err(CallError::InvalidAnswer(InvalidAnswer::Mismatch(
+                "body before the response head",
+            ))),
             Err(e) => Err(e),
         };
         let head = match head {
@@ -1010,31 +847,30 @@ impl Client {
         loop {
             let frame = wire::next_frame(&mut recv, &mut dec)
                 .await
-                .map_err(|e| CallError::ConnectionLost(e.to_string()))?;
+                .map_err(|e| CallError::ConnectionLost(Lost::Read(e)))?;
             let Some(frame) = frame else {
                 return Ok(ops);
             };
             match frame.kind {
                 FrameType::Catalog => ops.extend(
                     Catalog::decode_v(&frame.payload, self.version)
-                        .map_err(|e| CallError::InvalidAnswer(e.to_string()))?
+                        .map_err(|e| CallError::InvalidAnswer(InvalidAnswer::Decode(e)))?
                         .operations,
                 ),
                 FrameType::Refusal => {
                     let r: message::Signed<Refusal> = self
                         .open_answer(&frame.payload)
-                        .map_err(|e| CallError::InvalidAnswer(e.to_string()))?;
+                        .map_err(|e| CallError::InvalidAnswer(InvalidAnswer::Open(e)))?;
+                    let r = r.into_message();
                     return Err(CallError::Refused {
-                        code: r.message.code,
-                        reason: r.message.reason,
-                        gateway_time_ms: r.message.time_ms,
+                        code: r.code,
+                        reason: r.reason,
+                        gateway_time_ms: r.time_ms,
                         call: None,
                     });
                 }
                 other => {
-                    return Err(CallError::InvalidAnswer(format!(
-                        "unexpected frame {other:?} in a catalog answer"
-                    )));
+                    return Err(CallError::InvalidAnswer(InvalidAnswer::CatalogFrame(other)));
                 }
             }
         }
@@ -1058,12 +894,12 @@ impl Client {
                     .await?
                     .open_bi()
                     .await
-                    .map_err(|e| CallError::ConnectionLost(e.to_string()))?
+                    .map_err(|e| CallError::ConnectionLost(Lost::Stream(e)))?
             }
         };
         let mut out = BytesMut::with_capacity(first.len() + body.len() + 64);
         frame::encode(kind, first, &mut out)
-            .map_err(|e| CallError::InvalidAnswer(e.to_string()))?;
+            .map_err(|e| CallError::InvalidAnswer(InvalidAnswer::Encode(e)))?;
         frame::encode_chunks(body, &mut out);
         // A refused call may close our send side early; the answer still arrives.
         let _ = send.write_all(&out).await;
@@ -1078,33 +914,30 @@ impl Client {
         recv: &mut quinn::RecvStream,
         dec: &mut FrameDecoder,
     ) -> Result<AnswerFrame, CallError> {
-        let invalid = |e: &dyn std::fmt::Display| CallError::InvalidAnswer(e.to_string());
+        let decode = |e| CallError::InvalidAnswer(InvalidAnswer::Decode(e));
+        let open = |e| CallError::InvalidAnswer(InvalidAnswer::Open(e));
         let frame = wire::next_frame(recv, dec)
             .await
-            .map_err(|e| CallError::ConnectionLost(e.to_string()))?;
+            .map_err(|e| CallError::ConnectionLost(Lost::Read(e)))?;
         let Some(frame) = frame else {
-            return Err(CallError::ConnectionLost(
-                "stream ended without a receipt".into(),
-            ));
+            return Err(CallError::ConnectionLost(Lost::NoReceipt));
         };
         Ok(match frame.kind {
             FrameType::Head => AnswerFrame::Head(
-                ResponseHead::decode_v(&frame.payload, self.version).map_err(|e| invalid(&e))?,
+                ResponseHead::decode_v(&frame.payload, self.version).map_err(decode)?,
             ),
             FrameType::Body => AnswerFrame::Body(frame.payload),
             FrameType::Receipt => AnswerFrame::Final(Box::new(RawFinal::Receipt(
-                self.open_answer(&frame.payload).map_err(|e| invalid(&e))?,
+                self.open_answer(&frame.payload).map_err(open)?,
             ))),
             FrameType::Refusal => AnswerFrame::Final(Box::new(RawFinal::Refusal(
-                self.open_answer(&frame.payload).map_err(|e| invalid(&e))?,
+                self.open_answer(&frame.payload).map_err(open)?,
             ))),
             FrameType::Grant => AnswerFrame::Final(Box::new(RawFinal::Grant(
-                self.open_answer(&frame.payload).map_err(|e| invalid(&e))?,
+                self.open_answer(&frame.payload).map_err(open)?,
             ))),
             other => {
-                return Err(CallError::InvalidAnswer(format!(
-                    "unexpected frame {other:?}"
-                )));
+                return Err(CallError::InvalidAnswer(InvalidAnswer::Frame(other)));
             }
         })
     }
@@ -1115,23 +948,17 @@ impl Client {
         bytes: &[u8],
     ) -> Result<message::Signed<T>, message::OpenError> {
         let signed = message::open_from::<T>(bytes, &self.gateway)?;
-        if signed.message.version() != self.version.as_u64() {
+        if signed.message().version() != self.version.as_u64() {
             return Err(message::OpenError::Decode(
-                didgate_protocol::cbor::DecodeError::Version(signed.message.version()),
+                didgate_protocol::cbor::DecodeError::Version(signed.message().version()),
             ));
         }
         Ok(signed)
     }
 
-    /// Low level: sends already signed request bytes and a body on a new stream and returns
-    /// what came back, checking only that the final frame is signed by the pinned gateway.
-    /// Records nothing in the chain ([`Client::call`] does).
-    pub async fn send_signed(&self, request: &[u8], body: &[u8]) -> Result<RawAnswer, CallError> {
-        self.exchange(FrameType::Request, request, body).await
-    }
-
-    /// Low level: one stream carrying a first frame of `kind` and the body; returns the answer.
-    pub async fn exchange(
+    /// One stream carrying a first frame of `kind` and the body; returns the answer, only its
+    /// final frame's signature checked ([`low_level::RawExchange`]).
+    pub(crate) async fn exchange_raw(
         &self,
         kind: FrameType,
         first: &[u8],
@@ -1178,7 +1005,7 @@ enum Ending {
 }
 
 fn lost_without_cause() -> CallError {
-    CallError::ConnectionLost("outcome unknown".into())
+    CallError::ConnectionLost(Lost::Unknown)
 }
 
 /// A call whose response body arrives as the gateway relays it ([`Client::call_streaming`]).
@@ -1256,9 +1083,9 @@ impl StreamingAnswer<'_> {
                 self.len += b.len() as u64;
                 return Ok(Some(b));
             }
-            Ok(AnswerFrame::Head(_)) => {
-                Ending::Lost(CallError::InvalidAnswer("a second response head".into()))
-            }
+            Ok(AnswerFrame::Head(_)) => Ending::Lost(CallError::InvalidAnswer(
+                InvalidAnswer::Mismatch("a second response head"),
+            )),
             Ok(AnswerFrame::Final(last)) => Ending::Final {
                 head: Some(self.head.clone()),
                 len: self.len,
@@ -1278,12 +1105,12 @@ impl StreamingAnswer<'_> {
 
     /// The verified receipt, once [`StreamingAnswer::next_chunk`] returned `Ok(None)`.
     pub fn receipt(&self) -> Option<&Receipt> {
-        self.receipt.as_ref().map(|r| &r.message)
+        self.receipt.as_ref().map(|r| r.message())
     }
 
     /// The receipt as signed, once verified.
     pub fn receipt_bytes(&self) -> Option<&[u8]> {
-        self.receipt.as_ref().map(|r| r.bytes.as_slice())
+        self.receipt.as_ref().map(|r| r.bytes())
     }
 
     /// Reads (and discards) the rest of the body, then returns the verified receipt.
@@ -1291,8 +1118,10 @@ impl StreamingAnswer<'_> {
         while self.next_chunk().await?.is_some() {}
         self.receipt
             .take()
-            .map(|r| r.message)
-            .ok_or_else(|| CallError::InvalidAnswer("no receipt".into()))
+            .map(message::Signed::into_message)
+            .ok_or(CallError::InvalidAnswer(InvalidAnswer::Mismatch(
+                "no receipt",
+            )))
     }
 }
 
@@ -1386,15 +1215,15 @@ fn check_receipt(
     len: u64,
     b3: &[u8; 32],
     r: &Receipt,
-) -> Result<(), String> {
+) -> Result<(), &'static str> {
     if r.call != call {
-        return Err("receipt is for another call".into());
+        return Err("receipt is for another call");
     }
     if r.resp_b3 != *b3 || r.resp_len != len {
-        return Err("response body does not match the receipt's digest".into());
+        return Err("response body does not match the receipt's digest");
     }
     if head.is_some_and(|h| h.status != r.status) {
-        return Err("status does not match the receipt".into());
+        return Err("status does not match the receipt");
     }
     Ok(())
 }
@@ -1411,8 +1240,7 @@ fn pinned_config(
         pinned: gateway.clone(),
         presented: presented.clone(),
     });
-    tls::client_config_with_verifier(identity, version, verifier)
-        .map_err(|e| ClientError::Tls(e.to_string()))
+    tls::client_config_with_verifier(identity, version, verifier).map_err(ClientError::Tls)
 }
 
 /// Accepts the gateway only if its certificate key is the pinned DID (as
@@ -1472,19 +1300,4 @@ impl rustls::client::danger::ServerCertVerifier for RecordingPin {
     fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
         vec![rustls::SignatureScheme::ED25519]
     }
-}
-
-/// Why a client could not be set up.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ClientError {
-    /// The local chain could not be opened (another process holds it?).
-    #[error("local chain: {0}")]
-    Store(#[from] StoreError),
-    /// TLS or socket setup failed.
-    #[error("transport: {0}")]
-    Tls(String),
-    /// A call left unanswered by a process that ended mid-call could not be closed.
-    #[error("cannot close a call left unanswered in the chain: {0}")]
-    Recover(#[source] didgate_audit::store::AppendError),
 }

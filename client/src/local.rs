@@ -40,6 +40,8 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
+use crate::error::{AuditError, InvalidAnswer, Lost, Unreachable};
+use crate::home::Home;
 use crate::{Answer, CallError, CallSpec, Client, ClientError, Operation, StreamingAnswer};
 
 /// The owner's socket, in the home.
@@ -195,12 +197,20 @@ impl WireError {
                 reason: reason.clone(),
                 gateway_time_ms: *gateway_time_ms,
             },
-            CallError::Unreachable(d) => Self::Unreachable { detail: d.clone() },
-            CallError::ConnectionLost(d) | CallError::OwnerLost { detail: d, .. } => {
-                Self::ConnectionLost { detail: d.clone() }
+            CallError::Unreachable(d) => Self::Unreachable {
+                detail: d.to_string(),
+            },
+            CallError::ConnectionLost(d) | CallError::OwnerLost { source: d, .. } => {
+                Self::ConnectionLost {
+                    detail: d.to_string(),
+                }
             }
-            CallError::InvalidAnswer(d) => Self::InvalidAnswer { detail: d.clone() },
-            CallError::Audit(d) => Self::Audit { detail: d.clone() },
+            CallError::InvalidAnswer(d) => Self::InvalidAnswer {
+                detail: d.to_string(),
+            },
+            CallError::Audit(d) => Self::Audit {
+                detail: d.to_string(),
+            },
             CallError::VersionUnsupported { offered } => Self::VersionUnsupported {
                 offered: offered.as_u64(),
             },
@@ -219,14 +229,14 @@ impl WireError {
     /// The error as the caller reports it; `signed_only`: a refusal must come signed (a call),
     /// so an unsigned one is an invalid answer.
     fn into_call(self, pid: u32, signed_only: bool) -> CallError {
-        let garbled = |what: &str| CallError::OwnerLost {
+        let garbled = |what: &'static str| CallError::OwnerLost {
             pid,
-            detail: format!("the owner reported an unreadable {what}"),
+            source: Lost::Owner(what),
         };
         match self {
-            Self::Refused { .. } if signed_only => CallError::InvalidAnswer(
-                "the process holding this home's chain relayed an unsigned refusal".into(),
-            ),
+            Self::Refused { .. } if signed_only => {
+                CallError::InvalidAnswer(InvalidAnswer::Relay("an unsigned refusal"))
+            }
             Self::Refused {
                 code,
                 reason,
@@ -237,13 +247,17 @@ impl WireError {
                 gateway_time_ms,
                 call: None,
             },
-            Self::Unreachable { detail } => CallError::Unreachable(detail),
-            Self::ConnectionLost { detail } => CallError::ConnectionLost(detail),
-            Self::InvalidAnswer { detail } => CallError::InvalidAnswer(detail),
-            Self::Audit { detail } | Self::Other { detail } => CallError::Audit(detail),
+            Self::Unreachable { detail } => CallError::Unreachable(Unreachable::Relayed(detail)),
+            Self::ConnectionLost { detail } => CallError::ConnectionLost(Lost::Relayed(detail)),
+            Self::InvalidAnswer { detail } => {
+                CallError::InvalidAnswer(InvalidAnswer::Relayed(detail))
+            }
+            Self::Audit { detail } | Self::Other { detail } => {
+                CallError::Audit(AuditError::Relayed(detail))
+            }
             Self::VersionUnsupported { offered } => match Version::from_u64(offered) {
                 Some(offered) => CallError::VersionUnsupported { offered },
-                None => garbled("version"),
+                None => garbled("the owner reported an unreadable version"),
             },
             Self::WrongGateway {
                 addr,
@@ -255,7 +269,7 @@ impl WireError {
                     presented,
                     pinned,
                 },
-                _ => garbled("wrong-gateway error"),
+                _ => garbled("the owner reported an unreadable wrong-gateway error"),
             },
         }
     }
@@ -359,8 +373,8 @@ pub struct Serving {
 impl Serving {
     /// Starts serving `client`'s calls to the other processes of `home`, on
     /// `home/chain.sock`. Call only while holding `home/chain` (a stale socket is replaced).
-    pub fn start(client: Arc<Client>, home: &Path) -> std::io::Result<Self> {
-        let path = home.join(SOCKET);
+    pub fn start(client: Arc<Client>, home: &Home) -> std::io::Result<Self> {
+        let path = home.socket_path();
         match std::fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -771,12 +785,12 @@ impl Link {
     /// A link to the owner of `home`'s chain, for `identity`; `gateway` is the gateway this
     /// caller would call (checked against the owner's), `None` for exports only.
     pub fn new(
-        home: &Path,
+        home: &Home,
         identity: Arc<Identity>,
         gateway: Option<(std::net::SocketAddr, Did)>,
     ) -> Self {
         Self {
-            socket: home.join(SOCKET),
+            socket: home.socket_path(),
             identity,
             gateway,
             version: Version::CURRENT,
@@ -828,7 +842,7 @@ impl Link {
             signature: hex::encode(self.identity.sign(&proof_message(&challenge, &payload))),
         };
         if let Err(e) = write_msg(&mut w, &proof).await {
-            return Err(LinkFailure::Call(owner_lost(pid, &e.to_string())));
+            return Err(LinkFailure::Call(owner_lost(pid, Lost::Link(e))));
         }
         Ok(Session { r, w, pid })
     }
@@ -839,7 +853,7 @@ impl Link {
             Ok(s) => s,
             Err(LinkFailure::Reroute(e)) => return Err(e),
             Err(LinkFailure::Call(e)) => {
-                return Err(self.no_owner(std::io::Error::other(e.to_string())));
+                return Err(self.no_owner(std::io::Error::other(e)));
             }
         };
         match read_msg(&mut s.r).await {
@@ -853,19 +867,16 @@ impl Link {
 
     /// Asks the owner to seal its chain and export it to `out` (made absolute here).
     pub async fn export(&self, out: &Path) -> Result<Exported, ExportThroughError> {
-        let out =
-            std::path::absolute(out).map_err(|e| ExportThroughError::Failed(e.to_string()))?;
+        let out = std::path::absolute(out).map_err(ExportThroughError::Path)?;
         let op = Op::Export {
             out: out.to_string_lossy().into_owned(),
         };
         let mut s = match self.send(op, b"").await {
             Ok(s) => s,
             Err(LinkFailure::Reroute(e)) => return Err(e.into()),
-            Err(LinkFailure::Call(e)) => return Err(ExportThroughError::Failed(e.to_string())),
+            Err(LinkFailure::Call(e)) => return Err(ExportThroughError::Call(e)),
         };
-        let lost = |e: std::io::Error| {
-            ExportThroughError::Failed(format!("the owner went away during the export: {e}"))
-        };
+        let lost = ExportThroughError::OwnerLost;
         // an export of a long chain takes a while: no frame timeout on its answer
         let frame = read_frame(&mut s.r).await.map_err(lost)?;
         match frame {
@@ -887,13 +898,11 @@ impl Link {
             Some(Frame::Msg(Msg::Mismatch { why }, _)) => {
                 Err(ExportThroughError::Link(LinkError::Mismatch(why)))
             }
-            Some(Frame::Msg(Msg::Failed { error }, _)) => Err(ExportThroughError::Failed(
-                error.into_call(s.pid, false).to_string(),
-            )),
+            Some(Frame::Msg(Msg::Failed { error }, _)) => {
+                Err(ExportThroughError::Call(error.into_call(s.pid, false)))
+            }
             None => Err(lost(std::io::ErrorKind::UnexpectedEof.into())),
-            Some(_) => Err(ExportThroughError::Failed(
-                "unexpected answer to an export".into(),
-            )),
+            Some(_) => Err(ExportThroughError::Unexpected),
         }
     }
 
@@ -907,7 +916,7 @@ impl Link {
             Ok(s) => s,
             Err(LinkFailure::Call(e)) => {
                 return Err(LinkFailure::Reroute(
-                    self.no_owner(std::io::Error::other(e.to_string())),
+                    self.no_owner(std::io::Error::other(e)),
                 ));
             }
             Err(reroute) => return Err(reroute),
@@ -934,15 +943,17 @@ impl Link {
     /// Sends the call; returns once the head (or the failure) came back.
     async fn call_streaming(&self, spec: &CallSpec) -> Result<LinkAnswer, LinkFailure> {
         if spec.body.len() as u64 > MAX_BODY {
-            return Err(LinkFailure::Call(CallError::Audit(format!(
-                "a request body over {MAX_BODY} bytes cannot be sent through the process holding this home's chain"
-            ))));
+            return Err(LinkFailure::Call(CallError::Audit(
+                AuditError::BodyTooLarge,
+            )));
         }
         let gateway = self
             .gateway
             .as_ref()
             .map(|(_, d)| d.clone())
-            .ok_or_else(|| LinkFailure::Call(CallError::Audit("no gateway pinned".into())))?;
+            .ok_or_else(|| {
+                LinkFailure::Call(CallError::Audit(AuditError::NoChain("no gateway pinned")))
+            })?;
         let op = Op::Call {
             upstream: spec.upstream.clone(),
             method: spec.method.clone(),
@@ -952,7 +963,7 @@ impl Link {
         };
         let mut s = self.send(op, &spec.body).await?;
         let pid = s.pid;
-        let lost = |detail: &str| LinkFailure::Call(owner_lost(pid, detail));
+        let lost = |detail| LinkFailure::Call(owner_lost(pid, detail));
         // no frame timeout: an upstream may take long to answer
         let frame = read_frame(&mut s.r).await;
         let check = Check {
@@ -1003,9 +1014,9 @@ impl Link {
             Ok(Some(Frame::Msg(Msg::Mismatch { why }, _))) => {
                 Err(LinkFailure::Reroute(LinkError::Mismatch(why)))
             }
-            Ok(Some(_)) => Err(lost("unexpected answer")),
-            Ok(None) => Err(lost("the owner went away before the answer")),
-            Err(e) => Err(lost(&e.to_string())),
+            Ok(Some(_)) => Err(lost(Lost::Owner("unexpected answer"))),
+            Ok(None) => Err(lost(Lost::Owner("the owner went away before the answer"))),
+            Err(e) => Err(lost(Lost::Link(e))),
         }
     }
 }
@@ -1022,50 +1033,40 @@ impl Check<'_> {
     /// The relayed signed request (hex): this identity's signature over this call to the
     /// pinned gateway with this body. Returns the call ID.
     fn request(&self, hex_bytes: &str) -> Result<[u8; 32], CallError> {
-        let invalid = |why: &str| {
-            CallError::InvalidAnswer(format!(
-                "the process holding this home's chain relayed {why}"
-            ))
-        };
+        let invalid = |why| CallError::InvalidAnswer(InvalidAnswer::Relay(why));
         let bytes = hex::decode(hex_bytes).map_err(|_| invalid("an unreadable request"))?;
         let signed = message::open_from::<Request>(&bytes, self.identity.did())
             .map_err(|_| invalid("a request this identity did not sign"))?;
-        if !crate::request_matches(&signed.message, self.spec, self.gateway, self.version) {
+        if !crate::request_matches(signed.message(), self.spec, self.gateway, self.version) {
             return Err(invalid("a request for another call"));
         }
-        Ok(signed.envelope.digest())
+        Ok(signed.envelope().digest())
     }
 
     /// The relayed refusal (hex) of `call`: signed by the pinned gateway, for that call.
     fn refusal(&self, call: [u8; 32], hex_bytes: &str) -> CallError {
-        let invalid = |why: &str| {
-            CallError::InvalidAnswer(format!(
-                "the process holding this home's chain relayed {why}"
-            ))
-        };
+        let invalid = |why| CallError::InvalidAnswer(InvalidAnswer::Relay(why));
         let Ok(bytes) = hex::decode(hex_bytes) else {
             return invalid("an unreadable refusal");
         };
         let Ok(r) = message::open_from::<Refusal>(&bytes, self.gateway) else {
             return invalid("a refusal the pinned gateway did not sign");
         };
-        if r.message.call != Some(call) || r.message.v != self.version.as_u64() {
+        if r.message().call != Some(call) || r.message().v != self.version.as_u64() {
             return invalid("a refusal of another call");
         }
+        let r = r.into_message();
         CallError::Refused {
-            code: r.message.code,
-            reason: r.message.reason,
-            gateway_time_ms: r.message.time_ms,
-            call: r.message.call,
+            code: r.code,
+            reason: r.reason,
+            gateway_time_ms: r.time_ms,
+            call: r.call,
         }
     }
 }
 
-fn owner_lost(pid: u32, detail: &str) -> CallError {
-    CallError::OwnerLost {
-        pid,
-        detail: detail.to_string(),
-    }
+fn owner_lost(pid: u32, source: Lost) -> CallError {
+    CallError::OwnerLost { pid, source }
 }
 
 /// Why an export through the owner failed.
@@ -1075,9 +1076,18 @@ pub enum ExportThroughError {
     /// No owner to ask, or it will not export for this identity.
     #[error(transparent)]
     Link(#[from] LinkError),
-    /// The owner could not export.
+    /// The export path could not be made absolute.
     #[error("{0}")]
-    Failed(String),
+    Path(#[source] std::io::Error),
+    /// The owner could not export (its error, or the operation's).
+    #[error("{0}")]
+    Call(#[source] CallError),
+    /// The owner went away during the export.
+    #[error("the owner went away during the export: {0}")]
+    OwnerLost(#[source] std::io::Error),
+    /// The owner answered something else than an export's outcome.
+    #[error("unexpected answer to an export")]
+    Unexpected,
 }
 
 /// A call's answer relayed by the owner: the head, then the body as it arrives, then the
@@ -1114,54 +1124,56 @@ impl LinkAnswer {
         let msg = match frame {
             Ok(Some(Frame::Msg(m, _))) => m,
             Ok(Some(Frame::Bytes(_)) | None) => {
-                return Err(owner_lost(self.pid, "the owner went away mid-answer"));
+                return Err(owner_lost(
+                    self.pid,
+                    Lost::Owner("the owner went away mid-answer"),
+                ));
             }
-            Err(e) => return Err(owner_lost(self.pid, &e.to_string())),
+            Err(e) => return Err(owner_lost(self.pid, Lost::Link(e))),
         };
-        let invalid = |why: &str| {
-            CallError::InvalidAnswer(format!(
-                "the process holding this home's chain relayed {why}"
-            ))
-        };
+        let invalid = |why| CallError::InvalidAnswer(InvalidAnswer::Relay(why));
         match msg {
             Msg::End { receipt } => {
                 let bytes = hex::decode(receipt).map_err(|_| invalid("an unreadable receipt"))?;
                 let signed = message::open_from::<Receipt>(&bytes, &self.gateway)
                     .map_err(|_| invalid("a receipt the pinned gateway did not sign"))?;
-                if signed.message.v != self.version.as_u64()
-                    || signed.message.client != self.identity.did().as_str()
+                if signed.message().v != self.version.as_u64()
+                    || signed.message().client != self.identity.did().as_str()
                 {
                     return Err(invalid("a receipt for another client or version"));
                 }
                 let b3 = *self.hasher.finalize().as_bytes();
-                crate::check_receipt(self.call, Some(&self.head), self.len, &b3, &signed.message)
-                    .map_err(CallError::InvalidAnswer)?;
+                crate::check_receipt(self.call, Some(&self.head), self.len, &b3, signed.message())
+                    .map_err(|why| CallError::InvalidAnswer(InvalidAnswer::Mismatch(why)))?;
                 self.receipt = Some(signed);
                 Ok(None)
             }
             Msg::Refused { refusal, .. } => Err(self.refusal(&refusal)),
             Msg::Failed { error } => Err(error.into_call(self.pid, true)),
-            _ => Err(owner_lost(self.pid, "unexpected message mid-answer")),
+            _ => Err(owner_lost(
+                self.pid,
+                Lost::Owner("unexpected message mid-answer"),
+            )),
         }
     }
 
     /// A refusal after the head: signed by the pinned gateway, for this call.
     fn refusal(&self, hex_bytes: &str) -> CallError {
-        let invalid = |why: &str| {
-            CallError::InvalidAnswer(format!(
-                "the process holding this home's chain relayed {why}"
-            ))
-        };
+        let invalid = |why| CallError::InvalidAnswer(InvalidAnswer::Relay(why));
         let Ok(bytes) = hex::decode(hex_bytes) else {
             return invalid("an unreadable refusal");
         };
         match message::open_from::<Refusal>(&bytes, &self.gateway) {
-            Ok(r) if r.message.call == Some(self.call) && r.message.v == self.version.as_u64() => {
+            Ok(r)
+                if r.message().call == Some(self.call)
+                    && r.message().v == self.version.as_u64() =>
+            {
+                let r = r.into_message();
                 CallError::Refused {
-                    code: r.message.code,
-                    reason: r.message.reason,
-                    gateway_time_ms: r.message.time_ms,
-                    call: r.message.call,
+                    code: r.code,
+                    reason: r.reason,
+                    gateway_time_ms: r.time_ms,
+                    call: r.call,
                 }
             }
             _ => invalid("a refusal the pinned gateway did not sign for this call"),
@@ -1228,7 +1240,7 @@ impl CallStream<'_> {
             Self::Through(a) => a
                 .receipt
                 .as_ref()
-                .map(|r| (r.message.clone(), r.bytes.clone())),
+                .map(|r| (r.message().clone(), r.bytes().to_vec())),
         }
     }
 }
@@ -1263,13 +1275,14 @@ pub enum AcquireError {
         /// The home.
         home: PathBuf,
         /// Why the main chain's owner could not be used.
-        why: String,
+        #[source]
+        why: LinkError,
     },
 }
 
 /// What [`Caller::acquire`] needs to acquire again after the owner went away.
 struct Acquire {
-    home: PathBuf,
+    home: Home,
     identity: Arc<Identity>,
     addr: std::net::SocketAddr,
     gateway: Did,
@@ -1340,7 +1353,7 @@ impl Caller {
     ) -> Result<Self, AcquireError> {
         let caller = Self {
             acquire: Some(Acquire {
-                home: home.to_path_buf(),
+                home: Home::open(home),
                 identity: Arc::new(identity),
                 addr,
                 gateway,
@@ -1416,7 +1429,7 @@ impl Caller {
             .expect("a caller without a client has an acquire");
         let started = Instant::now();
         let mut deadline = started + ACQUIRE_WAIT;
-        let chain = a.home.join(CHAIN);
+        let chain = a.home.chain_dir();
         let why = loop {
             match open_client(a, &chain) {
                 Ok(client) => {
@@ -1457,8 +1470,8 @@ impl Caller {
                         Some(Arc::new(link));
                     return Ok(());
                 }
-                Err(LinkError::Mismatch(why)) => break why,
-                Err(e) if Instant::now() >= deadline => break e.to_string(),
+                Err(e @ LinkError::Mismatch(_)) => break e,
+                Err(e) if Instant::now() >= deadline => break e,
                 Err(LinkError::Closing { .. }) => {
                     // it releases the chain once its operations in flight end
                     deadline = deadline.max(started + CLOSING_WAIT);
@@ -1471,8 +1484,8 @@ impl Caller {
     }
 
     /// Opens the first free `chains/N` of the home.
-    fn fall_back(&self, a: &Acquire, why: String) -> Result<(), AcquireError> {
-        let dir = a.home.join(FALLBACK_CHAINS);
+    fn fall_back(&self, a: &Acquire, why: LinkError) -> Result<(), AcquireError> {
+        let dir = a.home.fallback_chains_dir();
         for n in 1..=MAX_FALLBACK {
             let path = dir.join(n.to_string());
             if let Err(source) = std::fs::create_dir_all(&path) {
@@ -1481,7 +1494,7 @@ impl Caller {
             match open_client(a, &path) {
                 Ok(client) => {
                     tracing::warn!(chain = %path.display(), %why, "using a chain of this process's own");
-                    let _ = self.fallback.set((path, why));
+                    let _ = self.fallback.set((path, why.to_string()));
                     let _ = self.own.set(Arc::new(client));
                     *self.link.lock().unwrap_or_else(PoisonError::into_inner) = None;
                     return Ok(());
@@ -1491,7 +1504,7 @@ impl Caller {
             }
         }
         Err(AcquireError::AllHeld {
-            home: a.home.clone(),
+            home: a.home.dir().to_path_buf(),
             why,
         })
     }
@@ -1505,7 +1518,9 @@ impl Caller {
             .unwrap_or_else(PoisonError::into_inner)
             .clone()
             .map(Route::Through)
-            .ok_or_else(|| CallError::Audit("no chain to record the call in".into()))
+            .ok_or(CallError::Audit(AuditError::NoChain(
+                "no chain to record the call in",
+            )))
     }
 
     /// After a failure before anything was asked of the owner: acquire again.
@@ -1513,7 +1528,7 @@ impl Caller {
         tracing::info!(%e, "the chain's owner went away: acquiring the chain again");
         self.reacquire(Some(link))
             .await
-            .map_err(|e| CallError::Audit(e.to_string()))
+            .map_err(|e| CallError::Audit(AuditError::Acquire(Box::new(e))))
     }
 
     /// [`Client::call_streaming`], here or through the owner.
@@ -1528,9 +1543,9 @@ impl Caller {
                 },
             }
         }
-        Err(CallError::Audit(
-            "the home's chain changed hands three times during one call".into(),
-        ))
+        Err(CallError::Audit(AuditError::NoChain(
+            "the home's chain changed hands three times during one call",
+        )))
     }
 
     /// [`Client::call`], here or through the owner.
@@ -1543,9 +1558,12 @@ impl Caller {
         while let Some(chunk) = stream.next_chunk().await? {
             body.extend_from_slice(&chunk);
         }
-        let (receipt, receipt_bytes) = stream
-            .receipt()
-            .ok_or_else(|| CallError::InvalidAnswer("no receipt".into()))?;
+        let (receipt, receipt_bytes) =
+            stream
+                .receipt()
+                .ok_or(CallError::InvalidAnswer(InvalidAnswer::Mismatch(
+                    "no receipt",
+                )))?;
         let (status, headers) = (stream.status(), stream.headers().to_vec());
         Ok(Answer {
             call: stream.call(),
@@ -1575,9 +1593,9 @@ impl Caller {
                 },
             }
         }
-        Err(CallError::Audit(
-            "the home's chain changed hands three times during one request".into(),
-        ))
+        Err(CallError::Audit(AuditError::NoChain(
+            "the home's chain changed hands three times during one request",
+        )))
     }
 
     /// Stops serving the home's other processes (their calls in flight end first), then closes

@@ -1,18 +1,9 @@
 //! `didgate`: the didgate command-line client, a thin binary over the `didgate_client` library.
 //!
 //! Files live under the home directory (`--home`, env `DIDGATE_HOME`, default
-//! `$HOME/.didgate`):
-//!
-//! - `identity`: the client's private identity (mode 0600, created by `didgate keygen`);
-//! - `chain/`: the client's own audit chain (every call is recorded before it is sent);
-//! - `config.toml`: the pinned gateway, `gateway = "ADDR"` and `gateway_did = "did:key:..."`
-//!   (written by `didgate pin`).
-//!
-//! - `chain.sock`: while a process of this home holds `chain/`, the socket through which the
-//!   home's other processes make their calls and exports (`didgate_client::local`);
-//! - `chains/N`: fallback chains, for a process that holder could not serve;
-//! - `proxy-token`: the local proxy's token (mode 0600, kept across starts);
-//! - `proxy-url`: the running proxy's URL (while it runs), for `didgate env`.
+//! `$HOME/.didgate`), laid out as `didgate_client::home` describes: `identity` (created by
+//! `didgate keygen`), `config.toml` (the pinned gateway, written by `didgate pin`), `chain/`,
+//! `chain.sock`, `chains/N`, `proxy-token` and `proxy-url` (for `didgate env`).
 //!
 //! Commands: `keygen [--seed-file PATH|-] [--encrypt]`, `whoami`, `pin --gateway ADDR
 //! --gateway-did DID`, `call UPSTREAM METHOD PATH [--data @FILE|-|LITERAL] [--header 'K: V']...`,
@@ -43,12 +34,12 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow, bail};
 use clap::{Parser, Subcommand};
+use didgate_client::home::{Home, HomeError, Pin};
 use didgate_client::identity::{self, IdentityError};
 use didgate_client::local::{self, Caller, Link};
 use didgate_client::proxy::{self, Proxy, ProxyConfig, ProxyToken};
 use didgate_client::{Answer, CallError, CallSpec};
 use didgate_protocol::{Did, Identity};
-use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
 /// mimalloc instead of glibc's malloc: allocation and free were about 12% of the gateway's CPU
@@ -244,17 +235,6 @@ enum Command {
     },
 }
 
-/// The pinned gateway in `config.toml`.
-#[derive(Debug, Default, Serialize, Deserialize)]
-struct Config {
-    /// The gateway's UDP address.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    gateway: Option<String>,
-    /// The gateway's DID.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    gateway_did: Option<String>,
-}
-
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -441,8 +421,10 @@ fn init_tracing() {
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     // before any key is read: no core dumps, private files
     didgate_client::hardening::harden_process()?;
-    let home = home_dir(cli.home)?;
-    for (path, old, new) in didgate_client::hardening::private_dir(&home, &["identity"])? {
+    let home = Home::from_env(cli.home).map_err(cli_home_error)?;
+    for (path, old, new) in
+        didgate_client::hardening::private_dir(home.dir(), &[didgate_client::home::IDENTITY])?
+    {
         tracing::warn!(path = %path.display(), "tightened mode {old:o} -> {new:o}");
         eprintln!(
             "didgate: {} was readable by others: mode {old:o} -> {new:o}",
@@ -455,7 +437,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         acting: cli.acting_as,
         connect_timeout: cli.connect_timeout,
     };
-    let home = ctx.home.as_path();
+    let home = &ctx.home;
     match cli.command {
         Command::Keygen { seed_file, encrypt } => {
             keygen(home, seed_file.as_deref(), encrypt, ctx.json)
@@ -532,7 +514,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 /// What every command shares: the home directory and the global flags.
 struct Ctx {
-    home: PathBuf,
+    home: Home,
     json: bool,
     /// `--as`: the did:web to act as.
     acting: Option<String>,
@@ -543,32 +525,19 @@ struct Ctx {
 /// The caller for `identity` and the gateway `pinned` (`--connect-timeout` applied): this
 /// process holds the home's chain and serves the home's other processes, or calls through the
 /// process that holds it, or falls back to a chain of its own (`didgate_client::local`).
-async fn open_caller(
-    ctx: &Ctx,
-    identity: Identity,
-    (addr, gateway): (SocketAddr, Did),
-) -> anyhow::Result<Caller> {
+async fn open_caller(ctx: &Ctx, identity: Identity, pin: Pin) -> anyhow::Result<Caller> {
     let timeout = ctx
         .connect_timeout
         .unwrap_or(didgate_client::CONNECT_TIMEOUT);
-    let caller = Caller::acquire(&ctx.home, identity, addr, gateway, timeout).await?;
+    let caller = ctx.home.caller(identity, &pin, timeout).await?;
     if let Some((chain, why)) = caller.fallback() {
         eprintln!(
             "didgate: recording in {} ({why}); `didgate-audit verify --client {}` reads every chain of the home",
             chain.display(),
-            ctx.home.display()
+            ctx.home.dir().display()
         );
     }
     Ok(caller)
-}
-
-fn token_path(home: &Path) -> PathBuf {
-    home.join("proxy-token")
-}
-
-/// Where a running proxy writes its URL, for `didgate env`.
-fn proxy_url_path(home: &Path) -> PathBuf {
-    home.join("proxy-url")
 }
 
 struct ProxyOptions {
@@ -581,11 +550,11 @@ struct ProxyOptions {
 async fn run_proxy(
     ctx: &Ctx,
     identity: Identity,
-    pinned: (SocketAddr, Did),
+    pinned: Pin,
     options: ProxyOptions,
 ) -> anyhow::Result<ExitCode> {
-    let (home, json) = (ctx.home.as_path(), ctx.json);
-    let tokens = token_path(home);
+    let (home, json) = (&ctx.home, ctx.json);
+    let tokens = home.token_path();
     let token = if options.rotate_token {
         ProxyToken::rotate(&tokens)?
     } else {
@@ -603,8 +572,8 @@ async fn run_proxy(
     let server = Proxy::bind(config).await?;
     let client = open_caller(ctx, identity, pinned).await?;
     let url = format!("http://{}", server.local_addr());
-    std::fs::write(proxy_url_path(home), format!("{url}\n"))
-        .with_context(|| format!("cannot write {}", proxy_url_path(home).display()))?;
+    std::fs::write(home.proxy_url_path(), format!("{url}\n"))
+        .with_context(|| format!("cannot write {}", home.proxy_url_path().display()))?;
     if json {
         println!(
             "{}",
@@ -625,7 +594,7 @@ async fn run_proxy(
     std::io::stdout().flush().ok();
     let client = std::sync::Arc::new(client);
     server.serve(client.clone(), stop_signal()).await;
-    let _ = std::fs::remove_file(proxy_url_path(home));
+    let _ = std::fs::remove_file(home.proxy_url_path());
     client.close().await;
     if !json {
         eprintln!("didgate proxy stopped");
@@ -661,7 +630,7 @@ fn env_stem(upstream: &str) -> String {
 }
 
 fn env(
-    home: &Path,
+    home: &Home,
     upstreams: &[String],
     proxy: Option<&str>,
     export: bool,
@@ -669,12 +638,12 @@ fn env(
 ) -> anyhow::Result<ExitCode> {
     let url = match proxy {
         Some(a) => format!("http://{}", parse_addr(a, "--proxy")?),
-        None => match std::fs::read_to_string(proxy_url_path(home)) {
+        None => match std::fs::read_to_string(home.proxy_url_path()) {
             Ok(text) if text.trim().starts_with("http://") => text.trim().to_string(),
             _ => format!("http://{}", proxy::DEFAULT_LISTEN),
         },
     };
-    let token = ProxyToken::load_or_create(&token_path(home))?;
+    let token = ProxyToken::load_or_create(&home.token_path())?;
     let mut vars: Vec<(String, String)> = vec![
         ("DIDGATE_PROXY_URL".into(), url.clone()),
         ("DIDGATE_PROXY_TOKEN".into(), token.expose().to_string()),
@@ -709,22 +678,29 @@ fn env(
     Ok(ExitCode::SUCCESS)
 }
 
-fn home_dir(flag: Option<PathBuf>) -> anyhow::Result<PathBuf> {
-    if let Some(dir) = flag {
-        return Ok(dir);
+/// A [`HomeError`] as this binary words it: naming its flags and commands.
+fn cli_home_error(e: HomeError) -> anyhow::Error {
+    match e {
+        HomeError::NoHome => anyhow!("HOME is not set; pass --home DIR or set DIDGATE_HOME"),
+        HomeError::NoGatewayAddr { path } => anyhow!(
+            "no gateway address: pass --gateway ADDR or pin one with `didgate pin` (no `gateway` in {})",
+            path.display()
+        ),
+        HomeError::NoGatewayDid { path } => anyhow!(
+            "no gateway DID: pass --gateway-did DID or pin one with `didgate pin` (no `gateway_did` in {})",
+            path.display()
+        ),
+        HomeError::NoIdentity { path } => anyhow!(
+            "no identity at {}; run `didgate keygen` first",
+            path.display()
+        ),
+        HomeError::Identity(IdentityError::Exists(p)) => anyhow!(
+            "identity {p} already exists; refusing to overwrite it (use another --home to create a new one)"
+        ),
+        HomeError::Identity(e) => anyhow!(e),
+        // the message names its cause: one line, as before
+        other => anyhow!("{other}"),
     }
-    match std::env::var_os("HOME") {
-        Some(h) if !h.is_empty() => Ok(PathBuf::from(h).join(".didgate")),
-        _ => bail!("HOME is not set; pass --home DIR or set DIDGATE_HOME"),
-    }
-}
-
-fn identity_path(home: &Path) -> PathBuf {
-    home.join("identity")
-}
-
-fn config_path(home: &Path) -> PathBuf {
-    home.join("config.toml")
 }
 
 fn print_did(did: &Did, json: bool) {
@@ -736,7 +712,7 @@ fn print_did(did: &Did, json: bool) {
 }
 
 fn keygen(
-    home: &Path,
+    home: &Home,
     seed_file: Option<&Path>,
     encrypt: bool,
     json: bool,
@@ -745,7 +721,7 @@ fn keygen(
         None => Identity::generate(),
         Some(path) => Identity::from_seed(&*read_seed(path)?),
     };
-    let path = identity_path(home);
+    let path = home.identity_path();
     if path.exists() {
         bail!(
             "identity {} already exists; refusing to overwrite it (use another --home to create a new one)",
@@ -758,12 +734,7 @@ fn keygen(
     } else {
         identity::create(&path, &identity)
     };
-    created.map_err(|e| match e {
-        IdentityError::Exists(p) => anyhow!(
-            "identity {p} already exists; refusing to overwrite it (use another --home to create a new one)"
-        ),
-        other => anyhow!(other),
-    })?;
+    created.map_err(|e| cli_home_error(HomeError::Identity(e)))?;
     print_did(identity.did(), json);
     Ok(ExitCode::SUCCESS)
 }
@@ -801,7 +772,7 @@ fn read_seed(path: &Path) -> anyhow::Result<Zeroizing<[u8; 32]>> {
 }
 
 /// Loads the identity, acting as the did:web of `acting` (a DID URL) if given.
-fn load_identity_as(home: &Path, acting: Option<&str>) -> anyhow::Result<Identity> {
+fn load_identity_as(home: &Home, acting: Option<&str>) -> anyhow::Result<Identity> {
     let identity = load_identity(home)?;
     let Some(url) = acting else {
         return Ok(identity);
@@ -820,24 +791,25 @@ fn load_identity_as(home: &Path, acting: Option<&str>) -> anyhow::Result<Identit
     Ok(identity.acting_as(did, fragment))
 }
 
-fn load_identity(home: &Path) -> anyhow::Result<Identity> {
-    let path = identity_path(home);
-    let loaded = match identity::load(&path) {
-        Err(IdentityError::NeedsPassphrase(_)) => {
-            let pass = passphrase(&path, false)?;
-            identity::load_with_passphrase(&path, Some(&pass))
-        }
-        other => other,
-    };
-    loaded.map_err(|e| match e {
-        IdentityError::Read { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
-            anyhow!(
-                "no identity at {}; run `didgate keygen` first",
-                path.display()
-            )
-        }
-        other => anyhow!(other),
-    })
+/// The home's identity, asking for the passphrase of a sealed one ([`passphrase`]).
+fn load_identity(home: &Home) -> anyhow::Result<Identity> {
+    home.identity_with(|path| passphrase(path, false).map_err(LoadError::Prompt))
+        .map_err(|e| match e {
+            LoadError::Prompt(e) => e,
+            LoadError::Home(e) => cli_home_error(e),
+        })
+}
+
+/// Why [`load_identity`] failed: the passphrase prompt, or the home.
+enum LoadError {
+    Prompt(anyhow::Error),
+    Home(HomeError),
+}
+
+impl From<HomeError> for LoadError {
+    fn from(e: HomeError) -> Self {
+        Self::Home(e)
+    }
 }
 
 /// The passphrase of a sealed identity: DIDGATE_PASSPHRASE, else asked on the terminal
@@ -873,7 +845,7 @@ fn passphrase(path: &Path, confirm: bool) -> anyhow::Result<Zeroizing<String>> {
 }
 
 fn whoami(
-    home: &Path,
+    home: &Home,
     acting: Option<&str>,
     document: bool,
     json: bool,
@@ -914,8 +886,8 @@ fn whoami(
 /// `didgate export`: seals the client chain with this client's identity (a checkpoint of its
 /// head unless one covers it; nothing else is written), then exports it: the file ends with a
 /// checkpoint covering its last entry.
-async fn export(home: &Path, out: &Path, json: bool) -> anyhow::Result<ExitCode> {
-    let dir = home.join(local::CHAIN);
+async fn export(home: &Home, out: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let dir = home.chain_dir();
     if !dir.join("version").is_file() {
         anyhow::bail!(
             "no chain at {} yet (it is created by the first call)",
@@ -952,7 +924,7 @@ async fn export(home: &Path, out: &Path, json: bool) -> anyhow::Result<ExitCode>
             ),
         }
     };
-    let fallbacks = didgate_audit::fallback_chains(home);
+    let fallbacks = didgate_audit::fallback_chains(home.dir());
     if json {
         println!(
             "{}",
@@ -976,7 +948,7 @@ async fn export(home: &Path, out: &Path, json: bool) -> anyhow::Result<ExitCode>
             eprintln!(
                 "didgate: this home also has the fallback chain {} (`didgate-audit verify --client {}` reads it)",
                 chain.display(),
-                home.display()
+                home.dir().display()
             );
         }
     }
@@ -994,7 +966,7 @@ fn export_store(
         store,
         identity.clone(),
         didgate_audit::entry::Role::Client,
-        didgate_client::now_ms(),
+        didgate_client::low_level::now_ms(),
         didgate_audit::store::CheckpointPolicy::default(),
     )
     .context("cannot open the chain")?;
@@ -1027,18 +999,10 @@ fn parse_did(text: &str, what: &str) -> anyhow::Result<Did> {
     Did::parse(text.trim()).map_err(|e| anyhow!("invalid {what} {text:?}: {e}"))
 }
 
-fn pin(home: &Path, gateway: &str, gateway_did: &str, json: bool) -> anyhow::Result<ExitCode> {
+fn pin(home: &Home, gateway: &str, gateway_did: &str, json: bool) -> anyhow::Result<ExitCode> {
     let addr = parse_addr(gateway, "--gateway")?;
     let did = parse_did(gateway_did, "--gateway-did")?;
-    let config = Config {
-        gateway: Some(addr.to_string()),
-        gateway_did: Some(did.to_string()),
-    };
-    let text = toml::to_string(&config).context("cannot encode config.toml")?;
-    std::fs::create_dir_all(home)
-        .with_context(|| format!("cannot create home directory {}", home.display()))?;
-    let path = config_path(home);
-    std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))?;
+    let path = home.pin(addr, &did).map_err(cli_home_error)?;
     if json {
         println!(
             "{}",
@@ -1050,46 +1014,19 @@ fn pin(home: &Path, gateway: &str, gateway_did: &str, json: bool) -> anyhow::Res
     Ok(ExitCode::SUCCESS)
 }
 
-fn read_config(home: &Path) -> anyhow::Result<Option<Config>> {
-    let path = config_path(home);
-    let text = match std::fs::read_to_string(&path) {
-        Ok(text) => text,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(anyhow!(e).context(format!("cannot read {}", path.display()))),
-    };
-    let config = toml::from_str(&text).with_context(|| format!("invalid {}", path.display()))?;
-    Ok(Some(config))
-}
-
 /// The gateway address and DID: each from its flag, else from config.toml.
 fn resolve_gateway(
-    home: &Path,
+    home: &Home,
     gateway: Option<&str>,
     gateway_did: Option<&str>,
-) -> anyhow::Result<(SocketAddr, Did)> {
-    let config = if gateway.is_some() && gateway_did.is_some() {
-        Config::default()
-    } else {
-        read_config(home)?.unwrap_or_default()
-    };
-    let cfg = config_path(home);
-    let addr = match (gateway, config.gateway.as_deref()) {
-        (Some(flag), _) => parse_addr(flag, "--gateway")?,
-        (None, Some(text)) => parse_addr(text, &format!("gateway in {}", cfg.display()))?,
-        (None, None) => bail!(
-            "no gateway address: pass --gateway ADDR or pin one with `didgate pin` (no `gateway` in {})",
-            cfg.display()
-        ),
-    };
-    let did = match (gateway_did, config.gateway_did.as_deref()) {
-        (Some(flag), _) => parse_did(flag, "--gateway-did")?,
-        (None, Some(text)) => parse_did(text, &format!("gateway_did in {}", cfg.display()))?,
-        (None, None) => bail!(
-            "no gateway DID: pass --gateway-did DID or pin one with `didgate pin` (no `gateway_did` in {})",
-            cfg.display()
-        ),
-    };
-    Ok((addr, did))
+) -> anyhow::Result<Pin> {
+    let addr = gateway
+        .map(|flag| parse_addr(flag, "--gateway"))
+        .transpose()?;
+    let did = gateway_did
+        .map(|flag| parse_did(flag, "--gateway-did"))
+        .transpose()?;
+    home.resolve(addr, did).map_err(cli_home_error)
 }
 
 fn read_body(data: Option<&str>) -> anyhow::Result<Vec<u8>> {

@@ -603,7 +603,7 @@ mod tests {
         assert!(text.contains("use the tools tools/list shows"), "{text}");
         let r = failure_result(
             "no call was made: ",
-            &CallError::Unreachable("timed out".into()),
+            &CallError::Unreachable(didgate_client::Unreachable::Relayed("timed out".into())),
         );
         assert_eq!(r.is_error, Some(true));
         let sc = r.structured_content.expect("structured");

@@ -871,11 +871,15 @@ mod tests {
             );
         }
         assert_eq!(
-            headers(CallError::ConnectionLost("reset".into())),
+            headers(CallError::ConnectionLost(crate::Lost::Relayed(
+                "reset".into()
+            ))),
             (502, s("false"), None, None)
         );
         assert_eq!(
-            headers(CallError::Unreachable("down".into())),
+            headers(CallError::Unreachable(crate::Unreachable::Relayed(
+                "down".into()
+            ))),
             (502, s("false"), None, None)
         );
         let local = Refusal::local(StatusCode::UNAUTHORIZED, "bad_token", "no").response();

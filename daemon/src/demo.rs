@@ -11,7 +11,8 @@ use std::sync::Arc;
 
 use didgate_audit::entry::{Entry, EntryKind};
 use didgate_audit::{load_records, verify};
-use didgate_client::{CallError, CallSpec, Client, RawFinal};
+use didgate_client::low_level::{RawExchange as _, RawFinal};
+use didgate_client::{CallError, CallSpec, Client};
 use didgate_protocol::Identity;
 use zeroize::Zeroizing;
 
@@ -197,7 +198,7 @@ pub async fn run(root: &Path) -> anyhow::Result<DemoOutcome> {
             {
                 Ok(raw) => match raw.last {
                     RawFinal::Refusal(r) => {
-                        format!("refused ({}): {}", r.message.code, r.message.reason)
+                        format!("refused ({}): {}", r.message().code, r.message().reason)
                     }
                     _ => "EXECUTED AGAIN".into(),
                 },

@@ -114,8 +114,8 @@ pub(crate) fn refuse(code: RefusalCode, reason: impl Into<String>) -> Refuse {
 /// (a replay of someone else's request, a `peer_mismatch`) is counted: the log is never
 /// filled in the name of a signer the peer does not hold.
 pub(crate) fn recorded_individually(cx: &Call, req: &Signed<Request>) -> bool {
-    req.envelope.signer() == cx.peer.key()
-        && req.envelope.principal() == cx.peer.principal()
+    req.envelope().signer() == cx.peer.key()
+        && req.envelope().principal() == cx.peer.principal()
         && cx.policy.knows(cx.peer.as_str())
 }
 
@@ -209,9 +209,9 @@ pub(crate) fn admit<'c>(
     now: u64,
     judge_time: bool,
 ) -> Result<&'c Upstream, Refuse> {
-    let r = &req.message;
+    let r = req.message();
     let peer = &call.peer;
-    if req.envelope.signer() != peer.key() || req.envelope.principal() != peer.principal() {
+    if req.envelope().signer() != peer.key() || req.envelope().principal() != peer.principal() {
         return Err(refuse(
             RefusalCode::PeerMismatch,
             "the request is signed by another DID than the TLS peer",
@@ -349,14 +349,14 @@ pub(crate) fn mint(
     GrantBody {
         v: call.version.as_u64(),
         id,
-        call: req.envelope.digest(),
+        call: req.envelope().digest(),
         subject: call.peer.to_string(),
-        upstream: req.message.upstream.clone(),
-        method: req.message.method.clone(),
+        upstream: req.message().upstream.clone(),
+        method: req.message().method.clone(),
         path: call
             .path
             .clone()
-            .unwrap_or_else(|| req.message.path.clone()),
+            .unwrap_or_else(|| req.message().path.clone()),
         expires_ms: now + call.grant_ttl_secs(configured_ttl_secs) * 1000,
     }
 }
@@ -388,8 +388,8 @@ pub(crate) fn deadline_key(deadline_ms: u64, tag: u8, id: &[&[u8]]) -> Vec<u8> {
 /// (specs/protocol.md, "Call processing", step 5).
 pub(crate) fn request_claims(call: &Call, skew: Duration, req: &Signed<Request>) -> Vec<Claim> {
     let peer = &call.peer;
-    let deadline = req.message.time_ms + millis(skew);
-    let head = req.message.head;
+    let deadline = req.message().time_ms + millis(skew);
+    let head = req.message().head;
     let mut head_key = peer.public_key_bytes().to_vec();
     head_key.extend_from_slice(&head.chain);
     head_key.extend_from_slice(&head.seq.to_be_bytes());
@@ -399,7 +399,7 @@ pub(crate) fn request_claims(call: &Call, skew: Duration, req: &Signed<Request>)
             key: deadline_key(
                 deadline,
                 b'n',
-                &[peer.public_key_bytes(), &req.message.nonce],
+                &[peer.public_key_bytes(), &req.message().nonce],
             ),
             value: Vec::new(),
             rule: ClaimRule::Absent,
@@ -495,11 +495,11 @@ pub(crate) fn request_entry(
     now: u64,
 ) -> Entry {
     let mut entry = Entry::new(kind, now);
-    entry.call = Some(req.envelope.digest());
-    entry.signed = Some(req.bytes.clone());
+    entry.call = Some(req.envelope().digest());
+    entry.signed = Some(req.bytes().to_vec());
     entry.subject = Some(call.peer.to_string());
     entry.grant = Some(grant);
-    entry.peer_head = Some(req.message.head);
+    entry.peer_head = Some(req.message().head);
     entry.policy = Some(call.policy_hash());
     entry.did_doc = call.did_doc();
     entry
@@ -576,7 +576,7 @@ pub(crate) fn receipt(
         v: cx.version.as_u64(),
         call: grant.call,
         grant: grant.id,
-        client: req.envelope.signer().to_string(),
+        client: req.envelope().signer().to_string(),
         status: relayed.status,
         resp_len: relayed.len,
         resp_b3: relayed.resp_b3,
@@ -761,7 +761,7 @@ paths = ["/v1/balance"]
         assert_eq!(grant.expires_ms, NOW + ttl * 1000);
         assert_eq!(
             (grant.call, grant.subject),
-            (req.envelope.digest(), alice().did().to_string())
+            (req.envelope().digest(), alice().did().to_string())
         );
     }
 
@@ -941,9 +941,9 @@ paths = ["/v1/balance"]
     fn a_request_must_be_claimed_within_its_window() {
         let req = request(&alice(), |_| {});
         let skew = Duration::from_secs(30);
-        let end = req.message.time_ms + 30 * 1000;
-        assert!(still_in_window(&req.message, skew, end).is_ok());
-        let late = still_in_window(&req.message, skew, end + 1).map_err(|r| r.code);
+        let end = req.message().time_ms + 30 * 1000;
+        assert!(still_in_window(req.message(), skew, end).is_ok());
+        let late = still_in_window(req.message(), skew, end + 1).map_err(|r| r.code);
         assert_eq!(late, Err(RefusalCode::ClockSkew));
     }
 
@@ -972,9 +972,9 @@ paths = ["/v1/balance"]
         assert_eq!(entry.policy, Some(cx.policy.hash()));
         assert_eq!(
             (entry.call, entry.grant),
-            (Some(req.envelope.digest()), Some([6; 16]))
+            (Some(req.envelope().digest()), Some([6; 16]))
         );
-        assert_eq!(entry.peer_head, Some(req.message.head));
+        assert_eq!(entry.peer_head, Some(req.message().head));
         assert_eq!(entry.did_doc, None);
         // the connection's version decides what a request must carry
         assert_eq!(
@@ -986,7 +986,7 @@ paths = ["/v1/balance"]
             version_mismatch(&cx, "request", 2).is_some_and(|w| w.contains("version 2 request"))
         );
         // a bad signature and an unknown key are told apart from malformed bytes
-        let mut bytes = req.bytes.clone();
+        let mut bytes = req.bytes().to_vec();
         let last = bytes.len() - 1;
         bytes[last] ^= 1;
         let e = message::open::<Request>(&bytes).expect_err("altered");

@@ -620,11 +620,11 @@ impl Gateway {
         let span = tracing::Span::current();
         span.record(
             "call",
-            tracing::field::display(hex::encode(req.envelope.digest())),
+            tracing::field::display(hex::encode(req.envelope().digest())),
         );
         span.record(
             "upstream",
-            tracing::field::display(req.message.upstream.as_str()),
+            tracing::field::display(req.message().upstream.as_str()),
         );
         let revoked = self.revoked.read().unwrap_or_else(|p| p.into_inner());
         let gate = Gate {
@@ -662,15 +662,15 @@ impl Gateway {
                         .refusal_budget
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .admit(cx.peer.as_str(), r.envelope.digest(), now_ms()) =>
+                        .admit(cx.peer.as_str(), r.envelope().digest(), now_ms()) =>
             {
                 let mut e = Entry::new(EntryKind::Refused, now_ms());
                 e.policy = Some(cx.policy_hash());
-                e.call = Some(r.envelope.digest());
-                e.signed = Some(r.bytes.clone());
-                e.subject = Some(r.envelope.principal().to_string());
+                e.call = Some(r.envelope().digest());
+                e.signed = Some(r.bytes().to_vec());
+                e.subject = Some(r.envelope().principal().to_string());
                 e.did_doc = cx.did_doc();
-                e.peer_head = Some(r.message.head);
+                e.peer_head = Some(r.message().head);
                 e.code = Some(code.as_str().into());
                 e.detail = Some(reason.into());
                 let append = Append {
@@ -829,7 +829,7 @@ impl Gateway {
         };
         let opened = Self::open_as(&cx.peer, doc.as_deref(), bytes);
         let refused = match &opened {
-            Ok(r) => call::version_mismatch(cx, "request", r.message.v)
+            Ok(r) => call::version_mismatch(cx, "request", r.message().v)
                 .map(|why| (RefusalCode::Malformed, why)),
             Err(e) => Some((
                 call::refusal_for_open(e),
@@ -907,7 +907,7 @@ impl Gateway {
                 self.answer_refusal(
                     cx,
                     send,
-                    Some(req.envelope.digest()),
+                    Some(req.envelope().digest()),
                     RefusalCode::AuditUnavailable,
                     &reason,
                     None,
@@ -939,7 +939,7 @@ impl Gateway {
         }
         let peer = cx.peer.clone();
         let body = match self
-            .read_checked_body(&peer, &mut recv, &mut dec, &req.message)
+            .read_checked_body(&peer, &mut recv, &mut dec, req.message())
             .await
         {
             Ok(b) => b,
@@ -947,7 +947,7 @@ impl Gateway {
         };
         // the window is judged again now that the body is read: its replay keys are pruned
         // once it closed (plus a margin), so a request must be claimed within it
-        if let Err(r) = call::still_in_window(&req.message, self.config.skew(), now_ms()) {
+        if let Err(r) = call::still_in_window(req.message(), self.config.skew(), now_ms()) {
             return self.refuse_audited(cx, &mut send, &req, r).await;
         }
         let grant = self.mint(cx, &req);
@@ -991,7 +991,7 @@ impl Gateway {
         let signed = grant.sign(&self.identity);
         let mut claims = call::request_claims(cx, self.config.skew(), &req);
         let issued = IssuedGrant {
-            request: req.bytes.clone(),
+            request: req.bytes().to_vec(),
             expires_ms: grant.expires_ms,
         };
         claims.push(Claim {
@@ -1040,7 +1040,7 @@ impl Gateway {
         bytes: &[u8],
     ) {
         let grant = match message::open_from::<GrantBody>(bytes, self.did()) {
-            Ok(g) => g.message,
+            Ok(g) => g.into_message(),
             Err(_) => {
                 return self
                     .refuse_unverified(
@@ -1069,7 +1069,11 @@ impl Gateway {
         };
         let peer = cx.peer.clone();
         let req = match issued.map(|i| Self::open_as(&peer, doc.as_deref(), &i.request)) {
-            Some(Ok(r)) if grant.subject == peer.as_str() && r.envelope.digest() == grant.call => r,
+            Some(Ok(r))
+                if grant.subject == peer.as_str() && r.envelope().digest() == grant.call =>
+            {
+                r
+            }
             _ => {
                 return self
                     .refuse_unverified(
@@ -1081,7 +1085,7 @@ impl Gateway {
                     .await;
             }
         };
-        if grant.v != cx.version.as_u64() || req.message.v != cx.version.as_u64() {
+        if grant.v != cx.version.as_u64() || req.message().v != cx.version.as_u64() {
             // a grant is executed in the version it was asked for (so raising
             // min_client_version also retires the grants older clients hold)
             let why = format!(
@@ -1114,7 +1118,7 @@ impl Gateway {
             return self.refuse_audited(cx, &mut send, &req, r).await;
         }
         let body = match self
-            .read_checked_body(&peer, &mut recv, &mut dec, &req.message)
+            .read_checked_body(&peer, &mut recv, &mut dec, req.message())
             .await
         {
             Ok(b) => b,
@@ -1159,7 +1163,7 @@ impl Gateway {
         body: Vec<u8>,
     ) {
         let call = grant.call;
-        if let Err(r) = self.still_allowed(&req.envelope.caller(), &grant.id) {
+        if let Err(r) = self.still_allowed(&req.envelope().caller(), &grant.id) {
             return self.close_failed(cx, send, call, r.code, &r.reason).await;
         }
         let (used, secret) = match self.secret(up.secret()) {
@@ -1172,7 +1176,7 @@ impl Gateway {
         let sent = upstream::send(
             self.http.client(up.name()),
             up,
-            &req.message,
+            req.message(),
             body,
             secret,
             &idem,
@@ -1280,7 +1284,7 @@ impl Gateway {
             Err(Stopped::Echo(..)) => 0,
         };
         if echoes > 0 {
-            self.note_echo(req, up, req.envelope.digest(), echoes, "redacted");
+            self.note_echo(req, up, req.envelope().digest(), echoes, "redacted");
         }
         body
     }
@@ -1336,10 +1340,10 @@ impl Gateway {
         let elapsed = cx.started.elapsed();
         self.metrics.executed(up.name(), status, elapsed);
         self.emit(|| EventKind::Access {
-            did: req.envelope.signer().to_string(),
+            did: req.envelope().signer().to_string(),
             upstream: up.name().to_string(),
-            method: req.message.method.clone(),
-            path: up.policy_path(&req.message.path).into_owned(),
+            method: req.message().method.clone(),
+            path: up.policy_path(&req.message().path).into_owned(),
             status,
             call: hex::encode(call),
             grant: hex::encode(grant.id),
@@ -1370,7 +1374,7 @@ impl Gateway {
         tracing::warn!(upstream = %up.name(), count, action, "the upstream response held the call's credential");
         self.metrics.secret_echo(up.name(), count);
         self.emit(|| EventKind::SecretEcho {
-            did: req.envelope.signer().to_string(),
+            did: req.envelope().signer().to_string(),
             upstream: up.name().to_string(),
             call: hex::encode(call),
             count,
@@ -1388,7 +1392,7 @@ impl Gateway {
         count: u64,
         place: &str,
     ) {
-        let call = req.envelope.digest();
+        let call = req.envelope().digest();
         self.note_echo(req, up, call, count, "failed");
         let why = format!(
             "the upstream's response echoed the call's credential in {place} ({count} occurrence(s)); this upstream fails such calls"
@@ -1462,7 +1466,7 @@ impl Gateway {
         req: &Signed<Request>,
         r: Refuse,
     ) {
-        let call = Some(req.envelope.digest());
+        let call = Some(req.envelope().digest());
         let audited = self.audit_refusal(cx, Some(req), r.code, &r.reason).await;
         let (code, reason, entry) = match audited {
             Ok(entry) => (r.code, r.reason.as_str(), entry),
@@ -1479,10 +1483,10 @@ impl Gateway {
             did: Some(cx.peer.to_string()),
             code,
             reason: reason.to_string(),
-            call: Some(hex::encode(req.envelope.digest())),
-            upstream: Some(req.message.upstream.clone()),
-            method: Some(req.message.method.clone()),
-            path: Some(req.message.path.clone()),
+            call: Some(hex::encode(req.envelope().digest())),
+            upstream: Some(req.message().upstream.clone()),
+            method: Some(req.message().method.clone()),
+            path: Some(req.message().path.clone()),
         });
     }
 

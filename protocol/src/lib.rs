@@ -13,7 +13,7 @@
 //!     reason: "no rule allows this".into(), time_ms: 0, entry: None };
 //! let bytes = refusal.sign(&gateway);
 //! let opened = message::open_from::<Refusal>(&bytes, gateway.did()).unwrap();
-//! assert_eq!(opened.message.code, RefusalCode::Policy);
+//! assert_eq!(opened.message().code, RefusalCode::Policy);
 //! ```
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]

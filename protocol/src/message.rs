@@ -671,15 +671,40 @@ pub enum OpenError {
     },
 }
 
-/// A signed message whose signature verified and whose payload decoded.
+/// A signed message whose signature verified and whose payload decoded: made only by
+/// [`open`] and its variants, so its fields are read through accessors and never replaced.
 #[derive(Debug, Clone)]
 pub struct Signed<T> {
+    envelope: Verified,
+    message: T,
+    bytes: Vec<u8>,
+}
+
+impl<T> Signed<T> {
     /// The envelope facts (signer, digest).
-    pub envelope: Verified,
+    pub fn envelope(&self) -> &Verified {
+        &self.envelope
+    }
+
     /// The decoded message.
-    pub message: T,
+    pub fn message(&self) -> &T {
+        &self.message
+    }
+
     /// The exact bytes received.
-    pub bytes: Vec<u8>,
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// The decoded message, dropping the rest.
+    pub fn into_message(self) -> T {
+        self.message
+    }
+
+    /// The envelope facts, the decoded message and the exact bytes received.
+    pub fn into_parts(self) -> (Verified, T, Vec<u8>) {
+        (self.envelope, self.message, self.bytes)
+    }
 }
 
 /// Verifies `bytes` as a signed `T` and decodes it.

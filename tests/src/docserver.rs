@@ -36,7 +36,7 @@ pub struct DocServer {
 impl DocServer {
     /// Starts the server with a fresh test CA.
     pub async fn start() -> anyhow::Result<Self> {
-        didgate_client::tls::install_provider();
+        didgate_client::low_level::tls::install_provider();
         let ca_key = rcgen::KeyPair::generate()?;
         let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
         ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);

@@ -412,15 +412,15 @@ impl Harness {
         who: &Identity,
         version: didgate_protocol::Version,
     ) -> anyhow::Result<(quinn::Endpoint, quinn::Connection)> {
-        didgate_client::tls::install_provider();
+        didgate_client::low_level::tls::install_provider();
         let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
-        endpoint.set_default_client_config(didgate_client::tls::client_config_for(
+        endpoint.set_default_client_config(didgate_client::low_level::tls::client_config_for(
             who,
             &self.gw_did,
             version,
         )?);
         let conn = endpoint
-            .connect(self.addr, didgate_client::tls::SERVER_NAME)?
+            .connect(self.addr, didgate_client::low_level::tls::SERVER_NAME)?
             .await?;
         Ok((endpoint, conn))
     }
@@ -445,7 +445,7 @@ impl Harness {
             body_len: 0,
             body_b3: *blake3::hash(b"").as_bytes(),
             nonce: rand::random(),
-            time_ms: didgate_client::now_ms(),
+            time_ms: didgate_client::low_level::now_ms(),
             head: ChainHead {
                 chain: [3; 32],
                 seq: 0,
@@ -493,13 +493,19 @@ pub async fn read_end(recv: &mut quinn::RecvStream, gateway: &Did) -> anyhow::Re
     use didgate_protocol::message;
     let mut dec = FrameDecoder::new();
     loop {
-        let Some(f) = didgate_client::wire::next_frame(recv, &mut dec).await? else {
+        let Some(f) = didgate_client::low_level::wire::next_frame(recv, &mut dec).await? else {
             anyhow::bail!("stream ended without a terminal frame");
         };
         return Ok(match f.kind {
-            FrameType::Refusal => RawEnd::Refusal(message::open_from(&f.payload, gateway)?.message),
-            FrameType::Receipt => RawEnd::Receipt(message::open_from(&f.payload, gateway)?.message),
-            FrameType::Grant => RawEnd::Grant(message::open_from(&f.payload, gateway)?.message),
+            FrameType::Refusal => {
+                RawEnd::Refusal(message::open_from(&f.payload, gateway)?.into_message())
+            }
+            FrameType::Receipt => {
+                RawEnd::Receipt(message::open_from(&f.payload, gateway)?.into_message())
+            }
+            FrameType::Grant => {
+                RawEnd::Grant(message::open_from(&f.payload, gateway)?.into_message())
+            }
             _ => continue,
         });
     }

@@ -19,7 +19,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use didgate_audit::entry::{Entry, EntryKind};
 use didgate_audit::{load_records, verify};
-use didgate_client::{CallError, CallSpec, RawAnswer, RawFinal};
+use didgate_client::low_level::{RawAnswer, RawExchange as _, RawFinal};
+use didgate_client::{CallError, CallSpec};
 use didgate_gateway::gateway::{Gateway, REPLAY, Revoke};
 use didgate_protocol::frame::FrameType;
 use didgate_protocol::message::{
@@ -48,7 +49,7 @@ impl<T> Refused for Result<T, CallError> {
 impl Refused for RawAnswer {
     fn refusal(&self) -> Option<RefusalCode> {
         match &self.last {
-            RawFinal::Refusal(r) => Some(r.message.code),
+            RawFinal::Refusal(r) => Some(r.message().code),
             _ => None,
         }
     }
@@ -214,15 +215,16 @@ impl Raw {
             .await?;
         send.finish()?;
         let mut dec = didgate_protocol::frame::FrameDecoder::new();
-        while let Some(f) = didgate_client::wire::next_frame(&mut recv, &mut dec).await? {
+        while let Some(f) = didgate_client::low_level::wire::next_frame(&mut recv, &mut dec).await?
+        {
             match f.kind {
                 FrameType::Grant => {
                     let grant = open_from::<GrantBody>(&f.payload, &self.gateway)?;
-                    return Ok((grant.message, f.payload.to_vec()));
+                    return Ok((grant.into_message(), f.payload.to_vec()));
                 }
                 FrameType::Refusal => {
                     let refusal = open_from::<Refusal>(&f.payload, &self.gateway)?;
-                    anyhow::bail!("no grant: {:?}", refusal.message);
+                    anyhow::bail!("no grant: {:?}", refusal.message());
                 }
                 _ => {}
             }
@@ -1168,7 +1170,7 @@ async fn thousands_of_connections_from_one_did_are_limited_and_others_unaffected
     s.begin().await?;
     let started = std::time::Instant::now();
     let endpoint = held[0].0.clone();
-    let cfg = didgate_client::tls::client_config(&alice(), &gw_did)?;
+    let cfg = didgate_client::low_level::tls::client_config(&alice(), &gw_did)?;
     let next = Arc::new(AtomicUsize::new(0));
     let mut workers = Vec::new();
     for _ in 0..16 {
@@ -1184,7 +1186,11 @@ async fn thousands_of_connections_from_one_did_are_limited_and_others_unaffected
             let mut codes = Vec::new();
             while next.fetch_add(1, Ordering::Relaxed) < attempts {
                 let conn = endpoint
-                    .connect_with(cfg.clone(), h_addr, didgate_client::tls::SERVER_NAME)?
+                    .connect_with(
+                        cfg.clone(),
+                        h_addr,
+                        didgate_client::low_level::tls::SERVER_NAME,
+                    )?
                     .await?;
                 let r = raw_exchange(&conn, &gw_did, &frames(FrameType::Request, &signed), true)
                     .await?;
@@ -1259,9 +1265,9 @@ async fn a_flood_from_fresh_did_keys_is_counted_in_one_entry() -> anyhow::Result
             let mut codes = Vec::new();
             while next.fetch_add(1, Ordering::Relaxed) < dids {
                 let who = Identity::generate();
-                let cfg = didgate_client::tls::client_config(&who, &h_did)?;
+                let cfg = didgate_client::low_level::tls::client_config(&who, &h_did)?;
                 let conn = endpoint
-                    .connect_with(cfg, addr, didgate_client::tls::SERVER_NAME)?
+                    .connect_with(cfg, addr, didgate_client::low_level::tls::SERVER_NAME)?
                     .await?;
                 let req = fresh_request(&who, &gw_did);
                 let r =
@@ -1309,7 +1315,7 @@ fn fresh_request(who: &Identity, gw: &Did) -> Vec<u8> {
         body_len: 0,
         body_b3: *blake3::hash(b"").as_bytes(),
         nonce: rand::random(),
-        time_ms: didgate_client::now_ms(),
+        time_ms: didgate_client::low_level::now_ms(),
         head: ChainHead {
             chain: [4; 32],
             seq: 0,

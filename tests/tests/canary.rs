@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use didgate_audit::entry::{Entry, EntryKind};
 use didgate_audit::load_records;
+use didgate_client::low_level::RawExchange as _;
 use didgate_client::{CallSpec, Client};
 use didgate_protocol::Identity;
 use didgate_tests::{CANARY, Daemon, Harness, alice, bin, files_containing};

@@ -15,6 +15,7 @@ use bytes::BytesMut;
 use didgate_audit::entry::{Entry, EntryKind, Outcome, Role};
 use didgate_audit::{evidence, export, load_records};
 use didgate_client::CallSpec;
+use didgate_client::low_level::RawExchange as _;
 use didgate_protocol::envelope::{self, Kind};
 use didgate_protocol::frame::{self, FrameDecoder, FrameType};
 use didgate_protocol::message::{
@@ -457,8 +458,8 @@ proptest! {
         prop_assert_eq!(Request::decode(&req.encode()).expect("decodes"), req.clone());
         let id = Identity::from_seed(&seed);
         let opened = message::open::<Request>(&req.sign(&id)).expect("opens");
-        prop_assert_eq!(opened.message, req);
-        prop_assert_eq!(opened.envelope.signer(), id.did());
+        prop_assert_eq!(opened.message(), &req);
+        prop_assert_eq!(opened.envelope().signer(), id.did());
     }
 
     /// Grants, receipts and refusals round-trip too.

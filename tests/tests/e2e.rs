@@ -3,7 +3,8 @@
 use didgate_audit::entry::{Entry, EntryKind};
 use didgate_audit::verify::ViolationKind;
 use didgate_audit::{load_records, verify};
-use didgate_client::{CallError, CallSpec, RawFinal};
+use didgate_client::low_level::{RawExchange as _, RawFinal};
+use didgate_client::{CallError, CallSpec};
 use didgate_protocol::Identity;
 use didgate_protocol::message::RefusalCode;
 use didgate_tests::{CANARY, Harness, alice, bob, files_containing};
@@ -15,9 +16,9 @@ fn refused_with(r: &Result<didgate_client::Answer, CallError>) -> Option<Refusal
     }
 }
 
-fn raw_code(raw: &didgate_client::RawAnswer) -> Option<RefusalCode> {
+fn raw_code(raw: &didgate_client::low_level::RawAnswer) -> Option<RefusalCode> {
     match &raw.last {
-        RawFinal::Refusal(r) => Some(r.message.code),
+        RawFinal::Refusal(r) => Some(r.message().code),
         _ => None,
     }
 }
@@ -394,7 +395,7 @@ async fn executing_entry_left_open_by_a_crash_is_abandoned_at_start() -> anyhow:
         body_len: 0,
         body_b3: *blake3::hash(b"").as_bytes(),
         nonce: [9; 16],
-        time_ms: didgate_client::now_ms(),
+        time_ms: didgate_client::low_level::now_ms(),
         head: ChainHead {
             chain: [7; 32],
             seq: 0,

@@ -2,6 +2,7 @@
 
 use didgate_audit::entry::EntryKind;
 use didgate_audit::{load_records, verify};
+use didgate_client::low_level::RawExchange as _;
 use didgate_client::{CallError, CallSpec};
 use didgate_gateway::gateway::Revoke;
 use didgate_protocol::Principal;
@@ -33,7 +34,7 @@ async fn grant_then_execute_once_by_its_subject_only() -> anyhow::Result<()> {
         )
         .await?;
     assert!(
-        matches!(stolen.last, didgate_client::RawFinal::Refusal(ref r) if r.message.code == RefusalCode::GrantInvalid)
+        matches!(stolen.last, didgate_client::low_level::RawFinal::Refusal(ref r) if r.message().code == RefusalCode::GrantInvalid)
     );
 
     let answer = a.execute(&grant).await?;

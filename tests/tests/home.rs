@@ -113,7 +113,7 @@ async fn every_tool_of_one_home_works_while_a_proxy_runs() -> anyhow::Result<()>
     let export = h.dir.path().join("mid-run.cbor");
     let export_arg = export.to_string_lossy().into_owned();
     let http = async {
-        didgate_client::tls::install_provider();
+        didgate_client::low_level::tls::install_provider();
         let resp = reqwest::Client::builder()
             .no_proxy()
             .build()?

@@ -337,7 +337,7 @@ async fn an_export_after_a_killed_owner_leaves_its_call_unanswered() -> anyhow::
     let url = format!("{}/payments/v1/slow-head", proxy.url);
     let token = proxy.token.clone();
     let held = tokio::spawn(async move {
-        didgate_client::tls::install_provider();
+        didgate_client::low_level::tls::install_provider();
         let r = reqwest::Client::builder()
             .no_proxy()
             .build()?

@@ -477,10 +477,12 @@ async fn connect_from(
     quinn::Endpoint,
     Result<quinn::Connection, quinn::ConnectionError>,
 )> {
-    didgate_client::tls::install_provider();
+    didgate_client::low_level::tls::install_provider();
     let mut endpoint = quinn::Endpoint::client(format!("{from}:0").parse()?)?;
-    endpoint.set_default_client_config(didgate_client::tls::client_config(who, &h.gw_did)?);
-    let connecting = endpoint.connect(h.addr, didgate_client::tls::SERVER_NAME)?;
+    endpoint.set_default_client_config(didgate_client::low_level::tls::client_config(
+        who, &h.gw_did,
+    )?);
+    let connecting = endpoint.connect(h.addr, didgate_client::low_level::tls::SERVER_NAME)?;
     Ok((endpoint, connecting.await))
 }
 
@@ -512,7 +514,7 @@ async fn new_connections_over_the_per_address_limits_are_refused_and_counted() -
     let (c1, c2) = (c1?, c2?);
     let (_e3, c3) = connect_from(&h, "127.0.0.1", &alice()).await?;
     assert!(
-        matches!(&c3, Err(e) if didgate_client::tls::is_connection_refused(e)),
+        matches!(&c3, Err(e) if didgate_client::low_level::tls::is_connection_refused(e)),
         "a third open connection of one address is refused: {c3:?}"
     );
     // another address is not affected
@@ -528,7 +530,7 @@ async fn new_connections_over_the_per_address_limits_are_refused_and_counted() -
         let (e, c) = connect_from(&h, "127.0.0.1", &alice()).await?;
         match c {
             Ok(c) => break (e, c),
-            Err(e) if didgate_client::tls::is_connection_refused(&e) => refused += 1,
+            Err(e) if didgate_client::low_level::tls::is_connection_refused(&e) => refused += 1,
             Err(e) => anyhow::bail!("{e}"),
         }
         anyhow::ensure!(
@@ -548,7 +550,9 @@ async fn new_connections_over_the_per_address_limits_are_refused_and_counted() -
                 assert_eq!(answer.status, 200);
                 break;
             }
-            Err(CallError::Unreachable(why)) if why.contains("refused the connection") => {
+            Err(CallError::Unreachable(why))
+                if why.to_string().contains("refused the connection") =>
+            {
                 refused += 1;
             }
             Err(e) => anyhow::bail!("{e}"),
@@ -562,7 +566,7 @@ async fn new_connections_over_the_per_address_limits_are_refused_and_counted() -
     let b = h.client("bob", bob()).await?;
     let r = b.call(balance()).await;
     assert!(
-        matches!(&r, Err(CallError::Unreachable(why)) if why.contains("refused the connection")),
+        matches!(&r, Err(CallError::Unreachable(why)) if why.to_string().contains("refused the connection")),
         "4 new connections of 127.0.0.1 are spent: {}",
         reason(&r)
     );

@@ -98,9 +98,11 @@ async fn start_call(
     body: &[u8],
 ) -> anyhow::Result<Pending> {
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse()?)?;
-    endpoint.set_default_client_config(didgate_client::tls::client_config(who, &h.gw_did)?);
+    endpoint.set_default_client_config(didgate_client::low_level::tls::client_config(
+        who, &h.gw_did,
+    )?);
     let conn = endpoint
-        .connect(h.addr, didgate_client::tls::SERVER_NAME)?
+        .connect(h.addr, didgate_client::low_level::tls::SERVER_NAME)?
         .await?;
     let req = Request {
         v: didgate_protocol::Version::CURRENT.as_u64(),
@@ -113,7 +115,7 @@ async fn start_call(
         body_len: body.len() as u64,
         body_b3: *blake3::hash(body).as_bytes(),
         nonce: rand_nonce(),
-        time_ms: didgate_client::now_ms(),
+        time_ms: didgate_client::low_level::now_ms(),
         head: ChainHead {
             chain: [3; 32],
             seq: 0,
@@ -137,7 +139,9 @@ async fn start_call(
 
 fn rand_nonce() -> [u8; 16] {
     let mut nonce = [0; 16];
-    nonce.copy_from_slice(&blake3::hash(&didgate_client::now_ms().to_be_bytes()).as_bytes()[..16]);
+    nonce.copy_from_slice(
+        &blake3::hash(&didgate_client::low_level::now_ms().to_be_bytes()).as_bytes()[..16],
+    );
     nonce
 }
 
@@ -154,18 +158,20 @@ impl Pending {
         self.send.finish()?;
         let mut dec = FrameDecoder::new();
         loop {
-            let Some(f) = didgate_client::wire::next_frame(&mut self.recv, &mut dec).await? else {
+            let Some(f) =
+                didgate_client::low_level::wire::next_frame(&mut self.recv, &mut dec).await?
+            else {
                 anyhow::bail!("stream ended without an answer");
             };
             match f.kind {
                 FrameType::Receipt => {
                     return Ok(Final::Receipt(
-                        message::open_from::<Receipt>(&f.payload, &h.gw_did)?.message,
+                        message::open_from::<Receipt>(&f.payload, &h.gw_did)?.into_message(),
                     ));
                 }
                 FrameType::Refusal => {
                     return Ok(Final::Refusal(
-                        message::open_from::<Refusal>(&f.payload, &h.gw_did)?.message,
+                        message::open_from::<Refusal>(&f.payload, &h.gw_did)?.into_message(),
                     ));
                 }
                 _ => {}
@@ -440,20 +446,20 @@ permit (principal == Did::"{a}", action == Action::"GET", resource);
     let spec = CallSpec::new("payments", "POST", "/v1/charges")
         .header("content-type", "application/json")
         .body(br#"{"amount":1,"currency":"usd"}"#.to_vec());
-    let before = didgate_client::now_ms();
+    let before = didgate_client::low_level::now_ms();
     let short = a.grant(spec).await?;
-    let after = didgate_client::now_ms();
+    let after = didgate_client::low_level::now_ms();
     assert!(
         short.grant.expires_ms >= before + 2000 && short.grant.expires_ms <= after + 2000,
         "capped at 2 s: {} in [{before}, {after}] + 2000",
         short.grant.expires_ms
     );
     // a cap above the configured lifetime does not extend it
-    let before = didgate_client::now_ms();
+    let before = didgate_client::low_level::now_ms();
     let long = a
         .grant(CallSpec::new("payments", "GET", "/v1/balance"))
         .await?;
-    let after = didgate_client::now_ms();
+    let after = didgate_client::low_level::now_ms();
     assert!(long.grant.expires_ms >= before + 10_000 && long.grant.expires_ms <= after + 10_000);
     assert_eq!(a.execute(&short).await?.status, 200);
     a.close().await;

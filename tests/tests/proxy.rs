@@ -15,7 +15,7 @@ use tokio::io::AsyncReadExt;
 use tokio::process::Command;
 
 fn http() -> anyhow::Result<reqwest::Client> {
-    didgate_client::tls::install_provider();
+    didgate_client::low_level::tls::install_provider();
     Ok(reqwest::Client::builder().no_proxy().build()?)
 }
 

@@ -4,7 +4,7 @@
 //! claimed before an upgrade is still refused as a replay after it. Pruning is judged with a
 //! chosen `now` (`Gateway::prune_claims`), never by waiting.
 
-use didgate_client::RawFinal;
+use didgate_client::low_level::{RawExchange as _, RawFinal};
 use didgate_gateway::datadir::{GRANTS, REPLAY, SPACES};
 use didgate_protocol::message::RefusalCode;
 use didgate_tests::{Harness, alice};
@@ -40,7 +40,7 @@ async fn expired_claims_are_pruned_while_serving_and_live_ones_kept() -> anyhow:
         .clone()
         .ok_or_else(|| anyhow::anyhow!("gateway"))?;
     let skew_ms = gw.config().gateway().skew_secs * 1000;
-    let now = didgate_client::now_ms();
+    let now = didgate_client::low_level::now_ms();
 
     // within their window nothing goes, and a replay is refused
     assert_eq!(gw.prune_claims(now)?, 0);
@@ -48,7 +48,7 @@ async fn expired_claims_are_pruned_while_serving_and_live_ones_kept() -> anyhow:
     let RawFinal::Refusal(r) = again.last else {
         anyhow::bail!("a replay executed: {:?}", again.last);
     };
-    assert_eq!(r.message.code, RefusalCode::Replay);
+    assert_eq!(r.message().code, RefusalCode::Replay);
 
     // once every deadline passed: the call's replay key and its consumed grant, the grant
     // request's replay key, the issued grant (one replay key per request: issue 20)
@@ -65,7 +65,7 @@ async fn expired_claims_are_pruned_while_serving_and_live_ones_kept() -> anyhow:
             again.last
         );
     };
-    assert_eq!(r.message.code, RefusalCode::Replay);
+    assert_eq!(r.message().code, RefusalCode::Replay);
     a.close().await;
     drop(gw);
     h.stop().await;
@@ -119,7 +119,7 @@ async fn a_request_claimed_under_the_old_key_layout_is_still_a_replay_after_the_
     let RawFinal::Refusal(r) = again.last else {
         anyhow::bail!("a replay executed after the upgrade: {:?}", again.last);
     };
-    assert_eq!(r.message.code, RefusalCode::Replay);
+    assert_eq!(r.message().code, RefusalCode::Replay);
     a.close().await;
     h.stop().await;
     let left = keys(&h, REPLAY)?;

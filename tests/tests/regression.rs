@@ -76,10 +76,12 @@ async fn connect_from(
     quinn::Endpoint,
     Result<quinn::Connection, quinn::ConnectionError>,
 )> {
-    didgate_client::tls::install_provider();
+    didgate_client::low_level::tls::install_provider();
     let mut endpoint = quinn::Endpoint::client(format!("{from}:0").parse()?)?;
-    endpoint.set_default_client_config(didgate_client::tls::client_config(who, &h.gw_did)?);
-    let connecting = endpoint.connect(h.addr, didgate_client::tls::SERVER_NAME)?;
+    endpoint.set_default_client_config(didgate_client::low_level::tls::client_config(
+        who, &h.gw_did,
+    )?);
+    let connecting = endpoint.connect(h.addr, didgate_client::low_level::tls::SERVER_NAME)?;
     Ok((endpoint, connecting.await))
 }
 
@@ -127,7 +129,7 @@ async fn the_aggregate_refusals_entry_names_everything_it_counts() -> anyhow::Re
     // a third new connection of 127.0.0.1: refused before any handshake work
     let (_e3, c3) = connect_from(&h, "127.0.0.1", &alice()).await?;
     assert!(
-        matches!(&c3, Err(e) if didgate_client::tls::is_connection_refused(e)),
+        matches!(&c3, Err(e) if didgate_client::low_level::tls::is_connection_refused(e)),
         "{c3:?}"
     );
     // a stranger, from another address (accepted after the refusal above, so that refusal is

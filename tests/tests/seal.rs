@@ -26,7 +26,7 @@ fn covered(records: &ChainRecords) -> anyhow::Result<bool> {
     Ok(match records.checkpoints.last() {
         Some(bytes) => {
             didgate_protocol::message::open::<Checkpoint>(bytes)?
-                .message
+                .message()
                 .size
                 == size
         }
@@ -45,7 +45,7 @@ fn assert_sealed(records: &ChainRecords, owner: &Did) -> anyhow::Result<()> {
         .checkpoints
         .last()
         .ok_or_else(|| anyhow!("{}: no checkpoint", records.label))?;
-    let cp = open_from::<Checkpoint>(last, owner)?.message;
+    let cp = open_from::<Checkpoint>(last, owner)?.into_message();
     ensure!(
         cp.size == seq + 1 && cp.head == entry_hash(bytes),
         "{}: the last checkpoint covers {} entries, the last entry is {seq}",
@@ -327,7 +327,7 @@ fn previous_release_store_is_sealed_in_its_version() -> anyhow::Result<()> {
         .checkpoints
         .last()
         .ok_or_else(|| anyhow!("no checkpoint"))?;
-    ensure!(open_from::<Checkpoint>(last, &owner)?.message.v == 1);
+    ensure!(open_from::<Checkpoint>(last, &owner)?.message().v == 1);
     let out = run(
         "didgate-audit",
         &["verify".as_ref(), "--gateway".as_ref(), data.as_os_str()],

@@ -88,7 +88,8 @@ async fn stop_drains_in_flight_refuses_new_and_checkpoints() -> anyhow::Result<(
         .ok_or_else(|| anyhow::anyhow!("no checkpoint"))?;
     let cp = didgate_protocol::message::open::<Checkpoint>(last)?;
     assert_eq!(
-        cp.message.size, size,
+        cp.message().size,
+        size,
         "the final checkpoint covers every entry"
     );
     let entries: Vec<Entry> = records

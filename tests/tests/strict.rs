@@ -13,7 +13,8 @@
 //! The NAT64 local-use and IPv4-translated egress ranges are unit tests of
 //! `didgate_gateway::egress` (`embedded_and_translated_ranges`).
 
-use didgate_client::{CallSpec, RawFinal};
+use didgate_client::CallSpec;
+use didgate_client::low_level::{RawExchange as _, RawFinal};
 use didgate_gateway::config::{PathCase, RawConfig, TrailingSlash};
 use didgate_protocol::message::{RefusalCode, Request, SignedMessage};
 use didgate_tests::{Harness, alice, refusal_code};
@@ -167,10 +168,10 @@ async fn a_byte_string_sent_as_an_array_of_integers_is_refused_malformed() -> an
         anyhow::bail!("executed: {:?}", answer.last);
     };
     assert_eq!(
-        r.message.code,
+        r.message().code,
         RefusalCode::Malformed,
         "{}",
-        r.message.reason
+        r.message().reason
     );
     assert!(h.upstream.seen().is_empty());
     a.close().await;

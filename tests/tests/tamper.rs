@@ -206,7 +206,12 @@ fn receipts(rec: &ChainRecords) -> Vec<(u64, Receipt)> {
             let signed = entry(rec, k)
                 .signed
                 .expect("a receipt result holds the receipt");
-            (k, message::open::<Receipt>(&signed).expect("opens").message)
+            (
+                k,
+                message::open::<Receipt>(&signed)
+                    .expect("opens")
+                    .into_message(),
+            )
         })
         .collect()
 }
@@ -219,7 +224,12 @@ fn refusals(rec: &ChainRecords) -> Vec<(u64, Refusal)> {
             let signed = entry(rec, k)
                 .signed
                 .expect("a refusal result holds the refusal");
-            (k, message::open::<Refusal>(&signed).expect("opens").message)
+            (
+                k,
+                message::open::<Refusal>(&signed)
+                    .expect("opens")
+                    .into_message(),
+            )
         })
         .collect()
 }
@@ -228,7 +238,12 @@ fn refusals(rec: &ChainRecords) -> Vec<(u64, Refusal)> {
 fn checkpoint_sizes(rec: &ChainRecords) -> Vec<u64> {
     rec.checkpoints
         .iter()
-        .map(|b| message::open::<Checkpoint>(b).expect("opens").message.size)
+        .map(|b| {
+            message::open::<Checkpoint>(b)
+                .expect("opens")
+                .message()
+                .size
+        })
         .collect()
 }
 
@@ -314,8 +329,13 @@ fn set_head_to_last(rec: &mut ChainRecords) {
 
 /// Drops the checkpoints covering more than `size` entries.
 fn keep_checkpoints_within(rec: &mut ChainRecords, size: u64) {
-    rec.checkpoints
-        .retain(|b| message::open::<Checkpoint>(b).expect("opens").message.size <= size);
+    rec.checkpoints.retain(|b| {
+        message::open::<Checkpoint>(b)
+            .expect("opens")
+            .message()
+            .size
+            <= size
+    });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -654,7 +674,7 @@ async fn forked_gateway_checkpoint() -> anyhow::Result<()> {
     let mut t = f.chains.clone();
     // the gateway signs a second checkpoint for the size of its last one, with another root
     let genuine = message::open::<Checkpoint>(t.gw.checkpoints.last().expect("a checkpoint"))?;
-    let mut forged = genuine.message.clone();
+    let mut forged = genuine.message().clone();
     forged.root = *blake3::hash(b"another history").as_bytes();
     forged.time_ms += 1;
     t.gw.checkpoints.push(forged.sign(&f.gw_identity));
@@ -789,7 +809,7 @@ async fn two_requests_carry_forking_heads_of_one_client_chain() -> anyhow::Resul
         head,
     };
     let signed = req.sign(&alice());
-    let call = message::open::<Request>(&signed)?.envelope.digest();
+    let call = message::open::<Request>(&signed)?.envelope().digest();
     let mut executing = Entry::new(EntryKind::Executing, time_ms);
     executing.call = Some(call);
     executing.signed = Some(signed);
@@ -952,7 +972,7 @@ async fn signed_by_the_wrong_party() -> anyhow::Result<()> {
     // a checkpoint of the gateway's chain signed by alice
     let mut t = f.chains.clone();
     let cp = message::open::<Checkpoint>(t.gw.checkpoints.last().expect("a checkpoint"))?;
-    t.gw.checkpoints.push(cp.message.sign(&alice()));
+    t.gw.checkpoints.push(cp.message().sign(&alice()));
     let report = t.verify();
     assert_violations(&report, &[v(GW, BadSignature, None)], &[]);
     Ok(())
@@ -1346,7 +1366,9 @@ fn case_receipt_naming_another_client(f: &Fixture) -> (Chains, u64) {
     let last = client_calls(&t.alice)[3];
     let mut e = entry(&t.alice, last.result);
     let signed = e.signed.clone().expect("a receipt");
-    let mut r = message::open::<Receipt>(&signed).expect("opens").message;
+    let mut r = message::open::<Receipt>(&signed)
+        .expect("opens")
+        .into_message();
     r.client = bob().did().to_string();
     e.signed = Some(r.sign(&f.gw_identity));
     replace_last_client_entry(&mut t, e.encode());

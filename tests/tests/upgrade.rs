@@ -337,7 +337,7 @@ fn each_chain_switched_once(
         let sealed = didgate_audit::load_records(s)?
             .checkpoints
             .iter()
-            .map(|b| message::open::<Checkpoint>(b).map(|c| c.message))
+            .map(|b| message::open::<Checkpoint>(b).map(|c| c.into_message()))
             .collect::<Result<Vec<_>, _>>()?
             .into_iter()
             .any(|c| c.size == *n as u64 + 1 && c.v == 2);

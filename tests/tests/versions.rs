@@ -42,14 +42,14 @@ async fn exchange_as(
         refusal: None,
         grant: None,
     };
-    while let Some(f) = didgate_client::wire::next_frame(&mut recv, &mut dec).await? {
+    while let Some(f) = didgate_client::low_level::wire::next_frame(&mut recv, &mut dec).await? {
         match f.kind {
             FrameType::Head => answer.head = Some(ResponseHead::decode(&f.payload)?),
             FrameType::Receipt => {
-                answer.receipt = Some(message::open_from(&f.payload, &h.gw_did)?.message)
+                answer.receipt = Some(message::open_from(&f.payload, &h.gw_did)?.into_message())
             }
             FrameType::Refusal => {
-                answer.refusal = Some(message::open_from(&f.payload, &h.gw_did)?.message)
+                answer.refusal = Some(message::open_from(&f.payload, &h.gw_did)?.into_message())
             }
             FrameType::Grant => answer.grant = Some(f.payload.to_vec()),
             _ => {}
@@ -108,7 +108,7 @@ async fn version_1_clients_get_version_1_answers_until_the_minimum_is_raised() -
         .await?
         .grant
         .ok_or_else(|| anyhow::anyhow!("no grant"))?;
-    let grant: message::GrantBody = message::open_from(&held_grant, &h.gw_did)?.message;
+    let grant: message::GrantBody = message::open_from(&held_grant, &h.gw_did)?.into_message();
     assert_eq!(grant.v, 1);
     // and the other way round
     let (v2_ep, v2_conn) = h.raw_connection_speaking(&alice(), Version::V2).await?;
@@ -177,7 +177,7 @@ async fn version_1_clients_get_version_1_answers_until_the_minimum_is_raised() -
         .filter(|e| e.kind == didgate_audit::entry::EntryKind::Executing)
         .map(|e| {
             message::open::<message::Request>(e.signed.as_deref().unwrap_or_default())
-                .map(|r| r.message.v)
+                .map(|r| r.message().v)
                 .unwrap_or(0)
         })
         .collect();
@@ -201,8 +201,8 @@ async fn other_release(
     streams: usize,
     answer: impl Fn(&Identity) -> Vec<u8> + Send + 'static,
 ) -> anyhow::Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
-    didgate_client::tls::install_provider();
-    let cfg = didgate_client::tls::server_config_for(&identity, versions)?;
+    didgate_client::low_level::tls::install_provider();
+    let cfg = didgate_client::low_level::tls::server_config_for(&identity, versions)?;
     let endpoint = quinn::Endpoint::server(cfg, "127.0.0.1:0".parse()?)?;
     let addr = endpoint.local_addr()?;
     let task = tokio::spawn(async move {
@@ -221,7 +221,7 @@ async fn other_release(
                     break;
                 };
                 let mut dec = FrameDecoder::new();
-                let _ = didgate_client::wire::next_frame(&mut recv, &mut dec).await;
+                let _ = didgate_client::low_level::wire::next_frame(&mut recv, &mut dec).await;
                 let _ = send
                     .write_all(&frames(FrameType::Refusal, &answer(&identity)))
                     .await;
@@ -252,7 +252,7 @@ fn refusal(gateway: &Identity, v: Version, code: &str) -> Vec<u8> {
             call: None,
             code: RefusalCode::Policy,
             reason: "over this month's budget".into(),
-            time_ms: didgate_client::now_ms(),
+            time_ms: didgate_client::low_level::now_ms(),
             entry: None,
         }
         .encode()
@@ -345,7 +345,7 @@ async fn a_refusal_code_this_release_does_not_know_reaches_the_caller_with_its_t
     let last = last_entry(&chain)?;
     assert_eq!(last.outcome, Some(didgate_audit::entry::Outcome::Refusal));
     let recorded: Refusal =
-        message::open::<Refusal>(last.signed.as_deref().unwrap_or_default())?.message;
+        message::open::<Refusal>(last.signed.as_deref().unwrap_or_default())?.into_message();
     assert_eq!(recorded.code.as_str(), "budget_exceeded");
     Ok(())
 }

@@ -103,11 +103,11 @@ pub(super) struct Opened<'s, T: Clone> {
 
 /// Opens `bytes` as a `T` with the protocol crate, the reference the cache must agree with.
 fn open_exact<T: Cached>(bytes: &[u8], web: &WebKeys) -> Result<OpenedMsg, OpenError> {
-    let s = message::open_with::<T>(bytes, |w, f| web.key(w, f))?;
+    let (envelope, message, _) = message::open_with::<T>(bytes, |w, f| web.key(w, f))?.into_parts();
     Ok(OpenedMsg {
-        signer: Arc::new(s.envelope.signer().clone()),
-        digest: s.envelope.digest(),
-        payload: s.message.wrap(),
+        signer: Arc::new(envelope.signer().clone()),
+        digest: envelope.digest(),
+        payload: message.wrap(),
         root_at: None,
     })
 }
@@ -251,13 +251,14 @@ impl<'a> Sigs<'a> {
     }
 
     fn uncached<'s, T: Cached>(&self, bytes: &[u8]) -> Result<Opened<'s, T>, OpenError> {
-        let s = message::open_with::<T>(bytes, |w, f| self.web.key(w, f))?;
+        let (envelope, message, _) =
+            message::open_with::<T>(bytes, |w, f| self.web.key(w, f))?.into_parts();
         Ok(Opened {
             envelope: EnvelopeView {
-                signer: Cow::Owned(s.envelope.signer().clone()),
-                digest: s.envelope.digest(),
+                signer: Cow::Owned(envelope.signer().clone()),
+                digest: envelope.digest(),
             },
-            message: Cow::Owned(s.message),
+            message: Cow::Owned(message),
             root_at: None,
         })
     }

@@ -28,7 +28,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail, ensure};
 use bytes::Bytes;
-use didgate_client::{CallSpec, Client, tls};
+use didgate_client::low_level::{RawExchange as _, tls};
+use didgate_client::{CallSpec, Client};
 use didgate_gateway::config::{self, RawConfig, RawUpstream, Rule, Settings};
 use didgate_gateway::limits::RateLimit;
 use didgate_protocol::{Did, Identity};
@@ -764,27 +765,27 @@ async fn phases(client: &Client, n: u64) -> Result<Phases> {
         let (bytes, call) = client.sign(&spec)?;
         t[0].push(s.elapsed());
         let s = Instant::now();
-        let mut entry = Entry::new(EntryKind::Request, didgate_client::now_ms());
+        let mut entry = Entry::new(EntryKind::Request, didgate_client::low_level::now_ms());
         entry.call = Some(call);
         entry.signed = Some(bytes.clone());
         client.chain().append_entry(entry).await?;
         t[1].push(s.elapsed());
         let s = Instant::now();
         let raw = client.send_signed(&bytes, &[]).await?;
-        let didgate_client::RawFinal::Receipt(r) = raw.last else {
+        let didgate_client::low_level::RawFinal::Receipt(r) = raw.last else {
             bail!("no receipt")
         };
         ensure!(
-            r.message.call == call && raw.body == BODY,
+            r.message().call == call && raw.body == BODY,
             "receipt for another call"
         );
         t[2].push(s.elapsed());
         let s = Instant::now();
-        let mut result = Entry::new(EntryKind::Result, didgate_client::now_ms());
+        let mut result = Entry::new(EntryKind::Result, didgate_client::low_level::now_ms());
         result.call = Some(call);
         result.outcome = Some(Outcome::Receipt);
-        result.peer_entry = Some(r.message.entry);
-        result.signed = Some(r.bytes);
+        result.peer_entry = Some(r.message().entry);
+        result.signed = Some(r.into_parts().2);
         client.chain().append_entry(result).await?;
         t[3].push(s.elapsed());
     }

@@ -23,7 +23,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, ensure};
-use didgate_client::{CallSpec, Client, tls};
+use didgate_client::low_level::tls;
+use didgate_client::{CallSpec, Client};
 use didgate_gateway::config;
 use didgate_protocol::Identity;
 
