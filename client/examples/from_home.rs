@@ -13,6 +13,7 @@
 
 use std::error::Error;
 
+use didgate_client::local::Caller;
 use didgate_client::{CONNECT_TIMEOUT, CallSpec, Home, HomeError};
 use zeroize::Zeroizing;
 
@@ -47,7 +48,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
         pin.did,
         pin.addr
     );
-    let caller = home.caller(identity, &pin, CONNECT_TIMEOUT).await?;
+    let caller = Caller::from_home(&home, identity, &pin, CONNECT_TIMEOUT).await?;
     let result = caller.call(CallSpec::new(&upstream, &method, &path)).await;
     caller.close().await;
     match result {

@@ -1,6 +1,8 @@
 //! What can go wrong: [`CallError`] for a call (each variant says what to do, and carries what
 //! went wrong below it as its [`std::error::Error::source`]), [`ClientError`] for setting a
-//! client up.
+//! client up, [`LinkError`] and [`AcquireError`] for sharing a home's chain (both re-exported
+//! by [`crate::local`]). Below every other module of the crate: it names none of them but the
+//! home's layout.
 //!
 //! A cause that crossed the socket of the process holding a home's chain ([`crate::local`])
 //! arrives as text: it is the `Relayed` variant of its cause type, worded as that process
@@ -17,7 +19,9 @@ use didgate_protocol::frame::{FrameError, FrameType};
 use didgate_protocol::message::{OpenError, RefusalCode};
 use didgate_protocol::{Did, Version};
 
-use crate::local::{AcquireError, MAX_BODY};
+use std::path::PathBuf;
+
+use crate::home::MAX_FALLBACK;
 
 /// Why a call did not produce a verified answer. Each variant says what to do.
 #[derive(Debug, thiserror::Error)]
@@ -315,13 +319,75 @@ pub enum AuditError {
     Acquire(#[source] Box<AcquireError>),
     /// A request body too large for the socket of the process holding this home's chain.
     #[error(
-        "a request body over {MAX_BODY} bytes cannot be sent through the process holding this home's chain"
+        "a request body over {limit} bytes cannot be sent through the process holding this home's chain"
     )]
-    BodyTooLarge,
+    BodyTooLarge {
+        /// The largest body it carries.
+        limit: u64,
+    },
     /// No chain to record in (the home's chain changed hands, no gateway pinned).
     #[error("{0}")]
     NoChain(&'static str),
     /// As the process holding this home's chain reported it (module docs).
     #[error("{0}")]
     Relayed(String),
+}
+
+/// Why a link to the owner could not be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LinkError {
+    /// Nobody answers on the socket (no owner), or it failed before the operation was asked.
+    #[error("no owner answers on {path}: {source}")]
+    NoOwner {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The owner is closing: it releases the chain once its operations in flight end.
+    #[error("the process holding this home's chain (pid {pid}) is closing")]
+    Closing {
+        /// Its process ID.
+        pid: u32,
+    },
+    /// The owner serves another key, acting DID or gateway.
+    #[error("the process holding this home's chain cannot call for this one: {0}")]
+    Mismatch(String),
+}
+
+/// Why a caller could not be set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AcquireError {
+    /// A chain could not be opened (not for being held by another process).
+    #[error("cannot open the chain {path}: {source}")]
+    Chain {
+        /// The chain's directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: ClientError,
+    },
+    /// A fallback chain's directory could not be made.
+    #[error("cannot create {path}: {source}")]
+    Io {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The chain is held by a process that does not answer, and every fallback chain too.
+    #[error(
+        "{home}: the chain and all {MAX_FALLBACK} fallback chains are held by other processes ({why})"
+    )]
+    AllHeld {
+        /// The home.
+        home: PathBuf,
+        /// Why the main chain's owner could not be used.
+        #[source]
+        why: LinkError,
+    },
 }

@@ -16,7 +16,9 @@
 //!
 //! This module reads and writes `config.toml` and reads the identity; it never prompts (a
 //! sealed identity's passphrase comes from the caller: [`Home::identity`],
-//! [`Home::identity_with`]) and never changes file modes (see [`crate::hardening`]).
+//! [`Home::identity_with`]) and never changes file modes (see [`crate::hardening`]). A client
+//! is made from a home by [`crate::Client::from_home`], or, sharing the home's chain with its
+//! other processes, [`crate::local::Caller::from_home`].
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
@@ -24,7 +26,7 @@
 //! let home = Home::from_env(None)?; // DIDGATE_HOME, else $HOME/.didgate
 //! let identity = home.identity(None)?; // a sealed one needs Some(passphrase)
 //! let pin = home.pinned()?.ok_or("no gateway pinned: run `didgate pin`")?;
-//! let client = home.client(identity, &pin).await?;
+//! let client = didgate_client::Client::from_home(&home, identity, &pin).await?;
 //! let answer = client.call(CallSpec::new("payments", "GET", "/v1/balance")).await?;
 //! println!("{}", answer.status);
 //! client.close().await;
@@ -33,16 +35,13 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use didgate_protocol::did::DidError;
 use didgate_protocol::{Did, Identity};
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use crate::identity::{self, IdentityError};
-use crate::local::{self, AcquireError, Caller};
-use crate::{Client, ClientError};
+use didgate_io::identity::{self, IdentityError};
 
 /// The environment variable naming the home directory (before the default).
 pub const HOME_ENV: &str = "DIDGATE_HOME";
@@ -50,6 +49,14 @@ pub const HOME_ENV: &str = "DIDGATE_HOME";
 pub const IDENTITY: &str = "identity";
 /// The pinned gateway, in the home.
 pub const CONFIG: &str = "config.toml";
+/// The home's chain.
+pub const CHAIN: &str = "chain";
+/// Where fallback chains live in the home (`chains/1`, `chains/2`, ...).
+pub const FALLBACK_CHAINS: &str = "chains";
+/// How many fallback chains a home may have.
+pub const MAX_FALLBACK: u32 = 16;
+/// The socket of the process holding the home's chain, in the home.
+pub const SOCKET: &str = "chain.sock";
 /// The local proxy's token file, in the home.
 pub const PROXY_TOKEN: &str = "proxy-token";
 /// The running proxy's URL, in the home.
@@ -209,17 +216,17 @@ impl Home {
 
     /// The home's chain.
     pub fn chain_dir(&self) -> PathBuf {
-        self.dir.join(local::CHAIN)
+        self.dir.join(CHAIN)
     }
 
     /// Where fallback chains live (`chains/1`, `chains/2`, ...).
     pub fn fallback_chains_dir(&self) -> PathBuf {
-        self.dir.join(local::FALLBACK_CHAINS)
+        self.dir.join(FALLBACK_CHAINS)
     }
 
     /// The socket of the process holding the chain.
     pub fn socket_path(&self) -> PathBuf {
-        self.dir.join(local::SOCKET)
+        self.dir.join(SOCKET)
     }
 
     /// The local proxy's token file.
@@ -337,32 +344,6 @@ impl Home {
             }
             other => HomeError::Identity(other),
         }
-    }
-
-    /// A client of `identity` recording in this home's chain, for the gateway `pin`
-    /// ([`Client::open`]). Fails if another process holds the chain: [`Home::caller`] then
-    /// calls through that process.
-    pub async fn client(&self, identity: Identity, pin: &Pin) -> Result<Client, ClientError> {
-        Client::open(identity, &self.chain_dir(), pin.addr, pin.did.clone()).await
-    }
-
-    /// A caller of `identity` for the gateway `pin`, sharing this home's chain with the home's
-    /// other processes ([`Caller::acquire`]), each connection attempt bounded by
-    /// `connect_timeout` ([`crate::CONNECT_TIMEOUT`] by default).
-    pub async fn caller(
-        &self,
-        identity: Identity,
-        pin: &Pin,
-        connect_timeout: Duration,
-    ) -> Result<Caller, AcquireError> {
-        Caller::acquire(
-            &self.dir,
-            identity,
-            pin.addr,
-            pin.did.clone(),
-            connect_timeout,
-        )
-        .await
     }
 }
 

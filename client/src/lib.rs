@@ -16,7 +16,7 @@
 //! | find the home (`DIDGATE_HOME`, else `~/.didgate`) and its pinned gateway | [`Home::from_env`], [`Home::pinned`] |
 //! | load the home's identity (a sealed one with its passphrase) | [`Home::identity`], [`Home::identity_with`] |
 //! | or any identity file (mode 0600, never overwritten) | [`identity::load`], [`identity::create`] |
-//! | connect to the pinned gateway (lazily; reconnects after a restart) | [`Home::client`], [`Client::open`] |
+//! | connect to the pinned gateway (lazily; reconnects after a restart) | [`Client::from_home`], [`Client::open`] |
 //! | give up on an unreachable gateway sooner or later (default 2 s) | [`Client::with_connect_timeout`] |
 //! | learn what this DID may call | [`Client::catalog`] |
 //! | call (concurrent calls share one connection) | [`Client::call`] |
@@ -24,7 +24,7 @@
 //! | stream a response as it arrives | [`Client::call_streaming`] |
 //! | read the local chain | [`Client::chain`] (while open), `didgate_audit::load_records` (after [`Client::close`]) |
 //! | handle an error | [`CallError`]: [`CallError::advice`], [`CallError::is_retryable`], its `source()` |
-//! | share one home's chain among processes (the CLI, proxy and MCP server do) | [`Home::caller`] ([`local::Caller`]) |
+//! | share one home's chain among processes (the CLI, proxy and MCP server do) | [`local::Caller::from_home`] |
 //!
 //! Signed request bytes without a call, raw exchanges, and the TLS and frame I/O shared with
 //! the gateway are in [`low_level`]: for tests and benchmarks, not needed by an agent.
@@ -36,7 +36,7 @@
 //! use didgate_client::{CallSpec, Home};
 //! let home = Home::from_env(None)?;
 //! let pin = home.pinned()?.ok_or("no gateway pinned (`didgate pin`)")?;
-//! let client = home.client(home.identity(None)?, &pin).await?;
+//! let client = didgate_client::Client::from_home(&home, home.identity(None)?, &pin).await?;
 //! match client.call(CallSpec::new("payments", "GET", "/v1/balance")).await {
 //!     Ok(answer) => println!("{} {}", answer.status, String::from_utf8_lossy(&answer.body)),
 //!     Err(e) => eprintln!("{e}: {}", e.advice()),
@@ -53,6 +53,7 @@ pub mod local;
 pub mod low_level;
 #[cfg(feature = "proxy")]
 pub mod proxy;
+mod raw;
 
 /// Process hardening (no core dumps, private files) and identity files, shared with the gateway
 /// ([`didgate_io`]).
@@ -60,7 +61,7 @@ pub use didgate_io::{hardening, identity};
 use didgate_io::{now_ms, tls, wire};
 pub use error::{AuditError, CallError, ClientError, InvalidAnswer, Lost, Unreachable};
 pub use home::{Home, HomeError, Pin};
-use low_level::{RawAnswer, RawFinal};
+use raw::{RawAnswer, RawFinal};
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -242,6 +243,16 @@ impl Client {
         )?;
         close_pending(&chain)?;
         Self::with_chain(identity, chain, addr, gateway)
+    }
+
+    /// [`Client::open`] with `home`'s chain, for the gateway `pin`. Fails if another process
+    /// holds the chain: [`local::Caller::from_home`] then calls through that process.
+    pub async fn from_home(
+        home: &Home,
+        identity: Identity,
+        pin: &Pin,
+    ) -> Result<Self, ClientError> {
+        Self::open(identity, &home.chain_dir(), pin.addr, pin.did.clone()).await
     }
 
     /// Like [`Client::open`] with an already open chain (several clients may share one). If its

@@ -40,18 +40,12 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::watch;
 
+pub use crate::error::{AcquireError, LinkError};
 use crate::error::{AuditError, InvalidAnswer, Lost, Unreachable};
-use crate::home::Home;
+pub use crate::home::{CHAIN, FALLBACK_CHAINS, SOCKET};
+use crate::home::{Home, MAX_FALLBACK, Pin};
 use crate::{Answer, CallError, CallSpec, Client, ClientError, Operation, StreamingAnswer};
 
-/// The owner's socket, in the home.
-pub const SOCKET: &str = "chain.sock";
-/// The home's chain.
-pub const CHAIN: &str = "chain";
-/// Where fallback chains live in the home (`chains/1`, `chains/2`, ...).
-pub const FALLBACK_CHAINS: &str = "chains";
-/// How many fallback chains a home may have.
-const MAX_FALLBACK: u32 = 16;
 /// How long [`Caller::acquire`] waits for a locked chain's owner to answer before it falls
 /// back.
 const ACQUIRE_WAIT: Duration = Duration::from_secs(3);
@@ -712,30 +706,6 @@ async fn serve_export(client: &Arc<Client>, out: PathBuf) -> Msg {
     }
 }
 
-/// Why a link to the owner could not be used.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum LinkError {
-    /// Nobody answers on the socket (no owner), or it failed before the operation was asked.
-    #[error("no owner answers on {path}: {source}")]
-    NoOwner {
-        /// The socket.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The owner is closing: it releases the chain once its operations in flight end.
-    #[error("the process holding this home's chain (pid {pid}) is closing")]
-    Closing {
-        /// Its process ID.
-        pid: u32,
-    },
-    /// The owner serves another key, acting DID or gateway.
-    #[error("the process holding this home's chain cannot call for this one: {0}")]
-    Mismatch(String),
-}
-
 /// What an owner did with an export ([`Link::export`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Exported {
@@ -944,7 +914,7 @@ impl Link {
     async fn call_streaming(&self, spec: &CallSpec) -> Result<LinkAnswer, LinkFailure> {
         if spec.body.len() as u64 > MAX_BODY {
             return Err(LinkFailure::Call(CallError::Audit(
-                AuditError::BodyTooLarge,
+                AuditError::BodyTooLarge { limit: MAX_BODY },
             )));
         }
         let gateway = self
@@ -1245,41 +1215,6 @@ impl CallStream<'_> {
     }
 }
 
-/// Why a caller could not be set up.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum AcquireError {
-    /// A chain could not be opened (not for being held by another process).
-    #[error("cannot open the chain {path}: {source}")]
-    Chain {
-        /// The chain's directory.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: ClientError,
-    },
-    /// A fallback chain's directory could not be made.
-    #[error("cannot create {path}: {source}")]
-    Io {
-        /// The directory.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The chain is held by a process that does not answer, and every fallback chain too.
-    #[error(
-        "{home}: the chain and all {MAX_FALLBACK} fallback chains are held by other processes ({why})"
-    )]
-    AllHeld {
-        /// The home.
-        home: PathBuf,
-        /// Why the main chain's owner could not be used.
-        #[source]
-        why: LinkError,
-    },
-}
-
 /// What [`Caller::acquire`] needs to acquire again after the owner went away.
 struct Acquire {
     home: Home,
@@ -1367,6 +1302,24 @@ impl Caller {
         };
         caller.reacquire(None).await?;
         Ok(caller)
+    }
+
+    /// [`Caller::acquire`] for `home`'s chain, `identity` and the gateway `pin`, each
+    /// connection attempt bounded by `connect_timeout` ([`crate::CONNECT_TIMEOUT`] by default).
+    pub async fn from_home(
+        home: &Home,
+        identity: Identity,
+        pin: &Pin,
+        connect_timeout: Duration,
+    ) -> Result<Self, AcquireError> {
+        Self::acquire(
+            home.dir(),
+            identity,
+            pin.addr,
+            pin.did.clone(),
+            connect_timeout,
+        )
+        .await
     }
 
     /// The chain this process uses instead of the home's, and why, if it fell back.

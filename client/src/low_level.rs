@@ -10,34 +10,13 @@
 use std::future::Future;
 
 use didgate_protocol::frame::FrameType;
-use didgate_protocol::message::{GrantBody, Receipt, Refusal, ResponseHead, Signed};
 
 use crate::{CallError, CallSpec, Client};
 
 /// The I/O shared with the gateway ([`didgate_io`]).
 pub use didgate_io::{now_ms, tls, wire};
 
-/// The gateway's last word on one stream, unverified beyond its signature.
-#[derive(Debug)]
-pub enum RawFinal {
-    /// A receipt (signature verified, signer = pinned gateway).
-    Receipt(Signed<Receipt>),
-    /// A refusal (signature verified, signer = pinned gateway).
-    Refusal(Signed<Refusal>),
-    /// A grant (two-step flow; signature verified, signer = pinned gateway).
-    Grant(Signed<GrantBody>),
-}
-
-/// Everything one stream returned.
-#[derive(Debug)]
-pub struct RawAnswer {
-    /// The response head, if any.
-    pub head: Option<ResponseHead>,
-    /// The body bytes.
-    pub body: Vec<u8>,
-    /// The final frame.
-    pub last: RawFinal,
-}
+pub use crate::raw::{RawAnswer, RawFinal};
 
 /// A [`Client`]'s low-level operations (module docs): import the trait to use them.
 pub trait RawExchange {

@@ -529,7 +529,7 @@ async fn open_caller(ctx: &Ctx, identity: Identity, pin: Pin) -> anyhow::Result<
     let timeout = ctx
         .connect_timeout
         .unwrap_or(didgate_client::CONNECT_TIMEOUT);
-    let caller = ctx.home.caller(identity, &pin, timeout).await?;
+    let caller = Caller::from_home(&ctx.home, identity, &pin, timeout).await?;
     if let Some((chain, why)) = caller.fallback() {
         eprintln!(
             "didgate: recording in {} ({why}); `didgate-audit verify --client {}` reads every chain of the home",
