@@ -381,9 +381,12 @@ impl Client {
             .presented
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = None;
-        let connecting = self
-            .endpoint
-            .connect(addr, tls::SERVER_NAME)
+        // quinn instruments the connection's driver task with the span current when it is
+        // created: under the first call's span, that call's span would stay open as long as the
+        // connection does. The connection gets a span of its own, with no parent.
+        let span = tracing::info_span!(parent: None, "connection", gateway = %addr);
+        let connecting = span
+            .in_scope(|| self.endpoint.connect(addr, tls::SERVER_NAME))
             .map_err(|source| CallError::Unreachable(Unreachable::Connect { addr, source }))?;
         let timeout = self.connect_timeout;
         match tokio::time::timeout(timeout, connecting).await {

@@ -72,20 +72,27 @@ async fn every_call_has_a_span_with_its_id_did_upstream_and_outcome() -> anyhow:
         Err(didgate_client::CallError::Refused { call: Some(c), .. }) => hex::encode(c),
         other => anyhow::bail!("{other:?}"),
     };
+    let alice_did = alice().did().to_string();
+    let bob_did = bob().did().to_string();
+    let receipt = [
+        format!("call={ok}"),
+        alice_did.clone(),
+        "upstream=payments".into(),
+        "outcome=\"receipt\"".into(),
+    ];
+    let receipt: Vec<&str> = receipt.iter().map(String::as_str).collect();
+    // a call's span closes when the call returns, also the first call of a connection, while
+    // the connection stays open (regression: quinn's connection driver, spawned under the
+    // first call's span, kept that span open until the connection closed)
+    let client = captured.calls_with(&[receipt.as_slice(), &["didgate_client"]].concat());
+    assert_eq!(client.len(), 1, "{:#?}", captured.calls_with(&[]));
     a.close().await;
     b.close().await;
     h.stop().await;
 
-    let alice_did = alice().did().to_string();
-    let bob_did = bob().did().to_string();
     // the gateway's span and the client's, each with every field
-    let receipt = captured.calls_with(&[
-        &format!("call={ok}"),
-        &alice_did,
-        "upstream=payments",
-        "outcome=\"receipt\"",
-    ]);
-    assert_eq!(receipt.len(), 2, "{receipt:#?}");
+    let receipt = captured.calls_with(&receipt);
+    assert_eq!(receipt.len(), 2, "{:#?}", captured.calls_with(&[]));
     assert!(
         receipt.iter().any(|l| l.contains("didgate_gateway")),
         "{receipt:#?}"
