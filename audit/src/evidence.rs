@@ -638,6 +638,7 @@ mod tests {
             },
             root: Some(merkle::root(&leaves)),
             time_ms: 11,
+            node_cert: None,
         }
         .sign(&gw_id);
         let mut request_entry = Entry::new(EntryKind::Request, 1);

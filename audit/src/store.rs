@@ -1157,6 +1157,7 @@ fn checkpoint_of(
         head: head.hash,
         root: frontier.root(),
         time_ms,
+        node_cert: None,
     }
 }
 

@@ -122,6 +122,7 @@ fn link(entries: Vec<(Entry, bool)>) -> Built {
                 head: hash,
                 root: frontier.root(),
                 time_ms: e.time_ms + 1,
+                node_cert: None,
             };
             checkpoints.push(cp.sign(&owner));
         }

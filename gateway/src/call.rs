@@ -358,6 +358,7 @@ pub(crate) fn mint(
             .clone()
             .unwrap_or_else(|| req.message().path.clone()),
         expires_ms: now + call.grant_ttl_secs(configured_ttl_secs) * 1000,
+        node_cert: None,
     }
 }
 
@@ -583,6 +584,7 @@ pub(crate) fn receipt(
         entry: closing.entry,
         root: Some(closing.root()),
         time_ms: now,
+        node_cert: None,
     }
 }
 
@@ -604,6 +606,7 @@ pub(crate) fn refusal(
         reason: reason.into(),
         time_ms: now,
         entry,
+        node_cert: None,
     }
 }
 

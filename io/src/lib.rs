@@ -1,12 +1,13 @@
 //! The I/O both sides of didgate share, over the sans-I/O protocol crate (the way quinn sits
 //! over quinn-proto): a DID bound to a TLS certificate and the one rustls crypto provider
-//! ([`tls`]), protocol frames over QUIC streams ([`wire`]), identity files ([`identity`]),
+//! ([`tls`]), a node's certificate and a client's trust in a gateway's nodes ([`node`]), protocol frames over QUIC streams ([`wire`]), identity files ([`identity`]),
 //! process and file hardening ([`hardening`]), and the clock ([`now_ms`], [`fmt_utc`]).
 //!
 //! The client library and the gateway both import it; neither imports the other.
 
 pub mod hardening;
 pub mod identity;
+pub mod node;
 pub mod tls;
 pub mod wire;
 

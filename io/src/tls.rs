@@ -4,7 +4,7 @@
 //! the gateway). Each side presents a self-signed Ed25519 certificate whose key is its DID key.
 //! The gateway accepts any self-signed Ed25519 client certificate and derives the peer DID from
 //! it; the client accepts the gateway only if its certificate key equals the pinned gateway
-//! DID. TLS 1.3 only, ALPN `didgate/N` naming the protocol version ([`Version::alpn`]), Ed25519 the only signature scheme, one crypto
+//! DID, or the certificate carries a node certificate the pinned DID signed ([`crate::node`]). TLS 1.3 only, ALPN `didgate/N` naming the protocol version ([`Version::alpn`]), Ed25519 the only signature scheme, one crypto
 //! provider (ring). The server keeps no session tickets: a resumed connection would skip the
 //! client certificate verifier.
 
@@ -12,6 +12,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use didgate_protocol::{Caller, Did, Identity, Principal, Version};
+
+use crate::node::{GatewayTrust, LeafError, NodeCredentials, node_leaf};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
@@ -207,10 +209,24 @@ fn bad_cert(_: TlsError) -> rustls::Error {
     rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
 }
 
-/// Client side: accepts the server only if its certificate key is the pinned gateway DID.
+/// Client side: accepts the server only if its certificate key is the pinned gateway DID, or a
+/// node the pinned DID certified ([`GatewayTrust::check_leaf`]).
 #[derive(Debug)]
 struct PinnedGateway {
-    pinned: Did,
+    trust: Arc<GatewayTrust>,
+}
+
+/// The rustls error of a refused leaf: the reason kept as its source, so that a client can
+/// report why ([`LeafError`]).
+pub fn leaf_refused(e: LeafError) -> rustls::Error {
+    match e {
+        LeafError::Certificate(_) => {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
+        }
+        e => rustls::Error::InvalidCertificate(rustls::CertificateError::Other(
+            rustls::OtherError(Arc::new(e)),
+        )),
+    }
 }
 
 impl ServerCertVerifier for PinnedGateway {
@@ -220,14 +236,11 @@ impl ServerCertVerifier for PinnedGateway {
         _intermediates: &[CertificateDer<'_>],
         _server_name: &ServerName<'_>,
         _ocsp: &[u8],
-        _now: UnixTime,
+        now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let did = did_from_cert(end_entity).map_err(bad_cert)?;
-        if did != self.pinned {
-            return Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::ApplicationVerificationFailure,
-            ));
-        }
+        self.trust
+            .check_leaf(end_entity.as_ref(), now.as_secs().saturating_mul(1000))
+            .map_err(leaf_refused)?;
         Ok(ServerCertVerified::assertion())
     }
 
@@ -321,7 +334,23 @@ pub fn server_config_for(
     identity: &Identity,
     versions: &[Version],
 ) -> Result<quinn::ServerConfig, TlsError> {
-    let (cert, key) = self_signed(identity)?;
+    server_config_with_leaf(self_signed(identity)?, versions)
+}
+
+/// A node's QUIC server configuration: its leaf carries `credentials` ([`node_leaf`]).
+/// Serves `versions` (a node serves version 2 only: specs/protocol.md, "Nodes").
+pub fn node_server_config(
+    identity: &Identity,
+    credentials: &NodeCredentials,
+    versions: &[Version],
+) -> Result<quinn::ServerConfig, TlsError> {
+    server_config_with_leaf(node_leaf(identity, credentials), versions)
+}
+
+fn server_config_with_leaf(
+    (cert, key): (CertificateDer<'static>, PrivateKeyDer<'static>),
+    versions: &[Version],
+) -> Result<quinn::ServerConfig, TlsError> {
     let mut tls = rustls::ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(TlsError::Config)?
@@ -354,13 +383,21 @@ pub fn client_config_for(
     gateway: &Did,
     version: Version,
 ) -> Result<quinn::ClientConfig, TlsError> {
-    client_config_with_verifier(
+    client_config_trusting(
         identity,
+        Arc::new(GatewayTrust::new(gateway.clone())),
         version,
-        Arc::new(PinnedGateway {
-            pinned: gateway.clone(),
-        }),
     )
+}
+
+/// A client's QUIC configuration that accepts the gateway `trust` pins, or a node it
+/// certified ([`GatewayTrust::check_leaf`]), offering exactly `version`.
+pub fn client_config_trusting(
+    identity: &Identity,
+    trust: Arc<GatewayTrust>,
+    version: Version,
+) -> Result<quinn::ClientConfig, TlsError> {
+    client_config_with_verifier(identity, version, Arc::new(PinnedGateway { trust }))
 }
 
 /// Verifies a TLS 1.3 handshake signature the way both sides of didgate do: Ed25519 only, with

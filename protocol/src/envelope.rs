@@ -34,6 +34,10 @@ pub enum Kind {
     Refusal,
     /// A chain owner's checkpoint (reserved for signed checkpoints).
     Checkpoint,
+    /// A gateway's certificate for one of its nodes (version 2, [`crate::node`]).
+    Node,
+    /// A gateway's list of revoked node certificates (version 2, [`crate::node`]).
+    NodeRevocations,
 }
 
 impl Kind {
@@ -45,6 +49,8 @@ impl Kind {
             Kind::Receipt => "application/didgate-receipt+cbor;v=1",
             Kind::Refusal => "application/didgate-refusal+cbor;v=1",
             Kind::Checkpoint => "application/didgate-checkpoint+cbor;v=1",
+            Kind::Node => "application/didgate-node+cbor;v=1",
+            Kind::NodeRevocations => "application/didgate-node-revocations+cbor;v=1",
         }
     }
 }
@@ -308,12 +314,14 @@ pub struct PlainSign1<'b> {
 }
 
 /// Every kind, for [`parse_plain`] to find one by its tag.
-const KINDS: [Kind; 5] = [
+const KINDS: [Kind; 7] = [
     Kind::Request,
     Kind::Grant,
     Kind::Receipt,
     Kind::Refusal,
     Kind::Checkpoint,
+    Kind::Node,
+    Kind::NodeRevocations,
 ];
 
 /// Reads a COSE_Sign1 laid out exactly as [`sign`] writes it, faster than coset (the audit

@@ -3,14 +3,14 @@
 //! Owns: Ed25519 `did:key` identities ([`did`]), COSE_Sign1 envelopes with per-kind domain
 //! separation ([`envelope`]), the versioned CBOR messages ([`message`]), stream framing
 //! ([`frame`]), the catalog of named operations ([`catalog`]), and the canonical-request checks the gateway applies before policy
-//! ([`canonical`]), the format versions and their rule ([`version`]), and the wrapper that keeps another library's error as a `Clone` source ([`error`]). It does not own transport, storage, policy or time: callers pass `now`.
+//! ([`canonical`]), the format versions and their rule ([`version`]), node certificates ([`node`]), and the wrapper that keeps another library's error as a `Clone` source ([`error`]). It does not own transport, storage, policy or time: callers pass `now`.
 //! The byte-level specification is `specs/protocol.md`.
 //!
 //! ```
 //! use didgate_protocol::{Identity, message::{self, SignedMessage, Refusal, RefusalCode}};
 //! let gateway = Identity::from_seed(&[7; 32]);
 //! let refusal = Refusal { v: 1, call: None, code: RefusalCode::Policy,
-//!     reason: "no rule allows this".into(), time_ms: 0, entry: None };
+//!     reason: "no rule allows this".into(), time_ms: 0, entry: None, node_cert: None };
 //! let bytes = refusal.sign(&gateway);
 //! let opened = message::open_from::<Refusal>(&bytes, gateway.did()).unwrap();
 //! assert_eq!(opened.message().code, RefusalCode::Policy);
@@ -27,6 +27,7 @@ pub mod error;
 pub mod frame;
 pub mod identity;
 pub mod message;
+pub mod node;
 #[cfg(any(test, feature = "test-util"))]
 pub mod test_util;
 pub mod version;

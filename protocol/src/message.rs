@@ -97,6 +97,14 @@ pub struct GrantBody {
     pub path: String,
     /// Expiry, milliseconds since the Unix epoch.
     pub expires_ms: u64,
+    /// The node certificate of the node that signed (amendment 2.7, version 2 only): absent
+    /// when the gateway's own key signed ([`crate::node`]).
+    #[serde(
+        default,
+        with = "crate::cbor::bytes_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub node_cert: Option<Vec<u8>>,
 }
 
 /// A gateway's receipt for an executed call ([`Kind::Receipt`]).
@@ -127,6 +135,14 @@ pub struct Receipt {
     pub root: Option<Digest>,
     /// Gateway time, milliseconds since the Unix epoch.
     pub time_ms: u64,
+    /// The node certificate of the node that signed (amendment 2.7, version 2 only): absent
+    /// when the gateway's own key signed ([`crate::node`]).
+    #[serde(
+        default,
+        with = "crate::cbor::bytes_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub node_cert: Option<Vec<u8>>,
 }
 
 /// Why the gateway refused a call. The wire name is the snake_case string.
@@ -376,6 +392,14 @@ pub struct Refusal {
     pub time_ms: u64,
     /// The gateway entry recording this refusal, when it has one of its own.
     pub entry: Option<EntryRef>,
+    /// The node certificate of the node that signed (amendment 2.7, version 2 only): absent
+    /// when the gateway's own key signed ([`crate::node`]).
+    #[serde(
+        default,
+        with = "crate::cbor::bytes_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub node_cert: Option<Vec<u8>>,
 }
 
 /// A chain owner's signed checkpoint ([`Kind::Checkpoint`]): the chain had `size` entries,
@@ -400,6 +424,14 @@ pub struct Checkpoint {
     pub root: Digest,
     /// Owner's clock, milliseconds since the Unix epoch.
     pub time_ms: u64,
+    /// The node certificate of the node that signed (amendment 2.7, version 2 only): absent
+    /// when the gateway's own key signed ([`crate::node`]).
+    #[serde(
+        default,
+        with = "crate::cbor::bytes_opt",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub node_cert: Option<Vec<u8>>,
 }
 
 /// The response head, sent unsigned before the body (the receipt binds status and body).
@@ -482,6 +514,20 @@ macro_rules! message {
             const KIND: Kind = $k;
         }
     };
+    ($t:ty, $k:expr, node_cert) => {
+        impl Message for $t {
+            fn version(&self) -> u64 {
+                self.v
+            }
+
+            fn check_version(&self) -> Result<(), DecodeError> {
+                no_node_cert_in_v1(self.v, &self.node_cert)
+            }
+        }
+        impl SignedMessage for $t {
+            const KIND: Kind = $k;
+        }
+    };
 }
 
 impl Message for Refusal {
@@ -495,17 +541,26 @@ impl Message for Refusal {
         if !self.code.in_version(self.v) {
             return Err(DecodeError::Field("code"));
         }
-        Ok(())
+        no_node_cert_in_v1(self.v, &self.node_cert)
     }
+}
+
+/// Amendment 2.7: `node_cert` is a version 2 field; a version 1 message carrying it does not
+/// decode.
+fn no_node_cert_in_v1(v: u64, node_cert: &Option<Vec<u8>>) -> Result<(), DecodeError> {
+    if v == Version::V1.as_u64() && node_cert.is_some() {
+        return Err(DecodeError::Field("node_cert"));
+    }
+    Ok(())
 }
 
 impl SignedMessage for Refusal {
     const KIND: Kind = Kind::Refusal;
 }
 message!(Request, Kind::Request);
-message!(GrantBody, Kind::Grant);
-message!(Receipt, Kind::Receipt);
-message!(Checkpoint, Kind::Checkpoint);
+message!(GrantBody, Kind::Grant, node_cert);
+message!(Receipt, Kind::Receipt, node_cert);
+message!(Checkpoint, Kind::Checkpoint, node_cert);
 message!(ResponseHead);
 
 // The fast decoders beside the strict ones: the audit verifier reads millions of requests and
@@ -618,6 +673,7 @@ impl Receipt {
         let (mut v, mut call, mut grant, mut client, mut status) = (None, None, None, None, None);
         let (mut resp_len, mut resp_b3, mut entry, mut root, mut time_ms) =
             (None, None, None, None, None);
+        let mut node_cert = None;
         for _ in 0..r.head(5)? {
             match r.text()? {
                 "v" => once(&mut v, r.uint())?,
@@ -630,14 +686,19 @@ impl Receipt {
                 "entry" => once(&mut entry, EntryRef::read_plain(&mut r))?,
                 "root" => once(&mut root, r.opt(PlainReader::fixed))?,
                 "time_ms" => once(&mut time_ms, r.uint())?,
+                "node_cert" => once(&mut node_cert, r.bytes().map(<[u8]>::to_vec))?,
                 _ => return None,
             }
         }
-        if !r.at_end() || v.and_then(Version::from_u64).is_none() {
+        let v = v?;
+        if !r.at_end() || Version::from_u64(v).is_none() {
+            return None;
+        }
+        if v == Version::V1.as_u64() && node_cert.is_some() {
             return None;
         }
         Some(Self {
-            v: v?,
+            v,
             call: call?,
             grant: grant?,
             client: client?,
@@ -647,6 +708,7 @@ impl Receipt {
             entry: entry?,
             root: root.flatten(),
             time_ms: time_ms?,
+            node_cert,
         })
     }
 }
@@ -814,6 +876,7 @@ mod tests {
             },
             root: None,
             time_ms: 1,
+            node_cert: None,
         };
         assert_eq!(Receipt::decode(&receipt.encode()), Ok(receipt));
         let refusal = Refusal {
@@ -823,6 +886,7 @@ mod tests {
             reason: "no rule".into(),
             time_ms: 3,
             entry: None,
+            node_cert: None,
         };
         assert_eq!(Refusal::decode(&refusal.encode()), Ok(refusal));
         let head = ResponseHead {
@@ -840,6 +904,7 @@ mod tests {
             method: "GET".into(),
             path: "/".into(),
             expires_ms: 5,
+            node_cert: None,
         };
         assert_eq!(GrantBody::decode(&grant.encode()), Ok(grant));
     }
@@ -887,6 +952,7 @@ mod tests {
                 reason: "r".into(),
                 time_ms: 1,
                 entry: None,
+                node_cert: None,
             }
             .encode()
             .as_slice(),
@@ -1005,6 +1071,7 @@ mod tests {
                 },
                 root: (n % 2 == 0).then(|| rng.digest()),
                 time_ms: rng.int(),
+                node_cert: None,
             };
             let (rb, cb) = (req.encode(), receipt.encode());
             assert_eq!(Request::decode_plain(&rb), Some(req));

@@ -103,6 +103,7 @@ fn refusal_message() -> Refusal {
         reason: "no rule".into(),
         time_ms: T0,
         entry: None,
+        node_cert: None,
     }
 }
 

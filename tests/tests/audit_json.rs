@@ -93,6 +93,7 @@ fn bundle() -> anyhow::Result<Bundle> {
         entry: EntryRef { seq: 0, hash },
         root: Some(merkle::leaf_hash(&hash)),
         time_ms: 3,
+        node_cert: None,
     }
     .sign(&gw);
     let bundle = Bundle {

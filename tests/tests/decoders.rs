@@ -467,9 +467,9 @@ proptest! {
     fn grants_receipts_refusals_round_trip(
         id in any::<[u8; 16]>(), call in any::<[u8; 32]>(), t in any::<u64>(), s in text(), status in any::<u16>(),
     ) {
-        let g = GrantBody { v: 1, id, call, subject: s.clone(), upstream: s.clone(), method: s.clone(), path: s.clone(), expires_ms: t };
+        let g = GrantBody { v: 1, id, call, subject: s.clone(), upstream: s.clone(), method: s.clone(), path: s.clone(), expires_ms: t, node_cert: None };
         prop_assert_eq!(GrantBody::decode(&g.encode()).expect("grant"), g);
-        let r = Refusal { v: 1, call: Some(call), code: RefusalCode::Policy, reason: s.clone(), time_ms: t, entry: None };
+        let r = Refusal { v: 1, call: Some(call), code: RefusalCode::Policy, reason: s.clone(), time_ms: t, entry: None, node_cert: None };
         prop_assert_eq!(Refusal::decode(&r.encode()).expect("refusal"), r);
         let h = ResponseHead { v: 1, status, headers: vec![(s.clone(), s)] };
         prop_assert_eq!(ResponseHead::decode(&h.encode()).expect("head"), h);

@@ -254,6 +254,7 @@ fn refusal(gateway: &Identity, v: Version, code: &str) -> Vec<u8> {
             reason: "over this month's budget".into(),
             time_ms: didgate_client::low_level::now_ms(),
             entry: None,
+            node_cert: None,
         }
         .encode()
         .as_slice(),

@@ -72,6 +72,7 @@ impl Builder {
                 head: hash,
                 root: self.frontier.root(),
                 time_ms: 2,
+                node_cert: None,
             };
             self.checkpoints.push(cp.sign(owner));
         }
@@ -196,6 +197,7 @@ fn chains(calls: u64) -> (Vec<ChainRecords>, Vec<ChainRecords>) {
             entry: at,
             root: Some(g.frontier.root()),
             time_ms: 12 + i,
+            node_cert: None,
         };
         let signer = if i == 11 { &stranger } else { &gw };
         let mut signed = receipt.sign(signer);

@@ -430,6 +430,7 @@ impl Builder {
             head: self.head.hash,
             root: self.frontier.root(),
             time_ms,
+            node_cert: None,
         });
         self.last_cp = self.frontier.size();
     }
@@ -590,6 +591,7 @@ fn record_wave(
                 entry: at,
                 root: Some(gw.frontier.root()),
                 time_ms: time + 1,
+                node_cert: None,
             },
         ));
     }
