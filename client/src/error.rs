@@ -200,6 +200,15 @@ pub enum ClientError {
     /// A call left unanswered by a process that ended mid-call could not be closed.
     #[error("cannot close a call left unanswered in the chain: {0}")]
     Recover(#[source] AppendError),
+    /// A file of the home (the node revocation list) could not be read.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Why the gateway could not be reached ([`CallError::Unreachable`]).
@@ -240,6 +249,19 @@ pub enum Unreachable {
         #[source]
         source: quinn::ConnectionError,
     },
+    /// The server presented a node certificate of the pinned gateway that does not hold now:
+    /// expired, not yet valid, revoked, for another key, or not signed by the pinned DID
+    /// (specs/protocol.md, "Nodes"). Nothing was sent.
+    #[error("the node at {addr} ({presented}) is refused: {source}")]
+    NodeCertificate {
+        /// The node's address.
+        addr: SocketAddr,
+        /// The key the node presented.
+        presented: Did,
+        /// Why its certificate is refused.
+        #[source]
+        source: didgate_protocol::node::NodeCertError,
+    },
     /// As the process holding this home's chain reported it (module docs).
     #[error("{0}")]
     Relayed(String),
@@ -268,6 +290,19 @@ pub enum Lost {
     /// What the process holding this home's chain did instead of answering.
     #[error("{0}")]
     Owner(&'static str),
+    /// The server presented a node certificate of the pinned gateway that does not hold now:
+    /// expired, not yet valid, revoked, for another key, or not signed by the pinned DID
+    /// (specs/protocol.md, "Nodes"). Nothing was sent.
+    #[error("the node at {addr} ({presented}) is refused: {source}")]
+    NodeCertificate {
+        /// The node's address.
+        addr: SocketAddr,
+        /// The key the node presented.
+        presented: Did,
+        /// Why its certificate is refused.
+        #[source]
+        source: didgate_protocol::node::NodeCertError,
+    },
     /// As the process holding this home's chain reported it (module docs).
     #[error("{0}")]
     Relayed(String),
@@ -299,6 +334,19 @@ pub enum InvalidAnswer {
     /// What the process holding this home's chain relayed does not verify.
     #[error("the process holding this home's chain relayed {0}")]
     Relay(&'static str),
+    /// The server presented a node certificate of the pinned gateway that does not hold now:
+    /// expired, not yet valid, revoked, for another key, or not signed by the pinned DID
+    /// (specs/protocol.md, "Nodes"). Nothing was sent.
+    #[error("the node at {addr} ({presented}) is refused: {source}")]
+    NodeCertificate {
+        /// The node's address.
+        addr: SocketAddr,
+        /// The key the node presented.
+        presented: Did,
+        /// Why its certificate is refused.
+        #[source]
+        source: didgate_protocol::node::NodeCertError,
+    },
     /// As the process holding this home's chain reported it (module docs).
     #[error("{0}")]
     Relayed(String),
@@ -328,6 +376,19 @@ pub enum AuditError {
     /// No chain to record in (the home's chain changed hands, no gateway pinned).
     #[error("{0}")]
     NoChain(&'static str),
+    /// The server presented a node certificate of the pinned gateway that does not hold now:
+    /// expired, not yet valid, revoked, for another key, or not signed by the pinned DID
+    /// (specs/protocol.md, "Nodes"). Nothing was sent.
+    #[error("the node at {addr} ({presented}) is refused: {source}")]
+    NodeCertificate {
+        /// The node's address.
+        addr: SocketAddr,
+        /// The key the node presented.
+        presented: Did,
+        /// Why its certificate is refused.
+        #[source]
+        source: didgate_protocol::node::NodeCertError,
+    },
     /// As the process holding this home's chain reported it (module docs).
     #[error("{0}")]
     Relayed(String),

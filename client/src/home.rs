@@ -214,6 +214,12 @@ impl Home {
         self.dir.join(CONFIG)
     }
 
+    /// The newest revocation list of the pinned gateway's nodes this home has seen
+    /// (`node-revocations.cose`, kept by [`crate::Client::from_home`]).
+    pub fn node_revocations(&self) -> PathBuf {
+        self.dir.join("node-revocations.cose")
+    }
+
     /// The home's chain.
     pub fn chain_dir(&self) -> PathBuf {
         self.dir.join(CHAIN)

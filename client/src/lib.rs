@@ -160,8 +160,13 @@ pub struct Client {
     version: Version,
     /// How long a connection attempt may take.
     connect_timeout: Duration,
-    /// The DID the gateway presented in the last handshake (written by the TLS verifier).
-    presented: Arc<std::sync::Mutex<Option<Did>>>,
+    /// What the gateway presented in the last handshake (written by the TLS verifier).
+    presented: Arc<std::sync::Mutex<Option<Seen>>>,
+    /// The pinned gateway DID, the newest revocation list of its nodes seen, and the node
+    /// certificates already verified (shared with the TLS verifier).
+    trust: Arc<didgate_io::node::GatewayTrust>,
+    /// Where the newest revocation list learnt is kept (the home's), if anywhere.
+    revocations_file: Option<std::path::PathBuf>,
     /// Whether the chain's store has the [`PENDING`] keyspace.
     tracks_pending: bool,
     /// The last signed refusals, by call ([`Client::take_refusal`]).
@@ -252,7 +257,9 @@ impl Client {
         identity: Identity,
         pin: &Pin,
     ) -> Result<Self, ClientError> {
-        Self::open(identity, &home.chain_dir(), pin.addr, pin.did.clone()).await
+        Self::open(identity, &home.chain_dir(), pin.addr, pin.did.clone())
+            .await?
+            .with_revocations_file(home.node_revocations())
     }
 
     /// Like [`Client::open`] with an already open chain (several clients may share one). If its
@@ -272,7 +279,8 @@ impl Client {
             Err(e) => return Err(e.into()),
         };
         let presented = Arc::new(std::sync::Mutex::new(None));
-        let cfg = pinned_config(&identity, &gateway, Version::CURRENT, &presented)?;
+        let trust = Arc::new(didgate_io::node::GatewayTrust::new(gateway.clone()));
+        let cfg = pinned_config(&identity, &trust, Version::CURRENT, &presented)?;
         // Bind the unspecified address of the gateway's family (loopback stays loopback).
         let ip: std::net::IpAddr = match (addr.is_ipv4(), addr.ip().is_loopback()) {
             (true, true) => std::net::Ipv4Addr::LOCALHOST.into(),
@@ -293,9 +301,59 @@ impl Client {
             version: Version::CURRENT,
             connect_timeout: CONNECT_TIMEOUT,
             presented,
+            trust,
+            revocations_file: None,
             tracks_pending,
             refusals: std::sync::Mutex::new(std::collections::VecDeque::new()),
         })
+    }
+
+    /// Takes `bytes` as the pinned gateway's list of revoked node certificates if the gateway
+    /// signed it and it is newer than the one held (nodes also staple theirs in the
+    /// handshake). `Ok(true)` when it replaced the one held. Takes effect from the next
+    /// handshake and for every answer checked after it.
+    pub fn learn_node_revocations(
+        &self,
+        bytes: &[u8],
+    ) -> Result<bool, didgate_protocol::node::NodeCertError> {
+        self.trust.learn_revocations(bytes)
+    }
+
+    /// The newest revocation list of the pinned gateway's nodes this client holds (as signed).
+    pub fn node_revocations(&self) -> Option<Vec<u8>> {
+        self.trust.revocations().map(|h| h.1.clone())
+    }
+
+    /// Keeps the newest revocation list learnt in `path` (read now if it exists, rewritten
+    /// whenever a handshake brings a newer one): what [`Client::from_home`] does with the
+    /// home's `node-revocations.cose`.
+    pub fn with_revocations_file(mut self, path: std::path::PathBuf) -> Result<Self, ClientError> {
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                // a file the pinned gateway did not sign is ignored, never trusted
+                if let Err(e) = self.trust.learn_revocations(&bytes) {
+                    tracing::warn!(file = %path.display(), error = %e, "node revocation list ignored");
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(source) => return Err(ClientError::Io { path, source }),
+        }
+        self.revocations_file = Some(path);
+        Ok(self)
+    }
+
+    /// Writes the list held to the revocations file when it is newer than the file's.
+    fn keep_revocations(&self) {
+        let (Some(path), Some(held)) = (&self.revocations_file, self.trust.revocations()) else {
+            return;
+        };
+        if std::fs::read(path).is_ok_and(|b| b == held.1) {
+            return;
+        }
+        let tmp = path.with_extension("tmp");
+        if let Err(e) = std::fs::write(&tmp, &held.1).and_then(|()| std::fs::rename(&tmp, path)) {
+            tracing::warn!(file = %path.display(), error = %e, "cannot keep the node revocation list");
+        }
     }
 
     /// Gives up on a connection attempt after `timeout` instead of [`CONNECT_TIMEOUT`]: the
@@ -319,7 +377,7 @@ impl Client {
     /// Speaks protocol `version` instead of [`Version::CURRENT`] (for a gateway of an older
     /// release that serves only that version). Takes effect from the next connection.
     pub fn speaking(mut self, version: Version) -> Result<Self, ClientError> {
-        let cfg = pinned_config(&self.identity, &self.gateway, version, &self.presented)?;
+        let cfg = pinned_config(&self.identity, &self.trust, version, &self.presented)?;
         self.endpoint.set_default_client_config(cfg);
         self.version = version;
         // a connection of the old version would carry requests it refuses
@@ -390,7 +448,10 @@ impl Client {
             .map_err(|source| CallError::Unreachable(Unreachable::Connect { addr, source }))?;
         let timeout = self.connect_timeout;
         match tokio::time::timeout(timeout, connecting).await {
-            Ok(Ok(conn)) => Ok(conn),
+            Ok(Ok(conn)) => {
+                self.keep_revocations();
+                Ok(conn)
+            }
             Ok(Err(e)) => Err(self.connect_error(e)),
             Err(_) => Err(CallError::Unreachable(Unreachable::NoHandshake {
                 addr,
@@ -408,14 +469,22 @@ impl Client {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .take();
-        if let Some(presented) = presented
-            && presented != self.gateway
-        {
-            return CallError::WrongGateway {
-                addr,
-                presented,
-                pinned: self.gateway.clone(),
-            };
+        match presented {
+            Some(Seen::Refused(presented, None)) => {
+                return CallError::WrongGateway {
+                    addr,
+                    presented,
+                    pinned: self.gateway.clone(),
+                };
+            }
+            Some(Seen::Refused(presented, Some(source))) => {
+                return CallError::Unreachable(Unreachable::NodeCertificate {
+                    addr,
+                    presented,
+                    source,
+                });
+            }
+            Some(Seen::Accepted) | None => {}
         }
         if tls::is_version_refusal(&e) {
             CallError::VersionUnsupported {
@@ -956,12 +1025,25 @@ impl Client {
         })
     }
 
-    /// Opens a signed answer: signed by the pinned gateway, in the version this client speaks.
-    fn open_answer<T: SignedMessage>(
+    /// Opens a signed answer: signed by the pinned gateway or a node it certified (valid at
+    /// the answer's time, not revoked in the newest list seen), in the version this client
+    /// speaks.
+    fn open_answer<T: didgate_protocol::node::GatewaySigned>(
         &self,
         bytes: &[u8],
     ) -> Result<message::Signed<T>, message::OpenError> {
-        let signed = message::open_from::<T>(bytes, &self.gateway)?;
+        let signed = message::open_full::<T>(bytes, Some(&self.gateway), |_, _| None)?;
+        let m = signed.message();
+        if let Err(e) =
+            self.trust
+                .check_signer(signed.envelope().signer(), m.node_cert(), m.signed_at_ms())
+        {
+            return Err(message::OpenError::Signer {
+                got: Box::new(signed.envelope().signer().clone()),
+                expected: Box::new(self.gateway.clone()),
+            })
+            .inspect_err(|_| tracing::warn!(error = %e, "an answer's signer is refused"));
+        }
         if signed.message().version() != self.version.as_u64() {
             return Err(message::OpenError::Decode(
                 didgate_protocol::cbor::DecodeError::Version(signed.message().version()),
@@ -1242,28 +1324,39 @@ fn check_receipt(
     Ok(())
 }
 
-/// The client's QUIC configuration: pinned to `gateway`, speaking `version`, recording in
-/// `presented` the DID each handshake's gateway presents.
+/// What a handshake's server presented, as the TLS verifier judged it.
+#[derive(Debug, Clone)]
+enum Seen {
+    /// The pinned key, or a node certified by it.
+    Accepted,
+    /// Refused: another key with no node certificate (`None`), or a node certificate that does
+    /// not hold.
+    Refused(Did, Option<didgate_protocol::node::NodeCertError>),
+}
+
+/// The client's QUIC configuration: accepting what `trust` accepts, speaking `version`,
+/// recording in `presented` what each handshake's gateway presents.
 fn pinned_config(
     identity: &Identity,
-    gateway: &Did,
+    trust: &Arc<didgate_io::node::GatewayTrust>,
     version: Version,
-    presented: &Arc<std::sync::Mutex<Option<Did>>>,
+    presented: &Arc<std::sync::Mutex<Option<Seen>>>,
 ) -> Result<quinn::ClientConfig, ClientError> {
     let verifier = Arc::new(RecordingPin {
-        pinned: gateway.clone(),
+        trust: trust.clone(),
         presented: presented.clone(),
     });
     tls::client_config_with_verifier(identity, version, verifier).map_err(ClientError::Tls)
 }
 
-/// Accepts the gateway only if its certificate key is the pinned DID (as
-/// [`tls::client_config`]'s verifier does), and records the DID presented, so that a mismatch
-/// is reported as [`CallError::WrongGateway`] naming both.
+/// Accepts the gateway only if its certificate key is the pinned DID or a node it certified
+/// (as [`tls::client_config`]'s verifier does), and records what was presented, so that a
+/// refusal is reported as [`CallError::WrongGateway`] naming both DIDs, or as
+/// [`Unreachable::NodeCertificate`] saying why the node's certificate does not hold.
 #[derive(Debug)]
 struct RecordingPin {
-    pinned: Did,
-    presented: Arc<std::sync::Mutex<Option<Did>>>,
+    trust: Arc<didgate_io::node::GatewayTrust>,
+    presented: Arc<std::sync::Mutex<Option<Seen>>>,
 }
 
 impl rustls::client::danger::ServerCertVerifier for RecordingPin {
@@ -1275,19 +1368,23 @@ impl rustls::client::danger::ServerCertVerifier for RecordingPin {
         _ocsp: &[u8],
         _now: rustls::pki_types::UnixTime,
     ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        let did = tls::did_from_cert(end_entity.as_ref()).map_err(|_| {
-            rustls::Error::InvalidCertificate(rustls::CertificateError::BadEncoding)
-        })?;
-        let pinned = did == self.pinned;
+        use didgate_io::node::LeafError;
+        // milliseconds, as certificates and revocations state times (rustls's `now` has
+        // whole seconds)
+        let judged = self.trust.check_leaf(end_entity.as_ref(), now_ms());
+        let seen = match &judged {
+            Ok(_) => Some(Seen::Accepted),
+            Err(LeafError::NotPinned { presented }) => Some(Seen::Refused(presented.clone(), None)),
+            Err(LeafError::Node { presented, source }) => {
+                Some(Seen::Refused(presented.clone(), Some(source.clone())))
+            }
+            Err(_) => None,
+        };
         *self
             .presented
             .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(did);
-        if !pinned {
-            return Err(rustls::Error::InvalidCertificate(
-                rustls::CertificateError::ApplicationVerificationFailure,
-            ));
-        }
+            .unwrap_or_else(PoisonError::into_inner) = seen;
+        judged.map_err(tls::leaf_refused)?;
         Ok(rustls::client::danger::ServerCertVerified::assertion())
     }
 

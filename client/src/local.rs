@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 use didgate_audit::entry::Role;
 use didgate_audit::store::{Chain, CheckpointPolicy, Store};
 use didgate_protocol::message::{self, Receipt, Refusal, RefusalCode, Request, ResponseHead};
+use didgate_protocol::node;
 use didgate_protocol::{Did, Identity, Version};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -1019,7 +1020,7 @@ impl Check<'_> {
         let Ok(bytes) = hex::decode(hex_bytes) else {
             return invalid("an unreadable refusal");
         };
-        let Ok(r) = message::open_from::<Refusal>(&bytes, self.gateway) else {
+        let Ok((r, _)) = node::open_signed::<Refusal>(&bytes, self.gateway, None, None) else {
             return invalid("a refusal the pinned gateway did not sign");
         };
         if r.message().call != Some(call) || r.message().v != self.version.as_u64() {
@@ -1105,8 +1106,9 @@ impl LinkAnswer {
         match msg {
             Msg::End { receipt } => {
                 let bytes = hex::decode(receipt).map_err(|_| invalid("an unreadable receipt"))?;
-                let signed = message::open_from::<Receipt>(&bytes, &self.gateway)
-                    .map_err(|_| invalid("a receipt the pinned gateway did not sign"))?;
+                let (signed, _) =
+                    node::open_signed::<Receipt>(&bytes, &self.gateway, None, None)
+                        .map_err(|_| invalid("a receipt the pinned gateway did not sign"))?;
                 if signed.message().v != self.version.as_u64()
                     || signed.message().client != self.identity.did().as_str()
                 {
@@ -1133,8 +1135,8 @@ impl LinkAnswer {
         let Ok(bytes) = hex::decode(hex_bytes) else {
             return invalid("an unreadable refusal");
         };
-        match message::open_from::<Refusal>(&bytes, &self.gateway) {
-            Ok(r)
+        match node::open_signed::<Refusal>(&bytes, &self.gateway, None, None) {
+            Ok((r, _))
                 if r.message().call == Some(self.call)
                     && r.message().v == self.version.as_u64() =>
             {

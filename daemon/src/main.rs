@@ -109,11 +109,60 @@ enum Command {
         #[arg(long, env = "DIDGATE_DATA")]
         data: PathBuf,
     },
+    /// Node certificates: one gateway DID served by several nodes, each with its own key
+    /// (specs/operation.md, "Nodes").
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
     /// Run the whole path on loopback with no configuration, and verify both audit chains.
     Demo {
         /// Keep everything in DIR instead of a temporary directory.
         #[arg(long)]
         dir: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Sign a node certificate with this data directory's gateway key (run where the gateway
+    /// key is; nothing needs to be running): NODE may serve as this gateway for the window.
+    /// The certificate is written to OUT and kept in DATA/node-certs/SERIAL.cose.
+    CertifyNode {
+        /// The node's did:key (printed by `didgated init` on the node).
+        #[arg(long)]
+        node: String,
+        /// Hours the certificate is valid (1 to 720), from 5 minutes ago (clock skew).
+        #[arg(long, default_value_t = 24)]
+        valid_hours: u64,
+        /// The serial (default: one more than any issued from DATA).
+        #[arg(long)]
+        serial: Option<u64>,
+        /// The only UDP address the node may serve on.
+        #[arg(long)]
+        addr: Option<SocketAddr>,
+        /// The file to write the certificate to (give it to the node's `[node] certificate`).
+        #[arg(long)]
+        out: PathBuf,
+        /// The gateway's data directory (its key signs).
+        #[arg(long, env = "DIDGATE_DATA")]
+        data: PathBuf,
+    },
+    /// Revoke a node certificate by serial: signs the next revocation list into
+    /// DATA/node-revocations.cose. Give that file to every node's `[node] revocations`: nodes
+    /// staple it in their TLS certificate, and clients refuse the serial from then on.
+    RevokeNode {
+        /// The serial to revoke.
+        serial: u64,
+        /// The gateway's data directory (its key signs).
+        #[arg(long, env = "DIDGATE_DATA")]
+        data: PathBuf,
+    },
+    /// Show this data directory's key, the gateway DID it serves and its node certificate.
+    Show {
+        /// Data directory.
+        #[arg(long, env = "DIDGATE_DATA")]
+        data: PathBuf,
     },
 }
 
@@ -404,8 +453,86 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Seal { data } => seal(&data).await?,
         Command::Events { follow, json, data } => return events(follow, json, &data).await,
         Command::Demo { dir } => return demo(dir).await,
+        Command::Cluster { command } => cluster(command)?,
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `didgated cluster ...`: node certificates, issued and revoked offline with the gateway key.
+fn cluster(command: ClusterCommand) -> anyhow::Result<()> {
+    use didgate_gateway::datadir::DataDir;
+    use didgate_gateway::node;
+    const SKEW_MS: u64 = 5 * 60 * 1000;
+    let now = didgate_gateway::now_ms();
+    match command {
+        ClusterCommand::CertifyNode {
+            node: did,
+            valid_hours,
+            serial,
+            addr,
+            out,
+            data,
+        } => {
+            if !(1..=720).contains(&valid_hours) {
+                anyhow::bail!("--valid-hours is 1 to 720 (30 days)");
+            }
+            let did = didgate_protocol::Did::parse(&did)
+                .with_context(|| format!("--node {did:?} is not a did:key"))?;
+            let d = DataDir::new(&data);
+            let identity = didgate_io::identity::load(&d.identity())?;
+            let req = node::Certify {
+                node: did,
+                not_before_ms: now.saturating_sub(SKEW_MS),
+                valid_for_ms: valid_hours * 3_600_000,
+                serial,
+                addr,
+            };
+            let (bytes, cert) = node::certify(&d, &identity, &req)?;
+            std::fs::write(&out, bytes).with_context(|| format!("{}", out.display()))?;
+            println!(
+                "node certificate serial {} for {} as {}, valid {} to {}: {}",
+                cert.serial,
+                cert.node,
+                cert.gateway,
+                didgate_io::fmt_utc(cert.not_before_ms),
+                didgate_io::fmt_utc(cert.not_after_ms),
+                out.display()
+            );
+        }
+        ClusterCommand::RevokeNode { serial, data } => {
+            let d = DataDir::new(&data);
+            let identity = didgate_io::identity::load(&d.identity())?;
+            let (_, list) = node::revoke(&d, &identity, serial, now, now)?;
+            println!(
+                "serial {serial} revoked; revocation list {} ({} serials): {}",
+                list.seq,
+                list.revoked.len(),
+                node::revocations_path(&d).display()
+            );
+        }
+        ClusterCommand::Show { data } => {
+            let d = DataDir::new(&data);
+            let identity = didgate_io::identity::load(&d.identity())?;
+            println!("key      {}", identity.did());
+            let config = didgate_gateway::config::Config::load(&d.config())?;
+            match config.node() {
+                None => println!("serves   {} (a single node: no [node])", identity.did()),
+                Some(settings) => {
+                    let n =
+                        node::Node::load(&data, settings, &identity, config.gateway().listen, now)?;
+                    let c = n.certificate();
+                    println!("serves   {}", n.gateway());
+                    println!(
+                        "serial   {} valid {} to {}",
+                        c.serial,
+                        didgate_io::fmt_utc(c.not_before_ms),
+                        didgate_io::fmt_utc(c.not_after_ms)
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `didgated policy check FILE [--data DIR [--strict]]`: exit 0 valid, 2 invalid (or, with
@@ -520,11 +647,21 @@ async fn serve(data: &std::path::Path) -> anyhow::Result<()> {
         )
     };
     let hangup = tokio::spawn(reload_on_hangup(gw.clone()));
-    eprintln!(
-        "didgated {} listening on udp {}",
-        gw.did(),
-        endpoint.local_addr()?
-    );
+    match gw.node() {
+        None => eprintln!(
+            "didgated {} listening on udp {}",
+            gw.did(),
+            endpoint.local_addr()?
+        ),
+        Some(n) => eprintln!(
+            "didgated {} (node {}, certificate serial {} until {}) listening on udp {}",
+            gw.did(),
+            gw.key(),
+            n.certificate().serial,
+            didgate_io::fmt_utc(n.certificate().not_after_ms),
+            endpoint.local_addr()?
+        ),
+    }
     didgate_gateway::server::serve(gw, endpoint, shutdown_signal()).await;
     hangup.abort();
     let _ = stop_tx.send(true);

@@ -540,6 +540,9 @@ pub struct RawConfig {
     /// The PKCS#11 token of `[gateway] kms = "pkcs11"`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pkcs11: Option<Pkcs11Settings>,
+    /// This gateway is one node of a gateway DID (specs/operation.md, "Nodes").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<crate::node::NodeSettings>,
 }
 
 /// `[did_web]`: how did:web callers' documents are fetched (specs/protocol.md, "did:web
@@ -1000,6 +1003,7 @@ pub struct Config {
     rules: Vec<Rule>,
     did_web: DidWeb,
     pkcs11: Option<Pkcs11Settings>,
+    node: Option<crate::node::NodeSettings>,
     min_client: Version,
     skew: Duration,
     grant_ttl: Duration,
@@ -1039,6 +1043,7 @@ impl RawConfig {
             rules,
             did_web,
             pkcs11,
+            node,
         } = self;
         let upstreams = upstreams
             .into_iter()
@@ -1122,6 +1127,7 @@ impl RawConfig {
             rules,
             did_web,
             pkcs11,
+            node,
         })
     }
 
@@ -1166,6 +1172,7 @@ impl Config {
             rules: self.rules.clone(),
             did_web: self.did_web.clone(),
             pkcs11: self.pkcs11.clone(),
+            node: self.node.clone(),
         }
     }
 
@@ -1200,7 +1207,12 @@ impl Config {
         &self.did_web
     }
 
-    /// `[pkcs11]`, if given.
+    /// `[node]`, when this gateway is one node of a gateway DID.
+    pub fn node(&self) -> Option<&crate::node::NodeSettings> {
+        self.node.as_ref()
+    }
+
+    /// `[pkcs11]`, when the master key is in a token.
     pub fn pkcs11(&self) -> Option<&Pkcs11Settings> {
         self.pkcs11.as_ref()
     }

@@ -45,6 +45,11 @@ impl DataDir {
         }
     }
     /// `gateway.toml`.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// `gateway.toml`.
     pub fn config(&self) -> PathBuf {
         self.root.join("gateway.toml")
     }

@@ -127,6 +127,9 @@ pub enum StartError {
     /// The data directory may be written by others, or its modes cannot be tightened.
     #[error("data directory: {0}")]
     DataDir(#[from] didgate_io::hardening::HardeningError),
+    /// `[node]`: the node certificate or its revocation list does not hold.
+    #[error("node: {0}")]
+    Node(#[from] crate::node::NodeError),
 }
 
 /// Counts the refusals not recorded one by one (see [`call::recorded_individually`]), written
@@ -139,7 +142,13 @@ struct Aggregate {
 
 /// A running gateway's state.
 pub struct Gateway {
+    /// The key this gateway signs with: the gateway DID's, or a node's ([`crate::node`]).
     pub(crate) identity: Arc<Identity>,
+    /// The gateway DID served: what requests name in `aud` and clients pin. The identity's own
+    /// DID, or the gateway DID a node's certificate names.
+    served: Did,
+    /// This gateway's node certificate, when it is one node of a gateway DID.
+    pub(crate) node: Option<crate::node::Node>,
     pub(crate) config: Config,
     /// The data directory (the policy is reloaded from it).
     dir: PathBuf,
@@ -196,6 +205,19 @@ impl Gateway {
         let config = Config::load(&d.config())?;
         let refusal_entries_per_min = config.gateway().refusal_entries_per_min;
         let identity = Arc::new(didgate_io::identity::load(&d.identity())?);
+        let node = match config.node() {
+            Some(settings) => Some(crate::node::Node::load(
+                dir,
+                settings,
+                &identity,
+                config.gateway().listen,
+                now_ms(),
+            )?),
+            None => None,
+        };
+        let served = node
+            .as_ref()
+            .map_or_else(|| identity.did().clone(), |n| n.gateway().clone());
         let store = Store::open(&d.store(), SPACES)?;
         let chain = Chain::open(
             store,
@@ -230,6 +252,8 @@ impl Gateway {
             )),
             resolver,
             identity,
+            served,
+            node,
             config,
             dir: dir.to_path_buf(),
             policy,
@@ -262,9 +286,28 @@ impl Gateway {
         Ok(gw)
     }
 
-    /// The gateway's DID.
+    /// The gateway DID served: what clients pin and requests name in `aud` (a node's is the
+    /// gateway DID its certificate names, not its own key).
     pub fn did(&self) -> &Did {
+        &self.served
+    }
+
+    /// The key this gateway signs with and owns its chain with: the gateway DID's own, or a
+    /// node's.
+    pub fn key(&self) -> &Did {
         self.identity.did()
+    }
+
+    /// The node certificate, when this gateway is one node of a gateway DID.
+    pub fn node(&self) -> Option<&crate::node::Node> {
+        self.node.as_ref()
+    }
+
+    /// The node certificate's bytes, for what this gateway signs (absent for a single node).
+    fn node_cert(&self) -> Option<Vec<u8>> {
+        self.node
+            .as_ref()
+            .map(|n| n.credentials().certificate.clone())
     }
 
     /// The configuration in force.
@@ -628,7 +671,7 @@ impl Gateway {
         );
         let revoked = self.revoked.read().unwrap_or_else(|p| p.into_inner());
         let gate = Gate {
-            did: self.identity.did(),
+            did: &self.served,
             config: &self.config,
             revoked: &revoked,
         };
@@ -643,7 +686,9 @@ impl Gateway {
         reason: &str,
         entry: Option<EntryRef>,
     ) -> Vec<u8> {
-        call::refusal(version, call, code, reason, entry, now_ms()).sign(&self.identity)
+        let mut refusal = call::refusal(version, call, code, reason, entry, now_ms());
+        refusal.node_cert = self.node_cert();
+        refusal.sign(&self.identity)
     }
 
     /// Audits a refusal: one entry for a principal policy knows, else counted into the
@@ -872,14 +917,22 @@ impl Gateway {
     }
 
     /// A fresh grant for the verified request ([`call::mint`]).
+    /// A node's grant never outlives its certificate: its expiry is at most the certificate's
+    /// last millisecond, and it carries the certificate.
     fn mint(&self, cx: &Call, req: &Signed<Request>) -> GrantBody {
-        call::mint(
+        let mut grant = call::mint(
             cx,
             self.config.grant_ttl().as_secs(),
             req,
             now_ms(),
             rand::random(),
-        )
+        );
+        if let Some(node) = &self.node {
+            let last = node.certificate().not_after_ms.saturating_sub(1);
+            grant.expires_ms = grant.expires_ms.min(last);
+            grant.node_cert = Some(node.credentials().certificate.clone());
+        }
+        grant
     }
 
     /// Appends the entry with its claims in one durable batch, or refuses: a failed claim maps
@@ -1039,7 +1092,7 @@ impl Gateway {
         mut dec: FrameDecoder,
         bytes: &[u8],
     ) {
-        let grant = match message::open_from::<GrantBody>(bytes, self.did()) {
+        let grant = match message::open_from::<GrantBody>(bytes, self.identity.did()) {
             Ok(g) => g.into_message(),
             Err(_) => {
                 return self
@@ -1350,7 +1403,8 @@ impl Gateway {
             resp_len: len,
             latency_ms: u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX),
         });
-        let receipt = call::receipt(cx, req, grant, &relayed, closing, now_ms());
+        let mut receipt = call::receipt(cx, req, grant, &relayed, closing, now_ms());
+        receipt.node_cert = self.node_cert();
         cx.release_permit();
         if let Some(last) = held {
             // the end of the body, now that its closing entry is durable

@@ -4,8 +4,8 @@
 //!
 //! Owns: the data directory ([`datadir::DataDir`]), `gateway.toml` ([`config`]), the policy
 //! decision ([`policy`]), keys at rest ([`kms`]) and their lifecycle ([`secrets`]), the per-call pipeline and server
-//! ([`gateway`]), the upstream executor ([`upstream`]), live events ([`events`]) and Prometheus
-//! metrics ([`metrics`]). It does not own the wire format (didgate-protocol), the shared I/O
+//! ([`gateway`]), the upstream executor ([`upstream`]), live events ([`events`]), Prometheus
+//! metrics ([`metrics`]) and serving as one node of a gateway DID ([`node`]). It does not own the wire format (didgate-protocol), the shared I/O
 //! (didgate-io: TLS binding, framing, identity files, hardening, the clock), the audit log
 //! format (didgate-audit), or the daemon's command line and the demo (didgate-daemon).
 //!
@@ -35,6 +35,7 @@ pub mod gateway;
 pub mod kms;
 pub mod limits;
 pub mod metrics;
+pub mod node;
 pub mod pkcs11;
 pub mod policy;
 pub mod secrets;

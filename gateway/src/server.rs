@@ -116,7 +116,13 @@ async fn handle_call(
 
 /// Binds the gateway's QUIC endpoint on `addr`.
 pub fn endpoint(gw: &Gateway, addr: SocketAddr) -> Result<quinn::Endpoint, StartError> {
-    let cfg = tls::server_config(&gw.identity).map_err(StartError::Tls)?;
+    // a node serves version 2 only: its messages may carry a node certificate, a version 1
+    // client could not check it (specs/protocol.md, "Nodes")
+    let cfg = match gw.node() {
+        Some(node) => tls::node_server_config(&gw.identity, node.credentials(), &[Version::V2]),
+        None => tls::server_config(&gw.identity),
+    }
+    .map_err(StartError::Tls)?;
     quinn::Endpoint::server(cfg, addr).map_err(StartError::Socket)
 }
 

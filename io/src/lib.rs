@@ -5,6 +5,7 @@
 //!
 //! The client library and the gateway both import it; neither imports the other.
 
+pub mod cert;
 pub mod hardening;
 pub mod identity;
 pub mod node;

@@ -15,7 +15,7 @@ use didgate_protocol::node::{self, NodeCertError, NodeCertificate, NodeRevocatio
 use didgate_protocol::{Did, Identity};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
-use crate::tls::{SERVER_NAME, TlsError, caller_from_cert};
+use crate::cert::{SERVER_NAME, TlsError, caller_from_cert};
 
 /// The content octets of the OID of the extension holding a node certificate:
 /// `2.25.320112733608280063880670032677581775293.1` (a UUID OID, ITU-T X.667, with arc 1).
@@ -408,7 +408,7 @@ mod tests {
         assert_eq!(ext.certificate, Some(creds.certificate.clone()));
         assert_eq!(ext.revocations, creds.revocations);
         // the single-node leaf has neither
-        let (plain, _) = crate::tls::self_signed(&node).expect("leaf");
+        let (plain, _) = crate::cert::self_signed(&node).expect("leaf");
         assert_eq!(
             leaf_extensions(plain.as_ref()).expect("extensions"),
             LeafExtensions::default()
@@ -419,7 +419,7 @@ mod tests {
     fn a_client_takes_the_pinned_key_or_a_node_certified_by_it_now() {
         let g = gateway();
         let trust = GatewayTrust::new(g.did().clone());
-        let (own, _) = crate::tls::self_signed(&g).expect("leaf");
+        let (own, _) = crate::cert::self_signed(&g).expect("leaf");
         assert_eq!(
             trust.check_leaf(own.as_ref(), 5).expect("pinned").node,
             None
@@ -460,7 +460,7 @@ mod tests {
             })
         ));
         // a node with no certificate
-        let (bare, _) = crate::tls::self_signed(&node).expect("leaf");
+        let (bare, _) = crate::cert::self_signed(&node).expect("leaf");
         assert!(matches!(
             trust.check_leaf(bare.as_ref(), 50),
             Err(LeafError::NotPinned { .. })

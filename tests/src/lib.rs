@@ -92,6 +92,7 @@ impl Harness {
             ],
             did_web: Default::default(),
             pkcs11: None,
+            node: None,
         };
         let mut config = config;
         adjust(&mut config);

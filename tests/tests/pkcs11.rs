@@ -183,6 +183,7 @@ impl Site {
                 pin_env: matches!(pin, Pin::Env).then(|| "HSM_PIN".into()),
                 pin_file: matches!(pin, Pin::File).then(|| "hsm.pin".into()),
             }),
+            node: None,
         };
         std::fs::write(self.gw().join("gateway.toml"), toml::to_string(&config)?)?;
         Ok(())

@@ -1007,6 +1007,7 @@ impl GatewayProcess {
             }],
             did_web: Default::default(),
             pkcs11: None,
+            node: None,
         };
         adjust(&mut config);
         let in_token = bench_token(&mut config);
