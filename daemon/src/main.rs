@@ -662,6 +662,7 @@ async fn serve(data: &std::path::Path) -> anyhow::Result<()> {
             endpoint.local_addr()?
         ),
     }
+    let drain_at = gw.node_drain_at_ms();
     didgate_gateway::server::serve(gw, endpoint, shutdown_signal()).await;
     hangup.abort();
     let _ = stop_tx.send(true);
@@ -670,6 +671,11 @@ async fn serve(data: &std::path::Path) -> anyhow::Result<()> {
     }
     if let Some(task) = metrics {
         let _ = task.await;
+    }
+    if drain_at.is_some_and(|at| didgate_gateway::now_ms() >= at) {
+        anyhow::bail!(
+            "stopped: the node certificate ends (renew it with `didgated cluster certify-node` and restart)"
+        );
     }
     eprintln!("didgated stopped");
     Ok(())

@@ -303,6 +303,15 @@ impl Gateway {
         self.node.as_ref()
     }
 
+    /// When a node stops taking calls: its certificate's end less the longest a call may
+    /// still take (the upstream timeout and 10 s), so that every receipt it signs is covered
+    /// by its certificate. `None` for a single node.
+    pub fn node_drain_at_ms(&self) -> Option<u64> {
+        let node = self.node.as_ref()?;
+        let margin = self.config.upstream_timeout().as_millis() as u64 + 10_000;
+        Some(node.certificate().not_after_ms.saturating_sub(margin))
+    }
+
     /// The node certificate's bytes, for what this gateway signs (absent for a single node).
     fn node_cert(&self) -> Option<Vec<u8>> {
         self.node

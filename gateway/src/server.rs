@@ -161,8 +161,24 @@ pub async fn serve(
     };
     let upkeep = gw.secrets.spawn_upkeep(stop_rx.clone());
     tokio::pin!(shutdown);
+    // a node drains before its certificate ends, so every receipt it signs is covered
+    let expiry = async {
+        match gw.node_drain_at_ms() {
+            Some(at) => {
+                tokio::time::sleep(Duration::from_millis(at.saturating_sub(now_ms()))).await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(expiry);
     loop {
         tokio::select! {
+            () = &mut expiry => {
+                tracing::error!(
+                    "the node certificate ends soon: no new call is taken (renew it with `didgated cluster certify-node` and restart)"
+                );
+                break;
+            }
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break };
                 let Some(slot) = admit(&gw, incoming) else { continue };
