@@ -8,7 +8,9 @@
 //! (the gateway's root at `receipt.entry.seq + 1` entries). [`build`] assembles one from a
 //! client chain and the gateway chain (records or a [`Store`]); [`check`] verifies one with
 //! nothing else and returns a [`Verdict`], or the [`EvidenceError`] naming the check that
-//! failed.
+//! failed. A receipt signed by a node of the gateway carries the node's certificate
+//! (amendment 2.7), so the bundle still needs nothing else; [`check_with`] also applies the
+//! gateway's node revocation lists, when the checker has them.
 //!
 //! ```no_run
 //! # fn demo(client: &didgate_audit::ChainRecords, gateway: &didgate_audit::ChainRecords,
@@ -22,11 +24,13 @@
 //! ```
 
 use didgate_protocol::cbor::{self, DecodeError};
-use didgate_protocol::message::{self, Digest, OpenError, Receipt, Request};
+use didgate_protocol::message::{self, Digest, OpenError, Receipt, Request, Signed};
+use didgate_protocol::node::NodeCertError;
 use serde::{Deserialize, Serialize};
 
 use crate::entry::{Entry, EntryKind, Outcome, entry_hash};
 use crate::merkle::{self, Hash};
+use crate::nodes::{Revocations, SignerRule};
 use crate::receipt::Fault;
 use crate::store::{Store, StoreError};
 use crate::verify::ChainRecords;
@@ -118,40 +122,23 @@ impl Bundle {
 
     /// Verifies the bundle with nothing else (the checks of [`check`], after decoding).
     pub fn check(&self) -> Result<Verdict, EvidenceError> {
+        self.check_with(&Revocations::new())
+    }
+
+    /// [`Bundle::check`], a node-signed receipt's certificate also judged against the
+    /// revocation list `revocations` holds for the request's gateway, if any.
+    pub fn check_with(&self, revocations: &Revocations) -> Result<Verdict, EvidenceError> {
         if self.v != VERSION {
             return Err(EvidenceError::Version(self.v));
         }
         // 1. The request: signature, then its call ID.
         let request = message::open::<Request>(&self.request).map_err(EvidenceError::Request)?;
         let call = request.envelope().digest();
-        let client = request.envelope().signer().to_string();
         // 2. The receipt: signature, and that it answers this request from this client,
-        //    signed by the gateway the request was addressed to.
+        //    signed by the gateway the request was addressed to or by a node it certified.
         let receipt = message::open::<Receipt>(&self.receipt).map_err(EvidenceError::Receipt)?;
-        let gateway = receipt.envelope().signer().to_string();
+        let node = answered(&request, &receipt, &SignerRule::new(revocations))?;
         let r = receipt.message();
-        let signer = request.envelope().signer().clone();
-        crate::receipt::answers(
-            r,
-            receipt.envelope().signer(),
-            &call,
-            &signer,
-            &request.message().aud,
-        )
-        .map_err(|f| match f {
-            Fault::Call => EvidenceError::CallMismatch {
-                request: call,
-                receipt: r.call,
-            },
-            Fault::Client => EvidenceError::ClientMismatch {
-                receipt: r.client.clone(),
-                signer: client.clone(),
-            },
-            _ => EvidenceError::AudienceMismatch {
-                aud: request.message().aud.clone(),
-                gateway: gateway.clone(),
-            },
-        })?;
         // 3. The closing entry: the one the receipt names, closing this call as signed.
         if entry_hash(&self.entry) != r.entry.hash {
             return Err(EvidenceError::EntryHash);
@@ -182,14 +169,16 @@ impl Bundle {
         if !merkle::verify_inclusion(&leaf, seq, size, &self.proof, &root) {
             return Err(EvidenceError::Inclusion);
         }
+        let q = request.message();
         Ok(Verdict {
-            client,
-            gateway,
+            client: request.envelope().signer().to_string(),
+            gateway: q.aud.clone(),
+            node,
             call,
-            upstream: request.message().upstream.clone(),
-            method: request.message().method.clone(),
-            path: request.message().path.clone(),
-            request_time_ms: request.message().time_ms,
+            upstream: q.upstream.clone(),
+            method: q.method.clone(),
+            path: q.path.clone(),
+            request_time_ms: q.time_ms,
             status: r.status,
             resp_len: r.resp_len,
             resp_b3: r.resp_b3,
@@ -200,6 +189,43 @@ impl Bundle {
     }
 }
 
+/// Steps 4 to 6: the receipt answers the request's call, names its signer, and is signed by
+/// the gateway the request's `aud` names or by a node that gateway certified
+/// ([`crate::receipt::answers`]). Returns the node's DID when a node signed.
+fn answered(
+    request: &Signed<Request>,
+    receipt: &Signed<Receipt>,
+    rule: &SignerRule<'_>,
+) -> Result<Option<String>, EvidenceError> {
+    let (r, aud) = (receipt.message(), &request.message().aud);
+    let signer = request.envelope().signer();
+    let signed_by = receipt.envelope().signer();
+    let cert = crate::receipt::answers(
+        r,
+        signed_by,
+        &request.envelope().digest(),
+        signer,
+        aud,
+        rule,
+    )
+    .map_err(|f| match f {
+        Fault::Call => EvidenceError::CallMismatch {
+            request: request.envelope().digest(),
+            receipt: r.call,
+        },
+        Fault::Client => EvidenceError::ClientMismatch {
+            receipt: r.client.clone(),
+            signer: signer.to_string(),
+        },
+        Fault::NodeCertificate(e) => EvidenceError::NodeCertificate(e),
+        _ => EvidenceError::AudienceMismatch {
+            aud: aud.clone(),
+            gateway: signed_by.to_string(),
+        },
+    })?;
+    Ok(cert.map(|_| signed_by.to_string()))
+}
+
 /// What a valid bundle shows: `client` signed a request for `method upstream path` addressed
 /// to `gateway`, and `gateway` signed that it executed it (status, response digest) and that
 /// its chain holds the closing entry at `seq` under `root` (at `seq + 1` entries).
@@ -207,8 +233,13 @@ impl Bundle {
 pub struct Verdict {
     /// The client DID (the request's signer).
     pub client: String,
-    /// The gateway DID (the receipt's signer, the request's audience).
+    /// The gateway DID (the request's audience: the receipt's signer, or the gateway that
+    /// certified the node that signed it).
     pub gateway: String,
+    /// The node's DID (the receipt's signer) when a node of the gateway signed the receipt,
+    /// under a certificate the gateway signed (absent from JSON otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
     /// The call ID (the request's signed digest).
     #[serde(serialize_with = "hex_digest")]
     pub call: Digest,
@@ -279,7 +310,8 @@ pub enum EvidenceError {
         /// The request's signer.
         signer: String,
     },
-    /// The request is addressed to another gateway than the receipt's signer.
+    /// The request is addressed to another gateway than the receipt's signer, and the
+    /// receipt carries no node certificate.
     #[error("the request is addressed to {aud}, the receipt is signed by {gateway}")]
     AudienceMismatch {
         /// The request's `aud`.
@@ -287,6 +319,11 @@ pub enum EvidenceError {
         /// The receipt's signer.
         gateway: String,
     },
+    /// The receipt carries a node certificate that does not make its signer a node of the
+    /// gateway the request addressed at the receipt's time (signed by another key, altered,
+    /// for another key, naming another gateway, not valid then, or revoked then).
+    #[error("the receipt's node certificate does not hold: {0}")]
+    NodeCertificate(#[source] NodeCertError),
     /// The entry's hash is not the one the receipt names.
     #[error("the entry's hash differs from the receipt's entry hash")]
     EntryHash,
@@ -364,6 +401,7 @@ impl EvidenceError {
             Self::CallMismatch { .. } => "call_mismatch",
             Self::ClientMismatch { .. } => "client_mismatch",
             Self::AudienceMismatch { .. } => "audience_mismatch",
+            Self::NodeCertificate(_) => "node_certificate",
             Self::EntryHash => "entry_hash",
             Self::EntryMalformed(_) => "entry_malformed",
             Self::EntryKind(_) => "entry_kind",
@@ -386,6 +424,11 @@ impl EvidenceError {
 /// ([`Bundle::decode`]) and checks it ([`Bundle::check`]).
 pub fn check(bytes: &[u8]) -> Result<Verdict, EvidenceError> {
     Bundle::decode(bytes)?.check()
+}
+
+/// [`check`] with the node revocation lists the checker holds ([`Bundle::check_with`]).
+pub fn check_with(bytes: &[u8], revocations: &Revocations) -> Result<Verdict, EvidenceError> {
+    Bundle::decode(bytes)?.check_with(revocations)
 }
 
 /// Builds the bundle for `call` from a client chain and the gateway chain's records (an export
@@ -581,6 +624,28 @@ mod tests {
     /// A gateway chain of `n` filler entries then an executed entry, and a client chain with
     /// the request and its receipt.
     fn fixture(n: u64) -> Fixture {
+        fixture_signed(n, &Identity::from_seed(&[2; 32]), None)
+    }
+
+    /// [`fixture`] with the receipt signed by `signer` carrying `node_cert` (the request is
+    /// addressed to the seed `02..02` gateway).
+    fn fixture_signed(n: u64, signer: &Identity, node_cert: Option<Vec<u8>>) -> Fixture {
+        let (client, gateway, call) = chains_signed(n, signer, node_cert);
+        let bundle = build(&client, &gateway, call).unwrap();
+        Fixture {
+            bundle,
+            client,
+            gateway,
+            call,
+        }
+    }
+
+    /// The client and gateway chains of [`fixture_signed`], and the call.
+    fn chains_signed(
+        n: u64,
+        signer: &Identity,
+        node_cert: Option<Vec<u8>>,
+    ) -> (ChainRecords, ChainRecords, Digest) {
         let client_id = Identity::from_seed(&[1; 32]);
         let gw_id = Identity::from_seed(&[2; 32]);
         let req = Request {
@@ -625,7 +690,8 @@ mod tests {
             .map(|b| merkle::leaf_hash(&entry_hash(b)))
             .collect();
         let receipt = Receipt {
-            v: 1,
+            // node_cert is a version 2 field
+            v: if node_cert.is_some() { 2 } else { 1 },
             call,
             grant: [5; 16],
             client: client_id.did().to_string(),
@@ -638,9 +704,9 @@ mod tests {
             },
             root: Some(merkle::root(&leaves)),
             time_ms: 11,
-            node_cert: None,
+            node_cert,
         }
-        .sign(&gw_id);
+        .sign(signer);
         let mut request_entry = Entry::new(EntryKind::Request, 1);
         request_entry.seq = 1;
         request_entry.call = Some(call);
@@ -658,14 +724,7 @@ mod tests {
                 result_entry.encode(),
             ],
         );
-        let gateway = records("gateway", gw);
-        let bundle = build(&client, &gateway, call).unwrap();
-        Fixture {
-            bundle,
-            client,
-            gateway,
-            call,
-        }
+        (client, records("gateway", gw), call)
     }
 
     #[test]
@@ -676,6 +735,96 @@ mod tests {
             assert_eq!((v.seq, v.status, v.call), (n, 200, f.call));
             assert_eq!(f.bundle.proof.len(), path_len(n, n + 1));
         }
+    }
+
+    /// A node certificate by the seed `02..02` gateway for `node`, valid from 10 ms to 20 ms.
+    fn node_certificate(by: &Identity, node: &Identity) -> Vec<u8> {
+        didgate_protocol::node::NodeCertificate {
+            v: 2,
+            gateway: Identity::from_seed(&[2; 32]).did().to_string(),
+            node: node.did().to_string(),
+            serial: 5,
+            not_before_ms: 10,
+            not_after_ms: 20,
+            addr: None,
+        }
+        .sign(by)
+    }
+
+    /// Issue 22: a receipt signed by a node the request's gateway certified is evidence of the
+    /// call; a certificate the gateway did not sign, or one revoked at the receipt's time, is
+    /// the new failure `node_certificate`.
+    #[test]
+    fn a_receipt_of_a_certified_node_is_evidence() {
+        let (gw, node) = (Identity::from_seed(&[2; 32]), Identity::from_seed(&[7; 32]));
+        let f = fixture_signed(4, &node, Some(node_certificate(&gw, &node)));
+        let v = check(&f.bundle.encode()).unwrap();
+        assert_eq!(v.gateway, gw.did().as_str());
+        assert_eq!(v.node.as_deref(), Some(node.did().as_str()));
+        let json = serde_json::to_value(&v).unwrap();
+        assert_eq!(json["node"], node.did().as_str());
+        // the gateway's own receipt names no node
+        let own = check(&fixture(4).bundle.encode()).unwrap();
+        assert!(own.node.is_none());
+        assert!(serde_json::to_value(&own).unwrap().get("node").is_none());
+        // revoked from the receipt's time (11 ms), with the gateway's list
+        let list = didgate_protocol::node::NodeRevocations {
+            v: 2,
+            gateway: gw.did().to_string(),
+            seq: 1,
+            time_ms: 11,
+            revoked: vec![didgate_protocol::node::Revoked {
+                serial: 5,
+                time_ms: 11,
+            }],
+        };
+        let mut revocations = Revocations::new();
+        revocations.add(&list.sign(&gw)).unwrap();
+        let e = check_with(&f.bundle.encode(), &revocations).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                EvidenceError::NodeCertificate(NodeCertError::Revoked { serial: 5, .. })
+            ),
+            "{e:?}"
+        );
+        assert_eq!(e.name(), "node_certificate");
+    }
+
+    #[test]
+    fn a_receipt_with_a_tampered_node_certificate_is_not_evidence() {
+        let (gw, node) = (Identity::from_seed(&[2; 32]), Identity::from_seed(&[7; 32]));
+        let mut tampered = node_certificate(&gw, &node);
+        let at = tampered.len() - 1;
+        tampered[at] ^= 1;
+        let foreign = node_certificate(&Identity::from_seed(&[8; 32]), &node);
+        let other_key = node_certificate(&gw, &Identity::from_seed(&[9; 32]));
+        for cert in [tampered, foreign, other_key] {
+            // `build` checks the bundle it assembles
+            let (client, gateway, call) = chains_signed(4, &node, Some(cert.clone()));
+            let e = build(&client, &gateway, call).unwrap_err();
+            assert!(matches!(e, EvidenceError::NodeCertificate(_)), "{e:?}");
+            // and the same receipt in a bundle built around a good one
+            let good = fixture_signed(4, &node, Some(node_certificate(&gw, &node)));
+            let mut bundle = good.bundle.clone();
+            let mut r = message::open::<Receipt>(&bundle.receipt)
+                .unwrap()
+                .into_message();
+            r.node_cert = Some(cert);
+            bundle.receipt = r.sign(&node);
+            let e = check(&bundle.encode()).unwrap_err();
+            assert!(matches!(e, EvidenceError::NodeCertificate(_)), "{e:?}");
+            assert_eq!(e.name(), "node_certificate");
+        }
+        // a node receipt without a certificate: the audience does not match, as before
+        let mut bundle = fixture(4).bundle;
+        let mut r = message::open::<Receipt>(&bundle.receipt)
+            .unwrap()
+            .into_message();
+        r.node_cert = None;
+        bundle.receipt = r.sign(&node);
+        let e = check(&bundle.encode()).unwrap_err();
+        assert!(matches!(e, EvidenceError::AudienceMismatch { .. }), "{e:?}");
     }
 
     #[test]

@@ -2,8 +2,9 @@
 //! verifier that checks chains against each other.
 //!
 //! Owns: entries and their hashes ([`entry`]), the thin store type over fjall and the chain
-//! writer with group commit ([`store`]), and the pure verifier ([`verify`]). It does not own
-//! what a call is (the gateway and client decide what to append) or any network I/O.
+//! writer with group commit ([`store`]), the pure verifier ([`verify`]), and the node revocation
+//! lists and signer rule its checks apply ([`nodes`]). It does not own what a call is (the
+//! gateway and client decide what to append) or any network I/O.
 //! The byte-level format is `specs/audit-log.md`.
 //!
 //! ```no_run
@@ -23,6 +24,7 @@ pub mod entry;
 pub mod evidence;
 pub mod export;
 pub mod merkle;
+pub mod nodes;
 pub mod receipt;
 pub mod store;
 pub mod verify;

@@ -17,6 +17,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use didgate_audit::export::ExportError;
+use didgate_audit::nodes::Revocations;
 use didgate_audit::{LoadError, Report, evidence, load_records, verify};
 
 #[derive(Parser)]
@@ -46,7 +47,9 @@ enum Command {
     /// loaded, {"error": KIND, "detail": "PATH: message", "exit": 2}, KIND one of not_found
     /// (PATH does not exist), not_a_chain (neither an export file nor a store), unreadable
     /// (I/O error), malformed (an export file that does not decode or is truncated, an empty
-    /// one included) or store (the store cannot be opened or read, e.g. its owner holds it).
+    /// one included) or store (the store cannot be opened or read, e.g. its owner holds it);
+    /// or, for a --node-revocations FILE, not_found, unreadable or bad_node_revocations (not a
+    /// revocation list signed by the gateway it names).
     Verify {
         /// A gateway data directory or store (repeatable).
         #[arg(long = "gateway", required = true)]
@@ -59,6 +62,8 @@ enum Command {
         /// every chain; without it, only in exports declared sealed (a warning otherwise).
         #[arg(long)]
         strict: bool,
+        #[command(flatten)]
+        nodes: NodeRevocationFiles,
         /// Print the report as JSON on stdout.
         #[arg(long)]
         json: bool,
@@ -92,14 +97,57 @@ enum Command {
     /// (exit status 1, NAME the check, e.g. inclusion); or {"valid": false, "failed": KIND,
     /// "detail": "message", "exit": 2} when FILE cannot be read (KIND not_found or
     /// unreadable, a directory included) or is not a bundle this reader reads (KIND
-    /// too_large, malformed, an empty file included, not_evidence or version).
+    /// too_large, malformed, an empty file included, not_evidence or version), or a
+    /// --node-revocations FILE cannot be read (not_found, unreadable) or is not a revocation
+    /// list signed by the gateway it names (bad_node_revocations).
     CheckEvidence {
         /// The bundle file.
         file: PathBuf,
+        #[command(flatten)]
+        nodes: NodeRevocationFiles,
         /// Print the verdict as JSON on stdout.
         #[arg(long)]
         json: bool,
     },
+}
+
+/// The node revocation lists a check applies (specs/audit-log.md, "Receipt checks").
+#[derive(clap::Args)]
+struct NodeRevocationFiles {
+    /// A gateway's signed node revocation list (COSE, as the gateway signs it; repeatable):
+    /// a node certificate it revokes fails the messages its node signed from the revocation
+    /// time on. Of several lists of one gateway, the one with the greatest seq applies.
+    #[arg(long = "node-revocations", value_name = "FILE")]
+    files: Vec<PathBuf>,
+}
+
+/// The largest revocation list file read, in bytes (a list holds at most 1024 serials).
+const MAX_REVOCATIONS_FILE: u64 = 1 << 20;
+
+impl NodeRevocationFiles {
+    /// Reads every file and takes its list: a file that cannot be read, or that is not a node
+    /// revocation list signed by the gateway it names, is a usage error (exit status 2).
+    fn load(&self) -> Result<Revocations, Failure> {
+        let mut revocations = Revocations::new();
+        for path in &self.files {
+            let failure = |kind, why: String| Failure {
+                kind,
+                detail: format!("--node-revocations {}: {why}", path.display()),
+            };
+            let mut bytes = Vec::new();
+            std::fs::File::open(path)
+                .and_then(|f| f.take(MAX_REVOCATIONS_FILE + 1).read_to_end(&mut bytes))
+                .map_err(|e| failure(io_kind(&e), e.to_string()))?;
+            if bytes.len() as u64 > MAX_REVOCATIONS_FILE {
+                let why = format!("larger than {MAX_REVOCATIONS_FILE} bytes");
+                return Err(failure("bad_node_revocations", why));
+            }
+            revocations
+                .add(&bytes)
+                .map_err(|e| failure("bad_node_revocations", e.to_string()))?;
+        }
+        Ok(revocations)
+    }
 }
 
 /// A call ID given on the command line: exactly 64 hex digits.
@@ -128,15 +176,16 @@ fn main() -> ExitCode {
             gateways,
             clients,
             strict,
+            nodes,
             json,
-        } => verify_command(&gateways, &clients, verify::Options { strict }, json),
+        } => verify_command(&gateways, &clients, strict, &nodes, json),
         Command::Evidence {
             client,
             gateway,
             call,
             out,
         } => exit_status(evidence_command(&client, &gateway, call, &out)),
-        Command::CheckEvidence { file, json } => check_evidence_command(&file, json),
+        Command::CheckEvidence { file, nodes, json } => check_evidence_command(&file, &nodes, json),
     }
 }
 
@@ -232,14 +281,23 @@ fn export(db: &Path, out: &Path) -> anyhow::Result<bool> {
     Ok(true)
 }
 
-/// `verify`: exit status 0 when every check holds, 1 on a violation, 2 when a chain cannot be
-/// loaded; with `json`, every outcome is one JSON object on stdout.
+/// `verify`: exit status 0 when every check holds, 1 on a violation, 2 when a chain or a
+/// revocation list cannot be loaded; with `json`, every outcome is one JSON object on stdout.
 fn verify_command(
     gateways: &[PathBuf],
     clients: &[PathBuf],
-    options: verify::Options,
+    strict: bool,
+    nodes: &NodeRevocationFiles,
     json: bool,
 ) -> ExitCode {
+    let revocations = match nodes.load() {
+        Ok(r) => r,
+        Err(f) => return f.report(json.then(|| f.verify_json())),
+    };
+    let options = verify::Options {
+        strict,
+        revocations,
+    };
     let report = match load_and_verify(gateways, clients, options) {
         Ok(r) => r,
         Err(f) => return f.report(json.then(|| f.verify_json())),
@@ -341,8 +399,13 @@ fn evidence_command(
 }
 
 /// `check-evidence`: exit status 0 when the bundle holds, 1 when a check fails, 2 when FILE
-/// cannot be read or is not a bundle; with `json`, every outcome is one JSON object on stdout.
-fn check_evidence_command(file: &Path, json: bool) -> ExitCode {
+/// or a revocation list cannot be read or is not one; with `json`, every outcome is one JSON
+/// object on stdout.
+fn check_evidence_command(file: &Path, nodes: &NodeRevocationFiles, json: bool) -> ExitCode {
+    let revocations = match nodes.load() {
+        Ok(r) => r,
+        Err(f) => return f.report(json.then(|| f.check_evidence_json())),
+    };
     let failed = |f: Failure| {
         let detail = format!("{}: {}", file.display(), f.detail);
         let value = json.then(|| f.check_evidence_json());
@@ -357,7 +420,7 @@ fn check_evidence_command(file: &Path, json: bool) -> ExitCode {
             });
         }
     };
-    let verdict = evidence::check(&bytes);
+    let verdict = evidence::check_with(&bytes, &revocations);
     if let Err(e) = &verdict
         && e.is_undecodable()
     {
@@ -415,6 +478,7 @@ fn render_verdict(
              call     {}\n\
              client   {}\n\
              gateway  {}\n\
+             {}\
              request  {} {} {}\n\
              executed status {}, {} response bytes, BLAKE3 {}\n\
              entry    gateway seq {} under Merkle root {} (size {})\n\
@@ -423,6 +487,9 @@ fn render_verdict(
             hex::encode(v.call),
             v.client,
             v.gateway,
+            v.node
+                .as_ref()
+                .map_or(String::new(), |n| format!("node     {n}\n")),
             v.method,
             v.upstream,
             v.path,
@@ -542,4 +609,74 @@ fn render(report: &Report) -> String {
         ));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use didgate_protocol::Identity;
+    use didgate_protocol::message::SignedMessage;
+    use didgate_protocol::node::{NodeRevocations, Revoked};
+
+    use super::*;
+
+    fn list(gateway: &Identity, seq: u64) -> Vec<u8> {
+        NodeRevocations {
+            v: 2,
+            gateway: gateway.did().to_string(),
+            seq,
+            time_ms: 5,
+            revoked: vec![Revoked {
+                serial: 1,
+                time_ms: 5,
+            }],
+        }
+        .sign(gateway)
+    }
+
+    /// `--node-revocations`: each file a signed list, the newest per gateway kept; a file that
+    /// cannot be read or does not open is a usage error naming the file.
+    #[test]
+    fn node_revocation_files_load_or_fail_as_usage_errors() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let gateway = Identity::from_seed(&[0x50; 32]);
+        let write = |name: &str, bytes: &[u8]| {
+            let path = dir.path().join(name);
+            std::fs::write(&path, bytes).expect("write");
+            path
+        };
+        let files = NodeRevocationFiles {
+            files: vec![
+                write("two", &list(&gateway, 2)),
+                write("one", &list(&gateway, 1)),
+            ],
+        };
+        let loaded = files.load().map_err(|f| f.detail).expect("loads");
+        assert_eq!(loaded.of(gateway.did()).map(|l| l.seq), Some(2));
+        // signed by another key than the gateway it names
+        let forged = NodeRevocations {
+            v: 2,
+            gateway: gateway.did().to_string(),
+            seq: 3,
+            time_ms: 5,
+            revoked: Vec::new(),
+        };
+        let by_node = write("forged", &forged.sign(&Identity::from_seed(&[0x51; 32])));
+        for (path, kind) in [
+            (by_node, "bad_node_revocations"),
+            (write("junk", b"junk"), "bad_node_revocations"),
+            (dir.path().join("absent"), "not_found"),
+        ] {
+            let files = NodeRevocationFiles {
+                files: vec![path.clone()],
+            };
+            let failure = files.load().expect_err("refused");
+            assert_eq!(failure.kind, kind);
+            assert!(
+                failure.detail.starts_with("--node-revocations ")
+                    && failure.detail.contains(&path.display().to_string()),
+                "{}",
+                failure.detail
+            );
+        }
+    }
 }

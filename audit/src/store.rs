@@ -722,6 +722,26 @@ pub struct Chain {
     id: Digest,
     owner: Did,
     failed: Arc<AtomicBool>,
+    node_cert: Arc<NodeCertSlot>,
+}
+
+/// The node certificate (COSE bytes) the checkpoints of a node's chain carry
+/// (specs/protocol.md, "Nodes"), shared by the chain's handles and its writer: set while the
+/// node runs ([`Chain::set_node_certificate`], a renewal), read once per checkpoint signed.
+#[derive(Default)]
+struct NodeCertSlot(RwLock<Option<Arc<[u8]>>>);
+
+impl NodeCertSlot {
+    /// The certificate now (a clone of the shared bytes, no copy).
+    fn get(&self) -> Option<Arc<[u8]>> {
+        // a poisoned lock still holds a whole value: only a store of an `Option` ran under it
+        self.0.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Replaces the certificate.
+    fn set(&self, cert: Option<Arc<[u8]>>) {
+        *self.0.write().unwrap_or_else(|e| e.into_inner()) = cert;
+    }
 }
 
 impl std::fmt::Debug for Chain {
@@ -849,6 +869,19 @@ impl Store {
     /// is left as it is. Refuses a head that disagrees with the last entry or the Merkle
     /// frontier ([`StoreError::Corrupt`]).
     pub fn seal(&self, signer: &Identity, role: Role, now_ms: u64) -> Result<Sealed, StoreError> {
+        self.seal_with_node_certificate(signer, role, now_ms, None)
+    }
+
+    /// [`Store::seal`] for a node's chain: the checkpoint carries `node_cert` (the COSE bytes
+    /// of the node certificate of `signer`'s key, as [`Chain::set_node_certificate`] takes
+    /// them) unless it is a version 1 checkpoint, which never carries one.
+    pub fn seal_with_node_certificate(
+        &self,
+        signer: &Identity,
+        role: Role,
+        now_ms: u64,
+        node_cert: Option<&[u8]>,
+    ) -> Result<Sealed, StoreError> {
         let Some(genesis) = self.entry_bytes(0)? else {
             return Ok(Sealed {
                 size: 0,
@@ -870,14 +903,12 @@ impl Store {
             why: "vanished",
         })?;
         let version = Version::from_u64(last.v).ok_or(StoreError::NewerFormat(last.v))?;
-        let cp = checkpoint_of(
-            signer,
-            entry_hash(&genesis),
-            &head,
-            &frontier,
-            now_ms,
-            version,
-        );
+        let at = Position {
+            id: entry_hash(&genesis),
+            head: &head,
+            frontier: &frontier,
+        };
+        let cp = checkpoint_of(signer, &at, now_ms, version, node_cert);
         let mut batch = engine.db.batch();
         stage_signed(&engine, &mut batch, signer, &cp);
         batch.commit()?;
@@ -921,9 +952,12 @@ impl Chain {
                     batch.insert(&engine.meta, HEAD_KEY, encode_ref(&head));
                     batch.insert(&engine.meta, FRONTIER_KEY, encode_frontier(&frontier));
                     let id = entry_hash(&bytes);
-                    let size = stage_checkpoint(
-                        &engine, &mut batch, &signer, id, &head, &frontier, now_ms,
-                    );
+                    let at = Position {
+                        id,
+                        head: &head,
+                        frontier: &frontier,
+                    };
+                    let size = stage_checkpoint(&engine, &mut batch, &signer, &at, now_ms, None);
                     switched = Some(size);
                 }
                 let last_cp = last_checkpoint_size(&engine)?;
@@ -956,10 +990,12 @@ impl Chain {
         drop(engine);
         let (tx, rx) = mpsc::channel();
         let failed = Arc::new(AtomicBool::new(false));
+        let node_cert = Arc::new(NodeCertSlot::default());
         let writer = Writer {
             store: store.clone(),
             id,
             signer,
+            node_cert: node_cert.clone(),
             head,
             frontier,
             policy,
@@ -980,7 +1016,24 @@ impl Chain {
             id,
             owner,
             failed,
+            node_cert,
         })
+    }
+
+    /// Sets the node certificate (COSE bytes of a `NodeCertificate` for the owner's key,
+    /// specs/protocol.md "Nodes") that every checkpoint the writer signs from now on carries in
+    /// `node_cert`; `None` for a chain the gateway's own key owns (the default), whose
+    /// checkpoints carry none. A node calls it after [`Chain::open`] and again at each renewal.
+    /// The bytes are not checked here: a certificate that does not hold for the owner at a
+    /// checkpoint's time is the verifier's `bad_node_certificate`. Checkpoints of version 1
+    /// never carry one. The format-switch checkpoint that [`Chain::open`] may sign carries none.
+    pub fn set_node_certificate(&self, cert: Option<Vec<u8>>) {
+        self.node_cert.set(cert.map(Arc::from));
+    }
+
+    /// The node certificate the next checkpoints carry ([`Chain::set_node_certificate`]).
+    pub fn node_certificate(&self) -> Option<Arc<[u8]>> {
+        self.node_cert.get()
     }
 
     /// The chain id (hash of entry 0).
@@ -1125,39 +1178,46 @@ fn stage_entry(
     head
 }
 
-/// Stages the owner's signed checkpoint of the chain `id` at `head` (the frontier's size) in
-/// the writer's version; returns its size.
+/// Where a checkpoint is taken: the chain `id` at `head`, whose Merkle frontier (of the
+/// head's seq + 1 entries) is `frontier`.
+struct Position<'a> {
+    id: Digest,
+    head: &'a EntryRef,
+    frontier: &'a Frontier,
+}
+
+/// Stages the owner's signed checkpoint at `at` in the writer's version, carrying `node_cert`
+/// when given; returns its size.
 fn stage_checkpoint(
     engine: &Engine,
     batch: &mut fjall::OwnedWriteBatch,
     signer: &Identity,
-    id: Digest,
-    head: &EntryRef,
-    frontier: &Frontier,
+    at: &Position<'_>,
     time_ms: u64,
+    node_cert: Option<&[u8]>,
 ) -> u64 {
-    let cp = checkpoint_of(signer, id, head, frontier, time_ms, Version::CURRENT);
+    let cp = checkpoint_of(signer, at, time_ms, Version::CURRENT, node_cert);
     stage_signed(engine, batch, signer, &cp)
 }
 
-/// The owner's checkpoint of the chain `id` at `head` (the frontier's size), in version `v`.
+/// The owner's checkpoint at `at`, in version `v`, carrying `node_cert` (the node certificate
+/// of the owner's key, version 2 on: a version 1 checkpoint never carries one).
 fn checkpoint_of(
     signer: &Identity,
-    id: Digest,
-    head: &EntryRef,
-    frontier: &Frontier,
+    at: &Position<'_>,
     time_ms: u64,
     v: Version,
+    node_cert: Option<&[u8]>,
 ) -> Checkpoint {
     Checkpoint {
         v: v.as_u64(),
         log: signer.did().to_string(),
-        chain: id,
-        size: frontier.size(),
-        head: head.hash,
-        root: frontier.root(),
+        chain: at.id,
+        size: at.frontier.size(),
+        head: at.head.hash,
+        root: at.frontier.root(),
         time_ms,
-        node_cert: None,
+        node_cert: node_cert.filter(|_| v >= Version::V2).map(<[u8]>::to_vec),
     }
 }
 
@@ -1224,6 +1284,8 @@ struct Writer {
     store: Store,
     id: Digest,
     signer: Arc<Identity>,
+    /// The node certificate the checkpoints it signs carry, if any ([`Chain::node_cert`]).
+    node_cert: Arc<NodeCertSlot>,
     head: EntryRef,
     frontier: Frontier,
     policy: CheckpointPolicy,
@@ -1433,14 +1495,19 @@ impl Writer {
                 batch.insert(&engine.meta, FRONTIER_KEY, encode_frontier(&self.frontier));
             }
             if checkpoint {
+                let at = Position {
+                    id: self.id,
+                    head: &self.head,
+                    frontier: &self.frontier,
+                };
+                let cert = self.node_cert.get();
                 stage_checkpoint(
                     &engine,
                     &mut batch,
                     &self.signer,
-                    self.id,
-                    &self.head,
-                    &self.frontier,
+                    &at,
                     now_ms(),
+                    cert.as_deref(),
                 );
             }
             let durable = batch
@@ -1756,5 +1823,137 @@ mod tests {
         );
         assert_eq!(chain.head().expect("head").seq, 5);
         chain.close();
+    }
+
+    /// The checkpoints in a store, decoded, in size order.
+    fn stored_checkpoints(store: &Store) -> Vec<(Vec<u8>, Checkpoint)> {
+        store
+            .checkpoints()
+            .expect("checkpoints")
+            .into_iter()
+            .map(|b| {
+                let cp = didgate_protocol::message::open::<Checkpoint>(&b)
+                    .expect("opens")
+                    .into_message();
+                (b, cp)
+            })
+            .collect()
+    }
+
+    /// Issue 22: a node's chain carries its node certificate in every checkpoint signed after
+    /// it is set, and a renewal replaces it; a chain without one signs exactly what it signed
+    /// before node certificates existed.
+    #[test]
+    fn checkpoints_carry_the_node_certificate_set_on_the_chain() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let owner = Arc::new(Identity::from_seed(&[4; 32]));
+        let store = Store::open(dir.path(), &[]).expect("open");
+        let chain = Chain::open(
+            store.clone(),
+            owner.clone(),
+            Role::Gateway,
+            1,
+            CheckpointPolicy::default(),
+        )
+        .expect("chain");
+        let append = |i| {
+            chain
+                .append_blocking(Append {
+                    entry: Entry::new(EntryKind::Refusals, i),
+                    claims: Vec::new(),
+                })
+                .expect("append");
+            chain.checkpoint().expect("checkpoint");
+        };
+        append(1);
+        assert_eq!(chain.node_certificate(), None);
+        chain.set_node_certificate(Some(b"first".to_vec()));
+        append(2);
+        chain.set_node_certificate(Some(b"renewed".to_vec()));
+        assert_eq!(chain.node_certificate().as_deref(), Some(&b"renewed"[..]));
+        append(3);
+        chain.set_node_certificate(None);
+        append(4);
+        chain.close();
+        let cps = stored_checkpoints(&store);
+        let carried: Vec<Option<&[u8]>> = cps.iter().map(|(_, c)| c.node_cert.as_deref()).collect();
+        assert_eq!(
+            carried,
+            vec![None, Some(&b"first"[..]), Some(&b"renewed"[..]), None]
+        );
+        // without a certificate, the bytes are those of a checkpoint without the field
+        for (bytes, cp) in [&cps[0], &cps[3]] {
+            let before = Checkpoint {
+                v: cp.v,
+                log: owner.did().to_string(),
+                chain: cp.chain,
+                size: cp.size,
+                head: cp.head,
+                root: cp.root,
+                time_ms: cp.time_ms,
+                node_cert: None,
+            };
+            assert_eq!(*bytes, before.sign(&owner));
+            assert!(!bytes.windows(9).any(|w| w == b"node_cert"));
+        }
+    }
+
+    /// A seal with no daemon running carries the node certificate given; a version 1
+    /// checkpoint never carries one.
+    #[test]
+    fn a_seal_carries_the_node_certificate_given_from_version_2_on() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let owner = Arc::new(Identity::from_seed(&[5; 32]));
+        let store = Store::open(dir.path(), &[]).expect("open");
+        let chain = Chain::open(
+            store.clone(),
+            owner.clone(),
+            Role::Gateway,
+            1,
+            CheckpointPolicy::default(),
+        )
+        .expect("chain");
+        chain
+            .append_blocking(Append {
+                entry: Entry::new(EntryKind::Refusals, 2),
+                claims: Vec::new(),
+            })
+            .expect("append");
+        let size = chain.head().expect("head").seq + 1;
+        let at = Position {
+            id: chain.id(),
+            head: &EntryRef {
+                seq: 0,
+                hash: [0; 32],
+            },
+            frontier: &Frontier::default(),
+        };
+        let v1 = checkpoint_of(&owner, &at, 3, Version::V1, Some(b"cert"));
+        assert_eq!(v1.node_cert, None);
+        chain.close();
+        drop(chain);
+        // the final checkpoint of `close` removed: the chain is unsealed again
+        let engine = store.engine().expect("engine");
+        engine
+            .checkpoints
+            .remove(size.to_be_bytes())
+            .expect("remove");
+        drop(engine);
+        let sealed = store
+            .seal_with_node_certificate(&owner, Role::Gateway, 9, Some(b"cert"))
+            .expect("seal");
+        assert_eq!(
+            sealed,
+            Sealed {
+                size,
+                written: true
+            }
+        );
+        let cps = stored_checkpoints(&store);
+        let last = &cps.last().expect("a checkpoint").1;
+        assert_eq!(
+            (last.size, last.node_cert.as_deref()),
+            (size, Some(&b"cert"[..]))
+        );
     }
 }

@@ -1409,7 +1409,14 @@ async fn stripped_checkpoints_leave_an_unsealed_tail() -> anyhow::Result<()> {
         report.warnings
     );
     // strict: a violation
-    let strict = verify_opts(gw, &clients, Options { strict: true });
+    let strict = verify_opts(
+        gw,
+        &clients,
+        Options {
+            strict: true,
+            ..Options::default()
+        },
+    );
     assert_violations(&strict, &[v(GW, ViolationKind::UnsealedTail, Some(0))], &[]);
     // an export declared sealed: a violation without --strict
     let mut sealed = t.gw.clone();
@@ -1589,7 +1596,10 @@ async fn verifier_vectors() -> anyhow::Result<()> {
                 let report = verify_opts(
                     std::slice::from_ref(&t.gw),
                     &[t.alice.clone(), t.bob.clone()],
-                    Options { strict },
+                    Options {
+                        strict,
+                        ..Options::default()
+                    },
                 );
                 serde_json::json!({
                     "name": name,
@@ -1634,7 +1644,14 @@ async fn verifier_vectors() -> anyhow::Result<()> {
             .map(chain_of)
             .collect::<anyhow::Result<Vec<_>>>()?;
         let strict = case["strict"].as_bool().unwrap_or(false);
-        let report = verify_opts(&gateways, &clients, Options { strict });
+        let report = verify_opts(
+            &gateways,
+            &clients,
+            Options {
+                strict,
+                ..Options::default()
+            },
+        );
         assert_eq!(
             verdict_json(&report),
             case["expect"],

@@ -1,6 +1,6 @@
 //! Checkpoints: each chain's signed checkpoints against its entries and Merkle tree, their
-//! roots recorded as signed by their log (fork detection, [`super::findings`]), and the tail no
-//! checkpoint covers.
+//! roots recorded as signed by their log (fork detection, [`super::findings`]), the node
+//! certificate a node's checkpoint carries, and the tail no checkpoint covers.
 
 use didgate_protocol::message::Checkpoint;
 
@@ -9,6 +9,7 @@ use super::findings::{Ctx, Roots};
 use super::report::{ChainRecords, Skipped, Violation, ViolationKind};
 use super::signatures::Sigs;
 use crate::entry::Role;
+use crate::nodes::SignerRule;
 
 /// Every chain's checkpoints ([`check_checkpoints`]), the gateway chains first.
 pub(super) fn check_all(
@@ -17,6 +18,7 @@ pub(super) fn check_all(
     (gws, cls): &Chains,
     sigs: &Sigs<'_>,
     strict: bool,
+    rule: &SignerRule<'_>,
     cx: &mut Ctx,
 ) {
     let roles = gateways
@@ -26,7 +28,7 @@ pub(super) fn check_all(
         .chain(clients.iter().zip(cls).map(|p| (p, Role::Client)));
     for ((rec, c), role) in roles {
         let mut roots = std::mem::take(&mut cx.roots);
-        check_checkpoints(rec, c, role, sigs, &mut roots, strict, cx);
+        check_checkpoints(rec, c, role, (sigs, rule), &mut roots, strict, cx);
         cx.roots = roots;
     }
 }
@@ -40,7 +42,7 @@ fn check_checkpoints(
     rec: &ChainRecords,
     c: &Checked,
     role: Role,
-    sigs: &Sigs<'_>,
+    (sigs, rule): (&Sigs<'_>, &SignerRule<'_>),
     roots: &mut Roots,
     strict: bool,
     cx: &mut Ctx,
@@ -61,6 +63,7 @@ fn check_checkpoints(
             (Some(owner), Ok(cp))
                 if cp.envelope.signer() == owner && cp.message.log == owner.as_str() =>
             {
+                check_node_cert(c, &where_, owner, &cp.message, rule, cx);
                 cp.message
             }
             (_, Ok(_)) => {
@@ -133,6 +136,28 @@ fn check_checkpoints(
         }
     }
     check_sealed(rec, c, extent, sealed, strict, cx);
+}
+
+/// The node certificate a checkpoint signed by the chain's `owner` carries, if any: it must
+/// hold for the owner's key at the checkpoint's `time_ms` under the gateway it names itself
+/// (no request names one), in that gateway's revocation list, else `bad_node_certificate`.
+fn check_node_cert(
+    c: &Checked,
+    where_: &str,
+    owner: &didgate_protocol::Did,
+    cp: &Checkpoint,
+    rule: &SignerRule<'_>,
+    cx: &mut Ctx,
+) {
+    let Some(cert) = &cp.node_cert else { return };
+    if let Err(e) = rule.check_named(owner, cert, cp.time_ms) {
+        cx.flag(
+            &c.label,
+            None,
+            ViolationKind::BadNodeCertificate,
+            format!("{where_} carries a node certificate that does not hold: {e}"),
+        );
+    }
 }
 
 /// Entries after the last one a valid checkpoint of the owner covers: `unsealed_tail`, a

@@ -76,7 +76,7 @@ impl<'a> ClientCalls<'a> {
                     self.request_entry(c, e, sigs, &mut pending, cx);
                 }
                 EntryKind::Result if e.outcome == Some(Outcome::Grant) => {
-                    grant_result(c, e, sigs, &mut pending, cx);
+                    self.grant_result(c, e, gateways, sigs, &mut pending, cx);
                 }
                 EntryKind::Result => self.result_entry(c, e, gateways, sigs, &mut pending, cx),
                 _ => {}
@@ -198,7 +198,8 @@ impl<'a> ClientCalls<'a> {
             }
             (Some(Outcome::Refusal), Some(bytes)) => {
                 self.cross_links += 1;
-                links::check_refusal(c, e, bytes, gateways, sigs, cx);
+                let asked = e.call.and_then(|c| self.auds.get(&c));
+                links::check_refusal(c, e, bytes, asked, gateways, sigs, cx);
             }
             (Some(Outcome::Unknown), _) => {}
             _ => cx.flag(
@@ -209,26 +210,45 @@ impl<'a> ClientCalls<'a> {
             ),
         }
     }
-}
 
-/// A grant result: it answers its pending request for now (a later result closes the call),
-/// with a valid signed grant for that call.
-fn grant_result(c: &Checked, e: &Entry, sigs: &Sigs<'_>, pending: &mut Pending, cx: &mut Ctx) {
-    let granted = e.call.and_then(|call| pending.requests.get_mut(&call));
-    let grant = e.signed.as_deref().map(|b| sigs.open::<GrantBody>(b));
-    match (granted, grant) {
-        (Some(p), Some(Ok(g))) if !p.1 && Some(g.message.call) == e.call => p.1 = true,
-        (None, _) | (Some((_, true)), _) => cx.flag(
-            &c.label,
-            Some(e.seq),
-            ViolationKind::UnansweredRequest,
-            "grant without a pending request",
-        ),
-        _ => cx.flag(
-            &c.label,
-            Some(e.seq),
-            ViolationKind::BadSignature,
-            "grant result without a valid signed grant for this call",
-        ),
+    /// A grant result: it answers its pending request for now (a later result closes the
+    /// call), with a valid signed grant for that call, whose node certificate, if it carries
+    /// one, holds at its `expires_ms` for the gateway the request addressed.
+    fn grant_result(
+        &self,
+        c: &Checked,
+        e: &Entry,
+        gateways: &Gateways<'_>,
+        sigs: &Sigs<'_>,
+        pending: &mut Pending,
+        cx: &mut Ctx,
+    ) {
+        let granted = e.call.and_then(|call| pending.requests.get_mut(&call));
+        let grant = e.signed.as_deref().map(|b| sigs.open::<GrantBody>(b));
+        match (granted, grant) {
+            (Some(p), Some(Ok(g))) if !p.1 && Some(g.message.call) == e.call => {
+                p.1 = true;
+                let answer = links::Answer {
+                    what: "grant",
+                    signer: g.envelope.signer(),
+                    node_cert: g.message.node_cert.as_deref(),
+                    at_ms: g.message.expires_ms,
+                };
+                let asked = e.call.and_then(|c| self.auds.get(&c));
+                links::check_answer_node_cert(c, e, &answer, asked, gateways.rule, cx);
+            }
+            (None, _) | (Some((_, true)), _) => cx.flag(
+                &c.label,
+                Some(e.seq),
+                ViolationKind::UnansweredRequest,
+                "grant without a pending request",
+            ),
+            _ => cx.flag(
+                &c.label,
+                Some(e.seq),
+                ViolationKind::BadSignature,
+                "grant result without a valid signed grant for this call",
+            ),
+        }
     }
 }

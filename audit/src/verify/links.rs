@@ -1,7 +1,9 @@
 //! Cross-links between chains: each receipt and refusal a client chain holds against the
 //! gateway chain that signed it (the entry it names, the call, the digests, the Merkle root a
 //! receipt carries), and each executing gateway entry against the client chain its request
-//! names (the request recorded there, the client head it carried).
+//! names (the request recorded there, the client head it carried). Also the signer rule of
+//! what a gateway signs in answer to a request (receipts, refusals, grants): the node
+//! certificate it carries, against the gateway the request addressed.
 
 use std::collections::{HashMap, HashSet};
 
@@ -14,7 +16,8 @@ use super::gateway::Executing;
 use super::report::ViolationKind;
 use super::signatures::{Opened, Sigs};
 use crate::entry::Entry;
-use crate::receipt;
+use crate::nodes::SignerRule;
+use crate::receipt::{self, Fault};
 
 /// The given gateway chains, as the cross-link checks read them.
 pub(super) struct Gateways<'a> {
@@ -24,6 +27,8 @@ pub(super) struct Gateways<'a> {
     pub(super) dids: &'a HashMap<Did, usize>,
     /// Their executing entries by call.
     pub(super) executing: &'a Executing<'a>,
+    /// The signer rule, with the node revocation lists given.
+    pub(super) rule: &'a SignerRule<'a>,
 }
 
 impl Gateways<'_> {
@@ -57,7 +62,7 @@ pub(super) fn check_receipt(
             );
         }
     };
-    check_receipt_answers(c, e, &receipt, asked, cx);
+    check_receipt_answers(c, e, &receipt, asked, gateways.rule, cx);
     if e.peer_entry != Some(receipt.message.entry) {
         cx.flag(
             &c.label,
@@ -90,34 +95,39 @@ pub(super) fn check_receipt(
 }
 
 /// The receipt answers the request: its call, the client that signed the request and the
-/// gateway the request addressed ([`receipt::answers`]).
+/// gateway the request addressed, directly or through a node it certified
+/// ([`receipt::answers`]). Without the request, its call and, when it carries one, its node
+/// certificate against the gateway that certificate names.
 fn check_receipt_answers(
     c: &Checked,
     e: &Entry,
     receipt: &Opened<'_, Receipt>,
     asked: Option<&(String, Did)>,
+    rule: &SignerRule<'_>,
     cx: &mut Ctx,
 ) {
     let seq = Some(e.seq);
+    let r = &receipt.message;
     let fault = match (asked, e.call) {
-        (Some((aud, signer)), Some(call)) => receipt::answers(
-            &receipt.message,
+        (Some((aud, signer)), Some(call)) => {
+            receipt::answers(r, receipt.envelope.signer(), &call, signer, aud, rule).err()
+        }
+        _ if Some(r.call) != e.call => Some(Fault::Call),
+        _ => unasked(
             receipt.envelope.signer(),
-            &call,
-            signer,
-            aud,
-        )
-        .err(),
-        _ => (Some(receipt.message.call) != e.call).then_some(receipt::Fault::Call),
+            r.node_cert.as_deref(),
+            r.time_ms,
+            rule,
+        ),
     };
     match fault {
-        Some(receipt::Fault::Call) => cx.flag(
+        Some(Fault::Call) => cx.flag(
             &c.label,
             seq,
             ViolationKind::CallIdMismatch,
             "receipt is for another call",
         ),
-        Some(receipt::Fault::Client) => cx.flag(
+        Some(Fault::Client) => cx.flag(
             &c.label,
             seq,
             ViolationKind::ReceiptMismatch,
@@ -126,6 +136,12 @@ fn check_receipt_answers(
                 receipt.message.client,
                 asked.map_or("?".into(), |(_, s)| s.to_string())
             ),
+        ),
+        Some(Fault::NodeCertificate(err)) => cx.flag(
+            &c.label,
+            seq,
+            ViolationKind::BadNodeCertificate,
+            format!("the receipt's node certificate does not hold: {err}"),
         ),
         Some(_) => cx.flag(
             &c.label,
@@ -137,6 +153,70 @@ fn check_receipt_answers(
     }
 }
 
+/// The node certificate of an answer whose request is unknown (its chain holds no request for
+/// the call: reported apart): checked against the gateway it names itself.
+fn unasked(
+    signer: &Did,
+    node_cert: Option<&[u8]>,
+    at_ms: u64,
+    rule: &SignerRule<'_>,
+) -> Option<Fault> {
+    let cert = node_cert?;
+    rule.check_named(signer, cert, at_ms)
+        .err()
+        .map(Fault::NodeCertificate)
+}
+
+/// A signed answer other than a receipt (a refusal, a grant), as the signer rule sees it.
+pub(super) struct Answer<'m> {
+    /// What it is, for the report: `refusal`, `grant`.
+    pub(super) what: &'static str,
+    /// The key that signed it.
+    pub(super) signer: &'m Did,
+    /// The node certificate it carries.
+    pub(super) node_cert: Option<&'m [u8]>,
+    /// The time the certificate must hold at: a refusal's `time_ms`, a grant's `expires_ms`.
+    pub(super) at_ms: u64,
+}
+
+/// The node certificate a refusal or grant carries, if any: the signer rule against the
+/// request's `aud` (`asked`) at the answer's time ([`receipt::signed_for`]), or, without the
+/// request, against the gateway the certificate names; `bad_node_certificate` if it fails.
+/// An answer without a certificate is not judged here.
+pub(super) fn check_answer_node_cert(
+    c: &Checked,
+    e: &Entry,
+    answer: &Answer<'_>,
+    asked: Option<&(String, Did)>,
+    rule: &SignerRule<'_>,
+    cx: &mut Ctx,
+) {
+    if answer.node_cert.is_none() {
+        return;
+    }
+    let fault = match asked {
+        Some((aud, _)) => {
+            receipt::signed_for(answer.signer, aud, answer.node_cert, answer.at_ms, rule).err()
+        }
+        None => unasked(answer.signer, answer.node_cert, answer.at_ms, rule),
+    };
+    if let Some(fault) = fault {
+        let why = match fault {
+            Fault::NodeCertificate(err) => err.to_string(),
+            other => format!("{other:?}"),
+        };
+        cx.flag(
+            &c.label,
+            Some(e.seq),
+            ViolationKind::BadNodeCertificate,
+            format!(
+                "the {}'s node certificate does not hold: {why}",
+                answer.what
+            ),
+        );
+    }
+}
+
 /// The gateway entry a receipt names is in the gateway's chain `g` and is this call's
 /// executed entry, with the receipt's status and digests ([`receipt::closed_by`]).
 fn check_receipt_entry(c: &Checked, e: &Entry, g: &Checked, r: &Receipt, cx: &mut Ctx) {
@@ -144,7 +224,7 @@ fn check_receipt_entry(c: &Checked, e: &Entry, g: &Checked, r: &Receipt, cx: &mu
     match g.at(r.entry.seq) {
         Some(it) if it.hash == r.entry.hash => match receipt::closed_by(r, it.key, &it.entry) {
             Ok(()) => {}
-            Err(receipt::Fault::Outcome(field)) => cx.flag(
+            Err(Fault::Outcome(field)) => cx.flag(
                 &c.label,
                 seq,
                 ViolationKind::DigestMismatch,
@@ -214,12 +294,14 @@ fn check_receipt_root(
     }
 }
 
-/// A client's refusal (`bytes`, in its result entry `e`): for this call, and recorded by the
+/// A client's refusal (`bytes`, in its result entry `e`): for this call, its node
+/// certificate if it carries one (against the request's `aud`, `asked`), and recorded by the
 /// gateway entry it names, when it names one.
 pub(super) fn check_refusal(
     c: &Checked,
     e: &Entry,
     bytes: &[u8],
+    asked: Option<&(String, Did)>,
     gateways: &Gateways<'_>,
     sigs: &Sigs<'_>,
     cx: &mut Ctx,
@@ -244,6 +326,13 @@ pub(super) fn check_refusal(
             "refusal is for another call",
         );
     }
+    let answer = Answer {
+        what: "refusal",
+        signer: refusal.envelope.signer(),
+        node_cert: refusal.message.node_cert.as_deref(),
+        at_ms: refusal.message.time_ms,
+    };
+    check_answer_node_cert(c, e, &answer, asked, gateways.rule, cx);
     let (Some(g), Some(at)) = (
         gateways.of(refusal.envelope.signer()),
         refusal.message.entry,

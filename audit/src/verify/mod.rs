@@ -47,6 +47,7 @@ pub use report::{
     ViolationKind,
 };
 
+use crate::nodes::SignerRule;
 use chain::{Chains, Checked};
 use findings::Ctx;
 use links::Gateways;
@@ -63,7 +64,7 @@ pub fn verify_with(gateways: &[ChainRecords], clients: &[ChainRecords], threads:
     run(gateways, clients, threads, Options::default()).0
 }
 
-/// Like [`verify`], with `options` (e.g. `strict`).
+/// Like [`verify`], with `options` (e.g. `strict`, the node revocation lists).
 pub fn verify_opts(
     gateways: &[ChainRecords],
     clients: &[ChainRecords],
@@ -113,8 +114,16 @@ fn run(
     timed(&mut ph.receipt_roots, || {
         sigs.receipt_roots(&chains.0, &dids, threads);
     });
+    let rule = SignerRule::new(&options.revocations);
     let (summaries, cross_links) = timed(&mut ph.cross_links, || {
-        check_sequentially(gateways, clients, &chains, &dids, &sigs, options, &mut cx)
+        let given = Given {
+            gateways,
+            clients,
+            chains: &chains,
+            dids: &dids,
+            sigs: &sigs,
+        };
+        check_sequentially(&given, options.strict, &rule, &mut cx)
     });
     let unknown_outcomes = summary::unknown_outcomes(&chains.0, &chains.1);
     ph.total = started.elapsed();
@@ -148,27 +157,45 @@ fn gateway_dids(gws: &[Checked]) -> HashMap<Did, usize> {
         .collect()
 }
 
+/// What the sequential checks read: the records, the checked chains, the gateway chains by
+/// owner and the opened signed messages.
+struct Given<'g, 's> {
+    gateways: &'g [ChainRecords],
+    clients: &'g [ChainRecords],
+    chains: &'g Chains,
+    dids: &'g HashMap<Did, usize>,
+    sigs: &'g Sigs<'s>,
+}
+
 /// The sequential checks, on one thread: every chain's checkpoints, the gateway chains' calls,
-/// the client chains' calls with their receipts and refusals, then the gateway entries
-/// against the client chains. Returns the chains' summaries and the cross-links checked.
+/// the client chains' calls with their receipts, refusals and grants, then the gateway entries
+/// against the client chains; node certificates under `rule`. Returns the chains' summaries
+/// and the cross-links checked.
 fn check_sequentially(
-    gateways: &[ChainRecords],
-    clients: &[ChainRecords],
-    chains: &Chains,
-    dids: &HashMap<Did, usize>,
-    sigs: &Sigs<'_>,
-    options: Options,
+    given: &Given<'_, '_>,
+    strict: bool,
+    rule: &SignerRule<'_>,
     cx: &mut Ctx,
 ) -> (Vec<ChainSummary>, u64) {
-    checkpoints::check_all(gateways, clients, chains, sigs, options.strict, cx);
+    let (chains, sigs) = (given.chains, given.sigs);
+    checkpoints::check_all(
+        given.gateways,
+        given.clients,
+        chains,
+        sigs,
+        strict,
+        rule,
+        cx,
+    );
     let (gws, cls) = chains;
     let gw = gateway::check_all(gws, sigs, cx);
-    let given = Gateways {
+    let gateways = Gateways {
         chains: gws,
-        dids,
+        dids: given.dids,
         executing: &gw.executing,
+        rule,
     };
-    let cl = client::check_all(cls, &given, sigs, cx);
+    let cl = client::check_all(cls, &gateways, sigs, cx);
     let links = links::check_gateway_to_client(gws, cls, &gw.executing, &cl.requests, sigs, cx);
     let summaries = summary::summaries(gws, &gw.calls, cls, &cl.calls);
     (summaries, cl.cross_links + links)

@@ -8,6 +8,8 @@ use std::time::Duration;
 use didgate_protocol::message::EntryRef;
 use serde::Serialize;
 
+use crate::nodes::Revocations;
+
 /// The records of one chain as read from a store or an export.
 #[derive(Debug, Clone)]
 pub struct ChainRecords {
@@ -28,12 +30,17 @@ pub struct ChainRecords {
     pub sealed: bool,
 }
 
-/// How strictly the verifier judges what older logs may lack.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// How the verifier judges: how strictly for what older logs may lack, and with which node
+/// revocation lists.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Options {
     /// Report entries covered by no signed checkpoint (`unsealed_tail`) as a violation in
     /// every chain, not only in chains declared sealed.
     pub strict: bool,
+    /// The node revocation lists of the gateways (`--node-revocations`): a node certificate
+    /// revoked at a message's time fails it (`bad_node_certificate`). Without a list for a
+    /// gateway, none of its nodes' certificates is revoked.
+    pub revocations: Revocations,
 }
 
 /// The kind of a violation.
@@ -90,6 +97,11 @@ pub enum ViolationKind {
     /// could have truncated or edited them (a warning for chains not declared sealed, unless
     /// the verifier is strict).
     UnsealedTail,
+    /// A receipt, refusal, grant or checkpoint carries a node certificate that does not make
+    /// its signer a node of the gateway it speaks for at the message's time: signed by another
+    /// key, altered, for another key, naming another gateway than the request's `aud`, not
+    /// valid then, or revoked then (amendment 2.7; specs/audit-log.md, "Receipt checks").
+    BadNodeCertificate,
 }
 
 /// One violation.

@@ -14,6 +14,8 @@ use super::*;
 use crate::entry::{Entry, EntryKind, Outcome, Role, SecretAction, entry_hash};
 use crate::merkle::{self, Frontier};
 
+mod nodes;
+
 const VERSION: u64 = Version::CURRENT.as_u64();
 
 /// A chain built in memory the way the store's writer builds it.
@@ -23,6 +25,9 @@ struct Builder {
     id: Digest,
     frontier: Frontier,
     checkpoints: Vec<Vec<u8>>,
+    /// The node certificate its checkpoints carry, and their `time_ms`.
+    node_cert: Option<Vec<u8>>,
+    checkpoint_ms: u64,
 }
 
 impl Builder {
@@ -44,6 +49,8 @@ impl Builder {
             id: hash,
             frontier,
             checkpoints: Vec::new(),
+            node_cert: None,
+            checkpoint_ms: 2,
         }
     }
 
@@ -64,19 +71,24 @@ impl Builder {
         self.entries.push((e.seq, bytes));
         self.head = EntryRef { seq: e.seq, hash };
         if self.frontier.size().is_multiple_of(32) {
-            let cp = Checkpoint {
-                v: VERSION,
-                log: owner.did().to_string(),
-                chain: self.id,
-                size: self.frontier.size(),
-                head: hash,
-                root: self.frontier.root(),
-                time_ms: 2,
-                node_cert: None,
-            };
-            self.checkpoints.push(cp.sign(owner));
+            self.checkpoint(owner);
         }
         self.head
+    }
+
+    /// Signs a checkpoint of the head, as the writer does.
+    fn checkpoint(&mut self, owner: &Identity) {
+        let cp = Checkpoint {
+            v: VERSION,
+            log: owner.did().to_string(),
+            chain: self.id,
+            size: self.frontier.size(),
+            head: self.head.hash,
+            root: self.frontier.root(),
+            time_ms: self.checkpoint_ms,
+            node_cert: self.node_cert.clone(),
+        };
+        self.checkpoints.push(cp.sign(owner));
     }
 
     fn records(self, label: &str) -> ChainRecords {
