@@ -349,8 +349,19 @@ pub fn seal_store(data: &Path) -> Result<(Store, Sealed), SealError> {
     }
     let store = Store::open(&dir, &[]).map_err(|e| SealError::store(&dir, e))?;
     let identity = didgate_io::identity::load(&d.identity()).map_err(SealError::Identity)?;
+    // a node's checkpoint carries its certificate, as its daemon's do (read as it is: a
+    // certificate that no longer holds makes the verifier report the checkpoint)
+    let node_cert = crate::config::RawConfig::read(&d.config())
+        .ok()
+        .and_then(|c| c.node)
+        .and_then(|n| std::fs::read(data.join(n.certificate)).ok());
     let sealed = store
-        .seal(&identity, Role::Gateway, didgate_io::now_ms())
+        .seal_with_node_certificate(
+            &identity,
+            Role::Gateway,
+            didgate_io::now_ms(),
+            node_cert.as_deref(),
+        )
         .map_err(|e| SealError::store(&dir, e))?;
     Ok((store, sealed))
 }

@@ -1,0 +1,53 @@
+//! The etcd key layout of a cluster (specs/operation.md, "Cluster", "Keys in etcd"). Every key
+//! is under `/didgate/CLUSTER/`.
+
+/// The prefix of every key of cluster `name`.
+pub fn root(name: &str) -> String {
+    format!("/didgate/{name}/")
+}
+
+/// The prefix of the members: `/didgate/CLUSTER/members/`.
+pub fn members(name: &str) -> String {
+    format!("{}members/", root(name))
+}
+
+/// A member's key: `/didgate/CLUSTER/members/NODE` (its value a [`crate::Member`] as JSON,
+/// attached to the node's lease).
+pub fn member(name: &str, node: &str) -> String {
+    format!("{}{node}", members(name))
+}
+
+/// The prefix of the revocations: `/didgate/CLUSTER/revoked/`.
+pub fn revocations(name: &str) -> String {
+    format!("{}revoked/", root(name))
+}
+
+/// A revocation's key: the prefix and the lower-case hex of the gateway's revocation key
+/// (`d` || DID text, or `g` || grant id: operation.md, "Revocation"); its value is the reason.
+pub fn revocation(name: &str, key: &[u8]) -> String {
+    format!("{}{}", revocations(name), hex::encode(key))
+}
+
+/// The revocation key a revocation's etcd key names, if it is one.
+pub fn revocation_key(name: &str, etcd_key: &[u8]) -> Option<Vec<u8>> {
+    let prefix = revocations(name);
+    let rest = etcd_key.strip_prefix(prefix.as_bytes())?;
+    hex::decode(rest).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn revocation_keys_round_trip_and_stay_in_their_cluster() {
+        let k = revocation("prod", b"ddid:key:z6Mk");
+        assert_eq!(k, "/didgate/prod/revoked/646469643a6b65793a7a364d6b");
+        assert_eq!(
+            revocation_key("prod", k.as_bytes()),
+            Some(b"ddid:key:z6Mk".to_vec())
+        );
+        assert_eq!(revocation_key("test", k.as_bytes()), None);
+        assert_eq!(member("prod", "n1"), "/didgate/prod/members/n1");
+    }
+}

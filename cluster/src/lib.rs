@@ -1,0 +1,104 @@
+//! didgate's control plane over etcd (specs/operation.md, "Cluster").
+//!
+//! Owns what the nodes of one gateway share through etcd, and nothing of a call's own path:
+//! the key layout ([`keys`]), a node's membership under a lease and the fail-closed health it
+//! gives ([`health`], pure over `now`), and the connection to etcd that keeps the lease alive,
+//! publishes revocations and watches everyone's ([`plane`]). Claims stay in each node's own
+//! store: etcd is never on the per-call path.
+
+pub mod health;
+pub mod keys;
+pub mod plane;
+
+pub use health::Health;
+pub use plane::{ClusterError, ControlPlane, Member};
+
+/// `[cluster]` in gateway.toml: this node is a member of a cluster whose control plane is etcd.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterSettings {
+    /// etcd client URLs (`http://host:port`), tried in order; a node moves to the next when one
+    /// does not answer.
+    pub endpoints: Vec<String>,
+    /// The cluster's name: every key lives under `/didgate/NAME/`.
+    pub name: String,
+    /// This node's name, unique in the cluster.
+    pub node: String,
+    /// The lease's time to live, seconds (at least 3; default 10). A node that has not had a
+    /// keep-alive answered for a third of it refuses calls (`control_plane_unavailable`).
+    #[serde(default = "d_lease_ttl")]
+    pub lease_ttl_secs: u64,
+}
+
+fn d_lease_ttl() -> u64 {
+    10
+}
+
+/// Why `[cluster]` is not valid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SettingsError {
+    /// No endpoint.
+    #[error("cluster.endpoints is empty")]
+    NoEndpoint,
+    /// A name that is empty or holds a character other than `[A-Za-z0-9._-]`.
+    #[error("cluster.{field} must be 1 to 64 characters of [A-Za-z0-9._-]")]
+    Name {
+        /// `name` or `node`.
+        field: &'static str,
+    },
+    /// A lease under 3 seconds.
+    #[error("cluster.lease_ttl_secs must be at least 3")]
+    LeaseTtl,
+}
+
+impl ClusterSettings {
+    /// Checks the settings.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        if self.endpoints.is_empty() {
+            return Err(SettingsError::NoEndpoint);
+        }
+        let ok = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 64
+                && s
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+        };
+        if !ok(&self.name) {
+            return Err(SettingsError::Name { field: "name" });
+        }
+        if !ok(&self.node) {
+            return Err(SettingsError::Name { field: "node" });
+        }
+        if self.lease_ttl_secs < 3 {
+            return Err(SettingsError::LeaseTtl);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_are_checked() {
+        let good = ClusterSettings {
+            endpoints: vec!["http://127.0.0.1:2379".into()],
+            name: "prod".into(),
+            node: "node-1".into(),
+            lease_ttl_secs: 10,
+        };
+        assert_eq!(good.validate(), Ok(()));
+        let mut bad = good.clone();
+        bad.node = "a/b".into();
+        assert_eq!(bad.validate(), Err(SettingsError::Name { field: "node" }));
+        let mut bad = good.clone();
+        bad.endpoints.clear();
+        assert_eq!(bad.validate(), Err(SettingsError::NoEndpoint));
+        let mut bad = good;
+        bad.lease_ttl_secs = 2;
+        assert_eq!(bad.validate(), Err(SettingsError::LeaseTtl));
+    }
+}

@@ -1,0 +1,388 @@
+//! A node's connection to etcd (specs/operation.md, "Cluster"): its membership under a lease
+//! kept alive in the background, the health that follows from the keep-alives answered, the
+//! revocations it publishes and the ones it watches.
+//!
+//! One endpoint is used at a time, in the order configured; when a request to it fails or
+//! times out, the node moves to the next (a client balancing over every endpoint kept sending
+//! to a killed member: issue 23's measurements).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use etcd_client::{Client, ConnectOptions, EventType, GetOptions, PutOptions, WatchOptions};
+use tokio::sync::{Mutex, watch};
+
+use crate::health::Health;
+use crate::{ClusterSettings, keys};
+
+/// Why the control plane could not be used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ClusterError {
+    /// etcd refused or failed a request.
+    #[error("etcd: {0}")]
+    Etcd(#[from] etcd_client::Error),
+    /// No endpoint answered within the bound.
+    #[error("no etcd endpoint answered within {0:?}")]
+    Unreachable(Duration),
+    /// A member's value in etcd is not a member.
+    #[error("member {key}: {source}")]
+    Member {
+        /// Its key.
+        key: String,
+        /// Why.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// A member of the cluster as it is registered in etcd (JSON, under its lease).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Member {
+    /// The node's name.
+    pub node: String,
+    /// The node's key (its did:key).
+    pub key: String,
+    /// Where it serves (UDP).
+    pub address: String,
+    /// Its lease id.
+    pub lease: i64,
+    /// The lease's time to live, seconds: the member disappears this long after its last
+    /// answered keep-alive.
+    pub lease_ttl_secs: u64,
+    /// When it joined (ms since the epoch).
+    pub joined_ms: u64,
+}
+
+/// A node's control plane: membership, health, revocations.
+pub struct ControlPlane {
+    settings: ClusterSettings,
+    health: Arc<Health>,
+    /// The endpoint in use (an index into `settings.endpoints`).
+    endpoint: AtomicUsize,
+    client: Mutex<Option<Client>>,
+    lease: AtomicI64,
+    member: Member,
+    stop: watch::Sender<bool>,
+}
+
+impl std::fmt::Debug for ControlPlane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ControlPlane")
+            .field("cluster", &self.settings.name)
+            .field("node", &self.settings.node)
+            .field("lease", &self.lease())
+            .finish_non_exhaustive()
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+impl ControlPlane {
+    /// Joins the cluster as `key` serving at `address`: connects, grants a lease, registers
+    /// the member under it, and keeps it alive in the background until [`ControlPlane::leave`].
+    pub async fn join(
+        settings: ClusterSettings,
+        key: String,
+        address: SocketAddr,
+    ) -> Result<Arc<Self>, ClusterError> {
+        let ttl_ms = settings.lease_ttl_secs * 1000;
+        let health = Arc::new(Health::new(ttl_ms, now_ms()));
+        let member = Member {
+            node: settings.node.clone(),
+            key,
+            address: address.to_string(),
+            lease: 0,
+            lease_ttl_secs: settings.lease_ttl_secs,
+            joined_ms: now_ms(),
+        };
+        let plane = Arc::new(Self {
+            settings,
+            health,
+            endpoint: AtomicUsize::new(0),
+            client: Mutex::new(None),
+            lease: AtomicI64::new(0),
+            member,
+            stop: watch::channel(false).0,
+        });
+        plane.register().await?;
+        plane.health.answered(now_ms());
+        tokio::spawn(plane.clone().keep_alive());
+        Ok(plane)
+    }
+
+    /// The settings it runs with.
+    pub fn settings(&self) -> &ClusterSettings {
+        &self.settings
+    }
+
+    /// Whether this node may serve at `now_ms` ([`Health::serving`]).
+    pub fn serving(&self, now_ms: u64) -> bool {
+        self.health.serving(now_ms)
+    }
+
+    /// The health record.
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
+    /// The lease this node is registered under.
+    pub fn lease(&self) -> i64 {
+        self.lease.load(Ordering::Acquire)
+    }
+
+    /// How long one request may take before the node moves to the next endpoint.
+    fn request_bound(&self) -> Duration {
+        Duration::from_millis(self.health.bound_ms().max(300))
+    }
+
+    /// The client of the endpoint in use, connecting if there is none; on failure the next
+    /// endpoint is tried, each once.
+    async fn client(&self) -> Result<Client, ClusterError> {
+        let mut held = self.client.lock().await;
+        if let Some(c) = held.as_ref() {
+            return Ok(c.clone());
+        }
+        let n = self.settings.endpoints.len();
+        let bound = self.request_bound();
+        let options = ConnectOptions::new()
+            .with_connect_timeout(bound)
+            .with_timeout(bound)
+            .with_keep_alive(bound, bound);
+        let mut last = None;
+        for _ in 0..n {
+            let i = self.endpoint.load(Ordering::Acquire) % n;
+            let ep = &self.settings.endpoints[i];
+            match tokio::time::timeout(bound, Client::connect([ep], Some(options.clone()))).await {
+                Ok(Ok(c)) => {
+                    *held = Some(c.clone());
+                    return Ok(c);
+                }
+                Ok(Err(e)) => last = Some(ClusterError::Etcd(e)),
+                Err(_) => last = Some(ClusterError::Unreachable(bound)),
+            }
+            self.endpoint.store(i + 1, Ordering::Release);
+        }
+        Err(last.unwrap_or(ClusterError::Unreachable(bound)))
+    }
+
+    /// Drops the connection in use and moves to the next endpoint (after a failed request).
+    async fn failed(&self) {
+        let mut held = self.client.lock().await;
+        if held.take().is_some() {
+            self.endpoint.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// Runs `f` with the client in use, within the request bound; a failure moves to the next
+    /// endpoint for the next request.
+    async fn with_client<T, F, Fut>(&self, f: F) -> Result<T, ClusterError>
+    where
+        F: FnOnce(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let bound = self.request_bound();
+        let client = self.client().await?;
+        match tokio::time::timeout(bound, f(client)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                self.failed().await;
+                Err(ClusterError::Etcd(e))
+            }
+            Err(_) => {
+                self.failed().await;
+                Err(ClusterError::Unreachable(bound))
+            }
+        }
+    }
+
+    /// Grants a lease and puts this member under it.
+    async fn register(&self) -> Result<(), ClusterError> {
+        let ttl = i64::try_from(self.settings.lease_ttl_secs).unwrap_or(i64::MAX);
+        let lease = self
+            .with_client(|mut c| async move { c.lease_grant(ttl, None).await })
+            .await?
+            .id();
+        let mut member = self.member.clone();
+        member.lease = lease;
+        let value = serde_json::to_vec(&member).map_err(|source| ClusterError::Member {
+            key: member.node.clone(),
+            source,
+        })?;
+        let key = keys::member(&self.settings.name, &self.settings.node);
+        self.with_client(|mut c| async move {
+            c.put(key, value, Some(PutOptions::new().with_lease(lease)))
+                .await
+        })
+        .await?;
+        self.lease.store(lease, Ordering::Release);
+        Ok(())
+    }
+
+    /// One keep-alive of the lease: its remaining TTL (0 when it expired).
+    async fn keep_alive_once(&self) -> Result<i64, ClusterError> {
+        let lease = self.lease();
+        self.with_client(|mut c| async move {
+            let (mut keeper, mut stream) = c.lease_keep_alive(lease).await?;
+            keeper.keep_alive().await?;
+            Ok(stream.message().await?.map_or(0, |r| r.ttl()))
+        })
+        .await
+    }
+
+    /// The keep-alive loop: every sixth of the TTL; an answer with the lease alive marks the
+    /// node healthy; an expired lease is registered again.
+    async fn keep_alive(self: Arc<Self>) {
+        let every = Duration::from_millis((self.settings.lease_ttl_secs * 1000 / 6).max(100));
+        let mut tick = tokio::time::interval(every);
+        let mut stop = self.stop.subscribe();
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.changed() => return,
+            }
+            match self.keep_alive_once().await {
+                Ok(ttl) if ttl > 0 => self.health.answered(now_ms()),
+                Ok(_) => match self.register().await {
+                    Ok(()) => {
+                        tracing::warn!(lease = self.lease(), "the cluster lease had expired: registered again");
+                        self.health.answered(now_ms());
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot register in the cluster again"),
+                },
+                Err(e) => tracing::warn!(error = %e, "cluster keep-alive unanswered"),
+            }
+        }
+    }
+
+    /// The members registered now.
+    pub async fn members(&self) -> Result<Vec<Member>, ClusterError> {
+        let prefix = keys::members(&self.settings.name);
+        let resp = self
+            .with_client(|mut c| async move {
+                c.get(prefix, Some(GetOptions::new().with_prefix())).await
+            })
+            .await?;
+        resp.kvs()
+            .iter()
+            .map(|kv| {
+                serde_json::from_slice(kv.value()).map_err(|source| ClusterError::Member {
+                    key: String::from_utf8_lossy(kv.key()).into_owned(),
+                    source,
+                })
+            })
+            .collect()
+    }
+
+    /// Publishes a revocation (the gateway's revocation key and its reason) to every node.
+    pub async fn publish_revocation(&self, key: &[u8], reason: &str) -> Result<(), ClusterError> {
+        let k = keys::revocation(&self.settings.name, key);
+        let v = reason.as_bytes().to_vec();
+        self.with_client(|mut c| async move { c.put(k, v, None).await })
+            .await
+            .map(|_| ())
+    }
+
+    /// Applies every revocation in etcd now and from then on with `apply(key, reason)`, until
+    /// [`ControlPlane::leave`]: a full read, then a watch from the revision after it; after a
+    /// failure, on the next endpoint, from where it stopped (or a full read again when etcd has
+    /// compacted past it). `apply` must be idempotent.
+    pub fn watch_revocations<F>(self: &Arc<Self>, apply: F) -> tokio::task::JoinHandle<()>
+    where
+        F: Fn(Vec<u8>, String) + Send + Sync + 'static,
+    {
+        let plane = self.clone();
+        tokio::spawn(async move {
+            let mut stop = plane.stop.subscribe();
+            let mut from = 0;
+            loop {
+                tokio::select! {
+                    r = plane.follow_revocations(&apply, &mut from) => {
+                        if let Err(e) = r {
+                            tracing::warn!(error = %e, "cluster revocation watch interrupted");
+                        }
+                    }
+                    _ = stop.changed() => return,
+                }
+                // a pause before trying again (the next endpoint)
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    _ = stop.changed() => return,
+                }
+            }
+        })
+    }
+
+    /// One run of the revocation watch: a full read when `from` is 0, then the watch; returns
+    /// when the stream ends or fails, `from` naming the next revision to read.
+    async fn follow_revocations<F>(&self, apply: &F, from: &mut i64) -> Result<(), ClusterError>
+    where
+        F: Fn(Vec<u8>, String),
+    {
+        let name = self.settings.name.clone();
+        let prefix = keys::revocations(&name);
+        if *from == 0 {
+            let p = prefix.clone();
+            let resp = self
+                .with_client(|mut c| async move {
+                    c.get(p, Some(GetOptions::new().with_prefix())).await
+                })
+                .await?;
+            for kv in resp.kvs() {
+                if let Some(key) = keys::revocation_key(&name, kv.key()) {
+                    apply(key, String::from_utf8_lossy(kv.value()).into_owned());
+                }
+            }
+            *from = resp.header().map_or(0, |h| h.revision()) + 1;
+        }
+        let start = *from;
+        let mut stream = self
+            .with_client(|mut c| async move {
+                c.watch(
+                    prefix,
+                    Some(WatchOptions::new().with_prefix().with_start_revision(start)),
+                )
+                .await
+            })
+            .await?;
+        while let Some(resp) = stream.message().await? {
+            if resp.compact_revision() > 0 || resp.canceled() {
+                // compacted past `from`: read everything again
+                *from = 0;
+                return Ok(());
+            }
+            for event in resp.events() {
+                let Some(kv) = event.kv() else { continue };
+                *from = (*from).max(kv.mod_revision() + 1);
+                if event.event_type() != EventType::Put {
+                    continue;
+                }
+                if let Some(key) = keys::revocation_key(&name, kv.key()) {
+                    apply(key, String::from_utf8_lossy(kv.value()).into_owned());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Leaves the cluster: stops the background tasks and revokes the lease (the member's key
+    /// goes at once).
+    pub async fn leave(&self) {
+        let _ = self.stop.send(true);
+        let lease = self.lease();
+        if let Err(e) = self
+            .with_client(|mut c| async move { c.lease_revoke(lease).await })
+            .await
+        {
+            tracing::warn!(error = %e, "cannot revoke the cluster lease (it expires by itself)");
+        }
+    }
+}
