@@ -145,6 +145,9 @@ impl CallError {
                 RefusalCode::ShuttingDown | RefusalCode::AuditUnavailable => {
                     "the gateway cannot take calls now: try again later"
                 }
+                RefusalCode::ControlPlaneUnavailable => {
+                    "this node of the gateway cannot reach its control plane, so nothing was admitted: try again later or another node"
+                }
                 RefusalCode::KmsUnavailable => {
                     "the gateway's key store is unavailable, so the secret could not be opened (the grant was consumed; the upstream was not called): try again later"
                 }

@@ -464,9 +464,10 @@ pub fn refusal_status(code: RefusalCode) -> u16 {
         RefusalCode::UpstreamFailed
         | RefusalCode::SecretUnavailable
         | RefusalCode::ResponseTooLarge => 502,
-        RefusalCode::AuditUnavailable | RefusalCode::ShuttingDown | RefusalCode::KmsUnavailable => {
-            503
-        }
+        RefusalCode::AuditUnavailable
+        | RefusalCode::ShuttingDown
+        | RefusalCode::KmsUnavailable
+        | RefusalCode::ControlPlaneUnavailable => 503,
         _ => 400,
     }
 }

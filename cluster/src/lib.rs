@@ -61,8 +61,7 @@ impl ClusterSettings {
         let ok = |s: &str| {
             !s.is_empty()
                 && s.len() <= 64
-                && s
-                    .bytes()
+                && s.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
         };
         if !ok(&self.name) {

@@ -253,7 +253,10 @@ impl ControlPlane {
                 Ok(ttl) if ttl > 0 => self.health.answered(now_ms()),
                 Ok(_) => match self.register().await {
                     Ok(()) => {
-                        tracing::warn!(lease = self.lease(), "the cluster lease had expired: registered again");
+                        tracing::warn!(
+                            lease = self.lease(),
+                            "the cluster lease had expired: registered again"
+                        );
                         self.health.answered(now_ms());
                     }
                     Err(e) => tracing::warn!(error = %e, "cannot register in the cluster again"),

@@ -99,6 +99,7 @@ pub async fn run(root: &Path) -> anyhow::Result<DemoOutcome> {
         did_web: Default::default(),
         pkcs11: None,
         node: None,
+        cluster: None,
     }
     .validate()?;
     std::fs::write(

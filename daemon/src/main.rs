@@ -627,6 +627,8 @@ async fn shutdown_signal() {
 async fn serve(data: &std::path::Path) -> anyhow::Result<()> {
     let gw = Arc::new(Gateway::open(data).await?);
     let endpoint = didgate_gateway::server::endpoint(&gw, gw.config().gateway().listen)?;
+    // a cluster member registers with the address it serves on (no-op without [cluster])
+    gw.join_cluster(endpoint.local_addr()?).await?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     // bound first: a metrics address in use stops the start before anything is served
     let metrics = match gw.config().gateway().metrics_listen {

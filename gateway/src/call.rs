@@ -192,6 +192,8 @@ pub(crate) fn revoked_grant_key(id: &[u8; 16]) -> Vec<u8> {
 /// What admission reads besides the call and the request: the gateway's DID, its
 /// configuration, and the revocation set.
 pub(crate) struct Gate<'c, 'r> {
+    /// Whether the control plane lets this node admit calls (always without `[cluster]`).
+    pub(crate) control_plane: bool,
     pub(crate) did: &'c Did,
     pub(crate) config: &'c Config,
     pub(crate) revoked: &'r HashSet<Vec<u8>>,
@@ -215,6 +217,13 @@ pub(crate) fn admit<'c>(
         return Err(refuse(
             RefusalCode::PeerMismatch,
             "the request is signed by another DID than the TLS peer",
+        ));
+    }
+    if !gate.control_plane {
+        // what other nodes revoked may not have reached this one: fail closed
+        return Err(refuse(
+            RefusalCode::ControlPlaneUnavailable,
+            "this node has not heard from its control plane within its bound",
         ));
     }
     if gate.revoked.contains(&revoked_did_key(peer.as_str())) {
@@ -721,8 +730,21 @@ paths = ["/v1/balance"]
         now: u64,
         revoked: &HashSet<Vec<u8>>,
     ) -> Result<String, RefusalCode> {
+        admit_serving(config, cx, req, now, revoked, true)
+    }
+
+    /// [`admit_at`] on a node whose control plane lets it serve (`serving`) or not.
+    fn admit_serving(
+        config: &Config,
+        cx: &mut Call,
+        req: &Signed<Request>,
+        now: u64,
+        revoked: &HashSet<Vec<u8>>,
+        serving: bool,
+    ) -> Result<String, RefusalCode> {
         let gw = gateway();
         let gate = Gate {
+            control_plane: serving,
             did: gw.did(),
             config,
             revoked,
@@ -730,6 +752,24 @@ paths = ["/v1/balance"]
         admit(&gate, cx, req, now, true)
             .map(|up| up.name().to_string())
             .map_err(|r| r.code)
+    }
+
+    #[test]
+    fn a_node_cut_off_from_its_control_plane_admits_nothing() {
+        let config = config();
+        let mut cx = call_of(&alice(), &config);
+        let req = request(&alice(), |_| {});
+        let none = HashSet::new();
+        assert_eq!(
+            admit_serving(&config, &mut cx, &req, NOW, &none, false),
+            Err(RefusalCode::ControlPlaneUnavailable)
+        );
+        // the peer check comes first: a stranger's replay is still peer_mismatch
+        let mut cx = call_of(&bob(), &config);
+        assert_eq!(
+            admit_serving(&config, &mut cx, &req, NOW, &none, false),
+            Err(RefusalCode::PeerMismatch)
+        );
     }
 
     /// The store's claims as a map: applies `claims` atomically if all hold, else returns the

@@ -543,6 +543,10 @@ pub struct RawConfig {
     /// This gateway is one node of a gateway DID (specs/operation.md, "Nodes").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<crate::node::NodeSettings>,
+    /// This node is a member of a cluster whose control plane is etcd (specs/operation.md,
+    /// "Cluster").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<didgate_cluster::ClusterSettings>,
 }
 
 /// `[did_web]`: how did:web callers' documents are fetched (specs/protocol.md, "did:web
@@ -634,6 +638,9 @@ pub enum ConfigError {
         "gateway: kms = \"pkcs11\" needs a [pkcs11] table (module, token, pin_env or pin_file)"
     )]
     Pkcs11Missing,
+    /// `[cluster]` is not valid.
+    #[error("{0}")]
+    Cluster(#[source] didgate_cluster::SettingsError),
     /// `[pkcs11]` gives both or neither of `pin_env` and `pin_file`.
     #[error("pkcs11: set exactly one of pin_env and pin_file (the PIN is never in this file)")]
     Pkcs11Pin,
@@ -1004,6 +1011,7 @@ pub struct Config {
     did_web: DidWeb,
     pkcs11: Option<Pkcs11Settings>,
     node: Option<crate::node::NodeSettings>,
+    cluster: Option<didgate_cluster::ClusterSettings>,
     min_client: Version,
     skew: Duration,
     grant_ttl: Duration,
@@ -1044,7 +1052,11 @@ impl RawConfig {
             did_web,
             pkcs11,
             node,
+            cluster,
         } = self;
+        if let Some(c) = &cluster {
+            c.validate().map_err(ConfigError::Cluster)?;
+        }
         let upstreams = upstreams
             .into_iter()
             .map(RawUpstream::validate)
@@ -1128,6 +1140,7 @@ impl RawConfig {
             did_web,
             pkcs11,
             node,
+            cluster,
         })
     }
 
@@ -1173,6 +1186,7 @@ impl Config {
             did_web: self.did_web.clone(),
             pkcs11: self.pkcs11.clone(),
             node: self.node.clone(),
+            cluster: self.cluster.clone(),
         }
     }
 
@@ -1205,6 +1219,11 @@ impl Config {
     /// `[did_web]`.
     pub fn did_web(&self) -> &DidWeb {
         &self.did_web
+    }
+
+    /// `[cluster]`, when this node is a member of a cluster.
+    pub fn cluster(&self) -> Option<&didgate_cluster::ClusterSettings> {
+        self.cluster.as_ref()
     }
 
     /// `[node]`, when this gateway is one node of a gateway DID.

@@ -71,6 +71,39 @@ pub enum Revoke {
     Grant([u8; 16]),
 }
 
+/// Why a revocation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RevokeError {
+    /// The revocation could not be written (nothing changed).
+    #[error(transparent)]
+    Audit(#[from] AppendError),
+    /// Written and in force on this node, but not published to the cluster: the other nodes
+    /// do not know it (run the command again; it is idempotent).
+    #[error(
+        "revoked on this node, but not published to the cluster, so other nodes still admit it (run the command again): {0}"
+    )]
+    Publish(#[source] didgate_cluster::ClusterError),
+}
+
+/// The revocation a revocation key names (`d` || DID text, `g` || grant id), if it is one.
+fn revoke_key(target: &Revoke) -> Vec<u8> {
+    match target {
+        Revoke::Did(did) => revoked_did_key(did.as_str()),
+        Revoke::Grant(id) => revoked_grant_key(id),
+    }
+}
+
+fn revoke_of_key(key: &[u8]) -> Option<Revoke> {
+    match key.split_first()? {
+        (b'd', did) => Principal::parse(std::str::from_utf8(did).ok()?)
+            .ok()
+            .map(Revoke::Did),
+        (b'g', id) => <[u8; 16]>::try_from(id).ok().map(Revoke::Grant),
+        _ => None,
+    }
+}
+
 /// Parses a revocation target: exactly one of a DID or a grant id (32 hex digits).
 pub fn parse_revoke(did: Option<&str>, grant: Option<&str>) -> Result<Revoke, String> {
     match (did, grant) {
@@ -130,6 +163,9 @@ pub enum StartError {
     /// `[node]`: the node certificate or its revocation list does not hold.
     #[error("node: {0}")]
     Node(#[from] crate::node::NodeError),
+    /// `[cluster]`: the control plane cannot be joined.
+    #[error("cluster: {0}")]
+    Cluster(#[source] didgate_cluster::ClusterError),
 }
 
 /// Counts the refusals not recorded one by one (see [`call::recorded_individually`]), written
@@ -149,6 +185,9 @@ pub struct Gateway {
     served: Did,
     /// This gateway's node certificate, when it is one node of a gateway DID.
     pub(crate) node: Option<crate::node::Node>,
+    /// The cluster's control plane once joined ([`Gateway::join_cluster`]); `[cluster]` set
+    /// and not joined means no call is admitted.
+    cluster: std::sync::OnceLock<Arc<didgate_cluster::ControlPlane>>,
     pub(crate) config: Config,
     /// The data directory (the policy is reloaded from it).
     dir: PathBuf,
@@ -254,6 +293,7 @@ impl Gateway {
             identity,
             served,
             node,
+            cluster: std::sync::OnceLock::new(),
             config,
             dir: dir.to_path_buf(),
             policy,
@@ -272,6 +312,11 @@ impl Gateway {
             events: tokio::sync::broadcast::channel(crate::events::CAPACITY).0,
             metrics,
         };
+        if let Some(node) = &gw.node {
+            // the checkpoints this node signs carry its certificate
+            gw.chain
+                .set_node_certificate(Some(node.credentials().certificate.clone()));
+        }
         gw.recover().await?;
         {
             let keys = gw
@@ -296,6 +341,40 @@ impl Gateway {
     /// node's.
     pub fn key(&self) -> &Did {
         self.identity.did()
+    }
+
+    /// Joins the cluster of `[cluster]` (if any) as this gateway's key serving at `addr`: a
+    /// member under a lease kept alive, after which revocations are published to and watched
+    /// from every node ([`crate::server::serve`] starts the watch). Without it a clustered
+    /// gateway admits no call.
+    pub async fn join_cluster(&self, addr: std::net::SocketAddr) -> Result<(), StartError> {
+        let Some(settings) = self.config.cluster() else {
+            return Ok(());
+        };
+        let plane = didgate_cluster::ControlPlane::join(
+            settings.clone(),
+            self.identity.did().to_string(),
+            addr,
+        )
+        .await
+        .map_err(StartError::Cluster)?;
+        let _ = self.cluster.set(plane);
+        Ok(())
+    }
+
+    /// The control plane, once joined.
+    pub fn cluster(&self) -> Option<&Arc<didgate_cluster::ControlPlane>> {
+        self.cluster.get()
+    }
+
+    /// Whether calls may be admitted at `now` as far as the control plane goes: always for a
+    /// gateway without `[cluster]`; for a clustered one, once joined and while etcd answers
+    /// its keep-alives within a third of the lease.
+    pub(crate) fn control_plane_serving(&self, now: u64) -> bool {
+        if self.config.cluster().is_none() {
+            return true;
+        }
+        self.cluster.get().is_some_and(|c| c.serving(now))
     }
 
     /// The node certificate, when this gateway is one node of a gateway DID.
@@ -406,6 +485,12 @@ impl Gateway {
         self.stopping.load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// Whether `target` is revoked on this node (by this node, or by another node of its
+    /// cluster once the revocation reached it).
+    pub fn revoked(&self, target: &Revoke) -> bool {
+        self.is_revoked(&revoke_key(target))
+    }
+
     /// Whether `did` is revoked (the catalog answers a revoked DID with a refusal).
     pub(crate) fn did_revoked(&self, did: &Caller) -> bool {
         self.is_revoked(&revoked_did_key(did.as_str()))
@@ -449,19 +534,42 @@ impl Gateway {
     /// Revokes a DID or a grant: durable and audited (a `revocation` entry written in the same
     /// batch as the revocation record), effective for the next request and for calls in flight
     /// that have not reached the upstream; a revoked DID's open connections are closed.
-    pub async fn revoke(&self, target: &Revoke, reason: &str) -> Result<EntryRef, AppendError> {
+    /// In a cluster it is then published to every node ([`Gateway::join_cluster`]).
+    pub async fn revoke(&self, target: &Revoke, reason: &str) -> Result<EntryRef, RevokeError> {
+        let entry = self.revoke_here(target, reason).await?;
+        if let Some(plane) = self.cluster.get() {
+            plane
+                .publish_revocation(&revoke_key(target), reason)
+                .await
+                .map_err(RevokeError::Publish)?;
+        }
+        Ok(entry)
+    }
+
+    /// Applies a revocation another node published (idempotent: one this node holds is
+    /// skipped); audited in this node's chain like its own.
+    pub async fn apply_cluster_revocation(&self, key: &[u8], reason: &str) {
+        if self.is_revoked(key) {
+            return;
+        }
+        let Some(target) = revoke_of_key(key) else {
+            tracing::warn!(key = %hex::encode(key), "an unknown revocation key in the cluster, ignored");
+            return;
+        };
+        if let Err(e) = self.revoke_here(&target, reason).await {
+            tracing::error!(error = %e, ?target, "cannot apply a revocation of the cluster");
+        }
+    }
+
+    /// The revocation, on this node only.
+    async fn revoke_here(&self, target: &Revoke, reason: &str) -> Result<EntryRef, AppendError> {
         let mut entry = Entry::new(EntryKind::Revocation, now_ms());
         entry.detail = Some(reason.to_string());
-        let key = match target {
-            Revoke::Did(did) => {
-                entry.subject = Some(did.to_string());
-                revoked_did_key(did.as_str())
-            }
-            Revoke::Grant(id) => {
-                entry.grant = Some(*id);
-                revoked_grant_key(id)
-            }
-        };
+        match target {
+            Revoke::Did(did) => entry.subject = Some(did.to_string()),
+            Revoke::Grant(id) => entry.grant = Some(*id),
+        }
+        let key = revoke_key(target);
         let claims = vec![Claim {
             space: REVOKED,
             key: key.clone(),
@@ -680,6 +788,7 @@ impl Gateway {
         );
         let revoked = self.revoked.read().unwrap_or_else(|p| p.into_inner());
         let gate = Gate {
+            control_plane: self.control_plane_serving(now_ms()),
             did: &self.served,
             config: &self.config,
             revoked: &revoked,

@@ -118,9 +118,15 @@ async fn handle_call(
 pub fn endpoint(gw: &Gateway, addr: SocketAddr) -> Result<quinn::Endpoint, StartError> {
     // a node serves version 2 only: its messages may carry a node certificate, a version 1
     // client could not check it (specs/protocol.md, "Nodes")
+    // and so does a cluster member: its refusals may carry `control_plane_unavailable`
+    let versions: &[Version] = if gw.node().is_some() || gw.config().cluster().is_some() {
+        &[Version::V2]
+    } else {
+        &Version::ALL
+    };
     let cfg = match gw.node() {
-        Some(node) => tls::node_server_config(&gw.identity, node.credentials(), &[Version::V2]),
-        None => tls::server_config(&gw.identity),
+        Some(node) => tls::node_server_config(&gw.identity, node.credentials(), versions),
+        None => tls::server_config_for(&gw.identity, versions),
     }
     .map_err(StartError::Tls)?;
     quinn::Endpoint::server(cfg, addr).map_err(StartError::Socket)
@@ -160,6 +166,7 @@ pub async fn serve(
         })
     };
     let upkeep = gw.secrets.spawn_upkeep(stop_rx.clone());
+    let cluster_watch = watch_cluster_revocations(&gw);
     tokio::pin!(shutdown);
     // a node drains before its certificate ends, so every receipt it signs is covered
     let expiry = async {
@@ -203,7 +210,31 @@ pub async fn serve(
     gw.secrets.upkeep(now_ms()).await;
     endpoint.close(0u32.into(), b"shutdown");
     endpoint.wait_idle().await;
+    if let Some(plane) = gw.cluster() {
+        // the member's key goes at once (its lease revoked), and the watch stops
+        plane.leave().await;
+    }
+    if let Some(apply) = cluster_watch {
+        let _ = apply.await;
+    }
     gw.chain.close();
+}
+
+/// In a cluster, applies every revocation published by any node (etcd watch) to this one,
+/// in order, until the control plane is left. `None` outside a cluster.
+fn watch_cluster_revocations(gw: &Arc<Gateway>) -> Option<tokio::task::JoinHandle<()>> {
+    let plane = gw.cluster()?;
+    // unbounded: revocations are few and written by operators; the watch must never block
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Vec<u8>, String)>();
+    let _watch = plane.watch_revocations(move |key, reason| {
+        let _ = tx.send((key, reason));
+    });
+    let gw = gw.clone();
+    Some(tokio::spawn(async move {
+        while let Some((key, reason)) = rx.recv().await {
+            gw.apply_cluster_revocation(&key, &reason).await;
+        }
+    }))
 }
 
 /// Applies the admission decision ([`crate::admission`]) to a new connection: a Retry or a

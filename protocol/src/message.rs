@@ -201,6 +201,10 @@ pub enum RefusalCode {
     /// secret could not be decrypted; the grant was consumed (version 2 amendment 2.6; a
     /// version 1 connection gets [`RefusalCode::SecretUnavailable`] instead).
     KmsUnavailable,
+    /// A node of a cluster has not heard from its control plane (etcd) within its bound, so
+    /// it cannot know what other nodes revoked: it refuses until etcd answers again (version 2
+    /// amendment 2.8; a version 1 connection gets [`RefusalCode::ShuttingDown`] instead).
+    ControlPlaneUnavailable,
     /// A code this release does not know (a later version's), with its wire text. Never sent
     /// by this release.
     Other(CodeText),
@@ -278,17 +282,21 @@ impl RefusalCode {
 
     /// The codes version 2 added by amendment, in order (specs/protocol.md, "Format
     /// evolution").
-    pub const V2_ADDED: [RefusalCode; 1] = [Self::KmsUnavailable];
+    pub const V2_ADDED: [RefusalCode; 2] = [Self::KmsUnavailable, Self::ControlPlaneUnavailable];
 
     /// Every code this release knows: [`RefusalCode::V1`], then [`RefusalCode::V2_ADDED`].
-    pub const ALL: [RefusalCode; 22] = {
-        let mut all = [Self::Malformed; 22];
+    pub const ALL: [RefusalCode; 23] = {
+        let mut all = [Self::Malformed; 23];
         let mut i = 0;
         while i < Self::V1.len() {
             all[i] = Self::V1[i];
             i += 1;
         }
-        all[Self::V1.len()] = Self::V2_ADDED[0];
+        let mut j = 0;
+        while j < Self::V2_ADDED.len() {
+            all[Self::V1.len() + j] = Self::V2_ADDED[j];
+            j += 1;
+        }
         all
     };
 
@@ -303,6 +311,7 @@ impl RefusalCode {
     pub fn for_version(self, v: u64) -> Self {
         match self {
             Self::KmsUnavailable if !self.in_version(v) => Self::SecretUnavailable,
+            Self::ControlPlaneUnavailable if !self.in_version(v) => Self::ShuttingDown,
             c => c,
         }
     }
@@ -332,6 +341,7 @@ impl RefusalCode {
             Self::ResponseTooLarge => "response_too_large",
             Self::DidUnresolved => "did_unresolved",
             Self::KmsUnavailable => "kms_unavailable",
+            Self::ControlPlaneUnavailable => "control_plane_unavailable",
             Self::Other(text) => text.as_str(),
         }
     }

@@ -93,6 +93,7 @@ impl Harness {
             did_web: Default::default(),
             pkcs11: None,
             node: None,
+            cluster: None,
         };
         let mut config = config;
         adjust(&mut config);
@@ -129,6 +130,8 @@ impl Harness {
         let gw = Arc::new(Gateway::open(&self.gw_dir()).await?);
         let endpoint = didgate_gateway::server::endpoint(&gw, addr)?;
         self.addr = endpoint.local_addr()?;
+        // a no-op without [cluster]
+        gw.join_cluster(self.addr).await?;
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         self.stop = Some(tx);
         self.gateway = Some(gw.clone());

@@ -123,7 +123,11 @@ fn settings(etcd: &Etcd, cluster: &str, node: &str, ttl: u64) -> ClusterSettings
 }
 
 /// Polls `f` until it holds, or fails after `within`.
-async fn until(within: Duration, what: &str, mut f: impl AsyncFnMut() -> bool) -> anyhow::Result<()> {
+async fn until(
+    within: Duration,
+    what: &str,
+    mut f: impl AsyncFnMut() -> bool,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + within;
     while !f().await {
         anyhow::ensure!(Instant::now() < deadline, "not within {within:?}: {what}");
@@ -147,7 +151,13 @@ async fn members_register_under_a_lease_and_a_revocation_is_in_force_on_every_no
     let b_settings = settings(&etcd, "c1", "node-b", 10);
     let mut a = Harness::start_with(|c| c.cluster = Some(a_settings)).await?;
     let b = Harness::start_with(|c| c.cluster = Some(b_settings)).await?;
-    let plane = b.gateway.as_ref().expect("b").cluster().expect("joined").clone();
+    let plane = b
+        .gateway
+        .as_ref()
+        .expect("b")
+        .cluster()
+        .expect("joined")
+        .clone();
     let mut members = plane.members().await?;
     members.sort_by(|x, y| x.node.cmp(&y.node));
     assert_eq!(
@@ -155,9 +165,16 @@ async fn members_register_under_a_lease_and_a_revocation_is_in_force_on_every_no
             .iter()
             .map(|m| (m.node.as_str(), m.address.clone()))
             .collect::<Vec<_>>(),
-        vec![("node-a", a.addr.to_string()), ("node-b", b.addr.to_string())]
+        vec![
+            ("node-a", a.addr.to_string()),
+            ("node-b", b.addr.to_string())
+        ]
     );
-    assert!(members.iter().all(|m| m.lease != 0 && m.lease_ttl_secs == 10));
+    assert!(
+        members
+            .iter()
+            .all(|m| m.lease != 0 && m.lease_ttl_secs == 10)
+    );
 
     // alice calls node b; node a revokes her; node b refuses her next call, audited there
     let client = b.client("alice-b", alice()).await?;
@@ -168,15 +185,23 @@ async fn members_register_under_a_lease_and_a_revocation_is_in_force_on_every_no
     let gw_b = b.gateway.clone().expect("b");
     let alice_did = Revoke::Did(Principal::parse(alice().did().as_str())?);
     gw_a.revoke(&alice_did, "left the team").await?;
-    until(Duration::from_secs(5), "the revocation reaches node b", async || {
-        gw_b.revoked(&alice_did)
-    })
+    until(
+        Duration::from_secs(5),
+        "the revocation reaches node b",
+        async || gw_b.revoked(&alice_did),
+    )
     .await?;
     let r = client
         .call(CallSpec::new("payments", "GET", "/v1/balance"))
         .await;
     assert!(
-        matches!(r, Err(CallError::Refused { code: RefusalCode::Revoked, .. })),
+        matches!(
+            r,
+            Err(CallError::Refused {
+                code: RefusalCode::Revoked,
+                ..
+            })
+        ),
         "{r:?}"
     );
 
@@ -186,9 +211,11 @@ async fn members_register_under_a_lease_and_a_revocation_is_in_force_on_every_no
         let did = Revoke::Did(Principal::parse(Identity::generate().did().as_str())?);
         let start = Instant::now();
         gw_a.revoke(&did, "measured").await?;
-        until(Duration::from_secs(5), "a revocation reaches node b", async || {
-            gw_b.revoked(&did)
-        })
+        until(
+            Duration::from_secs(5),
+            "a revocation reaches node b",
+            async || gw_b.revoked(&did),
+        )
         .await?;
         took.push(start.elapsed());
     }
@@ -230,9 +257,11 @@ async fn a_node_cut_off_from_etcd_refuses_then_serves_again_and_survives_a_kille
     // the member it talks to is killed: it moves to another endpoint and keeps serving
     let killed_at = didgate_gateway::now_ms();
     etcd.kill(0)?;
-    until(Duration::from_secs(10), "a keep-alive answered by another member", async || {
-        plane.health().last_answered_ms() > killed_at + 500
-    })
+    until(
+        Duration::from_secs(10),
+        "a keep-alive answered by another member",
+        async || plane.health().last_answered_ms() > killed_at + 500,
+    )
     .await?;
     call().await?;
 
@@ -240,15 +269,19 @@ async fn a_node_cut_off_from_etcd_refuses_then_serves_again_and_survives_a_kille
     // signed and audited
     etcd.kill_all()?;
     let cut_at = Instant::now();
-    until(Duration::from_secs(10), "control_plane_unavailable", async || {
-        matches!(
-            call().await,
-            Err(CallError::Refused {
-                code: RefusalCode::ControlPlaneUnavailable,
-                ..
-            })
-        )
-    })
+    until(
+        Duration::from_secs(10),
+        "control_plane_unavailable",
+        async || {
+            matches!(
+                call().await,
+                Err(CallError::Refused {
+                    code: RefusalCode::ControlPlaneUnavailable,
+                    ..
+                })
+            )
+        },
+    )
     .await?;
     println!(
         "refusing {:?} after etcd went away (lease 3 s, bound 1 s)",
@@ -258,7 +291,10 @@ async fn a_node_cut_off_from_etcd_refuses_then_serves_again_and_survives_a_kille
     // etcd back: the node registers again and serves
     etcd.restart()?;
     let back_at = Instant::now();
-    until(Duration::from_secs(20), "serving again", async || call().await.is_ok()).await?;
+    until(Duration::from_secs(20), "serving again", async || {
+        call().await.is_ok()
+    })
+    .await?;
     println!("serving {:?} after etcd came back", back_at.elapsed());
     let members = plane.members().await?;
     assert_eq!(members.len(), 1);

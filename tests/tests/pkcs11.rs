@@ -184,6 +184,7 @@ impl Site {
                 pin_file: matches!(pin, Pin::File).then(|| "hsm.pin".into()),
             }),
             node: None,
+            cluster: None,
         };
         std::fs::write(self.gw().join("gateway.toml"), toml::to_string(&config)?)?;
         Ok(())

@@ -1008,6 +1008,7 @@ impl GatewayProcess {
             did_web: Default::default(),
             pkcs11: None,
             node: None,
+            cluster: None,
         };
         adjust(&mut config);
         let in_token = bench_token(&mut config);
