@@ -556,8 +556,14 @@ impl Gateway {
             tracing::warn!(key = %hex::encode(key), "an unknown revocation key in the cluster, ignored");
             return;
         };
+        // in force at once (refusing early is the safe side), then recorded in this chain
+        self.revoked
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.to_vec());
         if let Err(e) = self.revoke_here(&target, reason).await {
-            tracing::error!(error = %e, ?target, "cannot apply a revocation of the cluster");
+            // still in force here (in memory): the next start reads it from etcd again
+            tracing::error!(error = %e, ?target, "cannot record a revocation of the cluster");
         }
     }
 
