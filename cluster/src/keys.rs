@@ -35,6 +35,22 @@ pub fn revocation_key(name: &str, etcd_key: &[u8]) -> Option<Vec<u8>> {
     hex::decode(rest).ok()
 }
 
+/// The prefix of the published policy documents: `/didgate/CLUSTER/policy/sets/`.
+pub fn policy_sets(name: &str) -> String {
+    format!("{}policy/sets/", root(name))
+}
+
+/// A policy document's key: the prefix and the lower-case hex of its hash.
+pub fn policy_set(name: &str, hash: &[u8; 32]) -> String {
+    format!("{}{}", policy_sets(name), hex::encode(hash))
+}
+
+/// The key naming the policy in force: `/didgate/CLUSTER/policy/current` (its value the hex
+/// hash of a document under [`policy_sets`]).
+pub fn policy_current(name: &str) -> String {
+    format!("{}policy/current", root(name))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,6 +13,42 @@ pub mod plane;
 pub use health::Health;
 pub use plane::{ClusterError, ControlPlane, Member};
 
+/// A policy as a cluster shares it (JSON in etcd under its hash): the Cedar text (or the
+/// translation of `[[rule]]`) and the entities document; each node compiles it with its own
+/// `[groups]`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyDocument {
+    /// Where the text came from on the node that published it (for errors).
+    pub source: String,
+    /// The Cedar policy text.
+    pub text: String,
+    /// The Cedar entities JSON, if any.
+    pub entities: Option<String>,
+}
+
+impl PolicyDocument {
+    /// Its identity in etcd: BLAKE3-derive("didgate 2026 cluster policy v1") over the text's
+    /// length (u64be) and bytes, then the entities' (absent: no bytes after a zero length and
+    /// a 0 flag; present: a 1 flag, length and bytes).
+    pub fn hash(&self) -> [u8; 32] {
+        let mut h = blake3::Hasher::new_derive_key("didgate 2026 cluster policy v1");
+        h.update(&(self.text.len() as u64).to_be_bytes());
+        h.update(self.text.as_bytes());
+        match &self.entities {
+            None => {
+                h.update(&[0]);
+            }
+            Some(e) => {
+                h.update(&[1]);
+                h.update(&(e.len() as u64).to_be_bytes());
+                h.update(e.as_bytes());
+            }
+        }
+        *h.finalize().as_bytes()
+    }
+}
+
 /// `[cluster]` in gateway.toml: this node is a member of a cluster whose control plane is etcd.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]

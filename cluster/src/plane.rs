@@ -11,11 +11,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use etcd_client::{Client, ConnectOptions, EventType, GetOptions, PutOptions, WatchOptions};
+use etcd_client::{
+    Client, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
+};
 use tokio::sync::{Mutex, watch};
 
 use crate::health::Health;
-use crate::{ClusterSettings, keys};
+use crate::{ClusterSettings, PolicyDocument, keys};
 
 /// Why the control plane could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -295,12 +297,91 @@ impl ControlPlane {
     }
 
     /// Applies every revocation in etcd now and from then on with `apply(key, reason)`, until
-    /// [`ControlPlane::leave`]: a full read, then a watch from the revision after it; after a
-    /// failure, on the next endpoint, from where it stopped (or a full read again when etcd has
-    /// compacted past it). `apply` must be idempotent.
+    /// [`ControlPlane::leave`] ([`ControlPlane::watch_prefix`]). `apply` must be idempotent.
     pub fn watch_revocations<F>(self: &Arc<Self>, apply: F) -> tokio::task::JoinHandle<()>
     where
         F: Fn(Vec<u8>, String) + Send + Sync + 'static,
+    {
+        let name = self.settings.name.clone();
+        self.watch_prefix(keys::revocations(&name), move |key, value| {
+            if let Some(k) = keys::revocation_key(&name, key) {
+                apply(k, String::from_utf8_lossy(value).into_owned());
+            }
+        })
+    }
+
+    /// Publishes `doc` as the cluster's policy: stored under its hash, then named current (one
+    /// transaction). Returns the hash.
+    pub async fn publish_policy(&self, doc: &PolicyDocument) -> Result<[u8; 32], ClusterError> {
+        let bytes = serde_json::to_vec(doc).map_err(|source| ClusterError::Member {
+            key: "policy".into(),
+            source,
+        })?;
+        let hash = doc.hash();
+        let name = &self.settings.name;
+        let (set, current) = (keys::policy_set(name, &hash), keys::policy_current(name));
+        let h = hex::encode(hash);
+        self.with_client(|mut c| async move {
+            c.txn(Txn::new().and_then([TxnOp::put(set, bytes, None), TxnOp::put(current, h, None)]))
+                .await
+        })
+        .await?;
+        Ok(hash)
+    }
+
+    /// Applies the cluster's current policy now (if one was published) and each one published
+    /// from then on, with `apply(document)`, until [`ControlPlane::leave`].
+    pub fn watch_policy<F>(self: &Arc<Self>, apply: F) -> tokio::task::JoinHandle<()>
+    where
+        F: Fn(PolicyDocument) + Send + Sync + 'static,
+    {
+        let plane = self.clone();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        let watch = self.watch_prefix(keys::policy_current(&self.settings.name), move |_, v| {
+            let _ = tx.send(String::from_utf8_lossy(v).into_owned());
+        });
+        tokio::spawn(async move {
+            while let Some(hash) = rx.recv().await {
+                match plane.policy(&hash).await {
+                    Ok(Some(doc)) => apply(doc),
+                    Ok(None) => {
+                        tracing::warn!(%hash, "the cluster names a policy it does not hold")
+                    }
+                    Err(e) => tracing::warn!(error = %e, %hash, "cannot read the cluster's policy"),
+                }
+            }
+            watch.abort();
+        })
+    }
+
+    /// The policy document stored under `hash` (hex), if any; checked against its hash.
+    async fn policy(&self, hash: &str) -> Result<Option<PolicyDocument>, ClusterError> {
+        let key = format!("{}{hash}", keys::policy_sets(&self.settings.name));
+        let resp = self
+            .with_client(|mut c| async move { c.get(key, None).await })
+            .await?;
+        let Some(kv) = resp.kvs().first() else {
+            return Ok(None);
+        };
+        let doc: PolicyDocument =
+            serde_json::from_slice(kv.value()).map_err(|source| ClusterError::Member {
+                key: String::from_utf8_lossy(kv.key()).into_owned(),
+                source,
+            })?;
+        Ok((hex::encode(doc.hash()) == hash).then_some(doc))
+    }
+
+    /// Applies every key under `prefix` now and each put under it from then on with
+    /// `apply(key, value)`, until [`ControlPlane::leave`]: a full read, then a watch from the
+    /// revision after it; after a failure, on the next endpoint, from where it stopped (or a
+    /// full read again when etcd has compacted past it). `apply` must be idempotent.
+    pub fn watch_prefix<F>(
+        self: &Arc<Self>,
+        prefix: String,
+        apply: F,
+    ) -> tokio::task::JoinHandle<()>
+    where
+        F: Fn(&[u8], &[u8]) + Send + Sync + 'static,
     {
         let plane = self.clone();
         tokio::spawn(async move {
@@ -308,9 +389,9 @@ impl ControlPlane {
             let mut from = 0;
             loop {
                 tokio::select! {
-                    r = plane.follow_revocations(&apply, &mut from) => {
+                    r = plane.follow(&prefix, &apply, &mut from) => {
                         if let Err(e) = r {
-                            tracing::warn!(error = %e, "cluster revocation watch interrupted");
+                            tracing::warn!(error = %e, %prefix, "cluster watch interrupted");
                         }
                     }
                     _ = stop.changed() => return,
@@ -324,33 +405,29 @@ impl ControlPlane {
         })
     }
 
-    /// One run of the revocation watch: a full read when `from` is 0, then the watch; returns
-    /// when the stream ends or fails, `from` naming the next revision to read.
-    async fn follow_revocations<F>(&self, apply: &F, from: &mut i64) -> Result<(), ClusterError>
+    /// One run of a watch: a full read when `from` is 0, then the watch; returns when the
+    /// stream ends or fails, `from` naming the next revision to read.
+    async fn follow<F>(&self, prefix: &str, apply: &F, from: &mut i64) -> Result<(), ClusterError>
     where
-        F: Fn(Vec<u8>, String),
+        F: Fn(&[u8], &[u8]),
     {
-        let name = self.settings.name.clone();
-        let prefix = keys::revocations(&name);
         if *from == 0 {
-            let p = prefix.clone();
+            let p = prefix.to_string();
             let resp = self
                 .with_client(|mut c| async move {
                     c.get(p, Some(GetOptions::new().with_prefix())).await
                 })
                 .await?;
             for kv in resp.kvs() {
-                if let Some(key) = keys::revocation_key(&name, kv.key()) {
-                    apply(key, String::from_utf8_lossy(kv.value()).into_owned());
-                }
+                apply(kv.key(), kv.value());
             }
             *from = resp.header().map_or(0, |h| h.revision()) + 1;
         }
-        let start = *from;
+        let (start, p) = (*from, prefix.to_string());
         let mut stream = self
             .with_client(|mut c| async move {
                 c.watch(
-                    prefix,
+                    p,
                     Some(WatchOptions::new().with_prefix().with_start_revision(start)),
                 )
                 .await
@@ -365,11 +442,8 @@ impl ControlPlane {
             for event in resp.events() {
                 let Some(kv) = event.kv() else { continue };
                 *from = (*from).max(kv.mod_revision() + 1);
-                if event.event_type() != EventType::Put {
-                    continue;
-                }
-                if let Some(key) = keys::revocation_key(&name, kv.key()) {
-                    apply(key, String::from_utf8_lossy(kv.value()).into_owned());
+                if event.event_type() == EventType::Put {
+                    apply(kv.key(), kv.value());
                 }
             }
         }

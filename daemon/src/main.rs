@@ -595,15 +595,9 @@ async fn reload_on_hangup(gw: Arc<Gateway>) {
         return;
     };
     while hup.recv().await.is_some() {
-        let gw = gw.clone();
-        match tokio::task::spawn_blocking(move || gw.reload_policy()).await {
-            Ok(Ok(hash)) => eprintln!("didgated: SIGHUP: policy reloaded: {}", hex::encode(hash)),
-            Ok(Err(e)) => {
-                eprintln!(
-                    "didgated: SIGHUP: policy reload refused (the policy in force stays): {e}"
-                )
-            }
-            Err(e) => eprintln!("didgated: SIGHUP: policy reload failed: {e}"),
+        match gw.reload_policy_everywhere().await {
+            Ok(hash) => eprintln!("didgated: SIGHUP: policy reloaded: {}", hex::encode(hash)),
+            Err(e) => eprintln!("didgated: SIGHUP: policy reload: {e}"),
         }
     }
 }

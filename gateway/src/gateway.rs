@@ -86,6 +86,24 @@ pub enum RevokeError {
     Publish(#[source] didgate_cluster::ClusterError),
 }
 
+/// Why a policy reload failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ReloadError {
+    /// The policy does not load or compile: the one in force stays.
+    #[error(transparent)]
+    Policy(PolicyError),
+    /// Swapped in on this node, but not published to the cluster: the other nodes keep theirs
+    /// (run the reload again).
+    #[error(
+        "reloaded on this node, but not published to the cluster, so other nodes keep theirs (run the reload again): {0}"
+    )]
+    Publish(#[source] didgate_cluster::ClusterError),
+    /// The reload task failed.
+    #[error("policy reload task: {0}")]
+    Task(String),
+}
+
 /// The revocation a revocation key names (`d` || DID text, `g` || grant id), if it is one.
 fn revoke_key(target: &Revoke) -> Vec<u8> {
     match target {
@@ -450,6 +468,65 @@ impl Gateway {
             policy: hex::encode(hash),
         });
         Ok(hash)
+    }
+
+    /// [`Gateway::reload_policy`], then, in a cluster, publishes the policy so that every node
+    /// compiles it and swaps it in ([`Gateway::apply_cluster_policy`]). Blocking file reads and
+    /// compilation run off the async threads.
+    pub async fn reload_policy_everywhere(self: &Arc<Self>) -> Result<[u8; 32], ReloadError> {
+        let gw = self.clone();
+        let reloaded = tokio::task::spawn_blocking(move || {
+            let hash = gw.reload_policy()?;
+            let doc = match gw.cluster.get() {
+                Some(_) => {
+                    let config = Config::load(&DataDir::new(&gw.dir).config())?;
+                    Some(PolicySet::document(&gw.dir, &config)?)
+                }
+                None => None,
+            };
+            Ok::<_, PolicyError>((hash, doc))
+        })
+        .await
+        .map_err(|e| ReloadError::Task(e.to_string()))?;
+        let (hash, doc) = reloaded.map_err(ReloadError::Policy)?;
+        if let (Some(plane), Some(doc)) = (self.cluster.get(), doc) {
+            plane
+                .publish_policy(&doc)
+                .await
+                .map_err(ReloadError::Publish)?;
+        }
+        Ok(hash)
+    }
+
+    /// Swaps in a policy another node published, compiled with this node's own `[groups]`
+    /// (nothing happens when it is the one in force; one that does not compile here is
+    /// refused, logged, and the policy in force stays).
+    pub fn apply_cluster_policy(&self, doc: &didgate_cluster::PolicyDocument) {
+        let set = match PolicySet::compile(
+            &doc.source,
+            &doc.text,
+            self.config.groups(),
+            doc.entities.as_deref(),
+        ) {
+            Ok(set) => set,
+            Err(e) => {
+                tracing::error!(error = %e, "the cluster's policy does not compile on this node: the policy in force stays");
+                return;
+            }
+        };
+        let hash = set.hash();
+        {
+            let mut current = self.policy.write().unwrap_or_else(|p| p.into_inner());
+            if current.hash() == hash {
+                return;
+            }
+            *current = Arc::new(set);
+        }
+        tracing::info!(policy = %hex::encode(hash), "policy from the cluster swapped in");
+        self.metrics.policy_reloaded();
+        self.emit(|| EventKind::PolicyReload {
+            policy: hex::encode(hash),
+        });
     }
 
     /// The secrets (lifecycle commands from the control socket, upkeep).

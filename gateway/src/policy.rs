@@ -401,6 +401,22 @@ impl PolicySet {
     /// `data_dir`), or else the translation of its `[[rule]]` list; with the membership of
     /// `[groups]` and of the entities file `entities_file`, if any.
     pub fn load(data_dir: &Path, config: &Config) -> Result<Self, PolicyError> {
+        let doc = Self::document(data_dir, config)?;
+        Self::compile(
+            &doc.source,
+            &doc.text,
+            config.groups(),
+            doc.entities.as_deref(),
+        )
+    }
+
+    /// What [`PolicySet::load`] compiles, as read from the files a configuration names: the
+    /// policy text (or the `[[rule]]` translation) and the entities file; what a cluster node
+    /// publishes so that every node compiles the same (with its own `[groups]`).
+    pub fn document(
+        data_dir: &Path,
+        config: &Config,
+    ) -> Result<didgate_cluster::PolicyDocument, PolicyError> {
         let read = |name: &str| {
             let p = data_dir.join(name);
             std::fs::read_to_string(&p)
@@ -418,7 +434,11 @@ impl PolicySet {
             Some(f) => Some(read(f)?.1),
             None => None,
         };
-        Self::compile(&source, &text, config.groups(), entities.as_deref())
+        Ok(didgate_cluster::PolicyDocument {
+            source,
+            text,
+            entities,
+        })
     }
 
     /// Validates the Cedar policy file at `path` against the schema (strict mode) and the

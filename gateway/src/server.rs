@@ -221,13 +221,21 @@ pub async fn serve(
 }
 
 /// In a cluster, applies every revocation published by any node (etcd watch) to this one,
-/// in order, until the control plane is left. `None` outside a cluster.
+/// in order, and swaps in every policy published, until the control plane is left. `None`
+/// outside a cluster.
 fn watch_cluster_revocations(gw: &Arc<Gateway>) -> Option<tokio::task::JoinHandle<()>> {
     let plane = gw.cluster()?;
     // unbounded: revocations are few and written by operators; the watch must never block
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Vec<u8>, String)>();
     let _watch = plane.watch_revocations(move |key, reason| {
         let _ = tx.send((key, reason));
+    });
+    // the cluster's policy, swapped in as it is published (compiling is CPU work: off the
+    // async threads)
+    let policy_gw = gw.clone();
+    let _policy = plane.watch_policy(move |doc| {
+        let g = policy_gw.clone();
+        tokio::task::spawn_blocking(move || g.apply_cluster_policy(&doc));
     });
     let gw = gw.clone();
     Some(tokio::spawn(async move {

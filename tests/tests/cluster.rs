@@ -11,7 +11,7 @@ use didgate_cluster::ClusterSettings;
 use didgate_gateway::gateway::Revoke;
 use didgate_protocol::message::RefusalCode;
 use didgate_protocol::{Identity, Principal};
-use didgate_tests::{Harness, alice};
+use didgate_tests::{Harness, alice, bob};
 
 /// A 3-member etcd on loopback, stopped (every member killed) when dropped.
 struct Etcd {
@@ -226,6 +226,40 @@ async fn members_register_under_a_lease_and_a_revocation_is_in_force_on_every_no
         percentile(&took, 50),
         percentile(&took, 99),
         took[took.len() - 1]
+    );
+
+    // a policy reloaded on a is in force on b (bob's GET /v1/balance: allowed, then not)
+    let bob_client = b.client("bob-b", bob()).await?;
+    bob_client
+        .call(CallSpec::new("payments", "GET", "/v1/balance"))
+        .await?;
+    let alice_only = format!(
+        "@id(\"alice-only\")\npermit (principal == Did::\"{}\", action, resource in Upstream::\"payments\");\n",
+        alice().did()
+    );
+    a.use_policy(&alice_only)?;
+    let published = gw_a.reload_policy_everywhere().await?;
+    assert_eq!(gw_a.policy().hash(), published);
+    until(
+        Duration::from_secs(5),
+        "the policy reaches node b",
+        async || {
+            matches!(
+                bob_client
+                    .call(CallSpec::new("payments", "GET", "/v1/balance"))
+                    .await,
+                Err(CallError::Refused {
+                    code: RefusalCode::Policy,
+                    ..
+                })
+            )
+        },
+    )
+    .await?;
+    assert_eq!(
+        gw_b.policy().hash(),
+        published,
+        "the same text, groups and entities"
     );
 
     // a leaves: its member key goes with its lease

@@ -176,18 +176,14 @@ async fn execute(gw: &Arc<Gateway>, req: Request) -> Reply {
             },
             Err(e) => failure(e),
         },
-        Request::PolicyReload => {
-            let gw = gw.clone();
-            match tokio::task::spawn_blocking(move || gw.reload_policy()).await {
-                Ok(Ok(hash)) => Reply {
-                    ok: true,
-                    policy: Some(hex::encode(hash)),
-                    ..Default::default()
-                },
-                Ok(Err(e)) => failure(e),
-                Err(e) => failure(e),
-            }
-        }
+        Request::PolicyReload => match gw.reload_policy_everywhere().await {
+            Ok(hash) => Reply {
+                ok: true,
+                policy: Some(hex::encode(hash)),
+                ..Default::default()
+            },
+            Err(e) => failure(e),
+        },
         Request::Checkpoint => match tokio::task::spawn_blocking(move || chain.seal()).await {
             Ok(Ok(sealed)) => Reply {
                 ok: true,
