@@ -12,7 +12,8 @@ use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use etcd_client::{
-    Client, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp, WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
+    WatchOptions,
 };
 use tokio::sync::{Mutex, watch};
 
@@ -327,6 +328,35 @@ impl ControlPlane {
         })
         .await?;
         Ok(hash)
+    }
+
+    /// Publishes `doc` as the cluster's policy only if the cluster has none yet (a first node,
+    /// or a single node joining a new cluster, seeds it with its own). `Ok(true)` when it did.
+    pub async fn seed_policy(&self, doc: &PolicyDocument) -> Result<bool, ClusterError> {
+        let bytes = serde_json::to_vec(doc).map_err(|source| ClusterError::Member {
+            key: "policy".into(),
+            source,
+        })?;
+        let hash = doc.hash();
+        let name = &self.settings.name;
+        let (set, current) = (keys::policy_set(name, &hash), keys::policy_current(name));
+        let h = hex::encode(hash);
+        let resp = self
+            .with_client(|mut c| async move {
+                // only when policy/current was never written (create revision 0)
+                c.txn(
+                    Txn::new()
+                        .when([Compare::create_revision(
+                            current.clone(),
+                            CompareOp::Equal,
+                            0,
+                        )])
+                        .and_then([TxnOp::put(set, bytes, None), TxnOp::put(current, h, None)]),
+                )
+                .await
+            })
+            .await?;
+        Ok(resp.succeeded())
     }
 
     /// Applies the cluster's current policy now (if one was published) and each one published

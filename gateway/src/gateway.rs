@@ -376,6 +376,12 @@ impl Gateway {
         )
         .await
         .map_err(StartError::Cluster)?;
+        // a cluster with no policy yet takes this node's (a single node joining a new cluster
+        // keeps its own); otherwise the cluster's is swapped in by the watch
+        let doc = PolicySet::document(&self.dir, &self.config)?;
+        if plane.seed_policy(&doc).await.map_err(StartError::Cluster)? {
+            tracing::info!(policy = %hex::encode(doc.hash()), "the cluster had no policy: seeded with this node's");
+        }
         let _ = self.cluster.set(plane);
         Ok(())
     }
