@@ -51,6 +51,17 @@ pub fn policy_current(name: &str) -> String {
     format!("{}policy/current", root(name))
 }
 
+/// The prefix of the gateway's node revocation lists: `/didgate/CLUSTER/node-revocations/`.
+pub fn node_revocations(name: &str) -> String {
+    format!("{}node-revocations/", root(name))
+}
+
+/// A node revocation list's key: the prefix and its `seq` as 20 decimal digits (so keys sort
+/// by `seq`); its value the list's COSE_Sign1 bytes as the gateway signed them.
+pub fn node_revocation_list(name: &str, seq: u64) -> String {
+    format!("{}{seq:020}", node_revocations(name))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -311,6 +311,33 @@ impl ControlPlane {
         })
     }
 
+    /// Publishes a node revocation list (its `seq` and the COSE bytes as the gateway signed
+    /// them): every node takes the one with the greatest `seq` its gateway signed
+    /// ([`ControlPlane::watch_node_revocations`]). Publishing one again changes nothing.
+    pub async fn publish_node_revocations(
+        &self,
+        seq: u64,
+        bytes: &[u8],
+    ) -> Result<(), ClusterError> {
+        let key = keys::node_revocation_list(&self.settings.name, seq);
+        let value = bytes.to_vec();
+        self.with_client(|mut c| async move { c.put(key, value, None).await })
+            .await
+            .map(|_| ())
+    }
+
+    /// Applies every node revocation list in etcd now and each one published from then on with
+    /// `apply(bytes)`, until [`ControlPlane::leave`]; the caller checks the signature and keeps
+    /// the greatest `seq`.
+    pub fn watch_node_revocations<F>(self: &Arc<Self>, apply: F) -> tokio::task::JoinHandle<()>
+    where
+        F: Fn(Vec<u8>) + Send + Sync + 'static,
+    {
+        self.watch_prefix(keys::node_revocations(&self.settings.name), move |_, v| {
+            apply(v.to_vec());
+        })
+    }
+
     /// Publishes `doc` as the cluster's policy: stored under its hash, then named current (one
     /// transaction). Returns the hash.
     pub async fn publish_policy(&self, doc: &PolicyDocument) -> Result<[u8; 32], ClusterError> {

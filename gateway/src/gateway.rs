@@ -203,6 +203,9 @@ pub struct Gateway {
     served: Did,
     /// This gateway's node certificate, when it is one node of a gateway DID.
     pub(crate) node: Option<crate::node::Node>,
+    /// The newest node revocation list this node holds (stapled in its TLS certificate): its
+    /// `[node] revocations` file, or a newer one the cluster published.
+    node_revocations: std::sync::RwLock<Option<(didgate_protocol::node::NodeRevocations, Vec<u8>)>>,
     /// The cluster's control plane once joined ([`Gateway::join_cluster`]); `[cluster]` set
     /// and not joined means no call is admitted.
     cluster: std::sync::OnceLock<Arc<didgate_cluster::ControlPlane>>,
@@ -275,6 +278,11 @@ impl Gateway {
         let served = node
             .as_ref()
             .map_or_else(|| identity.did().clone(), |n| n.gateway().clone());
+        let held_revocations = node.as_ref().and_then(|n| {
+            let bytes = n.credentials().revocations.clone()?;
+            let list = didgate_protocol::node::NodeRevocations::open(&bytes, n.gateway()).ok()?;
+            Some((list, bytes))
+        });
         let store = Store::open(&d.store(), SPACES)?;
         let chain = Chain::open(
             store,
@@ -310,6 +318,7 @@ impl Gateway {
             resolver,
             identity,
             served,
+            node_revocations: std::sync::RwLock::new(held_revocations),
             node,
             cluster: std::sync::OnceLock::new(),
             config,
@@ -382,6 +391,18 @@ impl Gateway {
         if plane.seed_policy(&doc).await.map_err(StartError::Cluster)? {
             tracing::info!(policy = %hex::encode(doc.hash()), "the cluster had no policy: seeded with this node's");
         }
+        // the node revocation list this node was given reaches every node
+        let held = self
+            .node_revocations
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some((list, bytes)) = held {
+            plane
+                .publish_node_revocations(list.seq, &bytes)
+                .await
+                .map_err(StartError::Cluster)?;
+        }
         let _ = self.cluster.set(plane);
         Ok(())
     }
@@ -413,6 +434,52 @@ impl Gateway {
         let node = self.node.as_ref()?;
         let margin = self.config.upstream_timeout().as_millis() as u64 + 10_000;
         Some(node.certificate().not_after_ms.saturating_sub(margin))
+    }
+
+    /// What this node presents in its TLS certificate now: its certificate and the newest
+    /// revocation list it holds (`None` for a single node).
+    pub fn node_credentials(&self) -> Option<didgate_io::node::NodeCredentials> {
+        let node = self.node.as_ref()?;
+        let held = self
+            .node_revocations
+            .read()
+            .unwrap_or_else(|p| p.into_inner());
+        Some(didgate_io::node::NodeCredentials {
+            certificate: node.credentials().certificate.clone(),
+            revocations: held.as_ref().map(|(_, b)| b.clone()),
+        })
+    }
+
+    /// Takes a node revocation list the cluster published when its gateway signed it and it is
+    /// newer than the one held ([`crate::node::Stapled`]).
+    pub fn apply_node_revocations(&self, bytes: &[u8], now: u64) -> crate::node::Stapled {
+        use crate::node::Stapled;
+        let Some(node) = &self.node else {
+            return Stapled::Older;
+        };
+        let Ok(list) = didgate_protocol::node::NodeRevocations::open(bytes, node.gateway()) else {
+            tracing::warn!(
+                "a node revocation list in the cluster not signed by this node's gateway, ignored"
+            );
+            return Stapled::Older;
+        };
+        let mut held = self
+            .node_revocations
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        if held.as_ref().is_some_and(|(h, _)| h.seq >= list.seq) {
+            return Stapled::Older;
+        }
+        let revokes_self = list
+            .revoked_from(node.certificate().serial)
+            .is_some_and(|from| now >= from);
+        tracing::info!(seq = list.seq, "a newer node revocation list: stapled");
+        *held = Some((list, bytes.to_vec()));
+        if revokes_self {
+            Stapled::RevokesThisNode
+        } else {
+            Stapled::Newer
+        }
     }
 
     /// The node certificate's bytes, for what this gateway signs (absent for a single node).

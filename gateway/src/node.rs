@@ -159,6 +159,18 @@ impl Node {
     }
 }
 
+/// What a node did with a revocation list the cluster published
+/// ([`crate::gateway::Gateway::apply_node_revocations`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stapled {
+    /// Not newer than the one held, not signed by the node's gateway, or not a list: ignored.
+    Older,
+    /// Newer: held and stapled from the next handshake on.
+    Newer,
+    /// Newer, and it revokes this node's own certificate: the node must stop taking calls.
+    RevokesThisNode,
+}
+
 /// The `gateway` a certificate names, read before its signature is checked against it.
 fn cert_gateway(bytes: &[u8]) -> Result<String, NodeCertError> {
     Ok(didgate_protocol::message::open::<NodeCertificate>(bytes)?

@@ -116,20 +116,24 @@ async fn handle_call(
 
 /// Binds the gateway's QUIC endpoint on `addr`.
 pub fn endpoint(gw: &Gateway, addr: SocketAddr) -> Result<quinn::Endpoint, StartError> {
-    // a node serves version 2 only: its messages may carry a node certificate, a version 1
-    // client could not check it (specs/protocol.md, "Nodes")
-    // and so does a cluster member: its refusals may carry `control_plane_unavailable`
+    quinn::Endpoint::server(server_config(gw)?, addr).map_err(StartError::Socket)
+}
+
+/// The QUIC server configuration: a node's leaf carries its certificate and the newest
+/// revocation list it holds. A node serves version 2 only (its messages may carry a node
+/// certificate a version 1 client could not check: specs/protocol.md, "Nodes"), and so does a
+/// cluster member (its refusals may carry `control_plane_unavailable`).
+fn server_config(gw: &Gateway) -> Result<quinn::ServerConfig, StartError> {
     let versions: &[Version] = if gw.node().is_some() || gw.config().cluster().is_some() {
         &[Version::V2]
     } else {
         &Version::ALL
     };
-    let cfg = match gw.node() {
-        Some(node) => tls::node_server_config(&gw.identity, node.credentials(), versions),
+    match gw.node_credentials() {
+        Some(creds) => tls::node_server_config(&gw.identity, &creds, versions),
         None => tls::server_config_for(&gw.identity, versions),
     }
-    .map_err(StartError::Tls)?;
-    quinn::Endpoint::server(cfg, addr).map_err(StartError::Socket)
+    .map_err(StartError::Tls)
 }
 
 /// Serves calls on `endpoint` until `shutdown` resolves, then drains the calls in flight,
@@ -167,6 +171,8 @@ pub async fn serve(
     };
     let upkeep = gw.secrets.spawn_upkeep(stop_rx.clone());
     let cluster_watch = watch_cluster_revocations(&gw);
+    let revoked_self = Arc::new(tokio::sync::Notify::new());
+    let _node_lists = watch_node_revocations(&gw, &endpoint, &revoked_self);
     tokio::pin!(shutdown);
     // a node drains before its certificate ends, so every receipt it signs is covered
     let expiry = async {
@@ -180,6 +186,10 @@ pub async fn serve(
     tokio::pin!(expiry);
     loop {
         tokio::select! {
+            () = revoked_self.notified() => {
+                tracing::error!("this node's certificate is revoked: no new call is taken");
+                break;
+            }
             () = &mut expiry => {
                 tracing::error!(
                     "the node certificate ends soon: no new call is taken (renew it with `didgated cluster certify-node` and restart)"
@@ -218,6 +228,37 @@ pub async fn serve(
         let _ = apply.await;
     }
     gw.chain.close();
+}
+
+/// A node in a cluster staples every newer node revocation list its gateway signed that the
+/// cluster publishes (the endpoint's TLS configuration swapped: new handshakes carry it), and
+/// stops taking calls when a list revokes its own certificate (`revoked_self` is notified).
+fn watch_node_revocations(
+    gw: &Arc<Gateway>,
+    endpoint: &quinn::Endpoint,
+    revoked_self: &Arc<tokio::sync::Notify>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let plane = gw.cluster()?;
+    gw.node()?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u8>>();
+    let _watch = plane.watch_node_revocations(move |bytes| {
+        let _ = tx.send(bytes);
+    });
+    let (gw, endpoint, revoked_self) = (gw.clone(), endpoint.clone(), revoked_self.clone());
+    Some(tokio::spawn(async move {
+        while let Some(bytes) = rx.recv().await {
+            match gw.apply_node_revocations(&bytes, now_ms()) {
+                crate::node::Stapled::Older => {}
+                crate::node::Stapled::Newer => match server_config(&gw) {
+                    Ok(cfg) => endpoint.set_server_config(Some(cfg)),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot staple the new node revocation list")
+                    }
+                },
+                crate::node::Stapled::RevokesThisNode => revoked_self.notify_one(),
+            }
+        }
+    }))
 }
 
 /// In a cluster, applies every revocation published by any node (etcd watch) to this one,

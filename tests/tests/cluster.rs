@@ -413,3 +413,95 @@ async fn a_single_node_joins_a_new_cluster_keeping_its_chain_secrets_and_policy(
     );
     Ok(())
 }
+
+/// A certified node of the gateway of `h` (its key certified for an hour) in cluster `c`,
+/// serving in process; returns its gateway, address and serving task.
+async fn certified_member(
+    h: &Harness,
+    dir: &Path,
+    cluster: ClusterSettings,
+) -> anyhow::Result<(
+    std::sync::Arc<didgate_gateway::Gateway>,
+    std::net::SocketAddr,
+    u64,
+    tokio::task::JoinHandle<()>,
+)> {
+    use didgate_gateway::datadir::DataDir;
+    let key = didgate_gateway::init(dir, "127.0.0.1:0".parse()?)?;
+    let gateway = didgate_io::identity::load(&h.gw_dir().join("identity"))?;
+    let (cert, opened) = didgate_gateway::node::certify(
+        &DataDir::new(&h.gw_dir()),
+        &gateway,
+        &didgate_gateway::node::Certify {
+            node: key,
+            not_before_ms: didgate_gateway::now_ms() - 60_000,
+            valid_for_ms: 3_600_000,
+            serial: None,
+            addr: None,
+        },
+    )?;
+    std::fs::write(dir.join("node.cert"), cert)?;
+    let mut config = didgate_gateway::config::RawConfig::read(&h.gw_dir().join("gateway.toml"))?;
+    config.node = Some(didgate_gateway::node::NodeSettings {
+        certificate: "node.cert".into(),
+        revocations: None,
+    });
+    config.cluster = Some(cluster);
+    std::fs::write(dir.join("gateway.toml"), toml::to_string(&config)?)?;
+    didgate_gateway::add_secret(dir, "payments-key", didgate_tests::CANARY)?;
+    let gw = std::sync::Arc::new(didgate_gateway::Gateway::open(dir).await?);
+    let endpoint = didgate_gateway::server::endpoint(&gw, "127.0.0.1:0".parse()?)?;
+    let addr = endpoint.local_addr()?;
+    gw.join_cluster(addr).await?;
+    let task = tokio::spawn(didgate_gateway::server::serve(
+        gw.clone(),
+        endpoint,
+        std::future::pending(),
+    ));
+    Ok((gw, addr, opened.serial, task))
+}
+
+#[tokio::test]
+async fn a_node_revocation_published_in_the_cluster_is_stapled_by_every_node_and_stops_the_node()
+-> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let Some(etcd) = Etcd::start(&tmp.path().join("etcd"), 23_730)? else {
+        return Ok(());
+    };
+    let h = Harness::start().await?;
+    let (_a, _, a_serial, a_task) =
+        certified_member(&h, &tmp.path().join("a"), settings(&etcd, "c4", "a", 10)).await?;
+    let (gw_b, b_addr, _, _b_task) =
+        certified_member(&h, &tmp.path().join("b"), settings(&etcd, "c4", "b", 10)).await?;
+    // the gateway key revokes a's serial; the list is published once, through b's etcd
+    let gateway = didgate_io::identity::load(&h.gw_dir().join("identity"))?;
+    let now = didgate_gateway::now_ms();
+    let (bytes, list) = didgate_gateway::node::revoke(
+        &didgate_gateway::datadir::DataDir::new(&h.gw_dir()),
+        &gateway,
+        a_serial,
+        now,
+        now,
+    )?;
+    gw_b.cluster()
+        .expect("joined")
+        .publish_node_revocations(list.seq, &bytes)
+        .await?;
+    // a stops taking calls by itself
+    tokio::time::timeout(Duration::from_secs(10), a_task).await??;
+    // b staples it: a new client of b learns it in the handshake
+    let home = tmp.path().join("home-revocations.cose");
+    let client =
+        didgate_client::Client::open(alice(), &h.chain_dir("alice-b"), b_addr, h.gw_did.clone())
+            .await?
+            .with_revocations_file(home.clone())?;
+    until(Duration::from_secs(5), "b staples the list", async || {
+        let _ = client
+            .call(CallSpec::new("payments", "GET", "/v1/balance"))
+            .await;
+        client.node_revocations().as_deref() == Some(bytes.as_slice())
+    })
+    .await?;
+    assert_eq!(std::fs::read(&home)?, bytes, "kept in the home");
+    Ok(())
+}
