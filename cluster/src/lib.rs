@@ -64,6 +64,33 @@ pub struct ClusterSettings {
     /// keep-alive answered for a third of it refuses calls (`control_plane_unavailable`).
     #[serde(default = "d_lease_ttl")]
     pub lease_ttl_secs: u64,
+    /// PEM file of the CA that signed etcd's server certificates (relative to the data
+    /// directory): required with `https://` endpoints (TLS 1.3/1.2 on the one ring provider).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<String>,
+    /// PEM file of this node's client certificate for etcd (`--client-cert-auth`), with
+    /// `key_file`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_file: Option<String>,
+    /// PEM file of that certificate's private key (a credential: read at join, never logged).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_file: Option<String>,
+}
+
+/// What a node presents to etcd over TLS, read from the files `[cluster]` names.
+pub struct EtcdTls {
+    /// The CA certificates, PEM.
+    pub ca_pem: Vec<u8>,
+    /// The client certificate and key, PEM.
+    pub identity: Option<(Vec<u8>, zeroize::Zeroizing<Vec<u8>>)>,
+}
+
+impl std::fmt::Debug for EtcdTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdTls")
+            .field("client_certificate", &self.identity.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 fn d_lease_ttl() -> u64 {
@@ -86,6 +113,13 @@ pub enum SettingsError {
     /// A lease under 3 seconds.
     #[error("cluster.lease_ttl_secs must be at least 3")]
     LeaseTtl,
+    /// An endpoint that is neither `http://` nor `https://`, `https://` without `ca_file`, or a
+    /// mix of both schemes.
+    #[error("cluster.endpoints: all http:// or all https:// (https:// needs cluster.ca_file)")]
+    Scheme,
+    /// One of `cert_file` and `key_file` without the other.
+    #[error("cluster.cert_file and cluster.key_file go together")]
+    ClientCertificate,
 }
 
 impl ClusterSettings {
@@ -109,6 +143,25 @@ impl ClusterSettings {
         if self.lease_ttl_secs < 3 {
             return Err(SettingsError::LeaseTtl);
         }
+        let https = self
+            .endpoints
+            .iter()
+            .filter(|e| e.starts_with("https://"))
+            .count();
+        let http = self
+            .endpoints
+            .iter()
+            .filter(|e| e.starts_with("http://"))
+            .count();
+        if http + https != self.endpoints.len()
+            || (http > 0 && https > 0)
+            || (https > 0 && self.ca_file.is_none())
+        {
+            return Err(SettingsError::Scheme);
+        }
+        if self.cert_file.is_some() != self.key_file.is_some() {
+            return Err(SettingsError::ClientCertificate);
+        }
         Ok(())
     }
 }
@@ -124,6 +177,9 @@ mod tests {
             name: "prod".into(),
             node: "node-1".into(),
             lease_ttl_secs: 10,
+            ca_file: None,
+            cert_file: None,
+            key_file: None,
         };
         assert_eq!(good.validate(), Ok(()));
         let mut bad = good.clone();
@@ -132,8 +188,15 @@ mod tests {
         let mut bad = good.clone();
         bad.endpoints.clear();
         assert_eq!(bad.validate(), Err(SettingsError::NoEndpoint));
-        let mut bad = good;
+        let mut bad = good.clone();
         bad.lease_ttl_secs = 2;
         assert_eq!(bad.validate(), Err(SettingsError::LeaseTtl));
+        let mut bad = good.clone();
+        bad.endpoints = vec!["https://127.0.0.1:2379".into()];
+        assert_eq!(bad.validate(), Err(SettingsError::Scheme));
+        bad.ca_file = Some("ca.pem".into());
+        assert_eq!(bad.validate(), Ok(()));
+        bad.cert_file = Some("c.pem".into());
+        assert_eq!(bad.validate(), Err(SettingsError::ClientCertificate));
     }
 }

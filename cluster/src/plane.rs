@@ -18,7 +18,7 @@ use etcd_client::{
 use tokio::sync::{Mutex, watch};
 
 use crate::health::Health;
-use crate::{ClusterSettings, PolicyDocument, keys};
+use crate::{ClusterSettings, EtcdTls, PolicyDocument, keys};
 
 /// Why the control plane could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +30,15 @@ pub enum ClusterError {
     /// No endpoint answered within the bound.
     #[error("no etcd endpoint answered within {0:?}")]
     Unreachable(Duration),
+    /// A file `[cluster]` names cannot be read.
+    #[error("{path}: {source}")]
+    File {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// A member's value in etcd is not a member.
     #[error("member {key}: {source}")]
     Member {
@@ -63,6 +72,7 @@ pub struct Member {
 /// A node's control plane: membership, health, revocations.
 pub struct ControlPlane {
     settings: ClusterSettings,
+    tls: Option<etcd_client::TlsOptions>,
     health: Arc<Health>,
     /// The endpoint in use (an index into `settings.endpoints`).
     endpoint: AtomicUsize,
@@ -94,9 +104,18 @@ impl ControlPlane {
     /// the member under it, and keeps it alive in the background until [`ControlPlane::leave`].
     pub async fn join(
         settings: ClusterSettings,
+        tls: Option<EtcdTls>,
         key: String,
         address: SocketAddr,
     ) -> Result<Arc<Self>, ClusterError> {
+        let tls = tls.map(|t| {
+            let mut o = etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(&t.ca_pem));
+            if let Some((cert, key)) = &t.identity {
+                o = o.identity(etcd_client::Identity::from_pem(cert, key.as_slice()));
+            }
+            o
+        });
         let ttl_ms = settings.lease_ttl_secs * 1000;
         let health = Arc::new(Health::new(ttl_ms, now_ms()));
         let member = Member {
@@ -109,6 +128,7 @@ impl ControlPlane {
         };
         let plane = Arc::new(Self {
             settings,
+            tls,
             health,
             endpoint: AtomicUsize::new(0),
             client: Mutex::new(None),
@@ -156,10 +176,13 @@ impl ControlPlane {
         }
         let n = self.settings.endpoints.len();
         let bound = self.request_bound();
-        let options = ConnectOptions::new()
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(bound)
             .with_timeout(bound)
             .with_keep_alive(bound, bound);
+        if let Some(tls) = &self.tls {
+            options = options.with_tls(tls.clone());
+        }
         let mut last = None;
         for _ in 0..n {
             let i = self.endpoint.load(Ordering::Acquire) % n;

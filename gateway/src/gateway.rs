@@ -378,8 +378,25 @@ impl Gateway {
         let Some(settings) = self.config.cluster() else {
             return Ok(());
         };
+        let read = |name: &str| {
+            let path = self.dir.join(name);
+            std::fs::read(&path).map_err(|source| {
+                StartError::Cluster(didgate_cluster::ClusterError::File { path, source })
+            })
+        };
+        let tls = match &settings.ca_file {
+            None => None,
+            Some(ca) => Some(didgate_cluster::EtcdTls {
+                ca_pem: read(ca)?,
+                identity: match (&settings.cert_file, &settings.key_file) {
+                    (Some(c), Some(k)) => Some((read(c)?, zeroize::Zeroizing::new(read(k)?))),
+                    _ => None,
+                },
+            }),
+        };
         let plane = didgate_cluster::ControlPlane::join(
             settings.clone(),
+            tls,
             self.identity.did().to_string(),
             addr,
         )

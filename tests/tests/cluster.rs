@@ -17,6 +17,8 @@ use didgate_tests::{Harness, alice, bob};
 struct Etcd {
     dir: PathBuf,
     base: u16,
+    /// Certificates for client TLS (`ETCD_TLS_DIR` of the script), if any.
+    tls: Option<PathBuf>,
     pids: Vec<u32>,
     endpoints: Vec<String>,
 }
@@ -25,6 +27,11 @@ impl Etcd {
     /// Starts one on ports `base`..`base + 5`; `None` (after printing SKIPPED) when etcd is
     /// not installed outside CI.
     fn start(dir: &Path, base: u16) -> anyhow::Result<Option<Self>> {
+        Self::start_with_tls(dir, base, None)
+    }
+
+    /// Like [`Etcd::start`], with client TLS from the certificates in `tls`.
+    fn start_with_tls(dir: &Path, base: u16, tls: Option<PathBuf>) -> anyhow::Result<Option<Self>> {
         if which("etcd").is_none() {
             if std::env::var("CI").as_deref() == Ok("true") {
                 anyhow::bail!("etcd not installed, and CI=true (.ci/run installs it)");
@@ -35,6 +42,7 @@ impl Etcd {
         let mut etcd = Self {
             dir: dir.to_path_buf(),
             base,
+            tls,
             pids: Vec::new(),
             endpoints: Vec::new(),
         };
@@ -44,10 +52,13 @@ impl Etcd {
 
     fn run_script(&mut self) -> anyhow::Result<()> {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("etcd/start-cluster.sh");
-        let out = std::process::Command::new(script)
-            .arg(&self.dir)
-            .arg(self.base.to_string())
-            .output()?;
+        let mut cmd = std::process::Command::new(script);
+        cmd.arg(&self.dir).arg(self.base.to_string());
+        match &self.tls {
+            Some(dir) => cmd.env("ETCD_TLS_DIR", dir),
+            None => cmd.env_remove("ETCD_TLS_DIR"),
+        };
+        let out = cmd.output()?;
         anyhow::ensure!(
             out.status.success(),
             "etcd did not start: {}",
@@ -120,6 +131,9 @@ fn settings(etcd: &Etcd, cluster: &str, node: &str, ttl: u64) -> ClusterSettings
         name: cluster.into(),
         node: node.into(),
         lease_ttl_secs: ttl,
+        ca_file: None,
+        cert_file: None,
+        key_file: None,
     }
 }
 
@@ -503,5 +517,78 @@ async fn a_node_revocation_published_in_the_cluster_is_stapled_by_every_node_and
     })
     .await?;
     assert_eq!(std::fs::read(&home)?, bytes, "kept in the home");
+    Ok(())
+}
+
+/// A test CA, etcd's server certificate (127.0.0.1) and a client certificate, as PEM files in
+/// `dir` under the names the script and `[cluster]` take.
+fn etcd_certificates(dir: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let ca_key = rcgen::KeyPair::generate()?;
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "didgate etcd test CA");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key)?;
+    std::fs::write(dir.join("ca.pem"), ca.pem())?;
+    for (name, usage) in [
+        ("server", rcgen::ExtendedKeyUsagePurpose::ServerAuth),
+        ("client", rcgen::ExtendedKeyUsagePurpose::ClientAuth),
+    ] {
+        let key = rcgen::KeyPair::generate()?;
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()])?;
+        params
+            .subject_alt_names
+            .push(rcgen::SanType::IpAddress("127.0.0.1".parse()?));
+        params.extended_key_usages = vec![usage];
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, format!("didgate {name}"));
+        let cert = params.signed_by(&key, &ca)?;
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem())?;
+        std::fs::write(dir.join(format!("{name}-key.pem")), key.serialize_pem())?;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_node_talks_to_etcd_over_tls_with_a_client_certificate() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let certs = tmp.path().join("certs");
+    etcd_certificates(&certs)?;
+    let Some(etcd) = Etcd::start_with_tls(&tmp.path().join("etcd"), 23_740, Some(certs.clone()))?
+    else {
+        return Ok(());
+    };
+    assert!(etcd.endpoints.iter().all(|e| e.starts_with("https://")));
+    let with_tls = |client_cert: bool| {
+        let mut s = settings(&etcd, "c5", "node-a", 10);
+        let at = |name: &str| certs.join(name).display().to_string();
+        s.ca_file = Some(at("ca.pem"));
+        if client_cert {
+            s.cert_file = Some(at("client.pem"));
+            s.key_file = Some(at("client-key.pem"));
+        }
+        s
+    };
+    // without a client certificate etcd refuses the node: it does not start
+    let refused = Harness::start_with(|c| c.cluster = Some(with_tls(false))).await;
+    let e = refused.err().expect("no client certificate, no join");
+    assert!(e.to_string().contains("cluster"), "{e}");
+    // with one, it joins, registers and serves
+    let h = Harness::start_with(|c| c.cluster = Some(with_tls(true))).await?;
+    let plane = h
+        .gateway
+        .as_ref()
+        .expect("a")
+        .cluster()
+        .expect("joined")
+        .clone();
+    assert_eq!(plane.members().await?.len(), 1);
+    h.client("alice", alice())
+        .await?
+        .call(CallSpec::new("payments", "GET", "/v1/balance"))
+        .await?;
     Ok(())
 }
