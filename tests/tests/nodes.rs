@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use didgate_client::low_level::RawExchange;
 use didgate_client::{CallError, CallSpec, Client, Unreachable};
 use didgate_gateway::config::RawConfig;
 use didgate_gateway::datadir::DataDir;
@@ -417,5 +418,40 @@ async fn the_operator_certifies_and_revokes_nodes_with_didgated_cluster() -> any
     let show = run(&["cluster", "show"])?;
     assert_eq!(show.status.code(), Some(0), "{show:?}");
     assert!(String::from_utf8_lossy(&show.stdout).contains("a single node"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_request_replayed_to_another_node_is_reported_as_one_call_executed_twice()
+-> anyhow::Result<()> {
+    // Claims are each node's own until callers have a home node (issue 24): the same signed
+    // request sent to two nodes executes on both. The auditor, given both node chains, names it.
+    let mut h = Harness::start().await?;
+    let root = h.dir.path().to_path_buf();
+    let mut a = Node::start(&h, &root.join("node-a"), "127.0.0.1:0".parse()?).await?;
+    let mut b = Node::start(&h, &root.join("node-b"), "127.0.0.1:0".parse()?).await?;
+    let to_a = client_at(&h, "to-a", a.addr).await?;
+    let to_b = client_at(&h, "to-b", b.addr).await?;
+    let (bytes, _) = to_a.sign(&CallSpec::new("payments", "GET", "/v1/balance"))?;
+    for c in [&to_a, &to_b] {
+        let raw = c.send_signed(&bytes, b"").await?;
+        assert!(
+            matches!(raw.last, didgate_client::low_level::RawFinal::Receipt(_)),
+            "executed"
+        );
+    }
+    drop((to_a, to_b));
+    a.stop().await;
+    b.stop().await;
+    h.stop().await;
+    let out = std::process::Command::new(bin("didgate-audit")?)
+        .args(["verify", "--gateway"])
+        .arg(a.dir.join("store"))
+        .arg("--gateway")
+        .arg(b.dir.join("store"))
+        .output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("duplicate_call"), "{text}");
     Ok(())
 }
