@@ -837,6 +837,14 @@ impl Store {
         self.checkpoints_upto(u64::MAX)
     }
 
+    /// The last signed checkpoint stored (of the greatest size), if any.
+    pub fn last_checkpoint(&self) -> Result<Option<Vec<u8>>, StoreError> {
+        match self.engine()?.checkpoints.iter().next_back() {
+            Some(g) => Ok(Some(g.value()?.to_vec())),
+            None => Ok(None),
+        }
+    }
+
     /// The signed checkpoints of sizes up to `max_size`, in size order.
     pub fn checkpoints_upto(&self, max_size: u64) -> Result<Vec<Vec<u8>>, StoreError> {
         let mut out = Vec::new();

@@ -62,6 +62,17 @@ pub fn node_revocation_list(name: &str, seq: u64) -> String {
     format!("{}{seq:020}", node_revocations(name))
 }
 
+/// The prefix of the registry of node chains: `/didgate/CLUSTER/chains/`.
+pub fn chains(name: &str) -> String {
+    format!("{}chains/", root(name))
+}
+
+/// A node's latest signed checkpoint: `/didgate/CLUSTER/chains/NODE` (COSE_Sign1 bytes as the
+/// node signed them).
+pub fn chain(name: &str, node: &str) -> String {
+    format!("{}{node}", chains(name))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

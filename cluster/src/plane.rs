@@ -361,6 +361,58 @@ impl ControlPlane {
         })
     }
 
+    /// Publishes this node's latest signed checkpoint in the registry of node chains
+    /// (`chains/NODE`), for the auditor and for the other nodes to witness.
+    pub async fn publish_checkpoint(&self, bytes: &[u8]) -> Result<(), ClusterError> {
+        let key = keys::chain(&self.settings.name, &self.settings.node);
+        let value = bytes.to_vec();
+        self.with_client(|mut c| async move { c.put(key, value, None).await })
+            .await
+            .map(|_| ())
+    }
+
+    /// Applies every other node's latest checkpoint now and each one published from then on
+    /// with `apply(node, bytes)`, until [`ControlPlane::leave`] (this node's own are skipped).
+    pub fn watch_checkpoints<F>(self: &Arc<Self>, apply: F) -> tokio::task::JoinHandle<()>
+    where
+        F: Fn(String, Vec<u8>) + Send + Sync + 'static,
+    {
+        let prefix = keys::chains(&self.settings.name);
+        let own = self.settings.node.clone();
+        let p = prefix.clone();
+        self.watch_prefix(prefix, move |k, v| {
+            let Some(node) = k.strip_prefix(p.as_bytes()) else {
+                return;
+            };
+            let node = String::from_utf8_lossy(node).into_owned();
+            if node != own {
+                apply(node, v.to_vec());
+            }
+        })
+    }
+
+    /// The registry of node chains: each node's name and latest signed checkpoint.
+    pub async fn checkpoints(&self) -> Result<Vec<(String, Vec<u8>)>, ClusterError> {
+        let prefix = keys::chains(&self.settings.name);
+        let p = prefix.clone();
+        let resp = self
+            .with_client(
+                |mut c| async move { c.get(p, Some(GetOptions::new().with_prefix())).await },
+            )
+            .await?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                let node = kv.key().strip_prefix(prefix.as_bytes())?;
+                Some((
+                    String::from_utf8_lossy(node).into_owned(),
+                    kv.value().to_vec(),
+                ))
+            })
+            .collect())
+    }
+
     /// Publishes `doc` as the cluster's policy: stored under its hash, then named current (one
     /// transaction). Returns the hash.
     pub async fn publish_policy(&self, doc: &PolicyDocument) -> Result<[u8; 32], ClusterError> {

@@ -171,6 +171,7 @@ pub async fn serve(
     };
     let upkeep = gw.secrets.spawn_upkeep(stop_rx.clone());
     let cluster_watch = watch_cluster_revocations(&gw);
+    let publisher = publish_checkpoints(&gw, stop_rx.clone());
     let revoked_self = Arc::new(tokio::sync::Notify::new());
     let _node_lists = watch_node_revocations(&gw, &endpoint, &revoked_self);
     tokio::pin!(shutdown);
@@ -220,14 +221,60 @@ pub async fn serve(
     gw.secrets.upkeep(now_ms()).await;
     endpoint.close(0u32.into(), b"shutdown");
     endpoint.wait_idle().await;
+    if let Some(p) = publisher {
+        let _ = p.await;
+    }
     if let Some(plane) = gw.cluster() {
-        // the member's key goes at once (its lease revoked), and the watch stops
+        // the final checkpoint (written by the drain above) in the registry, then the
+        // member's key goes at once (its lease revoked), and the watches stop
+        publish_last_checkpoint(&gw, plane, &mut None).await;
         plane.leave().await;
     }
     if let Some(apply) = cluster_watch {
         let _ = apply.await;
     }
     gw.chain.close();
+}
+
+/// In a cluster, publishes this node's latest signed checkpoint in the registry of node
+/// chains whenever it changes (checked every third of the lease TTL), until `stop`.
+fn publish_checkpoints(
+    gw: &Arc<Gateway>,
+    mut stop: watch::Receiver<bool>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let plane = gw.cluster()?.clone();
+    let gw = gw.clone();
+    let every = Duration::from_millis(plane.health().bound_ms().max(100));
+    Some(tokio::spawn(async move {
+        let mut last = None;
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => publish_last_checkpoint(&gw, &plane, &mut last).await,
+                _ = stop.changed() => return,
+            }
+        }
+    }))
+}
+
+/// Publishes the store's last checkpoint if it is not `last` (then remembered there).
+async fn publish_last_checkpoint(
+    gw: &Arc<Gateway>,
+    plane: &didgate_cluster::ControlPlane,
+    last: &mut Option<Vec<u8>>,
+) {
+    let store = gw.chain.store().clone();
+    let Ok(Ok(Some(cp))) = tokio::task::spawn_blocking(move || store.last_checkpoint()).await
+    else {
+        return;
+    };
+    if last.as_ref() == Some(&cp) {
+        return;
+    }
+    match plane.publish_checkpoint(&cp).await {
+        Ok(()) => *last = Some(cp),
+        Err(e) => tracing::warn!(error = %e, "cannot publish this node's checkpoint"),
+    }
 }
 
 /// A node in a cluster staples every newer node revocation list its gateway signed that the
