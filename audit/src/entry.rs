@@ -5,9 +5,10 @@
 //! entry 0 (the genesis, which names the owner DID).
 //!
 //! Versions (specs/audit-log.md, "Format evolution"): every entry carries `v`. Version 2 is
-//! version 1 plus the `format` kind, the entry at which a chain switches from version 1 to 2;
-//! each version's decoder stays strict (a version 1 entry with the `format` kind or the
-//! `version` field is refused).
+//! version 1 plus the `format` kind, the entry at which a chain switches from version 1 to 2,
+//! and the fields and kinds of its amendments (`secret`, 2.4; `witness`, a peer node's signed
+//! checkpoint, 2.9); each version's decoder stays strict (a version 1 entry with the `format`
+//! kind or the `version` field is refused).
 //!
 //! Two decoders: [`Entry::decode`] reads a party's own store (serde over ciborium, which is
 //! lenient about the encoding), and [`Entry::decode_strict`], the verifier's, refuses any entry
@@ -17,9 +18,9 @@
 //! fast path: the strict decoder's value, faster, for the plain encoding the writers produce,
 //! and `None` for anything else (which then goes to `decode_strict`).
 
-use didgate_protocol::Version;
 use didgate_protocol::cbor::{self, DecodeError, PlainReader, fixed, fixed_opt};
-use didgate_protocol::message::{ChainHead, Digest, EntryRef};
+use didgate_protocol::message::{self, ChainHead, Checkpoint, Digest, EntryRef, OpenError};
+use didgate_protocol::{Did, Version};
 use serde::{Deserialize, Serialize};
 
 use ciborium::Value;
@@ -68,6 +69,29 @@ pub enum EntryKind {
     /// Gateway (version 2, amendment 2.4): a secret's lifecycle event, a master-key rotation,
     /// or the snapshot of every secret (`action`, `secrets`; never a value).
     Secret,
+    /// Gateway (version 2, amendment 2.9): a peer node's signed checkpoint, byte for byte
+    /// (`signed`), and the peer's DID, its `log` (`subject`): this chain saw the peer's chain
+    /// at that size with that root, so the peer cannot rewrite it below that size unseen.
+    Witness,
+}
+
+/// Why a peer's checkpoint cannot be witnessed ([`Entry::witness`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum WitnessError {
+    /// Not a signed checkpoint: the envelope, the signature or the payload fails.
+    #[error("not a signed checkpoint: {0}")]
+    Open(#[source] OpenError),
+    /// Signed by another key than the peer's, or for another log.
+    #[error("the checkpoint is signed by {signer} for the log {log}, not by the peer {peer}")]
+    Signer {
+        /// The peer the caller named.
+        peer: String,
+        /// The key that signed it.
+        signer: String,
+        /// The log it names.
+        log: String,
+    },
 }
 
 /// BLAKE3 derive-key context of a sealed secret version's fingerprint.
@@ -453,7 +477,8 @@ fn field_rule(kind: EntryKind, v: Version) -> Option<(u32, u32)> {
         EntryKind::Revocation => (SUBJECT | GRANT | DETAIL, DETAIL),
         EntryKind::Format if v2 => (VERSION | DETAIL, VERSION),
         EntryKind::Secret if v2 => (ACTION | SECRETS | DETAIL, ACTION | SECRETS),
-        EntryKind::Format | EntryKind::Secret => return None,
+        EntryKind::Witness if v2 => (SIGNED | SUBJECT, SIGNED | SUBJECT),
+        EntryKind::Format | EntryKind::Secret | EntryKind::Witness => return None,
     };
     // the reserved `root` is accepted on every kind ("A v1 reader MUST accept the reserved
     // fields when present")
@@ -653,6 +678,29 @@ impl Entry {
         e
     }
 
+    /// A `witness` entry (amendment 2.9): the checkpoint `checkpoint` (its COSE_Sign1 bytes,
+    /// exactly as the peer signed them) of the chain of the peer node `peer`, seen at
+    /// `time_ms`. The checkpoint must open as a signed checkpoint (every rule of protocol.md
+    /// "Signed envelopes" and "Messages") signed by `peer` for the log `peer` (its `log`);
+    /// otherwise the verifier would report the entry `bad_signature`, and it is refused here.
+    /// Its node certificate, if any, is not judged here (the verifier judges it as it judges a
+    /// checkpoint's: the caller holds the revocation lists).
+    pub fn witness(peer: &Did, checkpoint: Vec<u8>, time_ms: u64) -> Result<Self, WitnessError> {
+        let opened = message::open::<Checkpoint>(&checkpoint).map_err(WitnessError::Open)?;
+        let (envelope, cp, _) = opened.into_parts();
+        if envelope.signer() != peer || cp.log != peer.as_str() {
+            return Err(WitnessError::Signer {
+                peer: peer.to_string(),
+                signer: envelope.signer().to_string(),
+                log: cp.log,
+            });
+        }
+        let mut e = Self::new(EntryKind::Witness, time_ms);
+        e.signed = Some(checkpoint);
+        e.subject = Some(peer.to_string());
+        Ok(e)
+    }
+
     /// The `format` entry that switches a chain to `to`.
     pub fn format(to: Version, time_ms: u64) -> Self {
         let mut e = Self::new(EntryKind::Format, time_ms);
@@ -718,7 +766,10 @@ impl Entry {
             (_, _, _) => return Err(DecodeError::Field("action")),
         }
         match (v, self.kind, self.version) {
-            (Version::V1, EntryKind::Format, _) => Err(DecodeError::Field("kind")),
+            // amendment 2.9: no witness entry in version 1
+            (Version::V1, EntryKind::Format | EntryKind::Witness, _) => {
+                Err(DecodeError::Field("kind"))
+            }
             (Version::V1, _, Some(_)) => Err(DecodeError::Field("version")),
             (_, EntryKind::Format, Some(to)) if to == self.v => Ok(()),
             (_, EntryKind::Format, _) => Err(DecodeError::Field("version")),
@@ -842,8 +893,9 @@ impl Entry {
     /// - `format` (version 2 on): version, detail; version required.
     /// - `secret` (version 2 on): action, secrets, and detail when the action is
     ///   `kms_rotated`; action and secrets required.
+    /// - `witness` (version 2 on, amendment 2.9): signed, subject; both required.
     ///
-    /// Version 1 has no `format` or `secret` kind. The rules of [`Entry::check_version`]
+    /// Version 1 has no `format`, `secret` or `witness` kind. The rules of [`Entry::check_version`]
     /// (a format entry names its own version, `secret_id` with `secret_version`, the secret
     /// states' invariants) are not repeated here.
     pub fn check_fields(&self) -> Result<(), DecodeError> {
@@ -1010,6 +1062,7 @@ mod tests {
         the_format_kind_and_version_field_are_version_2s();
         secret_echo_and_secret_id_follow_amendments_2_1_and_2_3();
         secret_entries_follow_amendment_2_4();
+        witness_entries_follow_amendment_2_9();
         for v in [0, 3, u64::MAX] {
             let mut bad = Entry::new(EntryKind::Executed, 5);
             bad.v = v;
@@ -1196,6 +1249,92 @@ mod tests {
         );
     }
 
+    /// Amendment 2.9: witness entries, version 2 only, with exactly `signed` and `subject`;
+    /// the constructor takes only a checkpoint the peer signed for its own log.
+    fn witness_entries_follow_amendment_2_9() {
+        use didgate_protocol::Identity;
+        use didgate_protocol::message::SignedMessage;
+        let (peer, other) = (
+            Identity::from_seed(&[0x3c; 32]),
+            Identity::from_seed(&[0x3d; 32]),
+        );
+        let checkpoint = |log: &Identity, by: &Identity| {
+            Checkpoint {
+                v: 2,
+                log: log.did().to_string(),
+                chain: [1; 32],
+                size: 3,
+                head: [2; 32],
+                root: [3; 32],
+                time_ms: 5,
+                node_cert: None,
+            }
+            .sign(by)
+        };
+        let signed = checkpoint(&peer, &peer);
+        let w = Entry::witness(peer.did(), signed.clone(), 6).expect("the peer's checkpoint");
+        assert_eq!(
+            (w.kind, w.subject.as_deref(), w.signed.as_deref(), w.time_ms),
+            (
+                EntryKind::Witness,
+                Some(peer.did().as_str()),
+                Some(signed.as_slice()),
+                6
+            )
+        );
+        let bytes = w.encode();
+        assert_eq!(Entry::decode(&bytes), Ok(w.clone()));
+        assert_eq!(Entry::decode_strict(&bytes), Ok(w.clone()));
+        assert_eq!(Entry::decode_plain(&bytes), Some(w.clone()));
+        // version 1 is frozen: no witness kind, by every decoder
+        let mut old = w.clone();
+        old.v = 1;
+        for result in [
+            Entry::decode(&old.encode()),
+            Entry::decode_strict(&old.encode()),
+        ] {
+            assert_eq!(result, Err(DecodeError::Field("kind")));
+        }
+        assert_eq!(Entry::decode_plain(&old.encode()), None);
+        // exactly signed and subject, both required
+        let mut bare = w.clone();
+        bare.subject = None;
+        strict_refuses(
+            &bare.encode(),
+            "entry of kind witness without its field subject",
+        );
+        bare = w.clone();
+        bare.signed = None;
+        strict_refuses(
+            &bare.encode(),
+            "entry of kind witness without its field signed",
+        );
+        let mut extra = w.clone();
+        extra.call = Some([4; 32]);
+        strict_refuses(&extra.encode(), "field call on an entry of kind witness");
+        for e in [bare, extra] {
+            assert_eq!(Entry::decode_plain(&e.encode()), None);
+        }
+        // the constructor: the peer's own checkpoint for its own log, nothing else
+        let refused = |peer: &Identity, bytes: Vec<u8>| Entry::witness(peer.did(), bytes, 6);
+        assert!(matches!(
+            refused(&other, signed.clone()),
+            Err(WitnessError::Signer { .. })
+        ));
+        assert!(matches!(
+            refused(&other, checkpoint(&peer, &other)),
+            Err(WitnessError::Signer { .. })
+        ));
+        let mut broken = signed.clone();
+        let last = broken.len() - 1;
+        broken[last] ^= 1;
+        assert!(matches!(refused(&peer, broken), Err(WitnessError::Open(_))));
+        assert!(matches!(
+            refused(&peer, b"not a checkpoint".to_vec()),
+            Err(WitnessError::Open(_))
+        ));
+    }
+
     /// A chain head, as requests carry.
     const HEAD: ChainHead = ChainHead {
         chain: [0x11; 32],
@@ -1321,6 +1460,10 @@ mod tests {
             Entry::secret(SecretAction::Snapshot, Vec::new(), 5),
             Entry::secret(SecretAction::Added, vec![state], 5),
             kms,
+            new(EntryKind::Witness, &|e| {
+                e.signed = Some(vec![0xd2, 0x84]);
+                e.subject = Some("did:key:z6Mk".into());
+            }),
         ]
     }
 
@@ -1328,7 +1471,12 @@ mod tests {
     fn as_written_v1() -> Vec<Entry> {
         as_written()
             .into_iter()
-            .filter(|e| !matches!(e.kind, EntryKind::Format | EntryKind::Secret))
+            .filter(|e| {
+                !matches!(
+                    e.kind,
+                    EntryKind::Format | EntryKind::Secret | EntryKind::Witness
+                )
+            })
             .map(|mut e| {
                 e.v = 1;
                 (e.secret_echo, e.secret_id, e.secret_version) = (None, None, None);
@@ -1673,8 +1821,9 @@ mod tests {
             EntryKind::Abandoned,
             EntryKind::Refused,
             EntryKind::Refusals,
+            EntryKind::Witness,
         ];
-        let mut e = Entry::new(kinds[rng.below(9) as usize], rng.int());
+        let mut e = Entry::new(kinds[rng.below(kinds.len() as u64) as usize], rng.int());
         e.seq = rng.int();
         e.prev = rng.digest();
         let maybe = |rng: &mut Rng| rng.below(3) == 0;
@@ -1738,7 +1887,8 @@ mod tests {
         }
         // both versions; version 2 has the format kind and its version field
         match rng.below(4) {
-            0 => e.v = 1,
+            // version 1 has no witness kind (every decoder refuses it: tested on its own)
+            0 if e.kind != EntryKind::Witness => e.v = 1,
             1 => {
                 e.kind = EntryKind::Format;
                 e.version = Some(e.v);

@@ -1,12 +1,14 @@
 //! The audit-log vectors (specs/audit-log.md, "Format evolution", "Vectors").
 //!
 //! Builds, deterministically, a gateway chain that crosses the switch from version 1 to
-//! version 2 and variants that break the rule (`specs/vectors/format-switch.json`), and gateway
+//! version 2 and variants that break the rule (`specs/vectors/format-switch.json`), gateway
 //! chains with secret lifecycle entries and calls that tie, or fail to tie, to the versions
-//! they declare (`specs/vectors/secret-lifecycle.json`, amendment 2.4); checks that the
-//! committed files are exactly what this release builds (set `DIDGATE_WRITE_VECTORS=1` to
-//! rewrite them after a deliberate change), and that the verifier's verdict on every chain of
-//! the committed files is the one the file states.
+//! they declare (`specs/vectors/secret-lifecycle.json`, amendment 2.4), and the chains of two
+//! nodes, one witnessing the other's checkpoint, which is intact, rewritten or truncated
+//! (`specs/vectors/witness.json`, amendment 2.9); checks that the committed files are exactly
+//! what this release builds (set `DIDGATE_WRITE_VECTORS=1` to rewrite them after a deliberate
+//! change), and that the verifier's verdict on every chain (every case, for the witness
+//! vectors) of the committed files is the one the file states.
 
 use didgate_audit::entry::{
     Entry, EntryKind, Role, SecretAction, SecretState, SecretStatus, VersionState, entry_hash,
@@ -16,6 +18,7 @@ use didgate_audit::merkle::{self, Frontier};
 use didgate_audit::{ChainRecords, verify};
 use didgate_protocol::envelope::{self, Kind};
 use didgate_protocol::message::{ChainHead, Checkpoint, Digest, EntryRef, Request, SignedMessage};
+use didgate_protocol::node::NodeCertificate;
 use didgate_protocol::{Identity, Version};
 use serde_json::{Value, json};
 
@@ -92,7 +95,11 @@ fn build(specs: &[Spec]) -> Built {
 /// Chains `entries` as the writer does (seq, prev), signing a checkpoint (of the entry's
 /// version) after each entry marked so.
 fn link(entries: Vec<(Entry, bool)>) -> Built {
-    let owner = owner();
+    link_as(&owner(), None, entries)
+}
+
+/// [`link`] for the chain of `owner`, whose version 2 checkpoints carry `node_cert`.
+fn link_as(owner: &Identity, node_cert: Option<&[u8]>, entries: Vec<(Entry, bool)>) -> Built {
     let mut out = Vec::new();
     let mut checkpoints = Vec::new();
     let mut frontier = Frontier::default();
@@ -122,9 +129,10 @@ fn link(entries: Vec<(Entry, bool)>) -> Built {
                 head: hash,
                 root: frontier.root(),
                 time_ms: e.time_ms + 1,
-                node_cert: None,
+                // a version 1 checkpoint never carries one
+                node_cert: node_cert.filter(|_| e.v >= 2).map(<[u8]>::to_vec),
             };
-            checkpoints.push(cp.sign(&owner));
+            checkpoints.push(cp.sign(owner));
         }
     }
     (out, head, checkpoints)
@@ -264,10 +272,11 @@ fn vector_path(file: &str) -> std::path::PathBuf {
 }
 
 /// The vector files and what this release builds for each.
-fn vector_files() -> [(&'static str, Value); 2] {
+fn vector_files() -> [(&'static str, Value); 3] {
     [
         ("format-switch.json", vectors()),
         ("secret-lifecycle.json", secret_vectors()),
+        ("witness.json", witness_vectors()),
     ]
 }
 
@@ -307,34 +316,39 @@ fn the_verifier_agrees_with_the_committed_verdicts() {
         assert!(chains.len() >= at_least);
         verdicts_agree(chains);
     }
+    witness_verdicts_agree();
+}
+
+/// A chain of a vector file as the verifier reads it, labelled `label`.
+fn records(label: &str, c: &Value) -> ChainRecords {
+    let head = &c["head"];
+    ChainRecords {
+        label: label.into(),
+        entries: c["entries"]
+            .as_array()
+            .expect("entries")
+            .iter()
+            .map(|e| (e["seq"].as_u64().expect("seq"), hex_field(&e["bytes"])))
+            .collect(),
+        head: Some(EntryRef {
+            seq: head["seq"].as_u64().expect("seq"),
+            hash: hex_field(&head["hash"]).try_into().expect("32 bytes"),
+        }),
+        checkpoints: c["checkpoints"]
+            .as_array()
+            .expect("checkpoints")
+            .iter()
+            .map(hex_field)
+            .collect(),
+        documents: Vec::new(),
+        sealed: false,
+    }
 }
 
 fn verdicts_agree(chains: &[Value]) {
     for c in chains {
         let name = c["name"].as_str().expect("name");
-        let head = &c["head"];
-        let records = ChainRecords {
-            label: name.into(),
-            entries: c["entries"]
-                .as_array()
-                .expect("entries")
-                .iter()
-                .map(|e| (e["seq"].as_u64().expect("seq"), hex_field(&e["bytes"])))
-                .collect(),
-            head: Some(EntryRef {
-                seq: head["seq"].as_u64().expect("seq"),
-                hash: hex_field(&head["hash"]).try_into().expect("32 bytes"),
-            }),
-            checkpoints: c["checkpoints"]
-                .as_array()
-                .expect("checkpoints")
-                .iter()
-                .map(hex_field)
-                .collect(),
-            documents: Vec::new(),
-            sealed: false,
-        };
-        let report = verify::verify(&[records], &[]);
+        let report = verify::verify(&[records(name, c)], &[]);
         let found: Vec<(Option<u64>, String)> = report
             .violations
             .iter()
@@ -588,4 +602,200 @@ fn secret_vectors() -> Value {
         "role": "gateway",
         "chains": chains_json(chains.into_iter()),
     })
+}
+
+/// The gateway whose nodes write the witness vectors: seed 00..00 (it signs their
+/// certificates only); its nodes A and B: seeds 0a..0a and 0b..0b.
+fn nodes() -> [Identity; 2] {
+    [
+        Identity::from_seed(&[0x0a; 32]),
+        Identity::from_seed(&[0x0b; 32]),
+    ]
+}
+
+/// The node certificate of `node` (serial `serial`), valid for a day from `T0`.
+fn node_certificate(node: &Identity, serial: u64) -> Vec<u8> {
+    NodeCertificate {
+        v: 2,
+        gateway: owner().did().to_string(),
+        node: node.did().to_string(),
+        serial,
+        not_before_ms: T0,
+        not_after_ms: T0 + 86_400_000,
+        addr: None,
+    }
+    .sign(&owner())
+}
+
+/// A node's chain as [`link_as`] builds it: a genesis of version `v` owned by `node`, then
+/// `entries`, each at `T0 + seq * 1000` (and of version `v`); the last one sealed.
+fn node_chain(node: &Identity, serial: u64, v: Version, entries: Vec<(Entry, bool)>) -> Built {
+    let mut genesis = Entry::new(EntryKind::Genesis, T0);
+    genesis.owner = Some(node.did().to_string());
+    genesis.role = Some(Role::Gateway);
+    let mut all = vec![(genesis, false)];
+    all.extend(entries);
+    let last = all.len() - 1;
+    for (seq, (e, checkpoint)) in all.iter_mut().enumerate() {
+        e.v = v.as_u64();
+        e.time_ms = T0 + seq as u64 * 1000;
+        *checkpoint |= seq == last;
+    }
+    link_as(node, Some(&node_certificate(node, serial)), all)
+}
+
+/// Node A's chain of `len` entries (genesis included), sealed at size 6 and at its end; entry
+/// `altered` (if any) with another detail, as a rewrite re-signed by A would hold.
+fn node_a(len: u64, altered: Option<u64>) -> Built {
+    let entries = (1..len)
+        .map(|seq| {
+            let mut e = Entry::new(EntryKind::Refusals, 0);
+            e.count = Some(seq);
+            e.code = Some(format!("malformed={seq}"));
+            e.detail = Some(
+                if altered == Some(seq) {
+                    "rewritten"
+                } else {
+                    "as written"
+                }
+                .into(),
+            );
+            (e, seq + 1 == 6)
+        })
+        .collect();
+    node_chain(&nodes()[0], 1, Version::V2, entries)
+}
+
+/// Node B's chain of version `v`: a revocation, the witness entry `witness`, a revocation.
+fn node_b(v: Version, witness: Entry) -> Built {
+    let revocation = |n: u8| {
+        let mut e = Entry::new(EntryKind::Revocation, 0);
+        e.grant = Some([n; 16]);
+        e.detail = Some("revoked".into());
+        (e, false)
+    };
+    let entries = vec![revocation(1), (witness, false), revocation(2)];
+    node_chain(&nodes()[1], 2, v, entries)
+}
+
+/// One chain of a witness case as JSON.
+fn node_json(label: &str, (entries, head, checkpoints): &Built) -> Value {
+    json!({
+        "label": label,
+        "entries": entries
+            .iter()
+            .map(|(seq, bytes)| json!({"seq": seq, "bytes": hex::encode(bytes)}))
+            .collect::<Vec<_>>(),
+        "head": {"seq": head.seq, "hash": hex::encode(head.hash)},
+        "checkpoints": checkpoints.iter().map(hex::encode).collect::<Vec<_>>(),
+    })
+}
+
+fn witness_vectors() -> Value {
+    let [a, b] = nodes();
+    let intact = node_a(10, None);
+    // A's checkpoint at size 6, which B witnesses
+    let seen = intact.2[0].clone();
+    let witness = Entry::witness(a.did(), seen.clone(), 0).expect("A's own checkpoint");
+    let mut broken = witness.clone();
+    if let Some(last) = broken.signed.as_mut().and_then(|s| s.last_mut()) {
+        *last ^= 1;
+    }
+    let mut old = witness.clone();
+    old.v = 1;
+    let case =
+        |name: &str, description: &str, a: &Built, b: &Built, expected: &[(&str, u64, &str)]| {
+            json!({
+                "name": name,
+                "description": description,
+                "chains": [node_json("node-a", a), node_json("node-b", b)],
+                "expected": {
+                    "verdict": if expected.is_empty() { "ok" } else { "failed" },
+                    "violations": expected
+                        .iter()
+                        .map(|(chain, seq, kind)| json!({"chain": chain, "seq": seq, "kind": kind}))
+                        .collect::<Vec<_>>(),
+                },
+            })
+        };
+    let b_v2 = node_b(Version::V2, witness);
+    let cases = vec![
+        case(
+            "witnessed",
+            "node B's entry 2 witnesses node A's checkpoint at size 6; A's chain holds it",
+            &intact,
+            &b_v2,
+            &[],
+        ),
+        case(
+            "rewritten",
+            "A's entry 3 rewritten, its chain re-hashed and re-signed (it verifies on its own): A's first 6 entries are not what B witnessed",
+            &node_a(10, Some(3)),
+            &b_v2,
+            &[("node-a", 5, "witnessed_rewrite")],
+        ),
+        case(
+            "truncated",
+            "A's chain cut to 4 entries and re-sealed (it verifies on its own): shorter than the size B witnessed",
+            &node_a(4, None),
+            &b_v2,
+            &[("node-a", 4, "witnessed_rewrite")],
+        ),
+        case(
+            "broken-signature",
+            "the checkpoint in B's witness entry with one signature bit flipped",
+            &intact,
+            &node_b(Version::V2, broken),
+            &[("node-b", 2, "bad_signature")],
+        ),
+        case(
+            "version-1",
+            "B's chain is version 1: its witness entry (v = 1) does not decode",
+            &intact,
+            &node_b(Version::V1, old),
+            &[("node-b", 2, "altered_entry")],
+        ),
+    ];
+    json!({
+        "description": "Witness entries (specs/audit-log.md, \"Witness entries\", amendment 2.9): two nodes of the gateway of seed 00..00, A (seed 0a..0a, node certificate serial 1) and B (seed 0b..0b, serial 2), each owning its gateway chain, whose version 2 checkpoints carry the node's certificate. Each case: both chains (entries' stored bytes in key order, the recorded head, the signed checkpoints), to verify together, and what a verifier must find. Written by audit/tests/vectors.rs (DIDGATE_WRITE_VECTORS=1).",
+        "gateway": owner().did().to_string(),
+        "nodes": [a.did().to_string(), b.did().to_string()],
+        "witnessed_checkpoint": hex::encode(seen),
+        "cases": cases,
+    })
+}
+
+/// The verifier's verdict on each case of the committed witness vectors, both chains verified
+/// together, is the one the file states.
+fn witness_verdicts_agree() {
+    let text = std::fs::read_to_string(vector_path("witness.json")).expect("vectors");
+    let file: Value = serde_json::from_str(&text).expect("json");
+    let cases = file["cases"].as_array().expect("cases");
+    assert!(cases.len() >= 5);
+    for c in cases {
+        let name = c["name"].as_str().expect("name");
+        let chains: Vec<ChainRecords> = c["chains"]
+            .as_array()
+            .expect("chains")
+            .iter()
+            .map(|chain| records(chain["label"].as_str().expect("label"), chain))
+            .collect();
+        let report = verify::verify(&chains, &[]);
+        let found: Vec<Value> = report
+            .violations
+            .iter()
+            .map(|v| json!({"chain": v.chain, "seq": v.seq, "kind": v.kind.name()}))
+            .collect();
+        assert_eq!(
+            &Value::Array(found),
+            &c["expected"]["violations"],
+            "{name}: {:#?}",
+            report.violations
+        );
+        assert_eq!(
+            report.ok() && report.warnings.is_empty(),
+            c["expected"]["verdict"] == "ok",
+            "{name}: verdict"
+        );
+    }
 }

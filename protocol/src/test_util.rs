@@ -94,10 +94,11 @@ pub fn vector_hex(json: &serde_json::Value) -> (Vec<&str>, Vec<&str>) {
 }
 
 /// The files of specs/vectors/ that hold chains.
-pub const VECTOR_FILES: [&str; 3] = [
+pub const VECTOR_FILES: [&str; 4] = [
     "format-switch.json",
     "secret-lifecycle.json",
     "verifier-cases.json",
+    "witness.json",
 ];
 
 /// Every committed input of the fuzz target `target` (fuzz/corpus/TARGET), read from disk.

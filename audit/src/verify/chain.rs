@@ -180,6 +180,16 @@ impl merkle::SubtreeSource for Tree {
 }
 
 impl Checked {
+    /// The chain's extent: its highest stored key + 1 (0 when empty), not its number of
+    /// entries, so that a missing entry is reported as missing, not as a truncation.
+    pub(super) fn extent(&self) -> u64 {
+        self.items
+            .iter()
+            .map(|i| i.key.saturating_add(1))
+            .max()
+            .unwrap_or(0)
+    }
+
     /// The entry with this seq, if it sits at its own key.
     pub(super) fn at(&self, seq: u64) -> Option<&Item> {
         if !self.gaps {

@@ -49,21 +49,14 @@ fn check_checkpoints(
 ) {
     // entries covered by the checkpoints that check out
     let mut sealed = 0u64;
-    // The chain's extent is its highest stored seq, not its number of entries: a missing
-    // entry is reported as missing, not as a truncation.
-    let extent = c
-        .items
-        .iter()
-        .map(|i| i.key.saturating_add(1))
-        .max()
-        .unwrap_or(0);
+    let extent = c.extent();
     for (i, bytes) in rec.checkpoints.iter().enumerate() {
         let where_ = format!("{} checkpoint {i}", c.label);
         let cp = match (&c.owner, sigs.open::<Checkpoint>(bytes)) {
             (Some(owner), Ok(cp))
                 if cp.envelope.signer() == owner && cp.message.log == owner.as_str() =>
             {
-                check_node_cert(c, &where_, owner, &cp.message, rule, cx);
+                check_node_cert((&c.label, None), &where_, owner, &cp.message, rule, cx);
                 cp.message
             }
             (_, Ok(_)) => {
@@ -138,11 +131,12 @@ fn check_checkpoints(
     check_sealed(rec, c, extent, sealed, strict, cx);
 }
 
-/// The node certificate a checkpoint signed by the chain's `owner` carries, if any: it must
-/// hold for the owner's key at the checkpoint's `time_ms` under the gateway it names itself
-/// (no request names one), in that gateway's revocation list, else `bad_node_certificate`.
-fn check_node_cert(
-    c: &Checked,
+/// The node certificate a checkpoint signed by `owner` carries, if any: it must hold for the
+/// owner's key at the checkpoint's `time_ms` under the gateway it names itself (no request
+/// names one), in that gateway's revocation list, else `bad_node_certificate`, reported in
+/// `chain` at `seq` (a chain's own checkpoint: no seq; a witnessed one: its witness entry's).
+pub(super) fn check_node_cert(
+    (chain, seq): (&str, Option<u64>),
     where_: &str,
     owner: &didgate_protocol::Did,
     cp: &Checkpoint,
@@ -152,8 +146,8 @@ fn check_node_cert(
     let Some(cert) = &cp.node_cert else { return };
     if let Err(e) = rule.check_named(owner, cert, cp.time_ms) {
         cx.flag(
-            &c.label,
-            None,
+            chain,
+            seq,
             ViolationKind::BadNodeCertificate,
             format!("{where_} carries a node certificate that does not hold: {e}"),
         );

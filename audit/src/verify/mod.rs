@@ -12,6 +12,8 @@
 //! - `signatures`, `batch` and `keys`: every distinct signed message opened once, its
 //!   signature checked in batches, and handed back to the checks from a cache;
 //! - `checkpoints`: each chain's signed checkpoints and the roots its owner signed;
+//! - `witness`: the peers' checkpoints each chain's witness entries hold, against the chains
+//!   they name;
 //! - `gateway` and `client` (with `secrets`): the calls each chain records;
 //! - `links`: the cross-links between gateway and client chains;
 //! - `findings` (what the checks found so far) and `summary` (the report at the end);
@@ -41,6 +43,7 @@ mod signatures;
 mod summary;
 #[cfg(test)]
 mod tests;
+mod witness;
 
 pub use report::{
     ChainRecords, ChainSummary, Options, Phases, Report, Skipped, UnknownOutcome, Violation,
@@ -167,10 +170,10 @@ struct Given<'g, 's> {
     sigs: &'g Sigs<'s>,
 }
 
-/// The sequential checks, on one thread: every chain's checkpoints, the gateway chains' calls,
-/// the client chains' calls with their receipts, refusals and grants, then the gateway entries
-/// against the client chains; node certificates under `rule`. Returns the chains' summaries
-/// and the cross-links checked.
+/// The sequential checks, on one thread: every chain's checkpoints and witness entries, the
+/// gateway chains' calls, the client chains' calls with their receipts, refusals and grants,
+/// then the gateway entries against the client chains; node certificates under `rule`.
+/// Returns the chains' summaries and the cross-links checked.
 fn check_sequentially(
     given: &Given<'_, '_>,
     strict: bool,
@@ -187,6 +190,7 @@ fn check_sequentially(
         rule,
         cx,
     );
+    witness::check_all(chains, sigs, rule, cx);
     let (gws, cls) = chains;
     let gw = gateway::check_all(gws, sigs, cx);
     let gateways = Gateways {

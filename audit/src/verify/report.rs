@@ -102,6 +102,11 @@ pub enum ViolationKind {
     /// key, altered, for another key, naming another gateway than the request's `aud`, not
     /// valid then, or revoked then (amendment 2.7; specs/audit-log.md, "Receipt checks").
     BadNodeCertificate,
+    /// A chain is shorter than, or differs at, a size a peer witnessed: another given chain
+    /// holds a `witness` entry of its owner's signed checkpoint at that size, and the chain's
+    /// first entries no longer have that checkpoint's head and root (amendment 2.9;
+    /// specs/audit-log.md, "Witness entries").
+    WitnessedRewrite,
 }
 
 /// One violation.

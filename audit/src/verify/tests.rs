@@ -15,6 +15,7 @@ use crate::entry::{Entry, EntryKind, Outcome, Role, SecretAction, entry_hash};
 use crate::merkle::{self, Frontier};
 
 mod nodes;
+mod witness;
 
 const VERSION: u64 = Version::CURRENT.as_u64();
 
