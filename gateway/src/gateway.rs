@@ -467,6 +467,15 @@ impl Gateway {
         })
     }
 
+    /// The newest node revocation list this node holds, opened.
+    pub fn node_revocation_list(&self) -> Option<didgate_protocol::node::NodeRevocations> {
+        self.node_revocations
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .map(|(l, _)| l.clone())
+    }
+
     /// Takes a node revocation list the cluster published when its gateway signed it and it is
     /// newer than the one held ([`crate::node::Stapled`]).
     pub fn apply_node_revocations(&self, bytes: &[u8], now: u64) -> crate::node::Stapled {

@@ -172,6 +172,7 @@ pub async fn serve(
     let upkeep = gw.secrets.spawn_upkeep(stop_rx.clone());
     let cluster_watch = watch_cluster_revocations(&gw);
     let publisher = publish_checkpoints(&gw, stop_rx.clone());
+    let witness = witness_peers(&gw);
     let revoked_self = Arc::new(tokio::sync::Notify::new());
     let _node_lists = watch_node_revocations(&gw, &endpoint, &revoked_self);
     tokio::pin!(shutdown);
@@ -233,6 +234,9 @@ pub async fn serve(
     if let Some(apply) = cluster_watch {
         let _ = apply.await;
     }
+    if let Some(w) = witness {
+        let _ = w.await;
+    }
     gw.chain.close();
 }
 
@@ -252,6 +256,57 @@ fn publish_checkpoints(
             tokio::select! {
                 _ = tick.tick() => publish_last_checkpoint(&gw, &plane, &mut last).await,
                 _ = stop.changed() => return,
+            }
+        }
+    }))
+}
+
+/// In a cluster, appends a `witness` entry (audit-log.md, amendment 2.9) for each newer
+/// checkpoint another node of this gateway publishes: signed by that node under a certificate
+/// of this gateway that holds (with the revocation list held), and of a greater size than the
+/// last one witnessed of that node. So no node can later present a chain shorter than, or
+/// different from, what this one saw. Until the control plane is left.
+fn witness_peers(gw: &Arc<Gateway>) -> Option<tokio::task::JoinHandle<()>> {
+    use didgate_protocol::message::Checkpoint;
+    let plane = gw.cluster()?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Vec<u8>)>();
+    let _watch = plane.watch_checkpoints(move |node, bytes| {
+        let _ = tx.send((node, bytes));
+    });
+    let gw = gw.clone();
+    Some(tokio::spawn(async move {
+        let mut seen: std::collections::HashMap<String, u64> = std::collections::HashMap::new();
+        while let Some((node, bytes)) = rx.recv().await {
+            let list = gw.node_revocation_list();
+            let opened = didgate_protocol::node::open_signed::<Checkpoint>(
+                &bytes,
+                gw.did(),
+                None,
+                list.as_ref(),
+            );
+            let (signed, _) = match opened {
+                Ok(o) => o,
+                Err(e) => {
+                    tracing::warn!(%node, error = %e, "a checkpoint in the registry is not one of this gateway's nodes: not witnessed");
+                    continue;
+                }
+            };
+            let (peer, size) = (signed.envelope().signer().clone(), signed.message().size);
+            if peer == *gw.key() || seen.get(&node).is_some_and(|s| *s >= size) {
+                continue;
+            }
+            let entry = match didgate_audit::entry::Entry::witness(&peer, bytes, now_ms()) {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!(%node, error = %e, "cannot witness a checkpoint");
+                    continue;
+                }
+            };
+            match gw.chain.append_entry(entry).await {
+                Ok(_) => {
+                    seen.insert(node, size);
+                }
+                Err(e) => tracing::warn!(%node, error = %e, "cannot write a witness entry"),
             }
         }
     }))

@@ -428,18 +428,33 @@ async fn a_single_node_joins_a_new_cluster_keeping_its_chain_secrets_and_policy(
     Ok(())
 }
 
+/// A certified node serving in process.
+struct Member {
+    gw: std::sync::Arc<didgate_gateway::Gateway>,
+    addr: std::net::SocketAddr,
+    serial: u64,
+    task: tokio::task::JoinHandle<()>,
+    /// Sending (or dropping) it stops the node: it drains and leaves the cluster.
+    stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Member {
+    /// Stops the node and waits until its store is closed.
+    async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(());
+        self.task.await?;
+        drop(self.gw);
+        Ok(())
+    }
+}
+
 /// A certified node of the gateway of `h` (its key certified for an hour) in cluster `c`,
-/// serving in process; returns its gateway, address and serving task.
+/// serving in process.
 async fn certified_member(
     h: &Harness,
     dir: &Path,
     cluster: ClusterSettings,
-) -> anyhow::Result<(
-    std::sync::Arc<didgate_gateway::Gateway>,
-    std::net::SocketAddr,
-    u64,
-    tokio::task::JoinHandle<()>,
-)> {
+) -> anyhow::Result<Member> {
     use didgate_gateway::datadir::DataDir;
     let key = didgate_gateway::init(dir, "127.0.0.1:0".parse()?)?;
     let gateway = didgate_io::identity::load(&h.gw_dir().join("identity"))?;
@@ -467,12 +482,21 @@ async fn certified_member(
     let endpoint = didgate_gateway::server::endpoint(&gw, "127.0.0.1:0".parse()?)?;
     let addr = endpoint.local_addr()?;
     gw.join_cluster(addr).await?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let task = tokio::spawn(didgate_gateway::server::serve(
         gw.clone(),
         endpoint,
-        std::future::pending(),
+        async move {
+            let _ = stopped.await;
+        },
     ));
-    Ok((gw, addr, opened.serial, task))
+    Ok(Member {
+        gw,
+        addr,
+        serial: opened.serial,
+        task,
+        stop,
+    })
 }
 
 #[tokio::test]
@@ -483,10 +507,10 @@ async fn a_node_revocation_published_in_the_cluster_is_stapled_by_every_node_and
         return Ok(());
     };
     let h = Harness::start().await?;
-    let (_a, _, a_serial, a_task) =
-        certified_member(&h, &tmp.path().join("a"), settings(&etcd, "c4", "a", 10)).await?;
-    let (gw_b, b_addr, _, _b_task) =
-        certified_member(&h, &tmp.path().join("b"), settings(&etcd, "c4", "b", 10)).await?;
+    let a = certified_member(&h, &tmp.path().join("a"), settings(&etcd, "c4", "a", 10)).await?;
+    let (a_serial, a_task, _a_stop) = (a.serial, a.task, a.stop);
+    let b = certified_member(&h, &tmp.path().join("b"), settings(&etcd, "c4", "b", 10)).await?;
+    let (gw_b, b_addr) = (b.gw.clone(), b.addr);
     // the gateway key revokes a's serial; the list is published once, through b's etcd
     let gateway = didgate_io::identity::load(&h.gw_dir().join("identity"))?;
     let now = didgate_gateway::now_ms();
@@ -590,5 +614,66 @@ async fn a_node_talks_to_etcd_over_tls_with_a_client_certificate() -> anyhow::Re
         .await?
         .call(CallSpec::new("payments", "GET", "/v1/balance"))
         .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn nodes_publish_their_checkpoints_and_witness_each_others() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let Some(etcd) = Etcd::start(&tmp.path().join("etcd"), 23_750)? else {
+        return Ok(());
+    };
+    let h = Harness::start().await?;
+    let (a_dir, b_dir) = (tmp.path().join("a"), tmp.path().join("b"));
+    let a = certified_member(&h, &a_dir, settings(&etcd, "c6", "a", 3)).await?;
+    let b = certified_member(&h, &b_dir, settings(&etcd, "c6", "b", 3)).await?;
+    let (gw_a, gw_b, a_addr) = (a.gw.clone(), b.gw.clone(), a.addr);
+    let client =
+        didgate_client::Client::open(alice(), &h.chain_dir("alice-a"), a_addr, h.gw_did.clone())
+            .await?;
+    client
+        .call(CallSpec::new("payments", "GET", "/v1/balance"))
+        .await?;
+    // a's checkpoint after the call reaches the registry, and b witnesses it
+    gw_a.chain().checkpoint()?;
+    let a_key = gw_a.key().to_string();
+    let plane = gw_b.cluster().expect("joined").clone();
+    until(
+        Duration::from_secs(10),
+        "b witnesses a's checkpoint",
+        async || {
+            gw_b.chain()
+                .store()
+                .entries()
+                .filter_map(|item| item.ok())
+                .filter_map(|(_, b)| didgate_audit::entry::Entry::decode(&b).ok())
+                .any(|e| {
+                    e.kind == didgate_audit::entry::EntryKind::Witness
+                        && e.subject.as_deref() == Some(a_key.as_str())
+                })
+        },
+    )
+    .await?;
+    let registry = plane.checkpoints().await?;
+    assert!(registry.iter().any(|(n, _)| n == "a"), "{registry:?}");
+    // both chains, with the witness, verify in one run
+    drop((client, plane, gw_a, gw_b));
+    a.stop().await?;
+    b.stop().await?;
+    let out = std::process::Command::new(didgate_tests::bin("didgate-audit")?)
+        .args(["verify", "--gateway"])
+        .arg(a_dir.join("store"))
+        .arg("--gateway")
+        .arg(b_dir.join("store"))
+        .arg("--client")
+        .arg(h.chain_dir("alice-a"))
+        .output()?;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }
