@@ -342,15 +342,22 @@ impl Client {
         Ok(self)
     }
 
-    /// Writes the list held to the revocations file when it is newer than the file's.
+    /// Writes the list held to the revocations file when it is newer than the file's (another
+    /// process of the home may have kept a newer one: then this client takes it instead, so the
+    /// file never goes back to an older list).
     fn keep_revocations(&self) {
         let (Some(path), Some(held)) = (&self.revocations_file, self.trust.revocations()) else {
             return;
         };
-        if std::fs::read(path).is_ok_and(|b| b == held.1) {
+        if let Ok(bytes) = std::fs::read(path)
+            && let Ok(kept) = didgate_protocol::node::NodeRevocations::open(&bytes, &self.gateway)
+            && kept.seq >= held.0.seq
+        {
+            let _ = self.trust.learn_revocations(&bytes);
             return;
         }
-        let tmp = path.with_extension("tmp");
+        // a name of this process's own, then an atomic rename
+        let tmp = path.with_extension(format!("tmp{}", std::process::id()));
         if let Err(e) = std::fs::write(&tmp, &held.1).and_then(|()| std::fs::rename(&tmp, path)) {
             tracing::warn!(file = %path.display(), error = %e, "cannot keep the node revocation list");
         }

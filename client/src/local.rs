@@ -721,6 +721,8 @@ pub struct Exported {
 /// A caller's side of the owner's socket.
 pub struct Link {
     socket: PathBuf,
+    /// The home's newest node revocation list (what relayed answers are judged with too).
+    revocations_file: PathBuf,
     identity: Arc<Identity>,
     /// The gateway this caller would call (`None`: exports only).
     gateway: Option<(std::net::SocketAddr, Did)>,
@@ -762,6 +764,7 @@ impl Link {
     ) -> Self {
         Self {
             socket: home.socket_path(),
+            revocations_file: home.node_revocations(),
             identity,
             gateway,
             version: Version::CURRENT,
@@ -937,11 +940,13 @@ impl Link {
         let lost = |detail| LinkFailure::Call(owner_lost(pid, detail));
         // no frame timeout: an upstream may take long to answer
         let frame = read_frame(&mut s.r).await;
+        let revocations = held_revocations(&self.revocations_file, &gateway);
         let check = Check {
             identity: &self.identity,
             gateway: &gateway,
             version: self.version,
             spec,
+            revocations: revocations.as_ref(),
         };
         match frame {
             Ok(Some(Frame::Msg(
@@ -958,6 +963,7 @@ impl Link {
                     _w: s.w,
                     pid,
                     gateway,
+                    revocations,
                     identity: self.identity.clone(),
                     version: self.version,
                     call,
@@ -998,6 +1004,14 @@ struct Check<'a> {
     gateway: &'a Did,
     version: Version,
     spec: &'a CallSpec,
+    /// The home's newest node revocation list, if any.
+    revocations: Option<&'a node::NodeRevocations>,
+}
+
+/// The node revocation list kept in `path` (the home's), if the pinned `gateway` signed it.
+fn held_revocations(path: &Path, gateway: &Did) -> Option<node::NodeRevocations> {
+    let bytes = std::fs::read(path).ok()?;
+    node::NodeRevocations::open(&bytes, gateway).ok()
 }
 
 impl Check<'_> {
@@ -1020,7 +1034,8 @@ impl Check<'_> {
         let Ok(bytes) = hex::decode(hex_bytes) else {
             return invalid("an unreadable refusal");
         };
-        let Ok((r, _)) = node::open_signed::<Refusal>(&bytes, self.gateway, None, None) else {
+        let Ok((r, _)) = node::open_signed::<Refusal>(&bytes, self.gateway, None, self.revocations)
+        else {
             return invalid("a refusal the pinned gateway did not sign");
         };
         if r.message().call != Some(call) || r.message().v != self.version.as_u64() {
@@ -1070,6 +1085,8 @@ pub struct LinkAnswer {
     _w: OwnedWriteHalf,
     pid: u32,
     gateway: Did,
+    /// The home's newest node revocation list when the call began, if any.
+    revocations: Option<node::NodeRevocations>,
     identity: Arc<Identity>,
     version: Version,
     call: [u8; 32],
@@ -1135,7 +1152,7 @@ impl LinkAnswer {
         let Ok(bytes) = hex::decode(hex_bytes) else {
             return invalid("an unreadable refusal");
         };
-        match node::open_signed::<Refusal>(&bytes, &self.gateway, None, None) {
+        match node::open_signed::<Refusal>(&bytes, &self.gateway, None, self.revocations.as_ref()) {
             Ok((r, _))
                 if r.message().call == Some(self.call)
                     && r.message().v == self.version.as_u64() =>
@@ -1581,8 +1598,8 @@ fn open_client(a: &Acquire, path: &Path) -> Result<Client, ClientError> {
         CheckpointPolicy::default(),
     )?;
     crate::close_pending(&chain)?;
-    Ok(
-        Client::with_chain(a.identity.clone(), chain, a.addr, a.gateway.clone())?
-            .with_connect_timeout(a.connect_timeout),
-    )
+    // the home's newest node revocation list: read now, kept newer as handshakes bring one
+    Client::with_chain(a.identity.clone(), chain, a.addr, a.gateway.clone())?
+        .with_connect_timeout(a.connect_timeout)
+        .with_revocations_file(a.home.node_revocations())
 }

@@ -11,7 +11,7 @@ pub mod keys;
 pub mod plane;
 
 pub use health::Health;
-pub use plane::{ClusterError, ControlPlane, Member};
+pub use plane::{ClusterError, ControlPlane, Member, monotonic_ms};
 
 /// A policy as a cluster shares it (JSON in etcd under its hash): the Cedar text (or the
 /// translation of `[[rule]]`) and the entities document; each node compiles it with its own
@@ -60,7 +60,7 @@ pub struct ClusterSettings {
     pub name: String,
     /// This node's name, unique in the cluster.
     pub node: String,
-    /// The lease's time to live, seconds (at least 3; default 10). A node that has not had a
+    /// The lease's time to live, seconds (3 to 3600; default 10). A node that has not had a
     /// keep-alive answered for a third of it refuses calls (`control_plane_unavailable`).
     #[serde(default = "d_lease_ttl")]
     pub lease_ttl_secs: u64,
@@ -110,8 +110,8 @@ pub enum SettingsError {
         /// `name` or `node`.
         field: &'static str,
     },
-    /// A lease under 3 seconds.
-    #[error("cluster.lease_ttl_secs must be at least 3")]
+    /// A lease under 3 seconds or over an hour.
+    #[error("cluster.lease_ttl_secs must be 3 to 3600")]
     LeaseTtl,
     /// An endpoint that is neither `http://` nor `https://`, `https://` without `ca_file`, or a
     /// mix of both schemes.
@@ -140,7 +140,7 @@ impl ClusterSettings {
         if !ok(&self.node) {
             return Err(SettingsError::Name { field: "node" });
         }
-        if self.lease_ttl_secs < 3 {
+        if !(3..=3600).contains(&self.lease_ttl_secs) {
             return Err(SettingsError::LeaseTtl);
         }
         let https = self

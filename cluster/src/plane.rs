@@ -99,6 +99,14 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// Milliseconds on a monotonic clock (since the first call in this process): health is judged
+/// on it, so a wall clock stepped back or forward neither prolongs nor cuts short the bound.
+pub fn monotonic_ms() -> u64 {
+    static BASE: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    let base = *BASE.get_or_init(std::time::Instant::now);
+    u64::try_from(base.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
 impl ControlPlane {
     /// Joins the cluster as `key` serving at `address`: connects, grants a lease, registers
     /// the member under it, and keeps it alive in the background until [`ControlPlane::leave`].
@@ -117,7 +125,7 @@ impl ControlPlane {
             o
         });
         let ttl_ms = settings.lease_ttl_secs * 1000;
-        let health = Arc::new(Health::new(ttl_ms, now_ms()));
+        let health = Arc::new(Health::new(ttl_ms, monotonic_ms()));
         let member = Member {
             node: settings.node.clone(),
             key,
@@ -137,8 +145,9 @@ impl ControlPlane {
             stop: watch::channel(false).0,
         });
         plane.register().await?;
-        plane.health.answered(now_ms());
-        tokio::spawn(plane.clone().keep_alive());
+        plane.health.answered(monotonic_ms());
+        let stop = plane.stop.subscribe();
+        tokio::spawn(plane.clone().keep_alive(stop));
         Ok(plane)
     }
 
@@ -147,9 +156,9 @@ impl ControlPlane {
         &self.settings
     }
 
-    /// Whether this node may serve at `now_ms` ([`Health::serving`]).
-    pub fn serving(&self, now_ms: u64) -> bool {
-        self.health.serving(now_ms)
+    /// Whether this node may serve now ([`Health::serving`] on the [`monotonic_ms`] clock).
+    pub fn serving(&self) -> bool {
+        self.health.serving(monotonic_ms())
     }
 
     /// The health record.
@@ -176,10 +185,13 @@ impl ControlPlane {
         }
         let n = self.settings.endpoints.len();
         let bound = self.request_bound();
+        // require_leader: a member cut off from the others fails requests and cancels watches
+        // instead of serving a stale view (a watch there would go silent)
         let mut options = ConnectOptions::new()
             .with_connect_timeout(bound)
             .with_timeout(bound)
-            .with_keep_alive(bound, bound);
+            .with_keep_alive(bound, bound)
+            .with_require_leader(true);
         if let Some(tls) = &self.tls {
             options = options.with_tls(tls.clone());
         }
@@ -266,17 +278,19 @@ impl ControlPlane {
 
     /// The keep-alive loop: every sixth of the TTL; an answer with the lease alive marks the
     /// node healthy; an expired lease is registered again.
-    async fn keep_alive(self: Arc<Self>) {
+    async fn keep_alive(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
         let every = Duration::from_millis((self.settings.lease_ttl_secs * 1000 / 6).max(100));
         let mut tick = tokio::time::interval(every);
-        let mut stop = self.stop.subscribe();
         loop {
+            if *stop.borrow() {
+                return;
+            }
             tokio::select! {
                 _ = tick.tick() => {}
                 _ = stop.changed() => return,
             }
             match self.keep_alive_once().await {
-                Ok(ttl) if ttl > 0 => self.health.answered(now_ms()),
+                Ok(ttl) if ttl > 0 => self.health.answered(monotonic_ms()),
                 Ok(_) => match self.register().await {
                     Ok(()) => {
                         tracing::warn!(
@@ -332,6 +346,54 @@ impl ControlPlane {
                 apply(k, String::from_utf8_lossy(value).into_owned());
             }
         })
+    }
+
+    /// Every revocation in etcd now: (revocation key, reason).
+    pub async fn revocations(&self) -> Result<Vec<(Vec<u8>, String)>, ClusterError> {
+        let name = self.settings.name.clone();
+        Ok(self
+            .get_prefix(keys::revocations(&name))
+            .await?
+            .into_iter()
+            .filter_map(|(k, v)| {
+                Some((
+                    keys::revocation_key(&name, &k)?,
+                    String::from_utf8_lossy(&v).into_owned(),
+                ))
+            })
+            .collect())
+    }
+
+    /// Every node revocation list in etcd now (COSE bytes, unchecked).
+    pub async fn node_revocation_lists(&self) -> Result<Vec<Vec<u8>>, ClusterError> {
+        Ok(self
+            .get_prefix(keys::node_revocations(&self.settings.name))
+            .await?
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect())
+    }
+
+    /// The cluster's current policy document, if one was published.
+    pub async fn current_policy(&self) -> Result<Option<PolicyDocument>, ClusterError> {
+        let key = keys::policy_current(&self.settings.name);
+        let Some((_, hash)) = self.get_prefix(key).await?.into_iter().next() else {
+            return Ok(None);
+        };
+        self.policy(&String::from_utf8_lossy(&hash)).await
+    }
+
+    async fn get_prefix(&self, prefix: String) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ClusterError> {
+        let resp = self
+            .with_client(|mut c| async move {
+                c.get(prefix, Some(GetOptions::new().with_prefix())).await
+            })
+            .await?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .map(|kv| (kv.key().to_vec(), kv.value().to_vec()))
+            .collect())
     }
 
     /// Publishes a node revocation list (its `seq` and the COSE bytes as the gateway signed
@@ -463,10 +525,13 @@ impl ControlPlane {
 
     /// Applies the cluster's current policy now (if one was published) and each one published
     /// from then on, with `apply(document)`, until [`ControlPlane::leave`].
+    /// Each document is applied after the previous one returned, on a blocking thread
+    /// (compiling a policy is CPU work), so they take effect in publication order.
     pub fn watch_policy<F>(self: &Arc<Self>, apply: F) -> tokio::task::JoinHandle<()>
     where
         F: Fn(PolicyDocument) + Send + Sync + 'static,
     {
+        let apply = Arc::new(apply);
         let plane = self.clone();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
         let watch = self.watch_prefix(keys::policy_current(&self.settings.name), move |_, v| {
@@ -475,7 +540,10 @@ impl ControlPlane {
         tokio::spawn(async move {
             while let Some(hash) = rx.recv().await {
                 match plane.policy(&hash).await {
-                    Ok(Some(doc)) => apply(doc),
+                    Ok(Some(doc)) => {
+                        let apply = apply.clone();
+                        let _ = tokio::task::spawn_blocking(move || apply(doc)).await;
+                    }
                     Ok(None) => {
                         tracing::warn!(%hash, "the cluster names a policy it does not hold")
                     }
@@ -516,10 +584,14 @@ impl ControlPlane {
         F: Fn(&[u8], &[u8]) + Send + Sync + 'static,
     {
         let plane = self.clone();
+        // subscribed here: a stop sent before the task first runs is still seen
+        let mut stop = self.stop.subscribe();
         tokio::spawn(async move {
-            let mut stop = plane.stop.subscribe();
             let mut from = 0;
             loop {
+                if *stop.borrow() {
+                    return;
+                }
                 tokio::select! {
                     r = plane.follow(&prefix, &apply, &mut from) => {
                         if let Err(e) = r {

@@ -420,7 +420,39 @@ impl Gateway {
                 .await
                 .map_err(StartError::Cluster)?;
         }
+        // the cluster's state before the first call (the watches started by `serve` then keep
+        // it): a node must not admit what others revoked, under a policy the cluster replaced,
+        // or with a certificate the cluster revoked
+        if let Err(e) = self.sync_cluster_state(&plane).await {
+            plane.leave().await;
+            return Err(e);
+        }
         let _ = self.cluster.set(plane);
+        Ok(())
+    }
+
+    /// Reads and applies the node revocation lists, the revocations and the current policy of
+    /// the cluster (in that order). A list that revokes this node's certificate refuses the
+    /// start.
+    async fn sync_cluster_state(
+        &self,
+        plane: &didgate_cluster::ControlPlane,
+    ) -> Result<(), StartError> {
+        for bytes in plane
+            .node_revocation_lists()
+            .await
+            .map_err(StartError::Cluster)?
+        {
+            if self.apply_node_revocations(&bytes) == crate::node::Stapled::RevokesThisNode {
+                return Err(StartError::Node(crate::node::NodeError::Revoked));
+            }
+        }
+        for (key, reason) in plane.revocations().await.map_err(StartError::Cluster)? {
+            self.apply_cluster_revocation(&key, &reason).await;
+        }
+        if let Some(doc) = plane.current_policy().await.map_err(StartError::Cluster)? {
+            self.apply_cluster_policy(&doc);
+        }
         Ok(())
     }
 
@@ -429,14 +461,14 @@ impl Gateway {
         self.cluster.get()
     }
 
-    /// Whether calls may be admitted at `now` as far as the control plane goes: always for a
+    /// Whether calls may be admitted now as far as the control plane goes: always for a
     /// gateway without `[cluster]`; for a clustered one, once joined and while etcd answers
-    /// its keep-alives within a third of the lease.
-    pub(crate) fn control_plane_serving(&self, now: u64) -> bool {
+    /// its keep-alives within a third of the lease (on a monotonic clock).
+    pub(crate) fn control_plane_serving(&self) -> bool {
         if self.config.cluster().is_none() {
             return true;
         }
-        self.cluster.get().is_some_and(|c| c.serving(now))
+        self.cluster.get().is_some_and(|c| c.serving())
     }
 
     /// The node certificate, when this gateway is one node of a gateway DID.
@@ -478,7 +510,7 @@ impl Gateway {
 
     /// Takes a node revocation list the cluster published when its gateway signed it and it is
     /// newer than the one held ([`crate::node::Stapled`]).
-    pub fn apply_node_revocations(&self, bytes: &[u8], now: u64) -> crate::node::Stapled {
+    pub fn apply_node_revocations(&self, bytes: &[u8]) -> crate::node::Stapled {
         use crate::node::Stapled;
         let Some(node) = &self.node else {
             return Stapled::Older;
@@ -496,9 +528,9 @@ impl Gateway {
         if held.as_ref().is_some_and(|(h, _)| h.seq >= list.seq) {
             return Stapled::Older;
         }
-        let revokes_self = list
-            .revoked_from(node.certificate().serial)
-            .is_some_and(|from| now >= from);
+        // revoked at any time: this node stops now (a revocation dated later, say by a gateway
+        // clock ahead of this one, must not leave it signing what clients will refuse)
+        let revokes_self = list.revoked_from(node.certificate().serial).is_some();
         tracing::info!(seq = list.seq, "a newer node revocation list: stapled");
         *held = Some((list, bytes.to_vec()));
         if revokes_self {
@@ -970,7 +1002,7 @@ impl Gateway {
         );
         let revoked = self.revoked.read().unwrap_or_else(|p| p.into_inner());
         let gate = Gate {
-            control_plane: self.control_plane_serving(now_ms()),
+            control_plane: self.control_plane_serving(),
             did: &self.served,
             config: &self.config,
             revoked: &revoked,

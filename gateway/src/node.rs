@@ -58,6 +58,9 @@ pub enum NodeError {
     /// `certify-node` was asked for a window longer than 30 days or of zero length.
     #[error("a node certificate is valid for at most 30 days (and more than 0 ms)")]
     Window,
+    /// The revocation list this node holds names its own certificate.
+    #[error("this node's certificate is revoked by its gateway's revocation list")]
+    Revoked,
     /// `revoke-node` would list more serials than a list may hold.
     #[error("a revocation list holds at most {MAX_REVOKED} serials")]
     TooMany,
@@ -125,6 +128,13 @@ impl Node {
             path: cert_path,
             source,
         })?;
+        // revoked at any time, even from a later time: refuse now
+        if revocations
+            .as_ref()
+            .is_some_and(|r| r.0.revoked_from(certificate.serial).is_some())
+        {
+            return Err(NodeError::Revoked);
+        }
         if let Some(allowed) = &certificate.addr
             && allowed.parse::<SocketAddr>().ok() != Some(listen)
         {
@@ -369,6 +379,12 @@ mod tests {
                 source: NodeCertError::Revoked { serial: 1, .. },
                 ..
             })
+        ));
+        // a revocation dated after now (a gateway clock ahead) refuses the start all the same
+        revoke(&d, &gateway, 1, 5_000, 5_000).expect("revoke");
+        assert!(matches!(
+            Node::load(tmp.path(), &settings, &node, listen, 1_200),
+            Err(NodeError::Revoked)
         ));
         assert!(matches!(
             certify(

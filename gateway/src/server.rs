@@ -292,7 +292,9 @@ fn witness_peers(gw: &Arc<Gateway>) -> Option<tokio::task::JoinHandle<()>> {
                 }
             };
             let (peer, size) = (signed.envelope().signer().clone(), signed.message().size);
-            if peer == *gw.key() || seen.get(&node).is_some_and(|s| *s >= size) {
+            // a peer grown by one entry only is not witnessed again: that entry may be its own
+            // witness of this node, and two idle nodes would witness each other forever
+            if peer == *gw.key() || seen.get(&node).is_some_and(|last| size < last + 2) {
                 continue;
             }
             let entry = match didgate_audit::entry::Entry::witness(&peer, bytes, now_ms()) {
@@ -349,7 +351,7 @@ fn watch_node_revocations(
     let (gw, endpoint, revoked_self) = (gw.clone(), endpoint.clone(), revoked_self.clone());
     Some(tokio::spawn(async move {
         while let Some(bytes) = rx.recv().await {
-            match gw.apply_node_revocations(&bytes, now_ms()) {
+            match gw.apply_node_revocations(&bytes) {
                 crate::node::Stapled::Older => {}
                 crate::node::Stapled::Newer => match server_config(&gw) {
                     Ok(cfg) => endpoint.set_server_config(Some(cfg)),
@@ -373,13 +375,9 @@ fn watch_cluster_revocations(gw: &Arc<Gateway>) -> Option<tokio::task::JoinHandl
     let _watch = plane.watch_revocations(move |key, reason| {
         let _ = tx.send((key, reason));
     });
-    // the cluster's policy, swapped in as it is published (compiling is CPU work: off the
-    // async threads)
+    // the cluster's policy, swapped in as it is published, in order, off the async threads
     let policy_gw = gw.clone();
-    let _policy = plane.watch_policy(move |doc| {
-        let g = policy_gw.clone();
-        tokio::task::spawn_blocking(move || g.apply_cluster_policy(&doc));
-    });
+    let _policy = plane.watch_policy(move |doc| policy_gw.apply_cluster_policy(&doc));
     let gw = gw.clone();
     Some(tokio::spawn(async move {
         while let Some((key, reason)) = rx.recv().await {

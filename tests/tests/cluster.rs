@@ -318,7 +318,7 @@ async fn a_node_cut_off_from_etcd_refuses_then_serves_again_and_survives_a_kille
     call().await?;
 
     // the member it talks to is killed: it moves to another endpoint and keeps serving
-    let killed_at = didgate_gateway::now_ms();
+    let killed_at = didgate_cluster::monotonic_ms();
     etcd.kill(0)?;
     until(
         Duration::from_secs(10),
@@ -395,6 +395,13 @@ async fn a_single_node_joins_a_new_cluster_keeping_its_chain_secrets_and_policy(
     client.call(spec()).await?;
     let gw_a = a.gateway.clone().expect("a");
     assert!(gw_a.cluster().is_some());
+    // a DID revoked before a second node joins is refused by that node from its first call
+    // (the join reads the cluster's revocations before the node takes calls)
+    gw_a.revoke(
+        &Revoke::Did(Principal::parse(alice().did().as_str())?),
+        "before b joined",
+    )
+    .await?;
     // its policy seeded the cluster: a second node with other rules swaps it in
     let b = Harness::start_with(|c| {
         c.rules.truncate(1); // no rule for bob's group
@@ -409,6 +416,17 @@ async fn a_single_node_joins_a_new_cluster_keeping_its_chain_secrets_and_policy(
     )
     .await?;
     b.client("bob", bob()).await?.call(spec()).await?;
+    let first = b.client("alice-b", alice()).await?.call(spec()).await;
+    assert!(
+        matches!(
+            first,
+            Err(CallError::Refused {
+                code: RefusalCode::Revoked,
+                ..
+            })
+        ),
+        "{first:?}"
+    );
     // the chain continues across the upgrade and verifies with the client's
     drop((client, gw_a));
     a.stop().await;
