@@ -545,19 +545,24 @@ async fn a_node_revocation_published_in_the_cluster_is_stapled_by_every_node_and
         .await?;
     // a stops taking calls by itself
     tokio::time::timeout(Duration::from_secs(10), a_task).await??;
-    // b staples it: a new client of b learns it in the handshake
+    // b staples it (polled on b: the list it holds)...
+    until(Duration::from_secs(5), "b holds the list", async || {
+        gw_b.node_credentials()
+            .and_then(|c| c.revocations)
+            .as_deref()
+            == Some(bytes.as_slice())
+    })
+    .await?;
+    // ...so a new client of b learns it in its handshake, and keeps it in its home
     let home = tmp.path().join("home-revocations.cose");
     let client =
         didgate_client::Client::open(alice(), &h.chain_dir("alice-b"), b_addr, h.gw_did.clone())
             .await?
             .with_revocations_file(home.clone())?;
-    until(Duration::from_secs(5), "b staples the list", async || {
-        let _ = client
-            .call(CallSpec::new("payments", "GET", "/v1/balance"))
-            .await;
-        client.node_revocations().as_deref() == Some(bytes.as_slice())
-    })
-    .await?;
+    client
+        .call(CallSpec::new("payments", "GET", "/v1/balance"))
+        .await?;
+    assert_eq!(client.node_revocations().as_deref(), Some(bytes.as_slice()));
     assert_eq!(std::fs::read(&home)?, bytes, "kept in the home");
     Ok(())
 }
