@@ -327,11 +327,11 @@ impl ControlPlane {
 
     /// Publishes a revocation (the gateway's revocation key and its reason) to every node.
     pub async fn publish_revocation(&self, key: &[u8], reason: &str) -> Result<(), ClusterError> {
-        let k = keys::revocation(&self.settings.name, key);
-        let v = reason.as_bytes().to_vec();
-        self.with_client(|mut c| async move { c.put(k, v, None).await })
-            .await
-            .map(|_| ())
+        self.put(
+            keys::revocation(&self.settings.name, key),
+            reason.as_bytes(),
+        )
+        .await
     }
 
     /// Applies every revocation in etcd now and from then on with `apply(key, reason)`, until
@@ -404,11 +404,8 @@ impl ControlPlane {
         seq: u64,
         bytes: &[u8],
     ) -> Result<(), ClusterError> {
-        let key = keys::node_revocation_list(&self.settings.name, seq);
-        let value = bytes.to_vec();
-        self.with_client(|mut c| async move { c.put(key, value, None).await })
+        self.put(keys::node_revocation_list(&self.settings.name, seq), bytes)
             .await
-            .map(|_| ())
     }
 
     /// Applies every node revocation list in etcd now and each one published from then on with
@@ -426,8 +423,13 @@ impl ControlPlane {
     /// Publishes this node's latest signed checkpoint in the registry of node chains
     /// (`chains/NODE`), for the auditor and for the other nodes to witness.
     pub async fn publish_checkpoint(&self, bytes: &[u8]) -> Result<(), ClusterError> {
-        let key = keys::chain(&self.settings.name, &self.settings.node);
-        let value = bytes.to_vec();
+        self.put(keys::chain(&self.settings.name, &self.settings.node), bytes)
+            .await
+    }
+
+    /// Puts one key, with no lease.
+    async fn put(&self, key: String, value: &[u8]) -> Result<(), ClusterError> {
+        let value = value.to_vec();
         self.with_client(|mut c| async move { c.put(key, value, None).await })
             .await
             .map(|_| ())
@@ -478,33 +480,35 @@ impl ControlPlane {
     /// Publishes `doc` as the cluster's policy: stored under its hash, then named current (one
     /// transaction). Returns the hash.
     pub async fn publish_policy(&self, doc: &PolicyDocument) -> Result<[u8; 32], ClusterError> {
+        let (hash, ops) = self.policy_puts(doc)?;
+        self.with_client(|mut c| async move { c.txn(Txn::new().and_then(ops)).await })
+            .await?;
+        Ok(hash)
+    }
+
+    /// The document's hash and the two puts that publish it: the document under its hash, and
+    /// `policy/current` naming it.
+    fn policy_puts(&self, doc: &PolicyDocument) -> Result<([u8; 32], [TxnOp; 2]), ClusterError> {
         let bytes = serde_json::to_vec(doc).map_err(|source| ClusterError::Member {
             key: "policy".into(),
             source,
         })?;
         let hash = doc.hash();
         let name = &self.settings.name;
-        let (set, current) = (keys::policy_set(name, &hash), keys::policy_current(name));
-        let h = hex::encode(hash);
-        self.with_client(|mut c| async move {
-            c.txn(Txn::new().and_then([TxnOp::put(set, bytes, None), TxnOp::put(current, h, None)]))
-                .await
-        })
-        .await?;
-        Ok(hash)
+        Ok((
+            hash,
+            [
+                TxnOp::put(keys::policy_set(name, &hash), bytes, None),
+                TxnOp::put(keys::policy_current(name), hex::encode(hash), None),
+            ],
+        ))
     }
 
     /// Publishes `doc` as the cluster's policy only if the cluster has none yet (a first node,
     /// or a single node joining a new cluster, seeds it with its own). `Ok(true)` when it did.
     pub async fn seed_policy(&self, doc: &PolicyDocument) -> Result<bool, ClusterError> {
-        let bytes = serde_json::to_vec(doc).map_err(|source| ClusterError::Member {
-            key: "policy".into(),
-            source,
-        })?;
-        let hash = doc.hash();
-        let name = &self.settings.name;
-        let (set, current) = (keys::policy_set(name, &hash), keys::policy_current(name));
-        let h = hex::encode(hash);
+        let (_, ops) = self.policy_puts(doc)?;
+        let current = keys::policy_current(&self.settings.name);
         let resp = self
             .with_client(|mut c| async move {
                 // only when policy/current was never written (create revision 0)
@@ -515,7 +519,7 @@ impl ControlPlane {
                             CompareOp::Equal,
                             0,
                         )])
-                        .and_then([TxnOp::put(set, bytes, None), TxnOp::put(current, h, None)]),
+                        .and_then(ops),
                 )
                 .await
             })

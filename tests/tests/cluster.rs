@@ -151,6 +151,14 @@ async fn until(
     Ok(())
 }
 
+/// Whether `client`'s next GET /v1/balance is refused with `code`.
+async fn refused_with(client: &didgate_client::Client, code: RefusalCode) -> bool {
+    matches!(
+        client.call(CallSpec::new("payments", "GET", "/v1/balance")).await,
+        Err(CallError::Refused { code: c, .. }) if c == code
+    )
+}
+
 fn percentile(sorted: &[Duration], p: usize) -> Duration {
     sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
 }
@@ -241,17 +249,7 @@ async fn members_register_under_a_lease_and_a_revocation_is_in_force_on_every_no
     until(
         Duration::from_secs(5),
         "alice refused revoked on b",
-        async || {
-            matches!(
-                client
-                    .call(CallSpec::new("payments", "GET", "/v1/balance"))
-                    .await,
-                Err(CallError::Refused {
-                    code: RefusalCode::Revoked,
-                    ..
-                })
-            )
-        },
+        async || refused_with(&client, RefusalCode::Revoked).await,
     )
     .await?;
 
@@ -272,17 +270,7 @@ async fn members_register_under_a_lease_and_a_revocation_is_in_force_on_every_no
     until(
         Duration::from_secs(5),
         "the policy reaches node b",
-        async || {
-            matches!(
-                bob_client
-                    .call(CallSpec::new("payments", "GET", "/v1/balance"))
-                    .await,
-                Err(CallError::Refused {
-                    code: RefusalCode::Policy,
-                    ..
-                })
-            )
-        },
+        async || refused_with(&bob_client, RefusalCode::Policy).await,
     )
     .await?;
     assert_eq!(
