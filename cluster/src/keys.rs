@@ -73,6 +73,23 @@ pub fn chain(name: &str, node: &str) -> String {
     format!("{}{node}", chains(name))
 }
 
+/// The prefix of the sealed secrets: `/didgate/CLUSTER/secrets/`.
+pub fn secrets(name: &str) -> String {
+    format!("{}secrets/", root(name))
+}
+
+/// A sealed secret's key: `/didgate/CLUSTER/secrets/NAME` (its value the secret's record as
+/// the nodes store it: ciphertexts and wrapped data keys only).
+pub fn secret(name: &str, secret: &str) -> String {
+    format!("{}{secret}", secrets(name))
+}
+
+/// The id of the master key every node wraps secrets under: `/didgate/CLUSTER/master-key`
+/// (lower-case hex of the 8-byte key id; never the key).
+pub fn master_key(name: &str) -> String {
+    format!("{}master-key", root(name))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

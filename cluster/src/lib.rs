@@ -123,6 +123,25 @@ pub enum SettingsError {
 }
 
 impl ClusterSettings {
+    /// Reads the TLS files the settings name, relative to the data directory `dir`: `None`
+    /// without `ca_file` (plain `http://` endpoints).
+    pub fn tls(&self, dir: &std::path::Path) -> Result<Option<EtcdTls>, ClusterError> {
+        let read = |name: &str| {
+            let path = dir.join(name);
+            std::fs::read(&path).map_err(|source| ClusterError::File { path, source })
+        };
+        let Some(ca) = &self.ca_file else {
+            return Ok(None);
+        };
+        Ok(Some(EtcdTls {
+            ca_pem: read(ca)?,
+            identity: match (&self.cert_file, &self.key_file) {
+                (Some(c), Some(k)) => Some((read(c)?, zeroize::Zeroizing::new(read(k)?))),
+                _ => None,
+            },
+        }))
+    }
+
     /// Checks the settings.
     pub fn validate(&self) -> Result<(), SettingsError> {
         if self.endpoints.is_empty() {

@@ -116,6 +116,32 @@ impl ControlPlane {
         key: String,
         address: SocketAddr,
     ) -> Result<Arc<Self>, ClusterError> {
+        let plane = Self::new(settings, tls, key, address.to_string());
+        plane.register().await?;
+        plane.health.answered(monotonic_ms());
+        let stop = plane.stop.subscribe();
+        tokio::spawn(plane.clone().keep_alive(stop));
+        Ok(plane)
+    }
+
+    /// Connects to the cluster's etcd without joining it (no lease, no member key, no
+    /// background task): to read the registry (`didgated export --cluster`). Fails when no
+    /// endpoint answers.
+    pub async fn observe(
+        settings: ClusterSettings,
+        tls: Option<EtcdTls>,
+    ) -> Result<Arc<Self>, ClusterError> {
+        let plane = Self::new(settings, tls, String::new(), String::new());
+        plane.client().await?;
+        Ok(plane)
+    }
+
+    fn new(
+        settings: ClusterSettings,
+        tls: Option<EtcdTls>,
+        key: String,
+        address: String,
+    ) -> Arc<Self> {
         let tls = tls.map(|t| {
             let mut o = etcd_client::TlsOptions::new()
                 .ca_certificate(etcd_client::Certificate::from_pem(&t.ca_pem));
@@ -129,12 +155,12 @@ impl ControlPlane {
         let member = Member {
             node: settings.node.clone(),
             key,
-            address: address.to_string(),
+            address,
             lease: 0,
             lease_ttl_secs: settings.lease_ttl_secs,
             joined_ms: now_ms(),
         };
-        let plane = Arc::new(Self {
+        Arc::new(Self {
             settings,
             tls,
             health,
@@ -143,12 +169,7 @@ impl ControlPlane {
             lease: AtomicI64::new(0),
             member,
             stop: watch::channel(false).0,
-        });
-        plane.register().await?;
-        plane.health.answered(monotonic_ms());
-        let stop = plane.stop.subscribe();
-        tokio::spawn(plane.clone().keep_alive(stop));
-        Ok(plane)
+        })
     }
 
     /// The settings it runs with.
@@ -341,7 +362,7 @@ impl ControlPlane {
         F: Fn(Vec<u8>, String) + Send + Sync + 'static,
     {
         let name = self.settings.name.clone();
-        self.watch_prefix(keys::revocations(&name), move |key, value| {
+        self.watch_prefix(keys::revocations(&name), move |key, value, _| {
             if let Some(k) = keys::revocation_key(&name, key) {
                 apply(k, String::from_utf8_lossy(value).into_owned());
             }
@@ -415,9 +436,12 @@ impl ControlPlane {
     where
         F: Fn(Vec<u8>) + Send + Sync + 'static,
     {
-        self.watch_prefix(keys::node_revocations(&self.settings.name), move |_, v| {
-            apply(v.to_vec());
-        })
+        self.watch_prefix(
+            keys::node_revocations(&self.settings.name),
+            move |_, v, _| {
+                apply(v.to_vec());
+            },
+        )
     }
 
     /// Publishes this node's latest signed checkpoint in the registry of node chains
@@ -444,7 +468,7 @@ impl ControlPlane {
         let prefix = keys::chains(&self.settings.name);
         let own = self.settings.node.clone();
         let p = prefix.clone();
-        self.watch_prefix(prefix, move |k, v| {
+        self.watch_prefix(prefix, move |k, v, _| {
             let Some(node) = k.strip_prefix(p.as_bytes()) else {
                 return;
             };
@@ -538,7 +562,7 @@ impl ControlPlane {
         let apply = Arc::new(apply);
         let plane = self.clone();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-        let watch = self.watch_prefix(keys::policy_current(&self.settings.name), move |_, v| {
+        let watch = self.watch_prefix(keys::policy_current(&self.settings.name), move |_, v, _| {
             let _ = tx.send(String::from_utf8_lossy(v).into_owned());
         });
         tokio::spawn(async move {
@@ -575,8 +599,118 @@ impl ControlPlane {
         Ok((hex::encode(doc.hash()) == hash).then_some(doc))
     }
 
+    /// Names the master key every node of the cluster wraps secrets under: `id` (the hex of
+    /// this node's key id) when the cluster has none yet; returns the id the cluster names,
+    /// which a node must hold (else it cannot open the cluster's secrets).
+    pub async fn claim_master_key(&self, id: &str) -> Result<String, ClusterError> {
+        let key = keys::master_key(&self.settings.name);
+        let (k, v) = (key.clone(), id.to_string());
+        let resp = self
+            .with_client(|mut c| async move {
+                c.txn(
+                    Txn::new()
+                        .when([Compare::create_revision(k.clone(), CompareOp::Equal, 0)])
+                        .and_then([TxnOp::put(k.clone(), v, None)])
+                        .or_else([TxnOp::get(k, None)]),
+                )
+                .await
+            })
+            .await?;
+        if resp.succeeded() {
+            return Ok(id.to_string());
+        }
+        let named = resp.op_responses().into_iter().find_map(|op| match op {
+            etcd_client::TxnOpResponse::Get(g) => g
+                .kvs()
+                .first()
+                .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()),
+            _ => None,
+        });
+        Ok(named.unwrap_or_default())
+    }
+
+    /// Publishes a sealed secret's record (ciphertexts only) if the cluster's copy is still
+    /// the one at `expected` (its mod revision as this node last saw it; 0: none). Returns the
+    /// revision written, or `None` when another node changed it first.
+    pub async fn publish_secret(
+        &self,
+        secret: &str,
+        record: &[u8],
+        expected: i64,
+    ) -> Result<Option<i64>, ClusterError> {
+        let key = keys::secret(&self.settings.name, secret);
+        let value = record.to_vec();
+        let resp = self
+            .with_client(|mut c| async move {
+                c.txn(
+                    Txn::new()
+                        .when([Compare::mod_revision(
+                            key.clone(),
+                            CompareOp::Equal,
+                            expected,
+                        )])
+                        .and_then([TxnOp::put(key, value, None)]),
+                )
+                .await
+            })
+            .await?;
+        Ok(resp
+            .succeeded()
+            .then(|| resp.header().map_or(0, |h| h.revision())))
+    }
+
+    /// One sealed secret's record in the cluster and its mod revision, if any.
+    pub async fn secret(&self, secret: &str) -> Result<Option<(Vec<u8>, i64)>, ClusterError> {
+        let key = keys::secret(&self.settings.name, secret);
+        let resp = self
+            .with_client(|mut c| async move { c.get(key, None).await })
+            .await?;
+        Ok(resp
+            .kvs()
+            .first()
+            .map(|kv| (kv.value().to_vec(), kv.mod_revision())))
+    }
+
+    /// Every sealed secret in the cluster: (name, record, mod revision).
+    pub async fn secrets(&self) -> Result<Vec<(String, Vec<u8>, i64)>, ClusterError> {
+        let prefix = keys::secrets(&self.settings.name);
+        let p = prefix.clone();
+        let resp = self
+            .with_client(
+                |mut c| async move { c.get(p, Some(GetOptions::new().with_prefix())).await },
+            )
+            .await?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| {
+                let name = kv.key().strip_prefix(prefix.as_bytes())?;
+                Some((
+                    String::from_utf8_lossy(name).into_owned(),
+                    kv.value().to_vec(),
+                    kv.mod_revision(),
+                ))
+            })
+            .collect())
+    }
+
+    /// Applies every sealed secret in the cluster now and each one published from then on
+    /// with `apply(name, record, mod_revision)`, until [`ControlPlane::leave`].
+    pub fn watch_secrets<F>(self: &Arc<Self>, apply: F) -> tokio::task::JoinHandle<()>
+    where
+        F: Fn(String, Vec<u8>, i64) + Send + Sync + 'static,
+    {
+        let prefix = keys::secrets(&self.settings.name);
+        let p = prefix.clone();
+        self.watch_prefix(prefix, move |k, v, rev| {
+            if let Some(name) = k.strip_prefix(p.as_bytes()) {
+                apply(String::from_utf8_lossy(name).into_owned(), v.to_vec(), rev);
+            }
+        })
+    }
+
     /// Applies every key under `prefix` now and each put under it from then on with
-    /// `apply(key, value)`, until [`ControlPlane::leave`]: a full read, then a watch from the
+    /// `apply(key, value, mod_revision)`, until [`ControlPlane::leave`]: a full read, then a watch from the
     /// revision after it; after a failure, on the next endpoint, from where it stopped (or a
     /// full read again when etcd has compacted past it). `apply` must be idempotent.
     pub fn watch_prefix<F>(
@@ -585,7 +719,7 @@ impl ControlPlane {
         apply: F,
     ) -> tokio::task::JoinHandle<()>
     where
-        F: Fn(&[u8], &[u8]) + Send + Sync + 'static,
+        F: Fn(&[u8], &[u8], i64) + Send + Sync + 'static,
     {
         let plane = self.clone();
         // subscribed here: a stop sent before the task first runs is still seen
@@ -617,7 +751,7 @@ impl ControlPlane {
     /// stream ends or fails, `from` naming the next revision to read.
     async fn follow<F>(&self, prefix: &str, apply: &F, from: &mut i64) -> Result<(), ClusterError>
     where
-        F: Fn(&[u8], &[u8]),
+        F: Fn(&[u8], &[u8], i64),
     {
         if *from == 0 {
             let p = prefix.to_string();
@@ -627,7 +761,7 @@ impl ControlPlane {
                 })
                 .await?;
             for kv in resp.kvs() {
-                apply(kv.key(), kv.value());
+                apply(kv.key(), kv.value(), kv.mod_revision());
             }
             *from = resp.header().map_or(0, |h| h.revision()) + 1;
         }
@@ -651,7 +785,7 @@ impl ControlPlane {
                 let Some(kv) = event.kv() else { continue };
                 *from = (*from).max(kv.mod_revision() + 1);
                 if event.event_type() == EventType::Put {
-                    apply(kv.key(), kv.value());
+                    apply(kv.key(), kv.value(), kv.mod_revision());
                 }
             }
         }

@@ -78,13 +78,19 @@ enum Command {
     /// Export the gateway's audit chain (through the running daemon, or from the store when no
     /// daemon runs) as a CBOR sequence file for `didgate-audit`, sealed first: it ends with a
     /// checkpoint signed by the gateway covering its last entry.
+    /// With `--cluster`: every node's chain of this node's cluster, as `OUT/NODE.export` (this
+    /// node's through its daemon, every other member's fetched from it as this node's key; a
+    /// node of the registry that is not a member now is reported missing, exit status 1).
     Export {
         /// Data directory.
         #[arg(long, env = "DIDGATE_DATA")]
         data: PathBuf,
-        /// The file to write.
+        /// The file to write (with `--cluster`, the directory).
         #[arg(long)]
         out: PathBuf,
+        /// Every node's chain of the cluster in `[cluster]`.
+        #[arg(long)]
+        cluster: bool,
     },
     /// Seal the gateway's audit chain: sign a checkpoint covering its last entry unless one does
     /// already (then nothing is written). Through the running daemon, or on the store when no
@@ -449,7 +455,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             reason,
             data,
         } => revoke(&what, &target, &reason, &data).await?,
-        Command::Export { data, out } => export(&data, &out).await?,
+        Command::Export {
+            data,
+            out,
+            cluster: false,
+        } => export(&data, &out).await?,
+        Command::Export {
+            data,
+            out,
+            cluster: true,
+        } => return export_cluster(&data, &out).await,
         Command::Seal { data } => seal(&data).await?,
         Command::Events { follow, json, data } => return events(follow, json, &data).await,
         Command::Demo { dir } => return demo(dir).await,
@@ -722,6 +737,41 @@ async fn export(data: &std::path::Path, out: &std::path::Path) -> anyhow::Result
         out.display()
     );
     Ok(())
+}
+
+/// `didgated export --cluster`: every node's chain; exit status 1 when one is missing.
+async fn export_cluster(data: &std::path::Path, out: &std::path::Path) -> anyhow::Result<ExitCode> {
+    use didgate_gateway::export::NodeExport;
+    let outcomes = didgate_gateway::export::export_cluster(data, out).await?;
+    let mut missing = 0;
+    for (node, outcome) in &outcomes {
+        match outcome {
+            NodeExport::Written { path, bytes } => {
+                eprintln!(
+                    "{node}: exported to {} ({bytes} bytes, sealed)",
+                    path.display()
+                );
+            }
+            NodeExport::Missing { why, published } => {
+                missing += 1;
+                let seen = published.map_or(String::new(), |n| {
+                    format!(" (its last published checkpoint covers {n} entries)")
+                });
+                eprintln!("{node}: NOT exported: {why}{seen}");
+            }
+        }
+    }
+    eprintln!(
+        "{} of {} node chains exported to {}; verify them with `didgate-audit verify --gateway FILE ... --client DIR ...`",
+        outcomes.len() - missing,
+        outcomes.len(),
+        out.display()
+    );
+    Ok(if missing == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 /// `didgated seal`: the gateway chain sealed, through the daemon or on the store.

@@ -265,6 +265,20 @@ pub async fn admin(data: &Path, req: &Request) -> Result<Reply, SecretError> {
     }
     let data = data.to_path_buf();
     let dir = blocking(move || open_dir(&data)).await?;
+    if dir.config.as_ref().is_some_and(|c| c.cluster().is_some())
+        && (req.secret_written().is_some()
+            || matches!(req, Request::KmsRotate | Request::KmsToToken { .. }))
+    {
+        tokio::task::spawn_blocking(move || drop(dir))
+            .await
+            .map_err(|source| SecretError::Task {
+                what: "closing the chain",
+                source,
+            })?;
+        return Err(SecretError::Invalid(
+            "this node is a cluster member and is not running: start it so the change reaches every node (a change made here alone would be replaced by the cluster's at its next start)".into(),
+        ));
+    }
     let reply = secret_command(&dir.secrets, dir.config.as_ref(), req).await;
     tokio::task::spawn_blocking(move || drop(dir))
         .await

@@ -184,6 +184,9 @@ pub enum StartError {
     /// `[cluster]`: the control plane cannot be joined.
     #[error("cluster: {0}")]
     Cluster(#[source] didgate_cluster::ClusterError),
+    /// `[cluster]`: the cluster's secrets cannot be taken (another master key).
+    #[error("cluster: {0}")]
+    ClusterSecrets(#[from] crate::shared::JoinError),
 }
 
 /// Counts the refusals not recorded one by one (see [`call::recorded_individually`]), written
@@ -209,6 +212,10 @@ pub struct Gateway {
     /// The cluster's control plane once joined ([`Gateway::join_cluster`]); `[cluster]` set
     /// and not joined means no call is admitted.
     cluster: std::sync::OnceLock<Arc<didgate_cluster::ControlPlane>>,
+    /// The cluster's sealed secrets as this node last saw them ([`crate::shared`]).
+    pub(crate) shared: crate::shared::SharedSecrets,
+    /// Held while this node exports its chain for a member ([`crate::export`]): one at a time.
+    pub(crate) exporting: tokio::sync::Mutex<()>,
     pub(crate) config: Config,
     /// The data directory (the policy is reloaded from it).
     dir: PathBuf,
@@ -321,6 +328,8 @@ impl Gateway {
             node_revocations: std::sync::RwLock::new(held_revocations),
             node,
             cluster: std::sync::OnceLock::new(),
+            shared: Default::default(),
+            exporting: tokio::sync::Mutex::new(()),
             config,
             dir: dir.to_path_buf(),
             policy,
@@ -378,22 +387,7 @@ impl Gateway {
         let Some(settings) = self.config.cluster() else {
             return Ok(());
         };
-        let read = |name: &str| {
-            let path = self.dir.join(name);
-            std::fs::read(&path).map_err(|source| {
-                StartError::Cluster(didgate_cluster::ClusterError::File { path, source })
-            })
-        };
-        let tls = match &settings.ca_file {
-            None => None,
-            Some(ca) => Some(didgate_cluster::EtcdTls {
-                ca_pem: read(ca)?,
-                identity: match (&settings.cert_file, &settings.key_file) {
-                    (Some(c), Some(k)) => Some((read(c)?, zeroize::Zeroizing::new(read(k)?))),
-                    _ => None,
-                },
-            }),
-        };
+        let tls = settings.tls(&self.dir).map_err(StartError::Cluster)?;
         let plane = didgate_cluster::ControlPlane::join(
             settings.clone(),
             tls,
@@ -427,6 +421,11 @@ impl Gateway {
             plane.leave().await;
             return Err(e);
         }
+        // the master key the cluster's secrets are wrapped under, and the secrets themselves
+        if let Err(e) = self.shared.join(&plane, &self.secrets).await {
+            plane.leave().await;
+            return Err(e.into());
+        }
         let _ = self.cluster.set(plane);
         Ok(())
     }
@@ -454,6 +453,20 @@ impl Gateway {
             self.apply_cluster_policy(&doc);
         }
         Ok(())
+    }
+
+    /// In a cluster, publishes secret `name` as this node now stores it (after a lifecycle
+    /// write here) to every node ([`crate::shared`]); nothing outside a cluster.
+    pub async fn publish_secret(&self, name: &str) -> Result<(), crate::shared::PublishError> {
+        match self.cluster.get() {
+            Some(plane) => self.shared.publish(plane, &self.secrets, name).await,
+            None => Ok(()),
+        }
+    }
+
+    /// The data directory.
+    pub fn data_dir(&self) -> &Path {
+        &self.dir
     }
 
     /// The control plane, once joined.

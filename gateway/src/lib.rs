@@ -31,6 +31,7 @@ pub mod didweb;
 pub mod echo;
 pub mod egress;
 pub mod events;
+pub mod export;
 pub mod gateway;
 pub mod kms;
 pub mod limits;
@@ -40,6 +41,7 @@ pub mod pkcs11;
 pub mod policy;
 pub mod secrets;
 pub mod server;
+pub mod shared;
 pub mod upstream;
 
 pub use gateway::Gateway;

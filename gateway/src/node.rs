@@ -90,6 +90,18 @@ pub struct Node {
 }
 
 impl Node {
+    /// The gateway DID the certificate of `settings` names (unchecked: for a tool that pins
+    /// it, such as `didgated export --cluster`).
+    pub fn served_gateway(dir: &Path, settings: &NodeSettings) -> Result<Did, NodeError> {
+        let cert_path = dir.join(&settings.certificate);
+        let bytes = read(&cert_path)?;
+        let named = cert_gateway(&bytes).map_err(|source| NodeError::Certificate {
+            path: cert_path,
+            source,
+        })?;
+        Did::parse(&named).map_err(|_| NodeError::GatewayDid { gateway: named })
+    }
+
     /// Loads and checks `[node]` for `identity` listening on `listen` at `now_ms`: the
     /// certificate is signed by the gateway it names, for this key, valid now, bound to this
     /// address if it names one, and not revoked by the list (which the same gateway signed).

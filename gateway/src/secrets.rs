@@ -684,6 +684,11 @@ impl SecretRecord {
         }
     }
 
+    /// The highest version number the record holds (0 for none).
+    fn newest_version(&self) -> u64 {
+        self.versions.iter().map(|v| v.version).max().unwrap_or(0)
+    }
+
     /// What `list` shows; `last_used_ms` is the gateway's in-memory time, if newer.
     pub fn info(&self, grace_ms: u64, last_used_ms: Option<u64>) -> SecretInfo {
         let current = self.current();
@@ -820,6 +825,19 @@ impl Keyring {
                 },
             })
         })
+    }
+}
+
+/// The `secret` entry action of a record taken from the cluster: its last event's.
+fn replica_action(event: &str) -> SecretAction {
+    match event {
+        "added" => SecretAction::Added,
+        "disabled" => SecretAction::Disabled,
+        "enabled" => SecretAction::Enabled,
+        "deleted" => SecretAction::Deleted,
+        "restored" => SecretAction::Restored,
+        "sealed_off" => SecretAction::SealedOff,
+        _ => SecretAction::Rotated,
     }
 }
 
@@ -1186,6 +1204,65 @@ impl Secrets {
             self.record(action, vec![rec.state()], vec![rec.put()], None, now_ms)?;
         }
         Ok((t, rec.info(self.grace_ms, self.mem_last_used(name))))
+    }
+
+    /// The record of `name` as stored (ciphertexts and wrapped data keys only), if any: what
+    /// a cluster member publishes to the others.
+    pub fn stored(&self, name: &str) -> Result<Option<Vec<u8>>, SecretError> {
+        Ok(self.store.get(SECRETS, name.as_bytes())?)
+    }
+
+    /// Takes the record of `name` as another node of the cluster published it (specs/
+    /// operation.md, "Cluster", "Secrets"): stored with a `secret` entry whose action is the
+    /// record's last event, unless this node already holds the same state. Versions past
+    /// their grace window are sealed off first. A record under a master key this node lacks
+    /// is stored all the same (calls that need it are then refused, never served with an
+    /// older value). `Ok(true)` when it changed something.
+    pub fn apply_replica(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        now_ms: u64,
+    ) -> Result<bool, SecretError> {
+        valid_name(name)?;
+        let _g = lock(&self.lock);
+        let legacy = self.key_id();
+        let mut rec = SecretRecord::decode(bytes, legacy)?;
+        if rec.name != name {
+            return Err(SecretError::Malformed(name.into()));
+        }
+        let action = rec
+            .history
+            .last()
+            .map_or(SecretAction::Added, |e| replica_action(&e.action));
+        rec.prune(now_ms, self.grace_ms);
+        let local = match self.read(name, legacy) {
+            Ok(r) => Some(r),
+            Err(SecretError::NotFound(_)) => None,
+            Err(e) => return Err(e),
+        };
+        if let Some(l) = &local {
+            if l.state() == rec.state() {
+                return Ok(false);
+            }
+            // a version once current never comes back: whoever can write etcd must not be
+            // able to roll a rotated (perhaps leaked) value back in
+            let (held, offered) = (l.newest_version(), rec.newest_version());
+            if l.id == rec.id && offered < held {
+                return Err(SecretError::Invalid(format!(
+                    "the cluster's record of {name} is older than this node's (version {offered} < {held}): not taken"
+                )));
+            }
+        }
+        if rec.kek != legacy {
+            tracing::warn!(
+                secret = name,
+                "a secret from the cluster is wrapped under a master key this node does not hold: calls that need it are refused"
+            );
+        }
+        self.record(action, vec![rec.state()], vec![rec.put()], None, now_ms)?;
+        tracing::info!(secret = name, "secret taken from the cluster");
+        Ok(true)
     }
 
     /// `secret add`: seals a new secret as version 1.

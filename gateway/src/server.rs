@@ -102,6 +102,7 @@ async fn handle_call(
         FrameType::GrantRequest => gw.issue_grant(cx, send, &frame.payload).await,
         FrameType::Execute => gw.execute_grant(cx, send, recv, dec, &frame.payload).await,
         FrameType::CatalogRequest => answer_catalog(gw, cx, send, &frame.payload).await,
+        FrameType::ChainRequest => crate::export::answer(gw, cx, send, &frame.payload).await,
         _ => {
             gw.refuse_unverified(
                 cx,
@@ -171,6 +172,7 @@ pub async fn serve(
     };
     let upkeep = gw.secrets.spawn_upkeep(stop_rx.clone());
     let cluster_watch = watch_cluster_revocations(&gw);
+    let secrets_watch = watch_cluster_secrets(&gw);
     let publisher = publish_checkpoints(&gw, stop_rx.clone());
     let witness = witness_peers(&gw);
     let revoked_self = Arc::new(tokio::sync::Notify::new());
@@ -232,6 +234,9 @@ pub async fn serve(
         plane.leave().await;
     }
     if let Some(apply) = cluster_watch {
+        let _ = apply.await;
+    }
+    if let Some(apply) = secrets_watch {
         let _ = apply.await;
     }
     if let Some(w) = witness {
@@ -382,6 +387,29 @@ fn watch_cluster_revocations(gw: &Arc<Gateway>) -> Option<tokio::task::JoinHandl
     Some(tokio::spawn(async move {
         while let Some((key, reason)) = rx.recv().await {
             gw.apply_cluster_revocation(&key, &reason).await;
+        }
+    }))
+}
+
+/// In a cluster, takes every sealed secret any node publishes (etcd watch), in order, each
+/// with a `secret` entry of this node's chain ([`crate::shared`]), until the control plane is
+/// left. `None` outside a cluster.
+fn watch_cluster_secrets(gw: &Arc<Gateway>) -> Option<tokio::task::JoinHandle<()>> {
+    let plane = gw.cluster()?;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, Vec<u8>, i64)>();
+    let _watch = plane.watch_secrets(move |name, record, rev| {
+        let _ = tx.send((name, record, rev));
+    });
+    let gw = gw.clone();
+    Some(tokio::spawn(async move {
+        while let Some((name, record, rev)) = rx.recv().await {
+            let g = gw.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Err(e) = g.shared.take(&g.secrets, &name, &record, rev, now_ms()) {
+                    tracing::warn!(secret = %name, error = %e, "a secret the cluster published cannot be taken");
+                }
+            })
+            .await;
         }
     }))
 }

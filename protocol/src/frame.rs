@@ -36,6 +36,12 @@ pub enum FrameType {
     /// Gateway -> client: part of the answer to a catalog request (CBOR
     /// [`crate::catalog::Catalog`]); one or more, then FIN.
     Catalog = 10,
+    /// Member -> node, version 2 (amendment 2.10): asks for the node's audit chain (CBOR
+    /// [`crate::chain::ChainRequest`]).
+    ChainRequest = 11,
+    /// Node -> member, version 2: the next bytes of the node's sealed export file; one or
+    /// more, then FIN.
+    ChainPart = 12,
 }
 
 impl FrameType {
@@ -51,6 +57,8 @@ impl FrameType {
             8 => Self::Execute,
             9 => Self::CatalogRequest,
             10 => Self::Catalog,
+            11 => Self::ChainRequest,
+            12 => Self::ChainPart,
             _ => return None,
         })
     }
@@ -177,8 +185,8 @@ mod tests {
         d.push(&[2, 0, 1, 0, 1]);
         assert_eq!(d.next_frame(), Err(FrameError::TooLarge(65537)));
         let mut d = FrameDecoder::new();
-        d.push(&[11, 0, 0, 0, 0]);
-        assert_eq!(d.next_frame(), Err(FrameError::UnknownType(11)));
+        d.push(&[13, 0, 0, 0, 0]);
+        assert_eq!(d.next_frame(), Err(FrameError::UnknownType(13)));
         let mut d = FrameDecoder::new();
         d.push(&[2, 0, 0, 0, 4, 1]);
         assert_eq!(d.next_frame(), Ok(None));

@@ -21,6 +21,7 @@
 pub mod canonical;
 pub mod catalog;
 pub mod cbor;
+pub mod chain;
 pub mod did;
 pub mod envelope;
 pub mod error;

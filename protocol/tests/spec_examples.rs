@@ -249,13 +249,39 @@ fn catalog_vector() -> Value {
     })
 }
 
+/// `specs/vectors/chain-request.json`: the ChainRequest frame a member sends for a node's
+/// chain (amendment 2.10), and the first ChainPart frame of an answer.
+fn chain_vector() -> Value {
+    use didgate_protocol::chain::ChainRequest;
+    let mut request = bytes::BytesMut::new();
+    frame::encode(
+        FrameType::ChainRequest,
+        &ChainRequest::new().encode(),
+        &mut request,
+    )
+    .expect("fits");
+    // an export file begins with its header item: the CBOR map {"t": "header", ...}; any bytes
+    // of it go in ChainPart frames unchanged
+    let part_payload = [0xa1, 0x61, 0x74, 0x66, b'h', b'e', b'a', b'd', b'e', b'r'];
+    let mut part = bytes::BytesMut::new();
+    frame::encode(FrameType::ChainPart, &part_payload, &mut part).expect("fits");
+    json!({
+        "description": "The chain exchange (specs/protocol.md, \"Chain export\", amendment 2.10): the ChainRequest frame (type 0x0b) with its payload, the CBOR map {\"v\": 2}; and a ChainPart frame (type 0x0c) carrying the next bytes of the node's export file unchanged (here the first bytes of a header item). Written by protocol/tests/spec_examples.rs (DIDGATE_WRITE_VECTORS=1).",
+        "request_payload": hex::encode(ChainRequest::new().encode()),
+        "request_frame": hex::encode(&request),
+        "part_payload": hex::encode(part_payload),
+        "part_frame": hex::encode(&part),
+    })
+}
+
 /// The vector files of this test and what this release builds for each.
-fn vector_files() -> [(&'static str, Value); 4] {
+fn vector_files() -> [(&'static str, Value); 5] {
     [
         ("did-key.json", did_key_vector()),
         ("signed-refusal.json", refusal_vector()),
         ("signed-request.json", request_vector()),
         ("catalog-v2.json", catalog_vector()),
+        ("chain-request.json", chain_vector()),
     ]
 }
 
@@ -434,6 +460,25 @@ fn the_catalog_vector_holds_in_version_2_only() {
     let mut v1 = catalog_message();
     v1.v = 1;
     assert!(Catalog::decode(&v1.encode()).is_err());
+}
+
+#[test]
+fn the_chain_request_vector_holds_and_is_laid_out_as_the_spec_says() {
+    use didgate_protocol::chain::ChainRequest;
+    let v = vector("chain-request.json");
+    let payload = hex_of(&v["request_payload"]);
+    assert_eq!(ChainRequest::decode(&payload), Ok(ChainRequest { v: 2 }));
+    // by hand: type 0x0b, u32be length, then the payload
+    let mut by_hand = vec![0x0b, 0, 0, 0, payload.len() as u8];
+    by_hand.extend_from_slice(&payload);
+    assert_eq!(hex_of(&v["request_frame"]), by_hand);
+    let mut decoder = FrameDecoder::new();
+    decoder.push(&hex_of(&v["part_frame"]));
+    let part = decoder.next_frame().expect("a frame").expect("whole");
+    assert_eq!(part.kind, FrameType::ChainPart);
+    assert_eq!(part.payload.as_ref(), hex_of(&v["part_payload"]).as_slice());
+    // version 1 has no chain exchange
+    assert!(ChainRequest::decode(&[0xa1, 0x61, 0x76, 0x01]).is_err());
 }
 
 // ------------------------------------------------------------------------------------------

@@ -53,6 +53,15 @@ impl Harness {
 
     /// Like [`Harness::start`], letting the test adjust the configuration first.
     pub async fn start_with(adjust: impl FnOnce(&mut RawConfig)) -> anyhow::Result<Self> {
+        Self::start_sharing(None, adjust).await
+    }
+
+    /// Like [`Harness::start_with`], the gateway's master key a copy of the file `master` (as
+    /// every node of one cluster holds the same master key) when given.
+    pub async fn start_sharing(
+        master: Option<&Path>,
+        adjust: impl FnOnce(&mut RawConfig),
+    ) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let upstream = DemoUpstream::start(
             zeroize::Zeroizing::new(CANARY.to_string()),
@@ -98,6 +107,9 @@ impl Harness {
         let mut config = config;
         adjust(&mut config);
         std::fs::write(gw_dir.join("gateway.toml"), toml_string(&config)?)?;
+        if let Some(master) = master {
+            std::fs::copy(master, gw_dir.join("master.key"))?;
+        }
         didgate_gateway::add_secret(&gw_dir, "payments-key", CANARY)?;
         let mut h = Self {
             dir,

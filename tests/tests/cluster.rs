@@ -203,7 +203,9 @@ async fn members_register_under_a_lease_and_a_revocation_is_in_force_on_every_no
     let a_settings = settings(&etcd, "c1", "node-a", 10);
     let b_settings = settings(&etcd, "c1", "node-b", 10);
     let mut a = Harness::start_with(|c| c.cluster = Some(a_settings)).await?;
-    let b = Harness::start_with(|c| c.cluster = Some(b_settings)).await?;
+    // every node of a cluster holds the same master key
+    let master = a.gw_dir().join("master.key");
+    let b = Harness::start_sharing(Some(&master), |c| c.cluster = Some(b_settings)).await?;
     let plane = b
         .gateway
         .as_ref()
@@ -391,7 +393,7 @@ async fn a_single_node_joins_a_new_cluster_keeping_its_chain_secrets_and_policy(
     )
     .await?;
     // its policy seeded the cluster: a second node with other rules swaps it in
-    let b = Harness::start_with(|c| {
+    let b = Harness::start_sharing(Some(&a.gw_dir().join("master.key")), |c| {
         c.rules.truncate(1); // no rule for bob's group
         c.cluster = Some(settings(&etcd, "c3", "node-b", 10));
     })
@@ -483,6 +485,8 @@ async fn certified_member(
     });
     config.cluster = Some(cluster);
     std::fs::write(dir.join("gateway.toml"), toml::to_string(&config)?)?;
+    // every node of a cluster holds the same master key
+    std::fs::copy(h.gw_dir().join("master.key"), dir.join("master.key"))?;
     didgate_gateway::add_secret(dir, "payments-key", didgate_tests::CANARY)?;
     let gw = std::sync::Arc::new(didgate_gateway::Gateway::open(dir).await?);
     let endpoint = didgate_gateway::server::endpoint(&gw, "127.0.0.1:0".parse()?)?;
@@ -686,5 +690,229 @@ async fn nodes_publish_their_checkpoints_and_witness_each_others() -> anyhow::Re
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    Ok(())
+}
+
+/// Runs `didgated ARGS` with `stdin`; (exit code, stderr).
+fn didgated(args: &[&str], data: &Path, stdin: &str) -> anyhow::Result<(Option<i32>, String)> {
+    use std::io::Write;
+    let mut child = std::process::Command::new(didgate_tests::bin("didgated")?)
+        .args(args)
+        .arg("--data")
+        .arg(data)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    child
+        .stdin
+        .take()
+        .expect("piped")
+        .write_all(stdin.as_bytes())?;
+    let out = child.wait_with_output()?;
+    Ok((
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+#[tokio::test]
+async fn a_secret_rotated_on_one_node_is_used_by_every_node() -> anyhow::Result<()> {
+    use didgate_daemon::upstream_demo::DemoUpstream;
+    let tmp = tempfile::tempdir()?;
+    let Some(etcd) = Etcd::start(&tmp.path().join("etcd"), 23_760)? else {
+        return Ok(());
+    };
+    let a = Harness::start_with(|c| c.cluster = Some(settings(&etcd, "c7", "node-a", 10))).await?;
+    let master = a.gw_dir().join("master.key");
+    // a node holding another master key could not open the cluster's secrets: it does not
+    // join (exit 2 from didgated)
+    let other =
+        Harness::start_with(|c| c.cluster = Some(settings(&etcd, "c7", "node-x", 10))).await;
+    let refused = format!("{:#}", other.err().expect("another master key refused"));
+    assert!(refused.contains("master key"), "{refused}");
+    let mut b = Harness::start_sharing(Some(&master), |c| {
+        c.cluster = Some(settings(&etcd, "c7", "node-b", 10));
+    })
+    .await?;
+    let (gw_a, gw_b) = (a.gateway.clone().expect("a"), b.gateway.clone().expect("b"));
+    let plane = gw_b.cluster().expect("joined").clone();
+    // b took the cluster's record (a's, which seeded it) in place of the one it had
+    let (in_etcd, _) = plane.secret("payments-key").await?.expect("seeded");
+    assert_eq!(
+        gw_b.secrets().stored("payments-key")?.as_deref(),
+        Some(in_etcd.as_slice())
+    );
+    let fingerprints = |up: &DemoUpstream| {
+        up.seen()
+            .iter()
+            .filter_map(|s| s.credential_fingerprint.clone())
+            .collect::<Vec<_>>()
+    };
+    let alice_b = b.client("alice-b", alice()).await?;
+    alice_b
+        .call(CallSpec::new("payments", "GET", "/v1/balance"))
+        .await?;
+    assert_eq!(
+        fingerprints(&b.upstream).last(),
+        Some(&DemoUpstream::fingerprint(didgate_tests::CANARY))
+    );
+
+    // the operator rotates it on a (didgated through a's control socket)
+    let (stop_ctl, stop_rx) = tokio::sync::watch::channel(false);
+    let a_dir = a.gw_dir();
+    let ctl = tokio::spawn({
+        let (gw, dir) = (gw_a.clone(), a_dir.clone());
+        async move { didgate_gateway::control::server::serve(gw, &dir, stop_rx).await }
+    });
+    until(Duration::from_secs(5), "a's control socket", async || {
+        a_dir.join("control.sock").exists()
+    })
+    .await?;
+    let rotated = "sk_live_rotated_on_node_a_8d1f0c";
+    let dir = a_dir.clone();
+    let (code, stderr) = tokio::task::spawn_blocking(move || {
+        didgated(&["secret", "rotate", "payments-key"], &dir, rotated)
+    })
+    .await??;
+    assert_eq!(code, Some(0), "{stderr}");
+    // b's next calls carry the new value to its upstream
+    let started = Instant::now();
+    until(
+        Duration::from_secs(5),
+        "b injects the rotated value",
+        async || {
+            let _ = alice_b
+                .call(CallSpec::new("payments", "GET", "/v1/balance"))
+                .await;
+            fingerprints(&b.upstream).last() == Some(&DemoUpstream::fingerprint(rotated))
+        },
+    )
+    .await?;
+    println!(
+        "a secret rotated on node a was injected by node b {:?} after the command returned",
+        started.elapsed()
+    );
+    // a publication based on a revision someone else replaced is refused (compare-and-swap)
+    assert_eq!(
+        plane.publish_secret("payments-key", b"stale", 1).await?,
+        None
+    );
+
+    // a stopped member refuses a lifecycle change made on its store alone
+    drop((alice_b, gw_b, plane));
+    b.stop().await;
+    let dir = b.gw_dir();
+    let (code, stderr) = tokio::task::spawn_blocking(move || {
+        didgated(&["secret", "disable", "payments-key"], &dir, "")
+    })
+    .await??;
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("cluster member"), "{stderr}");
+    // b's chain declares the version its calls used (the taken record's secret entry)
+    let out = std::process::Command::new(didgate_tests::bin("didgate-audit")?)
+        .args(["verify", "--gateway"])
+        .arg(b.gw_dir())
+        .arg("--client")
+        .arg(b.chain_dir("alice-b"))
+        .output()?;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _ = stop_ctl.send(true);
+    ctl.await??;
+    Ok(())
+}
+
+#[tokio::test]
+async fn every_nodes_chain_is_exported_from_one_node_and_verifies() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let Some(etcd) = Etcd::start(&tmp.path().join("etcd"), 23_770)? else {
+        return Ok(());
+    };
+    let h = Harness::start().await?;
+    let (a_dir, b_dir) = (tmp.path().join("a"), tmp.path().join("b"));
+    let a = certified_member(&h, &a_dir, settings(&etcd, "c8", "a", 10)).await?;
+    let b = certified_member(&h, &b_dir, settings(&etcd, "c8", "b", 10)).await?;
+    for (name, addr) in [("alice-a", a.addr), ("alice-b", b.addr)] {
+        didgate_client::Client::open(alice(), &h.chain_dir(name), addr, h.gw_did.clone())
+            .await?
+            .call(CallSpec::new("payments", "GET", "/v1/balance"))
+            .await?;
+    }
+    // a key that is not a member's is refused the chain (signed refusal, policy)
+    let stranger = Identity::generate();
+    let refused = didgate_gateway::export::fetch(
+        &stranger,
+        &h.gw_did,
+        b.addr,
+        &tmp.path().join("stolen.export"),
+    )
+    .await;
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.contains("refused: policy")),
+        "{refused:?}"
+    );
+    assert!(!tmp.path().join("stolen.export").exists());
+    // the operator exports every chain from a (a's own through its control socket)
+    let (stop_ctl, stop_rx) = tokio::sync::watch::channel(false);
+    let ctl = tokio::spawn({
+        let (gw, dir) = (a.gw.clone(), a_dir.clone());
+        async move { didgate_gateway::control::server::serve(gw, &dir, stop_rx).await }
+    });
+    until(Duration::from_secs(5), "a's control socket", async || {
+        a_dir.join("control.sock").exists()
+    })
+    .await?;
+    let out = tmp.path().join("exports");
+    let export = |out: PathBuf| {
+        let a_dir = a_dir.clone();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(didgate_tests::bin("didgated")?)
+                .args(["export", "--cluster", "--data"])
+                .arg(&a_dir)
+                .arg("--out")
+                .arg(&out)
+                .output()
+                .map_err(anyhow::Error::from)
+        })
+    };
+    let done = export(out.clone()).await??;
+    let said = String::from_utf8_lossy(&done.stderr).into_owned();
+    assert_eq!(done.status.code(), Some(0), "{said}");
+    // both exports and both clients' chains verify in one run
+    let verify = std::process::Command::new(didgate_tests::bin("didgate-audit")?)
+        .args(["verify", "--gateway"])
+        .arg(out.join("a.export"))
+        .arg("--gateway")
+        .arg(out.join("b.export"))
+        .arg("--client")
+        .arg(h.chain_dir("alice-a"))
+        .arg("--client")
+        .arg(h.chain_dir("alice-b"))
+        .output()?;
+    assert_eq!(
+        verify.status.code(),
+        Some(0),
+        "{}{}",
+        String::from_utf8_lossy(&verify.stdout),
+        String::from_utf8_lossy(&verify.stderr)
+    );
+    // b leaves: its chain is in the registry but cannot be fetched; the export says so
+    b.stop().await?;
+    let done = export(tmp.path().join("exports-2")).await??;
+    let said = String::from_utf8_lossy(&done.stderr).into_owned();
+    assert_eq!(done.status.code(), Some(1), "{said}");
+    assert!(said.contains("b: NOT exported"), "{said}");
+    assert!(tmp.path().join("exports-2/a.export").exists());
+    let _ = stop_ctl.send(true);
+    ctl.await??;
+    a.stop().await?;
     Ok(())
 }

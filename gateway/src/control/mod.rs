@@ -109,6 +109,21 @@ pub enum Request {
     Events,
 }
 
+impl Request {
+    /// The secret a lifecycle command writes (add, rotate, disable, enable, delete), if it is
+    /// one: what a cluster member publishes after it.
+    pub fn secret_written(&self) -> Option<&str> {
+        match self {
+            Self::SecretAdd { name, .. }
+            | Self::SecretRotate { name, .. }
+            | Self::SecretDisable { name }
+            | Self::SecretEnable { name }
+            | Self::SecretDelete { name } => Some(name),
+            _ => None,
+        }
+    }
+}
+
 /// A control reply.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Reply {

@@ -146,9 +146,21 @@ async fn execute(gw: &Arc<Gateway>, req: Request) -> Reply {
         | Request::SecretTest { .. }
         | Request::KmsRotate
         | Request::KmsToToken { .. }) => {
+            if gw.config().cluster().is_some()
+                && matches!(req, Request::KmsRotate | Request::KmsToToken { .. })
+            {
+                return failure(
+                    "this node is a cluster member: every node holds the same master key, and a change of master key is not supported in a cluster yet (specs/operation.md, \"Cluster\")",
+                );
+            }
             let reply = crate::admin::secret_command(gw.secrets(), Some(gw.config()), &req).await;
             if reply.ok {
                 secret_event(gw, &req, &reply);
+                if let Some(name) = req.secret_written()
+                    && let Err(e) = gw.publish_secret(name).await
+                {
+                    return failure(e);
+                }
             }
             reply
         }
