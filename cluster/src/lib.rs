@@ -97,6 +97,17 @@ fn d_lease_ttl() -> u64 {
     10
 }
 
+/// Whether `s` may name a cluster or a node: 1 to 64 characters of `[A-Za-z0-9._-]`, not `.`
+/// or `..` (a node's name also names its files, e.g. `didgated export --cluster`'s).
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s != "."
+        && s != ".."
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+}
+
 /// Why `[cluster]` is not valid.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
@@ -104,8 +115,8 @@ pub enum SettingsError {
     /// No endpoint.
     #[error("cluster.endpoints is empty")]
     NoEndpoint,
-    /// A name that is empty or holds a character other than `[A-Za-z0-9._-]`.
-    #[error("cluster.{field} must be 1 to 64 characters of [A-Za-z0-9._-]")]
+    /// A name that is empty, `.` or `..`, or holds a character other than `[A-Za-z0-9._-]`.
+    #[error("cluster.{field} must be 1 to 64 characters of [A-Za-z0-9._-], not . or ..")]
     Name {
         /// `name` or `node`.
         field: &'static str,
@@ -147,16 +158,10 @@ impl ClusterSettings {
         if self.endpoints.is_empty() {
             return Err(SettingsError::NoEndpoint);
         }
-        let ok = |s: &str| {
-            !s.is_empty()
-                && s.len() <= 64
-                && s.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
-        };
-        if !ok(&self.name) {
+        if !valid_name(&self.name) {
             return Err(SettingsError::Name { field: "name" });
         }
-        if !ok(&self.node) {
+        if !valid_name(&self.node) {
             return Err(SettingsError::Name { field: "node" });
         }
         if !(3..=3600).contains(&self.lease_ttl_secs) {
@@ -203,6 +208,8 @@ mod tests {
         assert_eq!(good.validate(), Ok(()));
         let mut bad = good.clone();
         bad.node = "a/b".into();
+        assert_eq!(bad.validate(), Err(SettingsError::Name { field: "node" }));
+        bad.node = "..".into();
         assert_eq!(bad.validate(), Err(SettingsError::Name { field: "node" }));
         let mut bad = good.clone();
         bad.endpoints.clear();

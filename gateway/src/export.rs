@@ -199,6 +199,19 @@ pub async fn export_cluster(
     names.dedup();
     let mut outcomes = Vec::new();
     for name in names {
+        // names come from etcd: one that could leave OUTDIR is not used as a file name
+        if !didgate_cluster::valid_name(&name) {
+            let why = "not a valid node name (1 to 64 of [A-Za-z0-9._-], not . or ..): not written"
+                .into();
+            outcomes.push((
+                name,
+                NodeExport::Missing {
+                    why,
+                    published: None,
+                },
+            ));
+            continue;
+        }
         let path = out.join(format!("{name}.export"));
         let published = registry
             .iter()
