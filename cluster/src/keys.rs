@@ -35,20 +35,21 @@ pub fn revocation_key(name: &str, etcd_key: &[u8]) -> Option<Vec<u8>> {
     hex::decode(rest).ok()
 }
 
-/// The prefix of the published policy documents: `/didgate/CLUSTER/policy/sets/`.
-pub fn policy_sets(name: &str) -> String {
-    format!("{}policy/sets/", root(name))
+/// The prefix of the published documents of `kind` (`policy`, `upstreams`):
+/// `/didgate/CLUSTER/KIND/sets/`.
+pub fn document_sets(name: &str, kind: &str) -> String {
+    format!("{}{kind}/sets/", root(name))
 }
 
-/// A policy document's key: the prefix and the lower-case hex of its hash.
-pub fn policy_set(name: &str, hash: &[u8; 32]) -> String {
-    format!("{}{}", policy_sets(name), hex::encode(hash))
+/// A document's key: the prefix and the lower-case hex of its hash.
+pub fn document_set(name: &str, kind: &str, hash: &[u8; 32]) -> String {
+    format!("{}{}", document_sets(name, kind), hex::encode(hash))
 }
 
-/// The key naming the policy in force: `/didgate/CLUSTER/policy/current` (its value the hex
-/// hash of a document under [`policy_sets`]).
-pub fn policy_current(name: &str) -> String {
-    format!("{}policy/current", root(name))
+/// The key naming the document of `kind` in force: `/didgate/CLUSTER/KIND/current` (its value
+/// the hex hash of a document under [`document_sets`]).
+pub fn document_current(name: &str, kind: &str) -> String {
+    format!("{}{kind}/current", root(name))
 }
 
 /// The prefix of the gateway's node revocation lists: `/didgate/CLUSTER/node-revocations/`.

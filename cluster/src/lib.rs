@@ -27,6 +27,51 @@ pub struct PolicyDocument {
     pub entities: Option<String>,
 }
 
+/// A document the cluster shares as a whole, stored by its hash under `KIND/sets/HASH` with
+/// `KIND/current` naming the one in force (specs/operation.md, "Cluster", "Keys in etcd"):
+/// the policy ([`PolicyDocument`]) and the upstreams ([`UpstreamsDocument`]).
+pub trait Document:
+    serde::Serialize + serde::de::DeserializeOwned + Send + Sync + std::fmt::Debug + 'static
+{
+    /// The key segment under the cluster's root: `policy` or `upstreams`.
+    const KIND: &'static str;
+    /// Its identity in etcd.
+    fn hash(&self) -> [u8; 32];
+}
+
+impl Document for PolicyDocument {
+    const KIND: &'static str = "policy";
+
+    fn hash(&self) -> [u8; 32] {
+        PolicyDocument::hash(self)
+    }
+}
+
+/// The `[[upstream]]` tables a cluster shares (JSON in etcd under its hash): every node serves
+/// these upstreams, with its own `[gateway]` settings, groups and policy.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamsDocument {
+    /// Where they came from on the node that published them (for errors).
+    pub source: String,
+    /// The `[[upstream]]` tables as TOML text (names, URLs, auth, secret names, limits,
+    /// operations; never a secret's value).
+    pub text: String,
+}
+
+impl Document for UpstreamsDocument {
+    const KIND: &'static str = "upstreams";
+
+    /// BLAKE3-derive("didgate 2026 cluster upstreams v1") over the text's length (u64be) and
+    /// bytes.
+    fn hash(&self) -> [u8; 32] {
+        let mut h = blake3::Hasher::new_derive_key("didgate 2026 cluster upstreams v1");
+        h.update(&(self.text.len() as u64).to_be_bytes());
+        h.update(self.text.as_bytes());
+        *h.finalize().as_bytes()
+    }
+}
+
 impl PolicyDocument {
     /// Its identity in etcd: BLAKE3-derive("didgate 2026 cluster policy v1") over the text's
     /// length (u64be) and bytes, then the entities' (absent: no bytes after a zero length and

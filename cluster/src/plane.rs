@@ -18,7 +18,7 @@ use etcd_client::{
 use tokio::sync::{Mutex, watch};
 
 use crate::health::Health;
-use crate::{ClusterSettings, EtcdTls, PolicyDocument, keys};
+use crate::{ClusterSettings, Document, EtcdTls, keys};
 
 /// Why the control plane could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -395,13 +395,13 @@ impl ControlPlane {
             .collect())
     }
 
-    /// The cluster's current policy document, if one was published.
-    pub async fn current_policy(&self) -> Result<Option<PolicyDocument>, ClusterError> {
-        let key = keys::policy_current(&self.settings.name);
+    /// The cluster's current document of its kind (policy, upstreams), if one was published.
+    pub async fn current_document<D: Document>(&self) -> Result<Option<D>, ClusterError> {
+        let key = keys::document_current(&self.settings.name, D::KIND);
         let Some((_, hash)) = self.get_prefix(key).await?.into_iter().next() else {
             return Ok(None);
         };
-        self.policy(&String::from_utf8_lossy(&hash)).await
+        self.document(&String::from_utf8_lossy(&hash)).await
     }
 
     async fn get_prefix(&self, prefix: String) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ClusterError> {
@@ -501,20 +501,20 @@ impl ControlPlane {
             .collect())
     }
 
-    /// Publishes `doc` as the cluster's policy: stored under its hash, then named current (one
-    /// transaction). Returns the hash.
-    pub async fn publish_policy(&self, doc: &PolicyDocument) -> Result<[u8; 32], ClusterError> {
-        let (hash, ops) = self.policy_puts(doc)?;
+    /// Publishes `doc` as the cluster's document of its kind: stored under its hash, then
+    /// named current (one transaction). Returns the hash.
+    pub async fn publish_document<D: Document>(&self, doc: &D) -> Result<[u8; 32], ClusterError> {
+        let (hash, ops) = self.document_puts(doc)?;
         self.with_client(|mut c| async move { c.txn(Txn::new().and_then(ops)).await })
             .await?;
         Ok(hash)
     }
 
     /// The document's hash and the two puts that publish it: the document under its hash, and
-    /// `policy/current` naming it.
-    fn policy_puts(&self, doc: &PolicyDocument) -> Result<([u8; 32], [TxnOp; 2]), ClusterError> {
+    /// `KIND/current` naming it.
+    fn document_puts<D: Document>(&self, doc: &D) -> Result<([u8; 32], [TxnOp; 2]), ClusterError> {
         let bytes = serde_json::to_vec(doc).map_err(|source| ClusterError::Member {
-            key: "policy".into(),
+            key: D::KIND.into(),
             source,
         })?;
         let hash = doc.hash();
@@ -522,20 +522,25 @@ impl ControlPlane {
         Ok((
             hash,
             [
-                TxnOp::put(keys::policy_set(name, &hash), bytes, None),
-                TxnOp::put(keys::policy_current(name), hex::encode(hash), None),
+                TxnOp::put(keys::document_set(name, D::KIND, &hash), bytes, None),
+                TxnOp::put(
+                    keys::document_current(name, D::KIND),
+                    hex::encode(hash),
+                    None,
+                ),
             ],
         ))
     }
 
-    /// Publishes `doc` as the cluster's policy only if the cluster has none yet (a first node,
-    /// or a single node joining a new cluster, seeds it with its own). `Ok(true)` when it did.
-    pub async fn seed_policy(&self, doc: &PolicyDocument) -> Result<bool, ClusterError> {
-        let (_, ops) = self.policy_puts(doc)?;
-        let current = keys::policy_current(&self.settings.name);
+    /// Publishes `doc` as the cluster's document of its kind only if the cluster has none yet
+    /// (a first node, or a single node joining a new cluster, seeds it with its own).
+    /// `Ok(true)` when it did.
+    pub async fn seed_document<D: Document>(&self, doc: &D) -> Result<bool, ClusterError> {
+        let (_, ops) = self.document_puts(doc)?;
+        let current = keys::document_current(&self.settings.name, D::KIND);
         let resp = self
             .with_client(|mut c| async move {
-                // only when policy/current was never written (create revision 0)
+                // only when KIND/current was never written (create revision 0)
                 c.txn(
                     Txn::new()
                         .when([Compare::create_revision(
@@ -551,51 +556,58 @@ impl ControlPlane {
         Ok(resp.succeeded())
     }
 
-    /// Applies the cluster's current policy now (if one was published) and each one published
-    /// from then on, with `apply(document)`, until [`ControlPlane::leave`].
+    /// Applies the cluster's current document of its kind now (if one was published) and each
+    /// one published from then on, with `apply(document)`, until [`ControlPlane::leave`].
     /// Each document is applied after the previous one returned, on a blocking thread
-    /// (compiling a policy is CPU work), so they take effect in publication order.
-    pub fn watch_policy<F>(self: &Arc<Self>, apply: F) -> tokio::task::JoinHandle<()>
+    /// (compiling a policy or building HTTP clients is CPU work), so they take effect in
+    /// publication order.
+    pub fn watch_document<D, F>(self: &Arc<Self>, apply: F) -> tokio::task::JoinHandle<()>
     where
-        F: Fn(PolicyDocument) + Send + Sync + 'static,
+        D: Document,
+        F: Fn(D) + Send + Sync + 'static,
     {
         let apply = Arc::new(apply);
         let plane = self.clone();
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-        let watch = self.watch_prefix(keys::policy_current(&self.settings.name), move |_, v, _| {
+        let current = keys::document_current(&self.settings.name, D::KIND);
+        let watch = self.watch_prefix(current, move |_, v, _| {
             let _ = tx.send(String::from_utf8_lossy(v).into_owned());
         });
         tokio::spawn(async move {
             while let Some(hash) = rx.recv().await {
-                match plane.policy(&hash).await {
+                match plane.document::<D>(&hash).await {
                     Ok(Some(doc)) => {
                         let apply = apply.clone();
                         let _ = tokio::task::spawn_blocking(move || apply(doc)).await;
                     }
                     Ok(None) => {
-                        tracing::warn!(%hash, "the cluster names a policy it does not hold")
+                        tracing::warn!(kind = D::KIND, %hash, "the cluster names a document it does not hold")
                     }
-                    Err(e) => tracing::warn!(error = %e, %hash, "cannot read the cluster's policy"),
+                    Err(e) => {
+                        tracing::warn!(kind = D::KIND, error = %e, %hash, "cannot read the cluster's document")
+                    }
                 }
             }
             watch.abort();
         })
     }
 
-    /// The policy document stored under `hash` (hex), if any; checked against its hash.
-    async fn policy(&self, hash: &str) -> Result<Option<PolicyDocument>, ClusterError> {
-        let key = format!("{}{hash}", keys::policy_sets(&self.settings.name));
+    /// The document of its kind stored under `hash` (hex), if any; checked against its hash.
+    async fn document<D: Document>(&self, hash: &str) -> Result<Option<D>, ClusterError> {
+        let key = format!(
+            "{}{hash}",
+            keys::document_sets(&self.settings.name, D::KIND)
+        );
         let resp = self
             .with_client(|mut c| async move { c.get(key, None).await })
             .await?;
         let Some(kv) = resp.kvs().first() else {
             return Ok(None);
         };
-        let doc: PolicyDocument =
-            serde_json::from_slice(kv.value()).map_err(|source| ClusterError::Member {
-                key: String::from_utf8_lossy(kv.key()).into_owned(),
-                source,
-            })?;
+        let doc: D = serde_json::from_slice(kv.value()).map_err(|source| ClusterError::Member {
+            key: String::from_utf8_lossy(kv.key()).into_owned(),
+            source,
+        })?;
         Ok((hex::encode(doc.hash()) == hash).then_some(doc))
     }
 

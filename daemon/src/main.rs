@@ -75,6 +75,11 @@ enum Command {
         #[command(subcommand)]
         command: PolicyCommand,
     },
+    /// The upstreams (`[[upstream]]` of gateway.toml).
+    Upstreams {
+        #[command(subcommand)]
+        command: UpstreamsCommand,
+    },
     /// Export the gateway's audit chain (through the running daemon, or from the store when no
     /// daemon runs) as a CBOR sequence file for `didgate-audit`, sealed first: it ends with a
     /// checkpoint signed by the gateway covering its last entry.
@@ -166,6 +171,18 @@ enum ClusterCommand {
     },
     /// Show this data directory's key, the gateway DID it serves and its node certificate.
     Show {
+        /// Data directory.
+        #[arg(long, env = "DIDGATE_DATA")]
+        data: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum UpstreamsCommand {
+    /// Re-read the `[[upstream]]` tables of the running daemon's gateway.toml, validate them
+    /// with the rest of its configuration and swap them in (calls under way keep theirs); in a
+    /// cluster, every node takes them. On an error the upstreams in force stay (exit 2).
+    Reload {
         /// Data directory.
         #[arg(long, env = "DIDGATE_DATA")]
         data: PathBuf,
@@ -434,20 +451,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             command: PolicyCommand::Reload { data },
         } => {
             let request = didgate_gateway::control::Request::PolicyReload;
-            let Some(reply) = didgate_gateway::control::call(&data, &request).await else {
-                anyhow::bail!(
-                    "no daemon answers on {}: the policy is read at start-up",
-                    didgate_gateway::control::socket_path(&data).display()
-                );
-            };
-            let reply = reply.context("control socket")?;
-            if !reply.ok {
-                anyhow::bail!(
-                    "reload refused (the policy in force stays): {}",
-                    reply.error.unwrap_or_default()
-                );
-            }
-            println!("policy reloaded: {}", reply.policy.unwrap_or_default());
+            reload(&data, request, ("policy", "is", "stays")).await?;
         }
         Command::Revoke {
             what,
@@ -455,6 +459,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             reason,
             data,
         } => revoke(&what, &target, &reason, &data).await?,
+        Command::Upstreams {
+            command: UpstreamsCommand::Reload { data },
+        } => {
+            let request = didgate_gateway::control::Request::UpstreamsReload;
+            reload(&data, request, ("upstreams", "are", "stay")).await?;
+        }
         Command::Export {
             data,
             out,
@@ -736,6 +746,31 @@ async fn export(data: &std::path::Path, out: &std::path::Path) -> anyhow::Result
         "exported {entries} entries and {checkpoints} checkpoints to {} (sealed: the last checkpoint covers the last entry)",
         out.display()
     );
+    Ok(())
+}
+
+/// `didgated policy reload` and `didgated upstreams reload` (`what`): through the daemon only
+/// (what they reload is read at start-up otherwise).
+async fn reload(
+    data: &std::path::Path,
+    request: didgate_gateway::control::Request,
+    (what, is, stays): (&str, &str, &str),
+) -> anyhow::Result<()> {
+    let Some(reply) = didgate_gateway::control::call(data, &request).await else {
+        anyhow::bail!(
+            "no daemon answers on {}: the {what} {is} read at start-up",
+            didgate_gateway::control::socket_path(data).display()
+        );
+    };
+    let reply = reply.context("control socket")?;
+    if !reply.ok {
+        anyhow::bail!(
+            "reload refused (the {what} in force {stays}): {}",
+            reply.error.unwrap_or_default()
+        );
+    }
+    let hash = reply.policy.or(reply.upstreams).unwrap_or_default();
+    println!("{what} reloaded: {hash}");
     Ok(())
 }
 

@@ -26,6 +26,7 @@ use crate::config::{Auth, Config, Upstream};
 use crate::datadir::{DOCUMENTS, HEADS, REPLAY};
 use crate::limits::{self, Limits, Permit, Stage, TokenBucket};
 use crate::policy::{PolicySet, RequestContext};
+use crate::upstreams::UpstreamSet;
 
 /// One call, from its stream's first frame to its terminal frame: what decides it and what
 /// it holds. Passed along the pipeline (never kept in a task-local), so each step says what it
@@ -34,6 +35,9 @@ pub(crate) struct Call {
     /// The policy set in force when the stream opened: a reload never changes the set that
     /// decides (and is recorded for) a call under way.
     pub(crate) policy: Arc<PolicySet>,
+    /// The upstreams in force when the stream opened: a reload never changes the upstream a
+    /// call under way reaches.
+    pub(crate) upstreams: Arc<UpstreamSet>,
     /// The TLS peer.
     pub(crate) peer: Caller,
     /// The protocol version of the call's connection (its ALPN): the version its request must
@@ -54,10 +58,17 @@ pub(crate) struct Call {
 }
 
 impl Call {
-    /// A call of `peer` on a connection of `version`, decided by `policy`.
-    pub(crate) fn new(policy: Arc<PolicySet>, peer: Caller, version: Version) -> Self {
+    /// A call of `peer` on a connection of `version`, decided by `policy`, to one of
+    /// `upstreams`.
+    pub(crate) fn new(
+        policy: Arc<PolicySet>,
+        upstreams: Arc<UpstreamSet>,
+        peer: Caller,
+        version: Version,
+    ) -> Self {
         Self {
             policy,
+            upstreams,
             peer,
             version,
             started: Instant::now(),
@@ -196,6 +207,8 @@ pub(crate) struct Gate<'c, 'r> {
     pub(crate) control_plane: bool,
     pub(crate) did: &'c Did,
     pub(crate) config: &'c Config,
+    /// The upstreams of the call ([`Call::upstreams`]).
+    pub(crate) upstreams: &'c UpstreamSet,
     pub(crate) revoked: &'r HashSet<Vec<u8>>,
 }
 
@@ -210,7 +223,7 @@ pub(crate) fn admit<'c>(
     req: &Signed<Request>,
     now: u64,
     judge_time: bool,
-) -> Result<&'c Upstream, Refuse> {
+) -> Result<Arc<Upstream>, Refuse> {
     let r = req.message();
     let peer = &call.peer;
     if req.envelope().signer() != peer.key() || req.envelope().principal() != peer.principal() {
@@ -242,7 +255,7 @@ pub(crate) fn admit<'c>(
             format!("request time is outside the {}s window", skew.as_secs()),
         ));
     }
-    let up = gate.config.upstream(&r.upstream).ok_or_else(|| {
+    let up = gate.upstreams.get(&r.upstream).cloned().ok_or_else(|| {
         refuse(
             RefusalCode::UnknownUpstream,
             format!("no upstream named {:?}", r.upstream),
@@ -691,8 +704,10 @@ paths = ["/v1/balance"]
 
     fn call_of(who: &Identity, config: &Config) -> Call {
         let policy = PolicySet::load(std::path::Path::new("/nonexistent"), config).expect("policy");
+        didgate_io::tls::install_provider();
         Call::new(
             Arc::new(policy),
+            Arc::new(UpstreamSet::of_config(config).expect("upstreams")),
             Caller::key_only(who.did().clone()),
             Version::CURRENT,
         )
@@ -743,10 +758,12 @@ paths = ["/v1/balance"]
         serving: bool,
     ) -> Result<String, RefusalCode> {
         let gw = gateway();
+        let upstreams = cx.upstreams.clone();
         let gate = Gate {
             control_plane: serving,
             did: gw.did(),
             config,
+            upstreams: &upstreams,
             revoked,
         };
         admit(&gate, cx, req, now, true)

@@ -19,8 +19,8 @@ pub use didgate_protocol::catalog::BodyMode;
 /// The operations `did` may call under `policy` at `now_ms`, in configuration order. Each is
 /// decided like a call to its path template as written (each `{param}` a segment of its own),
 /// with no body, headers or query: the list is advice, each real call is decided on its own.
-pub fn allowed_operations(
-    upstreams: &[Upstream],
+pub fn allowed_operations<'u>(
+    upstreams: impl IntoIterator<Item = &'u Upstream>,
     policy: &PolicySet,
     did: &str,
     only: Option<&str>,
@@ -33,7 +33,7 @@ pub fn allowed_operations(
         query: Vec::new(),
     };
     upstreams
-        .iter()
+        .into_iter()
         .filter(|u| only.is_none_or(|o| o == u.name()))
         .flat_map(|u| u.operations().iter().map(move |op| (u, op)))
         .filter(|(u, op)| {

@@ -36,6 +36,7 @@ use crate::metrics::{Flow, Metrics};
 use crate::policy::{PolicyError, PolicySet};
 use crate::secrets::{SecretError, Secrets};
 use crate::upstream;
+use crate::upstreams::UpstreamSet;
 use didgate_io::now_ms;
 
 pub use crate::datadir::{
@@ -99,8 +100,11 @@ pub enum ReloadError {
         "reloaded on this node, but not published to the cluster, so other nodes keep theirs (run the reload again): {0}"
     )]
     Publish(#[source] didgate_cluster::ClusterError),
+    /// The upstreams do not load or validate: the ones in force stay.
+    #[error(transparent)]
+    Upstreams(#[from] crate::upstreams::UpstreamSetError),
     /// The reload task failed.
-    #[error("policy reload task: {0}")]
+    #[error("reload task: {0}")]
     Task(String),
 }
 
@@ -184,6 +188,9 @@ pub enum StartError {
     /// `[cluster]`: the control plane cannot be joined.
     #[error("cluster: {0}")]
     Cluster(#[source] didgate_cluster::ClusterError),
+    /// The upstreams' HTTP clients cannot be built.
+    #[error("upstreams: {0}")]
+    Upstreams(#[source] crate::upstreams::UpstreamSetError),
     /// `[cluster]`: the cluster's secrets cannot be taken (another master key).
     #[error("cluster: {0}")]
     ClusterSecrets(#[from] crate::shared::JoinError),
@@ -223,8 +230,9 @@ pub struct Gateway {
     policy: std::sync::RwLock<Arc<PolicySet>>,
     pub(crate) chain: Chain,
     pub(crate) secrets: Arc<Secrets>,
-    /// One HTTP client per upstream, each with its egress resolver ([`crate::egress::Egress`]).
-    http: crate::egress::Egress,
+    /// The upstreams in force and their HTTP clients, each with its egress resolver
+    /// ([`crate::upstreams`]): a reload swaps the `Arc`; a call keeps the one it started with.
+    upstreams: std::sync::RwLock<Arc<UpstreamSet>>,
     /// Rate and concurrency limits ([`crate::limits`]).
     pub(crate) limits: Limits,
     aggregate: Mutex<Aggregate>,
@@ -314,7 +322,9 @@ impl Gateway {
                 })??
         };
         let secrets = Arc::new(secrets);
-        let http = crate::egress::Egress::new(&config).map_err(StartError::HttpClient)?;
+        let upstreams = std::sync::RwLock::new(Arc::new(
+            UpstreamSet::of_config(&config).map_err(StartError::Upstreams)?,
+        ));
         let policy = std::sync::RwLock::new(Arc::new(PolicySet::load(dir, &config)?));
         let metrics = Arc::new(Metrics::new(&config));
         let resolver = WebResolver::new(config.did_web(), dir).map_err(StartError::Resolver)?;
@@ -335,7 +345,7 @@ impl Gateway {
             policy,
             chain,
             secrets,
-            http,
+            upstreams,
             limits: Limits::default(),
             aggregate: Mutex::new(Aggregate::default()),
             flushing: tokio::sync::Mutex::new(()),
@@ -399,8 +409,21 @@ impl Gateway {
         // a cluster with no policy yet takes this node's (a single node joining a new cluster
         // keeps its own); otherwise the cluster's is swapped in by the watch
         let doc = PolicySet::document(&self.dir, &self.config)?;
-        if plane.seed_policy(&doc).await.map_err(StartError::Cluster)? {
+        if plane
+            .seed_document(&doc)
+            .await
+            .map_err(StartError::Cluster)?
+        {
             tracing::info!(policy = %hex::encode(doc.hash()), "the cluster had no policy: seeded with this node's");
+        }
+        // and its upstreams, the same way
+        let ups = self.upstreams().document().clone();
+        if plane
+            .seed_document(&ups)
+            .await
+            .map_err(StartError::Cluster)?
+        {
+            tracing::info!(upstreams = %hex::encode(didgate_cluster::Document::hash(&ups)), "the cluster had no upstreams: seeded with this node's");
         }
         // the node revocation list this node was given reaches every node
         let held = self
@@ -430,8 +453,8 @@ impl Gateway {
         Ok(())
     }
 
-    /// Reads and applies the node revocation lists, the revocations and the current policy of
-    /// the cluster (in that order). A list that revokes this node's certificate refuses the
+    /// Reads and applies the node revocation lists, the revocations, the current upstreams and
+    /// the current policy of the cluster (in that order). A list that revokes this node's certificate refuses the
     /// start.
     async fn sync_cluster_state(
         &self,
@@ -449,7 +472,18 @@ impl Gateway {
         for (key, reason) in plane.revocations().await.map_err(StartError::Cluster)? {
             self.apply_cluster_revocation(&key, &reason).await;
         }
-        if let Some(doc) = plane.current_policy().await.map_err(StartError::Cluster)? {
+        if let Some(doc) = plane
+            .current_document::<didgate_cluster::UpstreamsDocument>()
+            .await
+            .map_err(StartError::Cluster)?
+        {
+            self.apply_cluster_upstreams(&doc);
+        }
+        if let Some(doc) = plane
+            .current_document::<didgate_cluster::PolicyDocument>()
+            .await
+            .map_err(StartError::Cluster)?
+        {
             self.apply_cluster_policy(&doc);
         }
         Ok(())
@@ -467,6 +501,14 @@ impl Gateway {
     /// The data directory.
     pub fn data_dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The upstreams in force (a call takes them when its stream opens).
+    pub fn upstreams(&self) -> Arc<UpstreamSet> {
+        self.upstreams
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The control plane, once joined.
@@ -635,11 +677,73 @@ impl Gateway {
         let (hash, doc) = reloaded.map_err(ReloadError::Policy)?;
         if let (Some(plane), Some(doc)) = (self.cluster.get(), doc) {
             plane
-                .publish_policy(&doc)
+                .publish_document(&doc)
                 .await
                 .map_err(ReloadError::Publish)?;
         }
         Ok(hash)
+    }
+
+    /// Re-reads the `[[upstream]]` tables of `gateway.toml`, checks them with the rest of the
+    /// configuration in force (as at start), builds their HTTP clients, and swaps the set
+    /// atomically: calls in flight finish with the upstreams they started with. On any error
+    /// the set in force stays. Returns the new set's hash.
+    pub fn reload_upstreams(&self) -> Result<[u8; 32], crate::upstreams::UpstreamSetError> {
+        use crate::upstreams::UpstreamSetError;
+        let path = DataDir::new(&self.dir).config();
+        let raw = crate::config::RawConfig::read(&path)
+            .map_err(|e| UpstreamSetError::Invalid(path.display().to_string(), Box::new(e)))?;
+        let doc = UpstreamSet::document_of(raw.upstreams)?;
+        let set = UpstreamSet::from_document(&self.config, &doc)?;
+        let hash = set.hash();
+        self.swap_upstreams(set);
+        Ok(hash)
+    }
+
+    /// Puts `set` in force unless it is the one in force already; `true` when it swapped.
+    fn swap_upstreams(&self, set: UpstreamSet) -> bool {
+        let hash = set.hash();
+        {
+            let mut current = self.upstreams.write().unwrap_or_else(|p| p.into_inner());
+            if current.hash() == hash {
+                return false;
+            }
+            *current = Arc::new(set);
+        }
+        tracing::info!(upstreams = %hex::encode(hash), "upstreams swapped in");
+        true
+    }
+
+    /// [`Gateway::reload_upstreams`], then, in a cluster, publishes the tables so that every
+    /// node checks them and swaps them in ([`Gateway::apply_cluster_upstreams`]).
+    pub async fn reload_upstreams_everywhere(self: &Arc<Self>) -> Result<[u8; 32], ReloadError> {
+        let gw = self.clone();
+        let hash = tokio::task::spawn_blocking(move || gw.reload_upstreams())
+            .await
+            .map_err(|e| ReloadError::Task(e.to_string()))??;
+        if let Some(plane) = self.cluster.get() {
+            let doc = self.upstreams().document().clone();
+            plane
+                .publish_document(&doc)
+                .await
+                .map_err(ReloadError::Publish)?;
+        }
+        Ok(hash)
+    }
+
+    /// Swaps in the upstreams another node published, checked with this node's own
+    /// configuration (nothing happens when they are the ones in force; tables that do not
+    /// validate here, such as ones lacking an upstream a `[[rule]]` of this node names, are
+    /// refused, logged, and the upstreams in force stay).
+    pub fn apply_cluster_upstreams(&self, doc: &didgate_cluster::UpstreamsDocument) {
+        match UpstreamSet::from_document(&self.config, doc) {
+            Ok(set) => {
+                self.swap_upstreams(set);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the cluster's upstreams do not validate on this node: the upstreams in force stay");
+            }
+        }
     }
 
     /// Swaps in a policy another node published, compiled with this node's own `[groups]`
@@ -1003,7 +1107,7 @@ impl Gateway {
         cx: &mut Call,
         req: &Signed<Request>,
         judge_time: bool,
-    ) -> Result<&Upstream, Refuse> {
+    ) -> Result<Arc<Upstream>, Refuse> {
         let span = tracing::Span::current();
         span.record(
             "call",
@@ -1014,10 +1118,12 @@ impl Gateway {
             tracing::field::display(req.message().upstream.as_str()),
         );
         let revoked = self.revoked.read().unwrap_or_else(|p| p.into_inner());
+        let upstreams = cx.upstreams.clone();
         let gate = Gate {
             control_plane: self.control_plane_serving(),
             did: &self.served,
             config: &self.config,
+            upstreams: &upstreams,
             revoked: &revoked,
         };
         call::admit(&gate, cx, req, now_ms(), judge_time)
@@ -1332,7 +1438,7 @@ impl Gateway {
             Ok(up) => up,
             Err(r) => return self.refuse_audited(cx, &mut send, &req, r).await,
         };
-        if let Err(r) = self.limit(cx, up, Stage::Call) {
+        if let Err(r) = self.limit(cx, &up, Stage::Call) {
             return self.refuse_audited(cx, &mut send, &req, r).await;
         }
         let peer = cx.peer.clone();
@@ -1367,7 +1473,7 @@ impl Gateway {
         // The grant is consumed (durably, with its entry): execute it once, and close the entry
         // whatever happens.
         self.metrics.grant_consumed(Flow::Pipelined);
-        self.execute(cx, &mut send, &req, up, grant, body).await;
+        self.execute(cx, &mut send, &req, &up, grant, body).await;
     }
 
     /// Two-step flow, first step: checks the request and returns a signed grant for its exact
@@ -1382,7 +1488,7 @@ impl Gateway {
             return;
         };
         let admitted = self.admit(cx, &req, true);
-        if let Err(r) = admitted.and_then(|up| self.limit(cx, up, Stage::Grant)) {
+        if let Err(r) = admitted.and_then(|up| self.limit(cx, &up, Stage::Grant)) {
             return self.refuse_audited(cx, &mut send, &req, r).await;
         }
         let grant = self.mint(cx, &req);
@@ -1512,7 +1618,7 @@ impl Gateway {
             Ok(up) => up,
             Err(r) => return self.refuse_audited(cx, &mut send, &req, r).await,
         };
-        if let Err(r) = self.limit(cx, up, Stage::Execute) {
+        if let Err(r) = self.limit(cx, &up, Stage::Execute) {
             return self.refuse_audited(cx, &mut send, &req, r).await;
         }
         let body = match self
@@ -1546,7 +1652,7 @@ impl Gateway {
             return;
         }
         self.metrics.grant_consumed(Flow::TwoStep);
-        self.execute(cx, &mut send, &req, up, grant, body).await;
+        self.execute(cx, &mut send, &req, &up, grant, body).await;
     }
 
     /// Executes a consumed grant once: opens the secret, calls the upstream, relays the
@@ -1572,7 +1678,7 @@ impl Gateway {
         let needles = echo::Needles::new(&secret, up.auth());
         let idem = hex::encode(grant.id);
         let sent = upstream::send(
-            self.http.client(up.name()),
+            cx.upstreams.client(up.name()),
             up,
             req.message(),
             body,

@@ -43,6 +43,7 @@ pub mod secrets;
 pub mod server;
 pub mod shared;
 pub mod upstream;
+pub mod upstreams;
 
 pub use gateway::Gateway;
 pub use server::{endpoint, serve};

@@ -40,7 +40,7 @@ async fn handle(
         upstream = tracing::field::Empty,
         outcome = tracing::field::Empty,
     );
-    let mut cx = Call::new(gw.policy(), peer, version);
+    let mut cx = Call::new(gw.policy(), gw.upstreams(), peer, version);
     // counted only once its policy snapshot is taken: a call seen in flight
     // ([`Gateway::calls_in_flight`]) is decided by the set in force before
     let _inflight = InFlight::enter(gw);
@@ -382,7 +382,14 @@ fn watch_cluster_revocations(gw: &Arc<Gateway>) -> Option<tokio::task::JoinHandl
     });
     // the cluster's policy, swapped in as it is published, in order, off the async threads
     let policy_gw = gw.clone();
-    let _policy = plane.watch_policy(move |doc| policy_gw.apply_cluster_policy(&doc));
+    let _policy = plane.watch_document(move |doc: didgate_cluster::PolicyDocument| {
+        policy_gw.apply_cluster_policy(&doc);
+    });
+    // and its upstreams
+    let upstreams_gw = gw.clone();
+    let _upstreams = plane.watch_document(move |doc: didgate_cluster::UpstreamsDocument| {
+        upstreams_gw.apply_cluster_upstreams(&doc);
+    });
     let gw = gw.clone();
     Some(tokio::spawn(async move {
         while let Some((key, reason)) = rx.recv().await {
@@ -508,7 +515,7 @@ async fn connection(gw: Arc<Gateway>, mut slot: Slot, mut stop: watch::Receiver<
         return;
     };
     if !gw.register(&peer, &conn) {
-        let mut cx = Call::new(gw.policy(), peer, version);
+        let mut cx = Call::new(gw.policy(), gw.upstreams(), peer, version);
         return refuse_connection(&gw, &mut cx, conn).await;
     }
     let calls = tokio_util_tasks::TaskSet::default();
@@ -646,7 +653,7 @@ async fn answer_catalog(gw: &Gateway, cx: &mut Call, mut send: quinn::SendStream
         return gw.refuse_unverified(cx, &mut send, r.code, &r.reason).await;
     }
     let ops = crate::catalog::allowed_operations(
-        gw.config().upstreams(),
+        cx.upstreams.iter(),
         &cx.policy,
         cx.peer.as_str(),
         request.upstream.as_deref(),

@@ -693,6 +693,27 @@ async fn nodes_publish_their_checkpoints_and_witness_each_others() -> anyhow::Re
     Ok(())
 }
 
+/// The control socket of the in-process gateway `gw` on `dir`, served until the sender
+/// sends `true`; returned once the socket exists.
+async fn control_socket(
+    gw: &std::sync::Arc<didgate_gateway::Gateway>,
+    dir: &Path,
+) -> anyhow::Result<(
+    tokio::sync::watch::Sender<bool>,
+    tokio::task::JoinHandle<std::io::Result<()>>,
+)> {
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn({
+        let (gw, dir) = (gw.clone(), dir.to_path_buf());
+        async move { didgate_gateway::control::server::serve(gw, &dir, stop_rx).await }
+    });
+    until(Duration::from_secs(5), "the control socket", async || {
+        dir.join("control.sock").exists()
+    })
+    .await?;
+    Ok((stop, task))
+}
+
 /// Runs `didgated ARGS` with `stdin`; (exit code, stderr).
 fn didgated(args: &[&str], data: &Path, stdin: &str) -> anyhow::Result<(Option<i32>, String)> {
     use std::io::Write;
@@ -749,26 +770,19 @@ async fn a_secret_rotated_on_one_node_is_used_by_every_node() -> anyhow::Result<
             .filter_map(|s| s.credential_fingerprint.clone())
             .collect::<Vec<_>>()
     };
+    // (b serves the cluster's upstreams: a's payments)
     let alice_b = b.client("alice-b", alice()).await?;
     alice_b
         .call(CallSpec::new("payments", "GET", "/v1/balance"))
         .await?;
     assert_eq!(
-        fingerprints(&b.upstream).last(),
+        fingerprints(&a.upstream).last(),
         Some(&DemoUpstream::fingerprint(didgate_tests::CANARY))
     );
 
     // the operator rotates it on a (didgated through a's control socket)
-    let (stop_ctl, stop_rx) = tokio::sync::watch::channel(false);
     let a_dir = a.gw_dir();
-    let ctl = tokio::spawn({
-        let (gw, dir) = (gw_a.clone(), a_dir.clone());
-        async move { didgate_gateway::control::server::serve(gw, &dir, stop_rx).await }
-    });
-    until(Duration::from_secs(5), "a's control socket", async || {
-        a_dir.join("control.sock").exists()
-    })
-    .await?;
+    let (stop_ctl, ctl) = control_socket(&gw_a, &a_dir).await?;
     let rotated = "sk_live_rotated_on_node_a_8d1f0c";
     let dir = a_dir.clone();
     let (code, stderr) = tokio::task::spawn_blocking(move || {
@@ -776,7 +790,7 @@ async fn a_secret_rotated_on_one_node_is_used_by_every_node() -> anyhow::Result<
     })
     .await??;
     assert_eq!(code, Some(0), "{stderr}");
-    // b's next calls carry the new value to its upstream
+    // b's next calls carry the new value
     let started = Instant::now();
     until(
         Duration::from_secs(5),
@@ -785,7 +799,7 @@ async fn a_secret_rotated_on_one_node_is_used_by_every_node() -> anyhow::Result<
             let _ = alice_b
                 .call(CallSpec::new("payments", "GET", "/v1/balance"))
                 .await;
-            fingerprints(&b.upstream).last() == Some(&DemoUpstream::fingerprint(rotated))
+            fingerprints(&a.upstream).last() == Some(&DemoUpstream::fingerprint(rotated))
         },
     )
     .await?;
@@ -861,15 +875,7 @@ async fn every_nodes_chain_is_exported_from_one_node_and_verifies() -> anyhow::R
     );
     assert!(!tmp.path().join("stolen.export").exists());
     // the operator exports every chain from a (a's own through its control socket)
-    let (stop_ctl, stop_rx) = tokio::sync::watch::channel(false);
-    let ctl = tokio::spawn({
-        let (gw, dir) = (a.gw.clone(), a_dir.clone());
-        async move { didgate_gateway::control::server::serve(gw, &dir, stop_rx).await }
-    });
-    until(Duration::from_secs(5), "a's control socket", async || {
-        a_dir.join("control.sock").exists()
-    })
-    .await?;
+    let (stop_ctl, ctl) = control_socket(&a.gw, &a_dir).await?;
     let out = tmp.path().join("exports");
     let export = |out: PathBuf| {
         let a_dir = a_dir.clone();
@@ -914,5 +920,69 @@ async fn every_nodes_chain_is_exported_from_one_node_and_verifies() -> anyhow::R
     let _ = stop_ctl.send(true);
     ctl.await??;
     a.stop().await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn upstreams_reloaded_on_one_node_are_served_by_every_node() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let Some(etcd) = Etcd::start(&tmp.path().join("etcd"), 23_780)? else {
+        return Ok(());
+    };
+    let a = Harness::start_with(|c| c.cluster = Some(settings(&etcd, "c9", "node-a", 10))).await?;
+    let b = Harness::start_sharing(Some(&a.gw_dir().join("master.key")), |c| {
+        c.cluster = Some(settings(&etcd, "c9", "node-b", 10));
+    })
+    .await?;
+    let (gw_a, gw_b) = (a.gateway.clone().expect("a"), b.gateway.clone().expect("b"));
+    // b serves the cluster's upstreams (a's, which seeded them), not its own file's
+    assert_eq!(gw_b.upstreams().hash(), gw_a.upstreams().hash());
+    let alice_b = b.client("alice-b", alice()).await?;
+    let balance = || CallSpec::new("payments", "GET", "/v1/balance");
+    let (seen_a, seen_b) = (a.upstream.seen().len(), b.upstream.seen().len());
+    alice_b.call(balance()).await?;
+    assert_eq!(
+        a.upstream.seen().len(),
+        seen_a + 1,
+        "b reached a's payments"
+    );
+    assert_eq!(b.upstream.seen().len(), seen_b);
+    // the operator points payments at another base URL on a and reloads (didgated, through
+    // a's control socket): every node takes it
+    let path = a.gw_dir().join("gateway.toml");
+    let mut config = didgate_gateway::config::RawConfig::read(&path)?;
+    config.upstreams[0].base_url = b.upstream.base_url();
+    std::fs::write(&path, toml::to_string(&config)?)?;
+    let a_dir = a.gw_dir();
+    let (stop_ctl, ctl) = control_socket(&gw_a, &a_dir).await?;
+    let dir = a_dir.clone();
+    let (code, stderr) =
+        tokio::task::spawn_blocking(move || didgated(&["upstreams", "reload"], &dir, "")).await??;
+    assert_eq!(code, Some(0), "{stderr}");
+    until(
+        Duration::from_secs(5),
+        "b takes the new upstreams",
+        async || gw_b.upstreams().hash() == gw_a.upstreams().hash(),
+    )
+    .await?;
+    let seen_b = b.upstream.seen().len();
+    alice_b.call(balance()).await?;
+    assert_eq!(
+        b.upstream.seen().len(),
+        seen_b + 1,
+        "b reached the new base URL"
+    );
+    // tables this node cannot validate are refused, and the ones in force stay
+    config.upstreams[0].base_url = "not a url".into();
+    std::fs::write(&path, toml::to_string(&config)?)?;
+    let before = gw_a.upstreams().hash();
+    let dir = a_dir.clone();
+    let (code, stderr) =
+        tokio::task::spawn_blocking(move || didgated(&["upstreams", "reload"], &dir, "")).await??;
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("upstreams in force stay"), "{stderr}");
+    assert_eq!(gw_a.upstreams().hash(), before);
+    let _ = stop_ctl.send(true);
+    ctl.await??;
     Ok(())
 }

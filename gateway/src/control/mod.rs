@@ -103,6 +103,10 @@ pub enum Request {
     /// Re-read and validate the policy (`didgated policy reload`, SIGHUP) and swap it in
     /// atomically; on an error the set in force stays.
     PolicyReload,
+    /// Re-read and validate the `[[upstream]]` tables of gateway.toml (`didgated upstreams
+    /// reload`) and swap them in atomically (in a cluster, on every node); on an error the
+    /// upstreams in force stay.
+    UpstreamsReload,
     /// Stream live events (`didgated events --follow`): the reply `{"ok":true}` once
     /// subscribed, then one [`Event`] per line until the client disconnects or the daemon
     /// stops.
@@ -159,6 +163,9 @@ pub struct Reply {
     /// Hash of the policy set in force, 64 lowercase hex digits (`status`, `policy_reload`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<String>,
+    /// Hash of the upstreams in force, 64 lowercase hex digits (`upstreams_reload`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstreams: Option<String>,
 }
 
 /// The socket path in a data directory.

@@ -196,6 +196,14 @@ async fn execute(gw: &Arc<Gateway>, req: Request) -> Reply {
             },
             Err(e) => failure(e),
         },
+        Request::UpstreamsReload => match gw.reload_upstreams_everywhere().await {
+            Ok(hash) => Reply {
+                ok: true,
+                upstreams: Some(hex::encode(hash)),
+                ..Default::default()
+            },
+            Err(e) => failure(e),
+        },
         Request::Checkpoint => match tokio::task::spawn_blocking(move || chain.seal()).await {
             Ok(Ok(sealed)) => Reply {
                 ok: true,
