@@ -26,8 +26,17 @@ use crate::config::Config;
 use crate::datadir::DataDir;
 use crate::gateway::Gateway;
 
-/// The most a node's answer may take before the exporter gives up on it.
+/// The most a node's answer may take before the exporter gives up on it, and the most a node
+/// spends writing and sending one export.
 const FETCH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// The largest export file taken from one node (8 GiB): a node cannot fill the exporter's
+/// disk.
+pub const MAX_EXPORT_BYTES: u64 = 8 << 30;
+
+/// The prefix of the files a node writes its export to before sending it (in its data
+/// directory; removed after, and when the node next serves: [`remove_leftovers`]).
+const TEMP_PREFIX: &str = "chain-export-";
 
 /// Answers a ChainRequest frame on one stream: ChainPart frames carrying the node's sealed
 /// export file, then FIN; or a signed refusal (audited like any refusal before a call):
@@ -69,21 +78,36 @@ pub(crate) async fn answer(
             .refuse_unverified(cx, &mut send, RefusalCode::Policy, why)
             .await;
     }
-    // one export at a time: each writes a whole file first
+    // one export at a time: each writes a whole file first; the peer must still be a member
+    // when its turn comes
     let _one = gw.exporting.lock().await;
-    let path = gw.data_dir().join(format!("chain-export-{}.tmp", now_ms()));
+    if !plane
+        .members()
+        .await
+        .is_ok_and(|m| m.iter().any(|m| m.key == peer))
+    {
+        let why = "only a member of this gateway's cluster may read its chain";
+        return gw
+            .refuse_unverified(cx, &mut send, RefusalCode::Policy, why)
+            .await;
+    }
+    let path = gw.data_dir().join(format!("{TEMP_PREFIX}{}.tmp", now_ms()));
     let chain = gw.chain().clone();
     let p = path.clone();
-    let written = tokio::task::spawn_blocking(move || {
-        chain.seal_then(move |store, _| didgate_audit::export::export_sealed(store, &p))
+    let sent = tokio::time::timeout(FETCH_TIMEOUT, async {
+        let written = tokio::task::spawn_blocking(move || {
+            chain.seal_then(move |store, _| didgate_audit::export::export_sealed(store, &p))
+        })
+        .await;
+        match written {
+            Ok(Ok(Ok(_))) => stream_file(&path, &mut send).await,
+            Ok(Ok(Err(e))) => Err(e.to_string()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(e.to_string()),
+        }
     })
     .await;
-    let outcome = match written {
-        Ok(Ok(Ok(_))) => stream_file(&path, &mut send).await,
-        Ok(Ok(Err(e))) => Err(e.to_string()),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(e) => Err(e.to_string()),
-    };
+    let outcome = sent.unwrap_or_else(|_| Err(format!("not sent within {FETCH_TIMEOUT:?}")));
     let _ = std::fs::remove_file(&path);
     match outcome {
         Ok(bytes) => {
@@ -94,6 +118,21 @@ pub(crate) async fn answer(
             let why = format!("the chain cannot be exported: {e}");
             gw.refuse_unverified(cx, &mut send, RefusalCode::AuditUnavailable, &why)
                 .await;
+        }
+    }
+}
+
+/// Removes the export files a node left in its data directory `dir` when it stopped while
+/// sending one (when it next serves).
+pub fn remove_leftovers(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with(TEMP_PREFIX) && name.ends_with(".tmp") {
+            let _ = std::fs::remove_file(e.path());
         }
     }
 }
@@ -218,6 +257,8 @@ pub async fn export_cluster(
             .find(|(n, _)| *n == name)
             .and_then(|(_, cp)| checkpoint_size(cp));
         let missing = |why: String| NodeExport::Missing { why, published };
+        // a file of an earlier run is never left beside a "NOT exported" line
+        let _ = std::fs::remove_file(&path);
         let outcome = if name == settings.node {
             match crate::control::export(data, &path).await {
                 Ok(_) => written(&path),
@@ -304,7 +345,10 @@ pub async fn fetch(
     endpoint.close(0u32.into(), b"done");
     match got {
         Ok(r) => r,
-        Err(_) => Err(format!("no whole answer within {FETCH_TIMEOUT:?}")),
+        Err(_) => {
+            let _ = std::fs::remove_file(path.with_extension("partial"));
+            Err(format!("no whole answer within {FETCH_TIMEOUT:?}"))
+        }
     }
 }
 
@@ -320,6 +364,13 @@ async fn receive(recv: &mut quinn::RecvStream, path: &Path) -> Result<u64, Strin
     loop {
         match wire::next_frame(recv, &mut dec).await {
             Ok(Some(f)) if f.kind == FrameType::ChainPart => {
+                if total + f.payload.len() as u64 > MAX_EXPORT_BYTES {
+                    drop(file);
+                    let _ = tokio::fs::remove_file(&partial).await;
+                    return Err(format!(
+                        "the answer is larger than {MAX_EXPORT_BYTES} bytes: not taken"
+                    ));
+                }
                 file.write_all(&f.payload)
                     .await
                     .map_err(|e| format!("{}: {e}", partial.display()))?;

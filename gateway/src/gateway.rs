@@ -193,7 +193,7 @@ pub enum StartError {
     Upstreams(#[source] crate::upstreams::UpstreamSetError),
     /// `[cluster]`: the cluster's secrets cannot be taken (another master key).
     #[error("cluster: {0}")]
-    ClusterSecrets(#[from] crate::shared::JoinError),
+    ClusterSecrets(#[source] Box<crate::shared::JoinError>),
 }
 
 /// Counts the refusals not recorded one by one (see [`call::recorded_individually`]), written
@@ -447,7 +447,7 @@ impl Gateway {
         // the master key the cluster's secrets are wrapped under, and the secrets themselves
         if let Err(e) = self.shared.join(&plane, &self.secrets).await {
             plane.leave().await;
-            return Err(e.into());
+            return Err(StartError::ClusterSecrets(Box::new(e)));
         }
         let _ = self.cluster.set(plane);
         Ok(())
@@ -487,15 +487,6 @@ impl Gateway {
             self.apply_cluster_policy(&doc);
         }
         Ok(())
-    }
-
-    /// In a cluster, publishes secret `name` as this node now stores it (after a lifecycle
-    /// write here) to every node ([`crate::shared`]); nothing outside a cluster.
-    pub async fn publish_secret(&self, name: &str) -> Result<(), crate::shared::PublishError> {
-        match self.cluster.get() {
-            Some(plane) => self.shared.publish(plane, &self.secrets, name).await,
-            None => Ok(()),
-        }
     }
 
     /// The data directory.
@@ -775,6 +766,11 @@ impl Gateway {
         self.emit(|| EventKind::PolicyReload {
             policy: hex::encode(hash),
         });
+    }
+
+    /// The cluster's secrets as this node sees them ([`crate::shared`]).
+    pub fn shared(&self) -> &crate::shared::SharedSecrets {
+        &self.shared
     }
 
     /// The secrets (lifecycle commands from the control socket, upkeep).

@@ -154,6 +154,18 @@ pub enum SecretError {
     /// The lifecycle entry could not be appended to the gateway's chain: nothing was written.
     #[error("the audit log cannot be written, so nothing changed: {0}")]
     Audit(#[source] AppendError),
+    /// A record from the cluster is older than the one held (rollback guard).
+    #[error(
+        "the cluster's record of {name} is older than this node's (version {offered} < {held}): not taken"
+    )]
+    Older {
+        /// The secret.
+        name: String,
+        /// The newest version the record offered.
+        offered: u64,
+        /// The newest version held.
+        held: u64,
+    },
     /// A blocking task (`what`) did not finish (it panicked or was cancelled).
     #[error("{what}: {source}")]
     Task {
@@ -1218,11 +1230,17 @@ impl Secrets {
     /// their grace window are sealed off first. A record under a master key this node lacks
     /// is stored all the same (calls that need it are then refused, never served with an
     /// older value). `Ok(true)` when it changed something.
+    ///
+    /// The rollback guard compares the record with `floor` (a secret id and its newest version:
+    /// the cluster's record a change of this node started from) when given, else with the
+    /// record this node holds: one of the same id whose newest version is lower is refused
+    /// ([`SecretError::Older`]).
     pub fn apply_replica(
         &self,
         name: &str,
         bytes: &[u8],
         now_ms: u64,
+        floor: Option<([u8; 16], u64)>,
     ) -> Result<bool, SecretError> {
         valid_name(name)?;
         let _g = lock(&self.lock);
@@ -1245,14 +1263,21 @@ impl Secrets {
             if l.state() == rec.state() {
                 return Ok(false);
             }
-            // a version once current never comes back: whoever can write etcd must not be
-            // able to roll a rotated (perhaps leaked) value back in
-            let (held, offered) = (l.newest_version(), rec.newest_version());
-            if l.id == rec.id && offered < held {
-                return Err(SecretError::Invalid(format!(
-                    "the cluster's record of {name} is older than this node's (version {offered} < {held}): not taken"
-                )));
-            }
+            // last use stays each node's own
+            rec.last_used_ms = l.last_used_ms;
+        }
+        // a version once current never comes back: whoever can write etcd must not be able to
+        // roll a rotated (perhaps leaked) value back in
+        let guard = floor.or_else(|| local.as_ref().map(|l| (l.id, l.newest_version())));
+        if let Some((id, held)) = guard
+            && id == rec.id
+            && rec.newest_version() < held
+        {
+            return Err(SecretError::Older {
+                name: name.into(),
+                offered: rec.newest_version(),
+                held,
+            });
         }
         if rec.kek != legacy {
             tracing::warn!(
@@ -1263,6 +1288,13 @@ impl Secrets {
         self.record(action, vec![rec.state()], vec![rec.put()], None, now_ms)?;
         tracing::info!(secret = name, "secret taken from the cluster");
         Ok(true)
+    }
+
+    /// The id and newest version of a record's bytes, if they decode.
+    pub fn newest_of(bytes: &[u8], legacy: KeyId) -> Option<([u8; 16], u64)> {
+        SecretRecord::decode(bytes, legacy)
+            .ok()
+            .map(|r| (r.id, r.newest_version()))
     }
 
     /// `secret add`: seals a new secret as version 1.

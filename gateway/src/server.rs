@@ -170,6 +170,8 @@ pub async fn serve(
             }
         })
     };
+    // a chain export a stop interrupted ([`crate::export`])
+    crate::export::remove_leftovers(gw.data_dir());
     let upkeep = gw.secrets.spawn_upkeep(stop_rx.clone());
     let cluster_watch = watch_cluster_revocations(&gw);
     let secrets_watch = watch_cluster_secrets(&gw);
@@ -407,16 +409,13 @@ fn watch_cluster_secrets(gw: &Arc<Gateway>) -> Option<tokio::task::JoinHandle<()
     let _watch = plane.watch_secrets(move |name, record, rev| {
         let _ = tx.send((name, record, rev));
     });
-    let gw = gw.clone();
+    let (gw, plane) = (gw.clone(), plane.clone());
     Some(tokio::spawn(async move {
         while let Some((name, record, rev)) = rx.recv().await {
-            let g = gw.clone();
-            let _ = tokio::task::spawn_blocking(move || {
-                if let Err(e) = g.shared.take(&g.secrets, &name, &record, rev, now_ms()) {
-                    tracing::warn!(secret = %name, error = %e, "a secret the cluster published cannot be taken");
-                }
-            })
-            .await;
+            let n = name.clone();
+            if let Err(e) = gw.shared.take(&plane, &gw.secrets, n, record, rev).await {
+                tracing::warn!(secret = %name, error = %e, "a secret the cluster published cannot be taken");
+            }
         }
     }))
 }

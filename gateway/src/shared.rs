@@ -24,6 +24,9 @@ pub enum PublishError {
     /// etcd could not be written.
     #[error("changed on this node, but not published to the cluster: {0} (run it again)")]
     Etcd(#[source] ClusterError),
+    /// The cluster's record could not be read: nothing was changed.
+    #[error("the cluster's record cannot be read, nothing was changed: {0}")]
+    Unread(#[source] ClusterError),
     /// Another node changed the secret first: its version is now in force here too.
     #[error(
         "another node changed secret {0} at the same time: the cluster's version is in force on every node, this change is not (run it again)"
@@ -38,6 +41,10 @@ pub enum PublishError {
 #[derive(Debug, Default)]
 pub struct SharedSecrets {
     seen: Mutex<HashMap<String, i64>>,
+    /// Held across every change of a secret this node makes or takes: a lifecycle command
+    /// from its read of the cluster's record to its publication, and each record the watch
+    /// brings, so none interleaves with another.
+    changing: tokio::sync::Mutex<()>,
 }
 
 impl SharedSecrets {
@@ -59,23 +66,115 @@ impl SharedSecrets {
         *r = (*r).max(revision);
     }
 
-    /// Takes a record the cluster holds at `revision` (from the watch or a read); records
-    /// older than one already seen are skipped. Blocks on the store: call it off the async
-    /// threads.
-    pub fn take(
+    /// Takes a record the watch brought at `revision`; records older than one already seen
+    /// are skipped. A record older than the one this node holds (a rollback written to etcd,
+    /// or a change of this node the cluster lost) is refused, and this node's record is
+    /// published over it, so every node ends with the newer one.
+    pub async fn take(
         &self,
-        secrets: &Secrets,
-        name: &str,
-        record: &[u8],
+        plane: &ControlPlane,
+        secrets: &Arc<Secrets>,
+        name: String,
+        record: Vec<u8>,
         revision: i64,
-        now_ms: u64,
-    ) -> Result<bool, SecretError> {
-        if revision < self.seen(name) {
+    ) -> Result<bool, PublishError> {
+        let _one = self.changing.lock().await;
+        if revision < self.seen(&name) {
             return Ok(false);
         }
-        let changed = secrets.apply_replica(name, record, now_ms)?;
-        self.saw(name, revision);
-        Ok(changed)
+        let n = name.clone();
+        let now = didgate_io::now_ms();
+        let taken = blocking(secrets, move |s| s.apply_replica(&n, &record, now, None)).await;
+        self.saw(&name, revision);
+        match taken {
+            Ok(changed) => Ok(changed),
+            Err(SecretError::Older { .. }) => {
+                tracing::warn!(secret = %name, "the cluster's record is older than this node's: publishing this node's over it");
+                self.publish_over(plane, secrets, &name, revision, None)
+                    .await
+                    .map(|()| false)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Runs the lifecycle command `op` on secret `name` as a cluster member (specs/
+    /// operation.md, "Cluster", "Secrets"): takes the cluster's record first (so the command
+    /// changes what every node holds), runs `op` on this node's store and chain, then publishes
+    /// the result with a compare-and-swap on the revision it started from. `op` is not run
+    /// (`None`) when the cluster's record cannot be read.
+    pub async fn change<T, Fut>(
+        &self,
+        plane: &ControlPlane,
+        secrets: &Arc<Secrets>,
+        name: &str,
+        op: impl FnOnce() -> Fut,
+    ) -> (Option<T>, Result<(), PublishError>)
+    where
+        Fut: Future<Output = T>,
+    {
+        let _one = self.changing.lock().await;
+        let base = match plane.secret(name).await {
+            Ok(b) => b,
+            Err(e) => return (None, Err(PublishError::Unread(e))),
+        };
+        let (base_bytes, base_rev) = base.unwrap_or_default();
+        let mut floor = None;
+        if !base_bytes.is_empty() {
+            let (n, b) = (name.to_string(), base_bytes.clone());
+            let now = didgate_io::now_ms();
+            match blocking(secrets, move |s| s.apply_replica(&n, &b, now, None)).await {
+                Ok(_) => floor = Secrets::newest_of(&base_bytes, secrets.key_id()),
+                // this node holds a newer record the cluster lacks: it is the base, and is
+                // published below
+                Err(SecretError::Older { .. }) => {}
+                Err(e) => return (None, Err(e.into())),
+            }
+            self.saw(name, base_rev);
+        }
+        let out = op().await;
+        let published = self
+            .publish_over(plane, secrets, name, base_rev, floor)
+            .await;
+        (Some(out), published)
+    }
+
+    /// Publishes `name` as this node stores it if it differs from the cluster's record at
+    /// `base_rev`, with a compare-and-swap on that revision. When another node changed it
+    /// since, takes the cluster's record at once (judged against `floor`, the record the
+    /// change started from, rather than this node's unpublished change) and reports the
+    /// conflict.
+    async fn publish_over(
+        &self,
+        plane: &ControlPlane,
+        secrets: &Arc<Secrets>,
+        name: &str,
+        base_rev: i64,
+        floor: Option<([u8; 16], u64)>,
+    ) -> Result<(), PublishError> {
+        let n = name.to_string();
+        let Some(record) = blocking(secrets, move |s| s.stored(&n)).await? else {
+            return Ok(());
+        };
+        match plane
+            .publish_secret(name, &record, base_rev)
+            .await
+            .map_err(PublishError::Etcd)?
+        {
+            Some(rev) => {
+                self.saw(name, rev);
+                Ok(())
+            }
+            None => {
+                if let Some((record, rev)) = plane.secret(name).await.map_err(PublishError::Etcd)? {
+                    let n = name.to_string();
+                    let now = didgate_io::now_ms();
+                    blocking(secrets, move |s| s.apply_replica(&n, &record, now, floor)).await?;
+                    self.saw(name, rev);
+                }
+                Err(PublishError::Conflict(name.to_string()))
+            }
+        }
     }
 
     /// At join, before the first call: checks that this node holds the cluster's master key
@@ -116,49 +215,19 @@ impl SharedSecrets {
         for (name, record, rev) in plane.secrets().await? {
             let n = name.clone();
             let now = didgate_io::now_ms();
-            match blocking(secrets, move |s| s.apply_replica(&n, &record, now)).await {
-                Ok(_) => self.saw(&name, rev),
+            let taken = blocking(secrets, move |s| s.apply_replica(&n, &record, now, None)).await;
+            self.saw(&name, rev);
+            match taken {
+                Ok(_) => {}
+                Err(SecretError::Older { .. }) => {
+                    self.publish_over(plane, secrets, &name, rev, None).await?;
+                }
                 Err(e) => {
                     tracing::warn!(secret = %name, error = %e, "a secret in the cluster cannot be taken")
                 }
             }
         }
         Ok(())
-    }
-
-    /// Publishes `name` as this node now stores it, after a lifecycle write here. When
-    /// another node changed it first, takes the cluster's record at once (so this node never
-    /// keeps a version the others lack) and reports the conflict.
-    pub async fn publish(
-        &self,
-        plane: &ControlPlane,
-        secrets: &Arc<Secrets>,
-        name: &str,
-    ) -> Result<(), PublishError> {
-        let n = name.to_string();
-        let Some(record) = blocking(secrets, move |s| s.stored(&n)).await? else {
-            // purged here: the cluster's copy (deleted) is purged by each node's own upkeep
-            return Ok(());
-        };
-        match plane
-            .publish_secret(name, &record, self.seen(name))
-            .await
-            .map_err(PublishError::Etcd)?
-        {
-            Some(rev) => {
-                self.saw(name, rev);
-                Ok(())
-            }
-            None => {
-                if let Some((record, rev)) = plane.secret(name).await.map_err(PublishError::Etcd)? {
-                    let n = name.to_string();
-                    let now = didgate_io::now_ms();
-                    blocking(secrets, move |s| s.apply_replica(&n, &record, now)).await?;
-                    self.saw(name, rev);
-                }
-                Err(PublishError::Conflict(name.to_string()))
-            }
-        }
     }
 }
 
@@ -179,6 +248,9 @@ pub enum JoinError {
     /// etcd.
     #[error(transparent)]
     Etcd(#[from] ClusterError),
+    /// This node's newer record could not be published.
+    #[error(transparent)]
+    Publish(#[from] PublishError),
     /// The store.
     #[error(transparent)]
     Secret(#[from] SecretError),

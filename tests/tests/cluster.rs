@@ -737,6 +737,67 @@ fn didgated(args: &[&str], data: &Path, stdin: &str) -> anyhow::Result<(Option<i
     ))
 }
 
+/// The newest version of payments-key in etcd.
+async fn newest_in_etcd(gw: &std::sync::Arc<didgate_gateway::Gateway>) -> Option<u64> {
+    let plane = gw.cluster()?;
+    let (bytes, _) = plane.secret("payments-key").await.ok()??;
+    didgate_gateway::secrets::Secrets::newest_of(&bytes, gw.secrets().key_id()).map(|(_, v)| v)
+}
+
+/// With payments-key at version 2 on both nodes: `v1` (its version 1 record) written back to
+/// etcd is refused by the nodes, which publish version 2 over it; and a change of a racing a
+/// change another node published first loses, a taking the cluster's record.
+async fn rollback_and_conflict(
+    gw_a: &std::sync::Arc<didgate_gateway::Gateway>,
+    gw_b: &std::sync::Arc<didgate_gateway::Gateway>,
+    v1: &[u8],
+) -> anyhow::Result<()> {
+    let plane = gw_b.cluster().expect("joined").clone();
+    let (_, rev) = plane.secret("payments-key").await?.expect("published");
+    assert!(
+        plane
+            .publish_secret("payments-key", v1, rev)
+            .await?
+            .is_some(),
+        "etcd takes any write"
+    );
+    until(
+        Duration::from_secs(5),
+        "a node publishes version 2 over the rollback",
+        async || newest_in_etcd(gw_b).await == Some(2),
+    )
+    .await?;
+    // a rotates to version 3 while b's disable of version 2 lands in etcd first
+    let now = didgate_gateway::now_ms();
+    let plane_a = gw_a.cluster().expect("joined").clone();
+    let (out, published) = gw_a
+        .shared()
+        .change(&plane_a, gw_a.secrets(), "payments-key", || async {
+            gw_b.secrets().disable("payments-key", now)?;
+            let (_, rev) = plane.secret("payments-key").await?.expect("published");
+            let disabled = gw_b.secrets().stored("payments-key")?.expect("stored");
+            plane.publish_secret("payments-key", &disabled, rev).await?;
+            gw_a.secrets()
+                .rotate("payments-key", "sk_live_lost_rotation_77", now)?;
+            anyhow::Ok(())
+        })
+        .await;
+    out.expect("run")?;
+    let lost = published.expect_err("a conflict").to_string();
+    assert!(lost.contains("another node changed"), "{lost}");
+    // a holds the cluster's record (version 2, disabled), not its lost version 3
+    assert_eq!(
+        gw_a.secrets().stored("payments-key")?,
+        gw_b.secrets().stored("payments-key")?
+    );
+    assert_eq!(newest_in_etcd(gw_a).await, Some(2));
+    assert!(
+        gw_a.secrets().open_current("payments-key", now).is_err(),
+        "disabled"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_secret_rotated_on_one_node_is_used_by_every_node() -> anyhow::Result<()> {
     use didgate_daemon::upstream_demo::DemoUpstream;
@@ -807,11 +868,7 @@ async fn a_secret_rotated_on_one_node_is_used_by_every_node() -> anyhow::Result<
         "a secret rotated on node a was injected by node b {:?} after the command returned",
         started.elapsed()
     );
-    // a publication based on a revision someone else replaced is refused (compare-and-swap)
-    assert_eq!(
-        plane.publish_secret("payments-key", b"stale", 1).await?,
-        None
-    );
+    rollback_and_conflict(&gw_a, &gw_b, &in_etcd).await?;
 
     // a stopped member refuses a lifecycle change made on its store alone
     drop((alice_b, gw_b, plane));

@@ -153,14 +153,14 @@ async fn execute(gw: &Arc<Gateway>, req: Request) -> Reply {
                     "this node is a cluster member: every node holds the same master key, and a change of master key is not supported in a cluster yet (specs/operation.md, \"Cluster\")",
                 );
             }
+            if gw.config().cluster().is_some()
+                && let Some(name) = req.secret_written()
+            {
+                return clustered_secret_command(gw, &req, name).await;
+            }
             let reply = crate::admin::secret_command(gw.secrets(), Some(gw.config()), &req).await;
             if reply.ok {
                 secret_event(gw, &req, &reply);
-                if let Some(name) = req.secret_written()
-                    && let Err(e) = gw.publish_secret(name).await
-                {
-                    return failure(e);
-                }
             }
             reply
         }
@@ -240,6 +240,34 @@ async fn export(chain: didgate_audit::Chain, out: std::path::PathBuf) -> Reply {
         Ok(Ok(Err(e))) => failure(e),
         Ok(Err(e)) => failure(e),
         Err(e) => failure(e),
+    }
+}
+
+/// A secret lifecycle command on a cluster member: based on the cluster's record and published
+/// to every node ([`crate::shared::SharedSecrets::change`]).
+async fn clustered_secret_command(gw: &Arc<Gateway>, req: &Request, name: &str) -> Reply {
+    let Some(plane) = gw.cluster() else {
+        return failure("this node has not joined its cluster: nothing was changed");
+    };
+    let (reply, published) = gw
+        .shared
+        .change(plane, gw.secrets(), name, || {
+            crate::admin::secret_command(gw.secrets(), Some(gw.config()), req)
+        })
+        .await;
+    let Some(reply) = reply else {
+        return match published {
+            Err(e) => failure(e),
+            Ok(()) => failure("nothing was changed"),
+        };
+    };
+    if reply.ok {
+        secret_event(gw, req, &reply);
+    }
+    match (reply.ok, published) {
+        (_, Ok(())) => reply,
+        (true, Err(e)) => failure(e),
+        (false, Err(e)) => failure(format!("{}; {e}", reply.error.unwrap_or_default())),
     }
 }
 
