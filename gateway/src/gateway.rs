@@ -191,6 +191,9 @@ pub enum StartError {
     /// The upstreams' HTTP clients cannot be built.
     #[error("upstreams: {0}")]
     Upstreams(#[source] crate::upstreams::UpstreamSetError),
+    /// `[cluster]`: the chain is shorter than, or differs from, what the cluster saw of it.
+    #[error("cluster: {0}")]
+    Rewound(String),
     /// `[cluster]`: the cluster's secrets cannot be taken (another master key).
     #[error("cluster: {0}")]
     ClusterSecrets(#[source] Box<crate::shared::JoinError>),
@@ -439,8 +442,13 @@ impl Gateway {
         }
         // the cluster's state before the first call (the watches started by `serve` then keep
         // it): a node must not admit what others revoked, under a policy the cluster replaced,
-        // or with a certificate the cluster revoked
-        if let Err(e) = self.sync_cluster_state(&plane).await {
+        // or with a certificate the cluster revoked; nor append to a chain rewound below what
+        // the cluster saw of it
+        let synced = match self.check_not_rewound(&plane).await {
+            Ok(()) => self.sync_cluster_state(&plane).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = synced {
             plane.leave().await;
             return Err(e);
         }
@@ -450,6 +458,53 @@ impl Gateway {
             return Err(StartError::ClusterSecrets(Box::new(e)));
         }
         let _ = self.cluster.set(plane);
+        Ok(())
+    }
+
+    /// Refuses to serve a chain shorter than, or different from, the checkpoint of it the
+    /// cluster's registry holds (`chains/NODE`): a store restored from an old backup, or a disk
+    /// rewound, would otherwise fork the chain under entries peers and clients already saw. A
+    /// registry checkpoint of another chain (a node name reused with a new store) is ignored.
+    async fn check_not_rewound(
+        &self,
+        plane: &didgate_cluster::ControlPlane,
+    ) -> Result<(), StartError> {
+        use didgate_protocol::message::Checkpoint;
+        let node = &plane.settings().node;
+        let registry = plane.checkpoints().await.map_err(StartError::Cluster)?;
+        let Some((_, bytes)) = registry.iter().find(|(n, _)| n == node) else {
+            return Ok(());
+        };
+        let Ok(opened) = message::open::<Checkpoint>(bytes) else {
+            tracing::warn!("the registry's checkpoint of this node does not open: not compared");
+            return Ok(());
+        };
+        let cp = opened.message();
+        if opened.envelope().signer() != self.identity.did() || cp.chain != self.chain.id() {
+            return Ok(());
+        }
+        let store = self.chain.store().clone();
+        let held = tokio::task::spawn_blocking(move || {
+            store.head().ok().flatten().map_or(0, |h| h.seq + 1)
+        })
+        .await
+        .map_err(|e| StartError::Rewound(format!("reading the chain: {e}")))?;
+        if cp.size > held {
+            return Err(StartError::Rewound(format!(
+                "this node's chain holds {held} entries, but the cluster saw it at {} (chains/{node}): restored from an old backup or a rewound disk? Serving would fork the chain; restore a newer copy, or give the node a new data directory",
+                cp.size
+            )));
+        }
+        let store = self.chain.store().clone();
+        let size = cp.size;
+        let ours = tokio::task::spawn_blocking(move || store.root_at(size))
+            .await
+            .map_err(|e| StartError::Rewound(format!("reading the chain: {e}")))?;
+        if ours != Some(cp.root) {
+            return Err(StartError::Rewound(format!(
+                "this node's chain differs, at size {size}, from the checkpoint the cluster saw (chains/{node}): serving would fork it"
+            )));
+        }
         Ok(())
     }
 

@@ -230,8 +230,13 @@ pub async fn serve(
         let _ = p.await;
     }
     if let Some(plane) = gw.cluster() {
-        // the final checkpoint (written by the drain above) in the registry, then the
-        // member's key goes at once (its lease revoked), and the watches stop
+        // the chain sealed (a checkpoint covering its last entry) and that checkpoint in the
+        // registry, then the member's key goes at once (its lease revoked), and the watches
+        // stop
+        let chain = gw.chain.clone();
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || chain.seal()).await {
+            tracing::warn!(error = %e, "cannot seal the chain before leaving the cluster");
+        }
         publish_last_checkpoint(&gw, plane, &mut None).await;
         plane.leave().await;
     }

@@ -1156,3 +1156,33 @@ async fn revocations_written_across_a_killed_etcd_leader_are_all_in_force_on_eve
     .await?;
     Ok(())
 }
+
+#[tokio::test]
+async fn a_node_restored_from_an_old_copy_of_its_store_refuses_to_serve() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let Some(etcd) = Etcd::start(&tmp.path().join("etcd"), 23_800)? else {
+        return Ok(());
+    };
+    let mut a =
+        Harness::start_with(|c| c.cluster = Some(settings(&etcd, "c11", "node-a", 10))).await?;
+    let balance = || CallSpec::new("payments", "GET", "/v1/balance");
+    a.client("alice", alice()).await?.call(balance()).await?;
+    // a copy of the stopped node's store: a backup
+    a.stop().await;
+    let old = tmp.path().join("old-store");
+    didgate_tests::copy_private_tree(&a.gw_dir().join("store"), &old)?;
+    // the node serves on; a clean stop publishes its last checkpoint in the registry
+    a.restart().await?;
+    let client = a.client("alice-2", alice()).await?;
+    for _ in 0..3 {
+        client.call(balance()).await?;
+    }
+    drop(client);
+    a.stop().await;
+    // the old copy put back: the cluster saw this chain longer, so the node does not start
+    std::fs::remove_dir_all(a.gw_dir().join("store"))?;
+    didgate_tests::copy_private_tree(&old, &a.gw_dir().join("store"))?;
+    let refused = format!("{:#}", a.restart().await.expect_err("a rewound chain"));
+    assert!(refused.contains("restored from an old backup"), "{refused}");
+    Ok(())
+}
