@@ -21,7 +21,7 @@ use didgate_protocol::error::Shared;
 use didgate_protocol::message::{ChainHead, Checkpoint, Digest, EntryRef, SignedMessage};
 use didgate_protocol::{Did, Identity, Version};
 use fjall::config::PartitioningPolicy;
-use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
+use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
 
 use crate::entry::{Entry, EntryKind, Role, entry_hash};
 use crate::merkle::{self, Frontier};
@@ -148,6 +148,14 @@ pub enum StoreError {
     /// The database is closed: a reopen after an I/O error failed (the next may succeed).
     #[error("store closed after an I/O error; reopening failed")]
     Closed,
+    /// A backup's destination exists already, or cannot be made.
+    #[error("backup destination {path}: {why}")]
+    Backup {
+        /// The destination.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
     /// The chain is written in a format version this release does not read (a later
     /// release's).
     #[error(
@@ -852,6 +860,49 @@ impl Store {
             out.push(g.value()?.to_vec());
         }
         Ok(out)
+    }
+
+    /// Writes a consistent copy of this store to a new store at `out` (which must not exist):
+    /// every keyspace as of one instant (a cross-keyspace snapshot), while writers go on;
+    /// synced to disk before it returns. Returns the number of items copied. Opened like any
+    /// store, the copy holds the chain, its Merkle nodes, checkpoints, claims and whatever
+    /// the other keyspaces hold at that instant (for a gateway: its sealed secrets).
+    pub fn backup(&self, out: &Path) -> Result<u64, StoreError> {
+        if std::fs::symlink_metadata(out).is_ok() {
+            return Err(StoreError::Backup {
+                path: out.to_path_buf(),
+                why: "exists (a backup goes to a new directory)".into(),
+            });
+        }
+        let engine = self.engine()?;
+        let snapshot = engine.db.snapshot();
+        let target = Database::builder(out).open()?;
+        let mut copied = 0u64;
+        for name in engine.db.list_keyspace_names() {
+            let name: &str = name.as_ref();
+            let options = if name == ENTRIES {
+                entries_options
+            } else {
+                keyspace_options
+            };
+            let from = engine.db.keyspace(name, options)?;
+            let to = target.keyspace(name, options)?;
+            let mut batch = target.batch();
+            let mut in_batch = 0;
+            for kv in snapshot.iter(&from) {
+                let (k, v) = kv.into_inner()?;
+                batch.insert(&to, k, v);
+                in_batch += 1;
+                copied += 1;
+                if in_batch == 4096 {
+                    std::mem::replace(&mut batch, target.batch()).commit()?;
+                    in_batch = 0;
+                }
+            }
+            batch.commit()?;
+        }
+        target.persist(PersistMode::SyncAll)?;
+        Ok(copied)
     }
 
     /// The Merkle root over the first `size` entries, if the chain has them.

@@ -97,6 +97,28 @@ enum Command {
         #[arg(long)]
         cluster: bool,
     },
+    /// A consistent copy of the store (chain, claims, sealed secrets) in a new directory, made
+    /// while the daemon serves (or from the store when none runs). Not the identity or the
+    /// master key: back those up on their own.
+    Backup {
+        /// Data directory.
+        #[arg(long, env = "DIDGATE_DATA")]
+        data: PathBuf,
+        /// The directory to create.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Put a backup in place of the store of a stopped gateway (the replaced store is kept as
+    /// `store.replaced-MS`). A cluster node restored from a backup older than what the cluster
+    /// saw of its chain then refuses to start.
+    Restore {
+        /// Data directory.
+        #[arg(long, env = "DIDGATE_DATA")]
+        data: PathBuf,
+        /// The backup directory (`didgated backup --out`).
+        #[arg(long)]
+        from: PathBuf,
+    },
     /// Seal the gateway's audit chain: sign a checkpoint covering its last entry unless one does
     /// already (then nothing is written). Through the running daemon, or on the store when no
     /// daemon runs (with the gateway's identity; nothing but the checkpoint is written).
@@ -476,6 +498,21 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cluster: true,
         } => return export_cluster(&data, &out).await,
         Command::Seal { data } => seal(&data).await?,
+        Command::Backup { data, out } => {
+            let copied = didgate_gateway::control::backup(&data, &out).await?;
+            eprintln!(
+                "backed up the store to {} ({copied} items; the identity and master key are not in it)",
+                out.display()
+            );
+        }
+        Command::Restore { data, from } => {
+            let aside = didgate_gateway::control::restore(&data, &from).await?;
+            eprintln!(
+                "restored the store from {}; the replaced store is kept at {}",
+                from.display(),
+                aside.display()
+            );
+        }
         Command::Events { follow, json, data } => return events(follow, json, &data).await,
         Command::Demo { dir } => return demo(dir).await,
         Command::Cluster { command } => cluster(command)?,

@@ -1166,22 +1166,45 @@ async fn a_node_restored_from_an_old_copy_of_its_store_refuses_to_serve() -> any
     let mut a =
         Harness::start_with(|c| c.cluster = Some(settings(&etcd, "c11", "node-a", 10))).await?;
     let balance = || CallSpec::new("payments", "GET", "/v1/balance");
-    a.client("alice", alice()).await?.call(balance()).await?;
-    // a copy of the stopped node's store: a backup
-    a.stop().await;
-    let old = tmp.path().join("old-store");
-    didgate_tests::copy_private_tree(&a.gw_dir().join("store"), &old)?;
-    // the node serves on; a clean stop publishes its last checkpoint in the registry
-    a.restart().await?;
-    let client = a.client("alice-2", alice()).await?;
+    let client = a.client("alice", alice()).await?;
+    client.call(balance()).await?;
+    // a backup made while the node serves (didgated, through its control socket)
+    let dir = a.gw_dir();
+    let gw = a.gateway.clone().expect("a");
+    let (stop_ctl, ctl) = control_socket(&gw, &dir).await?;
+    let backup = tmp.path().join("backup");
+    let (d, b) = (dir.clone(), backup.clone());
+    let (code, stderr) = tokio::task::spawn_blocking(move || {
+        didgated(&["backup", "--out", &b.display().to_string()], &d, "")
+    })
+    .await??;
+    assert_eq!(code, Some(0), "{stderr}");
+    // the backup alone is a chain that verifies
+    let out = std::process::Command::new(didgate_tests::bin("didgate-audit")?)
+        .args(["verify", "--gateway"])
+        .arg(&backup)
+        .output()?;
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // the node serves on; a clean stop seals and publishes its last checkpoint
     for _ in 0..3 {
         client.call(balance()).await?;
     }
-    drop(client);
+    drop((client, gw));
+    let _ = stop_ctl.send(true);
+    ctl.await??;
     a.stop().await;
-    // the old copy put back: the cluster saw this chain longer, so the node does not start
-    std::fs::remove_dir_all(a.gw_dir().join("store"))?;
-    didgate_tests::copy_private_tree(&old, &a.gw_dir().join("store"))?;
+    // restored from the backup: the cluster saw this chain longer, so the node does not start
+    let (d, b) = (dir.clone(), backup.clone());
+    let (code, stderr) = tokio::task::spawn_blocking(move || {
+        didgated(&["restore", "--from", &b.display().to_string()], &d, "")
+    })
+    .await??;
+    assert_eq!(code, Some(0), "{stderr}");
     let refused = format!("{:#}", a.restart().await.expect_err("a rewound chain"));
     assert!(refused.contains("restored from an old backup"), "{refused}");
     Ok(())

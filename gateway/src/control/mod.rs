@@ -36,6 +36,12 @@ pub enum Request {
         /// Destination file.
         out: PathBuf,
     },
+    /// A consistent copy of the store, made while the daemon serves (`didgated backup`), to
+    /// `out` (an absolute path that does not exist yet).
+    Backup {
+        /// Destination directory.
+        out: PathBuf,
+    },
     /// Seal the chain now (`didgated seal`): sign a checkpoint of the current head unless the
     /// last one covers it already.
     Checkpoint,
@@ -163,6 +169,9 @@ pub struct Reply {
     /// Hash of the policy set in force, 64 lowercase hex digits (`status`, `policy_reload`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<String>,
+    /// Items copied (`backup`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub copied: Option<u64>,
     /// Hash of the upstreams in force, 64 lowercase hex digits (`upstreams_reload`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upstreams: Option<String>,
@@ -411,6 +420,78 @@ pub async fn export(data: &Path, out: &Path) -> Result<(u64, u64), SealError> {
         Ok(didgate_audit::export::export_sealed(&store, &out)?)
     })
     .await
+}
+
+/// `didgated backup`: a consistent copy of the store of `data` in the new directory `out`,
+/// through the running daemon (while it serves) or from the store when none runs. Returns the
+/// items copied. The copy holds the store only: the identity and the master key are
+/// credentials, never copied by didgated (back them up on their own).
+pub async fn backup(data: &Path, out: &Path) -> Result<u64, SealError> {
+    let out = std::path::absolute(out).map_err(ExportError::Io)?;
+    let request = Request::Backup { out: out.clone() };
+    if let Some(reply) = call(data, &request).await {
+        let reply = reply.map_err(SealError::Control)?;
+        if !reply.ok {
+            return Err(SealError::Refused(reply.error.unwrap_or_default()));
+        }
+        return Ok(reply.copied.unwrap_or(0));
+    }
+    let data = data.to_path_buf();
+    blocking(move || {
+        let dir = crate::datadir::DataDir::new(&data).store();
+        if !dir.join("version").is_file() {
+            return Err(SealError::NoStore(data.clone()));
+        }
+        let store = Store::open(&dir, &[]).map_err(|e| SealError::store(&dir, e))?;
+        store.backup(&out).map_err(|e| SealError::store(&dir, e))
+    })
+    .await
+}
+
+/// `didgated restore`: puts the backup `from` (a store [`backup`] wrote) in place of the store
+/// of `data`, which no daemon may be serving. The store it replaces is kept beside it as
+/// `store.replaced-MS`. Returns that path. In a cluster the node then checks, when it joins,
+/// that the restored chain is not shorter than what the cluster saw of it (operation.md,
+/// "Cluster", "Backups").
+pub async fn restore(data: &Path, from: &Path) -> Result<PathBuf, SealError> {
+    if call(data, &Request::Status).await.is_some() {
+        return Err(SealError::Refused(
+            "a daemon serves this data directory: stop it before restoring".into(),
+        ));
+    }
+    let (data, from) = (data.to_path_buf(), from.to_path_buf());
+    blocking(move || {
+        // the backup must open as a store with a readable head
+        {
+            let store = Store::open(&from, &[]).map_err(|e| SealError::store(&from, e))?;
+            store.head().map_err(|e| SealError::store(&from, e))?;
+        }
+        let dir = crate::datadir::DataDir::new(&data).store();
+        let aside = dir.with_file_name(format!("store.replaced-{}", didgate_io::now_ms()));
+        let io = |e: std::io::Error| SealError::Export(ExportError::Io(e));
+        if std::fs::symlink_metadata(&dir).is_ok() {
+            std::fs::rename(&dir, &aside).map_err(io)?;
+        }
+        copy_tree(&from, &dir).map_err(io)?;
+        Ok(aside)
+    })
+    .await
+}
+
+/// Copies the directory tree `from` to the new directory `to`, each file synced.
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        let target = to.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            copy_tree(&e.path(), &target)?;
+        } else {
+            std::fs::copy(e.path(), &target)?;
+            std::fs::File::open(&target)?.sync_all()?;
+        }
+    }
+    std::fs::File::open(to)?.sync_all()
 }
 
 /// Runs `f` on a blocking thread.

@@ -216,6 +216,21 @@ async fn execute(gw: &Arc<Gateway>, req: Request) -> Reply {
             Err(e) => failure(e),
         },
         Request::Export { out } => export(chain, out).await,
+        Request::Backup { out } => {
+            if !out.is_absolute() {
+                return failure("the backup path must be absolute");
+            }
+            let store = chain.store().clone();
+            match tokio::task::spawn_blocking(move || store.backup(&out)).await {
+                Ok(Ok(copied)) => Reply {
+                    ok: true,
+                    copied: Some(copied),
+                    ..Default::default()
+                },
+                Ok(Err(e)) => failure(e),
+                Err(e) => failure(e),
+            }
+        }
     }
 }
 
