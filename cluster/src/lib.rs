@@ -120,6 +120,15 @@ pub struct ClusterSettings {
     /// PEM file of that certificate's private key (a credential: read at join, never logged).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub key_file: Option<String>,
+    /// Hosts the cluster's `[[upstream]]` tables may send any secret to, beyond those this
+    /// node's own `gateway.toml` pairs with that secret (specs/operation.md, "Cluster",
+    /// "Upstreams"): whoever writes etcd cannot send a secret elsewhere.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upstream_hosts: Vec<String>,
+    /// Whether the cluster's tables may mark an upstream `local` (loopback, private addresses)
+    /// when this node's own file has no `local` upstream using the same secret.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_local_upstreams: bool,
 }
 
 /// What a node presents to etcd over TLS, read from the files `[cluster]` names.
@@ -249,6 +258,8 @@ mod tests {
             ca_file: None,
             cert_file: None,
             key_file: None,
+            upstream_hosts: Vec::new(),
+            allow_local_upstreams: false,
         };
         assert_eq!(good.validate(), Ok(()));
         let mut bad = good.clone();

@@ -574,7 +574,8 @@ impl ControlPlane {
             let _ = tx.send(String::from_utf8_lossy(v).into_owned());
         });
         tokio::spawn(async move {
-            while let Some(hash) = rx.recv().await {
+            let mut next = rx.recv().await;
+            while let Some(hash) = next.take() {
                 match plane.document::<D>(&hash).await {
                     Ok(Some(doc)) => {
                         let apply = apply.clone();
@@ -584,9 +585,21 @@ impl ControlPlane {
                         tracing::warn!(kind = D::KIND, %hash, "the cluster names a document it does not hold")
                     }
                     Err(e) => {
-                        tracing::warn!(kind = D::KIND, error = %e, %hash, "cannot read the cluster's document")
+                        // read again until it is read or a newer one is named: the watch has
+                        // moved past this publication and would not deliver it again
+                        tracing::warn!(kind = D::KIND, error = %e, %hash, "cannot read the cluster's document: trying again");
+                        match rx.try_recv() {
+                            Ok(newer) => next = Some(newer),
+                            Err(tokio::sync::mpsc::error::TryRecvError::Empty) => {
+                                tokio::time::sleep(Duration::from_millis(250)).await;
+                                next = Some(hash);
+                            }
+                            Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => break,
+                        }
+                        continue;
                     }
                 }
+                next = rx.recv().await;
             }
             watch.abort();
         })

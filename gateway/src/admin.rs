@@ -16,6 +16,7 @@ use crate::config::Config;
 use crate::control::{Reply, Request};
 use crate::datadir::{DataDir, SPACES, private_data_dir};
 use crate::secrets::{DEFAULT_GRACE_SECS, SecretError, SecretInfo, Secrets};
+use crate::upstreams::UpstreamSet;
 use crate::{config, kms, policy};
 
 /// Why `init` or a secret command failed.
@@ -111,10 +112,10 @@ async fn blocking<T: Send + 'static>(
 /// needed by `secret_test` only.
 pub async fn secret_command(
     secrets: &Arc<Secrets>,
-    config: Option<&Config>,
+    upstreams: Option<&UpstreamSet>,
     req: &Request,
 ) -> Reply {
-    match run_command(secrets, config, req).await {
+    match run_command(secrets, upstreams, req).await {
         Ok(reply) => reply,
         Err(e) => Reply {
             ok: false,
@@ -126,7 +127,7 @@ pub async fn secret_command(
 
 async fn run_command(
     secrets: &Arc<Secrets>,
-    config: Option<&Config>,
+    upstreams: Option<&UpstreamSet>,
     req: &Request,
 ) -> Result<Reply, SecretError> {
     let now = now_ms();
@@ -163,15 +164,12 @@ async fn run_command(
             ..Default::default()
         },
         Request::SecretTest { name, version } => {
-            let config = config.ok_or_else(|| {
+            let upstreams = upstreams.ok_or_else(|| {
                 SecretError::Invalid("secret test needs gateway.toml (the upstreams)".into())
             })?;
-            // the one rustls provider (ring), as the daemon installs it at start
-            didgate_io::tls::install_provider();
-            let egress = crate::egress::Egress::new(config)?;
             Reply {
                 ok: true,
-                probes: Some(secrets.probe(&egress, config, name, *version, now).await?),
+                probes: Some(secrets.probe(upstreams, name, *version, now).await?),
                 ..Default::default()
             }
         }
@@ -279,7 +277,16 @@ pub async fn admin(data: &Path, req: &Request) -> Result<Reply, SecretError> {
             "this node is a cluster member and is not running: start it so the change reaches every node (a change made here alone would be replaced by the cluster's at its next start)".into(),
         ));
     }
-    let reply = secret_command(&dir.secrets, dir.config.as_ref(), req).await;
+    // `secret test` without a daemon: the upstreams of gateway.toml, with their own clients
+    // on the one rustls provider (ring), as the daemon installs it at start
+    let upstreams = match (&dir.config, req) {
+        (Some(c), Request::SecretTest { .. }) => {
+            didgate_io::tls::install_provider();
+            Some(UpstreamSet::of_config(c).map_err(|e| SecretError::Invalid(e.to_string()))?)
+        }
+        _ => None,
+    };
+    let reply = secret_command(&dir.secrets, upstreams.as_ref(), req).await;
     tokio::task::spawn_blocking(move || drop(dir))
         .await
         .map_err(|source| SecretError::Task {

@@ -527,12 +527,14 @@ impl Gateway {
         for (key, reason) in plane.revocations().await.map_err(StartError::Cluster)? {
             self.apply_cluster_revocation(&key, &reason).await;
         }
+        // tables this node refuses fail its start: it would serve others than the cluster's
         if let Some(doc) = plane
             .current_document::<didgate_cluster::UpstreamsDocument>()
             .await
             .map_err(StartError::Cluster)?
         {
-            self.apply_cluster_upstreams(&doc);
+            self.apply_cluster_upstreams(&doc)
+                .map_err(StartError::Upstreams)?;
         }
         if let Some(doc) = plane
             .current_document::<didgate_cluster::PolicyDocument>()
@@ -733,17 +735,18 @@ impl Gateway {
     /// Re-reads the `[[upstream]]` tables of `gateway.toml`, checks them with the rest of the
     /// configuration in force (as at start), builds their HTTP clients, and swaps the set
     /// atomically: calls in flight finish with the upstreams they started with. On any error
-    /// the set in force stays. Returns the new set's hash.
-    pub fn reload_upstreams(&self) -> Result<[u8; 32], crate::upstreams::UpstreamSetError> {
+    /// the set in force stays. Returns the tables it put in force.
+    pub fn reload_upstreams(
+        &self,
+    ) -> Result<didgate_cluster::UpstreamsDocument, crate::upstreams::UpstreamSetError> {
         use crate::upstreams::UpstreamSetError;
         let path = DataDir::new(&self.dir).config();
         let raw = crate::config::RawConfig::read(&path)
             .map_err(|e| UpstreamSetError::Invalid(path.display().to_string(), Box::new(e)))?;
         let doc = UpstreamSet::document_of(raw.upstreams)?;
-        let set = UpstreamSet::from_document(&self.config, &doc)?;
-        let hash = set.hash();
+        let set = UpstreamSet::from_document(&self.config, &doc, None)?;
         self.swap_upstreams(set);
-        Ok(hash)
+        Ok(doc)
     }
 
     /// Puts `set` in force unless it is the one in force already; `true` when it swapped.
@@ -764,30 +767,38 @@ impl Gateway {
     /// node checks them and swaps them in ([`Gateway::apply_cluster_upstreams`]).
     pub async fn reload_upstreams_everywhere(self: &Arc<Self>) -> Result<[u8; 32], ReloadError> {
         let gw = self.clone();
-        let hash = tokio::task::spawn_blocking(move || gw.reload_upstreams())
+        let doc = tokio::task::spawn_blocking(move || gw.reload_upstreams())
             .await
             .map_err(|e| ReloadError::Task(e.to_string()))??;
+        // the tables this reload read, not whatever the watch may have swapped in since
         if let Some(plane) = self.cluster.get() {
-            let doc = self.upstreams().document().clone();
             plane
                 .publish_document(&doc)
                 .await
                 .map_err(ReloadError::Publish)?;
         }
-        Ok(hash)
+        Ok(didgate_cluster::Document::hash(&doc))
     }
 
     /// Swaps in the upstreams another node published, checked with this node's own
     /// configuration (nothing happens when they are the ones in force; tables that do not
     /// validate here, such as ones lacking an upstream a `[[rule]]` of this node names, are
     /// refused, logged, and the upstreams in force stay).
-    pub fn apply_cluster_upstreams(&self, doc: &didgate_cluster::UpstreamsDocument) {
-        match UpstreamSet::from_document(&self.config, doc) {
+    pub fn apply_cluster_upstreams(
+        &self,
+        doc: &didgate_cluster::UpstreamsDocument,
+    ) -> Result<(), crate::upstreams::UpstreamSetError> {
+        // this node's own file, as it is now, says where its secrets may go
+        let own = crate::config::RawConfig::read(&DataDir::new(&self.dir).config())
+            .unwrap_or_else(|_| self.config.to_raw());
+        match UpstreamSet::from_document(&self.config, doc, Some(&own)) {
             Ok(set) => {
                 self.swap_upstreams(set);
+                Ok(())
             }
             Err(e) => {
-                tracing::error!(error = %e, "the cluster's upstreams do not validate on this node: the upstreams in force stay");
+                tracing::error!(error = %e, "the cluster's upstreams are refused on this node: the upstreams in force stay");
+                Err(e)
             }
         }
     }

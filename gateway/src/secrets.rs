@@ -83,7 +83,7 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use tokio::sync::watch;
 use zeroize::Zeroizing;
 
-use crate::config::{Config, ConfigError, Upstream};
+use crate::config::{ConfigError, Upstream};
 use crate::datadir::{DataDir, LIFECYCLE, SECRETS};
 use crate::kms::{KeyId, Kms, KmsError, LocalKms, SealedVersion};
 use crate::pkcs11::{Pkcs11Kms, Token, TokenConfig};
@@ -1537,20 +1537,15 @@ impl Secrets {
     /// (2xx = ok). The response body is dropped unread; no value is returned.
     pub async fn probe(
         &self,
-        egress: &crate::egress::Egress,
-        config: &Config,
+        upstreams: &crate::upstreams::UpstreamSet,
         name: &str,
         version: Option<u64>,
         now_ms: u64,
     ) -> Result<Vec<Probe>, SecretError> {
-        let users: Vec<&Upstream> = config
-            .upstreams()
-            .iter()
-            .filter(|u| u.secret() == name)
-            .collect();
+        let users: Vec<&Upstream> = upstreams.iter().filter(|u| u.secret() == name).collect();
         if users.is_empty() {
             return Err(SecretError::Invalid(format!(
-                "no upstream in gateway.toml uses secret {name}"
+                "no upstream in force uses secret {name}"
             )));
         }
         let testable: Vec<(&Upstream, &str)> = users
@@ -1559,7 +1554,7 @@ impl Secrets {
             .collect();
         if testable.is_empty() {
             return Err(SecretError::Invalid(format!(
-                "no upstream using secret {name} sets test_path in gateway.toml"
+                "no upstream in force using secret {name} sets test_path"
             )));
         }
         let mut out = Vec::new();
@@ -1569,7 +1564,7 @@ impl Secrets {
             let idem = hex::encode(rand::random::<[u8; 16]>());
             // the upstream's own client: the same egress rules as a call (`local`, resolver)
             let sent = upstream::send(
-                egress.client(up.name()),
+                upstreams.client(up.name()),
                 up,
                 &req,
                 Vec::new(),

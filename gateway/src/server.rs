@@ -395,7 +395,7 @@ fn watch_cluster_revocations(gw: &Arc<Gateway>) -> Option<tokio::task::JoinHandl
     // and its upstreams
     let upstreams_gw = gw.clone();
     let _upstreams = plane.watch_document(move |doc: didgate_cluster::UpstreamsDocument| {
-        upstreams_gw.apply_cluster_upstreams(&doc);
+        let _ = upstreams_gw.apply_cluster_upstreams(&doc);
     });
     let gw = gw.clone();
     Some(tokio::spawn(async move {

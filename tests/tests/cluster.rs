@@ -157,6 +157,8 @@ fn settings(etcd: &Etcd, cluster: &str, node: &str, ttl: u64) -> ClusterSettings
         ca_file: None,
         cert_file: None,
         key_file: None,
+        upstream_hosts: Vec::new(),
+        allow_local_upstreams: false,
     }
 }
 

@@ -195,9 +195,9 @@ async fn rotation_keeps_calls_working_across_the_grace_window() -> anyhow::Resul
 
     // inside the window the old version is still held and still works upstream
     let config = gw.config().clone();
-    let http = didgate_gateway::egress::Egress::new(&config)?;
+    let upstreams = didgate_gateway::upstreams::UpstreamSet::of_config(&config)?;
     let probes = secrets
-        .probe(&http, &config, NAME, Some(1), t0 + grace - 1)
+        .probe(&upstreams, NAME, Some(1), t0 + grace - 1)
         .await?;
     assert!(probes.iter().all(|p| p.ok && p.version == 1), "{probes:?}");
     assert_eq!(
@@ -210,9 +210,7 @@ async fn rotation_keeps_calls_working_across_the_grace_window() -> anyhow::Resul
     let upkeep = secrets.maintain(t0 + grace)?;
     assert_eq!(upkeep.sealed_off, vec![(NAME.to_string(), 1)]);
     assert!(matches!(
-        secrets
-            .probe(&http, &config, NAME, Some(1), t0 + grace)
-            .await,
+        secrets.probe(&upstreams, NAME, Some(1), t0 + grace).await,
         Err(SecretError::Unavailable(..))
     ));
     let listed = secrets.list()?;

@@ -158,7 +158,8 @@ async fn execute(gw: &Arc<Gateway>, req: Request) -> Reply {
             {
                 return clustered_secret_command(gw, &req, name).await;
             }
-            let reply = crate::admin::secret_command(gw.secrets(), Some(gw.config()), &req).await;
+            let upstreams = gw.upstreams();
+            let reply = crate::admin::secret_command(gw.secrets(), Some(&upstreams), &req).await;
             if reply.ok {
                 secret_event(gw, &req, &reply);
             }
@@ -264,10 +265,11 @@ async fn clustered_secret_command(gw: &Arc<Gateway>, req: &Request, name: &str) 
     let Some(plane) = gw.cluster() else {
         return failure("this node has not joined its cluster: nothing was changed");
     };
+    let upstreams = gw.upstreams();
     let (reply, published) = gw
         .shared
         .change(plane, gw.secrets(), name, || {
-            crate::admin::secret_command(gw.secrets(), Some(gw.config()), req)
+            crate::admin::secret_command(gw.secrets(), Some(&upstreams), req)
         })
         .await;
     let Some(reply) = reply else {
