@@ -271,6 +271,10 @@ async fn members_register_under_a_lease_and_a_revocation_is_in_force_on_every_no
     // every node of a cluster holds the same master key
     let master = a.gw_dir().join("master.key");
     let b = Harness::start_sharing(Some(&master), |c| c.cluster = Some(b_settings)).await?;
+    let c = Harness::start_sharing(Some(&master), |c| {
+        c.cluster = Some(settings(&etcd, "c1", "node-c", 10));
+    })
+    .await?;
     let plane = b
         .gateway
         .as_ref()
@@ -287,7 +291,8 @@ async fn members_register_under_a_lease_and_a_revocation_is_in_force_on_every_no
             .collect::<Vec<_>>(),
         vec![
             ("node-a", a.addr.to_string()),
-            ("node-b", b.addr.to_string())
+            ("node-b", b.addr.to_string()),
+            ("node-c", c.addr.to_string())
         ]
     );
     assert!(
@@ -305,10 +310,11 @@ async fn members_register_under_a_lease_and_a_revocation_is_in_force_on_every_no
     let gw_b = b.gateway.clone().expect("b");
     let alice_did = Revoke::Did(Principal::parse(alice().did().as_str())?);
     gw_a.revoke(&alice_did, "left the team").await?;
+    let gw_c = c.gateway.clone().expect("c");
     until(
         Duration::from_secs(5),
-        "the revocation reaches node b",
-        async || gw_b.revoked(&alice_did),
+        "the revocation reaches nodes b and c",
+        async || gw_b.revoked(&alice_did) && gw_c.revoked(&alice_did),
     )
     .await?;
     // her open connection to b is closed by the revocation there; her next call on a new one
@@ -350,10 +356,9 @@ async fn members_register_under_a_lease_and_a_revocation_is_in_force_on_every_no
     // a leaves: its member key goes with its lease
     a.stop().await;
     let left = plane.members().await?;
-    assert_eq!(
-        left.iter().map(|m| m.node.as_str()).collect::<Vec<_>>(),
-        vec!["node-b"]
-    );
+    let mut left: Vec<&str> = left.iter().map(|m| m.node.as_str()).collect();
+    left.sort_unstable();
+    assert_eq!(left, vec!["node-b", "node-c"]);
     Ok(())
 }
 
@@ -709,6 +714,9 @@ async fn nodes_publish_their_checkpoints_and_witness_each_others() -> anyhow::Re
     let a = certified_member(&h, &a_dir, settings(&etcd, "c6", "a", 3)).await?;
     let b = certified_member(&h, &b_dir, settings(&etcd, "c6", "b", 3)).await?;
     let (gw_a, gw_b, a_addr) = (a.gw.clone(), b.gw.clone(), a.addr);
+    // a copy of a's store before the call: later, a's chain "rewritten" below what b witnessed
+    let early = tmp.path().join("a-early");
+    gw_a.chain().store().backup(&early)?;
     let client =
         didgate_client::Client::open(alice(), &h.chain_dir("alice-a"), a_addr, h.gw_did.clone())
             .await?;
@@ -741,6 +749,15 @@ async fn nodes_publish_their_checkpoints_and_witness_each_others() -> anyhow::Re
     drop((client, plane, gw_a, gw_b));
     a.stop().await?;
     b.stop().await?;
+    let verify = |a_store: &Path| {
+        std::process::Command::new(didgate_tests::bin("didgate-audit")?)
+            .args(["verify", "--gateway"])
+            .arg(a_store)
+            .arg("--gateway")
+            .arg(b_dir.join("store"))
+            .output()
+            .map_err(anyhow::Error::from)
+    };
     let out = std::process::Command::new(didgate_tests::bin("didgate-audit")?)
         .args(["verify", "--gateway"])
         .arg(a_dir.join("store"))
@@ -756,6 +773,11 @@ async fn nodes_publish_their_checkpoints_and_witness_each_others() -> anyhow::Re
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+    // a's chain as it was before b witnessed it: a named violation
+    let out = verify(&early)?;
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{said}");
+    assert!(said.contains("witnessed_rewrite"), "{said}");
     Ok(())
 }
 
