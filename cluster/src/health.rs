@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 pub struct Health {
     /// How long an unanswered keep-alive is tolerated: a third of the lease's TTL.
     bound_ms: u64,
-    /// When a keep-alive was last answered with the lease alive (ms since the epoch); 0 never.
+    /// When a keep-alive was last answered with the lease alive, ms on the caller's clock (a
+    /// running node's: [`crate::monotonic_ms`], never the wall clock); 0 never.
     last_ack_ms: AtomicU64,
 }
 

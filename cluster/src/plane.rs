@@ -290,7 +290,19 @@ impl ControlPlane {
     async fn keep_alive_once(&self) -> Result<i64, ClusterError> {
         let lease = self.lease();
         self.with_client(|mut c| async move {
-            let (mut keeper, mut stream) = c.lease_keep_alive(lease).await?;
+            let (mut keeper, mut stream) = match c.lease_keep_alive(lease).await {
+                Ok(k) => k,
+                // etcd-client reports an answer with TTL 0 (the lease expired or was revoked)
+                // as an error: ask etcd whether the lease is still there
+                Err(etcd_client::Error::LeaseKeepAliveError(e)) => {
+                    let left = c.lease_time_to_live(lease, None).await?.ttl();
+                    if left <= 0 {
+                        return Ok(0);
+                    }
+                    return Err(etcd_client::Error::LeaseKeepAliveError(e));
+                }
+                Err(e) => return Err(e),
+            };
             keeper.keep_alive().await?;
             Ok(stream.message().await?.map_or(0, |r| r.ttl()))
         })
@@ -318,7 +330,7 @@ impl ControlPlane {
                             lease = self.lease(),
                             "the cluster lease had expired: registered again"
                         );
-                        self.health.answered(now_ms());
+                        self.health.answered(monotonic_ms());
                     }
                     Err(e) => tracing::warn!(error = %e, "cannot register in the cluster again"),
                 },

@@ -801,10 +801,12 @@ async fn reload(
     };
     let reply = reply.context("control socket")?;
     if !reply.ok {
-        anyhow::bail!(
-            "reload refused (the {what} in force {stays}): {}",
-            reply.error.unwrap_or_default()
-        );
+        let error = reply.error.unwrap_or_default();
+        // in force on this node, only its publication failed
+        if error.contains("not published to the cluster") {
+            anyhow::bail!("{error}");
+        }
+        anyhow::bail!("reload refused (the {what} in force {stays}): {error}");
     }
     let hash = reply.policy.or(reply.upstreams).unwrap_or_default();
     println!("{what} reloaded: {hash}");

@@ -81,15 +81,20 @@ pub(crate) async fn answer(
     // one export at a time: each writes a whole file first; the peer must still be a member
     // when its turn comes
     let _one = gw.exporting.lock().await;
-    if !plane
-        .members()
-        .await
-        .is_ok_and(|m| m.iter().any(|m| m.key == peer))
-    {
-        let why = "only a member of this gateway's cluster may read its chain";
-        return gw
-            .refuse_unverified(cx, &mut send, RefusalCode::Policy, why)
-            .await;
+    match plane.members().await {
+        Ok(m) if m.iter().any(|m| m.key == peer) => {}
+        Ok(_) => {
+            let why = "only a member of this gateway's cluster may read its chain";
+            return gw
+                .refuse_unverified(cx, &mut send, RefusalCode::Policy, why)
+                .await;
+        }
+        Err(e) => {
+            let why = format!("the cluster's members cannot be read: {e}");
+            return gw
+                .refuse_unverified(cx, &mut send, RefusalCode::ControlPlaneUnavailable, &why)
+                .await;
+        }
     }
     let path = gw.data_dir().join(format!("{TEMP_PREFIX}{}.tmp", now_ms()));
     let chain = gw.chain().clone();

@@ -924,11 +924,23 @@ impl Gateway {
     /// In a cluster it is then published to every node ([`Gateway::join_cluster`]).
     pub async fn revoke(&self, target: &Revoke, reason: &str) -> Result<EntryRef, RevokeError> {
         let entry = self.revoke_here(target, reason).await?;
-        if let Some(plane) = self.cluster.get() {
-            plane
+        match (self.cluster.get(), self.config.cluster()) {
+            (Some(plane), _) => plane
                 .publish_revocation(&revoke_key(target), reason)
                 .await
-                .map_err(RevokeError::Publish)?;
+                .map_err(RevokeError::Publish)?,
+            // a cluster member not serving (`didgated revoke` with no daemon): published all
+            // the same, without joining
+            (None, Some(settings)) => {
+                let tls = settings.tls(&self.dir).map_err(RevokeError::Publish)?;
+                didgate_cluster::ControlPlane::observe(settings.clone(), tls)
+                    .await
+                    .map_err(RevokeError::Publish)?
+                    .publish_revocation(&revoke_key(target), reason)
+                    .await
+                    .map_err(RevokeError::Publish)?;
+            }
+            (None, None) => {}
         }
         Ok(entry)
     }

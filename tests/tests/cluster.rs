@@ -420,6 +420,35 @@ async fn a_node_cut_off_from_etcd_refuses_then_serves_again_and_survives_a_kille
     })
     .await?;
     println!("serving {:?} after etcd came back", back_at.elapsed());
+    // its lease revoked behind its back (as when it was cut off longer than the TTL): it
+    // registers again under a new lease, and still fails closed when etcd goes away again
+    let old = plane.lease();
+    let revoked = std::process::Command::new("etcdctl")
+        .env("ETCDCTL_API", "3")
+        .args(["--endpoints", &etcd.endpoints.join(",")])
+        .args(["lease", "revoke", &format!("{old:x}")])
+        .output()?;
+    anyhow::ensure!(
+        revoked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&revoked.stderr)
+    );
+    until(Duration::from_secs(10), "registered again", async || {
+        plane.lease() != old
+    })
+    .await?;
+    etcd.kill_all()?;
+    until(
+        Duration::from_secs(10),
+        "control_plane_unavailable again",
+        async || refused_with(&client, RefusalCode::ControlPlaneUnavailable).await,
+    )
+    .await?;
+    etcd.restart()?;
+    until(Duration::from_secs(20), "serving again", async || {
+        call().await.is_ok()
+    })
+    .await?;
     let members = plane.members().await?;
     assert_eq!(members.len(), 1);
     assert_eq!(members[0].lease, plane.lease());
@@ -849,10 +878,18 @@ async fn rollback_and_conflict(
             .is_some(),
         "etcd takes any write"
     );
+    // both nodes healed it: etcd and both stores agree again
+    let agreed = async || {
+        let (a, b) = (
+            gw_a.secrets().stored("payments-key").ok().flatten(),
+            gw_b.secrets().stored("payments-key").ok().flatten(),
+        );
+        newest_in_etcd(gw_b).await == Some(2) && a.is_some() && a == b
+    };
     until(
         Duration::from_secs(5),
         "a node publishes version 2 over the rollback",
-        async || newest_in_etcd(gw_b).await == Some(2),
+        agreed,
     )
     .await?;
     // a rotates to version 3 while b's disable of version 2 lands in etcd first
@@ -861,10 +898,14 @@ async fn rollback_and_conflict(
     let (out, published) = gw_a
         .shared()
         .change(&plane_a, gw_a.secrets(), "payments-key", || async {
-            gw_b.secrets().disable("payments-key", now)?;
-            let (_, rev) = plane.secret("payments-key").await?.expect("published");
-            let disabled = gw_b.secrets().stored("payments-key")?.expect("stored");
-            plane.publish_secret("payments-key", &disabled, rev).await?;
+            // b's operator disables it, through b's own path
+            let (_, on_b) = gw_b
+                .shared()
+                .change(&plane, gw_b.secrets(), "payments-key", || async {
+                    gw_b.secrets().disable("payments-key", now)
+                })
+                .await;
+            on_b?;
             gw_a.secrets()
                 .rotate("payments-key", "sk_live_lost_rotation_77", now)?;
             anyhow::Ok(())
@@ -874,10 +915,11 @@ async fn rollback_and_conflict(
     let lost = published.expect_err("a conflict").to_string();
     assert!(lost.contains("another node changed"), "{lost}");
     // a holds the cluster's record (version 2, disabled), not its lost version 3
-    assert_eq!(
-        gw_a.secrets().stored("payments-key")?,
-        gw_b.secrets().stored("payments-key")?
-    );
+    until(Duration::from_secs(5), "a and b agree", async || {
+        gw_a.secrets().stored("payments-key").ok().flatten()
+            == gw_b.secrets().stored("payments-key").ok().flatten()
+    })
+    .await?;
     assert_eq!(newest_in_etcd(gw_a).await, Some(2));
     assert!(
         gw_a.secrets().open_current("payments-key", now).is_err(),
@@ -968,6 +1010,21 @@ async fn a_secret_rotated_on_one_node_is_used_by_every_node() -> anyhow::Result<
     .await??;
     assert_ne!(code, Some(0));
     assert!(stderr.contains("cluster member"), "{stderr}");
+    // a revocation made on the stopped member reaches the cluster all the same
+    let stranger = Identity::generate();
+    let (dir, did) = (b.gw_dir(), stranger.did().to_string());
+    let (code, stderr) = tokio::task::spawn_blocking(move || {
+        didgated(&["revoke", "did", &did, "--reason", "offline"], &dir, "")
+    })
+    .await??;
+    assert_eq!(code, Some(0), "{stderr}");
+    let revoked = Revoke::Did(Principal::parse(stranger.did().as_str())?);
+    until(
+        Duration::from_secs(5),
+        "a takes b's offline revocation",
+        async || gw_a.revoked(&revoked),
+    )
+    .await?;
     // b's chain declares the version its calls used (the taken record's secret entry)
     let out = std::process::Command::new(didgate_tests::bin("didgate-audit")?)
         .args(["verify", "--gateway"])
