@@ -341,17 +341,12 @@ impl ControlPlane {
 
     /// The members registered now.
     pub async fn members(&self) -> Result<Vec<Member>, ClusterError> {
-        let prefix = keys::members(&self.settings.name);
-        let resp = self
-            .with_client(|mut c| async move {
-                c.get(prefix, Some(GetOptions::new().with_prefix())).await
-            })
-            .await?;
-        resp.kvs()
-            .iter()
-            .map(|kv| {
-                serde_json::from_slice(kv.value()).map_err(|source| ClusterError::Member {
-                    key: String::from_utf8_lossy(kv.key()).into_owned(),
+        self.get_prefix(keys::members(&self.settings.name))
+            .await?
+            .into_iter()
+            .map(|(key, value, _)| {
+                serde_json::from_slice(&value).map_err(|source| ClusterError::Member {
+                    key: String::from_utf8_lossy(&key).into_owned(),
                     source,
                 })
             })
@@ -388,7 +383,7 @@ impl ControlPlane {
             .get_prefix(keys::revocations(&name))
             .await?
             .into_iter()
-            .filter_map(|(k, v)| {
+            .filter_map(|(k, v, _)| {
                 Some((
                     keys::revocation_key(&name, &k)?,
                     String::from_utf8_lossy(&v).into_owned(),
@@ -403,20 +398,24 @@ impl ControlPlane {
             .get_prefix(keys::node_revocations(&self.settings.name))
             .await?
             .into_iter()
-            .map(|(_, v)| v)
+            .map(|(_, v, _)| v)
             .collect())
     }
 
     /// The cluster's current document of its kind (policy, upstreams), if one was published.
     pub async fn current_document<D: Document>(&self) -> Result<Option<D>, ClusterError> {
         let key = keys::document_current(&self.settings.name, D::KIND);
-        let Some((_, hash)) = self.get_prefix(key).await?.into_iter().next() else {
+        let Some((_, hash, _)) = self.get_prefix(key).await?.into_iter().next() else {
             return Ok(None);
         };
         self.document(&String::from_utf8_lossy(&hash)).await
     }
 
-    async fn get_prefix(&self, prefix: String) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ClusterError> {
+    /// Every key under `prefix` now: (key, value, mod revision).
+    async fn get_prefix(
+        &self,
+        prefix: String,
+    ) -> Result<Vec<(Vec<u8>, Vec<u8>, i64)>, ClusterError> {
         let resp = self
             .with_client(|mut c| async move {
                 c.get(prefix, Some(GetOptions::new().with_prefix())).await
@@ -425,7 +424,20 @@ impl ControlPlane {
         Ok(resp
             .kvs()
             .iter()
-            .map(|kv| (kv.key().to_vec(), kv.value().to_vec()))
+            .map(|kv| (kv.key().to_vec(), kv.value().to_vec(), kv.mod_revision()))
+            .collect())
+    }
+
+    /// Every key under `prefix` now, named by the rest of its key: (name, value, mod revision).
+    async fn get_named(&self, prefix: String) -> Result<Vec<(String, Vec<u8>, i64)>, ClusterError> {
+        let n = prefix.len();
+        Ok(self
+            .get_prefix(prefix)
+            .await?
+            .into_iter()
+            .filter_map(|(k, v, rev)| {
+                Some((String::from_utf8_lossy(k.get(n..)?).into_owned(), v, rev))
+            })
             .collect())
     }
 
@@ -493,23 +505,11 @@ impl ControlPlane {
 
     /// The registry of node chains: each node's name and latest signed checkpoint.
     pub async fn checkpoints(&self) -> Result<Vec<(String, Vec<u8>)>, ClusterError> {
-        let prefix = keys::chains(&self.settings.name);
-        let p = prefix.clone();
-        let resp = self
-            .with_client(
-                |mut c| async move { c.get(p, Some(GetOptions::new().with_prefix())).await },
-            )
-            .await?;
-        Ok(resp
-            .kvs()
-            .iter()
-            .filter_map(|kv| {
-                let node = kv.key().strip_prefix(prefix.as_bytes())?;
-                Some((
-                    String::from_utf8_lossy(node).into_owned(),
-                    kv.value().to_vec(),
-                ))
-            })
+        Ok(self
+            .get_named(keys::chains(&self.settings.name))
+            .await?
+            .into_iter()
+            .map(|(node, cp, _)| (node, cp))
             .collect())
     }
 
@@ -710,25 +710,7 @@ impl ControlPlane {
 
     /// Every sealed secret in the cluster: (name, record, mod revision).
     pub async fn secrets(&self) -> Result<Vec<(String, Vec<u8>, i64)>, ClusterError> {
-        let prefix = keys::secrets(&self.settings.name);
-        let p = prefix.clone();
-        let resp = self
-            .with_client(
-                |mut c| async move { c.get(p, Some(GetOptions::new().with_prefix())).await },
-            )
-            .await?;
-        Ok(resp
-            .kvs()
-            .iter()
-            .filter_map(|kv| {
-                let name = kv.key().strip_prefix(prefix.as_bytes())?;
-                Some((
-                    String::from_utf8_lossy(name).into_owned(),
-                    kv.value().to_vec(),
-                    kv.mod_revision(),
-                ))
-            })
-            .collect())
+        self.get_named(keys::secrets(&self.settings.name)).await
     }
 
     /// Applies every sealed secret in the cluster now and each one published from then on

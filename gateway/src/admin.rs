@@ -267,12 +267,7 @@ pub async fn admin(data: &Path, req: &Request) -> Result<Reply, SecretError> {
         && (req.secret_written().is_some()
             || matches!(req, Request::KmsRotate | Request::KmsToToken { .. }))
     {
-        tokio::task::spawn_blocking(move || drop(dir))
-            .await
-            .map_err(|source| SecretError::Task {
-                what: "closing the chain",
-                source,
-            })?;
+        close(dir).await?;
         return Err(SecretError::Invalid(
             "this node is a cluster member and is not running: start it so the change reaches every node (a change made here alone would be replaced by the cluster's at its next start)".into(),
         ));
@@ -287,13 +282,18 @@ pub async fn admin(data: &Path, req: &Request) -> Result<Reply, SecretError> {
         _ => None,
     };
     let reply = secret_command(&dir.secrets, upstreams.as_ref(), req).await;
+    close(dir).await?;
+    Ok(reply)
+}
+
+/// Closes directly opened secrets (their chain's final checkpoint) off the async threads.
+async fn close(dir: DirSecrets) -> Result<(), SecretError> {
     tokio::task::spawn_blocking(move || drop(dir))
         .await
         .map_err(|source| SecretError::Task {
             what: "closing the chain",
             source,
-        })?;
-    Ok(reply)
+        })
 }
 
 /// Renders the secrets as the `secret list` table: name, version, prefix, status, last use.

@@ -483,23 +483,19 @@ impl Gateway {
         if opened.envelope().signer() != self.identity.did() || cp.chain != self.chain.id() {
             return Ok(());
         }
-        let store = self.chain.store().clone();
-        let held = tokio::task::spawn_blocking(move || {
-            store.head().ok().flatten().map_or(0, |h| h.seq + 1)
+        let (store, size) = (self.chain.store().clone(), cp.size);
+        // the chain's length, and its root at the registry's size (one read of the store)
+        let (held, ours) = tokio::task::spawn_blocking(move || {
+            let held = store.head().ok().flatten().map_or(0, |h| h.seq + 1);
+            (held, (held >= size).then(|| store.root_at(size)).flatten())
         })
         .await
         .map_err(|e| StartError::Rewound(format!("reading the chain: {e}")))?;
-        if cp.size > held {
+        if size > held {
             return Err(StartError::Rewound(format!(
-                "this node's chain holds {held} entries, but the cluster saw it at {} (chains/{node}): restored from an old backup or a rewound disk? Serving would fork the chain; restore a newer copy, or give the node a new data directory",
-                cp.size
+                "this node's chain holds {held} entries, but the cluster saw it at {size} (chains/{node}): restored from an old backup or a rewound disk? Serving would fork the chain; restore a newer copy, or give the node a new data directory"
             )));
         }
-        let store = self.chain.store().clone();
-        let size = cp.size;
-        let ours = tokio::task::spawn_blocking(move || store.root_at(size))
-            .await
-            .map_err(|e| StartError::Rewound(format!("reading the chain: {e}")))?;
         if ours != Some(cp.root) {
             return Err(StartError::Rewound(format!(
                 "this node's chain differs, at size {size}, from the checkpoint the cluster saw (chains/{node}): serving would fork it"

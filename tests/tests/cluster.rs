@@ -162,6 +162,32 @@ fn settings(etcd: &Etcd, cluster: &str, node: &str, ttl: u64) -> ClusterSettings
     }
 }
 
+/// `didgate-audit verify` over the chains of `gateways` (stores, data directories or exports)
+/// and `clients`.
+fn audit_verify(gateways: &[PathBuf], clients: &[PathBuf]) -> anyhow::Result<std::process::Output> {
+    let mut cmd = std::process::Command::new(didgate_tests::bin("didgate-audit")?);
+    cmd.arg("verify");
+    for g in gateways {
+        cmd.arg("--gateway").arg(g);
+    }
+    for c in clients {
+        cmd.arg("--client").arg(c);
+    }
+    Ok(cmd.output()?)
+}
+
+/// [`audit_verify`] passes (exit 0), or the test fails with its report.
+fn assert_verifies(gateways: &[PathBuf], clients: &[PathBuf]) -> anyhow::Result<()> {
+    let out = audit_verify(gateways, clients)?;
+    anyhow::ensure!(
+        out.status.code() == Some(0),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
 /// Polls `f` until it holds, or fails after `within`.
 async fn until(
     within: Duration,
@@ -520,19 +546,7 @@ async fn a_single_node_joins_a_new_cluster_keeping_its_chain_secrets_and_policy(
     // the chain continues across the upgrade and verifies with the client's
     drop((client, gw_a));
     a.stop().await;
-    let out = std::process::Command::new(didgate_tests::bin("didgate-audit")?)
-        .args(["verify", "--gateway"])
-        .arg(a.gw_dir())
-        .arg("--client")
-        .arg(a.chain_dir("alice"))
-        .output()?;
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_verifies(&[a.gw_dir()], &[a.chain_dir("alice")])?;
     Ok(())
 }
 
@@ -778,32 +792,12 @@ async fn nodes_publish_their_checkpoints_and_witness_each_others() -> anyhow::Re
     drop((client, plane, gw_a, gw_b));
     a.stop().await?;
     b.stop().await?;
-    let verify = |a_store: &Path| {
-        std::process::Command::new(didgate_tests::bin("didgate-audit")?)
-            .args(["verify", "--gateway"])
-            .arg(a_store)
-            .arg("--gateway")
-            .arg(b_dir.join("store"))
-            .output()
-            .map_err(anyhow::Error::from)
-    };
-    let out = std::process::Command::new(didgate_tests::bin("didgate-audit")?)
-        .args(["verify", "--gateway"])
-        .arg(a_dir.join("store"))
-        .arg("--gateway")
-        .arg(b_dir.join("store"))
-        .arg("--client")
-        .arg(h.chain_dir("alice-a"))
-        .output()?;
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_verifies(
+        &[a_dir.join("store"), b_dir.join("store")],
+        &[h.chain_dir("alice-a")],
+    )?;
     // a's chain as it was before b witnessed it: a named violation
-    let out = verify(&early)?;
+    let out = audit_verify(&[early, b_dir.join("store")], &[])?;
     let said = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1), "{said}");
     assert!(said.contains("witnessed_rewrite"), "{said}");
@@ -1026,19 +1020,7 @@ async fn a_secret_rotated_on_one_node_is_used_by_every_node() -> anyhow::Result<
     )
     .await?;
     // b's chain declares the version its calls used (the taken record's secret entry)
-    let out = std::process::Command::new(didgate_tests::bin("didgate-audit")?)
-        .args(["verify", "--gateway"])
-        .arg(b.gw_dir())
-        .arg("--client")
-        .arg(b.chain_dir("alice-b"))
-        .output()?;
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_verifies(&[b.gw_dir()], &[b.chain_dir("alice-b")])?;
     let _ = stop_ctl.send(true);
     ctl.await??;
     Ok(())
@@ -1095,23 +1077,10 @@ async fn every_nodes_chain_is_exported_from_one_node_and_verifies() -> anyhow::R
     let said = String::from_utf8_lossy(&done.stderr).into_owned();
     assert_eq!(done.status.code(), Some(0), "{said}");
     // both exports and both clients' chains verify in one run
-    let verify = std::process::Command::new(didgate_tests::bin("didgate-audit")?)
-        .args(["verify", "--gateway"])
-        .arg(out.join("a.export"))
-        .arg("--gateway")
-        .arg(out.join("b.export"))
-        .arg("--client")
-        .arg(h.chain_dir("alice-a"))
-        .arg("--client")
-        .arg(h.chain_dir("alice-b"))
-        .output()?;
-    assert_eq!(
-        verify.status.code(),
-        Some(0),
-        "{}{}",
-        String::from_utf8_lossy(&verify.stdout),
-        String::from_utf8_lossy(&verify.stderr)
-    );
+    assert_verifies(
+        &[out.join("a.export"), out.join("b.export")],
+        &[h.chain_dir("alice-a"), h.chain_dir("alice-b")],
+    )?;
     // b leaves: its chain is in the registry but cannot be fetched; the export says so
     b.stop().await?;
     let done = export(tmp.path().join("exports-2")).await??;
@@ -1261,16 +1230,7 @@ async fn a_node_restored_from_an_old_copy_of_its_store_refuses_to_serve() -> any
     .await??;
     assert_eq!(code, Some(0), "{stderr}");
     // the backup alone is a chain that verifies
-    let out = std::process::Command::new(didgate_tests::bin("didgate-audit")?)
-        .args(["verify", "--gateway"])
-        .arg(&backup)
-        .output()?;
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert_verifies(std::slice::from_ref(&backup), &[])?;
     // the node serves on; a clean stop seals and publishes its last checkpoint
     for _ in 0..3 {
         client.call(balance()).await?;
