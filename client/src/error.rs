@@ -148,6 +148,12 @@ impl CallError {
                 RefusalCode::ControlPlaneUnavailable => {
                     "this node of the gateway cannot reach its control plane, so nothing was admitted: try again later or another node"
                 }
+                RefusalCode::Handover => {
+                    "this caller's home node changed moments ago and is waiting out the previous one's window: make the call again after the time in the reason"
+                }
+                RefusalCode::Moved => {
+                    "the node could not be followed to this caller's home node: try again"
+                }
                 RefusalCode::KmsUnavailable => {
                     "the gateway's key store is unavailable, so the secret could not be opened (the grant was consumed; the upstream was not called): try again later"
                 }

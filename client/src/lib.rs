@@ -152,7 +152,11 @@ pub struct Answer {
 pub struct Client {
     identity: Arc<Identity>,
     gateway: Did,
+    /// The address the gateway was pinned at.
     addr: SocketAddr,
+    /// Where calls go now: `addr`, or this caller's home node in a cluster once a node said
+    /// `moved` ([`Client::follow`]).
+    target: std::sync::Mutex<SocketAddr>,
     endpoint: quinn::Endpoint,
     conn: Mutex<Option<quinn::Connection>>,
     chain: Chain,
@@ -172,6 +176,10 @@ pub struct Client {
     /// The last signed refusals, by call ([`Client::take_refusal`]).
     refusals: std::sync::Mutex<std::collections::VecDeque<([u8; 32], Vec<u8>)>>,
 }
+
+/// How many `moved` refusals one call follows ([`Client::open_routed`]): a cluster whose
+/// members change under it may send a caller on twice; more is a loop.
+const MAX_MOVES: usize = 2;
 
 /// How many signed refusals a client keeps for [`Client::take_refusal`].
 const KEPT_REFUSALS: usize = 256;
@@ -295,6 +303,7 @@ impl Client {
             identity,
             gateway,
             addr,
+            target: std::sync::Mutex::new(addr),
             endpoint,
             conn: Mutex::new(None),
             chain,
@@ -376,9 +385,15 @@ impl Client {
         self.connect_timeout
     }
 
-    /// The gateway's address.
+    /// The gateway's address (the one it was pinned at).
     pub fn gateway_addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// Where this client's calls go now: the pinned address, or in a cluster this caller's
+    /// home node once a node answered `moved` (remembered until it is unreachable).
+    pub fn home_addr(&self) -> SocketAddr {
+        self.current()
     }
 
     /// Speaks protocol `version` instead of [`Version::CURRENT`] (for a gateway of an older
@@ -432,8 +447,18 @@ impl Client {
         {
             return Ok(c.clone());
         }
-        let conn = self.connect().await.inspect_err(|e| {
-            tracing::warn!(gateway = %self.addr, error = %e, "cannot connect to the gateway");
+        let conn = match self.connect().await {
+            // a home node remembered but gone: back to the pinned address, which sends this
+            // caller to its home as the cluster now sees it
+            Err(CallError::Unreachable(_)) if self.current() != self.addr => {
+                tracing::warn!(home = %self.current(), gateway = %self.addr, "this caller's home node is unreachable: back to the pinned address");
+                self.set_target(self.addr);
+                self.connect().await
+            }
+            other => other,
+        }
+        .inspect_err(|e| {
+            tracing::warn!(gateway = %self.current(), error = %e, "cannot connect to the gateway");
         })?;
         *guard = Some(conn.clone());
         Ok(conn)
@@ -441,7 +466,7 @@ impl Client {
 
     /// One connection attempt, bounded by the connect timeout.
     async fn connect(&self) -> Result<quinn::Connection, CallError> {
-        let addr = self.addr;
+        let addr = self.current();
         *self
             .presented
             .lock()
@@ -470,7 +495,7 @@ impl Client {
     /// What a failed handshake means: another DID than the pinned one, a version the gateway
     /// does not serve, its connection limits, or anything else (unreachable).
     fn connect_error(&self, e: quinn::ConnectionError) -> CallError {
-        let addr = self.addr;
+        let addr = self.current();
         let presented = self
             .presented
             .lock()
@@ -502,6 +527,33 @@ impl Client {
         } else {
             CallError::Unreachable(Unreachable::Handshake { addr, source: e })
         }
+    }
+
+    /// Where calls go now (the pinned address, or the home node a `moved` named).
+    fn current(&self) -> SocketAddr {
+        *self.target.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn set_target(&self, addr: SocketAddr) {
+        *self.target.lock().unwrap_or_else(PoisonError::into_inner) = addr;
+    }
+
+    /// Follows a signed `moved` refusal (specs/protocol.md, "Home nodes"): remembers the home
+    /// node's address for this and every later call and drops the connection to the node
+    /// that sent it (calls still on it finish there). `false` when the home is not an
+    /// address this client can use, or is where the client already is.
+    async fn follow(&self, home: &message::Home) -> bool {
+        let Ok(addr) = home.addr.parse::<SocketAddr>() else {
+            tracing::warn!(home = %home.addr, "a moved refusal names no usable address");
+            return false;
+        };
+        if addr == self.current() {
+            return false;
+        }
+        tracing::info!(home = %addr, node = %home.node, "this caller's home node: following");
+        self.set_target(addr);
+        self.conn.lock().await.take();
+        true
     }
 
     /// Drops the cached connection if it is still `conn`, so the next call connects again.
@@ -863,9 +915,9 @@ impl Client {
         body: &[u8],
     ) -> Result<(ResponseHead, quinn::RecvStream, FrameDecoder), CallError> {
         self.record_request(call, bytes).await?;
-        let opened = self.open_stream(FrameType::Request, bytes, body).await;
-        let mut recv = match opened {
-            Ok(r) => r,
+        let opened = self.open_routed(FrameType::Request, bytes, body).await;
+        let (mut recv, dec, first) = match opened {
+            Ok((r, d, f)) => (r, d, f.map_or_else(|| Err(lost_without_cause()), Ok)),
             Err(e) => {
                 return Err(self
                     .record_result(call, Ending::Lost(e))
@@ -874,8 +926,6 @@ impl Client {
                     .unwrap_or_else(lost_without_cause));
             }
         };
-        let mut dec = FrameDecoder::new();
-        let first = self.read_answer_frame(&mut recv, &mut dec).await;
         let head = match first {
             Ok(AnswerFrame::Head(h)) => Ok(h),
             Ok(AnswerFrame::Final(last)) => {
@@ -963,6 +1013,35 @@ impl Client {
                     return Err(CallError::InvalidAnswer(InvalidAnswer::CatalogFrame(other)));
                 }
             }
+        }
+    }
+
+    /// Sends a first frame of `kind`, the body and FIN ([`Client::open_stream`]) and reads the
+    /// answer's first frame; a signed `moved` refusal is followed to the home node it names
+    /// ([`Client::follow`]) and the same frames are sent there (the node that said `moved`
+    /// claimed nothing), at most [`MAX_MOVES`] times.
+    async fn open_routed(
+        &self,
+        kind: FrameType,
+        first: &[u8],
+        body: &[u8],
+    ) -> Result<(quinn::RecvStream, FrameDecoder, Option<AnswerFrame>), CallError> {
+        let mut moves = 0;
+        loop {
+            let mut recv = self.open_stream(kind, first, body).await?;
+            let mut dec = FrameDecoder::new();
+            let frame = self.read_answer_frame(&mut recv, &mut dec).await?;
+            if let AnswerFrame::Final(last) = &frame
+                && let RawFinal::Refusal(r) = last.as_ref()
+                && r.message().code == message::RefusalCode::Moved
+                && let Some(home) = &r.message().home
+                && moves < MAX_MOVES
+                && self.follow(home).await
+            {
+                moves += 1;
+                continue;
+            }
+            return Ok((recv, dec, Some(frame)));
         }
     }
 
@@ -1067,12 +1146,15 @@ impl Client {
         first: &[u8],
         body: &[u8],
     ) -> Result<RawAnswer, CallError> {
-        let mut recv = self.open_stream(kind, first, body).await?;
-        let mut dec = FrameDecoder::new();
+        let (mut recv, mut dec, mut next) = self.open_routed(kind, first, body).await?;
         let mut head = None;
         let mut resp = Vec::new();
         loop {
-            match self.read_answer_frame(&mut recv, &mut dec).await? {
+            let frame = match next.take() {
+                Some(f) => f,
+                None => self.read_answer_frame(&mut recv, &mut dec).await?,
+            };
+            match frame {
                 AnswerFrame::Head(h) => head = Some(h),
                 AnswerFrame::Body(b) => resp.extend_from_slice(&b),
                 AnswerFrame::Final(last) => {

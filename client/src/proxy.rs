@@ -429,7 +429,8 @@ fn rate_wait(reason: &str) -> RateWait {
 }
 
 /// Whether an SDK may send the refused request again, and after how long: only a refusal that
-/// consumed nothing and can pass later (`rate_limited`, `shutting_down`). Never an unknown
+/// consumed nothing and can pass later (`rate_limited`, `shutting_down`, `handover`, and a
+/// `moved` the client could not follow). Never an unknown
 /// outcome (the call may have executed), nor a call whose grant was consumed.
 fn retry_advice(e: &CallError) -> (bool, Option<u64>) {
     match e {
@@ -443,7 +444,15 @@ fn retry_advice(e: &CallError) -> (bool, Option<u64>) {
             RateWait::Unknown => (true, None),
         },
         CallError::Refused {
-            code: RefusalCode::ShuttingDown,
+            code: RefusalCode::Handover,
+            reason,
+            ..
+        } => match rate_wait(reason) {
+            RateWait::In(ms) => (true, Some(ms)),
+            _ => (true, None),
+        },
+        CallError::Refused {
+            code: RefusalCode::ShuttingDown | RefusalCode::Moved,
             ..
         } => (true, None),
         _ => (false, None),
@@ -467,7 +476,9 @@ pub fn refusal_status(code: RefusalCode) -> u16 {
         RefusalCode::AuditUnavailable
         | RefusalCode::ShuttingDown
         | RefusalCode::KmsUnavailable
-        | RefusalCode::ControlPlaneUnavailable => 503,
+        | RefusalCode::ControlPlaneUnavailable
+        | RefusalCode::Moved
+        | RefusalCode::Handover => 503,
         _ => 400,
     }
 }

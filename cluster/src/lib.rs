@@ -7,10 +7,12 @@
 //! store: etcd is never on the per-call path.
 
 pub mod health;
+pub mod home;
 pub mod keys;
 pub mod plane;
 
 pub use health::Health;
+pub use home::{Homes, Route};
 pub use plane::{ClusterError, ControlPlane, Member, monotonic_ms};
 
 /// A policy as a cluster shares it (JSON in etcd under its hash): the Cedar text (or the

@@ -18,6 +18,7 @@ use etcd_client::{
 use tokio::sync::{Mutex, watch};
 
 use crate::health::Health;
+use crate::home::{Homes, Route};
 use crate::{ClusterSettings, Document, EtcdTls, keys};
 
 /// Why the control plane could not be used.
@@ -58,6 +59,11 @@ pub struct Member {
     pub node: String,
     /// The node's key (its did:key).
     pub key: String,
+    /// The gateway DID it serves (its own key's for a node without a node certificate).
+    /// Callers have homes among the members serving the same gateway ([`crate::home`]); a
+    /// member registered before this field existed serves none.
+    #[serde(default)]
+    pub gateway: String,
     /// Where it serves (UDP).
     pub address: String,
     /// Its lease id.
@@ -80,6 +86,12 @@ pub struct ControlPlane {
     lease: AtomicI64,
     member: Member,
     stop: watch::Sender<bool>,
+    /// The memberships read, for the callers' homes ([`ControlPlane::route`]); `None` until
+    /// [`ControlPlane::start_homes`], and the etcd revision of the last one applied.
+    homes: std::sync::Mutex<(Option<Homes>, i64)>,
+    /// Set once this node withdrew from the membership ([`ControlPlane::withdraw`]): it is not
+    /// registered again.
+    withdrawn: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -114,9 +126,10 @@ impl ControlPlane {
         settings: ClusterSettings,
         tls: Option<EtcdTls>,
         key: String,
+        gateway: String,
         address: SocketAddr,
     ) -> Result<Arc<Self>, ClusterError> {
-        let plane = Self::new(settings, tls, key, address.to_string());
+        let plane = Self::new(settings, tls, key, gateway, address.to_string());
         plane.register().await?;
         plane.health.answered(monotonic_ms());
         let stop = plane.stop.subscribe();
@@ -131,7 +144,7 @@ impl ControlPlane {
         settings: ClusterSettings,
         tls: Option<EtcdTls>,
     ) -> Result<Arc<Self>, ClusterError> {
-        let plane = Self::new(settings, tls, String::new(), String::new());
+        let plane = Self::new(settings, tls, String::new(), String::new(), String::new());
         plane.client().await?;
         Ok(plane)
     }
@@ -140,6 +153,7 @@ impl ControlPlane {
         settings: ClusterSettings,
         tls: Option<EtcdTls>,
         key: String,
+        gateway: String,
         address: String,
     ) -> Arc<Self> {
         let tls = tls.map(|t| {
@@ -155,6 +169,7 @@ impl ControlPlane {
         let member = Member {
             node: settings.node.clone(),
             key,
+            gateway,
             address,
             lease: 0,
             lease_ttl_secs: settings.lease_ttl_secs,
@@ -169,6 +184,8 @@ impl ControlPlane {
             lease: AtomicI64::new(0),
             member,
             stop: watch::channel(false).0,
+            homes: std::sync::Mutex::new((None, 0)),
+            withdrawn: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -323,7 +340,13 @@ impl ControlPlane {
                 _ = stop.changed() => return,
             }
             match self.keep_alive_once().await {
-                Ok(ttl) if ttl > 0 => self.health.answered(monotonic_ms()),
+                // the members read after the keep-alive: a node that serves has a view of
+                // the membership no older than its health bound ([`crate::home`])
+                Ok(ttl) if ttl > 0 => match self.refresh_members().await {
+                    Ok(()) => self.health.answered(monotonic_ms()),
+                    Err(e) => tracing::warn!(error = %e, "cannot read the cluster's members"),
+                },
+                Ok(_) if self.withdrawn.load(Ordering::Acquire) => {}
                 Ok(_) => match self.register().await {
                     Ok(()) => {
                         tracing::warn!(
@@ -351,6 +374,125 @@ impl ControlPlane {
                 })
             })
             .collect()
+    }
+
+    /// The members registered now, and the etcd revision of that read.
+    async fn members_at(&self) -> Result<(Vec<Member>, i64), ClusterError> {
+        let prefix = keys::members(&self.settings.name);
+        let resp = self
+            .with_client(|mut c| async move {
+                c.get(prefix, Some(GetOptions::new().with_prefix())).await
+            })
+            .await?;
+        let rev = resp.header().map_or(0, |h| h.revision());
+        let members = resp
+            .kvs()
+            .iter()
+            .map(|kv| {
+                serde_json::from_slice(kv.value()).map_err(|source| ClusterError::Member {
+                    key: String::from_utf8_lossy(kv.key()).into_owned(),
+                    source,
+                })
+            })
+            .collect::<Result<Vec<Member>, _>>()?;
+        Ok((members, rev))
+    }
+
+    /// The members serving this node's gateway, and the etcd revision of that read: the
+    /// nodes a caller of this gateway may have as its home.
+    async fn peers_at(&self) -> Result<(Vec<Member>, i64), ClusterError> {
+        let (mut members, rev) = self.members_at().await?;
+        members.retain(|m| m.gateway == self.member.gateway);
+        Ok((members, rev))
+    }
+
+    /// Reads the members and applies them to the homes (a read older than the one applied is
+    /// dropped).
+    async fn refresh_members(&self) -> Result<(), ClusterError> {
+        let (members, rev) = self.peers_at().await?;
+        let mut held = self.homes.lock().unwrap_or_else(|p| p.into_inner());
+        if rev >= held.1 {
+            held.1 = rev;
+            if let Some(h) = held.0.as_mut() {
+                h.apply(members, now_ms());
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts keeping the callers' homes with the members registered now
+    /// ([`Homes::new`]: `window_ms` is the request window, `others_served` whether another
+    /// node ever served in this cluster), then follows every change of the membership until
+    /// [`ControlPlane::leave`] (besides the read after each keep-alive).
+    pub async fn start_homes(
+        self: &Arc<Self>,
+        window_ms: u64,
+        others_served: bool,
+    ) -> Result<tokio::task::JoinHandle<()>, ClusterError> {
+        let (members, rev) = self.peers_at().await?;
+        {
+            let mut held = self.homes.lock().unwrap_or_else(|p| p.into_inner());
+            *held = (
+                Some(Homes::new(
+                    &self.settings.node,
+                    self.settings.lease_ttl_secs * 1000,
+                    window_ms,
+                    members,
+                    others_served,
+                    now_ms(),
+                )),
+                rev,
+            );
+        }
+        // any put or delete under members/ is read again in full
+        let plane = self.clone();
+        let prefix = keys::members(&self.settings.name);
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let notify = changed.clone();
+        let watch = self.watch_prefix_events(prefix, move || notify.notify_one());
+        let mut stop = self.stop.subscribe();
+        Ok(tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = changed.notified() => {
+                        if let Err(e) = plane.refresh_members().await {
+                            tracing::warn!(error = %e, "cannot read the cluster's members");
+                        }
+                    }
+                    _ = stop.changed() => break,
+                }
+            }
+            let _ = watch.await;
+        }))
+    }
+
+    /// Where a call of the caller `did` belongs now ([`Homes::route`]); [`Route::Unknown`]
+    /// before [`ControlPlane::start_homes`].
+    pub fn route(&self, did: &str) -> Route {
+        let held = self.homes.lock().unwrap_or_else(|p| p.into_inner());
+        held.0
+            .as_ref()
+            .map_or(Route::Unknown, |h| h.route(did, now_ms()))
+    }
+
+    /// The members of the current view ([`ControlPlane::route`]).
+    pub fn route_members(&self) -> Vec<Member> {
+        let held = self.homes.lock().unwrap_or_else(|p| p.into_inner());
+        held.0
+            .as_ref()
+            .map_or_else(Vec::new, |h| h.members().to_vec())
+    }
+
+    /// Withdraws this node from the membership before it stops (a planned leave): its member
+    /// key is deleted, so every node, this one included, sends its callers to their new
+    /// homes; the lease stays alive until [`ControlPlane::leave`], so the node still serves
+    /// the calls in flight.
+    pub async fn withdraw(&self) -> Result<(), ClusterError> {
+        self.withdrawn.store(true, Ordering::Release);
+        let key = keys::member(&self.settings.name, &self.settings.node);
+        self.with_client(|mut c| async move { c.delete(key, None).await })
+            .await?;
+        self.refresh_members().await
     }
 
     /// Publishes a revocation (the gateway's revocation key and its reason) to every node.
@@ -758,6 +900,53 @@ impl ControlPlane {
                     _ = stop.changed() => return,
                 }
                 // a pause before trying again (the next endpoint)
+                tokio::select! {
+                    () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    _ = stop.changed() => return,
+                }
+            }
+        })
+    }
+
+    /// Calls `changed` once now and after every watch response with events under `prefix`
+    /// (put or delete), until [`ControlPlane::leave`]; after a failure, on the next endpoint.
+    fn watch_prefix_events<F>(
+        self: &Arc<Self>,
+        prefix: String,
+        changed: F,
+    ) -> tokio::task::JoinHandle<()>
+    where
+        F: Fn() + Send + Sync + 'static,
+    {
+        let plane = self.clone();
+        let mut stop = self.stop.subscribe();
+        tokio::spawn(async move {
+            loop {
+                if *stop.borrow() {
+                    return;
+                }
+                changed();
+                let p = prefix.clone();
+                let watched = plane
+                    .with_client(|mut c| async move {
+                        c.watch(p, Some(WatchOptions::new().with_prefix())).await
+                    })
+                    .await;
+                if let Ok(mut stream) = watched {
+                    loop {
+                        tokio::select! {
+                            m = stream.message() => match m {
+                                Ok(Some(resp)) if !resp.canceled() => {
+                                    if !resp.events().is_empty() {
+                                        changed();
+                                    }
+                                }
+                                _ => break,
+                            },
+                            _ = stop.changed() => return,
+                        }
+                    }
+                }
                 tokio::select! {
                     () = tokio::time::sleep(Duration::from_millis(100)) => {}
                     _ = stop.changed() => return,

@@ -55,6 +55,9 @@ pub(crate) struct Call {
     /// The path policy judged ([`admit`]): the request's, folded as its upstream says
     /// (`path_case`, `trailing_slash`).
     pub(crate) path: Option<String>,
+    /// In a cluster, the end of the caller's handover window on this node, its home: requests
+    /// stamped before it are refused `handover` ([`admit`]; didgate_cluster::home).
+    pub(crate) fence_ms: Option<u64>,
 }
 
 impl Call {
@@ -72,6 +75,7 @@ impl Call {
             peer,
             version,
             started: Instant::now(),
+            fence_ms: None,
             document: None,
             ttl_secs: None,
             permit: None,
@@ -117,6 +121,21 @@ pub(crate) fn refuse(code: RefusalCode, reason: impl Into<String>) -> Refuse {
         code,
         reason: reason.into(),
     }
+}
+
+/// The refusal of a request stamped at `time_ms` inside its caller's handover window, which
+/// ends at `fence_ms`, judged at `now` (amendment 2.11): the reason says when a new request
+/// can pass, in the form the local proxy reads (`retry in N ms`).
+pub(crate) fn handover(time_ms: u64, fence_ms: u64, now: u64) -> Option<Refuse> {
+    (time_ms < fence_ms).then(|| {
+        refuse(
+            RefusalCode::Handover,
+            format!(
+                "this node became this caller's home moments ago: requests stamped before {fence_ms} ms are refused (retry in {} ms)",
+                fence_ms.saturating_sub(now).max(1)
+            ),
+        )
+    })
 }
 
 /// Whether a refusal of `req` is recorded as an entry of its own (`refused`, naming the
@@ -212,8 +231,9 @@ pub(crate) struct Gate<'c, 'r> {
     pub(crate) revoked: &'r HashSet<Vec<u8>>,
 }
 
-/// The checks before any state changes, in this order: the signer is the TLS peer, the DID is
-/// not revoked, the audience, the clock (when `judge_time`: not for a grant being executed,
+/// The checks before any state changes, in this order: the signer is the TLS peer, the node
+/// may serve (its control plane answers), the request is not stamped inside its caller's
+/// handover window (when `judge_time`), the DID is not revoked, the audience, the clock (when `judge_time`: not for a grant being executed,
 /// whose request was judged when the grant was issued), the upstream, the canonical form, the
 /// body size, and the policy set of the call at `now`. Records the grant lifetime the policy
 /// allowed in `call`.
@@ -238,6 +258,13 @@ pub(crate) fn admit<'c>(
             RefusalCode::ControlPlaneUnavailable,
             "this node has not heard from its control plane within its bound",
         ));
+    }
+    if judge_time
+        && let Some(fence) = call.fence_ms
+        && let Some(r) = handover(r.time_ms, fence, now)
+    {
+        // the previous home may have claimed this request: never twice
+        return Err(r);
     }
     if gate.revoked.contains(&revoked_did_key(peer.as_str())) {
         return Err(refuse(RefusalCode::Revoked, "this DID is revoked"));
@@ -629,6 +656,7 @@ pub(crate) fn refusal(
         time_ms: now,
         entry,
         node_cert: None,
+        home: None,
     }
 }
 
@@ -787,6 +815,42 @@ paths = ["/v1/balance"]
             admit_serving(&config, &mut cx, &req, NOW, &none, false),
             Err(RefusalCode::PeerMismatch)
         );
+    }
+
+    #[test]
+    fn a_request_stamped_inside_its_callers_handover_window_is_refused() {
+        let config = config();
+        let none = HashSet::new();
+        let fence = NOW + 500;
+        let mut cx = call_of(&alice(), &config);
+        cx.fence_ms = Some(fence);
+        // stamped before the window ends: the previous home may have claimed it
+        let early = request(&alice(), |r| r.time_ms = fence - 1);
+        assert_eq!(
+            admit_at(&config, &mut cx, &early, NOW, &none),
+            Err(RefusalCode::Handover)
+        );
+        let r = handover(fence - 1, fence, NOW).expect("refused");
+        assert!(r.reason.contains("(retry in 500 ms)"), "{}", r.reason);
+        // stamped at its end or after: judged as any request
+        let late = request(&alice(), |r| r.time_ms = fence);
+        assert_eq!(
+            admit_at(&config, &mut cx, &late, NOW, &none),
+            Ok("payments".into())
+        );
+        // a grant being executed is not judged by its request's time
+        let mut cx = call_of(&alice(), &config);
+        cx.fence_ms = Some(fence);
+        let gw = gateway();
+        let upstreams = cx.upstreams.clone();
+        let gate = Gate {
+            control_plane: true,
+            did: gw.did(),
+            config: &config,
+            upstreams: &upstreams,
+            revoked: &none,
+        };
+        assert!(admit(&gate, &mut cx, &early, NOW, false).is_ok());
     }
 
     /// The store's claims as a map: applies `claims` atomically if all hold, else returns the

@@ -19,7 +19,8 @@ use didgate_io::{tls, wire};
 use didgate_protocol::canonical;
 use didgate_protocol::frame::{self, FrameDecoder, FrameType};
 use didgate_protocol::message::{
-    self, EntryRef, GrantBody, Message, RefusalCode, Request, ResponseHead, Signed, SignedMessage,
+    self, EntryRef, GrantBody, Home, Message, RefusalCode, Request, ResponseHead, Signed,
+    SignedMessage,
 };
 use didgate_protocol::web::DidDocument;
 use didgate_protocol::{Caller, Did, Identity, Principal, Version};
@@ -47,6 +48,11 @@ pub use crate::datadir::{
 pub const PRUNE_EVERY: Duration = Duration::from_secs(1);
 /// Keys removed per batch when pruning.
 const PRUNE_BATCH: usize = 10_000;
+
+/// How far apart the clocks of a cluster's nodes may be, ms (they are expected to keep time
+/// by NTP): added to the clock skew in a caller's handover window (specs/operation.md, "Home
+/// nodes").
+pub const NODE_CLOCK_TOLERANCE_MS: u64 = 1_000;
 
 /// What the gateway keeps of a grant it issued, in [`GRANTS`] under
 /// [`call::issued_grant_key`] (its expiry, `i`, its id).
@@ -405,6 +411,7 @@ impl Gateway {
             settings.clone(),
             tls,
             self.identity.did().to_string(),
+            self.served.to_string(),
             addr,
         )
         .await
@@ -456,6 +463,29 @@ impl Gateway {
         if let Err(e) = self.shared.join(&plane, &self.secrets).await {
             plane.leave().await;
             return Err(StartError::ClusterSecrets(Box::new(e)));
+        }
+        // the callers' homes: whether another node ever served here (its chain is in the
+        // registry) decides whether the callers this node is home to wait out a handover
+        let homes = async {
+            let me = &plane.settings().node;
+            let list = self.node_revocation_list();
+            let others_served = plane.checkpoints().await?.iter().any(|(n, bytes)| {
+                n != me
+                    && didgate_protocol::node::open_signed::<message::Checkpoint>(
+                        bytes,
+                        &self.served,
+                        None,
+                        list.as_ref(),
+                    )
+                    .is_ok()
+            });
+            let window = u64::try_from(self.config.skew().as_millis()).unwrap_or(u64::MAX)
+                + NODE_CLOCK_TOLERANCE_MS;
+            plane.start_homes(window, others_served).await
+        };
+        if let Err(e) = homes.await {
+            plane.leave().await;
+            return Err(StartError::Cluster(e));
         }
         let _ = self.cluster.set(plane);
         Ok(())
@@ -1206,10 +1236,100 @@ impl Gateway {
         code: RefusalCode,
         reason: &str,
         entry: Option<EntryRef>,
+        home: Option<Home>,
     ) -> Vec<u8> {
         let mut refusal = call::refusal(version, call, code, reason, entry, now_ms());
         refusal.node_cert = self.node_cert();
+        if refusal.code == RefusalCode::Moved {
+            refusal.home = home;
+        }
         refusal.sign(&self.identity)
+    }
+
+    /// In a cluster, where a call that opens with a frame of `kind` (payload `first`) belongs
+    /// (specs/operation.md, "Home nodes"): a request or a grant request goes to its caller's
+    /// home node, judged by the TLS peer's DID before anything is opened; a grant presented
+    /// for execution goes to the node that signed it, if that node is a member (else it is
+    /// refused here as any grant this node did not sign). `Err` with the home when the call
+    /// belongs elsewhere; on this node, records the caller's handover window in `cx`.
+    pub(crate) fn route(
+        &self,
+        cx: &mut Call,
+        kind: FrameType,
+        first: &[u8],
+    ) -> Result<(), Result<Home, Refuse>> {
+        let Some(plane) = self.cluster() else {
+            return Ok(());
+        };
+        let moved = |m: didgate_cluster::Member| {
+            Err(Ok(Home {
+                node: m.key,
+                addr: m.address,
+            }))
+        };
+        match kind {
+            FrameType::Request | FrameType::GrantRequest => match plane.route(cx.peer.as_str()) {
+                didgate_cluster::Route::Here { fence_ms } => {
+                    cx.fence_ms = fence_ms;
+                    Ok(())
+                }
+                didgate_cluster::Route::Moved(m) => moved(m),
+                didgate_cluster::Route::Unknown => Err(Err(refuse(
+                    RefusalCode::ControlPlaneUnavailable,
+                    "this node does not know the cluster's members",
+                ))),
+            },
+            FrameType::Execute => {
+                let Ok(v) = didgate_protocol::envelope::verify(
+                    first,
+                    didgate_protocol::envelope::Kind::Grant,
+                ) else {
+                    return Ok(());
+                };
+                let signer = v.signer().as_str();
+                if signer == self.identity.did().as_str() {
+                    return Ok(());
+                }
+                match plane.route_members().into_iter().find(|m| m.key == signer) {
+                    Some(m) => moved(m),
+                    None => Ok(()),
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Sends the caller to its home node: a `moved` refusal naming it, counted in the
+    /// aggregate (nothing was opened or claimed in the caller's name here).
+    pub(crate) async fn refuse_moved(
+        &self,
+        cx: &mut Call,
+        send: &mut quinn::SendStream,
+        home: Home,
+    ) {
+        let reason = format!("this caller's home is node {} at {}", home.node, home.addr);
+        let (code, reason, home) = match self
+            .audit_refusal(cx, None, RefusalCode::Moved, &reason)
+            .await
+        {
+            Ok(_) => (RefusalCode::Moved, reason, Some(home)),
+            Err(_) => (
+                RefusalCode::AuditUnavailable,
+                call::AUDIT_UNAVAILABLE.to_string(),
+                None,
+            ),
+        };
+        self.emit(|| EventKind::Refusal {
+            did: Some(cx.peer.to_string()),
+            code,
+            reason: reason.clone(),
+            call: None,
+            upstream: None,
+            method: None,
+            path: None,
+        });
+        self.send_refusal(cx, send, None, code, &reason, None, home)
+            .await;
     }
 
     /// Audits a refusal: one entry for a principal policy knows, else counted into the
@@ -2089,10 +2209,25 @@ impl Gateway {
         reason: &str,
         entry: Option<EntryRef>,
     ) {
+        self.send_refusal(cx, send, call, code, reason, entry, None)
+            .await;
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn send_refusal(
+        &self,
+        cx: &mut Call,
+        send: &mut quinn::SendStream,
+        call: Option<[u8; 32]>,
+        code: RefusalCode,
+        reason: &str,
+        entry: Option<EntryRef>,
+        home: Option<Home>,
+    ) {
         cx.release_permit();
         self.metrics.refused(code);
         tracing::Span::current().record("outcome", code.as_str());
-        let bytes = self.sign_refusal(cx.version, call, code, reason, entry);
+        let bytes = self.sign_refusal(cx.version, call, code, reason, entry, home);
         let _ = wire::write_frame(send, FrameType::Refusal, &bytes).await;
         let _ = send.finish();
         let _ = send.stopped().await;

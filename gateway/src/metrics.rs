@@ -28,7 +28,7 @@ use crate::admission::Decision;
 use crate::config::Config;
 
 /// Every refusal code, in the order of its counter; a code of a later version counts as `other`.
-const CODES: [RefusalCode; 23] = RefusalCode::ALL;
+const CODES: [RefusalCode; 25] = RefusalCode::ALL;
 
 /// Upper bounds of the latency histogram's buckets, seconds (`+Inf` is implicit).
 pub const LATENCY_BUCKETS: [f64; 13] = [

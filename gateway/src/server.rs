@@ -53,15 +53,9 @@ async fn handle_call(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
-    if gw.is_stopping() {
-        return gw
-            .refuse_unverified(
-                cx,
-                &mut send,
-                RefusalCode::ShuttingDown,
-                "the gateway is shutting down",
-            )
-            .await;
+    // a cluster member that stops still sends callers to their homes (below)
+    if gw.is_stopping() && gw.cluster().is_none() {
+        return refuse_stopping(gw, cx, &mut send).await;
     }
     let min = gw.config.min_client();
     if cx.version < min {
@@ -97,6 +91,14 @@ async fn handle_call(
                 .await;
         }
     };
+    match gw.route(cx, frame.kind, &frame.payload) {
+        Ok(()) => {}
+        Err(Ok(home)) => return gw.refuse_moved(cx, &mut send, home).await,
+        Err(Err(r)) => return gw.refuse_unverified(cx, &mut send, r.code, &r.reason).await,
+    }
+    if gw.is_stopping() {
+        return refuse_stopping(gw, cx, &mut send).await;
+    }
     match frame.kind {
         FrameType::Request => gw.pipelined(cx, send, recv, dec, &frame.payload).await,
         FrameType::GrantRequest => gw.issue_grant(cx, send, &frame.payload).await,
@@ -113,6 +115,17 @@ async fn handle_call(
             .await
         }
     }
+}
+
+/// Refuses a call because the gateway is draining.
+async fn refuse_stopping(gw: &Gateway, cx: &mut Call, send: &mut quinn::SendStream) {
+    gw.refuse_unverified(
+        cx,
+        send,
+        RefusalCode::ShuttingDown,
+        "the gateway is shutting down",
+    )
+    .await;
 }
 
 /// Binds the gateway's QUIC endpoint on `addr`.
@@ -175,6 +188,11 @@ pub async fn serve(
     let upkeep = gw.secrets.spawn_upkeep(stop_rx.clone());
     let cluster_watch = watch_cluster_revocations(&gw);
     let secrets_watch = watch_cluster_secrets(&gw);
+    // the registry knows this node's chain before its first call (a node joining later
+    // tells from it that this one served: didgate_cluster::home)
+    if let Some(plane) = gw.cluster() {
+        publish_last_checkpoint(&gw, plane, &mut None).await;
+    }
     let publisher = publish_checkpoints(&gw, stop_rx.clone());
     let witness = witness_peers(&gw);
     let revoked_self = Arc::new(tokio::sync::Notify::new());
@@ -211,6 +229,13 @@ pub async fn serve(
             }
             () = &mut shutdown => break,
         }
+    }
+    // A planned leave: the member withdraws first, so its callers' new homes take them (this
+    // node answers `moved` from now on) while the calls in flight here finish.
+    if let Some(plane) = gw.cluster()
+        && let Err(e) = plane.withdraw().await
+    {
+        tracing::warn!(error = %e, "cannot withdraw from the cluster's members (its lease ends it)");
     }
     // Drain: new calls are refused `shutting_down` (on open connections; new connections are
     // no longer accepted), calls in flight finish, then the final checkpoint is written.

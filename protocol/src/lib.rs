@@ -10,7 +10,8 @@
 //! use didgate_protocol::{Identity, message::{self, SignedMessage, Refusal, RefusalCode}};
 //! let gateway = Identity::from_seed(&[7; 32]);
 //! let refusal = Refusal { v: 1, call: None, code: RefusalCode::Policy,
-//!     reason: "no rule allows this".into(), time_ms: 0, entry: None, node_cert: None };
+//!     reason: "no rule allows this".into(), time_ms: 0, entry: None, node_cert: None,
+//!     home: None };
 //! let bytes = refusal.sign(&gateway);
 //! let opened = message::open_from::<Refusal>(&bytes, gateway.did()).unwrap();
 //! assert_eq!(opened.message().code, RefusalCode::Policy);

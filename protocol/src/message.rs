@@ -205,6 +205,15 @@ pub enum RefusalCode {
     /// it cannot know what other nodes revoked: it refuses until etcd answers again (version 2
     /// amendment 2.8; a version 1 connection gets [`RefusalCode::ShuttingDown`] instead).
     ControlPlaneUnavailable,
+    /// This node of a cluster is not the caller's home node: the refusal's `home` names the
+    /// node that is, where the client sends the same request (version 2 amendment 2.11;
+    /// nothing was claimed or recorded in the caller's name here).
+    Moved,
+    /// This node became the caller's home node recently and refuses requests stamped before
+    /// the end of the handover, when the previous home can no longer have claimed them
+    /// (version 2 amendment 2.11): the caller signs a new request and tries again after the
+    /// time the reason names.
+    Handover,
     /// A code this release does not know (a later version's), with its wire text. Never sent
     /// by this release.
     Other(CodeText),
@@ -282,11 +291,16 @@ impl RefusalCode {
 
     /// The codes version 2 added by amendment, in order (specs/protocol.md, "Format
     /// evolution").
-    pub const V2_ADDED: [RefusalCode; 2] = [Self::KmsUnavailable, Self::ControlPlaneUnavailable];
+    pub const V2_ADDED: [RefusalCode; 4] = [
+        Self::KmsUnavailable,
+        Self::ControlPlaneUnavailable,
+        Self::Moved,
+        Self::Handover,
+    ];
 
     /// Every code this release knows: [`RefusalCode::V1`], then [`RefusalCode::V2_ADDED`].
-    pub const ALL: [RefusalCode; 23] = {
-        let mut all = [Self::Malformed; 23];
+    pub const ALL: [RefusalCode; 25] = {
+        let mut all = [Self::Malformed; 25];
         let mut i = 0;
         while i < Self::V1.len() {
             all[i] = Self::V1[i];
@@ -311,7 +325,9 @@ impl RefusalCode {
     pub fn for_version(self, v: u64) -> Self {
         match self {
             Self::KmsUnavailable if !self.in_version(v) => Self::SecretUnavailable,
-            Self::ControlPlaneUnavailable if !self.in_version(v) => Self::ShuttingDown,
+            Self::ControlPlaneUnavailable | Self::Moved | Self::Handover if !self.in_version(v) => {
+                Self::ShuttingDown
+            }
             c => c,
         }
     }
@@ -342,6 +358,8 @@ impl RefusalCode {
             Self::DidUnresolved => "did_unresolved",
             Self::KmsUnavailable => "kms_unavailable",
             Self::ControlPlaneUnavailable => "control_plane_unavailable",
+            Self::Moved => "moved",
+            Self::Handover => "handover",
             Self::Other(text) => text.as_str(),
         }
     }
@@ -410,6 +428,19 @@ pub struct Refusal {
         skip_serializing_if = "Option::is_none"
     )]
     pub node_cert: Option<Vec<u8>>,
+    /// The caller's home node, with the code `moved` only (amendment 2.11, version 2 only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub home: Option<Home>,
+}
+
+/// Where a caller's home node serves (a `moved` refusal's `home`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Home {
+    /// The home node's key, as a did:key: the key its TLS certificate must hold.
+    pub node: String,
+    /// Its UDP address, `host:port`.
+    pub addr: String,
 }
 
 /// A chain owner's signed checkpoint ([`Kind::Checkpoint`]): the chain had `size` entries,
@@ -550,6 +581,10 @@ impl Message for Refusal {
     fn check_version(&self) -> Result<(), DecodeError> {
         if !self.code.in_version(self.v) {
             return Err(DecodeError::Field("code"));
+        }
+        // amendment 2.11: a `moved` refusal names the home node, and only it does
+        if (self.code == RefusalCode::Moved) != self.home.is_some() {
+            return Err(DecodeError::Field("home"));
         }
         no_node_cert_in_v1(self.v, &self.node_cert)
     }
@@ -897,6 +932,7 @@ mod tests {
             time_ms: 3,
             entry: None,
             node_cert: None,
+            home: None,
         };
         assert_eq!(Refusal::decode(&refusal.encode()), Ok(refusal));
         let head = ResponseHead {
@@ -952,6 +988,51 @@ mod tests {
     }
 
     #[test]
+    fn a_moved_refusal_names_the_home_node_and_no_other_refusal_does() {
+        let home = Home {
+            node: "did:key:z6MkhaXgBZDvotDkL5257faiztiGiC2QtKLGpbnnEGta2doK".into(),
+            addr: "192.0.2.7:4433".into(),
+        };
+        let moved = Refusal {
+            v: 2,
+            call: None,
+            code: RefusalCode::Moved,
+            reason: "r".into(),
+            time_ms: 1,
+            entry: None,
+            node_cert: None,
+            home: Some(home.clone()),
+        };
+        assert_eq!(Refusal::decode(&moved.encode()), Ok(moved.clone()));
+        let mut bad = moved.clone();
+        bad.home = None;
+        assert_eq!(
+            Refusal::decode(&bad.encode()),
+            Err(DecodeError::Field("home"))
+        );
+        let mut bad = moved.clone();
+        bad.code = RefusalCode::Policy;
+        assert_eq!(
+            Refusal::decode(&bad.encode()),
+            Err(DecodeError::Field("home"))
+        );
+        // version 1 has neither the code nor the field
+        let mut bad = moved.clone();
+        bad.v = 1;
+        assert_eq!(
+            Refusal::decode(&bad.encode()),
+            Err(DecodeError::Field("code"))
+        );
+        assert_eq!(RefusalCode::Moved.for_version(1), RefusalCode::ShuttingDown);
+        assert_eq!(
+            RefusalCode::Handover.for_version(1),
+            RefusalCode::ShuttingDown
+        );
+        assert_eq!(RefusalCode::parse("moved"), Some(RefusalCode::Moved));
+        assert_eq!(RefusalCode::parse("handover"), Some(RefusalCode::Handover));
+    }
+
+    #[test]
     fn unknown_refusal_codes_keep_their_text() {
         let gateway = Identity::from_seed(&[3; 32]);
         let mut raw: ciborium::Value = ciborium::from_reader(
@@ -963,6 +1044,7 @@ mod tests {
                 time_ms: 1,
                 entry: None,
                 node_cert: None,
+                home: None,
             }
             .encode()
             .as_slice(),

@@ -104,6 +104,7 @@ fn refusal_message() -> Refusal {
         time_ms: T0,
         entry: None,
         node_cert: None,
+        home: None,
     }
 }
 

@@ -630,7 +630,9 @@ async fn a_node_revocation_published_in_the_cluster_is_stapled_by_every_node_and
     let Some(etcd) = Etcd::start(&tmp.path().join("etcd"), 23_730)? else {
         return Ok(());
     };
-    let h = Harness::start().await?;
+    // a clock window of 1 s: alice's calls to b, her new home once a stopped, wait out the
+    // handover from a (1 s + the nodes' clock tolerance) rather than 31 s
+    let h = Harness::start_with(|c| c.gateway.skew_secs = 1).await?;
     let a = certified_member(&h, &tmp.path().join("a"), settings(&etcd, "c4", "a", 10)).await?;
     let (a_serial, a_task, _a_stop) = (a.serial, a.task, a.stop);
     let b = certified_member(&h, &tmp.path().join("b"), settings(&etcd, "c4", "b", 10)).await?;
@@ -665,9 +667,13 @@ async fn a_node_revocation_published_in_the_cluster_is_stapled_by_every_node_and
         didgate_client::Client::open(alice(), &h.chain_dir("alice-b"), b_addr, h.gw_did.clone())
             .await?
             .with_revocations_file(home.clone())?;
-    client
-        .call(CallSpec::new("payments", "GET", "/v1/balance"))
-        .await?;
+    until(Duration::from_secs(10), "alice served by b", async || {
+        client
+            .call(CallSpec::new("payments", "GET", "/v1/balance"))
+            .await
+            .is_ok()
+    })
+    .await?;
     assert_eq!(client.node_revocations().as_deref(), Some(bytes.as_slice()));
     assert_eq!(std::fs::read(&home)?, bytes, "kept in the home");
     Ok(())

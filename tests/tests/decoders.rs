@@ -469,7 +469,7 @@ proptest! {
     ) {
         let g = GrantBody { v: 1, id, call, subject: s.clone(), upstream: s.clone(), method: s.clone(), path: s.clone(), expires_ms: t, node_cert: None };
         prop_assert_eq!(GrantBody::decode(&g.encode()).expect("grant"), g);
-        let r = Refusal { v: 1, call: Some(call), code: RefusalCode::Policy, reason: s.clone(), time_ms: t, entry: None, node_cert: None };
+        let r = Refusal { v: 1, call: Some(call), code: RefusalCode::Policy, reason: s.clone(), time_ms: t, entry: None, node_cert: None, home: None };
         prop_assert_eq!(Refusal::decode(&r.encode()).expect("refusal"), r);
         let h = ResponseHead { v: 1, status, headers: vec![(s.clone(), s)] };
         prop_assert_eq!(ResponseHead::decode(&h.encode()).expect("head"), h);

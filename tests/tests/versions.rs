@@ -255,6 +255,7 @@ fn refusal(gateway: &Identity, v: Version, code: &str) -> Vec<u8> {
             time_ms: didgate_client::low_level::now_ms(),
             entry: None,
             node_cert: None,
+            home: None,
         }
         .encode()
         .as_slice(),

@@ -153,6 +153,7 @@ fn run(cluster: &Cluster, calls: &[Call]) -> Run {
                     time_ms,
                     entry: None,
                     node_cert: Some(cert),
+                    home: None,
                 };
                 let signed = refusal.sign(node);
                 result(&mut client, &cluster.client, id, Outcome::Refusal, signed)

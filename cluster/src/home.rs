@@ -1,0 +1,372 @@
+//! Which node is a caller's home, and since when (specs/operation.md, "Cluster", "Home
+//! nodes"). Pure over the members and `now`: the plane feeds every membership it reads; the
+//! gateway asks where a caller's call belongs before it claims anything.
+//!
+//! Every claim of a call (its replay key, its grant, its client head) belongs to one caller,
+//! so one node judges them all: the caller's **home**, chosen by rendezvous hashing over the
+//! live members ([`home`]), so that a member joining or leaving moves only the callers it
+//! gains or had. A node that becomes a caller's home refuses that caller's requests stamped
+//! before the previous home can no longer have claimed any ([`Homes::route`]): a request the
+//! previous home executed cannot execute again here.
+
+use std::collections::VecDeque;
+
+use crate::Member;
+
+/// The BLAKE3 key-derivation context of the rendezvous score ([`score`]).
+pub const HOME_CONTEXT: &str = "didgate 2026 home node v1";
+
+/// The rendezvous score of `member` for the caller `did`: BLAKE3 in key-derivation mode with
+/// [`HOME_CONTEXT`] over `u64be(len(node)) || node || u64be(len(key)) || key || did` (the
+/// member's name, its did:key text, the caller's DID text). The home is the member with the
+/// greatest score.
+pub fn score(member: &Member, did: &str) -> [u8; 32] {
+    let mut h = blake3::Hasher::new_derive_key(HOME_CONTEXT);
+    for part in [member.node.as_bytes(), member.key.as_bytes()] {
+        h.update(&(part.len() as u64).to_be_bytes());
+        h.update(part);
+    }
+    h.update(did.as_bytes());
+    *h.finalize().as_bytes()
+}
+
+/// The home of `did` among `members`: the greatest [`score`] (ties, which take a BLAKE3
+/// collision, go to the greater name); `None` when there is no member.
+pub fn home<'a>(did: &str, members: &'a [Member]) -> Option<&'a Member> {
+    members
+        .iter()
+        .max_by(|a, b| (score(a, did), &a.node).cmp(&(score(b, did), &b.node)))
+}
+
+/// Where a call of a caller belongs, as this node sees it now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Route {
+    /// This node is the caller's home; requests stamped before `fence_ms` (wall clock, ms)
+    /// are refused `handover` ([`Homes::route`]).
+    Here {
+        /// The end of the handover window, if one is open for this caller.
+        fence_ms: Option<u64>,
+    },
+    /// Another member is the caller's home.
+    Moved(Member),
+    /// This node knows no member (it is not registered, nor is anyone): nothing is admitted.
+    Unknown,
+}
+
+/// One membership as this node read it.
+#[derive(Debug, Clone)]
+struct View {
+    members: Vec<Member>,
+    /// When this node started to use it (wall clock, ms).
+    applied_ms: u64,
+    /// Whether members may have served that this node never saw (the view before a node's
+    /// start, when other nodes served in the cluster before): any caller may have had a home.
+    unknown: bool,
+}
+
+/// The memberships a node read recently, enough to tell for any caller since when this node
+/// has been its home and whether the previous home may still have claimed its requests.
+#[derive(Debug)]
+pub struct Homes {
+    /// This node's name.
+    me: String,
+    /// The lease TTL, ms: a live member that lost a caller to this node stops claiming that
+    /// caller's requests within it (it admits nothing when its view of the members is older
+    /// than a third of it: [`crate::ControlPlane`]).
+    ttl_ms: u64,
+    /// The request window, ms: the clock skew a request may have plus the tolerance between
+    /// nodes' clocks. A request a node claimed at time T was stamped before T + this.
+    window_ms: u64,
+    /// Oldest first; the first is the view before every window still open.
+    views: VecDeque<View>,
+}
+
+impl Homes {
+    /// The homes of a node named `me` that starts with `members` at `now_ms`. The callers it
+    /// is home for may have had another home before it joined: a member still live (which
+    /// stops within the TTL), or one that left (which stopped before `now_ms`, its lease gone).
+    /// When `others_served` is false (no other node ever served in this cluster, and no other
+    /// member is live) nobody else can have claimed anything, and no window is open.
+    pub fn new(
+        me: &str,
+        ttl_ms: u64,
+        window_ms: u64,
+        members: Vec<Member>,
+        others_served: bool,
+        now_ms: u64,
+    ) -> Self {
+        let mut members = members;
+        members.sort_by(|a, b| a.node.cmp(&b.node));
+        let before: Vec<Member> = members.iter().filter(|m| m.node != me).cloned().collect();
+        let mut views = VecDeque::new();
+        views.push_back(View {
+            unknown: others_served && before.is_empty(),
+            members: before,
+            applied_ms: now_ms,
+        });
+        views.push_back(View {
+            members,
+            applied_ms: now_ms,
+            unknown: false,
+        });
+        Self {
+            me: me.to_string(),
+            ttl_ms,
+            window_ms,
+            views,
+        }
+    }
+
+    /// Takes `members` as the membership from `now_ms` on (a set equal to the current one
+    /// changes nothing), and forgets views whose windows have all closed.
+    pub fn apply(&mut self, mut members: Vec<Member>, now_ms: u64) {
+        members.sort_by(|a, b| a.node.cmp(&b.node));
+        let same = self.views.back().is_some_and(|v| {
+            v.members.len() == members.len()
+                && v.members
+                    .iter()
+                    .zip(&members)
+                    .all(|(a, b)| a.node == b.node && a.key == b.key && a.address == b.address)
+        });
+        if !same {
+            self.views.push_back(View {
+                members,
+                applied_ms: now_ms,
+                unknown: false,
+            });
+        }
+        // a view is needed while a window that began after it can still be open
+        let horizon = now_ms.saturating_sub(self.ttl_ms + self.window_ms);
+        while self.views.len() > 1 && self.views[1].applied_ms < horizon {
+            self.views.pop_front();
+        }
+    }
+
+    /// The members of the current view.
+    pub fn members(&self) -> &[Member] {
+        self.views.back().map_or(&[], |v| v.members.as_slice())
+    }
+
+    /// Where a call of `did` belongs now. When this node is home, the handover window: if
+    /// the caller's home was another member P until this node took it over at time G (this
+    /// node's clock), requests stamped before `G + ttl + window` (P was still a member when
+    /// this node took over: P stops within the TTL) or before `G + window` (P had left, so it
+    /// had stopped) are refused; a window that has closed by `now_ms` is not reported.
+    pub fn route(&self, did: &str, now_ms: u64) -> Route {
+        let Some(current) = self.views.back() else {
+            return Route::Unknown;
+        };
+        let Some(h) = home(did, &current.members) else {
+            return Route::Unknown;
+        };
+        if h.node != self.me {
+            return Route::Moved(h.clone());
+        }
+        // the newest change that gave this caller to this node from another member (a view
+        // with no member gave it nobody: the change before that one decides)
+        let n = self.views.len();
+        let mut fence = None;
+        for i in (0..n - 1).rev() {
+            let before = &self.views[i];
+            let gained = &self.views[i + 1];
+            let wait = match home(did, &before.members) {
+                Some(p) if p.node == self.me => continue,
+                // a member that is still one when this node takes over stops within the TTL
+                Some(p) if gained.members.iter().any(|m| m.node == p.node) => {
+                    self.ttl_ms + self.window_ms
+                }
+                // one that left had stopped
+                Some(_) => self.window_ms,
+                None if before.unknown => self.window_ms,
+                None => continue,
+            };
+            fence = Some(gained.applied_ms + wait);
+            break;
+        }
+        Route::Here {
+            fence_ms: fence.filter(|f| *f > now_ms.saturating_sub(self.window_ms)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn member(name: &str) -> Member {
+        Member {
+            node: name.into(),
+            key: format!("did:key:{name}"),
+            gateway: "did:key:gateway".into(),
+            address: format!("127.0.0.1:{}", 4000 + name.len()),
+            lease: 1,
+            lease_ttl_secs: 10,
+            joined_ms: 0,
+        }
+    }
+
+    fn callers() -> Vec<String> {
+        (0..300).map(|i| format!("did:key:caller{i}")).collect()
+    }
+
+    const TTL: u64 = 10_000;
+    const WINDOW: u64 = 31_000;
+
+    #[test]
+    fn homes_spread_and_move_only_with_the_member_that_joins_or_leaves() {
+        let three = vec![member("a"), member("b"), member("c")];
+        let two = vec![member("a"), member("b")];
+        let mut count = std::collections::HashMap::new();
+        for did in callers() {
+            let h3 = home(&did, &three).expect("home").node.clone();
+            let h2 = home(&did, &two).expect("home").node.clone();
+            // removing c moves only c's callers
+            if h3 != "c" {
+                assert_eq!(h3, h2, "{did}");
+            }
+            *count.entry(h3).or_insert(0) += 1;
+        }
+        // each of 3 members is home to a fair share of 300 callers
+        for n in ["a", "b", "c"] {
+            let c = count[n];
+            assert!((60..=140).contains(&c), "{n}: {c}");
+        }
+        // the order of the members does not matter
+        let shuffled = vec![member("c"), member("a"), member("b")];
+        for did in callers() {
+            assert_eq!(home(&did, &three), home(&did, &shuffled));
+        }
+        assert_eq!(home("did:key:x", &[]), None);
+    }
+
+    #[test]
+    fn the_score_is_the_specified_hash() {
+        let m = member("a");
+        let mut input = Vec::new();
+        input.extend_from_slice(&1u64.to_be_bytes());
+        input.extend_from_slice(b"a");
+        input.extend_from_slice(&9u64.to_be_bytes());
+        input.extend_from_slice(b"did:key:a");
+        input.extend_from_slice(b"did:key:caller");
+        assert_eq!(
+            score(&m, "did:key:caller"),
+            blake3::derive_key(HOME_CONTEXT, &input)
+        );
+    }
+
+    #[test]
+    fn a_first_node_of_a_new_cluster_opens_no_window() {
+        let homes = Homes::new("a", TTL, WINDOW, vec![member("a")], false, 1_000);
+        for did in callers() {
+            assert_eq!(homes.route(&did, 1_000), Route::Here { fence_ms: None });
+        }
+    }
+
+    #[test]
+    fn a_node_restarting_alone_after_others_served_waits_out_the_window() {
+        let homes = Homes::new("a", TTL, WINDOW, vec![member("a")], true, 1_000);
+        assert_eq!(
+            homes.route("did:key:caller0", 1_000),
+            Route::Here {
+                fence_ms: Some(1_000 + WINDOW)
+            }
+        );
+    }
+
+    #[test]
+    fn a_joining_node_waits_the_ttl_and_the_window_for_callers_it_takes_from_live_members() {
+        let all = vec![member("a"), member("b"), member("c")];
+        let homes = Homes::new("c", TTL, WINDOW, all.clone(), false, 5_000);
+        let mut gained = 0;
+        for did in callers() {
+            match homes.route(&did, 5_000) {
+                Route::Here { fence_ms } => {
+                    gained += 1;
+                    assert_eq!(fence_ms, Some(5_000 + TTL + WINDOW), "{did}");
+                    // the window is reported until requests stamped at `now` pass it
+                    let after = 5_000 + TTL + 2 * WINDOW;
+                    assert_eq!(homes.route(&did, after), Route::Here { fence_ms: None });
+                }
+                Route::Moved(m) => assert_ne!(m.node, "c"),
+                Route::Unknown => panic!("unknown"),
+            }
+        }
+        assert!(gained > 0);
+    }
+
+    #[test]
+    fn callers_of_a_member_that_left_wait_only_the_window() {
+        let all = vec![member("a"), member("b"), member("c")];
+        let mut homes = Homes::new("a", TTL, WINDOW, all.clone(), false, 0);
+        // long after a joined: its own windows have closed
+        homes.apply(all.clone(), 100_000);
+        homes.apply(vec![member("a"), member("b")], 200_000);
+        for did in callers() {
+            let before = home(&did, &all).expect("home").node.clone();
+            match (before.as_str(), homes.route(&did, 200_000)) {
+                ("a", r) => assert_eq!(r, Route::Here { fence_ms: None }, "{did}"),
+                ("c", Route::Here { fence_ms }) => {
+                    assert_eq!(fence_ms, Some(200_000 + WINDOW), "{did}")
+                }
+                ("c", Route::Moved(m)) => assert_eq!(m.node, "b"),
+                (_, Route::Moved(m)) => assert_eq!(m.node, "b"),
+                (b, r) => panic!("{did}: {b} {r:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_node_that_lost_and_regained_its_membership_alone_opens_no_window() {
+        let mut homes = Homes::new("a", TTL, WINDOW, vec![member("a")], false, 0);
+        homes.apply(Vec::new(), 1_000);
+        homes.apply(vec![member("a")], 2_000);
+        assert_eq!(
+            homes.route("did:key:caller1", 2_000),
+            Route::Here { fence_ms: None }
+        );
+        // but a member that left in between had been home to some: they wait the window
+        let mut homes = Homes::new("a", TTL, WINDOW, vec![member("a"), member("b")], false, 0);
+        homes.apply(vec![member("a")], 100_000);
+        homes.apply(Vec::new(), 101_000);
+        homes.apply(vec![member("a")], 102_000);
+        let two = vec![member("a"), member("b")];
+        for did in callers() {
+            let was_b = home(&did, &two).expect("home").node == "b";
+            let fence = if was_b { Some(100_000 + WINDOW) } else { None };
+            assert_eq!(
+                homes.route(&did, 102_000),
+                Route::Here { fence_ms: fence },
+                "{did}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_node_that_left_the_membership_sends_every_caller_on() {
+        let mut homes = Homes::new("a", TTL, WINDOW, vec![member("a"), member("b")], false, 0);
+        homes.apply(vec![member("b")], 1_000);
+        for did in callers() {
+            assert_eq!(homes.route(&did, 1_000), Route::Moved(member("b")));
+        }
+        homes.apply(Vec::new(), 2_000);
+        assert_eq!(homes.route("did:key:caller1", 2_000), Route::Unknown);
+    }
+
+    #[test]
+    fn old_views_are_forgotten_once_their_windows_closed() {
+        let mut homes = Homes::new("a", TTL, WINDOW, vec![member("a")], false, 0);
+        for i in 1..100u64 {
+            let m = if i % 2 == 0 {
+                vec![member("a")]
+            } else {
+                vec![member("a"), member("b")]
+            };
+            homes.apply(m, i * 60_000);
+        }
+        assert!(homes.views.len() <= 3, "{}", homes.views.len());
+        // an unchanged membership adds nothing
+        let n = homes.views.len();
+        homes.apply(homes.members().to_vec(), 99 * 60_000 + 1);
+        assert_eq!(homes.views.len(), n);
+    }
+}
