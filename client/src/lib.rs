@@ -164,6 +164,8 @@ pub struct Client {
     version: Version,
     /// How long a connection attempt may take.
     connect_timeout: Duration,
+    /// The connections' idle timeout ([`Client::with_idle_timeout`]).
+    idle: Duration,
     /// What the gateway presented in the last handshake (written by the TLS verifier).
     presented: Arc<std::sync::Mutex<Option<Seen>>>,
     /// The pinned gateway DID, the newest revocation list of its nodes seen, and the node
@@ -177,8 +179,9 @@ pub struct Client {
     refusals: std::sync::Mutex<std::collections::VecDeque<([u8; 32], Vec<u8>)>>,
 }
 
-/// How many `moved` refusals one call follows ([`Client::open_routed`]): a cluster whose
-/// members change under it may send a caller on twice; more is a loop.
+/// How many `moved` refusals (or connections closed by a drained gateway before answering)
+/// one call follows ([`Client::open_routed`]): a cluster whose members change under it may
+/// send a caller on twice; more is a loop.
 const MAX_MOVES: usize = 2;
 
 /// How many signed refusals a client keeps for [`Client::take_refusal`].
@@ -309,6 +312,7 @@ impl Client {
             chain,
             version: Version::CURRENT,
             connect_timeout: CONNECT_TIMEOUT,
+            idle: tls::IDLE_TIMEOUT,
             presented,
             trust,
             revocations_file: None,
@@ -380,6 +384,25 @@ impl Client {
         self
     }
 
+    /// Closes a connection after `idle` without a packet from the gateway (keep-alives go
+    /// every sixth of it), instead of the transport's 30 s: how long calls on a connection to
+    /// a node that died wait before they end `unknown` and the next one connects again (to
+    /// the pinned address, which sends the caller to its new home in a cluster). Takes effect
+    /// from the next connection.
+    pub fn with_idle_timeout(mut self, idle: Duration) -> Result<Self, ClientError> {
+        self.idle = idle;
+        self.endpoint
+            .set_default_client_config(self.quic_config(self.version)?);
+        Ok(self)
+    }
+
+    /// The QUIC configuration of this client's connections in `version`.
+    fn quic_config(&self, version: Version) -> Result<quinn::ClientConfig, ClientError> {
+        let mut cfg = pinned_config(&self.identity, &self.trust, version, &self.presented)?;
+        cfg.transport_config(Arc::new(tls::transport_idle(self.idle)));
+        Ok(cfg)
+    }
+
     /// How long a connection attempt may take ([`Client::with_connect_timeout`]).
     pub fn connect_timeout(&self) -> Duration {
         self.connect_timeout
@@ -399,7 +422,7 @@ impl Client {
     /// Speaks protocol `version` instead of [`Version::CURRENT`] (for a gateway of an older
     /// release that serves only that version). Takes effect from the next connection.
     pub fn speaking(mut self, version: Version) -> Result<Self, ClientError> {
-        let cfg = pinned_config(&self.identity, &self.trust, version, &self.presented)?;
+        let cfg = self.quic_config(version)?;
         self.endpoint.set_default_client_config(cfg);
         self.version = version;
         // a connection of the old version would carry requests it refuses
@@ -1030,7 +1053,16 @@ impl Client {
         loop {
             let mut recv = self.open_stream(kind, first, body).await?;
             let mut dec = FrameDecoder::new();
-            let frame = self.read_answer_frame(&mut recv, &mut dec).await?;
+            let frame = match self.read_answer_frame(&mut recv, &mut dec).await {
+                // a draining gateway closed the connection without answering: nothing was
+                // claimed, so the same frames go again (to the pinned address or the home)
+                Err(e) if drained(&e) && moves < MAX_MOVES => {
+                    moves += 1;
+                    self.conn.lock().await.take();
+                    continue;
+                }
+                other => other?,
+            };
             if let AnswerFrame::Final(last) = &frame
                 && let RawFinal::Refusal(r) = last.as_ref()
                 && r.message().code == message::RefusalCode::Moved
@@ -1187,6 +1219,17 @@ enum Ending {
         b3: [u8; 32],
         last: Box<RawFinal>,
     },
+}
+
+/// Whether `e` is a stream cut by a gateway that closed its connection once drained
+/// ([`didgate_protocol::DRAINED_CLOSE`]): its request was not claimed.
+fn drained(e: &CallError) -> bool {
+    matches!(
+        e,
+        CallError::ConnectionLost(Lost::Read(wire::WireError::Read(
+            quinn::ReadError::ConnectionLost(quinn::ConnectionError::ApplicationClosed(close))
+        ))) if close.error_code == didgate_protocol::DRAINED_CLOSE.into()
+    )
 }
 
 fn lost_without_cause() -> CallError {

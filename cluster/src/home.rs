@@ -17,15 +17,13 @@ use crate::Member;
 pub const HOME_CONTEXT: &str = "didgate 2026 home node v1";
 
 /// The rendezvous score of `member` for the caller `did`: BLAKE3 in key-derivation mode with
-/// [`HOME_CONTEXT`] over `u64be(len(node)) || node || u64be(len(key)) || key || did` (the
-/// member's name, its did:key text, the caller's DID text). The home is the member with the
-/// greatest score.
+/// [`HOME_CONTEXT`] over `u64be(len(node)) || node || did` (the member's name, unique in its
+/// cluster, and the caller's DID text, both UTF-8). The home is the member with the greatest
+/// score. The name, not the node's key, so that a node given a new key keeps its callers.
 pub fn score(member: &Member, did: &str) -> [u8; 32] {
     let mut h = blake3::Hasher::new_derive_key(HOME_CONTEXT);
-    for part in [member.node.as_bytes(), member.key.as_bytes()] {
-        h.update(&(part.len() as u64).to_be_bytes());
-        h.update(part);
-    }
+    h.update(&(member.node.len() as u64).to_be_bytes());
+    h.update(member.node.as_bytes());
     h.update(did.as_bytes());
     *h.finalize().as_bytes()
 }
@@ -245,8 +243,6 @@ mod tests {
         let mut input = Vec::new();
         input.extend_from_slice(&1u64.to_be_bytes());
         input.extend_from_slice(b"a");
-        input.extend_from_slice(&9u64.to_be_bytes());
-        input.extend_from_slice(b"did:key:a");
         input.extend_from_slice(b"did:key:caller");
         assert_eq!(
             score(&m, "did:key:caller"),

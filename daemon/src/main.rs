@@ -664,18 +664,24 @@ async fn reload_on_hangup(gw: Arc<Gateway>) {
     }
 }
 
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
+/// Resolves on SIGINT or SIGTERM. Both are registered when it is called, not when it is first
+/// polled: a signal sent as soon as the daemon says it is listening is never lost to the
+/// default action (which would kill it without draining).
+fn shutdown_signal() -> impl Future<Output = ()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = signal(SignalKind::terminate()).ok();
+    let int = signal(SignalKind::interrupt()).ok();
+    async move {
+        let wait = async |s: Option<tokio::signal::unix::Signal>| match s {
+            Some(mut s) => {
                 s.recv().await;
             }
-            Err(_) => std::future::pending::<()>().await,
+            None => std::future::pending::<()>().await,
+        };
+        tokio::select! {
+            () = wait(int) => {}
+            () = wait(term) => {}
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = term => {}
     }
 }
 
@@ -705,6 +711,7 @@ async fn serve(data: &std::path::Path) -> anyhow::Result<()> {
         )
     };
     let hangup = tokio::spawn(reload_on_hangup(gw.clone()));
+    let shutdown = shutdown_signal();
     match gw.node() {
         None => eprintln!(
             "didgated {} listening on udp {}",
@@ -721,7 +728,7 @@ async fn serve(data: &std::path::Path) -> anyhow::Result<()> {
         ),
     }
     let drain_at = gw.node_drain_at_ms();
-    didgate_gateway::server::serve(gw, endpoint, shutdown_signal()).await;
+    didgate_gateway::server::serve(gw, endpoint, shutdown).await;
     hangup.abort();
     let _ = stop_tx.send(true);
     if let Ok(Err(e)) = control.await {

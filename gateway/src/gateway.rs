@@ -2364,3 +2364,4 @@ async fn read_body(
 pub const REVOKED_CLOSE: u32 = 2;
 /// QUIC application close code for a connection beyond `max_connections_per_did`.
 pub const CONN_LIMIT_CLOSE: u32 = 3;
+pub use didgate_protocol::DRAINED_CLOSE;

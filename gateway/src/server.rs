@@ -18,7 +18,7 @@ use tokio::sync::watch;
 
 use crate::admission::Decision;
 use crate::call::Call;
-use crate::gateway::{CONN_LIMIT_CLOSE, Gateway, StartError};
+use crate::gateway::{CONN_LIMIT_CLOSE, DRAINED_CLOSE, Gateway, StartError};
 
 /// Handles one stream: one pipelined call, one grant request, one grant execution or one
 /// catalog request, decided throughout by the policy set in force when the stream opened
@@ -579,7 +579,13 @@ async fn connection(gw: Arc<Gateway>, mut slot: Slot, mut stop: watch::Receiver<
     }
     calls.wait().await;
     gw.unregister(&peer, &conn);
-    conn.close(0u32.into(), b"bye");
+    if drained.is_some() {
+        // every call that claimed anything on this connection has been answered: a stream
+        // still open was not, and claimed nothing (specs/protocol.md, "Transport")
+        conn.close(DRAINED_CLOSE.into(), b"drained");
+    } else {
+        conn.close(0u32.into(), b"bye");
+    }
 }
 
 /// A connection beyond `max_connections_per_did`: its first stream, if one opens within the

@@ -207,11 +207,20 @@ impl ClientCertVerifier for AnyDidClient {
 }
 
 fn transport() -> quinn::TransportConfig {
+    transport_idle(IDLE_TIMEOUT)
+}
+
+/// The idle timeout of the reference transport (specs/protocol.md, "Transport").
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The reference transport with `idle` as its idle timeout, and keep-alives every sixth of
+/// it (5 s for the 30 s default).
+pub fn transport_idle(idle: Duration) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
     t.max_concurrent_bidi_streams(256u32.into());
     t.max_concurrent_uni_streams(0u32.into());
-    t.keep_alive_interval(Some(Duration::from_secs(5)));
-    if let Ok(idle) = Duration::from_secs(30).try_into() {
+    t.keep_alive_interval(Some(idle / 6));
+    if let Ok(idle) = idle.try_into() {
         t.max_idle_timeout(Some(idle));
     }
     t

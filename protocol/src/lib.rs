@@ -42,3 +42,8 @@ pub use web::{Caller, Principal, WebDid};
 
 /// The ALPN protocol id of version 1 connections ([`Version::alpn`] names every version's).
 pub const ALPN: &[u8] = Version::V1.alpn();
+
+/// The QUIC application close code of a connection a draining gateway closes once no call is
+/// in flight (specs/protocol.md, "Transport"): a stream it left unanswered claimed nothing, so
+/// a client may send that request again, as it is, to another node.
+pub const DRAINED_CLOSE: u32 = 4;

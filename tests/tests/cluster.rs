@@ -570,13 +570,10 @@ impl Member {
     }
 }
 
-/// A certified node of the gateway of `h` (its key certified for an hour) in cluster `c`,
-/// serving in process.
-async fn certified_member(
-    h: &Harness,
-    dir: &Path,
-    cluster: ClusterSettings,
-) -> anyhow::Result<Member> {
+/// Makes `dir` the data directory of a certified node of the gateway of `h` (its key certified
+/// for an hour) in `cluster`, with the gateway's configuration, master key and secret; returns
+/// its certificate's serial.
+fn certified_node(h: &Harness, dir: &Path, cluster: ClusterSettings) -> anyhow::Result<u64> {
     use didgate_gateway::datadir::DataDir;
     let key = didgate_gateway::init(dir, "127.0.0.1:0".parse()?)?;
     let gateway = didgate_io::identity::load(&h.gw_dir().join("identity"))?;
@@ -602,6 +599,17 @@ async fn certified_member(
     // every node of a cluster holds the same master key
     std::fs::copy(h.gw_dir().join("master.key"), dir.join("master.key"))?;
     didgate_gateway::add_secret(dir, "payments-key", didgate_tests::CANARY)?;
+    Ok(opened.serial)
+}
+
+/// A certified node of the gateway of `h` (its key certified for an hour) in cluster `c`,
+/// serving in process.
+async fn certified_member(
+    h: &Harness,
+    dir: &Path,
+    cluster: ClusterSettings,
+) -> anyhow::Result<Member> {
+    let serial = certified_node(h, dir, cluster)?;
     let gw = std::sync::Arc::new(didgate_gateway::Gateway::open(dir).await?);
     let endpoint = didgate_gateway::server::endpoint(&gw, "127.0.0.1:0".parse()?)?;
     let addr = endpoint.local_addr()?;
@@ -617,7 +625,7 @@ async fn certified_member(
     Ok(Member {
         gw,
         addr,
-        serial: opened.serial,
+        serial,
         task,
         stop,
     })
@@ -1254,5 +1262,467 @@ async fn a_node_restored_from_an_old_copy_of_its_store_refuses_to_serve() -> any
     assert_eq!(code, Some(0), "{stderr}");
     let refused = format!("{:#}", a.restart().await.expect_err("a rewound chain"));
     assert!(refused.contains("restored from an old backup"), "{refused}");
+    Ok(())
+}
+
+/// How many `moved` refusals node `gw` has sent (its metrics).
+fn moved_count(gw: &didgate_gateway::Gateway) -> u64 {
+    let text = gw.metrics().render();
+    text.lines()
+        .find_map(|l| l.strip_prefix("didgate_refusals_total{code=\"moved\"} "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// How many requests for `path` the demo upstream of `h` received.
+fn upstream_saw(h: &Harness, path: &str) -> usize {
+    h.upstream.seen().iter().filter(|r| r.path == path).count()
+}
+
+/// Waits until every node of `nodes` sees all of them as members serving the gateway.
+async fn all_members(nodes: &[&std::sync::Arc<didgate_gateway::Gateway>]) -> anyhow::Result<()> {
+    for gw in nodes {
+        let plane = gw.cluster().expect("joined").clone();
+        until(
+            Duration::from_secs(10),
+            "every node sees every member",
+            async || plane.route_members().len() == nodes.len(),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Issue 24: a caller's calls are judged on its home node. alice's home among nodes a, b and
+/// c is a (rendezvous hashing over the names): a client pinned at b is sent to a, follows, and
+/// goes straight to a from then on; a request replayed through another node reaches a and is
+/// refused; a grant a issued is executed once, whichever node it is presented to.
+#[tokio::test]
+async fn calls_are_moved_to_the_callers_home_where_a_replay_or_a_second_execution_is_refused()
+-> anyhow::Result<()> {
+    use didgate_client::low_level::{RawExchange, RawFinal};
+    let tmp = tempfile::tempdir()?;
+    let Some(etcd) = Etcd::start(&tmp.path().join("etcd"), 23_810)? else {
+        return Ok(());
+    };
+    let h = Harness::start().await?;
+    let mut nodes = Vec::new();
+    for name in ["a", "b", "c"] {
+        let s = settings(&etcd, "c10", name, 3);
+        nodes.push(certified_member(&h, &tmp.path().join(name), s).await?);
+    }
+    let (a, b, c) = (&nodes[0], &nodes[1], &nodes[2]);
+    all_members(&[&a.gw, &b.gw, &c.gw]).await?;
+    let members = a.gw.cluster().expect("joined").route_members();
+    let home = didgate_cluster::home::home(alice().did().as_str(), &members).expect("home");
+    assert_eq!(home.node, "a", "alice's home among a, b, c");
+    let client = async |name: &str, addr| {
+        didgate_client::Client::open(alice(), &h.chain_dir(name), addr, h.gw_did.clone()).await
+    };
+
+    // pinned at b: moved to a, then straight to a
+    let via_b = client("alice-via-b", b.addr).await?;
+    via_b
+        .call(CallSpec::new("payments", "GET", "/v1/balance"))
+        .await?;
+    assert_eq!(via_b.home_addr(), a.addr, "the home is remembered");
+    assert_eq!(moved_count(&b.gw), 1);
+    for _ in 0..3 {
+        via_b
+            .call(CallSpec::new("payments", "GET", "/v1/balance"))
+            .await?;
+    }
+    assert_eq!(moved_count(&b.gw), 1, "later calls go straight home");
+    assert_eq!(moved_count(&c.gw), 0);
+
+    // a request sent through c executes on a; the same bytes through b reach a and are refused
+    let via_c = client("alice-via-c", c.addr).await?;
+    let (signed, _) = via_c.sign(&CallSpec::new("payments", "GET", "/v1/replayed"))?;
+    let first = via_c.send_signed(&signed, &[]).await?;
+    assert!(
+        matches!(first.last, RawFinal::Receipt(_)),
+        "{:?}",
+        first.last
+    );
+    let again = client("alice-replay", b.addr).await?;
+    let second = again.send_signed(&signed, &[]).await?;
+    match &second.last {
+        RawFinal::Refusal(r) => assert_eq!(r.message().code, RefusalCode::Replay),
+        other => panic!("a replay through b: {other:?}"),
+    }
+    assert_eq!(upstream_saw(&h, "/v1/replayed"), 1, "executed once");
+
+    // a grant issued by a, presented at c (sent to a, executed), then at b (used: refused)
+    let grant = via_b
+        .grant(CallSpec::new("payments", "POST", "/v1/granted").body(b"{}".to_vec()))
+        .await?;
+    let at_c = client("alice-exec-c", c.addr).await?;
+    at_c.execute(&grant).await?;
+    let at_b = client("alice-exec-b", b.addr).await?;
+    match at_b.execute(&grant).await {
+        Err(CallError::Refused { code, .. }) => assert_eq!(code, RefusalCode::GrantInvalid),
+        other => panic!("a second execution through b: {other:?}"),
+    }
+    assert_eq!(upstream_saw(&h, "/v1/granted"), 1, "executed once");
+    Ok(())
+}
+
+/// What the load of [`load`] saw: each call's path, when it ended, and its outcome.
+#[derive(Debug)]
+struct Seen {
+    path: String,
+    at: Instant,
+    outcome: Result<(), CallError>,
+}
+
+/// Calls `client` from `tasks` tasks, each one call at a time, each call a new path under
+/// `/v1/load/ROUND-`, until `stop` is set (at most `most` calls per task).
+fn load(
+    client: &std::sync::Arc<didgate_client::Client>,
+    round: u32,
+    tasks: usize,
+    most: usize,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<Vec<Seen>>> {
+    (0..tasks)
+        .map(|t| {
+            let (client, stop) = (client.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut seen = Vec::new();
+                for i in 0..most {
+                    if stop.load(std::sync::atomic::Ordering::Acquire) {
+                        break;
+                    }
+                    let path = format!("/v1/load/{round}-{t}-{i}");
+                    let outcome = client
+                        .call(CallSpec::new("payments", "GET", &path))
+                        .await
+                        .map(|_| ());
+                    seen.push(Seen {
+                        path,
+                        at: Instant::now(),
+                        outcome,
+                    });
+                }
+                seen
+            })
+        })
+        .collect()
+}
+
+/// `stop`, cleared for another load.
+fn stop_again(
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::sync::Arc<std::sync::atomic::AtomicBool> {
+    stop.store(false, std::sync::atomic::Ordering::Release);
+    stop.clone()
+}
+
+/// Stops the load and returns what it saw.
+async fn stop_load(
+    handles: Vec<tokio::task::JoinHandle<Vec<Seen>>>,
+    stop: &std::sync::atomic::AtomicBool,
+) -> anyhow::Result<Vec<Seen>> {
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let mut all = Vec::new();
+    for h in handles {
+        all.extend(h.await?);
+    }
+    Ok(all)
+}
+
+/// No path of the load reached the upstream twice.
+fn executed_once(h: &Harness) {
+    let mut paths: Vec<String> = h
+        .upstream
+        .seen()
+        .into_iter()
+        .map(|r| r.path)
+        .filter(|p| p.starts_with("/v1/load/"))
+        .collect();
+    let n = paths.len();
+    paths.sort();
+    paths.dedup();
+    assert_eq!(paths.len(), n, "a call executed twice");
+}
+
+/// The signed requests `client` recorded in its chain.
+fn recorded_requests(client: &didgate_client::Client) -> Vec<Vec<u8>> {
+    client
+        .chain()
+        .store()
+        .entries()
+        .filter_map(|item| item.ok())
+        .filter_map(|(_, b)| didgate_audit::entry::Entry::decode(&b).ok())
+        .filter(|e| e.kind == didgate_audit::entry::EntryKind::Request)
+        .filter_map(|e| e.signed)
+        .collect()
+}
+
+/// The code of the refusal `signed`, sent again through `client`, gets, once it reaches a node
+/// that is the caller's home (while a node still sends it to a home that is gone, again).
+async fn refusal_of(client: &didgate_client::Client, signed: &[u8]) -> anyhow::Result<RefusalCode> {
+    use didgate_client::low_level::{RawExchange, RawFinal};
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        anyhow::ensure!(Instant::now() < deadline, "no home answered within 15 s");
+        match client.send_signed(signed, &[]).await {
+            Ok(a) => match a.last {
+                RawFinal::Refusal(r) if r.message().code == RefusalCode::Moved => {}
+                RawFinal::Refusal(r) => return Ok(r.message().code),
+                other => anyhow::bail!("a request executed before ran again: {other:?}"),
+            },
+            Err(CallError::Unreachable(_)) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Three certified nodes a, b and c of the gateway of `h` in `cluster`, each a `didgated
+/// serve` process, with a lease of 3 s.
+fn three_daemons(
+    h: &Harness,
+    etcd: &Etcd,
+    cluster: &str,
+    root: &Path,
+) -> anyhow::Result<Vec<didgate_tests::Daemon>> {
+    let mut daemons = Vec::new();
+    for name in ["a", "b", "c"] {
+        let dir = root.join(name);
+        certified_node(h, &dir, settings(etcd, cluster, name, 3))?;
+        daemons.push(didgate_tests::Daemon::start(
+            &dir,
+            &root.join(format!("{name}.log")),
+        )?);
+    }
+    Ok(daemons)
+}
+
+/// Issue 24: kill -9 of alice's home node (a) while she calls through b. Her calls are served
+/// by her new home once a's lease has expired and the handover window has passed (measured
+/// and printed; bound: lease TTL + clock window + a keep-alive period + the client's idle
+/// timeout, here 3 + 6 + 0.5 + 1.5 s, plus 3 s for the test's own connection timeouts); requests a executed just
+/// before it died, sent again to the other nodes, are refused `handover`; no call reaches the
+/// upstream twice; once a is back, every node and client chain verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_home_nodes_callers_are_served_elsewhere_after_the_bound_and_nothing_runs_twice()
+-> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let Some(etcd) = Etcd::start(&tmp.path().join("etcd"), 23_820)? else {
+        return Ok(());
+    };
+    // a clock window of 5 s (+ 1 s between nodes): long enough for a replay to pass the clock
+    let h = Harness::start_with(|c| c.gateway.skew_secs = 5).await?;
+    let root = tmp.path();
+    let mut daemons = three_daemons(&h, &etcd, "c11", root)?;
+    let (a_addr, b_addr) = (daemons[0].addr, daemons[1].addr);
+    let observer =
+        didgate_cluster::ControlPlane::observe(settings(&etcd, "c11", "observer", 3), None).await?;
+    let open = async |name: &str, addr| -> anyhow::Result<didgate_client::Client> {
+        // a dead node noticed within 1.5 s (keep-alives every 250 ms)
+        Ok(
+            didgate_client::Client::open(alice(), &h.chain_dir(name), addr, h.gw_did.clone())
+                .await?
+                .with_connect_timeout(Duration::from_millis(300))
+                .with_idle_timeout(Duration::from_millis(1_500))?,
+        )
+    };
+    let client = std::sync::Arc::new(open("alice", b_addr).await?);
+    until(
+        Duration::from_secs(10),
+        "alice served through b",
+        async || {
+            client
+                .call(CallSpec::new("payments", "GET", "/v1/balance"))
+                .await
+                .is_ok()
+        },
+    )
+    .await?;
+    assert_eq!(client.home_addr(), a_addr, "alice's home is a");
+
+    // requests a executes just before it dies, as its client recorded them, kept to be sent
+    // again
+    let raw = open("alice-raw", a_addr).await?;
+    for i in 0..3 {
+        raw.call(CallSpec::new("payments", "GET", &format!("/v1/kept/{i}")))
+            .await?;
+    }
+    let kept = recorded_requests(&raw);
+    assert_eq!(kept.len(), 3);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let handles = load(&client, 1, 4, 100_000, &stop);
+    until(Duration::from_secs(10), "the load runs on a", async || {
+        h.upstream
+            .seen()
+            .iter()
+            .any(|r| r.path.starts_with("/v1/load/"))
+    })
+    .await?;
+    let a = daemons.remove(0);
+    let killed = Instant::now();
+    tokio::task::spawn_blocking(move || a.kill()).await??;
+
+    // a's member key goes with its lease; the requests it executed are refused elsewhere
+    until(Duration::from_secs(10), "a's lease expires", async || {
+        observer
+            .members()
+            .await
+            .is_ok_and(|m| m.iter().all(|m| m.node != "a"))
+    })
+    .await?;
+    let again = open("alice-again", b_addr).await?;
+    for signed in &kept {
+        assert_eq!(refusal_of(&again, signed).await?, RefusalCode::Handover);
+    }
+    for i in 0..3 {
+        assert_eq!(upstream_saw(&h, &format!("/v1/kept/{i}")), 1);
+    }
+    let bound = Duration::from_millis(3_000 + 6_000 + 500 + 1_500 + 3_000);
+    let started = Instant::now();
+    let mut last = None;
+    let served = until(bound, "alice served again", async || {
+        let r = client
+            .call(CallSpec::new("payments", "GET", "/v1/balance"))
+            .await;
+        let ok = r.is_ok();
+        last = Some(r.map(|_| ()));
+        ok
+    })
+    .await;
+    anyhow::ensure!(served.is_ok(), "{served:?}: the last call: {last:?}");
+    let failover = killed.elapsed();
+    let seen = stop_load(handles, &stop).await?;
+    println!(
+        "failover: alice served again {:.2} s after a was killed ({:.2} s after its lease expired); {} calls under load, {} done",
+        failover.as_secs_f64(),
+        started.elapsed().as_secs_f64(),
+        seen.len(),
+        seen.iter().filter(|s| s.outcome.is_ok()).count()
+    );
+    assert!(failover < bound, "{failover:?}");
+    executed_once(&h);
+    assert!(
+        seen.iter().any(|s| s.outcome.is_ok() && s.at > killed),
+        "the load was served after the kill"
+    );
+
+    // a comes back (it closes the calls it left open), then every chain verifies
+    let a = didgate_tests::Daemon::start(&root.join("a"), &root.join("a.log"))?;
+    daemons.insert(0, a);
+    drop((client, raw, again));
+    for d in daemons {
+        tokio::task::spawn_blocking(move || d.stop()).await??;
+    }
+    assert_verifies(
+        &[
+            root.join("a/store"),
+            root.join("b/store"),
+            root.join("c/store"),
+        ],
+        &[h.chain_dir("alice"), h.chain_dir("alice-raw")],
+    )?;
+    Ok(())
+}
+
+/// Issue 24: a planned leave (SIGTERM) of alice's home loses no call: under load through b,
+/// every call gets a receipt or a signed refusal (a call cut by a's close once drained is sent
+/// again), her calls are served by her new home after the handover window; then kill -9 of the
+/// etcd leader under load executes nothing twice; and every chain verifies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_planned_leave_of_a_home_node_loses_no_call() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let Some(mut etcd) = Etcd::start(&tmp.path().join("etcd"), 23_830)? else {
+        return Ok(());
+    };
+    let h = Harness::start_with(|c| c.gateway.skew_secs = 1).await?;
+    let root = tmp.path();
+    let mut daemons = three_daemons(&h, &etcd, "c12", root)?;
+    let (a_addr, b_addr) = (daemons[0].addr, daemons[1].addr);
+    let client = std::sync::Arc::new(
+        didgate_client::Client::open(alice(), &h.chain_dir("alice"), b_addr, h.gw_did.clone())
+            .await?
+            .with_connect_timeout(Duration::from_millis(300)),
+    );
+    until(
+        Duration::from_secs(10),
+        "alice served through b",
+        async || {
+            client
+                .call(CallSpec::new("payments", "GET", "/v1/balance"))
+                .await
+                .is_ok()
+        },
+    )
+    .await?;
+    assert_eq!(client.home_addr(), a_addr, "alice's home is a");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let handles = load(&client, 1, 4, 100_000, &stop);
+    until(Duration::from_secs(10), "the load runs on a", async || {
+        h.upstream
+            .seen()
+            .iter()
+            .any(|r| r.path.starts_with("/v1/load/"))
+    })
+    .await?;
+    let a = daemons.remove(0);
+    let left = Instant::now();
+    tokio::task::spawn_blocking(move || a.stop()).await??;
+    until(
+        Duration::from_secs(10),
+        "alice served by her new home",
+        async || {
+            client
+                .call(CallSpec::new("payments", "GET", "/v1/balance"))
+                .await
+                .is_ok()
+        },
+    )
+    .await?;
+    println!(
+        "planned leave: alice served again {:.2} s after a was told to stop",
+        left.elapsed().as_secs_f64()
+    );
+    let seen = stop_load(handles, &stop).await?;
+    let lost: Vec<(&str, &CallError)> = seen
+        .iter()
+        .filter_map(|s| match &s.outcome {
+            Ok(()) | Err(CallError::Refused { .. }) => None,
+            Err(e) => Some((s.path.as_str(), e)),
+        })
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "calls without a receipt or a refusal: {lost:?}"
+    );
+    executed_once(&h);
+
+    // kill -9 of the etcd leader under load: the nodes may refuse for a moment
+    // (`control_plane_unavailable`), and nothing executes twice
+    let handles = load(&client, 2, 4, 100_000, &stop_again(&stop));
+    let leader = etcd.leader()?;
+    etcd.kill(leader)?;
+    println!("killed the etcd leader (member {leader})");
+    let before = h.upstream.seen().len();
+    until(
+        Duration::from_secs(15),
+        "calls served after the leader's death",
+        async || h.upstream.seen().len() > before + 10,
+    )
+    .await?;
+    stop_load(handles, &stop).await?;
+    executed_once(&h);
+    drop(client);
+    for d in daemons {
+        tokio::task::spawn_blocking(move || d.stop()).await??;
+    }
+    assert_verifies(
+        &[
+            root.join("a/store"),
+            root.join("b/store"),
+            root.join("c/store"),
+        ],
+        &[h.chain_dir("alice")],
+    )?;
     Ok(())
 }
