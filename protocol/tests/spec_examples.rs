@@ -275,14 +275,88 @@ fn chain_vector() -> Value {
     })
 }
 
+/// The home node score of specs/protocol.md, "Home nodes", as the spec words it.
+fn home_score(node: &str, did: &str) -> [u8; 32] {
+    let mut input = (node.len() as u64).to_be_bytes().to_vec();
+    input.extend_from_slice(node.as_bytes());
+    input.extend_from_slice(did.as_bytes());
+    blake3::derive_key("didgate 2026 home node v1", &input)
+}
+
+/// The node of `nodes` with the greatest score for `did`.
+fn home_of<'n>(nodes: &[&'n str], did: &str) -> &'n str {
+    nodes
+        .iter()
+        .copied()
+        .max_by_key(|n| (home_score(n, did), *n))
+        .expect("a node")
+}
+
+/// A `moved` refusal the gateway of seed 00..00 signs for a caller whose home is the node of
+/// seed 00..02 at 192.0.2.7:4433.
+fn moved_message() -> Refusal {
+    Refusal {
+        v: 2,
+        call: None,
+        code: RefusalCode::Moved,
+        reason: "this caller's home is another node".into(),
+        time_ms: T0,
+        entry: None,
+        node_cert: None,
+        home: Some(didgate_protocol::message::Home {
+            node: Identity::from_seed(&seed(2)).did().to_string(),
+            addr: "192.0.2.7:4433".into(),
+        }),
+    }
+}
+
+/// `specs/vectors/home.json`: home node scores (amendment 2.11) and a signed `moved` refusal.
+fn home_vector() -> Value {
+    let nodes = ["node-1", "node-2", "node-3"];
+    let callers = [
+        Identity::from_seed(&seed(1)).did().to_string(),
+        Identity::from_seed(&seed(3)).did().to_string(),
+        "did:web:agents.example.com:bot".to_string(),
+    ];
+    let scores: Vec<Value> = callers
+        .iter()
+        .flat_map(|did| {
+            nodes.iter().map(
+                move |n| json!({"node": n, "did": did, "score": hex::encode(home_score(n, did))}),
+            )
+        })
+        .collect();
+    let homes: Vec<Value> = callers
+        .iter()
+        .map(|did| {
+            json!({
+                "did": did,
+                "home_of_all_three": home_of(&nodes, did),
+                "home_of_node_1_and_node_2": home_of(&nodes[..2], did),
+            })
+        })
+        .collect();
+    let moved = moved_message();
+    let cose = moved.sign(&Identity::from_seed(&seed(0)));
+    json!({
+        "description": "Home nodes (specs/protocol.md, \"Home nodes\", amendment 2.11): the score of each of three nodes for three callers (BLAKE3 key derivation with the context \"didgate 2026 home node v1\" over u64be(len(node)) || node || DID), the home of each caller among the three and among node-1 and node-2, and a version 2 moved Refusal the gateway of seed 00..00 signed (its CBOR payload and tagged COSE_Sign1). Written by protocol/tests/spec_examples.rs (DIDGATE_WRITE_VECTORS=1).",
+        "context": "didgate 2026 home node v1",
+        "scores": scores,
+        "homes": homes,
+        "moved_payload": hex::encode(moved.encode()),
+        "moved_cose": hex::encode(&cose),
+    })
+}
+
 /// The vector files of this test and what this release builds for each.
-fn vector_files() -> [(&'static str, Value); 5] {
+fn vector_files() -> [(&'static str, Value); 6] {
     [
         ("did-key.json", did_key_vector()),
         ("signed-refusal.json", refusal_vector()),
         ("signed-request.json", request_vector()),
         ("catalog-v2.json", catalog_vector()),
         ("chain-request.json", chain_vector()),
+        ("home.json", home_vector()),
     ]
 }
 
@@ -480,6 +554,54 @@ fn the_chain_request_vector_holds_and_is_laid_out_as_the_spec_says() {
     assert_eq!(part.payload.as_ref(), hex_of(&v["part_payload"]).as_slice());
     // version 1 has no chain exchange
     assert!(ChainRequest::decode(&[0xa1, 0x61, 0x76, 0x01]).is_err());
+}
+
+#[test]
+fn the_home_vector_holds() {
+    let v = vector("home.json");
+    // every score from its inputs, as an outside implementation computes it
+    for s in v["scores"].as_array().expect("scores") {
+        let (node, did) = (
+            s["node"].as_str().expect("node"),
+            s["did"].as_str().expect("did"),
+        );
+        let mut input = (node.len() as u64).to_be_bytes().to_vec();
+        input.extend_from_slice(node.as_bytes());
+        input.extend_from_slice(did.as_bytes());
+        let key = blake3::derive_key(v["context"].as_str().expect("context"), &input);
+        assert_eq!(hex_of(&s["score"]), key.to_vec(), "{node} {did}");
+    }
+    // the home is the greatest score
+    for h in v["homes"].as_array().expect("homes") {
+        let did = h["did"].as_str().expect("did");
+        let best = |nodes: &[&str]| {
+            v["scores"]
+                .as_array()
+                .expect("scores")
+                .iter()
+                .filter(|s| s["did"] == did && nodes.contains(&s["node"].as_str().unwrap_or("")))
+                .max_by_key(|s| hex_of(&s["score"]))
+                .map(|s| s["node"].as_str().unwrap_or("").to_string())
+        };
+        assert_eq!(
+            best(&["node-1", "node-2", "node-3"]).as_deref(),
+            h["home_of_all_three"].as_str()
+        );
+        assert_eq!(
+            best(&["node-1", "node-2"]).as_deref(),
+            h["home_of_node_1_and_node_2"].as_str()
+        );
+    }
+    // the moved refusal opens under the gateway and names the home; a version 1 one would not
+    let cose = hex_of(&v["moved_cose"]);
+    let gateway = Identity::from_seed(&seed(0));
+    let opened =
+        didgate_protocol::message::open_from::<Refusal>(&cose, gateway.did()).expect("opens");
+    assert_eq!(opened.message(), &moved_message());
+    assert_eq!(opened.message().encode(), hex_of(&v["moved_payload"]));
+    let mut v1 = moved_message();
+    v1.v = 1;
+    assert!(Refusal::decode(&v1.encode()).is_err());
 }
 
 // ------------------------------------------------------------------------------------------
