@@ -91,6 +91,17 @@ pub fn master_key(name: &str) -> String {
     format!("{}master-key", root(name))
 }
 
+/// The prefix of the nodes' published demand: `/didgate/CLUSTER/load/`.
+pub fn loads(name: &str) -> String {
+    format!("{}load/", root(name))
+}
+
+/// A node's demand on the rate-limited upstreams: `/didgate/CLUSTER/load/NODE` (JSON, under
+/// the node's lease: [`crate::shares`]).
+pub fn load(name: &str, node: &str) -> String {
+    format!("{}{node}", loads(name))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -10,6 +10,7 @@ pub mod health;
 pub mod home;
 pub mod keys;
 pub mod plane;
+pub mod shares;
 
 pub use health::Health;
 pub use home::{Homes, Route};

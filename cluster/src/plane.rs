@@ -495,6 +495,47 @@ impl ControlPlane {
         self.refresh_members().await
     }
 
+    /// Publishes this node's demand ([`crate::shares::Load`]) under its lease: it goes with
+    /// the node.
+    pub async fn publish_load(&self, load: &crate::shares::Load) -> Result<(), ClusterError> {
+        let value = serde_json::to_vec(load).map_err(|source| ClusterError::Member {
+            key: self.settings.node.clone(),
+            source,
+        })?;
+        let key = keys::load(&self.settings.name, &self.settings.node);
+        let lease = self.lease();
+        self.with_client(|mut c| async move {
+            c.put(key, value, Some(PutOptions::new().with_lease(lease)))
+                .await
+        })
+        .await
+        .map(|_| ())
+    }
+
+    /// Applies every other node's published demand now and each one published from then on
+    /// with `apply(node, load)` ([`ControlPlane::watch_prefix`]); values that do not decode
+    /// are skipped.
+    pub fn watch_loads<F>(self: &Arc<Self>, apply: F) -> tokio::task::JoinHandle<()>
+    where
+        F: Fn(String, crate::shares::Load) + Send + Sync + 'static,
+    {
+        let prefix = keys::loads(&self.settings.name);
+        let own = self.settings.node.clone();
+        let p = prefix.clone();
+        self.watch_prefix(prefix, move |k, v, _| {
+            let Some(node) = k.strip_prefix(p.as_bytes()) else {
+                return;
+            };
+            let node = String::from_utf8_lossy(node).into_owned();
+            if node == own {
+                return;
+            }
+            if let Ok(load) = serde_json::from_slice(v) {
+                apply(node, load);
+            }
+        })
+    }
+
     /// Publishes a revocation (the gateway's revocation key and its reason) to every node.
     pub async fn publish_revocation(&self, key: &[u8], reason: &str) -> Result<(), ClusterError> {
         self.put(

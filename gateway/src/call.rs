@@ -337,9 +337,11 @@ pub(crate) fn limit(
     config: &Config,
     up: &Upstream,
     stage: Stage,
+    share: f64,
     now_ms: u64,
 ) -> Result<(), Refuse> {
-    let checks = limits::checks(config.gateway(), up, call.peer.as_str(), stage);
+    let mut checks = limits::checks(config.gateway(), up, call.peer.as_str(), stage);
+    limits::scale_upstream(&mut checks, share);
     if checks.is_empty() {
         return Ok(());
     }
@@ -1079,12 +1081,14 @@ paths = ["/v1/balance"]
         let mut results = Vec::new();
         for _ in 0..3 {
             let mut cx = call_of(&alice(), &config);
-            results.push(limit(&mut cx, &limits, &config, up, Stage::Call, 0).map_err(|r| r.code));
+            results.push(
+                limit(&mut cx, &limits, &config, up, Stage::Call, 1.0, 0).map_err(|r| r.code),
+            );
         }
         assert_eq!(results, [Ok(()), Ok(()), Err(RefusalCode::RateLimited)]);
         // per DID: bob has his own bucket
         let mut bobs = call_of(&bob(), &config);
-        assert!(limit(&mut bobs, &limits, &config, up, Stage::Call, 0).is_ok());
+        assert!(limit(&mut bobs, &limits, &config, up, Stage::Call, 1.0, 0).is_ok());
     }
 
     #[test]

@@ -232,6 +232,8 @@ pub struct Gateway {
     pub(crate) shared: crate::shared::SharedSecrets,
     /// Held while this node exports its chain for a member ([`crate::export`]): one at a time.
     pub(crate) exporting: tokio::sync::Mutex<()>,
+    /// In a cluster, this node's part of the per-upstream rate limits.
+    pub(crate) shares: crate::shares::Shares,
     pub(crate) config: Config,
     /// The data directory (the policy is reloaded from it).
     dir: PathBuf,
@@ -349,6 +351,7 @@ impl Gateway {
             cluster: std::sync::OnceLock::new(),
             shared: Default::default(),
             exporting: tokio::sync::Mutex::new(()),
+            shares: crate::shares::Shares::default(),
             config,
             dir: dir.to_path_buf(),
             policy,
@@ -924,8 +927,41 @@ impl Gateway {
             &self.config,
             up,
             stage,
+            self.upstream_share(up, stage),
             self.limits.clock_ms(),
         )
+    }
+
+    /// In a cluster, this node's share of `up`'s per-upstream limits (its demand against the
+    /// other members'), counting this call into its demand when it would take a token; 1
+    /// elsewhere.
+    fn upstream_share(&self, up: &Upstream, stage: Stage) -> f64 {
+        let Some(plane) = self.cluster() else {
+            return 1.0;
+        };
+        let g = self.config.gateway();
+        let rated = up
+            .rate_per_upstream()
+            .unwrap_or(g.rate_per_upstream)
+            .is_limited();
+        let capped = up
+            .max_concurrent_per_upstream()
+            .unwrap_or(g.max_concurrent_per_upstream)
+            > 0;
+        if !rated && !capped {
+            return 1.0;
+        }
+        if stage != Stage::Execute {
+            self.shares.count(up.name());
+        }
+        let me = &plane.settings().node;
+        let others: Vec<String> = plane
+            .route_members()
+            .into_iter()
+            .filter(|m| &m.node != me)
+            .map(|m| m.node)
+            .collect();
+        self.shares.share(up.name(), &others)
     }
 
     /// Checked again right before the upstream is called ([`call::still_allowed`]).

@@ -42,6 +42,7 @@ pub mod policy;
 pub mod secrets;
 pub mod server;
 pub mod shared;
+pub mod shares;
 pub mod upstream;
 pub mod upstreams;
 

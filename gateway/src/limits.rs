@@ -381,6 +381,31 @@ pub fn checks(
     out
 }
 
+/// Scales the per-upstream limit of `checks` to `share` of it (a cluster node's part,
+/// didgate_cluster::shares): its rate and burst, and its concurrency cap, each at least 1 when
+/// limited. A share of 1 changes nothing.
+pub fn scale_upstream(checks: &mut [Check], share: f64) {
+    if share >= 1.0 || !share.is_finite() {
+        return;
+    }
+    let share = share.max(0.0);
+    let part = |n: u64| ((n as f64 * share).round() as u64).max(1);
+    for c in checks.iter_mut() {
+        if !matches!(c.scope, Scope::Upstream(_)) {
+            continue;
+        }
+        if let Some(r) = c.rate.as_mut()
+            && r.is_limited()
+        {
+            r.per_sec *= share;
+            r.burst = part(r.burst);
+        }
+        if c.max_concurrent > 0 {
+            c.max_concurrent = part(c.max_concurrent);
+        }
+    }
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -388,6 +413,31 @@ mod tests {
 
     fn rate(burst: u64, per_sec: f64) -> RateLimit {
         RateLimit { burst, per_sec }
+    }
+
+    #[test]
+    fn a_share_scales_the_upstream_limits_only() {
+        let mut checks = vec![
+            did_check("did:key:a", Some(rate(10, 5.0)), 4),
+            Check {
+                scope: Scope::Upstream("u".into()),
+                rate: Some(rate(20, 40.0)),
+                max_concurrent: 8,
+            },
+        ];
+        scale_upstream(&mut checks, 0.25);
+        assert_eq!(checks[0], did_check("did:key:a", Some(rate(10, 5.0)), 4));
+        assert_eq!(checks[1].rate, Some(rate(5, 10.0)));
+        assert_eq!(checks[1].max_concurrent, 2);
+        // never below one call; unlimited stays unlimited
+        let mut tiny = vec![Check {
+            scope: Scope::Upstream("u".into()),
+            rate: Some(rate(0, 0.0)),
+            max_concurrent: 1,
+        }];
+        scale_upstream(&mut tiny, 0.01);
+        assert_eq!(tiny[0].rate, Some(rate(0, 0.0)));
+        assert_eq!(tiny[0].max_concurrent, 1);
     }
 
     fn did_check(did: &str, r: Option<RateLimit>, max: u64) -> Check {

@@ -194,6 +194,7 @@ pub async fn serve(
         publish_last_checkpoint(&gw, plane, &mut None).await;
     }
     let publisher = publish_checkpoints(&gw, stop_rx.clone());
+    let sharing = share_limits(&gw, stop_rx.clone());
     let witness = witness_peers(&gw);
     let revoked_self = Arc::new(tokio::sync::Notify::new());
     let _node_lists = watch_node_revocations(&gw, &endpoint, &revoked_self);
@@ -254,6 +255,9 @@ pub async fn serve(
     if let Some(p) = publisher {
         let _ = p.await;
     }
+    if let Some(s) = sharing {
+        let _ = s.await;
+    }
     if let Some(plane) = gw.cluster() {
         // the chain sealed (a checkpoint covering its last entry) and that checkpoint in the
         // registry, then the member's key goes at once (its lease revoked), and the watches
@@ -293,6 +297,52 @@ fn publish_checkpoints(
             tokio::select! {
                 _ = tick.tick() => publish_last_checkpoint(&gw, &plane, &mut last).await,
                 _ = stop.changed() => return,
+            }
+        }
+    }))
+}
+
+/// How often a cluster node folds its demand on the rate-limited upstreams and publishes it
+/// when it changed ([`share_limits`]).
+const SHARE_EVERY: Duration = Duration::from_secs(1);
+
+/// In a cluster, this node's part of the per-upstream rate limits (crate::shares): takes what
+/// the other nodes publish, and every [`SHARE_EVERY`] publishes its own demand when it moved by
+/// more than a tenth (or every 10 s while not zero), until `stop`.
+fn share_limits(
+    gw: &Arc<Gateway>,
+    mut stop: watch::Receiver<bool>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    let plane = gw.cluster()?.clone();
+    let g = gw.clone();
+    let _watch = plane.watch_loads(move |node, load| g.shares.peer(node, load));
+    let gw = gw.clone();
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(SHARE_EVERY);
+        let mut last = std::time::Instant::now();
+        let mut published: Option<didgate_cluster::shares::Load> = None;
+        let mut unchanged = 0u32;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = stop.changed() => return,
+            }
+            let elapsed = u64::try_from(last.elapsed().as_millis()).unwrap_or(u64::MAX);
+            last = std::time::Instant::now();
+            let load = gw.shares.tick(elapsed);
+            unchanged += 1;
+            let moved = published.as_ref().is_none_or(|p| {
+                p.upstreams.len() != load.upstreams.len()
+                    || load.upstreams.iter().any(|(u, d)| {
+                        p.upstreams
+                            .get(u)
+                            .is_none_or(|was| (d - was).abs() > 0.1 * was.max(1.0))
+                    })
+            });
+            let due = unchanged >= 10 && !load.upstreams.is_empty();
+            if (moved || due) && plane.publish_load(&load).await.is_ok() {
+                published = Some(load);
+                unchanged = 0;
             }
         }
     }))

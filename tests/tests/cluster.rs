@@ -1726,3 +1726,111 @@ async fn a_planned_leave_of_a_home_node_loses_no_call() -> anyhow::Result<()> {
     )?;
     Ok(())
 }
+
+/// `count` identities (from seeds 0x40.. on) whose home among nodes a, b and c is `node`.
+fn homed_at(node: &str, count: usize) -> Vec<Identity> {
+    let member = |n: &str| didgate_cluster::Member {
+        node: n.into(),
+        key: String::new(),
+        gateway: String::new(),
+        address: String::new(),
+        lease: 0,
+        lease_ttl_secs: 0,
+        joined_ms: 0,
+    };
+    let nodes = [member("a"), member("b"), member("c")];
+    (0x40u8..=0xff)
+        .map(|s| Identity::from_seed(&[s; 32]))
+        .filter(|id| {
+            didgate_cluster::home::home(id.did().as_str(), &nodes).is_some_and(|m| m.node == node)
+        })
+        .take(count)
+        .collect()
+}
+
+/// Issue 24: an upstream's rate limit (30 calls/s, burst 5) is split between the nodes by
+/// demand: three callers at home on a and one on b, each calling as fast as it can for 6 s,
+/// are admitted about one limit in all (bound: 30 x 6 + 3 x 5 bursts, plus a tenth), not one
+/// per node; a, with three times b's demand, admits more than b.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_rate_limit_is_shared_by_the_nodes_by_demand() -> anyhow::Result<()> {
+    let tmp = tempfile::tempdir()?;
+    let Some(etcd) = Etcd::start(&tmp.path().join("etcd"), 23_840)? else {
+        return Ok(());
+    };
+    let callers: Vec<Identity> = homed_at("a", 3)
+        .into_iter()
+        .chain(homed_at("b", 1))
+        .collect();
+    let dids: Vec<String> = callers.iter().map(|i| i.did().to_string()).collect();
+    let h = Harness::start_with(|c| {
+        // b's caller waits out b's handover window from a (3 s + 1 s + 1 s) before the load
+        c.gateway.skew_secs = 1;
+        c.upstreams[0].rate_per_upstream = Some(didgate_gateway::config::RateLimit {
+            burst: 5,
+            per_sec: 30.0,
+        });
+        c.rules.push(didgate_gateway::config::Rule {
+            principals: dids.clone(),
+            upstream: "payments".into(),
+            methods: vec!["GET".into()],
+            paths: vec!["/v1/**".into()],
+        });
+    })
+    .await?;
+    let mut nodes = Vec::new();
+    for name in ["a", "b", "c"] {
+        let s = settings(&etcd, "c13", name, 3);
+        nodes.push(certified_member(&h, &tmp.path().join(name), s).await?);
+    }
+    all_members(&[&nodes[0].gw, &nodes[1].gw, &nodes[2].gw]).await?;
+    let b_plane = nodes[1].gw.cluster().expect("joined").clone();
+    until(
+        Duration::from_secs(10),
+        "b's handover window passes",
+        async || b_plane.route(&dids[3]) == didgate_cluster::Route::Here { fence_ms: None },
+    )
+    .await?;
+    let homes = [nodes[0].addr, nodes[0].addr, nodes[0].addr, nodes[1].addr];
+    let run = Duration::from_secs(6);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (i, (id, addr)) in callers.into_iter().zip(homes).enumerate() {
+        let client = didgate_client::Client::open(
+            id,
+            &h.chain_dir(&format!("caller-{i}")),
+            addr,
+            h.gw_did.clone(),
+        )
+        .await?;
+        tasks.push(tokio::spawn(async move {
+            let mut done = 0u64;
+            while started.elapsed() < run {
+                let spec = CallSpec::new("payments", "GET", "/v1/balance");
+                if client.call(spec).await.is_ok() {
+                    done += 1;
+                }
+            }
+            done
+        }));
+    }
+    let mut done = Vec::new();
+    for t in tasks {
+        done.push(t.await?);
+    }
+    let on_a_done: u64 = done[..3].iter().sum();
+    let total: u64 = done.iter().sum();
+    let bound = ((30.0 * run.as_secs_f64() + 15.0) * 1.1) as u64;
+    println!(
+        "rate shares: {total} calls admitted in {:.1} s (limit 30/s, burst 5): {on_a_done} on a, {} on b; bound {bound}",
+        run.as_secs_f64(),
+        done[3]
+    );
+    assert!(total <= bound, "{total} > {bound}");
+    assert!(
+        on_a_done > done[3],
+        "a, the busier node, admits more: {done:?}"
+    );
+    assert!(total >= 90, "the limit is used, not starved: {total}");
+    Ok(())
+}
