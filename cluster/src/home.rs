@@ -77,6 +77,9 @@ pub struct Homes {
     window_ms: u64,
     /// Oldest first; the first is the view before every window still open.
     views: VecDeque<View>,
+    /// Whether another node of the gateway served before this one started, or has been a
+    /// member in a view this node read since ([`Homes::rejoined`]).
+    others_seen: bool,
 }
 
 impl Homes {
@@ -107,11 +110,13 @@ impl Homes {
             applied_ms: now_ms,
             unknown: false,
         });
+        let others_seen = others_served || views.front().is_some_and(|v| !v.members.is_empty());
         Self {
             me: me.to_string(),
             ttl_ms,
             window_ms,
             views,
+            others_seen,
         }
     }
 
@@ -126,6 +131,7 @@ impl Homes {
                     .zip(&members)
                     .all(|(a, b)| a.node == b.node && a.key == b.key && a.address == b.address)
         });
+        self.others_seen |= members.iter().any(|m| m.node != self.me);
         if !same {
             self.views.push_back(View {
                 members,
@@ -133,11 +139,34 @@ impl Homes {
                 unknown: false,
             });
         }
-        // a view is needed while a window that began after it can still be open
-        let horizon = now_ms.saturating_sub(self.ttl_ms + self.window_ms);
+        // a view is needed while a window that began after it can still be reported: a fence
+        // is at most `ttl + window` after the change, and is reported until requests stamped
+        // before it fall out of the clock window (`window` later)
+        let horizon = now_ms.saturating_sub(
+            self.ttl_ms
+                .saturating_add(self.window_ms)
+                .saturating_add(self.window_ms),
+        );
         while self.views.len() > 1 && self.views[1].applied_ms < horizon {
             self.views.pop_front();
         }
+    }
+
+    /// The homes of this node after it registered again under a new lease (its old one
+    /// expired while it was cut off): a caller may have had another home meanwhile, so it
+    /// starts over as a node joining ([`Homes::new`]), in a cluster where others served if
+    /// another node of the gateway served before it started or was ever seen since, or if
+    /// `others_served` (the caller's view of the registry now) says so.
+    pub fn rejoined(&self, members: Vec<Member>, others_served: bool, now_ms: u64) -> Self {
+        let others = self.others_seen || others_served;
+        Self::new(
+            &self.me,
+            self.ttl_ms,
+            self.window_ms,
+            members,
+            others,
+            now_ms,
+        )
     }
 
     /// The members of the current view.
@@ -160,26 +189,29 @@ impl Homes {
         if h.node != self.me {
             return Route::Moved(h.clone());
         }
-        // the newest change that gave this caller to this node from another member (a view
-        // with no member gave it nobody: the change before that one decides)
-        let n = self.views.len();
-        let mut fence = None;
-        for i in (0..n - 1).rev() {
-            let before = &self.views[i];
-            let gained = &self.views[i + 1];
+        // every change still retained that gave this caller to this node from another member
+        // opens a window; the latest end of them holds (an earlier previous home may still
+        // have been claiming when a later one handed the caller back)
+        let mut fence: Option<u64> = None;
+        for pair in self.views.iter().collect::<Vec<_>>().windows(2) {
+            let (before, gained) = (pair[0], pair[1]);
+            if home(did, &gained.members).is_none_or(|h| h.node != self.me) {
+                continue;
+            }
             let wait = match home(did, &before.members) {
                 Some(p) if p.node == self.me => continue,
                 // a member that is still one when this node takes over stops within the TTL
                 Some(p) if gained.members.iter().any(|m| m.node == p.node) => {
-                    self.ttl_ms + self.window_ms
+                    self.ttl_ms.saturating_add(self.window_ms)
                 }
                 // one that left had stopped
                 Some(_) => self.window_ms,
+                // a view with no member gave the caller to nobody
                 None if before.unknown => self.window_ms,
                 None => continue,
             };
-            fence = Some(gained.applied_ms + wait);
-            break;
+            let end = gained.applied_ms.saturating_add(wait);
+            fence = Some(fence.map_or(end, |f| f.max(end)));
         }
         Route::Here {
             fence_ms: fence.filter(|f| *f > now_ms.saturating_sub(self.window_ms)),
@@ -335,6 +367,89 @@ mod tests {
                 "{did}"
             );
         }
+    }
+
+    #[test]
+    fn a_window_outlives_the_keep_alive_reads_that_follow_it() {
+        // a joins b's cluster at 0: its callers from b wait until TTL + WINDOW; reads of the
+        // same membership go on every second, and the window must be reported until requests
+        // stamped before its end are out of the clock window
+        let all = vec![member("a"), member("b")];
+        let mut homes = Homes::new("a", TTL, WINDOW, all.clone(), false, 0);
+        let did = callers()
+            .into_iter()
+            .find(|d| home(d, &all).is_some_and(|m| m.node == "a"))
+            .expect("a caller of a");
+        let fence = TTL + WINDOW;
+        for t in (1_000..fence + WINDOW).step_by(1_000) {
+            homes.apply(all.clone(), t);
+            homes.apply(vec![member("b"), member("a")], t + 500);
+            assert_eq!(
+                homes.route(&did, t),
+                Route::Here {
+                    fence_ms: Some(fence)
+                },
+                "{t}"
+            );
+        }
+        homes.apply(all.clone(), fence + WINDOW + 1);
+        assert_eq!(
+            homes.route(&did, fence + WINDOW + 1),
+            Route::Here { fence_ms: None }
+        );
+    }
+
+    #[test]
+    fn the_latest_of_several_windows_holds() {
+        // a joins p's cluster at 0 (p live: TTL + WINDOW); q joins and takes the caller, then
+        // leaves at 2_000 (q left: WINDOW): p may still have claimed until TTL after 0
+        let ap = vec![member("a"), member("p")];
+        let apq = vec![member("a"), member("p"), member("q")];
+        let did = callers()
+            .into_iter()
+            .find(|d| {
+                home(d, &ap).is_some_and(|m| m.node == "a")
+                    && home(d, &apq).is_some_and(|m| m.node == "q")
+                    && home(d, &[member("p")]).is_some()
+            })
+            .expect("such a caller");
+        let mut homes = Homes::new("a", TTL, WINDOW, ap.clone(), false, 0);
+        homes.apply(apq, 1_000);
+        homes.apply(ap, 2_000);
+        assert_eq!(
+            homes.route(&did, 2_000),
+            Route::Here {
+                fence_ms: Some(TTL + WINDOW)
+            }
+        );
+    }
+
+    #[test]
+    fn a_node_registered_again_waits_out_the_window_if_anyone_else_may_have_served() {
+        let alone = Homes::new("a", TTL, WINDOW, vec![member("a")], false, 0);
+        let again = alone.rejoined(vec![member("a")], false, 50_000);
+        assert_eq!(
+            again.route("did:key:caller1", 50_000),
+            Route::Here { fence_ms: None }
+        );
+        let again = alone.rejoined(vec![member("a")], true, 50_000);
+        assert_eq!(
+            again.route("did:key:caller1", 50_000),
+            Route::Here {
+                fence_ms: Some(50_000 + WINDOW)
+            }
+        );
+        // b was a member once: anyone may have taken a's callers while a was away
+        let mut seen = Homes::new("a", TTL, WINDOW, vec![member("a")], false, 0);
+        seen.apply(vec![member("a"), member("b")], 1_000);
+        seen.apply(vec![member("a")], 2_000);
+        let again = seen.rejoined(vec![member("a")], false, 500_000);
+        assert_eq!(
+            again.route("did:key:caller1", 500_000),
+            Route::Here {
+                fence_ms: Some(500_000 + WINDOW)
+            }
+        );
     }
 
     #[test]

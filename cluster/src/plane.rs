@@ -347,7 +347,7 @@ impl ControlPlane {
                     Err(e) => tracing::warn!(error = %e, "cannot read the cluster's members"),
                 },
                 Ok(_) if self.withdrawn.load(Ordering::Acquire) => {}
-                Ok(_) => match self.register().await {
+                Ok(_) => match self.register_again().await {
                     Ok(()) => {
                         tracing::warn!(
                             lease = self.lease(),
@@ -420,6 +420,27 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// Registers again after the lease expired, then starts the homes over from the members
+    /// read now ([`Homes::rejoined`]): while this node was not a member, others may have
+    /// claimed its callers' requests.
+    async fn register_again(&self) -> Result<(), ClusterError> {
+        self.register().await?;
+        let (members, rev) = self.peers_at().await?;
+        // any other node's chain in the registry (of any gateway sharing the cluster: the
+        // plane cannot tell whose) may have been its callers' home meanwhile
+        let others_served = self
+            .checkpoints()
+            .await?
+            .iter()
+            .any(|(n, _)| n != &self.settings.node);
+        let mut held = self.homes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(h) = held.0.as_ref() {
+            held.0 = Some(h.rejoined(members, others_served, now_ms()));
+        }
+        held.1 = held.1.max(rev);
+        Ok(())
+    }
+
     /// Starts keeping the callers' homes with the members registered now
     /// ([`Homes::new`]: `window_ms` is the request window, `others_served` whether another
     /// node ever served in this cluster), then follows every change of the membership until
@@ -470,9 +491,21 @@ impl ControlPlane {
     /// before [`ControlPlane::start_homes`].
     pub fn route(&self, did: &str) -> Route {
         let held = self.homes.lock().unwrap_or_else(|p| p.into_inner());
-        held.0
-            .as_ref()
-            .map_or(Route::Unknown, |h| h.route(did, now_ms()))
+        let Some(h) = held.0.as_ref() else {
+            return Route::Unknown;
+        };
+        if self.withdrawn.load(Ordering::Acquire) {
+            // leaving: this node admits nothing more, its callers go to their next homes
+            let others: Vec<Member> = h
+                .members()
+                .iter()
+                .filter(|m| m.node != self.settings.node)
+                .cloned()
+                .collect();
+            return crate::home::home(did, &others)
+                .map_or(Route::Unknown, |m| Route::Moved(m.clone()));
+        }
+        h.route(did, now_ms())
     }
 
     /// The members of the current view ([`ControlPlane::route`]).

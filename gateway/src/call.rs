@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use didgate_audit::entry::{Entry, EntryKind};
 use didgate_audit::store::{Appended, Claim, ClaimRule};
 use didgate_protocol::message::{
-    self, EntryRef, GrantBody, Receipt, Refusal, RefusalCode, Request, Signed,
+    self, EntryRef, GrantBody, Home, Receipt, Refusal, RefusalCode, Request, Signed,
 };
 use didgate_protocol::web::DidDocument;
 use didgate_protocol::{Caller, Did, Version, canonical};
@@ -113,6 +113,8 @@ pub(crate) const AUDIT_UNAVAILABLE: &str = "the audit log cannot be written";
 pub(crate) struct Refuse {
     pub(crate) code: RefusalCode,
     pub(crate) reason: String,
+    /// The caller's home node, with `moved` (amendment 2.11).
+    pub(crate) home: Option<Home>,
 }
 
 /// A refusal with `code` and `reason`.
@@ -120,6 +122,16 @@ pub(crate) fn refuse(code: RefusalCode, reason: impl Into<String>) -> Refuse {
     Refuse {
         code,
         reason: reason.into(),
+        home: None,
+    }
+}
+
+/// The `moved` refusal naming the caller's home node `home`.
+pub(crate) fn moved(home: Home) -> Refuse {
+    Refuse {
+        code: RefusalCode::Moved,
+        reason: format!("this caller's home is node {} at {}", home.node, home.addr),
+        home: Some(home),
     }
 }
 
@@ -222,6 +234,9 @@ pub(crate) fn revoked_grant_key(id: &[u8; 16]) -> Vec<u8> {
 /// What admission reads besides the call and the request: the gateway's DID, its
 /// configuration, and the revocation set.
 pub(crate) struct Gate<'c, 'r> {
+    /// In a cluster, why this node is not (or cannot tell that it is) the caller's home now:
+    /// `moved` or `control_plane_unavailable`, decided after the peer check.
+    pub(crate) routed: Option<&'r Refuse>,
     /// Whether the control plane lets this node admit calls (always without `[cluster]`).
     pub(crate) control_plane: bool,
     pub(crate) did: &'c Did,
@@ -258,6 +273,9 @@ pub(crate) fn admit<'c>(
             RefusalCode::ControlPlaneUnavailable,
             "this node has not heard from its control plane within its bound",
         ));
+    }
+    if let Some(r) = gate.routed {
+        return Err(r.clone());
     }
     if judge_time
         && let Some(fence) = call.fence_ms
@@ -790,6 +808,7 @@ paths = ["/v1/balance"]
         let gw = gateway();
         let upstreams = cx.upstreams.clone();
         let gate = Gate {
+            routed: None,
             control_plane: serving,
             did: gw.did(),
             config,
@@ -846,6 +865,7 @@ paths = ["/v1/balance"]
         let gw = gateway();
         let upstreams = cx.upstreams.clone();
         let gate = Gate {
+            routed: None,
             control_plane: true,
             did: gw.did(),
             config: &config,

@@ -200,6 +200,12 @@ pub enum StartError {
     /// `[cluster]`: the chain is shorter than, or differs from, what the cluster saw of it.
     #[error("cluster: {0}")]
     Rewound(String),
+    /// `[cluster]`: the node listens on an unspecified address (`0.0.0.0`, `[::]`), which it
+    /// cannot register for peers and clients to reach.
+    #[error(
+        "cluster: listen {0} is not an address peers and clients can reach: give the node's own address"
+    )]
+    Unreachable(std::net::SocketAddr),
     /// `[cluster]`: the cluster's secrets cannot be taken (another master key).
     #[error("cluster: {0}")]
     ClusterSecrets(#[source] Box<crate::shared::JoinError>),
@@ -409,6 +415,10 @@ impl Gateway {
         let Some(settings) = self.config.cluster() else {
             return Ok(());
         };
+        // the address registered is where `moved` sends callers and peers fetch chains
+        if addr.ip().is_unspecified() {
+            return Err(StartError::Unreachable(addr));
+        }
         let tls = settings.tls(&self.dir).map_err(StartError::Cluster)?;
         let plane = didgate_cluster::ControlPlane::join(
             settings.clone(),
@@ -468,22 +478,42 @@ impl Gateway {
             return Err(StartError::ClusterSecrets(Box::new(e)));
         }
         // the callers' homes: whether another node ever served here (its chain is in the
-        // registry) decides whether the callers this node is home to wait out a handover
+        // registry: every node publishes a checkpoint of it there before its first call)
+        // decides whether the callers this node is home to wait out a handover
+        let chain = self.chain.clone();
+        let own = tokio::task::spawn_blocking(move || -> Result<_, StartError> {
+            chain.checkpoint()?;
+            Ok(chain.store().last_checkpoint()?)
+        })
+        .await
+        .map_err(|e| StartError::Rewound(format!("checkpointing the chain: {e}")))
+        .and_then(|r| r);
+        let own = match own {
+            Ok(own) => own,
+            Err(e) => {
+                plane.leave().await;
+                return Err(e);
+            }
+        };
         let homes = async {
             let me = &plane.settings().node;
-            let list = self.node_revocation_list();
+            if let Some(cp) = own {
+                plane.publish_checkpoint(&cp).await?;
+            }
+            // a node of this gateway, whatever its certificate's state now
             let others_served = plane.checkpoints().await?.iter().any(|(n, bytes)| {
                 n != me
                     && didgate_protocol::node::open_signed::<message::Checkpoint>(
                         bytes,
                         &self.served,
                         None,
-                        list.as_ref(),
+                        None,
                     )
                     .is_ok()
             });
-            let window = u64::try_from(self.config.skew().as_millis()).unwrap_or(u64::MAX)
-                + NODE_CLOCK_TOLERANCE_MS;
+            let window = u64::try_from(self.config.skew().as_millis())
+                .unwrap_or(u64::MAX)
+                .saturating_add(NODE_CLOCK_TOLERANCE_MS);
             plane.start_homes(window, others_served).await
         };
         if let Err(e) = homes.await {
@@ -1253,9 +1283,17 @@ impl Gateway {
             "upstream",
             tracing::field::display(req.message().upstream.as_str()),
         );
+        // still the home, at the time the request's clock is judged (not for a grant being
+        // executed: only its issuer can)
+        let routed = if judge_time {
+            self.route_caller(cx).err()
+        } else {
+            None
+        };
         let revoked = self.revoked.read().unwrap_or_else(|p| p.into_inner());
         let upstreams = cx.upstreams.clone();
         let gate = Gate {
+            routed: routed.as_ref(),
             control_plane: self.control_plane_serving(),
             did: &self.served,
             config: &self.config,
@@ -1304,17 +1342,12 @@ impl Gateway {
             }))
         };
         match kind {
-            FrameType::Request | FrameType::GrantRequest => match plane.route(cx.peer.as_str()) {
-                didgate_cluster::Route::Here { fence_ms } => {
-                    cx.fence_ms = fence_ms;
-                    Ok(())
-                }
-                didgate_cluster::Route::Moved(m) => moved(m),
-                didgate_cluster::Route::Unknown => Err(Err(refuse(
-                    RefusalCode::ControlPlaneUnavailable,
-                    "this node does not know the cluster's members",
-                ))),
-            },
+            FrameType::Request | FrameType::GrantRequest => {
+                self.route_caller(cx).map_err(|r| match r.home {
+                    Some(home) => Ok(home),
+                    None => Err(r),
+                })
+            }
             FrameType::Execute => {
                 let Ok(v) = didgate_protocol::envelope::verify(
                     first,
@@ -1335,6 +1368,31 @@ impl Gateway {
         }
     }
 
+    /// In a cluster, whether this node is the caller's home now; records the caller's
+    /// handover window in `cx` ([`didgate_cluster::Route`]). Judged when the stream's first
+    /// frame is read, and again at admission, at the time the request's clock is judged: a
+    /// node that stopped being the home in between (a did:web's document fetched meanwhile,
+    /// say) admits nothing.
+    pub(crate) fn route_caller(&self, cx: &mut Call) -> Result<(), Refuse> {
+        let Some(plane) = self.cluster() else {
+            return Ok(());
+        };
+        match plane.route(cx.peer.as_str()) {
+            didgate_cluster::Route::Here { fence_ms } => {
+                cx.fence_ms = fence_ms;
+                Ok(())
+            }
+            didgate_cluster::Route::Moved(m) => Err(call::moved(Home {
+                node: m.key,
+                addr: m.address,
+            })),
+            didgate_cluster::Route::Unknown => Err(refuse(
+                RefusalCode::ControlPlaneUnavailable,
+                "this node does not know the cluster's members",
+            )),
+        }
+    }
+
     /// Sends the caller to its home node: a `moved` refusal naming it, counted in the
     /// aggregate (nothing was opened or claimed in the caller's name here).
     pub(crate) async fn refuse_moved(
@@ -1343,7 +1401,7 @@ impl Gateway {
         send: &mut quinn::SendStream,
         home: Home,
     ) {
-        let reason = format!("this caller's home is node {} at {}", home.node, home.addr);
+        let reason = call::moved(home.clone()).reason;
         let (code, reason, home) = match self
             .audit_refusal(cx, None, RefusalCode::Moved, &reason)
             .await
@@ -2198,13 +2256,21 @@ impl Gateway {
         r: Refuse,
     ) {
         let call = Some(req.envelope().digest());
-        let audited = self.audit_refusal(cx, Some(req), r.code, &r.reason).await;
-        let (code, reason, entry) = match audited {
-            Ok(entry) => (r.code, r.reason.as_str(), entry),
-            Err(_) => (RefusalCode::AuditUnavailable, call::AUDIT_UNAVAILABLE, None),
+        // `moved` is routing, not a decision: counted, as when it is sent before the request
+        // is opened
+        let recorded = (r.code != RefusalCode::Moved).then_some(req);
+        let audited = self.audit_refusal(cx, recorded, r.code, &r.reason).await;
+        let (code, reason, entry, home) = match audited {
+            Ok(entry) => (r.code, r.reason.as_str(), entry, r.home),
+            Err(_) => (
+                RefusalCode::AuditUnavailable,
+                call::AUDIT_UNAVAILABLE,
+                None,
+                None,
+            ),
         };
         self.emit_refusal(cx, req, code, reason);
-        self.answer_refusal(cx, send, call, code, reason, entry)
+        self.send_refusal(cx, send, call, code, reason, entry, home)
             .await
     }
 

@@ -17,7 +17,7 @@ use didgate_protocol::{Caller, Version};
 use tokio::sync::watch;
 
 use crate::admission::Decision;
-use crate::call::Call;
+use crate::call::{Call, Refuse};
 use crate::gateway::{CONN_LIMIT_CLOSE, DRAINED_CLOSE, Gateway, StartError};
 
 /// Handles one stream: one pipelined call, one grant request, one grant execution or one
@@ -53,8 +53,7 @@ async fn handle_call(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
-    // a cluster member that stops still sends callers to their homes (below)
-    if gw.is_stopping() && gw.cluster().is_none() {
+    if gw.is_stopping() {
         return refuse_stopping(gw, cx, &mut send).await;
     }
     let min = gw.config.min_client();
@@ -117,8 +116,16 @@ async fn handle_call(
     }
 }
 
-/// Refuses a call because the gateway is draining.
+/// Answers a stream opened while the gateway drains, at once, without reading it: a cluster
+/// member (withdrawn from the members first) sends the caller to its next home; otherwise, or
+/// if no other member is known, the call is refused `shutting_down`.
 async fn refuse_stopping(gw: &Gateway, cx: &mut Call, send: &mut quinn::SendStream) {
+    if let Err(Refuse {
+        home: Some(home), ..
+    }) = gw.route_caller(cx)
+    {
+        return gw.refuse_moved(cx, send, home).await;
+    }
     gw.refuse_unverified(
         cx,
         send,

@@ -582,8 +582,10 @@ impl Message for Refusal {
         if !self.code.in_version(self.v) {
             return Err(DecodeError::Field("code"));
         }
-        // amendment 2.11: a `moved` refusal names the home node, and only it does
-        if (self.code == RefusalCode::Moved) != self.home.is_some() {
+        // amendment 2.11: a `moved` refusal names the home node, and no other known code
+        // does (a later amendment may give it to a code this release does not know)
+        let moved = self.code == RefusalCode::Moved;
+        if moved != self.home.is_some() && (moved || self.code.is_known()) {
             return Err(DecodeError::Field("home"));
         }
         no_node_cert_in_v1(self.v, &self.node_cert)
