@@ -364,6 +364,15 @@ pub struct Entry {
         deserialize_with = "present"
     )]
     pub secrets: Option<Vec<SecretState>>,
+    /// Executing and granted (version 2, amendment 2.12), in a cluster: the etcd revision as of
+    /// which the node's view of the members made it the caller's home when it admitted the
+    /// request (specs/audit-log.md, "Home revisions"); absent outside a cluster, never null.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "present_uint"
+    )]
+    pub home_rev: Option<u64>,
 }
 
 /// A field added by version 2 whose value is a map, an array or a text: present means a
@@ -387,7 +396,7 @@ fn present_uint<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D
 
 /// The optional fields of [`Entry`], in the struct's (and the encoding's) order: bit `i` of a
 /// field set ([`Entry::fields`]) stands for `OPTIONAL[i]`.
-const OPTIONAL: [&str; 24] = [
+const OPTIONAL: [&str; 25] = [
     "call",
     "signed",
     "peer_head",
@@ -412,6 +421,7 @@ const OPTIONAL: [&str; 24] = [
     "secret_version",
     "action",
     "secrets",
+    "home_rev",
 ];
 
 /// Field sets: one bit per optional field, as in [`OPTIONAL`].
@@ -440,6 +450,7 @@ mod bit {
     pub(super) const SECRET_VERSION: u32 = 1 << 21;
     pub(super) const ACTION: u32 = 1 << 22;
     pub(super) const SECRETS: u32 = 1 << 23;
+    pub(super) const HOME_REV: u32 = 1 << 24;
 }
 
 /// The optional fields an entry of `kind` may carry and those it must carry in version `v`, as
@@ -448,7 +459,14 @@ fn field_rule(kind: EntryKind, v: Version) -> Option<(u32, u32)> {
     use bit::*;
     let v2 = v >= Version::V2;
     // executing and granted: what `request_entry` writes; policy and did_doc as the spec says
-    let request = CALL | SIGNED | PEER_HEAD | SUBJECT | GRANT | POLICY | DID_DOC;
+    let request = CALL
+        | SIGNED
+        | PEER_HEAD
+        | SUBJECT
+        | GRANT
+        | POLICY
+        | DID_DOC
+        | if v2 { HOME_REV } else { 0 };
     let (allowed, required) = match kind {
         EntryKind::Genesis => (OWNER | ROLE, OWNER | ROLE),
         EntryKind::Request => (CALL | SIGNED, CALL | SIGNED),
@@ -667,6 +685,7 @@ impl Entry {
             secret_version: None,
             action: None,
             secrets: None,
+            home_rev: None,
         }
     }
 
@@ -736,6 +755,12 @@ impl Entry {
         };
         if self.secret_echo.is_some() && (v == Version::V1 || self.kind != EntryKind::Executed) {
             return Err(DecodeError::Field("secret_echo"));
+        }
+        // amendment 2.12: on executing and granted entries of version 2 only
+        if self.home_rev.is_some()
+            && (v == Version::V1 || !matches!(self.kind, EntryKind::Executing | EntryKind::Granted))
+        {
+            return Err(DecodeError::Field("home_rev"));
         }
         // amendment 2.3: both or neither, on executed entries of version 2
         if (self.secret_id.is_some() || self.secret_version.is_some())
@@ -858,7 +883,8 @@ impl Entry {
                 23 => e.version = Some(r.uint()?),
                 24 => e.secret_echo = Some(r.uint()?),
                 25 => e.secret_id = Some(r.fixed()?),
-                _ => e.secret_version = Some(r.uint()?),
+                26 => e.secret_version = Some(r.uint()?),
+                _ => e.home_rev = Some(r.uint()?),
             }
         }
         // v, seq, prev, time_ms and kind are required; anything after the map is refused; the
@@ -957,6 +983,7 @@ impl Entry {
             self.secret_version.is_some(),
             self.action.is_some(),
             self.secrets.is_some(),
+            self.home_rev.is_some(),
         ];
         present
             .iter()
@@ -1025,6 +1052,7 @@ fn plain_field(key: &str) -> Option<u32> {
         "secret_echo" => 24,
         "secret_id" => 25,
         "secret_version" => 26,
+        "home_rev" => 27,
         _ => return None,
     })
 }
@@ -1758,6 +1786,7 @@ mod tests {
         all.version = Some(2);
         all.action = Some(SecretAction::Snapshot);
         all.secrets = Some(Vec::new());
+        all.home_rev = Some(1);
         assert_eq!(all.fields(), (1 << OPTIONAL.len()) - 1);
         let map: Value = cbor::from_slice(&all.encode()).expect("own entry");
         let keys: Vec<_> = map

@@ -490,7 +490,17 @@ impl ControlPlane {
     /// Where a call of the caller `did` belongs now ([`Homes::route`]); [`Route::Unknown`]
     /// before [`ControlPlane::start_homes`].
     pub fn route(&self, did: &str) -> Route {
+        self.route_at(did).0
+    }
+
+    /// [`ControlPlane::route`], and the etcd revision as of which this node read the members
+    /// it judged by (0 before any read).
+    pub fn route_at(&self, did: &str) -> (Route, i64) {
         let held = self.homes.lock().unwrap_or_else(|p| p.into_inner());
+        (self.route_held(&held, did), held.1)
+    }
+
+    fn route_held(&self, held: &(Option<Homes>, i64), did: &str) -> Route {
         let Some(h) = held.0.as_ref() else {
             return Route::Unknown;
         };

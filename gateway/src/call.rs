@@ -58,6 +58,10 @@ pub(crate) struct Call {
     /// In a cluster, the end of the caller's handover window on this node, its home: requests
     /// stamped before it are refused `handover` ([`admit`]; didgate_cluster::home).
     pub(crate) fence_ms: Option<u64>,
+    /// In a cluster, the etcd revision as of which this node was the caller's home when it
+    /// admitted the request: recorded in the call's `executing` or `granted` entry (amendment
+    /// 2.12); `None` for a grant being executed (only its issuer can) and outside a cluster.
+    pub(crate) home_rev: Option<u64>,
 }
 
 impl Call {
@@ -76,6 +80,7 @@ impl Call {
             version,
             started: Instant::now(),
             fence_ms: None,
+            home_rev: None,
             document: None,
             ttl_secs: None,
             permit: None,
@@ -572,6 +577,9 @@ pub(crate) fn request_entry(
     entry.peer_head = Some(req.message().head);
     entry.policy = Some(call.policy_hash());
     entry.did_doc = call.did_doc();
+    if matches!(kind, EntryKind::Executing | EntryKind::Granted) {
+        entry.home_rev = call.home_rev;
+    }
     entry
 }
 

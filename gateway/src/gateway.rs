@@ -1377,9 +1377,11 @@ impl Gateway {
         let Some(plane) = self.cluster() else {
             return Ok(());
         };
-        match plane.route(cx.peer.as_str()) {
+        let (route, rev) = plane.route_at(cx.peer.as_str());
+        match route {
             didgate_cluster::Route::Here { fence_ms } => {
                 cx.fence_ms = fence_ms;
+                cx.home_rev = u64::try_from(rev).ok();
                 Ok(())
             }
             didgate_cluster::Route::Moved(m) => Err(call::moved(Home {

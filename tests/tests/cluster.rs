@@ -1334,6 +1334,19 @@ async fn calls_are_moved_to_the_callers_home_where_a_replay_or_a_second_executio
     }
     assert_eq!(moved_count(&b.gw), 1, "later calls go straight home");
     assert_eq!(moved_count(&c.gw), 0);
+    // each executing entry records the revision of the view that made a alice's home
+    let revs: Vec<Option<u64>> = a
+        .gw
+        .chain()
+        .store()
+        .entries()
+        .filter_map(|item| item.ok())
+        .filter_map(|(_, b)| didgate_audit::entry::Entry::decode(&b).ok())
+        .filter(|e| e.kind == didgate_audit::entry::EntryKind::Executing)
+        .map(|e| e.home_rev)
+        .collect();
+    assert_eq!(revs.len(), 4);
+    assert!(revs.iter().all(|r| r.is_some_and(|r| r > 0)), "{revs:?}");
 
     // a request sent through c executes on a; the same bytes through b reach a and are refused
     let via_c = client("alice-via-c", c.addr).await?;

@@ -34,7 +34,14 @@ pub(super) struct GatewayCalls<'a> {
     heads_seen: HashMap<HeadKey, (Digest, &'a str, u64)>,
     /// Calls (executing entries) per gateway chain.
     pub(super) calls: Vec<u64>,
+    /// Entries that claimed a caller's request on a cluster's home node (`home_rev`), per
+    /// caller: (gateway index, seq, home revision, time).
+    homes: std::collections::BTreeMap<&'a str, Vec<HomeClaim>>,
 }
+
+/// One entry that claimed a request as the caller's home: (gateway index, seq, `home_rev`,
+/// `time_ms`).
+type HomeClaim = (usize, u64, u64, u64);
 
 /// Checks every gateway chain's calls ([`GatewayCalls`]), in chain order.
 pub(super) fn check_all<'a>(gws: &'a [Checked], sigs: &Sigs<'_>, cx: &mut Ctx) -> GatewayCalls<'a> {
@@ -45,10 +52,12 @@ pub(super) fn check_all<'a>(gws: &'a [Checked], sigs: &Sigs<'_>, cx: &mut Ctx) -
         closed: HashMap::with_capacity(gw_entries),
         heads_seen: HashMap::with_capacity(gw_entries),
         calls: vec![0u64; gws.len()],
+        homes: std::collections::BTreeMap::new(),
     };
     for (gi, g) in gws.iter().enumerate() {
         calls.check_chain(gi, g, sigs, cx);
     }
+    calls.check_homes(gws, cx);
     calls
 }
 
@@ -63,6 +72,12 @@ impl<'a> GatewayCalls<'a> {
             match e.kind {
                 EntryKind::Secret => secrets.declare(e),
                 EntryKind::Executing | EntryKind::Granted | EntryKind::Refused => {
+                    if let (Some(rev), Some(subject)) = (e.home_rev, e.subject.as_deref()) {
+                        self.homes
+                            .entry(subject)
+                            .or_default()
+                            .push((gi, e.seq, rev, e.time_ms));
+                    }
                     self.request_entry(gi, g, e, sigs, &mut open, cx);
                 }
                 EntryKind::Executed | EntryKind::Failed | EntryKind::Abandoned => {
@@ -135,6 +150,55 @@ impl<'a> GatewayCalls<'a> {
                 );
             }
             open.insert(call, e.seq);
+        }
+    }
+
+    /// Two nodes claiming one caller's requests under overlapping ownership (amendment 2.12;
+    /// specs/audit-log.md, "Home revisions"): an entry of one node whose view of the members
+    /// (`home_rev`) is older than that of another node's entry for the same caller, yet whose
+    /// time is not earlier. A node that lost the caller to a newer membership must have stopped
+    /// claiming before the new home began (the handover window), so this is a node that kept
+    /// claiming on a stale view: cut off from etcd without failing closed, or a clock off by
+    /// more than the window allows. Each caller is reported once, naming the first such pair.
+    fn check_homes(&mut self, gws: &[Checked], cx: &mut Ctx) {
+        for (subject, claims) in &mut self.homes {
+            claims.sort_unstable_by_key(|&(_, _, rev, time)| (rev, time));
+            // per node, its latest claim among those of lower revisions: (time, seq)
+            let mut before: HashMap<usize, (u64, u64)> = HashMap::new();
+            let mut i = 0;
+            'caller: while i < claims.len() {
+                let rev = claims[i].2;
+                let group = claims[i..]
+                    .iter()
+                    .take_while(|c| c.2 == rev)
+                    .copied()
+                    .collect::<Vec<_>>();
+                for &(gi, seq, _, time) in &group {
+                    let stale = before
+                        .iter()
+                        .filter(|(ogi, (otime, _))| **ogi != gi && *otime >= time)
+                        .min_by_key(|(ogi, _)| **ogi);
+                    if let Some((&ogi, &(otime, oseq))) = stale {
+                        cx.flag(
+                            &gws[ogi].label,
+                            Some(oseq),
+                            ViolationKind::OverlappingOwnership,
+                            format!(
+                                "claimed a request of {subject} at {otime} ms on an older view of the cluster's members than {} seq {seq} (revision {rev}) did at {time} ms: two nodes were its home at once",
+                                gws[gi].label
+                            ),
+                        );
+                        break 'caller;
+                    }
+                }
+                for &(gi, seq, _, time) in &group {
+                    let slot = before.entry(gi).or_insert((time, seq));
+                    if time >= slot.0 {
+                        *slot = (time, seq);
+                    }
+                }
+                i += group.len();
+            }
         }
     }
 

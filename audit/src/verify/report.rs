@@ -107,6 +107,11 @@ pub enum ViolationKind {
     /// first entries no longer have that checkpoint's head and root (amendment 2.9;
     /// specs/audit-log.md, "Witness entries").
     WitnessedRewrite,
+    /// Two nodes of a cluster claimed one caller's requests under overlapping ownership: one
+    /// node's `executing` or `granted` entry names an older view of the members (`home_rev`)
+    /// than another node's entry for that caller, at a time not earlier (amendment 2.12;
+    /// specs/audit-log.md, "Home revisions").
+    OverlappingOwnership,
 }
 
 /// One violation.

@@ -95,6 +95,8 @@ struct Call {
     node: usize,
     answer: Answer,
     cert: Option<Vec<u8>>,
+    /// The `home_rev` and time of its executing entry (amendment 2.12), if any.
+    home: Option<(u64, u64)>,
 }
 
 impl Call {
@@ -103,7 +105,14 @@ impl Call {
             node,
             answer: Answer::Receipt(time_ms),
             cert: None,
+            home: None,
         }
+    }
+
+    /// Executed as the caller's home as of revision `rev`, at `time_ms`.
+    fn at_home(mut self, rev: u64, time_ms: u64) -> Self {
+        self.home = Some((rev, time_ms));
+        self
     }
 
     fn carrying(mut self, cert: Vec<u8>) -> Self {
@@ -141,7 +150,7 @@ fn run(cluster: &Cluster, calls: &[Call]) -> Run {
         let (id, bytes) = request(cluster, &mut client, i as u8);
         let seq = match call.answer {
             Answer::Receipt(time_ms) => {
-                let signed = execute(cluster, g, node, (id, bytes), time_ms, cert);
+                let signed = execute(cluster, g, node, (id, bytes), time_ms, cert, call.home);
                 result(&mut client, &cluster.client, id, Outcome::Receipt, signed)
             }
             Answer::Refusal(time_ms) => {
@@ -224,6 +233,7 @@ fn execute(
     (id, bytes): (Digest, Vec<u8>),
     time_ms: u64,
     cert: Vec<u8>,
+    home: Option<(u64, u64)>,
 ) -> Vec<u8> {
     let head = Request::decode(
         envelope::verify(&bytes, Kind::Request)
@@ -238,6 +248,10 @@ fn execute(
     x.subject = Some(cluster.client.did().to_string());
     x.grant = Some([1; 16]);
     x.peer_head = Some(head);
+    if let Some((rev, at)) = home {
+        x.home_rev = Some(rev);
+        x.time_ms = at;
+    }
     g.push(x, node);
     let mut d = Entry::new(EntryKind::Executed, 1_700);
     d.call = Some(id);
@@ -484,7 +498,12 @@ fn a_receipt_of_an_uncertified_node_stays_a_bad_signature() {
 #[test]
 fn refusals_and_grants_of_a_node_are_judged_by_their_certificate() {
     let cluster = Cluster::new();
-    let answer = |node, answer, cert: Option<Vec<u8>>| Call { node, answer, cert };
+    let answer = |node, answer, cert: Option<Vec<u8>>| Call {
+        node,
+        answer,
+        cert,
+        home: None,
+    };
     let good = [
         answer(0, Answer::Refusal(2_000), None),
         answer(1, Answer::Grant(NOT_AFTER - 1), None),
@@ -595,5 +614,44 @@ fn the_json_report_names_the_kind_in_snake_case() {
     assert_eq!(
         ViolationKind::BadNodeCertificate.name(),
         "bad_node_certificate"
+    );
+}
+
+/// Amendment 2.12: a node that claims a caller's request on an older view of the members than
+/// another node that already claimed one as its home is reported; a node that became the home
+/// again under a newer view is not.
+#[test]
+fn two_nodes_claiming_one_caller_under_overlapping_ownership_are_reported() {
+    let cluster = Cluster::new();
+    // node 0 home as of revision 10; node 1 as of 20 (node 0 stopped before); node 0 again as
+    // of 30
+    let clean = [
+        Call::receipt(0, 2_000).at_home(10, 1_600),
+        Call::receipt(1, 2_100).at_home(20, 1_700),
+        Call::receipt(0, 2_200).at_home(30, 1_800),
+    ];
+    let r = run(&cluster, &clean);
+    let report = verify_opts(&r.gateways, &r.clients, options(Revocations::new()));
+    assert!(report.ok(), "{:#?}", report.violations);
+    // node 0 goes on claiming on its view of revision 10 after node 1 became the home
+    let overlap = [
+        Call::receipt(0, 2_000).at_home(10, 1_600),
+        Call::receipt(1, 2_100).at_home(20, 1_700),
+        Call::receipt(0, 2_200).at_home(10, 1_800),
+    ];
+    let r = run(&cluster, &overlap);
+    let report = verify_opts(&r.gateways, &r.clients, options(Revocations::new()));
+    let kinds = found(&report);
+    // node 0's chain: genesis, executing and executed of the first call, then the third
+    // call's executing entry (seq 3)
+    assert_eq!(
+        kinds,
+        vec![(
+            "node-0".to_string(),
+            Some(3),
+            ViolationKind::OverlappingOwnership
+        )],
+        "{:#?}",
+        report.violations
     );
 }
