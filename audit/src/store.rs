@@ -1060,6 +1060,7 @@ impl Chain {
             policy,
             last_cp,
             last_cp_at: Instant::now(),
+            last_cp_cert: None,
             failed: failed.clone(),
             cause: None,
             closes: Vec::new(),
@@ -1350,6 +1351,11 @@ struct Writer {
     policy: CheckpointPolicy,
     last_cp: u64,
     last_cp_at: Instant,
+    /// The node certificate the last checkpoint this writer signed carried (`None` before it
+    /// signed any): a forced checkpoint signs the head again when a node's certificate is not
+    /// the one its last checkpoint carries (a store made before the node was certified, or a
+    /// renewal), so the checkpoint a node publishes opens under its gateway.
+    last_cp_cert: Option<Option<Arc<[u8]>>>,
     failed: Arc<AtomicBool>,
     /// Why the store failed (kept for the refusals until it is reopened).
     cause: Option<Shared<StoreFailure>>,
@@ -1487,10 +1493,14 @@ impl Writer {
 
     fn checkpoint_due(&self, force: bool) -> bool {
         let size = self.frontier.size();
-        size > self.last_cp
-            && (force
-                || size - self.last_cp >= self.policy.every_entries
-                || self.last_cp_at.elapsed() >= self.policy.every)
+        let cert = self.node_cert.get();
+        let recertify =
+            force && size > 0 && cert.is_some() && self.last_cp_cert.as_ref() != Some(&cert);
+        recertify
+            || size > self.last_cp
+                && (force
+                    || size - self.last_cp >= self.policy.every_entries
+                    || self.last_cp_at.elapsed() >= self.policy.every)
     }
 
     fn commit(&mut self, jobs: Vec<(Append, Reply)>, force: bool) -> Result<(), AppendError> {
@@ -1583,6 +1593,7 @@ impl Writer {
             if checkpoint {
                 self.last_cp = self.frontier.size();
                 self.last_cp_at = Instant::now();
+                self.last_cp_cert = Some(self.node_cert.get());
             }
         }
         for (reply, outcome) in outcomes {

@@ -92,6 +92,9 @@ pub struct ControlPlane {
     /// Set once this node withdrew from the membership ([`ControlPlane::withdraw`]): it is not
     /// registered again.
     withdrawn: std::sync::atomic::AtomicBool,
+    /// Set while a node registered again under a new lease has not started its homes over
+    /// ([`ControlPlane::restart_homes`]): its keep-alives do not count until then.
+    rejoining: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for ControlPlane {
@@ -186,6 +189,7 @@ impl ControlPlane {
             stop: watch::channel(false).0,
             homes: std::sync::Mutex::new((None, 0)),
             withdrawn: std::sync::atomic::AtomicBool::new(false),
+            rejoining: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -342,10 +346,17 @@ impl ControlPlane {
             match self.keep_alive_once().await {
                 // the members read after the keep-alive: a node that serves has a view of
                 // the membership no older than its health bound ([`crate::home`])
-                Ok(ttl) if ttl > 0 => match self.refresh_members().await {
-                    Ok(()) => self.health.answered(monotonic_ms()),
-                    Err(e) => tracing::warn!(error = %e, "cannot read the cluster's members"),
-                },
+                Ok(ttl) if ttl > 0 => {
+                    let rejoined = if self.rejoining.load(Ordering::Acquire) {
+                        self.restart_homes().await
+                    } else {
+                        Ok(())
+                    };
+                    match rejoined.and(self.refresh_members().await) {
+                        Ok(()) => self.health.answered(monotonic_ms()),
+                        Err(e) => tracing::warn!(error = %e, "cannot read the cluster's members"),
+                    }
+                }
                 Ok(_) if self.withdrawn.load(Ordering::Acquire) => {}
                 Ok(_) => match self.register_again().await {
                     Ok(()) => {
@@ -425,20 +436,36 @@ impl ControlPlane {
     /// claimed its callers' requests.
     async fn register_again(&self) -> Result<(), ClusterError> {
         self.register().await?;
-        let (members, rev) = self.peers_at().await?;
-        // any other node's chain in the registry (of any gateway sharing the cluster: the
-        // plane cannot tell whose) may have been its callers' home meanwhile
-        let others_served = self
-            .checkpoints()
-            .await?
-            .iter()
-            .any(|(n, _)| n != &self.settings.node);
-        let mut held = self.homes.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(h) = held.0.as_ref() {
-            held.0 = Some(h.rejoined(members, others_served, now_ms()));
+        // until the homes start over, the keep-alives of the new lease do not count: the node
+        // must not serve on the homes of its old membership
+        self.rejoining.store(true, Ordering::Release);
+        self.restart_homes().await
+    }
+
+    /// Starts the homes over from the members read now ([`Homes::rejoined`]), after a new
+    /// lease; clears the rejoining mark. A read older than the view held is read again.
+    async fn restart_homes(&self) -> Result<(), ClusterError> {
+        for _ in 0..3 {
+            let (members, rev) = self.peers_at().await?;
+            // any other node's chain in the registry (of any gateway sharing the cluster: the
+            // plane cannot tell whose) may have been its callers' home meanwhile; unknown
+            // counts as yes
+            let others_served = self
+                .checkpoints()
+                .await
+                .map_or(true, |r| r.iter().any(|(n, _)| n != &self.settings.node));
+            let mut held = self.homes.lock().unwrap_or_else(|p| p.into_inner());
+            if rev < held.1 {
+                continue;
+            }
+            if let Some(h) = held.0.as_ref() {
+                held.0 = Some(h.rejoined(members, others_served, now_ms()));
+            }
+            held.1 = rev;
+            self.rejoining.store(false, Ordering::Release);
+            return Ok(());
         }
-        held.1 = held.1.max(rev);
-        Ok(())
+        Err(ClusterError::Unreachable(self.request_bound()))
     }
 
     /// Starts keeping the callers' homes with the members registered now
@@ -533,8 +560,16 @@ impl ControlPlane {
     pub async fn withdraw(&self) -> Result<(), ClusterError> {
         self.withdrawn.store(true, Ordering::Release);
         let key = keys::member(&self.settings.name, &self.settings.node);
-        self.with_client(|mut c| async move { c.delete(key, None).await })
-            .await?;
+        if let Err(e) = self
+            .with_client(|mut c| async move { c.delete(key, None).await })
+            .await
+        {
+            // the member key must go, or peers keep sending callers back here: with the lease
+            let lease = self.lease();
+            self.with_client(|mut c| async move { c.lease_revoke(lease).await })
+                .await
+                .map_err(|_| e)?;
+        }
         self.refresh_members().await
     }
 

@@ -23,9 +23,17 @@ pub struct Load {
 
 /// The part of an upstream's limit a node takes: its demand `mine` against the demands
 /// `others` of the other members serving the gateway (a member that published nothing counts
-/// 0), each plus [`FLOOR_PER_SEC`]. The shares of nodes that see the same demands add up to 1.
-pub fn share(mine: f64, others: impl IntoIterator<Item = f64>) -> f64 {
-    let clean = |d: f64| if d.is_finite() && d > 0.0 { d } else { 0.0 };
+/// 0), each first held to `0..=cap` (no node can use more than the whole limit, `cap` calls a
+/// second: so no value a peer publishes can shrink another's share below
+/// `1 / (nodes x (cap + 1))`; NaN counts 0) and then plus [`FLOOR_PER_SEC`]. The shares of
+/// nodes that see the same demands add up to 1.
+pub fn share(mine: f64, others: impl IntoIterator<Item = f64>, cap: f64) -> f64 {
+    let cap = if cap.is_finite() && cap > 0.0 {
+        cap
+    } else {
+        0.0
+    };
+    let clean = |d: f64| if d > 0.0 { d.min(cap) } else { 0.0 };
     let me = clean(mine) + FLOOR_PER_SEC;
     let total = me
         + others
@@ -59,7 +67,7 @@ mod tests {
                     .enumerate()
                     .filter(|(j, _)| *j != i)
                     .map(|(_, d)| *d);
-                share(demands[i], others)
+                share(demands[i], others, 1e6)
             })
             .collect();
         assert!((shares.iter().sum::<f64>() - 1.0).abs() < 1e-9);
@@ -68,10 +76,14 @@ mod tests {
             "{shares:?}"
         );
         // alone, a node takes the whole limit; idle nodes split it evenly
-        assert_eq!(share(5.0, []), 1.0);
-        assert!((share(0.0, [0.0, 0.0]) - 1.0 / 3.0).abs() < 1e-9);
-        // nonsense published by a peer counts as nothing
-        assert!((share(0.0, [f64::NAN, -4.0, f64::INFINITY]) - 0.25).abs() < 1e-9);
+        assert_eq!(share(5.0, [], 30.0), 1.0);
+        assert!((share(0.0, [0.0, 0.0], 30.0) - 1.0 / 3.0).abs() < 1e-9);
+        // nonsense published by a peer counts as nothing, or as the whole limit at most
+        assert!((share(0.0, [f64::NAN, -4.0], 30.0) - 1.0 / 3.0).abs() < 1e-9);
+        let starved = share(0.0, [f64::INFINITY, f64::MAX, 1e300], 30.0);
+        assert!((starved - 1.0 / 94.0).abs() < 1e-9, "{starved}");
+        // a caller hammering its home counts as the limit, no more
+        assert!((share(10_000.0, [30.0], 30.0) - 0.5).abs() < 1e-9);
     }
 
     #[test]

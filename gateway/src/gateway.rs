@@ -970,17 +970,22 @@ impl Gateway {
             return 1.0;
         };
         let g = self.config.gateway();
-        let rated = up
-            .rate_per_upstream()
-            .unwrap_or(g.rate_per_upstream)
-            .is_limited();
-        let capped = up
+        let rate = up.rate_per_upstream().unwrap_or(g.rate_per_upstream);
+        let rated = rate.is_limited();
+        let slots = up
             .max_concurrent_per_upstream()
-            .unwrap_or(g.max_concurrent_per_upstream)
-            > 0;
-        if !rated && !capped {
+            .unwrap_or(g.max_concurrent_per_upstream);
+        if !rated && slots == 0 {
             return 1.0;
         }
+        // no node can use more than the whole limit: demands count up to it
+        let cap = if rated && rate.per_sec > 0.0 {
+            rate.per_sec
+        } else if rated {
+            rate.burst as f64
+        } else {
+            slots as f64
+        };
         if stage != Stage::Execute {
             self.shares.count(up.name());
         }
@@ -991,7 +996,7 @@ impl Gateway {
             .filter(|m| &m.node != me)
             .map(|m| m.node)
             .collect();
-        self.shares.share(up.name(), &others)
+        self.shares.share(up.name(), &others, cap)
     }
 
     /// Checked again right before the upstream is called ([`call::still_allowed`]).

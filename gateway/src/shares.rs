@@ -64,8 +64,9 @@ impl Shares {
         lock(&self.peers).insert(node, load);
     }
 
-    /// This node's share of `upstream`'s limit, against the other members named `others`.
-    pub fn share(&self, upstream: &str, others: &[String]) -> f64 {
+    /// This node's share of `upstream`'s limit of `cap` calls a second, against the other
+    /// members named `others`.
+    pub fn share(&self, upstream: &str, others: &[String], cap: f64) -> f64 {
         let mine = lock(&self.mine).get(upstream).copied().unwrap_or(0.0);
         let peers = lock(&self.peers);
         share(
@@ -77,6 +78,7 @@ impl Shares {
                     .copied()
                     .unwrap_or(0.0)
             }),
+            cap,
         )
     }
 }
@@ -95,13 +97,15 @@ mod tests {
         assert_eq!(load.upstreams.get("payments"), Some(&30.0));
         let others = vec!["b".to_string(), "c".to_string()];
         // nobody else published: the floor of each other node only
-        assert!((s.share("payments", &others) - 31.0 / 33.0).abs() < 1e-9);
+        assert!((s.share("payments", &others, 1e6) - 31.0 / 33.0).abs() < 1e-9);
         let mut busy = Load::default();
         busy.upstreams.insert("payments".into(), 61.0);
         s.peer("b".into(), busy);
-        assert!((s.share("payments", &others) - 31.0 / 94.0).abs() < 1e-9);
+        assert!((s.share("payments", &others, 1e6) - 31.0 / 94.0).abs() < 1e-9);
+        // held to the limit: b's 61 counts as 40
+        assert!((s.share("payments", &others, 40.0) - 31.0 / 73.0).abs() < 1e-9);
         // an upstream nobody asked for: an even split
-        assert!((s.share("other", &others) - 1.0 / 3.0).abs() < 1e-9);
+        assert!((s.share("other", &others, 1e6) - 1.0 / 3.0).abs() < 1e-9);
         // idle windows fade the demand out
         for _ in 0..20 {
             s.tick(1000);

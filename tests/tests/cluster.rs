@@ -1316,6 +1316,16 @@ async fn calls_are_moved_to_the_callers_home_where_a_replay_or_a_second_executio
     let members = a.gw.cluster().expect("joined").route_members();
     let home = didgate_cluster::home::home(alice().did().as_str(), &members).expect("home");
     assert_eq!(home.node, "a", "alice's home among a, b, c");
+    // each node published, when it joined, a checkpoint that opens under the gateway (so a
+    // node joining later knows that it served)
+    let registry = a.gw.cluster().expect("joined").checkpoints().await?;
+    assert_eq!(registry.len(), 3);
+    for (node, bytes) in &registry {
+        didgate_protocol::node::open_signed::<didgate_protocol::message::Checkpoint>(
+            bytes, &h.gw_did, None, None,
+        )
+        .map_err(|e| anyhow::anyhow!("{node}: {e}"))?;
+    }
     let client = async |name: &str, addr| {
         didgate_client::Client::open(alice(), &h.chain_dir(name), addr, h.gw_did.clone()).await
     };
@@ -1335,16 +1345,15 @@ async fn calls_are_moved_to_the_callers_home_where_a_replay_or_a_second_executio
     assert_eq!(moved_count(&b.gw), 1, "later calls go straight home");
     assert_eq!(moved_count(&c.gw), 0);
     // each executing entry records the revision of the view that made a alice's home
-    let revs: Vec<Option<u64>> = a
-        .gw
-        .chain()
-        .store()
-        .entries()
-        .filter_map(|item| item.ok())
-        .filter_map(|(_, b)| didgate_audit::entry::Entry::decode(&b).ok())
-        .filter(|e| e.kind == didgate_audit::entry::EntryKind::Executing)
-        .map(|e| e.home_rev)
-        .collect();
+    let revs: Vec<Option<u64>> =
+        a.gw.chain()
+            .store()
+            .entries()
+            .filter_map(|item| item.ok())
+            .filter_map(|(_, b)| didgate_audit::entry::Entry::decode(&b).ok())
+            .filter(|e| e.kind == didgate_audit::entry::EntryKind::Executing)
+            .map(|e| e.home_rev)
+            .collect();
     assert_eq!(revs.len(), 4);
     assert!(revs.iter().all(|r| r.is_some_and(|r| r > 0)), "{revs:?}");
 

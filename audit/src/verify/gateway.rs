@@ -35,12 +35,12 @@ pub(super) struct GatewayCalls<'a> {
     /// Calls (executing entries) per gateway chain.
     pub(super) calls: Vec<u64>,
     /// Entries that claimed a caller's request on a cluster's home node (`home_rev`), per
-    /// caller: (gateway index, seq, home revision, time).
-    homes: std::collections::BTreeMap<&'a str, Vec<HomeClaim>>,
+    /// gateway (the request's `aud`) and caller.
+    homes: std::collections::BTreeMap<(String, &'a str), Vec<HomeClaim>>,
 }
 
 /// One entry that claimed a request as the caller's home: (gateway index, seq, `home_rev`,
-/// `time_ms`).
+/// the request's `time_ms`).
 type HomeClaim = (usize, u64, u64, u64);
 
 /// Checks every gateway chain's calls ([`GatewayCalls`]), in chain order.
@@ -72,12 +72,6 @@ impl<'a> GatewayCalls<'a> {
             match e.kind {
                 EntryKind::Secret => secrets.declare(e),
                 EntryKind::Executing | EntryKind::Granted | EntryKind::Refused => {
-                    if let (Some(rev), Some(subject)) = (e.home_rev, e.subject.as_deref()) {
-                        self.homes
-                            .entry(subject)
-                            .or_default()
-                            .push((gi, e.seq, rev, e.time_ms));
-                    }
                     self.request_entry(gi, g, e, sigs, &mut open, cx);
                 }
                 EntryKind::Executed | EntryKind::Failed | EntryKind::Abandoned => {
@@ -134,6 +128,13 @@ impl<'a> GatewayCalls<'a> {
         };
         check_request(&g.label, e, &req, &sigs.web, cx);
         self.check_head(g, e, &req, cx);
+        if let (Some(rev), Some(subject)) = (e.home_rev, e.subject.as_deref()) {
+            // by the request's own time: the handover fence orders those strictly
+            self.homes
+                .entry((req.message.aud.clone(), subject))
+                .or_default()
+                .push((gi, e.seq, rev, req.message.time_ms));
+        }
         if e.kind == EntryKind::Executing {
             self.calls[gi] += 1;
             let call = req.envelope.digest();
@@ -155,13 +156,14 @@ impl<'a> GatewayCalls<'a> {
 
     /// Two nodes claiming one caller's requests under overlapping ownership (amendment 2.12;
     /// specs/audit-log.md, "Home revisions"): an entry of one node whose view of the members
-    /// (`home_rev`) is older than that of another node's entry for the same caller, yet whose
-    /// time is not earlier. A node that lost the caller to a newer membership must have stopped
-    /// claiming before the new home began (the handover window), so this is a node that kept
-    /// claiming on a stale view: cut off from etcd without failing closed, or a clock off by
-    /// more than the window allows. Each caller is reported once, naming the first such pair.
+    /// (`home_rev`) is older than that of another node's entry for the same caller of the same
+    /// gateway, yet whose request is stamped no earlier. A node that lost the caller to a newer
+    /// membership claimed only requests stamped before the new home's handover fence, and the
+    /// new home only requests stamped at or after it, so this is a node that kept claiming on
+    /// a stale view: cut off from etcd without failing closed, or a clock off by more than the
+    /// window allows. Each caller is reported once, naming the first such pair.
     fn check_homes(&mut self, gws: &[Checked], cx: &mut Ctx) {
-        for (subject, claims) in &mut self.homes {
+        for ((_, subject), claims) in &mut self.homes {
             claims.sort_unstable_by_key(|&(_, _, rev, time)| (rev, time));
             // per node, its latest claim among those of lower revisions: (time, seq)
             let mut before: HashMap<usize, (u64, u64)> = HashMap::new();
@@ -184,7 +186,7 @@ impl<'a> GatewayCalls<'a> {
                             Some(oseq),
                             ViolationKind::OverlappingOwnership,
                             format!(
-                                "claimed a request of {subject} at {otime} ms on an older view of the cluster's members than {} seq {seq} (revision {rev}) did at {time} ms: two nodes were its home at once",
+                                "claimed a request of {subject} stamped {otime} ms on an older view of the cluster's members than {} seq {seq} (revision {rev}) claimed one stamped {time} ms: two nodes were its home at once",
                                 gws[gi].label
                             ),
                         );

@@ -21,6 +21,9 @@
 //!
 //! `didgate-bench growth` is the gateway's CPU and store size per call as calls accumulate, of
 //! [`growth`].
+//!
+//! `didgate-bench cluster` is a cluster node's CPU per call against a single gateway's, and the
+//! latency of a followed `moved`, of [`cluster`].
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -43,6 +46,8 @@ const VERSION: u64 = didgate_protocol::Version::CURRENT.as_u64();
 
 #[path = "didgate-bench/calls.rs"]
 mod calls;
+#[path = "didgate-bench/cluster.rs"]
+mod cluster;
 #[path = "didgate-bench/flood.rs"]
 mod flood;
 #[path = "didgate-bench/growth.rs"]
@@ -82,6 +87,9 @@ enum Cmd {
     /// Whether the gateway's CPU per call and its store's size per call stay flat as calls
     /// accumulate.
     Growth(growth::GrowthArgs),
+    /// A node's CPU per call in a 3-node cluster against a single gateway, and the latency a
+    /// followed `moved` adds (needs etcd).
+    Cluster(cluster::ClusterArgs),
 }
 
 #[derive(clap::Args)]
@@ -112,6 +120,7 @@ fn main() -> Result<()> {
         Some(Cmd::Audit(args)) => audit(args),
         Some(Cmd::Flood(args)) => flood::run(args),
         Some(Cmd::Growth(args)) => growth::run(args),
+        Some(Cmd::Cluster(args)) => cluster::run(args),
         None => calls::run(cli.calls),
     }
 }

@@ -95,7 +95,8 @@ struct Call {
     node: usize,
     answer: Answer,
     cert: Option<Vec<u8>>,
-    /// The `home_rev` and time of its executing entry (amendment 2.12), if any.
+    /// The `home_rev` of its executing entry and the time its request is stamped (amendment
+    /// 2.12), if any.
     home: Option<(u64, u64)>,
 }
 
@@ -109,7 +110,7 @@ impl Call {
         }
     }
 
-    /// Executed as the caller's home as of revision `rev`, at `time_ms`.
+    /// Executed as the caller's home as of revision `rev`, its request stamped `time_ms`.
     fn at_home(mut self, rev: u64, time_ms: u64) -> Self {
         self.home = Some((rev, time_ms));
         self
@@ -147,7 +148,8 @@ fn run(cluster: &Cluster, calls: &[Call]) -> Run {
             .cert
             .clone()
             .unwrap_or_else(|| cluster.certs[call.node].clone());
-        let (id, bytes) = request(cluster, &mut client, i as u8);
+        let stamped = call.home.map_or(1_500, |(_, t)| t);
+        let (id, bytes) = request(cluster, &mut client, i as u8, stamped);
         let seq = match call.answer {
             Answer::Receipt(time_ms) => {
                 let signed = execute(cluster, g, node, (id, bytes), time_ms, cert, call.home);
@@ -198,7 +200,7 @@ fn run(cluster: &Cluster, calls: &[Call]) -> Run {
 }
 
 /// The client signs and records a request to the gateway DID; returns its call ID and bytes.
-fn request(cluster: &Cluster, client: &mut Builder, n: u8) -> (Digest, Vec<u8>) {
+fn request(cluster: &Cluster, client: &mut Builder, n: u8, time_ms: u64) -> (Digest, Vec<u8>) {
     let req = Request {
         v: VERSION,
         aud: cluster.gateway.did().to_string(),
@@ -210,7 +212,7 @@ fn request(cluster: &Cluster, client: &mut Builder, n: u8) -> (Digest, Vec<u8>) 
         body_len: 0,
         body_b3: *blake3::hash(b"").as_bytes(),
         nonce: [n; 16],
-        time_ms: 1_500,
+        time_ms,
         head: client.chain_head(),
     };
     let bytes = req.sign(&cluster.client);
