@@ -448,12 +448,14 @@ impl ControlPlane {
         for _ in 0..3 {
             let (members, rev) = self.peers_at().await?;
             // any other node's chain in the registry (of any gateway sharing the cluster: the
-            // plane cannot tell whose) may have been its callers' home meanwhile; unknown
-            // counts as yes
+            // plane cannot tell whose) may have been its callers' home meanwhile; a registry
+            // that cannot be read is read again at the next keep-alive (the node does not serve
+            // meanwhile)
             let others_served = self
                 .checkpoints()
-                .await
-                .map_or(true, |r| r.iter().any(|(n, _)| n != &self.settings.node));
+                .await?
+                .iter()
+                .any(|(n, _)| n != &self.settings.node);
             let mut held = self.homes.lock().unwrap_or_else(|p| p.into_inner());
             if rev < held.1 {
                 continue;
