@@ -486,6 +486,28 @@ async fn connect_from(
     Ok((endpoint, connecting.await))
 }
 
+/// A catalog request on `conn` answered: the gateway has completed the connection's handshake
+/// (and counted it open).
+async fn answered(conn: &quinn::Connection) -> anyhow::Result<()> {
+    use didgate_protocol::message::Message as _;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let request = didgate_protocol::catalog::CatalogRequest {
+        v: didgate_protocol::Version::CURRENT.as_u64(),
+        upstream: None,
+    };
+    let mut frame = bytes::BytesMut::new();
+    didgate_protocol::frame::encode(
+        didgate_protocol::frame::FrameType::CatalogRequest,
+        &request.encode(),
+        &mut frame,
+    )?;
+    send.write_all(&frame).await?;
+    send.finish()?;
+    let answer = recv.read_to_end(1 << 20).await?;
+    anyhow::ensure!(!answer.is_empty(), "no answer to a catalog request");
+    Ok(())
+}
+
 /// Issue 15, item 7: new connections are admitted by source address before any handshake
 /// work. With every new connection validated (`retry_above_per_sec = 0`: a QUIC Retry first),
 /// at most 2 open and 4 new connections per address (a bucket that never refills): the third
@@ -512,6 +534,10 @@ async fn new_connections_over_the_per_address_limits_are_refused_and_counted() -
     let (e1, c1) = connect_from(&h, "127.0.0.1", &alice()).await?;
     let (e2, c2) = connect_from(&h, "127.0.0.1", &bob()).await?;
     let (c1, c2) = (c1?, c2?);
+    // the client's handshake ends before the gateway's: an answer on each proves the gateway
+    // counts both open
+    answered(&c1).await?;
+    answered(&c2).await?;
     let (_e3, c3) = connect_from(&h, "127.0.0.1", &alice()).await?;
     assert!(
         matches!(&c3, Err(e) if didgate_client::low_level::tls::is_connection_refused(e)),
