@@ -95,6 +95,20 @@ pub enum CallError {
 }
 
 impl CallError {
+    /// The wait a refusal's reason advises before the call is made again (`retry in N ms`:
+    /// specs/operation.md, "Limits and egress"), if it states one.
+    pub fn retry_in(&self) -> Option<Duration> {
+        let Self::Refused { reason, .. } = self else {
+            return None;
+        };
+        let (_, rest) = reason.split_once("retry in ")?;
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 || !rest[digits..].starts_with(" ms") {
+            return None;
+        }
+        rest[..digits].parse().ok().map(Duration::from_millis)
+    }
+
     /// The gateway's refusal code, if the gateway refused the call.
     pub fn refusal_code(&self) -> Option<RefusalCode> {
         match self {

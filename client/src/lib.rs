@@ -184,6 +184,20 @@ pub struct Client {
 /// send a caller on twice; more is a loop.
 const MAX_MOVES: usize = 2;
 
+/// How many times one call waits and follows a `moved` back to a node that already sent it
+/// on ([`Client::open_routed`]): while a membership changes, a node that has not yet read the
+/// change sends the caller back for a moment. The waits double from [`BOUNCE_WAIT`]: at most
+/// 1.575 s in all.
+const MAX_BOUNCES: u32 = 6;
+
+/// The longest advised wait after which [`Client::call`] makes a call refused `handover` again,
+/// once (a call that crossed its caller's change of home): a longer one is a handover window
+/// the caller is told about.
+const HANDOVER_RETRY: Duration = Duration::from_secs(1);
+
+/// The first wait before following a `moved` back to a node that already sent the call on.
+const BOUNCE_WAIT: Duration = Duration::from_millis(25);
+
 /// How many signed refusals a client keeps for [`Client::take_refusal`].
 const KEPT_REFUSALS: usize = 256;
 
@@ -623,8 +637,24 @@ impl Client {
     /// Makes one call: signs, records the request durably, sends, verifies the answer, records
     /// the result. Never retries on its own.
     pub async fn call(&self, spec: CallSpec) -> Result<Answer, CallError> {
-        let (bytes, call) = self.sign_request(&spec)?;
-        let span = self.call_span(&spec, call);
+        match self.call_once(&spec).await {
+            // the caller's home node changed while this call crossed it: the refusal claimed
+            // nothing, and a request signed now passes (specs/protocol.md, "Home nodes")
+            Err(e)
+                if e.refusal_code() == Some(message::RefusalCode::Handover)
+                    && e.retry_in().is_some_and(|w| w <= HANDOVER_RETRY) =>
+            {
+                tokio::time::sleep(e.retry_in().unwrap_or_default()).await;
+                self.call_once(&spec).await
+            }
+            other => other,
+        }
+    }
+
+    /// One call of [`Client::call`]: signed, recorded, sent and its result recorded.
+    async fn call_once(&self, spec: &CallSpec) -> Result<Answer, CallError> {
+        let (bytes, call) = self.sign_request(spec)?;
+        let span = self.call_span(spec, call);
         tracing::Instrument::instrument(
             async {
                 self.record_request(call, &bytes).await?;
@@ -1002,7 +1032,7 @@ impl Client {
             v: self.version.as_u64(),
             upstream,
         };
-        let mut recv = self
+        let (mut recv, _) = self
             .open_stream(FrameType::CatalogRequest, &request.encode(), &[])
             .await?;
         let mut dec = FrameDecoder::new();
@@ -1042,7 +1072,8 @@ impl Client {
     /// Sends a first frame of `kind`, the body and FIN ([`Client::open_stream`]) and reads the
     /// answer's first frame; a signed `moved` refusal is followed to the home node it names
     /// ([`Client::follow`]) and the same frames are sent there (the node that said `moved`
-    /// claimed nothing), at most [`MAX_MOVES`] times.
+    /// claimed nothing), at most [`MAX_MOVES`] times to a node that has not sent it on yet,
+    /// and at most [`MAX_BOUNCES`] times, after a doubling wait, back to one that has.
     async fn open_routed(
         &self,
         kind: FrameType,
@@ -1050,14 +1081,22 @@ impl Client {
         body: &[u8],
     ) -> Result<(quinn::RecvStream, FrameDecoder, Option<AnswerFrame>), CallError> {
         let mut moves = 0;
+        let mut bounces = 0;
+        // the nodes that sent this call on
+        let mut movers: Vec<SocketAddr> = Vec::new();
         loop {
-            let mut recv = self.open_stream(kind, first, body).await?;
+            let (mut recv, from) = self.open_stream(kind, first, body).await?;
             let mut dec = FrameDecoder::new();
             let frame = match self.read_answer_frame(&mut recv, &mut dec).await {
                 // a draining gateway closed the connection without answering: nothing was
-                // claimed, so the same frames go again (to the pinned address or the home)
+                // claimed, so the same frames go again
                 Err(e) if drained(&e) && moves < MAX_MOVES => {
                     moves += 1;
+                    // a home node that drained is leaving: back to the pinned address, which
+                    // sends this caller to its next home
+                    if self.current() == from {
+                        self.set_target(self.addr);
+                    }
                     self.conn.lock().await.take();
                     continue;
                 }
@@ -1067,35 +1106,64 @@ impl Client {
                 && let RawFinal::Refusal(r) = last.as_ref()
                 && r.message().code == message::RefusalCode::Moved
                 && let Some(home) = &r.message().home
-                && moves < MAX_MOVES
-                && self.follow(home).await
             {
-                moves += 1;
-                continue;
+                let back = home
+                    .addr
+                    .parse::<SocketAddr>()
+                    .is_ok_and(|a| movers.contains(&a));
+                let go = if back {
+                    bounces < MAX_BOUNCES
+                } else {
+                    moves < MAX_MOVES
+                };
+                if go {
+                    if back {
+                        tokio::time::sleep(BOUNCE_WAIT * 2u32.pow(bounces)).await;
+                        bounces += 1;
+                    } else {
+                        moves += 1;
+                    }
+                    movers.push(from);
+                    // another call of this client may have followed it there already
+                    if self.follow(home).await || home.addr.parse() == Ok(self.current()) {
+                        continue;
+                    }
+                }
+            }
+            // a grant goes to the node that issued it, which is not the caller's home when
+            // that node has left and drains: the next call goes home again
+            if kind == FrameType::Execute
+                && let Some(home) = movers.first()
+                && self.current() != *home
+            {
+                self.set_target(*home);
+                self.conn.lock().await.take();
             }
             return Ok((recv, dec, Some(frame)));
         }
     }
 
-    /// Opens a stream and sends a first frame of `kind`, the body and FIN.
+    /// Opens a stream and sends a first frame of `kind`, the body and FIN; returns the stream's
+    /// receiving side and the gateway address it went to.
     async fn open_stream(
         &self,
         kind: FrameType,
         first: &[u8],
         body: &[u8],
-    ) -> Result<quinn::RecvStream, CallError> {
+    ) -> Result<(quinn::RecvStream, SocketAddr), CallError> {
         let conn = self.connection().await?;
-        let (mut send, recv) = match conn.open_bi().await {
-            Ok(streams) => streams,
+        let (remote, (mut send, recv)) = match conn.open_bi().await {
+            Ok(streams) => (conn.remote_address(), streams),
             Err(_) => {
                 // The connection closed before this stream opened (the gateway restarted, or
                 // an idle timeout): nothing was sent on it, so connect again, once.
                 self.forget(&conn).await;
-                self.connection()
-                    .await?
+                let conn = self.connection().await?;
+                let streams = conn
                     .open_bi()
                     .await
-                    .map_err(|e| CallError::ConnectionLost(Lost::Stream(e)))?
+                    .map_err(|e| CallError::ConnectionLost(Lost::Stream(e)))?;
+                (conn.remote_address(), streams)
             }
         };
         let mut out = BytesMut::with_capacity(first.len() + body.len() + 64);
@@ -1105,7 +1173,7 @@ impl Client {
         // A refused call may close our send side early; the answer still arrives.
         let _ = send.write_all(&out).await;
         let _ = send.finish();
-        Ok(recv)
+        Ok((recv, remote))
     }
 
     /// Reads the next frame of an answer; a terminal frame is verified against the pinned

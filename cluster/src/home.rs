@@ -8,10 +8,57 @@
 //! gains or had. A node that becomes a caller's home refuses that caller's requests stamped
 //! before the previous home can no longer have claimed any ([`Homes::route`]): a request the
 //! previous home executed cannot execute again here.
+//!
+//! A node that leaves on purpose hands over first ([`Homes::leave`]): it stops admitting and
+//! publishes, for every caller whose requests it admitted within the clock window, the latest
+//! stamp it admitted ([`Handover`]). The next home refuses only requests stamped at or before
+//! it, instead of every request for the whole window: a caller's fresh requests pass at once.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
 
 use crate::Member;
+
+/// The most callers a [`Handover`] names one by one; past it, a leaving node hands over one
+/// fence for all its callers (its latest admitted stamp, plus one).
+pub const MAX_MARKS: usize = 10_000;
+
+/// What a node leaving on purpose hands to its callers' next homes, published in etcd in the
+/// same transaction that deletes its member key (specs/operation.md, "Cluster", "Planned
+/// leave"): requests of a caller it was home to stamped before [`Handover::fence`] are refused
+/// `handover` by the next home. Every request the node admitted (and so every replay key and
+/// client head it may have claimed) was stamped before that fence.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Handover {
+    /// The leaving member's name.
+    pub node: String,
+    /// For every caller: requests stamped before it (wall clock, ms; 0 for none) are
+    /// refused. The end of the handover windows still open at the leaving node when it left
+    /// (it may have gained callers whose previous home claimed until then), or, when it
+    /// admitted requests of more than [`MAX_MARKS`] callers within the clock window, its
+    /// latest admitted stamp plus one.
+    pub fence_ms: u64,
+    /// The latest stamp (ms) of a request of each caller (DID text) it admitted within the
+    /// clock window: that caller's requests stamped at or before it are refused.
+    pub marks: BTreeMap<String, u64>,
+}
+
+impl Handover {
+    /// Requests of `did` stamped before the returned time are refused by its next home;
+    /// `None` when none need be.
+    pub fn fence(&self, did: &str) -> Option<u64> {
+        let mark = self.marks.get(did).map(|s| s.saturating_add(1));
+        let all = (self.fence_ms > 0).then_some(self.fence_ms);
+        mark.max(all)
+    }
+
+    /// The latest fence it sets for any caller (0 for none).
+    pub fn latest(&self) -> u64 {
+        let mark = self.marks.values().max().map_or(0, |s| s.saturating_add(1));
+        mark.max(self.fence_ms)
+    }
+}
 
 /// The BLAKE3 key-derivation context of the rendezvous score ([`score`]).
 pub const HOME_CONTEXT: &str = "didgate 2026 home node v1";
@@ -60,6 +107,8 @@ struct View {
     /// Whether members may have served that this node never saw (the view before a node's
     /// start, when other nodes served in the cluster before): any caller may have had a home.
     unknown: bool,
+    /// The handovers of the members that left in this view, read with it.
+    handovers: Vec<Handover>,
 }
 
 /// The memberships a node read recently, enough to tell for any caller since when this node
@@ -80,6 +129,12 @@ pub struct Homes {
     /// Whether another node of the gateway served before this one started, or has been a
     /// member in a view this node read since ([`Homes::rejoined`]).
     others_seen: bool,
+    /// The latest stamp admitted of each caller within the clock window ([`Homes::admit`]).
+    marks: HashMap<String, u64>,
+    /// The size of `marks` at which it is pruned next.
+    prune_at: usize,
+    /// Set once this node leaves ([`Homes::leave`]): it admits nothing more.
+    leaving: bool,
 }
 
 impl Homes {
@@ -104,11 +159,13 @@ impl Homes {
             unknown: others_served && before.is_empty(),
             members: before,
             applied_ms: now_ms,
+            handovers: Vec::new(),
         });
         views.push_back(View {
             members,
             applied_ms: now_ms,
             unknown: false,
+            handovers: Vec::new(),
         });
         let others_seen = others_served || views.front().is_some_and(|v| !v.members.is_empty());
         Self {
@@ -117,12 +174,16 @@ impl Homes {
             window_ms,
             views,
             others_seen,
+            marks: HashMap::new(),
+            prune_at: MIN_PRUNE,
+            leaving: false,
         }
     }
 
     /// Takes `members` as the membership from `now_ms` on (a set equal to the current one
-    /// changes nothing), and forgets views whose windows have all closed.
-    pub fn apply(&mut self, mut members: Vec<Member>, now_ms: u64) {
+    /// changes nothing), with the `handovers` read with it (those of members that left are
+    /// kept), and forgets views whose windows have all closed.
+    pub fn apply(&mut self, mut members: Vec<Member>, handovers: &[Handover], now_ms: u64) {
         members.sort_by(|a, b| a.node.cmp(&b.node));
         let same = self.views.back().is_some_and(|v| {
             v.members.len() == members.len()
@@ -133,10 +194,18 @@ impl Homes {
         });
         self.others_seen |= members.iter().any(|m| m.node != self.me);
         if !same {
+            let left: Vec<Handover> = self
+                .members()
+                .iter()
+                .filter(|m| !members.iter().any(|n| n.node == m.node))
+                .filter_map(|m| handovers.iter().find(|h| h.node == m.node))
+                .cloned()
+                .collect();
             self.views.push_back(View {
                 members,
                 applied_ms: now_ms,
                 unknown: false,
+                handovers: left,
             });
         }
         // a view is needed while a window that began after it can still be reported: a fence
@@ -169,6 +238,26 @@ impl Homes {
         )
     }
 
+    /// A member of a retained view that is not in the current one, by its key (`did:key`): a
+    /// node that left recently, and may still be draining (it serves the execution of the
+    /// grants it issued until they expire: specs/operation.md, "Planned leave").
+    pub fn left_member(&self, key: &str) -> Option<&Member> {
+        let current = self.views.back()?;
+        if current.members.iter().any(|m| m.key == key) {
+            return None;
+        }
+        self.views
+            .iter()
+            .rev()
+            .flat_map(|v| v.members.iter())
+            .find(|m| m.key == key && m.node != self.me)
+    }
+
+    /// The request window, ms ([`Homes::new`]).
+    pub fn window_ms(&self) -> u64 {
+        self.window_ms
+    }
+
     /// The members of the current view.
     pub fn members(&self) -> &[Member] {
         self.views.back().map_or(&[], |v| v.members.as_slice())
@@ -183,6 +272,16 @@ impl Homes {
         let Some(current) = self.views.back() else {
             return Route::Unknown;
         };
+        if self.leaving {
+            // this node admits nothing more: its callers go to their next homes
+            let others: Vec<Member> = current
+                .members
+                .iter()
+                .filter(|m| m.node != self.me)
+                .cloned()
+                .collect();
+            return home(did, &others).map_or(Route::Unknown, |m| Route::Moved(m.clone()));
+        }
         let Some(h) = home(did, &current.members) else {
             return Route::Unknown;
         };
@@ -198,26 +297,117 @@ impl Homes {
             if home(did, &gained.members).is_none_or(|h| h.node != self.me) {
                 continue;
             }
-            let wait = match home(did, &before.members) {
+            let end = match home(did, &before.members) {
                 Some(p) if p.node == self.me => continue,
                 // a member that is still one when this node takes over stops within the TTL
-                Some(p) if gained.members.iter().any(|m| m.node == p.node) => {
-                    self.ttl_ms.saturating_add(self.window_ms)
-                }
-                // one that left had stopped
-                Some(_) => self.window_ms,
+                Some(p) if gained.members.iter().any(|m| m.node == p.node) => gained
+                    .applied_ms
+                    .saturating_add(self.ttl_ms)
+                    .saturating_add(self.window_ms),
+                // one that left had stopped; if it handed over, only what it admitted waits
+                Some(p) => match gained.handovers.iter().find(|h| h.node == p.node) {
+                    Some(h) => match h.fence(did) {
+                        Some(end) => end,
+                        None => continue,
+                    },
+                    None => gained.applied_ms.saturating_add(self.window_ms),
+                },
                 // a view with no member gave the caller to nobody
-                None if before.unknown => self.window_ms,
+                None if before.unknown => gained.applied_ms.saturating_add(self.window_ms),
                 None => continue,
             };
-            let end = gained.applied_ms.saturating_add(wait);
             fence = Some(fence.map_or(end, |f| f.max(end)));
         }
         Route::Here {
             fence_ms: fence.filter(|f| *f > now_ms.saturating_sub(self.window_ms)),
         }
     }
+
+    /// [`Homes::route`] for a request of `did` stamped at `stamp_ms`, judged at admission:
+    /// when this node is home and the request is not inside the handover window, its stamp is
+    /// remembered as the caller's mark ([`Homes::leave`]) before anything is claimed. A stamp
+    /// beyond the clock window is not (the request is refused for its clock).
+    pub fn admit(&mut self, did: &str, stamp_ms: u64, now_ms: u64) -> Route {
+        let route = self.route(did, now_ms);
+        if let Route::Here { fence_ms } = route
+            && stamp_ms >= fence_ms.unwrap_or(0)
+            && stamp_ms <= now_ms.saturating_add(self.window_ms)
+        {
+            let mark = self.marks.entry(did.to_string()).or_insert(stamp_ms);
+            *mark = (*mark).max(stamp_ms);
+            if self.marks.len() >= self.prune_at {
+                self.prune_marks(now_ms);
+            }
+        }
+        route
+    }
+
+    /// Forgets the marks of requests now out of the clock window: a replay of them is refused
+    /// for its clock on every node.
+    fn prune_marks(&mut self, now_ms: u64) {
+        let oldest = now_ms.saturating_sub(self.window_ms);
+        self.marks.retain(|_, s| *s >= oldest);
+        self.prune_at = (self.marks.len() * 2).max(MIN_PRUNE);
+    }
+
+    /// Leaves on purpose at `now_ms`: from now on this node admits nothing
+    /// ([`Homes::route`] sends every caller to its next home), and the returned handover
+    /// names what it admitted. Called under the same lock as [`Homes::admit`], so every
+    /// request admitted here is covered.
+    pub fn leave(&mut self, now_ms: u64) -> Handover {
+        self.leaving = true;
+        self.prune_marks(now_ms);
+        let mut handover = Handover {
+            node: self.me.clone(),
+            fence_ms: self.open_until(),
+            marks: self.marks.drain().collect(),
+        };
+        if handover.marks.len() > MAX_MARKS {
+            handover.fence_ms = handover.latest();
+            handover.marks.clear();
+        }
+        handover
+    }
+
+    /// The latest end of a handover window this node may still have open for any caller (0
+    /// for none): its callers' next homes wait it out too, as this node would have.
+    fn open_until(&self) -> u64 {
+        let mut until = 0u64;
+        for pair in self.views.iter().collect::<Vec<_>>().windows(2) {
+            let (before, gained) = (pair[0], pair[1]);
+            if !gained.members.iter().any(|m| m.node == self.me) {
+                continue;
+            }
+            if before.unknown {
+                until = until.max(gained.applied_ms.saturating_add(self.window_ms));
+            }
+            // with rendezvous hashing a caller moves from P to this node only when this node
+            // joins or P leaves
+            let joined = !before.members.iter().any(|m| m.node == self.me);
+            for p in before.members.iter().filter(|m| m.node != self.me) {
+                let stays = gained.members.iter().any(|m| m.node == p.node);
+                if stays && !joined {
+                    continue;
+                }
+                let end = if stays {
+                    gained
+                        .applied_ms
+                        .saturating_add(self.ttl_ms)
+                        .saturating_add(self.window_ms)
+                } else if let Some(h) = gained.handovers.iter().find(|h| h.node == p.node) {
+                    h.latest()
+                } else {
+                    gained.applied_ms.saturating_add(self.window_ms)
+                };
+                until = until.max(end);
+            }
+        }
+        until
+    }
 }
+
+/// The least size of the marks at which they are pruned.
+const MIN_PRUNE: usize = 1024;
 
 #[cfg(test)]
 mod tests {
@@ -246,7 +436,7 @@ mod tests {
     fn homes_spread_and_move_only_with_the_member_that_joins_or_leaves() {
         let three = vec![member("a"), member("b"), member("c")];
         let two = vec![member("a"), member("b")];
-        let mut count = std::collections::HashMap::new();
+        let mut count = HashMap::new();
         for did in callers() {
             let h3 = home(&did, &three).expect("home").node.clone();
             let h2 = home(&did, &two).expect("home").node.clone();
@@ -327,8 +517,8 @@ mod tests {
         let all = vec![member("a"), member("b"), member("c")];
         let mut homes = Homes::new("a", TTL, WINDOW, all.clone(), false, 0);
         // long after a joined: its own windows have closed
-        homes.apply(all.clone(), 100_000);
-        homes.apply(vec![member("a"), member("b")], 200_000);
+        homes.apply(all.clone(), &[], 100_000);
+        homes.apply(vec![member("a"), member("b")], &[], 200_000);
         for did in callers() {
             let before = home(&did, &all).expect("home").node.clone();
             match (before.as_str(), homes.route(&did, 200_000)) {
@@ -346,17 +536,17 @@ mod tests {
     #[test]
     fn a_node_that_lost_and_regained_its_membership_alone_opens_no_window() {
         let mut homes = Homes::new("a", TTL, WINDOW, vec![member("a")], false, 0);
-        homes.apply(Vec::new(), 1_000);
-        homes.apply(vec![member("a")], 2_000);
+        homes.apply(Vec::new(), &[], 1_000);
+        homes.apply(vec![member("a")], &[], 2_000);
         assert_eq!(
             homes.route("did:key:caller1", 2_000),
             Route::Here { fence_ms: None }
         );
         // but a member that left in between had been home to some: they wait the window
         let mut homes = Homes::new("a", TTL, WINDOW, vec![member("a"), member("b")], false, 0);
-        homes.apply(vec![member("a")], 100_000);
-        homes.apply(Vec::new(), 101_000);
-        homes.apply(vec![member("a")], 102_000);
+        homes.apply(vec![member("a")], &[], 100_000);
+        homes.apply(Vec::new(), &[], 101_000);
+        homes.apply(vec![member("a")], &[], 102_000);
         let two = vec![member("a"), member("b")];
         for did in callers() {
             let was_b = home(&did, &two).expect("home").node == "b";
@@ -382,8 +572,8 @@ mod tests {
             .expect("a caller of a");
         let fence = TTL + WINDOW;
         for t in (1_000..fence + WINDOW).step_by(1_000) {
-            homes.apply(all.clone(), t);
-            homes.apply(vec![member("b"), member("a")], t + 500);
+            homes.apply(all.clone(), &[], t);
+            homes.apply(vec![member("b"), member("a")], &[], t + 500);
             assert_eq!(
                 homes.route(&did, t),
                 Route::Here {
@@ -392,7 +582,7 @@ mod tests {
                 "{t}"
             );
         }
-        homes.apply(all.clone(), fence + WINDOW + 1);
+        homes.apply(all.clone(), &[], fence + WINDOW + 1);
         assert_eq!(
             homes.route(&did, fence + WINDOW + 1),
             Route::Here { fence_ms: None }
@@ -414,8 +604,8 @@ mod tests {
             })
             .expect("such a caller");
         let mut homes = Homes::new("a", TTL, WINDOW, ap.clone(), false, 0);
-        homes.apply(apq, 1_000);
-        homes.apply(ap, 2_000);
+        homes.apply(apq, &[], 1_000);
+        homes.apply(ap, &[], 2_000);
         assert_eq!(
             homes.route(&did, 2_000),
             Route::Here {
@@ -441,8 +631,8 @@ mod tests {
         );
         // b was a member once: anyone may have taken a's callers while a was away
         let mut seen = Homes::new("a", TTL, WINDOW, vec![member("a")], false, 0);
-        seen.apply(vec![member("a"), member("b")], 1_000);
-        seen.apply(vec![member("a")], 2_000);
+        seen.apply(vec![member("a"), member("b")], &[], 1_000);
+        seen.apply(vec![member("a")], &[], 2_000);
         let again = seen.rejoined(vec![member("a")], false, 500_000);
         assert_eq!(
             again.route("did:key:caller1", 500_000),
@@ -455,11 +645,11 @@ mod tests {
     #[test]
     fn a_node_that_left_the_membership_sends_every_caller_on() {
         let mut homes = Homes::new("a", TTL, WINDOW, vec![member("a"), member("b")], false, 0);
-        homes.apply(vec![member("b")], 1_000);
+        homes.apply(vec![member("b")], &[], 1_000);
         for did in callers() {
             assert_eq!(homes.route(&did, 1_000), Route::Moved(member("b")));
         }
-        homes.apply(Vec::new(), 2_000);
+        homes.apply(Vec::new(), &[], 2_000);
         assert_eq!(homes.route("did:key:caller1", 2_000), Route::Unknown);
     }
 
@@ -472,12 +662,120 @@ mod tests {
             } else {
                 vec![member("a"), member("b")]
             };
-            homes.apply(m, i * 60_000);
+            homes.apply(m, &[], i * 60_000);
         }
         assert!(homes.views.len() <= 3, "{}", homes.views.len());
         // an unchanged membership adds nothing
         let n = homes.views.len();
-        homes.apply(homes.members().to_vec(), 99 * 60_000 + 1);
+        homes.apply(homes.members().to_vec(), &[], 99 * 60_000 + 1);
         assert_eq!(homes.views.len(), n);
+    }
+
+    /// A caller whose home among `members` is `node`.
+    fn caller_of(node: &str, members: &[Member]) -> String {
+        callers()
+            .into_iter()
+            .find(|d| home(d, members).is_some_and(|m| m.node == node))
+            .expect("a caller")
+    }
+
+    #[test]
+    fn a_planned_leave_hands_over_what_it_admitted_and_nothing_else_waits() {
+        let all = vec![member("a"), member("b")];
+        let mut a = Homes::new("a", TTL, WINDOW, all.clone(), false, 0);
+        let mut b = Homes::new("b", TTL, WINDOW, all.clone(), true, 0);
+        // long after both joined: no window open
+        let t = 200_000;
+        a.apply(all.clone(), &[], t);
+        b.apply(all.clone(), &[], t);
+        let busy = caller_of("a", &all);
+        let quiet = callers()
+            .into_iter()
+            .filter(|d| *d != busy)
+            .find(|d| home(d, &all).is_some_and(|m| m.node == "a"))
+            .expect("another caller of a");
+        assert_eq!(a.admit(&busy, t - 5, t), Route::Here { fence_ms: None });
+        assert_eq!(a.admit(&busy, t + 20, t), Route::Here { fence_ms: None });
+        assert_eq!(a.admit(&busy, t + 10, t), Route::Here { fence_ms: None });
+        // a stamp beyond the clock window is refused for its clock: not remembered
+        a.admit(&busy, t + WINDOW + 1, t);
+        let handover = a.leave(t + 30);
+        assert_eq!(handover.node, "a");
+        assert_eq!(handover.fence_ms, 0, "no window was open at a");
+        assert_eq!(handover.marks.get(&busy), Some(&(t + 20)));
+        assert!(!handover.marks.contains_key(&quiet));
+        // a admits nothing more: its callers go to b
+        assert_eq!(a.admit(&busy, t + 40, t + 40), Route::Moved(member("b")));
+        // b takes a's callers: the busy one's requests stamped at or before its mark wait,
+        // nothing else does
+        b.apply(vec![member("b")], std::slice::from_ref(&handover), t + 60);
+        assert_eq!(
+            b.route(&busy, t + 60),
+            Route::Here {
+                fence_ms: Some(t + 21)
+            }
+        );
+        assert_eq!(b.route(&quiet, t + 60), Route::Here { fence_ms: None });
+        // without the handover, the whole window
+        let mut c = Homes::new("b", TTL, WINDOW, all.clone(), true, 0);
+        c.apply(all.clone(), &[], t);
+        c.apply(vec![member("b")], &[], t + 60);
+        assert_eq!(
+            c.route(&quiet, t + 60),
+            Route::Here {
+                fence_ms: Some(t + 60 + WINDOW)
+            }
+        );
+        // a handover of a member that did not leave in that view is not taken
+        let mut d = Homes::new("b", TTL, WINDOW, all.clone(), true, 0);
+        d.apply(all.clone(), &[], t);
+        d.apply(all.clone(), std::slice::from_ref(&handover), t + 60);
+        assert_eq!(d.route(&busy, t + 60), Route::Moved(member("a")));
+    }
+
+    #[test]
+    fn a_node_leaving_inside_its_own_window_hands_the_window_on() {
+        // a joins b's cluster at 1_000 and leaves at 2_000: the callers it took from b (still
+        // a member) wait until TTL + WINDOW after 1_000 at their next home, as they did at a
+        let all = vec![member("a"), member("b")];
+        let mut a = Homes::new("a", TTL, WINDOW, all.clone(), false, 1_000);
+        let handover = a.leave(2_000);
+        assert_eq!(handover.fence_ms, 1_000 + TTL + WINDOW);
+        let did = caller_of("a", &all);
+        assert_eq!(handover.fence(&did), Some(1_000 + TTL + WINDOW));
+        // a member joining later takes nothing from a member that stays: no window at a
+        let mut a = Homes::new("a", TTL, WINDOW, vec![member("a")], false, 0);
+        a.apply(all.clone(), &[], 1_000);
+        assert_eq!(a.leave(2_000).fence_ms, 0);
+        // a caller a took from a member that handed over waits for that member's marks
+        let abc = vec![member("a"), member("b"), member("c")];
+        let mut a = Homes::new("a", TTL, WINDOW, abc.clone(), false, 0);
+        a.apply(abc, &[], 100_000);
+        let from_c = Handover {
+            node: "c".into(),
+            fence_ms: 0,
+            marks: [("did:key:x".to_string(), 100_500)].into(),
+        };
+        a.apply(all, &[from_c], 101_000);
+        assert_eq!(a.leave(101_100).fence_ms, 100_501);
+    }
+
+    #[test]
+    fn past_the_most_marks_one_fence_covers_every_caller() {
+        let mut a = Homes::new("a", TTL, WINDOW, vec![member("a")], false, 0);
+        let t = 100_000;
+        for i in 0..=MAX_MARKS as u64 {
+            a.admit(&format!("did:key:c{i}"), t + i % 7, t);
+        }
+        let handover = a.leave(t);
+        assert!(handover.marks.is_empty());
+        assert_eq!(handover.fence_ms, t + 7);
+        assert_eq!(handover.fence("did:key:anyone"), Some(t + 7));
+        // marks out of the clock window are forgotten
+        let mut a = Homes::new("a", TTL, WINDOW, vec![member("a")], false, 0);
+        a.admit("did:key:old", t, t);
+        let handover = a.leave(t + WINDOW + 1);
+        assert!(handover.marks.is_empty());
+        assert_eq!(handover.fence("did:key:old"), None);
     }
 }

@@ -17,6 +17,18 @@ pub fn member(name: &str, node: &str) -> String {
     format!("{}{node}", members(name))
 }
 
+/// The prefix of the handovers of members that left on purpose: `/didgate/CLUSTER/handovers/`.
+pub fn handovers(name: &str) -> String {
+    format!("{}handovers/", root(name))
+}
+
+/// A leaving member's handover: `/didgate/CLUSTER/handovers/NODE` (its value a
+/// [`crate::home::Handover`] as JSON, on a lease of its own), put in the transaction that
+/// deletes the member's key.
+pub fn handover(name: &str, node: &str) -> String {
+    format!("{}{node}", handovers(name))
+}
+
 /// The prefix of the revocations: `/didgate/CLUSTER/revoked/`.
 pub fn revocations(name: &str) -> String {
     format!("{}revoked/", root(name))

@@ -18,7 +18,7 @@ use etcd_client::{
 use tokio::sync::{Mutex, watch};
 
 use crate::health::Health;
-use crate::home::{Homes, Route};
+use crate::home::{Handover, Homes, Route};
 use crate::{ClusterSettings, Document, EtcdTls, keys};
 
 /// Why the control plane could not be used.
@@ -92,6 +92,8 @@ pub struct ControlPlane {
     /// Set once this node withdrew from the membership ([`ControlPlane::withdraw`]): it is not
     /// registered again.
     withdrawn: std::sync::atomic::AtomicBool,
+    /// Set once a withdrawal's handover is published (or failed): [`ControlPlane::settled`].
+    handed_over: watch::Sender<bool>,
     /// Set while a node registered again under a new lease has not started its homes over
     /// ([`ControlPlane::restart_homes`]): its keep-alives do not count until then.
     rejoining: std::sync::atomic::AtomicBool,
@@ -105,6 +107,20 @@ impl std::fmt::Debug for ControlPlane {
             .field("lease", &self.lease())
             .finish_non_exhaustive()
     }
+}
+
+/// Every value of `kvs` as JSON of `T`.
+fn parse_all<T: serde::de::DeserializeOwned>(
+    kvs: &[etcd_client::KeyValue],
+) -> Result<Vec<T>, ClusterError> {
+    kvs.iter()
+        .map(|kv| {
+            serde_json::from_slice(kv.value()).map_err(|source| ClusterError::Member {
+                key: String::from_utf8_lossy(kv.key()).into_owned(),
+                source,
+            })
+        })
+        .collect()
 }
 
 fn now_ms() -> u64 {
@@ -189,6 +205,7 @@ impl ControlPlane {
             stop: watch::channel(false).0,
             homes: std::sync::Mutex::new((None, 0)),
             withdrawn: std::sync::atomic::AtomicBool::new(false),
+            handed_over: watch::channel(false).0,
             rejoining: std::sync::atomic::AtomicBool::new(false),
         })
     }
@@ -387,45 +404,51 @@ impl ControlPlane {
             .collect()
     }
 
-    /// The members registered now, and the etcd revision of that read.
-    async fn members_at(&self) -> Result<(Vec<Member>, i64), ClusterError> {
-        let prefix = keys::members(&self.settings.name);
+    /// The members registered now, the handovers of members that left on purpose, and the
+    /// etcd revision of that read (one transaction: a member's delete and its handover are
+    /// seen together).
+    async fn members_at(&self) -> Result<(Vec<Member>, Vec<Handover>, i64), ClusterError> {
+        let members = keys::members(&self.settings.name);
+        let handovers = keys::handovers(&self.settings.name);
         let resp = self
             .with_client(|mut c| async move {
-                c.get(prefix, Some(GetOptions::new().with_prefix())).await
+                c.txn(Txn::new().and_then([
+                    TxnOp::get(members, Some(GetOptions::new().with_prefix())),
+                    TxnOp::get(handovers, Some(GetOptions::new().with_prefix())),
+                ]))
+                .await
             })
             .await?;
         let rev = resp.header().map_or(0, |h| h.revision());
-        let members = resp
-            .kvs()
-            .iter()
-            .map(|kv| {
-                serde_json::from_slice(kv.value()).map_err(|source| ClusterError::Member {
-                    key: String::from_utf8_lossy(kv.key()).into_owned(),
-                    source,
-                })
-            })
-            .collect::<Result<Vec<Member>, _>>()?;
-        Ok((members, rev))
+        let mut gets = resp.op_responses().into_iter().filter_map(|op| match op {
+            etcd_client::TxnOpResponse::Get(g) => Some(g),
+            _ => None,
+        });
+        let (Some(m), Some(h)) = (gets.next(), gets.next()) else {
+            return Err(ClusterError::Unreachable(self.request_bound()));
+        };
+        let members: Vec<Member> = parse_all(m.kvs())?;
+        let handovers: Vec<Handover> = parse_all(h.kvs())?;
+        Ok((members, handovers, rev))
     }
 
-    /// The members serving this node's gateway, and the etcd revision of that read: the
-    /// nodes a caller of this gateway may have as its home.
-    async fn peers_at(&self) -> Result<(Vec<Member>, i64), ClusterError> {
-        let (mut members, rev) = self.members_at().await?;
+    /// The members serving this node's gateway, the handovers of those that left, and the etcd
+    /// revision of that read: the nodes a caller of this gateway may have as its home.
+    async fn peers_at(&self) -> Result<(Vec<Member>, Vec<Handover>, i64), ClusterError> {
+        let (mut members, handovers, rev) = self.members_at().await?;
         members.retain(|m| m.gateway == self.member.gateway);
-        Ok((members, rev))
+        Ok((members, handovers, rev))
     }
 
     /// Reads the members and applies them to the homes (a read older than the one applied is
     /// dropped).
     async fn refresh_members(&self) -> Result<(), ClusterError> {
-        let (members, rev) = self.peers_at().await?;
+        let (members, handovers, rev) = self.peers_at().await?;
         let mut held = self.homes.lock().unwrap_or_else(|p| p.into_inner());
         if rev >= held.1 {
             held.1 = rev;
             if let Some(h) = held.0.as_mut() {
-                h.apply(members, now_ms());
+                h.apply(members, &handovers, now_ms());
             }
         }
         Ok(())
@@ -446,7 +469,7 @@ impl ControlPlane {
     /// lease; clears the rejoining mark. A read older than the view held is read again.
     async fn restart_homes(&self) -> Result<(), ClusterError> {
         for _ in 0..3 {
-            let (members, rev) = self.peers_at().await?;
+            let (members, _, rev) = self.peers_at().await?;
             // any other node's chain in the registry (of any gateway sharing the cluster: the
             // plane cannot tell whose) may have been its callers' home meanwhile; a registry
             // that cannot be read is read again at the next keep-alive (the node does not serve
@@ -479,7 +502,7 @@ impl ControlPlane {
         window_ms: u64,
         others_served: bool,
     ) -> Result<tokio::task::JoinHandle<()>, ClusterError> {
-        let (members, rev) = self.peers_at().await?;
+        let (members, _, rev) = self.peers_at().await?;
         {
             let mut held = self.homes.lock().unwrap_or_else(|p| p.into_inner());
             *held = (
@@ -530,21 +553,28 @@ impl ControlPlane {
     }
 
     fn route_held(&self, held: &(Option<Homes>, i64), did: &str) -> Route {
-        let Some(h) = held.0.as_ref() else {
-            return Route::Unknown;
-        };
-        if self.withdrawn.load(Ordering::Acquire) {
-            // leaving: this node admits nothing more, its callers go to their next homes
-            let others: Vec<Member> = h
-                .members()
-                .iter()
-                .filter(|m| m.node != self.settings.node)
-                .cloned()
-                .collect();
-            return crate::home::home(did, &others)
-                .map_or(Route::Unknown, |m| Route::Moved(m.clone()));
-        }
-        h.route(did, now_ms())
+        held.0
+            .as_ref()
+            .map_or(Route::Unknown, |h| h.route(did, now_ms()))
+    }
+
+    /// [`ControlPlane::route_at`] for a request of `did` stamped at `stamp_ms`, judged at
+    /// admission, before anything is claimed: when this node is home, the stamp is
+    /// remembered for the handover of a planned leave ([`Homes::admit`]).
+    pub fn route_admit(&self, did: &str, stamp_ms: u64) -> (Route, i64) {
+        let mut held = self.homes.lock().unwrap_or_else(|p| p.into_inner());
+        let rev = held.1;
+        let route = held
+            .0
+            .as_mut()
+            .map_or(Route::Unknown, |h| h.admit(did, stamp_ms, now_ms()));
+        (route, rev)
+    }
+
+    /// A member that left recently, by its key ([`Homes::left_member`]).
+    pub fn left_member(&self, key: &str) -> Option<Member> {
+        let held = self.homes.lock().unwrap_or_else(|p| p.into_inner());
+        held.0.as_ref().and_then(|h| h.left_member(key)).cloned()
     }
 
     /// The members of the current view ([`ControlPlane::route`]).
@@ -555,24 +585,87 @@ impl ControlPlane {
             .map_or_else(Vec::new, |h| h.members().to_vec())
     }
 
-    /// Withdraws this node from the membership before it stops (a planned leave): its member
-    /// key is deleted, so every node, this one included, sends its callers to their new
-    /// homes; the lease stays alive until [`ControlPlane::leave`], so the node still serves
-    /// the calls in flight.
+    /// Withdraws this node from the membership before it stops (a planned leave): it admits
+    /// nothing more ([`Homes::leave`]), then deletes its member key and puts its handover
+    /// ([`Handover`], on a lease of its own that outlives its fences) in one transaction, so
+    /// every node, this one included, sends its callers to their new homes, which refuse only
+    /// the requests stamped at or before what this node admitted. The member lease stays alive
+    /// until [`ControlPlane::leave`], so the node still serves the calls in flight. If the
+    /// transaction fails, the lease is revoked: the member goes without a handover, and its
+    /// callers' new homes wait out the whole window.
     pub async fn withdraw(&self) -> Result<(), ClusterError> {
-        self.withdrawn.store(true, Ordering::Release);
+        let left = {
+            let mut held = self.homes.lock().unwrap_or_else(|p| p.into_inner());
+            self.withdrawn.store(true, Ordering::Release);
+            held.0.as_mut().map(|h| (h.leave(now_ms()), h.window_ms()))
+        };
         let key = keys::member(&self.settings.name, &self.settings.node);
-        if let Err(e) = self
-            .with_client(|mut c| async move { c.delete(key, None).await })
-            .await
-        {
-            // the member key must go, or peers keep sending callers back here: with the lease
-            let lease = self.lease();
-            self.with_client(|mut c| async move { c.lease_revoke(lease).await })
+        let handed = match left {
+            Some((handover, window_ms)) => self.hand_over(&key, &handover, window_ms).await,
+            None => self
+                .with_client(|mut c| async move { c.delete(key, None).await })
                 .await
-                .map_err(|_| e)?;
-        }
+                .map(|_| ()),
+        };
+        let revoked = match handed {
+            Ok(()) => Ok(()),
+            // the member key must go, or peers keep sending callers back here: with the lease
+            Err(e) => {
+                let lease = self.lease();
+                self.with_client(|mut c| async move { c.lease_revoke(lease).await })
+                    .await
+                    .map(|_| ())
+                    .map_err(|_| e)
+            }
+        };
+        self.handed_over.send_replace(true);
+        revoked?;
         self.refresh_members().await
+    }
+
+    /// Returns once this node's member key is gone, if it is withdrawing
+    /// ([`ControlPlane::withdraw`]), or after the etcd request bound: a caller sent on before
+    /// then would find its next home still sending it back here.
+    pub async fn settled(&self) {
+        if !self.withdrawn.load(Ordering::Acquire) {
+            return;
+        }
+        let mut done = self.handed_over.subscribe();
+        let _ = tokio::time::timeout(self.request_bound(), done.wait_for(|d| *d)).await;
+    }
+
+    /// Deletes the member key `key` and puts `handover` in one transaction; the handover's
+    /// lease lasts until its latest fence is out of the clock window (`window_ms`).
+    async fn hand_over(
+        &self,
+        key: &str,
+        handover: &Handover,
+        window_ms: u64,
+    ) -> Result<(), ClusterError> {
+        let until = handover.latest().saturating_add(window_ms);
+        let ttl = i64::try_from(until.saturating_sub(now_ms()).div_ceil(1000))
+            .unwrap_or(i64::MAX)
+            .max(1);
+        let lease = self
+            .with_client(|mut c| async move { c.lease_grant(ttl, None).await })
+            .await?
+            .id();
+        let value = serde_json::to_vec(handover).map_err(|source| ClusterError::Member {
+            key: key.to_string(),
+            source,
+        })?;
+        let put = TxnOp::put(
+            keys::handover(&self.settings.name, &self.settings.node),
+            value,
+            Some(PutOptions::new().with_lease(lease)),
+        );
+        let delete = TxnOp::delete(key, None);
+        self.with_client(|mut c| {
+            let ops = [put.clone(), delete.clone()];
+            async move { c.txn(Txn::new().and_then(ops)).await }
+        })
+        .await?;
+        Ok(())
     }
 
     /// Publishes this node's demand ([`crate::shares::Load`]) under its lease: it goes with

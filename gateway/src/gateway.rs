@@ -926,6 +926,33 @@ impl Gateway {
         self.inflight.load(std::sync::atomic::Ordering::Acquire)
     }
 
+    /// The latest expiry of a grant this node issued that is neither consumed nor expired at
+    /// `now`, if any: a cluster node that leaves serves their execution while it drains (no
+    /// other node can execute them).
+    pub(crate) fn pending_grants_until(&self, now: u64) -> Option<u64> {
+        let store = self.chain.store();
+        let issued = match store.scan(GRANTS, &[]) {
+            Ok(kvs) => kvs,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the grants issued");
+                return None;
+            }
+        };
+        issued
+            .into_iter()
+            .filter_map(|(key, _)| {
+                let expiry = u64::from_be_bytes(key.get(..8)?.try_into().ok()?);
+                let id = key.get(9..)?;
+                (key.get(8) == Some(&b'i') && expiry > now).then_some((expiry, id.to_vec()))
+            })
+            .filter(|(expiry, id)| {
+                let consumed = call::deadline_key(*expiry, b'g', &[id]);
+                !matches!(store.get(REPLAY, &consumed), Ok(Some(_)))
+            })
+            .map(|(expiry, _)| expiry)
+            .max()
+    }
+
     /// Whether the gateway is draining (calls in flight finish, new ones are refused).
     pub fn is_stopping(&self) -> bool {
         self.stopping.load(std::sync::atomic::Ordering::Acquire)
@@ -1291,7 +1318,7 @@ impl Gateway {
         // still the home, at the time the request's clock is judged (not for a grant being
         // executed: only its issuer can)
         let routed = if judge_time {
-            self.route_caller(cx).err()
+            self.route_caller(cx, Some(req.message().time_ms)).err()
         } else {
             None
         };
@@ -1348,7 +1375,7 @@ impl Gateway {
         };
         match kind {
             FrameType::Request | FrameType::GrantRequest => {
-                self.route_caller(cx).map_err(|r| match r.home {
+                self.route_caller(cx, None).map_err(|r| match r.home {
                     Some(home) => Ok(home),
                     None => Err(r),
                 })
@@ -1364,9 +1391,16 @@ impl Gateway {
                 if signer == self.identity.did().as_str() {
                     return Ok(());
                 }
-                match plane.route_members().into_iter().find(|m| m.key == signer) {
-                    Some(m) => moved(m),
-                    None => Ok(()),
+                if let Some(m) = plane.route_members().into_iter().find(|m| m.key == signer) {
+                    return moved(m);
+                }
+                // a node that left on purpose serves its grants' execution while it drains,
+                // until they expire
+                let live = message::open_from::<GrantBody>(first, v.signer())
+                    .is_ok_and(|g| g.message().expires_ms > now_ms());
+                match plane.left_member(signer) {
+                    Some(m) if live => moved(m),
+                    _ => Ok(()),
                 }
             }
             _ => Ok(()),
@@ -1377,12 +1411,17 @@ impl Gateway {
     /// handover window in `cx` ([`didgate_cluster::Route`]). Judged when the stream's first
     /// frame is read, and again at admission, at the time the request's clock is judged: a
     /// node that stopped being the home in between (a did:web's document fetched meanwhile,
-    /// say) admits nothing.
-    pub(crate) fn route_caller(&self, cx: &mut Call) -> Result<(), Refuse> {
+    /// say) admits nothing. At admission, `stamp` is the request's time: when this node is
+    /// home it is remembered for the handover of a planned leave
+    /// ([`didgate_cluster::ControlPlane::route_admit`]).
+    pub(crate) fn route_caller(&self, cx: &mut Call, stamp: Option<u64>) -> Result<(), Refuse> {
         let Some(plane) = self.cluster() else {
             return Ok(());
         };
-        let (route, rev) = plane.route_at(cx.peer.as_str());
+        let (route, rev) = match stamp {
+            Some(at) => plane.route_admit(cx.peer.as_str(), at),
+            None => plane.route_at(cx.peer.as_str()),
+        };
         match route {
             didgate_cluster::Route::Here { fence_ms } => {
                 cx.fence_ms = fence_ms;
@@ -1408,6 +1447,11 @@ impl Gateway {
         send: &mut quinn::SendStream,
         home: Home,
     ) {
+        // a leaving node sends callers on once its member key is gone (their next home would
+        // send them back before)
+        if let Some(plane) = self.cluster() {
+            plane.settled().await;
+        }
         let reason = call::moved(home.clone()).reason;
         let (code, reason, home) = match self
             .audit_refusal(cx, None, RefusalCode::Moved, &reason)

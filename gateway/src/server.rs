@@ -53,7 +53,8 @@ async fn handle_call(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
-    if gw.is_stopping() {
+    // a draining cluster member reads the first frame: it still executes the grants it issued
+    if gw.is_stopping() && gw.cluster().is_none() {
         return refuse_stopping(gw, cx, &mut send).await;
     }
     let min = gw.config.min_client();
@@ -95,7 +96,7 @@ async fn handle_call(
         Err(Ok(home)) => return gw.refuse_moved(cx, &mut send, home).await,
         Err(Err(r)) => return gw.refuse_unverified(cx, &mut send, r.code, &r.reason).await,
     }
-    if gw.is_stopping() {
+    if gw.is_stopping() && frame.kind != FrameType::Execute {
         return refuse_stopping(gw, cx, &mut send).await;
     }
     match frame.kind {
@@ -122,7 +123,7 @@ async fn handle_call(
 async fn refuse_stopping(gw: &Gateway, cx: &mut Call, send: &mut quinn::SendStream) {
     if let Err(Refuse {
         home: Some(home), ..
-    }) = gw.route_caller(cx)
+    }) = gw.route_caller(cx, None)
     {
         return gw.refuse_moved(cx, send, home).await;
     }
@@ -245,11 +246,17 @@ pub async fn serve(
     {
         tracing::warn!(error = %e, "cannot withdraw from the cluster's members (its lease ends it)");
     }
-    // Drain: new calls are refused `shutting_down` (on open connections; new connections are
-    // no longer accepted), calls in flight finish, then the final checkpoint is written.
+    // Drain: new calls are refused `shutting_down` (a cluster member answers `moved`), calls in
+    // flight finish, then the final checkpoint is written. A cluster member still accepts
+    // connections meanwhile (a caller its next home sends back for a moment, or one executing
+    // a grant it issued, finds it), and serves the execution of its pending grants until they
+    // are consumed or expire: no other node can execute them.
     gw.stopping
         .store(true, std::sync::atomic::Ordering::Release);
     let _ = stop_tx.send(true);
+    if gw.cluster().is_some() {
+        accept_while_draining(&gw, &endpoint, &tasks, &stop_rx).await;
+    }
     endpoint.set_server_config(None);
     tasks.wait().await;
     let _ = ticker.await;
@@ -621,10 +628,11 @@ async fn connection(gw: Arc<Gateway>, mut slot: Slot, mut stop: watch::Receiver<
                 }
             }
             _ = stop.changed(), if drained.is_none() => {
-                // Open connections stay up until no call is in flight anywhere, so a caller
-                // gets a typed `shutting_down` rather than a closed connection.
+                // Open connections stay up until no call is in flight anywhere (and no grant
+                // a leaving cluster member issued is pending), so a caller gets a typed
+                // `shutting_down` or `moved` rather than a closed connection.
                 let gw = gw.clone();
-                drained = Some(Box::pin(async move { gw.wait_idle().await }));
+                drained = Some(Box::pin(async move { self::drained(&gw).await }));
             }
             () = async {
                 match drained.as_mut() {
@@ -663,6 +671,48 @@ async fn refuse_connection(gw: &Gateway, cx: &mut Call, conn: quinn::Connection)
         }
     }
     conn.close(CONN_LIMIT_CLOSE.into(), b"too many connections of this DID");
+}
+
+/// A leaving cluster member's drain: connections are still accepted until [`drained`].
+async fn accept_while_draining(
+    gw: &Arc<Gateway>,
+    endpoint: &quinn::Endpoint,
+    tasks: &tokio_util_tasks::TaskSet,
+    stop: &watch::Receiver<bool>,
+) {
+    let idle = drained(gw);
+    tokio::pin!(idle);
+    loop {
+        tokio::select! {
+            incoming = endpoint.accept() => {
+                let Some(incoming) = incoming else { return };
+                let Some(slot) = admit(gw, incoming) else { continue };
+                let gw = gw.clone();
+                let stop = stop.clone();
+                tasks.spawn(async move { connection(gw, slot, stop).await });
+            }
+            () = &mut idle => return,
+        }
+    }
+}
+
+/// Returns once no call is in flight and, on a cluster member, no grant it issued is pending
+/// ([`Gateway::pending_grants_until`]; checked again every 250 ms until they expire).
+async fn drained(gw: &Arc<Gateway>) {
+    loop {
+        gw.wait_idle().await;
+        if gw.cluster().is_none() {
+            return;
+        }
+        let g = gw.clone();
+        let pending = tokio::task::spawn_blocking(move || g.pending_grants_until(now_ms()))
+            .await
+            .ok()
+            .flatten();
+        let Some(until) = pending else { return };
+        let wait = Duration::from_millis(until.saturating_sub(now_ms()).clamp(1, 250));
+        tokio::time::sleep(wait).await;
+    }
 }
 
 /// Counts a call as in flight for the drain at shutdown, until dropped.

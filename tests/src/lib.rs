@@ -671,11 +671,17 @@ impl Daemon {
     /// SIGTERM, then [`Daemon::wait`]: the daemon drains, writes its final checkpoint and
     /// exits 0.
     pub fn stop(self) -> anyhow::Result<()> {
+        self.terminate()?;
+        self.wait()
+    }
+
+    /// SIGTERM only: the daemon starts to drain ([`Daemon::wait`] for its exit).
+    pub fn terminate(&self) -> anyhow::Result<()> {
         let sent = std::process::Command::new("kill")
             .args(["-TERM", &self.pid().to_string()])
             .status()?;
         anyhow::ensure!(sent.success(), "kill -TERM {}", self.pid());
-        self.wait()
+        Ok(())
     }
 
     /// SIGKILL, and wait for the process to be gone.

@@ -1393,6 +1393,7 @@ async fn calls_are_moved_to_the_callers_home_where_a_replay_or_a_second_executio
 #[derive(Debug)]
 struct Seen {
     path: String,
+    started: Instant,
     at: Instant,
     outcome: Result<(), CallError>,
 }
@@ -1416,12 +1417,14 @@ fn load(
                         break;
                     }
                     let path = format!("/v1/load/{round}-{t}-{i}");
+                    let started = Instant::now();
                     let outcome = client
                         .call(CallSpec::new("payments", "GET", &path))
                         .await
                         .map(|_| ());
                     seen.push(Seen {
                         path,
+                        started,
                         at: Instant::now(),
                         outcome,
                     });
@@ -1687,9 +1690,18 @@ async fn a_planned_leave_of_a_home_node_loses_no_call() -> anyhow::Result<()> {
             .any(|r| r.path.starts_with("/v1/load/"))
     })
     .await?;
+    // two grants a issued and alice has not executed yet
+    let grants = [
+        client
+            .grant(CallSpec::new("payments", "GET", "/v1/grant/1"))
+            .await?,
+        client
+            .grant(CallSpec::new("payments", "GET", "/v1/grant/2"))
+            .await?,
+    ];
     let a = daemons.remove(0);
     let left = Instant::now();
-    tokio::task::spawn_blocking(move || a.stop()).await??;
+    a.terminate()?;
     until(
         Duration::from_secs(10),
         "alice served by her new home",
@@ -1705,7 +1717,37 @@ async fn a_planned_leave_of_a_home_node_loses_no_call() -> anyhow::Result<()> {
         "planned leave: alice served again {:.2} s after a was told to stop",
         left.elapsed().as_secs_f64()
     );
+    // the load goes on at the new home for a while
+    let before = h.upstream.seen().len();
+    until(
+        Duration::from_secs(10),
+        "the load runs at the new home",
+        async || h.upstream.seen().len() >= before + 40,
+    )
+    .await?;
+    assert_ne!(client.home_addr(), a_addr, "alice was sent to her new home");
+    // a drains while its grants are pending: her new home sends their execution to a, which
+    // executes each once, and the next call goes home again
+    for g in &grants {
+        // the test upstream answers 404 on these paths: an answer with a receipt
+        client.execute(g).await?;
+    }
+    assert_ne!(client.home_addr(), a_addr, "after a grant, home again");
+    tokio::task::spawn_blocking(move || a.wait()).await??;
+    let gone = Instant::now();
+    let before = h.upstream.seen().len();
+    until(
+        Duration::from_secs(10),
+        "the load runs on after a exited",
+        async || h.upstream.seen().len() >= before + 20,
+    )
+    .await?;
+    for path in ["/v1/grant/1", "/v1/grant/2"] {
+        let n = h.upstream.seen().iter().filter(|r| r.path == path).count();
+        assert_eq!(n, 1, "{path} executed {n} times");
+    }
     let seen = stop_load(handles, &stop).await?;
+    no_call_waited(&seen, left, gone);
     let lost: Vec<(&str, &CallError)> = seen
         .iter()
         .filter_map(|s| match &s.outcome {
@@ -1719,21 +1761,7 @@ async fn a_planned_leave_of_a_home_node_loses_no_call() -> anyhow::Result<()> {
     );
     executed_once(&h);
 
-    // kill -9 of the etcd leader under load: the nodes may refuse for a moment
-    // (`control_plane_unavailable`), and nothing executes twice
-    let handles = load(&client, 2, 4, 100_000, &stop_again(&stop));
-    let leader = etcd.leader()?;
-    etcd.kill(leader)?;
-    println!("killed the etcd leader (member {leader})");
-    let before = h.upstream.seen().len();
-    until(
-        Duration::from_secs(15),
-        "calls served after the leader's death",
-        async || h.upstream.seen().len() > before + 10,
-    )
-    .await?;
-    stop_load(handles, &stop).await?;
-    executed_once(&h);
+    leader_killed_under_load(&h, &client, &mut etcd, &stop).await?;
     drop(client);
     for d in daemons {
         tokio::task::spawn_blocking(move || d.stop()).await??;
@@ -1747,6 +1775,81 @@ async fn a_planned_leave_of_a_home_node_loses_no_call() -> anyhow::Result<()> {
         &[h.chain_dir("alice")],
     )?;
     Ok(())
+}
+
+/// Kill -9 of the etcd leader under load: the nodes may refuse for a moment
+/// (`control_plane_unavailable`), calls are served again, and nothing executes twice.
+async fn leader_killed_under_load(
+    h: &Harness,
+    client: &std::sync::Arc<didgate_client::Client>,
+    etcd: &mut Etcd,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> anyhow::Result<()> {
+    let handles = load(client, 2, 4, 100_000, &stop_again(stop));
+    let leader = etcd.leader()?;
+    etcd.kill(leader)?;
+    println!("killed the etcd leader (member {leader})");
+    let before = h.upstream.seen().len();
+    until(
+        Duration::from_secs(15),
+        "calls served after the leader's death",
+        async || h.upstream.seen().len() > before + 10,
+    )
+    .await?;
+    stop_load(handles, stop).await?;
+    executed_once(h);
+    Ok(())
+}
+
+/// A planned leave's load, as its caller saw it: a handover, not a window. No call of the
+/// load is refused `handover` (one that was in flight when the node left, stamped before
+/// another task's call the node admitted, is refused once and made again by the client at
+/// once), and no call begun after the node stopped (`gone`) is refused at all.
+fn no_call_waited(seen: &[Seen], left: Instant, gone: Instant) {
+    let waited = seen
+        .iter()
+        .filter(|s| {
+            s.outcome.as_ref().err().and_then(CallError::refusal_code)
+                == Some(RefusalCode::Handover)
+        })
+        .count();
+    let refused_after: Vec<&Seen> = seen
+        .iter()
+        .filter(|s| s.started > gone && s.outcome.is_err())
+        .collect();
+    let mut done: Vec<Instant> = seen
+        .iter()
+        .filter(|s| s.outcome.is_ok())
+        .map(|s| s.at)
+        .collect();
+    done.sort();
+    let gap = done
+        .windows(2)
+        .map(|w| w[1].duration_since(w[0]))
+        .max()
+        .unwrap_or_default();
+    println!(
+        "planned leave: {} calls of the load, {waited} refused handover, longest wait between two receipts {:.0} ms",
+        seen.len(),
+        gap.as_secs_f64() * 1000.0
+    );
+    for s in seen.iter().filter(|s| s.outcome.is_err()) {
+        println!(
+            "  {} {:?}: {:?}",
+            s.path,
+            s.at.duration_since(left),
+            s.outcome
+        );
+    }
+    assert_eq!(waited, 0, "calls refused handover");
+    assert!(
+        refused_after.is_empty(),
+        "calls begun after the node stopped and refused: {:?}",
+        refused_after
+            .iter()
+            .map(|s| (&s.path, &s.outcome))
+            .collect::<Vec<_>>()
+    );
 }
 
 /// `count` identities (from seeds 0x40.. on) whose home among nodes a, b and c is `node`.
