@@ -1453,27 +1453,7 @@ impl Gateway {
             plane.settled().await;
         }
         let reason = call::moved(home.clone()).reason;
-        let (code, reason, home) = match self
-            .audit_refusal(cx, None, RefusalCode::Moved, &reason)
-            .await
-        {
-            Ok(_) => (RefusalCode::Moved, reason, Some(home)),
-            Err(_) => (
-                RefusalCode::AuditUnavailable,
-                call::AUDIT_UNAVAILABLE.to_string(),
-                None,
-            ),
-        };
-        self.emit(|| EventKind::Refusal {
-            did: Some(cx.peer.to_string()),
-            code,
-            reason: reason.clone(),
-            call: None,
-            upstream: None,
-            method: None,
-            path: None,
-        });
-        self.send_refusal(cx, send, None, code, &reason, None, home)
+        self.refuse_unverified_to(cx, send, RefusalCode::Moved, &reason, Some(home))
             .await;
     }
 
@@ -1580,9 +1560,22 @@ impl Gateway {
         code: RefusalCode,
         reason: &str,
     ) {
-        let (code, reason) = match self.audit_refusal(cx, None, code, reason).await {
-            Ok(_) => (code, reason),
-            Err(_) => (RefusalCode::AuditUnavailable, call::AUDIT_UNAVAILABLE),
+        self.refuse_unverified_to(cx, send, code, reason, None)
+            .await;
+    }
+
+    /// [`Gateway::refuse_unverified`], naming the caller's `home` in a `moved` refusal.
+    async fn refuse_unverified_to(
+        &self,
+        cx: &mut Call,
+        send: &mut quinn::SendStream,
+        code: RefusalCode,
+        reason: &str,
+        home: Option<Home>,
+    ) {
+        let (code, reason, home) = match self.audit_refusal(cx, None, code, reason).await {
+            Ok(_) => (code, reason, home),
+            Err(_) => (RefusalCode::AuditUnavailable, call::AUDIT_UNAVAILABLE, None),
         };
         self.emit(|| EventKind::Refusal {
             did: Some(cx.peer.to_string()),
@@ -1593,8 +1586,8 @@ impl Gateway {
             method: None,
             path: None,
         });
-        self.answer_refusal(cx, send, None, code, reason, None)
-            .await
+        self.send_refusal(cx, send, None, code, reason, None, home)
+            .await;
     }
 
     /// The current document of a did:web caller, checked to list the caller's TLS key for
@@ -1743,12 +1736,13 @@ impl Gateway {
                 tracing::error!(%why, "audit store unavailable: refusing calls");
                 let reason = call::AUDIT_UNAVAILABLE.to_string();
                 self.emit_refusal(cx, req, RefusalCode::AuditUnavailable, &reason);
-                self.answer_refusal(
+                self.send_refusal(
                     cx,
                     send,
                     Some(req.envelope().digest()),
                     RefusalCode::AuditUnavailable,
                     &reason,
+                    None,
                     None,
                 )
                 .await;
@@ -2165,12 +2159,13 @@ impl Gateway {
                 let unavailable = call::AUDIT_UNAVAILABLE;
                 self.emit_failed(cx, call, RefusalCode::AuditUnavailable, unavailable);
                 return self
-                    .answer_refusal(
+                    .send_refusal(
                         cx,
                         send,
                         Some(call),
                         RefusalCode::AuditUnavailable,
                         unavailable,
+                        None,
                         None,
                     )
                     .await;
@@ -2295,7 +2290,7 @@ impl Gateway {
             }
         };
         self.emit_failed(cx, call, code, cause);
-        self.answer_refusal(cx, send, Some(call), code, cause, entry)
+        self.send_refusal(cx, send, Some(call), code, cause, entry, None)
             .await
     }
 
@@ -2353,19 +2348,8 @@ impl Gateway {
         });
     }
 
-    async fn answer_refusal(
-        &self,
-        cx: &mut Call,
-        send: &mut quinn::SendStream,
-        call: Option<[u8; 32]>,
-        code: RefusalCode,
-        reason: &str,
-        entry: Option<EntryRef>,
-    ) {
-        self.send_refusal(cx, send, call, code, reason, entry, None)
-            .await;
-    }
-
+    /// Answers the stream with a signed refusal (naming `home` in a `moved` one) and closes
+    /// it; the caller has audited the refusal already. Frees the call's concurrency permit.
     #[allow(clippy::too_many_arguments)]
     async fn send_refusal(
         &self,
@@ -2386,6 +2370,7 @@ impl Gateway {
         let _ = send.stopped().await;
     }
 }
+
 /// Why relaying a response stopped before its end.
 enum Stopped {
     /// The call fails with this code and cause, after this many occurrences of the credential
