@@ -475,3 +475,46 @@ pub enum AcquireError {
         why: LinkError,
     },
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn refused(code: RefusalCode, reason: &str) -> CallError {
+        CallError::Refused {
+            code,
+            reason: reason.into(),
+            gateway_time_ms: 0,
+            call: None,
+        }
+    }
+
+    #[test]
+    fn the_wait_a_refusal_advises_is_read_from_its_reason() {
+        let wait = |reason: &str| refused(RefusalCode::Handover, reason).retry_in();
+        assert_eq!(
+            wait("requests stamped before 5 ms are refused (retry in 1 ms)"),
+            Some(Duration::from_millis(1))
+        );
+        assert_eq!(
+            wait("rate limit exceeded (retry in 491 ms)"),
+            Some(Duration::from_millis(491))
+        );
+        for reason in [
+            "no wait stated",
+            "retry in ms",
+            "retry in 12 seconds",
+            "retry in 99999999999999999999999 ms",
+        ] {
+            assert_eq!(wait(reason), None, "{reason}");
+        }
+        assert_eq!(
+            CallError::Unreachable(Unreachable::NoHandshake {
+                addr: "127.0.0.1:1".parse().expect("addr"),
+                timeout: Duration::from_secs(1),
+            })
+            .retry_in(),
+            None
+        );
+    }
+}
