@@ -351,6 +351,24 @@ impl Store {
         Ok(out)
     }
 
+    /// The greatest key of a named keyspace that `wanted` accepts, reading backwards from its
+    /// end (`None` if none is).
+    pub fn last_key_where(
+        &self,
+        space: &str,
+        wanted: impl Fn(&[u8]) -> bool,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        let engine = self.engine()?;
+        let ks = engine.named(space)?;
+        for guard in ks.iter().rev() {
+            let (k, _) = guard.into_inner()?;
+            if wanted(&k) {
+                return Ok(Some(k.to_vec()));
+            }
+        }
+        Ok(None)
+    }
+
     /// Removes at most `limit` keys of keyspace `space` that sort before `end`, as one batch
     /// (not synced: the keys it removes are ones a crash may bring back harmlessly, expired
     /// claims); returns how many. With keys that start with a big-endian deadline, this prunes
@@ -1706,6 +1724,35 @@ mod tests {
             e.to_string()
                 .starts_with("store failed; reopening failed: ")
         );
+    }
+
+    #[test]
+    fn the_last_key_a_predicate_accepts_is_found_from_the_end() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = Store::open(dir.path(), &["replay"]).expect("open");
+        let key = |deadline: u64, tag: u8| {
+            let mut k = deadline.to_be_bytes().to_vec();
+            k.push(tag);
+            k
+        };
+        let request = |k: &[u8]| k.get(8) == Some(&b'n');
+        assert_eq!(store.last_key_where("replay", request).expect("read"), None);
+        store
+            .write(
+                &[
+                    ("replay", key(10, b'n'), Vec::new()),
+                    ("replay", key(30, b'n'), Vec::new()),
+                    ("replay", key(40, b'g'), Vec::new()),
+                    ("replay", key(50, b'g'), Vec::new()),
+                ],
+                &[],
+            )
+            .expect("write");
+        assert_eq!(
+            store.last_key_where("replay", request).expect("read"),
+            Some(key(30, b'n'))
+        );
+        assert!(store.last_key_where("missing", request).is_err());
     }
 
     #[tokio::test]

@@ -635,7 +635,11 @@ impl Client {
     }
 
     /// Makes one call: signs, records the request durably, sends, verifies the answer, records
-    /// the result. Never retries on its own.
+    /// the result. It makes the call again on its own in one case only: refused `handover`
+    /// with an advised wait of at most 1 s (a call in flight as its caller's
+    /// home node left; the refused request claimed nothing), once, after that wait, as a new
+    /// request (signed anew, recorded in the chain like any call). It never resends a call
+    /// that may have executed.
     pub async fn call(&self, spec: CallSpec) -> Result<Answer, CallError> {
         match self.call_once(&spec).await {
             // the caller's home node changed while this call crossed it: the refusal claimed
@@ -1084,6 +1088,7 @@ impl Client {
         let mut bounces = 0;
         // the nodes that sent this call on
         let mut movers: Vec<SocketAddr> = Vec::new();
+        let start = self.current();
         loop {
             let (mut recv, from) = self.open_stream(kind, first, body).await?;
             let mut dec = FrameDecoder::new();
@@ -1131,12 +1136,9 @@ impl Client {
                 }
             }
             // a grant goes to the node that issued it, which is not the caller's home when
-            // that node has left and drains: the next call goes home again
-            if kind == FrameType::Execute
-                && let Some(home) = movers.first()
-                && self.current() != *home
-            {
-                self.set_target(*home);
+            // that node has left and drains: the next call goes where calls went before
+            if kind == FrameType::Execute && !movers.is_empty() && self.current() != start {
+                self.set_target(start);
                 self.conn.lock().await.take();
             }
             return Ok((recv, dec, Some(frame)));

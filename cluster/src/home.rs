@@ -20,9 +20,12 @@ use serde::{Deserialize, Serialize};
 
 use crate::Member;
 
-/// The most callers a [`Handover`] names one by one; past it, a leaving node hands over one
-/// fence for all its callers (its latest admitted stamp, plus one).
+/// The most callers a [`Handover`] names one by one; past it, or past [`MAX_MARK_BYTES`], a
+/// leaving node hands over one fence for all its callers (its latest admitted stamp, plus one).
 pub const MAX_MARKS: usize = 10_000;
+
+/// The most bytes of caller DIDs a [`Handover`] names (etcd refuses a request over 1.5 MiB).
+pub const MAX_MARK_BYTES: usize = 512 * 1024;
 
 /// What a node leaving on purpose hands to its callers' next homes, published in etcd in the
 /// same transaction that deletes its member key (specs/operation.md, "Cluster", "Planned
@@ -33,6 +36,9 @@ pub const MAX_MARKS: usize = 10_000;
 pub struct Handover {
     /// The leaving member's name.
     pub node: String,
+    /// The lease of the registration it ends (the member key's `lease`): a handover is taken
+    /// only for the member registered under that lease, never for a later run of the node.
+    pub lease: i64,
     /// For every caller: requests stamped before it (wall clock, ms; 0 for none) are
     /// refused. The end of the handover windows still open at the leaving node when it left
     /// (it may have gained callers whose previous home claimed until then), or, when it
@@ -135,6 +141,9 @@ pub struct Homes {
     prune_at: usize,
     /// Set once this node leaves ([`Homes::leave`]): it admits nothing more.
     leaving: bool,
+    /// Requests this node may have admitted without a mark (an earlier run of it, whose store
+    /// it serves from) were stamped before this (wall clock, ms; 0: none): [`Homes::unmarked`].
+    unmarked_ms: u64,
 }
 
 impl Homes {
@@ -177,7 +186,17 @@ impl Homes {
             marks: HashMap::new(),
             prune_at: MIN_PRUNE,
             leaving: false,
+            unmarked_ms: 0,
         }
+    }
+
+    /// These homes, for a node that may have admitted requests stamped before `until_ms`
+    /// without marking them (in an earlier run: the store it serves from holds their replay
+    /// keys): a handover fences every caller at least there.
+    #[must_use]
+    pub fn unmarked(mut self, until_ms: u64) -> Self {
+        self.unmarked_ms = until_ms;
+        self
     }
 
     /// Takes `members` as the membership from `now_ms` on (a set equal to the current one
@@ -194,11 +213,16 @@ impl Homes {
         });
         self.others_seen |= members.iter().any(|m| m.node != self.me);
         if !same {
+            // a handover of the registration that left, never of an earlier run of the node
             let left: Vec<Handover> = self
                 .members()
                 .iter()
                 .filter(|m| !members.iter().any(|n| n.node == m.node))
-                .filter_map(|m| handovers.iter().find(|h| h.node == m.node))
+                .filter_map(|m| {
+                    handovers
+                        .iter()
+                        .find(|h| h.node == m.node && h.lease == m.lease)
+                })
                 .cloned()
                 .collect();
             self.views.push_back(View {
@@ -228,14 +252,18 @@ impl Homes {
     /// `others_served` (the caller's view of the registry now) says so.
     pub fn rejoined(&self, members: Vec<Member>, others_served: bool, now_ms: u64) -> Self {
         let others = self.others_seen || others_served;
-        Self::new(
+        let mut again = Self::new(
             &self.me,
             self.ttl_ms,
             self.window_ms,
             members,
             others,
             now_ms,
-        )
+        );
+        again.marks.clone_from(&self.marks);
+        again.leaving = self.leaving;
+        again.unmarked_ms = self.unmarked_ms;
+        again
     }
 
     /// A member of a retained view that is not in the current one, by its key (`did:key`): a
@@ -246,11 +274,19 @@ impl Homes {
         if current.members.iter().any(|m| m.key == key) {
             return None;
         }
-        self.views
-            .iter()
-            .rev()
-            .flat_map(|v| v.members.iter())
-            .find(|m| m.key == key && m.node != self.me)
+        // one that left on purpose (a handover came with its leave): a node that died is not
+        // draining
+        let pairs: Vec<(&View, &View)> = self.views.iter().zip(self.views.iter().skip(1)).collect();
+        pairs.into_iter().rev().find_map(|(before, gained)| {
+            before.members.iter().find(|m| {
+                m.key == key
+                    && m.node != self.me
+                    && gained
+                        .handovers
+                        .iter()
+                        .any(|h| h.node == m.node && h.lease == m.lease)
+            })
+        })
     }
 
     /// The request window, ms ([`Homes::new`]).
@@ -354,15 +390,17 @@ impl Homes {
     /// ([`Homes::route`] sends every caller to its next home), and the returned handover
     /// names what it admitted. Called under the same lock as [`Homes::admit`], so every
     /// request admitted here is covered.
-    pub fn leave(&mut self, now_ms: u64) -> Handover {
+    pub fn leave(&mut self, lease: i64, now_ms: u64) -> Handover {
         self.leaving = true;
         self.prune_marks(now_ms);
         let mut handover = Handover {
             node: self.me.clone(),
+            lease,
             fence_ms: self.open_until(),
             marks: self.marks.drain().collect(),
         };
-        if handover.marks.len() > MAX_MARKS {
+        let bytes: usize = handover.marks.keys().map(String::len).sum();
+        if handover.marks.len() > MAX_MARKS || bytes > MAX_MARK_BYTES {
             handover.fence_ms = handover.latest();
             handover.marks.clear();
         }
@@ -370,9 +408,10 @@ impl Homes {
     }
 
     /// The latest end of a handover window this node may still have open for any caller (0
-    /// for none): its callers' next homes wait it out too, as this node would have.
+    /// for none): its callers' next homes wait it out too, as this node would have. At least
+    /// [`Homes::unmarked`]: what the node admitted in an earlier run has no mark.
     fn open_until(&self) -> u64 {
-        let mut until = 0u64;
+        let mut until = self.unmarked_ms;
         for pair in self.views.iter().collect::<Vec<_>>().windows(2) {
             let (before, gained) = (pair[0], pair[1]);
             if !gained.members.iter().any(|m| m.node == self.me) {
@@ -699,7 +738,7 @@ mod tests {
         assert_eq!(a.admit(&busy, t + 10, t), Route::Here { fence_ms: None });
         // a stamp beyond the clock window is refused for its clock: not remembered
         a.admit(&busy, t + WINDOW + 1, t);
-        let handover = a.leave(t + 30);
+        let handover = a.leave(1, t + 30);
         assert_eq!(handover.node, "a");
         assert_eq!(handover.fence_ms, 0, "no window was open at a");
         assert_eq!(handover.marks.get(&busy), Some(&(t + 20)));
@@ -739,25 +778,26 @@ mod tests {
         // a member) wait until TTL + WINDOW after 1_000 at their next home, as they did at a
         let all = vec![member("a"), member("b")];
         let mut a = Homes::new("a", TTL, WINDOW, all.clone(), false, 1_000);
-        let handover = a.leave(2_000);
+        let handover = a.leave(1, 2_000);
         assert_eq!(handover.fence_ms, 1_000 + TTL + WINDOW);
         let did = caller_of("a", &all);
         assert_eq!(handover.fence(&did), Some(1_000 + TTL + WINDOW));
         // a member joining later takes nothing from a member that stays: no window at a
         let mut a = Homes::new("a", TTL, WINDOW, vec![member("a")], false, 0);
         a.apply(all.clone(), &[], 1_000);
-        assert_eq!(a.leave(2_000).fence_ms, 0);
+        assert_eq!(a.leave(1, 2_000).fence_ms, 0);
         // a caller a took from a member that handed over waits for that member's marks
         let abc = vec![member("a"), member("b"), member("c")];
         let mut a = Homes::new("a", TTL, WINDOW, abc.clone(), false, 0);
         a.apply(abc, &[], 100_000);
         let from_c = Handover {
             node: "c".into(),
+            lease: 1,
             fence_ms: 0,
             marks: [("did:key:x".to_string(), 100_500)].into(),
         };
         a.apply(all, &[from_c], 101_000);
-        assert_eq!(a.leave(101_100).fence_ms, 100_501);
+        assert_eq!(a.leave(1, 101_100).fence_ms, 100_501);
     }
 
     #[test]
@@ -767,15 +807,76 @@ mod tests {
         for i in 0..=MAX_MARKS as u64 {
             a.admit(&format!("did:key:c{i}"), t + i % 7, t);
         }
-        let handover = a.leave(t);
+        let handover = a.leave(1, t);
         assert!(handover.marks.is_empty());
         assert_eq!(handover.fence_ms, t + 7);
         assert_eq!(handover.fence("did:key:anyone"), Some(t + 7));
         // marks out of the clock window are forgotten
         let mut a = Homes::new("a", TTL, WINDOW, vec![member("a")], false, 0);
         a.admit("did:key:old", t, t);
-        let handover = a.leave(t + WINDOW + 1);
+        let handover = a.leave(1, t + WINDOW + 1);
         assert!(handover.marks.is_empty());
         assert_eq!(handover.fence("did:key:old"), None);
+        // nor past the bytes an etcd request may carry
+        let mut a = Homes::new("a", TTL, WINDOW, vec![member("a")], false, 0);
+        let long = "x".repeat(1_000);
+        for i in 0..600u64 {
+            a.admit(&format!("did:web:{long}{i}"), t + i, t);
+        }
+        let handover = a.leave(1, t);
+        assert!(handover.marks.is_empty());
+        assert_eq!(handover.fence_ms, t + 600);
+    }
+
+    #[test]
+    fn a_handover_of_an_earlier_registration_of_the_node_is_not_taken() {
+        let all = vec![member("a"), member("b")];
+        let t = 200_000;
+        let did = caller_of("a", &all);
+        let mut b = Homes::new("b", TTL, WINDOW, all.clone(), true, 0);
+        b.apply(all.clone(), &[], t);
+        // a's earlier run left a handover under lease 7; the a that left now is lease 1
+        let old = Handover {
+            node: "a".into(),
+            lease: 7,
+            fence_ms: 0,
+            marks: BTreeMap::new(),
+        };
+        b.apply(vec![member("b")], &[old], t + 10);
+        assert_eq!(
+            b.route(&did, t + 10),
+            Route::Here {
+                fence_ms: Some(t + 10 + WINDOW)
+            }
+        );
+        // and a node that died is not sent grants: only one that left with a handover
+        assert_eq!(b.left_member("did:key:a"), None);
+        let mut c = Homes::new("b", TTL, WINDOW, all.clone(), true, 0);
+        let h = Handover {
+            node: "a".into(),
+            lease: 1,
+            ..Handover::default()
+        };
+        c.apply(vec![member("b")], &[h], t);
+        assert_eq!(c.left_member("did:key:a"), Some(&member("a")));
+        assert_eq!(c.left_member("did:key:b"), None, "a member now");
+    }
+
+    #[test]
+    fn what_an_earlier_run_admitted_unmarked_is_handed_over_and_marks_survive_a_registration() {
+        // an earlier run of the node admitted requests stamped up to 59_000 (its store's replay
+        // keys say so): its next homes refuse everything stamped before then too
+        let a = Homes::new("a", TTL, WINDOW, vec![member("a")], false, 60_000).unmarked(59_001);
+        let mut again = a.rejoined(vec![member("a")], false, 60_500);
+        let handover = again.leave(1, 61_000);
+        assert_eq!(handover.fence_ms, 59_001);
+        // marks survive a registration again
+        let mut a = Homes::new("a", TTL, WINDOW, vec![member("a")], false, 0);
+        a.admit("did:key:x", 100_000, 100_000);
+        let mut again = a.rejoined(vec![member("a")], false, 100_500);
+        assert_eq!(
+            again.leave(1, 101_000).marks.get("did:key:x"),
+            Some(&100_000)
+        );
     }
 }

@@ -428,7 +428,19 @@ impl ControlPlane {
             return Err(ClusterError::Unreachable(self.request_bound()));
         };
         let members: Vec<Member> = parse_all(m.kvs())?;
-        let handovers: Vec<Handover> = parse_all(h.kvs())?;
+        // a handover that does not decode is treated as absent (its node's callers wait the
+        // whole window); it never stops the read of the members
+        let handovers: Vec<Handover> = h
+            .kvs()
+            .iter()
+            .filter_map(|kv| match serde_json::from_slice(kv.value()) {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    tracing::warn!(key = %String::from_utf8_lossy(kv.key()), error = %e, "a handover that does not decode: ignored");
+                    None
+                }
+            })
+            .collect();
         Ok((members, handovers, rev))
     }
 
@@ -495,25 +507,30 @@ impl ControlPlane {
 
     /// Starts keeping the callers' homes with the members registered now
     /// ([`Homes::new`]: `window_ms` is the request window, `others_served` whether another
-    /// node ever served in this cluster), then follows every change of the membership until
-    /// [`ControlPlane::leave`] (besides the read after each keep-alive).
+    /// node ever served in this cluster; [`Homes::unmarked`]: `unmarked_ms`, before which an
+    /// earlier run of this node may have admitted requests), then follows every change of the
+    /// membership until [`ControlPlane::leave`] (besides the read after each keep-alive).
     pub async fn start_homes(
         self: &Arc<Self>,
         window_ms: u64,
         others_served: bool,
+        unmarked_ms: u64,
     ) -> Result<tokio::task::JoinHandle<()>, ClusterError> {
         let (members, _, rev) = self.peers_at().await?;
         {
             let mut held = self.homes.lock().unwrap_or_else(|p| p.into_inner());
             *held = (
-                Some(Homes::new(
-                    &self.settings.node,
-                    self.settings.lease_ttl_secs * 1000,
-                    window_ms,
-                    members,
-                    others_served,
-                    now_ms(),
-                )),
+                Some(
+                    Homes::new(
+                        &self.settings.node,
+                        self.settings.lease_ttl_secs * 1000,
+                        window_ms,
+                        members,
+                        others_served,
+                        now_ms(),
+                    )
+                    .unmarked(unmarked_ms),
+                ),
                 rev,
             );
         }
@@ -559,15 +576,16 @@ impl ControlPlane {
     }
 
     /// [`ControlPlane::route_at`] for a request of `did` stamped at `stamp_ms`, judged at
-    /// admission, before anything is claimed: when this node is home, the stamp is
-    /// remembered for the handover of a planned leave ([`Homes::admit`]).
-    pub fn route_admit(&self, did: &str, stamp_ms: u64) -> (Route, i64) {
+    /// admission at `now_ms` (the time the request's clock is judged against), before anything
+    /// is claimed: when this node is home, the stamp is remembered for the handover of a
+    /// planned leave ([`Homes::admit`]).
+    pub fn route_admit(&self, did: &str, stamp_ms: u64, now_ms: u64) -> (Route, i64) {
         let mut held = self.homes.lock().unwrap_or_else(|p| p.into_inner());
         let rev = held.1;
         let route = held
             .0
             .as_mut()
-            .map_or(Route::Unknown, |h| h.admit(did, stamp_ms, now_ms()));
+            .map_or(Route::Unknown, |h| h.admit(did, stamp_ms, now_ms));
         (route, rev)
     }
 
@@ -592,14 +610,19 @@ impl ControlPlane {
     /// the requests stamped at or before what this node admitted. The member lease stays alive
     /// until [`ControlPlane::leave`], so the node still serves the calls in flight. If the
     /// transaction fails, the lease is revoked: the member goes without a handover, and its
-    /// callers' new homes wait out the whole window.
-    pub async fn withdraw(&self) -> Result<(), ClusterError> {
+    /// callers' new homes wait out the whole window. `Ok(true)` when the handover was
+    /// published, `Ok(false)` when the member went without one.
+    pub async fn withdraw(&self) -> Result<bool, ClusterError> {
+        let lease = self.lease();
         let left = {
             let mut held = self.homes.lock().unwrap_or_else(|p| p.into_inner());
             self.withdrawn.store(true, Ordering::Release);
-            held.0.as_mut().map(|h| (h.leave(now_ms()), h.window_ms()))
+            held.0
+                .as_mut()
+                .map(|h| (h.leave(lease, now_ms()), h.window_ms()))
         };
         let key = keys::member(&self.settings.name, &self.settings.node);
+        let left_some = left.is_some();
         let handed = match left {
             Some((handover, window_ms)) => self.hand_over(&key, &handover, window_ms).await,
             None => self
@@ -607,31 +630,34 @@ impl ControlPlane {
                 .await
                 .map(|_| ()),
         };
-        let revoked = match handed {
-            Ok(()) => Ok(()),
+        let gone = match (handed, left_some) {
+            (Ok(()), true) => Ok(true),
+            (Ok(()), false) => Ok(false),
             // the member key must go, or peers keep sending callers back here: with the lease
-            Err(e) => {
-                let lease = self.lease();
+            (Err(e), _) => {
+                tracing::warn!(error = %e, "cannot hand over: the member goes with its lease (its callers wait the clock window)");
                 self.with_client(|mut c| async move { c.lease_revoke(lease).await })
                     .await
-                    .map(|_| ())
+                    .map(|_| false)
                     .map_err(|_| e)
             }
         };
         self.handed_over.send_replace(true);
-        revoked?;
-        self.refresh_members().await
+        let handed = gone?;
+        self.refresh_members().await?;
+        Ok(handed)
     }
 
     /// Returns once this node's member key is gone, if it is withdrawing
-    /// ([`ControlPlane::withdraw`]), or after the etcd request bound: a caller sent on before
-    /// then would find its next home still sending it back here.
+    /// ([`ControlPlane::withdraw`]), or after three etcd request bounds (a lease grant, the
+    /// transaction and, if it failed, a revoke): a caller sent on before then would find its
+    /// next home still sending it back here.
     pub async fn settled(&self) {
         if !self.withdrawn.load(Ordering::Acquire) {
             return;
         }
         let mut done = self.handed_over.subscribe();
-        let _ = tokio::time::timeout(self.request_bound(), done.wait_for(|d| *d)).await;
+        let _ = tokio::time::timeout(self.request_bound() * 3, done.wait_for(|d| *d)).await;
     }
 
     /// Deletes the member key `key` and puts `handover` in one transaction; the handover's

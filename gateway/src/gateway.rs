@@ -270,6 +270,9 @@ pub struct Gateway {
     pub(crate) admission: Mutex<crate::admission::Admission>,
     /// Set when [`serve`] begins to drain: new calls are refused `shutting_down`.
     pub(crate) stopping: std::sync::atomic::AtomicBool,
+    /// While draining after a planned leave that handed over, until when (wall clock, ms) this
+    /// node still executes the grants it issued (0: not at all).
+    pub(crate) grants_until: std::sync::atomic::AtomicU64,
     /// Calls being handled, over every connection; `idle` is notified when it reaches zero.
     pub(crate) inflight: std::sync::atomic::AtomicUsize,
     pub(crate) idle: tokio::sync::Notify,
@@ -371,6 +374,7 @@ impl Gateway {
             revoked: Default::default(),
             conns: Mutex::new(HashMap::new()),
             stopping: Default::default(),
+            grants_until: Default::default(),
             inflight: Default::default(),
             idle: tokio::sync::Notify::new(),
             events: tokio::sync::broadcast::channel(crate::events::CAPACITY).0,
@@ -511,10 +515,9 @@ impl Gateway {
                     )
                     .is_ok()
             });
-            let window = u64::try_from(self.config.skew().as_millis())
-                .unwrap_or(u64::MAX)
-                .saturating_add(NODE_CLOCK_TOLERANCE_MS);
-            plane.start_homes(window, others_served).await
+            plane
+                .start_homes(self.window_ms(), others_served, self.unmarked_until())
+                .await
         };
         if let Err(e) = homes.await {
             plane.leave().await;
@@ -953,9 +956,47 @@ impl Gateway {
             .max()
     }
 
+    /// Before when (wall clock, ms) an earlier run of this node may have admitted requests that
+    /// a replay of could still pass the clock check: just past the latest deadline of a
+    /// request replay key in the store (the request's time plus the skew of that run; 0 for
+    /// none; the keyspace is pruned as the keys expire). Grant keys, behind which it may sit,
+    /// are read past: at most the grants consumed within the last `grant_ttl`. A store that
+    /// cannot be read is taken to need the whole window from now.
+    fn unmarked_until(&self) -> u64 {
+        let found = self
+            .chain
+            .store()
+            .last_key_where(REPLAY, |k| k.get(8) == Some(&b'n'));
+        match found {
+            Ok(Some(key)) => key
+                .get(..8)
+                .and_then(|b| b.try_into().ok())
+                .map_or(0, |b| u64::from_be_bytes(b).saturating_add(1)),
+            Ok(None) => 0,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the replay keys: a handover waits the whole window");
+                now_ms().saturating_add(self.window_ms())
+            }
+        }
+    }
+
     /// Whether the gateway is draining (calls in flight finish, new ones are refused).
     pub fn is_stopping(&self) -> bool {
         self.stopping.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Whether this draining node still executes the grants it issued now: after a planned
+    /// leave that handed over, until the deadline [`serve`] set.
+    pub(crate) fn executes_grants_while_draining(&self) -> bool {
+        now_ms() < self.grants_until.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The request window, ms: the clock skew a request may have plus the tolerance between
+    /// nodes' clocks ([`NODE_CLOCK_TOLERANCE_MS`]).
+    pub(crate) fn window_ms(&self) -> u64 {
+        u64::try_from(self.config.skew().as_millis())
+            .unwrap_or(u64::MAX)
+            .saturating_add(NODE_CLOCK_TOLERANCE_MS)
     }
 
     /// Whether `target` is revoked on this node (by this node, or by another node of its
@@ -1317,8 +1358,11 @@ impl Gateway {
         );
         // still the home, at the time the request's clock is judged (not for a grant being
         // executed: only its issuer can)
+        // one clock for the home's mark and the request's clock check
+        let now = now_ms();
         let routed = if judge_time {
-            self.route_caller(cx, Some(req.message().time_ms)).err()
+            self.route_caller(cx, Some((req.message().time_ms, now)))
+                .err()
         } else {
             None
         };
@@ -1332,7 +1376,7 @@ impl Gateway {
             upstreams: &upstreams,
             revoked: &revoked,
         };
-        call::admit(&gate, cx, req, now_ms(), judge_time)
+        call::admit(&gate, cx, req, now, judge_time)
     }
 
     fn sign_refusal(
@@ -1411,15 +1455,19 @@ impl Gateway {
     /// handover window in `cx` ([`didgate_cluster::Route`]). Judged when the stream's first
     /// frame is read, and again at admission, at the time the request's clock is judged: a
     /// node that stopped being the home in between (a did:web's document fetched meanwhile,
-    /// say) admits nothing. At admission, `stamp` is the request's time: when this node is
-    /// home it is remembered for the handover of a planned leave
-    /// ([`didgate_cluster::ControlPlane::route_admit`]).
-    pub(crate) fn route_caller(&self, cx: &mut Call, stamp: Option<u64>) -> Result<(), Refuse> {
+    /// say) admits nothing. At admission, `stamp` is the request's time and the time it is
+    /// judged at: when this node is home the request's time is remembered for the handover
+    /// of a planned leave ([`didgate_cluster::ControlPlane::route_admit`]).
+    pub(crate) fn route_caller(
+        &self,
+        cx: &mut Call,
+        stamp: Option<(u64, u64)>,
+    ) -> Result<(), Refuse> {
         let Some(plane) = self.cluster() else {
             return Ok(());
         };
         let (route, rev) = match stamp {
-            Some(at) => plane.route_admit(cx.peer.as_str(), at),
+            Some((at, now)) => plane.route_admit(cx.peer.as_str(), at, now),
             None => plane.route_at(cx.peer.as_str()),
         };
         match route {

@@ -53,8 +53,9 @@ async fn handle_call(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
-    // a draining cluster member reads the first frame: it still executes the grants it issued
-    if gw.is_stopping() && gw.cluster().is_none() {
+    // a cluster member draining after a planned leave reads the first frame: it still
+    // executes the grants it issued
+    if gw.is_stopping() && !gw.executes_grants_while_draining() {
         return refuse_stopping(gw, cx, &mut send).await;
     }
     let min = gw.config.min_client();
@@ -217,46 +218,46 @@ pub async fn serve(
         }
     };
     tokio::pin!(expiry);
-    loop {
+    let (done_tx, done_rx) = watch::channel(false);
+    let planned = loop {
         tokio::select! {
             () = revoked_self.notified() => {
                 tracing::error!("this node's certificate is revoked: no new call is taken");
-                break;
+                break false;
             }
             () = &mut expiry => {
                 tracing::error!(
                     "the node certificate ends soon: no new call is taken (renew it with `didgated cluster certify-node` and restart)"
                 );
-                break;
+                break false;
             }
             incoming = endpoint.accept() => {
-                let Some(incoming) = incoming else { break };
+                let Some(incoming) = incoming else { break false };
                 let Some(slot) = admit(&gw, incoming) else { continue };
                 let gw = gw.clone();
-                let stop = stop_rx.clone();
-                tasks.spawn(async move { connection(gw, slot, stop).await });
+                let (stop, done) = (stop_rx.clone(), done_rx.clone());
+                tasks.spawn(async move { connection(gw, slot, stop, done).await });
             }
-            () = &mut shutdown => break,
+            () = &mut shutdown => break true,
         }
-    }
-    // A planned leave: the member withdraws first, so its callers' new homes take them (this
-    // node answers `moved` from now on) while the calls in flight here finish.
-    if let Some(plane) = gw.cluster()
-        && let Err(e) = plane.withdraw().await
-    {
-        tracing::warn!(error = %e, "cannot withdraw from the cluster's members (its lease ends it)");
-    }
+    };
+    let grants = withdraw(&gw, planned).await;
+    gw.grants_until
+        .store(grants.unwrap_or(0), std::sync::atomic::Ordering::Release);
     // Drain: new calls are refused `shutting_down` (a cluster member answers `moved`), calls in
     // flight finish, then the final checkpoint is written. A cluster member still accepts
     // connections meanwhile (a caller its next home sends back for a moment, or one executing
-    // a grant it issued, finds it), and serves the execution of its pending grants until they
-    // are consumed or expire: no other node can execute them.
+    // a grant it issued, finds it).
     gw.stopping
         .store(true, std::sync::atomic::Ordering::Release);
     let _ = stop_tx.send(true);
     if gw.cluster().is_some() {
-        accept_while_draining(&gw, &endpoint, &tasks, &stop_rx).await;
+        accept_while_draining(&gw, &endpoint, &tasks, (&stop_rx, &done_rx), grants).await;
+    } else {
+        endpoint.set_server_config(None);
+        drained(&gw, None).await;
     }
+    let _ = done_tx.send(true);
     endpoint.set_server_config(None);
     tasks.wait().await;
     let _ = ticker.await;
@@ -293,6 +294,24 @@ pub async fn serve(
         let _ = w.await;
     }
     gw.chain.close();
+}
+
+/// A cluster member withdraws before it drains, handing its callers over, so their new homes
+/// take them (this node answers `moved` from then on) while the calls in flight here finish.
+/// After a planned leave that handed over, returns until when it executes the grants it
+/// issued while they are pending (no other node can): for at most as long as its peers
+/// remember it (`lease_ttl + 2 W`), and never past its certificate's drain time.
+async fn withdraw(gw: &Gateway, planned: bool) -> Option<u64> {
+    let plane = gw.cluster()?;
+    let handed = plane.withdraw().await.unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "cannot withdraw from the cluster's members (its lease ends it)");
+        false
+    });
+    (planned && handed).then(|| {
+        let ttl = plane.settings().lease_ttl_secs.saturating_mul(1000);
+        let until = now_ms().saturating_add(ttl.saturating_add(gw.window_ms().saturating_mul(2)));
+        gw.node_drain_at_ms().map_or(until, |at| until.min(at))
+    })
 }
 
 /// In a cluster, publishes this node's latest signed checkpoint in the registry of node
@@ -594,7 +613,14 @@ impl Drop for Slot {
     }
 }
 
-async fn connection(gw: Arc<Gateway>, mut slot: Slot, mut stop: watch::Receiver<bool>) {
+/// Serves one connection's streams until the peer closes it or, once `stop` says the
+/// gateway drains, until `done` says the drain is over ([`drained`]).
+async fn connection(
+    gw: Arc<Gateway>,
+    mut slot: Slot,
+    mut stop: watch::Receiver<bool>,
+    done: watch::Receiver<bool>,
+) {
     let Some(conn) = slot.handshake().await else {
         return;
     };
@@ -619,20 +645,19 @@ async fn connection(gw: Arc<Gateway>, mut slot: Slot, mut stop: watch::Receiver<
                 let Ok((send, recv)) = stream else { break };
                 let gw = gw.clone();
                 let peer = peer.clone();
-                // while draining, `handle` answers `shutting_down` at once
-                let task = async move { handle(&gw, peer, version, send, recv).await };
-                if drained.is_some() {
-                    tokio::spawn(task);
-                } else {
-                    calls.spawn(task);
-                }
+                // while draining, `handle` answers `shutting_down` or `moved` at once (but
+                // for the execution of a grant a leaving cluster member issued)
+                calls.spawn(async move { handle(&gw, peer, version, send, recv).await });
             }
             _ = stop.changed(), if drained.is_none() => {
-                // Open connections stay up until no call is in flight anywhere (and no grant
-                // a leaving cluster member issued is pending), so a caller gets a typed
-                // `shutting_down` or `moved` rather than a closed connection.
-                let gw = gw.clone();
-                drained = Some(Box::pin(async move { self::drained(&gw).await }));
+                // Open connections stay up until the drain is over (no call in flight
+                // anywhere, and no grant a leaving cluster member executes pending), so a
+                // caller gets a typed `shutting_down` or `moved` rather than a closed
+                // connection.
+                let mut done = done.clone();
+                drained = Some(Box::pin(async move {
+                    let _ = done.wait_for(|d| *d).await;
+                }));
             }
             () = async {
                 match drained.as_mut() {
@@ -673,14 +698,16 @@ async fn refuse_connection(gw: &Gateway, cx: &mut Call, conn: quinn::Connection)
     conn.close(CONN_LIMIT_CLOSE.into(), b"too many connections of this DID");
 }
 
-/// A leaving cluster member's drain: connections are still accepted until [`drained`].
+/// A cluster member's drain: connections are still accepted until [`drained`] (with the
+/// grants it executes until `grants`).
 async fn accept_while_draining(
     gw: &Arc<Gateway>,
     endpoint: &quinn::Endpoint,
     tasks: &tokio_util_tasks::TaskSet,
-    stop: &watch::Receiver<bool>,
+    (stop, done): (&watch::Receiver<bool>, &watch::Receiver<bool>),
+    grants: Option<u64>,
 ) {
-    let idle = drained(gw);
+    let idle = drained(gw, grants);
     tokio::pin!(idle);
     loop {
         tokio::select! {
@@ -688,30 +715,31 @@ async fn accept_while_draining(
                 let Some(incoming) = incoming else { return };
                 let Some(slot) = admit(gw, incoming) else { continue };
                 let gw = gw.clone();
-                let stop = stop.clone();
-                tasks.spawn(async move { connection(gw, slot, stop).await });
+                let (stop, done) = (stop.clone(), done.clone());
+                tasks.spawn(async move { connection(gw, slot, stop, done).await });
             }
             () = &mut idle => return,
         }
     }
 }
 
-/// Returns once no call is in flight and, on a cluster member, no grant it issued is pending
-/// ([`Gateway::pending_grants_until`]; checked again every 250 ms until they expire).
-async fn drained(gw: &Arc<Gateway>) {
+/// Returns once no call is in flight and, until the deadline `grants` (none: not at all), no
+/// grant this node issued is pending ([`Gateway::pending_grants_until`]; checked again every
+/// 250 ms while one is).
+async fn drained(gw: &Arc<Gateway>, grants: Option<u64>) {
     loop {
         gw.wait_idle().await;
-        if gw.cluster().is_none() {
+        let Some(deadline) = grants.filter(|d| *d > now_ms()) else {
             return;
-        }
+        };
         let g = gw.clone();
         let pending = tokio::task::spawn_blocking(move || g.pending_grants_until(now_ms()))
             .await
             .ok()
             .flatten();
         let Some(until) = pending else { return };
-        let wait = Duration::from_millis(until.saturating_sub(now_ms()).clamp(1, 250));
-        tokio::time::sleep(wait).await;
+        let wait = until.min(deadline).saturating_sub(now_ms()).clamp(1, 250);
+        tokio::time::sleep(Duration::from_millis(wait)).await;
     }
 }
 
