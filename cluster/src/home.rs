@@ -48,6 +48,10 @@ pub struct Handover {
     /// The latest stamp (ms) of a request of each caller (DID text) it admitted within the
     /// clock window: that caller's requests stamped at or before it are refused.
     pub marks: BTreeMap<String, u64>,
+    /// Until when (wall clock, ms) it executes, while it drains, the grants it issued (0: it
+    /// does not): other nodes send their execution to it until then.
+    #[serde(default)]
+    pub grants_until_ms: u64,
 }
 
 impl Handover {
@@ -206,10 +210,12 @@ impl Homes {
         members.sort_by(|a, b| a.node.cmp(&b.node));
         let same = self.views.back().is_some_and(|v| {
             v.members.len() == members.len()
-                && v.members
-                    .iter()
-                    .zip(&members)
-                    .all(|(a, b)| a.node == b.node && a.key == b.key && a.address == b.address)
+                && v.members.iter().zip(&members).all(|(a, b)| {
+                    a.node == b.node
+                        && a.key == b.key
+                        && a.address == b.address
+                        && a.lease == b.lease
+                })
         });
         self.others_seen |= members.iter().any(|m| m.node != self.me);
         if !same {
@@ -269,24 +275,24 @@ impl Homes {
     /// A member of a retained view that is not in the current one, by its key (`did:key`): a
     /// node that left recently, and may still be draining (it serves the execution of the
     /// grants it issued until they expire: specs/operation.md, "Planned leave").
-    pub fn left_member(&self, key: &str) -> Option<&Member> {
+    pub fn left_member(&self, key: &str, now_ms: u64) -> Option<&Member> {
         let current = self.views.back()?;
         if current.members.iter().any(|m| m.key == key) {
             return None;
         }
-        // one that left on purpose (a handover came with its leave): a node that died is not
-        // draining
+        // its latest departure, if it left on purpose and executes its grants until after
+        // `now_ms` (a node that died, or stopped for another reason, executes none)
         let pairs: Vec<(&View, &View)> = self.views.iter().zip(self.views.iter().skip(1)).collect();
-        pairs.into_iter().rev().find_map(|(before, gained)| {
-            before.members.iter().find(|m| {
-                m.key == key
-                    && m.node != self.me
-                    && gained
-                        .handovers
-                        .iter()
-                        .any(|h| h.node == m.node && h.lease == m.lease)
-            })
-        })
+        let (before, gained) = pairs.into_iter().rev().find(|(before, gained)| {
+            before.members.iter().any(|m| m.key == key)
+                && !gained.members.iter().any(|m| m.key == key)
+        })?;
+        let m = before.members.iter().find(|m| m.key == key)?;
+        let draining = gained
+            .handovers
+            .iter()
+            .any(|h| h.node == m.node && h.lease == m.lease && h.grants_until_ms > now_ms);
+        (draining && m.node != self.me).then_some(m)
     }
 
     /// The request window, ms ([`Homes::new`]).
@@ -386,11 +392,12 @@ impl Homes {
         self.prune_at = (self.marks.len() * 2).max(MIN_PRUNE);
     }
 
-    /// Leaves on purpose at `now_ms`: from now on this node admits nothing
+    /// Leaves on purpose at `now_ms`, registered under `lease`, executing its grants while it
+    /// drains until `grants_until_ms` (0: not at all): from now on this node admits nothing
     /// ([`Homes::route`] sends every caller to its next home), and the returned handover
     /// names what it admitted. Called under the same lock as [`Homes::admit`], so every
     /// request admitted here is covered.
-    pub fn leave(&mut self, lease: i64, now_ms: u64) -> Handover {
+    pub fn leave(&mut self, lease: i64, grants_until_ms: u64, now_ms: u64) -> Handover {
         self.leaving = true;
         self.prune_marks(now_ms);
         let mut handover = Handover {
@@ -398,6 +405,7 @@ impl Homes {
             lease,
             fence_ms: self.open_until(),
             marks: self.marks.drain().collect(),
+            grants_until_ms,
         };
         let bytes: usize = handover.marks.keys().map(String::len).sum();
         if handover.marks.len() > MAX_MARKS || bytes > MAX_MARK_BYTES {
@@ -738,7 +746,7 @@ mod tests {
         assert_eq!(a.admit(&busy, t + 10, t), Route::Here { fence_ms: None });
         // a stamp beyond the clock window is refused for its clock: not remembered
         a.admit(&busy, t + WINDOW + 1, t);
-        let handover = a.leave(1, t + 30);
+        let handover = a.leave(1, 0, t + 30);
         assert_eq!(handover.node, "a");
         assert_eq!(handover.fence_ms, 0, "no window was open at a");
         assert_eq!(handover.marks.get(&busy), Some(&(t + 20)));
@@ -778,14 +786,14 @@ mod tests {
         // a member) wait until TTL + WINDOW after 1_000 at their next home, as they did at a
         let all = vec![member("a"), member("b")];
         let mut a = Homes::new("a", TTL, WINDOW, all.clone(), false, 1_000);
-        let handover = a.leave(1, 2_000);
+        let handover = a.leave(1, 0, 2_000);
         assert_eq!(handover.fence_ms, 1_000 + TTL + WINDOW);
         let did = caller_of("a", &all);
         assert_eq!(handover.fence(&did), Some(1_000 + TTL + WINDOW));
         // a member joining later takes nothing from a member that stays: no window at a
         let mut a = Homes::new("a", TTL, WINDOW, vec![member("a")], false, 0);
         a.apply(all.clone(), &[], 1_000);
-        assert_eq!(a.leave(1, 2_000).fence_ms, 0);
+        assert_eq!(a.leave(1, 0, 2_000).fence_ms, 0);
         // a caller a took from a member that handed over waits for that member's marks
         let abc = vec![member("a"), member("b"), member("c")];
         let mut a = Homes::new("a", TTL, WINDOW, abc.clone(), false, 0);
@@ -795,9 +803,10 @@ mod tests {
             lease: 1,
             fence_ms: 0,
             marks: [("did:key:x".to_string(), 100_500)].into(),
+            grants_until_ms: 0,
         };
         a.apply(all, &[from_c], 101_000);
-        assert_eq!(a.leave(1, 101_100).fence_ms, 100_501);
+        assert_eq!(a.leave(1, 0, 101_100).fence_ms, 100_501);
     }
 
     #[test]
@@ -807,14 +816,14 @@ mod tests {
         for i in 0..=MAX_MARKS as u64 {
             a.admit(&format!("did:key:c{i}"), t + i % 7, t);
         }
-        let handover = a.leave(1, t);
+        let handover = a.leave(1, 0, t);
         assert!(handover.marks.is_empty());
         assert_eq!(handover.fence_ms, t + 7);
         assert_eq!(handover.fence("did:key:anyone"), Some(t + 7));
         // marks out of the clock window are forgotten
         let mut a = Homes::new("a", TTL, WINDOW, vec![member("a")], false, 0);
         a.admit("did:key:old", t, t);
-        let handover = a.leave(1, t + WINDOW + 1);
+        let handover = a.leave(1, 0, t + WINDOW + 1);
         assert!(handover.marks.is_empty());
         assert_eq!(handover.fence("did:key:old"), None);
         // nor past the bytes an etcd request may carry
@@ -823,7 +832,7 @@ mod tests {
         for i in 0..600u64 {
             a.admit(&format!("did:web:{long}{i}"), t + i, t);
         }
-        let handover = a.leave(1, t);
+        let handover = a.leave(1, 0, t);
         assert!(handover.marks.is_empty());
         assert_eq!(handover.fence_ms, t + 600);
     }
@@ -841,6 +850,7 @@ mod tests {
             lease: 7,
             fence_ms: 0,
             marks: BTreeMap::new(),
+            grants_until_ms: 0,
         };
         b.apply(vec![member("b")], &[old], t + 10);
         assert_eq!(
@@ -849,17 +859,43 @@ mod tests {
                 fence_ms: Some(t + 10 + WINDOW)
             }
         );
-        // and a node that died is not sent grants: only one that left with a handover
-        assert_eq!(b.left_member("did:key:a"), None);
+        // and a node that died is not sent grants: only one that left with a handover and
+        // executes its grants, until it stops
+        assert_eq!(b.left_member("did:key:a", t + 10), None);
         let mut c = Homes::new("b", TTL, WINDOW, all.clone(), true, 0);
         let h = Handover {
             node: "a".into(),
             lease: 1,
+            grants_until_ms: t + 5_000,
             ..Handover::default()
         };
-        c.apply(vec![member("b")], &[h], t);
-        assert_eq!(c.left_member("did:key:a"), Some(&member("a")));
-        assert_eq!(c.left_member("did:key:b"), None, "a member now");
+        c.apply(vec![member("b")], std::slice::from_ref(&h), t);
+        assert_eq!(c.left_member("did:key:a", t), Some(&member("a")));
+        assert_eq!(c.left_member("did:key:a", t + 5_000), None, "done");
+        assert_eq!(c.left_member("did:key:b", t), None, "a member now");
+        let none = Handover {
+            grants_until_ms: 0,
+            ..h.clone()
+        };
+        let mut d = Homes::new("b", TTL, WINDOW, all.clone(), true, 0);
+        d.apply(vec![member("b")], &[none], t);
+        assert_eq!(d.left_member("did:key:a", t), None, "executes none");
+        // a came back, then died: its latest departure came with no handover
+        c.apply(all.clone(), &[], t + 100);
+        c.apply(vec![member("b")], &[], t + 200);
+        assert_eq!(c.left_member("did:key:a", t + 200), None);
+        // a member registered again under a new lease is a change of the membership: a
+        // handover of the new lease is taken
+        let mut e = Homes::new("b", TTL, WINDOW, all.clone(), true, 0);
+        let mut renewed = member("a");
+        renewed.lease = 2;
+        e.apply(vec![renewed, member("b")], &[], t);
+        let h2 = Handover {
+            lease: 2,
+            ..h.clone()
+        };
+        e.apply(vec![member("b")], &[h2], t + 10);
+        assert_eq!(e.left_member("did:key:a", t + 10).map(|m| m.lease), Some(2));
     }
 
     #[test]
@@ -868,14 +904,14 @@ mod tests {
         // keys say so): its next homes refuse everything stamped before then too
         let a = Homes::new("a", TTL, WINDOW, vec![member("a")], false, 60_000).unmarked(59_001);
         let mut again = a.rejoined(vec![member("a")], false, 60_500);
-        let handover = again.leave(1, 61_000);
+        let handover = again.leave(1, 0, 61_000);
         assert_eq!(handover.fence_ms, 59_001);
         // marks survive a registration again
         let mut a = Homes::new("a", TTL, WINDOW, vec![member("a")], false, 0);
         a.admit("did:key:x", 100_000, 100_000);
         let mut again = a.rejoined(vec![member("a")], false, 100_500);
         assert_eq!(
-            again.leave(1, 101_000).marks.get("did:key:x"),
+            again.leave(1, 0, 101_000).marks.get("did:key:x"),
             Some(&100_000)
         );
     }

@@ -471,6 +471,13 @@ impl ControlPlane {
     /// claimed its callers' requests.
     async fn register_again(&self) -> Result<(), ClusterError> {
         self.register().await?;
+        if self.withdrawn.load(Ordering::Acquire) {
+            // withdrawn meanwhile: the new registration goes at once
+            let lease = self.lease();
+            self.with_client(|mut c| async move { c.lease_revoke(lease).await })
+                .await?;
+            return Ok(());
+        }
         // until the homes start over, the keep-alives of the new lease do not count: the node
         // must not serve on the homes of its old membership
         self.rejoining.store(true, Ordering::Release);
@@ -592,7 +599,10 @@ impl ControlPlane {
     /// A member that left recently, by its key ([`Homes::left_member`]).
     pub fn left_member(&self, key: &str) -> Option<Member> {
         let held = self.homes.lock().unwrap_or_else(|p| p.into_inner());
-        held.0.as_ref().and_then(|h| h.left_member(key)).cloned()
+        held.0
+            .as_ref()
+            .and_then(|h| h.left_member(key, now_ms()))
+            .cloned()
     }
 
     /// The members of the current view ([`ControlPlane::route`]).
@@ -610,16 +620,21 @@ impl ControlPlane {
     /// the requests stamped at or before what this node admitted. The member lease stays alive
     /// until [`ControlPlane::leave`], so the node still serves the calls in flight. If the
     /// transaction fails, the lease is revoked: the member goes without a handover, and its
-    /// callers' new homes wait out the whole window. `Ok(true)` when the handover was
-    /// published, `Ok(false)` when the member went without one.
-    pub async fn withdraw(&self) -> Result<bool, ClusterError> {
-        let lease = self.lease();
-        let left = {
+    /// callers' new homes wait out the whole window. The handover says the node executes the
+    /// grants it issued until `grants_until_ms` (0: not at all). `Ok(true)` when the handover
+    /// was published, `Ok(false)` when the member went without one.
+    pub async fn withdraw(&self, grants_until_ms: u64) -> Result<bool, ClusterError> {
+        let (lease, left) = {
             let mut held = self.homes.lock().unwrap_or_else(|p| p.into_inner());
             self.withdrawn.store(true, Ordering::Release);
-            held.0
+            // read after `withdrawn` is set: a registration again in flight either stored its
+            // lease before (this handover names it) or sees `withdrawn` after (and revokes it)
+            let lease = self.lease();
+            let left = held
+                .0
                 .as_mut()
-                .map(|h| (h.leave(lease, now_ms()), h.window_ms()))
+                .map(|h| (h.leave(lease, grants_until_ms, now_ms()), h.window_ms()));
+            (lease, left)
         };
         let key = keys::member(&self.settings.name, &self.settings.node);
         let left_some = left.is_some();
@@ -631,8 +646,7 @@ impl ControlPlane {
                 .map(|_| ()),
         };
         let gone = match (handed, left_some) {
-            (Ok(()), true) => Ok(true),
-            (Ok(()), false) => Ok(false),
+            (Ok(()), handed) => Ok(handed),
             // the member key must go, or peers keep sending callers back here: with the lease
             (Err(e), _) => {
                 tracing::warn!(error = %e, "cannot hand over: the member goes with its lease (its callers wait the clock window)");
@@ -644,31 +658,43 @@ impl ControlPlane {
         };
         self.handed_over.send_replace(true);
         let handed = gone?;
-        self.refresh_members().await?;
+        // this node's own view (it sends callers on by its members without itself already)
+        if let Err(e) = self.refresh_members().await {
+            tracing::warn!(error = %e, "cannot read the cluster's members after leaving them");
+        }
         Ok(handed)
     }
 
     /// Returns once this node's member key is gone, if it is withdrawing
-    /// ([`ControlPlane::withdraw`]), or after three etcd request bounds (a lease grant, the
-    /// transaction and, if it failed, a revoke): a caller sent on before then would find its
-    /// next home still sending it back here.
+    /// ([`ControlPlane::withdraw`]; at most ten etcd request bounds): a caller sent on before
+    /// then would find its next home still sending it back here.
     pub async fn settled(&self) {
         if !self.withdrawn.load(Ordering::Acquire) {
             return;
         }
+        // withdraw always says when it is done; the bound is a guard against a bug, not a wait
         let mut done = self.handed_over.subscribe();
-        let _ = tokio::time::timeout(self.request_bound() * 3, done.wait_for(|d| *d)).await;
+        let _ = tokio::time::timeout(self.request_bound() * 10, done.wait_for(|d| *d)).await;
     }
 
     /// Deletes the member key `key` and puts `handover` in one transaction; the handover's
-    /// lease lasts until its latest fence is out of the clock window (`window_ms`).
+    /// lease lasts until its latest fence is out of the clock window (`window_ms`), its grants'
+    /// deadline, and at least as long as the other nodes remember this membership (the lease
+    /// TTL plus twice the window: a node whose watch lags still reads it).
     async fn hand_over(
         &self,
         key: &str,
         handover: &Handover,
         window_ms: u64,
     ) -> Result<(), ClusterError> {
-        let until = handover.latest().saturating_add(window_ms);
+        let remembered = now_ms()
+            .saturating_add(self.settings.lease_ttl_secs.saturating_mul(1000))
+            .saturating_add(window_ms.saturating_mul(2));
+        let until = handover
+            .latest()
+            .saturating_add(window_ms)
+            .max(handover.grants_until_ms)
+            .max(remembered);
         let ttl = i64::try_from(until.saturating_sub(now_ms()).div_ceil(1000))
             .unwrap_or(i64::MAX)
             .max(1);

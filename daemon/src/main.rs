@@ -687,6 +687,9 @@ fn shutdown_signal() -> impl Future<Output = ()> {
 
 /// `didgated serve`: the daemon, its metrics endpoint and control socket, until a signal.
 async fn serve(data: &std::path::Path) -> anyhow::Result<()> {
+    // the signals first: a SIGTERM while the node starts (joining its cluster, say) is a planned
+    // stop once it serves, never a kill that leaves its member key behind
+    let shutdown = shutdown_signal();
     let gw = Arc::new(Gateway::open(data).await?);
     let endpoint = didgate_gateway::server::endpoint(&gw, gw.config().gateway().listen)?;
     // a cluster member registers with the address it serves on (no-op without [cluster])
@@ -711,7 +714,6 @@ async fn serve(data: &std::path::Path) -> anyhow::Result<()> {
         )
     };
     let hangup = tokio::spawn(reload_on_hangup(gw.clone()));
-    let shutdown = shutdown_signal();
     match gw.node() {
         None => eprintln!(
             "didgated {} listening on udp {}",

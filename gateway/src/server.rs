@@ -243,7 +243,7 @@ pub async fn serve(
     };
     let grants = withdraw(&gw, planned).await;
     gw.grants_until
-        .store(grants.unwrap_or(0), std::sync::atomic::Ordering::Release);
+        .store(grants, std::sync::atomic::Ordering::Release);
     // Drain: new calls are refused `shutting_down` (a cluster member answers `moved`), calls in
     // flight finish, then the final checkpoint is written. A cluster member still accepts
     // connections meanwhile (a caller its next home sends back for a moment, or one executing
@@ -252,10 +252,10 @@ pub async fn serve(
         .store(true, std::sync::atomic::Ordering::Release);
     let _ = stop_tx.send(true);
     if gw.cluster().is_some() {
-        accept_while_draining(&gw, &endpoint, &tasks, (&stop_rx, &done_rx), grants).await;
+        accept_while_draining(&gw, &endpoint, &tasks, (&stop_rx, &done_rx), &revoked_self).await;
     } else {
         endpoint.set_server_config(None);
-        drained(&gw, None).await;
+        drained(&gw).await;
     }
     let _ = done_tx.send(true);
     endpoint.set_server_config(None);
@@ -299,19 +299,28 @@ pub async fn serve(
 /// A cluster member withdraws before it drains, handing its callers over, so their new homes
 /// take them (this node answers `moved` from then on) while the calls in flight here finish.
 /// After a planned leave that handed over, returns until when it executes the grants it
-/// issued while they are pending (no other node can): for at most as long as its peers
-/// remember it (`lease_ttl + 2 W`), and never past its certificate's drain time.
-async fn withdraw(gw: &Gateway, planned: bool) -> Option<u64> {
-    let plane = gw.cluster()?;
-    let handed = plane.withdraw().await.unwrap_or_else(|e| {
-        tracing::warn!(error = %e, "cannot withdraw from the cluster's members (its lease ends it)");
-        false
-    });
-    (planned && handed).then(|| {
+/// issued while they are pending (no other node can; its handover tells the others so): for
+/// at most as long as its peers remember it (`lease_ttl + 2 W`), and never past its
+/// certificate's drain time. 0 when it executes none.
+async fn withdraw(gw: &Gateway, planned: bool) -> u64 {
+    let Some(plane) = gw.cluster() else {
+        return 0;
+    };
+    let until = if planned {
         let ttl = plane.settings().lease_ttl_secs.saturating_mul(1000);
         let until = now_ms().saturating_add(ttl.saturating_add(gw.window_ms().saturating_mul(2)));
         gw.node_drain_at_ms().map_or(until, |at| until.min(at))
-    })
+    } else {
+        0
+    };
+    match plane.withdraw(until).await {
+        Ok(true) => until,
+        Ok(false) => 0,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot withdraw from the cluster's members (its lease ends it)");
+            0
+        }
+    }
 }
 
 /// In a cluster, publishes this node's latest signed checkpoint in the registry of node
@@ -698,16 +707,16 @@ async fn refuse_connection(gw: &Gateway, cx: &mut Call, conn: quinn::Connection)
     conn.close(CONN_LIMIT_CLOSE.into(), b"too many connections of this DID");
 }
 
-/// A cluster member's drain: connections are still accepted until [`drained`] (with the
-/// grants it executes until `grants`).
+/// A cluster member's drain: connections are still accepted until [`drained`]. A revocation of
+/// its own certificate meanwhile ends the execution of its grants.
 async fn accept_while_draining(
     gw: &Arc<Gateway>,
     endpoint: &quinn::Endpoint,
     tasks: &tokio_util_tasks::TaskSet,
     (stop, done): (&watch::Receiver<bool>, &watch::Receiver<bool>),
-    grants: Option<u64>,
+    revoked_self: &tokio::sync::Notify,
 ) {
-    let idle = drained(gw, grants);
+    let idle = drained(gw);
     tokio::pin!(idle);
     loop {
         tokio::select! {
@@ -718,20 +727,25 @@ async fn accept_while_draining(
                 let (stop, done) = (stop.clone(), done.clone());
                 tasks.spawn(async move { connection(gw, slot, stop, done).await });
             }
+            () = revoked_self.notified() => {
+                tracing::error!("this node's certificate is revoked: it executes no more grants");
+                gw.grants_until.store(0, std::sync::atomic::Ordering::Release);
+            }
             () = &mut idle => return,
         }
     }
 }
 
-/// Returns once no call is in flight and, until the deadline `grants` (none: not at all), no
-/// grant this node issued is pending ([`Gateway::pending_grants_until`]; checked again every
-/// 250 ms while one is).
-async fn drained(gw: &Arc<Gateway>, grants: Option<u64>) {
+/// Returns once no call is in flight and, while this node executes the grants it issued
+/// ([`Gateway::executes_grants_while_draining`]), none of them is pending
+/// ([`Gateway::pending_grants_until`]; checked again every 250 ms while one is).
+async fn drained(gw: &Arc<Gateway>) {
     loop {
         gw.wait_idle().await;
-        let Some(deadline) = grants.filter(|d| *d > now_ms()) else {
+        let deadline = gw.grants_until.load(std::sync::atomic::Ordering::Acquire);
+        if deadline <= now_ms() {
             return;
-        };
+        }
         let g = gw.clone();
         let pending = tokio::task::spawn_blocking(move || g.pending_grants_until(now_ms()))
             .await

@@ -1725,16 +1725,14 @@ async fn a_planned_leave_of_a_home_node_loses_no_call() -> anyhow::Result<()> {
         async || h.upstream.seen().len() >= before + 40,
     )
     .await?;
-    assert_ne!(client.home_addr(), a_addr, "alice was sent to her new home");
-    // a drains while its grants are pending: her new home sends their execution to a, which
-    // executes each once, and the next call goes home again
-    for g in &grants {
-        // the test upstream answers 404 on these paths: an answer with a receipt
-        client.execute(g).await?;
+    let mut seen = stop_load(handles, &stop).await?;
+    let gone = grants_executed_while_draining(&client, &grants, a, a_addr).await?;
+    for path in ["/v1/grant/1", "/v1/grant/2"] {
+        let n = h.upstream.seen().iter().filter(|r| r.path == path).count();
+        assert_eq!(n, 1, "{path} executed {n} times");
     }
-    assert_ne!(client.home_addr(), a_addr, "after a grant, home again");
-    tokio::task::spawn_blocking(move || a.wait()).await??;
-    let gone = Instant::now();
+    // and the load goes on once a has exited
+    let handles = load(&client, 3, 4, 100_000, &stop_again(&stop));
     let before = h.upstream.seen().len();
     until(
         Duration::from_secs(10),
@@ -1742,11 +1740,7 @@ async fn a_planned_leave_of_a_home_node_loses_no_call() -> anyhow::Result<()> {
         async || h.upstream.seen().len() >= before + 20,
     )
     .await?;
-    for path in ["/v1/grant/1", "/v1/grant/2"] {
-        let n = h.upstream.seen().iter().filter(|r| r.path == path).count();
-        assert_eq!(n, 1, "{path} executed {n} times");
-    }
-    let seen = stop_load(handles, &stop).await?;
+    seen.extend(stop_load(handles, &stop).await?);
     no_call_waited(&seen, left, gone);
     let lost: Vec<(&str, &CallError)> = seen
         .iter()
@@ -1801,6 +1795,42 @@ async fn leader_killed_under_load(
     Ok(())
 }
 
+/// The leaving node a drains while alice's two grants it issued are pending: her new home
+/// sends their execution to a, which executes each once; her calls then go to her home again,
+/// and a exits once they are consumed, long before its drain deadline (lease TTL + twice the
+/// clock window, 7 s after the signal here). Returns when a had exited.
+async fn grants_executed_while_draining(
+    client: &didgate_client::Client,
+    grants: &[didgate_client::IssuedGrant],
+    a: didgate_tests::Daemon,
+    a_addr: std::net::SocketAddr,
+) -> anyhow::Result<Instant> {
+    let home = client.home_addr();
+    assert_ne!(home, a_addr, "alice was sent to her new home");
+    for g in grants {
+        // the test upstream answers 404 on these paths: an answer with a receipt
+        client.execute(g).await?;
+    }
+    assert_eq!(
+        client.home_addr(),
+        home,
+        "after a grant, calls go home again"
+    );
+    let executed = Instant::now();
+    tokio::task::spawn_blocking(move || a.wait()).await??;
+    let gone = Instant::now();
+    let after = gone.duration_since(executed);
+    println!(
+        "planned leave: a exited {:.2} s after its last grant was executed",
+        after.as_secs_f64()
+    );
+    assert!(
+        after < Duration::from_secs(3),
+        "a drained {after:?} after its grants were consumed"
+    );
+    Ok(gone)
+}
+
 /// A planned leave's load, as its caller saw it: a handover, not a window. No call of the
 /// load is refused `handover` (one that was in flight when the node left, stamped before
 /// another task's call the node admitted, is refused once and made again by the client at
@@ -1817,9 +1847,10 @@ fn no_call_waited(seen: &[Seen], left: Instant, gone: Instant) {
         .iter()
         .filter(|s| s.started > gone && s.outcome.is_err())
         .collect();
+    // over the load that ran across the leave (round 1; round 3 began after a exited)
     let mut done: Vec<Instant> = seen
         .iter()
-        .filter(|s| s.outcome.is_ok())
+        .filter(|s| s.outcome.is_ok() && s.path.starts_with("/v1/load/1-"))
         .map(|s| s.at)
         .collect();
     done.sort();
@@ -1829,7 +1860,7 @@ fn no_call_waited(seen: &[Seen], left: Instant, gone: Instant) {
         .max()
         .unwrap_or_default();
     println!(
-        "planned leave: {} calls of the load, {waited} refused handover, longest wait between two receipts {:.0} ms",
+        "planned leave: {} calls of the load, {waited} refused handover, longest wait between two receipts across the leave {:.0} ms",
         seen.len(),
         gap.as_secs_f64() * 1000.0
     );
@@ -1842,6 +1873,13 @@ fn no_call_waited(seen: &[Seen], left: Instant, gone: Instant) {
         );
     }
     assert_eq!(waited, 0, "calls refused handover");
+    let moved = seen
+        .iter()
+        .filter(|s| {
+            s.outcome.as_ref().err().and_then(CallError::refusal_code) == Some(RefusalCode::Moved)
+        })
+        .count();
+    assert_eq!(moved, 0, "calls refused moved (a loop of homes)");
     assert!(
         refused_after.is_empty(),
         "calls begun after the node stopped and refused: {:?}",
