@@ -486,6 +486,28 @@ pub enum RawEnd {
     Grant(didgate_protocol::message::GrantBody),
 }
 
+/// A catalog request on `conn` answered: the gateway has completed the connection's handshake
+/// (and counted it open).
+pub async fn answered(conn: &quinn::Connection) -> anyhow::Result<()> {
+    use didgate_protocol::message::Message as _;
+    let (mut send, mut recv) = conn.open_bi().await?;
+    let request = didgate_protocol::catalog::CatalogRequest {
+        v: didgate_protocol::Version::CURRENT.as_u64(),
+        upstream: None,
+    };
+    let mut frame = bytes::BytesMut::new();
+    didgate_protocol::frame::encode(
+        didgate_protocol::frame::FrameType::CatalogRequest,
+        &request.encode(),
+        &mut frame,
+    )?;
+    send.write_all(&frame).await?;
+    send.finish()?;
+    let answer = recv.read_to_end(1 << 20).await?;
+    anyhow::ensure!(!answer.is_empty(), "no answer to a catalog request");
+    Ok(())
+}
+
 /// Writes `bytes` on a new stream of `conn` (finishing it if `finish`), then reads frames until
 /// a signed terminal frame from `gateway` arrives.
 pub async fn raw_exchange(

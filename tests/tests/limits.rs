@@ -9,7 +9,7 @@ use didgate_client::{CallError, CallSpec};
 use didgate_gateway::config::{RawConfig, RawUpstream, Rule};
 use didgate_gateway::limits::RateLimit;
 use didgate_protocol::message::RefusalCode;
-use didgate_tests::{Harness, alice, bob, refusal_code};
+use didgate_tests::{Harness, alice, answered, bob, refusal_code};
 
 fn reason<T>(r: &Result<T, CallError>) -> String {
     match r {
@@ -484,28 +484,6 @@ async fn connect_from(
     )?);
     let connecting = endpoint.connect(h.addr, didgate_client::low_level::tls::SERVER_NAME)?;
     Ok((endpoint, connecting.await))
-}
-
-/// A catalog request on `conn` answered: the gateway has completed the connection's handshake
-/// (and counted it open).
-async fn answered(conn: &quinn::Connection) -> anyhow::Result<()> {
-    use didgate_protocol::message::Message as _;
-    let (mut send, mut recv) = conn.open_bi().await?;
-    let request = didgate_protocol::catalog::CatalogRequest {
-        v: didgate_protocol::Version::CURRENT.as_u64(),
-        upstream: None,
-    };
-    let mut frame = bytes::BytesMut::new();
-    didgate_protocol::frame::encode(
-        didgate_protocol::frame::FrameType::CatalogRequest,
-        &request.encode(),
-        &mut frame,
-    )?;
-    send.write_all(&frame).await?;
-    send.finish()?;
-    let answer = recv.read_to_end(1 << 20).await?;
-    anyhow::ensure!(!answer.is_empty(), "no answer to a catalog request");
-    Ok(())
 }
 
 /// Issue 15, item 7: new connections are admitted by source address before any handshake

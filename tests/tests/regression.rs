@@ -65,7 +65,7 @@ use didgate_protocol::frame::FrameType;
 use didgate_protocol::message::RefusalCode;
 use didgate_protocol::{Identity, WebDid};
 use didgate_tests::docserver::{DocServer, Served};
-use didgate_tests::{Harness, RawEnd, alice, bob, frames, raw_exchange, refusal_code};
+use didgate_tests::{Harness, RawEnd, alice, answered, bob, frames, raw_exchange, refusal_code};
 
 /// A connection as `who` from the loopback address `from`, with the handshake's own result.
 async fn connect_from(
@@ -117,6 +117,9 @@ async fn the_aggregate_refusals_entry_names_everything_it_counts() -> anyhow::Re
         .ok_or_else(|| anyhow::anyhow!("no gateway"))?;
     let (e1, c1) = connect_from(&h, "127.0.0.1", &alice()).await?;
     let c1 = c1?;
+    // the client's handshake ends before the gateway's: the gateway counts c1 open once it
+    // answers on it, and only then is a second connection of alice over the limit
+    answered(&c1).await?;
     gw.flush_refusals().await?;
     let before = h.live_entries()?.len();
 
