@@ -288,10 +288,11 @@ impl Homes {
                 && !gained.members.iter().any(|m| m.key == key)
         })?;
         let m = before.members.iter().find(|m| m.key == key)?;
+        // (a view keeps only the handovers of the registrations that left in it)
         let draining = gained
             .handovers
             .iter()
-            .any(|h| h.node == m.node && h.lease == m.lease && h.grants_until_ms > now_ms);
+            .any(|h| h.node == m.node && h.grants_until_ms > now_ms);
         (draining && m.node != self.me).then_some(m)
     }
 
@@ -341,18 +342,9 @@ impl Homes {
             }
             let end = match home(did, &before.members) {
                 Some(p) if p.node == self.me => continue,
-                // a member that is still one when this node takes over stops within the TTL
-                Some(p) if gained.members.iter().any(|m| m.node == p.node) => gained
-                    .applied_ms
-                    .saturating_add(self.ttl_ms)
-                    .saturating_add(self.window_ms),
-                // one that left had stopped; if it handed over, only what it admitted waits
-                Some(p) => match gained.handovers.iter().find(|h| h.node == p.node) {
-                    Some(h) => match h.fence(did) {
-                        Some(end) => end,
-                        None => continue,
-                    },
-                    None => gained.applied_ms.saturating_add(self.window_ms),
+                Some(p) => match self.window_end(p, gained, Some(did)) {
+                    Some(end) => end,
+                    None => continue,
                 },
                 // a view with no member gave the caller to nobody
                 None if before.unknown => gained.applied_ms.saturating_add(self.window_ms),
@@ -436,20 +428,29 @@ impl Homes {
                 if stays && !joined {
                     continue;
                 }
-                let end = if stays {
-                    gained
-                        .applied_ms
-                        .saturating_add(self.ttl_ms)
-                        .saturating_add(self.window_ms)
-                } else if let Some(h) = gained.handovers.iter().find(|h| h.node == p.node) {
-                    h.latest()
-                } else {
-                    gained.applied_ms.saturating_add(self.window_ms)
-                };
-                until = until.max(end);
+                until = until.max(self.window_end(p, gained, None).unwrap_or(0));
             }
         }
         until
+    }
+
+    /// When the window ends that the change to `gained` opened for callers this node took from
+    /// `p`: for the caller `did`, or for any caller (`None`); `None` when nothing waits.
+    fn window_end(&self, p: &Member, gained: &View, did: Option<&str>) -> Option<u64> {
+        if gained.members.iter().any(|m| m.node == p.node) {
+            // a member that is still one when this node takes over stops within the TTL
+            return Some(
+                gained
+                    .applied_ms
+                    .saturating_add(self.ttl_ms)
+                    .saturating_add(self.window_ms),
+            );
+        }
+        // one that left had stopped; if it handed over, only what it admitted waits
+        match gained.handovers.iter().find(|h| h.node == p.node) {
+            Some(h) => did.map_or(Some(h.latest()), |d| h.fence(d)),
+            None => Some(gained.applied_ms.saturating_add(self.window_ms)),
+        }
     }
 }
 

@@ -233,10 +233,7 @@ pub async fn serve(
             }
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { break false };
-                let Some(slot) = admit(&gw, incoming) else { continue };
-                let gw = gw.clone();
-                let (stop, done) = (stop_rx.clone(), done_rx.clone());
-                tasks.spawn(async move { connection(gw, slot, stop, done).await });
+                spawn_connection(&gw, incoming, &tasks, (&stop_rx, &done_rx));
             }
             () = &mut shutdown => break true,
         }
@@ -707,6 +704,21 @@ async fn refuse_connection(gw: &Gateway, cx: &mut Call, conn: quinn::Connection)
     conn.close(CONN_LIMIT_CLOSE.into(), b"too many connections of this DID");
 }
 
+/// Admits a new connection ([`admit`]) and serves it in `tasks` ([`connection`]).
+fn spawn_connection(
+    gw: &Arc<Gateway>,
+    incoming: quinn::Incoming,
+    tasks: &tokio_util_tasks::TaskSet,
+    (stop, done): (&watch::Receiver<bool>, &watch::Receiver<bool>),
+) {
+    let Some(slot) = admit(gw, incoming) else {
+        return;
+    };
+    let gw = gw.clone();
+    let (stop, done) = (stop.clone(), done.clone());
+    tasks.spawn(async move { connection(gw, slot, stop, done).await });
+}
+
 /// A cluster member's drain: connections are still accepted until [`drained`]. A revocation of
 /// its own certificate meanwhile ends the execution of its grants.
 async fn accept_while_draining(
@@ -722,10 +734,7 @@ async fn accept_while_draining(
         tokio::select! {
             incoming = endpoint.accept() => {
                 let Some(incoming) = incoming else { return };
-                let Some(slot) = admit(gw, incoming) else { continue };
-                let gw = gw.clone();
-                let (stop, done) = (stop.clone(), done.clone());
-                tasks.spawn(async move { connection(gw, slot, stop, done).await });
+                spawn_connection(gw, incoming, tasks, (stop, done));
             }
             () = revoked_self.notified() => {
                 tracing::error!("this node's certificate is revoked: it executes no more grants");
