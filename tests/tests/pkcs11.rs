@@ -17,8 +17,10 @@ use didgate_protocol::message::RefusalCode;
 use didgate_protocol::{Did, Version};
 use didgate_tests::{CANARY, Daemon, alice, bin, files_containing, refusal_code};
 
-const PIN: &str = "4821";
-const SO_PIN: &str = "90125";
+/// Long and unlike anything else in a log, so a search for it finds only a leak (a 4-digit PIN
+/// turned up in a log by chance: a port, a timestamp, a hash).
+const PIN: &str = "pin-7c3e91a4d05b";
+const SO_PIN: &str = "so-pin-2f8b64e0c917";
 /// Where Debian's softhsm2 puts the module (and the multiarch path of other distributions).
 const MODULES: &[&str] = &[
     "/usr/lib/softhsm/libsofthsm2.so",
@@ -422,7 +424,7 @@ async fn token_failures_refuse_calls_kms_unavailable_and_recover_without_a_resta
     assert!(ok, "{out}");
 
     // 1. a wrong PIN at start: the daemon starts, calls needing the secret are refused
-    std::fs::write(&pin_file, "0000\n")?;
+    std::fs::write(&pin_file, "wrong-pin-e3a1\n")?;
     let d = site.start(&env)?;
     let c = site.client(&d, "alice").await?;
     assert_eq!(
