@@ -883,6 +883,12 @@ fn bench_token(config: &mut RawConfig) -> bool {
 }
 
 pub(crate) fn cpu_seconds(pid: u32) -> Result<f64> {
+    let (user, system) = cpu_times(pid)?;
+    Ok(user + system)
+}
+
+/// Process `pid`'s CPU time so far, (user, system) in seconds (/proc/PID/stat).
+pub(crate) fn cpu_times(pid: u32) -> Result<(f64, f64)> {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // fields after the command name, which is in parentheses and may hold spaces
     let rest: Vec<&str> = s
@@ -893,7 +899,7 @@ pub(crate) fn cpu_seconds(pid: u32) -> Result<f64> {
         .collect();
     let ticks = |i: usize| -> Result<f64> { Ok(rest.get(i).context("short stat")?.parse()?) };
     // utime and stime are fields 14 and 15 of stat(5): 11 and 12 after the name
-    Ok((ticks(11)? + ticks(12)?) / 100.0)
+    Ok((ticks(11)? / 100.0, ticks(12)? / 100.0))
 }
 
 fn proc_status_mib(pid: u32, field: &str) -> Result<f64> {

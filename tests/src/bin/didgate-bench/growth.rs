@@ -24,8 +24,8 @@ use didgate_client::Client;
 use didgate_protocol::Identity;
 
 use crate::calls::{
-    Binaries, GatewayProcess, LIB_SEED, LocalUpstream, cpu_seconds, dir_usage, library_worker,
-    load, no_admission,
+    Binaries, GatewayProcess, LIB_SEED, LocalUpstream, cpu_times, dir_usage, library_worker, load,
+    no_admission,
 };
 use crate::host::{cpu_model, ms, threads, work_dir};
 
@@ -56,6 +56,13 @@ pub(crate) struct GrowthArgs {
     /// Working directory for the stores (default: the system temp dir); removed at the end.
     #[arg(long, value_name = "DIR")]
     dir: Option<PathBuf>,
+    /// Rounds of the paired comparison after the last checkpoint (0: none) [default: 3; 0
+    /// with --quick].
+    #[arg(long, value_name = "R")]
+    paired_rounds: Option<u32>,
+    /// Calls to each gateway in each round of the paired comparison.
+    #[arg(long, value_name = "N", default_value_t = 20_000)]
+    paired_calls: u64,
 }
 
 /// The figures at one checkpoint; CPU and rate over the window since the previous one.
@@ -63,6 +70,8 @@ pub(crate) struct GrowthArgs {
 struct Point {
     calls: u64,
     cpu_ms_per_call: f64,
+    /// The part of `cpu_ms_per_call` spent in the kernel (system time).
+    sys_ms_per_call: f64,
     calls_per_sec: f64,
     p50_ms: f64,
     p99_ms: f64,
@@ -89,6 +98,7 @@ struct Growth {
     series: Vec<Point>,
     wall_s: f64,
     peak_mib: f64,
+    paired: Option<Paired>,
 }
 
 pub(crate) fn run(args: GrowthArgs) -> Result<()> {
@@ -153,7 +163,7 @@ async fn bench(args: &GrowthArgs, checkpoints: &[u64]) -> Result<()> {
         .map(|s| Identity::from_seed(s).did().to_string())
         .collect();
     let skew = args.skew_secs;
-    let gw = GatewayProcess::start_with(&bins, base.path(), upstream.addr, |c| {
+    let configure = |c: &mut didgate_gateway::config::RawConfig| {
         c.gateway.handshakes = no_admission();
         c.gateway.skew_secs = skew;
         for rule in &mut c.rules {
@@ -163,8 +173,8 @@ async fn bench(args: &GrowthArgs, checkpoints: &[u64]) -> Result<()> {
                 }
             }
         }
-    })
-    .await?;
+    };
+    let gw = GatewayProcess::start_with(&bins, base.path(), upstream.addr, configure).await?;
     println!(
         "gateway {} (pid {}) on udp {}, data in {}",
         gw.did,
@@ -173,7 +183,22 @@ async fn bench(args: &GrowthArgs, checkpoints: &[u64]) -> Result<()> {
         gw.data.display()
     );
     let before = upstream.authorized();
-    let measured = measure(args, checkpoints, &seeds, base.path(), &gw).await;
+    let mut measured = measure(args, checkpoints, &seeds, base.path(), &gw).await;
+    let rounds = args.paired_rounds.unwrap_or(if args.quick { 0 } else { 3 });
+    if rounds > 0
+        && let Ok(g) = &mut measured
+    {
+        let fresh_base = base.path().join("fresh");
+        std::fs::create_dir_all(&fresh_base)?;
+        let fresh =
+            GatewayProcess::start_with(&bins, &fresh_base, upstream.addr, configure).await?;
+        let compared = paired(args, rounds, &seeds, base.path(), (&gw, last), &fresh).await;
+        let fresh_stopped = fresh.stop().await;
+        match (compared, fresh_stopped) {
+            (Ok(p), Ok(())) => g.paired = Some(p),
+            (Err(e), _) | (Ok(_), Err(e)) => measured = Err(e),
+        }
+    }
     let data = gw.data.clone();
     let stopped = gw.stop().await;
     upstream.stop();
@@ -183,9 +208,10 @@ async fn bench(args: &GrowthArgs, checkpoints: &[u64]) -> Result<()> {
         (Err(e), Ok(())) | (Ok(_), Err(e)) => return Err(e),
     };
     let authorized = upstream.authorized() - before;
+    let expected = last + growth.paired.as_ref().map_or(0, |p| p.calls);
     ensure!(
-        authorized == last,
-        "the upstream saw the credential on {authorized} of {last} calls"
+        authorized == expected,
+        "the upstream saw the credential on {authorized} of {expected} calls"
     );
     let after_stop = dir_usage(&data);
     print(args, &growth, after_stop.bytes);
@@ -213,9 +239,10 @@ async fn measure(
         clients.push(Arc::new(client));
     }
     println!(
-        "\n{:>9} {:>15} {:>9} {:>8} {:>8} {:>14} {:>11} {:>12} {:>8} {:>6}",
+        "\n{:>9} {:>15} {:>7} {:>9} {:>8} {:>8} {:>14} {:>11} {:>12} {:>8} {:>6}",
         "calls",
         "gw cpu ms/call",
+        "of sys",
         "calls/s",
         "p50 ms",
         "p99 ms",
@@ -236,18 +263,20 @@ async fn measure(
     let started = Instant::now();
     for &at in checkpoints {
         let window = at - done;
-        let cpu0 = cpu_seconds(gw.pid).context("reading the gateway's CPU time")?;
+        let (user0, sys0) = cpu_times(gw.pid).context("reading the gateway's CPU time")?;
         let written0 = written_bytes(gw.pid)?;
         let run = load(window, args.concurrency, make)
             .await
             .with_context(|| format!("calls {} to {at}", done + 1))?;
-        let cpu = cpu_seconds(gw.pid).context("reading the gateway's CPU time")? - cpu0;
+        let (user1, sys1) = cpu_times(gw.pid).context("reading the gateway's CPU time")?;
+        let (cpu, sys) = (user1 + sys1 - user0 - sys0, sys1 - sys0);
         let written = written_bytes(gw.pid)? - written0;
         done = at;
         let usage = dir_usage(&gw.data);
         let point = Point {
             calls: at,
             cpu_ms_per_call: cpu * 1e3 / window as f64,
+            sys_ms_per_call: sys * 1e3 / window as f64,
             calls_per_sec: run.per_s(),
             p50_ms: ms(run.quantile(0.5)),
             p99_ms: ms(run.quantile(0.99)),
@@ -259,9 +288,10 @@ async fn measure(
             load1: load1(),
         };
         println!(
-            "{:>9} {:>15.4} {:>9.0} {:>8.3} {:>8.3} {:>14} {:>11.1} {:>12.0} {:>8.1} {:>6}",
+            "{:>9} {:>15.4} {:>7.4} {:>9.0} {:>8.3} {:>8.3} {:>14} {:>11.1} {:>12.0} {:>8.1} {:>6}",
             point.calls,
             point.cpu_ms_per_call,
+            point.sys_ms_per_call,
             point.calls_per_sec,
             point.p50_ms,
             point.p99_ms,
@@ -284,7 +314,162 @@ async fn measure(
         series,
         wall_s,
         peak_mib,
+        paired: None,
     })
+}
+
+/// The paired comparison: the aged gateway (every call of the run so far in its store) and a
+/// fresh one (a new data directory, warmed with `--paired-calls` calls first) are loaded in
+/// turn, `rounds` rounds of `--paired-calls` calls each, in the same minutes, so that what
+/// else the machine does weighs on both alike (a run's windows are minutes apart, and this
+/// machine's CPU per call drifts by more than the 5% the target asks). Each gateway's CPU is
+/// counted over the whole comparison, from a settled start to a settled end (no CPU used for a
+/// second, or 60 s), so work one gateway defers past its own turn (a compaction, a flush) is
+/// still counted as its own.
+async fn paired(
+    args: &GrowthArgs,
+    rounds: u32,
+    seeds: &[[u8; 32]],
+    base: &Path,
+    aged: (&GatewayProcess, u64),
+    fresh: &GatewayProcess,
+) -> Result<Paired> {
+    let (aged, aged_calls) = aged;
+    let n = args.paired_calls;
+    ensure!(n > 0, "--paired-calls must be at least 1");
+    let mut sides = Vec::new();
+    for (name, gw) in [("aged", aged), ("fresh", fresh)] {
+        let mut clients = Vec::with_capacity(seeds.len());
+        for (i, seed) in seeds.iter().enumerate() {
+            let client = Client::open(
+                Identity::from_seed(seed),
+                &base.join(format!("paired-{name}-chain-{i}")),
+                gw.addr,
+                gw.did.clone(),
+            )
+            .await
+            .with_context(|| format!("opening the {name} gateway's client {i}"))?;
+            clients.push(Arc::new(client));
+        }
+        sides.push(clients);
+    }
+    let turn = AtomicUsize::new(0);
+    let make = |side: usize| {
+        let clients = &sides[side];
+        let c = clients[turn.fetch_add(1, Ordering::Relaxed) % clients.len()].clone();
+        async move { anyhow::Ok(library_worker(c)) }
+    };
+    // the fresh gateway's first calls, so that both have flushed and compacted before
+    load(n, args.concurrency, || make(1))
+        .await
+        .context("warming the fresh gateway")?;
+    let fresh_start = n;
+    println!(
+        "\npaired comparison: {rounds} round(s) of {n} calls to each gateway in turn (aged: {} calls before; fresh: {fresh_start})",
+        aged_calls
+    );
+    let settled = [settle(aged.pid).await?, settle(fresh.pid).await?];
+    let start = [cpu_times(aged.pid)?, cpu_times(fresh.pid)?];
+    let mut turns: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for r in 0..rounds {
+        let order: [usize; 2] = if r % 2 == 0 { [0, 1] } else { [1, 0] };
+        for side in order {
+            let pid = [aged.pid, fresh.pid][side];
+            let (u0, s0) = cpu_times(pid)?;
+            load(n, args.concurrency, || make(side))
+                .await
+                .with_context(|| format!("paired round {r}"))?;
+            let (u1, s1) = cpu_times(pid)?;
+            turns[side].push((u1 + s1 - u0 - s0) * 1e3 / n as f64);
+        }
+    }
+    let ended = [settle(aged.pid).await?, settle(fresh.pid).await?];
+    let end = [cpu_times(aged.pid)?, cpu_times(fresh.pid)?];
+    for clients in &sides {
+        for c in clients {
+            c.close().await;
+        }
+    }
+    let calls = u64::from(rounds) * n;
+    let per_call = |i: usize| {
+        let ((u0, s0), (u1, s1)) = (start[i], end[i]);
+        (
+            (u1 + s1 - u0 - s0) * 1e3 / calls as f64,
+            (s1 - s0) * 1e3 / calls as f64,
+        )
+    };
+    let (aged_ms, aged_sys) = per_call(0);
+    let (fresh_ms, fresh_sys) = per_call(1);
+    let p = Paired {
+        calls: calls * 2 + n,
+        rounds,
+        aged_ms,
+        aged_sys,
+        fresh_ms,
+        fresh_sys,
+        turns,
+        settled: settled.iter().chain(&ended).all(|s| *s),
+    };
+    println!(
+        "gateway CPU per call over the comparison: aged {:.4} ms ({:.4} system), fresh {:.4} ms ({:.4} system); aged / fresh {:.3}{}",
+        p.aged_ms,
+        p.aged_sys,
+        p.fresh_ms,
+        p.fresh_sys,
+        p.aged_ms / p.fresh_ms,
+        if p.settled {
+            ""
+        } else {
+            " (a gateway did not settle within 60 s)"
+        }
+    );
+    let show = |v: &[f64]| {
+        v.iter()
+            .map(|x| format!("{x:.4}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    println!(
+        "each turn's own window, ms per call: aged {}; fresh {}",
+        show(&p.turns[0]),
+        show(&p.turns[1])
+    );
+    Ok(p)
+}
+
+/// Waits until process `pid` has used no CPU for a second (its flushes and compactions done),
+/// polled every 250 ms for at most 60 s; whether it settled.
+async fn settle(pid: u32) -> Result<bool> {
+    let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    let mut quiet_since = Instant::now();
+    let mut last = cpu_times(pid)?;
+    while Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+        let now = cpu_times(pid)?;
+        // less than one clock tick (10 ms) used in the last 250 ms counts as quiet
+        if now.0 + now.1 - last.0 - last.1 > 0.011 {
+            quiet_since = Instant::now();
+        } else if quiet_since.elapsed() >= std::time::Duration::from_secs(1) {
+            return Ok(true);
+        }
+        last = now;
+    }
+    Ok(false)
+}
+
+/// What the paired comparison measured.
+struct Paired {
+    /// Calls made to both gateways in the comparison, the fresh one's warm-up included.
+    calls: u64,
+    rounds: u32,
+    aged_ms: f64,
+    aged_sys: f64,
+    fresh_ms: f64,
+    fresh_sys: f64,
+    /// CPU per call within each gateway's own turns, aged then fresh.
+    turns: [Vec<f64>; 2],
+    /// Both gateways settled before and after.
+    settled: bool,
 }
 
 /// Bytes process `pid` caused to be sent to storage so far (/proc/PID/io `write_bytes`).
@@ -345,6 +530,7 @@ fn print(args: &GrowthArgs, g: &Growth, bytes_after_stop: u64) {
             serde_json::json!({
                 "calls": p.calls,
                 "cpu_ms_per_call": p.cpu_ms_per_call,
+                "sys_ms_per_call": p.sys_ms_per_call,
                 "calls_per_sec": p.calls_per_sec,
                 "store_bytes": p.store_bytes,
                 "bytes_per_call": p.bytes_per_call(),
@@ -370,6 +556,18 @@ fn print(args: &GrowthArgs, g: &Growth, bytes_after_stop: u64) {
         "bytes_per_call_ratio_last_first": bytes_ratio,
         "gateway_peak_rss_mib": g.peak_mib,
         "store_bytes_after_stop": bytes_after_stop,
+        "paired": g.paired.as_ref().map(|p| serde_json::json!({
+            "rounds": p.rounds,
+            "calls_per_turn": args.paired_calls,
+            "aged_cpu_ms_per_call": p.aged_ms,
+            "aged_sys_ms_per_call": p.aged_sys,
+            "fresh_cpu_ms_per_call": p.fresh_ms,
+            "fresh_sys_ms_per_call": p.fresh_sys,
+            "aged_over_fresh": p.aged_ms / p.fresh_ms,
+            "aged_turns": p.turns[0],
+            "fresh_turns": p.turns[1],
+            "settled": p.settled,
+        })),
     });
     println!("\n{json}");
 }
