@@ -320,6 +320,152 @@ pub struct PolicySet {
     hash: [u8; 32],
     /// The entities of recent decisions ([`EntityCache`]).
     entities: std::sync::Mutex<EntityCache>,
+    /// The context attributes the policies read, in a fixed order; `None` when a policy uses
+    /// the context other than by naming its attributes (then no decision is cached).
+    reads: Option<Vec<ContextAttr>>,
+    /// Recent decisions ([`DecisionCache`]).
+    decisions: std::sync::Mutex<DecisionCache>,
+}
+
+/// An attribute of a decision's context (specs/policy.md, "Context").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum ContextAttr {
+    TimeMs,
+    UtcHour,
+    UtcWeekday,
+    BodyLen,
+    Upstream,
+    Headers,
+    Query,
+}
+
+impl ContextAttr {
+    fn named(name: &str) -> Option<Self> {
+        Some(match name {
+            "time_ms" => Self::TimeMs,
+            "utc_hour" => Self::UtcHour,
+            "utc_weekday" => Self::UtcWeekday,
+            "body_len" => Self::BodyLen,
+            "upstream" => Self::Upstream,
+            "headers" => Self::Headers,
+            "query" => Self::Query,
+            _ => return None,
+        })
+    }
+}
+
+/// The decisions of recent requests, keyed by everything a decision depends on: the DID, the
+/// upstream, the method, the path (which fix the entities: [`EntityCache`]) and the value of
+/// each context attribute the policies read ([`PolicySet::reads`]). The same inputs give the
+/// same decision over one policy set, so a hit is the decision Cedar would make; a policy set
+/// that reads `time_ms` gets no hits (each call has its own time), one that reads `utc_hour`
+/// one miss per hour. A decision whose evaluation had errors is not kept (its warning is
+/// logged on every call). Bounded like [`EntityCache`]; one per policy set.
+#[derive(Debug, Default)]
+struct DecisionCache {
+    map: HashMap<[u8; 32], Decision>,
+}
+
+impl DecisionCache {
+    /// Entries kept at most.
+    const CAP: usize = 512;
+
+    /// An unambiguous key: BLAKE3 over the length-prefixed DID, upstream, method and path,
+    /// then each read attribute's tag and value (numbers as u64, names length-prefixed).
+    fn key(
+        did: &str,
+        upstream: &str,
+        method: &str,
+        path: &str,
+        ctx: &RequestContext,
+        reads: &[ContextAttr],
+    ) -> [u8; 32] {
+        let mut h = blake3::Hasher::new();
+        let text = |h: &mut blake3::Hasher, s: &str| {
+            h.update(&(s.len() as u64).to_be_bytes());
+            h.update(s.as_bytes());
+        };
+        for part in [did, upstream, method, path] {
+            text(&mut h, part);
+        }
+        for attr in reads {
+            h.update(&[*attr as u8]);
+            let number = match attr {
+                ContextAttr::TimeMs => ctx.time_ms,
+                ContextAttr::UtcHour => utc_hour(ctx.time_ms),
+                ContextAttr::UtcWeekday => utc_weekday(ctx.time_ms),
+                ContextAttr::BodyLen => ctx.body_len,
+                // the upstream is in the key already
+                ContextAttr::Upstream => continue,
+                ContextAttr::Headers | ContextAttr::Query => {
+                    let names = if *attr == ContextAttr::Headers {
+                        &ctx.headers
+                    } else {
+                        &ctx.query
+                    };
+                    h.update(&(names.len() as u64).to_be_bytes());
+                    for n in names {
+                        text(&mut h, n);
+                    }
+                    continue;
+                }
+            };
+            h.update(&number.to_be_bytes());
+        }
+        *h.finalize().as_bytes()
+    }
+}
+
+/// The hour of the day (UTC, 0-23) at `time_ms`.
+fn utc_hour(time_ms: u64) -> u64 {
+    time_ms / 3_600_000 % 24
+}
+
+/// The day of the week (UTC, Monday = 0) at `time_ms`: 1970-01-01 was a Thursday.
+fn utc_weekday(time_ms: u64) -> u64 {
+    (time_ms / 86_400_000 + 3) % 7
+}
+
+/// The context attributes `policies` read, sorted; `None` when one of them uses `context`
+/// other than as `context.NAME` or `context has NAME` (or cannot be read as Cedar JSON).
+fn context_reads(policies: &cedar::PolicySet) -> Option<Vec<ContextAttr>> {
+    let mut reads = BTreeSet::new();
+    for p in policies.policies() {
+        let json = p.to_json().ok()?;
+        for c in json.get("conditions")?.as_array()? {
+            context_reads_in(c.get("body")?, &mut reads)?;
+        }
+    }
+    Some(reads.into_iter().collect())
+}
+
+/// Adds the context attributes EST expression `e` reads to `reads`; `None` when it uses the
+/// context as a whole.
+fn context_reads_in(e: &serde_json::Value, reads: &mut BTreeSet<ContextAttr>) -> Option<()> {
+    use serde_json::Value;
+    match e {
+        Value::Array(items) => items.iter().try_for_each(|x| context_reads_in(x, reads)),
+        Value::Object(m) => {
+            if m.get("Var").and_then(Value::as_str) == Some("context") {
+                return None;
+            }
+            for op in [".", "has"] {
+                if let Some(access) = m.get(op)
+                    && access
+                        .get("left")
+                        .and_then(|l| l.get("Var"))
+                        .and_then(Value::as_str)
+                        == Some("context")
+                {
+                    let name = access.get("attr").and_then(Value::as_str)?;
+                    reads.insert(ContextAttr::named(name)?);
+                    return Some(());
+                }
+            }
+            m.values().try_for_each(|v| context_reads_in(v, reads))
+        }
+        _ => Some(()),
+    }
 }
 
 /// The entities a decision is made over (the action entities, the principal with its groups,
@@ -516,7 +662,6 @@ impl PolicySet {
             hasher.update(line.as_bytes());
         }
         Ok(Self {
-            policies,
             types,
             actions,
             groups_of,
@@ -527,6 +672,9 @@ impl PolicySet {
             summary,
             hash: *hasher.finalize().as_bytes(),
             entities: std::sync::Mutex::default(),
+            reads: context_reads(&policies),
+            decisions: std::sync::Mutex::default(),
+            policies,
         })
     }
 
@@ -564,6 +712,15 @@ impl PolicySet {
         let deny = |family: &str| Decision::Deny {
             family: family.to_string(),
         };
+        let key = self
+            .reads
+            .as_deref()
+            .map(|reads| DecisionCache::key(did, upstream, method, path, ctx, reads));
+        if let Some(key) = &key
+            && let Some(hit) = self.decision_cache().map.get(key)
+        {
+            return hit.clone();
+        }
         let Some(request) = self.request(did, upstream, method, path, ctx) else {
             return deny(INVALID_REQUEST);
         };
@@ -572,7 +729,23 @@ impl PolicySet {
         };
         let response =
             cedar::Authorizer::new().is_authorized(&request.2, &self.policies, &entities);
-        self.decision(&response)
+        let decision = self.decision(&response);
+        if let Some(key) = key
+            && response.diagnostics().errors().next().is_none()
+        {
+            let mut cache = self.decision_cache();
+            if cache.map.len() >= DecisionCache::CAP {
+                cache.map.clear();
+            }
+            cache.map.insert(key, decision.clone());
+        }
+        decision
+    }
+
+    fn decision_cache(&self) -> std::sync::MutexGuard<'_, DecisionCache> {
+        self.decisions
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The entities of a decision about (did, upstream, path), from the cache or built (and
@@ -723,12 +896,10 @@ impl PolicySet {
                     .map(|s| cedar::RestrictedExpression::new_string(s.clone())),
             )
         };
-        let day = ctx.time_ms / 86_400_000;
         let context = cedar::Context::from_pairs([
             ("time_ms".to_string(), long(ctx.time_ms)),
-            ("utc_hour".to_string(), long(ctx.time_ms / 3_600_000 % 24)),
-            // 1970-01-01 was a Thursday; Monday = 0
-            ("utc_weekday".to_string(), long((day + 3) % 7)),
+            ("utc_hour".to_string(), long(utc_hour(ctx.time_ms))),
+            ("utc_weekday".to_string(), long(utc_weekday(ctx.time_ms))),
             ("body_len".to_string(), long(ctx.body_len)),
             (
                 "upstream".to_string(),
@@ -2040,6 +2211,80 @@ mod tests {
             "/",
             &at(monday + 5 * 24 * hour + 9 * hour)
         )));
+    }
+
+    /// The decision cache is keyed by the context attributes the policies read: a policy
+    /// reading none decides once per (DID, upstream, method, path); one reading the hour is
+    /// decided again when the hour changes, never answered from another hour's decision.
+    #[test]
+    fn decisions_are_cached_over_exactly_the_context_the_policies_read() {
+        use ContextAttr::{BodyLen, Headers, Upstream, UtcHour, UtcWeekday};
+        let a = Identity::from_seed(&[1; 32]);
+        let did = a.did().to_string();
+        let plain = set(&format!(
+            r#"permit (principal == Did::"{did}", action == Action::"GET", resource);"#
+        ));
+        assert_eq!(plain.reads.as_deref(), Some(&[][..]));
+        let mut c = ctx();
+        for body_len in 0..5 {
+            c.body_len = body_len;
+            c.time_ms += 3_600_000;
+            assert!(allowed(&plain.decide(&did, "u", "GET", "/x", &c)));
+        }
+        assert!(!allowed(&plain.decide(&did, "u", "POST", "/x", &c)));
+        assert_eq!(
+            plain.decision_cache().map.len(),
+            2,
+            "one decision per (DID, upstream, method, path) when no context is read"
+        );
+
+        let hours = set(&format!(
+            r#"permit (principal == Did::"{did}", action, resource)
+               when {{ context.utc_weekday < 5 && context.utc_hour < 12 &&
+                       context.headers.contains("x-a") && context.upstream == "u" &&
+                       (context has body_len) }};"#
+        ));
+        assert_eq!(
+            hours.reads.as_deref(),
+            Some(&[UtcHour, UtcWeekday, BodyLen, Upstream, Headers][..])
+        );
+        // 2024-01-01 was a Monday
+        let monday = 1_704_067_200_000u64;
+        let at = |hour: u64, headers: &[&str]| RequestContext {
+            time_ms: monday + hour * 3_600_000,
+            headers: headers.iter().map(|h| (*h).to_string()).collect(),
+            ..ctx()
+        };
+        let decide = |c: &RequestContext| allowed(&hours.decide(&did, "u", "GET", "/", c));
+        assert!(decide(&at(9, &["x-a"])));
+        assert!(!decide(&at(13, &["x-a"])), "the next hour is decided anew");
+        assert!(!decide(&at(9, &[])), "other headers are decided anew");
+        assert!(decide(&at(9, &["x-a"])));
+        assert!(!decide(&at(9 + 24 * 5, &["x-a"])), "Saturday");
+        assert_eq!(hours.decision_cache().map.len(), 4);
+    }
+
+    /// A policy that uses the context as a whole (not one attribute of it) turns the decision
+    /// cache off: its key could not name everything the decision depends on.
+    #[test]
+    fn a_policy_using_the_whole_context_is_not_cached() {
+        let mut reads = BTreeSet::new();
+        let whole = serde_json::json!({"==": {
+            "left": {"Var": "context"},
+            "right": {"Record": {}}
+        }});
+        assert_eq!(context_reads_in(&whole, &mut reads), None);
+        let attr = serde_json::json!({"&&": {
+            "left": {".": {"left": {"Var": "context"}, "attr": "time_ms"}},
+            "right": {"has": {"left": {"Var": "context"}, "attr": "query"}}
+        }});
+        assert_eq!(context_reads_in(&attr, &mut reads), Some(()));
+        assert_eq!(
+            reads.into_iter().collect::<Vec<_>>(),
+            [ContextAttr::TimeMs, ContextAttr::Query]
+        );
+        let unknown = serde_json::json!({".": {"left": {"Var": "context"}, "attr": "other"}});
+        assert_eq!(context_reads_in(&unknown, &mut BTreeSet::new()), None);
     }
 
     #[test]
