@@ -24,7 +24,7 @@ use crate::gateway::{CONN_LIMIT_CLOSE, DRAINED_CLOSE, Gateway, StartError};
 /// catalog request, decided throughout by the policy set in force when the stream opened
 /// (the [`Call`] built here).
 async fn handle(
-    gw: &Gateway,
+    gw: Arc<Gateway>,
     peer: Caller,
     version: Version,
     send: quinn::SendStream,
@@ -43,8 +43,8 @@ async fn handle(
     let mut cx = Call::new(gw.policy(), gw.upstreams(), peer, version);
     // counted only once its policy snapshot is taken: a call seen in flight
     // ([`Gateway::calls_in_flight`]) is decided by the set in force before
-    let _inflight = InFlight::enter(gw);
-    tracing::Instrument::instrument(handle_call(gw, &mut cx, send, recv), span).await
+    let _inflight = InFlight::enter(&gw);
+    tracing::Instrument::instrument(handle_call(&gw, &mut cx, send, recv), span).await
 }
 
 async fn handle_call(
@@ -653,7 +653,10 @@ async fn connection(
                 let peer = peer.clone();
                 // while draining, `handle` answers `shutting_down` or `moved` at once (but
                 // for the execution of a grant a leaving cluster member issued)
-                calls.spawn(async move { handle(&gw, peer, version, send, recv).await });
+                // boxed, and made in its box: a call's future is about 8 KiB, and tokio
+                // moves (copies) an unboxed future on each step of a spawn and again to
+                // store its output, as an async block wrapping it did on its first poll
+                calls.spawn(Box::pin(handle(gw, peer, version, send, recv)));
             }
             _ = stop.changed(), if drained.is_none() => {
                 // Open connections stay up until the drain is over (no call in flight
