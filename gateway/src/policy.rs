@@ -426,8 +426,10 @@ fn utc_weekday(time_ms: u64) -> u64 {
     (time_ms / 86_400_000 + 3) % 7
 }
 
-/// The context attributes `policies` read, sorted; `None` when one of them uses `context`
-/// other than as `context.NAME` or `context has NAME` (or cannot be read as Cedar JSON).
+/// The context attributes `policies` read, sorted; `None` (no decision cached) when one of
+/// them uses `context` other than as `context.NAME`, `context["NAME"]` or `context has NAME`,
+/// cannot be read as Cedar JSON, or reads `time_ms` (which differs on every call: caching
+/// would only cost a lookup and an insertion each time).
 fn context_reads(policies: &cedar::PolicySet) -> Option<Vec<ContextAttr>> {
     let mut reads = BTreeSet::new();
     for p in policies.policies() {
@@ -435,6 +437,9 @@ fn context_reads(policies: &cedar::PolicySet) -> Option<Vec<ContextAttr>> {
         for c in json.get("conditions")?.as_array()? {
             context_reads_in(c.get("body")?, &mut reads)?;
         }
+    }
+    if reads.contains(&ContextAttr::TimeMs) {
+        return None;
     }
     Some(reads.into_iter().collect())
 }
@@ -449,8 +454,11 @@ fn context_reads_in(e: &serde_json::Value, reads: &mut BTreeSet<ContextAttr>) ->
             if m.get("Var").and_then(Value::as_str) == Some("context") {
                 return None;
             }
+            // an expression is an object with one key, its operator: `{".": {"left": ..,
+            // "attr": ..}}`; anything else is walked whole
             for op in [".", "has"] {
-                if let Some(access) = m.get(op)
+                if m.len() == 1
+                    && let Some(access) = m.get(op)
                     && access
                         .get("left")
                         .and_then(|l| l.get("Var"))
@@ -2265,9 +2273,32 @@ mod tests {
     }
 
     /// A policy that uses the context as a whole (not one attribute of it) turns the decision
-    /// cache off: its key could not name everything the decision depends on.
+    /// cache off: its key could not name everything the decision depends on. So does one that
+    /// reads `time_ms` (every call would miss). `context["NAME"]` is `context.NAME`.
     #[test]
-    fn a_policy_using_the_whole_context_is_not_cached() {
+    fn a_policy_using_the_whole_context_or_the_time_is_not_cached() {
+        let a = Identity::from_seed(&[1; 32]);
+        let did = a.did().to_string();
+        let policy = |cond: &str| {
+            set(&format!(
+                r#"permit (principal == Did::"{did}", action, resource) when {{ {cond} }};"#
+            ))
+        };
+        assert_eq!(
+            policy(r#"context["utc_hour"] < 12"#).reads,
+            Some(vec![ContextAttr::UtcHour])
+        );
+        assert_eq!(policy("context.time_ms > 0").reads, None);
+        assert_eq!(policy("{k: context}.k.body_len < 5").reads, None);
+        let whole = policy("(if true then context else context).body_len < 5");
+        assert_eq!(whole.reads, None);
+        let mut c = ctx();
+        c.body_len = 1;
+        assert!(allowed(&whole.decide(&did, "u", "GET", "/", &c)));
+        c.body_len = 10;
+        assert!(!allowed(&whole.decide(&did, "u", "GET", "/", &c)));
+        assert!(whole.decision_cache().map.is_empty(), "nothing kept");
+
         let mut reads = BTreeSet::new();
         let whole = serde_json::json!({"==": {
             "left": {"Var": "context"},
