@@ -12,6 +12,11 @@
 //! directory (total and per call so far) and the load average; at the end, one JSON line with
 //! the series and the ratio of the last window's CPU per call to the first window's.
 //!
+//! Then (unless `--paired-rounds 0`) the paired comparison: a fresh gateway is started beside
+//! the aged one and the two are loaded in turn, so that the machine's drift over the run's
+//! minutes (more than the 5% the target asks on this VM) weighs on both alike; it prints each
+//! one's CPU per call over the comparison and their ratio, the figure the target is judged by.
+//!
 //! Every loop is bounded by its call count. Loopback only.
 
 use std::path::{Path, PathBuf};
