@@ -318,16 +318,110 @@ pub struct PolicySet {
     known: HashSet<String>,
     summary: Summary,
     hash: [u8; 32],
-    /// The entities of recent decisions ([`EntityCache`]).
-    entities: std::sync::Mutex<EntityCache>,
+    /// The entities of recent decisions, keyed by [`entity_key`]: they depend on nothing but
+    /// (DID, upstream, path) (the context, which holds the time, is built per decision), and
+    /// building them (a copy of the action entities, the resource's attributes, Cedar's
+    /// transitive closure) cost about three times the evaluation itself.
+    entities: Recent<std::sync::Arc<cedar::Entities>>,
     /// The context attributes the policies read, in a fixed order; `None` when a policy uses
     /// the context other than by naming its attributes (then no decision is cached).
     reads: Option<Vec<ContextAttr>>,
-    /// Recent decisions ([`DecisionCache`]).
-    decisions: std::sync::Mutex<DecisionCache>,
+    /// Recent decisions, keyed by [`decision_key`]: the same inputs give the same decision over
+    /// one policy set, so a hit is the decision Cedar would make; a policy set that reads
+    /// `utc_hour` misses once per hour. A decision whose evaluation had errors is not kept
+    /// (its warning is logged on every call).
+    decisions: Recent<Decision>,
 }
 
-/// An attribute of a decision's context (specs/policy.md, "Context").
+/// A bounded map of recent results, one per policy set (a reload starts empty). When full it
+/// is emptied, so a caller that sends a new path every time costs what it did before the
+/// cache, and it holds at most [`Recent::CAP`] entries.
+#[derive(Debug)]
+struct Recent<V>(std::sync::Mutex<HashMap<[u8; 32], V>>);
+
+impl<V: Clone> Recent<V> {
+    /// Entries kept at most (a few KiB each for entities).
+    const CAP: usize = 512;
+
+    fn new() -> Self {
+        Self(std::sync::Mutex::default())
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<[u8; 32], V>> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn get(&self, key: &[u8; 32]) -> Option<V> {
+        self.map().get(key).cloned()
+    }
+
+    fn insert(&self, key: [u8; 32], value: V) {
+        let mut map = self.map();
+        if map.len() >= Self::CAP {
+            map.clear();
+        }
+        map.insert(key, value);
+    }
+}
+
+/// BLAKE3 over length-prefixed `parts`, the start of an unambiguous cache key.
+fn keyed(parts: &[&str]) -> blake3::Hasher {
+    let mut h = blake3::Hasher::new();
+    for part in parts {
+        length_prefixed(&mut h, part);
+    }
+    h
+}
+
+fn length_prefixed(h: &mut blake3::Hasher, s: &str) {
+    h.update(&(s.len() as u64).to_be_bytes());
+    h.update(s.as_bytes());
+}
+
+/// The key of the entities of a decision about (did, upstream, path).
+fn entity_key(did: &str, upstream: &str, path: &str) -> [u8; 32] {
+    *keyed(&[did, upstream, path]).finalize().as_bytes()
+}
+
+/// The key of a decision: the DID, upstream, method and path (which fix the entities), then
+/// each read attribute's tag and value (numbers as u64, names counted and length-prefixed).
+fn decision_key(
+    did: &str,
+    upstream: &str,
+    method: &str,
+    path: &str,
+    ctx: &RequestContext,
+    reads: &[ContextAttr],
+) -> [u8; 32] {
+    let mut h = keyed(&[did, upstream, method, path]);
+    for attr in reads {
+        h.update(&[*attr as u8]);
+        let number = match attr {
+            ContextAttr::TimeMs => ctx.time_ms,
+            ContextAttr::UtcHour => utc_hour(ctx.time_ms),
+            ContextAttr::UtcWeekday => utc_weekday(ctx.time_ms),
+            ContextAttr::BodyLen => ctx.body_len,
+            // the upstream is in the key already
+            ContextAttr::Upstream => continue,
+            ContextAttr::Headers => ctx.headers.len() as u64,
+            ContextAttr::Query => ctx.query.len() as u64,
+        };
+        h.update(&number.to_be_bytes());
+        let names = match attr {
+            ContextAttr::Headers => &ctx.headers,
+            ContextAttr::Query => &ctx.query,
+            _ => continue,
+        };
+        for n in names {
+            length_prefixed(&mut h, n);
+        }
+    }
+    *h.finalize().as_bytes()
+}
+
+/// An attribute of a decision's context (specs/operation.md, "The request in Cedar").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 enum ContextAttr {
     TimeMs,
@@ -351,68 +445,6 @@ impl ContextAttr {
             "query" => Self::Query,
             _ => return None,
         })
-    }
-}
-
-/// The decisions of recent requests, keyed by everything a decision depends on: the DID, the
-/// upstream, the method, the path (which fix the entities: [`EntityCache`]) and the value of
-/// each context attribute the policies read ([`PolicySet::reads`]). The same inputs give the
-/// same decision over one policy set, so a hit is the decision Cedar would make; a policy set
-/// that reads `time_ms` gets no hits (each call has its own time), one that reads `utc_hour`
-/// one miss per hour. A decision whose evaluation had errors is not kept (its warning is
-/// logged on every call). Bounded like [`EntityCache`]; one per policy set.
-#[derive(Debug, Default)]
-struct DecisionCache {
-    map: HashMap<[u8; 32], Decision>,
-}
-
-impl DecisionCache {
-    /// Entries kept at most.
-    const CAP: usize = 512;
-
-    /// An unambiguous key: BLAKE3 over the length-prefixed DID, upstream, method and path,
-    /// then each read attribute's tag and value (numbers as u64, names length-prefixed).
-    fn key(
-        did: &str,
-        upstream: &str,
-        method: &str,
-        path: &str,
-        ctx: &RequestContext,
-        reads: &[ContextAttr],
-    ) -> [u8; 32] {
-        let mut h = blake3::Hasher::new();
-        let text = |h: &mut blake3::Hasher, s: &str| {
-            h.update(&(s.len() as u64).to_be_bytes());
-            h.update(s.as_bytes());
-        };
-        for part in [did, upstream, method, path] {
-            text(&mut h, part);
-        }
-        for attr in reads {
-            h.update(&[*attr as u8]);
-            let number = match attr {
-                ContextAttr::TimeMs => ctx.time_ms,
-                ContextAttr::UtcHour => utc_hour(ctx.time_ms),
-                ContextAttr::UtcWeekday => utc_weekday(ctx.time_ms),
-                ContextAttr::BodyLen => ctx.body_len,
-                // the upstream is in the key already
-                ContextAttr::Upstream => continue,
-                ContextAttr::Headers | ContextAttr::Query => {
-                    let names = if *attr == ContextAttr::Headers {
-                        &ctx.headers
-                    } else {
-                        &ctx.query
-                    };
-                    h.update(&(names.len() as u64).to_be_bytes());
-                    for n in names {
-                        text(&mut h, n);
-                    }
-                    continue;
-                }
-            };
-            h.update(&number.to_be_bytes());
-        }
-        *h.finalize().as_bytes()
     }
 }
 
@@ -473,34 +505,6 @@ fn context_reads_in(e: &serde_json::Value, reads: &mut BTreeSet<ContextAttr>) ->
             m.values().try_for_each(|v| context_reads_in(v, reads))
         }
         _ => Some(()),
-    }
-}
-
-/// The entities a decision is made over (the action entities, the principal with its groups,
-/// the resource and its upstream), kept for the (DID, upstream, path) triples decided
-/// recently: they depend on nothing else (the context, which holds the time, is built per
-/// decision), and building them (a copy of the action entities, the resource's attributes,
-/// Cedar's transitive closure) cost about three times the evaluation itself. Bounded: when
-/// full it is emptied, so a caller that sends a new path every time costs what it did before
-/// the cache, and holds at most [`EntityCache::CAP`] entries. One cache per policy set: a
-/// reload starts empty.
-#[derive(Debug, Default)]
-struct EntityCache {
-    map: HashMap<[u8; 32], std::sync::Arc<cedar::Entities>>,
-}
-
-impl EntityCache {
-    /// Entries kept at most (a few KiB each).
-    const CAP: usize = 512;
-
-    /// An unambiguous key for (did, upstream, path): BLAKE3 over their length-prefixed bytes.
-    fn key(did: &str, upstream: &str, path: &str) -> [u8; 32] {
-        let mut h = blake3::Hasher::new();
-        for part in [did, upstream, path] {
-            h.update(&(part.len() as u64).to_be_bytes());
-            h.update(part.as_bytes());
-        }
-        *h.finalize().as_bytes()
     }
 }
 
@@ -679,9 +683,9 @@ impl PolicySet {
             known,
             summary,
             hash: *hasher.finalize().as_bytes(),
-            entities: std::sync::Mutex::default(),
+            entities: Recent::new(),
             reads: context_reads(&policies),
-            decisions: std::sync::Mutex::default(),
+            decisions: Recent::new(),
             policies,
         })
     }
@@ -723,11 +727,9 @@ impl PolicySet {
         let key = self
             .reads
             .as_deref()
-            .map(|reads| DecisionCache::key(did, upstream, method, path, ctx, reads));
-        if let Some(key) = &key
-            && let Some(hit) = self.decision_cache().map.get(key)
-        {
-            return hit.clone();
+            .map(|reads| decision_key(did, upstream, method, path, ctx, reads));
+        if let Some(hit) = key.as_ref().and_then(|k| self.decisions.get(k)) {
+            return hit;
         }
         let Some(request) = self.request(did, upstream, method, path, ctx) else {
             return deny(INVALID_REQUEST);
@@ -741,19 +743,9 @@ impl PolicySet {
         if let Some(key) = key
             && response.diagnostics().errors().next().is_none()
         {
-            let mut cache = self.decision_cache();
-            if cache.map.len() >= DecisionCache::CAP {
-                cache.map.clear();
-            }
-            cache.map.insert(key, decision.clone());
+            self.decisions.insert(key, decision.clone());
         }
         decision
-    }
-
-    fn decision_cache(&self) -> std::sync::MutexGuard<'_, DecisionCache> {
-        self.decisions
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The entities of a decision about (did, upstream, path), from the cache or built (and
@@ -765,23 +757,13 @@ impl PolicySet {
         path: &str,
         request: &(cedar::EntityUid, cedar::EntityUid, cedar::Request),
     ) -> Option<std::sync::Arc<cedar::Entities>> {
-        let key = EntityCache::key(did, upstream, path);
-        if let Some(hit) = self.entity_cache().map.get(&key) {
-            return Some(hit.clone());
+        let key = entity_key(did, upstream, path);
+        if let Some(hit) = self.entities.get(&key) {
+            return Some(hit);
         }
         let built = std::sync::Arc::new(self.build_entities(did, upstream, path, request)?);
-        let mut cache = self.entity_cache();
-        if cache.map.len() >= EntityCache::CAP {
-            cache.map.clear();
-        }
-        cache.map.insert(key, built.clone());
+        self.entities.insert(key, built.clone());
         Some(built)
-    }
-
-    fn entity_cache(&self) -> std::sync::MutexGuard<'_, EntityCache> {
-        self.entities
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Builds the entities of a decision: the action entities, the principal with its groups,
@@ -2030,14 +2012,11 @@ mod tests {
             assert!(!decide(b, "a", "b/c"));
         }
         // bounded: past its capacity it starts again
-        for i in 0..(EntityCache::CAP + 10) {
+        for i in 0..(Recent::<Decision>::CAP + 10) {
             assert!(decide(a, "pay", &format!("/v1/{i}")));
         }
-        assert!(p.entity_cache().map.len() <= EntityCache::CAP);
-        assert_ne!(
-            EntityCache::key("a", "bc", "/"),
-            EntityCache::key("ab", "c", "/")
-        );
+        assert!(p.entities.map().len() <= Recent::<Decision>::CAP);
+        assert_ne!(entity_key("a", "bc", "/"), entity_key("ab", "c", "/"));
     }
 
     #[test]
@@ -2241,7 +2220,7 @@ mod tests {
         }
         assert!(!allowed(&plain.decide(&did, "u", "POST", "/x", &c)));
         assert_eq!(
-            plain.decision_cache().map.len(),
+            plain.decisions.map().len(),
             2,
             "one decision per (DID, upstream, method, path) when no context is read"
         );
@@ -2269,7 +2248,7 @@ mod tests {
         assert!(!decide(&at(9, &[])), "other headers are decided anew");
         assert!(decide(&at(9, &["x-a"])));
         assert!(!decide(&at(9 + 24 * 5, &["x-a"])), "Saturday");
-        assert_eq!(hours.decision_cache().map.len(), 4);
+        assert_eq!(hours.decisions.map().len(), 4);
     }
 
     /// A policy that uses the context as a whole (not one attribute of it) turns the decision
@@ -2297,7 +2276,7 @@ mod tests {
         assert!(allowed(&whole.decide(&did, "u", "GET", "/", &c)));
         c.body_len = 10;
         assert!(!allowed(&whole.decide(&did, "u", "GET", "/", &c)));
-        assert!(whole.decision_cache().map.is_empty(), "nothing kept");
+        assert!(whole.decisions.map().is_empty(), "nothing kept");
 
         let mut reads = BTreeSet::new();
         let whole = serde_json::json!({"==": {

@@ -29,8 +29,8 @@ use didgate_client::Client;
 use didgate_protocol::Identity;
 
 use crate::calls::{
-    Binaries, GatewayProcess, LIB_SEED, LocalUpstream, cpu_times, dir_usage, library_worker, load,
-    no_admission,
+    Binaries, GatewayProcess, LIB_SEED, LocalUpstream, cpu_seconds, cpu_times, dir_usage,
+    library_worker, load, no_admission,
 };
 use crate::host::{cpu_model, ms, threads, work_dir};
 
@@ -231,18 +231,7 @@ async fn measure(
     base: &Path,
     gw: &GatewayProcess,
 ) -> Result<Growth> {
-    let mut clients = Vec::with_capacity(seeds.len());
-    for (i, seed) in seeds.iter().enumerate() {
-        let client = Client::open(
-            Identity::from_seed(seed),
-            &base.join(format!("client-chain-{i}")),
-            gw.addr,
-            gw.did.clone(),
-        )
-        .await
-        .with_context(|| format!("opening client {i}"))?;
-        clients.push(Arc::new(client));
-    }
+    let clients = open_clients(seeds, base, "client", gw).await?;
     println!(
         "\n{:>9} {:>15} {:>7} {:>9} {:>8} {:>8} {:>14} {:>11} {:>12} {:>8} {:>6}",
         "calls",
@@ -342,22 +331,10 @@ async fn paired(
     let (aged, aged_calls) = aged;
     let n = args.paired_calls;
     ensure!(n > 0, "--paired-calls must be at least 1");
-    let mut sides = Vec::new();
-    for (name, gw) in [("aged", aged), ("fresh", fresh)] {
-        let mut clients = Vec::with_capacity(seeds.len());
-        for (i, seed) in seeds.iter().enumerate() {
-            let client = Client::open(
-                Identity::from_seed(seed),
-                &base.join(format!("paired-{name}-chain-{i}")),
-                gw.addr,
-                gw.did.clone(),
-            )
-            .await
-            .with_context(|| format!("opening the {name} gateway's client {i}"))?;
-            clients.push(Arc::new(client));
-        }
-        sides.push(clients);
-    }
+    let sides = [
+        open_clients(seeds, base, "paired-aged", aged).await?,
+        open_clients(seeds, base, "paired-fresh", fresh).await?,
+    ];
     let turn = AtomicUsize::new(0);
     let make = |side: usize| {
         let clients = &sides[side];
@@ -368,10 +345,8 @@ async fn paired(
     load(n, args.concurrency, || make(1))
         .await
         .context("warming the fresh gateway")?;
-    let fresh_start = n;
     println!(
-        "\npaired comparison: {rounds} round(s) of {n} calls to each gateway in turn (aged: {} calls before; fresh: {fresh_start})",
-        aged_calls
+        "\npaired comparison: {rounds} round(s) of {n} calls to each gateway in turn (aged: {aged_calls} calls before; fresh: {n})"
     );
     let settled = [settle(aged.pid).await?, settle(fresh.pid).await?];
     let start = [cpu_times(aged.pid)?, cpu_times(fresh.pid)?];
@@ -380,12 +355,11 @@ async fn paired(
         let order: [usize; 2] = if r % 2 == 0 { [0, 1] } else { [1, 0] };
         for side in order {
             let pid = [aged.pid, fresh.pid][side];
-            let (u0, s0) = cpu_times(pid)?;
+            let cpu0 = cpu_seconds(pid)?;
             load(n, args.concurrency, || make(side))
                 .await
                 .with_context(|| format!("paired round {r}"))?;
-            let (u1, s1) = cpu_times(pid)?;
-            turns[side].push((u1 + s1 - u0 - s0) * 1e3 / n as f64);
+            turns[side].push((cpu_seconds(pid)? - cpu0) * 1e3 / n as f64);
         }
     }
     let ended = [settle(aged.pid).await?, settle(fresh.pid).await?];
@@ -440,6 +414,28 @@ async fn paired(
         show(&p.turns[1])
     );
     Ok(p)
+}
+
+/// Opens one client per seed to `gw`, each with its chain in `base/{prefix}-chain-{i}`.
+async fn open_clients(
+    seeds: &[[u8; 32]],
+    base: &Path,
+    prefix: &str,
+    gw: &GatewayProcess,
+) -> Result<Vec<Arc<Client>>> {
+    let mut clients = Vec::with_capacity(seeds.len());
+    for (i, seed) in seeds.iter().enumerate() {
+        let client = Client::open(
+            Identity::from_seed(seed),
+            &base.join(format!("{prefix}-chain-{i}")),
+            gw.addr,
+            gw.did.clone(),
+        )
+        .await
+        .with_context(|| format!("opening {prefix} client {i}"))?;
+        clients.push(Arc::new(client));
+    }
+    Ok(clients)
 }
 
 /// Waits until process `pid` has used no CPU for a second (its flushes and compactions done),
