@@ -66,6 +66,17 @@ const CACHE_BYTES: u64 = 2 * 1024 * 1024;
 /// state early (and the store has more, smaller level-0 tables, which compaction merges).
 const MEMTABLE_BYTES: u64 = 1024 * 1024;
 
+/// Target size of a table written by compaction, bytes (fjall's default: 64 MiB). A keyspace
+/// whose new keys do not all sort above the old ones (`heads`: one run of keys per client
+/// chain, each growing at its own end) has every level-0 table span all those ends, and fjall
+/// treats the first non-empty level as level 1 until it outgrows four tables: with 64 MiB
+/// tables the whole `heads` keyspace was one table, rewritten by every level-0 compaction (82.8
+/// MB written per 80,000 calls at 1,000,000 calls, against 4.1 MB in a fresh store). At 2 MiB
+/// level 1 is 8 MiB and a compaction merges a few small tables (31.7 MB). docs/performance.md,
+/// "What grows". fjall records a keyspace's options when it creates it: a store created before
+/// keeps its own.
+const TABLE_BYTES: u64 = 2 * 1024 * 1024;
+
 /// fjall's background threads (memtable flushes and compactions). Its default, one per core,
 /// spins: with two or more, worker 0 hands every compaction request back to the queue and takes
 /// the next message, which is often that same request while worker 1 is busy compacting (about
@@ -85,6 +96,9 @@ const WORKER_THREADS: usize = 1;
 /// created: a store created before keeps its own.
 fn keyspace_options() -> KeyspaceCreateOptions {
     KeyspaceCreateOptions::default()
+        .compaction_strategy(Arc::new(
+            fjall::compaction::Leveled::default().with_table_target_size(TABLE_BYTES),
+        ))
         .max_memtable_size(MEMTABLE_BYTES)
         .filter_block_partitioning_policy(PartitioningPolicy::all(true))
         .index_block_partitioning_policy(PartitioningPolicy::all(true))

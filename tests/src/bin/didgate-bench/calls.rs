@@ -1026,6 +1026,20 @@ impl GatewayProcess {
                 .kms_to_token(true, didgate_gateway::now_ms())?;
         }
         didgate_gateway::add_secret(&dir, "bench-key", SECRET)?;
+        Self::spawn(bins, dir, did).await
+    }
+
+    /// Stops the gateway and starts a new process on the same data directory (the same
+    /// identity, configuration and store; a new port): what a process carries in memory is
+    /// gone, the store is the one it left.
+    pub(crate) async fn restart(self, bins: &Binaries) -> Result<Self> {
+        let (dir, did) = (self.data.clone(), self.did.clone());
+        self.stop().await?;
+        Self::spawn(bins, dir, did).await
+    }
+
+    /// Runs `didgated serve` on the prepared data directory `dir` and waits for its address.
+    async fn spawn(bins: &Binaries, dir: PathBuf, did: Did) -> Result<Self> {
         // DIDGATE_BENCH_GATEWAY_WRAPPER (words split on white space) goes before the gateway's
         // command, for a profiler: e.g. `env LD_PRELOAD=.../libheaptrack_preload.so
         // DUMP_HEAPTRACK_OUTPUT=/tmp/gw.raw` (`env` execs, so the pid sampled stays the

@@ -68,6 +68,10 @@ pub(crate) struct GrowthArgs {
     /// Calls to each gateway in each round of the paired comparison.
     #[arg(long, value_name = "N", default_value_t = 20_000)]
     paired_calls: u64,
+    /// Restart the aged gateway (a new process on its store) before the paired comparison:
+    /// whether what an aged gateway costs more lies in its store or in its process's memory.
+    #[arg(long)]
+    restart_aged: bool,
 }
 
 /// The figures at one checkpoint; CPU and rate over the window since the previous one.
@@ -179,7 +183,7 @@ async fn bench(args: &GrowthArgs, checkpoints: &[u64]) -> Result<()> {
             }
         }
     };
-    let gw = GatewayProcess::start_with(&bins, base.path(), upstream.addr, configure).await?;
+    let mut gw = GatewayProcess::start_with(&bins, base.path(), upstream.addr, configure).await?;
     println!(
         "gateway {} (pid {}) on udp {}, data in {}",
         gw.did,
@@ -193,6 +197,13 @@ async fn bench(args: &GrowthArgs, checkpoints: &[u64]) -> Result<()> {
     if rounds > 0
         && let Ok(g) = &mut measured
     {
+        if args.restart_aged {
+            gw = gw
+                .restart(&bins)
+                .await
+                .context("restarting the aged gateway")?;
+            println!("\naged gateway restarted on its store: pid {}", gw.pid);
+        }
         let fresh_base = base.path().join("fresh");
         std::fs::create_dir_all(&fresh_base)?;
         let fresh =
