@@ -1097,7 +1097,6 @@ impl Chain {
             cause: None,
             closes: Vec::new(),
             durable_closes: std::collections::HashSet::new(),
-            tidy: Tidy::new(TIDY_TABLES),
         };
         std::thread::Builder::new()
             .name("didgate-audit-writer".into())
@@ -1373,99 +1372,6 @@ fn stage_leaf(
 /// What the claims of a batch's earlier appends wrote: `None` for a removed key.
 type Claimed = HashMap<(&'static str, Vec<u8>), Option<Vec<u8>>>;
 
-/// Tables a keyspace written in key order ([`ENTRIES`], [`MERKLE`]) may gain after its last
-/// merge before it is merged again ([`Tidy`]).
-const TIDY_TABLES: usize = 256;
-/// Commits between two looks at those keyspaces' table counts.
-const TIDY_EVERY: u32 = 64;
-
-/// The upkeep fjall's leveled compaction leaves undone for the keyspaces written in key order
-/// (the entries by seq, the Merkle nodes by their last leaf): each memtable flush of theirs
-/// becomes a table that overlaps nothing, so compaction moves it down whole and never merges
-/// it. Their tables grow in number with the chain (about 2,000 entries tables and 400 Merkle
-/// tables at a million gateway calls), and fjall rebuilds a level's runs at every version
-/// change in time quadratic in its tables: at a million calls that was about 5% of the
-/// gateway's CPU, and growing (docs/performance.md, "What grows"). So when one of them has
-/// gained [`TIDY_TABLES`] tables, plus four times those its last merge left, it is merged into
-/// 64 MB tables (`major_compact`) on a thread of its own, one at a time; the writer goes on
-/// appending meanwhile. Its cost is a rewrite of the keyspace's tables (for the entries, their
-/// keys and blob pointers only), once per [`TIDY_TABLES`] flushes at least.
-struct Tidy {
-    min_tables: usize,
-    commits: u32,
-    /// The tables each keyspace ([`ENTRIES`], [`MERKLE`]) had after its last merge.
-    after: [usize; 2],
-    running: Option<(usize, std::thread::JoinHandle<Result<usize, fjall::Error>>)>,
-}
-
-impl Tidy {
-    fn new(min_tables: usize) -> Self {
-        Self {
-            min_tables,
-            commits: 0,
-            after: [0; 2],
-            running: None,
-        }
-    }
-
-    /// Whether a keyspace with `tables` tables, `after` of them left by its last merge, is
-    /// merged now.
-    fn due(&self, tables: usize, after: usize) -> bool {
-        tables >= self.min_tables.saturating_add(after.saturating_mul(5))
-    }
-
-    /// After a commit: reaps a finished merge, and every [`TIDY_EVERY`] commits starts one
-    /// for a keyspace that is due, if none is running.
-    fn poll(&mut self, store: &Store) {
-        self.commits = self.commits.wrapping_add(1);
-        self.reap(false);
-        if self.running.is_some() || !self.commits.is_multiple_of(TIDY_EVERY) {
-            return;
-        }
-        let Ok(engine) = store.engine() else {
-            return;
-        };
-        self.start(&engine);
-    }
-
-    fn start(&mut self, engine: &Engine) {
-        for (i, ks) in [&engine.entries, &engine.merkle].into_iter().enumerate() {
-            if !self.due(ks.table_count(), self.after[i]) {
-                continue;
-            }
-            let ks = ks.clone();
-            let merge = std::thread::Builder::new()
-                .name("didgate-store-tidy".into())
-                .spawn(move || {
-                    ks.major_compact()?;
-                    Ok(ks.table_count())
-                });
-            // a thread that cannot start is tried again at the next look
-            if let Ok(handle) = merge {
-                self.running = Some((i, handle));
-            }
-            return;
-        }
-    }
-
-    /// Takes the result of the running merge if it finished (or, with `wait`, waits for it):
-    /// before the store is reopened or closed, since the merge holds the database open.
-    fn reap(&mut self, wait: bool) {
-        let finished = self.running.as_ref().is_some_and(|(_, h)| h.is_finished());
-        if !(wait || finished) {
-            return;
-        }
-        let Some((i, handle)) = self.running.take() else {
-            return;
-        };
-        // a failed merge changed nothing (fjall swaps a compaction's tables in at its end);
-        // the keyspace is looked at again later, and its next merge starts over
-        if let Ok(Ok(tables)) = handle.join() {
-            self.after[i] = tables;
-        }
-    }
-}
-
 struct Writer {
     store: Store,
     id: Digest,
@@ -1491,7 +1397,6 @@ struct Writer {
     /// Calls whose close was reported failed but proved durable at a recovery: an owed close
     /// of one of them is dropped, never written twice.
     durable_closes: std::collections::HashSet<Digest>,
-    tidy: Tidy,
 }
 
 /// Bytes written (then removed) to check that the store's file system takes writes again.
@@ -1516,7 +1421,6 @@ impl Writer {
         });
         let _ = std::fs::remove_file(&probe);
         written.map_err(|e| failed("still failing", e.into()))?;
-        self.tidy.reap(true);
         self.store
             .reopen()
             .map_err(|e| failed("reopening failed", e.into()))?;
@@ -1586,9 +1490,6 @@ impl Writer {
             let force = !forced.is_empty() || !seals.is_empty() || closing.is_some();
             let checkpointed = self.last_cp;
             let result = self.commit(jobs, force);
-            if result.is_ok() {
-                self.tidy.poll(&self.store);
-            }
             for done in forced {
                 let _ = done.send(result.clone());
             }
@@ -1598,7 +1499,6 @@ impl Writer {
             }
         }
         self.failed.store(true, Ordering::Release);
-        self.tidy.reap(true);
         drop(self.store);
         drop(rx);
         if let Some(done) = closing {
@@ -2127,80 +2027,6 @@ mod tests {
             assert_eq!(*bytes, before.sign(&owner));
             assert!(!bytes.windows(9).any(|w| w == b"node_cert"));
         }
-    }
-
-    /// The keyspaces written in key order are merged once they gained enough tables: the
-    /// table counts fall, and every entry and Merkle node reads back the same.
-    #[test]
-    fn tidy_merges_the_tables_of_keyspaces_written_in_key_order() {
-        let dir = tempfile::tempdir().expect("tmp");
-        let owner = Arc::new(Identity::from_seed(&[6; 32]));
-        let store = Store::open(dir.path(), &[]).expect("open");
-        let chain = Chain::open(
-            store.clone(),
-            owner,
-            Role::Gateway,
-            1,
-            CheckpointPolicy::default(),
-        )
-        .expect("chain");
-        let engine = store.engine().expect("engine");
-        // a flush after every few appends: one small table each, moved down, never merged
-        for round in 0..12u64 {
-            for i in 0..4 {
-                let mut e = Entry::new(EntryKind::Refusals, 2 + round * 4 + i);
-                e.detail = Some("x".repeat(200));
-                chain
-                    .append_blocking(Append {
-                        entry: e,
-                        claims: Vec::new(),
-                    })
-                    .expect("append");
-            }
-            engine.entries.rotate_memtable_and_wait().expect("flush");
-            engine.merkle.rotate_memtable_and_wait().expect("flush");
-        }
-        let before = (engine.entries.table_count(), engine.merkle.table_count());
-        assert!(before.0 >= 10 && before.1 >= 10, "tables {before:?}");
-        let read_all = || {
-            store
-                .entries()
-                .collect::<Result<Vec<_>, _>>()
-                .expect("entries")
-        };
-        let entries = read_all();
-        let nodes: Vec<_> = engine
-            .merkle
-            .iter()
-            .map(|g| g.into_inner().expect("node"))
-            .collect();
-
-        let mut tidy = Tidy::new(8);
-        assert!(!tidy.due(7, 0) && tidy.due(8, 0) && !tidy.due(12, 1) && tidy.due(13, 1));
-        // the entries first, then (the next look) the Merkle nodes
-        for _ in 0..2 {
-            tidy.start(&engine);
-            assert!(tidy.running.is_some(), "a merge started");
-            tidy.reap(true);
-        }
-        assert!(tidy.running.is_none());
-        assert_eq!(tidy.after, [1, 1]);
-        assert_eq!(
-            (engine.entries.table_count(), engine.merkle.table_count()),
-            (1, 1)
-        );
-        // nothing is due now: no merge starts
-        tidy.start(&engine);
-        assert!(tidy.running.is_none());
-        assert_eq!(read_all(), entries);
-        let after: Vec<_> = engine
-            .merkle
-            .iter()
-            .map(|g| g.into_inner().expect("node"))
-            .collect();
-        assert_eq!(after, nodes);
-        drop(engine);
-        chain.close();
     }
 
     /// A seal with no daemon running carries the node certificate given; a version 1
