@@ -111,12 +111,27 @@ fn keyspace_options() -> KeyspaceCreateOptions {
 /// entry is mostly hashes, signatures and keys, which LZ4 cannot shrink, and compressing them
 /// cost the gateway about 35,000 instructions per call (3%) for a store 6% smaller.
 fn entries_options() -> KeyspaceCreateOptions {
-    keyspace_options().with_kv_separation(Some(
-        fjall::KvSeparationOptions::default()
-            .separation_threshold(ENTRY_BLOB_THRESHOLD)
-            .compression(fjall::CompressionType::None),
-    ))
+    keyspace_options()
+        .max_memtable_size(ENTRIES_MEMTABLE_BYTES)
+        .with_kv_separation(Some(
+            fjall::KvSeparationOptions::default()
+                .separation_threshold(ENTRY_BLOB_THRESHOLD)
+                .compression(fjall::CompressionType::None),
+        ))
 }
+
+/// Largest memtable of the [`ENTRIES`] keyspace, bytes: four times [`MEMTABLE_BYTES`]. Entries
+/// are written in key order, so every flushed table is moved down whole to the last level and
+/// never merged; at 1 MiB a gateway flushed one every ~500 calls (2,000 tables at 1,000,000
+/// calls), and lsm-tree's bookkeeping at each move (`optimize_runs`, quadratic in the tables of
+/// a level) grew with the square of the calls: 4.7% of an aged gateway's CPU. Per call that
+/// cost falls with the cube of the memtable (a quarter of the tables, a quarter as often):
+/// 0.07% at 4 MiB, and aged / fresh CPU per call at 1,000,000 calls 1.037, 1.091 and 0.923 in
+/// three runs against 1.128-1.177 in six before (docs/performance.md, "What grows"). Entries
+/// are the keyspace written fastest (about 2 KB of memtable per call), so it fills in about
+/// 2,000 calls, and the gateway's peak memory stayed where it was (57.8-59.7 MiB). A store
+/// created before keeps its 1 MiB: fjall records a keyspace's options when it creates it.
+const ENTRIES_MEMTABLE_BYTES: u64 = 4 * MEMTABLE_BYTES;
 
 /// Entries at least this long (bytes) are kept in blob files ([`entries_options`]).
 const ENTRY_BLOB_THRESHOLD: u32 = 128;
