@@ -26,6 +26,7 @@ pub mod export;
 pub mod merkle;
 pub mod nodes;
 pub mod receipt;
+mod space;
 pub mod store;
 pub mod verify;
 

@@ -25,6 +25,7 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
 
 use crate::entry::{Entry, EntryKind, Role, entry_hash};
 use crate::merkle::{self, Frontier};
+use crate::space::{Batch, Space};
 
 /// Keyspace of entries.
 pub const ENTRIES: &str = "entries";
@@ -64,6 +65,8 @@ const CACHE_BYTES: u64 = 2 * 1024 * 1024;
 /// keyspaces written slowly took tens of thousands of calls to reach their first flush, so
 /// the gateway's memory still rose over a 100,000-call run; at 1 MiB they reach their steady
 /// state early (and the store has more, smaller level-0 tables, which compaction merges).
+/// The store rotates a memtable itself when it has written this much to it (crate::space):
+/// fjall's own rotation, set at twice the size, only backs it up.
 const MEMTABLE_BYTES: u64 = 1024 * 1024;
 
 /// Target size of a table written by compaction, bytes (fjall's default: 64 MiB). A keyspace
@@ -82,9 +85,12 @@ const TABLE_BYTES: u64 = 2 * 1024 * 1024;
 /// the next message, which is often that same request while worker 1 is busy compacting (about
 /// 6% of the gateway's CPU per call in `perf` at concurrency 64). One thread does both in turn;
 /// the memtables are small ([`MEMTABLE_BYTES`]), so a flush never waits long behind a compaction.
+/// With one worker (or two) fjall 3.1 could stall for good under load; the store rotating its
+/// memtables itself is what prevents it (crate::space).
 const WORKER_THREADS: usize = 1;
 
-/// The options every keyspace of a store is created with: [`MEMTABLE_BYTES`], and filters and
+/// The options every keyspace of a store is created with: fjall's own memtable rotation at
+/// twice [`MEMTABLE_BYTES`] (the store rotates at [`MEMTABLE_BYTES`]), and filters and
 /// indexes partitioned at every level (fjall's default partitions them from level 3 on). A
 /// table with one filter block and one index block costs memory that grows with the store:
 /// its writer keeps a hash of every key in one vector that grows to MiBs for a compacted
@@ -99,7 +105,7 @@ fn keyspace_options() -> KeyspaceCreateOptions {
         .compaction_strategy(Arc::new(
             fjall::compaction::Leveled::default().with_table_target_size(TABLE_BYTES),
         ))
-        .max_memtable_size(MEMTABLE_BYTES)
+        .max_memtable_size(2 * MEMTABLE_BYTES)
         .filter_block_partitioning_policy(PartitioningPolicy::all(true))
         .index_block_partitioning_policy(PartitioningPolicy::all(true))
 }
@@ -112,7 +118,7 @@ fn keyspace_options() -> KeyspaceCreateOptions {
 /// cost the gateway about 35,000 instructions per call (3%) for a store 6% smaller.
 fn entries_options() -> KeyspaceCreateOptions {
     keyspace_options()
-        .max_memtable_size(ENTRIES_MEMTABLE_BYTES)
+        .max_memtable_size(2 * ENTRIES_MEMTABLE_BYTES)
         .with_kv_separation(Some(
             fjall::KvSeparationOptions::default()
                 .separation_threshold(ENTRY_BLOB_THRESHOLD)
@@ -240,11 +246,11 @@ struct Pruned {
 /// The open database and its keyspace handles.
 struct Engine {
     db: Database,
-    entries: Keyspace,
-    meta: Keyspace,
-    merkle: Keyspace,
-    checkpoints: Keyspace,
-    spaces: HashMap<&'static str, Keyspace>,
+    entries: Space,
+    meta: Space,
+    merkle: Space,
+    checkpoints: Space,
+    spaces: HashMap<&'static str, Space>,
 }
 
 impl Engine {
@@ -253,14 +259,15 @@ impl Engine {
             .cache_size(CACHE_BYTES)
             .worker_threads(WORKER_THREADS)
             .open()?;
-        let entries = db.keyspace(ENTRIES, entries_options)?;
-        let meta = db.keyspace(META, keyspace_options)?;
-        let merkle = db.keyspace(MERKLE, keyspace_options)?;
+        let entries = Space::open(&db, ENTRIES, entries_options, ENTRIES_MEMTABLE_BYTES)?;
+        let meta = Space::open(&db, META, keyspace_options, MEMTABLE_BYTES)?;
+        let merkle = Space::open(&db, MERKLE, keyspace_options, MEMTABLE_BYTES)?;
         migrate_merkle(&db, &merkle)?;
-        let checkpoints = db.keyspace(CHECKPOINTS, keyspace_options)?;
+        let checkpoints = Space::open(&db, CHECKPOINTS, keyspace_options, MEMTABLE_BYTES)?;
         let mut spaces = HashMap::new();
         for name in extra {
-            spaces.insert(*name, db.keyspace(name, keyspace_options)?);
+            let space = Space::open(&db, name, keyspace_options, MEMTABLE_BYTES)?;
+            spaces.insert(*name, space);
         }
         Ok(Self {
             db,
@@ -274,7 +281,7 @@ impl Engine {
 
     fn documents(&self) -> Result<Vec<Vec<u8>>, StoreError> {
         let space = match self.spaces.get(DOCUMENTS) {
-            Some(k) => k.clone(),
+            Some(k) => Keyspace::clone(k),
             None if self.db.keyspace_exists(DOCUMENTS) => self
                 .db
                 .keyspace(DOCUMENTS, KeyspaceCreateOptions::default)?,
@@ -288,7 +295,7 @@ impl Engine {
         Ok(out)
     }
 
-    fn named(&self, space: &str) -> Result<&Keyspace, StoreError> {
+    fn named(&self, space: &str) -> Result<&Space, StoreError> {
         self.spaces
             .get(space)
             .ok_or_else(|| StoreError::UnknownSpace(space.to_string()))
@@ -425,7 +432,7 @@ impl Store {
         }
         let engine = self.engine()?;
         let ks = engine.named(space)?;
-        let mut batch = engine.db.batch();
+        let mut batch = Batch::new(&engine.db);
         let mut n = 0;
         let mut last = None;
         for guard in ks.range(cursor.as_slice()..end).take(limit) {
@@ -466,7 +473,7 @@ impl Store {
         removes: &[(&str, Vec<u8>)],
     ) -> Result<(), StoreError> {
         let engine = self.engine()?;
-        let mut batch = engine.db.batch();
+        let mut batch = Batch::new(&engine.db);
         for (space, k, v) in puts {
             batch.insert(engine.named(space)?, k.clone(), v.clone());
         }
@@ -1015,7 +1022,7 @@ impl Store {
             frontier: &frontier,
         };
         let cp = checkpoint_of(signer, &at, now_ms, version, node_cert);
-        let mut batch = engine.db.batch();
+        let mut batch = Batch::new(&engine.db);
         stage_signed(&engine, &mut batch, signer, &cp);
         batch.commit()?;
         engine.db.persist(PersistMode::SyncAll)?;
@@ -1042,7 +1049,7 @@ impl Chain {
     ) -> Result<Self, StoreError> {
         let owner = signer.did().clone();
         let engine = store.engine()?;
-        let mut batch = engine.db.batch();
+        let mut batch = Batch::new(&engine.db);
         let (id, head, frontier, last_cp) = match store.entry_bytes(0)? {
             Some(bytes) => {
                 check_genesis(&bytes, &owner, role)?;
@@ -1265,9 +1272,9 @@ impl Chain {
 /// Stages `entry` after `head` (seq and prev filled in, and the version: every entry a writer
 /// adds is of [`Version::CURRENT`], the chain having been switched when it was opened) with
 /// its Merkle leaf; returns the new head.
-fn stage_entry(
-    engine: &Engine,
-    batch: &mut fjall::OwnedWriteBatch,
+fn stage_entry<'e>(
+    engine: &'e Engine,
+    batch: &mut Batch<'e>,
     frontier: &mut Frontier,
     head: EntryRef,
     mut entry: Entry,
@@ -1295,9 +1302,9 @@ struct Position<'a> {
 
 /// Stages the owner's signed checkpoint at `at` in the writer's version, carrying `node_cert`
 /// when given; returns its size.
-fn stage_checkpoint(
-    engine: &Engine,
-    batch: &mut fjall::OwnedWriteBatch,
+fn stage_checkpoint<'e>(
+    engine: &'e Engine,
+    batch: &mut Batch<'e>,
     signer: &Identity,
     at: &Position<'_>,
     time_ms: u64,
@@ -1329,9 +1336,9 @@ fn checkpoint_of(
 }
 
 /// Stages `cp` signed by `signer` in the checkpoints keyspace (key: its size); returns its size.
-fn stage_signed(
-    engine: &Engine,
-    batch: &mut fjall::OwnedWriteBatch,
+fn stage_signed<'e>(
+    engine: &'e Engine,
+    batch: &mut Batch<'e>,
     signer: &Identity,
     cp: &Checkpoint,
 ) -> u64 {
@@ -1363,9 +1370,9 @@ fn last_checkpoint_size(engine: &Engine) -> Result<Option<u64>, StoreError> {
 }
 
 /// Stages a leaf (level 0) and the subtrees it completes, and pushes it on the frontier.
-fn stage_leaf(
-    store: &Engine,
-    batch: &mut fjall::OwnedWriteBatch,
+fn stage_leaf<'e>(
+    store: &'e Engine,
+    batch: &mut Batch<'e>,
     frontier: &mut Frontier,
     entry_hash: &Digest,
 ) {
@@ -1564,7 +1571,7 @@ impl Writer {
             Ok(e) => e,
             Err(e) => return self.fail(jobs.into_iter().map(|(_, r)| r), e.into()),
         };
-        let mut batch = engine.db.batch();
+        let mut batch = Batch::new(&engine.db);
         let mut head = self.head;
         let mut frontier = self.frontier.clone();
         let durable = &self.durable_closes;
@@ -1753,6 +1760,98 @@ mod tests {
             e.to_string()
                 .starts_with("store failed; reopening failed: ")
         );
+    }
+
+    /// The load of [`a_busy_worker_does_not_stall_the_store`]: three rounds of a merge of `big`
+    /// (32 MB more each round, in overlapping tables) with thousands of commits to the `hot`
+    /// keyspaces while it runs. Returns the commits made to each of them.
+    fn busy_worker_load(engine: &Engine, hot: &[&str], value: &[u8]) -> u64 {
+        const COMMITS: u64 = 20_000;
+        let big = engine.named("big").expect("big");
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut commits: u64 = 0;
+        for _ in 0..3 {
+            for _ in 0..32 {
+                let mut batch = Batch::new(&engine.db);
+                for _ in 0..1024 {
+                    x = x
+                        .wrapping_mul(6_364_136_223_846_793_005)
+                        .wrapping_add(1_442_695_040_888_963_407);
+                    batch.insert(big, x.to_be_bytes(), vec![7u8; 1000]);
+                }
+                batch.commit().expect("commit");
+            }
+            let merge = {
+                let big = Keyspace::clone(big);
+                std::thread::spawn(move || big.major_compact())
+            };
+            // one more flush of `big`: the worker's compaction of it then waits for the merge
+            let mut batch = Batch::new(&engine.db);
+            batch.insert(big, b"last".to_vec(), b"v".to_vec());
+            batch.commit().expect("commit");
+            big.rotate_memtable().expect("rotate");
+            // COMMITS batches, and on while the merge runs (at most ten times as many)
+            let mut round = 0;
+            while round < COMMITS || (!merge.is_finished() && round < 10 * COMMITS) {
+                let mut batch = Batch::new(&engine.db);
+                for name in hot {
+                    let space = engine.named(name).expect("hot");
+                    batch.insert(space, commits.to_be_bytes(), value.to_vec());
+                }
+                batch.commit().expect("commit");
+                round += 1;
+                commits += 1;
+            }
+            merge.join().expect("merge thread").expect("merge");
+        }
+        commits
+    }
+
+    /// fjall 3.1's worker, handling a rotation request, sends its flush request into its own
+    /// bounded queue; writers that keep asking for rotations while it is busy fill that queue,
+    /// and it then waits forever (crate::space). Here the store's one worker is held by merges
+    /// of a large keyspace (a merge holds that keyspace's compaction lock, so the worker's own
+    /// compaction of it waits) while thousands of batches fill four memtables many times over.
+    /// The load must finish (a stalled store blocks a rotation for good, so it runs on a thread
+    /// of its own), the store must flush again (the memtables' bytes come back down), and every
+    /// key must read back. Before the store rotated its memtables itself, it stalled every time
+    /// in five runs.
+    #[test]
+    fn a_busy_worker_does_not_stall_the_store() {
+        const HOT: [&str; 4] = ["hot0", "hot1", "hot2", "hot3"];
+        let dir = tempfile::tempdir().expect("tmp");
+        let store =
+            Store::open(dir.path(), &["big", HOT[0], HOT[1], HOT[2], HOT[3]]).expect("open");
+        let engine = store.engine().expect("engine");
+        let value = vec![1u8; 256];
+        let (done, finished) = mpsc::channel();
+        {
+            let (engine, value) = (engine.clone(), value.clone());
+            std::thread::spawn(move || done.send(busy_worker_load(&engine, &HOT, &value)));
+        }
+        let commits = finished
+            .recv_timeout(Duration::from_secs(120))
+            .expect("the store stopped flushing: the load did not finish in 120 s");
+        let written = commits * 4 * (8 + 256);
+        let limit = 8 * MEMTABLE_BYTES;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut buffered = engine.db.write_buffer_size();
+        while buffered > limit {
+            assert!(
+                Instant::now() < deadline,
+                "the store stopped flushing: {buffered} bytes in memtables 30 s after the \
+                 writes ended ({written} written)"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+            buffered = engine.db.write_buffer_size();
+        }
+        for name in HOT {
+            let space = engine.named(name).expect("hot");
+            for i in [0, commits / 2, commits - 1] {
+                let got = space.get(i.to_be_bytes()).expect("read");
+                assert_eq!(got.as_deref(), Some(&value[..]));
+            }
+        }
     }
 
     #[test]
