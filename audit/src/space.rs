@@ -14,12 +14,20 @@
 //!
 //! So the store rotates its memtables itself. A [`Batch`] counts what it adds to each
 //! keyspace's memtable the way fjall does (key, value and [`ITEM_OVERHEAD`] per item), and when
-//! it commits, each [`Space`] that has taken its [`Space::limit`] since its last rotation is
-//! rotated by the committing thread: fjall's worker then gets one flush request per rotation
-//! and never a rotation request from a writer, because no memtable outgrows the size fjall
-//! checks (created at twice the limit; a store created before has it at the limit, and the
-//! store rotates right after the commit that reaches it). While the worker is busy, sealed
-//! memtables wait for it, and at four fjall holds the writers back: memory stays bounded.
+//! it commits, each [`Space`] that has taken its limit since its last rotation is rotated by
+//! the committing thread. A keyspace the store creates gets fjall's own memtable size at twice
+//! its limit, and a record of that size in `meta` ([`MEMTABLE_RECORD`]): no writer of it ever
+//! asks fjall for a rotation. A keyspace without a record (an earlier release created it, with
+//! fjall's size at 1 MiB or more) is rotated at [`UNRECORDED_LIMIT`]: a writer asks at most
+//! once per rotation (the commit that crosses fjall's size, right before the store rotates),
+//! and the worker drops a request for a memtable already rotated without sending anything.
+//! fjall's worker thus gets one flush request per rotation, and writers cannot fill its queue.
+//! While the worker is busy, sealed memtables wait for it, and at four in one keyspace fjall
+//! holds the writers back: memory stays bounded, and calls wait for the worker.
+//!
+//! Two writes do not go through a [`Batch`]: re-keying an old store's Merkle nodes at open,
+//! followed by a rotation, and a backup, whose new database keeps fjall's own rotation (one
+//! thread copying in batches of 4,096 items, with nothing else writing to it).
 
 use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,6 +38,22 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, UserKey, UserValue};
 /// lsm-tree's `InternalValue`, 64 bytes in lsm-tree 3.1.
 pub(crate) const ITEM_OVERHEAD: u64 = 64;
 
+/// `meta` key prefix of a keyspace's record: `memtable/NAME` -> u64be, the memtable size fjall
+/// was given when the store created keyspace NAME (twice the store's limit).
+pub(crate) const MEMTABLE_RECORD: &[u8] = b"memtable/";
+
+/// The `meta` key of keyspace `name`'s record ([`MEMTABLE_RECORD`]).
+pub(crate) fn record_key(name: &str) -> Vec<u8> {
+    let mut key = MEMTABLE_RECORD.to_vec();
+    key.extend_from_slice(name.as_bytes());
+    key
+}
+
+/// The limit of a keyspace that existed before the store kept records: no release created a
+/// keyspace with fjall's memtable size below 1 MiB (4 MiB, then 2 MiB, then 1 MiB since
+/// 627d903; fjall's default 64 MiB before), so rotating at 1 MiB comes no later than fjall.
+pub(crate) const UNRECORDED_LIMIT: u64 = 1024 * 1024;
+
 /// A keyspace of the store, and what the store has added to its active memtable since it last
 /// rotated it.
 pub(crate) struct Space {
@@ -39,15 +63,31 @@ pub(crate) struct Space {
 }
 
 impl Space {
-    /// Opens (or creates) the keyspace `name`, and flushes what the journal brought back into
-    /// its memtable, so that the count starts from an empty memtable.
+    /// Opens (or creates) the keyspace `name`, whose `options` set fjall's memtable size to
+    /// twice `limit`, and flushes what the journal brought back into its memtable, so that the
+    /// count starts from an empty memtable. A keyspace created now is recorded in `meta` (or in
+    /// itself: the `meta` keyspace); one that existed keeps the limit its record allows (half
+    /// the size fjall was given), or [`UNRECORDED_LIMIT`] without a record.
     pub(crate) fn open(
         db: &Database,
         name: &str,
         options: fn() -> KeyspaceCreateOptions,
         limit: u64,
+        meta: Option<&Keyspace>,
     ) -> Result<Self, fjall::Error> {
+        let existed = db.keyspace_exists(name);
         let keyspace = db.keyspace(name, options)?;
+        let records = meta.unwrap_or(&keyspace);
+        let record = record_key(name);
+        let limit = if existed {
+            let given = records
+                .get(&record)?
+                .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok().map(u64::from_be_bytes));
+            limit.min(given.map_or(UNRECORDED_LIMIT, |size| size / 2))
+        } else {
+            records.insert(record, (2 * limit).to_be_bytes())?;
+            limit
+        };
         keyspace.rotate_memtable()?;
         Ok(Self {
             keyspace,
@@ -56,18 +96,27 @@ impl Space {
         })
     }
 
+    /// The bytes of memtable at which the store rotates this keyspace's.
+    #[cfg(test)]
+    pub(crate) fn limit(&self) -> u64 {
+        self.limit
+    }
+
     /// Counts `bytes` added to the active memtable by a committed batch; rotates it once they
-    /// reach the limit. A failed rotation (fjall's journal lock poisoned, which fails the next
-    /// commit too) is tried again at the next commit.
+    /// reach the limit. Of two threads that cross the limit together, the first rotates and
+    /// the second puts back what it took. A failed rotation (fjall's journal failing, which
+    /// fails the next commit too) is not retried: fjall's own rotation remains.
     fn added(&self, bytes: u64) {
         let filled = self.filled.fetch_add(bytes, Ordering::Relaxed) + bytes;
         if filled < self.limit {
             return;
         }
         let taken = self.filled.swap(0, Ordering::Relaxed);
-        if taken >= self.limit && self.keyspace.rotate_memtable().is_err() {
+        if taken < self.limit {
             self.filled.fetch_add(taken, Ordering::Relaxed);
+            return;
         }
+        let _ = self.keyspace.rotate_memtable();
     }
 }
 

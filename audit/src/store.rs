@@ -25,7 +25,7 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
 
 use crate::entry::{Entry, EntryKind, Role, entry_hash};
 use crate::merkle::{self, Frontier};
-use crate::space::{Batch, Space};
+use crate::space::{Batch, Space, record_key};
 
 /// Keyspace of entries.
 pub const ENTRIES: &str = "entries";
@@ -65,8 +65,8 @@ const CACHE_BYTES: u64 = 2 * 1024 * 1024;
 /// keyspaces written slowly took tens of thousands of calls to reach their first flush, so
 /// the gateway's memory still rose over a 100,000-call run; at 1 MiB they reach their steady
 /// state early (and the store has more, smaller level-0 tables, which compaction merges).
-/// The store rotates a memtable itself when it has written this much to it (crate::space):
-/// fjall's own rotation, set at twice the size, only backs it up.
+/// The store rotates a memtable itself when it has written this much to it (crate::space);
+/// in the keyspaces it creates, fjall's own rotation, set at twice the size, only backs it up.
 const MEMTABLE_BYTES: u64 = 1024 * 1024;
 
 /// Target size of a table written by compaction, bytes (fjall's default: 64 MiB). A keyspace
@@ -135,8 +135,8 @@ fn entries_options() -> KeyspaceCreateOptions {
 /// 0.07% at 4 MiB, and aged / fresh CPU per call at 1,000,000 calls 1.037, 1.091 and 0.923 in
 /// three runs against 1.128-1.177 in six before (docs/performance.md, "What grows"). Entries
 /// are the keyspace written fastest (about 2 KB of memtable per call), so it fills in about
-/// 2,000 calls, and the gateway's peak memory stayed where it was (57.8-59.7 MiB). A store
-/// created before keeps its 1 MiB: fjall records a keyspace's options when it creates it.
+/// 2,000 calls, and the gateway's peak memory stayed where it was (57.8-59.7 MiB). An entries
+/// keyspace created before has no record of its size and is rotated at 1 MiB (crate::space).
 const ENTRIES_MEMTABLE_BYTES: u64 = 4 * MEMTABLE_BYTES;
 
 /// Entries at least this long (bytes) are kept in blob files ([`entries_options`]).
@@ -259,15 +259,18 @@ impl Engine {
             .cache_size(CACHE_BYTES)
             .worker_threads(WORKER_THREADS)
             .open()?;
-        let entries = Space::open(&db, ENTRIES, entries_options, ENTRIES_MEMTABLE_BYTES)?;
-        let meta = Space::open(&db, META, keyspace_options, MEMTABLE_BYTES)?;
-        let merkle = Space::open(&db, MERKLE, keyspace_options, MEMTABLE_BYTES)?;
-        migrate_merkle(&db, &merkle)?;
-        let checkpoints = Space::open(&db, CHECKPOINTS, keyspace_options, MEMTABLE_BYTES)?;
+        let meta = Space::open(&db, META, keyspace_options, MEMTABLE_BYTES, None)?;
+        let open = |name, options, limit| Space::open(&db, name, options, limit, Some(&meta));
+        let entries = open(ENTRIES, entries_options, ENTRIES_MEMTABLE_BYTES)?;
+        let merkle = open(MERKLE, keyspace_options, MEMTABLE_BYTES)?;
+        if migrate_merkle(&db, &merkle)? {
+            // the re-keyed nodes went in outside the store's count
+            merkle.rotate_memtable()?;
+        }
+        let checkpoints = open(CHECKPOINTS, keyspace_options, MEMTABLE_BYTES)?;
         let mut spaces = HashMap::new();
         for name in extra {
-            let space = Space::open(&db, name, keyspace_options, MEMTABLE_BYTES)?;
-            spaces.insert(*name, space);
+            spaces.insert(*name, open(name, keyspace_options, MEMTABLE_BYTES)?);
         }
         Ok(Self {
             db,
@@ -830,10 +833,11 @@ fn merkle_key(level: u32, index: u64) -> Option<[u8; 9]> {
 
 /// Re-keys the Merkle nodes of a store written by an earlier release ([`LEGACY_MERKLE`]) into
 /// `merkle`, durably, then drops the old keyspace. Crash-safe: until the old keyspace is
-/// dropped, a later open re-keys it again (writing the same keys and values).
-fn migrate_merkle(db: &Database, merkle: &Keyspace) -> Result<(), StoreError> {
+/// dropped, a later open re-keys it again (writing the same keys and values). Returns whether
+/// there was anything to re-key.
+fn migrate_merkle(db: &Database, merkle: &Keyspace) -> Result<bool, StoreError> {
     if !db.keyspace_exists(LEGACY_MERKLE) {
-        return Ok(());
+        return Ok(false);
     }
     let legacy = db.keyspace(LEGACY_MERKLE, keyspace_options)?;
     let mut batch = db.batch();
@@ -859,7 +863,7 @@ fn migrate_merkle(db: &Database, merkle: &Keyspace) -> Result<(), StoreError> {
     db.persist(PersistMode::SyncAll)?;
     db.delete_keyspace(legacy)?;
     db.persist(PersistMode::SyncAll)?;
-    Ok(())
+    Ok(true)
 }
 
 fn encode_frontier(f: &Frontier) -> Vec<u8> {
@@ -954,6 +958,17 @@ impl Store {
                 }
             }
             batch.commit()?;
+        }
+        // the copy's keyspaces were created with this release's options, whatever the source's
+        let meta = target.keyspace(META, keyspace_options)?;
+        for name in target.list_keyspace_names() {
+            let name: &str = name.as_ref();
+            let limit = if name == ENTRIES {
+                ENTRIES_MEMTABLE_BYTES
+            } else {
+                MEMTABLE_BYTES
+            };
+            meta.insert(record_key(name), (2 * limit).to_be_bytes())?;
         }
         target.persist(PersistMode::SyncAll)?;
         Ok(copied)
@@ -1762,10 +1777,11 @@ mod tests {
         );
     }
 
-    /// The load of [`a_busy_worker_does_not_stall_the_store`]: three rounds of a merge of `big`
-    /// (32 MB more each round, in overlapping tables) with thousands of commits to the `hot`
-    /// keyspaces while it runs. Returns the commits made to each of them.
-    fn busy_worker_load(engine: &Engine, hot: &[&str], value: &[u8]) -> u64 {
+    /// The load of the busy-worker tests: three rounds of a merge of `big` (32 MB more each
+    /// round, in overlapping tables) with thousands of batches to the `hot` keyspaces while it
+    /// runs. Returns the batches written, each putting `value` under the batch's number in
+    /// every `hot` keyspace.
+    fn busy_worker_load(engine: &Engine, hot: &[&Space], value: &[u8]) -> u64 {
         const COMMITS: u64 = 20_000;
         let big = engine.named("big").expect("big");
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -1794,8 +1810,7 @@ mod tests {
             let mut round = 0;
             while round < COMMITS || (!merge.is_finished() && round < 10 * COMMITS) {
                 let mut batch = Batch::new(&engine.db);
-                for name in hot {
-                    let space = engine.named(name).expect("hot");
+                for space in hot {
                     batch.insert(space, commits.to_be_bytes(), value.to_vec());
                 }
                 batch.commit().expect("commit");
@@ -1807,33 +1822,28 @@ mod tests {
         commits
     }
 
-    /// fjall 3.1's worker, handling a rotation request, sends its flush request into its own
-    /// bounded queue; writers that keep asking for rotations while it is busy fill that queue,
-    /// and it then waits forever (crate::space). Here the store's one worker is held by merges
-    /// of a large keyspace (a merge holds that keyspace's compaction lock, so the worker's own
-    /// compaction of it waits) while thousands of batches fill four memtables many times over.
-    /// The load must finish (a stalled store blocks a rotation for good, so it runs on a thread
-    /// of its own), the store must flush again (the memtables' bytes come back down), and every
-    /// key must read back. Before the store rotated its memtables itself, it stalled every time
-    /// in five runs.
-    #[test]
-    fn a_busy_worker_does_not_stall_the_store() {
-        const HOT: [&str; 4] = ["hot0", "hot1", "hot2", "hot3"];
-        let dir = tempfile::tempdir().expect("tmp");
-        let store =
-            Store::open(dir.path(), &["big", HOT[0], HOT[1], HOT[2], HOT[3]]).expect("open");
+    /// Runs [`busy_worker_load`] on the store at `path` (its `entries` and three named
+    /// keyspaces hot) and checks that the store flushes again afterwards and reads back.
+    fn busy_worker_does_not_stall(path: &Path) {
+        const HOT: [&str; 3] = ["hot1", "hot2", "hot3"];
+        let store = Store::open(path, &["big", HOT[0], HOT[1], HOT[2]]).expect("open");
         let engine = store.engine().expect("engine");
         let value = vec![1u8; 256];
         let (done, finished) = mpsc::channel();
         {
             let (engine, value) = (engine.clone(), value.clone());
-            std::thread::spawn(move || done.send(busy_worker_load(&engine, &HOT, &value)));
+            std::thread::spawn(move || {
+                let mut hot = vec![&engine.entries];
+                hot.extend(HOT.iter().map(|name| engine.named(name).expect("hot")));
+                done.send(busy_worker_load(&engine, &hot, &value))
+            });
         }
+        // the load runs on a thread of its own: a stalled store blocks a rotation for good
         let commits = finished
             .recv_timeout(Duration::from_secs(120))
             .expect("the store stopped flushing: the load did not finish in 120 s");
         let written = commits * 4 * (8 + 256);
-        let limit = 8 * MEMTABLE_BYTES;
+        let limit = 16 * MEMTABLE_BYTES;
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut buffered = engine.db.write_buffer_size();
         while buffered > limit {
@@ -1845,13 +1855,81 @@ mod tests {
             std::thread::sleep(Duration::from_millis(50));
             buffered = engine.db.write_buffer_size();
         }
-        for name in HOT {
-            let space = engine.named(name).expect("hot");
+        let mut hot = vec![&engine.entries];
+        hot.extend(HOT.iter().map(|name| engine.named(name).expect("hot")));
+        for space in hot {
             for i in [0, commits / 2, commits - 1] {
                 let got = space.get(i.to_be_bytes()).expect("read");
                 assert_eq!(got.as_deref(), Some(&value[..]));
             }
         }
+    }
+
+    /// fjall 3.1's worker, handling a rotation request, sends its flush request into its own
+    /// bounded queue; writers that keep asking for rotations while it is busy fill that queue,
+    /// and it then waits forever (crate::space). Here the store's one worker is held by merges
+    /// of a large keyspace (a merge holds that keyspace's compaction lock, so the worker's own
+    /// compaction of it waits) while tens of thousands of batches fill four memtables many
+    /// times over. The load must finish, the store must flush again (the memtables' bytes come
+    /// back down), and every key must read back. Before the store rotated its memtables itself,
+    /// it stalled in every one of eight runs.
+    #[test]
+    fn a_busy_worker_does_not_stall_the_store() {
+        let dir = tempfile::tempdir().expect("tmp");
+        busy_worker_does_not_stall(dir.path());
+    }
+
+    /// The same load on a store whose keyspaces an earlier release created, with fjall's
+    /// memtable size at 1 MiB and no records: the store must rotate them no later than fjall
+    /// would (the `entries` keyspace too, whose limit in a new store is 4 MiB).
+    #[test]
+    fn a_busy_worker_does_not_stall_a_store_an_earlier_release_created() {
+        let dir = tempfile::tempdir().expect("tmp");
+        {
+            let db = Database::builder(dir.path()).open().expect("db");
+            let earlier = || keyspace_options().max_memtable_size(MEMTABLE_BYTES);
+            let entries = || {
+                earlier().with_kv_separation(Some(
+                    fjall::KvSeparationOptions::default().separation_threshold(128),
+                ))
+            };
+            db.keyspace(ENTRIES, entries).expect("entries");
+            for name in [META, MERKLE, CHECKPOINTS, "big", "hot1", "hot2", "hot3"] {
+                db.keyspace(name, earlier).expect("keyspace");
+            }
+            db.persist(PersistMode::SyncAll).expect("persist");
+        }
+        let store = Store::open(dir.path(), &["big"]).expect("open");
+        let engine = store.engine().expect("engine");
+        assert_eq!(engine.entries.limit(), MEMTABLE_BYTES, "no record: 1 MiB");
+        drop((engine, store));
+        busy_worker_does_not_stall(dir.path());
+    }
+
+    #[test]
+    fn a_keyspace_keeps_the_limit_its_record_gives() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let store = Store::open(dir.path(), &["replay"]).expect("open");
+        let engine = store.engine().expect("engine");
+        assert_eq!(engine.entries.limit(), ENTRIES_MEMTABLE_BYTES);
+        assert_eq!(
+            engine.named("replay").expect("replay").limit(),
+            MEMTABLE_BYTES
+        );
+        drop((engine, store));
+        let store = Store::open(dir.path(), &["replay"]).expect("reopen");
+        let engine = store.engine().expect("engine");
+        assert_eq!(engine.entries.limit(), ENTRIES_MEMTABLE_BYTES, "recorded");
+        let backup = dir.path().join("copy");
+        store.backup(&backup).expect("backup");
+        drop((engine, store));
+        let copy = Store::open(&backup, &["replay"]).expect("open the copy");
+        let engine = copy.engine().expect("engine");
+        assert_eq!(
+            engine.entries.limit(),
+            ENTRIES_MEMTABLE_BYTES,
+            "the copy's record"
+        );
     }
 
     #[test]
