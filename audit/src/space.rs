@@ -9,8 +9,9 @@
 //! put another in before it sends, and it waits forever for a queue only it reads: no memtable
 //! is flushed again and the memtables grow without bound (upstream: fjall-rs/fjall pull request
 //! 323, open). Reproduced with one worker and with two, by a 200 ms compaction under a write
-//! load; the test `a_busy_worker_does_not_stall_the_store` (store.rs) stalled the store in
-//! every one of eight runs before the store rotated its memtables itself.
+//! load; an earlier form of the test `a_busy_worker_does_not_stall_the_store` (store.rs: four
+//! named keyspaces) stalled the store in all eight runs before the store rotated its memtables
+//! itself.
 //!
 //! So the store rotates its memtables itself. A [`Batch`] counts what it adds to each
 //! keyspace's memtable the way fjall does (key, value and [`ITEM_OVERHEAD`] per item), and when
@@ -18,16 +19,19 @@
 //! the committing thread. A keyspace the store creates gets fjall's own memtable size at twice
 //! its limit, and a record of that size in `meta` ([`MEMTABLE_RECORD`]): no writer of it ever
 //! asks fjall for a rotation. A keyspace without a record (an earlier release created it, with
-//! fjall's size at 1 MiB or more) is rotated at [`UNRECORDED_LIMIT`]: a writer asks at most
-//! once per rotation (the commit that crosses fjall's size, right before the store rotates),
-//! and the worker drops a request for a memtable already rotated without sending anything.
+//! fjall's size at 1 MiB or more, or a crash lost the record) is rotated at
+//! [`UNRECORDED_LIMIT`]: each writer thread asks at most once per rotation (in the commit that
+//! crosses fjall's size, right before the store rotates), and the worker drops a request for a
+//! memtable already rotated without sending anything.
 //! fjall's worker thus gets one flush request per rotation, and writers cannot fill its queue.
 //! While the worker is busy, sealed memtables wait for it, and at four in one keyspace fjall
 //! holds the writers back: memory stays bounded, and calls wait for the worker.
 //!
-//! Two writes do not go through a [`Batch`]: re-keying an old store's Merkle nodes at open,
-//! followed by a rotation, and a backup, whose new database keeps fjall's own rotation (one
-//! thread copying in batches of 4,096 items, with nothing else writing to it).
+//! Writes that do not go through a [`Batch`]: the records themselves (a few bytes); re-keying
+//! an old store's Merkle nodes at open, followed by a rotation; and a backup, whose new
+//! database keeps fjall's own rotation: one thread copies in batches of 4,096 items, and while
+//! a memtable of the copy is over its size each batch asks once, so its queue fills only if
+//! about 1,000 batches pass during one flush or compaction of the copy.
 
 use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -63,11 +67,12 @@ pub(crate) struct Space {
 }
 
 impl Space {
-    /// Opens (or creates) the keyspace `name`, whose `options` set fjall's memtable size to
-    /// twice `limit`, and flushes what the journal brought back into its memtable, so that the
-    /// count starts from an empty memtable. A keyspace created now is recorded in `meta` (or in
-    /// itself: the `meta` keyspace); one that existed keeps the limit its record allows (half
-    /// the size fjall was given), or [`UNRECORDED_LIMIT`] without a record.
+    /// Opens (or creates, with `options` and fjall's memtable size at twice `limit`) the
+    /// keyspace `name`, and seals what the journal brought back into its memtable for a flush,
+    /// so that the count starts from an empty memtable. A keyspace created now is recorded in
+    /// `meta` (or in itself: the `meta` keyspace; the caller persists the records); one that
+    /// existed keeps the limit its record allows (half the size fjall was given), or
+    /// [`UNRECORDED_LIMIT`] without a record.
     pub(crate) fn open(
         db: &Database,
         name: &str,
@@ -76,7 +81,7 @@ impl Space {
         meta: Option<&Keyspace>,
     ) -> Result<Self, fjall::Error> {
         let existed = db.keyspace_exists(name);
-        let keyspace = db.keyspace(name, options)?;
+        let keyspace = db.keyspace(name, || options().max_memtable_size(2 * limit))?;
         let records = meta.unwrap_or(&keyspace);
         let record = record_key(name);
         let limit = if existed {
