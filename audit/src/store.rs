@@ -133,7 +133,7 @@ fn entries_options() -> KeyspaceCreateOptions {
 /// a level) grew with the square of the calls: 4.7% of an aged gateway's CPU. Per call that
 /// cost falls with the cube of the memtable (a quarter of the tables, a quarter as often):
 /// 0.07% at 4 MiB, and aged / fresh CPU per call at 1,000,000 calls 1.037, 1.091 and 0.923 in
-/// three runs against 1.128-1.177 in six before (docs/performance.md, "What grows"). Entries
+/// three runs against 1.128-1.177 in seven before (docs/performance.md, "What grows"). Entries
 /// are the keyspace written fastest (about 2 KB of memtable per call), so it fills in about
 /// 2,000 calls, and the gateway's peak memory stayed where it was (57.8-59.7 MiB). An entries
 /// keyspace created before has no record of its size and is rotated at 1 MiB (crate::space).
