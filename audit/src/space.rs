@@ -47,10 +47,21 @@ pub(crate) const ITEM_OVERHEAD: u64 = 64;
 pub(crate) const MEMTABLE_RECORD: &[u8] = b"memtable/";
 
 /// The `meta` key of keyspace `name`'s record ([`MEMTABLE_RECORD`]).
-pub(crate) fn record_key(name: &str) -> Vec<u8> {
+fn record_key(name: &str) -> Vec<u8> {
     let mut key = MEMTABLE_RECORD.to_vec();
     key.extend_from_slice(name.as_bytes());
     key
+}
+
+/// The `meta` record of keyspace `name` created with [`sized`]`(_, limit)`: its key and value.
+pub(crate) fn record(name: &str, limit: u64) -> (Vec<u8>, [u8; 8]) {
+    (record_key(name), (2 * limit).to_be_bytes())
+}
+
+/// `options` with fjall's own memtable size at twice the store's `limit`: what a keyspace the
+/// store creates is given, and its record says.
+pub(crate) fn sized(options: fn() -> KeyspaceCreateOptions, limit: u64) -> KeyspaceCreateOptions {
+    options().max_memtable_size(2 * limit)
 }
 
 /// The limit of a keyspace that existed before the store kept records: no release created a
@@ -81,16 +92,16 @@ impl Space {
         meta: Option<&Keyspace>,
     ) -> Result<Self, fjall::Error> {
         let existed = db.keyspace_exists(name);
-        let keyspace = db.keyspace(name, || options().max_memtable_size(2 * limit))?;
+        let keyspace = db.keyspace(name, || sized(options, limit))?;
         let records = meta.unwrap_or(&keyspace);
-        let record = record_key(name);
         let limit = if existed {
             let given = records
-                .get(&record)?
+                .get(record_key(name))?
                 .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok().map(u64::from_be_bytes));
             limit.min(given.map_or(UNRECORDED_LIMIT, |size| size / 2))
         } else {
-            records.insert(record, (2 * limit).to_be_bytes())?;
+            let (key, size) = record(name, limit);
+            records.insert(key, size)?;
             limit
         };
         keyspace.rotate_memtable()?;

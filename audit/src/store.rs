@@ -25,7 +25,7 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode, Readable};
 
 use crate::entry::{Entry, EntryKind, Role, entry_hash};
 use crate::merkle::{self, Frontier};
-use crate::space::{Batch, Space, record_key};
+use crate::space::{self, Batch, Space};
 
 /// Keyspace of entries.
 pub const ENTRIES: &str = "entries";
@@ -89,8 +89,8 @@ const TABLE_BYTES: u64 = 2 * 1024 * 1024;
 /// memtables itself is what prevents it (crate::space).
 const WORKER_THREADS: usize = 1;
 
-/// The options every keyspace of a store is created with: fjall's own memtable rotation at
-/// twice [`MEMTABLE_BYTES`] (the store rotates at [`MEMTABLE_BYTES`]), and filters and
+/// The options every keyspace of a store is created with (its memtable size is set with its
+/// limit: [`layout`], `space::sized`): filters and
 /// indexes partitioned at every level (fjall's default partitions them from level 3 on). A
 /// table with one filter block and one index block costs memory that grows with the store:
 /// its writer keeps a hash of every key in one vector that grows to MiBs for a compacted
@@ -105,7 +105,6 @@ fn keyspace_options() -> KeyspaceCreateOptions {
         .compaction_strategy(Arc::new(
             fjall::compaction::Leveled::default().with_table_target_size(TABLE_BYTES),
         ))
-        .max_memtable_size(2 * MEMTABLE_BYTES)
         .filter_block_partitioning_policy(PartitioningPolicy::all(true))
         .index_block_partitioning_policy(PartitioningPolicy::all(true))
 }
@@ -117,13 +116,11 @@ fn keyspace_options() -> KeyspaceCreateOptions {
 /// entry is mostly hashes, signatures and keys, which LZ4 cannot shrink, and compressing them
 /// cost the gateway about 35,000 instructions per call (3%) for a store 6% smaller.
 fn entries_options() -> KeyspaceCreateOptions {
-    keyspace_options()
-        .max_memtable_size(2 * ENTRIES_MEMTABLE_BYTES)
-        .with_kv_separation(Some(
-            fjall::KvSeparationOptions::default()
-                .separation_threshold(ENTRY_BLOB_THRESHOLD)
-                .compression(fjall::CompressionType::None),
-        ))
+    keyspace_options().with_kv_separation(Some(
+        fjall::KvSeparationOptions::default()
+            .separation_threshold(ENTRY_BLOB_THRESHOLD)
+            .compression(fjall::CompressionType::None),
+    ))
 }
 
 /// Largest memtable of the [`ENTRIES`] keyspace, bytes: four times [`MEMTABLE_BYTES`]. Entries
@@ -138,6 +135,17 @@ fn entries_options() -> KeyspaceCreateOptions {
 /// 2,000 calls, and the gateway's peak memory stayed where it was (57.8-59.7 MiB). An entries
 /// keyspace created before has no record of its size and is rotated at 1 MiB (crate::space).
 const ENTRIES_MEMTABLE_BYTES: u64 = 4 * MEMTABLE_BYTES;
+
+/// The options and the memtable limit of keyspace `name`: [`entries_options`] and
+/// [`ENTRIES_MEMTABLE_BYTES`] for the entries, [`keyspace_options`] and [`MEMTABLE_BYTES`] for
+/// every other.
+fn layout(name: &str) -> (fn() -> KeyspaceCreateOptions, u64) {
+    if name == ENTRIES {
+        (entries_options, ENTRIES_MEMTABLE_BYTES)
+    } else {
+        (keyspace_options, MEMTABLE_BYTES)
+    }
+}
 
 /// Entries at least this long (bytes) are kept in blob files ([`entries_options`]).
 const ENTRY_BLOB_THRESHOLD: u32 = 128;
@@ -259,18 +267,22 @@ impl Engine {
             .cache_size(CACHE_BYTES)
             .worker_threads(WORKER_THREADS)
             .open()?;
-        let meta = Space::open(&db, META, keyspace_options, MEMTABLE_BYTES, None)?;
-        let open = |name, options, limit| Space::open(&db, name, options, limit, Some(&meta));
-        let entries = open(ENTRIES, entries_options, ENTRIES_MEMTABLE_BYTES)?;
-        let merkle = open(MERKLE, keyspace_options, MEMTABLE_BYTES)?;
+        let (options, limit) = layout(META);
+        let meta = Space::open(&db, META, options, limit, None)?;
+        let open = |name| {
+            let (options, limit) = layout(name);
+            Space::open(&db, name, options, limit, Some(&meta))
+        };
+        let entries = open(ENTRIES)?;
+        let merkle = open(MERKLE)?;
         if migrate_merkle(&db, &merkle)? {
             // the re-keyed nodes went in outside the store's count
             merkle.rotate_memtable()?;
         }
-        let checkpoints = open(CHECKPOINTS, keyspace_options, MEMTABLE_BYTES)?;
+        let checkpoints = open(CHECKPOINTS)?;
         let mut spaces = HashMap::new();
         for name in extra {
-            spaces.insert(*name, open(name, keyspace_options, MEMTABLE_BYTES)?);
+            spaces.insert(*name, open(name)?);
         }
         // the records of keyspaces created now, with their creation
         db.persist(PersistMode::SyncAll)?;
@@ -941,14 +953,10 @@ impl Store {
         let mut created = Vec::new();
         for name in engine.db.list_keyspace_names() {
             let name: &str = name.as_ref();
-            let (options, limit): (fn() -> KeyspaceCreateOptions, u64) = if name == ENTRIES {
-                (entries_options, ENTRIES_MEMTABLE_BYTES)
-            } else {
-                (keyspace_options, MEMTABLE_BYTES)
-            };
+            let (options, limit) = layout(name);
             let from = engine.db.keyspace(name, options)?;
-            let to = target.keyspace(name, || options().max_memtable_size(2 * limit))?;
-            created.push((record_key(name), (2 * limit).to_be_bytes()));
+            let to = target.keyspace(name, || space::sized(options, limit))?;
+            created.push(space::record(name, limit));
             let mut batch = target.batch();
             let mut in_batch = 0;
             for kv in snapshot.iter(&from) {
