@@ -15,6 +15,7 @@ use didgate_protocol::frame::{self, FrameDecoder, FrameType};
 use didgate_protocol::message::{Message, RefusalCode};
 use didgate_protocol::{Caller, Version};
 use tokio::sync::watch;
+use tokio_util::task::TaskTracker;
 
 use crate::admission::Decision;
 use crate::call::{Call, Refuse};
@@ -167,7 +168,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let (stop_tx, stop_rx) = watch::channel(false);
-    let tasks = tokio_util_tasks::TaskSet::default();
+    let tasks = TaskTracker::new();
     let window = gw.config.refusal_window().max(Duration::from_secs(1));
     let ticker = {
         let gw = gw.clone();
@@ -256,6 +257,7 @@ pub async fn serve(
     }
     let _ = done_tx.send(true);
     endpoint.set_server_config(None);
+    tasks.close();
     tasks.wait().await;
     let _ = ticker.await;
     let _ = gw.flush_refusals().await;
@@ -643,7 +645,7 @@ async fn connection(
         let mut cx = Call::new(gw.policy(), gw.upstreams(), peer, version);
         return refuse_connection(&gw, &mut cx, conn).await;
     }
-    let calls = tokio_util_tasks::TaskSet::default();
+    let calls = TaskTracker::new();
     let mut drained: Option<std::pin::Pin<Box<dyn Future<Output = ()> + Send>>> = None;
     loop {
         tokio::select! {
@@ -676,6 +678,7 @@ async fn connection(
             }, if drained.is_some() => break,
         }
     }
+    calls.close();
     calls.wait().await;
     gw.unregister(&peer, &conn);
     if drained.is_some() {
@@ -711,7 +714,7 @@ async fn refuse_connection(gw: &Gateway, cx: &mut Call, conn: quinn::Connection)
 fn spawn_connection(
     gw: &Arc<Gateway>,
     incoming: quinn::Incoming,
-    tasks: &tokio_util_tasks::TaskSet,
+    tasks: &TaskTracker,
     (stop, done): (&watch::Receiver<bool>, &watch::Receiver<bool>),
 ) {
     let Some(slot) = admit(gw, incoming) else {
@@ -727,7 +730,7 @@ fn spawn_connection(
 async fn accept_while_draining(
     gw: &Arc<Gateway>,
     endpoint: &quinn::Endpoint,
-    tasks: &tokio_util_tasks::TaskSet,
+    tasks: &TaskTracker,
     (stop, done): (&watch::Receiver<bool>, &watch::Receiver<bool>),
     revoked_self: &tokio::sync::Notify,
 ) {
@@ -793,31 +796,6 @@ impl Drop for InFlight<'_> {
     }
 }
 
-/// A minimal set of tasks to wait for at shutdown.
-mod tokio_util_tasks {
-    use std::future::Future;
-    use std::sync::{Arc, Mutex};
-
-    #[derive(Default, Clone)]
-    pub(super) struct TaskSet {
-        handles: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
-    }
-
-    impl TaskSet {
-        pub(super) fn spawn(&self, f: impl Future<Output = ()> + Send + 'static) {
-            let mut h = self.handles.lock().unwrap_or_else(|p| p.into_inner());
-            h.retain(|t| !t.is_finished());
-            h.push(tokio::spawn(f));
-        }
-
-        pub(super) async fn wait(&self) {
-            let all = std::mem::take(&mut *self.handles.lock().unwrap_or_else(|p| p.into_inner()));
-            for h in all {
-                let _ = h.await;
-            }
-        }
-    }
-}
 /// Answers a CatalogRequest frame on one stream: Catalog frames, then FIN; a refusal (signed,
 /// audited like any refusal before a call) for a malformed request or a revoked DID.
 async fn answer_catalog(gw: &Gateway, cx: &mut Call, mut send: quinn::SendStream, payload: &[u8]) {
