@@ -33,10 +33,10 @@
 //! a memtable of the copy is over its size each batch asks once, so its queue fills only if
 //! about 1,000 batches pass during one flush or compaction of the copy.
 
-use std::ops::Deref;
+use std::ops::RangeBounds;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use fjall::{Database, Keyspace, KeyspaceCreateOptions, UserKey, UserValue};
+use fjall::{Database, Guard, Iter, Keyspace, KeyspaceCreateOptions, UserKey, UserValue};
 
 /// What fjall counts in a memtable for one item beyond its key and value: the size of
 /// lsm-tree's `InternalValue`, 64 bytes in lsm-tree 3.1.
@@ -70,7 +70,8 @@ pub(crate) fn sized(options: fn() -> KeyspaceCreateOptions, limit: u64) -> Keysp
 pub(crate) const UNRECORDED_LIMIT: u64 = 1024 * 1024;
 
 /// A keyspace of the store, and what the store has added to its active memtable since it last
-/// rotated it.
+/// rotated it. Reads only: every write goes through a [`Batch`], which counts it; the keyspace
+/// itself ([`Space::uncounted`]) is for the writes this module's docs list.
 pub(crate) struct Space {
     keyspace: Keyspace,
     filled: AtomicU64,
@@ -112,6 +113,37 @@ impl Space {
         })
     }
 
+    /// The value of `key`.
+    pub(crate) fn get<K: AsRef<[u8]>>(&self, key: K) -> fjall::Result<Option<UserValue>> {
+        self.keyspace.get(key)
+    }
+
+    /// Every item, in key order.
+    pub(crate) fn iter(&self) -> Iter {
+        self.keyspace.iter()
+    }
+
+    /// The items whose keys start with `prefix`, in key order.
+    pub(crate) fn prefix<K: AsRef<[u8]>>(&self, prefix: K) -> Iter {
+        self.keyspace.prefix(prefix)
+    }
+
+    /// The items whose keys are in `range`, in key order.
+    pub(crate) fn range<K: AsRef<[u8]>, R: RangeBounds<K>>(&self, range: R) -> Iter {
+        self.keyspace.range(range)
+    }
+
+    /// The item with the greatest key.
+    pub(crate) fn last_key_value(&self) -> Option<Guard> {
+        self.keyspace.last_key_value()
+    }
+
+    /// The keyspace itself, for what does not go through a [`Batch`] (see the module docs):
+    /// what is written through it is not counted toward the next rotation.
+    pub(crate) fn uncounted(&self) -> &Keyspace {
+        &self.keyspace
+    }
+
     /// The bytes of memtable at which the store rotates this keyspace's.
     #[cfg(test)]
     pub(crate) fn limit(&self) -> u64 {
@@ -133,14 +165,6 @@ impl Space {
             return;
         }
         let _ = self.keyspace.rotate_memtable();
-    }
-}
-
-impl Deref for Space {
-    type Target = Keyspace;
-
-    fn deref(&self) -> &Keyspace {
-        &self.keyspace
     }
 }
 

@@ -271,13 +271,13 @@ impl Engine {
         let meta = Space::open(&db, META, options, limit, None)?;
         let open = |name| {
             let (options, limit) = layout(name);
-            Space::open(&db, name, options, limit, Some(&meta))
+            Space::open(&db, name, options, limit, Some(meta.uncounted()))
         };
         let entries = open(ENTRIES)?;
         let merkle = open(MERKLE)?;
-        if migrate_merkle(&db, &merkle)? {
+        if migrate_merkle(&db, merkle.uncounted())? {
             // the re-keyed nodes went in outside the store's count
-            merkle.rotate_memtable()?;
+            merkle.uncounted().rotate_memtable()?;
         }
         let checkpoints = open(CHECKPOINTS)?;
         let mut spaces = HashMap::new();
@@ -298,7 +298,7 @@ impl Engine {
 
     fn documents(&self) -> Result<Vec<Vec<u8>>, StoreError> {
         let space = match self.spaces.get(DOCUMENTS) {
-            Some(k) => Keyspace::clone(k),
+            Some(k) => k.uncounted().clone(),
             None if self.db.keyspace_exists(DOCUMENTS) => self
                 .db
                 .keyspace(DOCUMENTS, KeyspaceCreateOptions::default)?,
@@ -1804,14 +1804,14 @@ mod tests {
                 batch.commit().expect("commit");
             }
             let merge = {
-                let big = Keyspace::clone(big);
+                let big = big.uncounted().clone();
                 std::thread::spawn(move || big.major_compact())
             };
             // one more flush of `big`: the worker's compaction of it then waits for the merge
             let mut batch = Batch::new(&engine.db);
             batch.insert(big, b"last".to_vec(), b"v".to_vec());
             batch.commit().expect("commit");
-            big.rotate_memtable().expect("rotate");
+            big.uncounted().rotate_memtable().expect("rotate");
             // COMMITS batches, and on while the merge runs (at most ten times as many)
             let mut round = 0;
             while round < COMMITS || (!merge.is_finished() && round < 10 * COMMITS) {
@@ -2280,6 +2280,7 @@ mod tests {
         let engine = store.engine().expect("engine");
         engine
             .checkpoints
+            .uncounted()
             .remove(size.to_be_bytes())
             .expect("remove");
         drop(engine);
