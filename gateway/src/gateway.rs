@@ -515,9 +515,12 @@ impl Gateway {
                     )
                     .is_ok()
             });
-            plane
-                .start_homes(self.window_ms(), others_served, self.unmarked_until())
+            // the store is read on a blocking thread (the scan may pass many grant keys)
+            let (store, window) = (self.chain.store().clone(), self.window_ms());
+            let unmarked = tokio::task::spawn_blocking(move || unmarked_until(&store, window))
                 .await
+                .unwrap_or_else(|_| now_ms().saturating_add(window));
+            plane.start_homes(window, others_served, unmarked).await
         };
         if let Err(e) = homes.await {
             plane.leave().await;
@@ -954,30 +957,6 @@ impl Gateway {
             })
             .map(|(expiry, _)| expiry)
             .max()
-    }
-
-    /// Before when (wall clock, ms) an earlier run of this node may have admitted requests that
-    /// a replay of could still pass the clock check: just past the latest deadline of a
-    /// request replay key in the store (the request's time plus the skew of that run; 0 for
-    /// none; the keyspace is pruned as the keys expire). Grant keys, behind which it may sit,
-    /// are read past: at most the grants consumed within the last `grant_ttl`. A store that
-    /// cannot be read is taken to need the whole window from now.
-    fn unmarked_until(&self) -> u64 {
-        let found = self
-            .chain
-            .store()
-            .last_key_where(REPLAY, |k| k.get(8) == Some(&b'n'));
-        match found {
-            Ok(Some(key)) => key
-                .get(..8)
-                .and_then(|b| b.try_into().ok())
-                .map_or(0, |b| u64::from_be_bytes(b).saturating_add(1)),
-            Ok(None) => 0,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the replay keys: a handover waits the whole window");
-                now_ms().saturating_add(self.window_ms())
-            }
-        }
     }
 
     /// Whether the gateway is draining (calls in flight finish, new ones are refused).
@@ -2551,3 +2530,23 @@ pub const REVOKED_CLOSE: u32 = 2;
 /// QUIC application close code for a connection beyond `max_connections_per_did`.
 pub const CONN_LIMIT_CLOSE: u32 = 3;
 pub use didgate_protocol::DRAINED_CLOSE;
+
+/// Before when (wall clock, ms) an earlier run of this node may have admitted requests that a
+/// replay of could still pass the clock check: just past the latest deadline of a request
+/// replay key in `store` (the request's time plus the skew of that run; 0 for none; the
+/// keyspace is pruned as the keys expire). Grant keys, behind which it may sit, are read past:
+/// at most the grants consumed within the last `grant_ttl`. A store that cannot be read is
+/// taken to need the whole `window` (ms) from now.
+fn unmarked_until(store: &Store, window: u64) -> u64 {
+    match store.last_key_where(REPLAY, |k| k.get(8) == Some(&b'n')) {
+        Ok(Some(key)) => key
+            .get(..8)
+            .and_then(|b| b.try_into().ok())
+            .map_or(0, |b| u64::from_be_bytes(b).saturating_add(1)),
+        Ok(None) => 0,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the replay keys: a handover waits the whole window");
+            now_ms().saturating_add(window)
+        }
+    }
+}
