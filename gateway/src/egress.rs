@@ -49,8 +49,9 @@ fn client_with(
 ) -> Result<reqwest::Client, ClientError> {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())
-        // sent once: reqwest would otherwise re-send a request an HTTP/2 or HTTP/3 server
-        // refused, cloning every request's headers to be able to
+        // sent once: reqwest's default policy re-sends a request an HTTP/2 or HTTP/3 server
+        // refused (never here: built without either, but it cloned every request, credential
+        // header included, to be able to); with HTTP/2 enabled later this stays "never"
         .retry(reqwest::retry::never().max_retries_per_request(0))
         .no_proxy()
         .dns_resolver(resolver)

@@ -519,7 +519,10 @@ impl Gateway {
             let (store, window) = (self.chain.store().clone(), self.window_ms());
             let unmarked = tokio::task::spawn_blocking(move || unmarked_until(&store, window))
                 .await
-                .unwrap_or_else(|_| now_ms().saturating_add(window));
+                .unwrap_or_else(|e| {
+                    tracing::warn!(error = %e, "cannot read the replay keys: a handover waits the whole window");
+                    now_ms().saturating_add(window)
+                });
             plane.start_homes(window, others_served, unmarked).await
         };
         if let Err(e) = homes.await {
