@@ -138,8 +138,9 @@ impl Space {
         self.keyspace.last_key_value()
     }
 
-    /// The keyspace itself, for what does not go through a [`Batch`] (see the module docs):
-    /// what is written through it is not counted toward the next rotation.
+    /// The keyspace itself: for a read a `Space` does not offer, or a write that does not go
+    /// through a [`Batch`] (the module docs list them), which is not counted toward the next
+    /// rotation.
     pub(crate) fn uncounted(&self) -> &Keyspace {
         &self.keyspace
     }
