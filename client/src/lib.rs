@@ -159,6 +159,9 @@ pub struct Client {
     target: std::sync::Mutex<SocketAddr>,
     endpoint: quinn::Endpoint,
     conn: Mutex<Option<quinn::Connection>>,
+    /// Held through each handshake: `presented` is one slot, so handshakes (to the current
+    /// target, or to a grant's issuer for one Execute) take turns.
+    handshake: Mutex<()>,
     chain: Chain,
     /// The protocol version this client speaks (its requests' `v`, its connections' ALPN).
     version: Version,
@@ -323,6 +326,7 @@ impl Client {
             target: std::sync::Mutex::new(addr),
             endpoint,
             conn: Mutex::new(None),
+            handshake: Mutex::new(()),
             chain,
             version: Version::CURRENT,
             connect_timeout: CONNECT_TIMEOUT,
@@ -501,9 +505,14 @@ impl Client {
         Ok(conn)
     }
 
-    /// One connection attempt, bounded by the connect timeout.
+    /// One connection attempt to the current target, bounded by the connect timeout.
     async fn connect(&self) -> Result<quinn::Connection, CallError> {
-        let addr = self.current();
+        self.connect_to(self.current()).await
+    }
+
+    /// One connection attempt to `addr`, bounded by the connect timeout.
+    async fn connect_to(&self, addr: SocketAddr) -> Result<quinn::Connection, CallError> {
+        let _turn = self.handshake.lock().await;
         *self
             .presented
             .lock()
@@ -521,7 +530,7 @@ impl Client {
                 self.keep_revocations();
                 Ok(conn)
             }
-            Ok(Err(e)) => Err(self.connect_error(e)),
+            Ok(Err(e)) => Err(self.connect_error(addr, e)),
             Err(_) => Err(CallError::Unreachable(Unreachable::NoHandshake {
                 addr,
                 timeout,
@@ -531,8 +540,7 @@ impl Client {
 
     /// What a failed handshake means: another DID than the pinned one, a version the gateway
     /// does not serve, its connection limits, or anything else (unreachable).
-    fn connect_error(&self, e: quinn::ConnectionError) -> CallError {
-        let addr = self.current();
+    fn connect_error(&self, addr: SocketAddr, e: quinn::ConnectionError) -> CallError {
         let presented = self
             .presented
             .lock()
@@ -1037,7 +1045,7 @@ impl Client {
             upstream,
         };
         let (mut recv, _) = self
-            .open_stream(FrameType::CatalogRequest, &request.encode(), &[])
+            .open_stream(None, FrameType::CatalogRequest, &request.encode(), &[])
             .await?;
         let mut dec = FrameDecoder::new();
         let mut ops = Vec::new();
@@ -1074,10 +1082,13 @@ impl Client {
     }
 
     /// Sends a first frame of `kind`, the body and FIN ([`Client::open_stream`]) and reads the
-    /// answer's first frame; a signed `moved` refusal is followed to the home node it names
-    /// ([`Client::follow`]) and the same frames are sent there (the node that said `moved`
-    /// claimed nothing), at most [`MAX_MOVES`] times to a node that has not sent it on yet,
-    /// and at most [`MAX_BOUNCES`] times, after a doubling wait, back to one that has.
+    /// answer's first frame; a signed `moved` refusal is followed to the node it names and the
+    /// same frames are sent there (the node that said `moved` claimed nothing), at most
+    /// [`MAX_MOVES`] times to a node that has not sent it on yet, and at most [`MAX_BOUNCES`]
+    /// times, after a doubling wait, back to one that has. A Request's `moved` names the
+    /// caller's home, which every later call goes to ([`Client::follow`]); an Execute's names
+    /// the node that issued the grant, which this call alone goes to, on a connection of its
+    /// own: the client's other calls, in flight or later, keep going where they go.
     async fn open_routed(
         &self,
         kind: FrameType,
@@ -1088,21 +1099,24 @@ impl Client {
         let mut bounces = 0;
         // the nodes that sent this call on
         let mut movers: Vec<SocketAddr> = Vec::new();
-        let start = self.current();
+        // the grant's issuer, where this Execute goes instead of the current target
+        let mut issuer: Option<SocketAddr> = None;
         loop {
-            let (mut recv, from) = self.open_stream(kind, first, body).await?;
+            let (mut recv, from) = self.open_stream(issuer, kind, first, body).await?;
             let mut dec = FrameDecoder::new();
             let frame = match self.read_answer_frame(&mut recv, &mut dec).await {
                 // a draining gateway closed the connection without answering: nothing was
                 // claimed, so the same frames go again
                 Err(e) if drained(&e) && moves < MAX_MOVES => {
                     moves += 1;
-                    // a home node that drained is leaving: back to the pinned address, which
-                    // sends this caller to its next home
-                    if self.current() == from {
-                        self.set_target(self.addr);
+                    if issuer.take().is_none() {
+                        // a home node that drained is leaving: back to the pinned address,
+                        // which sends this caller to its next home
+                        if self.current() == from {
+                            self.set_target(self.addr);
+                        }
+                        self.conn.lock().await.take();
                     }
-                    self.conn.lock().await.take();
                     continue;
                 }
                 other => other?,
@@ -1129,43 +1143,62 @@ impl Client {
                         moves += 1;
                     }
                     movers.push(from);
-                    // another call of this client may have followed it there already
-                    if self.follow(home).await || home.addr.parse() == Ok(self.current()) {
+                    let sent_on = if kind == FrameType::Execute {
+                        issuer = home.addr.parse().ok();
+                        if issuer.is_none() {
+                            tracing::warn!(home = %home.addr, "a moved refusal names no usable address");
+                        }
+                        issuer.is_some()
+                    } else {
+                        // another call of this client may have followed it there already
+                        self.follow(home).await || home.addr.parse() == Ok(self.current())
+                    };
+                    if sent_on {
                         continue;
                     }
                 }
-            }
-            // a grant goes to the node that issued it, which is not the caller's home when
-            // that node has left and drains: the next call goes where calls went before
-            if kind == FrameType::Execute && !movers.is_empty() && self.current() != start {
-                self.set_target(start);
-                self.conn.lock().await.take();
             }
             return Ok((recv, dec, Some(frame)));
         }
     }
 
     /// Opens a stream and sends a first frame of `kind`, the body and FIN; returns the stream's
-    /// receiving side and the gateway address it went to.
+    /// receiving side and the gateway address it went to. The stream goes on the client's
+    /// connection to its current target, or, with `to`, on a new connection to that node
+    /// alone (it stays open while the returned stream is read).
     async fn open_stream(
         &self,
+        to: Option<SocketAddr>,
         kind: FrameType,
         first: &[u8],
         body: &[u8],
     ) -> Result<(quinn::RecvStream, SocketAddr), CallError> {
-        let conn = self.connection().await?;
-        let (remote, (mut send, recv)) = match conn.open_bi().await {
-            Ok(streams) => (conn.remote_address(), streams),
-            Err(_) => {
-                // The connection closed before this stream opened (the gateway restarted, or
-                // an idle timeout): nothing was sent on it, so connect again, once.
-                self.forget(&conn).await;
-                let conn = self.connection().await?;
+        let (remote, (mut send, recv)) = match to {
+            Some(addr) => {
+                let conn = self.connect_to(addr).await?;
                 let streams = conn
                     .open_bi()
                     .await
                     .map_err(|e| CallError::ConnectionLost(Lost::Stream(e)))?;
                 (conn.remote_address(), streams)
+            }
+            None => {
+                let conn = self.connection().await?;
+                match conn.open_bi().await {
+                    Ok(streams) => (conn.remote_address(), streams),
+                    Err(_) => {
+                        // The connection closed before this stream opened (the gateway
+                        // restarted, or an idle timeout): nothing was sent on it, so connect
+                        // again, once.
+                        self.forget(&conn).await;
+                        let conn = self.connection().await?;
+                        let streams = conn
+                            .open_bi()
+                            .await
+                            .map_err(|e| CallError::ConnectionLost(Lost::Stream(e)))?;
+                        (conn.remote_address(), streams)
+                    }
+                }
             }
         };
         let mut out = BytesMut::with_capacity(first.len() + body.len() + 64);

@@ -1386,6 +1386,40 @@ async fn calls_are_moved_to_the_callers_home_where_a_replay_or_a_second_executio
         other => panic!("a second execution through b: {other:?}"),
     }
     assert_eq!(upstream_saw(&h, "/v1/granted"), 1, "executed once");
+
+    // an Execute sent on to the grant's issuer goes there alone: while it is held at the
+    // upstream, the client's home is where it was (c), a call of the same client follows its
+    // own `moved` to a, and the Execute's end does not set the home back to c
+    let held = via_b
+        .grant(CallSpec::new("payments", "GET", "/v1/slow-head"))
+        .await?;
+    let at_c = std::sync::Arc::new(client("alice-exec-held", c.addr).await?);
+    let execution = {
+        let at_c = at_c.clone();
+        tokio::spawn(async move { at_c.execute(&held).await })
+    };
+    until(
+        Duration::from_secs(10),
+        "the held execution reaches the upstream",
+        async || upstream_saw(&h, "/v1/slow-head") == 1,
+    )
+    .await?;
+    assert_eq!(
+        at_c.home_addr(),
+        c.addr,
+        "an Execute leaves the home as it was"
+    );
+    at_c.call(CallSpec::new("payments", "GET", "/v1/balance"))
+        .await?;
+    assert_eq!(at_c.home_addr(), a.addr, "a call follows its own moved");
+    h.upstream.release_slow(1);
+    let done = execution.await??;
+    assert_eq!(done.status, 200);
+    assert_eq!(
+        at_c.home_addr(),
+        a.addr,
+        "the Execute's end leaves the home the other call found"
+    );
     Ok(())
 }
 

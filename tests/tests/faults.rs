@@ -121,6 +121,8 @@ async fn upstream_resets_and_garbage_fail_typed_audited_and_the_gateway_stays_up
         );
     }
     let paths = seen.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    // each request reached the upstream once: one that failed is not sent again (specs/
+    // operation.md, "Retries.")
     assert_eq!(paths.len(), 1 + failed_calls.len(), "{paths:?}");
     a.close().await;
     drop(a);
