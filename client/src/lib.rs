@@ -1088,7 +1088,8 @@ impl Client {
     /// times, after a doubling wait, back to one that has. A Request's `moved` names the
     /// caller's home, which every later call goes to ([`Client::follow`]); an Execute's names
     /// the node that issued the grant, which this call alone goes to, on a connection of its
-    /// own: the client's other calls, in flight or later, keep going where they go.
+    /// own (unless the client's calls go there already): the client's other calls, in flight
+    /// or later, keep going where they go.
     async fn open_routed(
         &self,
         kind: FrameType,
@@ -1144,11 +1145,17 @@ impl Client {
                     }
                     movers.push(from);
                     let sent_on = if kind == FrameType::Execute {
-                        issuer = home.addr.parse().ok();
-                        if issuer.is_none() {
-                            tracing::warn!(home = %home.addr, "a moved refusal names no usable address");
+                        match home.addr.parse::<SocketAddr>() {
+                            // where the client's calls go already: its connection serves
+                            Ok(addr) => {
+                                issuer = (addr != self.current()).then_some(addr);
+                                true
+                            }
+                            Err(_) => {
+                                tracing::warn!(home = %home.addr, "a moved refusal names no usable address");
+                                false
+                            }
                         }
-                        issuer.is_some()
                     } else {
                         // another call of this client may have followed it there already
                         self.follow(home).await || home.addr.parse() == Ok(self.current())
