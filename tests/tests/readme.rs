@@ -53,13 +53,16 @@ async fn the_readme_library_snippet_builds_outside_the_workspace_and_runs() -> a
         "the path line: {deps}"
     );
 
+    // The snippet is built without debug info: what is tested is that it builds and runs, and
+    // its dependencies' debug info (opt-level 0, its own target directory) was 1.3 GB of disk.
+    const PROFILE: &str = "[profile.dev]\ndebug = false\n";
     let dir = tempfile::tempdir()?;
     let krate = dir.path().join("snippet");
     std::fs::create_dir_all(krate.join("src"))?;
     std::fs::write(
         krate.join("Cargo.toml"),
         format!(
-            "[package]\nname = \"readme-snippet\"\nversion = \"0.0.0\"\nedition = \"2024\"\npublish = false\n\n[workspace]\n\n{deps}"
+            "[package]\nname = \"readme-snippet\"\nversion = \"0.0.0\"\nedition = \"2024\"\npublish = false\n\n[workspace]\n\n{deps}\n{PROFILE}"
         ),
     )?;
     std::fs::write(krate.join("src/main.rs"), &programs[0])?;
